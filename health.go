@@ -1,0 +1,272 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/url"
+	"strings"
+	"sync"
+	"time"
+)
+
+// healthConfig says how to check the app. The defaults are Kubernetes'
+// probe defaults (period 10s, timeout 1s, failureThreshold 3,
+// successThreshold 1), which Consul and Envoy users will find familiar.
+type healthConfig struct {
+	URL       string        // http(s)://... (any 2xx passes) or tcp://host:port
+	Interval  time.Duration // between checks
+	Timeout   time.Duration // per check; a check that hangs longer fails
+	Failures  int           // consecutive failures that take a passing app out
+	Successes int           // consecutive passes that bring a failing app back
+}
+
+// Health states of the app.
+const (
+	healthUnknown   = "unknown"   // not checked yet
+	healthPassing   = "passing"   // registered
+	healthFailing   = "failing"   // deregistered
+	healthUnchecked = "unchecked" // no check configured; registered
+)
+
+// healthState is the checker's memory between checks.
+type healthState struct {
+	Status   string
+	Passes   int // consecutive, since the last failure
+	Failures int // consecutive, since the last pass
+}
+
+// nextHealth is the state machine: the first check decides at once; after
+// that a passing app needs `failures` consecutive failures to be taken out
+// and a failing app `successes` consecutive passes to come back. changed
+// reports a transition between passing and failing.
+func nextHealth(s healthState, passed bool, failures, successes int) (next healthState, changed bool) {
+	next = s
+	if passed {
+		next.Passes++
+		next.Failures = 0
+	} else {
+		next.Failures++
+		next.Passes = 0
+	}
+	switch {
+	case s.Status == healthUnknown && passed:
+		next.Status = healthPassing
+	case s.Status == healthUnknown:
+		next.Status = healthFailing
+	case s.Status == healthPassing && !passed && next.Failures >= failures:
+		next.Status = healthFailing
+	case s.Status == healthFailing && passed && next.Passes >= successes:
+		next.Status = healthPassing
+	}
+	return next, next.Status != s.Status
+}
+
+// validateHealthURL checks a --healthcheck_url up front.
+func validateHealthURL(raw string) error {
+	u, err := url.Parse(raw)
+	if err != nil {
+		return fmt.Errorf("--healthcheck_url %q: %w", raw, err)
+	}
+	switch u.Scheme {
+	case "http", "https":
+		if u.Host == "" {
+			return fmt.Errorf("--healthcheck_url %q has no host; want e.g. http://127.0.0.1:9090/health", raw)
+		}
+	case "tcp":
+		if _, _, err := net.SplitHostPort(u.Host); err != nil {
+			return fmt.Errorf("--healthcheck_url %q: want tcp://host:port", raw)
+		}
+	default:
+		return fmt.Errorf("--healthcheck_url %q: scheme must be http, https or tcp", raw)
+	}
+	return nil
+}
+
+// healthChecker checks the app and calls onChange(passing) once per
+// transition. The loop only ticks; check does the work.
+type healthChecker struct {
+	cfg      healthConfig
+	log      *slog.Logger
+	client   *http.Client
+	onChange func(passing bool)
+
+	mu           sync.Mutex // guards state, lastErr, lastCheck, lastDuration
+	state        healthState
+	lastErr      string
+	lastCheck    time.Time
+	lastDuration time.Duration
+}
+
+func newHealthChecker(cfg healthConfig, log *slog.Logger, onChange func(bool)) *healthChecker {
+	return &healthChecker{
+		cfg: cfg,
+		log: log,
+		// A fresh connection per check, as Kubernetes probes make: a reused
+		// connection would hide an app that stopped accepting new ones.
+		client:   &http.Client{Transport: &http.Transport{DisableKeepAlives: true, Proxy: nil}},
+		onChange: onChange,
+		state:    healthState{Status: healthUnknown},
+	}
+}
+
+// run checks at once and then every interval until ctx ends.
+func (h *healthChecker) run(ctx context.Context) {
+	h.check(ctx)
+	tick := time.NewTicker(h.cfg.Interval)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick.C:
+			h.check(ctx)
+		}
+	}
+}
+
+// check probes the app once and applies the result.
+func (h *healthChecker) check(ctx context.Context) {
+	start := time.Now()
+	err := h.probe(ctx)
+	if ctx.Err() != nil {
+		return // shutting down: not the app's fault
+	}
+	h.mu.Lock()
+	next, changed := nextHealth(h.state, err == nil, h.cfg.Failures, h.cfg.Successes)
+	h.state = next
+	h.lastCheck = start
+	h.lastDuration = time.Since(start)
+	h.lastErr = ""
+	if err != nil {
+		h.lastErr = err.Error()
+	}
+	h.mu.Unlock()
+	if !changed {
+		return
+	}
+	if next.Status == healthPassing {
+		h.log.Info("app is healthy", "url", h.cfg.URL)
+	} else {
+		h.log.Warn("app is unhealthy", "url", h.cfg.URL, "error", err, "consecutive_failures", next.Failures)
+	}
+	h.onChange(next.Status == healthPassing)
+}
+
+// probe runs one check with the configured timeout.
+func (h *healthChecker) probe(ctx context.Context) error {
+	ctx, cancel := context.WithTimeout(ctx, h.cfg.Timeout)
+	defer cancel()
+	u, err := url.Parse(h.cfg.URL)
+	if err != nil {
+		return err
+	}
+	if u.Scheme == "tcp" {
+		var d net.Dialer
+		c, err := d.DialContext(ctx, "tcp", u.Host)
+		if err != nil {
+			return err
+		}
+		return c.Close()
+	}
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, h.cfg.URL, nil)
+	if err != nil {
+		return err
+	}
+	req.Header.Set("User-Agent", "micro-sidecar-healthcheck")
+	resp, err := h.client.Do(req)
+	if err != nil {
+		if errors.Is(ctx.Err(), context.DeadlineExceeded) {
+			return fmt.Errorf("no answer within %v", h.cfg.Timeout)
+		}
+		return err
+	}
+	defer resp.Body.Close()
+	io.Copy(io.Discard, io.LimitReader(resp.Body, 64<<10))
+	if resp.StatusCode < 200 || resp.StatusCode > 299 {
+		return fmt.Errorf("status %s", resp.Status)
+	}
+	return nil
+}
+
+// appHealth is the app's part of /health.
+type appHealth struct {
+	Name                string `json:"name"`
+	ID                  string `json:"id"`
+	Status              string `json:"status"`
+	Registered          bool   `json:"registered"`
+	HealthcheckURL      string `json:"healthcheck_url,omitempty"`
+	LastCheck           string `json:"last_check,omitempty"`
+	LastDurationMS      int64  `json:"last_duration_ms,omitempty"`
+	LastError           string `json:"last_error,omitempty"`
+	ConsecutiveFailures int    `json:"consecutive_failures"`
+}
+
+func (h *healthChecker) report() appHealth {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	a := appHealth{
+		Status:              h.state.Status,
+		Registered:          h.state.Status == healthPassing,
+		HealthcheckURL:      redactURL(h.cfg.URL),
+		LastError:           h.lastErr,
+		ConsecutiveFailures: h.state.Failures,
+	}
+	if !h.lastCheck.IsZero() {
+		a.LastCheck = h.lastCheck.UTC().Format(time.RFC3339Nano)
+		a.LastDurationMS = h.lastDuration.Milliseconds()
+	}
+	return a
+}
+
+// redactURL hides a password in a URL before it is shown.
+func redactURL(raw string) string {
+	u, err := url.Parse(raw)
+	if err != nil {
+		return raw
+	}
+	return u.Redacted()
+}
+
+// healthReport is the body of GET /health.
+type healthReport struct {
+	Status  string        `json:"status"` // ok or unhealthy
+	Sidecar sidecarHealth `json:"sidecar"`
+	App     *appHealth    `json:"app,omitempty"`
+}
+
+type sidecarHealth struct {
+	Status        string `json:"status"`
+	Version       string `json:"version"`
+	UptimeSeconds int64  `json:"uptime_seconds"`
+	Registry      string `json:"registry"`
+	RegistryError string `json:"registry_error,omitempty"`
+}
+
+// healthy reports whether the report is all well: the registry works and the
+// app, if there is one, is registered.
+func (r healthReport) healthy() bool {
+	if r.Sidecar.RegistryError != "" {
+		return false
+	}
+	return r.App == nil || r.App.Status == healthPassing || r.App.Status == healthUnchecked
+}
+
+func statusWord(ok bool) string {
+	if ok {
+		return "ok"
+	}
+	return "unhealthy"
+}
+
+// trimErr shortens an error for a report.
+func trimErr(err error) string {
+	if err == nil {
+		return ""
+	}
+	return strings.TrimSpace(truncate(err.Error(), 512))
+}

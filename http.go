@@ -1,0 +1,214 @@
+package main
+
+import (
+	"context"
+	"encoding/binary"
+	"encoding/json"
+	"errors"
+	"io"
+	"net/http"
+	"net/url"
+	"strconv"
+	"strings"
+	"sync"
+
+	"golang.org/x/net/websocket"
+)
+
+// errorBody is the ecosystem's error shape.
+type errorBody struct {
+	ID     string `json:"id"`
+	Code   int    `json:"code"`
+	Detail string `json:"detail"`
+	Status string `json:"status"`
+}
+
+// writeError is the one place errors become HTTP answers.
+func writeError(w http.ResponseWriter, code int, detail string) {
+	writeJSON(w, code, errorBody{ID: "go.micro.sidecar", Code: code, Detail: detail, Status: http.StatusText(code)})
+}
+
+func writeJSON(w http.ResponseWriter, code int, v any) {
+	data, err := json.Marshal(v)
+	if err != nil {
+		code = http.StatusInternalServerError
+		data, _ = json.Marshal(errorBody{ID: "go.micro.sidecar", Code: code, Detail: "encoding the answer: " + err.Error(), Status: http.StatusText(code)})
+	}
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(code)
+	w.Write(append(data, '\n'))
+}
+
+// allowMethods answers 405 with Allow unless r uses one of methods.
+func allowMethods(w http.ResponseWriter, r *http.Request, methods ...string) bool {
+	for _, m := range methods {
+		if r.Method == m {
+			return true
+		}
+	}
+	w.Header().Set("Allow", strings.Join(methods, ", "))
+	writeError(w, http.StatusMethodNotAllowed, "method "+r.Method+" not allowed on "+r.URL.Path+"; use "+strings.Join(methods, " or "))
+	return false
+}
+
+// readBody reads a request body of at most limit bytes, answering 413 or 400
+// itself when it cannot.
+func readBody(w http.ResponseWriter, r *http.Request, limit int64) ([]byte, bool) {
+	r.Body = http.MaxBytesReader(w, r.Body, limit)
+	body, err := io.ReadAll(r.Body)
+	var tooBig *http.MaxBytesError
+	switch {
+	case errors.As(err, &tooBig):
+		writeError(w, http.StatusRequestEntityTooLarge, "request body larger than "+itoa(limit)+" bytes (--max_body_bytes)")
+		return nil, false
+	case err != nil:
+		writeError(w, http.StatusBadRequest, "reading request body: "+err.Error())
+		return nil, false
+	}
+	return body, true
+}
+
+func itoa(n int64) string { return strconv.FormatInt(n, 10) }
+
+// guard refuses browser requests from origins the user did not allow on
+// everything that changes state or upgrades to a WebSocket: a web page must
+// not drive a developer's local sidecar. Plain reads stay open, and CORS
+// headers are added for allowed origins.
+func (s *sidecar) guard(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		origin := r.Header.Get("Origin")
+		if origin == "" {
+			next.ServeHTTP(w, r)
+			return
+		}
+		if !s.originAllowed(origin, r.Host) {
+			if r.Method != http.MethodGet && r.Method != http.MethodHead || isUpgrade(r) {
+				writeError(w, http.StatusForbidden, "origin "+truncate(origin, 128)+" is not allowed; add it to --cors_allowed_origins")
+				return
+			}
+			next.ServeHTTP(w, r)
+			return
+		}
+		w.Header().Set("Access-Control-Allow-Origin", origin)
+		w.Header().Add("Vary", "Origin")
+		if r.Method == http.MethodOptions && r.Header.Get("Access-Control-Request-Method") != "" {
+			w.Header().Set("Access-Control-Allow-Methods", "GET, POST, PUT, PATCH, DELETE, OPTIONS")
+			if h := r.Header.Get("Access-Control-Request-Headers"); h != "" {
+				w.Header().Set("Access-Control-Allow-Headers", h)
+			}
+			w.Header().Set("Access-Control-Max-Age", "600")
+			w.WriteHeader(http.StatusNoContent)
+			return
+		}
+		next.ServeHTTP(w, r)
+	})
+}
+
+// originAllowed reports whether a browser origin may drive the sidecar: its
+// own origin always may, others only when listed.
+func (s *sidecar) originAllowed(origin, host string) bool {
+	if u, err := url.Parse(origin); err == nil && u.Host != "" && strings.EqualFold(u.Host, host) {
+		return true
+	}
+	for _, o := range s.cfg.CORSAllowedOrigins {
+		if o == "*" || strings.EqualFold(o, origin) {
+			return true
+		}
+	}
+	return false
+}
+
+func isUpgrade(r *http.Request) bool {
+	return strings.EqualFold(r.Header.Get("Upgrade"), "websocket")
+}
+
+// wsServer builds a WebSocket server for handler. The origin policy has
+// already been applied by guard; the library's default handshake would
+// refuse clients that send no Origin at all, which most non-browser clients
+// do not.
+func wsServer(handler websocket.Handler) websocket.Server {
+	return websocket.Server{
+		Handshake: func(*websocket.Config, *http.Request) error { return nil },
+		Handler:   handler,
+	}
+}
+
+// connSet tracks hijacked WebSocket connections: http.Server.Shutdown neither
+// closes nor waits for them. Each connection's owner registers a stop
+// function that makes it send a going-away close frame and return; closeAll
+// calls them all and waits for the owners to finish.
+type connSet struct {
+	mu     sync.Mutex // guards stops, closed
+	stops  map[*websocket.Conn]func()
+	closed bool
+	wg     sync.WaitGroup // one per tracked connection
+}
+
+func newConnSet() *connSet { return &connSet{stops: map[*websocket.Conn]func(){}} }
+
+// add tracks c until remove; it returns false once shutdown has begun, and
+// the caller should then close c at once.
+func (cs *connSet) add(c *websocket.Conn, stop func()) bool {
+	cs.mu.Lock()
+	defer cs.mu.Unlock()
+	if cs.closed {
+		return false
+	}
+	cs.stops[c] = stop
+	cs.wg.Add(1)
+	return true
+}
+
+func (cs *connSet) remove(c *websocket.Conn) {
+	cs.mu.Lock()
+	defer cs.mu.Unlock()
+	if _, ok := cs.stops[c]; ok {
+		delete(cs.stops, c)
+		cs.wg.Done()
+	}
+}
+
+// closeAll stops every connection and waits for their owners, or for ctx.
+func (cs *connSet) closeAll(ctx context.Context) {
+	cs.mu.Lock()
+	cs.closed = true
+	for _, stop := range cs.stops {
+		stop()
+	}
+	cs.mu.Unlock()
+	done := make(chan struct{})
+	go func() { cs.wg.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-ctx.Done():
+	}
+}
+
+// writeControl sends a control frame (close or ping) on c. The library only
+// exposes data writes, so the frame type is switched for one write. Only the
+// goroutine that owns c's writes may call it.
+func writeControl(c *websocket.Conn, opcode byte, payload []byte) error {
+	saved := c.PayloadType
+	c.PayloadType = opcode
+	_, err := c.Write(payload)
+	c.PayloadType = saved
+	return err
+}
+
+// writeClose sends a close frame with a status code (RFC 6455 section
+// 7.4.1) and a reason, which must stay under 123 bytes.
+func writeClose(c *websocket.Conn, code int, reason string) error {
+	payload := make([]byte, 2, 2+len(reason))
+	binary.BigEndian.PutUint16(payload, uint16(code))
+	payload = append(payload, truncate(reason, 120)...)
+	return writeControl(c, websocket.CloseFrame, payload)
+}
+
+// WebSocket close codes (RFC 6455 section 7.4.1).
+const (
+	closeNormal         = 1000
+	closeGoingAway      = 1001
+	closePolicyViolated = 1008
+	closeTooBig         = 1009
+	closeTryAgainLater  = 1013
+)

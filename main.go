@@ -1,0 +1,484 @@
+// Command micro runs the micro sidecar: it joins an application written in
+// any language to a microservice ecosystem over plain HTTP and WebSockets.
+package main
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"runtime/debug"
+	"strings"
+	"syscall"
+	"time"
+)
+
+// version is set at link time: go build -ldflags "-X main.version=v1.2.3".
+var version = ""
+
+func main() {
+	os.Exit(runMain(os.Args[1:], os.Stdout, os.Stderr))
+}
+
+// runMain dispatches the command line and returns the exit code.
+func runMain(args []string, stdout, stderr io.Writer) int {
+	if len(args) == 0 {
+		fmt.Fprint(stderr, topUsage)
+		return 2
+	}
+	switch args[0] {
+	case "-h", "--help", "-help", "help":
+		fmt.Fprint(stdout, topUsage)
+		return 0
+	case "-v", "--version", "-version", "version":
+		fmt.Fprintf(stdout, "micro %s\n", buildVersion())
+		return 0
+	case "sidecar":
+		cfg, err := parseSidecarFlags(args[1:], stdout, os.LookupEnv)
+		if errors.Is(err, flag.ErrHelp) {
+			return 0
+		}
+		if err != nil {
+			fmt.Fprintf(stderr, "micro sidecar: %v\n", err)
+			return 2
+		}
+		ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+		defer stop()
+		if err := runSidecar(ctx, cfg, stderr); err != nil {
+			fmt.Fprintf(stderr, "micro sidecar: %v\n", err)
+			return 1
+		}
+		return 0
+	default:
+		fmt.Fprintf(stderr, "micro: unknown command %q\n\n%s", args[0], topUsage)
+		return 2
+	}
+}
+
+const topUsage = `micro joins any application to a microservice ecosystem.
+
+Usage:
+  micro sidecar [flags]   run the sidecar next to an app
+  micro --version         print the version
+  micro --help            print this help
+
+Run 'micro sidecar --help' for the sidecar's flags. Every flag can also be set
+with an environment variable: --server_name is MICRO_SERVER_NAME.
+`
+
+// buildVersion is the link-time version, else the module version the binary
+// was built from, else the VCS revision.
+func buildVersion() string {
+	if version != "" {
+		return version
+	}
+	bi, ok := debug.ReadBuildInfo()
+	if !ok {
+		return "(unknown)"
+	}
+	if v := bi.Main.Version; v != "" && v != "(devel)" {
+		return v
+	}
+	for _, s := range bi.Settings {
+		if s.Key == "vcs.revision" && len(s.Value) >= 12 {
+			return "devel-" + s.Value[:12]
+		}
+	}
+	return "devel"
+}
+
+// config is everything the sidecar needs, built once from flags and
+// environment in main and passed down; nothing below reads a flag.
+type config struct {
+	Address string // where the sidecar's API listens
+
+	ServerName     string // the app's service name; empty: no app
+	ServerAddress  string // the app's host:port
+	ServerID       string // node id; default name-uuid
+	ServerVersion  string
+	ServerMetadata map[string]string
+
+	Health healthConfig
+
+	Registry         string // memory or file
+	RegistryAddress  string // file path for the file registry
+	RegisterTTL      time.Duration
+	RegisterInterval time.Duration
+	RegistryMaxNodes int
+
+	MaxBodyBytes       int64
+	ShutdownTimeout    time.Duration
+	CORSAllowedOrigins []string
+
+	LogFormat string
+	LogLevel  slog.Level
+}
+
+// parseSidecarFlags builds the config from args and the MICRO_*
+// environment (a flag on the command line wins) and validates it.
+func parseSidecarFlags(args []string, out io.Writer, lookupEnv func(string) (string, bool)) (config, error) {
+	var (
+		cfg      config
+		metadata string
+		origins  string
+		level    string
+	)
+	fs := flag.NewFlagSet("micro sidecar", flag.ContinueOnError)
+	fs.SetOutput(out)
+	fs.StringVar(&cfg.Address, "address", ":8081", "Address the sidecar's HTTP API listens on, host:port. Port 0 picks a free port; the address bound is logged.")
+	fs.StringVar(&cfg.ServerName, "server_name", "", "Service name of the app next to the sidecar, e.g. go.micro.srv.example. Empty: serve the API only.")
+	fs.StringVar(&cfg.ServerAddress, "server_address", "", "Address of the app, host:port, as other services should reach it.")
+	fs.StringVar(&cfg.ServerID, "server_id", "", "Node id of the app. Default: the server name, a dash and a random UUID.")
+	fs.StringVar(&cfg.ServerVersion, "server_version", "", "Version of the app's service, e.g. 1.0.0. Nodes of different versions stay apart in the registry.")
+	fs.StringVar(&metadata, "server_metadata", "", "Metadata of the app's node, as key=value pairs separated by commas.")
+	fs.StringVar(&cfg.Health.URL, "healthcheck_url", "", "Health check of the app: an http(s) URL where any 2xx passes, or tcp://host:port where a connection passes. Empty: no check; the app is registered at once.")
+	fs.DurationVar(&cfg.Health.Interval, "healthcheck_interval", 10*time.Second, "Time between health checks.")
+	fs.DurationVar(&cfg.Health.Timeout, "healthcheck_timeout", time.Second, "Time one health check may take before it counts as a failure.")
+	fs.IntVar(&cfg.Health.Failures, "healthcheck_failures", 3, "Consecutive failed checks that take a healthy app out of discovery.")
+	fs.IntVar(&cfg.Health.Successes, "healthcheck_successes", 1, "Consecutive passed checks that put an unhealthy app back into discovery.")
+	fs.StringVar(&cfg.Registry, "registry", "file", "Registry backend: file (one JSON file shared by the sidecars of a host) or memory (this sidecar alone).")
+	fs.StringVar(&cfg.RegistryAddress, "registry_address", "", "Registry location. For the file registry, the file's path; default $XDG_RUNTIME_DIR/micro/registry.json, else the user cache directory, else ./micro-registry.json.")
+	fs.DurationVar(&cfg.RegisterTTL, "register_ttl", 30*time.Second, "Time-to-live of this sidecar's registrations: if the sidecar dies, its entries vanish within this time.")
+	fs.DurationVar(&cfg.RegisterInterval, "register_interval", 0, "Time between refreshes of this sidecar's registrations. Default: a third of --register_ttl.")
+	fs.IntVar(&cfg.RegistryMaxNodes, "registry_max_nodes", 10000, "Most nodes the registry holds; registrations beyond it are refused with 503.")
+	fs.Int64Var(&cfg.MaxBodyBytes, "max_body_bytes", 1<<20, "Largest request body accepted, in bytes; larger ones are refused with 413.")
+	fs.DurationVar(&cfg.ShutdownTimeout, "shutdown_timeout", 10*time.Second, "Time allowed on SIGINT or SIGTERM for in-flight requests to finish.")
+	fs.StringVar(&origins, "cors_allowed_origins", "", "Browser origins allowed to call the sidecar, comma separated (e.g. http://localhost:3000), or * for any. Requests from other origins are refused on state-changing endpoints and WebSocket upgrades.")
+	fs.StringVar(&cfg.LogFormat, "log_format", "text", "Log format: text or json.")
+	fs.StringVar(&level, "log_level", "info", "Log level: debug, info, warn or error.")
+	fs.Usage = func() {
+		fmt.Fprintf(fs.Output(), "Usage: micro sidecar [flags]\n\nRuns the sidecar next to an app. Every flag can also be set with an environment\nvariable named MICRO_ and the flag's name in upper case (MICRO_SERVER_NAME);\na flag given on the command line wins.\n\nFlags:\n")
+		fs.PrintDefaults()
+	}
+	if err := fs.Parse(args); err != nil {
+		return config{}, err
+	}
+	if fs.NArg() > 0 {
+		return config{}, fmt.Errorf("unexpected argument %q; flags look like --server_name=foo", fs.Arg(0))
+	}
+	if err := applyEnv(fs, lookupEnv); err != nil {
+		return config{}, err
+	}
+	var err error
+	if cfg.ServerMetadata, err = parseMetadata(metadata); err != nil {
+		return config{}, err
+	}
+	if err := cfg.LogLevel.UnmarshalText([]byte(level)); err != nil {
+		return config{}, fmt.Errorf("--log_level %q: want debug, info, warn or error", level)
+	}
+	cfg.CORSAllowedOrigins = splitList(origins)
+	if err := cfg.validate(); err != nil {
+		return config{}, err
+	}
+	return cfg, nil
+}
+
+// applyEnv sets every flag not given on the command line from its MICRO_*
+// variable.
+func applyEnv(fs *flag.FlagSet, lookupEnv func(string) (string, bool)) error {
+	given := map[string]bool{}
+	fs.Visit(func(f *flag.Flag) { given[f.Name] = true })
+	var err error
+	fs.VisitAll(func(f *flag.Flag) {
+		if given[f.Name] || err != nil {
+			return
+		}
+		name := "MICRO_" + strings.ToUpper(f.Name)
+		if v, ok := lookupEnv(name); ok {
+			if serr := f.Value.Set(v); serr != nil {
+				err = fmt.Errorf("%s=%q: %v", name, v, serr)
+			}
+		}
+	})
+	return err
+}
+
+// validate checks flag combinations up front and says how to fix them.
+func (c *config) validate() error {
+	if _, _, err := net.SplitHostPort(c.Address); err != nil {
+		return fmt.Errorf("--address %q: want host:port, e.g. 127.0.0.1:8081 or :8081", c.Address)
+	}
+	if c.ServerName == "" && (c.ServerAddress != "" || c.Health.URL != "") {
+		return errors.New("--server_address and --healthcheck_url need --server_name")
+	}
+	if c.ServerName != "" {
+		if c.ServerAddress == "" {
+			return errors.New("--server_name needs --server_address, the app's host:port")
+		}
+		if c.ServerID == "" {
+			c.ServerID = c.ServerName + "-" + newUUID()
+		}
+		s := c.appService()
+		if err := normalizeService(&s); err != nil {
+			return fmt.Errorf("--server_name/--server_address/--server_id: %v", err)
+		}
+	}
+	if c.Health.URL != "" {
+		if err := validateHealthURL(c.Health.URL); err != nil {
+			return err
+		}
+		if c.Health.Interval < 100*time.Millisecond || c.Health.Timeout <= 0 {
+			return errors.New("--healthcheck_interval must be at least 100ms and --healthcheck_timeout positive")
+		}
+		if c.Health.Failures < 1 || c.Health.Successes < 1 {
+			return errors.New("--healthcheck_failures and --healthcheck_successes must be at least 1")
+		}
+	}
+	switch c.Registry {
+	case "memory":
+	case "file":
+		if c.RegistryAddress == "" {
+			c.RegistryAddress = defaultRegistryPath()
+		}
+	default:
+		return fmt.Errorf("--registry %q: want file or memory", c.Registry)
+	}
+	if c.RegisterTTL < time.Second {
+		return errors.New("--register_ttl must be at least 1s")
+	}
+	if c.RegisterInterval == 0 {
+		c.RegisterInterval = c.RegisterTTL / 3
+	}
+	if c.RegisterInterval <= 0 || c.RegisterInterval >= c.RegisterTTL {
+		return fmt.Errorf("--register_interval %v must be positive and shorter than --register_ttl %v", c.RegisterInterval, c.RegisterTTL)
+	}
+	if c.RegistryMaxNodes < 1 || c.MaxBodyBytes < 1 {
+		return errors.New("--registry_max_nodes and --max_body_bytes must be positive")
+	}
+	if c.LogFormat != "text" && c.LogFormat != "json" {
+		return fmt.Errorf("--log_format %q: want text or json", c.LogFormat)
+	}
+	return nil
+}
+
+// appService is the app's own registration.
+func (c *config) appService() Service {
+	s := Service{
+		Name:    c.ServerName,
+		Version: c.ServerVersion,
+		Nodes:   []Node{{ID: c.ServerID, Address: c.ServerAddress, Metadata: c.ServerMetadata}},
+	}
+	normalizeService(&s) // checked in validate; this fills the defaults
+	return s
+}
+
+func parseMetadata(s string) (map[string]string, error) {
+	if s == "" {
+		return nil, nil
+	}
+	md := map[string]string{}
+	for _, kv := range splitList(s) {
+		k, v, ok := strings.Cut(kv, "=")
+		if !ok || k == "" {
+			return nil, fmt.Errorf("--server_metadata %q: want key=value pairs separated by commas", kv)
+		}
+		md[k] = v
+	}
+	return md, nil
+}
+
+func splitList(s string) []string {
+	var out []string
+	for _, p := range strings.Split(s, ",") {
+		if p = strings.TrimSpace(p); p != "" {
+			out = append(out, p)
+		}
+	}
+	return out
+}
+
+// newUUID returns a random (version 4) UUID.
+func newUUID() string {
+	var b [16]byte
+	rand.Read(b[:])
+	b[6] = b[6]&0x0f | 0x40
+	b[8] = b[8]&0x3f | 0x80
+	h := hex.EncodeToString(b[:])
+	return h[0:8] + "-" + h[8:12] + "-" + h[12:16] + "-" + h[16:20] + "-" + h[20:]
+}
+
+func newLogger(cfg config, w io.Writer) *slog.Logger {
+	opts := &slog.HandlerOptions{Level: cfg.LogLevel}
+	if cfg.LogFormat == "json" {
+		return slog.New(slog.NewJSONHandler(w, opts))
+	}
+	return slog.New(slog.NewTextHandler(w, opts))
+}
+
+// sidecar is one running sidecar, built from a config. Several can run in
+// one process.
+type sidecar struct {
+	cfg     config
+	log     *slog.Logger
+	reg     *registry
+	health  *healthChecker // nil without --healthcheck_url
+	conns   *connSet
+	started time.Time
+}
+
+// newSidecar builds the registry for cfg.
+func newSidecar(ctx context.Context, cfg config, log *slog.Logger) (*sidecar, error) {
+	t := newTable(cfg.RegistryMaxNodes)
+	var b backend
+	switch cfg.Registry {
+	case "memory":
+		b = &memoryBackend{t: t, now: time.Now}
+	case "file":
+		fb, err := newFileBackend(ctx, cfg.RegistryAddress, t, log)
+		if err != nil {
+			return nil, err
+		}
+		b = fb
+	}
+	s := &sidecar{
+		cfg:     cfg,
+		log:     log,
+		reg:     &registry{name: cfg.Registry, table: t, backend: b, ttl: cfg.RegisterTTL, now: time.Now, owned: map[string]Service{}},
+		conns:   newConnSet(),
+		started: time.Now(),
+	}
+	return s, nil
+}
+
+// runSidecar runs a sidecar until ctx ends, then shuts it down cleanly.
+func runSidecar(ctx context.Context, cfg config, logOut io.Writer) error {
+	log := newLogger(cfg, logOut)
+	s, err := newSidecar(ctx, cfg, log)
+	if err != nil {
+		return err
+	}
+	ln, err := net.Listen("tcp", cfg.Address)
+	if err != nil {
+		s.reg.backend.close()
+		return fmt.Errorf("listen on %s: %w (choose another --address)", cfg.Address, err)
+	}
+	srv := &http.Server{
+		Handler: s.routes(),
+		// Slow or stalled clients must not hold connections forever; bodies
+		// get their own limits, and long calls their own deadlines.
+		ReadHeaderTimeout: 10 * time.Second,
+		IdleTimeout:       120 * time.Second,
+		MaxHeaderBytes:    64 << 10,
+		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
+	}
+	serveErr := make(chan error, 1)
+	go func() { serveErr <- srv.Serve(ln) }()
+	log.Info("Listening on "+ln.Addr().String(), "address", ln.Addr().String(), "registry", cfg.Registry, "registry_address", cfg.RegistryAddress, "version", buildVersion())
+
+	bg, stopBG := context.WithCancel(ctx)
+	var bgDone []chan struct{}
+	goBG := func(f func()) {
+		done := make(chan struct{})
+		bgDone = append(bgDone, done)
+		go func() { defer close(done); f() }()
+	}
+	goBG(func() { s.reg.refreshLoop(bg, cfg.RegisterInterval, log) })
+	if cfg.ServerName != "" {
+		s.startApp(bg, goBG)
+	}
+
+	select {
+	case <-ctx.Done():
+	case err := <-serveErr:
+		stopBG()
+		return fmt.Errorf("serve: %w", err)
+	}
+
+	log.Info("Shutting down: deregistering and draining", "timeout", cfg.ShutdownTimeout)
+	stopBG()
+	for _, d := range bgDone {
+		<-d
+	}
+	if err := s.reg.deregisterOwned(); err != nil {
+		log.Error("deregistering failed; the entries will expire with their TTL", "error", err)
+	}
+	sctx, cancel := context.WithTimeout(context.Background(), cfg.ShutdownTimeout)
+	defer cancel()
+	s.conns.closeAll(sctx)
+	if err := srv.Shutdown(sctx); err != nil {
+		log.Warn("in-flight requests did not finish in time", "error", err)
+	}
+	s.reg.backend.close()
+	log.Info("Stopped")
+	return nil
+}
+
+// startApp registers the app at once, or starts the health checker that
+// registers it when it passes.
+func (s *sidecar) startApp(ctx context.Context, goBG func(func())) {
+	app := s.cfg.appService()
+	register := func() {
+		s.log.Info("Registering "+s.cfg.ServerID, "service", app.Name, "address", s.cfg.ServerAddress)
+		if err := s.reg.Register(app, 0); err != nil {
+			s.log.Error("registering the app failed; retrying at the next refresh", "error", err)
+		}
+	}
+	if s.cfg.Health.URL == "" {
+		register()
+		return
+	}
+	s.health = newHealthChecker(s.cfg.Health, s.log, func(passing bool) {
+		if passing {
+			register()
+			return
+		}
+		s.log.Info("Deregistering "+s.cfg.ServerID, "service", app.Name)
+		if err := s.reg.Deregister(app); err != nil {
+			s.log.Error("deregistering the app failed", "error", err)
+		}
+	})
+	s.log.Info("Starting sidecar healthchecker", "url", redactURL(s.cfg.Health.URL), "interval", s.cfg.Health.Interval)
+	goBG(func() { s.health.run(ctx) })
+}
+
+// routes is the sidecar's API.
+func (s *sidecar) routes() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("/registry", s.handleRegistry)
+	mux.HandleFunc("/health", s.handleHealth)
+	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+		writeError(w, http.StatusNotFound, "no endpoint at "+truncate(r.URL.Path, 128)+"; see /registry, /health")
+	})
+	return s.guard(mux)
+}
+
+// handleHealth reports the sidecar and the app: 200 when all is well, 503
+// otherwise.
+func (s *sidecar) handleHealth(w http.ResponseWriter, r *http.Request) {
+	if !allowMethods(w, r, http.MethodGet, http.MethodHead) {
+		return
+	}
+	rep := healthReport{Sidecar: sidecarHealth{
+		Status:        "ok",
+		Version:       buildVersion(),
+		UptimeSeconds: int64(time.Since(s.started).Seconds()),
+		Registry:      s.reg.name,
+		RegistryError: trimErr(s.reg.backend.status()),
+	}}
+	if rep.Sidecar.RegistryError != "" {
+		rep.Sidecar.Status = "degraded"
+	}
+	if s.cfg.ServerName != "" {
+		a := appHealth{Status: healthUnchecked, Registered: true}
+		if s.health != nil {
+			a = s.health.report()
+		}
+		a.Name, a.ID = s.cfg.ServerName, s.cfg.ServerID
+		rep.App = &a
+	}
+	ok := rep.healthy()
+	rep.Status = statusWord(ok)
+	code := http.StatusOK
+	if !ok {
+		code = http.StatusServiceUnavailable
+	}
+	writeJSON(w, code, rep)
+}

@@ -1,0 +1,661 @@
+package main
+
+// End-to-end tests: they build the real binary once and drive real sidecar
+// processes over loopback sockets, as a user would.
+
+import (
+	"bufio"
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	"golang.org/x/net/websocket"
+)
+
+// binPath is the sidecar binary built by TestMain.
+var binPath string
+
+func TestMain(m *testing.M) {
+	dir, err := os.MkdirTemp("", "micro-test-bin-")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	binPath = filepath.Join(dir, "micro")
+	build := exec.Command("go", "build", "-trimpath", "-ldflags=-s -w -X main.version=test", "-o", binPath, ".")
+	build.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if out, err := build.CombinedOutput(); err != nil {
+		fmt.Fprintf(os.Stderr, "building the binary: %v\n%s", err, out)
+		os.Exit(1)
+	}
+	code := m.Run()
+	os.RemoveAll(dir)
+	os.Exit(code)
+}
+
+// proc is one running sidecar process.
+type proc struct {
+	t    *testing.T
+	cmd  *exec.Cmd
+	addr string // host:port the API listens on
+	log  *syncBuffer
+	done chan struct{} // closed when the process has exited
+}
+
+// syncBuffer collects a process's log while tests read it.
+type syncBuffer struct {
+	mu  sync.Mutex // guards buf
+	buf bytes.Buffer
+}
+
+func (b *syncBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *syncBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
+}
+
+var listeningRE = regexp.MustCompile(`Listening on (\S+?)"`)
+
+// startSidecar runs `micro sidecar` on a free loopback port with args and
+// waits until it listens. The process is killed at the end of the test.
+func startSidecar(t *testing.T, args ...string) *proc {
+	t.Helper()
+	return startSidecarEnv(t, nil, args...)
+}
+
+func startSidecarEnv(t *testing.T, env []string, args ...string) *proc {
+	t.Helper()
+	full := append([]string{"sidecar", "--address=127.0.0.1:0"}, args...)
+	cmd := exec.Command(binPath, full...)
+	cmd.Env = append(os.Environ(), env...)
+	p := &proc{t: t, cmd: cmd, log: &syncBuffer{}, done: make(chan struct{})}
+	cmd.Stdout = p.log
+	cmd.Stderr = p.log
+	if err := cmd.Start(); err != nil {
+		t.Fatalf("starting sidecar: %v", err)
+	}
+	go func() { cmd.Wait(); close(p.done) }()
+	t.Cleanup(func() {
+		cmd.Process.Kill()
+		<-p.done
+		if t.Failed() {
+			t.Logf("sidecar %s log:\n%s", p.addr, p.log.String())
+		}
+	})
+	waitFor(t, 10*time.Second, "sidecar to listen", func() bool {
+		if m := listeningRE.FindStringSubmatch(p.log.String()); m != nil {
+			p.addr = m[1]
+			return true
+		}
+		select {
+		case <-p.done:
+			t.Fatalf("sidecar exited before listening: %s", p.log.String())
+		default:
+		}
+		return false
+	})
+	return p
+}
+
+func (p *proc) url(path string) string { return "http://" + p.addr + path }
+
+// stop sends sig and returns the exit code.
+func (p *proc) stop(sig syscall.Signal) int {
+	p.t.Helper()
+	p.cmd.Process.Signal(sig)
+	select {
+	case <-p.done:
+	case <-time.After(15 * time.Second):
+		p.t.Fatalf("sidecar did not exit within 15s of %v", sig)
+	}
+	return p.cmd.ProcessState.ExitCode()
+}
+
+// waitFor polls cond until it holds, failing the test after timeout. The
+// timeout is generous: it never fires when things work.
+func waitFor(t *testing.T, timeout time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %v waiting for %s", timeout, what)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// do sends a request and returns the status and body.
+func do(t *testing.T, method, url, contentType string, body string) (int, string) {
+	t.Helper()
+	req, err := http.NewRequest(method, url, strings.NewReader(body))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if contentType != "" {
+		req.Header.Set("Content-Type", contentType)
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatalf("%s %s: %v", method, url, err)
+	}
+	defer resp.Body.Close()
+	data, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(data)
+}
+
+// lookup returns the service as the sidecar answers it, or nil on 404.
+func lookup(t *testing.T, p *proc, name string) *Service {
+	t.Helper()
+	code, body := do(t, "GET", p.url("/registry?service="+name), "", "")
+	if code == http.StatusNotFound {
+		return nil
+	}
+	if code != http.StatusOK {
+		t.Fatalf("lookup %s: %d %s", name, code, body)
+	}
+	var s Service
+	if err := json.Unmarshal([]byte(body), &s); err != nil {
+		t.Fatalf("lookup %s: %v in %s", name, err, body)
+	}
+	return &s
+}
+
+func hasNode(s *Service, id string) bool {
+	if s == nil {
+		return false
+	}
+	for _, n := range s.Nodes {
+		if n.ID == id {
+			return true
+		}
+	}
+	return false
+}
+
+// appID extracts the node id a sidecar logged when registering its app.
+func appID(t *testing.T, p *proc) string {
+	t.Helper()
+	re := regexp.MustCompile(`Registering (\S+?)"`)
+	var id string
+	waitFor(t, 10*time.Second, "the app's registration", func() bool {
+		if m := re.FindStringSubmatch(p.log.String()); m != nil {
+			id = m[1]
+			return true
+		}
+		return false
+	})
+	return id
+}
+
+func run(t *testing.T, args ...string) (int, string) {
+	t.Helper()
+	cmd := exec.Command(binPath, args...)
+	out, _ := cmd.CombinedOutput()
+	return cmd.ProcessState.ExitCode(), string(out)
+}
+
+func TestCommandLine(t *testing.T) {
+	for _, tc := range []struct {
+		args []string
+		code int
+		want string
+	}{
+		{[]string{"--help"}, 0, "micro sidecar [flags]"},
+		{[]string{"--version"}, 0, "micro test"},
+		{[]string{"sidecar", "--help"}, 0, "-healthcheck_url"},
+		{[]string{}, 2, "Usage"},
+		{[]string{"frobnicate"}, 2, `unknown command "frobnicate"`},
+		{[]string{"sidecar", "--nope"}, 2, "flag provided but not defined"},
+		{[]string{"sidecar", "--healthcheck_url=http://127.0.0.1:1/"}, 2, "need --server_name"},
+		{[]string{"sidecar", "--server_name=foo"}, 2, "--server_name needs --server_address"},
+		{[]string{"sidecar", "--server_name=foo", "--server_address=127.0.0.1:99999"}, 2, "port must be 1-65535"},
+		{[]string{"sidecar", "--registry=zookeeper"}, 2, `--registry "zookeeper"`},
+		{[]string{"sidecar", "--server_name=f", "--server_address=127.0.0.1:1", "--healthcheck_url=ftp://x"}, 2, "scheme must be http, https or tcp"},
+	} {
+		t.Run(strings.Join(tc.args, " "), func(t *testing.T) {
+			code, out := run(t, tc.args...)
+			if code != tc.code || !strings.Contains(out, tc.want) {
+				t.Errorf("micro %v: exit %d, output %q; want exit %d and %q", tc.args, code, out, tc.code, tc.want)
+			}
+		})
+	}
+}
+
+func TestPortInUse(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	code, out := run(t, "sidecar", "--address="+ln.Addr().String(), "--registry=memory")
+	if code != 1 || !strings.Contains(out, "choose another --address") {
+		t.Errorf("port in use: exit %d, %q; want exit 1 naming the fix", code, out)
+	}
+}
+
+func TestEnvironmentVariablesAndFlagPrecedence(t *testing.T) {
+	p := startSidecarEnv(t, []string{"MICRO_SERVER_NAME=fromenv", "MICRO_SERVER_ADDRESS=127.0.0.1:9090", "MICRO_REGISTRY=memory"})
+	if s := lookup(t, p, "fromenv"); s == nil || s.Nodes[0].Port != 9090 {
+		t.Fatalf("service from MICRO_SERVER_NAME: got %+v", s)
+	}
+	q := startSidecarEnv(t, []string{"MICRO_SERVER_NAME=fromenv", "MICRO_SERVER_ADDRESS=127.0.0.1:9090", "MICRO_REGISTRY=memory"}, "--server_name=fromflag")
+	if lookup(t, q, "fromflag") == nil || lookup(t, q, "fromenv") != nil {
+		t.Fatalf("the flag must win over MICRO_SERVER_NAME; registry: %v", q.log.String())
+	}
+	cmd := exec.Command(binPath, "sidecar")
+	cmd.Env = append(os.Environ(), "MICRO_HEALTHCHECK_INTERVAL=soon")
+	out, _ := cmd.CombinedOutput()
+	if cmd.ProcessState.ExitCode() != 2 || !strings.Contains(string(out), "MICRO_HEALTHCHECK_INTERVAL") {
+		t.Errorf("a bad variable must be named: exit %d, %s", cmd.ProcessState.ExitCode(), out)
+	}
+}
+
+// TestSeedDiscovery follows the seed README: a sidecar for app foo, and a
+// lookup of a service registered by hand in the older key spelling.
+func TestSeedDiscovery(t *testing.T) {
+	p := startSidecar(t, "--registry=memory", "--server_name=foo", "--server_address=127.0.0.1:9090")
+	id := appID(t, p)
+	if !regexp.MustCompile(`^foo-[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$`).MatchString(id) {
+		t.Errorf("app id %q: want foo-<uuid>", id)
+	}
+	code, body := do(t, "POST", p.url("/registry"), "application/json",
+		`{"Name":"go.micro.srv.example","Nodes":[{"Id":"go.micro.srv.example-c5718d29","Address":"127.0.0.1:60728"}]}`)
+	if code != 200 {
+		t.Fatalf("register: %d %s", code, body)
+	}
+	code, body = do(t, "GET", p.url("/registry?service=go.micro.srv.example"), "", "")
+	want := `{"name":"go.micro.srv.example","version":"","metadata":{},"nodes":[{"id":"go.micro.srv.example-c5718d29","address":"127.0.0.1","port":60728,"metadata":{}}]}`
+	if code != 200 || strings.TrimSpace(body) != want {
+		t.Errorf("lookup: got %d %s; want 200 %s", code, body, want)
+	}
+	if s := lookup(t, p, "foo"); !hasNode(s, id) || s.Nodes[0].Address != "127.0.0.1" || s.Nodes[0].Port != 9090 {
+		t.Errorf("app foo: got %+v; want node %s at 127.0.0.1:9090", s, id)
+	}
+	code, body = do(t, "GET", p.url("/registry"), "", "")
+	var all []Service
+	if err := json.Unmarshal([]byte(body), &all); code != 200 || err != nil || len(all) != 2 {
+		t.Errorf("list: got %d %s; want both services", code, body)
+	}
+}
+
+func TestRegistryVersionsStayApart(t *testing.T) {
+	p := startSidecar(t, "--registry=memory")
+	for _, body := range []string{
+		`{"name":"greeter","version":"1.0.0","nodes":[{"id":"g1","address":"10.0.0.1","port":80}]}`,
+		`{"name":"greeter","version":"2.0.0","nodes":[{"id":"g2","address":"10.0.0.2","port":80}]}`,
+	} {
+		if code, out := do(t, "POST", p.url("/registry"), "", body); code != 200 {
+			t.Fatalf("register: %d %s", code, out)
+		}
+	}
+	merged := lookup(t, p, "greeter")
+	if merged == nil || len(merged.Nodes) != 2 || merged.Nodes[0].Version != "1.0.0" || merged.Nodes[1].Version != "2.0.0" {
+		t.Errorf("merged lookup: got %+v; want both nodes, each with its version", merged)
+	}
+	code, body := do(t, "GET", p.url("/registry?service=greeter&version=2.0.0"), "", "")
+	var v2 Service
+	json.Unmarshal([]byte(body), &v2)
+	if code != 200 || v2.Version != "2.0.0" || len(v2.Nodes) != 1 || v2.Nodes[0].ID != "g2" {
+		t.Errorf("version 2.0.0: got %d %s", code, body)
+	}
+	if code, _ := do(t, "GET", p.url("/registry?service=greeter&version=3"), "", ""); code != 404 {
+		t.Errorf("unknown version: got %d; want 404", code)
+	}
+}
+
+func TestRegistryErrors(t *testing.T) {
+	p := startSidecar(t, "--registry=memory", "--max_body_bytes=1000")
+	for _, tc := range []struct {
+		method, path, body string
+		code               int
+		detail             string
+	}{
+		{"POST", "/registry", `{"name":`, 400, "invalid service JSON"},
+		{"POST", "/registry", `{"nodes":[{"id":"a","address":"h","port":1}]}`, 400, "name is required"},
+		{"POST", "/registry", `{"name":"x","nodes":[{"address":"h","port":1}]}`, 400, "nodes[0]: id is required"},
+		{"POST", "/registry", `{"name":"x","nodes":[{"id":"a","port":1}]}`, 400, "nodes[0]: address is required"},
+		{"POST", "/registry", `{"name":"x","nodes":[{"id":"a","address":"h","port":70000}]}`, 400, "port 70000 out of range"},
+		{"POST", "/registry", `{"name":"x","nodes":[{"id":"a","address":"h"}]}`, 400, "port 0 out of range"},
+		{"POST", "/registry", `{"name":"x","nodes":[]}`, 400, "at least one node"},
+		{"POST", "/registry", `{"name":"x"} {}`, 400, "trailing data"},
+		{"POST", "/registry?ttl=soon", `{"name":"x","nodes":[{"id":"a","address":"h","port":1}]}`, 400, `ttl "soon"`},
+		{"POST", "/registry?ttl=0s", `{"name":"x","nodes":[{"id":"a","address":"h","port":1}]}`, 400, "between 1s and 24h"},
+		{"POST", "/registry", `{"name":"x","metadata":{"k":"` + strings.Repeat("v", 2000) + `"}}`, 413, "larger than 1000 bytes"},
+		{"DELETE", "/registry", `{"name":"x"}`, 400, "ids of the nodes"},
+		{"GET", "/registry?service=missing", "", 404, "service missing not found"},
+		{"GET", "/registry?watch=1", "", 400, "WebSocket upgrade"},
+		{"PATCH", "/registry", "", 405, "method PATCH not allowed"},
+		{"GET", "/nowhere", "", 404, "no endpoint at /nowhere"},
+	} {
+		t.Run(tc.method+" "+tc.path+" "+truncate(tc.body, 40), func(t *testing.T) {
+			code, body := do(t, tc.method, p.url(tc.path), "application/json", tc.body)
+			var e errorBody
+			if err := json.Unmarshal([]byte(body), &e); err != nil {
+				t.Fatalf("answer is not the error shape: %s", body)
+			}
+			if code != tc.code || e.Code != tc.code || e.ID != "go.micro.sidecar" || e.Status != http.StatusText(tc.code) || !strings.Contains(e.Detail, tc.detail) {
+				t.Errorf("got %d %s; want %d with detail containing %q", code, body, tc.code, tc.detail)
+			}
+		})
+	}
+	resp, err := http.Post(p.url("/health"), "text/plain", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != 405 || resp.Header.Get("Allow") != "GET, HEAD" {
+		t.Errorf("POST /health: got %d Allow %q; want 405 Allow \"GET, HEAD\"", resp.StatusCode, resp.Header.Get("Allow"))
+	}
+	if lookup(t, p, "x") != nil {
+		t.Error("a refused registration must leave nothing behind")
+	}
+}
+
+func TestRegistrationTTLAndDeregister(t *testing.T) {
+	p := startSidecar(t, "--registry=memory")
+	svc := `{"name":"short","nodes":[{"id":"s1","address":"127.0.0.1","port":7000}]}`
+	if code, body := do(t, "POST", p.url("/registry?ttl=1s"), "", svc); code != 200 {
+		t.Fatalf("register: %d %s", code, body)
+	}
+	if !hasNode(lookup(t, p, "short"), "s1") {
+		t.Fatal("registered node not found")
+	}
+	waitFor(t, 5*time.Second, "the 1s registration to expire", func() bool { return lookup(t, p, "short") == nil })
+
+	do(t, "POST", p.url("/registry"), "", svc)
+	if code, body := do(t, "DELETE", p.url("/registry"), "", `{"name":"short","nodes":[{"id":"s1"}]}`); code != 200 {
+		t.Fatalf("deregister: %d %s", code, body)
+	}
+	if lookup(t, p, "short") != nil {
+		t.Error("deregistered node still found")
+	}
+}
+
+// TestFileRegistrySharedBySidecars runs three sidecars on one registry file:
+// each sees the others' apps; SIGKILL takes an app away within one TTL and
+// SIGTERM at once, with exit status 0.
+func TestFileRegistrySharedBySidecars(t *testing.T) {
+	file := filepath.Join(t.TempDir(), "registry.json")
+	common := []string{"--registry=file", "--registry_address=" + file, "--register_ttl=2s", "--register_interval=300ms"}
+	var ps []*proc
+	var ids []string
+	for i := range 3 {
+		p := startSidecar(t, append(common, fmt.Sprintf("--server_name=app%d", i), fmt.Sprintf("--server_address=127.0.0.1:%d", 9000+i))...)
+		ps = append(ps, p)
+		ids = append(ids, appID(t, p))
+	}
+	for _, p := range ps {
+		for i, id := range ids {
+			waitFor(t, 2*time.Second, fmt.Sprintf("%s to see app%d", p.addr, i), func() bool { return hasNode(lookup(t, p, fmt.Sprintf("app%d", i)), id) })
+		}
+	}
+
+	start := time.Now()
+	ps[1].stop(syscall.SIGKILL)
+	waitFor(t, 5*time.Second, "the killed sidecar's app to expire", func() bool { return lookup(t, ps[0], "app1") == nil })
+	if took := time.Since(start); took > 2*time.Second+500*time.Millisecond {
+		t.Errorf("app1 vanished %v after SIGKILL; want within the 2s TTL", took)
+	}
+	if !hasNode(lookup(t, ps[0], "app2"), ids[2]) {
+		t.Error("a live sidecar's app was lost")
+	}
+
+	if code := ps[2].stop(syscall.SIGTERM); code != 0 {
+		t.Errorf("exit status after SIGTERM: %d; want 0", code)
+	}
+	waitFor(t, 500*time.Millisecond, "app2 to go at once after SIGTERM", func() bool { return lookup(t, ps[0], "app2") == nil })
+	if !strings.Contains(ps[2].log.String(), "Shutting down") {
+		t.Error("shutdown not logged")
+	}
+}
+
+func TestCorruptRegistryFileIsKeptAside(t *testing.T) {
+	dir := t.TempDir()
+	file := filepath.Join(dir, "registry.json")
+	os.WriteFile(file, []byte("{not json"), 0o644)
+	p := startSidecar(t, "--registry=file", "--registry_address="+file, "--server_name=foo", "--server_address=127.0.0.1:9090")
+	if lookup(t, p, "foo") == nil {
+		t.Fatal("the sidecar must keep working after a corrupt file")
+	}
+	aside, _ := filepath.Glob(file + ".corrupt-*")
+	if len(aside) != 1 {
+		t.Fatalf("corrupt file not kept aside: %v", aside)
+	}
+	if data, _ := os.ReadFile(aside[0]); string(data) != "{not json" {
+		t.Errorf("kept-aside content: %q", data)
+	}
+	if !strings.Contains(p.log.String(), "registry file was corrupt") {
+		t.Error("corruption not reported in the log")
+	}
+}
+
+// healthyApp is an HTTP app whose health endpoint can fail or hang.
+type healthyApp struct {
+	srv   *httptest.Server
+	state atomic.Int32 // 0 healthy, 1 failing, 2 hanging
+}
+
+func newHealthyApp(t *testing.T) *healthyApp {
+	a := &healthyApp{}
+	release := make(chan struct{})
+	a.srv = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		switch a.state.Load() {
+		case 1:
+			http.Error(w, "down", http.StatusInternalServerError)
+		case 2:
+			select {
+			case <-release:
+			case <-r.Context().Done():
+			}
+		default:
+			io.WriteString(w, "ok")
+		}
+	}))
+	t.Cleanup(func() { close(release); a.srv.Close() })
+	return a
+}
+
+func TestHealthCheckTakesAppOutAndBack(t *testing.T) {
+	app := newHealthyApp(t)
+	addr := strings.TrimPrefix(app.srv.URL, "http://")
+	p := startSidecar(t, "--registry=memory", "--server_name=web", "--server_address="+addr,
+		"--healthcheck_url="+app.srv.URL+"/_status/health", "--healthcheck_interval=100ms",
+		"--healthcheck_timeout=300ms", "--healthcheck_failures=2", "--healthcheck_successes=2")
+	if !strings.Contains(p.log.String(), "Starting sidecar healthchecker") {
+		t.Error("the health checker's start is not logged")
+	}
+	waitFor(t, 5*time.Second, "registration after the first pass", func() bool { return lookup(t, p, "web") != nil })
+	assertHealth(t, p, 200, "passing")
+
+	for _, state := range []int32{1, 2} { // failing, then hanging
+		app.state.Store(state)
+		waitFor(t, 5*time.Second, fmt.Sprintf("deregistration in state %d", state), func() bool { return lookup(t, p, "web") == nil })
+		assertHealth(t, p, 503, "failing")
+		app.state.Store(0)
+		waitFor(t, 5*time.Second, "registration after recovery", func() bool { return lookup(t, p, "web") != nil })
+	}
+	if n := strings.Count(p.log.String(), "app is unhealthy"); n != 2 {
+		t.Errorf("logged 'app is unhealthy' %d times for 2 outages; want once each", n)
+	}
+	if !strings.Contains(p.log.String(), "no answer within 300ms") {
+		t.Error("a hanging check should fail with its timeout")
+	}
+}
+
+func TestTCPHealthCheckAndStartUnhealthy(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	ln.Close() // nothing listens yet: the app starts unhealthy
+	p := startSidecar(t, "--registry=memory", "--server_name=tcpapp", "--server_address="+addr,
+		"--healthcheck_url=tcp://"+addr, "--healthcheck_interval=100ms")
+	waitFor(t, 5*time.Second, "the first failed check", func() bool { return strings.Contains(p.log.String(), "app is unhealthy") })
+	if lookup(t, p, "tcpapp") != nil {
+		t.Fatal("an app that never passed must not be registered")
+	}
+	assertHealth(t, p, 503, "failing")
+	ln, err = net.Listen("tcp", addr)
+	if err != nil {
+		t.Skipf("could not listen on %s again: %v", addr, err)
+	}
+	defer ln.Close()
+	waitFor(t, 5*time.Second, "registration once the port accepts", func() bool { return lookup(t, p, "tcpapp") != nil })
+}
+
+func assertHealth(t *testing.T, p *proc, code int, appStatus string) {
+	t.Helper()
+	var rep healthReport
+	waitFor(t, 5*time.Second, fmt.Sprintf("/health %d with app %s", code, appStatus), func() bool {
+		c, body := do(t, "GET", p.url("/health"), "", "")
+		rep = healthReport{}
+		json.Unmarshal([]byte(body), &rep)
+		return c == code && rep.App != nil && rep.App.Status == appStatus
+	})
+}
+
+func TestWatchStreamsChanges(t *testing.T) {
+	p := startSidecar(t, "--registry=memory")
+	do(t, "POST", p.url("/registry"), "", `{"name":"early","nodes":[{"id":"e1","address":"127.0.0.1","port":1}]}`)
+	ws, err := websocket.Dial("ws://"+p.addr+"/registry?watch=1", "", "http://"+p.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ws.Close()
+	next := func() Event {
+		t.Helper()
+		ws.SetReadDeadline(time.Now().Add(5 * time.Second))
+		var ev Event
+		if err := websocket.JSON.Receive(ws, &ev); err != nil {
+			t.Fatalf("reading event: %v", err)
+		}
+		return ev
+	}
+	if ev := next(); ev.Action != "create" || ev.Service.Name != "early" {
+		t.Errorf("first event: got %+v; want create of the existing service", ev)
+	}
+	do(t, "POST", p.url("/registry"), "", `{"name":"late","nodes":[{"id":"l1","address":"127.0.0.1","port":2}]}`)
+	if ev := next(); ev.Action != "create" || ev.Service.Name != "late" || ev.Service.Nodes[0].ID != "l1" {
+		t.Errorf("after register: got %+v; want create late/l1", ev)
+	}
+	do(t, "POST", p.url("/registry"), "", `{"name":"late","nodes":[{"id":"l1","address":"127.0.0.1","port":3}]}`)
+	if ev := next(); ev.Action != "update" || ev.Service.Nodes[0].Port != 3 {
+		t.Errorf("after re-register on a new port: got %+v; want update", ev)
+	}
+	do(t, "DELETE", p.url("/registry"), "", `{"name":"late","nodes":[{"id":"l1"}]}`)
+	if ev := next(); ev.Action != "delete" || ev.Service.Name != "late" {
+		t.Errorf("after deregister: got %+v; want delete", ev)
+	}
+
+	// A watch of one service sees only that service; shutdown closes it
+	// with going-away.
+	one, err := websocket.Dial("ws://"+p.addr+"/registry?watch=1&service=only", "", "http://"+p.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer one.Close()
+	do(t, "POST", p.url("/registry"), "", `{"name":"other","nodes":[{"id":"o1","address":"127.0.0.1","port":2}]}`)
+	do(t, "POST", p.url("/registry"), "", `{"name":"only","nodes":[{"id":"x1","address":"127.0.0.1","port":2}]}`)
+	one.SetReadDeadline(time.Now().Add(5 * time.Second))
+	var ev Event
+	if err := websocket.JSON.Receive(one, &ev); err != nil || ev.Service.Name != "only" {
+		t.Errorf("filtered watch: got %+v, %v; want only the watched service", ev, err)
+	}
+	if code := p.stop(syscall.SIGTERM); code != 0 {
+		t.Errorf("exit status %d with watchers connected; want 0", code)
+	}
+	if _, err := io.ReadAll(one); err != nil && !strings.Contains(err.Error(), "EOF") {
+		t.Logf("read after shutdown: %v", err)
+	}
+}
+
+// TestDependencies guards the design card: the standard library and
+// golang.org/x/net, nothing else.
+func TestDependencies(t *testing.T) {
+	out, err := exec.Command("go", "list", "-deps", "-f", "{{if not .Standard}}{{.ImportPath}}{{end}}", ".").Output()
+	if err != nil {
+		t.Fatalf("go list: %v", err)
+	}
+	sc := bufio.NewScanner(bytes.NewReader(out))
+	for sc.Scan() {
+		if pkg := sc.Text(); pkg != "micro" && !strings.HasPrefix(pkg, "golang.org/x/net/") {
+			t.Errorf("dependency %s is outside the standard library and golang.org/x/net", pkg)
+		}
+	}
+	mod, _ := os.ReadFile("go.mod")
+	if n := strings.Count(string(mod), "\t") + strings.Count(string(mod), "require "); n != 1 {
+		t.Errorf("go.mod must require golang.org/x/net alone:\n%s", mod)
+	}
+}
+
+// TestScratchImage shows the binary runs in an empty root with an empty
+// environment, as in a FROM scratch image: no /tmp, no /etc, no HOME.
+func TestScratchImage(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("chroot needs root; skipping the scratch-image test")
+	}
+	root := t.TempDir()
+	data, err := os.ReadFile(binPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(root, "micro"), data, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command("/micro", "sidecar", "--address=127.0.0.1:0", "--server_name=scratchy", "--server_address=127.0.0.1:9999")
+	cmd.Env = []string{}
+	cmd.Dir = "/"
+	cmd.SysProcAttr = &syscall.SysProcAttr{Chroot: root}
+	p := &proc{t: t, cmd: cmd, log: &syncBuffer{}, done: make(chan struct{})}
+	cmd.Stdout, cmd.Stderr = p.log, p.log
+	if err := cmd.Start(); err != nil {
+		t.Fatalf("chroot start: %v", err)
+	}
+	go func() { cmd.Wait(); close(p.done) }()
+	t.Cleanup(func() { cmd.Process.Kill(); <-p.done })
+	waitFor(t, 10*time.Second, "the chrooted sidecar to listen", func() bool {
+		m := listeningRE.FindStringSubmatch(p.log.String())
+		if m != nil {
+			p.addr = m[1]
+		}
+		select {
+		case <-p.done:
+			t.Fatalf("chrooted sidecar exited: %s", p.log.String())
+		default:
+		}
+		return m != nil
+	})
+	if code, body := do(t, "POST", p.url("/registry"), "", `{"name":"inside","nodes":[{"id":"i1","address":"127.0.0.1:1"}]}`); code != 200 {
+		t.Fatalf("register in scratch: %d %s", code, body)
+	}
+	if lookup(t, p, "inside") == nil || lookup(t, p, "scratchy") == nil {
+		t.Fatalf("lookups in scratch failed; log:\n%s", p.log.String())
+	}
+	if _, err := os.Stat(filepath.Join(root, "micro-registry.json")); err != nil {
+		t.Errorf("with no environment the file registry belongs in the working directory: %v", err)
+	}
+	if code := p.stop(syscall.SIGTERM); code != 0 {
+		t.Errorf("exit status %d; want 0", code)
+	}
+}

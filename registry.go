@@ -1,0 +1,664 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/url"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+)
+
+// Service is the ecosystem's service record: one name and version with the
+// nodes that serve it. The JSON keys are the seed's, lower case; decoding is
+// case-insensitive, as encoding/json already is, so the "Name"/"Nodes"/"Id"
+// of older micro examples decode too.
+type Service struct {
+	Name     string            `json:"name"`
+	Version  string            `json:"version"`
+	Metadata map[string]string `json:"metadata"`
+	Nodes    []Node            `json:"nodes"`
+}
+
+// Node is one instance of a service. Version is set when a lookup merges the
+// nodes of several versions, so that they stay distinguishable.
+type Node struct {
+	ID       string            `json:"id"`
+	Address  string            `json:"address"`
+	Port     int               `json:"port"`
+	Metadata map[string]string `json:"metadata"`
+	Version  string            `json:"version,omitempty"`
+}
+
+// Limits on what one service record may hold. They keep a single POST from
+// filling memory; the node count of the whole table is bounded separately.
+const (
+	maxNameLen     = 255 // a DNS name's length, the longest name any backend can carry
+	maxIDLen       = 255
+	maxMetadata    = 64
+	maxMetadataLen = 1024 // per key plus value
+	maxNodesPerReq = 256
+)
+
+// errNotFound is returned by lookups of a service nobody has registered.
+var errNotFound = errors.New("service not found")
+
+// decodeService parses and validates a service record from a request body.
+// Errors name the offending field.
+func decodeService(data []byte) (Service, error) {
+	var s Service
+	dec := json.NewDecoder(bytes.NewReader(data))
+	if err := dec.Decode(&s); err != nil {
+		return Service{}, fmt.Errorf("invalid service JSON: %w", err)
+	}
+	if dec.More() {
+		return Service{}, errors.New("invalid service JSON: trailing data after the object")
+	}
+	if err := normalizeService(&s); err != nil {
+		return Service{}, err
+	}
+	return s, nil
+}
+
+// normalizeService validates s in place and fills what the older shapes
+// leave out: an address given as host:port with no port is split.
+func normalizeService(s *Service) error {
+	s.Name = strings.TrimSpace(s.Name)
+	if s.Name == "" {
+		return errors.New("name is required")
+	}
+	if len(s.Name) > maxNameLen || !validName(s.Name) {
+		return fmt.Errorf("name %q: use up to %d printable characters without spaces or '/'", truncate(s.Name, 64), maxNameLen)
+	}
+	if len(s.Version) > maxNameLen || strings.ContainsAny(s.Version, "\x00/") {
+		return fmt.Errorf("version %q is not valid", truncate(s.Version, 64))
+	}
+	if err := checkMetadata("metadata", s.Metadata); err != nil {
+		return err
+	}
+	if s.Metadata == nil {
+		s.Metadata = map[string]string{}
+	}
+	if s.Nodes == nil {
+		s.Nodes = []Node{}
+	}
+	if len(s.Nodes) > maxNodesPerReq {
+		return fmt.Errorf("nodes: at most %d per request", maxNodesPerReq)
+	}
+	seen := make(map[string]bool, len(s.Nodes))
+	for i := range s.Nodes {
+		n := &s.Nodes[i]
+		if err := normalizeNode(n); err != nil {
+			return fmt.Errorf("nodes[%d]: %w", i, err)
+		}
+		if seen[n.ID] {
+			return fmt.Errorf("nodes[%d]: id %q appears twice", i, n.ID)
+		}
+		seen[n.ID] = true
+		n.Version = ""
+	}
+	return nil
+}
+
+func normalizeNode(n *Node) error {
+	n.ID = strings.TrimSpace(n.ID)
+	if n.ID == "" {
+		return errors.New("id is required")
+	}
+	if len(n.ID) > maxIDLen || !validName(n.ID) {
+		return fmt.Errorf("id %q: use up to %d printable characters without spaces or '/'", truncate(n.ID, 64), maxIDLen)
+	}
+	host, port, err := splitAddress(n.Address, n.Port)
+	if err != nil {
+		return err
+	}
+	n.Address, n.Port = host, port
+	if n.Metadata == nil {
+		n.Metadata = map[string]string{}
+	}
+	return checkMetadata("metadata", n.Metadata)
+}
+
+// splitAddress accepts "host" with a separate port, or "host:port" with port
+// 0, and returns the host and port. IPv6 literals may come bracketed.
+func splitAddress(address string, port int) (string, int, error) {
+	address = strings.TrimSpace(address)
+	if address == "" {
+		return "", 0, errors.New("address is required")
+	}
+	if h, p, err := net.SplitHostPort(address); err == nil {
+		pn, perr := strconv.Atoi(p)
+		if perr != nil || pn < 1 || pn > 65535 {
+			return "", 0, fmt.Errorf("address %q: port must be 1-65535", address)
+		}
+		if port != 0 && port != pn {
+			return "", 0, fmt.Errorf("address %q disagrees with port %d", address, port)
+		}
+		address, port = h, pn
+	}
+	address = strings.TrimSuffix(strings.TrimPrefix(address, "["), "]")
+	if address == "" || len(address) > maxNameLen || strings.ContainsAny(address, " /\x00[]") {
+		return "", 0, fmt.Errorf("address %q is not a host name or IP address", truncate(address, 64))
+	}
+	if port < 1 || port > 65535 {
+		return "", 0, fmt.Errorf("port %d out of range 1-65535 (or give address as host:port)", port)
+	}
+	return address, port, nil
+}
+
+// hostPort joins a node's address and port for dialing.
+func (n Node) hostPort() string { return net.JoinHostPort(n.Address, strconv.Itoa(n.Port)) }
+
+func checkMetadata(field string, md map[string]string) error {
+	if len(md) > maxMetadata {
+		return fmt.Errorf("%s: at most %d keys", field, maxMetadata)
+	}
+	for k, v := range md {
+		if k == "" || len(k)+len(v) > maxMetadataLen {
+			return fmt.Errorf("%s: key %q: keys must be non-empty and key plus value at most %d bytes", field, truncate(k, 64), maxMetadataLen)
+		}
+	}
+	return nil
+}
+
+// validName reports whether s is printable ASCII without spaces or slashes:
+// names travel in URL paths, file names, DNS labels and etcd keys.
+func validName(s string) bool {
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		if c <= ' ' || c >= 0x7f || c == '/' {
+			return false
+		}
+	}
+	return true
+}
+
+func truncate(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	return s[:n] + "..."
+}
+
+// record is one node of one service version in the table: the unit every
+// backend stores, announces and expires.
+type record struct {
+	Service  string            `json:"service"`
+	Version  string            `json:"version,omitempty"`
+	Metadata map[string]string `json:"metadata,omitempty"` // the service's metadata
+	Node     Node              `json:"node"`
+	Expires  time.Time         `json:"expires"` // zero: never
+}
+
+func (r record) key() string { return r.Service + "\x00" + r.Node.ID }
+
+func (r record) expired(now time.Time) bool { return !r.Expires.IsZero() && !now.Before(r.Expires) }
+
+// same reports whether a and b describe the same node in the same way,
+// ignoring expiry, so that a refresh is not reported as an update.
+func (r record) same(o record) bool {
+	return r.Service == o.Service && r.Version == o.Version && r.Node.Address == o.Node.Address &&
+		r.Node.Port == o.Node.Port && mapsEqual(r.Metadata, o.Metadata) && mapsEqual(r.Node.Metadata, o.Node.Metadata)
+}
+
+func mapsEqual(a, b map[string]string) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for k, v := range a {
+		if w, ok := b[k]; !ok || w != v {
+			return false
+		}
+	}
+	return true
+}
+
+// recordsOf splits a service into its per-node records, expiring at expires.
+func recordsOf(s Service, expires time.Time) []record {
+	out := make([]record, 0, len(s.Nodes))
+	for _, n := range s.Nodes {
+		n.Version = ""
+		out = append(out, record{Service: s.Name, Version: s.Version, Metadata: s.Metadata, Node: n, Expires: expires})
+	}
+	return out
+}
+
+// assemble groups records into services, one per name and version, sorted by
+// name, version and node id so that answers are stable.
+func assemble(recs []record) []Service {
+	sort.Slice(recs, func(i, j int) bool {
+		a, b := recs[i], recs[j]
+		if a.Service != b.Service {
+			return a.Service < b.Service
+		}
+		if a.Version != b.Version {
+			return a.Version < b.Version
+		}
+		return a.Node.ID < b.Node.ID
+	})
+	var out []Service
+	for _, r := range recs {
+		if len(out) == 0 || out[len(out)-1].Name != r.Service || out[len(out)-1].Version != r.Version {
+			out = append(out, Service{Name: r.Service, Version: r.Version, Metadata: r.Metadata})
+		}
+		last := &out[len(out)-1]
+		last.Nodes = append(last.Nodes, r.Node)
+	}
+	return out
+}
+
+// merge joins the versions of one service into a single record in the seed's
+// shape. With one version it is that version's record; with several, the
+// service's version is empty and every node carries its own.
+func merge(versions []Service) Service {
+	if len(versions) == 1 {
+		return versions[0]
+	}
+	out := Service{Name: versions[0].Name, Metadata: map[string]string{}, Nodes: []Node{}}
+	for _, v := range versions {
+		for _, n := range v.Nodes {
+			n.Version = v.Version
+			out.Nodes = append(out.Nodes, n)
+		}
+	}
+	return out
+}
+
+// Event is one change in the table, as sent to watchers.
+type Event struct {
+	Action  string  `json:"action"` // create, update or delete
+	Service Service `json:"service"`
+}
+
+// diff compares two snapshots of the table and returns the events that turn
+// old into new, in key order.
+func diff(old, new map[string]record) []Event {
+	var evs []Event
+	for k, n := range new {
+		o, ok := old[k]
+		switch {
+		case !ok:
+			evs = append(evs, eventOf("create", n))
+		case !o.same(n):
+			evs = append(evs, eventOf("update", n))
+		}
+	}
+	for k, o := range old {
+		if _, ok := new[k]; !ok {
+			evs = append(evs, eventOf("delete", o))
+		}
+	}
+	sort.Slice(evs, func(i, j int) bool {
+		return evs[i].Service.Name+"\x00"+evs[i].Service.Nodes[0].ID < evs[j].Service.Name+"\x00"+evs[j].Service.Nodes[0].ID
+	})
+	return evs
+}
+
+func eventOf(action string, r record) Event {
+	return Event{Action: action, Service: Service{Name: r.Service, Version: r.Version, Metadata: r.Metadata, Nodes: []Node{r.Node}}}
+}
+
+// errTableFull is returned when a registration would take the table past its
+// node limit.
+var errTableFull = errors.New("registry is full")
+
+// watchQueue is how many events a watcher may fall behind before it is cut
+// off; a watcher that slow learns of it by its channel closing and reconnects.
+const watchQueue = 256
+
+// watcher receives the events of one service, or of all when service is "".
+type watcher struct {
+	service string
+	ch      chan Event // closed when the watcher is stopped or overflows
+}
+
+// table is the in-memory registry every lookup reads. Backends keep it
+// current; it never touches the network or the disk.
+type table struct {
+	maxNodes int // bound on len(recs); 0 means no bound
+
+	mu       sync.RWMutex // guards recs, watchers
+	recs     map[string]record
+	watchers map[*watcher]struct{}
+}
+
+func newTable(maxNodes int) *table {
+	return &table{maxNodes: maxNodes, recs: map[string]record{}, watchers: map[*watcher]struct{}{}}
+}
+
+// upsert adds or refreshes records.
+func (t *table) upsert(recs ...record) error {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	next := make(map[string]record, len(t.recs)+len(recs))
+	for k, r := range t.recs {
+		next[k] = r
+	}
+	for _, r := range recs {
+		next[r.key()] = r
+	}
+	if t.maxNodes > 0 && len(next) > t.maxNodes && len(next) > len(t.recs) {
+		return fmt.Errorf("%w: %d nodes is the limit (--registry_max_nodes)", errTableFull, t.maxNodes)
+	}
+	t.swapLocked(next)
+	return nil
+}
+
+// remove deletes the records with the given keys.
+func (t *table) remove(keys ...string) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	next := make(map[string]record, len(t.recs))
+	for k, r := range t.recs {
+		next[k] = r
+	}
+	for _, k := range keys {
+		delete(next, k)
+	}
+	t.swapLocked(next)
+}
+
+// replace makes the table hold exactly recs, as read from a backend that
+// holds the whole registry (the file).
+func (t *table) replace(recs []record) {
+	next := make(map[string]record, len(recs))
+	for _, r := range recs {
+		next[r.key()] = r
+	}
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.swapLocked(next)
+}
+
+// sweep drops the records expired at now.
+func (t *table) sweep(now time.Time) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	var dead []string
+	for k, r := range t.recs {
+		if r.expired(now) {
+			dead = append(dead, k)
+		}
+	}
+	if len(dead) == 0 {
+		return
+	}
+	next := make(map[string]record, len(t.recs))
+	for k, r := range t.recs {
+		next[k] = r
+	}
+	for _, k := range dead {
+		delete(next, k)
+	}
+	t.swapLocked(next)
+}
+
+// swapLocked installs next and tells the watchers what changed. A watcher
+// whose queue is full is dropped rather than allowed to block the table.
+func (t *table) swapLocked(next map[string]record) {
+	evs := diff(t.recs, next)
+	t.recs = next
+	for _, ev := range evs {
+		for w := range t.watchers {
+			if w.service != "" && w.service != ev.Service.Name {
+				continue
+			}
+			select {
+			case w.ch <- ev:
+			default:
+				delete(t.watchers, w)
+				close(w.ch)
+			}
+		}
+	}
+}
+
+// lookup returns the live versions of a service, sorted by version.
+func (t *table) lookup(name string, now time.Time) ([]Service, error) {
+	t.mu.RLock()
+	var recs []record
+	for _, r := range t.recs {
+		if r.Service == name && !r.expired(now) {
+			recs = append(recs, r)
+		}
+	}
+	t.mu.RUnlock()
+	if len(recs) == 0 {
+		return nil, errNotFound
+	}
+	return assemble(recs), nil
+}
+
+// list returns every live service version.
+func (t *table) list(now time.Time) []Service {
+	t.mu.RLock()
+	recs := make([]record, 0, len(t.recs))
+	for _, r := range t.recs {
+		if !r.expired(now) {
+			recs = append(recs, r)
+		}
+	}
+	t.mu.RUnlock()
+	out := assemble(recs)
+	if out == nil {
+		out = []Service{}
+	}
+	return out
+}
+
+// snapshot returns a copy of every record, expired or not.
+func (t *table) snapshot() []record {
+	t.mu.RLock()
+	defer t.mu.RUnlock()
+	out := make([]record, 0, len(t.recs))
+	for _, r := range t.recs {
+		out = append(out, r)
+	}
+	return out
+}
+
+// watch subscribes to changes of one service ("" for all). The caller must
+// call unwatch when done.
+func (t *table) watch(service string) *watcher {
+	w := &watcher{service: service, ch: make(chan Event, watchQueue)}
+	t.mu.Lock()
+	t.watchers[w] = struct{}{}
+	t.mu.Unlock()
+	return w
+}
+
+func (t *table) unwatch(w *watcher) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if _, ok := t.watchers[w]; ok {
+		delete(t.watchers, w)
+		close(w.ch)
+	}
+}
+
+// backend synchronises the table with the world. register and deregister
+// act on the backend's store and then on the table, so that a registration
+// is visible locally as soon as they return.
+type backend interface {
+	register(s Service, ttl time.Duration) error
+	deregister(s Service) error
+	// status says whether the backend is working, for /health.
+	status() error
+	close() error
+}
+
+// memoryBackend keeps the registry in this sidecar alone.
+type memoryBackend struct {
+	t   *table
+	now func() time.Time
+}
+
+func (m *memoryBackend) register(s Service, ttl time.Duration) error {
+	return m.t.upsert(recordsOf(s, expiry(m.now(), ttl))...)
+}
+
+func (m *memoryBackend) deregister(s Service) error {
+	m.t.remove(keysOf(s)...)
+	return nil
+}
+
+func (m *memoryBackend) status() error { return nil }
+func (m *memoryBackend) close() error  { return nil }
+
+func keysOf(s Service) []string {
+	keys := make([]string, 0, len(s.Nodes))
+	for _, r := range recordsOf(s, time.Time{}) {
+		keys = append(keys, r.key())
+	}
+	return keys
+}
+
+// expiry is when a registration made at now with ttl runs out; a zero ttl
+// never does.
+func expiry(now time.Time, ttl time.Duration) time.Time {
+	if ttl <= 0 {
+		return time.Time{}
+	}
+	return now.Add(ttl)
+}
+
+// parseTTL reads the ?ttl= of a registration: a Go duration ("30s") or a
+// number of seconds, from 1s to a day.
+func parseTTL(q url.Values) (time.Duration, error) {
+	s := q.Get("ttl")
+	if s == "" {
+		return 0, nil
+	}
+	d, err := time.ParseDuration(s)
+	if err != nil {
+		n, nerr := strconv.Atoi(s)
+		if nerr != nil {
+			return 0, fmt.Errorf("ttl %q: want a duration such as 30s or a number of seconds", truncate(s, 32))
+		}
+		d = time.Duration(n) * time.Second
+	}
+	if d < time.Second || d > 24*time.Hour {
+		return 0, fmt.Errorf("ttl %q: must be between 1s and 24h", truncate(s, 32))
+	}
+	return d, nil
+}
+
+// registry is what the rest of the sidecar uses: the table for lookups, the
+// backend for changes, and the registrations this sidecar owns. An owned
+// registration (the app's own, or one posted without a ttl) lives as long as
+// the sidecar: it is refreshed before its TTL runs out and removed on
+// shutdown, so a crashed sidecar's entries expire everywhere.
+type registry struct {
+	name    string // backend name, for /health and logs
+	table   *table
+	backend backend
+	ttl     time.Duration // TTL of owned registrations
+	now     func() time.Time
+
+	mu    sync.Mutex         // guards owned
+	owned map[string]Service // by record key, one node each
+}
+
+// maxOwned bounds the registrations one sidecar refreshes for its clients.
+const maxOwned = 4096
+
+// Register adds s. With ttl 0 the sidecar owns it and keeps it alive; with a
+// ttl it expires unless registered again in time.
+func (r *registry) Register(s Service, ttl time.Duration) error {
+	r.mu.Lock()
+	for _, n := range s.Nodes {
+		one := Service{Name: s.Name, Version: s.Version, Metadata: s.Metadata, Nodes: []Node{n}}
+		k := recordsOf(one, time.Time{})[0].key()
+		if ttl > 0 {
+			delete(r.owned, k)
+			continue
+		}
+		if _, ok := r.owned[k]; !ok && len(r.owned) >= maxOwned {
+			r.mu.Unlock()
+			return fmt.Errorf("%w: this sidecar already keeps %d registrations alive; pass ?ttl= to register without it", errTableFull, maxOwned)
+		}
+		r.owned[k] = one
+	}
+	r.mu.Unlock()
+	if ttl == 0 {
+		ttl = r.ttl
+	}
+	return r.backend.register(s, ttl)
+}
+
+// Deregister removes s's nodes.
+func (r *registry) Deregister(s Service) error {
+	r.mu.Lock()
+	for _, k := range keysOf(s) {
+		delete(r.owned, k)
+	}
+	r.mu.Unlock()
+	return r.backend.deregister(s)
+}
+
+// GetService returns the live versions of a service.
+func (r *registry) GetService(name string) ([]Service, error) { return r.table.lookup(name, r.now()) }
+
+// ListServices returns every live service version.
+func (r *registry) ListServices() []Service { return r.table.list(r.now()) }
+
+// refresh re-registers every owned entry with a fresh TTL. It is the step of
+// refreshLoop; tests call it directly.
+func (r *registry) refresh() error {
+	r.mu.Lock()
+	owned := make([]Service, 0, len(r.owned))
+	for _, s := range r.owned {
+		owned = append(owned, s)
+	}
+	r.mu.Unlock()
+	var errs []error
+	for _, s := range owned {
+		if err := r.backend.register(s, r.ttl); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	r.table.sweep(r.now())
+	return errors.Join(errs...)
+}
+
+// refreshLoop calls refresh every interval until ctx ends.
+func (r *registry) refreshLoop(ctx context.Context, interval time.Duration, log *slog.Logger) {
+	tick := time.NewTicker(interval)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick.C:
+			if err := r.refresh(); err != nil {
+				log.Warn("refreshing registrations failed; retrying next interval", "error", err)
+			}
+		}
+	}
+}
+
+// deregisterOwned removes every registration this sidecar keeps alive, at
+// shutdown.
+func (r *registry) deregisterOwned() error {
+	r.mu.Lock()
+	owned := make([]Service, 0, len(r.owned))
+	for _, s := range r.owned {
+		owned = append(owned, s)
+	}
+	r.owned = map[string]Service{}
+	r.mu.Unlock()
+	var errs []error
+	for _, s := range owned {
+		if err := r.backend.deregister(s); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}

@@ -1,0 +1,218 @@
+package main
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"strings"
+	"sync"
+	"time"
+
+	"golang.org/x/net/websocket"
+)
+
+// handleRegistry serves /registry:
+//
+//	GET    /registry                      every service version
+//	GET    /registry?service=X[&version=V] one service, in the seed's shape
+//	GET    /registry?watch=1[&service=X]   (WebSocket) a stream of changes
+//	POST   /registry[?ttl=30s]             register the service in the body
+//	DELETE /registry                       deregister the nodes in the body
+func (s *sidecar) handleRegistry(w http.ResponseWriter, r *http.Request) {
+	switch r.Method {
+	case http.MethodGet, http.MethodHead:
+		q := r.URL.Query()
+		switch {
+		case q.Get("watch") != "":
+			s.handleWatch(w, r)
+		case q.Has("service"):
+			s.getService(w, q.Get("service"), q.Get("version"))
+		default:
+			writeJSON(w, http.StatusOK, s.reg.ListServices())
+		}
+	case http.MethodPost, http.MethodPut:
+		s.postService(w, r)
+	case http.MethodDelete:
+		s.deleteService(w, r)
+	default:
+		allowMethods(w, r, http.MethodGet, http.MethodHead, http.MethodPost, http.MethodPut, http.MethodDelete)
+	}
+}
+
+func (s *sidecar) getService(w http.ResponseWriter, name, version string) {
+	if name == "" {
+		writeError(w, http.StatusBadRequest, "service is empty; use /registry?service=NAME, or /registry for all")
+		return
+	}
+	versions, err := s.reg.GetService(name)
+	if err == nil && version != "" {
+		versions = filterVersion(versions, version)
+		if len(versions) == 0 {
+			err = errNotFound
+		}
+	}
+	if err != nil {
+		detail := "service " + truncate(name, 128) + " not found"
+		if version != "" {
+			detail = "service " + truncate(name, 128) + " version " + truncate(version, 64) + " not found"
+		}
+		writeError(w, http.StatusNotFound, detail)
+		return
+	}
+	writeJSON(w, http.StatusOK, merge(versions))
+}
+
+func filterVersion(versions []Service, version string) []Service {
+	for _, v := range versions {
+		if v.Version == version {
+			return []Service{v}
+		}
+	}
+	return nil
+}
+
+func (s *sidecar) postService(w http.ResponseWriter, r *http.Request) {
+	ttl, err := parseTTL(r.URL.Query())
+	if err != nil {
+		writeError(w, http.StatusBadRequest, err.Error())
+		return
+	}
+	body, ok := readBody(w, r, s.cfg.MaxBodyBytes)
+	if !ok {
+		return
+	}
+	svc, err := decodeService(body)
+	if err != nil {
+		writeError(w, http.StatusBadRequest, err.Error())
+		return
+	}
+	if len(svc.Nodes) == 0 {
+		writeError(w, http.StatusBadRequest, "nodes: at least one node is required")
+		return
+	}
+	if err := s.reg.Register(svc, ttl); err != nil {
+		writeRegistryError(w, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, svc)
+}
+
+func (s *sidecar) deleteService(w http.ResponseWriter, r *http.Request) {
+	body, ok := readBody(w, r, s.cfg.MaxBodyBytes)
+	if !ok {
+		return
+	}
+	svc, err := decodeDeregistration(body)
+	if err != nil {
+		writeError(w, http.StatusBadRequest, err.Error())
+		return
+	}
+	if err := s.reg.Deregister(svc); err != nil {
+		writeRegistryError(w, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, svc)
+}
+
+// decodeDeregistration reads the body of a DELETE: the same service JSON as
+// a registration, but only the name, version and node ids matter.
+func decodeDeregistration(body []byte) (Service, error) {
+	var svc Service
+	if err := json.Unmarshal(body, &svc); err != nil {
+		return Service{}, fmt.Errorf("invalid service JSON: %w", err)
+	}
+	if svc.Name = strings.TrimSpace(svc.Name); svc.Name == "" {
+		return Service{}, errors.New("name is required")
+	}
+	if len(svc.Nodes) == 0 {
+		return Service{}, errors.New("nodes: give the ids of the nodes to deregister")
+	}
+	for i := range svc.Nodes {
+		if svc.Nodes[i].ID = strings.TrimSpace(svc.Nodes[i].ID); svc.Nodes[i].ID == "" {
+			return Service{}, fmt.Errorf("nodes[%d]: id is required", i)
+		}
+	}
+	return svc, nil
+}
+
+// writeRegistryError maps a registry failure to its status: a full registry
+// and a failing backend are both 503, with what to do in the detail.
+func writeRegistryError(w http.ResponseWriter, err error) {
+	writeError(w, http.StatusServiceUnavailable, err.Error())
+}
+
+// watchPingInterval keeps idle watch connections alive through proxies and
+// NATs that drop silent ones.
+const watchPingInterval = 30 * time.Second
+
+// handleWatch streams registry changes over a WebSocket: first a create
+// event for every live node, then every change as it happens. A watcher too
+// slow to keep up is closed with 1013 (try again later) and should reconnect.
+func (s *sidecar) handleWatch(w http.ResponseWriter, r *http.Request) {
+	if !isUpgrade(r) {
+		writeError(w, http.StatusBadRequest, "watch needs a WebSocket upgrade; connect with a WebSocket client to ws://HOST/registry?watch=1")
+		return
+	}
+	service := r.URL.Query().Get("service")
+	srv := wsServer(func(c *websocket.Conn) {
+		c.MaxPayloadBytes = 4 << 10 // watchers only send close frames
+		stop, gone := make(chan struct{}), make(chan struct{})
+		var once sync.Once
+		if !s.conns.add(c, func() { once.Do(func() { close(stop) }) }) {
+			writeClose(c, closeGoingAway, "sidecar shutting down")
+			return
+		}
+		defer s.conns.remove(c)
+		wt := s.reg.table.watch(service)
+		defer s.reg.table.unwatch(wt)
+		go func() { // the reader: notices the client leaving
+			io.Copy(io.Discard, c)
+			close(gone)
+		}()
+		s.streamWatch(c, wt, service, stop, gone)
+	})
+	srv.ServeHTTP(w, r)
+}
+
+// streamWatch is the watch connection's only writer.
+func (s *sidecar) streamWatch(c *websocket.Conn, wt *watcher, service string, stop, gone <-chan struct{}) {
+	send := func(ev Event) bool {
+		data, _ := json.Marshal(ev)
+		c.SetWriteDeadline(time.Now().Add(10 * time.Second))
+		_, err := c.Write(data)
+		return err == nil
+	}
+	for _, rec := range s.reg.table.snapshot() {
+		if (service == "" || rec.Service == service) && !rec.expired(time.Now()) {
+			if !send(eventOf("create", rec)) {
+				return
+			}
+		}
+	}
+	ping := time.NewTicker(watchPingInterval)
+	defer ping.Stop()
+	for {
+		select {
+		case <-gone:
+			return
+		case <-stop:
+			writeClose(c, closeGoingAway, "sidecar shutting down")
+			return
+		case ev, ok := <-wt.ch:
+			if !ok {
+				writeClose(c, closeTryAgainLater, "watcher fell behind; reconnect")
+				return
+			}
+			if !send(ev) {
+				return
+			}
+		case <-ping.C:
+			c.SetWriteDeadline(time.Now().Add(10 * time.Second))
+			if writeControl(c, websocket.PingFrame, nil) != nil {
+				return
+			}
+		}
+	}
+}
