@@ -108,8 +108,9 @@ type config struct {
 
 	Health healthConfig
 
-	Registry         string // memory or file
-	RegistryAddress  string // file path for the file registry
+	Registry         string     // memory, file or etcd
+	RegistryAddress  string     // file path for the file registry; etcd URLs for etcd
+	Etcd             etcdConfig // --registry=etcd; Endpoints filled by validate
 	RegisterTTL      time.Duration
 	RegisterInterval time.Duration
 	RegistryMaxNodes int
@@ -144,8 +145,14 @@ func parseSidecarFlags(args []string, out io.Writer, lookupEnv func(string) (str
 	fs.DurationVar(&cfg.Health.Timeout, "healthcheck_timeout", time.Second, "Time one health check may take before it counts as a failure.")
 	fs.IntVar(&cfg.Health.Failures, "healthcheck_failures", 3, "Consecutive failed checks that take a healthy app out of discovery.")
 	fs.IntVar(&cfg.Health.Successes, "healthcheck_successes", 1, "Consecutive passed checks that put an unhealthy app back into discovery.")
-	fs.StringVar(&cfg.Registry, "registry", "file", "Registry backend: file (one JSON file shared by the sidecars of a host) or memory (this sidecar alone).")
-	fs.StringVar(&cfg.RegistryAddress, "registry_address", "", "Registry location. For the file registry, the file's path; default $XDG_RUNTIME_DIR/micro/registry.json, else the user cache directory, else ./micro-registry.json.")
+	fs.StringVar(&cfg.Registry, "registry", "file", "Registry backend: file (one JSON file shared by the sidecars of a host), etcd (an etcd v3 cluster, for sidecars across hosts) or memory (this sidecar alone).")
+	fs.StringVar(&cfg.RegistryAddress, "registry_address", "", "Registry location. For the file registry, the file's path; default $XDG_RUNTIME_DIR/micro/registry.json, else the user cache directory, else ./micro-registry.json. For etcd, the cluster's client URLs, comma separated, tried in order; default http://127.0.0.1:2379.")
+	fs.StringVar(&cfg.Etcd.Prefix, "registry_prefix", defaultEtcdPrefix, "etcd key prefix under which every node is kept as <prefix><service>/<node id>. Sidecars that should see each other use the same prefix.")
+	fs.StringVar(&cfg.Etcd.CAFile, "registry_tls_ca", "", "PEM file of the CA that signed the etcd servers' certificates, for https:// etcd URLs. Default: the system's CAs.")
+	fs.StringVar(&cfg.Etcd.CertFile, "registry_tls_cert", "", "PEM client certificate presented to etcd (etcd's --client-cert-auth); needs --registry_tls_key.")
+	fs.StringVar(&cfg.Etcd.KeyFile, "registry_tls_key", "", "PEM key of --registry_tls_cert.")
+	fs.StringVar(&cfg.Etcd.Username, "registry_username", "", "etcd user to authenticate as, when etcd's authentication is enabled. Empty: none.")
+	fs.StringVar(&cfg.Etcd.Password, "registry_password", "", "Password of --registry_username. Prefer the MICRO_REGISTRY_PASSWORD variable: a flag shows in the process list.")
 	fs.DurationVar(&cfg.RegisterTTL, "register_ttl", 30*time.Second, "Time-to-live of this sidecar's registrations: if the sidecar dies, its entries vanish within this time.")
 	fs.DurationVar(&cfg.RegisterInterval, "register_interval", 0, "Time between refreshes of this sidecar's registrations. Default: a third of --register_ttl.")
 	fs.IntVar(&cfg.RegistryMaxNodes, "registry_max_nodes", 10000, "Most nodes the registry holds; registrations beyond it are refused with 503.")
@@ -238,8 +245,12 @@ func (c *config) validate() error {
 		if c.RegistryAddress == "" {
 			c.RegistryAddress = defaultRegistryPath()
 		}
+	case "etcd":
+		if err := c.validateEtcd(); err != nil {
+			return err
+		}
 	default:
-		return fmt.Errorf("--registry %q: want file or memory", c.Registry)
+		return fmt.Errorf("--registry %q: want file, etcd or memory", c.Registry)
 	}
 	if c.RegisterTTL < time.Second {
 		return errors.New("--register_ttl must be at least 1s")
@@ -337,6 +348,12 @@ func newSidecar(ctx context.Context, cfg config, log *slog.Logger) (*sidecar, er
 			return nil, err
 		}
 		b = fb
+	case "etcd":
+		eb, err := newEtcdBackend(ctx, cfg.Etcd, t, log)
+		if err != nil {
+			return nil, err
+		}
+		b = eb
 	}
 	s := &sidecar{
 		cfg:     cfg,
