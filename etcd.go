@@ -437,10 +437,10 @@ func (b *etcdBackend) status() error {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	if b.watchErr != nil {
-		return fmt.Errorf("etcd unreachable, serving the last known registry: %w", b.watchErr)
+		return fmt.Errorf("etcd registry not synchronised, serving the last known registry: %w", b.watchErr)
 	}
 	if b.reqErr != nil {
-		return fmt.Errorf("etcd unreachable, serving the last known registry: %w", b.reqErr)
+		return fmt.Errorf("etcd registry not synchronised, serving the last known registry: %w", b.reqErr)
 	}
 	return nil
 }
