@@ -6,9 +6,16 @@ package main
 
 import (
 	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
+	"crypto/x509/pkix"
 	"encoding/base64"
 	"encoding/json"
+	"encoding/pem"
 	"fmt"
+	"math/big"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -62,6 +69,7 @@ type etcdMember struct {
 	cluster    string // --initial-cluster
 	token      string
 	extraFlags []string
+	hc         *http.Client // for https members; nil: http.DefaultClient
 
 	mu   sync.Mutex // guards cmd, done, log
 	cmd  *exec.Cmd
@@ -73,8 +81,7 @@ type etcdMember struct {
 // them with startAll.
 func newEtcdCluster(t *testing.T, n int, extraFlags ...string) []*etcdMember {
 	t.Helper()
-	bin := etcdBin(t)
-	_ = bin
+	etcdBin(t)
 	var ms []*etcdMember
 	var parts []string
 	token := fmt.Sprintf("micro-test-%d", time.Now().UnixNano())
@@ -178,16 +185,13 @@ func (m *etcdMember) waitHealthy() {
 	})
 }
 
-// httpClient talks to the member; TLS tests replace it.
+// httpClient talks to the member.
 func (m *etcdMember) httpClient() *http.Client {
-	if strings.HasPrefix(m.client, "https") {
-		return testTLSClient
+	if m.hc != nil {
+		return m.hc
 	}
 	return http.DefaultClient
 }
-
-// testTLSClient is set by the TLS test to a client that trusts its CA.
-var testTLSClient *http.Client
 
 // stop ends the member with sig and waits.
 func (m *etcdMember) stop(sig syscall.Signal) {
@@ -714,4 +718,93 @@ func TestEtcdFigures(t *testing.T) {
 	perMin := float64(total) / time.Since(start).Minutes()
 	t.Logf("FIGURE idle sidecar with one app, defaults: %d requests in %v = %.1f requests/minute (%s); the watch is one long-lived request opened at start",
 		total, time.Since(start).Round(time.Second), perMin, strings.Join(parts, " "))
+}
+
+// testPKI writes a CA, a server certificate for 127.0.0.1 and a client
+// certificate, PEM, into dir.
+func testPKI(t *testing.T, dir string) (ca, serverCert, serverKey, clientCert, clientKey string) {
+	t.Helper()
+	caKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	caTmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "micro test CA"},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
+		IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign | x509.KeyUsageDigitalSignature,
+	}
+	caDER, err := x509.CreateCertificate(rand.Reader, caTmpl, caTmpl, &caKey.PublicKey, caKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	caCert, _ := x509.ParseCertificate(caDER)
+	write := func(name, typ string, der []byte) string {
+		path := filepath.Join(dir, name)
+		if err := os.WriteFile(path, pem.EncodeToMemory(&pem.Block{Type: typ, Bytes: der}), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		return path
+	}
+	leaf := func(serial int64, cn string, usage ...x509.ExtKeyUsage) (string, string) {
+		key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+		if err != nil {
+			t.Fatal(err)
+		}
+		tmpl := &x509.Certificate{
+			SerialNumber: big.NewInt(serial), Subject: pkix.Name{CommonName: cn},
+			NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
+			KeyUsage: x509.KeyUsageDigitalSignature, ExtKeyUsage: usage,
+			IPAddresses: []net.IP{net.ParseIP("127.0.0.1")},
+		}
+		der, err := x509.CreateCertificate(rand.Reader, tmpl, caCert, &key.PublicKey, caKey)
+		if err != nil {
+			t.Fatal(err)
+		}
+		kder, err := x509.MarshalECPrivateKey(key)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return write(cn+".pem", "CERTIFICATE", der), write(cn+"-key.pem", "EC PRIVATE KEY", kder)
+	}
+	ca = write("ca.pem", "CERTIFICATE", caDER)
+	// etcd's gateway dials etcd's own gRPC server with the server
+	// certificate, so under --client-cert-auth it must be good for client
+	// authentication too.
+	serverCert, serverKey = leaf(2, "server", x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth)
+	clientCert, clientKey = leaf(3, "client", x509.ExtKeyUsageClientAuth)
+	return
+}
+
+// TestEtcdTLS: etcd serving https and wanting client certificates; a
+// sidecar with --registry_tls_* registers and discovers, one without the
+// client certificate says so in /health.
+func TestEtcdTLS(t *testing.T) {
+	etcdBin(t)
+	ca, sc, sk, cc, ck := testPKI(t, t.TempDir())
+	m := newEtcdCluster(t, 1, "--cert-file", sc, "--key-file", sk, "--trusted-ca-file", ca, "--client-cert-auth")[0]
+	tlsCfg, err := etcdTLSConfig(ca, cc, ck)
+	if err != nil {
+		t.Fatal(err)
+	}
+	m.hc = &http.Client{Transport: &http.Transport{TLSClientConfig: tlsCfg}}
+	m.start("new")
+	m.waitHealthy()
+
+	args := etcdSidecarArgs(m.client, "--registry_tls_ca="+ca, "--registry_tls_cert="+cc, "--registry_tls_key="+ck)
+	p := startSidecar(t, append(args, "--server_name=secure", "--server_address=127.0.0.1:9000")...)
+	q := startSidecar(t, args...)
+	id := appID(t, p)
+	waitFor(t, 5*time.Second, "the app over TLS on another sidecar", func() bool { return hasNode(lookup(t, q, "secure"), id) })
+	waitSidecarHealthy(t, q, 5*time.Second)
+	if got := m.keys(t, "/micro/registry/"); len(got) != 1 {
+		t.Errorf("keys over TLS: %v; want the app's", got)
+	}
+
+	nocert := startSidecar(t, etcdSidecarArgs(m.client, "--registry_tls_ca="+ca)...)
+	if c, msg := healthOf(t, nocert); c != 503 || !strings.Contains(msg, "etcd") {
+		t.Errorf("without a client certificate: /health %d %q; want 503 naming etcd", c, msg)
+	}
+	if code, out := run(t, "sidecar", "--registry=etcd", "--registry_address=http://127.0.0.1:2379", "--registry_tls_ca="+ca); code != 2 || !strings.Contains(out, "use https:// etcd URLs") {
+		t.Errorf("TLS flags with http:// URLs: exit %d, %q; want 2 naming the fix", code, out)
+	}
 }
