@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"net/netip"
 	"net/url"
 	"sort"
 	"strconv"
@@ -144,7 +145,10 @@ func splitAddress(address string, port int) (string, int, error) {
 		address, port = h, pn
 	}
 	address = strings.TrimSuffix(strings.TrimPrefix(address, "["), "]")
-	if address == "" || len(address) > maxNameLen || strings.ContainsAny(address, " /\x00[]") {
+	if address == "" || len(address) > maxNameLen || !validName(address) || strings.ContainsAny(address, "[]") {
+		return "", 0, fmt.Errorf("address %q is not a host name or IP address", truncate(address, 64))
+	}
+	if _, err := netip.ParseAddr(address); strings.Contains(address, ":") && err != nil {
 		return "", 0, fmt.Errorf("address %q is not a host name or IP address", truncate(address, 64))
 	}
 	if port < 1 || port > 65535 {
