@@ -259,3 +259,37 @@ func mustJSON(t *testing.T, v any) []byte {
 	}
 	return data
 }
+
+// BenchmarkFileRegistryPropagation measures the time from a registration
+// through one file backend to its visibility in another's table, as between
+// two sidecars sharing a file.
+func BenchmarkFileRegistryPropagation(b *testing.B) {
+	path := filepath.Join(b.TempDir(), "registry.json")
+	log := slog.New(slog.NewTextHandler(io.Discard, nil))
+	writer, err := newFileBackend(b.Context(), path, newTable(0), log)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer writer.close()
+	reader, err := newFileBackend(b.Context(), path, newTable(0), log)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer reader.close()
+	var worst time.Duration
+	i := 0
+	for b.Loop() {
+		i++
+		name := fmt.Sprintf("svc%d", i)
+		start := time.Now()
+		writer.register(Service{Name: name, Nodes: []Node{{ID: "1", Address: "h", Port: 1}}}, time.Minute)
+		for {
+			if _, err := reader.t.lookup(name, time.Now()); err == nil {
+				break
+			}
+			time.Sleep(time.Millisecond)
+		}
+		worst = max(worst, time.Since(start))
+	}
+	b.ReportMetric(float64(worst.Microseconds())/1000, "worst-ms")
+}
