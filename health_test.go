@@ -71,7 +71,7 @@ func TestCheckStep(t *testing.T) {
 	defer app.Close()
 	var changes []bool
 	h := newHealthChecker(healthConfig{URL: app.URL, Interval: time.Hour, Timeout: time.Second, Failures: 2, Successes: 1},
-		slog.New(slog.NewTextHandler(io.Discard, nil)), func(p bool) { changes = append(changes, p) })
+		slog.New(slog.NewTextHandler(io.Discard, nil)), nil, func(p bool) { changes = append(changes, p) })
 	ctx := context.Background()
 	h.check(ctx)
 	status = http.StatusServiceUnavailable

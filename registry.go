@@ -490,6 +490,19 @@ func (t *table) list(now time.Time) []Service {
 	return out
 }
 
+// serviceCount and nodeCount size the table, for metrics.
+func (t *table) serviceCount() int {
+	t.mu.RLock()
+	defer t.mu.RUnlock()
+	return len(t.services)
+}
+
+func (t *table) nodeCount() int {
+	t.mu.RLock()
+	defer t.mu.RUnlock()
+	return t.count
+}
+
 // snapshot returns a copy of every record, expired or not.
 func (t *table) snapshot() []record {
 	t.mu.RLock()
