@@ -239,3 +239,39 @@ func TestJSONLogs(t *testing.T) {
 		t.Errorf("want at least the listening and registering lines, got %d", n)
 	}
 }
+
+// TestInFlightLimit holds the only slot with a request whose body is still
+// coming, and checks the next request is refused at once, not queued.
+func TestInFlightLimit(t *testing.T) {
+	p := startSidecar(t, "--registry=memory", "--max_inflight=1")
+	c, err := net.Dial("tcp", p.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	body := `{"name":"slow","nodes":[{"id":"s1","address":"127.0.0.1","port":1}]}`
+	head := "POST /registry HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"
+	if _, err := c.Write([]byte(strings.Replace(head, "%d", itoa(int64(len(body))), 1) + body[:10])); err != nil {
+		t.Fatal(err)
+	}
+	var code int
+	var detail string
+	waitFor(t, 5*time.Second, "the second request to be refused", func() bool {
+		code, detail = do(t, "GET", p.url("/registry"), "", "")
+		return code == 503
+	})
+	if !strings.Contains(detail, "--max_inflight") {
+		t.Errorf("refusal detail: %s", detail)
+	}
+	if code, _ := do(t, "GET", p.url("/health"), "", ""); code != 200 {
+		t.Errorf("/health must stay reachable at the limit: %d", code)
+	}
+	c.Write([]byte(body[10:]))
+	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+	if err != nil || resp.StatusCode != 200 {
+		t.Fatalf("the slow request: %v %v", resp, err)
+	}
+	if code, _ := do(t, "GET", p.url("/registry"), "", ""); code != 200 {
+		t.Errorf("after the slot frees: %d; want 200", code)
+	}
+}

@@ -251,3 +251,25 @@ func bearerToken(r *http.Request) (string, bool) {
 	}
 	return "", false
 }
+
+// limitInFlight bounds the requests being served at once, WebSockets aside
+// (they are long-lived and bounded by their own limits). Past the bound a
+// request is refused at once with 503 and Retry-After rather than queued, so
+// a flood cannot pile up goroutines and memory.
+func limitInFlight(max int, next http.Handler) http.Handler {
+	slots := make(chan struct{}, max)
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if isUpgrade(r) || r.URL.Path == "/health" {
+			next.ServeHTTP(w, r)
+			return
+		}
+		select {
+		case slots <- struct{}{}:
+			defer func() { <-slots }()
+			next.ServeHTTP(w, r)
+		default:
+			w.Header().Set("Retry-After", "1")
+			writeError(w, http.StatusServiceUnavailable, "too many requests in flight ("+strconv.Itoa(max)+", --max_inflight); retry shortly")
+		}
+	})
+}

@@ -120,6 +120,7 @@ type config struct {
 	ReadHeaderTimeout  time.Duration
 	IdleTimeout        time.Duration
 	CORSAllowedOrigins []string
+	MaxInFlight        int
 	AuthToken          string // empty: no token required
 	TLSCertFile        string
 	TLSKeyFile         string
@@ -157,6 +158,7 @@ func parseSidecarFlags(args []string, out io.Writer, lookupEnv func(string) (str
 	fs.IntVar(&cfg.RegistryMaxNodes, "registry_max_nodes", 10000, "Most nodes the registry holds; registrations beyond it are refused with 503.")
 	fs.Int64Var(&cfg.MaxBodyBytes, "max_body_bytes", 1<<20, "Largest request body accepted, in bytes; larger ones are refused with 413.")
 	fs.DurationVar(&cfg.ShutdownTimeout, "shutdown_timeout", 10*time.Second, "Time allowed on SIGINT or SIGTERM for in-flight requests to finish.")
+	fs.IntVar(&cfg.MaxInFlight, "max_inflight", 1024, "Most requests served at once (WebSockets and /health aside); more are refused with 503 and Retry-After.")
 	fs.DurationVar(&cfg.ReadHeaderTimeout, "read_header_timeout", 10*time.Second, "Time a client may take to send a request's headers; slower connections are closed.")
 	fs.DurationVar(&cfg.IdleTimeout, "idle_timeout", 120*time.Second, "Time an idle keep-alive connection is kept open.")
 	fs.StringVar(&cfg.AuthToken, "auth_token", "", "Token every request but /health must carry as Authorization: Bearer TOKEN (WebSockets may pass ?access_token=TOKEN). Empty: no token. Prefer MICRO_AUTH_TOKEN, which does not show in the process list.")
@@ -272,8 +274,8 @@ func (c *config) validate() error {
 	if c.ReadHeaderTimeout <= 0 || c.IdleTimeout <= 0 {
 		return errors.New("--read_header_timeout and --idle_timeout must be positive")
 	}
-	if c.RegistryMaxNodes < 1 || c.MaxBodyBytes < 1 {
-		return errors.New("--registry_max_nodes and --max_body_bytes must be positive")
+	if c.RegistryMaxNodes < 1 || c.MaxBodyBytes < 1 || c.MaxInFlight < 1 {
+		return errors.New("--registry_max_nodes, --max_body_bytes and --max_inflight must be positive")
 	}
 	if c.LogFormat != "text" && c.LogFormat != "json" {
 		return fmt.Errorf("--log_format %q: want text or json", c.LogFormat)
@@ -478,7 +480,7 @@ func (s *sidecar) routes() http.Handler {
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusNotFound, "no endpoint at "+truncate(r.URL.Path, 128)+"; see /registry, /health, /metrics")
 	})
-	return s.metrics.instrument(s.guard(s.authenticate(mux)))
+	return s.metrics.instrument(limitInFlight(s.cfg.MaxInFlight, s.guard(s.authenticate(mux))))
 }
 
 // handleHealth reports the sidecar and the app: 200 when all is well, 503
