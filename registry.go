@@ -680,10 +680,13 @@ func (r *registry) refresh() error {
 	return errors.Join(errs...)
 }
 
-// refreshLoop calls refresh every interval until ctx ends.
+// refreshLoop calls refresh every interval until ctx ends, and sweeps
+// expired entries every second so that watchers hear of them promptly.
 func (r *registry) refreshLoop(ctx context.Context, interval time.Duration, log *slog.Logger) {
 	tick := time.NewTicker(interval)
 	defer tick.Stop()
+	sweep := time.NewTicker(time.Second)
+	defer sweep.Stop()
 	for {
 		select {
 		case <-ctx.Done():
@@ -692,6 +695,8 @@ func (r *registry) refreshLoop(ctx context.Context, interval time.Duration, log 
 			if err := r.refresh(); err != nil {
 				log.Warn("refreshing registrations failed; retrying next interval", "error", err)
 			}
+		case <-sweep.C:
+			r.table.sweep(r.now())
 		}
 	}
 }
