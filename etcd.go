@@ -201,7 +201,7 @@ func prefixEnd(prefix string) []byte {
 // etcdChange is the net effect of a batch of watch events on the table.
 type etcdChange struct {
 	upserts []record
-	removes []string          // table keys
+	removes []record          // service and node id only: what the table's remove needs
 	bad     map[string]string // etcd key -> reason, for entries skipped
 	good    []string          // etcd keys that are now fine (or gone)
 	deleted map[string]int64  // etcd key -> revision of its deletion
@@ -214,7 +214,7 @@ type etcdChange struct {
 func watchChanges(prefix string, events []etcdEvent) etcdChange {
 	ch := etcdChange{bad: map[string]string{}, deleted: map[string]int64{}}
 	type final struct {
-		rec     record
+		rec     record // the record, or just its service and node id when absent
 		present bool
 	}
 	last := map[string]final{} // by table key
@@ -231,13 +231,14 @@ func watchChanges(prefix string, events []etcdEvent) etcdChange {
 			ch.lastRev = int64(ev.KV.ModRevision)
 		}
 		svc, id, inLayout := parseEtcdKey(prefix, key)
-		tkey := svc + "\x00" + id
+		gone := record{Service: svc, Node: Node{ID: id}}
+		tkey := gone.key()
 		if ev.Type == "DELETE" {
 			ch.deleted[key] = int64(ev.KV.ModRevision)
 			delete(ch.bad, key)
 			ch.good = append(ch.good, key)
 			if inLayout {
-				set(tkey, final{})
+				set(tkey, final{rec: gone})
 			}
 			continue
 		}
@@ -245,7 +246,7 @@ func watchChanges(prefix string, events []etcdEvent) etcdChange {
 		if err != nil {
 			ch.bad[key] = err.Error()
 			if inLayout {
-				set(tkey, final{})
+				set(tkey, final{rec: gone})
 			}
 			continue
 		}
@@ -257,7 +258,7 @@ func watchChanges(prefix string, events []etcdEvent) etcdChange {
 		if f := last[k]; f.present {
 			ch.upserts = append(ch.upserts, f.rec)
 		} else {
-			ch.removes = append(ch.removes, k)
+			ch.removes = append(ch.removes, f.rec)
 		}
 	}
 	return ch
@@ -406,7 +407,7 @@ func (b *etcdBackend) deregister(s Service) error {
 	}
 	// The local table follows at once even when etcd is unreachable: the
 	// node is going, and its lease will run out in etcd.
-	b.t.remove(keysOf(s)...)
+	b.t.remove(recordsOf(s, time.Time{})...)
 	return b.noteReq(errors.Join(errs...))
 }
 

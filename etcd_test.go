@@ -173,7 +173,11 @@ func TestWatchChanges(t *testing.T) {
 	if got := strings.Join(ups, " "); got != "a/a1:2 e/e1:3" {
 		t.Errorf("upserts: %s; want a/a1:2 e/e1:3", got)
 	}
-	if got := strings.ReplaceAll(strings.Join(ch.removes, " "), "\x00", "/"); got != "b/b1 c/c1 d/d1" {
+	var rms []string
+	for _, r := range ch.removes {
+		rms = append(rms, r.Service+"/"+r.Node.ID)
+	}
+	if got := strings.Join(rms, " "); got != "b/b1 c/c1 d/d1" {
 		t.Errorf("removes: %s; want b/b1 c/c1 d/d1", got)
 	}
 	if len(ch.bad) != 2 || ch.bad[prefix+"d/d1"] == "" || ch.bad[prefix+"x/y/z"] == "" {
