@@ -98,7 +98,8 @@ func buildVersion() string {
 // config is everything the sidecar needs, built once from flags and
 // environment in main and passed down; nothing below reads a flag.
 type config struct {
-	Address string // where the sidecar's API listens
+	Address          string // where the sidecar's API listens
+	AdvertiseAddress string // where peers reach the API; default: see resolveAdvertise
 
 	ServerName     string // the app's service name; empty: no app
 	ServerAddress  string // the app's host:port
@@ -120,6 +121,8 @@ type config struct {
 
 	LogFormat string
 	LogLevel  slog.Level
+
+	Broker brokerConfig
 }
 
 // parseSidecarFlags builds the config from args and the MICRO_*
@@ -152,6 +155,13 @@ func parseSidecarFlags(args []string, out io.Writer, lookupEnv func(string) (str
 	fs.Int64Var(&cfg.MaxBodyBytes, "max_body_bytes", 1<<20, "Largest request body accepted, in bytes; larger ones are refused with 413.")
 	fs.DurationVar(&cfg.ShutdownTimeout, "shutdown_timeout", 10*time.Second, "Time allowed on SIGINT or SIGTERM for in-flight requests to finish.")
 	fs.StringVar(&origins, "cors_allowed_origins", "", "Browser origins allowed to call the sidecar, comma separated (e.g. http://localhost:3000), or * for any. Requests from other origins are refused on state-changing endpoints and WebSocket upgrades.")
+	fs.StringVar(&cfg.AdvertiseAddress, "advertise_address", "", "Address other sidecars reach this sidecar's API at, host or host:port (the port defaults to the bound one); used for delivering broker messages between sidecars. Default: the --address bound when its host is specific; when it listens on every interface, the host of --server_address if set, else this machine's first non-loopback interface address.")
+	fs.IntVar(&cfg.Broker.MaxPayloadBytes, "broker_max_payload_bytes", defaultMaxPayloadBytes, "Largest broker message, a WebSocket frame or a POST body, in bytes. Larger frames close the connection with 1009; larger bodies are refused with 413.")
+	fs.IntVar(&cfg.Broker.QueueSize, "broker_queue_size", defaultQueueSize, "Messages a broker subscriber may have waiting. A subscriber that falls further behind is closed with 1013 (slow subscriber) and loses what waited.")
+	fs.IntVar(&cfg.Broker.QueueBytes, "broker_queue_bytes", defaultQueueBytes, "Bytes a broker subscriber may have waiting; the same policy as --broker_queue_size.")
+	fs.DurationVar(&cfg.Broker.PingInterval, "broker_ping_interval", defaultPingInterval, "Time between pings to a quiet broker connection. A connection silent for three intervals is closed as dead.")
+	fs.IntVar(&cfg.Broker.MaxTopics, "broker_max_topics", defaultMaxTopics, "Most topics with subscribers on this sidecar; more are refused with 503.")
+	fs.IntVar(&cfg.Broker.MaxSubscribers, "broker_max_subscribers", defaultMaxSubscribers, "Most broker WebSocket connections on this sidecar; more are refused with 503.")
 	fs.StringVar(&cfg.LogFormat, "log_format", "text", "Log format: text or json.")
 	fs.StringVar(&level, "log_level", "info", "Log level: debug, info, warn or error.")
 	fs.Usage = func() {
@@ -253,6 +263,12 @@ func (c *config) validate() error {
 	if c.RegistryMaxNodes < 1 || c.MaxBodyBytes < 1 {
 		return errors.New("--registry_max_nodes and --max_body_bytes must be positive")
 	}
+	if err := checkAdvertise(c.AdvertiseAddress); err != nil {
+		return err
+	}
+	if err := c.Broker.validate(); err != nil {
+		return err
+	}
 	if c.LogFormat != "text" && c.LogFormat != "json" {
 		return fmt.Errorf("--log_format %q: want text or json", c.LogFormat)
 	}
@@ -321,6 +337,7 @@ type sidecar struct {
 	reg     *registry
 	health  *healthChecker // nil without --healthcheck_url
 	conns   *connSet
+	broker  *broker
 	started time.Time
 }
 
@@ -345,6 +362,7 @@ func newSidecar(ctx context.Context, cfg config, log *slog.Logger) (*sidecar, er
 		conns:   newConnSet(),
 		started: time.Now(),
 	}
+	s.broker = newBroker(cfg.Broker, s.reg, s.conns, log)
 	return s, nil
 }
 
@@ -369,9 +387,10 @@ func runSidecar(ctx context.Context, cfg config, logOut io.Writer) error {
 		MaxHeaderBytes:    64 << 10,
 		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
 	}
+	s.broker.advertise = resolveAdvertise(cfg.AdvertiseAddress, ln.Addr().(*net.TCPAddr), cfg.ServerAddress, interfaceAddrs())
 	serveErr := make(chan error, 1)
 	go func() { serveErr <- srv.Serve(ln) }()
-	log.Info("Listening on "+ln.Addr().String(), "address", ln.Addr().String(), "registry", cfg.Registry, "registry_address", cfg.RegistryAddress, "version", buildVersion())
+	log.Info("Listening on "+ln.Addr().String(), "address", ln.Addr().String(), "advertise_address", s.broker.advertise, "registry", cfg.Registry, "registry_address", cfg.RegistryAddress, "version", buildVersion())
 
 	bg, stopBG := context.WithCancel(ctx)
 	var bgDone []chan struct{}
@@ -381,6 +400,8 @@ func runSidecar(ctx context.Context, cfg config, logOut io.Writer) error {
 		go func() { defer close(done); f() }()
 	}
 	goBG(func() { s.reg.refreshLoop(bg, cfg.RegisterInterval, log) })
+	goBG(func() { s.broker.run(bg) })
+	goBG(func() { s.broker.fwd.watch(bg) })
 	if cfg.ServerName != "" {
 		s.startApp(bg, goBG)
 	}
@@ -406,6 +427,7 @@ func runSidecar(ctx context.Context, cfg config, logOut io.Writer) error {
 	if err := srv.Shutdown(sctx); err != nil {
 		log.Warn("in-flight requests did not finish in time", "error", err)
 	}
+	s.broker.close(sctx)
 	s.reg.backend.close()
 	log.Info("Stopped")
 	return nil
@@ -444,8 +466,10 @@ func (s *sidecar) routes() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("/registry", s.handleRegistry)
 	mux.HandleFunc("/health", s.handleHealth)
+	mux.HandleFunc("/broker", s.broker.handle)
+	mux.HandleFunc("/broker/stats", s.broker.handleStats)
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
-		writeError(w, http.StatusNotFound, "no endpoint at "+truncate(r.URL.Path, 128)+"; see /registry, /health")
+		writeError(w, http.StatusNotFound, "no endpoint at "+truncate(r.URL.Path, 128)+"; see /registry, /health, /broker")
 	})
 	return s.guard(mux)
 }
