@@ -642,7 +642,8 @@ type subscriber struct {
 	queue  string
 	remote string
 	ws     *websocket.Conn
-	conn   net.Conn // the raw connection, for batched writes
+	conn   net.Conn     // the raw connection, for batched writes
+	rw     *readWatcher // conn as the library reads it
 
 	wmu sync.Mutex // guards writes to conn: the writer's batches, the library's pongs
 

@@ -131,8 +131,10 @@ var frameCodec = websocket.Codec{
 	},
 }
 
-// serveConn runs one subscriber connection: this goroutine reads and
-// publishes; the subscriber's writer writes.
+// serveConn sets up one subscriber connection and hands it to its own
+// reader goroutine, returning the HTTP server's goroutine: that one holds
+// the server's 4 KB read and write buffers and a deep stack, twice what the
+// rest of an idle subscriber costs.
 func (b *broker) serveConn(s *subscriber, c *websocket.Conn) {
 	c.MaxPayloadBytes = b.cfg.MaxPayloadBytes
 	s.ws = c
@@ -140,11 +142,20 @@ func (b *broker) serveConn(s *subscriber, c *websocket.Conn) {
 		writeClose(c, closeGoingAway, "sidecar shutting down")
 		return
 	}
-	defer b.conns.remove(c)
 	if err := b.subscribe(s); err != nil {
 		writeClose(c, closeTryAgainLater, err.Error())
+		b.conns.remove(c)
 		return
 	}
+	s.rw.keep = true // the library closes the connection when this returns; the reader owns it now
+	go b.readLoop(s, c)
+}
+
+// readLoop publishes every frame the client sends until the connection
+// ends; the subscriber's writer does all writing.
+func (b *broker) readLoop(s *subscriber, c *websocket.Conn) {
+	defer b.conns.remove(c)
+	defer s.conn.Close()
 	defer func() {
 		b.unsubscribe(s)
 		s.abort()
@@ -180,7 +191,7 @@ func (s *subscriber) isClosing() bool {
 
 // readBufferSize is a connection's read buffer: frames from subscribers
 // are mostly pongs, and larger frames are read straight through.
-const readBufferSize = 1024
+const readBufferSize = 512
 
 // hijackWriter hands the WebSocket library a connection the broker can
 // batch writes on and watch reads of. The library writes (handshake, pongs,
@@ -199,6 +210,7 @@ func (h *hijackWriter) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 	}
 	h.s.conn = conn
 	rc := &readWatcher{Conn: conn, seen: &h.s.readSeen}
+	h.s.rw = rc
 	var r io.Reader = rc
 	if n := brw.Reader.Buffered(); n > 0 { // a client may send frames right behind its handshake
 		pre, _ := brw.Reader.Peek(n)
@@ -207,7 +219,7 @@ func (h *hijackWriter) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 	// The write buffer holds the largest control frame (2+125 bytes), so a
 	// frame reaches lockedWriter in one piece.
 	lw := &lockedWriter{mu: &h.s.wmu, w: conn}
-	return rc, bufio.NewReadWriter(bufio.NewReaderSize(r, readBufferSize), bufio.NewWriterSize(lw, 512)), nil
+	return rc, bufio.NewReadWriter(bufio.NewReaderSize(r, readBufferSize), bufio.NewWriterSize(lw, 256)), nil
 }
 
 // readWatcher records that the peer sent something: x/net/websocket answers
@@ -215,6 +227,14 @@ func (h *hijackWriter) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 type readWatcher struct {
 	net.Conn
 	seen interface{ Store(bool) }
+	keep bool // Close is a no-op: the connection outlives the handler
+}
+
+func (r *readWatcher) Close() error {
+	if r.keep {
+		return nil
+	}
+	return r.Conn.Close()
 }
 
 func (r *readWatcher) Read(p []byte) (int, error) {
