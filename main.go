@@ -99,7 +99,8 @@ func buildVersion() string {
 // config is everything the sidecar needs, built once from flags and
 // environment in main and passed down; nothing below reads a flag.
 type config struct {
-	Address string // where the sidecar's API listens
+	Address          string // where the sidecar's API listens
+	AdvertiseAddress string // where peers reach the API; default: see resolveAdvertise
 
 	ServerName     string // the app's service name; empty: no app
 	ServerAddress  string // the app's host:port
@@ -128,6 +129,8 @@ type config struct {
 
 	LogFormat string
 	LogLevel  slog.Level
+
+	Broker brokerConfig
 }
 
 // parseSidecarFlags builds the config from args and the MICRO_*
@@ -172,6 +175,13 @@ func parseSidecarFlags(args []string, out io.Writer, lookupEnv func(string) (str
 	fs.StringVar(&cfg.TLSCertFile, "tls_cert_file", "", "PEM certificate (chain) to serve HTTPS and WSS with; needs --tls_key_file.")
 	fs.StringVar(&cfg.TLSKeyFile, "tls_key_file", "", "PEM private key for --tls_cert_file.")
 	fs.StringVar(&origins, "cors_allowed_origins", "", "Browser origins allowed to call the sidecar, comma separated (e.g. http://localhost:3000), or * for any. Requests from other origins are refused on state-changing endpoints and WebSocket upgrades.")
+	fs.StringVar(&cfg.AdvertiseAddress, "advertise_address", "", "Address other sidecars reach this sidecar's API at, host or host:port (the port defaults to the bound one); used for delivering broker messages between sidecars. Default: the --address bound when its host is specific; when it listens on every interface, the host of --server_address if set, else this machine's first non-loopback interface address.")
+	fs.IntVar(&cfg.Broker.MaxPayloadBytes, "broker_max_payload_bytes", defaultMaxPayloadBytes, "Largest broker message, a WebSocket frame or a POST body, in bytes. Larger frames close the connection with 1009; larger bodies are refused with 413.")
+	fs.IntVar(&cfg.Broker.QueueSize, "broker_queue_size", defaultQueueSize, "Messages a broker subscriber may have waiting. A subscriber that falls further behind is closed with 1013 (slow subscriber) and loses what waited.")
+	fs.IntVar(&cfg.Broker.QueueBytes, "broker_queue_bytes", defaultQueueBytes, "Bytes a broker subscriber may have waiting; the same policy as --broker_queue_size.")
+	fs.DurationVar(&cfg.Broker.PingInterval, "broker_ping_interval", defaultPingInterval, "Time between pings to a quiet broker connection. A connection silent for three intervals is closed as dead.")
+	fs.IntVar(&cfg.Broker.MaxTopics, "broker_max_topics", defaultMaxTopics, "Most topics with subscribers on this sidecar; more are refused with 503.")
+	fs.IntVar(&cfg.Broker.MaxSubscribers, "broker_max_subscribers", defaultMaxSubscribers, "Most broker WebSocket connections on this sidecar; more are refused with 503.")
 	fs.StringVar(&cfg.LogFormat, "log_format", "text", "Log format: text or json.")
 	fs.StringVar(&level, "log_level", "info", "Log level: debug, info, warn or error.")
 	fs.Usage = func() {
@@ -288,6 +298,12 @@ func (c *config) validate() error {
 	if c.RegistryMaxNodes < 1 || c.MaxBodyBytes < 1 || c.MaxInFlight < 1 {
 		return errors.New("--registry_max_nodes, --max_body_bytes and --max_inflight must be positive")
 	}
+	if err := checkAdvertise(c.AdvertiseAddress); err != nil {
+		return err
+	}
+	if err := c.Broker.validate(); err != nil {
+		return err
+	}
 	if c.LogFormat != "text" && c.LogFormat != "json" {
 		return fmt.Errorf("--log_format %q: want text or json", c.LogFormat)
 	}
@@ -357,6 +373,7 @@ type sidecar struct {
 	health  *healthChecker // nil without --healthcheck_url
 	conns   *connSet
 	metrics *sidecarMetrics
+	broker  *broker
 	started time.Time
 }
 
@@ -387,6 +404,7 @@ func newSidecar(ctx context.Context, cfg config, log *slog.Logger) (*sidecar, er
 		conns:   newConnSet(),
 		started: time.Now(),
 	}
+	s.broker = newBroker(cfg.Broker, s.reg, s.conns, log)
 	s.metrics = newSidecarMetrics(s)
 	return s, nil
 }
@@ -412,6 +430,7 @@ func runSidecar(ctx context.Context, cfg config, logOut io.Writer) error {
 		MaxHeaderBytes:    64 << 10,
 		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
 	}
+	s.broker.advertise = resolveAdvertise(cfg.AdvertiseAddress, ln.Addr().(*net.TCPAddr), cfg.ServerAddress, interfaceAddrs())
 	serveErr := make(chan error, 1)
 	scheme := "http"
 	if cfg.TLSCertFile != "" {
@@ -420,7 +439,7 @@ func runSidecar(ctx context.Context, cfg config, logOut io.Writer) error {
 	} else {
 		go func() { serveErr <- srv.Serve(ln) }()
 	}
-	log.Info("Listening on "+ln.Addr().String(), "scheme", scheme, "auth_token", cfg.AuthToken != "", "address", ln.Addr().String(), "registry", cfg.Registry, "registry_address", cfg.RegistryAddress, "version", buildVersion())
+	log.Info("Listening on "+ln.Addr().String(), "scheme", scheme, "auth_token", cfg.AuthToken != "", "address", ln.Addr().String(), "advertise_address", s.broker.advertise, "registry", cfg.Registry, "registry_address", cfg.RegistryAddress, "version", buildVersion())
 
 	bg, stopBG := context.WithCancel(ctx)
 	var bgDone []chan struct{}
@@ -430,6 +449,8 @@ func runSidecar(ctx context.Context, cfg config, logOut io.Writer) error {
 		go func() { defer close(done); f() }()
 	}
 	goBG(func() { s.reg.refreshLoop(bg, cfg.RegisterInterval, log) })
+	goBG(func() { s.broker.run(bg) })
+	goBG(func() { s.broker.fwd.watch(bg) })
 	if cfg.ServerName != "" {
 		s.startApp(bg, goBG)
 	}
@@ -455,6 +476,7 @@ func runSidecar(ctx context.Context, cfg config, logOut io.Writer) error {
 	if err := srv.Shutdown(sctx); err != nil {
 		log.Warn("in-flight requests did not finish in time", "error", err)
 	}
+	s.broker.close(sctx)
 	s.reg.backend.close()
 	log.Info("Stopped")
 	return nil
@@ -494,8 +516,10 @@ func (s *sidecar) routes() http.Handler {
 	mux.HandleFunc("/registry", s.handleRegistry)
 	mux.HandleFunc("/health", s.handleHealth)
 	mux.Handle("/metrics", s.metrics.set)
+	mux.HandleFunc("/broker", s.broker.handle)
+	mux.HandleFunc("/broker/stats", s.broker.handleStats)
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
-		writeError(w, http.StatusNotFound, "no endpoint at "+truncate(r.URL.Path, 128)+"; see /registry, /health, /metrics")
+		writeError(w, http.StatusNotFound, "no endpoint at "+truncate(r.URL.Path, 128)+"; see /registry, /health, /broker, /metrics")
 	})
 	return s.metrics.instrument(limitInFlight(s.cfg.MaxInFlight, s.guard(s.authenticate(mux))))
 }

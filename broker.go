@@ -1,0 +1,824 @@
+package main
+
+// The in-process broker: topics, subscribers with bounded queues and their
+// writers, and the CloudEvents encoding of a message. The /broker endpoint
+// is in broker_http.go, delivery between sidecars in broker_forward.go.
+//
+// Data flows one way: a publish (a WebSocket frame or a POST body) becomes a
+// message, encoded once; local delivery appends a pointer to it to each
+// chosen subscriber's queue, whose writer batches queued frames into one
+// write; forwarding hands it to one queue per peer sidecar.
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/base64"
+	"encoding/binary"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"mime"
+	"net"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+	"unicode/utf8"
+
+	"golang.org/x/net/websocket"
+)
+
+// brokerConfig bounds the broker. Zero values take the defaults below.
+type brokerConfig struct {
+	MaxPayloadBytes int           // largest message (WebSocket frame or POST body); default 1 MiB
+	QueueSize       int           // messages a subscriber may have waiting; default 4096
+	QueueBytes      int           // bytes a subscriber may have waiting; default 16 MiB
+	PingInterval    time.Duration // between pings to a quiet connection; default 20s
+	MaxTopics       int           // topics with local subscribers; default 1000
+	MaxSubscribers  int           // WebSocket connections; default 10000
+	WriteTimeout    time.Duration // one write to a subscriber; default 10s
+}
+
+const (
+	defaultMaxPayloadBytes = 1 << 20
+	defaultQueueSize       = 4096
+	defaultQueueBytes      = 16 << 20
+	defaultPingInterval    = 20 * time.Second
+	defaultMaxTopics       = 1000
+	defaultMaxSubscribers  = 10000
+	defaultWriteTimeout    = 10 * time.Second
+
+	// reapAfter is how many ping intervals a connection may stay silent
+	// (not even a pong) before it is taken for dead and closed.
+	reapAfter = 3
+	// closeGrace bounds how long a closing connection may take to send
+	// its close frame and hear the answer.
+	closeGrace = 2 * time.Second
+	// maxBatchBytes is how much a writer gathers into one write.
+	maxBatchBytes = 64 << 10
+)
+
+func (c *brokerConfig) fill() {
+	if c.MaxPayloadBytes <= 0 {
+		c.MaxPayloadBytes = defaultMaxPayloadBytes
+	}
+	if c.QueueSize <= 0 {
+		c.QueueSize = defaultQueueSize
+	}
+	if c.QueueBytes <= 0 {
+		c.QueueBytes = defaultQueueBytes
+	}
+	if c.PingInterval <= 0 {
+		c.PingInterval = defaultPingInterval
+	}
+	if c.MaxTopics <= 0 {
+		c.MaxTopics = defaultMaxTopics
+	}
+	if c.MaxSubscribers <= 0 {
+		c.MaxSubscribers = defaultMaxSubscribers
+	}
+	if c.WriteTimeout <= 0 {
+		c.WriteTimeout = defaultWriteTimeout
+	}
+}
+
+// validate checks the flags that set c and names the fix.
+func (c brokerConfig) validate() error {
+	switch {
+	case c.MaxPayloadBytes < 1 || c.MaxPayloadBytes > 64<<20:
+		return fmt.Errorf("--broker_max_payload_bytes %d: want 1 to %d", c.MaxPayloadBytes, 64<<20)
+	case c.QueueSize < 1 || c.QueueBytes < 1:
+		return errors.New("--broker_queue_size and --broker_queue_bytes must be positive")
+	case c.PingInterval < 10*time.Millisecond:
+		return fmt.Errorf("--broker_ping_interval %v: want at least 10ms", c.PingInterval)
+	case c.MaxTopics < 1 || c.MaxSubscribers < 1:
+		return errors.New("--broker_max_topics and --broker_max_subscribers must be positive")
+	}
+	return nil
+}
+
+// Names. Topics and queue groups travel in URLs, registry service names
+// (topic:NAME, at most 255 bytes), node ids and DNS-SD labels, so they are
+// short and plain.
+const (
+	maxTopicLen = 200
+	maxQueueLen = 64
+	// topicService prefixes the registry service a sidecar registers
+	// under when it has subscribers for a topic.
+	topicService = "topic:"
+)
+
+// validTopicName reports whether s may name a topic or a queue group of at
+// most max bytes: ASCII letters, digits, '.', '_', '-' and ':'.
+func validTopicName(s string, max int) bool {
+	if s == "" || len(s) > max {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		switch {
+		case 'a' <= c && c <= 'z', 'A' <= c && c <= 'Z', '0' <= c && c <= '9', c == '.', c == '_', c == '-', c == ':':
+		default:
+			return false
+		}
+	}
+	return true
+}
+
+// checkNames validates a topic and an optional queue group with the message
+// a client needs to fix them.
+func checkNames(topic, queue string) error {
+	if topic == "" {
+		return errors.New("topic is required; use /broker?topic=NAME")
+	}
+	if !validTopicName(topic, maxTopicLen) {
+		return fmt.Errorf("topic %q: use 1 to %d letters, digits, '.', '_', '-' or ':'", truncate(topic, 64), maxTopicLen)
+	}
+	if queue != "" && !validTopicName(queue, maxQueueLen) {
+		return fmt.Errorf("queue %q: use 1 to %d letters, digits, '.', '_', '-' or ':'", truncate(queue, 64), maxQueueLen)
+	}
+	return nil
+}
+
+// Kinds of payload, as the event carries them.
+const (
+	payloadText   = iota // data as a JSON string
+	payloadJSON          // data as JSON
+	payloadBinary        // data_base64
+)
+
+// classify decides how a payload travels in the event from its declared
+// content type (RFC 2045 media type, may be empty) and its bytes, and
+// returns the event's datacontenttype. A body declared JSON must be JSON.
+func classify(contentType string, body []byte) (kind int, dataContentType string, err error) {
+	if contentType == "" {
+		if utf8.Valid(body) {
+			return payloadText, "text/plain", nil
+		}
+		return payloadBinary, "application/octet-stream", nil
+	}
+	mt, _, perr := mime.ParseMediaType(contentType)
+	if perr != nil {
+		return 0, "", fmt.Errorf("content type %q: %v", truncate(contentType, 64), perr)
+	}
+	switch {
+	case mt == "application/json" || strings.HasSuffix(mt, "+json"):
+		if !json.Valid(body) {
+			return 0, "", errors.New("body is declared " + mt + " but is not valid JSON; fix it or send it as text/plain")
+		}
+		return payloadJSON, contentType, nil
+	case mt == "application/octet-stream" || !utf8.Valid(body):
+		return payloadBinary, contentType, nil
+	default:
+		return payloadText, contentType, nil
+	}
+}
+
+// cloudEvent is the CloudEvents 1.0 JSON format (cloudevents/spec
+// json-format.md): data holds JSON or a string, data_base64 binary data.
+// topic is an extension attribute.
+type cloudEvent struct {
+	SpecVersion     string          `json:"specversion"`
+	ID              string          `json:"id"`
+	Source          string          `json:"source"`
+	Type            string          `json:"type"`
+	Time            string          `json:"time"`
+	Topic           string          `json:"topic"`
+	DataContentType string          `json:"datacontenttype"`
+	Data            json.RawMessage `json:"data,omitempty"`
+	DataBase64      *string         `json:"data_base64,omitempty"`
+}
+
+// eventType is the CloudEvents type of every broker message.
+const eventType = "micro.broker.message"
+
+// encodeEvent builds the event for one message. The payload has been
+// classified already, so encoding cannot fail on client input.
+func encodeEvent(id, source, topic string, t time.Time, kind int, dataContentType string, payload []byte) []byte {
+	ev := cloudEvent{
+		SpecVersion:     "1.0",
+		ID:              id,
+		Source:          source,
+		Type:            eventType,
+		Time:            t.UTC().Format(time.RFC3339Nano),
+		Topic:           topic,
+		DataContentType: dataContentType,
+	}
+	switch kind {
+	case payloadJSON:
+		ev.Data = payload
+	case payloadText:
+		ev.Data, _ = json.Marshal(string(payload))
+	default:
+		s := base64.StdEncoding.EncodeToString(payload)
+		ev.DataBase64 = &s
+	}
+	data, err := json.Marshal(ev)
+	if err != nil { // only a payload classify did not check could do this
+		ev.Data, ev.DataBase64 = nil, nil
+		s := base64.StdEncoding.EncodeToString(payload)
+		ev.DataBase64, ev.DataContentType = &s, "application/octet-stream"
+		data, _ = json.Marshal(ev)
+	}
+	return data
+}
+
+// appendFrameHeader appends the header of an unmasked, final WebSocket frame
+// (RFC 6455 section 5.2), as a server sends it.
+func appendFrameHeader(dst []byte, opcode byte, n int) []byte {
+	dst = append(dst, 0x80|opcode)
+	switch {
+	case n <= 125:
+		return append(dst, byte(n))
+	case n <= 0xffff:
+		return binary.BigEndian.AppendUint16(append(dst, 126), uint16(n))
+	default:
+		return binary.BigEndian.AppendUint64(append(dst, 127), uint64(n))
+	}
+}
+
+// message is one published message, shared read-only by every queue it is
+// in: encoded once, however many subscribers get it.
+type message struct {
+	topic string
+	id    string
+	event []byte // the CloudEvent JSON, as forwarded to peers
+	frame []byte // the WebSocket text frame holding event, as written to subscribers
+}
+
+func newMessage(topic, id string, event []byte) *message {
+	frame := make([]byte, 0, len(event)+10)
+	frame = appendFrameHeader(frame, websocket.TextFrame, len(event))
+	hdr := len(frame)
+	frame = append(frame, event...)
+	return &message{topic: topic, id: id, event: frame[hdr:], frame: frame}
+}
+
+// brokerStats are the broker's counters, reported at /broker/stats.
+type brokerStats struct {
+	Published       atomic.Uint64 // messages published on this sidecar
+	Delivered       atomic.Uint64 // messages queued to local subscribers
+	Received        atomic.Uint64 // messages forwarded here by peers
+	Forwarded       atomic.Uint64 // messages handed to peers
+	ForwardDropped  atomic.Uint64 // messages lost on the way to a peer (queue full, peer failing)
+	NoSubscriber    atomic.Uint64 // group deliveries that found the group empty
+	SlowClosed      atomic.Uint64 // subscribers closed because their queue overflowed
+	SlowDropped     atomic.Uint64 // messages lost with them
+	Reaped          atomic.Uint64 // connections closed for silence
+	TooBig          atomic.Uint64 // connections closed for an oversized frame
+	RegistryFailure atomic.Uint64 // topic registrations that failed
+}
+
+// broker is one sidecar's broker.
+type broker struct {
+	cfg    brokerConfig
+	id     string // this sidecar's id in topic registrations
+	source string // the CloudEvents source of messages published here
+	reg    *registry
+	conns  *connSet
+	log    *slog.Logger
+	stats  brokerStats
+
+	idPrefix string        // message ids are idPrefix + sequence number
+	seq      atomic.Uint64 // last message sequence number
+
+	// advertise is the host:port peers reach this sidecar's API at; set
+	// once before the server starts.
+	advertise string
+
+	mu     sync.RWMutex // guards topics, subs
+	topics map[string]*topic
+	subs   map[*subscriber]struct{} // every connected subscriber, for pings
+
+	changed chan struct{} // capacity 1: wakes the registrar after a topic or group appears or goes
+
+	fwd *forwarder
+
+	// batches holds the writers' batch buffers between bursts, so that
+	// idle subscribers hold none.
+	batches sync.Pool
+}
+
+// topic is the local subscribers of one topic. Its slices are copied on
+// write under broker.mu, so publishers read them under the read lock.
+type topic struct {
+	broadcast []*subscriber
+	groups    map[string]*group // bounded by the subscriber limit
+}
+
+// group is one queue group's local members; each message for the group
+// goes to one of them, in turn.
+type group struct {
+	members []*subscriber
+	next    atomic.Uint64
+}
+
+func newBroker(cfg brokerConfig, reg *registry, conns *connSet, log *slog.Logger) *broker {
+	cfg.fill()
+	var r [8]byte
+	rand.Read(r[:])
+	id := "sidecar-" + newUUID()
+	b := &broker{
+		cfg:      cfg,
+		id:       id,
+		source:   "/micro/" + id,
+		reg:      reg,
+		conns:    conns,
+		log:      log,
+		idPrefix: hex.EncodeToString(r[:]) + "-",
+		topics:   map[string]*topic{},
+		subs:     map[*subscriber]struct{}{},
+		changed:  make(chan struct{}, 1),
+	}
+	b.fwd = newForwarder(b)
+	b.batches.New = func() any { buf := make([]byte, 0, maxBatchBytes); return &buf }
+	return b
+}
+
+// errBrokerFull is returned when a topic or subscriber limit is reached.
+var errBrokerFull = errors.New("broker is full")
+
+// subscribe adds s to its topic and group.
+func (b *broker) subscribe(s *subscriber) error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if len(b.subs) >= b.cfg.MaxSubscribers {
+		return fmt.Errorf("%w: %d subscribers is the limit (--broker_max_subscribers)", errBrokerFull, b.cfg.MaxSubscribers)
+	}
+	t := b.topics[s.topic]
+	if t == nil {
+		if len(b.topics) >= b.cfg.MaxTopics {
+			return fmt.Errorf("%w: %d topics is the limit (--broker_max_topics)", errBrokerFull, b.cfg.MaxTopics)
+		}
+		t = &topic{groups: map[string]*group{}}
+		b.topics[s.topic] = t
+	}
+	b.subs[s] = struct{}{}
+	newKey := false
+	if s.queue == "" {
+		newKey = len(t.broadcast) == 0
+		t.broadcast = append(slices.Clip(t.broadcast), s)
+	} else {
+		g := t.groups[s.queue]
+		if g == nil {
+			g = &group{}
+			t.groups[s.queue] = g
+			newKey = true
+		}
+		g.members = append(slices.Clip(g.members), s)
+	}
+	if newKey {
+		b.wakeRegistrar()
+	}
+	return nil
+}
+
+// unsubscribe removes s; it is a no-op for a subscriber not subscribed.
+func (b *broker) unsubscribe(s *subscriber) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if _, ok := b.subs[s]; !ok {
+		return
+	}
+	delete(b.subs, s)
+	t := b.topics[s.topic]
+	if t == nil {
+		return
+	}
+	gone := false
+	without := func(list []*subscriber) []*subscriber {
+		out := make([]*subscriber, 0, len(list))
+		for _, x := range list {
+			if x != s {
+				out = append(out, x)
+			}
+		}
+		return out
+	}
+	if s.queue == "" {
+		t.broadcast = without(t.broadcast)
+		gone = len(t.broadcast) == 0
+	} else if g := t.groups[s.queue]; g != nil {
+		g.members = without(g.members)
+		if len(g.members) == 0 {
+			delete(t.groups, s.queue)
+			gone = true
+		}
+	}
+	if len(t.broadcast) == 0 && len(t.groups) == 0 {
+		delete(b.topics, s.topic)
+	}
+	if gone {
+		b.wakeRegistrar()
+	}
+}
+
+func (b *broker) wakeRegistrar() {
+	select {
+	case b.changed <- struct{}{}:
+	default:
+	}
+}
+
+// localView is what this sidecar has for a topic, for planning delivery.
+func (b *broker) localView(name string) (broadcast bool, groups []string) {
+	b.mu.RLock()
+	defer b.mu.RUnlock()
+	t := b.topics[name]
+	if t == nil {
+		return false, nil
+	}
+	for g := range t.groups {
+		groups = append(groups, g)
+	}
+	slices.Sort(groups)
+	return len(t.broadcast) > 0, groups
+}
+
+// nextID returns a message id unique to this sidecar's lifetime; with the
+// source it identifies the event everywhere.
+func (b *broker) nextID() string {
+	return b.idPrefix + strconv.FormatUint(b.seq.Add(1), 10)
+}
+
+// publish encodes a payload published on this sidecar, delivers it to the
+// local subscribers and hands it to the forwarder. It never blocks on a
+// subscriber or a peer.
+func (b *broker) publish(topicName string, kind int, dataContentType string, payload []byte) string {
+	id := b.nextID()
+	m := newMessage(topicName, id, encodeEvent(id, b.source, topicName, time.Now(), kind, dataContentType, payload))
+	b.stats.Published.Add(1)
+	broadcast, groups := b.localView(topicName)
+	plan := b.fwd.plan(topicName, broadcast, groups)
+	b.deliver(m, plan.local.broadcast, plan.local.groups)
+	b.fwd.send(m, plan.forwards)
+	return id
+}
+
+// deliver queues m to the local broadcast subscribers when broadcast is
+// set, and to one member of each named group.
+func (b *broker) deliver(m *message, broadcast bool, groups []string) {
+	b.mu.RLock()
+	defer b.mu.RUnlock()
+	t := b.topics[m.topic]
+	if t == nil {
+		if len(groups) > 0 {
+			b.stats.NoSubscriber.Add(uint64(len(groups)))
+		}
+		return
+	}
+	n := 0
+	if broadcast {
+		for _, s := range t.broadcast {
+			if s.enqueue(m) {
+				n++
+			}
+		}
+	}
+	for _, name := range groups {
+		g := t.groups[name]
+		if g == nil || len(g.members) == 0 {
+			b.stats.NoSubscriber.Add(1)
+			continue
+		}
+		// Try each member once, starting with the next in turn, so that
+		// one closing member does not lose the group its message.
+		start := g.next.Add(1)
+		for i := range len(g.members) {
+			if g.members[(start+uint64(i))%uint64(len(g.members))].enqueue(m) {
+				n++
+				break
+			}
+		}
+	}
+	b.stats.Delivered.Add(uint64(n))
+}
+
+// run pings quiet connections and reaps dead ones every ping interval, and
+// keeps the registry's topic entries in step with the local subscribers,
+// until ctx ends.
+func (b *broker) run(ctx context.Context) {
+	tick := time.NewTicker(b.cfg.PingInterval)
+	defer tick.Stop()
+	registered := map[regKey]bool{}
+	failed := false
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick.C:
+			b.keepalive()
+			if failed {
+				failed = !b.reconcile(registered)
+			}
+		case <-b.changed:
+			failed = !b.reconcile(registered)
+		}
+	}
+}
+
+// keepalive is one round of pings: a connection heard from since the last
+// round is fine; a quiet one is pinged; one quiet for reapAfter rounds is
+// dead (its peer vanished without closing) and is closed. The step of run;
+// tests call it directly.
+func (b *broker) keepalive() {
+	b.mu.RLock()
+	subs := make([]*subscriber, 0, len(b.subs))
+	for s := range b.subs {
+		subs = append(subs, s)
+	}
+	b.mu.RUnlock()
+	for _, s := range subs {
+		if s.readSeen.Swap(false) {
+			s.quiet = 0
+			continue
+		}
+		s.quiet++
+		if s.quiet >= reapAfter {
+			b.stats.Reaped.Add(1)
+			b.log.Debug("closing a silent broker connection", "topic", s.topic, "remote", s.remote)
+			s.abort()
+			continue
+		}
+		s.ping()
+	}
+}
+
+// regKey is one topic registration: a topic, and a queue group or "" for
+// broadcast subscribers.
+type regKey struct{ topic, queue string }
+
+// registration is the registry entry that tells peers this sidecar has
+// subscribers for key.
+func (b *broker) registration(k regKey) (Service, error) {
+	host, port, err := net.SplitHostPort(b.advertise)
+	if err != nil {
+		return Service{}, fmt.Errorf("advertise address %q: %w", b.advertise, err)
+	}
+	p, _ := strconv.Atoi(port)
+	md := map[string]string{"broker": "1", "sidecar": b.id}
+	id := b.id
+	if k.queue != "" {
+		md["queue"] = k.queue
+		id += ":" + k.queue
+	}
+	return Service{Name: topicService + k.topic, Metadata: map[string]string{}, Nodes: []Node{{ID: id, Address: host, Port: p, Metadata: md}}}, nil
+}
+
+// reconcile registers the topics and groups that gained local subscribers
+// and deregisters those that lost their last, and reports whether all went
+// well. registered is owned by the caller (run's goroutine).
+func (b *broker) reconcile(registered map[regKey]bool) bool {
+	want := map[regKey]bool{}
+	b.mu.RLock()
+	for name, t := range b.topics {
+		if len(t.broadcast) > 0 {
+			want[regKey{name, ""}] = true
+		}
+		for g := range t.groups {
+			want[regKey{name, g}] = true
+		}
+	}
+	b.mu.RUnlock()
+	ok := true
+	for k := range want {
+		if registered[k] {
+			continue
+		}
+		svc, err := b.registration(k)
+		if err == nil {
+			err = b.reg.Register(svc, 0)
+		}
+		if err != nil {
+			ok = false
+			b.stats.RegistryFailure.Add(1)
+			b.log.Warn("registering a topic failed; peers will not forward it here until a retry succeeds", "topic", k.topic, "queue", k.queue, "error", err)
+			continue
+		}
+		registered[k] = true
+	}
+	for k := range registered {
+		if want[k] {
+			continue
+		}
+		svc, err := b.registration(k)
+		if err == nil {
+			err = b.reg.Deregister(svc)
+		}
+		if err != nil {
+			ok = false
+			b.stats.RegistryFailure.Add(1)
+			b.log.Warn("deregistering a topic failed; retrying", "topic", k.topic, "queue", k.queue, "error", err)
+			continue
+		}
+		delete(registered, k)
+	}
+	return ok
+}
+
+// close stops forwarding and waits for in-flight forwards, or for ctx.
+func (b *broker) close(ctx context.Context) { b.fwd.close(ctx) }
+
+// subscriber is one WebSocket connection to /broker: subscribed to a topic
+// (and maybe a queue group), publishing every frame it sends.
+//
+// Its queue is bounded by QueueSize messages and QueueBytes bytes. Overflow
+// policy: a subscriber whose queue would overflow is slow; it loses what is
+// queued, gets no more messages, and is closed with 1013 (try again later)
+// and the reason "slow subscriber". The publisher never waits.
+//
+// Writes: at most one writer goroutine per subscriber, started when the
+// queue gets something and gone once it is empty (an idle subscriber costs
+// no goroutine but its reader). The writer gathers every queued frame into
+// one buffer and writes it in one call, so a subscriber that keeps up gets
+// one write per burst, not one per message.
+type subscriber struct {
+	b      *broker
+	topic  string
+	queue  string
+	remote string
+	ws     *websocket.Conn
+	conn   net.Conn     // the raw connection, for batched writes
+	rw     *readWatcher // conn as the library reads it
+
+	wmu sync.Mutex // guards writes to conn: the writer's batches, the library's pongs
+
+	readSeen atomic.Bool // set by every read; cleared by keepalive
+	quiet    int         // keepalive rounds without a read; keepalive's goroutine only
+
+	mu          sync.Mutex // guards the fields below
+	q           []*message
+	qBytes      int
+	running     bool // a writer goroutine is running
+	pinging     bool // the writer should send a ping
+	closing     bool // no more messages: the writer sends the close frame, if any, and stops
+	closeCode   int  // 0: close without a close frame
+	closeReason string
+	wg          sync.WaitGroup // the writer
+}
+
+// enqueue adds m to the queue and reports whether it was taken. It never
+// blocks on the connection.
+func (s *subscriber) enqueue(m *message) bool {
+	s.mu.Lock()
+	if s.closing {
+		s.mu.Unlock()
+		return false
+	}
+	if len(s.q) >= s.b.cfg.QueueSize || s.qBytes+len(m.frame) > s.b.cfg.QueueBytes {
+		dropped := len(s.q)
+		s.q, s.qBytes = nil, 0
+		s.closing = true
+		s.closeCode = closeTryAgainLater
+		s.closeReason = fmt.Sprintf("slow subscriber: more than %d messages or %d bytes waiting", s.b.cfg.QueueSize, s.b.cfg.QueueBytes)
+		s.startLocked()
+		s.mu.Unlock()
+		// A writer stuck on this peer gives up soon and closes.
+		s.conn.SetWriteDeadline(time.Now().Add(closeGrace))
+		s.b.stats.SlowClosed.Add(1)
+		s.b.stats.SlowDropped.Add(uint64(dropped + 1))
+		s.b.log.Info("closing a slow broker subscriber", "topic", s.topic, "queue", s.queue, "remote", s.remote, "dropped", dropped+1)
+		return false
+	}
+	s.q = append(s.q, m)
+	s.qBytes += len(m.frame)
+	s.startLocked()
+	s.mu.Unlock()
+	return true
+}
+
+// startLocked starts the writer unless it runs.
+func (s *subscriber) startLocked() {
+	if !s.running {
+		s.running = true
+		s.wg.Add(1)
+		go s.writeLoop()
+	}
+}
+
+// ping asks the writer to send a ping.
+func (s *subscriber) ping() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if !s.closing {
+		s.pinging = true
+		s.startLocked()
+	}
+}
+
+// closeWith makes the writer send what is queued, then a close frame with
+// code and reason, and stop. It is idempotent and does not block.
+func (s *subscriber) closeWith(code int, reason string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closing {
+		return
+	}
+	s.closing, s.closeCode, s.closeReason = true, code, reason
+	s.startLocked()
+}
+
+// abort drops the connection at once, without a close frame: for peers
+// that are gone.
+func (s *subscriber) abort() {
+	s.mu.Lock()
+	s.closing, s.q = true, nil
+	s.mu.Unlock()
+	s.conn.Close()
+}
+
+// writeLoop is the subscriber's only writer while it runs.
+func (s *subscriber) writeLoop() {
+	defer s.wg.Done()
+	var buf []byte
+	for {
+		s.mu.Lock()
+		q := s.q
+		s.q, s.qBytes = nil, 0
+		ping := s.pinging
+		s.pinging = false
+		closing, code, reason := s.closing, s.closeCode, s.closeReason
+		if len(q) == 0 && !ping && !closing {
+			s.running = false
+			s.mu.Unlock()
+			return
+		}
+		s.mu.Unlock()
+
+		if len(q) > 0 {
+			if buf == nil {
+				bp := s.b.batches.Get().(*[]byte)
+				defer s.b.batches.Put(bp)
+				buf = (*bp)[:0]
+			}
+			if err := s.writeBatch(q, &buf); err != nil {
+				s.abort()
+				return
+			}
+		}
+		if ping {
+			s.conn.SetWriteDeadline(time.Now().Add(s.b.cfg.WriteTimeout))
+			if writeControl(s.ws, websocket.PingFrame, nil) != nil {
+				s.abort()
+				return
+			}
+		}
+		if closing {
+			if code != 0 {
+				s.conn.SetWriteDeadline(time.Now().Add(closeGrace))
+				writeClose(s.ws, code, reason)
+				// Half-close and give the peer a moment to answer the
+				// close, which ends the reader (RFC 6455 section 7.1.1).
+				if cw, ok := s.conn.(interface{ CloseWrite() error }); ok {
+					cw.CloseWrite()
+				}
+				s.conn.SetReadDeadline(time.Now().Add(closeGrace))
+			} else {
+				s.conn.Close()
+			}
+			return // running stays true: no writer starts again
+		}
+	}
+}
+
+// writeBatch writes q's frames, gathered into writes of up to
+// maxBatchBytes.
+func (s *subscriber) writeBatch(q []*message, buf *[]byte) error {
+	b := (*buf)[:0]
+	flush := func() error {
+		if len(b) == 0 {
+			return nil
+		}
+		s.wmu.Lock()
+		s.conn.SetWriteDeadline(time.Now().Add(s.b.cfg.WriteTimeout))
+		_, err := s.conn.Write(b)
+		s.wmu.Unlock()
+		b = b[:0]
+		return err
+	}
+	for _, m := range q {
+		if len(b) > 0 && len(b)+len(m.frame) > maxBatchBytes {
+			if err := flush(); err != nil {
+				return err
+			}
+		}
+		if len(m.frame) > maxBatchBytes {
+			s.wmu.Lock()
+			s.conn.SetWriteDeadline(time.Now().Add(s.b.cfg.WriteTimeout))
+			_, err := s.conn.Write(m.frame)
+			s.wmu.Unlock()
+			if err != nil {
+				return err
+			}
+			continue
+		}
+		b = append(b, m.frame...)
+	}
+	err := flush()
+	*buf = b
+	return err
+}

@@ -1,0 +1,489 @@
+package main
+
+// Delivery between sidecars. A sidecar with subscribers for topic T
+// registers itself under the registry service topic:T, one node per queue
+// group (metadata queue=G) and one for its broadcast subscribers. A
+// publishing sidecar plans each message: its own broadcast subscribers, one
+// forward to each peer with broadcast subscribers, and for each queue group
+// one sidecar in turn among those with members (itself included). Forwards
+// to a peer are batched and posted to its /broker, marked forwarded; the
+// peer delivers them locally and never forwards them again.
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+const (
+	// forwardedHeader marks a POST to /broker as a batch of messages
+	// forwarded by a peer; its value is the sending sidecar's id.
+	forwardedHeader = "Micro-Broker-Forwarded"
+	// forwardContentType is the batch format of encodeForward.
+	forwardContentType = "application/vnd.micro.broker-batch.v1"
+
+	// maxPeerQueue bounds the messages waiting for one peer; beyond it
+	// they are dropped and counted.
+	maxPeerQueue = 16384
+	// maxPeerQueueBytes bounds the bytes waiting for one peer.
+	maxPeerQueueBytes = 64 << 20
+	// maxPeers bounds the peers with a queue at one time.
+	maxPeers = 1024
+	// maxForwardItems and maxForwardBytes bound one forwarded batch (the
+	// last item may take it past maxForwardBytes).
+	maxForwardItems = 4096
+	maxForwardBytes = 4 << 20
+	// peerCacheTTL bounds how long a topic's peer list is reused; the
+	// registry watch invalidates it sooner on any change.
+	peerCacheTTL = 2 * time.Second
+	// forwardTimeout bounds one forward request.
+	forwardTimeout = 10 * time.Second
+)
+
+// peerNode is one topic registration of another sidecar.
+type peerNode struct {
+	addr  string // host:port of its API
+	queue string // "" for broadcast subscribers
+}
+
+// deliveryPlan says where one message goes.
+type deliveryPlan struct {
+	local    localDelivery
+	forwards []forwardPlan // one per peer, sorted by address
+}
+
+type localDelivery struct {
+	broadcast bool
+	groups    []string
+}
+
+type forwardPlan struct {
+	addr string
+	localDelivery
+}
+
+// planDelivery decides where one message published here goes: to the
+// local broadcast subscribers; to every peer with broadcast subscribers;
+// and for each queue group to one sidecar with members, chosen in turn
+// by rr among them (this one first, then the peers in address order).
+// peers must not include this sidecar; groups are the local groups,
+// sorted. It is pure: the same input gives the same plan.
+func planDelivery(localBroadcast bool, localGroups []string, peers []peerNode, rr uint64) deliveryPlan {
+	plan := deliveryPlan{local: localDelivery{broadcast: localBroadcast}}
+	byAddr := map[string]*forwardPlan{}
+	to := func(addr string) *forwardPlan {
+		f := byAddr[addr]
+		if f == nil {
+			f = &forwardPlan{addr: addr}
+			byAddr[addr] = f
+		}
+		return f
+	}
+	candidates := map[string][]string{} // group -> addresses, "" for this sidecar
+	for _, g := range localGroups {
+		candidates[g] = []string{""}
+	}
+	for _, p := range peers {
+		if p.queue == "" {
+			to(p.addr).broadcast = true
+			continue
+		}
+		if !slices.Contains(candidates[p.queue], p.addr) {
+			candidates[p.queue] = append(candidates[p.queue], p.addr)
+		}
+	}
+	groups := make([]string, 0, len(candidates))
+	for g := range candidates {
+		groups = append(groups, g)
+	}
+	slices.Sort(groups)
+	for _, g := range groups {
+		c := candidates[g]
+		if c[0] == "" {
+			slices.Sort(c[1:])
+		} else {
+			slices.Sort(c)
+		}
+		switch pick := c[rr%uint64(len(c))]; pick {
+		case "":
+			plan.local.groups = append(plan.local.groups, g)
+		default:
+			f := to(pick)
+			f.groups = append(f.groups, g)
+		}
+	}
+	for _, f := range byAddr {
+		plan.forwards = append(plan.forwards, *f)
+	}
+	slices.SortFunc(plan.forwards, func(a, b forwardPlan) int { return strings.Compare(a.addr, b.addr) })
+	return plan
+}
+
+// peersOf extracts the other sidecars' registrations from a topic's
+// registry entry. A node is this sidecar's own when it carries this
+// sidecar's id or this sidecar's address (a stale entry of an earlier run
+// at the same address must not make it forward to itself).
+func peersOf(versions []Service, selfID, selfAddr string) []peerNode {
+	var out []peerNode
+	for _, v := range versions {
+		for _, n := range v.Nodes {
+			if n.Metadata["sidecar"] == selfID || n.hostPort() == selfAddr {
+				continue
+			}
+			p := peerNode{addr: n.hostPort(), queue: n.Metadata["queue"]}
+			if !slices.Contains(out, p) {
+				out = append(out, p)
+			}
+		}
+	}
+	slices.SortFunc(out, func(a, b peerNode) int {
+		if c := strings.Compare(a.addr, b.addr); c != 0 {
+			return c
+		}
+		return strings.Compare(a.queue, b.queue)
+	})
+	return out
+}
+
+// forwardItem is one message for one peer, with what the peer should do
+// with it.
+type forwardItem struct {
+	topic     string
+	broadcast bool
+	groups    []string
+	event     []byte
+}
+
+// encodeForward appends the batch format: per item, a header line
+// "TOPIC FLAGS LENGTH [GROUP...]\n" (FLAGS is "b" to deliver to the
+// broadcast subscribers, "-" not to), then LENGTH bytes of CloudEvent JSON
+// and "\n". Names never hold spaces, so the line splits cleanly.
+func encodeForward(dst []byte, items []forwardItem) []byte {
+	for _, it := range items {
+		dst = append(dst, it.topic...)
+		if it.broadcast {
+			dst = append(dst, " b "...)
+		} else {
+			dst = append(dst, " - "...)
+		}
+		dst = strconv.AppendInt(dst, int64(len(it.event)), 10)
+		for _, g := range it.groups {
+			dst = append(dst, ' ')
+			dst = append(dst, g...)
+		}
+		dst = append(dst, '\n')
+		dst = append(dst, it.event...)
+		dst = append(dst, '\n')
+	}
+	return dst
+}
+
+// decodeForward parses a batch from a peer and validates every name and
+// event; the events alias body.
+func decodeForward(body []byte) ([]forwardItem, error) {
+	var items []forwardItem
+	for len(body) > 0 {
+		if len(items) >= maxForwardItems {
+			return nil, fmt.Errorf("batch: more than %d messages", maxForwardItems)
+		}
+		nl := bytes.IndexByte(body, '\n')
+		if nl < 0 || nl > 4096 {
+			return nil, fmt.Errorf("batch item %d: header line missing or too long", len(items))
+		}
+		fields := strings.Fields(string(body[:nl]))
+		body = body[nl+1:]
+		if len(fields) < 3 || (fields[1] != "b" && fields[1] != "-") {
+			return nil, fmt.Errorf("batch item %d: want TOPIC b|- LENGTH [GROUP...]", len(items))
+		}
+		it := forwardItem{topic: fields[0], broadcast: fields[1] == "b"}
+		if err := checkNames(it.topic, ""); err != nil {
+			return nil, fmt.Errorf("batch item %d: %w", len(items), err)
+		}
+		n, err := strconv.Atoi(fields[2])
+		if err != nil || n < 0 || n+1 > len(body) || body[n] != '\n' {
+			return nil, fmt.Errorf("batch item %d: bad length %q", len(items), truncate(fields[2], 20))
+		}
+		for _, g := range fields[3:] {
+			if !validTopicName(g, maxQueueLen) {
+				return nil, fmt.Errorf("batch item %d: queue %q is not valid", len(items), truncate(g, 64))
+			}
+			it.groups = append(it.groups, g)
+		}
+		it.event = body[:n:n]
+		body = body[n+1:]
+		var head struct {
+			SpecVersion string `json:"specversion"`
+			ID          string `json:"id"`
+			Topic       string `json:"topic"`
+		}
+		if err := json.Unmarshal(it.event, &head); err != nil || head.SpecVersion != "1.0" || head.ID == "" || head.Topic != it.topic {
+			return nil, fmt.Errorf("batch item %d: not a CloudEvent of topic %s", len(items), it.topic)
+		}
+		items = append(items, it)
+	}
+	return items, nil
+}
+
+// forwarder keeps a queue and at most one request in flight per peer, so
+// that a peer gets a topic's messages in order, in batches as large as
+// what piled up during the previous request.
+type forwarder struct {
+	b      *broker
+	client *http.Client
+	gen    atomic.Uint64 // bumped on every registry change to a topic
+
+	cacheMu sync.Mutex // guards cache
+	cache   map[string]*peerEntry
+
+	mu     sync.Mutex // guards peers, closed
+	peers  map[string]*peerQueue
+	closed bool
+	wg     sync.WaitGroup // one per running peer worker
+
+	lastLog atomic.Int64 // unix nanoseconds of the last forward failure logged
+}
+
+// peerEntry caches the peers of one topic. Bounded by maxPeerCache
+// entries; on overflow the cache starts over.
+type peerEntry struct {
+	gen     uint64
+	expires time.Time
+	peers   []peerNode
+	rr      atomic.Uint64
+}
+
+const maxPeerCache = 4096
+
+// peerQueue is the messages waiting for one peer.
+type peerQueue struct {
+	addr    string
+	items   []forwardItem
+	bytes   int
+	running bool
+}
+
+func newForwarder(b *broker) *forwarder {
+	return &forwarder{
+		b: b,
+		client: &http.Client{
+			Timeout: forwardTimeout,
+			Transport: &http.Transport{
+				Proxy:                 nil, // peers are reached directly, never through an environment proxy
+				DialContext:           (&net.Dialer{Timeout: 2 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
+				MaxIdleConnsPerHost:   2,
+				MaxConnsPerHost:       4,
+				IdleConnTimeout:       90 * time.Second,
+				ResponseHeaderTimeout: forwardTimeout,
+			},
+		},
+		cache: map[string]*peerEntry{},
+		peers: map[string]*peerQueue{},
+	}
+}
+
+// watch invalidates cached peer lists whenever a topic registration
+// changes, until ctx ends.
+func (f *forwarder) watch(ctx context.Context) {
+	for {
+		w := f.b.reg.table.watch("")
+		f.gen.Add(1) // whatever happened before this watch began
+	events:
+		for {
+			select {
+			case <-ctx.Done():
+				f.b.reg.table.unwatch(w)
+				return
+			case ev, ok := <-w.ch:
+				if !ok { // fell behind: start over
+					break events
+				}
+				if strings.HasPrefix(ev.Service.Name, topicService) {
+					f.gen.Add(1)
+				}
+			}
+		}
+	}
+}
+
+// peersFor returns the other sidecars registered for topic, and the
+// topic's round-robin counter.
+func (f *forwarder) peersFor(topic string) ([]peerNode, *atomic.Uint64) {
+	gen, now := f.gen.Load(), time.Now()
+	f.cacheMu.Lock()
+	e := f.cache[topic]
+	f.cacheMu.Unlock()
+	if e != nil && e.gen == gen && now.Before(e.expires) {
+		return e.peers, &e.rr
+	}
+	versions, _ := f.b.reg.GetService(topicService + topic)
+	next := &peerEntry{gen: gen, expires: now.Add(peerCacheTTL), peers: peersOf(versions, f.b.id, f.b.advertise)}
+	if e != nil {
+		next.rr.Store(e.rr.Load())
+	}
+	f.cacheMu.Lock()
+	if len(f.cache) >= maxPeerCache {
+		f.cache = map[string]*peerEntry{}
+	}
+	f.cache[topic] = next
+	f.cacheMu.Unlock()
+	return next.peers, &next.rr
+}
+
+// plan is planDelivery over the current registry.
+func (f *forwarder) plan(topic string, localBroadcast bool, localGroups []string) deliveryPlan {
+	peers, rr := f.peersFor(topic)
+	if len(peers) == 0 && len(localGroups) == 0 {
+		return deliveryPlan{local: localDelivery{broadcast: localBroadcast}}
+	}
+	return planDelivery(localBroadcast, localGroups, peers, rr.Add(1)-1)
+}
+
+// send queues m for each forward. It never blocks on a peer: a full queue
+// drops the message, counted.
+func (f *forwarder) send(m *message, forwards []forwardPlan) {
+	for _, fp := range forwards {
+		item := forwardItem{topic: m.topic, broadcast: fp.broadcast, groups: fp.groups, event: m.event}
+		if !f.enqueue(fp.addr, item) {
+			f.b.stats.ForwardDropped.Add(1)
+			continue
+		}
+		f.b.stats.Forwarded.Add(1)
+	}
+}
+
+func (f *forwarder) enqueue(addr string, it forwardItem) bool {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.closed {
+		return false
+	}
+	p := f.peers[addr]
+	if p == nil {
+		if len(f.peers) >= maxPeers {
+			return false
+		}
+		p = &peerQueue{addr: addr}
+		f.peers[addr] = p
+	}
+	if len(p.items) >= maxPeerQueue || p.bytes+len(it.event) > maxPeerQueueBytes {
+		return false
+	}
+	p.items = append(p.items, it)
+	p.bytes += len(it.event)
+	if !p.running {
+		p.running = true
+		f.wg.Add(1)
+		go f.work(p)
+	}
+	return true
+}
+
+// work posts p's queue in batches until it is empty, then removes p.
+func (f *forwarder) work(p *peerQueue) {
+	defer f.wg.Done()
+	var body []byte
+	for {
+		f.mu.Lock()
+		n, size := 0, 0
+		for n < len(p.items) && n < maxForwardItems && size < maxForwardBytes {
+			size += len(p.items[n].event)
+			n++
+		}
+		if n == 0 {
+			p.running = false
+			delete(f.peers, p.addr)
+			f.mu.Unlock()
+			return
+		}
+		batch := slices.Clone(p.items[:n])
+		p.items = p.items[n:]
+		if len(p.items) == 0 {
+			p.items = nil
+		}
+		for _, it := range batch {
+			p.bytes -= len(it.event)
+		}
+		f.mu.Unlock()
+
+		body = encodeForward(body[:0], batch)
+		if err := f.post(p.addr, body); err != nil {
+			f.b.stats.ForwardDropped.Add(uint64(len(batch)))
+			f.logFailure(p.addr, len(batch), err)
+		}
+	}
+}
+
+func (f *forwarder) post(addr string, body []byte) error {
+	req, err := http.NewRequest(http.MethodPost, "http://"+addr+"/broker", bytes.NewReader(body))
+	if err != nil {
+		return err
+	}
+	req.Header.Set("Content-Type", forwardContentType)
+	req.Header.Set(forwardedHeader, f.b.id)
+	resp, err := f.client.Do(req)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode/100 != 2 {
+		msg, _ := io.ReadAll(io.LimitReader(resp.Body, 512))
+		return fmt.Errorf("peer answered %s: %s", resp.Status, bytes.TrimSpace(msg))
+	}
+	io.Copy(io.Discard, io.LimitReader(resp.Body, 4096))
+	return nil
+}
+
+// logFailure logs forward failures at most once every ten seconds.
+func (f *forwarder) logFailure(addr string, n int, err error) {
+	now := time.Now().UnixNano()
+	last := f.lastLog.Load()
+	if now-last < int64(10*time.Second) || !f.lastLog.CompareAndSwap(last, now) {
+		return
+	}
+	f.b.log.Warn("forwarding to a peer sidecar failed; messages lost (delivery is at most once)", "peer", addr, "messages", n, "error", err)
+}
+
+// close refuses new forwards and waits for the queued ones, or for ctx.
+func (f *forwarder) close(ctx context.Context) {
+	f.mu.Lock()
+	f.closed = true
+	f.mu.Unlock()
+	done := make(chan struct{})
+	go func() { f.wg.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-ctx.Done():
+	}
+	f.client.CloseIdleConnections()
+}
+
+// maxForwardBody is the largest batch a sidecar accepts from a peer: a full
+// batch plus one event of the largest payload, escaped at worst six times
+// its size (a JSON string of control characters).
+func (f *forwarder) maxForwardBody() int64 {
+	return maxForwardBytes + 6*int64(f.b.cfg.MaxPayloadBytes) + 64<<10
+}
+
+// receive delivers a batch forwarded by a peer to the local subscribers.
+func (f *forwarder) receive(body []byte) (int, error) {
+	items, err := decodeForward(body)
+	if err != nil {
+		return 0, err
+	}
+	for _, it := range items {
+		m := newMessage(it.topic, "", it.event)
+		f.b.deliver(m, it.broadcast, it.groups)
+	}
+	f.b.stats.Received.Add(uint64(len(items)))
+	return len(items), nil
+}

@@ -1,0 +1,359 @@
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"strconv"
+	"sync"
+	"unicode/utf8"
+
+	"golang.org/x/net/websocket"
+)
+
+// handle serves /broker:
+//
+//	GET  /broker?topic=T[&queue=G]  (WebSocket) subscribe to T, in group G;
+//	                                every frame sent is published to T
+//	POST /broker?topic=T            publish the body to T; answers {"id":...}
+//	POST /broker                    with Micro-Broker-Forwarded: a batch from a peer sidecar
+func (b *broker) handle(w http.ResponseWriter, r *http.Request) {
+	if r.Method == http.MethodPost && r.Header.Get(forwardedHeader) != "" {
+		b.handleForwarded(w, r)
+		return
+	}
+	switch r.Method {
+	case http.MethodGet:
+		b.handleSubscribe(w, r)
+	case http.MethodPost:
+		b.handlePublish(w, r)
+	default:
+		allowMethods(w, r, http.MethodGet, http.MethodPost)
+	}
+}
+
+// publishAnswer is the answer to a POST: the message's id, as its
+// subscribers see it in the event.
+type publishAnswer struct {
+	ID    string `json:"id"`
+	Topic string `json:"topic"`
+}
+
+func (b *broker) handlePublish(w http.ResponseWriter, r *http.Request) {
+	q := r.URL.Query()
+	topic := q.Get("topic")
+	if err := checkNames(topic, ""); err != nil {
+		writeError(w, http.StatusBadRequest, err.Error())
+		return
+	}
+	if q.Has("queue") {
+		writeError(w, http.StatusBadRequest, "queue is for subscribers (GET with a WebSocket upgrade); a message published goes to every queue group")
+		return
+	}
+	r.Body = http.MaxBytesReader(w, r.Body, int64(b.cfg.MaxPayloadBytes))
+	body, err := io.ReadAll(r.Body)
+	var tooBig *http.MaxBytesError
+	switch {
+	case errors.As(err, &tooBig):
+		writeError(w, http.StatusRequestEntityTooLarge, "message larger than "+strconv.Itoa(b.cfg.MaxPayloadBytes)+" bytes (--broker_max_payload_bytes)")
+		return
+	case err != nil:
+		writeError(w, http.StatusBadRequest, "reading request body: "+err.Error())
+		return
+	}
+	kind, dct, err := classify(r.Header.Get("Content-Type"), body)
+	if err != nil {
+		writeError(w, http.StatusBadRequest, err.Error())
+		return
+	}
+	writeJSON(w, http.StatusOK, publishAnswer{ID: b.publish(topic, kind, dct, body), Topic: topic})
+}
+
+func (b *broker) handleForwarded(w http.ResponseWriter, r *http.Request) {
+	r.Body = http.MaxBytesReader(w, r.Body, b.fwd.maxForwardBody())
+	body, err := io.ReadAll(r.Body)
+	if err != nil {
+		writeError(w, http.StatusRequestEntityTooLarge, "forwarded batch: "+err.Error())
+		return
+	}
+	n, err := b.fwd.receive(body)
+	if err != nil {
+		writeError(w, http.StatusBadRequest, "forwarded batch: "+err.Error())
+		return
+	}
+	writeJSON(w, http.StatusOK, map[string]int{"delivered": n})
+}
+
+func (b *broker) handleSubscribe(w http.ResponseWriter, r *http.Request) {
+	q := r.URL.Query()
+	topic, queue := q.Get("topic"), q.Get("queue")
+	if q.Has("queue") && queue == "" {
+		writeError(w, http.StatusBadRequest, "queue is empty; leave it out to get every message, or name a group")
+		return
+	}
+	if err := checkNames(topic, queue); err != nil {
+		writeError(w, http.StatusBadRequest, err.Error())
+		return
+	}
+	if !isUpgrade(r) {
+		writeError(w, http.StatusBadRequest, "GET /broker needs a WebSocket upgrade: connect a WebSocket client to ws://"+truncate(r.Host, 64)+"/broker?topic="+topic+", or POST to publish")
+		return
+	}
+	b.mu.RLock()
+	full := len(b.subs) >= b.cfg.MaxSubscribers || (b.topics[topic] == nil && len(b.topics) >= b.cfg.MaxTopics)
+	b.mu.RUnlock()
+	if full {
+		writeError(w, http.StatusServiceUnavailable, "broker is full: "+strconv.Itoa(b.cfg.MaxSubscribers)+" subscribers or "+strconv.Itoa(b.cfg.MaxTopics)+" topics is the limit (--broker_max_subscribers, --broker_max_topics)")
+		return
+	}
+	s := &subscriber{b: b, topic: topic, queue: queue, remote: r.RemoteAddr}
+	srv := wsServer(func(c *websocket.Conn) { b.serveConn(s, c) })
+	srv.ServeHTTP(&hijackWriter{ResponseWriter: w, s: s}, r)
+}
+
+// wsFrame is one data frame a client sent.
+type wsFrame struct {
+	data   []byte
+	binary bool
+}
+
+// frameCodec receives one frame with its type; the library's Message codec
+// loses the type for []byte.
+var frameCodec = websocket.Codec{
+	Unmarshal: func(data []byte, payloadType byte, v any) error {
+		f := v.(*wsFrame)
+		f.data, f.binary = data, payloadType == websocket.BinaryFrame
+		return nil
+	},
+}
+
+// serveConn sets up one subscriber connection and hands it to its own
+// reader goroutine, returning the HTTP server's goroutine: that one holds
+// the server's 4 KB read and write buffers and a deep stack, twice what the
+// rest of an idle subscriber costs.
+func (b *broker) serveConn(s *subscriber, c *websocket.Conn) {
+	c.MaxPayloadBytes = b.cfg.MaxPayloadBytes
+	s.ws = c
+	if !b.conns.add(c, func() { s.closeWith(closeGoingAway, "sidecar shutting down") }) {
+		writeClose(c, closeGoingAway, "sidecar shutting down")
+		return
+	}
+	if err := b.subscribe(s); err != nil {
+		writeClose(c, closeTryAgainLater, err.Error())
+		b.conns.remove(c)
+		return
+	}
+	s.rw.keep = true // the library closes the connection when this returns; the reader owns it now
+	go b.readLoop(s, c)
+}
+
+// readLoop publishes every frame the client sends until the connection
+// ends; the subscriber's writer does all writing.
+func (b *broker) readLoop(s *subscriber, c *websocket.Conn) {
+	defer b.conns.remove(c)
+	defer s.conn.Close()
+	defer func() {
+		b.unsubscribe(s)
+		s.abort()
+		s.wg.Wait()
+	}()
+	for {
+		var f wsFrame
+		err := frameCodec.Receive(c, &f)
+		if errors.Is(err, websocket.ErrFrameTooLarge) {
+			b.stats.TooBig.Add(1)
+			s.closeWith(closeTooBig, fmt.Sprintf("message larger than %d bytes (--broker_max_payload_bytes)", b.cfg.MaxPayloadBytes))
+			continue // the next read drains the frame until the peer answers or the close grace ends
+		}
+		if err != nil {
+			return
+		}
+		if s.isClosing() {
+			continue
+		}
+		kind, dct := payloadText, "text/plain"
+		if f.binary || !utf8.Valid(f.data) {
+			kind, dct = payloadBinary, "application/octet-stream"
+		}
+		b.publish(s.topic, kind, dct, f.data)
+	}
+}
+
+func (s *subscriber) isClosing() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.closing
+}
+
+// readBufferSize is a connection's read buffer: frames from subscribers
+// are mostly pongs, and larger frames are read straight through.
+const readBufferSize = 512
+
+// hijackWriter hands the WebSocket library a connection the broker can
+// batch writes on and watch reads of. The library writes (handshake, pongs,
+// control frames) through a small buffer that is flushed a whole frame at a
+// time under the subscriber's write lock, so they never interleave with the
+// writer's batches.
+type hijackWriter struct {
+	http.ResponseWriter
+	s *subscriber
+}
+
+func (h *hijackWriter) Hijack() (net.Conn, *bufio.ReadWriter, error) {
+	conn, brw, err := http.NewResponseController(h.ResponseWriter).Hijack()
+	if err != nil {
+		return nil, nil, err
+	}
+	h.s.conn = conn
+	rc := &readWatcher{Conn: conn, seen: &h.s.readSeen}
+	h.s.rw = rc
+	var r io.Reader = rc
+	if n := brw.Reader.Buffered(); n > 0 { // a client may send frames right behind its handshake
+		pre, _ := brw.Reader.Peek(n)
+		r = io.MultiReader(bytes.NewReader(bytes.Clone(pre)), rc)
+	}
+	// The write buffer holds the largest control frame (2+125 bytes), so a
+	// frame reaches lockedWriter in one piece.
+	lw := &lockedWriter{mu: &h.s.wmu, w: conn}
+	return rc, bufio.NewReadWriter(bufio.NewReaderSize(r, readBufferSize), bufio.NewWriterSize(lw, 256)), nil
+}
+
+// readWatcher records that the peer sent something: x/net/websocket answers
+// pings and swallows pongs itself, so reads are the only sign of life.
+type readWatcher struct {
+	net.Conn
+	seen interface{ Store(bool) }
+	keep bool // Close is a no-op: the connection outlives the handler
+}
+
+func (r *readWatcher) Close() error {
+	if r.keep {
+		return nil
+	}
+	return r.Conn.Close()
+}
+
+func (r *readWatcher) Read(p []byte) (int, error) {
+	n, err := r.Conn.Read(p)
+	if n > 0 {
+		r.seen.Store(true)
+	}
+	return n, err
+}
+
+// lockedWriter writes under a lock shared with the subscriber's writer.
+type lockedWriter struct {
+	mu *sync.Mutex
+	w  io.Writer
+}
+
+func (l *lockedWriter) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.w.Write(p)
+}
+
+// brokerStatsReport is the answer of GET /broker/stats.
+type brokerStatsReport struct {
+	ID              string `json:"id"`
+	Advertise       string `json:"advertise_address"`
+	Topics          int    `json:"topics"`
+	Subscribers     int    `json:"subscribers"`
+	Published       uint64 `json:"published"`
+	Delivered       uint64 `json:"delivered"`
+	Received        uint64 `json:"received_from_peers"`
+	Forwarded       uint64 `json:"forwarded_to_peers"`
+	ForwardDropped  uint64 `json:"forward_dropped"`
+	NoSubscriber    uint64 `json:"group_without_members"`
+	SlowClosed      uint64 `json:"slow_subscribers_closed"`
+	SlowDropped     uint64 `json:"slow_subscriber_messages_dropped"`
+	Reaped          uint64 `json:"silent_connections_reaped"`
+	TooBig          uint64 `json:"oversized_frames"`
+	RegistryFailure uint64 `json:"registry_failures"`
+}
+
+func (b *broker) handleStats(w http.ResponseWriter, r *http.Request) {
+	if !allowMethods(w, r, http.MethodGet, http.MethodHead) {
+		return
+	}
+	b.mu.RLock()
+	rep := brokerStatsReport{ID: b.id, Advertise: b.advertise, Topics: len(b.topics), Subscribers: len(b.subs)}
+	b.mu.RUnlock()
+	st := &b.stats
+	rep.Published, rep.Delivered, rep.Received = st.Published.Load(), st.Delivered.Load(), st.Received.Load()
+	rep.Forwarded, rep.ForwardDropped, rep.NoSubscriber = st.Forwarded.Load(), st.ForwardDropped.Load(), st.NoSubscriber.Load()
+	rep.SlowClosed, rep.SlowDropped, rep.Reaped = st.SlowClosed.Load(), st.SlowDropped.Load(), st.Reaped.Load()
+	rep.TooBig, rep.RegistryFailure = st.TooBig.Load(), st.RegistryFailure.Load()
+	writeJSON(w, http.StatusOK, rep)
+}
+
+// checkAdvertise validates --advertise_address: a host, or host:port.
+func checkAdvertise(s string) error {
+	if s == "" {
+		return nil
+	}
+	host := s
+	if h, p, err := net.SplitHostPort(s); err == nil {
+		if n, err := strconv.Atoi(p); err != nil || n < 1 || n > 65535 {
+			return fmt.Errorf("--advertise_address %q: port must be 1-65535", s)
+		}
+		host = h
+	}
+	if host == "" || !validName(host) {
+		return fmt.Errorf("--advertise_address %q: want a host or host:port that other sidecars can reach, e.g. 10.0.0.5:8081", s)
+	}
+	if ip := net.ParseIP(host); ip != nil && ip.IsUnspecified() {
+		return fmt.Errorf("--advertise_address %q: %s is not an address peers can reach; give this host's own address", s, host)
+	}
+	return nil
+}
+
+// resolveAdvertise picks the address peers reach this sidecar's API at:
+// the flag when given (its port defaults to the bound one); else the bound
+// address when its host is specific; else, when the API listens on every
+// interface, the host of --server_address when it is specific; else the
+// first non-loopback interface address (IPv4 first); else loopback.
+func resolveAdvertise(flagValue string, bound *net.TCPAddr, serverAddress string, ifaceAddrs []net.Addr) string {
+	port := strconv.Itoa(bound.Port)
+	if flagValue != "" {
+		if _, _, err := net.SplitHostPort(flagValue); err == nil {
+			return flagValue
+		}
+		return net.JoinHostPort(flagValue, port)
+	}
+	if !bound.IP.IsUnspecified() {
+		return bound.String()
+	}
+	if host, _, err := net.SplitHostPort(serverAddress); err == nil && host != "" {
+		if ip := net.ParseIP(host); ip == nil || !ip.IsUnspecified() {
+			return net.JoinHostPort(host, port)
+		}
+	}
+	var v6 net.IP
+	for _, a := range ifaceAddrs {
+		ipn, ok := a.(*net.IPNet)
+		if !ok || !ipn.IP.IsGlobalUnicast() && !ipn.IP.IsPrivate() {
+			continue
+		}
+		if ipn.IP.To4() != nil {
+			return net.JoinHostPort(ipn.IP.String(), port)
+		}
+		if v6 == nil {
+			v6 = ipn.IP
+		}
+	}
+	if v6 != nil {
+		return net.JoinHostPort(v6.String(), port)
+	}
+	return net.JoinHostPort("127.0.0.1", port)
+}
+
+// interfaceAddrs lists this machine's interface addresses, or none.
+func interfaceAddrs() []net.Addr {
+	addrs, _ := net.InterfaceAddrs()
+	return addrs
+}

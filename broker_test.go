@@ -1,0 +1,619 @@
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"crypto/rand"
+	"encoding/base64"
+	"encoding/binary"
+	"encoding/json"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"reflect"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"golang.org/x/net/websocket"
+)
+
+func TestCheckNames(t *testing.T) {
+	for _, tc := range []struct {
+		topic, queue string
+		want         string // "" for valid
+	}{
+		{"foo", "", ""},
+		{"go.micro.topic.foo", "workers", ""},
+		{"a:b_c-d.E9", "g-1", ""},
+		{strings.Repeat("t", maxTopicLen), strings.Repeat("q", maxQueueLen), ""},
+		{"", "", "topic is required"},
+		{"f o", "", `topic "f o"`},
+		{"a/b", "", `topic "a/b"`},
+		{"naïve", "", "topic"},
+		{strings.Repeat("t", maxTopicLen+1), "", "topic"},
+		{"foo", "g h", `queue "g h"`},
+		{"foo", strings.Repeat("q", maxQueueLen+1), "queue"},
+		{"foo", "*", "queue"},
+	} {
+		err := checkNames(tc.topic, tc.queue)
+		switch {
+		case tc.want == "" && err != nil:
+			t.Errorf("checkNames(%q, %q) = %v; want nil", truncate(tc.topic, 20), tc.queue, err)
+		case tc.want != "" && (err == nil || !strings.Contains(err.Error(), tc.want)):
+			t.Errorf("checkNames(%q, %q) = %v; want an error containing %q", truncate(tc.topic, 20), tc.queue, err, tc.want)
+		}
+	}
+}
+
+func TestClassify(t *testing.T) {
+	for _, tc := range []struct {
+		ct      string
+		body    string
+		kind    int
+		dct     string
+		wantErr bool
+	}{
+		{"", "hello", payloadText, "text/plain", false},
+		{"", "\xff\xfe", payloadBinary, "application/octet-stream", false},
+		{"text/plain; charset=utf-8", "hé", payloadText, "text/plain; charset=utf-8", false},
+		{"application/json", `{"a":[1,2]}`, payloadJSON, "application/json", false},
+		{"application/cloudevents+json", `"x"`, payloadJSON, "application/cloudevents+json", false},
+		{"application/json", `{"a":`, 0, "", true},
+		{"application/octet-stream", "text", payloadBinary, "application/octet-stream", false},
+		{"image/png", "\x89PNG\xff", payloadBinary, "image/png", false},
+		{"application/xml", "<a/>", payloadText, "application/xml", false},
+		{"not a type;;", "x", 0, "", true},
+	} {
+		kind, dct, err := classify(tc.ct, []byte(tc.body))
+		if (err != nil) != tc.wantErr || err == nil && (kind != tc.kind || dct != tc.dct) {
+			t.Errorf("classify(%q, %q) = %d, %q, %v; want %d, %q, error %v", tc.ct, tc.body, kind, dct, err, tc.kind, tc.dct, tc.wantErr)
+		}
+	}
+}
+
+func TestEncodeEvent(t *testing.T) {
+	at := time.Date(2026, 1, 2, 3, 4, 5, 600, time.FixedZone("x", 3600))
+	for _, tc := range []struct {
+		kind    int
+		dct     string
+		payload string
+		data    string // JSON of data, or "" for none
+		b64     string
+	}{
+		{payloadText, "text/plain", "hello world", `"hello world"`, ""},
+		{payloadText, "text/plain", "<\"quoted\">\n", `"\u003c\"quoted\"\u003e\n"`, ""},
+		{payloadJSON, "application/json", `{"a": [1, 2]}`, `{"a":[1,2]}`, ""},
+		{payloadBinary, "application/octet-stream", "\x00\x01\xff", "", "AAH/"},
+		{payloadText, "text/plain", "", `""`, ""},
+	} {
+		raw := encodeEvent("id-1", "/micro/s", "foo", at, tc.kind, tc.dct, []byte(tc.payload))
+		var ev map[string]json.RawMessage
+		if err := json.Unmarshal(raw, &ev); err != nil {
+			t.Fatalf("event %s is not JSON: %v", raw, err)
+		}
+		want := map[string]string{"specversion": `"1.0"`, "id": `"id-1"`, "source": `"/micro/s"`, "type": `"micro.broker.message"`,
+			"time": `"2026-01-02T02:04:05.0000006Z"`, "topic": `"foo"`, "datacontenttype": fmt.Sprintf("%q", tc.dct)}
+		if tc.data != "" {
+			want["data"] = tc.data
+		}
+		if tc.b64 != "" {
+			want["data_base64"] = fmt.Sprintf("%q", tc.b64)
+		}
+		got := map[string]string{}
+		for k, v := range ev {
+			got[k] = string(v)
+		}
+		if !reflect.DeepEqual(got, want) {
+			t.Errorf("payload %q: got %v; want %v", tc.payload, got, want)
+		}
+	}
+}
+
+func TestAppendFrameHeader(t *testing.T) {
+	for _, tc := range []struct {
+		n    int
+		want []byte
+	}{
+		{0, []byte{0x81, 0}},
+		{125, []byte{0x81, 125}},
+		{126, []byte{0x81, 126, 0, 126}},
+		{65535, []byte{0x81, 126, 0xff, 0xff}},
+		{65536, []byte{0x81, 127, 0, 0, 0, 0, 0, 1, 0, 0}},
+	} {
+		if got := appendFrameHeader(nil, websocket.TextFrame, tc.n); !bytes.Equal(got, tc.want) {
+			t.Errorf("header for %d bytes: got % x; want % x", tc.n, got, tc.want)
+		}
+	}
+}
+
+func TestPlanDelivery(t *testing.T) {
+	peers := []peerNode{
+		{addr: "10.0.0.2:8081", queue: ""},
+		{addr: "10.0.0.2:8081", queue: "g"},
+		{addr: "10.0.0.3:8081", queue: "g"},
+		{addr: "10.0.0.3:8081", queue: "h"},
+	}
+	for _, tc := range []struct {
+		name        string
+		broadcast   bool
+		localGroups []string
+		peers       []peerNode
+		rr          uint64
+		want        deliveryPlan
+	}{
+		{"alone", true, nil, nil, 0, deliveryPlan{local: localDelivery{broadcast: true}}},
+		{"local group only", false, []string{"g"}, nil, 7, deliveryPlan{local: localDelivery{groups: []string{"g"}}}},
+		{"turn of this sidecar", true, []string{"g"}, peers, 0, deliveryPlan{
+			local: localDelivery{broadcast: true, groups: []string{"g"}},
+			forwards: []forwardPlan{
+				{addr: "10.0.0.2:8081", localDelivery: localDelivery{broadcast: true}},
+				{addr: "10.0.0.3:8081", localDelivery: localDelivery{groups: []string{"h"}}},
+			}}},
+		{"turn of the first peer", true, []string{"g"}, peers, 1, deliveryPlan{
+			local: localDelivery{broadcast: true},
+			forwards: []forwardPlan{
+				{addr: "10.0.0.2:8081", localDelivery: localDelivery{broadcast: true, groups: []string{"g"}}},
+				{addr: "10.0.0.3:8081", localDelivery: localDelivery{groups: []string{"h"}}},
+			}}},
+		{"turn of the second peer", false, []string{"g"}, peers, 2, deliveryPlan{
+			forwards: []forwardPlan{
+				{addr: "10.0.0.2:8081", localDelivery: localDelivery{broadcast: true}},
+				{addr: "10.0.0.3:8081", localDelivery: localDelivery{groups: []string{"g", "h"}}},
+			}}},
+		{"no local members", false, nil, peers[1:3], 5, deliveryPlan{
+			forwards: []forwardPlan{{addr: "10.0.0.3:8081", localDelivery: localDelivery{groups: []string{"g"}}}}}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			got := planDelivery(tc.broadcast, tc.localGroups, tc.peers, tc.rr)
+			if !reflect.DeepEqual(got, tc.want) {
+				t.Errorf("planDelivery(%v, %v, %v, %d):\n got %+v\nwant %+v", tc.broadcast, tc.localGroups, tc.peers, tc.rr, got, tc.want)
+			}
+		})
+	}
+	// Over a full turn every candidate gets the group exactly once.
+	counts := map[string]int{}
+	for rr := range uint64(3 * 10) {
+		p := planDelivery(false, []string{"g"}, peers, rr)
+		if slices := p.local.groups; len(slices) == 1 {
+			counts["self"]++
+		}
+		for _, f := range p.forwards {
+			if len(f.groups) > 0 && f.groups[0] == "g" {
+				counts[f.addr]++
+			}
+		}
+	}
+	if want := map[string]int{"self": 10, "10.0.0.2:8081": 10, "10.0.0.3:8081": 10}; !reflect.DeepEqual(counts, want) {
+		t.Errorf("group g over 30 messages: got %v; want %v", counts, want)
+	}
+}
+
+func TestPeersOf(t *testing.T) {
+	node := func(id, addr string, port int, md map[string]string) Node {
+		return Node{ID: id, Address: addr, Port: port, Metadata: md}
+	}
+	versions := []Service{{Name: "topic:foo", Nodes: []Node{
+		node("me", "10.0.0.1", 8081, map[string]string{"sidecar": "me"}),
+		node("old-me", "10.0.0.1", 8081, map[string]string{"sidecar": "old-me"}), // a stale entry of an earlier run here
+		node("b:g", "10.0.0.3", 8081, map[string]string{"sidecar": "b", "queue": "g"}),
+		node("a", "10.0.0.2", 8081, map[string]string{"sidecar": "a"}),
+		node("v6", "::1", 9000, map[string]string{"sidecar": "c"}),
+	}}}
+	got := peersOf(versions, "me", "10.0.0.1:8081")
+	want := []peerNode{{addr: "10.0.0.2:8081"}, {addr: "10.0.0.3:8081", queue: "g"}, {addr: "[::1]:9000"}}
+	if !reflect.DeepEqual(got, want) {
+		t.Errorf("peersOf: got %v; want %v", got, want)
+	}
+}
+
+func TestForwardBatchRoundTrip(t *testing.T) {
+	ev := func(topic string) []byte {
+		return encodeEvent("i", "/s", topic, time.Unix(0, 0), payloadText, "text/plain", []byte("line\nbreak"))
+	}
+	items := []forwardItem{
+		{topic: "foo", broadcast: true, event: ev("foo")},
+		{topic: "bar", groups: []string{"g", "h"}, event: ev("bar")},
+	}
+	got, err := decodeForward(encodeForward(nil, items))
+	if err != nil || !reflect.DeepEqual(got, items) {
+		t.Fatalf("round trip: got %+v, %v; want %+v", got, err, items)
+	}
+	for _, tc := range []struct{ name, body string }{
+		{"no newline", "foo b 2"},
+		{"short", "foo b 100\n{}\n"},
+		{"bad flag", "foo x 2\n{}\n"},
+		{"bad topic", "f/o b 2\n{}\n"},
+		{"bad group", "foo - 2 g/h\n{}\n"},
+		{"not an event", "foo b 2\n{}\n"},
+		{"wrong topic", "bar b " + fmt.Sprint(len(ev("foo"))) + "\n" + string(ev("foo")) + "\n"},
+		{"negative", "foo b -1\n\n"},
+	} {
+		if _, err := decodeForward([]byte(tc.body)); err == nil {
+			t.Errorf("%s: decodeForward(%q) succeeded; want an error", tc.name, tc.body)
+		}
+	}
+}
+
+// FuzzDecodeForward: a batch from a peer never panics the decoder, and what
+// decodes encodes back to the same items.
+func FuzzDecodeForward(f *testing.F) {
+	ev := encodeEvent("i", "/s", "foo", time.Unix(0, 0), payloadText, "text/plain", []byte("x"))
+	f.Add(encodeForward(nil, []forwardItem{{topic: "foo", broadcast: true, groups: []string{"g"}, event: ev}}))
+	f.Add([]byte("foo b 2\n{}\n"))
+	f.Fuzz(func(t *testing.T, body []byte) {
+		items, err := decodeForward(body)
+		if err != nil {
+			return
+		}
+		again, err := decodeForward(encodeForward(nil, items))
+		if err != nil || len(again) != len(items) {
+			t.Fatalf("re-encoded batch does not decode: %v", err)
+		}
+		for i := range items {
+			if !bytes.Equal(items[i].event, again[i].event) || items[i].topic != again[i].topic || items[i].broadcast != again[i].broadcast {
+				t.Fatalf("item %d changed in a round trip", i)
+			}
+		}
+	})
+}
+
+// FuzzEncodeEvent: whatever a client publishes, with whatever content type
+// or frame type, is either refused with an error or becomes a valid
+// CloudEvent whose data gives back exactly what was published.
+func FuzzEncodeEvent(f *testing.F) {
+	f.Add("", []byte("hello world"), false)
+	f.Add("application/json", []byte(`{"a":1}`), false)
+	f.Add("text/plain", []byte("\xff"), false)
+	f.Add("", []byte{0, 1, 2}, true)
+	f.Fuzz(func(t *testing.T, contentType string, body []byte, binaryFrame bool) {
+		kind, dct, err := classify(contentType, body)
+		if binaryFrame { // a WebSocket binary frame
+			kind, dct, err = payloadBinary, "application/octet-stream", nil
+		}
+		if err != nil {
+			return
+		}
+		raw := encodeEvent("id", "/s", "t", time.Unix(1, 0), kind, dct, body)
+		var ev struct {
+			Data       json.RawMessage `json:"data"`
+			DataBase64 *string         `json:"data_base64"`
+			Topic      string          `json:"topic"`
+		}
+		if err := json.Unmarshal(raw, &ev); err != nil || ev.Topic != "t" {
+			t.Fatalf("event %q is not valid: %v", raw, err)
+		}
+		switch kind {
+		case payloadText:
+			var s string
+			if err := json.Unmarshal(ev.Data, &s); err != nil || s != string(body) {
+				t.Fatalf("text %q came back as %q (%v)", body, s, err)
+			}
+		case payloadJSON:
+			var want, got bytes.Buffer
+			json.Compact(&want, body)
+			json.Compact(&got, ev.Data)
+			var a, b any
+			json.Unmarshal(want.Bytes(), &a)
+			json.Unmarshal(got.Bytes(), &b)
+			if !reflect.DeepEqual(a, b) {
+				t.Fatalf("JSON %q came back as %q", body, ev.Data)
+			}
+		case payloadBinary:
+			if ev.DataBase64 == nil {
+				t.Fatalf("binary %q has no data_base64: %s", body, raw)
+			}
+			if got, err := base64.StdEncoding.DecodeString(*ev.DataBase64); err != nil || !bytes.Equal(got, body) {
+				t.Fatalf("binary %q came back as %q", body, got)
+			}
+		}
+	})
+}
+
+func TestResolveAdvertise(t *testing.T) {
+	ifaces := []net.Addr{
+		&net.IPNet{IP: net.ParseIP("127.0.0.1"), Mask: net.CIDRMask(8, 32)},
+		&net.IPNet{IP: net.ParseIP("fe80::1"), Mask: net.CIDRMask(64, 128)},
+		&net.IPNet{IP: net.ParseIP("2001:db8::5"), Mask: net.CIDRMask(64, 128)},
+		&net.IPNet{IP: net.ParseIP("192.168.1.7"), Mask: net.CIDRMask(24, 32)},
+	}
+	any4 := &net.TCPAddr{IP: net.IPv4zero, Port: 8081}
+	for _, tc := range []struct {
+		name, flag string
+		bound      *net.TCPAddr
+		server     string
+		ifaces     []net.Addr
+		want       string
+	}{
+		{"flag with port", "10.1.1.1:9000", any4, "", ifaces, "10.1.1.1:9000"},
+		{"flag host only", "node1.internal", any4, "", ifaces, "node1.internal:8081"},
+		{"specific bind", "", &net.TCPAddr{IP: net.ParseIP("127.0.0.1"), Port: 5555}, "10.0.0.9:80", ifaces, "127.0.0.1:5555"},
+		{"ipv6 bind", "", &net.TCPAddr{IP: net.ParseIP("::1"), Port: 5555}, "", ifaces, "[::1]:5555"},
+		{"all interfaces, app address", "", any4, "10.0.0.9:9090", ifaces, "10.0.0.9:8081"},
+		{"all interfaces, app on all too", "", any4, "0.0.0.0:9090", ifaces, "192.168.1.7:8081"},
+		{"all interfaces, no app", "", any4, "", ifaces, "192.168.1.7:8081"},
+		{"ipv6 only interfaces", "", any4, "", ifaces[:3], "[2001:db8::5]:8081"},
+		{"loopback only", "", any4, "", ifaces[:1], "127.0.0.1:8081"},
+	} {
+		if got := resolveAdvertise(tc.flag, tc.bound, tc.server, tc.ifaces); got != tc.want {
+			t.Errorf("%s: resolveAdvertise(%q, %v, %q) = %q; want %q", tc.name, tc.flag, tc.bound, tc.server, got, tc.want)
+		}
+	}
+	for _, bad := range []string{"0.0.0.0", "[::]:80", "host:99999", "a b"} {
+		if checkAdvertise(bad) == nil {
+			t.Errorf("checkAdvertise(%q) = nil; want an error", bad)
+		}
+	}
+}
+
+// testSidecar runs a sidecar's routes in this process, so that the race
+// detector watches the broker.
+func testSidecar(t *testing.T, bc brokerConfig) (*sidecar, string) {
+	t.Helper()
+	cfg := config{Registry: "memory", RegisterTTL: 30 * time.Second, RegistryMaxNodes: 1000, MaxBodyBytes: 1 << 20, Broker: bc}
+	log := slog.New(slog.NewTextHandler(io.Discard, nil))
+	s, err := newSidecar(context.Background(), cfg, log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := httptest.NewServer(s.routes())
+	s.broker.advertise = srv.Listener.Addr().String()
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { s.broker.run(ctx); close(done) }()
+	t.Cleanup(func() {
+		cancel()
+		<-done
+		sctx, c := context.WithTimeout(context.Background(), 5*time.Second)
+		defer c()
+		s.conns.closeAll(sctx)
+		srv.Close()
+		s.broker.close(sctx)
+	})
+	return s, srv.Listener.Addr().String()
+}
+
+// rawWS is a WebSocket client that shows everything the server sends,
+// close codes included, which x/net/websocket's client hides.
+type rawWS struct {
+	conn net.Conn
+	br   *bufio.Reader
+}
+
+func dialRaw(t *testing.T, addr, path string) *rawWS {
+	t.Helper()
+	conn, err := net.DialTimeout("tcp", addr, 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	var key [16]byte
+	rand.Read(key[:])
+	fmt.Fprintf(conn, "GET %s HTTP/1.1\r\nHost: %s\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n\r\n",
+		path, addr, base64.StdEncoding.EncodeToString(key[:]))
+	br := bufio.NewReader(conn)
+	resp, err := http.ReadResponse(br, nil)
+	if err != nil || resp.StatusCode != http.StatusSwitchingProtocols {
+		t.Fatalf("handshake for %s: %v %v", path, resp, err)
+	}
+	return &rawWS{conn: conn, br: br}
+}
+
+// next returns the next frame's opcode and payload.
+func (r *rawWS) next(timeout time.Duration) (byte, []byte, error) {
+	r.conn.SetReadDeadline(time.Now().Add(timeout))
+	var h [2]byte
+	if _, err := io.ReadFull(r.br, h[:]); err != nil {
+		return 0, nil, err
+	}
+	n := int(h[1] & 0x7f)
+	switch n {
+	case 126:
+		var l [2]byte
+		if _, err := io.ReadFull(r.br, l[:]); err != nil {
+			return 0, nil, err
+		}
+		n = int(binary.BigEndian.Uint16(l[:]))
+	case 127:
+		var l [8]byte
+		if _, err := io.ReadFull(r.br, l[:]); err != nil {
+			return 0, nil, err
+		}
+		n = int(binary.BigEndian.Uint64(l[:]))
+	}
+	p := make([]byte, n)
+	_, err := io.ReadFull(r.br, p)
+	return h[0] & 0x0f, p, err
+}
+
+// closeCode reads until the close frame and returns its code and reason;
+// data frames before it are skipped.
+func (r *rawWS) closeCode(t *testing.T) (int, string) {
+	t.Helper()
+	code, reason, err := r.readClose()
+	if err != nil {
+		t.Fatalf("reading until the close frame: %v", err)
+	}
+	return code, reason
+}
+
+func (r *rawWS) readClose() (int, string, error) {
+	for {
+		op, p, err := r.next(10 * time.Second)
+		if err != nil {
+			return 0, "", err
+		}
+		if op == websocket.CloseFrame && len(p) >= 2 {
+			return int(binary.BigEndian.Uint16(p)), string(p[2:]), nil
+		}
+	}
+}
+
+// send writes one masked frame, as a client must.
+func (r *rawWS) send(t *testing.T, op byte, p []byte) {
+	t.Helper()
+	f := appendFrameHeader(nil, op, len(p))
+	f[1] |= 0x80
+	f = append(f, 1, 2, 3, 4)
+	for i, b := range p {
+		f = append(f, b^[]byte{1, 2, 3, 4}[i%4])
+	}
+	if _, err := r.conn.Write(f); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestInProcessPublishSubscribe(t *testing.T) {
+	s, addr := testSidecar(t, brokerConfig{})
+	var subs []*websocket.Conn
+	for _, q := range []string{"", "", "&queue=g", "&queue=g"} {
+		c, err := websocket.Dial("ws://"+addr+"/broker?topic=foo"+q, "", "http://"+addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		subs = append(subs, c)
+	}
+	waitFor(t, 5*time.Second, "four subscribers", func() bool { return s.broker.stats.Published.Load() == 0 && subCount(s.broker) == 4 })
+	const n = 20
+	for i := range n {
+		resp, err := http.Post("http://"+addr+"/broker?topic=foo", "text/plain", strings.NewReader(fmt.Sprint(i)))
+		if err != nil || resp.StatusCode != 200 {
+			t.Fatalf("publish: %v %v", resp, err)
+		}
+		resp.Body.Close()
+	}
+	var mu sync.Mutex // guards counts
+	counts := make([]int, len(subs))
+	for i, c := range subs {
+		go func() {
+			for {
+				var ev cloudEvent
+				if websocket.JSON.Receive(c, &ev) != nil {
+					return
+				}
+				mu.Lock()
+				counts[i]++
+				mu.Unlock()
+			}
+		}()
+	}
+	waitFor(t, 10*time.Second, "every message", func() bool {
+		mu.Lock()
+		defer mu.Unlock()
+		return counts[0] == n && counts[1] == n && counts[2]+counts[3] == n
+	})
+	mu.Lock()
+	defer mu.Unlock()
+	if counts[2] == 0 || counts[3] == 0 {
+		t.Errorf("deliveries per subscriber: %v; want the group's spread over both members", counts)
+	}
+}
+
+func subCount(b *broker) int {
+	b.mu.RLock()
+	defer b.mu.RUnlock()
+	return len(b.subs)
+}
+
+func TestInProcessOverflowAndLimits(t *testing.T) {
+	s, addr := testSidecar(t, brokerConfig{QueueSize: 8, MaxPayloadBytes: 64 << 10, MaxSubscribers: 3})
+	stuck := dialRaw(t, addr, "/broker?topic=flood")
+	fast := dialRaw(t, addr, "/broker?topic=flood")
+	waitFor(t, 5*time.Second, "two subscribers", func() bool { return subCount(s.broker) == 2 })
+	// Fill the stuck subscriber's socket and queue: it never reads.
+	payload := strings.Repeat("x", 60<<10)
+	got := 0
+	for i := 0; s.broker.stats.SlowClosed.Load() == 0; i++ {
+		if i > 2000 {
+			t.Fatal("the stuck subscriber was never closed as slow")
+		}
+		s.broker.publish("flood", payloadText, "text/plain", []byte(payload))
+		for { // the fast one keeps up
+			_, _, err := fast.next(5 * time.Second)
+			if err != nil {
+				t.Fatalf("fast subscriber after %d messages: %v", got, err)
+			}
+			got++
+			if got == i+1 {
+				break
+			}
+		}
+	}
+	waitFor(t, 10*time.Second, "the slow subscriber to go", func() bool { return subCount(s.broker) == 1 })
+	stuck.conn.SetReadDeadline(time.Now().Add(10 * time.Second))
+	io.Copy(io.Discard, stuck.br) // ends: with a close frame or a reset, depending on where its writer was
+	if s.broker.stats.SlowDropped.Load() == 0 {
+		t.Error("dropped messages not counted")
+	}
+
+	// Oversized frames close with 1009.
+	big := dialRaw(t, addr, "/broker?topic=big")
+	big.send(t, websocket.TextFrame, make([]byte, 64<<10+1))
+	if code, reason := big.closeCode(t); code != closeTooBig || !strings.Contains(reason, "--broker_max_payload_bytes") {
+		t.Errorf("oversized frame: close %d %q; want 1009 naming the flag", code, reason)
+	}
+	big.conn.Close()
+	waitFor(t, 5*time.Second, "the oversized sender to go", func() bool { return subCount(s.broker) == 1 })
+
+	// The subscriber limit answers 503 before upgrading.
+	dialRaw(t, addr, "/broker?topic=a")
+	dialRaw(t, addr, "/broker?topic=b")
+	waitFor(t, 5*time.Second, "three subscribers", func() bool { return subCount(s.broker) == 3 })
+	c, _, err := websocketDialStatus(addr, "/broker?topic=c")
+	if err != nil || c != http.StatusServiceUnavailable {
+		t.Errorf("beyond --broker_max_subscribers: got %d %v; want 503", c, err)
+	}
+}
+
+// websocketDialStatus attempts an upgrade and returns the HTTP status.
+func websocketDialStatus(addr, path string) (int, string, error) {
+	req, _ := http.NewRequest("GET", "http://"+addr+path, nil)
+	req.Header.Set("Upgrade", "websocket")
+	req.Header.Set("Connection", "Upgrade")
+	req.Header.Set("Sec-WebSocket-Version", "13")
+	req.Header.Set("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ==")
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return 0, "", err
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(body), nil
+}
+
+func TestInProcessShutdownGoingAwayAndPings(t *testing.T) {
+	s, addr := testSidecar(t, brokerConfig{PingInterval: time.Hour})
+	c := dialRaw(t, addr, "/broker?topic=foo")
+	waitFor(t, 5*time.Second, "the subscriber", func() bool { return subCount(s.broker) == 1 })
+	s.broker.keepalive() // quiet since the handshake was read: pinged
+	if op, _, err := c.next(5 * time.Second); err != nil || op != websocket.PingFrame {
+		t.Fatalf("after a quiet round: frame %d, %v; want a ping", op, err)
+	}
+	c.send(t, websocket.PongFrame, nil)
+	waitFor(t, 5*time.Second, "the pong to be read", func() bool { return s.broker.subsSeen() })
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	go s.conns.closeAll(ctx)
+	if code, reason := c.closeCode(t); code != closeGoingAway || reason != "sidecar shutting down" {
+		t.Errorf("on shutdown: close %d %q; want 1001", code, reason)
+	}
+}
+
+// subsSeen reports whether every subscriber was heard from since the last
+// keepalive round.
+func (b *broker) subsSeen() bool {
+	b.mu.RLock()
+	defer b.mu.RUnlock()
+	for s := range b.subs {
+		if !s.readSeen.Load() {
+			return false
+		}
+	}
+	return true
+}

@@ -1,0 +1,570 @@
+package main
+
+// End-to-end tests of the broker: the built binary, real WebSocket clients
+// (x/net/websocket, a raw client that sees close codes, and Debian's
+// python3-websockets), several sidecars sharing a file registry.
+
+import (
+	"bufio"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"golang.org/x/net/websocket"
+)
+
+// collector gathers the events one x/net/websocket subscriber receives.
+type collector struct {
+	name string
+	ws   *websocket.Conn
+
+	mu     sync.Mutex // guards events, counts
+	events []cloudEvent
+	counts map[string]int // by data
+}
+
+// subscribeWS connects a subscriber to p's /broker with query and collects
+// what it receives until the test ends.
+func subscribeWS(t *testing.T, p *proc, name, query string) *collector {
+	t.Helper()
+	ws, err := websocket.Dial("ws://"+p.addr+"/broker?"+query, "", "http://"+p.addr)
+	if err != nil {
+		t.Fatalf("subscriber %s: %v", name, err)
+	}
+	c := &collector{name: name, ws: ws, counts: map[string]int{}}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for {
+			var ev cloudEvent
+			if err := websocket.JSON.Receive(ws, &ev); err != nil {
+				return
+			}
+			var data string
+			if json.Unmarshal(ev.Data, &data) != nil {
+				data = string(ev.Data)
+			}
+			c.mu.Lock()
+			c.events = append(c.events, ev)
+			c.counts[data]++
+			c.mu.Unlock()
+		}
+	}()
+	t.Cleanup(func() { ws.Close(); <-done })
+	return c
+}
+
+func (c *collector) total() int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return len(c.events)
+}
+
+// publish POSTs body to topic on p and returns the message id.
+func publish(t *testing.T, p *proc, topic, contentType, body string) string {
+	t.Helper()
+	code, out := do(t, "POST", p.url("/broker?topic="+topic), contentType, body)
+	var a publishAnswer
+	if code != http.StatusOK || json.Unmarshal([]byte(out), &a) != nil || a.ID == "" {
+		t.Fatalf("publish to %s: %d %s", topic, code, out)
+	}
+	return a.ID
+}
+
+func brokerStatsOf(t *testing.T, p *proc) brokerStatsReport {
+	t.Helper()
+	code, body := do(t, "GET", p.url("/broker/stats"), "", "")
+	var st brokerStatsReport
+	if code != http.StatusOK || json.Unmarshal([]byte(body), &st) != nil {
+		t.Fatalf("/broker/stats: %d %s", code, body)
+	}
+	return st
+}
+
+func waitSubscribers(t *testing.T, p *proc, n int) {
+	t.Helper()
+	waitFor(t, 10*time.Second, fmt.Sprintf("%d subscribers on %s", n, p.addr), func() bool { return brokerStatsOf(t, p).Subscribers == n })
+}
+
+// TestBrokerSeedExample follows the seed README: a client subscribes to
+// foo, writes "hello world" on a ticker, and reads back each message.
+func TestBrokerSeedExample(t *testing.T) {
+	p := startSidecar(t, "--registry=memory")
+	c, err := websocket.Dial("ws://"+p.addr+"/broker?topic=foo", "", "http://"+p.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	got := make(chan cloudEvent, 16)
+	go func() {
+		for {
+			var p []byte
+			if err := websocket.Message.Receive(c, &p); err != nil {
+				close(got)
+				return
+			}
+			var msg cloudEvent
+			json.Unmarshal(p, &msg)
+			got <- msg
+		}
+	}()
+	ticker := time.NewTicker(20 * time.Millisecond)
+	defer ticker.Stop()
+	deadline := time.After(10 * time.Second)
+	for n := 0; n < 3; {
+		select {
+		case <-ticker.C:
+			if _, err := c.Write([]byte(`hello world`)); err != nil {
+				t.Fatal(err)
+			}
+		case msg, ok := <-got:
+			if !ok {
+				t.Fatal("connection ended")
+			}
+			n++
+			if msg.SpecVersion != "1.0" || msg.Type != "micro.broker.message" || msg.Topic != "foo" || msg.ID == "" ||
+				msg.DataContentType != "text/plain" || string(msg.Data) != `"hello world"` || !strings.HasPrefix(msg.Source, "/micro/sidecar-") {
+				t.Errorf("event %+v; want a CloudEvent of topic foo with data \"hello world\"", msg)
+			}
+			if _, err := time.Parse(time.RFC3339Nano, msg.Time); err != nil {
+				t.Errorf("time %q: %v", msg.Time, err)
+			}
+		case <-deadline:
+			t.Fatalf("got %d of 3 messages in 10s", n)
+		}
+	}
+}
+
+func TestBrokerPublishFormats(t *testing.T) {
+	p := startSidecar(t, "--registry=memory")
+	sub := subscribeWS(t, p, "s", "topic=formats")
+	waitSubscribers(t, p, 1)
+	id := publish(t, p, "formats", "application/json", `{"n": 1}`)
+	publish(t, p, "formats", "text/plain; charset=utf-8", "héllo")
+	publish(t, p, "formats", "application/octet-stream", "\x00\x01")
+	if err := websocket.Message.Send(sub.ws, []byte{0xff, 0}); err != nil { // a binary frame
+		t.Fatal(err)
+	}
+	waitFor(t, 5*time.Second, "four events", func() bool { return sub.total() == 4 })
+	sub.mu.Lock()
+	defer sub.mu.Unlock()
+	want := []struct{ dct, data, b64 string }{
+		{"application/json", `{"n":1}`, ""},
+		{"text/plain; charset=utf-8", `"héllo"`, ""},
+		{"application/octet-stream", "", "AAE="},
+		{"application/octet-stream", "", "/wA="},
+	}
+	for i, w := range want {
+		ev := sub.events[i]
+		b64 := ""
+		if ev.DataBase64 != nil {
+			b64 = *ev.DataBase64
+		}
+		if ev.DataContentType != w.dct || string(ev.Data) != w.data || b64 != w.b64 {
+			t.Errorf("event %d: %s %s %s; want %s %s %s", i, ev.DataContentType, ev.Data, b64, w.dct, w.data, w.b64)
+		}
+	}
+	if sub.events[0].ID != id {
+		t.Errorf("POST answered id %s; the event carries %s", id, sub.events[0].ID)
+	}
+}
+
+// checkExactlyOnce fails unless each broadcast collector got every message
+// in want exactly once, and each group's members together did.
+func checkExactlyOnce(t *testing.T, want []string, broadcast []*collector, groups map[string][]*collector) {
+	t.Helper()
+	for _, c := range broadcast {
+		c.mu.Lock()
+		for _, m := range want {
+			if c.counts[m] != 1 {
+				t.Errorf("broadcast subscriber %s got %q %d times; want once", c.name, m, c.counts[m])
+			}
+		}
+		if len(c.events) != len(want) {
+			t.Errorf("broadcast subscriber %s got %d messages; want %d", c.name, len(c.events), len(want))
+		}
+		c.mu.Unlock()
+	}
+	for g, members := range groups {
+		total := map[string]int{}
+		for _, c := range members {
+			c.mu.Lock()
+			if len(c.events) == 0 {
+				t.Errorf("group %s member %s got nothing; want the group's messages spread", g, c.name)
+			}
+			for m, n := range c.counts {
+				total[m] += n
+			}
+			c.mu.Unlock()
+		}
+		for _, m := range want {
+			if total[m] != 1 {
+				t.Errorf("group %s got %q %d times; want once", g, m, total[m])
+			}
+		}
+		if len(total) != len(want) {
+			t.Errorf("group %s got %d distinct messages; want %d", g, len(total), len(want))
+		}
+	}
+}
+
+func waitAll(t *testing.T, n int, broadcast []*collector, groups map[string][]*collector) {
+	t.Helper()
+	waitFor(t, 20*time.Second, "every message to arrive", func() bool {
+		for _, c := range broadcast {
+			if c.total() < n {
+				return false
+			}
+		}
+		for _, members := range groups {
+			sum := 0
+			for _, c := range members {
+				sum += c.total()
+			}
+			if sum < n {
+				return false
+			}
+		}
+		return true
+	})
+}
+
+func TestBrokerBroadcastAndGroupsOneSidecar(t *testing.T) {
+	p := startSidecar(t, "--registry=memory")
+	b1, b2 := subscribeWS(t, p, "b1", "topic=orders"), subscribeWS(t, p, "b2", "topic=orders")
+	g := []*collector{subscribeWS(t, p, "g1", "topic=orders&queue=g"), subscribeWS(t, p, "g2", "topic=orders&queue=g"), subscribeWS(t, p, "g3", "topic=orders&queue=g")}
+	h := []*collector{subscribeWS(t, p, "h1", "topic=orders&queue=h")}
+	other := subscribeWS(t, p, "other", "topic=other")
+	waitSubscribers(t, p, 7)
+	var want []string
+	for i := range 300 {
+		m := fmt.Sprintf("m-%d", i)
+		want = append(want, m)
+		publish(t, p, "orders", "text/plain", m)
+	}
+	groups := map[string][]*collector{"g": g, "h": h}
+	waitAll(t, len(want), []*collector{b1, b2}, groups)
+	checkExactlyOnce(t, want, []*collector{b1, b2}, groups)
+	if other.total() != 0 {
+		t.Errorf("a subscriber of another topic got %d messages", other.total())
+	}
+	for _, c := range g {
+		if n := c.total(); n < 60 || n > 140 {
+			t.Errorf("group member %s got %d of 300; want about a third", c.name, n)
+		}
+	}
+}
+
+// TestBrokerAcrossThreeSidecars: subscribers on three sidecars sharing a
+// file registry; messages published on each reach every broadcast
+// subscriber once and every queue group once, wherever its members are.
+func TestBrokerAcrossThreeSidecars(t *testing.T) {
+	file := filepath.Join(t.TempDir(), "registry.json")
+	var ps []*proc
+	for range 3 {
+		ps = append(ps, startSidecar(t, "--registry=file", "--registry_address="+file))
+	}
+	a, b, c := ps[0], ps[1], ps[2]
+	broadcast := []*collector{subscribeWS(t, a, "A.b1", "topic=t"), subscribeWS(t, a, "A.b2", "topic=t"), subscribeWS(t, b, "B.b1", "topic=t")}
+	groups := map[string][]*collector{
+		"g": {subscribeWS(t, a, "A.g1", "topic=t&queue=g"), subscribeWS(t, b, "B.g1", "topic=t&queue=g"), subscribeWS(t, b, "B.g2", "topic=t&queue=g")},
+		"h": {subscribeWS(t, b, "B.h1", "topic=t&queue=h"), subscribeWS(t, c, "C.h1", "topic=t&queue=h")},
+	}
+	// A: broadcast and g; B: broadcast, g and h; C: h.
+	for _, p := range ps {
+		waitFor(t, 10*time.Second, "every topic registration on "+p.addr, func() bool {
+			s := lookup(t, p, "topic:t")
+			return s != nil && len(s.Nodes) == 6
+		})
+	}
+	var want []string
+	for i := range 100 {
+		for j, p := range ps {
+			m := fmt.Sprintf("%c-%d", 'A'+j, i)
+			want = append(want, m)
+			publish(t, p, "t", "text/plain", m)
+		}
+	}
+	waitAll(t, len(want), broadcast, groups)
+	checkExactlyOnce(t, want, broadcast, groups)
+	for _, p := range ps {
+		if st := brokerStatsOf(t, p); st.ForwardDropped != 0 || st.NoSubscriber != 0 || st.SlowClosed != 0 {
+			t.Errorf("sidecar %s lost messages: %+v", p.addr, st)
+		}
+	}
+
+	// The last local subscriber of a group leaving takes the registration.
+	groups["h"][1].ws.Close()
+	waitFor(t, 10*time.Second, "C's registration for h to go", func() bool {
+		s := lookup(t, a, "topic:t")
+		return s != nil && len(s.Nodes) == 5
+	})
+}
+
+// TestBrokerSlowSubscriberDoesNotSlowOthers: a subscriber that stops
+// reading is closed once its queue overflows, and the others get every
+// message meanwhile.
+func TestBrokerSlowSubscriberDoesNotSlowOthers(t *testing.T) {
+	p := startSidecar(t, "--registry=memory", "--broker_queue_size=64", "--broker_queue_bytes=1048576")
+	stuck := dialRaw(t, p.addr, "/broker?topic=flood") // never reads
+	fast := []*collector{subscribeWS(t, p, "f1", "topic=flood"), subscribeWS(t, p, "f2", "topic=flood"), subscribeWS(t, p, "f3", "topic=flood")}
+	waitSubscribers(t, p, 4)
+	// 3000 messages of 8 KB: more than the loopback socket buffers and the
+	// queue can hold for the stuck one.
+	pad := strings.Repeat("x", 8<<10)
+	var want []string
+	start := time.Now()
+	for i := range 3000 {
+		m := fmt.Sprintf("%d-%s", i, pad)
+		want = append(want, m)
+		publish(t, p, "flood", "text/plain", m)
+	}
+	waitAll(t, len(want), fast, nil)
+	t.Logf("3000 messages of 8 KB reached 3 fast subscribers in %v", time.Since(start))
+	checkExactlyOnce(t, want, fast, nil)
+	st := brokerStatsOf(t, p)
+	if st.SlowClosed != 1 || st.SlowDropped == 0 {
+		t.Errorf("stats %+v; want one slow subscriber closed and its messages counted", st)
+	}
+	waitSubscribers(t, p, 3)
+	stuck.conn.SetReadDeadline(time.Now().Add(10 * time.Second))
+	if _, err := io.Copy(io.Discard, stuck.br); err != nil && !strings.Contains(err.Error(), "reset") {
+		t.Errorf("the slow subscriber's connection did not end: %v", err)
+	}
+	if !strings.Contains(p.log.String(), "closing a slow broker subscriber") {
+		t.Error("closing a slow subscriber is not logged")
+	}
+}
+
+// blackhole forwards one connection to addr until vanish is called; then it
+// drops everything both ways without closing either side, like a peer whose
+// machine went away.
+type blackhole struct {
+	addr     string
+	vanished chan struct{}
+	upEnded  chan struct{} // the sidecar closed its side
+	once     sync.Once
+}
+
+func newBlackhole(t *testing.T, target string) *blackhole {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	bh := &blackhole{addr: ln.Addr().String(), vanished: make(chan struct{}), upEnded: make(chan struct{})}
+	go func() {
+		down, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		up, err := net.Dial("tcp", target)
+		if err != nil {
+			down.Close()
+			return
+		}
+		t.Cleanup(func() { down.Close(); up.Close() })
+		pipe := func(dst, src net.Conn, ended chan struct{}) {
+			buf := make([]byte, 32<<10)
+			for {
+				n, err := src.Read(buf)
+				if err != nil {
+					if ended != nil {
+						close(ended)
+					}
+					return
+				}
+				select {
+				case <-bh.vanished:
+				default:
+					dst.Write(buf[:n])
+				}
+			}
+		}
+		go pipe(up, down, nil)
+		go pipe(down, up, bh.upEnded)
+	}()
+	return bh
+}
+
+func (bh *blackhole) vanish() { bh.once.Do(func() { close(bh.vanished) }) }
+
+// TestBrokerReapsVanishedSubscriber: a subscriber whose connection goes
+// silent without a close is pinged, then closed; a live idle one stays.
+func TestBrokerReapsVanishedSubscriber(t *testing.T) {
+	p := startSidecar(t, "--registry=memory", "--broker_ping_interval=100ms")
+	bh := newBlackhole(t, p.addr)
+	gone, err := websocket.Dial("ws://"+bh.addr+"/broker?topic=foo", "", "http://"+bh.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer gone.Close()
+	alive := subscribeWS(t, p, "alive", "topic=foo") // reads, so it answers pings
+	waitSubscribers(t, p, 2)
+	bh.vanish()
+	start := time.Now()
+	select {
+	case <-bh.upEnded:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the sidecar did not close a vanished subscriber within 10s")
+	}
+	t.Logf("vanished subscriber reaped after %v (ping interval 100ms)", time.Since(start))
+	waitSubscribers(t, p, 1)
+	if st := brokerStatsOf(t, p); st.Reaped != 1 {
+		t.Errorf("stats %+v; want one reaped and the live subscriber kept", st)
+	}
+	publish(t, p, "foo", "", "still here")
+	waitFor(t, 5*time.Second, "the live subscriber to get a message", func() bool { return alive.total() == 1 })
+}
+
+// TestBrokerPythonClient: a client we did not write, Debian's
+// python3-websockets, subscribes, publishes and receives.
+func TestBrokerPythonClient(t *testing.T) {
+	if err := exec.Command("/usr/bin/python3", "-c", "import websockets").Run(); err != nil {
+		t.Skipf("Debian's python3-websockets is not importable by /usr/bin/python3 (%v); apt-get install python3-websockets", err)
+	}
+	p := startSidecar(t, "--registry=memory")
+	script := `
+import asyncio, sys, websockets
+async def main(url):
+    async with websockets.connect(url) as ws:
+        print("ready", flush=True)
+        await ws.send("hello from python")
+        for _ in range(2):
+            print(await asyncio.wait_for(ws.recv(), 10), flush=True)
+asyncio.run(main(sys.argv[1]))
+`
+	cmd := exec.Command("/usr/bin/python3", "-c", script, "ws://"+p.addr+"/broker?topic=py")
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var stderr strings.Builder
+	cmd.Stderr = &stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	sc := bufio.NewScanner(out)
+	sc.Buffer(nil, 1<<20)
+	if !sc.Scan() || sc.Text() != "ready" {
+		t.Fatalf("python client did not connect: %q %s", sc.Text(), stderr.String())
+	}
+	publish(t, p, "py", "application/json", `{"from":"go"}`)
+	seen := map[string]bool{}
+	for range 2 {
+		if !sc.Scan() {
+			t.Fatalf("python client ended early: %s", stderr.String())
+		}
+		var ev cloudEvent
+		if err := json.Unmarshal(sc.Bytes(), &ev); err != nil || ev.Topic != "py" {
+			t.Fatalf("python client got %q: %v", sc.Text(), err)
+		}
+		seen[string(ev.Data)] = true
+	}
+	if !seen[`"hello from python"`] || !seen[`{"from":"go"}`] {
+		t.Errorf("python client saw %v; want its own frame and the POSTed JSON", seen)
+	}
+	if err := cmd.Wait(); err != nil {
+		t.Errorf("python client: %v %s", err, stderr.String())
+	}
+}
+
+func TestBrokerBadInput(t *testing.T) {
+	p := startSidecar(t, "--registry=memory", "--broker_max_payload_bytes=1000")
+	upgrade := map[string]string{"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13", "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}
+	for _, tc := range []struct {
+		method, path, body string
+		header             map[string]string
+		code               int
+		detail             string
+	}{
+		{"GET", "/broker", "", nil, 400, "topic is required"},
+		{"GET", "/broker?topic=foo", "", nil, 400, "needs a WebSocket upgrade"},
+		{"GET", "/broker", "", upgrade, 400, "topic is required"},
+		{"GET", "/broker?topic=a%20b", "", upgrade, 400, `topic "a b"`},
+		{"GET", "/broker?topic=foo&queue=a/b", "", upgrade, 400, `queue "a/b"`},
+		{"GET", "/broker?topic=foo&queue=", "", upgrade, 400, "queue is empty"},
+		{"GET", "/broker?topic=" + strings.Repeat("x", 201), "", upgrade, 400, "use 1 to 200"},
+		{"GET", "/broker?topic=foo", "", map[string]string{"Upgrade": "websocket", "Connection": "Upgrade", "Origin": "http://evil.example"}, 403, "not allowed"},
+		{"POST", "/broker", "x", nil, 400, "topic is required"},
+		{"POST", "/broker?topic=foo&queue=g", "x", nil, 400, "queue is for subscribers"},
+		{"POST", "/broker?topic=foo", strings.Repeat("x", 1001), nil, 413, "larger than 1000 bytes"},
+		{"POST", "/broker?topic=foo", `{"a":`, map[string]string{"Content-Type": "application/json"}, 400, "not valid JSON"},
+		{"POST", "/broker", "garbage", map[string]string{forwardedHeader: "x"}, 400, "forwarded batch"},
+		{"PUT", "/broker?topic=foo", "x", nil, 405, "method PUT not allowed"},
+		{"POST", "/broker/stats", "", nil, 405, "not allowed"},
+	} {
+		t.Run(tc.method+" "+truncate(tc.path, 40), func(t *testing.T) {
+			req, _ := http.NewRequest(tc.method, p.url(tc.path), strings.NewReader(tc.body))
+			for k, v := range tc.header {
+				req.Header.Set(k, v)
+			}
+			resp, err := http.DefaultClient.Do(req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer resp.Body.Close()
+			body, _ := io.ReadAll(resp.Body)
+			var e errorBody
+			if err := json.Unmarshal(body, &e); err != nil {
+				t.Fatalf("answer is not the error shape: %d %s", resp.StatusCode, body)
+			}
+			if resp.StatusCode != tc.code || e.Code != tc.code || e.ID != "go.micro.sidecar" || !strings.Contains(e.Detail, tc.detail) {
+				t.Errorf("got %d %s; want %d with detail containing %q", resp.StatusCode, body, tc.code, tc.detail)
+			}
+		})
+	}
+	// An oversized frame closes the connection with 1009 and a reason.
+	c := dialRaw(t, p.addr, "/broker?topic=foo")
+	c.send(t, websocket.TextFrame, make([]byte, 1001))
+	if code, reason := c.closeCode(t); code != closeTooBig || !strings.Contains(reason, "larger than 1000 bytes") {
+		t.Errorf("oversized frame: close %d %q; want 1009", code, reason)
+	}
+}
+
+// TestBrokerShutdown: SIGTERM sends every WebSocket a going-away close
+// frame, removes the topic registrations and exits 0.
+func TestBrokerShutdown(t *testing.T) {
+	file := filepath.Join(t.TempDir(), "registry.json")
+	p := startSidecar(t, "--registry=file", "--registry_address="+file)
+	other := startSidecar(t, "--registry=file", "--registry_address="+file)
+	var clients []*rawWS
+	for _, q := range []string{"topic=a", "topic=a&queue=g", "topic=b"} {
+		clients = append(clients, dialRaw(t, p.addr, "/broker?"+q))
+	}
+	waitFor(t, 10*time.Second, "the registrations", func() bool {
+		s := lookup(t, other, "topic:a")
+		return s != nil && len(s.Nodes) == 2 && lookup(t, other, "topic:b") != nil
+	})
+	codes := make(chan int, len(clients))
+	for _, c := range clients {
+		go func() {
+			code, _, err := c.readClose()
+			if err != nil {
+				t.Errorf("reading until the close frame: %v", err)
+			}
+			codes <- code
+		}()
+	}
+	if code := p.stop(syscall.SIGTERM); code != 0 {
+		t.Errorf("exit status %d; want 0", code)
+	}
+	for range clients {
+		if code := <-codes; code != closeGoingAway {
+			t.Errorf("close code %d on shutdown; want 1001", code)
+		}
+	}
+	waitFor(t, time.Second, "the topic registrations to go", func() bool {
+		return lookup(t, other, "topic:a") == nil && lookup(t, other, "topic:b") == nil
+	})
+}
