@@ -41,6 +41,8 @@ type brokerConfig struct {
 	MaxTopics       int           // topics with local subscribers; default 1000
 	MaxSubscribers  int           // WebSocket connections; default 10000
 	WriteTimeout    time.Duration // one write to a subscriber; default 10s
+	PeerScheme      string        // how peers are reached: http (default) or https, as this sidecar serves
+	AuthToken       string        // sent to peers as a bearer token; peers share the sidecars' --auth_token
 }
 
 const (

@@ -424,9 +424,16 @@ func (f *forwarder) work(p *peerQueue) {
 }
 
 func (f *forwarder) post(addr string, body []byte) error {
-	req, err := http.NewRequest(http.MethodPost, "http://"+addr+"/broker", bytes.NewReader(body))
+	scheme := f.b.cfg.PeerScheme
+	if scheme == "" {
+		scheme = "http"
+	}
+	req, err := http.NewRequest(http.MethodPost, scheme+"://"+addr+"/broker", bytes.NewReader(body))
 	if err != nil {
 		return err
+	}
+	if f.b.cfg.AuthToken != "" {
+		req.Header.Set("Authorization", "Bearer "+f.b.cfg.AuthToken)
 	}
 	req.Header.Set("Content-Type", forwardContentType)
 	req.Header.Set(forwardedHeader, f.b.id)

@@ -275,3 +275,26 @@ func TestInFlightLimit(t *testing.T) {
 		t.Errorf("after the slot frees: %d; want 200", code)
 	}
 }
+
+// TestBrokerForwardsWithToken: with --auth_token on every sidecar, a message
+// published on one reaches a subscriber on another, so the forwarder must
+// present the token.
+func TestBrokerForwardsWithToken(t *testing.T) {
+	const token = "shared-token"
+	file := filepath.Join(t.TempDir(), "registry.json")
+	env := []string{"MICRO_AUTH_TOKEN=" + token}
+	a := startSidecarEnv(t, env, "--registry=file", "--registry_address="+file)
+	b := startSidecarEnv(t, env, "--registry=file", "--registry_address="+file)
+	sub := subscribeWS(t, b, "B", "topic=secure&access_token="+token)
+	waitFor(t, 10*time.Second, "b's topic registration on a", func() bool {
+		resp := request(t, "GET", a.url("/registry?service=topic:secure"), map[string]string{"Authorization": "Bearer " + token}, "")
+		return resp.StatusCode == 200
+	})
+	if resp := request(t, "POST", a.url("/broker?topic=secure"), nil, "no token"); resp.StatusCode != 401 {
+		t.Errorf("publish without the token: %d; want 401", resp.StatusCode)
+	}
+	if resp := request(t, "POST", a.url("/broker?topic=secure"), map[string]string{"Authorization": "Bearer " + token}, "hello"); resp.StatusCode != 200 {
+		t.Fatalf("publish with the token: %d", resp.StatusCode)
+	}
+	waitFor(t, 10*time.Second, "the message to cross sidecars", func() bool { return sub.total() == 1 })
+}

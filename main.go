@@ -205,6 +205,10 @@ func parseSidecarFlags(args []string, out io.Writer, lookupEnv func(string) (str
 		return config{}, fmt.Errorf("--log_level %q: want debug, info, warn or error", level)
 	}
 	cfg.CORSAllowedOrigins = splitList(origins)
+	cfg.Broker.AuthToken = cfg.AuthToken
+	if cfg.TLSCertFile != "" {
+		cfg.Broker.PeerScheme = "https"
+	}
 	if err := cfg.validate(); err != nil {
 		return config{}, err
 	}
