@@ -120,6 +120,10 @@ type config struct {
 
 	LogFormat string
 	LogLevel  slog.Level
+
+	RPC      rpcConfig      // /rpc and /{service}/{method}
+	Selector selectorConfig // node choice for RPC and the proxy
+	Handler  string         // what /{service}/... does: rpc or proxy
 }
 
 // parseSidecarFlags builds the config from args and the MICRO_*
@@ -152,6 +156,11 @@ func parseSidecarFlags(args []string, out io.Writer, lookupEnv func(string) (str
 	fs.Int64Var(&cfg.MaxBodyBytes, "max_body_bytes", 1<<20, "Largest request body accepted, in bytes; larger ones are refused with 413.")
 	fs.DurationVar(&cfg.ShutdownTimeout, "shutdown_timeout", 10*time.Second, "Time allowed on SIGINT or SIGTERM for in-flight requests to finish.")
 	fs.StringVar(&origins, "cors_allowed_origins", "", "Browser origins allowed to call the sidecar, comma separated (e.g. http://localhost:3000), or * for any. Requests from other origins are refused on state-changing endpoints and WebSocket upgrades.")
+	fs.StringVar(&cfg.RPC.Namespace, "namespace", "go.micro.srv", "Namespace of the services that /{service}/{method} calls: /example/call calls go.micro.srv.example's Example.Call.")
+	fs.StringVar(&cfg.Selector.Strategy, "selector", strategyRoundRobin, "How RPC and the proxy choose among a service's nodes: roundrobin or random.")
+	fs.IntVar(&cfg.RPC.Retries, "rpc_retries", 2, "Further nodes tried when a call's connection fails before the request is sent (a call that may have reached the app is never retried).")
+	fs.DurationVar(&cfg.RPC.Timeout, "rpc_timeout", 5*time.Second, "Deadline of a call (for the proxy, of the response headers) when the request has no Timeout header.")
+	fs.StringVar(&cfg.Handler, "handler", "rpc", "What /{service}/... does: rpc calls /{service}/{method} over JSON-RPC, proxy forwards the request over HTTP.")
 	fs.StringVar(&cfg.LogFormat, "log_format", "text", "Log format: text or json.")
 	fs.StringVar(&level, "log_level", "info", "Log level: debug, info, warn or error.")
 	fs.Usage = func() {
@@ -253,6 +262,19 @@ func (c *config) validate() error {
 	if c.RegistryMaxNodes < 1 || c.MaxBodyBytes < 1 {
 		return errors.New("--registry_max_nodes and --max_body_bytes must be positive")
 	}
+	if c.Selector.Strategy != strategyRoundRobin && c.Selector.Strategy != strategyRandom {
+		return fmt.Errorf("--selector %q: want roundrobin or random", c.Selector.Strategy)
+	}
+	if c.Handler != "rpc" && c.Handler != "proxy" {
+		return fmt.Errorf("--handler %q: want rpc or proxy", c.Handler)
+	}
+	if c.RPC.Retries < 0 || c.RPC.Timeout <= 0 || c.RPC.Timeout > maxTimeout {
+		return fmt.Errorf("--rpc_retries must be 0 or more and --rpc_timeout between 0 and %v", maxTimeout)
+	}
+	if c.RPC.Namespace != "" && !validName(c.RPC.Namespace) {
+		return fmt.Errorf("--namespace %q: use printable characters without spaces or '/'", c.RPC.Namespace)
+	}
+	c.RPC.MaxBodyBytes = c.MaxBodyBytes
 	if c.LogFormat != "text" && c.LogFormat != "json" {
 		return fmt.Errorf("--log_format %q: want text or json", c.LogFormat)
 	}
@@ -321,6 +343,8 @@ type sidecar struct {
 	reg     *registry
 	health  *healthChecker // nil without --healthcheck_url
 	conns   *connSet
+	rpc     *caller
+	proxy   *proxy
 	started time.Time
 }
 
@@ -345,6 +369,10 @@ func newSidecar(ctx context.Context, cfg config, log *slog.Logger) (*sidecar, er
 		conns:   newConnSet(),
 		started: time.Now(),
 	}
+	sel := newSelector(cfg.Selector, time.Now)
+	nodes := newNodeTransport()
+	s.rpc = newCaller(cfg.RPC, s.reg, sel, nodes, log)
+	s.proxy = newProxy(proxyConfig{Retries: cfg.RPC.Retries, Timeout: cfg.RPC.Timeout}, s.reg, sel, nodes, log)
 	return s, nil
 }
 
@@ -403,6 +431,7 @@ func runSidecar(ctx context.Context, cfg config, logOut io.Writer) error {
 	sctx, cancel := context.WithTimeout(context.Background(), cfg.ShutdownTimeout)
 	defer cancel()
 	s.conns.closeAll(sctx)
+	s.proxy.closeUpgrades(sctx)
 	if err := srv.Shutdown(sctx); err != nil {
 		log.Warn("in-flight requests did not finish in time", "error", err)
 	}
@@ -444,9 +473,13 @@ func (s *sidecar) routes() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("/registry", s.handleRegistry)
 	mux.HandleFunc("/health", s.handleHealth)
-	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
-		writeError(w, http.StatusNotFound, "no endpoint at "+truncate(r.URL.Path, 128)+"; see /registry, /health")
-	})
+	mux.HandleFunc("/rpc", s.handleRPC)
+	mux.HandleFunc("/proxy/", s.handleProxy)
+	if s.cfg.Handler == "proxy" {
+		mux.HandleFunc("/", s.handleProxyPath)
+	} else {
+		mux.HandleFunc("/", s.handlePath) // answers 404 for anything not a call
+	}
 	return s.guard(mux)
 }
 
