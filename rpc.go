@@ -499,7 +499,11 @@ func (s *sidecar) handleRPC(w http.ResponseWriter, r *http.Request) {
 	if !ok {
 		return
 	}
-	call, err := parseRPCRequest(r.Header.Get("Content-Type"), r.URL.Query(), body)
+	var query url.Values // parsed only when there is one: most calls have none
+	if r.URL.RawQuery != "" {
+		query = r.URL.Query()
+	}
+	call, err := parseRPCRequest(r.Header.Get("Content-Type"), query, body)
 	if err != nil {
 		var ce *callError
 		if !errors.As(err, &ce) {
@@ -695,11 +699,21 @@ func isConnFailure(err error) bool {
 // after the envelope.
 func (c *caller) post(ctx context.Context, in http.Header, call rpcCall, node Node, id uint64, envelope []byte, buf *bytes.Buffer) ([]byte, outcome, error) {
 	addr := node.hostPort()
-	req, err := http.NewRequestWithContext(ctx, http.MethodPost, "http://"+addr+"/", bytes.NewReader(envelope))
-	if err != nil {
-		return nil, notSent, fmt.Errorf("node %s (%s): %w", node.ID, addr, err)
-	}
-	h := req.Header
+	// Built by hand rather than by http.NewRequest, which parses a URL
+	// string on every call.
+	h := make(http.Header, 8)
+	req := (&http.Request{
+		Method:        http.MethodPost,
+		URL:           &url.URL{Scheme: "http", Host: addr, Path: "/"},
+		Proto:         "HTTP/1.1",
+		ProtoMajor:    1,
+		ProtoMinor:    1,
+		Header:        h,
+		Body:          io.NopCloser(bytes.NewReader(envelope)),
+		ContentLength: int64(len(envelope)),
+		Host:          addr,
+	}).WithContext(ctx)
+	req.GetBody = func() (io.ReadCloser, error) { return io.NopCloser(bytes.NewReader(envelope)), nil }
 	h["Content-Type"] = jsonContentType
 	h["Micro-Service"] = []string{call.Service}
 	h["Micro-Endpoint"] = []string{call.Method}

@@ -572,3 +572,29 @@ func TestCallDeadline(t *testing.T) {
 		t.Error("a node that ran out of a caller's shortened deadline must not be ejected")
 	}
 }
+
+// BenchmarkRPCThroughSidecar is the whole /rpc path in one process: client,
+// sidecar and app on loopback. Profile it with -cpuprofile.
+func BenchmarkRPCThroughSidecar(b *testing.B) {
+	t := &testing.T{}
+	s, srv := testSidecar(t, nil)
+	app := newJSONRPCApp(t, "a")
+	register(t, s, "go.micro.srv.bench", app.addr())
+	client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 64}}
+	body := `service=go.micro.srv.bench&method=Example.Call&request={"name":"John"}`
+	b.ReportAllocs()
+	b.RunParallel(func(pb *testing.PB) {
+		for pb.Next() {
+			resp, err := client.Post(srv.URL+"/rpc", form, strings.NewReader(body))
+			if err != nil {
+				b.Error(err)
+				return
+			}
+			io.Copy(io.Discard, resp.Body)
+			resp.Body.Close()
+		}
+	})
+	b.StopTimer()
+	srv.Close()
+	app.srv.Close()
+}
