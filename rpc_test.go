@@ -318,7 +318,7 @@ func BenchmarkParseReply(b *testing.B) {
 }
 
 // testSidecar runs a sidecar's API in this process, on a memory registry.
-func testSidecar(t *testing.T, mod func(*config)) (*sidecar, *httptest.Server) {
+func testSidecar(t testing.TB, mod func(*config)) (*sidecar, *httptest.Server) {
 	t.Helper()
 	cfg, err := parseSidecarFlags([]string{"--registry=memory", "--rpc_timeout=2s"}, io.Discard, func(string) (string, bool) { return "", false })
 	if err != nil {
@@ -337,7 +337,7 @@ func testSidecar(t *testing.T, mod func(*config)) (*sidecar, *httptest.Server) {
 }
 
 // register adds nodes at addrs (host:port) to service.
-func register(t *testing.T, s *sidecar, service string, addrs ...string) {
+func register(t testing.TB, s *sidecar, service string, addrs ...string) {
 	t.Helper()
 	svc := Service{Name: service}
 	for i, a := range addrs {
@@ -360,7 +360,7 @@ type jsonrpcApp struct {
 	answer func(w http.ResponseWriter, r *http.Request, env map[string]json.RawMessage)
 }
 
-func newJSONRPCApp(t *testing.T, name string) *jsonrpcApp {
+func newJSONRPCApp(t testing.TB, name string) *jsonrpcApp {
 	a := &jsonrpcApp{}
 	a.answer = func(w http.ResponseWriter, r *http.Request, env map[string]json.RawMessage) {
 		fmt.Fprintf(w, `{"jsonrpc":"2.0","id":%s,"result":{"node":%q,"params":%s}}`, env["id"], name, env["params"])
@@ -576,10 +576,9 @@ func TestCallDeadline(t *testing.T) {
 // BenchmarkRPCThroughSidecar is the whole /rpc path in one process: client,
 // sidecar and app on loopback. Profile it with -cpuprofile.
 func BenchmarkRPCThroughSidecar(b *testing.B) {
-	t := &testing.T{}
-	s, srv := testSidecar(t, nil)
-	app := newJSONRPCApp(t, "a")
-	register(t, s, "go.micro.srv.bench", app.addr())
+	s, srv := testSidecar(b, nil)
+	app := newJSONRPCApp(b, "a")
+	register(b, s, "go.micro.srv.bench", app.addr())
 	client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 64}}
 	body := `service=go.micro.srv.bench&method=Example.Call&request={"name":"John"}`
 	b.ReportAllocs()
@@ -594,7 +593,4 @@ func BenchmarkRPCThroughSidecar(b *testing.B) {
 			resp.Body.Close()
 		}
 	})
-	b.StopTimer()
-	srv.Close()
-	app.srv.Close()
 }
