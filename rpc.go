@@ -28,7 +28,7 @@ import (
 
 // rpcConfig tunes RPC calls. Zero values take the documented defaults.
 type rpcConfig struct {
-	Namespace     string        // prefix of services named by path; default go.micro.srv ("" is allowed via the flag)
+	Namespace     string        // prefix of services named by path (--namespace, go.micro.srv); empty: none
 	Retries       int           // further nodes tried when a connection fails before the request is sent
 	Timeout       time.Duration // deadline of a call without a Timeout header; default 5s, go-micro's
 	MaxBodyBytes  int64         // largest request body; default 1 MiB

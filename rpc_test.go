@@ -594,3 +594,30 @@ func BenchmarkRPCThroughSidecar(b *testing.B) {
 		}
 	})
 }
+
+func TestRPCFlags(t *testing.T) {
+	noEnv := func(string) (string, bool) { return "", false }
+	for _, tc := range []struct {
+		args []string
+		err  string
+	}{
+		{[]string{"--selector=leastconn"}, `--selector "leastconn": want roundrobin or random`},
+		{[]string{"--handler=grpc"}, `--handler "grpc": want rpc or proxy`},
+		{[]string{"--rpc_timeout=0s"}, "--rpc_timeout between"},
+		{[]string{"--rpc_retries=-1"}, "--rpc_retries must be 0 or more"},
+		{[]string{"--namespace=a b"}, `--namespace "a b"`},
+	} {
+		_, err := parseSidecarFlags(append([]string{"--registry=memory"}, tc.args...), io.Discard, noEnv)
+		if err == nil || !strings.Contains(err.Error(), tc.err) {
+			t.Errorf("flags %v: error %v; want %q", tc.args, err, tc.err)
+		}
+	}
+	cfg, err := parseSidecarFlags([]string{"--registry=memory"}, io.Discard, noEnv)
+	if err != nil || cfg.RPC.Namespace != "go.micro.srv" || cfg.Selector.Strategy != "roundrobin" || cfg.RPC.Retries != 2 || cfg.RPC.Timeout != 5*time.Second || cfg.Handler != "rpc" {
+		t.Errorf("defaults: %+v, %v", cfg, err)
+	}
+	cfg, err = parseSidecarFlags([]string{"--registry=memory", "--namespace="}, io.Discard, noEnv)
+	if err != nil || cfg.RPC.Namespace != "" {
+		t.Errorf("an empty --namespace must be allowed: %q, %v", cfg.RPC.Namespace, err)
+	}
+}
