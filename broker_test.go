@@ -10,10 +10,8 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
-	"log/slog"
 	"net"
 	"net/http"
-	"net/http/httptest"
 	"reflect"
 	"strings"
 	"sync"
@@ -353,15 +351,11 @@ func TestResolveAdvertise(t *testing.T) {
 
 // testSidecar runs a sidecar's routes in this process, so that the race
 // detector watches the broker.
-func testSidecar(t *testing.T, bc brokerConfig) (*sidecar, string) {
+// brokerSidecar is an in-process sidecar with broker settings bc (zero
+// fields take the defaults), its broker running, served on loopback.
+func brokerSidecar(t *testing.T, bc brokerConfig) (*sidecar, string) {
 	t.Helper()
-	cfg := config{Registry: "memory", RegisterTTL: 30 * time.Second, RegistryMaxNodes: 1000, MaxBodyBytes: 1 << 20, Broker: bc}
-	log := slog.New(slog.NewTextHandler(io.Discard, nil))
-	s, err := newSidecar(context.Background(), cfg, log)
-	if err != nil {
-		t.Fatal(err)
-	}
-	srv := httptest.NewServer(s.routes())
+	s, srv := testSidecar(t, func(c *config) { c.Broker = bc })
 	s.broker.advertise = srv.Listener.Addr().String()
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
@@ -372,7 +366,6 @@ func testSidecar(t *testing.T, bc brokerConfig) (*sidecar, string) {
 		sctx, c := context.WithTimeout(context.Background(), 5*time.Second)
 		defer c()
 		s.conns.closeAll(sctx)
-		srv.Close()
 		s.broker.close(sctx)
 	})
 	return s, srv.Listener.Addr().String()
@@ -469,7 +462,7 @@ func (r *rawWS) send(t *testing.T, op byte, p []byte) {
 }
 
 func TestInProcessPublishSubscribe(t *testing.T) {
-	s, addr := testSidecar(t, brokerConfig{})
+	s, addr := brokerSidecar(t, brokerConfig{})
 	var subs []*websocket.Conn
 	for _, q := range []string{"", "", "&queue=g", "&queue=g"} {
 		c, err := websocket.Dial("ws://"+addr+"/broker?topic=foo"+q, "", "http://"+addr)
@@ -522,7 +515,7 @@ func subCount(b *broker) int {
 }
 
 func TestInProcessOverflowAndLimits(t *testing.T) {
-	s, addr := testSidecar(t, brokerConfig{QueueSize: 8, MaxPayloadBytes: 64 << 10, MaxSubscribers: 3})
+	s, addr := brokerSidecar(t, brokerConfig{QueueSize: 8, MaxPayloadBytes: 64 << 10, MaxSubscribers: 3})
 	stuck := dialRaw(t, addr, "/broker?topic=flood")
 	fast := dialRaw(t, addr, "/broker?topic=flood")
 	waitFor(t, 5*time.Second, "two subscribers", func() bool { return subCount(s.broker) == 2 })
@@ -588,7 +581,7 @@ func websocketDialStatus(addr, path string) (int, string, error) {
 }
 
 func TestInProcessShutdownGoingAwayAndPings(t *testing.T) {
-	s, addr := testSidecar(t, brokerConfig{PingInterval: time.Hour})
+	s, addr := brokerSidecar(t, brokerConfig{PingInterval: time.Hour})
 	c := dialRaw(t, addr, "/broker?topic=foo")
 	waitFor(t, 5*time.Second, "the subscriber", func() bool { return subCount(s.broker) == 1 })
 	s.broker.keepalive() // quiet since the handshake was read: pinged

@@ -363,10 +363,7 @@ func waitSidecarHealthy(t *testing.T, p *proc, timeout time.Duration) {
 // register posts a service with one node to a sidecar.
 func registerNode(t *testing.T, p *proc, query, name, id string, port int) {
 	t.Helper()
-	body := fmt.Sprintf(`{"name":%q,"nodes":[{"id":%q,"address":"127.0.0.1","port":%d}]}`, name, id, port)
-	if code, out := do(t, "POST", p.url("/registry"+query), "", body); code != 200 {
-		t.Fatalf("register %s on %s: %d %s", name, p.addr, code, out)
-	}
+	registerAddrQuery(t, p, query, name, id, fmt.Sprintf("127.0.0.1:%d", port))
 }
 
 func etcdSidecarArgs(endpoints string, extra ...string) []string {

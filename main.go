@@ -130,7 +130,10 @@ type config struct {
 	LogFormat string
 	LogLevel  slog.Level
 
-	Broker brokerConfig
+	Broker   brokerConfig
+	RPC      rpcConfig      // /rpc and /{service}/{method}
+	Selector selectorConfig // node choice for RPC and the proxy
+	Handler  string         // what /{service}/... does: rpc or proxy
 }
 
 // parseSidecarFlags builds the config from args and the MICRO_*
@@ -182,6 +185,11 @@ func parseSidecarFlags(args []string, out io.Writer, lookupEnv func(string) (str
 	fs.DurationVar(&cfg.Broker.PingInterval, "broker_ping_interval", defaultPingInterval, "Time between pings to a quiet broker connection. A connection silent for three intervals is closed as dead.")
 	fs.IntVar(&cfg.Broker.MaxTopics, "broker_max_topics", defaultMaxTopics, "Most topics with subscribers on this sidecar; more are refused with 503.")
 	fs.IntVar(&cfg.Broker.MaxSubscribers, "broker_max_subscribers", defaultMaxSubscribers, "Most broker WebSocket connections on this sidecar; more are refused with 503.")
+	fs.StringVar(&cfg.RPC.Namespace, "namespace", "go.micro.srv", "Namespace of the services that /{service}/{method} calls: /example/call calls go.micro.srv.example's Example.Call.")
+	fs.StringVar(&cfg.Selector.Strategy, "selector", strategyRoundRobin, "How RPC and the proxy choose among a service's nodes: roundrobin or random.")
+	fs.IntVar(&cfg.RPC.Retries, "rpc_retries", 2, "Further nodes tried when a call's connection fails before the request is sent (a call that may have reached the app is never retried).")
+	fs.DurationVar(&cfg.RPC.Timeout, "rpc_timeout", 5*time.Second, "Deadline of a call (for the proxy, of the response headers) when the request has no Timeout header.")
+	fs.StringVar(&cfg.Handler, "handler", "rpc", "What /{service}/... does: rpc calls /{service}/{method} over JSON-RPC, proxy forwards the request over HTTP.")
 	fs.StringVar(&cfg.LogFormat, "log_format", "text", "Log format: text or json.")
 	fs.StringVar(&level, "log_level", "info", "Log level: debug, info, warn or error.")
 	fs.Usage = func() {
@@ -308,6 +316,19 @@ func (c *config) validate() error {
 	if err := c.Broker.validate(); err != nil {
 		return err
 	}
+	if c.Selector.Strategy != strategyRoundRobin && c.Selector.Strategy != strategyRandom {
+		return fmt.Errorf("--selector %q: want roundrobin or random", c.Selector.Strategy)
+	}
+	if c.Handler != "rpc" && c.Handler != "proxy" {
+		return fmt.Errorf("--handler %q: want rpc or proxy", c.Handler)
+	}
+	if c.RPC.Retries < 0 || c.RPC.Timeout <= 0 || c.RPC.Timeout > maxTimeout {
+		return fmt.Errorf("--rpc_retries must be 0 or more and --rpc_timeout between 0 and %v", maxTimeout)
+	}
+	if c.RPC.Namespace != "" && !validName(c.RPC.Namespace) {
+		return fmt.Errorf("--namespace %q: use printable characters without spaces or '/'", c.RPC.Namespace)
+	}
+	c.RPC.MaxBodyBytes = c.MaxBodyBytes
 	if c.LogFormat != "text" && c.LogFormat != "json" {
 		return fmt.Errorf("--log_format %q: want text or json", c.LogFormat)
 	}
@@ -378,6 +399,8 @@ type sidecar struct {
 	conns   *connSet
 	metrics *sidecarMetrics
 	broker  *broker
+	rpc     *caller
+	proxy   *proxy
 	started time.Time
 }
 
@@ -408,6 +431,10 @@ func newSidecar(ctx context.Context, cfg config, log *slog.Logger) (*sidecar, er
 		conns:   newConnSet(),
 		started: time.Now(),
 	}
+	sel := newSelector(cfg.Selector, time.Now)
+	nodes := newNodeTransport()
+	s.rpc = newCaller(cfg.RPC, s.reg, sel, nodes, log)
+	s.proxy = newProxy(proxyConfig{Retries: cfg.RPC.Retries, Timeout: cfg.RPC.Timeout}, s.reg, sel, nodes, log)
 	s.broker = newBroker(cfg.Broker, s.reg, s.conns, log)
 	s.metrics = newSidecarMetrics(s)
 	return s, nil
@@ -477,6 +504,7 @@ func runSidecar(ctx context.Context, cfg config, logOut io.Writer) error {
 	sctx, cancel := context.WithTimeout(context.Background(), cfg.ShutdownTimeout)
 	defer cancel()
 	s.conns.closeAll(sctx)
+	s.proxy.closeUpgrades(sctx)
 	if err := srv.Shutdown(sctx); err != nil {
 		log.Warn("in-flight requests did not finish in time", "error", err)
 	}
@@ -522,9 +550,13 @@ func (s *sidecar) routes() http.Handler {
 	mux.Handle("/metrics", s.metrics.set)
 	mux.HandleFunc("/broker", s.broker.handle)
 	mux.HandleFunc("/broker/stats", s.broker.handleStats)
-	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
-		writeError(w, http.StatusNotFound, "no endpoint at "+truncate(r.URL.Path, 128)+"; see /registry, /health, /broker, /metrics")
-	})
+	mux.HandleFunc("/rpc", s.handleRPC)
+	mux.HandleFunc("/proxy/", s.handleProxy)
+	if s.cfg.Handler == "proxy" {
+		mux.HandleFunc("/", s.handleProxyPath)
+	} else {
+		mux.HandleFunc("/", s.handlePath) // answers 404 for anything not a call
+	}
 	return s.metrics.instrument(limitInFlight(s.cfg.MaxInFlight, s.guard(s.authenticate(mux))))
 }
 

@@ -1,0 +1,388 @@
+package main
+
+// End-to-end tests of RPC and the proxy: the built sidecar binary in front
+// of app processes, one of them a JSON-RPC server written by others in
+// another language (Debian's python3-jsonrpclib-pelix).
+
+import (
+	"bufio"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"net/url"
+	"os"
+	"os/exec"
+	"regexp"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// A test binary started with MICRO_TEST_APP=name is a JSON-RPC app named
+// name instead: it answers Example.Call with {"msg":"name: Hello <name>"}.
+// The end-to-end tests run it as a real process they can kill.
+func init() {
+	if name := os.Getenv("MICRO_TEST_APP"); name != "" {
+		os.Exit(runTestApp(name))
+	}
+}
+
+func runTestApp(name string) int {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	fmt.Printf("listening on %s\n", ln.Addr())
+	err = http.Serve(ln, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		var req struct {
+			ID     json.RawMessage
+			Method string
+			Params []struct{ Name string }
+		}
+		if err := json.NewDecoder(r.Body).Decode(&req); err != nil || len(req.Params) != 1 {
+			fmt.Fprintf(w, `{"jsonrpc":"2.0","id":null,"error":{"code":-32700,"message":"parse error"}}`)
+			return
+		}
+		msg, _ := json.Marshal(name + ": Hello " + req.Params[0].Name)
+		w.Header().Set("Content-Type", "application/json")
+		fmt.Fprintf(w, `{"jsonrpc":"2.0","id":%s,"result":{"msg":%s}}`, req.ID, msg)
+	}))
+	fmt.Fprintln(os.Stderr, err)
+	return 1
+}
+
+// appProc is one app process.
+type appProc struct {
+	cmd  *exec.Cmd
+	addr string
+	done chan struct{}
+}
+
+var listeningOnRE = regexp.MustCompile(`listening on (\S+)`)
+
+// startApp runs an app process that prints "listening on host:port" first.
+func startApp(t *testing.T, env []string, name string, args ...string) *appProc {
+	t.Helper()
+	cmd := exec.Command(name, args...)
+	cmd.Env = append(os.Environ(), env...)
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	stderr := &syncBuffer{}
+	cmd.Stderr = stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatalf("starting %s: %v", name, err)
+	}
+	a := &appProc{cmd: cmd, done: make(chan struct{})}
+	lines := make(chan string, 1)
+	go func() {
+		sc := bufio.NewScanner(out)
+		if sc.Scan() {
+			lines <- sc.Text()
+		}
+		close(lines)
+		io.Copy(io.Discard, out)
+	}()
+	go func() { cmd.Wait(); close(a.done) }()
+	t.Cleanup(func() { cmd.Process.Kill(); <-a.done })
+	select {
+	case line := <-lines:
+		m := listeningOnRE.FindStringSubmatch(line)
+		if m == nil {
+			t.Fatalf("%s %v: first line %q; stderr: %s", name, args, line, stderr.String())
+		}
+		a.addr = m[1]
+	case <-time.After(10 * time.Second):
+		t.Fatalf("%s %v did not start listening within 10s; stderr: %s", name, args, stderr.String())
+	}
+	return a
+}
+
+// goApp runs this test binary as a JSON-RPC app named name.
+func goApp(t *testing.T, name string) *appProc {
+	t.Helper()
+	return startApp(t, []string{"MICRO_TEST_APP=" + name}, os.Args[0], "-test.run=^$")
+}
+
+// python is Debian's interpreter, where python3-jsonrpclib-pelix lives (a
+// pyenv or virtualenv python3 on PATH would not see it).
+const python = "/usr/bin/python3"
+
+// pythonJSONRPCApp runs a jsonrpclib-pelix server, or skips the test with
+// the reason it cannot.
+func pythonJSONRPCApp(t *testing.T, name string) *appProc {
+	t.Helper()
+	if out, err := exec.Command(python, "-c", "import jsonrpclib.SimpleJSONRPCServer").CombinedOutput(); err != nil {
+		t.Skipf("needs %s with jsonrpclib (Debian package python3-jsonrpclib-pelix): %v %s", python, err, out)
+	}
+	return startApp(t, nil, python, "testdata/jsonrpclib_app.py", name)
+}
+
+// registerAddr registers one node at addr (host:port) through p.
+func registerAddr(t *testing.T, p *proc, service, id, addr string) {
+	t.Helper()
+	registerAddrQuery(t, p, "", service, id, addr)
+}
+
+func registerAddrQuery(t *testing.T, p *proc, query, service, id, addr string) {
+	t.Helper()
+	body := fmt.Sprintf(`{"name":%q,"nodes":[{"id":%q,"address":%q}]}`, service, id, addr)
+	if code, out := do(t, "POST", p.url("/registry"+query), "application/json", body); code != 200 {
+		t.Fatalf("register %s/%s on %s: %d %s", service, id, p.addr, code, out)
+	}
+}
+
+// TestSeedRPCExample runs the seed README's example verbatim: a sidecar for
+// a Python app written with the standard library alone (the README's
+// example service), and the curl call.
+func TestSeedRPCExample(t *testing.T) {
+	if _, err := os.Stat(python); err != nil {
+		t.Skipf("needs %s: %v", python, err)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	port := fmt.Sprint(ln.Addr().(*net.TCPAddr).Port)
+	ln.Close()
+	app := startApp(t, nil, python, "testdata/greeter.py", "127.0.0.1", port, "greeter-1")
+	p := startSidecar(t, "--registry=memory", "--server_name=go.micro.srv.example", "--server_address="+app.addr)
+	id := appID(t, p)
+	want := `{"msg": "greeter-1: Hello John"}`
+
+	if curl, err := exec.LookPath("curl"); err == nil {
+		out, err := exec.Command(curl, "-s", "-d", "service=go.micro.srv.example", "-d", "method=Example.Call",
+			"-d", `request={"name": "John"}`, "http://"+p.addr+"/rpc").CombinedOutput()
+		if err != nil || string(out) != want {
+			t.Errorf("seed curl: %q, %v; want %s", out, err, want)
+		}
+	} else {
+		t.Log("curl not installed; sending the seed's form fields from Go")
+	}
+	resp, err := http.PostForm(p.url("/rpc"), url.Values{"service": {"go.micro.srv.example"}, "method": {"Example.Call"}, "request": {`{"name": "John"}`}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != 200 || string(body) != want || resp.Header.Get("Content-Type") != "application/json" {
+		t.Errorf("form call: %d %s %q; want 200 %s as JSON", resp.StatusCode, resp.Header.Get("Content-Type"), body, want)
+	}
+	for _, tc := range []struct{ path, ct, body string }{
+		{"/rpc", "application/json", `{"service":"go.micro.srv.example","method":"Example.Call","request":{"name":"John"}}`},
+		{"/rpc", "application/json", `{"service":"go.micro.srv.example","method":"Example.Call","request":"{\"name\":\"John\"}"}`},
+		{"/rpc", "application/x-www-form-urlencoded", `service=go.micro.srv.example&method=Example.Call&address=` + app.addr + `&request={"name":"John"}`},
+		{"/example/call", "application/json", `{"name":"John"}`},
+		{"/example/call", "application/x-www-form-urlencoded", `name=John`},
+	} {
+		if code, got := do(t, "POST", p.url(tc.path), tc.ct, tc.body); code != 200 || got != want {
+			t.Errorf("POST %s %s: %d %s; want 200 %s", tc.path, tc.body, code, got, want)
+		}
+	}
+	code, got := do(t, "POST", p.url("/example/nope"), "application/json", `{}`)
+	if code != 500 || !strings.Contains(got, "unknown method Example.Nope") {
+		t.Errorf("unknown method: %d %s; want 500 with the app's message", code, got)
+	}
+	_ = id
+}
+
+// TestRPCLoadBalancingAndFailures puts three app processes behind one
+// service (one of them jsonrpclib-pelix in Python), spreads calls across
+// them, kills one mid-run, and adds a hanging and a garbage-speaking node
+// to other services.
+func TestRPCLoadBalancingAndFailures(t *testing.T) {
+	py := pythonJSONRPCApp(t, "py")
+	goA, goB := goApp(t, "goA"), goApp(t, "goB")
+	p := startSidecar(t, "--registry=memory", "--rpc_timeout=500ms", "--rpc_retries=2")
+	for id, a := range map[string]*appProc{"py": py, "goA": goA, "goB": goB} {
+		registerAddr(t, p, "go.micro.srv.greeter", id, a.addr)
+	}
+
+	var (
+		mu      sync.Mutex // guards byNode, errs
+		byNode  = map[string]int{}
+		errs    []string
+		killed  atomic.Bool
+		ejected atomic.Bool // the killed node has been ejected
+		stop    = make(chan struct{})
+		wg      sync.WaitGroup
+		calls   atomic.Int64
+	)
+	client := &http.Client{Timeout: 10 * time.Second}
+	const workers = 4
+	var errsAfterEjection atomic.Int32
+	for w := range workers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := 0; ; i++ {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				after := ejected.Load()
+				resp, err := client.Post(p.url("/greeter/example/call"), "application/json", strings.NewReader(fmt.Sprintf(`{"name":"w%d-%d"}`, w, i)))
+				var body []byte
+				if err == nil {
+					body, _ = io.ReadAll(resp.Body)
+					resp.Body.Close()
+				}
+				calls.Add(1)
+				var r struct{ Msg string }
+				if err != nil || resp.StatusCode != 200 || json.Unmarshal(body, &r) != nil {
+					mu.Lock()
+					errs = append(errs, fmt.Sprintf("%v %s", err, body))
+					mu.Unlock()
+					if after {
+						errsAfterEjection.Add(1)
+					}
+					continue
+				}
+				node, _, _ := strings.Cut(r.Msg, ":")
+				mu.Lock()
+				if !killed.Load() {
+					byNode[node]++
+				}
+				mu.Unlock()
+			}
+		}()
+	}
+	defer func() { close(stop); wg.Wait() }()
+
+	waitFor(t, 20*time.Second, "300 calls spread over the three nodes", func() bool { return calls.Load() >= 300 })
+	mu.Lock()
+	spread := fmt.Sprint(byNode)
+	for _, n := range []string{"py", "goA", "goB"} {
+		if byNode[n] < 50 {
+			t.Errorf("node %s served %d of the first calls (%s); want round robin to spread them", n, byNode[n], spread)
+		}
+	}
+	mu.Unlock()
+
+	killed.Store(true)
+	goB.cmd.Process.Signal(syscall.SIGKILL)
+	<-goB.done
+	ejections := regexp.MustCompile(`node ejected.*address=` + regexp.QuoteMeta(goB.addr))
+	waitFor(t, 10*time.Second, "the killed node to be ejected", func() bool { return ejections.MatchString(p.log.String()) })
+	ejected.Store(true)
+	// Past the first backoff the node is tried again, refused, retried
+	// elsewhere and ejected for longer: still no error for the callers.
+	waitFor(t, 10*time.Second, "the killed node to be tried again and ejected again", func() bool {
+		return len(ejections.FindAllString(p.log.String(), -1)) >= 2
+	})
+	n := calls.Load()
+	waitFor(t, 10*time.Second, "100 more calls", func() bool { return calls.Load() >= n+100 })
+	close(stop)
+	wg.Wait()
+	stop = make(chan struct{})
+	mu.Lock()
+	t.Logf("spread before the kill: %s; %d calls in all; %d errors, all before the ejection: %v", spread, calls.Load(), len(errs), errs)
+	if len(errs) > workers {
+		t.Errorf("%d calls failed around the kill; want at most the %d in flight", len(errs), workers)
+	}
+	mu.Unlock()
+	if n := errsAfterEjection.Load(); n > 0 {
+		t.Errorf("%d calls failed after the killed node was ejected; want none", n)
+	}
+
+	// A node that hangs: the deadline is honoured with a 504, a Timeout
+	// header shortens it.
+	// Each case has its own node, since a node that times out under the
+	// default deadline is ejected.
+	release := make(chan struct{})
+	defer close(release)
+	for i, tc := range []struct {
+		timeout string
+		want    time.Duration
+	}{{"", 500 * time.Millisecond}, {"200ms", 200 * time.Millisecond}, {"100000000", 100 * time.Millisecond}} {
+		hang := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			io.ReadAll(r.Body) // so that the server notices the sidecar hanging up
+			select {
+			case <-release:
+			case <-r.Context().Done():
+			}
+		}))
+		defer hang.Close()
+		service := fmt.Sprintf("hang%d", i)
+		registerAddr(t, p, "go.micro.srv."+service, service, hostOf(hang))
+		req, _ := http.NewRequest("POST", p.url("/"+service+"/call"), strings.NewReader("{}"))
+		if tc.timeout != "" {
+			req.Header.Set("Timeout", tc.timeout)
+		}
+		start := time.Now()
+		resp, err := client.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		took := time.Since(start)
+		if resp.StatusCode != 504 || took < tc.want || took > tc.want+2*time.Second {
+			t.Errorf("hanging node, Timeout %q: %d %s after %v; want 504 after %v", tc.timeout, resp.StatusCode, body, took, tc.want)
+		}
+	}
+
+	// A node that answers garbage: 502 naming what came back.
+	garbage := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "text/html")
+		io.WriteString(w, "<h1>It works!</h1>")
+	}))
+	defer garbage.Close()
+	registerAddr(t, p, "go.micro.srv.garbage", "garbage-1", hostOf(garbage))
+	code, body := do(t, "POST", p.url("/garbage/call"), "application/json", "{}")
+	var e errorBody
+	json.Unmarshal([]byte(body), &e)
+	if code != 502 || !strings.Contains(e.Detail, `answered 200 OK with text/html "<h1>It works!</h1>"`) {
+		t.Errorf("garbage: %d %s; want 502 naming the HTML that came back", code, body)
+	}
+	code, body = do(t, "POST", p.url("/nothere/call"), "application/json", "{}")
+	if code != 404 {
+		t.Errorf("unknown service: %d %s; want 404", code, body)
+	}
+}
+
+// TestProxyThroughBinary streams server-sent events through the built
+// sidecar: the client has the first event before the app sends the second.
+func TestProxyThroughBinary(t *testing.T) {
+	next := make(chan struct{})
+	app := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "text/event-stream")
+		fmt.Fprintf(w, "data: one %s\n\n", r.Header.Get("X-Forwarded-For"))
+		w.(http.Flusher).Flush()
+		select {
+		case <-next:
+		case <-r.Context().Done():
+			return
+		}
+		io.WriteString(w, "data: two\n\n")
+	}))
+	defer app.Close()
+	p := startSidecar(t, "--registry=memory", "--handler=proxy")
+	registerAddr(t, p, "go.micro.srv.events", "ev-1", hostOf(app))
+	for _, path := range []string{"/proxy/go.micro.srv.events/stream", "/events/stream"} {
+		resp, err := http.Get(p.url(path))
+		if err != nil {
+			t.Fatal(err)
+		}
+		rd := bufio.NewReader(resp.Body)
+		line, err := rd.ReadString('\n')
+		if err != nil || line != "data: one 127.0.0.1\n" {
+			t.Fatalf("GET %s: first event %q, %v; want it before the second is sent, with X-Forwarded-For", path, line, err)
+		}
+		next <- struct{}{}
+		rest, _ := io.ReadAll(rd)
+		resp.Body.Close()
+		if string(rest) != "\ndata: two\n\n" {
+			t.Errorf("GET %s: rest %q", path, rest)
+		}
+	}
+}

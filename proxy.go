@@ -1,0 +1,295 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"net/http/httputil"
+	"net/url"
+	"strings"
+	"sync"
+	"time"
+)
+
+// The HTTP reverse proxy: /proxy/{service}/{path...}, and /{service}/...
+// under --handler=proxy, forward any request to a node chosen by the same
+// selector as RPC. net/http/httputil.ReverseProxy does the forwarding: it
+// strips hop-by-hop headers (RFC 9110 section 7.6.1), streams bodies,
+// flushes server-sent events and unknown-length bodies as they come, and
+// passes WebSocket upgrades through. The proxy adds node selection,
+// ejection and retries in its RoundTripper.
+
+// proxyConfig tunes the proxy. Zero values take the documented defaults.
+type proxyConfig struct {
+	Retries int           // further nodes tried when a request may be retried
+	Timeout time.Duration // wait for a node's response headers; default 5s. Bodies and upgraded connections are not limited
+}
+
+// proxy forwards HTTP requests to the nodes of services.
+type proxy struct {
+	cfg       proxyConfig
+	reg       *registry
+	sel       *selector
+	transport http.RoundTripper
+	rp        *httputil.ReverseProxy
+	log       *slog.Logger
+
+	mu       sync.Mutex                       // guards upgrades, closed
+	upgrades map[*context.CancelFunc]struct{} // one per upgraded (hijacked) connection in flight
+	closed   bool
+	wg       sync.WaitGroup // one per entry in upgrades
+}
+
+func newProxy(cfg proxyConfig, reg *registry, sel *selector, transport http.RoundTripper, log *slog.Logger) *proxy {
+	if cfg.Timeout <= 0 {
+		cfg.Timeout = 5 * time.Second
+	}
+	p := &proxy{cfg: cfg, reg: reg, sel: sel, transport: transport, log: log, upgrades: map[*context.CancelFunc]struct{}{}}
+	p.rp = &httputil.ReverseProxy{
+		Rewrite:      rewrite,
+		Transport:    roundTripFunc(p.roundTrip),
+		BufferPool:   newBufferPool(),
+		ErrorLog:     slog.NewLogLogger(log.Handler(), slog.LevelWarn),
+		ErrorHandler: proxyError,
+	}
+	return p
+}
+
+// proxyTarget is what the handler resolved for one request, handed to
+// Rewrite and the RoundTripper through the request's context.
+type proxyTarget struct {
+	service   string
+	nodes     []Node
+	path      string // escaped path to request from the node
+	timeout   time.Duration
+	shortened bool // the caller asked for less than the default deadline
+}
+
+type targetKey struct{}
+
+// handleProxy serves /proxy/{service}/{path...}: the service is named in
+// full, and the node is asked for /{path...} with the query as it came.
+func (s *sidecar) handleProxy(w http.ResponseWriter, r *http.Request) {
+	rest := strings.TrimPrefix(r.URL.EscapedPath(), "/proxy/")
+	name, fwd, _ := strings.Cut(rest, "/")
+	service, err := url.PathUnescape(name)
+	if err != nil || service == "" || !validName(service) {
+		writeError(w, http.StatusNotFound, "no service named in "+truncate(r.URL.Path, 128)+"; use /proxy/{service}/{path}")
+		return
+	}
+	s.proxy.serve(w, r, service, "/"+fwd)
+}
+
+// handleProxyPath serves /{service}/... under --handler=proxy: the service
+// comes from the path as micro's proxy handler maps it, and the node is
+// asked for the whole path.
+func (s *sidecar) handleProxyPath(w http.ResponseWriter, r *http.Request) {
+	service, err := proxyRoute(s.rpc.cfg.Namespace, r.URL.Path)
+	if err != nil {
+		writeError(w, http.StatusNotFound, "no endpoint at "+truncate(r.URL.Path, 128)+": "+err.Error())
+		return
+	}
+	s.proxy.serve(w, r, service, r.URL.EscapedPath())
+}
+
+func (p *proxy) serve(w http.ResponseWriter, r *http.Request, service, path string) {
+	versions, err := p.reg.GetService(service)
+	if err != nil {
+		writeError(w, http.StatusNotFound, "service "+truncate(service, 128)+" not found")
+		return
+	}
+	t := &proxyTarget{service: service, nodes: allNodes(versions), path: path, timeout: p.cfg.Timeout}
+	if h := r.Header.Get("Timeout"); h != "" {
+		d, err := parseTimeout(h)
+		if err != nil {
+			writeError(w, http.StatusBadRequest, err.Error())
+			return
+		}
+		t.timeout, t.shortened = d, d < p.cfg.Timeout
+	}
+	ctx := context.WithValue(r.Context(), targetKey{}, t)
+	if isUpgrade(r) {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithCancel(ctx)
+		defer cancel()
+		if !p.track(&cancel) {
+			writeError(w, http.StatusServiceUnavailable, "the sidecar is shutting down")
+			return
+		}
+		defer p.untrack(&cancel)
+	}
+	p.rp.ServeHTTP(w, r.WithContext(ctx))
+}
+
+// track remembers an upgraded connection until untrack, so that shutdown
+// can end it: http.Server.Shutdown neither closes nor waits for hijacked
+// connections. It returns false once shutdown has begun.
+func (p *proxy) track(cancel *context.CancelFunc) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.closed {
+		return false
+	}
+	p.upgrades[cancel] = struct{}{}
+	p.wg.Add(1)
+	return true
+}
+
+func (p *proxy) untrack(cancel *context.CancelFunc) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if _, ok := p.upgrades[cancel]; ok {
+		delete(p.upgrades, cancel)
+		p.wg.Done()
+	}
+}
+
+// closeUpgrades ends every upgraded connection (cancelling its request
+// closes the node's side, which ends the copy and closes the client's) and
+// waits for them, or for ctx.
+func (p *proxy) closeUpgrades(ctx context.Context) {
+	p.mu.Lock()
+	p.closed = true
+	for cancel := range p.upgrades {
+		(*cancel)()
+	}
+	p.mu.Unlock()
+	done := make(chan struct{})
+	go func() { p.wg.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-ctx.Done():
+	}
+}
+
+// rewrite turns the incoming request into the one for the node; the
+// RoundTripper fills in the node's address.
+func rewrite(pr *httputil.ProxyRequest) {
+	t := pr.In.Context().Value(targetKey{}).(*proxyTarget)
+	u := pr.Out.URL
+	u.Scheme, u.Host = "http", "node.invalid"
+	u.Path, u.RawPath = t.path, ""
+	if p, err := url.PathUnescape(t.path); err == nil && p != t.path {
+		u.Path, u.RawPath = p, t.path
+	}
+	pr.Out.Host = ""
+	// Keep the chain of proxies the request already passed (Rewrite drops
+	// the incoming X-Forwarded-* headers); SetXForwarded appends the client.
+	if xff := pr.In.Header["X-Forwarded-For"]; len(xff) > 0 {
+		pr.Out.Header["X-Forwarded-For"] = xff
+	}
+	pr.SetXForwarded()
+}
+
+type roundTripFunc func(*http.Request) (*http.Response, error)
+
+func (f roundTripFunc) RoundTrip(r *http.Request) (*http.Response, error) { return f(r) }
+
+// errHeaderTimeout cancels a request whose node sent no response headers in
+// time.
+var errHeaderTimeout = errors.New("no response headers within the deadline")
+
+// roundTrip sends the request to a node of its target, moving to another
+// node when it may: when the connection was never made and nothing of the
+// body was read, or when the request is idempotent and has no body (RFC
+// 9110 section 9.2.2).
+func (p *proxy) roundTrip(req *http.Request) (*http.Response, error) {
+	t := req.Context().Value(targetKey{}).(*proxyTarget)
+	var body *onceBody
+	if req.Body != nil && req.Body != http.NoBody {
+		body = &onceBody{rc: req.Body}
+		req.Body = body
+	}
+	replayable := body == nil && (req.Method == http.MethodGet || req.Method == http.MethodHead || req.Method == http.MethodOptions || req.Method == http.MethodTrace)
+
+	ctx, cancel := context.WithCancelCause(req.Context())
+	timer := time.AfterFunc(t.timeout, func() { cancel(errHeaderTimeout) })
+	defer timer.Stop() // the deadline ends with the headers; bodies stream on
+
+	var triedArr [4]nodeKey
+	tried := triedArr[:0]
+	var lastErr error
+	for attempt := 0; attempt <= p.cfg.Retries; attempt++ {
+		node, ok := p.sel.next(t.service, t.nodes, tried)
+		if !ok {
+			break
+		}
+		tried = append(tried, keyOf(node))
+		out := req.WithContext(ctx)
+		u := *req.URL
+		u.Host = node.hostPort()
+		out.URL = &u
+		resp, err := p.transport.RoundTrip(out)
+		if err == nil {
+			p.sel.succeeded(node)
+			return resp, nil
+		}
+		o := classifyFailure(ctx, err)
+		late := o == timedOut && context.Cause(ctx) == errHeaderTimeout
+		if o == notSent || o == lost && isConnFailure(err) || late && !t.shortened {
+			if d := p.sel.failed(node); d > 0 {
+				p.log.Warn("node ejected", "service", t.service, "node", node.ID, "address", node.hostPort(), "for", d, "error", unwrapURLError(err))
+			}
+		}
+		if o == timedOut {
+			if late {
+				return nil, callErrorf(http.StatusGatewayTimeout, "no response from node %s (%s) of %s within %v", node.ID, node.hostPort(), t.service, t.timeout)
+			}
+			return nil, ctx.Err() // the caller went away
+		}
+		lastErr = &callError{http.StatusBadGateway, fmt.Sprintf("node %s (%s) of %s: %v", node.ID, node.hostPort(), t.service, unwrapURLError(err)), err}
+		if !(o == notSent && (body == nil || !body.read) || replayable) {
+			return nil, lastErr
+		}
+	}
+	switch {
+	case lastErr == nil:
+		return nil, callErrorf(http.StatusServiceUnavailable, "no nodes available for service %s: all %d ejected after failures", t.service, len(t.nodes))
+	case len(tried) > 1:
+		return nil, callErrorf(http.StatusBadGateway, "service %s unreachable: tried %d nodes; last: %v", t.service, len(tried), lastErr)
+	default:
+		return nil, lastErr
+	}
+}
+
+// proxyError is the ReverseProxy's one error handler.
+func proxyError(w http.ResponseWriter, r *http.Request, err error) {
+	if r.Context().Err() != nil {
+		return // the caller has gone
+	}
+	var ce *callError
+	if !errors.As(err, &ce) {
+		err = callErrorf(http.StatusBadGateway, "proxy: %v", err)
+	}
+	writeCallError(w, err)
+}
+
+// onceBody lets a request body survive a failed attempt: the transport
+// closes the body it was given, and a retry needs it still open. read says
+// whether any of it has been consumed, after which it cannot be replayed.
+type onceBody struct {
+	rc   io.ReadCloser
+	read bool
+}
+
+func (b *onceBody) Read(p []byte) (int, error) {
+	b.read = true
+	return b.rc.Read(p)
+}
+
+// Close leaves the incoming body to the server, which closes it when the
+// handler returns.
+func (b *onceBody) Close() error { return nil }
+
+// bufferPool recycles the 32 KiB copy buffers of the ReverseProxy.
+type bufferPool struct{ p sync.Pool }
+
+func newBufferPool() *bufferPool {
+	return &bufferPool{p: sync.Pool{New: func() any { b := make([]byte, 32<<10); return &b }}}
+}
+
+func (b *bufferPool) Get() []byte  { return *(b.p.Get().(*[]byte)) }
+func (b *bufferPool) Put(v []byte) { b.p.Put(&v) }

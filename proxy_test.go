@@ -1,0 +1,199 @@
+package main
+
+import (
+	"bufio"
+	"context"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"golang.org/x/net/websocket"
+)
+
+// appServer is an HTTP app behind the proxy.
+func appServer(t *testing.T, h http.HandlerFunc) *httptest.Server {
+	srv := httptest.NewServer(h)
+	t.Cleanup(srv.Close)
+	return srv
+}
+
+func hostOf(srv *httptest.Server) string { return strings.TrimPrefix(srv.URL, "http://") }
+
+func TestProxyForwardsMethodsBodiesAndHeaders(t *testing.T) {
+	s, srv := testSidecar(t, nil)
+	seen := make(chan *http.Request, 1)
+	bodies := make(chan string, 1)
+	app := appServer(t, func(w http.ResponseWriter, r *http.Request) {
+		b, _ := io.ReadAll(r.Body)
+		seen <- r
+		bodies <- string(b)
+		w.Header().Set("X-App", "yes")
+		w.Header().Set("Connection", "X-Secret")
+		w.Header().Set("X-Secret", "hop")
+		w.WriteHeader(http.StatusCreated)
+		io.WriteString(w, "made")
+	})
+	register(t, s, "web", hostOf(app))
+
+	req, _ := http.NewRequest("PUT", srv.URL+"/proxy/web/items/a%2Fb?x=1&y=2", strings.NewReader("payload"))
+	req.Header.Set("X-Custom", "kept")
+	req.Header.Set("Connection", "X-Hop")
+	req.Header.Set("X-Hop", "dropped")
+	req.Header.Set("X-Forwarded-For", "192.0.2.7")
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	data, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != 201 || string(data) != "made" || resp.Header.Get("X-App") != "yes" || resp.Header.Get("X-Secret") != "" {
+		t.Errorf("response: %d %q headers %v; want 201 made, X-App, no hop-by-hop X-Secret", resp.StatusCode, data, resp.Header)
+	}
+	r := <-seen
+	if got := <-bodies; r.Method != "PUT" || got != "payload" {
+		t.Errorf("at the app: %s body %q; want PUT payload", r.Method, got)
+	}
+	if r.URL.RawPath != "/items/a%2Fb" || r.URL.RawQuery != "x=1&y=2" {
+		t.Errorf("at the app: path %q (raw %q) query %q; want /items/a%%2Fb and x=1&y=2", r.URL.Path, r.URL.RawPath, r.URL.RawQuery)
+	}
+	for k, want := range map[string]string{
+		"X-Custom": "kept", "X-Hop": "", "X-Forwarded-For": "192.0.2.7, 127.0.0.1",
+		"X-Forwarded-Host": strings.TrimPrefix(srv.URL, "http://"), "X-Forwarded-Proto": "http",
+	} {
+		if got := r.Header.Get(k); got != want {
+			t.Errorf("header %s at the app: %q; want %q", k, got, want)
+		}
+	}
+}
+
+func TestProxyHandlerMode(t *testing.T) {
+	s, srv := testSidecar(t, func(c *config) { c.Handler = "proxy" })
+	paths := make(chan string, 2)
+	app := appServer(t, func(w http.ResponseWriter, r *http.Request) { paths <- r.URL.Path })
+	register(t, s, "go.micro.srv.greeter", hostOf(app))
+	register(t, s, "go.micro.srv.v1.greeter", hostOf(app))
+	for _, p := range []string{"/greeter/say/hello", "/v1/greeter/x"} {
+		code, body := do(t, "GET", srv.URL+p, "", "")
+		if got := <-paths; code != 200 || got != p {
+			t.Errorf("GET %s: %d %s, app saw %q; want 200 and the whole path", p, code, body, got)
+		}
+	}
+	if code, _ := do(t, "GET", srv.URL+"/nope/x", "", ""); code != 404 {
+		t.Errorf("unknown service: %d; want 404", code)
+	}
+	if code, _ := do(t, "GET", srv.URL+"/health", "", ""); code != 200 {
+		t.Errorf("/health under --handler=proxy: %d; want the sidecar's own 200", code)
+	}
+}
+
+func TestProxyStreamsEventsUnbuffered(t *testing.T) {
+	s, srv := testSidecar(t, func(c *config) { c.RPC.Timeout = 200 * time.Millisecond })
+	next := make(chan struct{})
+	app := appServer(t, func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "text/event-stream")
+		io.WriteString(w, "data: one\n\n")
+		w.(http.Flusher).Flush()
+		select {
+		case <-next:
+		case <-r.Context().Done():
+			return
+		}
+		io.WriteString(w, "data: two\n\n")
+	})
+	register(t, s, "events", hostOf(app))
+	resp, err := http.Get(srv.URL + "/proxy/events/stream")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	rd := bufio.NewReader(resp.Body)
+	line, err := rd.ReadString('\n')
+	if err != nil || line != "data: one\n" {
+		t.Fatalf("first event: %q, %v", line, err)
+	}
+	// The first event arrived while the app still holds the second. Hold it
+	// past the 200ms deadline: the deadline covers response headers, not
+	// streams.
+	time.AfterFunc(400*time.Millisecond, func() { close(next) })
+	rest, _ := io.ReadAll(rd)
+	if string(rest) != "\ndata: two\n\n" {
+		t.Errorf("rest of the stream: %q; want the second event", rest)
+	}
+}
+
+func TestProxyWebSocket(t *testing.T) {
+	s, srv := testSidecar(t, nil)
+	app := appServer(t, wsServer(func(c *websocket.Conn) { io.Copy(c, c) }).ServeHTTP)
+	register(t, s, "ws", hostOf(app))
+	ws, err := websocket.Dial("ws"+strings.TrimPrefix(srv.URL, "http")+"/proxy/ws/echo", "", srv.URL)
+	if err != nil {
+		t.Fatalf("dial through the proxy: %v", err)
+	}
+	defer ws.Close()
+	ws.SetDeadline(time.Now().Add(5 * time.Second))
+	if err := websocket.Message.Send(ws, "ping"); err != nil {
+		t.Fatal(err)
+	}
+	var got string
+	if err := websocket.Message.Receive(ws, &got); err != nil || got != "ping" {
+		t.Fatalf("echo: %q, %v", got, err)
+	}
+	// Shutdown ends upgraded connections, which http.Server.Shutdown does not.
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	s.proxy.closeUpgrades(ctx)
+	if err := websocket.Message.Receive(ws, &got); err == nil {
+		t.Errorf("after closeUpgrades: received %q; want the connection closed", got)
+	}
+	if len(s.proxy.upgrades) != 0 {
+		t.Errorf("%d upgrades still tracked", len(s.proxy.upgrades))
+	}
+}
+
+func TestProxyRetriesAndErrors(t *testing.T) {
+	s, srv := testSidecar(t, func(c *config) { c.RPC.Timeout = 300 * time.Millisecond })
+	var hits atomic.Int32
+	app := appServer(t, func(w http.ResponseWriter, r *http.Request) {
+		hits.Add(1)
+		b, _ := io.ReadAll(r.Body)
+		w.Write(b)
+	})
+	register(t, s, "mixed", deadPort(t), deadPort(t), hostOf(app))
+	for i := range 4 {
+		code, body := do(t, "POST", srv.URL+"/proxy/mixed/", "text/plain", "body survives retries")
+		if code != 200 || body != "body survives retries" {
+			t.Fatalf("call %d: %d %q; want refused nodes skipped and the body intact", i, code, body)
+		}
+	}
+
+	release := make(chan struct{})
+	defer close(release)
+	hang := appServer(t, func(w http.ResponseWriter, r *http.Request) {
+		select {
+		case <-release:
+		case <-r.Context().Done():
+		}
+	})
+	register(t, s, "hang", hostOf(hang))
+	register(t, s, "dead", deadPort(t))
+	for _, tc := range []struct {
+		path   string
+		code   int
+		detail string
+	}{
+		{"/proxy/nope/x", 404, "service nope not found"},
+		{"/proxy/", 404, "no service named"},
+		{"/proxy/hang/x", 504, "no response from node"},
+		{"/proxy/dead/x", 502, "connection refused"},
+		{"/proxy/dead/x", 503, "no nodes available for service dead"},
+	} {
+		code, body := do(t, "GET", srv.URL+tc.path, "", "")
+		if code != tc.code || !strings.Contains(body, tc.detail) {
+			t.Errorf("GET %s: %d %s; want %d with %q", tc.path, code, body, tc.code, tc.detail)
+		}
+	}
+}

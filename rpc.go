@@ -1,0 +1,798 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"mime"
+	"net"
+	"net/http"
+	"net/url"
+	"path"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+)
+
+// RPC: POST /rpc and POST /{service}/{method} call a service's node with
+// JSON-RPC 2.0 over HTTP (https://www.jsonrpc.org/specification). Parsing
+// the caller's request, mapping paths, encoding the envelope and decoding
+// the reply are pure functions; caller.call does the I/O around them.
+
+// rpcConfig tunes RPC calls. Zero values take the documented defaults.
+type rpcConfig struct {
+	Namespace     string        // prefix of services named by path (--namespace, go.micro.srv); empty: none
+	Retries       int           // further nodes tried when a connection fails before the request is sent
+	Timeout       time.Duration // deadline of a call without a Timeout header; default 5s, go-micro's
+	MaxBodyBytes  int64         // largest request body; default 1 MiB
+	MaxReplyBytes int64         // largest reply read from a node; default 16 MiB
+}
+
+func (c rpcConfig) withDefaults() rpcConfig {
+	if c.Timeout <= 0 {
+		c.Timeout = 5 * time.Second
+	}
+	if c.MaxBodyBytes <= 0 {
+		c.MaxBodyBytes = 1 << 20
+	}
+	if c.MaxReplyBytes <= 0 {
+		c.MaxReplyBytes = 16 << 20
+	}
+	if c.Retries < 0 {
+		c.Retries = 0
+	}
+	return c
+}
+
+// maxTimeout bounds the per-request Timeout header.
+const maxTimeout = time.Hour
+
+// reservedPaths are first path segments the sidecar keeps for itself: they
+// are never mapped to a service, so that /registry/..., /broker/... and the
+// like stay the sidecar's own.
+var reservedPaths = map[string]bool{"registry": true, "health": true, "broker": true, "metrics": true, "rpc": true, "proxy": true, "debug": true}
+
+// callError is a failed call: the HTTP status and detail it is reported
+// with in the ecosystem's error shape.
+type callError struct {
+	code   int
+	detail string
+	cause  error // what went wrong underneath, for errors.Is; may be nil
+}
+
+func (e *callError) Error() string { return e.detail }
+func (e *callError) Unwrap() error { return e.cause }
+
+func callErrorf(code int, format string, args ...any) *callError {
+	return &callError{code: code, detail: fmt.Sprintf(format, args...)}
+}
+
+// writeCallError reports err in the error shape; a *callError keeps its
+// status, anything else is a 500.
+func writeCallError(w http.ResponseWriter, err error) {
+	var ce *callError
+	if errors.As(err, &ce) {
+		writeError(w, ce.code, ce.detail)
+		return
+	}
+	writeError(w, http.StatusInternalServerError, err.Error())
+}
+
+// rpcCall is one call as the caller asked for it.
+type rpcCall struct {
+	Service string
+	Method  string
+	Address string // host:port of one node to call directly; empty: choose
+	Request []byte // one JSON value, sent as the only element of params
+}
+
+// apiRoute maps a path to a service and method the way micro's API does
+// (its rpc and api handlers' resolver), with namespace prepended:
+//
+//	/foo            ns.foo        Foo.Call
+//	/foo/bar        ns.foo        Foo.Bar
+//	/foo/bar/baz    ns.foo        Bar.Baz
+//	/foo/bar/baz/x  ns.foo.bar    Baz.X
+//	/v1/foo/bar     ns.v1.foo     Foo.Bar
+//	/v1/foo/bar/baz ns.v1.foo     Bar.Baz
+//
+// Path segments become method words in CamelCase, dashes joining words
+// (say-hello -> SayHello).
+func apiRoute(namespace, p string) (service, method string, err error) {
+	p = strings.TrimPrefix(path.Clean("/"+p), "/")
+	if p == "" {
+		return "", "", errors.New("no service in the path; use /{service}/{method}")
+	}
+	parts := strings.Split(p, "/")
+	if reservedPaths[parts[0]] {
+		return "", "", fmt.Errorf("/%s is the sidecar's own path, not a service", parts[0])
+	}
+	var name string
+	switch {
+	case len(parts) == 1:
+		name, method = parts[0], camel(parts[0])+".Call"
+	case len(parts) == 2:
+		name, method = parts[0], camel(parts[0])+"."+camel(parts[1])
+	case len(parts) == 3 && isVersion(parts[0]):
+		name, method = parts[0]+"."+parts[1], camel(parts[1])+"."+camel(parts[2])
+	default:
+		n := len(parts)
+		name, method = strings.Join(parts[:n-2], "."), camel(parts[n-2])+"."+camel(parts[n-1])
+	}
+	if namespace != "" {
+		name = namespace + "." + name
+	}
+	if len(name) > maxNameLen || !validName(name) || !validName(method) {
+		return "", "", fmt.Errorf("path %q does not name a service and method", truncate("/"+p, 128))
+	}
+	return name, method, nil
+}
+
+// proxyRoute maps a path to a service the way micro's proxy handler does:
+// the first segment, or a version and the next (/v1/foo/... -> ns.v1.foo).
+// The service segment must be letters, digits and inner dashes.
+func proxyRoute(namespace, p string) (string, error) {
+	p = strings.TrimPrefix(p, "/")
+	parts := strings.SplitN(p, "/", 4)
+	name, alias := parts[0], parts[0]
+	if len(parts) > 2 && isVersion(parts[0]) {
+		name, alias = parts[0]+"."+parts[1], parts[1]
+	}
+	if !isAlias(alias) || reservedPaths[parts[0]] {
+		return "", fmt.Errorf("path %q does not start with a service name", truncate("/"+p, 128))
+	}
+	if namespace != "" {
+		name = namespace + "." + name
+	}
+	return name, nil
+}
+
+// isVersion matches micro's ^v[0-9]+$.
+func isVersion(s string) bool {
+	if len(s) < 2 || s[0] != 'v' {
+		return false
+	}
+	for i := 1; i < len(s); i++ {
+		if s[i] < '0' || s[i] > '9' {
+			return false
+		}
+	}
+	return true
+}
+
+// isAlias matches micro's ^[a-zA-Z0-9]+(-[a-zA-Z0-9]+)*$.
+func isAlias(s string) bool {
+	if s == "" || s[0] == '-' || s[len(s)-1] == '-' || strings.Contains(s, "--") {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '-') {
+			return false
+		}
+	}
+	return true
+}
+
+// camel turns a path segment into a method word: say-hello -> SayHello.
+func camel(s string) string {
+	var b strings.Builder
+	b.Grow(len(s))
+	up := true
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		if c == '-' {
+			up = true
+			continue
+		}
+		if up && c >= 'a' && c <= 'z' {
+			c -= 'a' - 'A'
+		}
+		up = false
+		b.WriteByte(c)
+	}
+	return b.String()
+}
+
+// parseRPCRequest reads the body of POST /rpc: form fields (service,
+// method, request, address) or a JSON object with the same keys, where
+// request is a JSON value or a string holding JSON. Fields missing from the
+// body are taken from the URL query.
+func parseRPCRequest(contentType string, query url.Values, body []byte) (rpcCall, error) {
+	var c rpcCall
+	var request []byte
+	isJSON, err := jsonBody(contentType, body)
+	if err != nil {
+		return rpcCall{}, err
+	}
+	if isJSON {
+		var in struct {
+			Service, Method, Address string
+			Request                  json.RawMessage
+		}
+		if err := json.Unmarshal(body, &in); err != nil {
+			return rpcCall{}, fmt.Errorf("body is not a JSON object with service, method and request: %v", err)
+		}
+		c.Service, c.Method, c.Address, request = in.Service, in.Method, in.Address, in.Request
+		if len(request) > 0 && request[0] == '"' {
+			var s string
+			json.Unmarshal(request, &s) // valid: it came through Unmarshal above
+			if request = []byte(s); !json.Valid(request) {
+				return rpcCall{}, fmt.Errorf("request %q is a string but not JSON; send an object, or a string holding JSON", truncate(s, 64))
+			}
+		}
+	} else {
+		form, err := url.ParseQuery(string(body))
+		if err != nil {
+			return rpcCall{}, fmt.Errorf("body is neither JSON nor form fields: %v", err)
+		}
+		c.Service, c.Method, c.Address = form.Get("service"), form.Get("method"), form.Get("address")
+		if form.Has("request") {
+			request = []byte(form.Get("request"))
+			if !json.Valid(request) {
+				return rpcCall{}, fmt.Errorf("request %q is not JSON", truncate(form.Get("request"), 64))
+			}
+		}
+	}
+	if c.Service == "" {
+		c.Service = query.Get("service")
+	}
+	if c.Method == "" {
+		c.Method = query.Get("method")
+	}
+	if c.Address == "" {
+		c.Address = query.Get("address")
+	}
+	if len(request) == 0 && query.Has("request") {
+		request = []byte(query.Get("request"))
+		if !json.Valid(request) {
+			return rpcCall{}, fmt.Errorf("request %q is not JSON", truncate(query.Get("request"), 64))
+		}
+	}
+	c.Request = trimJSON(request)
+	return c, c.validate()
+}
+
+// jsonBody says whether a body is JSON: by its content type, or, without
+// one, by its first byte. Multipart forms are refused with the fix.
+func jsonBody(contentType string, body []byte) (bool, error) {
+	if contentType != "" {
+		mt, _, err := mime.ParseMediaType(contentType)
+		switch {
+		case err != nil:
+		case mt == "application/json" || strings.HasSuffix(mt, "+json"):
+			return true, nil
+		case mt == "application/x-www-form-urlencoded":
+			return false, nil
+		case strings.HasPrefix(mt, "multipart/"):
+			return false, &callError{http.StatusUnsupportedMediaType, "multipart bodies are not supported; send form fields with curl -d, or a JSON object", nil}
+		}
+	}
+	b := bytes.TrimLeft(body, " \t\r\n")
+	return len(b) > 0 && b[0] == '{', nil
+}
+
+// validate checks the names a call will put on the wire.
+func (c *rpcCall) validate() error {
+	switch {
+	case c.Service == "":
+		return errors.New("service is required, e.g. service=go.micro.srv.example")
+	case c.Method == "":
+		return errors.New("method is required, e.g. method=Example.Call")
+	case len(c.Service) > maxNameLen || !validName(c.Service):
+		return fmt.Errorf("service %q: use up to %d printable characters without spaces or '/'", truncate(c.Service, 64), maxNameLen)
+	case len(c.Method) > maxNameLen || !validName(c.Method):
+		return fmt.Errorf("method %q: use up to %d printable characters without spaces or '/'", truncate(c.Method, 64), maxNameLen)
+	}
+	if c.Address != "" {
+		if _, _, err := splitAddress(c.Address, 0); err != nil {
+			return fmt.Errorf("address: %v", err)
+		}
+	}
+	if len(c.Request) == 0 {
+		c.Request = []byte("{}")
+	}
+	return nil
+}
+
+// requestFromBody is the request of a path call: the body when it is JSON
+// (empty means {}), or form fields as an object of strings.
+func requestFromBody(contentType string, body []byte) ([]byte, error) {
+	b := trimJSON(body)
+	if len(b) == 0 {
+		return []byte("{}"), nil
+	}
+	if json.Valid(b) {
+		return b, nil
+	}
+	if mt, _, _ := mime.ParseMediaType(contentType); mt == "application/x-www-form-urlencoded" {
+		form, err := url.ParseQuery(string(body))
+		if err == nil {
+			obj := make(map[string]string, len(form))
+			for k, v := range form {
+				obj[k] = v[0]
+			}
+			return json.Marshal(obj)
+		}
+	}
+	return nil, fmt.Errorf("body is not JSON: %q", truncate(string(b), 64))
+}
+
+func trimJSON(b []byte) []byte { return bytes.TrimSpace(b) }
+
+// appendEnvelope appends the JSON-RPC 2.0 request for one call to dst:
+//
+//	{"jsonrpc":"2.0","id":N,"method":"M","params":[REQUEST]}
+//
+// The request goes in as it came, already checked to be JSON; method has
+// passed validName, so only quotes and backslashes need escaping.
+func appendEnvelope(dst []byte, id uint64, method string, request []byte) []byte {
+	dst = append(dst, `{"jsonrpc":"2.0","id":`...)
+	dst = strconv.AppendUint(dst, id, 10)
+	dst = append(dst, `,"method":"`...)
+	for i := 0; i < len(method); i++ {
+		if c := method[i]; c == '"' || c == '\\' {
+			dst = append(dst, '\\')
+		}
+		dst = append(dst, method[i])
+	}
+	dst = append(dst, `","params":[`...)
+	dst = append(dst, request...)
+	return append(dst, "]}"...)
+}
+
+// appError is an error a node answered with, in the error shape's terms.
+type appError struct {
+	code   int
+	detail string
+}
+
+// parseReply decodes a JSON-RPC reply to request id and returns its
+// result, as it came, or the app's error. JSON-RPC 1.0 replies, where error
+// is a string or null, are accepted too. err is set when the body is not a
+// JSON-RPC reply at all.
+func parseReply(body []byte, id uint64) (result []byte, appErr *appError, err error) {
+	var r struct {
+		ID     json.RawMessage `json:"id"`
+		Result json.RawMessage `json:"result"`
+		Error  json.RawMessage `json:"error"`
+	}
+	if err := json.Unmarshal(body, &r); err != nil {
+		return nil, nil, fmt.Errorf("not a JSON-RPC reply: %v", err)
+	}
+	if hasValue(r.Error) {
+		return nil, decodeAppError(r.Error), nil
+	}
+	if hasValue(r.ID) && !sameID(r.ID, id) {
+		return nil, nil, fmt.Errorf("reply id %s does not match request id %d", truncate(string(r.ID), 32), id)
+	}
+	if r.Result == nil {
+		return nil, nil, errors.New("not a JSON-RPC reply: neither result nor error")
+	}
+	return r.Result, nil, nil
+}
+
+func hasValue(raw json.RawMessage) bool { return len(raw) > 0 && string(raw) != "null" }
+
+// sameID compares a reply id with ours; servers may echo it as a string.
+func sameID(raw json.RawMessage, id uint64) bool {
+	s := string(raw)
+	if len(s) >= 2 && s[0] == '"' && s[len(s)-1] == '"' {
+		s = s[1 : len(s)-1]
+	}
+	n, err := strconv.ParseUint(s, 10, 64)
+	return err == nil && n == id
+}
+
+// decodeAppError reads a reply's error member: a JSON-RPC 2.0 error object
+// ({"code":-32000,"message":"..."}), a JSON-RPC 1.0 string, or anything
+// else, shown as it came. The status is 500, unless the message is itself
+// the ecosystem's error shape (go-micro servers send their errors so), whose
+// code then becomes the status.
+func decodeAppError(raw json.RawMessage) *appError {
+	msg := string(raw)
+	var s string
+	var obj struct {
+		Code    *int    `json:"code"`
+		Message *string `json:"message"`
+	}
+	switch {
+	case json.Unmarshal(raw, &s) == nil:
+		msg = s
+	case json.Unmarshal(raw, &obj) == nil && obj.Message != nil:
+		msg = *obj.Message
+	}
+	e := &appError{code: http.StatusInternalServerError, detail: msg}
+	if strings.HasPrefix(strings.TrimSpace(msg), "{") {
+		var me errorBody
+		if json.Unmarshal([]byte(msg), &me) == nil && me.Code >= 400 && me.Code <= 599 {
+			e.code = me.Code
+			if me.Detail != "" {
+				e.detail = me.Detail
+			}
+		}
+	}
+	if e.detail == "" {
+		e.detail = "the service answered with an empty error"
+	}
+	return e
+}
+
+// parseTimeout reads a Timeout header. go-micro sends a deadline as an
+// integer number of nanoseconds (fmt.Sprintf("%d", time.Duration)); a Go
+// duration such as 5s or 250ms is accepted too.
+func parseTimeout(s string) (time.Duration, error) {
+	var d time.Duration
+	if n, err := strconv.ParseInt(s, 10, 64); err == nil {
+		d = time.Duration(n)
+	} else if d, err = time.ParseDuration(s); err != nil {
+		return 0, fmt.Errorf("Timeout header %q: want a duration such as 5s or go-micro's integer nanoseconds", truncate(s, 32))
+	}
+	if d <= 0 || d > maxTimeout {
+		return 0, fmt.Errorf("Timeout header %q: must be positive and at most %v", truncate(s, 32), maxTimeout)
+	}
+	return d, nil
+}
+
+// passHeaders are the caller's headers carried to the node: W3C trace
+// context (https://www.w3.org/TR/trace-context/) and request ids.
+var passHeaders = []string{"Traceparent", "Tracestate", "X-Request-Id"}
+
+// caller makes RPC calls to nodes.
+type caller struct {
+	cfg    rpcConfig
+	reg    *registry
+	sel    *selector
+	client *http.Client // keep-alive pool to the nodes, shared with the proxy
+	log    *slog.Logger
+	ids    atomic.Uint64
+	bufs   sync.Pool // *bytes.Buffer for envelopes and replies; buffers over 64 KiB are dropped
+}
+
+func newCaller(cfg rpcConfig, reg *registry, sel *selector, transport http.RoundTripper, log *slog.Logger) *caller {
+	return &caller{cfg: cfg.withDefaults(), reg: reg, sel: sel, client: &http.Client{Transport: transport}, log: log}
+}
+
+// newNodeTransport is the connection pool to nodes. Loopback and LAN apps
+// answer many small calls: keeping connections alive matters more than
+// anything else here (Go's default keeps 2 idle per host).
+func newNodeTransport() *http.Transport {
+	return &http.Transport{
+		Proxy:                  nil, // the sidecar talks to nodes directly, whatever HTTP_PROXY says
+		DialContext:            (&net.Dialer{Timeout: 5 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
+		MaxIdleConns:           4096,
+		MaxIdleConnsPerHost:    512,
+		IdleConnTimeout:        90 * time.Second,
+		DisableCompression:     true, // pass bodies as they come
+		ForceAttemptHTTP2:      false,
+		MaxResponseHeaderBytes: 64 << 10,
+	}
+}
+
+func (c *caller) getBuf() *bytes.Buffer {
+	if b, ok := c.bufs.Get().(*bytes.Buffer); ok {
+		b.Reset()
+		return b
+	}
+	return new(bytes.Buffer)
+}
+
+func (c *caller) putBuf(b *bytes.Buffer) {
+	if b.Cap() <= 64<<10 {
+		c.bufs.Put(b)
+	}
+}
+
+// handleRPC serves POST /rpc.
+func (s *sidecar) handleRPC(w http.ResponseWriter, r *http.Request) {
+	if !allowMethods(w, r, http.MethodPost) {
+		return
+	}
+	body, ok := readBody(w, r, s.rpc.cfg.MaxBodyBytes)
+	if !ok {
+		return
+	}
+	var query url.Values // parsed only when there is one: most calls have none
+	if r.URL.RawQuery != "" {
+		query = r.URL.Query()
+	}
+	call, err := parseRPCRequest(r.Header.Get("Content-Type"), query, body)
+	if err != nil {
+		var ce *callError
+		if !errors.As(err, &ce) {
+			err = &callError{http.StatusBadRequest, err.Error(), nil}
+		}
+		writeCallError(w, err)
+		return
+	}
+	s.rpc.serve(w, r, call)
+}
+
+// handlePath serves POST /{service}/{method}, mapped as apiRoute says.
+func (s *sidecar) handlePath(w http.ResponseWriter, r *http.Request) {
+	service, method, err := apiRoute(s.rpc.cfg.Namespace, r.URL.Path)
+	if err != nil || r.Method != http.MethodPost {
+		detail := "no endpoint at " + truncate(r.URL.Path, 128) + "; see /registry, /health, /rpc, or POST /{service}/{method} to call a service"
+		if err != nil && r.Method == http.MethodPost {
+			detail = err.Error()
+		}
+		writeError(w, http.StatusNotFound, detail)
+		return
+	}
+	body, ok := readBody(w, r, s.rpc.cfg.MaxBodyBytes)
+	if !ok {
+		return
+	}
+	req, err := requestFromBody(r.Header.Get("Content-Type"), body)
+	if err != nil {
+		writeError(w, http.StatusBadRequest, err.Error())
+		return
+	}
+	s.rpc.serve(w, r, rpcCall{Service: service, Method: method, Request: req})
+}
+
+// serve makes the call under its deadline and writes the result or error.
+func (c *caller) serve(w http.ResponseWriter, r *http.Request, call rpcCall) {
+	timeout, shortened := c.cfg.Timeout, false
+	if h := r.Header.Get("Timeout"); h != "" {
+		d, err := parseTimeout(h)
+		if err != nil {
+			writeError(w, http.StatusBadRequest, err.Error())
+			return
+		}
+		timeout, shortened = d, d < c.cfg.Timeout
+	}
+	ctx, cancel := context.WithTimeout(r.Context(), timeout)
+	defer cancel()
+	buf := c.getBuf()
+	defer c.putBuf(buf)
+	result, err := c.call(ctx, r.Header, call, shortened, buf)
+	if err != nil {
+		if r.Context().Err() != nil {
+			return // the caller has gone; nobody reads an answer
+		}
+		var ce *callError
+		if errors.As(err, &ce) && ce.code == http.StatusGatewayTimeout {
+			ce.detail += " (" + timeoutHint(r.Header.Get("Timeout"), timeout) + ")"
+		}
+		writeCallError(w, err)
+		return
+	}
+	w.Header()["Content-Type"] = jsonContentType
+	w.Header()["Content-Length"] = []string{strconv.Itoa(len(result))}
+	w.WriteHeader(http.StatusOK)
+	w.Write(result)
+}
+
+var jsonContentType = []string{"application/json"}
+
+// timeoutHint names where a deadline came from, and catches the likely
+// mistake of a bare number meant as seconds.
+func timeoutHint(header string, d time.Duration) string {
+	switch {
+	case header == "":
+		return "deadline " + d.String() + " from --rpc_timeout; a Timeout header sets another"
+	case d < time.Millisecond:
+		return "deadline " + d.String() + " from the Timeout header, read as nanoseconds as go-micro sends it; write 5s for five seconds"
+	default:
+		return "deadline " + d.String() + " from the Timeout header"
+	}
+}
+
+// call sends call to a node of its service (or to its address) and
+// returns the result, a slice of buf. A node whose connection fails is
+// ejected; the call moves to another node only when the request cannot have
+// reached the app (the connection was never made), at most cfg.Retries
+// times. shortened says the caller asked for a deadline below
+// --rpc_timeout: running out of it then says nothing about the node, which
+// is not ejected for it.
+func (c *caller) call(ctx context.Context, in http.Header, call rpcCall, shortened bool, buf *bytes.Buffer) ([]byte, error) {
+	var nodes []Node
+	direct := call.Address != ""
+	if direct {
+		host, port, _ := splitAddress(call.Address, 0) // checked by validate
+		nodes = []Node{{ID: call.Address, Address: host, Port: port}}
+	} else {
+		versions, err := c.reg.GetService(call.Service)
+		if err != nil {
+			return nil, callErrorf(http.StatusNotFound, "service %s not found", call.Service)
+		}
+		nodes = allNodes(versions)
+		if len(nodes) == 0 {
+			return nil, callErrorf(http.StatusServiceUnavailable, "no nodes available for service %s", call.Service)
+		}
+	}
+	id := c.ids.Add(1)
+	buf.Write(appendEnvelope(buf.AvailableBuffer(), id, call.Method, call.Request))
+	envelope := buf.Bytes() // the reply is read into buf after it
+
+	var triedArr [4]nodeKey
+	tried := triedArr[:0]
+	var lastErr error
+	for attempt := 0; attempt <= c.cfg.Retries && !(direct && attempt > 0); attempt++ {
+		node := nodes[0]
+		if !direct {
+			n, ok := c.sel.next(call.Service, nodes, tried)
+			if !ok {
+				break
+			}
+			node = n
+		}
+		tried = append(tried, keyOf(node))
+		result, out, err := c.post(ctx, in, call, node, id, envelope, buf)
+		if err == nil {
+			return result, nil
+		}
+		eject := out == notSent || out == lost && isConnFailure(err) || out == timedOut && !shortened && ctx.Err() == context.DeadlineExceeded
+		if eject && !direct {
+			if d := c.sel.failed(node); d > 0 {
+				c.log.Warn("node ejected", "service", call.Service, "node", node.ID, "address", node.hostPort(), "for", d, "error", err)
+			}
+		}
+		if out != notSent {
+			return nil, err
+		}
+		lastErr = err
+	}
+	switch {
+	case lastErr == nil:
+		return nil, callErrorf(http.StatusServiceUnavailable, "no nodes available for service %s: all %d ejected after failures", call.Service, len(nodes))
+	case len(tried) > 1:
+		return nil, callErrorf(http.StatusBadGateway, "service %s unreachable: tried %d nodes; last: %v", call.Service, len(tried), lastErr)
+	default:
+		return nil, callErrorf(http.StatusBadGateway, "service %s unreachable: %v", call.Service, lastErr)
+	}
+}
+
+// allNodes flattens the versions of a service into one list of nodes.
+func allNodes(versions []Service) []Node {
+	if len(versions) == 1 {
+		return versions[0].Nodes
+	}
+	var out []Node
+	for _, v := range versions {
+		out = append(out, v.Nodes...)
+	}
+	return out
+}
+
+// outcome is how one attempt to call a node failed.
+type outcome int
+
+const (
+	answered outcome = iota // the node answered, with an error or garbage: final
+	notSent                 // no connection was made: safe to try another node
+	lost                    // the connection failed after the request may have reached the app: final
+	timedOut                // the deadline passed, or the caller went away: final
+)
+
+// classifyFailure sorts a transport error. Only a failed dial proves the request
+// never left: Go's transport itself already retries a request on a reused
+// connection that failed before anything was written.
+func classifyFailure(ctx context.Context, err error) outcome {
+	if ctx.Err() != nil {
+		return timedOut
+	}
+	var op *net.OpError
+	if errors.As(err, &op) && op.Op == "dial" {
+		return notSent
+	}
+	return lost
+}
+
+// isConnFailure reports whether err is a connection refused, reset, cut
+// or timed out, the failures that eject a node.
+func isConnFailure(err error) bool {
+	var ne net.Error
+	return errors.Is(err, syscall.ECONNREFUSED) || errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.EPIPE) ||
+		errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) || errors.As(err, &ne) && ne.Timeout()
+}
+
+// post sends the envelope to one node and decodes the reply, read into buf
+// after the envelope.
+func (c *caller) post(ctx context.Context, in http.Header, call rpcCall, node Node, id uint64, envelope []byte, buf *bytes.Buffer) ([]byte, outcome, error) {
+	addr := node.hostPort()
+	// Built by hand rather than by http.NewRequest, which parses a URL
+	// string on every call.
+	h := make(http.Header, 8)
+	req := (&http.Request{
+		Method:        http.MethodPost,
+		URL:           &url.URL{Scheme: "http", Host: addr, Path: "/"},
+		Proto:         "HTTP/1.1",
+		ProtoMajor:    1,
+		ProtoMinor:    1,
+		Header:        h,
+		Body:          io.NopCloser(bytes.NewReader(envelope)),
+		ContentLength: int64(len(envelope)),
+		Host:          addr,
+	}).WithContext(ctx)
+	req.GetBody = func() (io.ReadCloser, error) { return io.NopCloser(bytes.NewReader(envelope)), nil }
+	h["Content-Type"] = jsonContentType
+	h["Micro-Service"] = []string{call.Service}
+	h["Micro-Endpoint"] = []string{call.Method}
+	if dl, ok := ctx.Deadline(); ok {
+		h["Timeout"] = []string{strconv.FormatInt(int64(time.Until(dl)), 10)}
+	}
+	for _, k := range passHeaders {
+		if v := in[k]; len(v) > 0 {
+			h[k] = v
+		}
+	}
+	resp, err := c.client.Do(req)
+	if err != nil {
+		out := classifyFailure(ctx, err)
+		if out == timedOut {
+			return nil, out, c.timeoutError(ctx, call, node)
+		}
+		err = unwrapURLError(err)
+		if out == lost {
+			return nil, out, &callError{http.StatusBadGateway, fmt.Sprintf("node %s (%s) of %s: %v", node.ID, addr, call.Service, err), err}
+		}
+		return nil, out, fmt.Errorf("node %s (%s): %w", node.ID, addr, err)
+	}
+	defer resp.Body.Close()
+	if !isDirect(call) {
+		c.sel.succeeded(node)
+	}
+	start := buf.Len()
+	if resp.ContentLength > 0 && resp.ContentLength <= c.cfg.MaxReplyBytes {
+		buf.Grow(int(resp.ContentLength))
+	}
+	n, err := buf.ReadFrom(io.LimitReader(resp.Body, c.cfg.MaxReplyBytes+1))
+	switch {
+	case err != nil && ctx.Err() != nil:
+		return nil, timedOut, c.timeoutError(ctx, call, node)
+	case err != nil:
+		return nil, lost, &callError{http.StatusBadGateway, fmt.Sprintf("reading the reply of node %s (%s) of %s: %v", node.ID, addr, call.Service, err), err}
+	case n > c.cfg.MaxReplyBytes:
+		return nil, answered, callErrorf(http.StatusBadGateway, "node %s of %s answered more than %d bytes", node.ID, call.Service, c.cfg.MaxReplyBytes)
+	}
+	body := buf.Bytes()[start:]
+	if resp.StatusCode < 200 || resp.StatusCode > 299 {
+		return nil, answered, callErrorf(http.StatusBadGateway, "node %s of %s answered %s%s", node.ID, call.Service, resp.Status, snippet(resp.Header.Get("Content-Type"), body))
+	}
+	result, appErr, err := parseReply(body, id)
+	if err != nil {
+		return nil, answered, callErrorf(http.StatusBadGateway, "node %s of %s answered %s%s: %v", node.ID, call.Service, resp.Status, snippet(resp.Header.Get("Content-Type"), body), err)
+	}
+	if appErr != nil {
+		return nil, answered, &callError{appErr.code, appErr.detail, nil}
+	}
+	return result, answered, nil
+}
+
+// timeoutError is the 504 of a call whose deadline passed, or whose caller
+// went away (nobody reads that answer).
+func (c *caller) timeoutError(ctx context.Context, call rpcCall, node Node) error {
+	return callErrorf(http.StatusGatewayTimeout, "no answer from node %s (%s) of %s within the deadline", node.ID, node.hostPort(), call.Service)
+}
+
+// unwrapURLError drops the *url.Error wrapper, whose text repeats the URL.
+func unwrapURLError(err error) error {
+	var ue *url.Error
+	if errors.As(err, &ue) {
+		return ue.Err
+	}
+	return err
+}
+
+func isDirect(call rpcCall) bool { return call.Address != "" }
+
+// snippet shows the start of a body that was not what we wanted.
+func snippet(contentType string, body []byte) string {
+	s := " with"
+	if contentType != "" {
+		s += " " + truncate(contentType, 64)
+	}
+	if len(body) == 0 {
+		return s + " an empty body"
+	}
+	return s + " " + strconv.Quote(truncate(string(body), 128))
+}

@@ -1,0 +1,623 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"net/url"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+)
+
+func TestAPIRoute(t *testing.T) {
+	for _, tc := range []struct {
+		ns, path        string
+		service, method string
+	}{
+		// micro's table (its API docs, "Request Mapping"), in our namespace.
+		{"go.micro.srv", "/foo/bar", "go.micro.srv.foo", "Foo.Bar"},
+		{"go.micro.srv", "/foo/bar/baz", "go.micro.srv.foo", "Bar.Baz"},
+		{"go.micro.srv", "/foo/bar/baz/cat", "go.micro.srv.foo.bar", "Baz.Cat"},
+		{"go.micro.srv", "/v1/foo/bar", "go.micro.srv.v1.foo", "Foo.Bar"},
+		{"go.micro.srv", "/v1/foo/bar/baz", "go.micro.srv.v1.foo", "Bar.Baz"},
+		{"go.micro.srv", "/v2/foo/bar", "go.micro.srv.v2.foo", "Foo.Bar"},
+		{"go.micro.srv", "/v2/foo/bar/baz", "go.micro.srv.v2.foo", "Bar.Baz"},
+		// The issue's examples and the edges.
+		{"go.micro.srv", "/example/call", "go.micro.srv.example", "Example.Call"},
+		{"go.micro.srv", "/example", "go.micro.srv.example", "Example.Call"},
+		{"go.micro.srv", "/greeter/say-hello", "go.micro.srv.greeter", "Greeter.SayHello"},
+		{"go.micro.srv", "/foo/bar/", "go.micro.srv.foo", "Foo.Bar"},
+		{"go.micro.srv", "//foo//bar", "go.micro.srv.foo", "Foo.Bar"},
+		{"go.micro.srv", "/vx/foo/bar", "go.micro.srv.vx", "Foo.Bar"},
+		{"go.micro.api", "/foo/bar", "go.micro.api.foo", "Foo.Bar"},
+		{"", "/foo/bar", "foo", "Foo.Bar"},
+	} {
+		t.Run(tc.ns+tc.path, func(t *testing.T) {
+			s, m, err := apiRoute(tc.ns, tc.path)
+			if err != nil || s != tc.service || m != tc.method {
+				t.Errorf("apiRoute(%q, %q) = %q, %q, %v; want %q, %q", tc.ns, tc.path, s, m, err, tc.service, tc.method)
+			}
+		})
+	}
+	for _, p := range []string{"/", "", "/registry/x", "/health/x/y", "/broker", "/metrics/a", "/rpc/x", "/proxy/x", "/a b/c"} {
+		if s, m, err := apiRoute("go.micro.srv", p); err == nil {
+			t.Errorf("apiRoute(%q) = %q, %q; want an error", p, s, m)
+		}
+	}
+}
+
+func TestProxyRoute(t *testing.T) {
+	for _, tc := range []struct {
+		path, want string
+	}{
+		{"/foo", "go.micro.srv.foo"},
+		{"/foo/bar/baz", "go.micro.srv.foo"},
+		{"/v1/foo/bar", "go.micro.srv.v1.foo"},
+		{"/v1/foo", "go.micro.srv.v1"},
+		{"/my-app/x", "go.micro.srv.my-app"},
+		{"/", ""},
+		{"/-x/y", ""},
+		{"/a.b/c", ""},
+		{"/registry/x", ""},
+		{"/proxy/x", ""},
+	} {
+		got, err := proxyRoute("go.micro.srv", tc.path)
+		if got != tc.want || (err != nil) != (tc.want == "") {
+			t.Errorf("proxyRoute(%q) = %q, %v; want %q", tc.path, got, err, tc.want)
+		}
+	}
+}
+
+const form = "application/x-www-form-urlencoded"
+
+func TestParseRPCRequest(t *testing.T) {
+	for _, tc := range []struct {
+		name, ct, query, body string
+		want                  rpcCall
+		err                   string
+	}{
+		{"seed form", form, "", "service=go.micro.srv.example&method=Example.Call&request=%7B%22name%22%3A+%22John%22%7D",
+			rpcCall{Service: "go.micro.srv.example", Method: "Example.Call", Request: []byte(`{"name": "John"}`)}, ""},
+		{"json object", "application/json", "", `{"service":"s","method":"M.N","request":{"a":[1,2]}}`,
+			rpcCall{Service: "s", Method: "M.N", Request: []byte(`{"a":[1,2]}`)}, ""},
+		{"json string holding json", "application/json", "", `{"service":"s","method":"M.N","request":"{\"a\":1}"}`,
+			rpcCall{Service: "s", Method: "M.N", Request: []byte(`{"a":1}`)}, ""},
+		{"json sniffed without content type", "", "", ` {"Service":"s","Method":"M.N","Address":"127.0.0.1:1"}`,
+			rpcCall{Service: "s", Method: "M.N", Address: "127.0.0.1:1", Request: []byte(`{}`)}, ""},
+		{"no request is an empty object", form, "", "service=s&method=M.N", rpcCall{Service: "s", Method: "M.N", Request: []byte(`{}`)}, ""},
+		{"array request", form, "", "service=s&method=M.N&request=[1]", rpcCall{Service: "s", Method: "M.N", Request: []byte(`[1]`)}, ""},
+		{"query fallback", form, "service=q&method=Q.R&request=2", "", rpcCall{Service: "q", Method: "Q.R", Request: []byte(`2`)}, ""},
+		{"body wins over query", form, "service=q", "service=s&method=M.N", rpcCall{Service: "s", Method: "M.N", Request: []byte(`{}`)}, ""},
+		{"missing service", form, "", "method=M.N", rpcCall{}, "service is required"},
+		{"missing method", form, "", "service=s", rpcCall{}, "method is required"},
+		{"request not json", form, "", "service=s&method=M.N&request={name:John}", rpcCall{}, "is not JSON"},
+		{"string request not json", "application/json", "", `{"service":"s","method":"M.N","request":"John"}`, rpcCall{}, "a string but not JSON"},
+		{"broken json", "application/json", "", `{"service":`, rpcCall{}, "not a JSON object"},
+		{"bad service", form, "", "service=a b&method=M.N", rpcCall{}, "service \"a b\""},
+		{"bad method", "application/json", "", `{"service":"s","method":"M N"}`, rpcCall{}, `method "M N"`},
+		{"bad address", form, "", "service=s&method=M.N&address=nohost", rpcCall{}, "address:"},
+		{"multipart", "multipart/form-data; boundary=x", "", "--x--", rpcCall{}, "multipart bodies are not supported"},
+		{"bad form", form, "", "service=%zz", rpcCall{}, "neither JSON nor form"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			q, _ := url.ParseQuery(tc.query)
+			got, err := parseRPCRequest(tc.ct, q, []byte(tc.body))
+			if tc.err != "" {
+				if err == nil || !strings.Contains(err.Error(), tc.err) {
+					t.Errorf("parseRPCRequest(%q, %q) error = %v; want one containing %q", tc.ct, tc.body, err, tc.err)
+				}
+				return
+			}
+			if err != nil || got.Service != tc.want.Service || got.Method != tc.want.Method || got.Address != tc.want.Address || !bytes.Equal(got.Request, tc.want.Request) {
+				t.Errorf("parseRPCRequest(%q, %q) = %+v (request %s), %v; want %+v (request %s)", tc.ct, tc.body, got, got.Request, err, tc.want, tc.want.Request)
+			}
+		})
+	}
+}
+
+func TestRequestFromBody(t *testing.T) {
+	for _, tc := range []struct {
+		ct, body, want, err string
+	}{
+		{"application/json", `{"name":"John"}`, `{"name":"John"}`, ""},
+		{form, ` {"name": "John"} `, `{"name": "John"}`, ""},
+		{"", "", `{}`, ""},
+		{form, "name=John&age=3", `{"age":"3","name":"John"}`, ""},
+		{"text/plain", "name=John", "", "body is not JSON"},
+		{"application/json", "{", "", "body is not JSON"},
+	} {
+		got, err := requestFromBody(tc.ct, []byte(tc.body))
+		if string(got) != tc.want || (err == nil) != (tc.err == "") || err != nil && !strings.Contains(err.Error(), tc.err) {
+			t.Errorf("requestFromBody(%q, %q) = %s, %v; want %s, %q", tc.ct, tc.body, got, err, tc.want, tc.err)
+		}
+	}
+}
+
+func TestAppendEnvelope(t *testing.T) {
+	for _, tc := range []struct {
+		id      uint64
+		method  string
+		request string
+		want    string
+	}{
+		{1, "Example.Call", `{"name": "John"}`, `{"jsonrpc":"2.0","id":1,"method":"Example.Call","params":[{"name": "John"}]}`},
+		{18446744073709551615, `A"B\C`, `null`, `{"jsonrpc":"2.0","id":18446744073709551615,"method":"A\"B\\C","params":[null]}`},
+	} {
+		got := appendEnvelope([]byte("x"), tc.id, tc.method, []byte(tc.request))
+		if string(got) != "x"+tc.want {
+			t.Errorf("appendEnvelope(%d, %q, %s) = %s; want x%s", tc.id, tc.method, tc.request, got, tc.want)
+		}
+		var env struct {
+			JSONRPC string            `json:"jsonrpc"`
+			ID      uint64            `json:"id"`
+			Method  string            `json:"method"`
+			Params  []json.RawMessage `json:"params"`
+		}
+		if err := json.Unmarshal(got[1:], &env); err != nil || env.ID != tc.id || env.Method != tc.method || len(env.Params) != 1 || string(env.Params[0]) != tc.request {
+			t.Errorf("envelope %s decodes to %+v, %v", got[1:], env, err)
+		}
+	}
+}
+
+func TestParseReply(t *testing.T) {
+	for _, tc := range []struct {
+		name, body string
+		result     string
+		code       int
+		detail     string
+		err        string
+	}{
+		{"2.0 result", `{"jsonrpc":"2.0","id":7,"result":{"msg":"hi"}}`, `{"msg":"hi"}`, 0, "", ""},
+		{"result bytes as they came", `{"id":7,"result": { "msg" : "hi" } ,"error":null}`, `{ "msg" : "hi" }`, 0, "", ""},
+		{"1.0 result with null error", `{"id":7,"result":"x","error":null}`, `"x"`, 0, "", ""},
+		{"null result", `{"id":7,"result":null,"error":null}`, `null`, 0, "", ""},
+		{"id as string", `{"id":"7","result":1}`, `1`, 0, "", ""},
+		{"no id", `{"result":1}`, `1`, 0, "", ""},
+		{"2.0 error object", `{"jsonrpc":"2.0","id":7,"error":{"code":-32601,"message":"Method not found"}}`, "", 500, "Method not found", ""},
+		{"1.0 error string", `{"id":7,"result":null,"error":"boom"}`, "", 500, "boom", ""},
+		{"micro error in a string", `{"id":7,"error":"{\"id\":\"go.micro.srv.x\",\"code\":404,\"detail\":\"no such user\",\"status\":\"Not Found\"}"}`, "", 404, "no such user", ""},
+		{"micro error in a message", `{"id":7,"error":{"code":-32000,"message":"{\"code\":429,\"detail\":\"slow down\"}"}}`, "", 429, "slow down", ""},
+		{"micro-like code out of range", `{"id":7,"error":"{\"code\":200,\"detail\":\"ok?\"}"}`, "", 500, `{"code":200,"detail":"ok?"}`, ""},
+		{"error of another type", `{"id":7,"error":42}`, "", 500, "42", ""},
+		{"empty error string", `{"id":7,"error":""}`, "", 500, "empty error", ""},
+		{"error with null id", `{"id":null,"error":{"code":-32700,"message":"Parse error"}}`, "", 500, "Parse error", ""},
+		{"wrong id", `{"id":8,"result":1}`, "", 0, "", "does not match request id 7"},
+		{"neither", `{"id":7}`, "", 0, "", "neither result nor error"},
+		{"not json", `<html>oops</html>`, "", 0, "", "not a JSON-RPC reply"},
+		{"array", `[1]`, "", 0, "", "not a JSON-RPC reply"},
+		{"empty", ``, "", 0, "", "not a JSON-RPC reply"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			result, appErr, err := parseReply([]byte(tc.body), 7)
+			switch {
+			case tc.err != "":
+				if err == nil || !strings.Contains(err.Error(), tc.err) {
+					t.Errorf("parseReply(%s) error = %v; want %q", tc.body, err, tc.err)
+				}
+			case tc.code != 0:
+				if err != nil || appErr == nil || appErr.code != tc.code || !strings.Contains(appErr.detail, tc.detail) {
+					t.Errorf("parseReply(%s) = %+v, %v; want app error %d %q", tc.body, appErr, err, tc.code, tc.detail)
+				}
+			default:
+				if err != nil || appErr != nil || string(result) != tc.result {
+					t.Errorf("parseReply(%s) = %s, %+v, %v; want %s", tc.body, result, appErr, err, tc.result)
+				}
+			}
+		})
+	}
+}
+
+func TestParseTimeout(t *testing.T) {
+	for _, tc := range []struct {
+		in   string
+		want time.Duration
+	}{
+		{"5000000000", 5 * time.Second}, // go-micro's form: nanoseconds
+		{"5s", 5 * time.Second},
+		{"250ms", 250 * time.Millisecond},
+		{"1h", time.Hour},
+		{"0", 0}, {"-1s", 0}, {"2h", 0}, {"soon", 0}, {"", 0},
+	} {
+		got, err := parseTimeout(tc.in)
+		if got != tc.want || (err == nil) != (tc.want > 0) {
+			t.Errorf("parseTimeout(%q) = %v, %v; want %v", tc.in, got, err, tc.want)
+		}
+	}
+}
+
+// FuzzParseRPCRequest: whatever comes in, parsing does not panic, and what
+// it accepts makes a valid envelope carrying the same names and request.
+func FuzzParseRPCRequest(f *testing.F) {
+	f.Add(form, []byte(`service=go.micro.srv.example&method=Example.Call&request={"name": "John"}`))
+	f.Add("application/json", []byte(`{"service":"s","method":"M.N","request":"{\"a\":1}"}`))
+	f.Add("", []byte(`{"service":"s","method":"M","request":[1,{"b":null}],"address":"[::1]:80"}`))
+	f.Fuzz(func(t *testing.T, ct string, body []byte) {
+		c, err := parseRPCRequest(ct, nil, body)
+		if err != nil {
+			return
+		}
+		env := appendEnvelope(nil, 1, c.Method, c.Request)
+		var e struct {
+			Method string
+			Params []json.RawMessage
+		}
+		if err := json.Unmarshal(env, &e); err != nil {
+			t.Fatalf("envelope %q of %q is not JSON: %v", env, body, err)
+		}
+		if e.Method != c.Method || len(e.Params) != 1 || !bytes.Equal(bytes.TrimSpace(e.Params[0]), c.Request) {
+			t.Fatalf("envelope %q does not carry method %q and request %q", env, c.Method, c.Request)
+		}
+	})
+}
+
+// FuzzParseReply: any reply decodes without panicking to exactly one of a
+// valid JSON result, an app error with a 4xx/5xx status, or an error.
+func FuzzParseReply(f *testing.F) {
+	f.Add([]byte(`{"jsonrpc":"2.0","id":1,"result":{"msg":"hi"}}`))
+	f.Add([]byte(`{"id":1,"result":null,"error":"boom"}`))
+	f.Add([]byte(`{"id":"1","error":{"code":-32000,"message":"{\"code\":404,\"detail\":\"x\"}"}}`))
+	f.Fuzz(func(t *testing.T, body []byte) {
+		result, appErr, err := parseReply(body, 1)
+		n := 0
+		for _, set := range []bool{result != nil, appErr != nil, err != nil} {
+			if set {
+				n++
+			}
+		}
+		if n != 1 {
+			t.Fatalf("parseReply(%q) = %q, %v, %v; want exactly one", body, result, appErr, err)
+		}
+		if result != nil && !json.Valid(result) {
+			t.Fatalf("parseReply(%q): result %q is not JSON", body, result)
+		}
+		if appErr != nil && (appErr.code < 400 || appErr.code > 599 || appErr.detail == "") {
+			t.Fatalf("parseReply(%q): app error %+v", body, appErr)
+		}
+	})
+}
+
+func BenchmarkAPIRoute(b *testing.B) {
+	b.ReportAllocs()
+	for b.Loop() {
+		apiRoute("go.micro.srv", "/example/call")
+	}
+}
+
+func BenchmarkParseRPCRequestForm(b *testing.B) {
+	body := []byte(`service=go.micro.srv.example&method=Example.Call&request=%7B%22name%22%3A+%22John%22%7D`)
+	b.ReportAllocs()
+	for b.Loop() {
+		parseRPCRequest(form, nil, body)
+	}
+}
+
+func BenchmarkAppendEnvelope(b *testing.B) {
+	req := []byte(`{"name": "John"}`)
+	buf := make([]byte, 0, 256)
+	b.ReportAllocs()
+	for b.Loop() {
+		buf = appendEnvelope(buf[:0], 12345, "Example.Call", req)
+	}
+}
+
+func BenchmarkParseReply(b *testing.B) {
+	body := []byte(`{"jsonrpc":"2.0","id":12345,"result":{"msg":"go.micro.srv.example-1: Hello John"}}`)
+	b.ReportAllocs()
+	for b.Loop() {
+		parseReply(body, 12345)
+	}
+}
+
+// testSidecar runs a sidecar's API in this process, on a memory registry.
+func testSidecar(t testing.TB, mod func(*config)) (*sidecar, *httptest.Server) {
+	t.Helper()
+	cfg, err := parseSidecarFlags([]string{"--registry=memory", "--rpc_timeout=2s"}, io.Discard, func(string) (string, bool) { return "", false })
+	if err != nil {
+		t.Fatal(err)
+	}
+	if mod != nil {
+		mod(&cfg)
+	}
+	s, err := newSidecar(context.Background(), cfg, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := httptest.NewServer(s.routes())
+	t.Cleanup(srv.Close)
+	return s, srv
+}
+
+// register adds nodes at addrs (host:port) to service.
+func register(t testing.TB, s *sidecar, service string, addrs ...string) {
+	t.Helper()
+	svc := Service{Name: service}
+	for i, a := range addrs {
+		svc.Nodes = append(svc.Nodes, Node{ID: fmt.Sprintf("%s-%d", service, i), Address: a})
+	}
+	if err := normalizeService(&svc); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.reg.Register(svc, time.Minute); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// jsonrpcApp is an in-process JSON-RPC app that records what it was sent.
+type jsonrpcApp struct {
+	srv    *httptest.Server
+	calls  atomic.Int32
+	mu     sync.Mutex // guards last
+	last   *http.Request
+	answer func(w http.ResponseWriter, r *http.Request, env map[string]json.RawMessage)
+}
+
+func newJSONRPCApp(t testing.TB, name string) *jsonrpcApp {
+	a := &jsonrpcApp{}
+	a.answer = func(w http.ResponseWriter, r *http.Request, env map[string]json.RawMessage) {
+		fmt.Fprintf(w, `{"jsonrpc":"2.0","id":%s,"result":{"node":%q,"params":%s}}`, env["id"], name, env["params"])
+	}
+	a.srv = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		a.calls.Add(1)
+		body, _ := io.ReadAll(r.Body)
+		var env map[string]json.RawMessage
+		json.Unmarshal(body, &env)
+		a.mu.Lock()
+		a.last = r
+		a.mu.Unlock()
+		a.answer(w, r, env)
+	}))
+	t.Cleanup(a.srv.Close)
+	return a
+}
+
+func (a *jsonrpcApp) addr() string { return strings.TrimPrefix(a.srv.URL, "http://") }
+
+func (a *jsonrpcApp) lastHeader(k string) string {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.last.Header.Get(k)
+}
+
+func post(t *testing.T, url, ct, body string, hdr ...string) (int, string) {
+	t.Helper()
+	req, _ := http.NewRequest("POST", url, strings.NewReader(body))
+	req.Header.Set("Content-Type", ct)
+	for i := 0; i+1 < len(hdr); i += 2 {
+		req.Header.Set(hdr[i], hdr[i+1])
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	data, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(data)
+}
+
+// deadPort is a loopback address nothing listens on.
+func deadPort(t *testing.T) string {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	ln.Close()
+	return addr
+}
+
+func TestCallHeadersAndResult(t *testing.T) {
+	s, srv := testSidecar(t, nil)
+	app := newJSONRPCApp(t, "a")
+	register(t, s, "go.micro.srv.greeter", app.addr())
+	code, body := post(t, srv.URL+"/greeter/say-hello", "application/json", `{"name": "John"}`,
+		"Traceparent", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01", "X-Request-Id", "r1", "Timeout", "1500ms")
+	if code != 200 || body != `{"node":"a","params":[{"name": "John"}]}` {
+		t.Fatalf("got %d %s; want 200 and the result as the app wrote it", code, body)
+	}
+	for k, want := range map[string]string{
+		"Content-Type": "application/json", "Micro-Service": "go.micro.srv.greeter", "Micro-Endpoint": "Greeter.SayHello",
+		"Traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01", "X-Request-Id": "r1",
+	} {
+		if got := app.lastHeader(k); got != want {
+			t.Errorf("header %s at the app: %q; want %q", k, got, want)
+		}
+	}
+	var ns int64
+	fmt.Sscan(app.lastHeader("Timeout"), &ns)
+	if d := time.Duration(ns); d <= time.Second || d > 1500*time.Millisecond {
+		t.Errorf("Timeout at the app: %q; want the remaining deadline in nanoseconds, under 1.5s", app.lastHeader("Timeout"))
+	}
+}
+
+func TestCallErrors(t *testing.T) {
+	s, srv := testSidecar(t, func(c *config) { c.MaxBodyBytes, c.RPC.MaxBodyBytes = 200, 200 })
+	answering := func(status int, ct, body string) string {
+		a := newJSONRPCApp(t, "x")
+		a.answer = func(w http.ResponseWriter, r *http.Request, env map[string]json.RawMessage) {
+			w.Header().Set("Content-Type", ct)
+			w.WriteHeader(status)
+			io.WriteString(w, strings.ReplaceAll(body, "ID", string(env["id"])))
+		}
+		return a.addr()
+	}
+	register(t, s, "garbage", answering(200, "text/html", "<html>hello</html>"))
+	register(t, s, "teapot", answering(418, "text/plain", "short and stout"))
+	register(t, s, "failing", answering(200, "application/json", `{"jsonrpc":"2.0","id":ID,"error":{"code":-32000,"message":"database on fire"}}`))
+	register(t, s, "microerr", answering(200, "application/json", `{"id":ID,"result":null,"error":"{\"id\":\"x\",\"code\":403,\"detail\":\"not yours\",\"status\":\"Forbidden\"}"}`))
+	register(t, s, "dead", deadPort(t))
+	for _, tc := range []struct {
+		name, path, ct, body string
+		code                 int
+		detail               string
+	}{
+		{"unknown service", "/rpc", form, "service=nope&method=A.B", 404, "service nope not found"},
+		{"unknown path service", "/nope/call", "application/json", "{}", 404, "service go.micro.srv.nope not found"},
+		{"garbage", "/rpc", form, "service=garbage&method=A.B", 502, `answered 200 OK with text/html "<html>hello</html>"`},
+		{"non-2xx", "/rpc", form, "service=teapot&method=A.B", 502, `answered 418 I'm a teapot with text/plain "short and stout"`},
+		{"app error", "/rpc", form, "service=failing&method=A.B", 500, "database on fire"},
+		{"micro error", "/rpc", form, "service=microerr&method=A.B", 403, "not yours"},
+		{"unreachable", "/rpc", form, "service=dead&method=A.B", 502, "service dead unreachable"},
+		{"ejected", "/rpc", form, "service=dead&method=A.B", 503, "no nodes available for service dead"},
+		{"bad input", "/rpc", form, "service=x", 400, "method is required"},
+		{"not json", "/rpc", form, "service=x&method=A.B&request=John", 400, "is not JSON"},
+		{"too big", "/rpc", form, strings.Repeat("x", 300), 413, "larger than 200 bytes"},
+		{"bad timeout", "/rpc", form, "service=failing&method=A.B", 400, "Timeout header"},
+		{"GET", "/rpc", "", "", 405, "method GET not allowed"},
+		{"GET path", "/foo/bar", "", "", 404, "no endpoint at /foo/bar"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			req, _ := http.NewRequest("POST", srv.URL+tc.path, strings.NewReader(tc.body))
+			if tc.name == "GET" || tc.name == "GET path" {
+				req.Method = "GET"
+			}
+			req.Header.Set("Content-Type", tc.ct)
+			if tc.name == "bad timeout" {
+				req.Header.Set("Timeout", "soon")
+			}
+			resp, err := http.DefaultClient.Do(req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			data, _ := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			var e errorBody
+			if err := json.Unmarshal(data, &e); err != nil || resp.StatusCode != tc.code || e.Code != tc.code || e.ID != "go.micro.sidecar" || !strings.Contains(e.Detail, tc.detail) {
+				t.Errorf("got %d %s; want %d with detail containing %q", resp.StatusCode, data, tc.code, tc.detail)
+			}
+		})
+	}
+}
+
+func TestCallRetriesRefusedNodesOnly(t *testing.T) {
+	s, srv := testSidecar(t, func(c *config) { c.RPC.Retries = 2 })
+	app := newJSONRPCApp(t, "live")
+	dead1, dead2 := deadPort(t), deadPort(t)
+	register(t, s, "mixed", dead1, dead2, app.addr())
+	for i := range 6 {
+		if code, body := post(t, srv.URL+"/rpc", form, "service=mixed&method=A.B"); code != 200 {
+			t.Fatalf("call %d: %d %s; want every call to reach the live node", i, code, body)
+		}
+	}
+	if n := s.rpc.sel.tracked.Load(); n != 2 {
+		t.Errorf("%d nodes ejected; want the 2 dead ones", n)
+	}
+
+	// A node that cuts the connection after reading the request may have
+	// acted on it: the call is not retried.
+	var cut atomic.Int32
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			cut.Add(1)
+			c.Read(make([]byte, 4096))
+			c.Close()
+		}
+	}()
+	other := newJSONRPCApp(t, "other")
+	register(t, s, "cutter", ln.Addr().String(), other.addr())
+	s.rpc.sel.cursors["cutter"] = 0 // the cutting node first
+	code, body := post(t, srv.URL+"/rpc", form, "service=cutter&method=A.B")
+	if code != 502 || cut.Load() != 1 || other.calls.Load() != 0 {
+		t.Errorf("cut after sending: got %d %s, %d cuts, %d calls elsewhere; want 502 and no retry", code, body, cut.Load(), other.calls.Load())
+	}
+}
+
+func TestCallDeadline(t *testing.T) {
+	s, srv := testSidecar(t, func(c *config) { c.RPC.Timeout = 300 * time.Millisecond })
+	release := make(chan struct{})
+	defer close(release)
+	hang := newJSONRPCApp(t, "hang")
+	hang.answer = func(w http.ResponseWriter, r *http.Request, _ map[string]json.RawMessage) {
+		select {
+		case <-release:
+		case <-r.Context().Done():
+		}
+	}
+	register(t, s, "go.micro.srv.slow", hang.addr())
+	start := time.Now()
+	code, body := post(t, srv.URL+"/slow/call", "application/json", "{}")
+	if took := time.Since(start); code != 504 || !strings.Contains(body, "from --rpc_timeout") || took < 300*time.Millisecond || took > 3*time.Second {
+		t.Errorf("hanging node: %d %s after %v; want 504 after the 300ms deadline", code, body, took)
+	}
+	if s.rpc.sel.tracked.Load() != 1 {
+		t.Error("a node that timed out under the default deadline should be ejected")
+	}
+
+	// A caller's shorter deadline says nothing about the node: no ejection.
+	hang2 := newJSONRPCApp(t, "hang2")
+	hang2.answer = hang.answer
+	register(t, s, "slow2", hang2.addr())
+	code, body = post(t, srv.URL+"/rpc", form, "service=slow2&method=A.B", "Timeout", "100000000") // 100ms, go-micro's form
+	if code != 504 || !strings.Contains(body, "deadline 100ms from the Timeout header") {
+		t.Errorf("Timeout header: %d %s; want 504 naming the header's deadline", code, body)
+	}
+	if s.rpc.sel.tracked.Load() != 1 {
+		t.Error("a node that ran out of a caller's shortened deadline must not be ejected")
+	}
+}
+
+// BenchmarkRPCThroughSidecar is the whole /rpc path in one process: client,
+// sidecar and app on loopback. Profile it with -cpuprofile.
+func BenchmarkRPCThroughSidecar(b *testing.B) {
+	s, srv := testSidecar(b, nil)
+	app := newJSONRPCApp(b, "a")
+	register(b, s, "go.micro.srv.bench", app.addr())
+	client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 64}}
+	body := `service=go.micro.srv.bench&method=Example.Call&request={"name":"John"}`
+	b.ReportAllocs()
+	b.RunParallel(func(pb *testing.PB) {
+		for pb.Next() {
+			resp, err := client.Post(srv.URL+"/rpc", form, strings.NewReader(body))
+			if err != nil {
+				b.Error(err)
+				return
+			}
+			io.Copy(io.Discard, resp.Body)
+			resp.Body.Close()
+		}
+	})
+}
+
+func TestRPCFlags(t *testing.T) {
+	noEnv := func(string) (string, bool) { return "", false }
+	for _, tc := range []struct {
+		args []string
+		err  string
+	}{
+		{[]string{"--selector=leastconn"}, `--selector "leastconn": want roundrobin or random`},
+		{[]string{"--handler=grpc"}, `--handler "grpc": want rpc or proxy`},
+		{[]string{"--rpc_timeout=0s"}, "--rpc_timeout between"},
+		{[]string{"--rpc_retries=-1"}, "--rpc_retries must be 0 or more"},
+		{[]string{"--namespace=a b"}, `--namespace "a b"`},
+	} {
+		_, err := parseSidecarFlags(append([]string{"--registry=memory"}, tc.args...), io.Discard, noEnv)
+		if err == nil || !strings.Contains(err.Error(), tc.err) {
+			t.Errorf("flags %v: error %v; want %q", tc.args, err, tc.err)
+		}
+	}
+	cfg, err := parseSidecarFlags([]string{"--registry=memory"}, io.Discard, noEnv)
+	if err != nil || cfg.RPC.Namespace != "go.micro.srv" || cfg.Selector.Strategy != "roundrobin" || cfg.RPC.Retries != 2 || cfg.RPC.Timeout != 5*time.Second || cfg.Handler != "rpc" {
+		t.Errorf("defaults: %+v, %v", cfg, err)
+	}
+	cfg, err = parseSidecarFlags([]string{"--registry=memory", "--namespace="}, io.Discard, noEnv)
+	if err != nil || cfg.RPC.Namespace != "" {
+		t.Errorf("an empty --namespace must be allowed: %q, %v", cfg.RPC.Namespace, err)
+	}
+}

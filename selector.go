@@ -1,0 +1,191 @@
+package main
+
+import (
+	"math/rand/v2"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// Node selection, shared by RPC and the proxy. The decisions (which node
+// next, how long an ejection lasts) are pure functions over values; the
+// selector only keeps the state they read under one lock.
+
+// Selection strategies (--selector).
+const (
+	strategyRoundRobin = "roundrobin"
+	strategyRandom     = "random"
+)
+
+// selectorConfig tunes a selector. Zero values take the documented defaults.
+type selectorConfig struct {
+	Strategy   string        // roundrobin (default) or random
+	EjectBase  time.Duration // first ejection of a failing node; default 1s
+	EjectMax   time.Duration // longest ejection; default 30s
+	MaxTracked int           // failing nodes and round-robin cursors remembered; default 4096
+}
+
+func (c selectorConfig) withDefaults() selectorConfig {
+	if c.Strategy == "" {
+		c.Strategy = strategyRoundRobin
+	}
+	if c.EjectBase <= 0 {
+		c.EjectBase = time.Second
+	}
+	if c.EjectMax < c.EjectBase {
+		c.EjectMax = max(30*time.Second, c.EjectBase)
+	}
+	if c.MaxTracked <= 0 {
+		c.MaxTracked = 4096
+	}
+	return c
+}
+
+// nodeKey names a node by where it listens: a failure is a property of the
+// address, whatever service or id it was registered under. A struct rather
+// than "host:port" so that lookups allocate nothing.
+type nodeKey struct {
+	host string
+	port int
+}
+
+func keyOf(n Node) nodeKey { return nodeKey{n.Address, n.Port} }
+
+// nodeState is what the selector remembers of a node that failed.
+type nodeState struct {
+	failures int       // consecutive failures; reset by a success
+	until    time.Time // not chosen before this time
+}
+
+// ejectFor is how long a node stays out after its n-th consecutive failure:
+// base, doubled for each further failure, capped at max.
+func ejectFor(failures int, base, max time.Duration) time.Duration {
+	if failures < 1 {
+		return 0
+	}
+	d := base
+	for i := 1; i < failures; i++ {
+		if d >= max/2 {
+			return max
+		}
+		d *= 2
+	}
+	return min(d, max)
+}
+
+// choose returns the index of the node to call, or -1 when none is usable:
+// scanning from start (mod len(nodes)), the first node that is neither
+// ejected at now nor already tried in this call. Round robin passes a
+// cursor as start, random a random number.
+func choose(nodes []Node, states map[nodeKey]nodeState, tried []nodeKey, now time.Time, start uint64) int {
+	n := len(nodes)
+	if n == 0 {
+		return -1
+	}
+	first := int(start % uint64(n))
+next:
+	for i := 0; i < n; i++ {
+		j := first + i
+		if j >= n {
+			j -= n
+		}
+		k := keyOf(nodes[j])
+		for _, t := range tried {
+			if t == k {
+				continue next
+			}
+		}
+		if st, ok := states[k]; ok && now.Before(st.until) {
+			continue
+		}
+		return j
+	}
+	return -1
+}
+
+// selector picks nodes and remembers which failed.
+type selector struct {
+	cfg selectorConfig
+	now func() time.Time
+
+	// tracked mirrors len(states), so that the common case, where nothing
+	// has failed, reports a success without taking the lock.
+	tracked atomic.Int64
+
+	mu      sync.Mutex            // guards states, cursors
+	states  map[nodeKey]nodeState // failing nodes; at most cfg.MaxTracked
+	cursors map[string]uint64     // round-robin position by service; at most cfg.MaxTracked
+}
+
+func newSelector(cfg selectorConfig, now func() time.Time) *selector {
+	if now == nil {
+		now = time.Now
+	}
+	return &selector{cfg: cfg.withDefaults(), now: now, states: map[nodeKey]nodeState{}, cursors: map[string]uint64{}}
+}
+
+// next picks a node of service among nodes, skipping those tried in this
+// call and those ejected. ok is false when no node is usable.
+func (s *selector) next(service string, nodes []Node, tried []nodeKey) (Node, bool) {
+	now := s.now()
+	s.mu.Lock()
+	var start uint64
+	if s.cfg.Strategy == strategyRandom {
+		start = rand.Uint64()
+	} else {
+		c, ok := s.cursors[service]
+		if !ok && len(s.cursors) >= s.cfg.MaxTracked {
+			clear(s.cursors) // overflow: round robin restarts; nothing else is lost
+		}
+		start = c
+		s.cursors[service] = c + 1
+	}
+	i := choose(nodes, s.states, tried, now, start)
+	s.mu.Unlock()
+	if i < 0 {
+		return Node{}, false
+	}
+	return nodes[i], true
+}
+
+// succeeded ends any backoff of the node.
+func (s *selector) succeeded(n Node) {
+	if s.tracked.Load() == 0 {
+		return
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if _, ok := s.states[keyOf(n)]; ok {
+		delete(s.states, keyOf(n))
+		s.tracked.Store(int64(len(s.states)))
+	}
+}
+
+// failed ejects the node for a backoff that grows with each consecutive
+// failure. When cfg.MaxTracked nodes are already remembered, those whose
+// ejection ended long ago are forgotten; if none can be, the failure is not
+// recorded (the node stays selectable: failing open beats growing without
+// bound).
+func (s *selector) failed(n Node) time.Duration {
+	now := s.now()
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	k := keyOf(n)
+	st, ok := s.states[k]
+	if !ok && len(s.states) >= s.cfg.MaxTracked {
+		for key, old := range s.states {
+			if now.Sub(old.until) > s.cfg.EjectMax {
+				delete(s.states, key)
+			}
+		}
+		if len(s.states) >= s.cfg.MaxTracked {
+			return 0
+		}
+	}
+	st.failures++
+	d := ejectFor(st.failures, s.cfg.EjectBase, s.cfg.EjectMax)
+	st.until = now.Add(d)
+	s.states[k] = st
+	s.tracked.Store(int64(len(s.states)))
+	return d
+}

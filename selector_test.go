@@ -1,0 +1,183 @@
+package main
+
+import (
+	"fmt"
+	"testing"
+	"time"
+)
+
+func TestEjectFor(t *testing.T) {
+	base, max := time.Second, 30*time.Second
+	for _, tc := range []struct {
+		failures int
+		want     time.Duration
+	}{
+		{0, 0},
+		{1, time.Second},
+		{2, 2 * time.Second},
+		{3, 4 * time.Second},
+		{5, 16 * time.Second},
+		{6, 30 * time.Second},
+		{100, 30 * time.Second},
+	} {
+		if got := ejectFor(tc.failures, base, max); got != tc.want {
+			t.Errorf("ejectFor(%d, %v, %v) = %v; want %v", tc.failures, base, max, got, tc.want)
+		}
+	}
+}
+
+func nodesAt(ports ...int) []Node {
+	var ns []Node
+	for _, p := range ports {
+		ns = append(ns, Node{ID: fmt.Sprint("n", p), Address: "127.0.0.1", Port: p})
+	}
+	return ns
+}
+
+func TestChoose(t *testing.T) {
+	now := time.Unix(1000, 0)
+	nodes := nodesAt(1, 2, 3)
+	k := func(p int) nodeKey { return nodeKey{"127.0.0.1", p} }
+	ejected := func(ps ...int) map[nodeKey]nodeState {
+		m := map[nodeKey]nodeState{}
+		for _, p := range ps {
+			m[k(p)] = nodeState{failures: 1, until: now.Add(time.Second)}
+		}
+		return m
+	}
+	for _, tc := range []struct {
+		name   string
+		nodes  []Node
+		states map[nodeKey]nodeState
+		tried  []nodeKey
+		start  uint64
+		want   int
+	}{
+		{"no nodes", nil, nil, nil, 0, -1},
+		{"first", nodes, nil, nil, 0, 0},
+		{"cursor wraps", nodes, nil, nil, 4, 1},
+		{"ejected skipped", nodes, ejected(2), nil, 1, 2},
+		{"ejected at end wraps", nodes, ejected(3), nil, 2, 0},
+		{"tried skipped", nodes, nil, []nodeKey{k(1), k(2)}, 0, 2},
+		{"all ejected", nodes, ejected(1, 2, 3), nil, 0, -1},
+		{"all tried or ejected", nodes, ejected(1), []nodeKey{k(2), k(3)}, 0, -1},
+		{"ejection over", nodes, map[nodeKey]nodeState{k(1): {failures: 3, until: now}}, nil, 0, 0},
+		{"other address not confused", nodes, map[nodeKey]nodeState{{"127.0.0.2", 1}: {until: now.Add(time.Hour)}}, nil, 0, 0},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if got := choose(tc.nodes, tc.states, tc.tried, now, tc.start); got != tc.want {
+				t.Errorf("choose(%d nodes, states %v, tried %v, start %d) = %d; want %d", len(tc.nodes), tc.states, tc.tried, tc.start, got, tc.want)
+			}
+		})
+	}
+}
+
+func TestSelectorRoundRobinEjectionAndRecovery(t *testing.T) {
+	now := time.Unix(1000, 0)
+	s := newSelector(selectorConfig{}, func() time.Time { return now })
+	nodes := nodesAt(1, 2, 3)
+	var got []int
+	for range 6 {
+		n, _ := s.next("svc", nodes, nil)
+		got = append(got, n.Port)
+	}
+	if fmt.Sprint(got) != "[1 2 3 1 2 3]" {
+		t.Errorf("round robin: got %v; want [1 2 3 1 2 3]", got)
+	}
+
+	if d := s.failed(nodes[1]); d != time.Second {
+		t.Errorf("first ejection: %v; want 1s", d)
+	}
+	got = got[:0]
+	for range 4 {
+		n, _ := s.next("svc", nodes, nil)
+		got = append(got, n.Port)
+	}
+	for _, p := range got {
+		if p == 2 {
+			t.Fatalf("ejected node chosen: %v", got)
+		}
+	}
+	now = now.Add(time.Second) // the ejection ends; the node is tried again
+	if d := s.failed(nodes[1]); d != 2*time.Second {
+		t.Errorf("second consecutive ejection: %v; want 2s", d)
+	}
+	now = now.Add(2 * time.Second)
+	s.succeeded(nodes[1])
+	if d := s.failed(nodes[1]); d != time.Second {
+		t.Errorf("ejection after a success: %v; want the backoff to start over at 1s", d)
+	}
+	s.succeeded(nodes[1])
+	if s.tracked.Load() != 0 {
+		t.Errorf("tracked %d nodes after all recovered; want 0", s.tracked.Load())
+	}
+
+	for _, n := range nodes {
+		s.failed(n)
+	}
+	if n, ok := s.next("svc", nodes, nil); ok {
+		t.Errorf("all ejected: got %v; want none", n)
+	}
+}
+
+func TestSelectorRandomSpreads(t *testing.T) {
+	s := newSelector(selectorConfig{Strategy: strategyRandom}, nil)
+	nodes := nodesAt(1, 2, 3)
+	seen := map[int]int{}
+	for range 300 {
+		n, ok := s.next("svc", nodes, nil)
+		if !ok {
+			t.Fatal("no node")
+		}
+		seen[n.Port]++
+	}
+	for _, n := range nodes {
+		if seen[n.Port] < 50 {
+			t.Errorf("random: node %d chosen %d times of 300; want about 100 (%v)", n.Port, seen[n.Port], seen)
+		}
+	}
+}
+
+func TestSelectorBounds(t *testing.T) {
+	now := time.Unix(1000, 0)
+	s := newSelector(selectorConfig{MaxTracked: 2}, func() time.Time { return now })
+	nodes := nodesAt(1, 2, 3)
+	for _, n := range nodes {
+		s.failed(n)
+	}
+	if len(s.states) != 2 {
+		t.Errorf("tracked %d failing nodes; want the bound 2", len(s.states))
+	}
+	now = now.Add(time.Hour) // old ejections may now be forgotten
+	s.failed(nodes[2])
+	if _, ok := s.states[keyOf(nodes[2])]; !ok || len(s.states) > 2 {
+		t.Errorf("after old ejections expired: states %v; want node 3 tracked within the bound", s.states)
+	}
+	for i := range 5 {
+		s.next(fmt.Sprint("svc", i), nodes, nil)
+	}
+	if len(s.cursors) > 2 {
+		t.Errorf("%d round-robin cursors; want at most 2", len(s.cursors))
+	}
+}
+
+func BenchmarkSelectorNext(b *testing.B) {
+	s := newSelector(selectorConfig{}, nil)
+	nodes := nodesAt(1, 2, 3)
+	b.ReportAllocs()
+	for b.Loop() {
+		n, _ := s.next("go.micro.srv.example", nodes, nil)
+		s.succeeded(n)
+	}
+}
+
+func BenchmarkSelectorNextWithEjected(b *testing.B) {
+	s := newSelector(selectorConfig{}, nil)
+	nodes := nodesAt(1, 2, 3)
+	s.failed(nodes[0])
+	b.ReportAllocs()
+	for b.Loop() {
+		n, _ := s.next("go.micro.srv.example", nodes, nil)
+		s.succeeded(n)
+	}
+}
