@@ -13,6 +13,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/netip"
 	"os"
 	"os/signal"
 	"runtime/debug"
@@ -108,11 +109,12 @@ type config struct {
 
 	Health healthConfig
 
-	Registry         string // memory or file
-	RegistryAddress  string // file path for the file registry
-	RegisterTTL      time.Duration
-	RegisterInterval time.Duration
-	RegistryMaxNodes int
+	Registry          string   // mdns, file or memory
+	RegistryAddress   string   // file path for the file registry
+	RegistryInterface []string // interfaces of the mdns registry; empty: chosen by the advertised address
+	RegisterTTL       time.Duration
+	RegisterInterval  time.Duration
+	RegistryMaxNodes  int
 
 	MaxBodyBytes       int64
 	ShutdownTimeout    time.Duration
@@ -130,6 +132,7 @@ func parseSidecarFlags(args []string, out io.Writer, lookupEnv func(string) (str
 		metadata string
 		origins  string
 		level    string
+		ifaces   string
 	)
 	fs := flag.NewFlagSet("micro sidecar", flag.ContinueOnError)
 	fs.SetOutput(out)
@@ -144,7 +147,8 @@ func parseSidecarFlags(args []string, out io.Writer, lookupEnv func(string) (str
 	fs.DurationVar(&cfg.Health.Timeout, "healthcheck_timeout", time.Second, "Time one health check may take before it counts as a failure.")
 	fs.IntVar(&cfg.Health.Failures, "healthcheck_failures", 3, "Consecutive failed checks that take a healthy app out of discovery.")
 	fs.IntVar(&cfg.Health.Successes, "healthcheck_successes", 1, "Consecutive passed checks that put an unhealthy app back into discovery.")
-	fs.StringVar(&cfg.Registry, "registry", "file", "Registry backend: file (one JSON file shared by the sidecars of a host) or memory (this sidecar alone).")
+	fs.StringVar(&cfg.Registry, "registry", "mdns", "Registry backend: mdns (multicast DNS service discovery on the local network, no server needed), file (one JSON file shared by the sidecars of a host) or memory (this sidecar alone).")
+	fs.StringVar(&ifaces, "registry_interface", "", "Network interfaces of the mdns registry, comma separated, e.g. eth0. Default: the loopback interface when the app's address (or, with no app, --address) is a loopback address, else every up, multicast-capable interface.")
 	fs.StringVar(&cfg.RegistryAddress, "registry_address", "", "Registry location. For the file registry, the file's path; default $XDG_RUNTIME_DIR/micro/registry.json, else the user cache directory, else ./micro-registry.json.")
 	fs.DurationVar(&cfg.RegisterTTL, "register_ttl", 30*time.Second, "Time-to-live of this sidecar's registrations: if the sidecar dies, its entries vanish within this time.")
 	fs.DurationVar(&cfg.RegisterInterval, "register_interval", 0, "Time between refreshes of this sidecar's registrations. Default: a third of --register_ttl.")
@@ -175,6 +179,7 @@ func parseSidecarFlags(args []string, out io.Writer, lookupEnv func(string) (str
 		return config{}, fmt.Errorf("--log_level %q: want debug, info, warn or error", level)
 	}
 	cfg.CORSAllowedOrigins = splitList(origins)
+	cfg.RegistryInterface = splitList(ifaces)
 	if err := cfg.validate(); err != nil {
 		return config{}, err
 	}
@@ -233,13 +238,16 @@ func (c *config) validate() error {
 		}
 	}
 	switch c.Registry {
-	case "memory":
+	case "memory", "mdns":
 	case "file":
 		if c.RegistryAddress == "" {
 			c.RegistryAddress = defaultRegistryPath()
 		}
 	default:
-		return fmt.Errorf("--registry %q: want file or memory", c.Registry)
+		return fmt.Errorf("--registry %q: want mdns, file or memory", c.Registry)
+	}
+	if len(c.RegistryInterface) > 0 && c.Registry != "mdns" {
+		return fmt.Errorf("--registry_interface needs --registry=mdns (the registry is %s)", c.Registry)
 	}
 	if c.RegisterTTL < time.Second {
 		return errors.New("--register_ttl must be at least 1s")
@@ -257,6 +265,21 @@ func (c *config) validate() error {
 		return fmt.Errorf("--log_format %q: want text or json", c.LogFormat)
 	}
 	return nil
+}
+
+// advertisesLoopback reports whether what this sidecar advertises, the
+// app's address or else its own, is a loopback address, which is useless
+// to other hosts: the mdns registry then stays on the loopback interface.
+func (c *config) advertisesLoopback() bool {
+	host, _, _ := net.SplitHostPort(c.Address)
+	if c.ServerName != "" {
+		host, _, _ = net.SplitHostPort(c.ServerAddress)
+	}
+	if host == "localhost" {
+		return true
+	}
+	ip, err := netip.ParseAddr(host)
+	return err == nil && ip.Unmap().IsLoopback()
 }
 
 // appService is the app's own registration.
@@ -337,6 +360,12 @@ func newSidecar(ctx context.Context, cfg config, log *slog.Logger) (*sidecar, er
 			return nil, err
 		}
 		b = fb
+	case "mdns":
+		mb, err := newMDNSBackend(ctx, mdnsConfig{Interfaces: cfg.RegistryInterface, Loopback: cfg.advertisesLoopback()}, t, log)
+		if err != nil {
+			return nil, err
+		}
+		b = mb
 	}
 	s := &sidecar{
 		cfg:     cfg,

@@ -1,0 +1,537 @@
+package main
+
+import (
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/netip"
+	"os"
+	"os/exec"
+	"reflect"
+	"strings"
+	"testing"
+	"time"
+
+	"golang.org/x/net/dns/dnsmessage"
+)
+
+// Unit tests of the multicast registry's pure parts: record building, TXT
+// layout, packet parsing, the cache and the answers. They use no socket.
+
+var discardLog = slog.New(slog.NewTextHandler(io.Discard, nil))
+
+func testRecord(service, id, addr string, port int) record {
+	return record{Service: service, Version: "1.0.0", Metadata: map[string]string{"owner": "team-a"},
+		Node: Node{ID: id, Address: addr, Port: port, Metadata: map[string]string{"zone": "eu", "name": "tricky", "svc:x": "y"}}}
+}
+
+func TestInstanceLabel(t *testing.T) {
+	long := strings.Repeat("a", 100)
+	for _, tc := range []struct{ id, want string }{
+		{"foo-1", "foo-1"},
+		{"go.micro.srv.example-c5718d29", "go-micro-srv-example-c5718d29"},
+		{strings.Repeat("x", 63), strings.Repeat("x", 63)},
+		{long, long[:54] + "-" + shortHash(long)},
+	} {
+		if got := instanceLabel(tc.id); got != tc.want || len(got) > 63 {
+			t.Errorf("instanceLabel(%q) = %q; want %q (at most 63 bytes)", tc.id, got, tc.want)
+		}
+	}
+	if a, b := uniqueLabel("topic:a", "s1"), uniqueLabel("topic:b", "s1"); a == b || len(a) > 63 {
+		t.Errorf("uniqueLabel must differ by service: %q and %q", a, b)
+	}
+}
+
+func TestTXTRoundTrip(t *testing.T) {
+	r := testRecord("go.micro.srv.example", "n1", "127.0.0.1", 80)
+	txt, err := txtOf(r)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []string{"txtvers=1", "name=go.micro.srv.example", "id=n1", "version=1.0.0", "svc:owner=team-a", "node:name=tricky", "node:svc:x=y", "zone=eu"}
+	if !reflect.DeepEqual(txt, want) {
+		t.Errorf("txtOf = %q; want %q", txt, want)
+	}
+	got, ok := parseTXT(txt)
+	if !ok || got.name != r.Service || got.id != r.Node.ID || got.version != r.Version ||
+		!reflect.DeepEqual(got.svcMeta, r.Metadata) || !reflect.DeepEqual(got.nodeMeta, r.Node.Metadata) {
+		t.Errorf("parseTXT(%q) = %+v, %v; want the record back", txt, got, ok)
+	}
+	for _, tc := range []struct {
+		txt  []string
+		ok   bool
+		want txtRecord
+	}{
+		{[]string{"name=a", "id=b"}, true, txtRecord{name: "a", id: "b", svcMeta: map[string]string{}, nodeMeta: map[string]string{}}},
+		{[]string{"txtvers=2", "name=a", "id=b"}, false, txtRecord{}},
+		{[]string{"name=a"}, false, txtRecord{}},
+		{[]string{"ID=b", "Name=a", "id=c", "flag", "=x", "", "k=1", "k=2"}, true, txtRecord{name: "a", id: "b", svcMeta: map[string]string{}, nodeMeta: map[string]string{"flag": "", "k": "1"}}},
+	} {
+		got, ok := parseTXT(tc.txt)
+		if ok != tc.ok || (ok && !reflect.DeepEqual(got, tc.want)) {
+			t.Errorf("parseTXT(%q) = %+v, %v; want %+v, %v", tc.txt, got, ok, tc.want, tc.ok)
+		}
+	}
+}
+
+func TestTXTLimits(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		mod  func(*record)
+	}{
+		{"id over 252 bytes", func(r *record) { r.Node.ID = strings.Repeat("i", 253) }},
+		{"metadata string over 255 bytes", func(r *record) { r.Node.Metadata["big"] = strings.Repeat("v", 300) }},
+		{"key with =", func(r *record) { r.Node.Metadata["a=b"] = "c" }},
+		{"metadata over the TXT budget", func(r *record) {
+			for i := range 40 {
+				r.Node.Metadata[fmt.Sprint("k", i)] = strings.Repeat("v", 240)
+			}
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			r := testRecord("s", "n", "127.0.0.1", 1)
+			tc.mod(&r)
+			_, err := announcementOf(r, instanceLabel(r.Node.ID))
+			if err == nil || !strings.Contains(err.Error(), errNotAnnounceable.Error()) {
+				t.Errorf("got %v; want an error wrapping %q", err, errNotAnnounceable)
+			}
+		})
+	}
+}
+
+// roundTrip announces r, parses the packet and feeds it to a fresh cache,
+// returning what the cache would put in the table.
+func roundTrip(t *testing.T, r record, ttl uint32) (cacheChanges, *mdnsCache, []byte) {
+	t.Helper()
+	a, err := announcementOf(r, instanceLabel(r.Node.ID))
+	if err != nil {
+		t.Fatal(err)
+	}
+	data, err := announcePacket(a, ttl)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pkt, err := parsePacket(data)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := newMDNSCache(10)
+	ch, st := c.apply(pkt, time.Unix(1000, 0), func(string) bool { return false })
+	if st != (cacheStats{}) {
+		t.Errorf("stats %+v; want none rejected", st)
+	}
+	return ch, c, data
+}
+
+func TestAnnouncementRoundTrip(t *testing.T) {
+	now := time.Unix(1000, 0)
+	for _, tc := range []struct{ name, addr string }{
+		{"ipv4", "192.0.2.7"},
+		{"ipv6", "2001:db8::7"},
+		{"host name", "db.example.com"},
+		{"100-byte id", "127.0.0.1"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			id := "go.micro.srv.example-" + strings.ReplaceAll(tc.name, " ", "-")
+			if tc.name == "100-byte id" {
+				id = strings.Repeat("z", 100)
+			}
+			r := testRecord("go.micro.srv.example", id, tc.addr, 8080)
+			ch, _, _ := roundTrip(t, r, 30)
+			want := r
+			want.Expires = now.Add(30 * time.Second)
+			if len(ch.upsert) != 1 || len(ch.remove) != 0 {
+				t.Fatalf("changes %+v; want one upsert", ch)
+			}
+			if got := ch.upsert[0]; !got.same(want) || got.Node.ID != id || !got.Expires.Equal(want.Expires) {
+				t.Errorf("heard %+v; want %+v", got, want)
+			}
+		})
+	}
+}
+
+func TestGoodbyeAndExpiry(t *testing.T) {
+	r := testRecord("svc", "n1", "127.0.0.1", 80)
+	_, c, _ := roundTrip(t, r, 30)
+	local := func(string) bool { return false }
+	now := time.Unix(1000, 0)
+
+	if ch := c.expire(now.Add(29*time.Second), local); len(ch.remove) != 0 {
+		t.Errorf("expire before the TTL: %+v; want nothing", ch)
+	}
+	if ch := c.expire(now.Add(30*time.Second), local); !reflect.DeepEqual(ch.remove, []string{r.key()}) || len(c.instances) != 0 || len(c.hosts) != 0 {
+		t.Errorf("expire at the TTL: %+v, %d instances, %d hosts; want the node removed and the cache empty", ch, len(c.instances), len(c.hosts))
+	}
+
+	_, c, _ = roundTrip(t, r, 30)
+	a, _ := announcementOf(r, instanceLabel(r.Node.ID))
+	bye, _ := announcePacket(a, 0)
+	pkt, err := parsePacket(bye)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ch, _ := c.apply(pkt, now.Add(time.Second), local)
+	if !reflect.DeepEqual(ch.remove, []string{r.key()}) || len(c.instances) != 0 {
+		t.Errorf("goodbye: %+v with %d instances left; want the node removed at once", ch, len(c.instances))
+	}
+	// Our own nodes stay in our table whatever is heard.
+	_, c, _ = roundTrip(t, r, 30)
+	ch, _ = c.apply(pkt, now, func(k string) bool { return k == r.key() })
+	if len(ch.remove) != 0 {
+		t.Errorf("a goodbye for a local node must not remove it from our table: %+v", ch)
+	}
+}
+
+func TestCacheBoundsAndRefreshQueries(t *testing.T) {
+	c := newMDNSCache(2)
+	now := time.Unix(1000, 0)
+	local := func(string) bool { return false }
+	var st cacheStats
+	for i := range 3 {
+		a, _ := announcementOf(testRecord("svc", fmt.Sprint("n", i), "127.0.0.1", 80), fmt.Sprint("n", i))
+		data, _ := announcePacket(a, 10)
+		pkt, _ := parsePacket(data)
+		_, s := c.apply(pkt, now, local)
+		st.full += s.full
+	}
+	if len(c.instances) != 2 || st.full == 0 {
+		t.Errorf("cache of 2: %d instances, %d dropped; want 2 kept and the third dropped", len(c.instances), st.full)
+	}
+	if qs := c.due(now.Add(7*time.Second), local, 100); len(qs) != 0 {
+		t.Errorf("at 70%% of the TTL: %d questions; want none", len(qs))
+	}
+	if qs := c.due(now.Add(8*time.Second), local, 100); len(qs) != 6 {
+		t.Errorf("at 80%% of the TTL: %v; want SRV, TXT and A for both nodes", qs)
+	}
+	if qs := c.due(now.Add(8500*time.Millisecond), local, 100); len(qs) != 0 {
+		t.Errorf("between 80%% and 90%%: %v; want nothing more", qs)
+	}
+	if qs := c.due(now.Add(9*time.Second), local, 3); len(qs) != 3 {
+		t.Errorf("at 90%% with a limit of 3: %d questions; want 3", len(qs))
+	}
+}
+
+func TestParseMalformed(t *testing.T) {
+	a, _ := announcementOf(testRecord("svc", "n1", "127.0.0.1", 80), "n1")
+	good, _ := announcePacket(a, 10)
+	many := dnsmessage.NewBuilder(nil, dnsmessage.Header{Response: true})
+	many.StartAnswers()
+	for i := range mdnsMaxRecords + 1 {
+		many.AResource(dnsmessage.ResourceHeader{Name: dnsmessage.MustNewName(fmt.Sprint("h", i, ".local.")), Class: dnsmessage.ClassINET, TTL: 1}, dnsmessage.AResource{})
+	}
+	tooMany, _ := many.Finish()
+	loop := append([]byte{0, 0, 0x84, 0, 0, 0, 0, 1, 0, 0, 0, 0}, 0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 1, 0, 4, 1, 2, 3, 4)
+	for _, tc := range []struct {
+		name string
+		data []byte
+	}{
+		{"empty", nil},
+		{"header only, claiming records", []byte{0, 0, 0x84, 0, 0, 1, 0, 1, 0, 0, 0, 0}},
+		{"truncated", good[:len(good)-3]},
+		{"too many records", tooMany},
+		{"pointer loop", loop},
+		{"opcode 1", append([]byte{0, 0, 0x88, 0}, good[4:]...)},
+		{"too large", make([]byte, mdnsMaxPacket+1)},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if _, err := parsePacket(tc.data); err == nil {
+				t.Errorf("parsePacket(%x...) succeeded; want it dropped", truncate(string(tc.data), 16))
+			}
+		})
+	}
+}
+
+func TestAnswers(t *testing.T) {
+	r := testRecord("svc", "n1", "127.0.0.1", 80)
+	a, _ := announcementOf(r, "n1")
+	ttl := func(mdnsAnnouncement) uint32 { return 30 }
+	q := func(name string, typ dnsmessage.Type) []dnsmessage.Question { return []dnsmessage.Question{question(name, typ)} }
+	types := func(rs []dnsmessage.Resource) string {
+		var s []string
+		for _, r := range rs {
+			s = append(s, typeOf(r).String()[4:])
+		}
+		return strings.Join(s, ",")
+	}
+	for _, tc := range []struct {
+		name        string
+		qs          []dnsmessage.Question
+		known       []mdnsRR
+		ans, extra  string
+		legacyFlush bool
+	}{
+		{"browse", q(mdnsServiceType, dnsmessage.TypePTR), nil, "PTR", "SRV,TXT,A", false},
+		{"browse with the answer known", q(mdnsServiceType, dnsmessage.TypePTR), []mdnsRR{{name: mdnsServiceType, typ: dnsmessage.TypePTR, target: "n1." + mdnsServiceType, ttl: 20}}, "", "", false},
+		{"browse with the answer nearly expired", q(mdnsServiceType, dnsmessage.TypePTR), []mdnsRR{{name: mdnsServiceType, typ: dnsmessage.TypePTR, target: "n1." + mdnsServiceType, ttl: 5}}, "PTR", "SRV,TXT,A", false},
+		{"SRV", q("n1."+mdnsServiceType, dnsmessage.TypeSRV), nil, "SRV", "A", false},
+		{"ANY of the instance", q("n1."+mdnsServiceType, dnsmessage.TypeALL), nil, "SRV,TXT", "A", false},
+		{"A of the host", q("n1.local.", dnsmessage.TypeA), nil, "A", "", false},
+		{"AAAA of the host", q("n1.local.", dnsmessage.TypeAAAA), nil, "", "", false},
+		{"service enumeration", q(mdnsServicesEnum, dnsmessage.TypePTR), nil, "PTR", "", false},
+		{"someone else", q("other."+mdnsServiceType, dnsmessage.TypeSRV), nil, "", "", false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ans, extra := answer(tc.qs, tc.known, []mdnsAnnouncement{a}, ttl, false)
+			if types(ans) != tc.ans || types(extra) != tc.extra {
+				t.Errorf("answers %s, additional %s; want %s and %s", types(ans), types(extra), tc.ans, tc.extra)
+			}
+		})
+	}
+}
+
+func TestLegacyUnicastAndDefence(t *testing.T) {
+	tb := newTable(100)
+	b := newMDNSState(tb, discardLog, 0)
+	if err := b.register(Service{Name: "svc", Nodes: []Node{{ID: "n1", Address: "127.0.0.1", Port: 80}}}, 30*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	query, _ := buildMessage(dnsmessage.Header{ID: 4242}, []dnsmessage.Question{question(mdnsServiceType, dnsmessage.TypePTR)}, nil, nil)
+	src := netip.MustParseAddrPort("127.0.0.1:40000")
+	out := b.handlePacket(query, src)
+	if len(out) != 1 || out[0].dst != src {
+		t.Fatalf("legacy query: %d replies %+v; want one, to the querier", len(out), out)
+	}
+	var p dnsmessage.Parser
+	h, _ := p.Start(out[0].data)
+	qs, _ := p.AllQuestions()
+	ans, _ := p.AllAnswers()
+	if h.ID != 4242 || len(qs) != 1 || len(ans) != 1 || ans[0].Header.TTL > mdnsLegacyTTL || ans[0].Header.Class&classFlush != 0 {
+		t.Errorf("legacy answer: id %d, %d questions, answers %+v; want id 4242, the question, TTL <= 10 and no cache-flush bit", h.ID, len(qs), ans)
+	}
+	if out := b.handlePacket(query, netip.MustParseAddrPort("127.0.0.1:5353")); len(out) != 1 || out[0].dst.Addr() != mdnsGroup {
+		t.Errorf("multicast query: %+v; want one reply to the group", out)
+	}
+
+	// Someone says goodbye for our node: we announce it again.
+	b.mu.Lock()
+	for _, l := range b.locals {
+		l.repeatAt = time.Time{}
+	}
+	ann := b.locals[recordsOf(Service{Name: "svc", Nodes: []Node{{ID: "n1"}}}, time.Time{})[0].key()].ann
+	b.mu.Unlock()
+	bye, _ := announcePacket(ann, 0)
+	b.handlePacket(bye, netip.MustParseAddrPort("127.0.0.2:5353"))
+	if b.stats.goodbyesSeen.Load() != 1 || lookupOK(tb, "svc") != 1 {
+		t.Errorf("after a stranger's goodbye: %d defended, %d nodes; want 1 defended and the node kept", b.stats.goodbyesSeen.Load(), lookupOK(tb, "svc"))
+	}
+	// A response from a port other than 5353 is ignored (RFC 6762 section 6).
+	other, _ := announcementOf(testRecord("x", "x1", "127.0.0.1", 1), "x1")
+	data, _ := announcePacket(other, 30)
+	b.handlePacket(data, src)
+	if lookupOK(tb, "x") != 0 || b.stats.ignored.Load() != 1 {
+		t.Errorf("response from port 40000 was used")
+	}
+}
+
+func lookupOK(tb *table, name string) int {
+	s, err := tb.lookup(name, time.Now())
+	if err != nil {
+		return 0
+	}
+	return len(s[0].Nodes)
+}
+
+func TestRegisterLabels(t *testing.T) {
+	tb := newTable(100)
+	b := newMDNSState(tb, discardLog, 0)
+	for _, svc := range []string{"topic:a", "topic:b"} {
+		if err := b.register(Service{Name: svc, Nodes: []Node{{ID: "sidecar-1", Address: "127.0.0.1", Port: 80}}}, 30*time.Second); err != nil {
+			t.Fatal(err)
+		}
+	}
+	seen := map[string]bool{}
+	for _, l := range b.locals {
+		seen[l.ann.instance] = true
+	}
+	if len(seen) != 2 {
+		t.Errorf("one id under two services: instances %v; want two distinct", seen)
+	}
+	err := b.register(Service{Name: "s", Nodes: []Node{{ID: strings.Repeat("i", 253), Address: "127.0.0.1", Port: 80}}}, time.Minute)
+	if err == nil || lookupOK(tb, "s") != 0 {
+		t.Errorf("an id TXT cannot carry: err %v; want an error and nothing registered", err)
+	}
+	b.deregister(Service{Name: "topic:a", Nodes: []Node{{ID: "sidecar-1"}}})
+	if len(b.locals) != 1 || len(b.labels) != 1 || lookupOK(tb, "topic:a") != 0 {
+		t.Errorf("after deregister: %d locals, %d labels; want 1 and 1", len(b.locals), len(b.labels))
+	}
+}
+
+func TestChooseInterfaces(t *testing.T) {
+	lo := net.Interface{Index: 1, Name: "lo", Flags: net.FlagUp | net.FlagLoopback}
+	eth := net.Interface{Index: 2, Name: "eth0", Flags: net.FlagUp | net.FlagMulticast}
+	down := net.Interface{Index: 3, Name: "eth1", Flags: net.FlagMulticast}
+	tun := net.Interface{Index: 4, Name: "tun0", Flags: net.FlagUp | net.FlagPointToPoint}
+	noV4 := net.Interface{Index: 5, Name: "eth2", Flags: net.FlagUp | net.FlagMulticast}
+	all := []net.Interface{lo, eth, down, tun, noV4}
+	v4 := func(i net.Interface) netip.Addr {
+		if i.Name == "eth2" {
+			return netip.Addr{}
+		}
+		return netip.MustParseAddr("192.0.2.1")
+	}
+	names := func(is []net.Interface) string {
+		var s []string
+		for _, i := range is {
+			s = append(s, i.Name)
+		}
+		return strings.Join(s, ",")
+	}
+	for _, tc := range []struct {
+		names    []string
+		loopback bool
+		want     string
+		err      string
+	}{
+		{nil, true, "lo", ""},
+		{nil, false, "eth0", ""},
+		{[]string{"eth1", "lo"}, false, "eth1,lo", ""},
+		{[]string{"wlan0"}, false, "", `--registry_interface "wlan0": no such interface (this host has lo, eth0, eth1, tun0, eth2)`},
+	} {
+		got, err := chooseInterfaces(tc.names, tc.loopback, all, v4)
+		if names(got) != tc.want || (err == nil) != (tc.err == "") || (err != nil && err.Error() != tc.err) {
+			t.Errorf("chooseInterfaces(%v, loopback %v) = %s, %v; want %s, %q", tc.names, tc.loopback, names(got), err, tc.want, tc.err)
+		}
+	}
+}
+
+func TestAdvertisesLoopback(t *testing.T) {
+	for _, tc := range []struct {
+		c    config
+		want bool
+	}{
+		{config{Address: "127.0.0.1:0"}, true},
+		{config{Address: ":8081"}, false},
+		{config{Address: "[::1]:8081"}, true},
+		{config{Address: "127.0.0.1:0", ServerName: "a", ServerAddress: "10.0.0.5:80"}, false},
+		{config{Address: ":8081", ServerName: "a", ServerAddress: "localhost:80"}, true},
+	} {
+		if got := tc.c.advertisesLoopback(); got != tc.want {
+			t.Errorf("%+v: advertisesLoopback = %v; want %v", tc.c, got, tc.want)
+		}
+	}
+}
+
+// FuzzMDNSPacket drives the packet-to-registry path with any bytes, as a
+// response and as a query, and checks that nothing panics, that only valid
+// nodes reach the table, that the cache keeps its bounds and that our own
+// node survives whatever is heard.
+func FuzzMDNSPacket(f *testing.F) {
+	for _, r := range []record{
+		testRecord("go.micro.srv.example", "go.micro.srv.example-1", "127.0.0.1", 8080),
+		testRecord("v6", "n6", "2001:db8::1", 1),
+		testRecord("named", strings.Repeat("q", 100), "db.example.com", 443),
+	} {
+		a, _ := announcementOf(r, instanceLabel(r.Node.ID))
+		for _, ttl := range []uint32{120, 0} {
+			p, _ := announcePacket(a, ttl)
+			f.Add(p)
+		}
+	}
+	q, _ := queryPacket([]dnsmessage.Question{question(mdnsServiceType, dnsmessage.TypePTR), question(mdnsServicesEnum, dnsmessage.TypeALL)}, nil)
+	f.Add(q)
+	f.Add([]byte{})
+	f.Fuzz(func(t *testing.T, data []byte) {
+		tb := newTable(20)
+		b := newMDNSState(tb, discardLog, 0)
+		b.cache.max = 8
+		own := Service{Name: "own", Nodes: []Node{{ID: "own-1", Address: "127.0.0.1", Port: 9}}}
+		if err := b.register(own, time.Minute); err != nil {
+			t.Fatal(err)
+		}
+		b.handlePacket(data, netip.MustParseAddrPort("127.0.0.1:5353"))
+		b.handlePacket(data, netip.MustParseAddrPort("127.0.0.1:40000"))
+		b.tick(time.Now().Add(2 * time.Second))
+		if len(b.cache.instances) > 8 || len(b.cache.hosts) > 8 {
+			t.Fatalf("cache past its bound: %d instances, %d hosts", len(b.cache.instances), len(b.cache.hosts))
+		}
+		for _, r := range tb.snapshot() {
+			s := Service{Name: r.Service, Version: r.Version, Metadata: r.Metadata, Nodes: []Node{r.Node}}
+			if err := normalizeService(&s); err != nil {
+				t.Fatalf("invalid node in the table: %+v: %v", r, err)
+			}
+		}
+		if lookupOK(tb, "own") != 1 {
+			t.Fatal("our own node was lost")
+		}
+	})
+}
+
+func BenchmarkLookup(b *testing.B) {
+	tb := newTable(20000)
+	be := newMDNSState(tb, discardLog, 0)
+	now := time.Now()
+	// 1000 services of 3 nodes each, learned the way the network teaches
+	// them: announcement packets through the cache.
+	for i := range 3000 {
+		r := testRecord(fmt.Sprint("svc", i/3), fmt.Sprint("node", i), "10.1.2.3", 8000+i%3)
+		a, _ := announcementOf(r, instanceLabel(r.Node.ID))
+		p, _ := announcePacket(a, 120)
+		be.handlePacket(p, netip.MustParseAddrPort("127.0.0.1:5353"))
+	}
+	if n := len(tb.snapshot()); n != 3000 {
+		b.Fatalf("%d nodes learned; want 3000", n)
+	}
+	b.ReportAllocs()
+	b.ResetTimer()
+	b.RunParallel(func(pb *testing.PB) {
+		i := 0
+		for pb.Next() {
+			if _, err := tb.lookup(fmt.Sprint("svc", i%1000), now); err != nil {
+				b.Fatal(err)
+			}
+			i++
+		}
+	})
+}
+
+// inTestNamespace reports whether this process is a test binary that
+// inNamespace re-ran inside a private network namespace.
+func inTestNamespace() bool { return os.Getenv("MICRO_TEST_NETNS") == "1" }
+
+// inNamespace runs the calling top-level test again, in a child test
+// process inside a private network namespace where only lo is up (with
+// multicast on), and reports whether the caller is that child and should
+// run the test's body. In the parent it returns false once the child has
+// passed, failing or skipping as the child did. Where no namespace can be
+// made the test is skipped: multicast tests never touch a real interface.
+func inNamespace(t *testing.T) bool {
+	t.Helper()
+	if inTestNamespace() {
+		return true
+	}
+	for _, tool := range []string{"unshare", "ip"} {
+		if _, err := exec.LookPath(tool); err != nil {
+			t.Skipf("%s not found (util-linux, iproute2): no network namespace to run the multicast test in", tool)
+		}
+	}
+	unshare := []string{"-n"}
+	if os.Geteuid() != 0 {
+		unshare = []string{"-r", "-n"}
+	}
+	if out, err := exec.Command("unshare", append(unshare, "true")...).CombinedOutput(); err != nil {
+		t.Skipf("cannot make a network namespace (unshare %s: %v %s); skipping rather than multicasting on a real interface", strings.Join(unshare, " "), err, out)
+	}
+	script := `ip link set lo up && ip link set lo multicast on || exit 97
+ip route add 224.0.0.0/4 dev lo 2>/dev/null
+exec "$@"`
+	args := append(unshare, "--", "/bin/sh", "-c", script, "sh",
+		os.Args[0], "-test.run=^"+t.Name()+"$", "-test.count=1", "-test.v", "-test.timeout=5m")
+	cmd := exec.Command("unshare", args...)
+	cmd.Env = append(os.Environ(), "MICRO_TEST_NETNS=1", "MICRO_TEST_BIN="+binPath)
+	raw, err := cmd.CombinedOutput()
+	// Indent the child's report so that it is not read as this process's.
+	out := "ns| " + strings.ReplaceAll(strings.TrimRight(string(raw), "\n"), "\n", "\nns| ")
+	switch {
+	case cmd.ProcessState != nil && cmd.ProcessState.ExitCode() == 97:
+		t.Skipf("cannot bring lo up in the namespace:\n%s", out)
+	case err != nil:
+		t.Fatalf("in a private network namespace: %v\n%s", err, out)
+	case strings.Contains(string(raw), "--- SKIP: "+t.Name()):
+		t.Skipf("skipped in the namespace:\n%s", out)
+	case !strings.Contains(string(raw), "--- PASS: "+t.Name()):
+		t.Fatalf("the namespace run did not pass %s:\n%s", t.Name(), out)
+	}
+	t.Logf("ran in a private network namespace:\n%s", out)
+	return false
+}
