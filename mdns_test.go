@@ -246,7 +246,9 @@ func TestAnswers(t *testing.T) {
 	r := testRecord("svc", "n1", "127.0.0.1", 80)
 	a, _ := announcementOf(r, "n1")
 	ttl := func(mdnsAnnouncement) uint32 { return 30 }
-	q := func(name string, typ dnsmessage.Type) []dnsmessage.Question { return []dnsmessage.Question{question(name, typ)} }
+	q := func(name string, typ dnsmessage.Type) []dnsmessage.Question {
+		return []dnsmessage.Question{question(name, typ)}
+	}
 	types := func(rs []dnsmessage.Resource) string {
 		var s []string
 		for _, r := range rs {
