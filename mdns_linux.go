@@ -1,11 +1,11 @@
 package main
 
 import (
-	"context"
 	"encoding/binary"
 	"fmt"
 	"net"
 	"net/netip"
+	"os"
 	"syscall"
 )
 
@@ -35,67 +35,48 @@ type mdnsConn struct {
 // never leaves by an interface nobody chose; TTL 255 (section 11) and
 // loopback on, so that the other sidecars of this host hear us.
 func listenMDNS(ifi net.Interface, src netip.Addr, port int) (*mdnsConn, error) {
-	lc := net.ListenConfig{Control: func(network, address string, rc syscall.RawConn) error {
-		var serr error
-		err := rc.Control(func(fd uintptr) {
-			s := int(fd)
-			for _, o := range []struct{ level, opt, v int }{
-				{syscall.SOL_SOCKET, syscall.SO_REUSEADDR, 1},
-				{syscall.SOL_SOCKET, soReusePort, 1},
-				{syscall.IPPROTO_IP, ipMulticastAll, 0},
-				{syscall.IPPROTO_IP, syscall.IP_PKTINFO, 1},
-			} {
-				if err := syscall.SetsockoptInt(s, o.level, o.opt, o.v); err != nil && serr == nil {
-					serr = fmt.Errorf("setsockopt %d/%d: %w", o.level, o.opt, err)
-				}
-			}
-		})
-		if err != nil {
-			return err
-		}
-		return serr
-	}}
-	pc, err := lc.ListenPacket(context.Background(), "udp4", net.JoinHostPort(mdnsGroup.String(), fmt.Sprint(port)))
+	// The socket is made by hand: net.ListenPacket on a multicast address
+	// binds the wildcard address instead, and would hear unicast too.
+	fd, err := syscall.Socket(syscall.AF_INET, syscall.SOCK_DGRAM|syscall.SOCK_CLOEXEC, syscall.IPPROTO_UDP)
 	if err != nil {
-		return nil, fmt.Errorf("bind UDP %d: %w", port, err)
+		return nil, fmt.Errorf("socket: %w", err)
 	}
-	c := pc.(*net.UDPConn)
-	rc, err := c.SyscallConn()
+	fail := func(stage string, err error) (*mdnsConn, error) {
+		syscall.Close(fd)
+		return nil, fmt.Errorf("%s: %w", stage, err)
+	}
+	for _, o := range []struct{ level, opt, v int }{
+		{syscall.SOL_SOCKET, syscall.SO_REUSEADDR, 1},
+		{syscall.SOL_SOCKET, soReusePort, 1},
+		{syscall.IPPROTO_IP, ipMulticastAll, 0},
+		{syscall.IPPROTO_IP, syscall.IP_PKTINFO, 1},
+		{syscall.IPPROTO_IP, syscall.IP_MULTICAST_TTL, 255},
+		{syscall.IPPROTO_IP, syscall.IP_MULTICAST_LOOP, 1},
+	} {
+		if err := syscall.SetsockoptInt(fd, o.level, o.opt, o.v); err != nil {
+			return fail(fmt.Sprintf("setsockopt %d/%d", o.level, o.opt), err)
+		}
+	}
+	m := &syscall.IPMreqn{Multiaddr: mdnsGroup.As4(), Ifindex: int32(ifi.Index)}
+	if src.Is4() {
+		m.Address = src.As4()
+	}
+	if err := syscall.SetsockoptIPMreqn(fd, syscall.IPPROTO_IP, syscall.IP_MULTICAST_IF, &syscall.IPMreqn{Address: m.Address, Ifindex: int32(ifi.Index)}); err != nil {
+		return fail("set the outgoing interface", err)
+	}
+	if err := syscall.Bind(fd, &syscall.SockaddrInet4{Port: port, Addr: mdnsGroup.As4()}); err != nil {
+		return fail(fmt.Sprintf("bind UDP %d", port), err)
+	}
+	if err := syscall.SetsockoptIPMreqn(fd, syscall.IPPROTO_IP, syscall.IP_ADD_MEMBERSHIP, m); err != nil {
+		return fail("join "+mdnsGroup.String(), err)
+	}
+	f := os.NewFile(uintptr(fd), "mdns-"+ifi.Name)
+	pc, err := net.FilePacketConn(f) // a duplicate of fd, in the runtime's poller
+	f.Close()
 	if err != nil {
-		c.Close()
-		return nil, err
+		return nil, fmt.Errorf("socket: %w", err)
 	}
-	var joinErr, optErr error
-	err = rc.Control(func(fd uintptr) {
-		s := int(fd)
-		m := &syscall.IPMreqn{Multiaddr: mdnsGroup.As4(), Ifindex: int32(ifi.Index)}
-		if src.Is4() {
-			m.Address = src.As4()
-		}
-		joinErr = syscall.SetsockoptIPMreqn(s, syscall.IPPROTO_IP, syscall.IP_ADD_MEMBERSHIP, m)
-		if joinErr != nil {
-			return
-		}
-		optErr = syscall.SetsockoptIPMreqn(s, syscall.IPPROTO_IP, syscall.IP_MULTICAST_IF, &syscall.IPMreqn{Address: m.Address, Ifindex: int32(ifi.Index)})
-		if optErr == nil {
-			optErr = syscall.SetsockoptInt(s, syscall.IPPROTO_IP, syscall.IP_MULTICAST_TTL, 255)
-		}
-		if optErr == nil {
-			optErr = syscall.SetsockoptInt(s, syscall.IPPROTO_IP, syscall.IP_MULTICAST_LOOP, 1)
-		}
-	})
-	switch {
-	case err != nil:
-		optErr = err
-	case joinErr != nil:
-		c.Close()
-		return nil, fmt.Errorf("join %s: %w", mdnsGroup, joinErr)
-	}
-	if optErr != nil {
-		c.Close()
-		return nil, fmt.Errorf("set the outgoing interface: %w", optErr)
-	}
-	return &mdnsConn{c: c, index: ifi.Index}, nil
+	return &mdnsConn{c: pc.(*net.UDPConn), index: ifi.Index}, nil
 }
 
 // read returns one packet, its source, and the index of the interface it

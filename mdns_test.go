@@ -10,6 +10,7 @@ import (
 	"os/exec"
 	"reflect"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -536,4 +537,291 @@ exec "$@"`
 	}
 	t.Logf("ran in a private network namespace:\n%s", out)
 	return false
+}
+
+// End-to-end multicast tests: real sidecar processes in a private network
+// namespace, found by each other and by a DNS-SD implementation nobody here
+// wrote.
+
+// mdnsArgs are the flags of a multicast sidecar in these tests: a short TTL
+// so that a killed sidecar's nodes expire within the test.
+var mdnsArgs = []string{"--register_ttl=2s", "--register_interval=500ms"}
+
+// TestMDNSThreeSidecars runs three sidecars with the default registry on
+// one host: each finds the others' apps; a node posted to one appears on
+// the others, with a 100-byte id; SIGTERM takes a sidecar's app away at
+// once, SIGKILL within the TTL.
+func TestMDNSThreeSidecars(t *testing.T) {
+	if !inNamespace(t) {
+		return
+	}
+	var ps []*proc
+	var ids []string
+	for i := range 3 {
+		p := startSidecar(t, append(mdnsArgs, fmt.Sprintf("--server_name=app%d", i), fmt.Sprintf("--server_address=127.0.0.1:%d", 9000+i), "--server_metadata=lang=go,name=meta")...)
+		ps = append(ps, p)
+		ids = append(ids, appID(t, p))
+		if !strings.Contains(p.log.String(), "Multicast registry on lo") {
+			t.Errorf("a sidecar for a loopback app must use lo alone; log:\n%s", p.log.String())
+		}
+	}
+	for _, p := range ps {
+		for i, id := range ids {
+			waitFor(t, 5*time.Second, fmt.Sprintf("%s to see app%d", p.addr, i), func() bool { return hasNode(lookup(t, p, fmt.Sprintf("app%d", i)), id) })
+		}
+	}
+	if s := lookup(t, ps[0], "app2"); s.Nodes[0].Address != "127.0.0.1" || s.Nodes[0].Port != 9002 || s.Nodes[0].Metadata["lang"] != "go" || s.Nodes[0].Metadata["name"] != "meta" {
+		t.Errorf("app2 as seen by sidecar 0: %+v; want 127.0.0.1:9002 with its metadata", s)
+	}
+
+	longID := "node-" + strings.Repeat("0123456789", 9) + "abcde"
+	body := fmt.Sprintf(`{"name":"posted","version":"2.1","metadata":{"team":"x"},"nodes":[{"id":%q,"address":"127.0.0.1:7000","metadata":{"k":"v"}}]}`, longID)
+	start := time.Now()
+	if code, out := do(t, "POST", ps[0].url("/registry"), "", body); code != 200 {
+		t.Fatalf("register: %d %s", code, out)
+	}
+	waitFor(t, 5*time.Second, "the posted 100-byte id on sidecar 1", func() bool { return hasNode(lookup(t, ps[1], "posted"), longID) })
+	t.Logf("register on one sidecar -> seen on another: %v", time.Since(start))
+	if s := lookup(t, ps[2], "posted"); !hasNode(s, longID) || s.Version != "2.1" || s.Metadata["team"] != "x" || s.Nodes[0].Metadata["k"] != "v" {
+		t.Errorf("posted service on sidecar 2: %+v; want version, service and node metadata", s)
+	}
+	if code, out := do(t, "DELETE", ps[0].url("/registry"), "", fmt.Sprintf(`{"name":"posted","nodes":[{"id":%q}]}`, longID)); code != 200 {
+		t.Fatalf("deregister: %d %s", code, out)
+	}
+	waitFor(t, time.Second, "the deregistered node to go from sidecar 2", func() bool { return lookup(t, ps[2], "posted") == nil })
+
+	start = time.Now()
+	if code := ps[2].stop(syscall.SIGTERM); code != 0 {
+		t.Errorf("exit status after SIGTERM: %d; want 0", code)
+	}
+	waitFor(t, time.Second, "app2 to go after SIGTERM", func() bool { return lookup(t, ps[0], "app2") == nil })
+	t.Logf("SIGTERM -> gone elsewhere: %v", time.Since(start))
+
+	start = time.Now()
+	ps[1].stop(syscall.SIGKILL)
+	waitFor(t, 5*time.Second, "app1 to expire after SIGKILL", func() bool { return lookup(t, ps[0], "app1") == nil })
+	took := time.Since(start)
+	t.Logf("SIGKILL -> gone elsewhere: %v (TTL 2s)", took)
+	if took > 2*time.Second+500*time.Millisecond {
+		t.Errorf("app1 vanished %v after SIGKILL; want within the 2s TTL", took)
+	}
+	if !hasNode(lookup(t, ps[0], "app0"), ids[0]) {
+		t.Error("a live sidecar's own app was lost")
+	}
+	assertRegistryHealthy(t, ps[0])
+}
+
+func assertRegistryHealthy(t *testing.T, p *proc) {
+	t.Helper()
+	code, body := do(t, "GET", p.url("/health"), "", "")
+	if code != 200 || !strings.Contains(body, `"registry":"mdns"`) || strings.Contains(body, "registry_error") {
+		t.Errorf("/health: %d %s; want 200 with the mdns registry and no error", code, body)
+	}
+}
+
+// TestMDNSLateJoiner shows the query on start: a sidecar started after the
+// others learns their apps at once, long before their next refresh.
+func TestMDNSLateJoiner(t *testing.T) {
+	if !inNamespace(t) {
+		return
+	}
+	early := startSidecar(t, "--server_name=early", "--server_address=127.0.0.1:9100", "--register_ttl=1h")
+	id := appID(t, early)
+	waitFor(t, 5*time.Second, "the early app on its own sidecar", func() bool { return hasNode(lookup(t, early, "early"), id) })
+	late := startSidecar(t, "--register_ttl=1h")
+	waitFor(t, 3*time.Second, "the late sidecar to learn the early app", func() bool { return hasNode(lookup(t, late, "early"), id) })
+	if s := lookup(t, early, "early"); s == nil {
+		t.Fatal("lost")
+	}
+}
+
+// TestMDNSPortTakenKeepsServing: when UDP 5353 is held by a program that
+// does not share it, the sidecar says why and what to do, /health reports
+// it, and the local registry keeps working.
+func TestMDNSPortTakenKeepsServing(t *testing.T) {
+	if !inNamespace(t) {
+		return
+	}
+	// A socket without SO_REUSEADDR holds the port and does not share it.
+	fd, err := syscall.Socket(syscall.AF_INET, syscall.SOCK_DGRAM, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer syscall.Close(fd)
+	if err := syscall.Bind(fd, &syscall.SockaddrInet4{Port: 5353}); err != nil {
+		t.Fatalf("holding the port: %v", err)
+	}
+	p := startSidecar(t, "--server_name=alone", "--server_address=127.0.0.1:9200")
+	if lookup(t, p, "alone") == nil {
+		t.Fatal("the local registry must keep working")
+	}
+	code, body := do(t, "GET", p.url("/health"), "", "")
+	if code != 503 || !strings.Contains(body, "interface lo") || !strings.Contains(body, "--registry=file") {
+		t.Errorf("/health: %d %s; want 503 naming the interface and the way out", code, body)
+	}
+	if !strings.Contains(p.log.String(), "multicast registry cannot use an interface") {
+		t.Errorf("the failure is not logged:\n%s", p.log.String())
+	}
+	code, out := run(t, "sidecar", "--address=127.0.0.1:0", "--registry=mdns", "--registry_interface=nosuch0")
+	if code != 1 || !strings.Contains(out, `--registry_interface "nosuch0": no such interface (this host has lo`) {
+		t.Errorf("unknown interface: exit %d, %s; want exit 1 listing the interfaces", code, out)
+	}
+}
+
+// zeroconfPython is the Debian python3-zeroconf, not whatever python3 is
+// first on PATH.
+const zeroconfPython = "/usr/bin/python3"
+
+// zeroconfScript browses for an instance whose TXT id= is argv[2], or
+// registers one with our TXT keys until stdin closes.
+const zeroconfScript = `
+import json, socket, sys, time
+from zeroconf import IPVersion, ServiceBrowser, ServiceInfo, Zeroconf
+zc = Zeroconf(interfaces=["127.0.0.1"], ip_version=IPVersion.V4Only)
+T = "_micro._tcp.local."
+if sys.argv[1] == "browse":
+    names = set()
+    class L:
+        def add_service(self, zc, t, name): names.add(name)
+        def update_service(self, zc, t, name): names.add(name)
+        def remove_service(self, zc, t, name): names.discard(name)
+    ServiceBrowser(zc, T, L())
+    deadline = time.time() + 15
+    while time.time() < deadline:
+        for name in list(names):
+            info = zc.get_service_info(T, name, timeout=1000)
+            if info and info.properties.get(b"id") == sys.argv[2].encode():
+                props = {k.decode(): (v or b"").decode() for k, v in info.properties.items()}
+                print(json.dumps({"name": name, "port": info.port, "addresses": info.parsed_addresses(), "server": info.server, "properties": props}))
+                zc.close()
+                sys.exit(0)
+        time.sleep(0.05)
+    print("not found among", sorted(names))
+    zc.close()
+    sys.exit(1)
+info = ServiceInfo(T, "zeroconf node._micro._tcp.local.", addresses=[socket.inet_aton("127.0.0.1")], port=4242,
+    properties={"txtvers": "1", "name": "zcsvc", "id": "zc-node-1", "version": "2.0", "color": "blue"}, server="zchost.local.")
+zc.register_service(info)
+print("registered", flush=True)
+sys.stdin.read()
+zc.unregister_service(info)
+zc.close()
+`
+
+// TestMDNSZeroconfInterop proves the wire format against python-zeroconf:
+// it browses _micro._tcp and resolves our node with its TXT keys, and a
+// service it registers with those keys is found through /registry, then
+// goes with its goodbye.
+func TestMDNSZeroconfInterop(t *testing.T) {
+	if out, err := exec.Command(zeroconfPython, "-c", "import zeroconf").CombinedOutput(); err != nil {
+		t.Skipf("%s cannot import zeroconf (apt-get install python3-zeroconf): %v %s", zeroconfPython, err, out)
+	}
+	if !inNamespace(t) {
+		return
+	}
+	p := startSidecar(t, "--server_name=go.micro.srv.interop", "--server_address=127.0.0.1:9300", "--server_metadata=lang=go")
+	id := appID(t, p)
+	browse := exec.Command(zeroconfPython, "-c", zeroconfScript, "browse", id)
+	out, err := browse.CombinedOutput()
+	if err != nil {
+		t.Fatalf("zeroconf did not find our node %s: %v\n%s", id, err, out)
+	}
+	for _, want := range []string{`"port": 9300`, `"addresses": ["127.0.0.1"]`, `"txtvers": "1"`, `"name": "go.micro.srv.interop"`, `"id": "` + id + `"`, `"lang": "go"`} {
+		if !strings.Contains(string(out), want) {
+			t.Errorf("zeroconf's view of our node lacks %s:\n%s", want, out)
+		}
+	}
+
+	reg := exec.Command(zeroconfPython, "-c", zeroconfScript, "register")
+	stdin, err := reg.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	regOut := &syncBuffer{}
+	reg.Stdout, reg.Stderr = regOut, regOut
+	if err := reg.Start(); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan struct{})
+	go func() { reg.Wait(); close(done) }()
+	t.Cleanup(func() { reg.Process.Kill(); <-done })
+	waitFor(t, 15*time.Second, "zeroconf's service in /registry", func() bool { return hasNode(lookup(t, p, "zcsvc"), "zc-node-1") })
+	s := lookup(t, p, "zcsvc")
+	if n := s.Nodes[0]; n.Address != "127.0.0.1" || n.Port != 4242 || n.Metadata["color"] != "blue" || s.Version != "2.0" {
+		t.Errorf("zeroconf's service: %+v; want 127.0.0.1:4242, version 2.0, color=blue", s)
+	}
+	stdin.Close() // zeroconf unregisters: goodbye
+	waitFor(t, 5*time.Second, "zeroconf's goodbye to remove its service", func() bool { return lookup(t, p, "zcsvc") == nil })
+	<-done
+	if !strings.Contains(regOut.String(), "registered") {
+		t.Errorf("zeroconf output: %s", regOut.String())
+	}
+}
+
+// TestMDNSAcrossNamespaces is three hosts on one link: three network
+// namespaces joined by veth pairs to a bridge (inside this test's own
+// private namespace), a sidecar in each with a non-loopback app. They find
+// each other over the bridge, and a host cut off the link disappears from
+// the others within the TTL.
+func TestMDNSAcrossNamespaces(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("making network namespaces with ip netns needs root")
+	}
+	if !inNamespace(t) {
+		return
+	}
+	ip := func(args ...string) {
+		t.Helper()
+		if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
+			t.Fatalf("ip %s: %v %s", strings.Join(args, " "), err, out)
+		}
+	}
+	tag := fmt.Sprint(os.Getpid() % 100000)
+	br := "mbr" + tag
+	ip("link", "add", br, "type", "bridge")
+	t.Cleanup(func() { exec.Command("ip", "link", "del", br).Run() })
+	ip("addr", "add", "10.253.0.254/24", "dev", br)
+	ip("link", "set", br, "up")
+	var ps []*proc
+	var ids []string
+	for i, host := range []string{"a", "b", "c"} {
+		ns := "micro-test-" + tag + host
+		ip("netns", "add", ns)
+		t.Cleanup(func() { exec.Command("ip", "netns", "del", ns).Run() })
+		in, out := "mv"+tag+host, "mb"+tag+host
+		ip("link", "add", in, "type", "veth", "peer", "name", out)
+		ip("link", "set", out, "master", br)
+		ip("link", "set", out, "up")
+		ip("link", "set", in, "netns", ns)
+		addr := fmt.Sprintf("10.253.0.%d", i+1)
+		ip("-n", ns, "addr", "add", addr+"/24", "dev", in)
+		ip("-n", ns, "link", "set", in, "up")
+		ip("-n", ns, "link", "set", "lo", "up")
+		p := startSidecarIn(t, []string{"ip", "netns", "exec", ns}, nil, append(mdnsArgs, "--address="+addr+":0",
+			"--server_name=host-"+host, "--server_address="+addr+":9000")...)
+		if !strings.Contains(p.log.String(), "Multicast registry on "+in) {
+			t.Errorf("a sidecar with a non-loopback app must use the up multicast interfaces (%s); log:\n%s", in, p.log.String())
+		}
+		ps = append(ps, p)
+		ids = append(ids, appID(t, p))
+	}
+	for _, p := range ps {
+		for i, host := range []string{"a", "b", "c"} {
+			waitFor(t, 5*time.Second, fmt.Sprintf("%s to see host-%s", p.addr, host), func() bool { return hasNode(lookup(t, p, "host-"+host), ids[i]) })
+		}
+	}
+	if s := lookup(t, ps[0], "host-c"); s.Nodes[0].Address != "10.253.0.3" {
+		t.Errorf("host-c seen from a: %+v; want address 10.253.0.3", s)
+	}
+	start := time.Now()
+	ip("link", "del", "mb"+tag+"b") // host b drops off the link, unannounced
+	for _, p := range []*proc{ps[0], ps[2]} {
+		waitFor(t, 5*time.Second, "host-b to expire on "+p.addr, func() bool { return lookup(t, p, "host-b") == nil })
+	}
+	if took := time.Since(start); took > 2*time.Second+500*time.Millisecond {
+		t.Errorf("host b vanished %v after leaving the link; want within the 2s TTL", took)
+	}
+	if !hasNode(lookup(t, ps[2], "host-a"), ids[0]) {
+		t.Error("host-a was lost on c")
+	}
 }
