@@ -9,12 +9,15 @@ import (
 	"os"
 	"os/exec"
 	"reflect"
+	"slices"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
 	"time"
 
 	"golang.org/x/net/dns/dnsmessage"
+	"golang.org/x/net/websocket"
 )
 
 // Unit tests of the multicast registry's pure parts: record building, TXT
@@ -824,4 +827,109 @@ func TestMDNSAcrossNamespaces(t *testing.T) {
 	if !hasNode(lookup(t, ps[2], "host-a"), ids[0]) {
 		t.Error("host-a was lost on c")
 	}
+}
+
+// TestMDNSFigures measures, in a namespace with three sidecars, how long a
+// change takes to reach another sidecar, by the time its watch stream
+// reports it: registration, SIGTERM (goodbye) and SIGKILL (TTL expiry),
+// plus sequential HTTP lookups from the cache. It runs only when asked:
+// MICRO_MDNS_FIGURES=trials (bench/mdns-figures.sh).
+func TestMDNSFigures(t *testing.T) {
+	trials, _ := strconv.Atoi(os.Getenv("MICRO_MDNS_FIGURES"))
+	if trials <= 0 {
+		t.Skip("set MICRO_MDNS_FIGURES=trials to measure; see bench/mdns-figures.sh")
+	}
+	if !inNamespace(t) {
+		return
+	}
+	ttl := cmpOr(os.Getenv("MICRO_MDNS_FIGURES_TTL"), "2s")
+	args := []string{"--register_ttl=" + ttl}
+	a := startSidecar(t, args...)
+	b := startSidecar(t, args...)
+	startSidecar(t, args...) // the third sidecar on the link
+	events := watchEvents(t, b)
+	await := func(action, id string, from time.Time) time.Duration {
+		t.Helper()
+		for {
+			select {
+			case ev := <-events:
+				if ev.Action == action && len(ev.Service.Nodes) == 1 && ev.Service.Nodes[0].ID == id {
+					return time.Since(from)
+				}
+			case <-time.After(time.Minute):
+				t.Fatalf("no %s event for %s within a minute", action, id)
+			}
+		}
+	}
+	var reg, term, kill []time.Duration
+	for i := range trials {
+		id := fmt.Sprint("figure-", i)
+		start := time.Now()
+		if code, out := do(t, "POST", a.url("/registry"), "", fmt.Sprintf(`{"name":"figures","nodes":[{"id":%q,"address":"127.0.0.1:7000"}]}`, id)); code != 200 {
+			t.Fatalf("register: %d %s", code, out)
+		}
+		reg = append(reg, await("create", id, start))
+
+		p := startSidecar(t, append(args, "--server_name=term", "--server_id="+id+"-term", "--server_address=127.0.0.1:7001")...)
+		await("create", id+"-term", time.Now())
+		start = time.Now()
+		p.stop(syscall.SIGTERM)
+		term = append(term, await("delete", id+"-term", start))
+
+		p = startSidecar(t, append(args, "--server_name=kill", "--server_id="+id+"-kill", "--server_address=127.0.0.1:7002")...)
+		await("create", id+"-kill", time.Now())
+		start = time.Now()
+		p.stop(syscall.SIGKILL)
+		kill = append(kill, await("delete", id+"-kill", start))
+	}
+	const lookups = 5000
+	start := time.Now()
+	for range lookups {
+		if lookup(t, b, "figures") == nil {
+			t.Fatal("lookup failed")
+		}
+	}
+	took := time.Since(start)
+	t.Logf("FIGURE register on one sidecar -> seen on another (%d trials): %s", trials, summary(reg))
+	t.Logf("FIGURE SIGTERM -> gone on another (%d trials): %s", trials, summary(term))
+	t.Logf("FIGURE SIGKILL -> gone on another, TTL %s (%d trials): %s", ttl, trials, summary(kill))
+	t.Logf("FIGURE HTTP lookups from the cache, one client, sequential: %d in %v = %.0f/s", lookups, took.Round(time.Millisecond), lookups/took.Seconds())
+}
+
+func cmpOr(s, def string) string {
+	if s == "" {
+		return def
+	}
+	return s
+}
+
+// summary is min / median / 90th percentile / max.
+func summary(ds []time.Duration) string {
+	s := append([]time.Duration{}, ds...)
+	slices.Sort(s)
+	at := func(q float64) time.Duration { return s[int(q*float64(len(s)-1))] }
+	return fmt.Sprintf("min %v, median %v, p90 %v, max %v", s[0], at(0.5), at(0.9), s[len(s)-1])
+}
+
+// watchEvents streams a sidecar's registry changes for the rest of the
+// test.
+func watchEvents(t *testing.T, p *proc) <-chan Event {
+	t.Helper()
+	ws, err := websocket.Dial("ws://"+p.addr+"/registry?watch=1", "", "http://"+p.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ws.Close() })
+	ch := make(chan Event, 1024)
+	go func() {
+		defer close(ch)
+		for {
+			var ev Event
+			if err := websocket.JSON.Receive(ws, &ev); err != nil {
+				return
+			}
+			ch <- ev
+		}
+	}()
+	return ch
 }
