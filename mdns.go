@@ -379,10 +379,10 @@ func (b *mdnsBackend) handlePacket(data []byte, src netip.AddrPort) []outPacket 
 		b.mu.Lock()
 		ch, st := b.cache.apply(pkt, now, b.isLocalLocked)
 		b.defendLocked(pkt, now)
+		b.applyChanges(ch) // under mu: the table sees changes in the order the cache made them
 		b.mu.Unlock()
 		b.stats.rejected.Add(uint64(st.rejected))
 		b.stats.cacheFull.Add(uint64(st.full))
-		b.applyChanges(ch)
 		return nil
 	}
 	if len(pkt.questions) == 0 {
@@ -457,6 +457,8 @@ func (b *mdnsBackend) defendLocked(pkt mdnsPacket, now time.Time) {
 	}
 }
 
+// applyChanges installs the cache's changes in the table. The caller holds
+// b.mu; the table never calls back into the backend.
 func (b *mdnsBackend) applyChanges(ch cacheChanges) {
 	if len(ch.remove) > 0 {
 		b.t.remove(ch.remove...)
@@ -496,14 +498,13 @@ func (b *mdnsBackend) tick(now time.Time) {
 			pkts = append(pkts, p)
 		}
 	}
-	ch := b.cache.expire(now, b.isLocalLocked)
+	b.applyChanges(b.cache.expire(now, b.isLocalLocked))
 	if qs := b.cache.due(now, b.isLocalLocked, mdnsMaxQuestions); len(qs) > 0 {
 		if p, err := queryPacket(qs, nil); err == nil {
 			pkts = append(pkts, p)
 		}
 	}
 	b.mu.Unlock()
-	b.applyChanges(ch)
 	b.t.sweep(now)
 	b.multicast(pkts)
 }
