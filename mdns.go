@@ -81,7 +81,8 @@ type mdnsLocal struct {
 	rec      record
 	ann      mdnsAnnouncement
 	ttl      uint32    // seconds
-	repeatAt time.Time // zero: no repeat pending
+	repeatAt time.Time // zero: no announcement pending
+	lastSent time.Time // when its records were last multicast
 }
 
 // mdnsBackend keeps the table current from the link and announces this
@@ -276,7 +277,7 @@ func (b *mdnsBackend) register(s Service, ttl time.Duration) error {
 			l = &mdnsLocal{repeatAt: now.Add(mdnsRepeat)}
 			b.locals[r.key()] = l
 		}
-		l.rec, l.ann, l.ttl = r, a, ttlSeconds(ttl)
+		l.rec, l.ann, l.ttl, l.lastSent = r, a, ttlSeconds(ttl), now
 		b.labels[strings.ToLower(a.instance[:len(a.instance)-len(mdnsServiceType)-1])] = r.key()
 		if p, err := announcePacket(a, l.ttl); err == nil {
 			pkts = append(pkts, p)
@@ -391,24 +392,32 @@ func (b *mdnsBackend) handlePacket(data []byte, src netip.AddrPort) []outPacket 
 	// A query from a port other than 5353 is a legacy unicast query (RFC
 	// 6762 section 6.7): answered to its sender, with its ID and questions.
 	legacy := src.Port() != uint16(b.port)
+	var groups [][2][]dnsmessage.Resource
 	b.mu.Lock()
-	locals := make([]mdnsLocal, 0, len(b.locals))
 	for _, l := range b.locals {
 		if l.rec.expired(now) {
 			continue
 		}
-		locals = append(locals, *l)
+		ans, extra := answer(pkt.questions, pkt.records, []mdnsAnnouncement{l.ann}, func(mdnsAnnouncement) uint32 { return l.ttl }, legacy)
+		if len(ans) == 0 {
+			continue
+		}
+		if !legacy {
+			// RFC 6762 section 6: a record is multicast at most once a
+			// second. Answers to records sent less than a second ago wait
+			// until the second is up, and go out once however many queries
+			// asked, as an announcement at the next tick.
+			if next := l.lastSent.Add(mdnsRepeat); now.Before(next) {
+				if l.repeatAt.IsZero() || next.Before(l.repeatAt) {
+					l.repeatAt = next
+				}
+				continue
+			}
+			l.lastSent = now
+		}
+		groups = append(groups, [2][]dnsmessage.Resource{ans, extra})
 	}
 	b.mu.Unlock()
-	ttlOf := map[string]uint32{}
-	var groups [][2][]dnsmessage.Resource
-	for _, l := range locals {
-		ttlOf[l.ann.key] = l.ttl
-		ans, extra := answer(pkt.questions, pkt.records, []mdnsAnnouncement{l.ann}, func(a mdnsAnnouncement) uint32 { return ttlOf[a.key] }, legacy)
-		if len(ans) > 0 {
-			groups = append(groups, [2][]dnsmessage.Resource{ans, extra})
-		}
-	}
 	if len(groups) == 0 {
 		return nil
 	}
@@ -485,7 +494,7 @@ func (b *mdnsBackend) tick(now time.Time) {
 			continue
 		}
 		if !l.repeatAt.IsZero() && !now.Before(l.repeatAt) {
-			l.repeatAt = time.Time{}
+			l.repeatAt, l.lastSent = time.Time{}, now
 			if p, err := announcePacket(l.ann, l.ttl); err == nil {
 				pkts = append(pkts, p)
 			}

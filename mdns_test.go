@@ -305,8 +305,21 @@ func TestLegacyUnicastAndDefence(t *testing.T) {
 	if h.ID != 4242 || len(qs) != 1 || len(ans) != 1 || ans[0].Header.TTL > mdnsLegacyTTL || ans[0].Header.Class&classFlush != 0 {
 		t.Errorf("legacy answer: id %d, %d questions, answers %+v; want id 4242, the question, TTL <= 10 and no cache-flush bit", h.ID, len(qs), ans)
 	}
-	if out := b.handlePacket(query, netip.MustParseAddrPort("127.0.0.1:5353")); len(out) != 1 || out[0].dst.Addr() != mdnsGroup {
+	// A multicast query is answered to the group, but a record is
+	// multicast at most once a second (RFC 6762 section 6): just after the
+	// announcement the answer waits for the next tick after the second.
+	mq := netip.MustParseAddrPort("127.0.0.1:5353")
+	now := time.Now()
+	b.now = func() time.Time { return now }
+	if out := b.handlePacket(query, mq); len(out) != 0 {
+		t.Errorf("multicast query right after the announcement: %d replies; want the answer deferred", len(out))
+	}
+	now = now.Add(2 * time.Second)
+	if out := b.handlePacket(query, mq); len(out) != 1 || out[0].dst.Addr() != mdnsGroup {
 		t.Errorf("multicast query: %+v; want one reply to the group", out)
+	}
+	if out := b.handlePacket(query, mq); len(out) != 0 {
+		t.Errorf("second multicast query within the second: %d replies; want none", len(out))
 	}
 
 	// Someone says goodbye for our node: we announce it again.
