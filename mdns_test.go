@@ -643,6 +643,11 @@ func TestMDNSThreeSidecars(t *testing.T) {
 	if s := lookup(t, ps[2], "posted"); !hasNode(s, longID) || s.Version != "2.1" || s.Metadata["team"] != "x" || s.Nodes[0].Metadata["k"] != "v" {
 		t.Errorf("posted service on sidecar 2: %+v; want version, service and node metadata", s)
 	}
+	tooLong := strings.Repeat("i", 253) // valid for the registry, too long for a TXT string
+	code, out := do(t, "POST", ps[0].url("/registry"), "", fmt.Sprintf(`{"name":"toolong","nodes":[{"id":%q,"address":"127.0.0.1:7000"}]}`, tooLong))
+	if code != 400 || !strings.Contains(out, "a TXT string holds 255") || lookup(t, ps[0], "toolong") != nil {
+		t.Errorf("a 253-byte id: %d %s; want 400 naming the limit, and nothing registered", code, out)
+	}
 	if code, out := do(t, "DELETE", ps[0].url("/registry"), "", fmt.Sprintf(`{"name":"posted","nodes":[{"id":%q}]}`, longID)); code != 200 {
 		t.Fatalf("deregister: %d %s", code, out)
 	}
@@ -984,4 +989,26 @@ func watchEvents(t *testing.T, p *proc) <-chan Event {
 		}
 	}()
 	return ch
+}
+
+// refusingBackend refuses every registration, as the mdns backend refuses
+// what a TXT record cannot carry.
+type refusingBackend struct{ memoryBackend }
+
+func (*refusingBackend) register(Service, time.Duration) error { return errNotAnnounceable }
+
+// TestRefusedRegistrationIsNotKeptAlive: a registration the backend
+// refuses is not refreshed (and refused again) at every interval.
+func TestRefusedRegistrationIsNotKeptAlive(t *testing.T) {
+	tb := newTable(10)
+	r := &registry{table: tb, backend: &refusingBackend{memoryBackend{t: tb, now: time.Now}}, ttl: time.Minute, now: time.Now, owned: map[string]Service{}}
+	if err := r.Register(Service{Name: "s", Nodes: []Node{{ID: "n", Address: "127.0.0.1", Port: 1}}}, 0); err == nil {
+		t.Fatal("want the backend's refusal")
+	}
+	if len(r.owned) != 0 {
+		t.Errorf("owned after a refused registration: %v; want nothing", r.owned)
+	}
+	if err := r.refresh(); err != nil {
+		t.Errorf("refresh: %v; want nothing to refresh", err)
+	}
 }
