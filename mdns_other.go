@@ -11,7 +11,7 @@ import (
 // mdnsConn is not implemented off Linux yet: the socket options it needs
 // (per-interface membership, IP_PKTINFO) are named differently on each
 // system. The backend keeps serving the local registry and /health says why.
-type mdnsConn struct{}
+type mdnsConn struct{ index int }
 
 func listenMDNS(ifi net.Interface, src netip.Addr, port int) (*mdnsConn, error) {
 	return nil, errors.New("multicast sockets are implemented on Linux only so far; use --registry=file on this system")
