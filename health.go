@@ -93,6 +93,7 @@ type healthChecker struct {
 	cfg      healthConfig
 	log      *slog.Logger
 	client   *http.Client
+	timings  *histogramVec // check durations by result; may be nil
 	onChange func(passing bool)
 
 	mu           sync.Mutex // guards state, lastErr, lastCheck, lastDuration
@@ -102,13 +103,14 @@ type healthChecker struct {
 	lastDuration time.Duration
 }
 
-func newHealthChecker(cfg healthConfig, log *slog.Logger, onChange func(bool)) *healthChecker {
+func newHealthChecker(cfg healthConfig, log *slog.Logger, timings *histogramVec, onChange func(bool)) *healthChecker {
 	return &healthChecker{
 		cfg: cfg,
 		log: log,
 		// A fresh connection per check, as Kubernetes probes make: a reused
 		// connection would hide an app that stopped accepting new ones.
 		client:   &http.Client{Transport: &http.Transport{DisableKeepAlives: true, Proxy: nil}},
+		timings:  timings,
 		onChange: onChange,
 		state:    healthState{Status: healthUnknown},
 	}
@@ -135,6 +137,9 @@ func (h *healthChecker) check(ctx context.Context) {
 	err := h.probe(ctx)
 	if ctx.Err() != nil {
 		return // shutting down: not the app's fault
+	}
+	if h.timings != nil {
+		h.timings.ObserveSince(start, map[bool]string{true: "pass", false: "fail"}[err == nil])
 	}
 	h.mu.Lock()
 	next, changed := nextHealth(h.state, err == nil, h.cfg.Failures, h.cfg.Successes)

@@ -2,6 +2,8 @@ package main
 
 import (
 	"context"
+	"crypto/sha256"
+	"crypto/subtle"
 	"encoding/binary"
 	"encoding/json"
 	"errors"
@@ -212,3 +214,62 @@ const (
 	closeTooBig         = 1009
 	closeTryAgainLater  = 1013
 )
+
+// authenticate requires the --auth_token on every endpoint but /health. A
+// WebSocket client that cannot set headers (a browser) may pass it as
+// ?access_token=. Tokens are compared in constant time.
+func (s *sidecar) authenticate(next http.Handler) http.Handler {
+	if s.cfg.AuthToken == "" {
+		return next
+	}
+	want := sha256.Sum256([]byte(s.cfg.AuthToken))
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/health" {
+			next.ServeHTTP(w, r)
+			return
+		}
+		got, ok := bearerToken(r)
+		sum := sha256.Sum256([]byte(got))
+		if !ok || subtle.ConstantTimeCompare(sum[:], want[:]) != 1 {
+			w.Header().Set("WWW-Authenticate", `Bearer realm="micro"`)
+			writeError(w, http.StatusUnauthorized, "missing or wrong token: send Authorization: Bearer <token> (WebSockets may use ?access_token=<token>)")
+			return
+		}
+		next.ServeHTTP(w, r)
+	})
+}
+
+// bearerToken returns the request's token, from the Authorization header or,
+// on a WebSocket upgrade, the access_token query parameter.
+func bearerToken(r *http.Request) (string, bool) {
+	if h := r.Header.Get("Authorization"); h != "" {
+		scheme, token, ok := strings.Cut(h, " ")
+		return strings.TrimSpace(token), ok && strings.EqualFold(scheme, "Bearer")
+	}
+	if isUpgrade(r) && r.URL.Query().Has("access_token") {
+		return r.URL.Query().Get("access_token"), true
+	}
+	return "", false
+}
+
+// limitInFlight bounds the requests being served at once, WebSockets aside
+// (they are long-lived and bounded by their own limits). Past the bound a
+// request is refused at once with 503 and Retry-After rather than queued, so
+// a flood cannot pile up goroutines and memory.
+func limitInFlight(max int, next http.Handler) http.Handler {
+	slots := make(chan struct{}, max)
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if isUpgrade(r) || r.URL.Path == "/health" {
+			next.ServeHTTP(w, r)
+			return
+		}
+		select {
+		case slots <- struct{}{}:
+			defer func() { <-slots }()
+			next.ServeHTTP(w, r)
+		default:
+			w.Header().Set("Retry-After", "1")
+			writeError(w, http.StatusServiceUnavailable, "too many requests in flight ("+strconv.Itoa(max)+", --max_inflight); retry shortly")
+		}
+	})
+}

@@ -5,6 +5,7 @@ package main
 import (
 	"context"
 	"crypto/rand"
+	"crypto/tls"
 	"encoding/hex"
 	"errors"
 	"flag"
@@ -109,16 +110,23 @@ type config struct {
 
 	Health healthConfig
 
-	Registry          string   // mdns, file or memory
-	RegistryAddress   string   // file path for the file registry
-	RegistryInterface []string // interfaces of the mdns registry; empty: chosen by the advertised address
+	Registry          string     // mdns, file, etcd or memory
+	RegistryAddress   string     // file path for the file registry; etcd URLs for etcd
+	RegistryInterface []string   // interfaces of the mdns registry; empty: chosen by the advertised address
+	Etcd              etcdConfig // --registry=etcd; Endpoints filled by validate
 	RegisterTTL       time.Duration
 	RegisterInterval  time.Duration
 	RegistryMaxNodes  int
 
 	MaxBodyBytes       int64
 	ShutdownTimeout    time.Duration
+	ReadHeaderTimeout  time.Duration
+	IdleTimeout        time.Duration
 	CORSAllowedOrigins []string
+	MaxInFlight        int
+	AuthToken          string // empty: no token required
+	TLSCertFile        string
+	TLSKeyFile         string
 
 	LogFormat string
 	LogLevel  slog.Level
@@ -147,14 +155,26 @@ func parseSidecarFlags(args []string, out io.Writer, lookupEnv func(string) (str
 	fs.DurationVar(&cfg.Health.Timeout, "healthcheck_timeout", time.Second, "Time one health check may take before it counts as a failure.")
 	fs.IntVar(&cfg.Health.Failures, "healthcheck_failures", 3, "Consecutive failed checks that take a healthy app out of discovery.")
 	fs.IntVar(&cfg.Health.Successes, "healthcheck_successes", 1, "Consecutive passed checks that put an unhealthy app back into discovery.")
-	fs.StringVar(&cfg.Registry, "registry", "mdns", "Registry backend: mdns (multicast DNS service discovery on the local network, no server needed), file (one JSON file shared by the sidecars of a host) or memory (this sidecar alone).")
+	fs.StringVar(&cfg.Registry, "registry", "mdns", "Registry backend: mdns (multicast DNS service discovery on the local network, no server needed), file (one JSON file shared by the sidecars of a host), etcd (an etcd v3 cluster, for sidecars across hosts) or memory (this sidecar alone).")
 	fs.StringVar(&ifaces, "registry_interface", "", "Network interfaces of the mdns registry, comma separated, e.g. eth0. Default: the loopback interface when the app's address (or, with no app, --address) is a loopback address, else every up, multicast-capable interface.")
-	fs.StringVar(&cfg.RegistryAddress, "registry_address", "", "Registry location. For the file registry, the file's path; default $XDG_RUNTIME_DIR/micro/registry.json, else the user cache directory, else ./micro-registry.json.")
+	fs.StringVar(&cfg.RegistryAddress, "registry_address", "", "Registry location. For the file registry, the file's path; default $XDG_RUNTIME_DIR/micro/registry.json, else the user cache directory, else ./micro-registry.json. For etcd, the cluster's client URLs, comma separated, tried in order; default http://127.0.0.1:2379.")
+	fs.StringVar(&cfg.Etcd.Prefix, "registry_prefix", defaultEtcdPrefix, "etcd key prefix under which every node is kept as <prefix><service>/<node id>. Sidecars that should see each other use the same prefix.")
+	fs.StringVar(&cfg.Etcd.CAFile, "registry_tls_ca", "", "PEM file of the CA that signed the etcd servers' certificates, for https:// etcd URLs. Default: the system's CAs.")
+	fs.StringVar(&cfg.Etcd.CertFile, "registry_tls_cert", "", "PEM client certificate presented to etcd (etcd's --client-cert-auth); needs --registry_tls_key.")
+	fs.StringVar(&cfg.Etcd.KeyFile, "registry_tls_key", "", "PEM key of --registry_tls_cert.")
+	fs.StringVar(&cfg.Etcd.Username, "registry_username", "", "etcd user to authenticate as, when etcd's authentication is enabled. Empty: none.")
+	fs.StringVar(&cfg.Etcd.Password, "registry_password", "", "Password of --registry_username. Prefer the MICRO_REGISTRY_PASSWORD variable: a flag shows in the process list.")
 	fs.DurationVar(&cfg.RegisterTTL, "register_ttl", 30*time.Second, "Time-to-live of this sidecar's registrations: if the sidecar dies, its entries vanish within this time.")
 	fs.DurationVar(&cfg.RegisterInterval, "register_interval", 0, "Time between refreshes of this sidecar's registrations. Default: a third of --register_ttl.")
 	fs.IntVar(&cfg.RegistryMaxNodes, "registry_max_nodes", 10000, "Most nodes the registry holds; registrations beyond it are refused with 503.")
 	fs.Int64Var(&cfg.MaxBodyBytes, "max_body_bytes", 1<<20, "Largest request body accepted, in bytes; larger ones are refused with 413.")
 	fs.DurationVar(&cfg.ShutdownTimeout, "shutdown_timeout", 10*time.Second, "Time allowed on SIGINT or SIGTERM for in-flight requests to finish.")
+	fs.IntVar(&cfg.MaxInFlight, "max_inflight", 1024, "Most requests served at once (WebSockets and /health aside); more are refused with 503 and Retry-After.")
+	fs.DurationVar(&cfg.ReadHeaderTimeout, "read_header_timeout", 10*time.Second, "Time a client may take to send a request's headers; slower connections are closed.")
+	fs.DurationVar(&cfg.IdleTimeout, "idle_timeout", 120*time.Second, "Time an idle keep-alive connection is kept open.")
+	fs.StringVar(&cfg.AuthToken, "auth_token", "", "Token every request but /health must carry as Authorization: Bearer TOKEN (WebSockets may pass ?access_token=TOKEN). Empty: no token. Prefer MICRO_AUTH_TOKEN, which does not show in the process list.")
+	fs.StringVar(&cfg.TLSCertFile, "tls_cert_file", "", "PEM certificate (chain) to serve HTTPS and WSS with; needs --tls_key_file.")
+	fs.StringVar(&cfg.TLSKeyFile, "tls_key_file", "", "PEM private key for --tls_cert_file.")
 	fs.StringVar(&origins, "cors_allowed_origins", "", "Browser origins allowed to call the sidecar, comma separated (e.g. http://localhost:3000), or * for any. Requests from other origins are refused on state-changing endpoints and WebSocket upgrades.")
 	fs.StringVar(&cfg.LogFormat, "log_format", "text", "Log format: text or json.")
 	fs.StringVar(&level, "log_level", "info", "Log level: debug, info, warn or error.")
@@ -243,8 +263,12 @@ func (c *config) validate() error {
 		if c.RegistryAddress == "" {
 			c.RegistryAddress = defaultRegistryPath()
 		}
+	case "etcd":
+		if err := c.validateEtcd(); err != nil {
+			return err
+		}
 	default:
-		return fmt.Errorf("--registry %q: want mdns, file or memory", c.Registry)
+		return fmt.Errorf("--registry %q: want mdns, file, etcd or memory", c.Registry)
 	}
 	if len(c.RegistryInterface) > 0 && c.Registry != "mdns" {
 		return fmt.Errorf("--registry_interface needs --registry=mdns (the registry is %s)", c.Registry)
@@ -258,8 +282,19 @@ func (c *config) validate() error {
 	if c.RegisterInterval <= 0 || c.RegisterInterval >= c.RegisterTTL {
 		return fmt.Errorf("--register_interval %v must be positive and shorter than --register_ttl %v", c.RegisterInterval, c.RegisterTTL)
 	}
-	if c.RegistryMaxNodes < 1 || c.MaxBodyBytes < 1 {
-		return errors.New("--registry_max_nodes and --max_body_bytes must be positive")
+	if (c.TLSCertFile == "") != (c.TLSKeyFile == "") {
+		return errors.New("--tls_cert_file and --tls_key_file go together; give both or neither")
+	}
+	if c.TLSCertFile != "" {
+		if _, err := tls.LoadX509KeyPair(c.TLSCertFile, c.TLSKeyFile); err != nil {
+			return fmt.Errorf("--tls_cert_file/--tls_key_file: %v", err)
+		}
+	}
+	if c.ReadHeaderTimeout <= 0 || c.IdleTimeout <= 0 {
+		return errors.New("--read_header_timeout and --idle_timeout must be positive")
+	}
+	if c.RegistryMaxNodes < 1 || c.MaxBodyBytes < 1 || c.MaxInFlight < 1 {
+		return errors.New("--registry_max_nodes, --max_body_bytes and --max_inflight must be positive")
 	}
 	if c.LogFormat != "text" && c.LogFormat != "json" {
 		return fmt.Errorf("--log_format %q: want text or json", c.LogFormat)
@@ -344,6 +379,7 @@ type sidecar struct {
 	reg     *registry
 	health  *healthChecker // nil without --healthcheck_url
 	conns   *connSet
+	metrics *sidecarMetrics
 	started time.Time
 }
 
@@ -366,6 +402,12 @@ func newSidecar(ctx context.Context, cfg config, log *slog.Logger) (*sidecar, er
 			return nil, err
 		}
 		b = mb
+	case "etcd":
+		eb, err := newEtcdBackend(ctx, cfg.Etcd, t, log)
+		if err != nil {
+			return nil, err
+		}
+		b = eb
 	}
 	s := &sidecar{
 		cfg:     cfg,
@@ -374,6 +416,7 @@ func newSidecar(ctx context.Context, cfg config, log *slog.Logger) (*sidecar, er
 		conns:   newConnSet(),
 		started: time.Now(),
 	}
+	s.metrics = newSidecarMetrics(s)
 	return s, nil
 }
 
@@ -393,14 +436,20 @@ func runSidecar(ctx context.Context, cfg config, logOut io.Writer) error {
 		Handler: s.routes(),
 		// Slow or stalled clients must not hold connections forever; bodies
 		// get their own limits, and long calls their own deadlines.
-		ReadHeaderTimeout: 10 * time.Second,
-		IdleTimeout:       120 * time.Second,
+		ReadHeaderTimeout: cfg.ReadHeaderTimeout,
+		IdleTimeout:       cfg.IdleTimeout,
 		MaxHeaderBytes:    64 << 10,
 		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
 	}
 	serveErr := make(chan error, 1)
-	go func() { serveErr <- srv.Serve(ln) }()
-	log.Info("Listening on "+ln.Addr().String(), "address", ln.Addr().String(), "registry", cfg.Registry, "registry_address", cfg.RegistryAddress, "version", buildVersion())
+	scheme := "http"
+	if cfg.TLSCertFile != "" {
+		scheme = "https"
+		go func() { serveErr <- srv.ServeTLS(ln, cfg.TLSCertFile, cfg.TLSKeyFile) }()
+	} else {
+		go func() { serveErr <- srv.Serve(ln) }()
+	}
+	log.Info("Listening on "+ln.Addr().String(), "scheme", scheme, "auth_token", cfg.AuthToken != "", "address", ln.Addr().String(), "registry", cfg.Registry, "registry_address", cfg.RegistryAddress, "version", buildVersion())
 
 	bg, stopBG := context.WithCancel(ctx)
 	var bgDone []chan struct{}
@@ -454,7 +503,7 @@ func (s *sidecar) startApp(ctx context.Context, goBG func(func())) {
 		register()
 		return
 	}
-	s.health = newHealthChecker(s.cfg.Health, s.log, func(passing bool) {
+	s.health = newHealthChecker(s.cfg.Health, s.log, s.metrics.healthCheck, func(passing bool) {
 		if passing {
 			register()
 			return
@@ -473,10 +522,11 @@ func (s *sidecar) routes() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("/registry", s.handleRegistry)
 	mux.HandleFunc("/health", s.handleHealth)
+	mux.Handle("/metrics", s.metrics.set)
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
-		writeError(w, http.StatusNotFound, "no endpoint at "+truncate(r.URL.Path, 128)+"; see /registry, /health")
+		writeError(w, http.StatusNotFound, "no endpoint at "+truncate(r.URL.Path, 128)+"; see /registry, /health, /metrics")
 	})
-	return s.guard(mux)
+	return s.metrics.instrument(limitInFlight(s.cfg.MaxInFlight, s.guard(s.authenticate(mux))))
 }
 
 // handleHealth reports the sidecar and the app: 200 when all is well, 503

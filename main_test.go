@@ -251,7 +251,7 @@ func TestCommandLine(t *testing.T) {
 		{[]string{"sidecar", "--healthcheck_url=http://127.0.0.1:1/"}, 2, "need --server_name"},
 		{[]string{"sidecar", "--server_name=foo"}, 2, "--server_name needs --server_address"},
 		{[]string{"sidecar", "--server_name=foo", "--server_address=127.0.0.1:99999"}, 2, "port must be 1-65535"},
-		{[]string{"sidecar", "--registry=zookeeper"}, 2, `--registry "zookeeper": want mdns, file or memory`},
+		{[]string{"sidecar", "--registry=zookeeper"}, 2, `--registry "zookeeper": want mdns, file, etcd or memory`},
 		{[]string{"sidecar", "--registry=memory", "--registry_interface=lo"}, 2, "--registry_interface needs --registry=mdns"},
 		{[]string{"sidecar", "--help"}, 0, "-registry_interface"},
 		{[]string{"sidecar", "--server_name=f", "--server_address=127.0.0.1:1", "--healthcheck_url=ftp://x"}, 2, "scheme must be http, https or tcp"},
@@ -681,5 +681,58 @@ func TestScratchImage(t *testing.T) {
 	}
 	if code := p.stop(syscall.SIGTERM); code != 0 {
 		t.Errorf("exit status %d; want 0", code)
+	}
+}
+
+// BenchmarkStartToFirstLookup measures the time from exec to the first
+// successful lookup of the sidecar's own app.
+func BenchmarkStartToFirstLookup(b *testing.B) {
+	client := &http.Client{Timeout: time.Second}
+	for b.Loop() {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			b.Fatal(err)
+		}
+		addr := ln.Addr().String()
+		ln.Close()
+		start := time.Now()
+		cmd := exec.Command(binPath, "sidecar", "--address="+addr, "--registry=memory", "--server_name=foo", "--server_address=127.0.0.1:9090")
+		if err := cmd.Start(); err != nil {
+			b.Fatal(err)
+		}
+		for {
+			resp, err := client.Get("http://" + addr + "/registry?service=foo")
+			if err == nil {
+				resp.Body.Close()
+				if resp.StatusCode == 200 {
+					break
+				}
+			}
+			if time.Since(start) > 10*time.Second {
+				b.Fatal("sidecar not ready within 10s")
+			}
+			time.Sleep(200 * time.Microsecond)
+		}
+		b.ReportMetric(float64(time.Since(start).Microseconds())/1000, "ms-to-ready")
+		cmd.Process.Kill()
+		cmd.Wait()
+	}
+}
+
+// BenchmarkTableLookup is the in-memory part of a lookup, with 1,000
+// services of three nodes each in the table.
+func BenchmarkTableLookup(b *testing.B) {
+	tb := newTable(0)
+	for i := range 1000 {
+		for j := range 3 {
+			tb.upsert(record{Service: fmt.Sprintf("svc%d", i), Node: Node{ID: fmt.Sprint(j), Address: "10.0.0.1", Port: 8080}})
+		}
+	}
+	now := time.Now()
+	b.ReportAllocs()
+	for b.Loop() {
+		if _, err := tb.lookup("svc500", now); err != nil {
+			b.Fatal(err)
+		}
 	}
 }

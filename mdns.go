@@ -236,9 +236,9 @@ func ipv4Of(ifi net.Interface) netip.Addr {
 	return netip.Addr{}
 }
 
-// ttlSeconds rounds a registration's TTL up to whole seconds; a TTL of
+// mdnsTTL rounds a registration's TTL up to whole seconds; a TTL of
 // zero (never expires) is announced with RFC 6762 section 10's 120 s.
-func ttlSeconds(ttl time.Duration) uint32 {
+func mdnsTTL(ttl time.Duration) uint32 {
 	if ttl <= 0 {
 		return 120
 	}
@@ -272,12 +272,12 @@ func (b *mdnsBackend) register(s Service, ttl time.Duration) error {
 	for i, r := range recs {
 		a := anns[i]
 		l := b.locals[r.key()]
-		if l == nil || !l.rec.same(r) || l.ttl != ttlSeconds(ttl) {
+		if l == nil || !l.rec.same(r) || l.ttl != mdnsTTL(ttl) {
 			// New or changed: announce twice (RFC 6762 section 8.3).
 			l = &mdnsLocal{repeatAt: now.Add(mdnsRepeat)}
 			b.locals[r.key()] = l
 		}
-		l.rec, l.ann, l.ttl, l.lastSent = r, a, ttlSeconds(ttl), now
+		l.rec, l.ann, l.ttl, l.lastSent = r, a, mdnsTTL(ttl), now
 		b.labels[strings.ToLower(a.instance[:len(a.instance)-len(mdnsServiceType)-1])] = r.key()
 		if p, err := announcePacket(a, l.ttl); err == nil {
 			pkts = append(pkts, p)
@@ -289,10 +289,9 @@ func (b *mdnsBackend) register(s Service, ttl time.Duration) error {
 }
 
 func (b *mdnsBackend) deregister(s Service) error {
-	keys := keysOf(s)
 	b.mu.Lock()
-	pkts := b.forgetLocalsLocked(keys)
-	b.t.remove(keys...)
+	pkts := b.forgetLocalsLocked(keysOf(s))
+	b.t.remove(recordsOf(s, time.Time{})...)
 	b.mu.Unlock()
 	b.multicast(pkts)
 	return nil

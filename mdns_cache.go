@@ -63,7 +63,7 @@ func newMDNSCache(max int) *mdnsCache {
 // cacheChanges is what the table must do after a packet or a tick.
 type cacheChanges struct {
 	upsert []record
-	remove []string
+	remove []record // by key
 }
 
 // cacheStats counts what apply refused.
@@ -268,12 +268,13 @@ func (c *mdnsCache) resolve(inst *cachedInstance, now time.Time, local func(stri
 }
 
 func (c *mdnsCache) withdraw(inst *cachedInstance, local func(string) bool, ch *cacheChanges) {
-	k := inst.installed.key()
+	gone := *inst.installed
+	k := gone.key()
 	inst.installed = nil
 	if c.keyRefs[k]--; c.keyRefs[k] <= 0 {
 		delete(c.keyRefs, k)
 		if !local(k) {
-			ch.remove = append(ch.remove, k)
+			ch.remove = append(ch.remove, gone)
 		}
 	}
 }

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"net/netip"
 	"net/url"
 	"sort"
 	"strconv"
@@ -144,7 +145,10 @@ func splitAddress(address string, port int) (string, int, error) {
 		address, port = h, pn
 	}
 	address = strings.TrimSuffix(strings.TrimPrefix(address, "["), "]")
-	if address == "" || len(address) > maxNameLen || strings.ContainsAny(address, " /\x00[]") {
+	if address == "" || len(address) > maxNameLen || !validName(address) || strings.ContainsAny(address, "[]") {
+		return "", 0, fmt.Errorf("address %q is not a host name or IP address", truncate(address, 64))
+	}
+	if _, err := netip.ParseAddr(address); strings.Contains(address, ":") && err != nil {
 		return "", 0, fmt.Errorf("address %q is not a host name or IP address", truncate(address, 64))
 	}
 	if port < 1 || port > 65535 {
@@ -320,49 +324,62 @@ type watcher struct {
 }
 
 // table is the in-memory registry every lookup reads. Backends keep it
-// current; it never touches the network or the disk.
+// current; it never touches the network or the disk. Records are indexed by
+// service name, so a lookup costs the size of one service, not the table.
 type table struct {
-	maxNodes int // bound on len(recs); 0 means no bound
+	maxNodes int // bound on the number of records; 0 means no bound
 
-	mu       sync.RWMutex // guards recs, watchers
-	recs     map[string]record
+	mu       sync.RWMutex                 // guards services, count, watchers
+	services map[string]map[string]record // service name -> record key -> record
+	count    int
 	watchers map[*watcher]struct{}
 }
 
 func newTable(maxNodes int) *table {
-	return &table{maxNodes: maxNodes, recs: map[string]record{}, watchers: map[*watcher]struct{}{}}
+	return &table{maxNodes: maxNodes, services: map[string]map[string]record{}, watchers: map[*watcher]struct{}{}}
 }
 
-// upsert adds or refreshes records.
+// upsert adds or refreshes records; it adds none if that would take the
+// table past its limit.
 func (t *table) upsert(recs ...record) error {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	next := make(map[string]record, len(t.recs)+len(recs))
-	for k, r := range t.recs {
-		next[k] = r
-	}
+	added := 0
 	for _, r := range recs {
-		next[r.key()] = r
+		if _, ok := t.services[r.Service][r.key()]; !ok {
+			added++
+		}
 	}
-	if t.maxNodes > 0 && len(next) > t.maxNodes && len(next) > len(t.recs) {
+	if t.maxNodes > 0 && added > 0 && t.count+added > t.maxNodes {
 		return fmt.Errorf("%w: %d nodes is the limit (--registry_max_nodes)", errTableFull, t.maxNodes)
 	}
-	t.swapLocked(next)
+	var evs []Event
+	for _, r := range recs {
+		old, ok := t.services[r.Service][r.key()]
+		t.setLocked(r)
+		switch {
+		case !ok:
+			evs = append(evs, eventOf("create", r))
+		case !old.same(r):
+			evs = append(evs, eventOf("update", r))
+		}
+	}
+	t.notifyLocked(evs)
 	return nil
 }
 
-// remove deletes the records with the given keys.
-func (t *table) remove(keys ...string) {
+// remove deletes the records with the keys of recs.
+func (t *table) remove(recs ...record) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	next := make(map[string]record, len(t.recs))
-	for k, r := range t.recs {
-		next[k] = r
+	var evs []Event
+	for _, r := range recs {
+		if old, ok := t.services[r.Service][r.key()]; ok {
+			t.deleteLocked(old)
+			evs = append(evs, eventOf("delete", old))
+		}
 	}
-	for _, k := range keys {
-		delete(next, k)
-	}
-	t.swapLocked(next)
+	t.notifyLocked(evs)
 }
 
 // replace makes the table hold exactly recs, as read from a backend that
@@ -374,37 +391,63 @@ func (t *table) replace(recs []record) {
 	}
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	t.swapLocked(next)
+	old := make(map[string]record, t.count)
+	for _, byKey := range t.services {
+		for k, r := range byKey {
+			old[k] = r
+		}
+	}
+	t.services = map[string]map[string]record{}
+	t.count = 0
+	for _, r := range next {
+		t.setLocked(r)
+	}
+	t.notifyLocked(diff(old, next))
 }
 
 // sweep drops the records expired at now.
 func (t *table) sweep(now time.Time) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	var dead []string
-	for k, r := range t.recs {
-		if r.expired(now) {
-			dead = append(dead, k)
+	var evs []Event
+	for _, byKey := range t.services {
+		for _, r := range byKey {
+			if r.expired(now) {
+				t.deleteLocked(r)
+				evs = append(evs, eventOf("delete", r))
+			}
 		}
 	}
-	if len(dead) == 0 {
-		return
-	}
-	next := make(map[string]record, len(t.recs))
-	for k, r := range t.recs {
-		next[k] = r
-	}
-	for _, k := range dead {
-		delete(next, k)
-	}
-	t.swapLocked(next)
+	t.notifyLocked(evs)
 }
 
-// swapLocked installs next and tells the watchers what changed. A watcher
-// whose queue is full is dropped rather than allowed to block the table.
-func (t *table) swapLocked(next map[string]record) {
-	evs := diff(t.recs, next)
-	t.recs = next
+func (t *table) setLocked(r record) {
+	byKey := t.services[r.Service]
+	if byKey == nil {
+		byKey = map[string]record{}
+		t.services[r.Service] = byKey
+	}
+	if _, ok := byKey[r.key()]; !ok {
+		t.count++
+	}
+	byKey[r.key()] = r
+}
+
+func (t *table) deleteLocked(r record) {
+	byKey := t.services[r.Service]
+	if _, ok := byKey[r.key()]; !ok {
+		return
+	}
+	delete(byKey, r.key())
+	t.count--
+	if len(byKey) == 0 {
+		delete(t.services, r.Service)
+	}
+}
+
+// notifyLocked tells the watchers what changed. A watcher whose queue is
+// full is dropped rather than allowed to block the table.
+func (t *table) notifyLocked(evs []Event) {
 	for _, ev := range evs {
 		for w := range t.watchers {
 			if w.service != "" && w.service != ev.Service.Name {
@@ -423,9 +466,10 @@ func (t *table) swapLocked(next map[string]record) {
 // lookup returns the live versions of a service, sorted by version.
 func (t *table) lookup(name string, now time.Time) ([]Service, error) {
 	t.mu.RLock()
-	var recs []record
-	for _, r := range t.recs {
-		if r.Service == name && !r.expired(now) {
+	byKey := t.services[name]
+	recs := make([]record, 0, len(byKey))
+	for _, r := range byKey {
+		if !r.expired(now) {
 			recs = append(recs, r)
 		}
 	}
@@ -438,28 +482,36 @@ func (t *table) lookup(name string, now time.Time) ([]Service, error) {
 
 // list returns every live service version.
 func (t *table) list(now time.Time) []Service {
-	t.mu.RLock()
-	recs := make([]record, 0, len(t.recs))
-	for _, r := range t.recs {
-		if !r.expired(now) {
-			recs = append(recs, r)
-		}
-	}
-	t.mu.RUnlock()
-	out := assemble(recs)
+	recs := t.snapshot()
+	out := assemble(live(recs, now))
 	if out == nil {
 		out = []Service{}
 	}
 	return out
 }
 
+// serviceCount and nodeCount size the table, for metrics.
+func (t *table) serviceCount() int {
+	t.mu.RLock()
+	defer t.mu.RUnlock()
+	return len(t.services)
+}
+
+func (t *table) nodeCount() int {
+	t.mu.RLock()
+	defer t.mu.RUnlock()
+	return t.count
+}
+
 // snapshot returns a copy of every record, expired or not.
 func (t *table) snapshot() []record {
 	t.mu.RLock()
 	defer t.mu.RUnlock()
-	out := make([]record, 0, len(t.recs))
-	for _, r := range t.recs {
-		out = append(out, r)
+	out := make([]record, 0, t.count)
+	for _, byKey := range t.services {
+		for _, r := range byKey {
+			out = append(out, r)
+		}
 	}
 	return out
 }
@@ -505,7 +557,7 @@ func (m *memoryBackend) register(s Service, ttl time.Duration) error {
 }
 
 func (m *memoryBackend) deregister(s Service) error {
-	m.t.remove(keysOf(s)...)
+	m.t.remove(recordsOf(s, time.Time{})...)
 	return nil
 }
 
@@ -647,10 +699,13 @@ func (r *registry) refresh() error {
 	return errors.Join(errs...)
 }
 
-// refreshLoop calls refresh every interval until ctx ends.
+// refreshLoop calls refresh every interval until ctx ends, and sweeps
+// expired entries every second so that watchers hear of them promptly.
 func (r *registry) refreshLoop(ctx context.Context, interval time.Duration, log *slog.Logger) {
 	tick := time.NewTicker(interval)
 	defer tick.Stop()
+	sweep := time.NewTicker(time.Second)
+	defer sweep.Stop()
 	for {
 		select {
 		case <-ctx.Done():
@@ -659,6 +714,8 @@ func (r *registry) refreshLoop(ctx context.Context, interval time.Duration, log 
 			if err := r.refresh(); err != nil {
 				log.Warn("refreshing registrations failed; retrying next interval", "error", err)
 			}
+		case <-sweep.C:
+			r.table.sweep(r.now())
 		}
 	}
 }

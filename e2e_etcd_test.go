@@ -1,0 +1,810 @@
+package main
+
+// End-to-end tests of the etcd registry: they start Debian's etcd-server
+// (/usr/bin/etcd) on loopback ports with data under t.TempDir(), and drive
+// the built sidecar binary against it.
+
+import (
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/base64"
+	"encoding/json"
+	"encoding/pem"
+	"fmt"
+	"math/big"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"net/http/httputil"
+	"net/url"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	"golang.org/x/net/websocket"
+)
+
+// etcdBin finds the etcd server, skipping the test when it is missing.
+func etcdBin(t *testing.T) string {
+	t.Helper()
+	if p, err := exec.LookPath("etcd"); err == nil {
+		return p
+	}
+	if _, err := os.Stat("/usr/bin/etcd"); err == nil {
+		return "/usr/bin/etcd"
+	}
+	t.Skip("etcd is not installed (apt-get install etcd-server, as .ci/run does); skipping the etcd end-to-end test")
+	return ""
+}
+
+// freePort returns a loopback port nobody listens on right now.
+func freePort(t *testing.T) int {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	return ln.Addr().(*net.TCPAddr).Port
+}
+
+// etcdMember is one etcd process of a test cluster, all on loopback.
+type etcdMember struct {
+	t          *testing.T
+	name, dir  string
+	client     string // http://127.0.0.1:port
+	peer       string
+	cluster    string // --initial-cluster
+	token      string
+	extraFlags []string
+	hc         *http.Client // for https members; nil: http.DefaultClient
+
+	mu   sync.Mutex // guards cmd, done, log
+	cmd  *exec.Cmd
+	done chan struct{}
+	log  *syncBuffer
+}
+
+// newEtcdCluster describes n members with fresh ports and data dirs; start
+// them with startAll.
+func newEtcdCluster(t *testing.T, n int, extraFlags ...string) []*etcdMember {
+	t.Helper()
+	etcdBin(t)
+	var ms []*etcdMember
+	var parts []string
+	token := fmt.Sprintf("micro-test-%d", time.Now().UnixNano())
+	for i := range n {
+		scheme := "http"
+		if len(extraFlags) > 0 && containsFlag(extraFlags, "--cert-file") {
+			scheme = "https"
+		}
+		m := &etcdMember{
+			t:          t,
+			name:       fmt.Sprintf("m%d", i),
+			dir:        filepath.Join(t.TempDir(), fmt.Sprintf("m%d.etcd", i)),
+			client:     fmt.Sprintf("%s://127.0.0.1:%d", scheme, freePort(t)),
+			peer:       fmt.Sprintf("http://127.0.0.1:%d", freePort(t)),
+			token:      token,
+			extraFlags: extraFlags,
+		}
+		parts = append(parts, m.name+"="+m.peer)
+		ms = append(ms, m)
+	}
+	for _, m := range ms {
+		m.cluster = strings.Join(parts, ",")
+	}
+	t.Cleanup(func() {
+		for _, m := range ms {
+			m.kill()
+		}
+	})
+	return ms
+}
+
+func containsFlag(flags []string, prefix string) bool {
+	for _, f := range flags {
+		if strings.HasPrefix(f, prefix) {
+			return true
+		}
+	}
+	return false
+}
+
+// startEtcd runs a one-member cluster and waits until it serves.
+func startEtcd(t *testing.T, extraFlags ...string) *etcdMember {
+	t.Helper()
+	m := newEtcdCluster(t, 1, extraFlags...)[0]
+	m.start("new")
+	m.waitHealthy()
+	return m
+}
+
+func startAll(ms []*etcdMember) {
+	for _, m := range ms {
+		m.start("new")
+	}
+	for _, m := range ms {
+		m.waitHealthy()
+	}
+}
+
+// start runs the member; state is etcd's --initial-cluster-state.
+func (m *etcdMember) start(state string) {
+	m.t.Helper()
+	args := []string{
+		"--name", m.name, "--data-dir", m.dir,
+		"--listen-client-urls", m.client, "--advertise-client-urls", m.client,
+		"--listen-peer-urls", m.peer, "--initial-advertise-peer-urls", m.peer,
+		"--initial-cluster", m.cluster, "--initial-cluster-state", state,
+		"--initial-cluster-token", m.token,
+		"--logger", "zap", "--log-level", "warn",
+	}
+	cmd := exec.Command(etcdBin(m.t), append(args, m.extraFlags...)...)
+	log := &syncBuffer{}
+	cmd.Stdout, cmd.Stderr = log, log
+	if err := cmd.Start(); err != nil {
+		m.t.Fatalf("starting etcd: %v", err)
+	}
+	done := make(chan struct{})
+	go func() { cmd.Wait(); close(done) }()
+	m.mu.Lock()
+	m.cmd, m.done, m.log = cmd, done, log
+	m.mu.Unlock()
+	m.t.Cleanup(func() {
+		if m.t.Failed() {
+			m.t.Logf("etcd %s log:\n%s", m.name, truncate(log.String(), 8000))
+		}
+	})
+}
+
+// waitHealthy waits until the member answers its /health with true.
+func (m *etcdMember) waitHealthy() {
+	m.t.Helper()
+	hc := m.httpClient()
+	waitFor(m.t, 20*time.Second, "etcd "+m.name+" to be healthy", func() bool {
+		resp, err := hc.Get(m.client + "/health")
+		if err != nil {
+			return false
+		}
+		defer resp.Body.Close()
+		var h struct{ Health string }
+		json.NewDecoder(resp.Body).Decode(&h)
+		return h.Health == "true"
+	})
+}
+
+// httpClient talks to the member.
+func (m *etcdMember) httpClient() *http.Client {
+	if m.hc != nil {
+		return m.hc
+	}
+	return http.DefaultClient
+}
+
+// stop ends the member with sig and waits.
+func (m *etcdMember) stop(sig syscall.Signal) {
+	m.t.Helper()
+	m.mu.Lock()
+	cmd, done := m.cmd, m.done
+	m.mu.Unlock()
+	if cmd == nil {
+		return
+	}
+	cmd.Process.Signal(sig)
+	select {
+	case <-done:
+	case <-time.After(20 * time.Second):
+		m.t.Fatalf("etcd %s did not exit within 20s of %v", m.name, sig)
+	}
+}
+
+func (m *etcdMember) kill() {
+	m.mu.Lock()
+	cmd, done := m.cmd, m.done
+	m.mu.Unlock()
+	if cmd != nil {
+		cmd.Process.Kill()
+		<-done
+	}
+}
+
+// gw posts to the member's gateway and decodes the answer.
+func (m *etcdMember) gw(path string, req, resp any) error {
+	body, _ := json.Marshal(req)
+	r, err := m.httpClient().Post(m.client+path, "application/json", strings.NewReader(string(body)))
+	if err != nil {
+		return err
+	}
+	defer r.Body.Close()
+	if r.StatusCode != 200 {
+		var e map[string]any
+		json.NewDecoder(r.Body).Decode(&e)
+		return fmt.Errorf("%s: %d %v", path, r.StatusCode, e)
+	}
+	if resp != nil {
+		return json.NewDecoder(r.Body).Decode(resp)
+	}
+	return nil
+}
+
+func (m *etcdMember) put(t *testing.T, key, value string) {
+	t.Helper()
+	if err := m.gw("/v3/kv/put", map[string]string{"key": b64(key), "value": b64(value)}, nil); err != nil {
+		t.Fatalf("etcd put %s: %v", key, err)
+	}
+}
+
+// keys lists the keys under prefix.
+func (m *etcdMember) keys(t *testing.T, prefix string) []string {
+	t.Helper()
+	var resp etcdRangeResponse
+	if err := m.gw("/v3/kv/range", etcdRangeRequest{Key: []byte(prefix), RangeEnd: prefixEnd(prefix)}, &resp); err != nil {
+		t.Fatalf("etcd range: %v", err)
+	}
+	var out []string
+	for _, kv := range resp.KVs {
+		out = append(out, string(kv.Key))
+	}
+	return out
+}
+
+func b64(s string) string { return base64.StdEncoding.EncodeToString([]byte(s)) }
+
+func clientURLs(ms ...*etcdMember) string {
+	var u []string
+	for _, m := range ms {
+		u = append(u, m.client)
+	}
+	return strings.Join(u, ",")
+}
+
+// gatewayProxy stands between sidecars and etcd: it counts the requests by
+// path, and can be cut (every request and open stream fails as if the
+// network went away) and restored.
+type gatewayProxy struct {
+	srv  *httptest.Server
+	down atomic.Bool
+
+	mu      sync.Mutex // guards counts, streams
+	counts  map[string]int
+	streams map[*http.Request]context.CancelFunc
+}
+
+func newGatewayProxy(t *testing.T, target string) *gatewayProxy {
+	t.Helper()
+	u, err := url.Parse(target)
+	if err != nil {
+		t.Fatal(err)
+	}
+	g := &gatewayProxy{counts: map[string]int{}, streams: map[*http.Request]context.CancelFunc{}}
+	rp := httputil.NewSingleHostReverseProxy(u)
+	rp.FlushInterval = -1 // pass the watch stream through as it comes
+	rp.ErrorLog = nil
+	g.srv = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if g.down.Load() {
+			if hj, ok := w.(http.Hijacker); ok {
+				if c, _, err := hj.Hijack(); err == nil {
+					c.Close()
+					return
+				}
+			}
+			http.Error(w, "down", http.StatusBadGateway)
+			return
+		}
+		ctx, cancel := context.WithCancel(r.Context())
+		r = r.WithContext(ctx)
+		g.mu.Lock()
+		g.counts[r.URL.Path]++
+		g.streams[r] = cancel
+		g.mu.Unlock()
+		defer func() {
+			g.mu.Lock()
+			delete(g.streams, r)
+			g.mu.Unlock()
+			cancel()
+		}()
+		rp.ServeHTTP(w, r)
+	}))
+	t.Cleanup(func() { g.setDown(true); g.srv.CloseClientConnections(); g.srv.Close() })
+	return g
+}
+
+// setDown cuts or restores the proxy; cutting ends every open stream.
+func (g *gatewayProxy) setDown(down bool) {
+	g.down.Store(down)
+	if !down {
+		return
+	}
+	g.mu.Lock()
+	for _, cancel := range g.streams {
+		cancel()
+	}
+	g.mu.Unlock()
+	g.srv.CloseClientConnections()
+}
+
+func (g *gatewayProxy) snapshot() map[string]int {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	out := make(map[string]int, len(g.counts))
+	for k, v := range g.counts {
+		out[k] = v
+	}
+	return out
+}
+
+// healthOf returns the sidecar's /health status code and registry error.
+func healthOf(t *testing.T, p *proc) (int, string) {
+	t.Helper()
+	code, body := do(t, "GET", p.url("/health"), "", "")
+	var rep healthReport
+	json.Unmarshal([]byte(body), &rep)
+	return code, rep.Sidecar.RegistryError
+}
+
+// waitHealthy waits until the sidecar's /health is 200.
+func waitSidecarHealthy(t *testing.T, p *proc, timeout time.Duration) {
+	t.Helper()
+	waitFor(t, timeout, p.addr+" /health to be 200", func() bool { c, _ := healthOf(t, p); return c == 200 })
+}
+
+// register posts a service with one node to a sidecar.
+func registerNode(t *testing.T, p *proc, query, name, id string, port int) {
+	t.Helper()
+	body := fmt.Sprintf(`{"name":%q,"nodes":[{"id":%q,"address":"127.0.0.1","port":%d}]}`, name, id, port)
+	if code, out := do(t, "POST", p.url("/registry"+query), "", body); code != 200 {
+		t.Fatalf("register %s on %s: %d %s", name, p.addr, code, out)
+	}
+}
+
+func etcdSidecarArgs(endpoints string, extra ...string) []string {
+	return append([]string{"--registry=etcd", "--registry_address=" + endpoints}, extra...)
+}
+
+// TestEtcdSidecarsDiscoverEachOther: three sidecars on one etcd see each
+// other's apps and hand-registered services (names with ':' too); SIGKILL
+// takes an app away when its lease runs out, SIGTERM at once.
+func TestEtcdSidecarsDiscoverEachOther(t *testing.T) {
+	e := startEtcd(t)
+	const ttl = 2 * time.Second
+	var ps []*proc
+	var ids []string
+	for i := range 3 {
+		p := startSidecar(t, etcdSidecarArgs(e.client, "--register_ttl=2s", "--register_interval=500ms",
+			fmt.Sprintf("--server_name=app%d", i), fmt.Sprintf("--server_address=127.0.0.1:%d", 9000+i))...)
+		ps = append(ps, p)
+		ids = append(ids, appID(t, p))
+	}
+	registerNode(t, ps[0], "", "topic:news", "news-1", 7001)
+	for _, p := range ps {
+		for i, id := range ids {
+			waitFor(t, 5*time.Second, fmt.Sprintf("%s to see app%d", p.addr, i), func() bool { return hasNode(lookup(t, p, fmt.Sprintf("app%d", i)), id) })
+		}
+		waitFor(t, 5*time.Second, p.addr+" to see topic:news", func() bool { return hasNode(lookup(t, p, "topic:news"), "news-1") })
+		if c, msg := healthOf(t, p); c != 200 {
+			t.Errorf("%s /health: %d %s; want 200", p.addr, c, msg)
+		}
+	}
+	if got := e.keys(t, "/micro/registry/"); len(got) != 4 || !strings.HasPrefix(got[3], "/micro/registry/topic:news/news-1") {
+		t.Errorf("keys in etcd: %q; want <prefix><service>/<node id> for the 3 apps and topic:news", got)
+	}
+
+	start := time.Now()
+	ps[1].stop(syscall.SIGKILL)
+	waitFor(t, 10*time.Second, "the killed sidecar's app to expire", func() bool { return lookup(t, ps[0], "app1") == nil })
+	took := time.Since(start)
+	t.Logf("SIGKILL to disappearance: %v (TTL %v)", took.Round(10*time.Millisecond), ttl)
+	// etcd checks lease expiry every 500ms and rounds TTLs up to its minimum.
+	if took > ttl+2*time.Second {
+		t.Errorf("app1 vanished %v after SIGKILL; want within the %v TTL and etcd's expiry check", took, ttl)
+	}
+	// The live apps outlasted the killed one's TTL: their leases are kept alive.
+	for _, i := range []int{0, 2} {
+		if !hasNode(lookup(t, ps[2-i], fmt.Sprintf("app%d", i)), ids[i]) {
+			t.Errorf("live app%d lost after a TTL", i)
+		}
+	}
+
+	if code := ps[2].stop(syscall.SIGTERM); code != 0 {
+		t.Errorf("exit status after SIGTERM: %d; want 0", code)
+	}
+	waitFor(t, 1*time.Second, "app2 to go at once after SIGTERM (lease revoked)", func() bool { return lookup(t, ps[0], "app2") == nil })
+}
+
+// TestEtcdBadDataSkipped: entries that are not service nodes, present at
+// start or written later, are skipped and logged once each; good entries
+// around them are served.
+func TestEtcdBadDataSkipped(t *testing.T) {
+	e := startEtcd(t)
+	const prefix = "/micro/registry/"
+	good := `{"name":"good","nodes":[{"id":"g1","address":"127.0.0.1","port":80}]}`
+	e.put(t, prefix+"good/g1", good)
+	e.put(t, prefix+"junk/j1", "{not json")
+	e.put(t, prefix+"deep/a/b", good)
+	e.put(t, prefix+"mismatch/m1", good)
+	e.put(t, "/micro/registryX/other", "unrelated, outside the prefix")
+	p := startSidecar(t, etcdSidecarArgs(e.client, "--server_name=app", "--server_address=127.0.0.1:9000")...)
+	if !hasNode(lookup(t, p, "good"), "g1") {
+		t.Fatal("the good entry is not served beside bad ones")
+	}
+	// Written after start: seen through the watch.
+	e.put(t, prefix+"two/t1", `{"name":"two","nodes":[{"id":"t1","address":"a","port":1},{"id":"t2","address":"a","port":2}]}`)
+	e.put(t, prefix+"arr/a1", `[1,2,3]`)
+	e.put(t, prefix+"later/l1", `{"name":"later","nodes":[{"id":"l1","address":"127.0.0.1","port":81}]}`)
+	waitFor(t, 5*time.Second, "the later good entry", func() bool { return hasNode(lookup(t, p, "later"), "l1") })
+	// The same bad value again is not logged again; a good one replaces it.
+	e.put(t, prefix+"junk/j1", "{not json")
+	e.put(t, prefix+"good/g1", "garbage over a good entry")
+	waitFor(t, 5*time.Second, "a good entry overwritten with garbage to go", func() bool { return lookup(t, p, "good") == nil })
+	e.put(t, prefix+"later/l2", `{"name":"later","nodes":[{"id":"l2","address":"127.0.0.1","port":82}]}`)
+	waitFor(t, 5*time.Second, "l2", func() bool { return hasNode(lookup(t, p, "later"), "l2") })
+
+	log := p.log.String()
+	for _, key := range []string{"junk/j1", "deep/a/b", "mismatch/m1", "two/t1", "arr/a1", "good/g1"} {
+		if n := strings.Count(log, "key="+prefix+key+" "); n != 1 {
+			t.Errorf("bad entry %s logged %d times; want once", key, n)
+		}
+	}
+	if strings.Contains(log, "registryX") {
+		t.Error("a key outside the prefix must not even be read")
+	}
+	if c, msg := healthOf(t, p); c != 200 {
+		t.Errorf("/health with bad data in the store: %d %s; want 200", c, msg)
+	}
+	var all []Service
+	_, body := do(t, "GET", p.url("/registry"), "", "")
+	json.Unmarshal([]byte(body), &all)
+	var names []string
+	for _, s := range all {
+		names = append(names, s.Name)
+	}
+	sort.Strings(names)
+	if strings.Join(names, ",") != "app,later" {
+		t.Errorf("services listed: %v; want app,later", names)
+	}
+}
+
+// TestEtcdClusterMemberDown: a three-member cluster keeps serving the
+// sidecars while one member is down (first one, then another after the
+// first returns), whichever member each sidecar was using.
+func TestEtcdClusterMemberDown(t *testing.T) {
+	ms := newEtcdCluster(t, 3)
+	startAll(ms)
+	common := []string{"--register_ttl=3s", "--register_interval=500ms"}
+	a := startSidecar(t, append(etcdSidecarArgs(clientURLs(ms[0], ms[1], ms[2]), "--server_name=alpha", "--server_address=127.0.0.1:9001"), common...)...)
+	b := startSidecar(t, append(etcdSidecarArgs(clientURLs(ms[1], ms[2], ms[0]), "--server_name=beta", "--server_address=127.0.0.1:9002"), common...)...)
+	ida, idb := appID(t, a), appID(t, b)
+	seeBoth := func(what string) {
+		t.Helper()
+		for _, p := range []*proc{a, b} {
+			waitFor(t, 10*time.Second, fmt.Sprintf("%s: %s to see alpha and beta", what, p.addr), func() bool {
+				return hasNode(lookup(t, p, "alpha"), ida) && hasNode(lookup(t, p, "beta"), idb)
+			})
+		}
+	}
+	seeBoth("start")
+
+	for round, down := range []int{0, 1} {
+		ms[down].stop(syscall.SIGKILL)
+		// Registrations made now travel through the remaining members.
+		name := fmt.Sprintf("during%d", round)
+		registerNode(t, b, "", name, name+"-b", 7000+round)
+		registerNode(t, a, "", name, name+"-a", 7100+round)
+		for _, p := range []*proc{a, b} {
+			waitFor(t, 10*time.Second, p.addr+" to see "+name+" with member "+ms[down].name+" down", func() bool {
+				s := lookup(t, p, name)
+				return hasNode(s, name+"-a") && hasNode(s, name+"-b")
+			})
+			waitSidecarHealthy(t, p, 10*time.Second)
+		}
+		// Two TTLs later the apps are still kept alive through the others.
+		deadline := time.Now().Add(6 * time.Second)
+		waitFor(t, 10*time.Second, "two TTLs to pass", func() bool { return time.Now().After(deadline) })
+		seeBoth(fmt.Sprintf("%s down for two TTLs", ms[down].name))
+
+		ms[down].start("existing")
+		ms[down].waitHealthy()
+		seeBoth(ms[down].name + " back")
+	}
+	// With all members back, a sidecar using only the returned member sees
+	// everything.
+	c := startSidecar(t, etcdSidecarArgs(ms[0].client)...)
+	waitFor(t, 10*time.Second, "a sidecar on the returned member to see all", func() bool {
+		return hasNode(lookup(t, c, "alpha"), ida) && hasNode(lookup(t, c, "during1"), "during1-a")
+	})
+}
+
+// TestEtcdRestart: etcd stopped entirely: the sidecars keep serving what
+// they knew and say so in /health; when it returns (with its data, then
+// wiped) they re-register and watch again.
+func TestEtcdRestart(t *testing.T) {
+	e := startEtcd(t)
+	common := []string{"--register_ttl=3s", "--register_interval=500ms"}
+	a := startSidecar(t, append(etcdSidecarArgs(e.client, "--server_name=alpha", "--server_address=127.0.0.1:9001"), common...)...)
+	b := startSidecar(t, append(etcdSidecarArgs(e.client, "--server_name=beta", "--server_address=127.0.0.1:9002"), common...)...)
+	ida, idb := appID(t, a), appID(t, b)
+	seeAll := func(what string, extra ...string) {
+		t.Helper()
+		for _, p := range []*proc{a, b} {
+			waitFor(t, 15*time.Second, what+": "+p.addr+" to see everything", func() bool {
+				if !hasNode(lookup(t, p, "alpha"), ida) || !hasNode(lookup(t, p, "beta"), idb) {
+					return false
+				}
+				for _, name := range extra {
+					if lookup(t, p, name) == nil {
+						return false
+					}
+				}
+				return true
+			})
+		}
+	}
+	seeAll("start")
+
+	for _, wipe := range []bool{false, true} {
+		what := "restart"
+		if wipe {
+			what = "restart with a wiped data dir"
+		}
+		e.stop(syscall.SIGTERM)
+		for _, p := range []*proc{a, b} {
+			waitFor(t, 10*time.Second, p.addr+" /health to report etcd down", func() bool {
+				c, msg := healthOf(t, p)
+				return c == 503 && strings.Contains(msg, "serving the last known registry")
+			})
+			if !hasNode(lookup(t, p, "alpha"), ida) || !hasNode(lookup(t, p, "beta"), idb) {
+				t.Fatalf("%s: the last known registry must still be served while etcd is down", p.addr)
+			}
+		}
+		if wipe {
+			if err := os.RemoveAll(e.dir); err != nil {
+				t.Fatal(err)
+			}
+			e.token += "-again"
+			e.start("new")
+		} else {
+			e.start("existing")
+		}
+		e.waitHealthy()
+		if wipe {
+			// Everything the sidecars own (both apps, and after-false posted
+			// to a without a ttl) is put again into the empty cluster.
+			want := strings.Join([]string{"/micro/registry/after-false/after-false-1", "/micro/registry/alpha/" + ida, "/micro/registry/beta/" + idb}, " ")
+			waitFor(t, 15*time.Second, "the sidecars to register again in the new cluster", func() bool { return strings.Join(e.keys(t, "/micro/registry/"), " ") == want })
+		}
+		name := "after-" + strconv.FormatBool(wipe)
+		registerNode(t, a, "", name, name+"-1", 7000)
+		seeAll(what, name)
+		for _, p := range []*proc{a, b} {
+			waitSidecarHealthy(t, p, 10*time.Second)
+		}
+	}
+	if !strings.Contains(a.log.String(), "reading the registry afresh") {
+		t.Error("a replaced cluster must be read afresh, not resumed by revision")
+	}
+}
+
+// TestEtcdAuth: with etcd's authentication on, a sidecar with the
+// password (from MICRO_REGISTRY_PASSWORD) registers and discovers; one
+// without says so in /health. The password never reaches the log.
+func TestEtcdAuth(t *testing.T) {
+	e := startEtcd(t)
+	const password = "s3cret-pa55"
+	for _, step := range []struct {
+		path string
+		req  any
+	}{
+		{"/v3/auth/user/add", map[string]string{"name": "root", "password": "rootpw"}},
+		{"/v3/auth/role/add", map[string]string{"name": "root"}},
+		{"/v3/auth/user/grant", map[string]string{"user": "root", "role": "root"}},
+		{"/v3/auth/user/add", map[string]string{"name": "micro", "password": password}},
+		{"/v3/auth/role/add", map[string]string{"name": "registry"}},
+		{"/v3/auth/role/grant", map[string]any{"name": "registry", "perm": map[string]string{
+			"permType": "READWRITE", "key": b64("/micro/registry/"), "range_end": base64.StdEncoding.EncodeToString(prefixEnd("/micro/registry/"))}}},
+		{"/v3/auth/user/grant", map[string]string{"user": "micro", "role": "registry"}},
+		{"/v3/auth/enable", map[string]string{}},
+	} {
+		if err := e.gw(step.path, step.req, nil); err != nil {
+			t.Fatalf("setting up auth: %v", err)
+		}
+	}
+	p := startSidecarEnv(t, []string{"MICRO_REGISTRY_PASSWORD=" + password},
+		etcdSidecarArgs(e.client, "--registry_username=micro", "--server_name=authed", "--server_address=127.0.0.1:9000")...)
+	q := startSidecarEnv(t, []string{"MICRO_REGISTRY_PASSWORD=" + password},
+		etcdSidecarArgs(e.client, "--registry_username=micro")...)
+	id := appID(t, p)
+	waitFor(t, 5*time.Second, "the authenticated sidecar's app on another", func() bool { return hasNode(lookup(t, q, "authed"), id) })
+	waitSidecarHealthy(t, p, 5*time.Second)
+
+	anon := startSidecar(t, etcdSidecarArgs(e.client)...)
+	if c, msg := healthOf(t, anon); c != 503 || !strings.Contains(msg, "etcd") {
+		t.Errorf("a sidecar without credentials: /health %d %q; want 503 naming etcd", c, msg)
+	}
+	wrong := startSidecarEnv(t, []string{"MICRO_REGISTRY_PASSWORD=wrong"}, etcdSidecarArgs(e.client, "--registry_username=micro")...)
+	if c, msg := healthOf(t, wrong); c != 503 || !strings.Contains(msg, "authenticating as \"micro\"") {
+		t.Errorf("a wrong password: /health %d %q; want 503 naming the failed authentication", c, msg)
+	}
+	for _, s := range []*proc{p, q, wrong} {
+		if strings.Contains(s.log.String(), password) {
+			t.Errorf("the password appears in %s's log", s.addr)
+		}
+	}
+}
+
+// TestEtcdFigures measures what the README reports. It runs only with
+// MICRO_ETCD_FIGURES=1 (it takes MICRO_ETCD_IDLE, default 60s, to count an
+// idle sidecar's requests).
+func TestEtcdFigures(t *testing.T) {
+	if os.Getenv("MICRO_ETCD_FIGURES") == "" {
+		t.Skip("set MICRO_ETCD_FIGURES=1 to measure the etcd registry's figures")
+	}
+	idle := time.Minute
+	if v := os.Getenv("MICRO_ETCD_IDLE"); v != "" {
+		d, err := time.ParseDuration(v)
+		if err != nil {
+			t.Fatal(err)
+		}
+		idle = d
+	}
+	e := startEtcd(t)
+
+	// Registration on one sidecar to visibility on another, observed on
+	// the other's watch stream.
+	a := startSidecar(t, etcdSidecarArgs(e.client)...)
+	b := startSidecar(t, etcdSidecarArgs(e.client)...)
+	ws, err := websocket.Dial("ws://"+b.addr+"/registry?watch=1", "", "http://"+b.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ws.Close()
+	var lat []time.Duration
+	for i := range 50 {
+		start := time.Now()
+		registerNode(t, a, "", fmt.Sprintf("fig%d", i), fmt.Sprintf("fig%d-1", i), 8000+i)
+		ws.SetReadDeadline(time.Now().Add(5 * time.Second))
+		var ev Event
+		if err := websocket.JSON.Receive(ws, &ev); err != nil || ev.Service.Name != fmt.Sprintf("fig%d", i) {
+			t.Fatalf("watch on b: %+v %v", ev, err)
+		}
+		lat = append(lat, time.Since(start))
+	}
+	sort.Slice(lat, func(i, j int) bool { return lat[i] < lat[j] })
+	t.Logf("FIGURE registration on A to visibility on B (POST to watch event, 50 runs): median %v, p90 %v, max %v",
+		lat[len(lat)/2].Round(10*time.Microsecond), lat[len(lat)*9/10].Round(10*time.Microsecond), lat[len(lat)-1].Round(10*time.Microsecond))
+
+	// SIGKILL to disappearance, for the default TTL and a short one.
+	for _, ttl := range []string{"30s", "5s"} {
+		k := startSidecar(t, etcdSidecarArgs(e.client, "--register_ttl="+ttl, "--server_name=victim"+ttl, "--server_address=127.0.0.1:9000")...)
+		id := appID(t, k)
+		waitFor(t, 5*time.Second, "victim visible", func() bool { return hasNode(lookup(t, b, "victim"+ttl), id) })
+		start := time.Now()
+		k.stop(syscall.SIGKILL)
+		waitFor(t, 60*time.Second, "victim gone", func() bool { return lookup(t, b, "victim"+ttl) == nil })
+		t.Logf("FIGURE SIGKILL to disappearance with --register_ttl=%s: %v", ttl, time.Since(start).Round(10*time.Millisecond))
+	}
+
+	// Idle cost: one sidecar with one app and defaults (TTL 30s, refresh
+	// every 10s), through a counting proxy.
+	g := newGatewayProxy(t, e.client)
+	s := startSidecar(t, etcdSidecarArgs(g.srv.URL, "--server_name=idle", "--server_address=127.0.0.1:9000")...)
+	appID(t, s)
+	waitSidecarHealthy(t, s, 5*time.Second)
+	before := g.snapshot()
+	start := time.Now()
+	deadline := start.Add(idle)
+	waitFor(t, idle+10*time.Second, "the idle period", func() bool { return time.Now().After(deadline) })
+	after := g.snapshot()
+	total := 0
+	var parts []string
+	for path, n := range after {
+		if d := n - before[path]; d > 0 {
+			total += d
+			parts = append(parts, fmt.Sprintf("%s=%d", path, d))
+		}
+	}
+	sort.Strings(parts)
+	perMin := float64(total) / time.Since(start).Minutes()
+	t.Logf("FIGURE idle sidecar with one app, defaults: %d requests in %v = %.1f requests/minute (%s); the watch is one long-lived request opened at start",
+		total, time.Since(start).Round(time.Second), perMin, strings.Join(parts, " "))
+}
+
+// testPKI writes a CA, a server certificate for 127.0.0.1 and a client
+// certificate, PEM, into dir.
+func testPKI(t *testing.T, dir string) (ca, serverCert, serverKey, clientCert, clientKey string) {
+	t.Helper()
+	caKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	caTmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "micro test CA"},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
+		IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign | x509.KeyUsageDigitalSignature,
+	}
+	caDER, err := x509.CreateCertificate(rand.Reader, caTmpl, caTmpl, &caKey.PublicKey, caKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	caCert, _ := x509.ParseCertificate(caDER)
+	write := func(name, typ string, der []byte) string {
+		path := filepath.Join(dir, name)
+		if err := os.WriteFile(path, pem.EncodeToMemory(&pem.Block{Type: typ, Bytes: der}), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		return path
+	}
+	leaf := func(serial int64, cn string, usage ...x509.ExtKeyUsage) (string, string) {
+		key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+		if err != nil {
+			t.Fatal(err)
+		}
+		tmpl := &x509.Certificate{
+			SerialNumber: big.NewInt(serial), Subject: pkix.Name{CommonName: cn},
+			NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
+			KeyUsage: x509.KeyUsageDigitalSignature, ExtKeyUsage: usage,
+			IPAddresses: []net.IP{net.ParseIP("127.0.0.1")},
+		}
+		der, err := x509.CreateCertificate(rand.Reader, tmpl, caCert, &key.PublicKey, caKey)
+		if err != nil {
+			t.Fatal(err)
+		}
+		kder, err := x509.MarshalECPrivateKey(key)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return write(cn+".pem", "CERTIFICATE", der), write(cn+"-key.pem", "EC PRIVATE KEY", kder)
+	}
+	ca = write("ca.pem", "CERTIFICATE", caDER)
+	// etcd's gateway dials etcd's own gRPC server with the server
+	// certificate, so under --client-cert-auth it must be good for client
+	// authentication too.
+	serverCert, serverKey = leaf(2, "server", x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth)
+	clientCert, clientKey = leaf(3, "client", x509.ExtKeyUsageClientAuth)
+	return
+}
+
+// TestEtcdTLS: etcd serving https and wanting client certificates; a
+// sidecar with --registry_tls_* registers and discovers, one without the
+// client certificate says so in /health.
+func TestEtcdTLS(t *testing.T) {
+	etcdBin(t)
+	ca, sc, sk, cc, ck := testPKI(t, t.TempDir())
+	m := newEtcdCluster(t, 1, "--cert-file", sc, "--key-file", sk, "--trusted-ca-file", ca, "--client-cert-auth")[0]
+	tlsCfg, err := etcdTLSConfig(ca, cc, ck)
+	if err != nil {
+		t.Fatal(err)
+	}
+	m.hc = &http.Client{Transport: &http.Transport{TLSClientConfig: tlsCfg}}
+	m.start("new")
+	m.waitHealthy()
+
+	args := etcdSidecarArgs(m.client, "--registry_tls_ca="+ca, "--registry_tls_cert="+cc, "--registry_tls_key="+ck)
+	p := startSidecar(t, append(args, "--server_name=secure", "--server_address=127.0.0.1:9000")...)
+	q := startSidecar(t, args...)
+	id := appID(t, p)
+	waitFor(t, 5*time.Second, "the app over TLS on another sidecar", func() bool { return hasNode(lookup(t, q, "secure"), id) })
+	waitSidecarHealthy(t, q, 5*time.Second)
+	if got := m.keys(t, "/micro/registry/"); len(got) != 1 {
+		t.Errorf("keys over TLS: %v; want the app's", got)
+	}
+
+	nocert := startSidecar(t, etcdSidecarArgs(m.client, "--registry_tls_ca="+ca)...)
+	if c, msg := healthOf(t, nocert); c != 503 || !strings.Contains(msg, "etcd") {
+		t.Errorf("without a client certificate: /health %d %q; want 503 naming etcd", c, msg)
+	}
+	if code, out := run(t, "sidecar", "--registry=etcd", "--registry_address=http://127.0.0.1:2379", "--registry_tls_ca="+ca); code != 2 || !strings.Contains(out, "use https:// etcd URLs") {
+		t.Errorf("TLS flags with http:// URLs: exit %d, %q; want 2 naming the fix", code, out)
+	}
+}

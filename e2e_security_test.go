@@ -1,0 +1,277 @@
+package main
+
+// End-to-end tests of what protects a sidecar: the token, the origin policy,
+// TLS, and what it tells operators (metrics, logs).
+
+import (
+	"bufio"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/json"
+	"encoding/pem"
+	"math/big"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"golang.org/x/net/websocket"
+)
+
+func request(t *testing.T, method, url string, headers map[string]string, body string) *http.Response {
+	t.Helper()
+	req, err := http.NewRequest(method, url, strings.NewReader(body))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for k, v := range headers {
+		req.Header.Set(k, v)
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatalf("%s %s: %v", method, url, err)
+	}
+	resp.Body.Close()
+	return resp
+}
+
+func TestAuthToken(t *testing.T) {
+	const token = "s3cret-token-value"
+	p := startSidecarEnv(t, []string{"MICRO_AUTH_TOKEN=" + token}, "--registry=memory", "--server_name=foo", "--server_address=127.0.0.1:9090")
+	for _, tc := range []struct {
+		path, auth string
+		code       int
+	}{
+		{"/registry", "", 401},
+		{"/registry", "Bearer wrong", 401},
+		{"/registry", "Basic " + token, 401},
+		{"/registry", "Bearer " + token, 200},
+		{"/registry?service=foo", "bearer " + token, 200},
+		{"/metrics", "", 401},
+		{"/health", "", 200},
+	} {
+		resp := request(t, "GET", p.url(tc.path), map[string]string{"Authorization": tc.auth}, "")
+		if resp.StatusCode != tc.code {
+			t.Errorf("GET %s with %q: got %d; want %d", tc.path, tc.auth, resp.StatusCode, tc.code)
+		}
+		if tc.code == 401 && resp.Header.Get("WWW-Authenticate") == "" {
+			t.Errorf("401 without WWW-Authenticate")
+		}
+	}
+	code, body := do(t, "GET", p.url("/registry"), "", "")
+	var e errorBody
+	if json.Unmarshal([]byte(body), &e); code != 401 || e.Code != 401 || !strings.Contains(e.Detail, "Bearer") {
+		t.Errorf("401 body: %s; want the error shape saying how to authenticate", body)
+	}
+	if _, err := websocket.Dial("ws://"+p.addr+"/registry?watch=1", "", "http://"+p.addr); err == nil {
+		t.Error("a WebSocket without the token was accepted")
+	}
+	ws, err := websocket.Dial("ws://"+p.addr+"/registry?watch=1&access_token="+token, "", "http://"+p.addr)
+	if err != nil {
+		t.Fatalf("WebSocket with ?access_token: %v", err)
+	}
+	ws.Close()
+	if strings.Contains(p.log.String(), token) {
+		t.Errorf("the token appears in the log:\n%s", p.log.String())
+	}
+}
+
+func TestOriginPolicy(t *testing.T) {
+	p := startSidecar(t, "--registry=memory", "--cors_allowed_origins=http://app.example")
+	svc := `{"name":"csrf","nodes":[{"id":"c1","address":"127.0.0.1","port":1}]}`
+
+	// A page on another site posts a simple (no preflight) request.
+	resp := request(t, "POST", p.url("/registry"), map[string]string{"Origin": "http://evil.example", "Content-Type": "text/plain"}, svc)
+	if resp.StatusCode != 403 {
+		t.Errorf("cross-site POST: got %d; want 403", resp.StatusCode)
+	}
+	resp = request(t, "DELETE", p.url("/registry"), map[string]string{"Origin": "null"}, svc)
+	if resp.StatusCode != 403 {
+		t.Errorf("DELETE from an opaque origin: got %d; want 403", resp.StatusCode)
+	}
+	if lookup(t, p, "csrf") != nil {
+		t.Fatal("a refused cross-site request changed the registry")
+	}
+	// ... or opens a WebSocket.
+	if _, err := websocket.Dial("ws://"+p.addr+"/registry?watch=1", "", "http://evil.example"); err == nil {
+		t.Error("cross-site WebSocket upgrade accepted")
+	}
+	// Reads carry no CORS header for other origins, so the page cannot read them.
+	resp = request(t, "GET", p.url("/registry"), map[string]string{"Origin": "http://evil.example"}, "")
+	if resp.Header.Get("Access-Control-Allow-Origin") != "" {
+		t.Error("a read answered a foreign origin with CORS headers")
+	}
+
+	// The allowed origin may do all of it, preflight included.
+	resp = request(t, "OPTIONS", p.url("/registry"), map[string]string{"Origin": "http://app.example", "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type"}, "")
+	if resp.StatusCode != 204 || resp.Header.Get("Access-Control-Allow-Origin") != "http://app.example" || !strings.Contains(resp.Header.Get("Access-Control-Allow-Methods"), "POST") || resp.Header.Get("Access-Control-Allow-Headers") != "content-type" {
+		t.Errorf("preflight: %d %v", resp.StatusCode, resp.Header)
+	}
+	resp = request(t, "POST", p.url("/registry"), map[string]string{"Origin": "http://app.example"}, svc)
+	if resp.StatusCode != 200 || resp.Header.Get("Access-Control-Allow-Origin") != "http://app.example" {
+		t.Errorf("allowed origin POST: %d %v", resp.StatusCode, resp.Header)
+	}
+	ws, err := websocket.Dial("ws://"+p.addr+"/registry?watch=1", "", "http://app.example")
+	if err != nil {
+		t.Errorf("allowed origin WebSocket: %v", err)
+	} else {
+		ws.Close()
+	}
+	// The sidecar's own origin is always allowed.
+	resp = request(t, "POST", p.url("/registry"), map[string]string{"Origin": "http://" + p.addr}, svc)
+	if resp.StatusCode != 200 {
+		t.Errorf("own origin POST: got %d; want 200", resp.StatusCode)
+	}
+}
+
+// selfSigned writes a certificate and key for 127.0.0.1 and returns their
+// paths and a pool that trusts the certificate.
+func selfSigned(t *testing.T) (certFile, keyFile string, pool *x509.CertPool) {
+	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(1),
+		Subject:      pkix.Name{CommonName: "micro test"},
+		NotBefore:    time.Now().Add(-time.Hour),
+		NotAfter:     time.Now().Add(time.Hour),
+		IPAddresses:  []net.IP{net.ParseIP("127.0.0.1")},
+		KeyUsage:     x509.KeyUsageDigitalSignature,
+		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	keyDER, err := x509.MarshalPKCS8PrivateKey(key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	certFile, keyFile = filepath.Join(dir, "cert.pem"), filepath.Join(dir, "key.pem")
+	os.WriteFile(certFile, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o600)
+	os.WriteFile(keyFile, pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: keyDER}), 0o600)
+	cert, _ := x509.ParseCertificate(der)
+	pool = x509.NewCertPool()
+	pool.AddCert(cert)
+	return certFile, keyFile, pool
+}
+
+func TestTLS(t *testing.T) {
+	certFile, keyFile, pool := selfSigned(t)
+	p := startSidecar(t, "--registry=memory", "--tls_cert_file="+certFile, "--tls_key_file="+keyFile, "--server_name=foo", "--server_address=127.0.0.1:9090")
+	client := &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}}}
+	resp, err := client.Get("https://" + p.addr + "/registry?service=foo")
+	if err != nil {
+		t.Fatalf("HTTPS lookup: %v", err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != 200 || resp.TLS == nil {
+		t.Errorf("HTTPS lookup: %d, TLS %v", resp.StatusCode, resp.TLS != nil)
+	}
+	if resp, err := http.Get("http://" + p.addr + "/registry"); err == nil && resp.StatusCode < 400 {
+		t.Errorf("plain HTTP to a TLS sidecar succeeded: %d", resp.StatusCode)
+	}
+	code, out := run(t, "sidecar", "--tls_cert_file="+certFile)
+	if code != 2 || !strings.Contains(out, "go together") {
+		t.Errorf("cert without key: exit %d %q", code, out)
+	}
+	code, out = run(t, "sidecar", "--tls_cert_file="+keyFile, "--tls_key_file="+keyFile)
+	if code != 2 || !strings.Contains(out, "--tls_cert_file") {
+		t.Errorf("a key given as certificate: exit %d %q", code, out)
+	}
+}
+
+// TestMetricsParse checks /metrics with Prometheus' own parser (promtool,
+// from Debian's prometheus package).
+func TestMetricsParse(t *testing.T) {
+	promtool, err := exec.LookPath("promtool")
+	if err != nil {
+		t.Skip("promtool not installed (apt-get install prometheus); skipping the parser check")
+	}
+	p := startSidecar(t, "--registry=memory", "--server_name=foo", "--server_address=127.0.0.1:9090")
+	lookup(t, p, "foo")
+	lookup(t, p, "nope")
+	code, body := do(t, "GET", p.url("/metrics"), "", "")
+	if code != 200 {
+		t.Fatalf("/metrics: %d", code)
+	}
+	for _, want := range []string{
+		`micro_http_requests_total{route="/registry",code="200"} 1`,
+		`micro_http_requests_total{route="/registry",code="404"} 1`,
+		`micro_registry_nodes 1`,
+		`micro_app_healthy{service="foo"} 1`,
+	} {
+		if !strings.Contains(body, want) {
+			t.Errorf("/metrics lacks %q:\n%s", want, body)
+		}
+	}
+	cmd := exec.Command(promtool, "check", "metrics")
+	cmd.Stdin = strings.NewReader(body)
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Errorf("promtool check metrics: %v\n%s", err, out)
+	}
+}
+
+func TestJSONLogs(t *testing.T) {
+	p := startSidecar(t, "--registry=memory", "--log_format=json", "--server_name=foo", "--server_address=127.0.0.1:9090")
+	appID(t, p)
+	sc := bufio.NewScanner(strings.NewReader(p.log.String()))
+	n := 0
+	for sc.Scan() {
+		var line map[string]any
+		if err := json.Unmarshal(sc.Bytes(), &line); err != nil || line["msg"] == nil || line["level"] == nil {
+			t.Errorf("not a JSON log line: %s", sc.Text())
+		}
+		n++
+	}
+	if n < 2 {
+		t.Errorf("want at least the listening and registering lines, got %d", n)
+	}
+}
+
+// TestInFlightLimit holds the only slot with a request whose body is still
+// coming, and checks the next request is refused at once, not queued.
+func TestInFlightLimit(t *testing.T) {
+	p := startSidecar(t, "--registry=memory", "--max_inflight=1")
+	c, err := net.Dial("tcp", p.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	body := `{"name":"slow","nodes":[{"id":"s1","address":"127.0.0.1","port":1}]}`
+	head := "POST /registry HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"
+	if _, err := c.Write([]byte(strings.Replace(head, "%d", itoa(int64(len(body))), 1) + body[:10])); err != nil {
+		t.Fatal(err)
+	}
+	var code int
+	var detail string
+	waitFor(t, 5*time.Second, "the second request to be refused", func() bool {
+		code, detail = do(t, "GET", p.url("/registry"), "", "")
+		return code == 503
+	})
+	if !strings.Contains(detail, "--max_inflight") {
+		t.Errorf("refusal detail: %s", detail)
+	}
+	if code, _ := do(t, "GET", p.url("/health"), "", ""); code != 200 {
+		t.Errorf("/health must stay reachable at the limit: %d", code)
+	}
+	c.Write([]byte(body[10:]))
+	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+	if err != nil || resp.StatusCode != 200 {
+		t.Fatalf("the slow request: %v %v", resp, err)
+	}
+	if code, _ := do(t, "GET", p.url("/registry"), "", ""); code != 200 {
+		t.Errorf("after the slot frees: %d; want 200", code)
+	}
+}

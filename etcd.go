@@ -1,0 +1,840 @@
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/http"
+	"sort"
+	"strings"
+	"sync"
+	"time"
+)
+
+// The etcd registry keeps one key per node of a service version:
+//
+//	<prefix><service>/<node id>  ->  the service JSON with that one node
+//
+// Names and ids never hold '/' (validName), so the layout is unambiguous;
+// service names may hold ':' (the broker's topic:NAME). Each key is attached
+// to its own lease, granted with the registration's TTL: a registration
+// refreshed in time keeps its lease alive (POST /v3/lease/keepalive), one
+// that is not refreshed vanishes with its lease, and a sidecar that dies
+// takes its nodes with it within one TTL. One lease per key, not one per
+// TTL, because a registration posted with ?ttl= must expire on its own when
+// its poster stops refreshing it, even if the sidecar lives on.
+//
+// The table is filled by a range read of the prefix and kept current by a
+// watch from the revision after it; a broken watch resumes from the last
+// revision seen, and a compacted revision, a restored or replaced cluster
+// means a fresh range read. Lookups read the table only.
+
+// Defaults and bounds of the etcd registry.
+const (
+	defaultEtcdPrefix = "/micro/registry/"
+	// etcdRangePage is how many keys one range request reads.
+	etcdRangePage = 500
+	// maxEtcdValue bounds a value the registry will parse; a service
+	// record with the largest metadata allowed is well below it.
+	maxEtcdValue = 256 << 10
+	// maxWatchMessage bounds one line of the watch stream.
+	maxWatchMessage = 32 << 20
+	// maxBadKeys bounds the set of bad keys remembered so that each is
+	// logged once; past it, further bad keys are counted and not logged.
+	maxBadKeys = 1024
+	// Backoff between attempts to reach etcd while none answers.
+	etcdMinBackoff = 100 * time.Millisecond
+	etcdMaxBackoff = 2 * time.Second
+)
+
+// etcdConfig is what the etcd backend needs, built in main from flags.
+type etcdConfig struct {
+	Endpoints      []string // http(s)://host:port, tried in this order
+	Prefix         string   // ends in '/'; default defaultEtcdPrefix
+	CAFile         string   // PEM CA bundle; default the system's
+	CertFile       string   // client certificate, PEM
+	KeyFile        string   // its key, PEM
+	Username       string   // etcd user; empty: no authentication
+	Password       string   // never logged
+	RequestTimeout time.Duration
+	// SyncWait is how long start-up waits for the first full read, so that
+	// the sidecar's first answers are complete; it starts anyway after it.
+	SyncWait time.Duration
+}
+
+// etcdReg is a key this sidecar put, with the lease that holds it.
+type etcdReg struct {
+	lease int64
+	ttl   time.Duration
+	value []byte
+	rev   int64 // revision of the put
+}
+
+// etcdBackend is the registry over etcd.
+type etcdBackend struct {
+	prefix string
+	c      *etcdClient
+	t      *table
+	log    *slog.Logger
+
+	// opMu serialises register and deregister, so that the lease
+	// bookkeeping of a key is never raced by two registrations of it.
+	opMu sync.Mutex
+
+	mu          sync.Mutex         // guards the fields below
+	regs        map[string]etcdReg // by etcd key; bounded by the table's node limit
+	watchErr    error              // why the watch is not running; nil when it is
+	reqErr      error              // the last call's failure to reach etcd; nil after a success
+	down        bool               // logged as unreachable; cleared when synchronised again
+	clusterID   string             // of the cluster last synchronised with
+	watchEP     int                // endpoint the watch runs on, -1: none
+	watchCancel context.CancelFunc // stops the current watch stream
+	bad         map[string]string  // bad keys already logged, with the reason
+	badMore     bool               // more than maxBadKeys: logged once
+
+	synced chan struct{} // closed after the first full read
+	stop   context.CancelFunc
+	wg     sync.WaitGroup
+	once   sync.Once
+}
+
+// newEtcdBackend starts the backend: it waits up to cfg.SyncWait for the
+// first read of the registry, then keeps it current in the background.
+// etcd being unreachable at start is not an error: the sidecar serves an
+// empty registry, says so in /health, and catches up when etcd answers.
+func newEtcdBackend(ctx context.Context, cfg etcdConfig, t *table, log *slog.Logger) (*etcdBackend, error) {
+	tlsCfg, err := etcdTLSConfig(cfg.CAFile, cfg.CertFile, cfg.KeyFile)
+	if err != nil {
+		return nil, err
+	}
+	if cfg.Prefix == "" {
+		cfg.Prefix = defaultEtcdPrefix
+	}
+	b := &etcdBackend{
+		prefix:   cfg.Prefix,
+		c:        newEtcdClient(cfg.Endpoints, tlsCfg, cfg.Username, cfg.Password, cfg.RequestTimeout),
+		t:        t,
+		log:      log,
+		regs:     map[string]etcdReg{},
+		watchEP:  -1,
+		bad:      map[string]string{},
+		synced:   make(chan struct{}),
+		watchErr: errors.New("etcd registry: not synchronised yet"),
+	}
+	b.c.onFail = b.endpointFailed
+	ctx, b.stop = context.WithCancel(ctx)
+	b.wg.Add(1)
+	go b.run(ctx)
+	if cfg.SyncWait > 0 {
+		select {
+		case <-b.synced:
+		case <-time.After(cfg.SyncWait):
+			log.Warn("etcd registry: not synchronised yet; starting with an empty registry and retrying in the background",
+				"endpoints", strings.Join(cfg.Endpoints, ","), "error", trimErr(b.status()))
+		}
+	}
+	return b, nil
+}
+
+// etcdKey is the key of one record.
+func etcdKey(prefix string, r record) string { return prefix + r.Service + "/" + r.Node.ID }
+
+// parseEtcdKey splits a key of the layout into service name and node id.
+func parseEtcdKey(prefix, key string) (service, id string, ok bool) {
+	rest, ok := strings.CutPrefix(key, prefix)
+	if !ok {
+		return "", "", false
+	}
+	service, id, ok = strings.Cut(rest, "/")
+	if !ok || service == "" || id == "" || len(service) > maxNameLen || len(id) > maxIDLen || !validName(service) || !validName(id) {
+		return "", "", false
+	}
+	return service, id, true
+}
+
+// etcdValue is the value stored for r: the service JSON with one node.
+func etcdValue(r record) ([]byte, error) {
+	return json.Marshal(Service{Name: r.Service, Version: r.Version, Metadata: r.Metadata, Nodes: []Node{r.Node}})
+}
+
+// parseEtcdEntry turns one key and value of the store into a record, or
+// says why it is not one of ours.
+func parseEtcdEntry(prefix string, key, value []byte) (record, error) {
+	svc, id, ok := parseEtcdKey(prefix, string(key))
+	if !ok {
+		return record{}, fmt.Errorf("key is outside the layout %s<service>/<node id>", prefix)
+	}
+	if len(value) > maxEtcdValue {
+		return record{}, fmt.Errorf("value larger than %d bytes", maxEtcdValue)
+	}
+	s, err := decodeService(value)
+	if err != nil {
+		return record{}, fmt.Errorf("value is not a service record: %w", err)
+	}
+	if len(s.Nodes) != 1 {
+		return record{}, fmt.Errorf("value holds %d nodes; want exactly one", len(s.Nodes))
+	}
+	if s.Name != svc || s.Nodes[0].ID != id {
+		return record{}, fmt.Errorf("value is service %q node %q but the key says %q node %q", truncate(s.Name, 64), truncate(s.Nodes[0].ID, 64), svc, id)
+	}
+	return recordsOf(s, time.Time{})[0], nil
+}
+
+// prefixEnd is the range_end that makes a range cover every key starting
+// with prefix: the prefix with its last byte incremented (etcd's
+// clientv3.GetPrefixRangeEnd).
+func prefixEnd(prefix string) []byte {
+	end := []byte(prefix)
+	for i := len(end) - 1; i >= 0; i-- {
+		if end[i] < 0xff {
+			end[i]++
+			return end[:i+1]
+		}
+	}
+	return []byte{0} // every key
+}
+
+// etcdChange is the net effect of a batch of watch events on the table.
+type etcdChange struct {
+	upserts []record
+	removes []record          // service and node id only: what the table's remove needs
+	bad     map[string]string // etcd key -> reason, for entries skipped
+	good    []string          // etcd keys that are now fine (or gone)
+	deleted map[string]int64  // etcd key -> revision of its deletion
+	lastRev int64             // highest mod_revision seen
+}
+
+// watchChanges folds a batch of watch events, in order, into the change to
+// apply. A key's last event wins; a bad value removes the key's earlier
+// record, since the store no longer holds it.
+func watchChanges(prefix string, events []etcdEvent) etcdChange {
+	ch := etcdChange{bad: map[string]string{}, deleted: map[string]int64{}}
+	type final struct {
+		rec     record // the record, or just its service and node id when absent
+		present bool
+	}
+	last := map[string]final{} // by table key
+	var order []string
+	set := func(k string, f final) {
+		if _, ok := last[k]; !ok {
+			order = append(order, k)
+		}
+		last[k] = f
+	}
+	for _, ev := range events {
+		key := string(ev.KV.Key)
+		if int64(ev.KV.ModRevision) > ch.lastRev {
+			ch.lastRev = int64(ev.KV.ModRevision)
+		}
+		svc, id, inLayout := parseEtcdKey(prefix, key)
+		gone := record{Service: svc, Node: Node{ID: id}}
+		tkey := gone.key()
+		if ev.Type == "DELETE" {
+			ch.deleted[key] = int64(ev.KV.ModRevision)
+			delete(ch.bad, key)
+			ch.good = append(ch.good, key)
+			if inLayout {
+				set(tkey, final{rec: gone})
+			}
+			continue
+		}
+		r, err := parseEtcdEntry(prefix, ev.KV.Key, ev.KV.Value)
+		if err != nil {
+			ch.bad[key] = err.Error()
+			if inLayout {
+				set(tkey, final{rec: gone})
+			}
+			continue
+		}
+		delete(ch.bad, key)
+		ch.good = append(ch.good, key)
+		set(r.key(), final{rec: r, present: true})
+	}
+	for _, k := range order {
+		if f := last[k]; f.present {
+			ch.upserts = append(ch.upserts, f.rec)
+		} else {
+			ch.removes = append(ch.removes, f.rec)
+		}
+	}
+	return ch
+}
+
+// parseWatchMessage decodes one line of the watch stream.
+func parseWatchMessage(line []byte) (etcdWatchMessage, error) {
+	var m etcdWatchMessage
+	if err := json.Unmarshal(line, &m); err != nil {
+		return etcdWatchMessage{}, fmt.Errorf("etcd watch: bad message %s: %w", truncate(string(line), 100), err)
+	}
+	if m.Result == nil && m.Error == nil {
+		return etcdWatchMessage{}, fmt.Errorf("etcd watch: message with neither result nor error: %s", truncate(string(line), 100))
+	}
+	return m, nil
+}
+
+func (b *etcdBackend) register(s Service, ttl time.Duration) error {
+	b.opMu.Lock()
+	defer b.opMu.Unlock()
+	recs := recordsOf(s, time.Time{})
+	var added []string
+	for _, r := range recs {
+		key := etcdKey(b.prefix, r)
+		value, err := etcdValue(r)
+		if err != nil {
+			return err
+		}
+		b.mu.Lock()
+		_, had := b.regs[key]
+		b.mu.Unlock()
+		if err := b.registerOne(key, value, ttl); err != nil {
+			return b.noteReq(err)
+		}
+		if !had {
+			added = append(added, key)
+		}
+	}
+	b.noteReq(nil)
+	if err := b.t.upsert(recs...); err != nil {
+		// Over the node limit: take back what this call added.
+		for _, key := range added {
+			b.unregisterOne(key)
+		}
+		return err
+	}
+	return nil
+}
+
+// registerOne puts key with value on a lease of ttl: it keeps the key's
+// lease alive when it has one of that TTL, and grants a new one when the
+// lease is gone (it expired, or etcd lost it) or the TTL changed.
+func (b *etcdBackend) registerOne(key string, value []byte, ttl time.Duration) error {
+	ctx := context.Background() // not the lifecycle context: shutdown deregisters after it ends
+	b.mu.Lock()
+	cur, ok := b.regs[key]
+	b.mu.Unlock()
+	if ok && cur.ttl == ttl {
+		alive, err := b.keepAlive(ctx, cur.lease)
+		if err != nil {
+			return err
+		}
+		if alive && bytes.Equal(cur.value, value) {
+			return nil
+		}
+		if alive {
+			rev, err := b.put(ctx, key, value, cur.lease)
+			if err != nil {
+				return err
+			}
+			b.remember(key, etcdReg{lease: cur.lease, ttl: ttl, value: value, rev: rev})
+			return nil
+		}
+	}
+	var grant etcdLeaseGrant
+	if err := b.c.call(ctx, "/v3/lease/grant", etcdLeaseGrant{TTL: int64s(ttlSeconds(ttl))}, &grant); err != nil {
+		return fmt.Errorf("etcd lease grant: %w", err)
+	}
+	rev, err := b.put(ctx, key, value, int64(grant.ID))
+	if err != nil {
+		b.revoke(ctx, int64(grant.ID))
+		return err
+	}
+	b.remember(key, etcdReg{lease: int64(grant.ID), ttl: ttl, value: value, rev: rev})
+	if ok && cur.lease != int64(grant.ID) {
+		b.revoke(ctx, cur.lease) // the TTL changed; the old lease holds nothing now
+	}
+	return nil
+}
+
+// ttlSeconds rounds a TTL up to whole seconds, etcd's unit. etcd raises a
+// TTL below its minimum (about 1.5 election timeouts) to that minimum.
+func ttlSeconds(ttl time.Duration) int64 {
+	s := int64((ttl + time.Second - 1) / time.Second)
+	if s < 1 {
+		s = 1
+	}
+	return s
+}
+
+func (b *etcdBackend) remember(key string, r etcdReg) {
+	b.mu.Lock()
+	b.regs[key] = r
+	b.mu.Unlock()
+}
+
+func (b *etcdBackend) put(ctx context.Context, key string, value []byte, lease int64) (int64, error) {
+	var resp etcdHeaderOnly
+	if err := b.c.call(ctx, "/v3/kv/put", etcdPutRequest{Key: []byte(key), Value: value, Lease: int64s(lease)}, &resp); err != nil {
+		return 0, fmt.Errorf("etcd put %s: %w", key, err)
+	}
+	return int64(resp.Header.Revision), nil
+}
+
+// keepAlive refreshes a lease and reports whether it still exists.
+func (b *etcdBackend) keepAlive(ctx context.Context, lease int64) (bool, error) {
+	var resp etcdKeepAliveResponse
+	if err := b.c.call(ctx, "/v3/lease/keepalive", etcdLeaseID{ID: int64s(lease)}, &resp); err != nil {
+		return false, fmt.Errorf("etcd lease keepalive: %w", err)
+	}
+	if resp.Error != nil {
+		return false, fmt.Errorf("etcd lease keepalive: %w", resp.Error.err())
+	}
+	return resp.Result != nil && resp.Result.TTL > 0, nil
+}
+
+// revoke drops a lease and the keys attached to it; a lease already gone
+// is not an error.
+func (b *etcdBackend) revoke(ctx context.Context, lease int64) error {
+	err := b.c.call(ctx, "/v3/lease/revoke", etcdLeaseID{ID: int64s(lease)}, nil)
+	var ee *etcdError
+	if errors.As(err, &ee) && ee.Code == grpcNotFound {
+		return nil
+	}
+	return err
+}
+
+func (b *etcdBackend) deregister(s Service) error {
+	b.opMu.Lock()
+	defer b.opMu.Unlock()
+	var errs []error
+	for _, r := range recordsOf(s, time.Time{}) {
+		if err := b.unregisterOne(etcdKey(b.prefix, r)); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	// The local table follows at once even when etcd is unreachable: the
+	// node is going, and its lease will run out in etcd.
+	b.t.remove(recordsOf(s, time.Time{})...)
+	return b.noteReq(errors.Join(errs...))
+}
+
+// unregisterOne deletes key: by revoking its lease when this sidecar put
+// it (which deletes it too), else by deleting it.
+func (b *etcdBackend) unregisterOne(key string) error {
+	ctx := context.Background()
+	b.mu.Lock()
+	cur, ok := b.regs[key]
+	delete(b.regs, key)
+	b.mu.Unlock()
+	if ok {
+		// Revoking the lease deletes the key with it: one request.
+		if err := b.revoke(ctx, cur.lease); err != nil {
+			return fmt.Errorf("etcd lease revoke: %w", err)
+		}
+		return nil
+	}
+	if err := b.c.call(ctx, "/v3/kv/deleterange", etcdDeleteRequest{Key: []byte(key)}, nil); err != nil {
+		return fmt.Errorf("etcd delete %s: %w", key, err)
+	}
+	return nil
+}
+
+// status is nil while the watch runs and etcd answers; otherwise it says
+// that the registry served is the last one known.
+func (b *etcdBackend) status() error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.watchErr != nil {
+		return fmt.Errorf("etcd registry not synchronised, serving the last known registry: %w", b.watchErr)
+	}
+	if b.reqErr != nil {
+		return fmt.Errorf("etcd registry not synchronised, serving the last known registry: %w", b.reqErr)
+	}
+	return nil
+}
+
+// noteReq records whether a call reached etcd, for status, and returns err.
+func (b *etcdBackend) noteReq(err error) error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	switch {
+	case err == nil:
+		b.reqErr = nil
+	case errors.Is(err, errEtcdUnavailable):
+		b.reqErr = err
+	}
+	return err
+}
+
+// close stops the watch. Owned registrations were deregistered (their
+// leases revoked) before it; registrations posted with ?ttl= are left to
+// run out, as with the file registry.
+func (b *etcdBackend) close() error {
+	b.once.Do(func() {
+		b.stop()
+		b.wg.Wait()
+		b.c.closeIdle()
+	})
+	return nil
+}
+
+// endpointFailed is told when a call failed on endpoint i: a watch on the
+// same endpoint is probably dead too, so it moves on at once.
+func (b *etcdBackend) endpointFailed(i int) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.watchEP == i && b.watchCancel != nil {
+		b.watchCancel()
+	}
+}
+
+// errResync asks the loop for a fresh range read.
+var errResync = errors.New("etcd watch: revision compacted or cluster replaced; reading the registry afresh")
+
+// run keeps the table current until ctx ends: a range read, then a watch
+// from the revision after it, resumed where it broke, with a fresh range
+// read when that is no longer possible.
+func (b *etcdBackend) run(ctx context.Context) {
+	defer b.wg.Done()
+	var rev int64 // last revision applied; 0: read everything
+	backoff := etcdMinBackoff
+	for ctx.Err() == nil {
+		if rev == 0 {
+			r, err := b.resync(ctx)
+			if err != nil {
+				b.watchDown(ctx, err)
+				if !wait(ctx, backoff) {
+					return
+				}
+				backoff = min(2*backoff, etcdMaxBackoff)
+				continue
+			}
+			rev = r
+		}
+		established, err := b.watch(ctx, &rev)
+		if ctx.Err() != nil {
+			return
+		}
+		if errors.Is(err, errResync) {
+			b.log.Info("etcd registry: reading the registry afresh", "reason", err)
+			rev = 0
+			continue
+		}
+		if established {
+			// Resume at once, on another endpoint if need be; status turns
+			// to an error only if no endpoint takes the watch.
+			b.log.Info("etcd registry: watch broke; resuming", "revision", rev, "error", err)
+			backoff = etcdMinBackoff
+			continue
+		}
+		b.watchDown(ctx, err)
+		if !wait(ctx, backoff) {
+			return
+		}
+		backoff = min(2*backoff, etcdMaxBackoff)
+	}
+}
+
+// wait waits d or until ctx ends, and reports whether to go on.
+func wait(ctx context.Context, d time.Duration) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return false
+	case <-t.C:
+		return true
+	}
+}
+
+// watchDown records that the watch is not running, logging the change of
+// state once.
+func (b *etcdBackend) watchDown(ctx context.Context, err error) {
+	if ctx.Err() != nil || err == nil {
+		return
+	}
+	b.mu.Lock()
+	b.watchErr = err
+	logIt := !b.down
+	b.down = true
+	b.mu.Unlock()
+	if logIt {
+		b.log.Error("etcd registry unreachable; serving the last known registry and retrying", "error", err)
+	}
+}
+
+// watchUp records that the table is synchronised again.
+func (b *etcdBackend) watchUp() {
+	b.mu.Lock()
+	b.watchErr = nil
+	logIt := b.down
+	b.down = false
+	b.mu.Unlock()
+	if logIt {
+		b.log.Info("etcd registry reachable again; registry synchronised")
+	}
+	select {
+	case <-b.synced:
+	default:
+		close(b.synced)
+	}
+}
+
+// resync reads the whole prefix at one revision, page by page, installs it
+// in the table and returns the revision.
+func (b *etcdBackend) resync(ctx context.Context) (int64, error) {
+	var (
+		rev  int64
+		kvs  []etcdKV
+		from = []byte(b.prefix)
+		end  = prefixEnd(b.prefix)
+		cid  string
+	)
+	for {
+		var resp etcdRangeResponse
+		req := etcdRangeRequest{Key: from, RangeEnd: end, Limit: etcdRangePage, Revision: int64s(rev)}
+		if err := b.c.call(ctx, "/v3/kv/range", req, &resp); err != nil {
+			return 0, fmt.Errorf("etcd range %s: %w", b.prefix, err)
+		}
+		if rev == 0 {
+			rev, cid = int64(resp.Header.Revision), resp.Header.ClusterID
+		}
+		kvs = append(kvs, resp.KVs...)
+		if !resp.More || len(resp.KVs) == 0 {
+			break
+		}
+		from = append(append([]byte{}, resp.KVs[len(resp.KVs)-1].Key...), 0)
+	}
+	recs := make([]record, 0, len(kvs))
+	bad := map[string]string{}
+	present := make(map[string]bool, len(kvs))
+	for _, kv := range kvs {
+		present[string(kv.Key)] = true
+		r, err := parseEtcdEntry(b.prefix, kv.Key, kv.Value)
+		if err != nil {
+			bad[string(kv.Key)] = err.Error()
+			continue
+		}
+		recs = append(recs, r)
+	}
+	if limit := b.t.maxNodes; limit > 0 && len(recs) > limit {
+		sort.Slice(recs, func(i, j int) bool { return recs[i].key() < recs[j].key() })
+		b.log.Error("etcd registry holds more nodes than --registry_max_nodes; serving the first ones by name", "nodes", len(recs), "limit", limit)
+		recs = recs[:limit]
+	}
+	b.t.replace(recs)
+	b.mu.Lock()
+	b.clusterID = cid
+	for key := range b.bad {
+		if !present[key] {
+			delete(b.bad, key)
+		}
+	}
+	// A key this sidecar put that is gone from the store (deleted by hand,
+	// or lost with a replaced cluster) is put again at its next refresh.
+	for key, r := range b.regs {
+		if !present[key] && r.rev <= rev {
+			delete(b.regs, key)
+		}
+	}
+	b.mu.Unlock()
+	b.noteBad(bad)
+	return rev, nil
+}
+
+// noteBad logs each bad entry once.
+func (b *etcdBackend) noteBad(bad map[string]string) {
+	if len(bad) == 0 {
+		return
+	}
+	keys := make([]string, 0, len(bad))
+	for k := range bad {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	b.mu.Lock()
+	var fresh []string
+	tooMany := false
+	for _, k := range keys {
+		if old, ok := b.bad[k]; ok && old == bad[k] {
+			continue
+		}
+		if _, ok := b.bad[k]; !ok && len(b.bad) >= maxBadKeys {
+			if !b.badMore {
+				b.badMore, tooMany = true, true
+			}
+			continue
+		}
+		b.bad[k] = bad[k]
+		fresh = append(fresh, k)
+	}
+	b.mu.Unlock()
+	for _, k := range fresh {
+		b.log.Warn("etcd registry: skipping an entry that is not a service node", "key", truncate(k, 300), "reason", bad[k])
+	}
+	if tooMany {
+		b.log.Warn("etcd registry: more bad entries than can be listed; skipping them without logging each", "listed", maxBadKeys)
+	}
+}
+
+// watch runs one watch from *rev+1 on the first endpoint that takes it,
+// applying events and advancing *rev, until the stream breaks. established
+// says whether a stream was running.
+func (b *etcdBackend) watch(ctx context.Context, rev *int64) (established bool, err error) {
+	create := map[string]any{"create_request": map[string]any{
+		"key":             []byte(b.prefix),
+		"range_end":       prefixEnd(b.prefix),
+		"start_revision":  int64s(*rev + 1),
+		"progress_notify": true,
+	}}
+	body, err := json.Marshal(create)
+	if err != nil {
+		return false, err
+	}
+	// hasleader: etcd cancels the watch when its member loses the leader,
+	// instead of leaving it silently stale (etcd's rpctypes.MetadataRequireLeaderKey;
+	// the gateway passes Grpc-Metadata-* headers on as gRPC metadata).
+	header := http.Header{"Grpc-Metadata-Hasleader": {"true"}}
+	var errs []error
+	for _, i := range b.c.eps.order() {
+		established, err := b.watchOn(ctx, i, body, header, rev)
+		if established || ctx.Err() != nil || errors.Is(err, errResync) {
+			return established, err
+		}
+		errs = append(errs, fmt.Errorf("%s: %w", b.c.eps.urls[i], err))
+	}
+	return false, fmt.Errorf("etcd watch: %w: %w", errEtcdUnavailable, errors.Join(errs...))
+}
+
+// watchOn runs the watch on endpoint i. The stream must confirm creation
+// within the request timeout.
+func (b *etcdBackend) watchOn(ctx context.Context, i int, body []byte, header http.Header, rev *int64) (established bool, err error) {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	timer := time.AfterFunc(b.c.timeout, cancel)
+	defer timer.Stop()
+	stream, err := b.c.openStream(ctx, i, "/v3/watch", body, header)
+	if err != nil {
+		return false, err
+	}
+	defer stream.Close()
+	b.mu.Lock()
+	b.watchEP, b.watchCancel = i, cancel
+	b.mu.Unlock()
+	defer func() {
+		b.mu.Lock()
+		if b.watchEP == i {
+			b.watchEP, b.watchCancel = -1, nil
+		}
+		b.mu.Unlock()
+	}()
+	sc := bufio.NewScanner(stream)
+	sc.Buffer(make([]byte, 0, 64<<10), maxWatchMessage)
+	for sc.Scan() {
+		line := bytes.TrimSpace(sc.Bytes())
+		if len(line) == 0 {
+			continue
+		}
+		m, err := parseWatchMessage(line)
+		if err != nil {
+			return established, err
+		}
+		if m.Error != nil {
+			if m.Error.GRPCCode == grpcUnauthenticated {
+				b.c.dropToken()
+			}
+			return established, m.Error.err()
+		}
+		res := m.Result
+		switch {
+		case res.Canceled && res.CompactRevision > 0:
+			return established, errResync
+		case res.Canceled:
+			if b.c.username != "" {
+				b.c.dropToken() // a stale token is one reason; a new one costs little
+			}
+			return established, fmt.Errorf("etcd watch canceled: %s", res.CancelReason)
+		case res.Created:
+			b.mu.Lock()
+			cid := b.clusterID
+			b.mu.Unlock()
+			if (cid != "" && res.Header.ClusterID != "" && res.Header.ClusterID != cid) || int64(res.Header.Revision) < *rev {
+				return false, errResync // a different or restored cluster: revisions do not carry over
+			}
+			timer.Stop()
+			established = true
+			b.c.eps.use(i)
+			b.watchUp()
+		case len(res.Events) > 0:
+			b.apply(watchChanges(b.prefix, res.Events))
+			*rev = max(*rev, watchLastRev(res))
+		default: // progress notification: nothing of ours changed up to here
+			*rev = max(*rev, int64(res.Header.Revision))
+		}
+	}
+	if err := sc.Err(); err != nil {
+		return established, err
+	}
+	return established, errors.New("etcd watch stream ended")
+}
+
+func watchLastRev(res *etcdWatchResult) int64 {
+	var r int64
+	for _, ev := range res.Events {
+		r = max(r, int64(ev.KV.ModRevision))
+	}
+	return r
+}
+
+// apply installs a batch of watch changes in the table.
+func (b *etcdBackend) apply(ch etcdChange) {
+	if len(ch.removes) > 0 {
+		b.t.remove(ch.removes...)
+	}
+	if len(ch.upserts) > 0 {
+		if err := b.t.upsert(ch.upserts...); err != nil {
+			b.log.Error("etcd registry: nodes skipped", "error", err)
+		}
+	}
+	b.mu.Lock()
+	for _, k := range ch.good {
+		delete(b.bad, k)
+	}
+	for key, drev := range ch.deleted {
+		if r, ok := b.regs[key]; ok && r.rev < drev {
+			delete(b.regs, key) // gone from etcd: put it again at the next refresh
+		}
+	}
+	b.mu.Unlock()
+	b.noteBad(ch.bad)
+}
+
+// validateEtcd checks the etcd flags up front and fills cfg.Etcd.
+func (c *config) validateEtcd() error {
+	if c.RegistryAddress == "" {
+		c.RegistryAddress = "http://127.0.0.1:2379"
+	}
+	eps, err := parseEtcdEndpoints(c.RegistryAddress)
+	if err != nil {
+		return err
+	}
+	c.Etcd.Endpoints = eps
+	p := c.Etcd.Prefix
+	if p == "" || !strings.HasPrefix(p, "/") || strings.ContainsAny(p, "\x00") {
+		return fmt.Errorf("--registry_prefix %q: want a key prefix such as %s", p, defaultEtcdPrefix)
+	}
+	if !strings.HasSuffix(p, "/") {
+		c.Etcd.Prefix = p + "/"
+	}
+	if c.Etcd.Password != "" && c.Etcd.Username == "" {
+		return errors.New("--registry_password needs --registry_username")
+	}
+	tlsCfg, err := etcdTLSConfig(c.Etcd.CAFile, c.Etcd.CertFile, c.Etcd.KeyFile)
+	if err != nil {
+		return err
+	}
+	if tlsCfg != nil {
+		for _, ep := range eps {
+			if strings.HasPrefix(ep, "http://") {
+				return fmt.Errorf("--registry_tls_* given but %s is plain http; use https:// etcd URLs", ep)
+			}
+		}
+	}
+	if c.Etcd.SyncWait == 0 {
+		c.Etcd.SyncWait = etcdRequestTimeout
+	}
+	return nil
+}

@@ -1,0 +1,577 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+)
+
+func TestEtcdKeyLayout(t *testing.T) {
+	const prefix = "/micro/registry/"
+	for _, tc := range []struct {
+		key         string
+		service, id string
+		ok          bool
+	}{
+		{"/micro/registry/foo/foo-1", "foo", "foo-1", true},
+		{"/micro/registry/topic:news/sidecar-1", "topic:news", "sidecar-1", true},
+		{"/micro/registry/go.micro.srv.example/go.micro.srv.example-c5718d29", "go.micro.srv.example", "go.micro.srv.example-c5718d29", true},
+		{"/micro/registry/foo", "", "", false},   // no node id
+		{"/micro/registry/foo/", "", "", false},  // empty node id
+		{"/micro/registry//n1", "", "", false},   // empty service
+		{"/micro/registry/a/b/c", "", "", false}, // too deep
+		{"/micro/registry/a b/n", "", "", false}, // space
+		{"/micro/registryfoo/n", "", "", false},  // not under the prefix
+		{"/other/foo/n", "", "", false},          // elsewhere
+		{"/micro/registry/" + strings.Repeat("x", 256) + "/n", "", "", false},
+		{"/micro/registry/\xff/n", "", "", false}, // not printable ASCII
+	} {
+		svc, id, ok := parseEtcdKey(prefix, tc.key)
+		if svc != tc.service || id != tc.id || ok != tc.ok {
+			t.Errorf("parseEtcdKey(%q) = %q, %q, %v; want %q, %q, %v", tc.key, svc, id, ok, tc.service, tc.id, tc.ok)
+		}
+	}
+	r := record{Service: "topic:news", Node: Node{ID: "n-1"}}
+	if got := etcdKey("/p/", r); got != "/p/topic:news/n-1" {
+		t.Errorf("etcdKey = %q; want /p/topic:news/n-1", got)
+	}
+	if svc, id, ok := parseEtcdKey("/p/", etcdKey("/p/", r)); !ok || svc != r.Service || id != r.Node.ID {
+		t.Errorf("round trip of %q: %q %q %v", etcdKey("/p/", r), svc, id, ok)
+	}
+}
+
+func TestPrefixEnd(t *testing.T) {
+	for _, tc := range []struct{ in, want string }{
+		{"/micro/registry/", "/micro/registry0"},
+		{"a", "b"},
+		{"a\xff", "b"},
+		{"\xff\xff", "\x00"},
+	} {
+		if got := string(prefixEnd(tc.in)); got != tc.want {
+			t.Errorf("prefixEnd(%q) = %q; want %q", tc.in, got, tc.want)
+		}
+	}
+}
+
+func TestParseEtcdEntry(t *testing.T) {
+	const prefix = "/micro/registry/"
+	good := `{"name":"foo","version":"1.0","metadata":{"a":"b"},"nodes":[{"id":"f1","address":"10.0.0.1:80","metadata":{}}]}`
+	for _, tc := range []struct {
+		key, value string
+		err        string // "" for success
+	}{
+		{prefix + "foo/f1", good, ""},
+		{prefix + "foo/f1", `{"Name":"foo","Nodes":[{"Id":"f1","Address":"10.0.0.1","Port":80}]}`, ""},
+		{prefix + "foo/f1", `{not json`, "not a service record"},
+		{prefix + "foo/f1", `[1,2]`, "not a service record"},
+		{prefix + "foo/f1", `{"name":"foo","nodes":[{"id":"f1","address":"h"}]}`, "port 0 out of range"},
+		{prefix + "foo/f1", `{"name":"foo","nodes":[]}`, "0 nodes"},
+		{prefix + "foo/f1", `{"name":"foo","nodes":[{"id":"f1","address":"h","port":1},{"id":"f2","address":"h","port":1}]}`, "2 nodes"},
+		{prefix + "bar/f1", good, `key says "bar" node "f1"`},
+		{prefix + "foo/f2", good, `key says "foo" node "f2"`},
+		{prefix + "foo", good, "outside the layout"},
+		{"/elsewhere/foo/f1", good, "outside the layout"},
+		{prefix + "foo/f1", `{"name":"foo","metadata":{"k":"` + strings.Repeat("v", maxEtcdValue) + `"}}`, "larger than"},
+	} {
+		r, err := parseEtcdEntry(prefix, []byte(tc.key), []byte(tc.value))
+		switch {
+		case tc.err == "" && err != nil:
+			t.Errorf("parseEtcdEntry(%q, %.60q): %v; want success", tc.key, tc.value, err)
+		case tc.err != "" && (err == nil || !strings.Contains(err.Error(), tc.err)):
+			t.Errorf("parseEtcdEntry(%q, %.60q): %v; want an error containing %q", tc.key, tc.value, err, tc.err)
+		case tc.err == "" && (r.Service != "foo" || r.Node.ID != "f1" || r.Node.Address != "10.0.0.1" || r.Node.Port != 80 || !r.Expires.IsZero()):
+			t.Errorf("parseEtcdEntry(%q): got %+v", tc.key, r)
+		}
+	}
+	// What the backend writes, it reads back.
+	r := record{Service: "topic:x", Version: "2", Metadata: map[string]string{"q": "g"}, Node: Node{ID: "n", Address: "::1", Port: 9, Metadata: map[string]string{}}}
+	v, err := etcdValue(r)
+	if err != nil {
+		t.Fatal(err)
+	}
+	back, err := parseEtcdEntry("/p/", []byte(etcdKey("/p/", r)), v)
+	if err != nil || !back.same(r) {
+		t.Errorf("round trip: %+v, %v; want %+v", back, err, r)
+	}
+}
+
+// Lines as etcd 3.4's gateway sends them on /v3/watch.
+const (
+	watchCreated   = `{"result":{"header":{"cluster_id":"15118495548433857066","member_id":"13668033151171901709","revision":"2","raft_term":"2"},"created":true}}`
+	watchPut       = `{"result":{"header":{"cluster_id":"15118495548433857066","member_id":"13668033151171901709","revision":"7","raft_term":"2"},"events":[{"kv":{"key":"L21pY3JvL3JlZ2lzdHJ5L2Zvby9mMQ==","create_revision":"7","mod_revision":"7","version":"1","value":"eyJuYW1lIjoiZm9vIiwibm9kZXMiOlt7ImlkIjoiZjEiLCJhZGRyZXNzIjoiMTI3LjAuMC4xIiwicG9ydCI6ODB9XX0=","lease":"4111120274056555015"}}]}}`
+	watchDelete    = `{"result":{"header":{"cluster_id":"15118495548433857066","member_id":"13668033151171901709","revision":"8","raft_term":"2"},"events":[{"type":"DELETE","kv":{"key":"L21pY3JvL3JlZ2lzdHJ5L2Zvby9mMQ==","mod_revision":"8"}}]}}`
+	watchCompacted = `{"result":{"header":{"cluster_id":"15118495548433857066","member_id":"13668033151171901709","raft_term":"2"},"canceled":true,"compact_revision":"3"}}`
+	watchStreamErr = `{"error":{"grpc_code":14,"http_code":503,"message":"etcdserver: no leader","http_status":"Service Unavailable"}}`
+)
+
+func TestParseWatchMessage(t *testing.T) {
+	m, err := parseWatchMessage([]byte(watchCreated))
+	if err != nil || !m.Result.Created || m.Result.Header.Revision != 2 || m.Result.Header.ClusterID != "15118495548433857066" {
+		t.Errorf("created: %+v %v", m.Result, err)
+	}
+	m, err = parseWatchMessage([]byte(watchPut))
+	if err != nil || len(m.Result.Events) != 1 || m.Result.Events[0].Type != "" || string(m.Result.Events[0].KV.Key) != "/micro/registry/foo/f1" || m.Result.Events[0].KV.Lease != 4111120274056555015 {
+		t.Errorf("put: %+v %v", m.Result, err)
+	}
+	ch := watchChanges("/micro/registry/", m.Result.Events)
+	if len(ch.upserts) != 1 || ch.upserts[0].Node.Port != 80 || ch.lastRev != 7 {
+		t.Errorf("put changes: %+v", ch)
+	}
+	m, _ = parseWatchMessage([]byte(watchCompacted))
+	if !m.Result.Canceled || m.Result.CompactRevision != 3 {
+		t.Errorf("compacted: %+v", m.Result)
+	}
+	m, _ = parseWatchMessage([]byte(watchStreamErr))
+	if m.Error == nil || m.Error.GRPCCode != grpcUnavailable || !shouldFailOver(m.Error.err()) {
+		t.Errorf("stream error: %+v", m.Error)
+	}
+	for _, bad := range []string{``, `null`, `{}`, `{"result":`, `{"result":{"header":{"revision":"x"}}}`, `[]`} {
+		if _, err := parseWatchMessage([]byte(bad)); err == nil {
+			t.Errorf("parseWatchMessage(%q): no error", bad)
+		}
+	}
+}
+
+func TestWatchChanges(t *testing.T) {
+	const prefix = "/micro/registry/"
+	val := func(name, id string, port int) []byte {
+		return []byte(fmt.Sprintf(`{"name":%q,"nodes":[{"id":%q,"address":"127.0.0.1","port":%d}]}`, name, id, port))
+	}
+	put := func(key string, value []byte, rev int64) etcdEvent {
+		return etcdEvent{KV: etcdKV{Key: []byte(prefix + key), Value: value, ModRevision: int64s(rev)}}
+	}
+	del := func(key string, rev int64) etcdEvent {
+		return etcdEvent{Type: "DELETE", KV: etcdKV{Key: []byte(prefix + key), ModRevision: int64s(rev)}}
+	}
+	ch := watchChanges(prefix, []etcdEvent{
+		put("a/a1", val("a", "a1", 1), 10),
+		put("a/a1", val("a", "a1", 2), 11), // the last put wins
+		put("b/b1", val("b", "b1", 1), 12),
+		del("b/b1", 13), // put then delete: removed
+		del("c/c1", 14),
+		put("d/d1", val("d", "d1", 1), 15),
+		put("d/d1", []byte("junk"), 16), // good then bad: removed, and bad
+		put("x/y/z", val("x", "y", 1), 17),
+		put("e/e1", []byte("junk"), 18),
+		put("e/e1", val("e", "e1", 3), 19), // bad then good: fine
+	})
+	var ups []string
+	for _, r := range ch.upserts {
+		ups = append(ups, fmt.Sprintf("%s/%s:%d", r.Service, r.Node.ID, r.Node.Port))
+	}
+	if got := strings.Join(ups, " "); got != "a/a1:2 e/e1:3" {
+		t.Errorf("upserts: %s; want a/a1:2 e/e1:3", got)
+	}
+	var rms []string
+	for _, r := range ch.removes {
+		rms = append(rms, r.Service+"/"+r.Node.ID)
+	}
+	if got := strings.Join(rms, " "); got != "b/b1 c/c1 d/d1" {
+		t.Errorf("removes: %s; want b/b1 c/c1 d/d1", got)
+	}
+	if len(ch.bad) != 2 || ch.bad[prefix+"d/d1"] == "" || ch.bad[prefix+"x/y/z"] == "" {
+		t.Errorf("bad: %v; want d/d1 and x/y/z", ch.bad)
+	}
+	if ch.lastRev != 19 || ch.deleted[prefix+"b/b1"] != 13 {
+		t.Errorf("lastRev %d, deleted %v", ch.lastRev, ch.deleted)
+	}
+}
+
+// FuzzEtcdWatchMessage feeds arbitrary watch lines through the parser and
+// the fold into table changes: nothing may panic, and every record that
+// comes out is valid and sits at its own key.
+func FuzzEtcdWatchMessage(f *testing.F) {
+	for _, s := range []string{watchCreated, watchPut, watchDelete, watchCompacted, watchStreamErr} {
+		f.Add([]byte(s))
+	}
+	const prefix = "/micro/registry/"
+	f.Fuzz(func(t *testing.T, line []byte) {
+		m, err := parseWatchMessage(line)
+		if err != nil || m.Result == nil {
+			return
+		}
+		ch := watchChanges(prefix, m.Result.Events)
+		for _, r := range ch.upserts {
+			s := Service{Name: r.Service, Version: r.Version, Metadata: r.Metadata, Nodes: []Node{r.Node}}
+			if err := normalizeService(&s); err != nil {
+				t.Fatalf("invalid record %+v out of %q: %v", r, line, err)
+			}
+			v, err := etcdValue(r)
+			if err != nil {
+				t.Fatal(err)
+			}
+			back, err := parseEtcdEntry(prefix, []byte(etcdKey(prefix, r)), v)
+			if err != nil || !back.same(r) {
+				t.Fatalf("record %+v does not round-trip: %+v, %v", r, back, err)
+			}
+		}
+	})
+}
+
+func TestShouldFailOver(t *testing.T) {
+	for _, tc := range []struct {
+		err  error
+		want bool
+	}{
+		{&net.OpError{Op: "dial", Err: errors.New("connection refused")}, true},
+		{io.ErrUnexpectedEOF, true},
+		{context.DeadlineExceeded, true},
+		{&etcdError{Code: grpcUnavailable, HTTP: 503, Message: "etcdserver: no leader"}, true},
+		{&etcdError{Code: grpcDeadlineExceeded, Message: "etcdserver: request timed out"}, true},
+		{&etcdError{HTTP: 502, Message: "bad gateway"}, true},
+		{&etcdError{Code: grpcNotFound, HTTP: 404, Message: "etcdserver: requested lease not found"}, false},
+		{&etcdError{Code: 3, HTTP: 400, Message: "etcdserver: authentication failed"}, false},
+		{&etcdError{Code: grpcOutOfRange, HTTP: 400, Message: "etcdserver: mvcc: required revision has been compacted"}, false},
+		{&etcdError{HTTP: 404, Message: "404 page not found"}, false},
+		{fmt.Errorf("wrapped: %w", &etcdError{Code: grpcUnavailable}), true},
+	} {
+		if got := shouldFailOver(tc.err); got != tc.want {
+			t.Errorf("shouldFailOver(%v) = %v; want %v", tc.err, got, tc.want)
+		}
+	}
+}
+
+func TestRotation(t *testing.T) {
+	for _, tc := range []struct {
+		n, start int
+		want     string
+	}{
+		{1, 0, "[0]"}, {3, 0, "[0 1 2]"}, {3, 1, "[1 2 0]"}, {3, 2, "[2 0 1]"},
+	} {
+		if got := fmt.Sprint(rotation(tc.n, tc.start)); got != tc.want {
+			t.Errorf("rotation(%d, %d) = %s; want %s", tc.n, tc.start, got, tc.want)
+		}
+	}
+}
+
+func TestParseEtcdEndpoints(t *testing.T) {
+	for _, tc := range []struct {
+		in, want, err string
+	}{
+		{"http://127.0.0.1:2379", "[http://127.0.0.1:2379]", ""},
+		{"http://a:2379, https://b:2379/", "[http://a:2379 https://b:2379]", ""},
+		{"http://[::1]:2379", "[http://[::1]:2379]", ""},
+		{"127.0.0.1:2379", "", "want etcd client URLs"},
+		{"http://a", "", "name the port"},
+		{"http://u:p@a:2379", "", "credentials go in"},
+		{"http://a:2379/v3", "", "scheme://host:port only"},
+		{" , ", "", "is empty"},
+	} {
+		got, err := parseEtcdEndpoints(tc.in)
+		if tc.err != "" {
+			if err == nil || !strings.Contains(err.Error(), tc.err) {
+				t.Errorf("parseEtcdEndpoints(%q): %v; want an error containing %q", tc.in, err, tc.err)
+			}
+			if err != nil && strings.Contains(err.Error(), ":p@") {
+				t.Errorf("parseEtcdEndpoints(%q): the error shows the password: %v", tc.in, err)
+			}
+			continue
+		}
+		if err != nil || fmt.Sprint(got) != tc.want {
+			t.Errorf("parseEtcdEndpoints(%q) = %v, %v; want %s", tc.in, got, err, tc.want)
+		}
+	}
+}
+
+func TestEtcdFlags(t *testing.T) {
+	env := func(string) (string, bool) { return "", false }
+	cfg, err := parseSidecarFlags([]string{"--registry=etcd", "--registry_prefix=/svc"}, io.Discard, env)
+	if err != nil || fmt.Sprint(cfg.Etcd.Endpoints) != "[http://127.0.0.1:2379]" || cfg.Etcd.Prefix != "/svc/" {
+		t.Errorf("defaults: %+v %v; want http://127.0.0.1:2379 and prefix /svc/", cfg.Etcd, err)
+	}
+	cfg, err = parseSidecarFlags([]string{"--registry=etcd", "--registry_username=u"}, io.Discard,
+		func(k string) (string, bool) { return "pw", k == "MICRO_REGISTRY_PASSWORD" })
+	if err != nil || cfg.Etcd.Password != "pw" {
+		t.Errorf("MICRO_REGISTRY_PASSWORD: %q %v", cfg.Etcd.Password, err)
+	}
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"--registry=etcd", "--registry_address=etcd:2379"}, "want etcd client URLs"},
+		{[]string{"--registry=etcd", "--registry_prefix=micro"}, "--registry_prefix"},
+		{[]string{"--registry=etcd", "--registry_password=x"}, "needs --registry_username"},
+		{[]string{"--registry=etcd", "--registry_tls_cert=/c.pem"}, "go together"},
+		{[]string{"--registry=etcd", "--registry_tls_ca=/nonexistent/ca.pem"}, "--registry_tls_ca"},
+	} {
+		if _, err := parseSidecarFlags(tc.args, io.Discard, env); err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%v: %v; want an error containing %q", tc.args, err, tc.want)
+		}
+	}
+}
+
+// fakeGateway is an etcd gateway stand-in for client tests: it answers
+// /v3/kv/range with an empty result, or with the error its mode says.
+type fakeGateway struct {
+	srv   *httptest.Server
+	hits  atomic.Int32
+	mode  atomic.Value // "ok", "unavailable", "invalid"
+	token atomic.Value // required Authorization; "" none
+}
+
+func newFakeGateway(t *testing.T) *fakeGateway {
+	g := &fakeGateway{}
+	g.mode.Store("ok")
+	g.token.Store("")
+	g.srv = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		g.hits.Add(1)
+		if r.URL.Path == "/v3/auth/authenticate" {
+			var req struct{ Name, Password string }
+			json.NewDecoder(r.Body).Decode(&req)
+			if req.Name != "u" || req.Password != "pw" {
+				w.WriteHeader(400)
+				io.WriteString(w, `{"error":"etcdserver: authentication failed, invalid user ID or password","message":"etcdserver: authentication failed, invalid user ID or password","code":3}`)
+				return
+			}
+			tok := fmt.Sprintf("tok%d", g.hits.Load())
+			g.token.Store(tok)
+			fmt.Fprintf(w, `{"header":{},"token":%q}`, tok)
+			return
+		}
+		if tok := g.token.Load().(string); tok != "" && r.Header.Get("Authorization") != tok {
+			w.WriteHeader(401)
+			io.WriteString(w, `{"error":"etcdserver: invalid auth token","message":"etcdserver: invalid auth token","code":16}`)
+			return
+		}
+		switch g.mode.Load().(string) {
+		case "unavailable":
+			w.WriteHeader(503)
+			io.WriteString(w, `{"error":"etcdserver: no leader","message":"etcdserver: no leader","code":14}`)
+		case "invalid":
+			w.WriteHeader(400)
+			io.WriteString(w, `{"error":"etcdserver: mvcc: required revision has been compacted","message":"etcdserver: mvcc: required revision has been compacted","code":11}`)
+		default:
+			io.WriteString(w, `{"header":{"revision":"5"}}`)
+		}
+	}))
+	t.Cleanup(g.srv.Close)
+	return g
+}
+
+// TestEtcdClientFailover: a call moves past a refused endpoint and one
+// without a leader, sticks to the one that answered, and reports every
+// endpoint when none does; an error about the request itself is not a
+// reason to fail over.
+func TestEtcdClientFailover(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	refused := "http://" + ln.Addr().String()
+	ln.Close()
+	noLeader, good := newFakeGateway(t), newFakeGateway(t)
+	noLeader.mode.Store("unavailable")
+	c := newEtcdClient([]string{refused, noLeader.srv.URL, good.srv.URL}, nil, "", "", time.Second)
+	var failed []int
+	var mu sync.Mutex
+	c.onFail = func(i int) { mu.Lock(); failed = append(failed, i); mu.Unlock() }
+	ctx := context.Background()
+	var resp etcdRangeResponse
+	if err := c.call(ctx, "/v3/kv/range", etcdRangeRequest{Key: []byte("k")}, &resp); err != nil || resp.Header.Revision != 5 {
+		t.Fatalf("call with two bad endpoints first: %+v, %v", resp, err)
+	}
+	if fmt.Sprint(failed) != "[0 1]" || fmt.Sprint(c.eps.order()) != "[2 0 1]" {
+		t.Errorf("failed %v, order now %v; want [0 1] and [2 0 1]", failed, c.eps.order())
+	}
+	before := noLeader.hits.Load()
+	for range 3 {
+		if err := c.call(ctx, "/v3/kv/range", etcdRangeRequest{Key: []byte("k")}, nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if noLeader.hits.Load() != before || good.hits.Load() != 4 {
+		t.Errorf("after failing over, calls must go straight to the good endpoint: bad %d, good %d hits", noLeader.hits.Load()-before, good.hits.Load())
+	}
+
+	good.mode.Store("invalid")
+	err = c.call(ctx, "/v3/kv/range", etcdRangeRequest{Key: []byte("k")}, nil)
+	var ee *etcdError
+	if !errors.As(err, &ee) || ee.Code != grpcOutOfRange || errors.Is(err, errEtcdUnavailable) || noLeader.hits.Load() != before {
+		t.Errorf("a request error: %v (other endpoints hit %d times); want the compaction error from the answering endpoint alone", err, noLeader.hits.Load()-before)
+	}
+
+	good.mode.Store("unavailable")
+	err = c.call(ctx, "/v3/kv/range", etcdRangeRequest{Key: []byte("k")}, nil)
+	if !errors.Is(err, errEtcdUnavailable) || !strings.Contains(err.Error(), refused) || !strings.Contains(err.Error(), "no leader") {
+		t.Errorf("all down: %v; want errEtcdUnavailable naming each endpoint", err)
+	}
+	good.mode.Store("ok")
+	if err := c.call(ctx, "/v3/kv/range", etcdRangeRequest{Key: []byte("k")}, nil); err != nil {
+		t.Errorf("after recovery: %v", err)
+	}
+}
+
+// TestEtcdClientAuth: the client authenticates before its first call and
+// again when the token goes stale; a wrong password is reported as such.
+func TestEtcdClientAuth(t *testing.T) {
+	g := newFakeGateway(t)
+	g.token.Store("required")
+	c := newEtcdClient([]string{g.srv.URL}, nil, "u", "pw", time.Second)
+	ctx := context.Background()
+	if err := c.call(ctx, "/v3/kv/range", etcdRangeRequest{Key: []byte("k")}, nil); err != nil {
+		t.Fatalf("first call: %v", err)
+	}
+	first := c.token
+	g.token.Store("rotated") // the server forgot the token
+	if err := c.call(ctx, "/v3/kv/range", etcdRangeRequest{Key: []byte("k")}, nil); err != nil {
+		t.Fatalf("call with a stale token: %v", err)
+	}
+	if c.token == first || c.token == "" {
+		t.Errorf("token %q after it went stale; want a new one", c.token)
+	}
+	bad := newEtcdClient([]string{g.srv.URL}, nil, "u", "nope", time.Second)
+	err := bad.call(ctx, "/v3/kv/range", etcdRangeRequest{Key: []byte("k")}, nil)
+	if err == nil || !strings.Contains(err.Error(), `authenticating as "u"`) || strings.Contains(err.Error(), "nope") {
+		t.Errorf("wrong password: %v; want an authentication error without the password", err)
+	}
+}
+
+// newTestEtcdBackend runs the backend in this process against endpoints.
+func newTestEtcdBackend(t *testing.T, endpoints ...string) (*etcdBackend, *table, *syncBuffer) {
+	t.Helper()
+	logs := &syncBuffer{}
+	tb := newTable(1000)
+	b, err := newEtcdBackend(context.Background(), etcdConfig{Endpoints: endpoints, Prefix: defaultEtcdPrefix, SyncWait: 5 * time.Second},
+		tb, slog.New(slog.NewTextHandler(logs, nil)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { b.close() })
+	return b, tb, logs
+}
+
+func regOf(b *etcdBackend, key string) etcdReg {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.regs[key]
+}
+
+func tableHas(tb *table, service, id string) bool {
+	ss, err := tb.lookup(service, time.Now())
+	if err != nil {
+		return false
+	}
+	for _, s := range ss {
+		if hasNode(&s, id) {
+			return true
+		}
+	}
+	return false
+}
+
+// TestEtcdBackendResumesAndResyncs: a watch cut off resumes from its
+// revision and sees what changed meanwhile; when that revision has been
+// compacted, it reads the registry afresh.
+func TestEtcdBackendResumesAndResyncs(t *testing.T) {
+	e := startEtcd(t)
+	g := newGatewayProxy(t, e.client)
+	b, tb, logs := newTestEtcdBackend(t, g.srv.URL)
+	svc := func(name, id string) string {
+		return fmt.Sprintf(`{"name":%q,"nodes":[{"id":%q,"address":"127.0.0.1","port":1}]}`, name, id)
+	}
+	e.put(t, "/micro/registry/a/a1", svc("a", "a1"))
+	waitFor(t, 5*time.Second, "a1 through the watch", func() bool { return tableHas(tb, "a", "a1") })
+
+	for _, compact := range []bool{false, true} {
+		g.setDown(true)
+		waitFor(t, 5*time.Second, "status to report the cut", func() bool { return b.status() != nil })
+		name := fmt.Sprintf("during-%v", compact)
+		e.put(t, "/micro/registry/"+name+"/n1", svc(name, "n1"))
+		if err := e.gw("/v3/kv/deleterange", map[string]string{"key": b64("/micro/registry/a/a1")}, nil); err != nil {
+			t.Fatal(err)
+		}
+		e.put(t, "/micro/registry/a/a1", svc("a", "a1"))
+		if compact {
+			var h etcdHeaderOnly
+			e.gw("/v3/kv/range", map[string]string{"key": b64("x")}, &h)
+			if err := e.gw("/v3/kv/compaction", map[string]string{"revision": fmt.Sprint(int64(h.Header.Revision))}, nil); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if tableHas(tb, name, "n1") {
+			t.Fatal("the table changed while cut off from etcd")
+		}
+		g.setDown(false)
+		waitFor(t, 10*time.Second, "the change made while cut off", func() bool { return tableHas(tb, name, "n1") && b.status() == nil })
+		if !tableHas(tb, "a", "a1") {
+			t.Error("a1, deleted and put again while cut off, is missing")
+		}
+		if got := strings.Contains(logs.String(), "reading the registry afresh"); got != compact {
+			t.Errorf("compacted %v: read afresh logged %v; log:\n%s", compact, got, logs.String())
+		}
+	}
+}
+
+// TestEtcdBackendLeases: a refresh keeps the lease alive with one request;
+// a lost lease or key is granted and put again; a changed TTL gets a new
+// lease; deregister revokes.
+func TestEtcdBackendLeases(t *testing.T) {
+	e := startEtcd(t)
+	g := newGatewayProxy(t, e.client)
+	b, tb, _ := newTestEtcdBackend(t, g.srv.URL)
+	s := Service{Name: "svc", Metadata: map[string]string{}, Nodes: []Node{{ID: "n1", Address: "127.0.0.1", Port: 1, Metadata: map[string]string{}}}}
+	key := "/micro/registry/svc/n1"
+	if err := b.register(s, 10*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	lease := regOf(b, key).lease
+	before := g.snapshot()
+	if err := b.register(s, 10*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	after := g.snapshot()
+	if after["/v3/lease/keepalive"]-before["/v3/lease/keepalive"] != 1 || after["/v3/kv/put"] != before["/v3/kv/put"] || after["/v3/lease/grant"] != before["/v3/lease/grant"] {
+		t.Errorf("a refresh: requests before %v after %v; want one keepalive and nothing else", before, after)
+	}
+	// Lost lease (as after etcd lost its data): granted and put again.
+	if err := e.gw("/v3/lease/revoke", map[string]string{"ID": fmt.Sprint(lease)}, nil); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 5*time.Second, "the revoked key to leave the table", func() bool { return !tableHas(tb, "svc", "n1") })
+	if err := b.register(s, 10*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	if got := e.keys(t, key); len(got) != 1 || regOf(b, key).lease == lease {
+		t.Errorf("after the lease was lost: keys %v, lease %d (was %d); want the key back on a new lease", got, regOf(b, key).lease, lease)
+	}
+	// Key deleted behind our back, lease alive: put again at the refresh.
+	if err := e.gw("/v3/kv/deleterange", map[string]string{"key": b64(key)}, nil); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 5*time.Second, "the deleted key to leave the table", func() bool { return !tableHas(tb, "svc", "n1") })
+	if err := b.register(s, 10*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	if got := e.keys(t, key); len(got) != 1 {
+		t.Errorf("after the key was deleted: keys %v; want it put again", got)
+	}
+	// A different TTL: a new lease, the old one revoked.
+	old := regOf(b, key).lease
+	if err := b.register(s, 20*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	var ttl struct {
+		TTL int64s `json:"TTL"`
+	}
+	e.gw("/v3/lease/timetolive", map[string]string{"ID": fmt.Sprint(old)}, &ttl)
+	if regOf(b, key).lease == old || ttl.TTL != -1 {
+		t.Errorf("TTL change: lease %d (was %d), old lease TTL %d; want a new lease and the old revoked (-1)", regOf(b, key).lease, old, ttl.TTL)
+	}
+	if err := b.deregister(s); err != nil {
+		t.Fatal(err)
+	}
+	if got := e.keys(t, "/micro/registry/"); len(got) != 0 || tableHas(tb, "svc", "n1") {
+		t.Errorf("after deregister: keys %v; want none, and none in the table", got)
+	}
+}

@@ -1,0 +1,88 @@
+package main
+
+import (
+	"context"
+	"io"
+	"log/slog"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"testing"
+	"time"
+)
+
+func TestNextHealth(t *testing.T) {
+	type step struct {
+		passed  bool
+		status  string
+		changed bool
+	}
+	for _, tc := range []struct {
+		name                string
+		failures, successes int
+		steps               []step
+	}{
+		{"first pass registers at once", 3, 2, []step{{true, healthPassing, true}}},
+		{"first failure is failing at once", 3, 1, []step{{false, healthFailing, true}}},
+		{"failures below the threshold keep it in", 3, 1, []step{
+			{true, healthPassing, true}, {false, healthPassing, false}, {false, healthPassing, false},
+			{true, healthPassing, false}, {false, healthPassing, false}, {false, healthPassing, false},
+			{false, healthFailing, true}, {false, healthFailing, false},
+		}},
+		{"successes needed to come back", 1, 3, []step{
+			{true, healthPassing, true}, {false, healthFailing, true}, {true, healthFailing, false},
+			{true, healthFailing, false}, {false, healthFailing, false}, {true, healthFailing, false},
+			{true, healthFailing, false}, {true, healthPassing, true},
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			s := healthState{Status: healthUnknown}
+			for i, st := range tc.steps {
+				var changed bool
+				s, changed = nextHealth(s, st.passed, tc.failures, tc.successes)
+				if s.Status != st.status || changed != st.changed {
+					t.Fatalf("step %d (passed=%v): got %s changed=%v; want %s changed=%v", i, st.passed, s.Status, changed, st.status, st.changed)
+				}
+			}
+		})
+	}
+}
+
+func TestValidateHealthURL(t *testing.T) {
+	for url, ok := range map[string]bool{
+		"http://127.0.0.1:9090/_status/health": true,
+		"https://app.local/health":             true,
+		"tcp://127.0.0.1:9090":                 true,
+		"tcp://127.0.0.1":                      false,
+		"http:///health":                       false,
+		"ftp://x/":                             false,
+		"127.0.0.1:9090":                       false,
+	} {
+		if err := validateHealthURL(url); (err == nil) != ok {
+			t.Errorf("validateHealthURL(%q) = %v; want ok %v", url, err, ok)
+		}
+	}
+}
+
+// TestCheckStep calls check directly, as the loop would on each tick.
+func TestCheckStep(t *testing.T) {
+	status := http.StatusOK
+	app := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { w.WriteHeader(status) }))
+	defer app.Close()
+	var changes []bool
+	h := newHealthChecker(healthConfig{URL: app.URL, Interval: time.Hour, Timeout: time.Second, Failures: 2, Successes: 1},
+		slog.New(slog.NewTextHandler(io.Discard, nil)), nil, func(p bool) { changes = append(changes, p) })
+	ctx := context.Background()
+	h.check(ctx)
+	status = http.StatusServiceUnavailable
+	h.check(ctx)
+	if r := h.report(); r.Status != healthPassing || r.ConsecutiveFailures != 1 || !strings.Contains(r.LastError, "503") {
+		t.Errorf("after one failure: %+v; want still passing, 1 failure, the status in the error", r)
+	}
+	h.check(ctx)
+	status = http.StatusNoContent
+	h.check(ctx)
+	if len(changes) != 3 || !changes[0] || changes[1] || !changes[2] {
+		t.Errorf("transitions: got %v; want [true false true]", changes)
+	}
+}

@@ -1,0 +1,430 @@
+package main
+
+import (
+	"bufio"
+	"fmt"
+	"math"
+	"net"
+	"net/http"
+	"runtime"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// This file writes /metrics in the Prometheus text exposition format
+// (version 0.0.4) with the standard library: counters, gauges read at scrape
+// time, and histograms, each family with fixed label names.
+
+// maxSeries bounds the label combinations of one family: label values come
+// from client input (service names), and a flood of names must not grow
+// memory without end. Combinations past it are counted under "_other".
+const maxSeries = 1000
+
+// metrics is one sidecar's set of metric families.
+type metrics struct {
+	mu       sync.Mutex // guards families
+	families []family
+}
+
+// family is one metric: it writes its HELP, TYPE and samples.
+type family interface {
+	name() string
+	write(w *bufio.Writer)
+}
+
+func (m *metrics) add(f family) {
+	m.mu.Lock()
+	m.families = append(m.families, f)
+	m.mu.Unlock()
+}
+
+// counter registers a counter family with the given label names.
+func (m *metrics) counter(name, help string, labels ...string) *counterVec {
+	c := &counterVec{desc: desc{n: name, help: help, labels: labels}, series: map[string]*counterSeries{}}
+	m.add(c)
+	return c
+}
+
+// gauge registers a gauge family whose samples are read at scrape time.
+func (m *metrics) gauge(name, help string, labels []string, read func() []sample) {
+	m.add(&gaugeFunc{desc: desc{n: name, help: help, labels: labels}, read: read})
+}
+
+// histogram registers a histogram family with the given bucket bounds.
+func (m *metrics) histogram(name, help string, buckets []float64, labels ...string) *histogramVec {
+	h := &histogramVec{desc: desc{n: name, help: help, labels: labels}, buckets: buckets, series: map[string]*histSeries{}}
+	m.add(h)
+	return h
+}
+
+// ServeHTTP writes every family, sorted by name.
+func (m *metrics) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	if !allowMethods(w, r, http.MethodGet, http.MethodHead) {
+		return
+	}
+	m.mu.Lock()
+	fams := append([]family(nil), m.families...)
+	m.mu.Unlock()
+	sort.Slice(fams, func(i, j int) bool { return fams[i].name() < fams[j].name() })
+	w.Header().Set("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+	bw := bufio.NewWriter(w)
+	for _, f := range fams {
+		f.write(bw)
+	}
+	bw.Flush()
+}
+
+type desc struct {
+	n, help string
+	labels  []string
+}
+
+func (d desc) name() string { return d.n }
+
+func (d desc) header(w *bufio.Writer, typ string) {
+	fmt.Fprintf(w, "# HELP %s %s\n# TYPE %s %s\n", d.n, escapeHelp(d.help), d.n, typ)
+}
+
+// labelString renders {a="x",b="y"} for the family's labels and values.
+func (d desc) labelString(values []string, extra ...string) string {
+	if len(d.labels) == 0 && len(extra) == 0 {
+		return ""
+	}
+	var b strings.Builder
+	b.WriteByte('{')
+	for i, l := range d.labels {
+		if i > 0 {
+			b.WriteByte(',')
+		}
+		b.WriteString(l + `="` + escapeLabel(values[i]) + `"`)
+	}
+	for i := 0; i+1 < len(extra); i += 2 {
+		if b.Len() > 1 {
+			b.WriteByte(',')
+		}
+		b.WriteString(extra[i] + `="` + escapeLabel(extra[i+1]) + `"`)
+	}
+	b.WriteByte('}')
+	return b.String()
+}
+
+// seriesKey joins label values; \xff cannot occur in valid UTF-8 values.
+func seriesKey(values []string) string { return strings.Join(values, "\xff") }
+
+func overflowValues(n int) []string {
+	v := make([]string, n)
+	for i := range v {
+		v[i] = "_other"
+	}
+	return v
+}
+
+type counterSeries struct {
+	values []string
+	n      atomic.Uint64
+}
+
+// counterVec is a counter family. Add is safe for concurrent use.
+type counterVec struct {
+	desc
+	mu     sync.RWMutex // guards series
+	series map[string]*counterSeries
+}
+
+// Add adds n to the series with the given label values.
+func (c *counterVec) Add(n uint64, values ...string) { c.get(values).n.Add(n) }
+
+// Inc adds one.
+func (c *counterVec) Inc(values ...string) { c.Add(1, values...) }
+
+// Value returns a series' count, for tests.
+func (c *counterVec) Value(values ...string) uint64 { return c.get(values).n.Load() }
+
+func (c *counterVec) get(values []string) *counterSeries {
+	k := seriesKey(values)
+	c.mu.RLock()
+	s := c.series[k]
+	c.mu.RUnlock()
+	if s != nil {
+		return s
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if s = c.series[k]; s != nil {
+		return s
+	}
+	if len(c.series) >= maxSeries {
+		values = overflowValues(len(values))
+		k = seriesKey(values)
+		if s = c.series[k]; s != nil {
+			return s
+		}
+	}
+	s = &counterSeries{values: append([]string(nil), values...)}
+	c.series[k] = s
+	return s
+}
+
+func (c *counterVec) write(w *bufio.Writer) {
+	c.header(w, "counter")
+	c.mu.RLock()
+	list := make([]*counterSeries, 0, len(c.series))
+	for _, s := range c.series {
+		list = append(list, s)
+	}
+	c.mu.RUnlock()
+	sort.Slice(list, func(i, j int) bool { return seriesKey(list[i].values) < seriesKey(list[j].values) })
+	if len(list) == 0 && len(c.labels) == 0 {
+		fmt.Fprintf(w, "%s 0\n", c.n)
+	}
+	for _, s := range list {
+		fmt.Fprintf(w, "%s%s %d\n", c.n, c.labelString(s.values), s.n.Load())
+	}
+}
+
+// sample is one gauge value with its label values.
+type sample struct {
+	values []string
+	v      float64
+}
+
+type gaugeFunc struct {
+	desc
+	read func() []sample
+}
+
+func (g *gaugeFunc) write(w *bufio.Writer) {
+	g.header(w, "gauge")
+	for _, s := range g.read() {
+		fmt.Fprintf(w, "%s%s %s\n", g.n, g.labelString(s.values), formatFloat(s.v))
+	}
+}
+
+type histSeries struct {
+	values []string
+	mu     sync.Mutex // guards counts, sum, count
+	counts []uint64   // per bucket, not cumulative
+	sum    float64
+	count  uint64
+}
+
+// histogramVec is a histogram family.
+type histogramVec struct {
+	desc
+	buckets []float64
+	mu      sync.RWMutex // guards series
+	series  map[string]*histSeries
+}
+
+// Observe records v (in the family's unit, seconds for durations).
+func (h *histogramVec) Observe(v float64, values ...string) {
+	s := h.get(values)
+	i := sort.SearchFloat64s(h.buckets, v)
+	s.mu.Lock()
+	if i < len(s.counts) {
+		s.counts[i]++
+	}
+	s.sum += v
+	s.count++
+	s.mu.Unlock()
+}
+
+// ObserveSince records the seconds since start.
+func (h *histogramVec) ObserveSince(start time.Time, values ...string) {
+	h.Observe(time.Since(start).Seconds(), values...)
+}
+
+func (h *histogramVec) get(values []string) *histSeries {
+	k := seriesKey(values)
+	h.mu.RLock()
+	s := h.series[k]
+	h.mu.RUnlock()
+	if s != nil {
+		return s
+	}
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if s = h.series[k]; s != nil {
+		return s
+	}
+	if len(h.series) >= maxSeries {
+		values = overflowValues(len(values))
+		k = seriesKey(values)
+		if s = h.series[k]; s != nil {
+			return s
+		}
+	}
+	s = &histSeries{values: append([]string(nil), values...), counts: make([]uint64, len(h.buckets))}
+	h.series[k] = s
+	return s
+}
+
+func (h *histogramVec) write(w *bufio.Writer) {
+	h.header(w, "histogram")
+	h.mu.RLock()
+	list := make([]*histSeries, 0, len(h.series))
+	for _, s := range h.series {
+		list = append(list, s)
+	}
+	h.mu.RUnlock()
+	sort.Slice(list, func(i, j int) bool { return seriesKey(list[i].values) < seriesKey(list[j].values) })
+	for _, s := range list {
+		s.mu.Lock()
+		var cum uint64
+		for i, b := range h.buckets {
+			cum += s.counts[i]
+			fmt.Fprintf(w, "%s_bucket%s %d\n", h.n, h.labelString(s.values, "le", formatFloat(b)), cum)
+		}
+		fmt.Fprintf(w, "%s_bucket%s %d\n", h.n, h.labelString(s.values, "le", "+Inf"), s.count)
+		fmt.Fprintf(w, "%s_sum%s %s\n", h.n, h.labelString(s.values), formatFloat(s.sum))
+		fmt.Fprintf(w, "%s_count%s %d\n", h.n, h.labelString(s.values), s.count)
+		s.mu.Unlock()
+	}
+}
+
+// latencyBuckets suit calls on a LAN: 100 us to 10 s.
+var latencyBuckets = []float64{0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10}
+
+func formatFloat(v float64) string {
+	switch {
+	case math.IsInf(v, 1):
+		return "+Inf"
+	case math.IsInf(v, -1):
+		return "-Inf"
+	case math.IsNaN(v):
+		return "NaN"
+	}
+	return strconv.FormatFloat(v, 'g', -1, 64)
+}
+
+// escapeLabel escapes a label value as the text format requires: backslash,
+// double quote and newline.
+func escapeLabel(s string) string {
+	if !strings.ContainsAny(s, "\\\"\n") {
+		return s
+	}
+	return strings.NewReplacer(`\`, `\\`, `"`, `\"`, "\n", `\n`).Replace(s)
+}
+
+func escapeHelp(s string) string {
+	return strings.NewReplacer(`\`, `\\`, "\n", `\n`).Replace(s)
+}
+
+// statusRecorder remembers the status code a handler wrote, and still lets
+// WebSocket handlers hijack the connection and streaming handlers flush.
+type statusRecorder struct {
+	http.ResponseWriter
+	code int
+}
+
+func (r *statusRecorder) WriteHeader(code int) {
+	if r.code == 0 {
+		r.code = code
+	}
+	r.ResponseWriter.WriteHeader(code)
+}
+
+func (r *statusRecorder) Write(p []byte) (int, error) {
+	if r.code == 0 {
+		r.code = http.StatusOK
+	}
+	return r.ResponseWriter.Write(p)
+}
+
+func (r *statusRecorder) Flush() {
+	if f, ok := r.ResponseWriter.(http.Flusher); ok {
+		f.Flush()
+	}
+}
+
+func (r *statusRecorder) Hijack() (c net.Conn, rw *bufio.ReadWriter, err error) {
+	h, ok := r.ResponseWriter.(http.Hijacker)
+	if !ok {
+		return nil, nil, fmt.Errorf("connection cannot be hijacked")
+	}
+	if r.code == 0 {
+		r.code = http.StatusSwitchingProtocols
+	}
+	return h.Hijack()
+}
+
+func (r *statusRecorder) Unwrap() http.ResponseWriter { return r.ResponseWriter }
+
+// sidecarMetrics are the families the core records into; the RPC, broker
+// and registry backends add their own to the same set.
+type sidecarMetrics struct {
+	set         *metrics
+	requests    *counterVec   // by route and code
+	latency     *histogramVec // by route
+	healthCheck *histogramVec // by result
+}
+
+func newSidecarMetrics(s *sidecar) *sidecarMetrics {
+	set := &metrics{}
+	m := &sidecarMetrics{
+		set:         set,
+		requests:    set.counter("micro_http_requests_total", "HTTP requests served by the sidecar, by route and status code.", "route", "code"),
+		latency:     set.histogram("micro_http_request_duration_seconds", "Time to serve HTTP requests, by route; WebSocket connections are not timed.", latencyBuckets, "route"),
+		healthCheck: set.histogram("micro_healthcheck_duration_seconds", "Time taken by health checks of the app, by result.", latencyBuckets, "result"),
+	}
+	set.gauge("micro_registry_services", "Services (names) in the registry.", nil, func() []sample {
+		return []sample{{v: float64(s.reg.table.serviceCount())}}
+	})
+	set.gauge("micro_registry_nodes", "Nodes in the registry.", nil, func() []sample {
+		return []sample{{v: float64(s.reg.table.nodeCount())}}
+	})
+	set.gauge("micro_registry_backend_up", "1 when the registry backend works, 0 when it is failing.", []string{"backend"}, func() []sample {
+		return []sample{{values: []string{s.reg.name}, v: boolFloat(s.reg.backend.status() == nil)}}
+	})
+	set.gauge("micro_app_healthy", "1 when the app is registered (passing or unchecked), 0 otherwise; absent without an app.", []string{"service"}, func() []sample {
+		if s.cfg.ServerName == "" {
+			return nil
+		}
+		ok := true
+		if s.health != nil {
+			ok = s.health.report().Status == healthPassing
+		}
+		return []sample{{values: []string{s.cfg.ServerName}, v: boolFloat(ok)}}
+	})
+	set.gauge("micro_goroutines", "Goroutines in the sidecar process.", nil, func() []sample {
+		return []sample{{v: float64(runtime.NumGoroutine())}}
+	})
+	set.gauge("micro_heap_inuse_bytes", "Bytes in in-use heap spans.", nil, func() []sample {
+		var ms runtime.MemStats
+		runtime.ReadMemStats(&ms)
+		return []sample{{v: float64(ms.HeapInuse)}}
+	})
+	return m
+}
+
+func boolFloat(b bool) float64 {
+	if b {
+		return 1
+	}
+	return 0
+}
+
+// instrument counts every request by the route that served it.
+func (m *sidecarMetrics) instrument(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		start := time.Now()
+		rec := &statusRecorder{ResponseWriter: w}
+		next.ServeHTTP(rec, r)
+		route := r.Pattern
+		if route == "" {
+			route = "unmatched"
+		}
+		code := rec.code
+		if code == 0 {
+			code = http.StatusOK
+		}
+		m.requests.Inc(route, strconv.Itoa(code))
+		if code != http.StatusSwitchingProtocols { // a WebSocket's time is its lifetime
+			m.latency.ObserveSince(start, route)
+		}
+	})
+}

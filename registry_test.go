@@ -1,0 +1,295 @@
+package main
+
+import (
+	"encoding/json"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/url"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+)
+
+func TestSplitAddress(t *testing.T) {
+	for _, tc := range []struct {
+		addr     string
+		port     int
+		wantHost string
+		wantPort int
+		wantErr  string
+	}{
+		{"127.0.0.1", 9090, "127.0.0.1", 9090, ""},
+		{"127.0.0.1:9090", 0, "127.0.0.1", 9090, ""},
+		{"127.0.0.1:9090", 9090, "127.0.0.1", 9090, ""},
+		{"[::1]:80", 0, "::1", 80, ""},
+		{"::1", 80, "::1", 80, ""},
+		{"[::1]", 80, "::1", 80, ""},
+		{"example.com", 443, "example.com", 443, ""},
+		{"", 80, "", 0, "address is required"},
+		{"h", 0, "", 0, "port 0 out of range"},
+		{"h", 65536, "", 0, "out of range"},
+		{"h:0", 0, "", 0, "port must be 1-65535"},
+		{"h:x", 0, "", 0, "port must be 1-65535"},
+		{"h:80", 81, "", 0, "disagrees with port 81"},
+		{"a b", 80, "", 0, "not a host name"},
+		{"h/x", 80, "", 0, "not a host name"},
+	} {
+		host, port, err := splitAddress(tc.addr, tc.port)
+		if tc.wantErr != "" {
+			if err == nil || !strings.Contains(err.Error(), tc.wantErr) {
+				t.Errorf("splitAddress(%q, %d) error %v; want %q", tc.addr, tc.port, err, tc.wantErr)
+			}
+			continue
+		}
+		if err != nil || host != tc.wantHost || port != tc.wantPort {
+			t.Errorf("splitAddress(%q, %d) = %q, %d, %v; want %q, %d", tc.addr, tc.port, host, port, err, tc.wantHost, tc.wantPort)
+		}
+	}
+}
+
+func TestParseTTL(t *testing.T) {
+	for _, tc := range []struct {
+		in   string
+		want time.Duration
+		ok   bool
+	}{
+		{"", 0, true},
+		{"30s", 30 * time.Second, true},
+		{"45", 45 * time.Second, true},
+		{"1m", time.Minute, true},
+		{"500ms", 0, false},
+		{"48h", 0, false},
+		{"-5s", 0, false},
+		{"soon", 0, false},
+	} {
+		got, err := parseTTL(url.Values{"ttl": {tc.in}})
+		if (err == nil) != tc.ok || got != tc.want {
+			t.Errorf("parseTTL(%q) = %v, %v; want %v, ok %v", tc.in, got, err, tc.want, tc.ok)
+		}
+	}
+}
+
+func TestDecodeServiceAcceptsAnyKeyCase(t *testing.T) {
+	s, err := decodeService([]byte(`{"NAME":"a","Version":"1","Nodes":[{"Id":"n","ADDRESS":"10.0.0.1:8080","Metadata":{"k":"v"}}]}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := s.Nodes[0]
+	if s.Name != "a" || s.Version != "1" || n.ID != "n" || n.Address != "10.0.0.1" || n.Port != 8080 || n.Metadata["k"] != "v" {
+		t.Errorf("got %+v", s)
+	}
+}
+
+func TestDiffReportsCreateUpdateDelete(t *testing.T) {
+	r := func(svc, id string, port int) record {
+		return record{Service: svc, Node: Node{ID: id, Address: "h", Port: port}}
+	}
+	old := map[string]record{}
+	for _, x := range []record{r("a", "1", 1), r("a", "2", 2), r("b", "1", 1)} {
+		old[x.key()] = x
+	}
+	next := map[string]record{}
+	refreshed := r("a", "1", 1)
+	refreshed.Expires = time.Now().Add(time.Hour) // a refresh is not an update
+	for _, x := range []record{refreshed, r("a", "2", 3), r("c", "1", 1)} {
+		next[x.key()] = x
+	}
+	var got []string
+	for _, ev := range diff(old, next) {
+		got = append(got, ev.Action+" "+ev.Service.Name+"/"+ev.Service.Nodes[0].ID)
+	}
+	want := "update a/2,delete b/1,create c/1"
+	if strings.Join(got, ",") != want {
+		t.Errorf("diff: got %v; want %s", got, want)
+	}
+}
+
+func TestMergeKeepsVersionsApart(t *testing.T) {
+	one := merge([]Service{{Name: "s", Version: "1", Nodes: []Node{{ID: "a"}}}})
+	if one.Version != "1" || one.Nodes[0].Version != "" {
+		t.Errorf("one version: got %+v; want the version on the service", one)
+	}
+	two := merge([]Service{{Name: "s", Version: "1", Nodes: []Node{{ID: "a"}}}, {Name: "s", Version: "2", Nodes: []Node{{ID: "b"}}}})
+	if two.Version != "" || two.Nodes[0].Version != "1" || two.Nodes[1].Version != "2" {
+		t.Errorf("two versions: got %+v; want each node to carry its version", two)
+	}
+}
+
+func TestTableExpiryAndLimit(t *testing.T) {
+	tb := newTable(2)
+	now := time.Now()
+	a := record{Service: "s", Node: Node{ID: "a", Address: "h", Port: 1}, Expires: now.Add(time.Second)}
+	b := record{Service: "s", Node: Node{ID: "b", Address: "h", Port: 1}}
+	if err := tb.upsert(a, b); err != nil {
+		t.Fatal(err)
+	}
+	if err := tb.upsert(record{Service: "s", Node: Node{ID: "c"}}); err == nil {
+		t.Error("a third node in a table of two must be refused")
+	}
+	if err := tb.upsert(b); err != nil {
+		t.Errorf("refreshing an existing node in a full table: %v", err)
+	}
+	if got, _ := tb.lookup("s", now.Add(2*time.Second)); len(got[0].Nodes) != 1 {
+		t.Errorf("expired node still looked up: %+v", got)
+	}
+	w := tb.watch("s")
+	tb.sweep(now.Add(2 * time.Second))
+	if ev := <-w.ch; ev.Action != "delete" || ev.Service.Nodes[0].ID != "a" {
+		t.Errorf("sweep event: got %+v; want delete of a", ev)
+	}
+	tb.unwatch(w)
+}
+
+func TestSlowWatcherIsCutOff(t *testing.T) {
+	tb := newTable(0)
+	w := tb.watch("")
+	for i := range watchQueue + 1 {
+		tb.upsert(record{Service: "s", Node: Node{ID: fmt.Sprint(i), Address: "h", Port: 1}})
+	}
+	n := 0
+	for range w.ch {
+		n++
+	}
+	if n != watchQueue {
+		t.Errorf("received %d events before the cut-off; want %d then a closed channel", n, watchQueue)
+	}
+	tb.unwatch(w) // idempotent after the cut-off
+}
+
+// TestFileBackendConcurrentWriters runs several backends on one file, as
+// several sidecars would, and checks no registration is lost.
+func TestFileBackendConcurrentWriters(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "registry.json")
+	log := slog.New(slog.NewTextHandler(io.Discard, nil))
+	const writers, each = 6, 20
+	var backends []*fileBackend
+	for range writers {
+		fb, err := newFileBackend(t.Context(), path, newTable(0), log)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { fb.close() })
+		backends = append(backends, fb)
+	}
+	var wg sync.WaitGroup
+	for w, fb := range backends {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := range each {
+				s := Service{Name: fmt.Sprintf("svc%d", w), Nodes: []Node{{ID: fmt.Sprint(i), Address: "h", Port: 1}}}
+				if err := fb.register(s, time.Minute); err != nil {
+					t.Error(err)
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	data, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	recs, err := parseRegistryFile(data)
+	if err != nil || len(recs) != writers*each {
+		t.Fatalf("file holds %d records (%v); want %d", len(recs), err, writers*each)
+	}
+	// Every backend's table catches up with the others' writes.
+	for _, fb := range backends {
+		waitFor(t, 2*time.Second, "a backend to see every write", func() bool { return len(fb.t.snapshot()) == writers*each })
+	}
+}
+
+func TestFileBackendPrunesExpired(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "registry.json")
+	fb, err := newFileBackend(t.Context(), path, newTable(0), slog.New(slog.NewTextHandler(io.Discard, nil)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer fb.close()
+	now := time.Now()
+	fb.now = func() time.Time { return now }
+	fb.register(Service{Name: "old", Nodes: []Node{{ID: "1", Address: "h", Port: 1}}}, time.Second)
+	now = now.Add(2 * time.Second)
+	fb.register(Service{Name: "new", Nodes: []Node{{ID: "1", Address: "h", Port: 1}}}, time.Second)
+	data, _ := os.ReadFile(path)
+	if strings.Contains(string(data), `"old"`) || !strings.Contains(string(data), `"new"`) {
+		t.Errorf("expired entry not pruned:\n%s", data)
+	}
+}
+
+// FuzzDecodeService feeds arbitrary bodies to the registration decoder: it
+// must never panic, and what it accepts must be valid and encodable.
+func FuzzDecodeService(f *testing.F) {
+	for _, s := range []string{
+		`{"name":"a","nodes":[{"id":"n","address":"h","port":1}]}`,
+		`{"Name":"a","Nodes":[{"Id":"n","Address":"[::1]:80"}]}`,
+		`{"name":"a","metadata":{"k":"v"},"nodes":[{"id":"n","address":"h:1","port":1,"metadata":{}}]}`,
+		`{"name":1}`, `[]`, `null`, `{"name":"a","nodes":[{"id":"n","address":"h:99999"}]}`,
+	} {
+		f.Add([]byte(s))
+	}
+	f.Fuzz(func(t *testing.T, data []byte) {
+		s, err := decodeService(data)
+		if err != nil {
+			return
+		}
+		if s.Name == "" || !validName(s.Name) {
+			t.Fatalf("accepted invalid name %q", s.Name)
+		}
+		for _, n := range s.Nodes {
+			if n.ID == "" || n.Port < 1 || n.Port > 65535 || n.Address == "" {
+				t.Fatalf("accepted invalid node %+v", n)
+			}
+		}
+		if _, err := decodeService(mustJSON(t, s)); err != nil {
+			t.Fatalf("re-decoding an accepted service failed: %v", err)
+		}
+	})
+}
+
+func mustJSON(t *testing.T, v any) []byte {
+	t.Helper()
+	data, err := json.Marshal(v)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return data
+}
+
+// BenchmarkFileRegistryPropagation measures the time from a registration
+// through one file backend to its visibility in another's table, as between
+// two sidecars sharing a file.
+func BenchmarkFileRegistryPropagation(b *testing.B) {
+	path := filepath.Join(b.TempDir(), "registry.json")
+	log := slog.New(slog.NewTextHandler(io.Discard, nil))
+	writer, err := newFileBackend(b.Context(), path, newTable(0), log)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer writer.close()
+	reader, err := newFileBackend(b.Context(), path, newTable(0), log)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer reader.close()
+	var worst time.Duration
+	i := 0
+	for b.Loop() {
+		i++
+		name := fmt.Sprintf("svc%d", i)
+		start := time.Now()
+		writer.register(Service{Name: name, Nodes: []Node{{ID: "1", Address: "h", Port: 1}}}, time.Minute)
+		for {
+			if _, err := reader.t.lookup(name, time.Now()); err == nil {
+				break
+			}
+			time.Sleep(time.Millisecond)
+		}
+		worst = max(worst, time.Since(start))
+	}
+	b.ReportMetric(float64(worst.Microseconds())/1000, "worst-ms")
+}
