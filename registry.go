@@ -626,6 +626,15 @@ const maxOwned = 4096
 func (r *registry) Register(s Service, ttl time.Duration) error {
 	r.mu.Lock()
 	prev := map[string]*Service{} // what owned held for each key, to undo a refused registration
+	undoLocked := func() {
+		for k, old := range prev {
+			if old == nil {
+				delete(r.owned, k)
+			} else {
+				r.owned[k] = *old
+			}
+		}
+	}
 	for _, n := range s.Nodes {
 		one := Service{Name: s.Name, Version: s.Version, Metadata: s.Metadata, Nodes: []Node{n}}
 		k := recordsOf(one, time.Time{})[0].key()
@@ -639,6 +648,7 @@ func (r *registry) Register(s Service, ttl time.Duration) error {
 			continue
 		}
 		if _, ok := r.owned[k]; !ok && len(r.owned) >= maxOwned {
+			undoLocked()
 			r.mu.Unlock()
 			return fmt.Errorf("%w: this sidecar already keeps %d registrations alive; pass ?ttl= to register without it", errTableFull, maxOwned)
 		}
@@ -651,13 +661,7 @@ func (r *registry) Register(s Service, ttl time.Duration) error {
 	if err := r.backend.register(s, ttl); err != nil {
 		// A refused registration is not kept alive by refresh.
 		r.mu.Lock()
-		for k, old := range prev {
-			if old == nil {
-				delete(r.owned, k)
-			} else {
-				r.owned[k] = *old
-			}
-		}
+		undoLocked()
 		r.mu.Unlock()
 		return err
 	}
