@@ -385,4 +385,3 @@ func (s *soak) report(base, after sample) int {
 	fmt.Println("PASS")
 	return 0
 }
-
