@@ -417,6 +417,9 @@ func newSidecar(ctx context.Context, cfg config, log *slog.Logger) (*sidecar, er
 		started: time.Now(),
 	}
 	s.metrics = newSidecarMetrics(s)
+	if mb, ok := b.(*mdnsBackend); ok {
+		s.metrics.set.add(mb.counterFamily())
+	}
 	return s, nil
 }
 

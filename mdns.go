@@ -9,6 +9,7 @@ package main
 // mdns_cache.go; this file only moves packets and keeps time.
 
 import (
+	"bufio"
 	"context"
 	"errors"
 	"fmt"
@@ -588,4 +589,31 @@ func (b *mdnsBackend) send(i *mdnsIface, p []byte, dst netip.AddrPort) {
 		b.log.Info("multicast registry sends again", "interface", i.name)
 	}
 	i.sendErr = err
+}
+
+// mdnsCounterFamily exposes the backend's counters on /metrics as one
+// counter family, micro_mdns_packets_total{event=...}.
+type mdnsCounterFamily struct {
+	desc
+	s *mdnsStats
+}
+
+// counterFamily is the family the sidecar adds to its metrics set.
+func (b *mdnsBackend) counterFamily() family {
+	return &mdnsCounterFamily{desc: desc{n: "micro_mdns_packets_total", labels: []string{"event"},
+		help: "Multicast registry packets and records by what became of them: received, sent, send_error, malformed and oversize (dropped packets), ignored (wrong interface or source port), rejected (instances that are not valid nodes), cache_full (records past the bound), defended (goodbyes for our own nodes, answered)."}, s: &b.stats}
+}
+
+func (f *mdnsCounterFamily) write(w *bufio.Writer) {
+	f.header(w, "counter")
+	for _, c := range []struct {
+		event string
+		n     *atomic.Uint64
+	}{
+		{"cache_full", &f.s.cacheFull}, {"defended", &f.s.goodbyesSeen}, {"ignored", &f.s.ignored},
+		{"malformed", &f.s.malformed}, {"oversize", &f.s.oversize}, {"received", &f.s.packetsIn},
+		{"rejected", &f.s.rejected}, {"send_error", &f.s.sendErrors}, {"sent", &f.s.packetsOut},
+	} {
+		fmt.Fprintf(w, "%s%s %d\n", f.n, f.labelString([]string{c.event}), c.n.Load())
+	}
 }

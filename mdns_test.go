@@ -677,6 +677,15 @@ func TestMDNSThreeSidecars(t *testing.T) {
 		t.Error("a live sidecar's own app was lost")
 	}
 	assertRegistryHealthy(t, ps[0])
+	code, metrics := do(t, "GET", ps[0].url("/metrics"), "", "")
+	for _, want := range []string{"# TYPE micro_mdns_packets_total counter", `micro_mdns_packets_total{event="received"} `, `micro_mdns_packets_total{event="sent"} `} {
+		if code != 200 || !strings.Contains(metrics, want) {
+			t.Errorf("/metrics: %d, lacks %q", code, want)
+		}
+	}
+	if strings.Contains(metrics, `micro_mdns_packets_total{event="received"} 0`) {
+		t.Error("/metrics: no packet counted as received")
+	}
 }
 
 func assertRegistryHealthy(t *testing.T, p *proc) {
