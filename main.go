@@ -14,6 +14,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/netip"
 	"os"
 	"os/signal"
 	"runtime/debug"
@@ -110,12 +111,13 @@ type config struct {
 
 	Health healthConfig
 
-	Registry         string     // memory, file or etcd
-	RegistryAddress  string     // file path for the file registry; etcd URLs for etcd
-	Etcd             etcdConfig // --registry=etcd; Endpoints filled by validate
-	RegisterTTL      time.Duration
-	RegisterInterval time.Duration
-	RegistryMaxNodes int
+	Registry          string     // mdns, file, etcd or memory
+	RegistryAddress   string     // file path for the file registry; etcd URLs for etcd
+	RegistryInterface []string   // interfaces of the mdns registry; empty: chosen by the advertised address
+	Etcd              etcdConfig // --registry=etcd; Endpoints filled by validate
+	RegisterTTL       time.Duration
+	RegisterInterval  time.Duration
+	RegistryMaxNodes  int
 
 	MaxBodyBytes       int64
 	ShutdownTimeout    time.Duration
@@ -144,6 +146,7 @@ func parseSidecarFlags(args []string, out io.Writer, lookupEnv func(string) (str
 		metadata string
 		origins  string
 		level    string
+		ifaces   string
 	)
 	fs := flag.NewFlagSet("micro sidecar", flag.ContinueOnError)
 	fs.SetOutput(out)
@@ -158,7 +161,8 @@ func parseSidecarFlags(args []string, out io.Writer, lookupEnv func(string) (str
 	fs.DurationVar(&cfg.Health.Timeout, "healthcheck_timeout", time.Second, "Time one health check may take before it counts as a failure.")
 	fs.IntVar(&cfg.Health.Failures, "healthcheck_failures", 3, "Consecutive failed checks that take a healthy app out of discovery.")
 	fs.IntVar(&cfg.Health.Successes, "healthcheck_successes", 1, "Consecutive passed checks that put an unhealthy app back into discovery.")
-	fs.StringVar(&cfg.Registry, "registry", "file", "Registry backend: file (one JSON file shared by the sidecars of a host), etcd (an etcd v3 cluster, for sidecars across hosts) or memory (this sidecar alone).")
+	fs.StringVar(&cfg.Registry, "registry", "mdns", "Registry backend: mdns (multicast DNS service discovery on the local network, no server needed), file (one JSON file shared by the sidecars of a host), etcd (an etcd v3 cluster, for sidecars across hosts) or memory (this sidecar alone).")
+	fs.StringVar(&ifaces, "registry_interface", "", "Network interfaces of the mdns registry, comma separated, e.g. eth0. Default: the loopback interface when the app's address (or, with no app, --address) is a loopback address, else every up, multicast-capable interface.")
 	fs.StringVar(&cfg.RegistryAddress, "registry_address", "", "Registry location. For the file registry, the file's path; default $XDG_RUNTIME_DIR/micro/registry.json, else the user cache directory, else ./micro-registry.json. For etcd, the cluster's client URLs, comma separated, tried in order; default http://127.0.0.1:2379.")
 	fs.StringVar(&cfg.Etcd.Prefix, "registry_prefix", defaultEtcdPrefix, "etcd key prefix under which every node is kept as <prefix><service>/<node id>. Sidecars that should see each other use the same prefix.")
 	fs.StringVar(&cfg.Etcd.CAFile, "registry_tls_ca", "", "PEM file of the CA that signed the etcd servers' certificates, for https:// etcd URLs. Default: the system's CAs.")
@@ -213,6 +217,7 @@ func parseSidecarFlags(args []string, out io.Writer, lookupEnv func(string) (str
 		return config{}, fmt.Errorf("--log_level %q: want debug, info, warn or error", level)
 	}
 	cfg.CORSAllowedOrigins = splitList(origins)
+	cfg.RegistryInterface = splitList(ifaces)
 	cfg.Broker.AuthToken = cfg.AuthToken
 	if cfg.TLSCertFile != "" {
 		cfg.Broker.PeerScheme = "https"
@@ -275,7 +280,7 @@ func (c *config) validate() error {
 		}
 	}
 	switch c.Registry {
-	case "memory":
+	case "memory", "mdns":
 	case "file":
 		if c.RegistryAddress == "" {
 			c.RegistryAddress = defaultRegistryPath()
@@ -285,7 +290,10 @@ func (c *config) validate() error {
 			return err
 		}
 	default:
-		return fmt.Errorf("--registry %q: want file, etcd or memory", c.Registry)
+		return fmt.Errorf("--registry %q: want mdns, file, etcd or memory", c.Registry)
+	}
+	if len(c.RegistryInterface) > 0 && c.Registry != "mdns" {
+		return fmt.Errorf("--registry_interface needs --registry=mdns (the registry is %s)", c.Registry)
 	}
 	if c.RegisterTTL < time.Second {
 		return errors.New("--register_ttl must be at least 1s")
@@ -333,6 +341,21 @@ func (c *config) validate() error {
 		return fmt.Errorf("--log_format %q: want text or json", c.LogFormat)
 	}
 	return nil
+}
+
+// advertisesLoopback reports whether what this sidecar advertises, the
+// app's address or else its own, is a loopback address, which is useless
+// to other hosts: the mdns registry then stays on the loopback interface.
+func (c *config) advertisesLoopback() bool {
+	host, _, _ := net.SplitHostPort(c.Address)
+	if c.ServerName != "" {
+		host, _, _ = net.SplitHostPort(c.ServerAddress)
+	}
+	if host == "localhost" {
+		return true
+	}
+	ip, err := netip.ParseAddr(host)
+	return err == nil && ip.Unmap().IsLoopback()
 }
 
 // appService is the app's own registration.
@@ -417,6 +440,12 @@ func newSidecar(ctx context.Context, cfg config, log *slog.Logger) (*sidecar, er
 			return nil, err
 		}
 		b = fb
+	case "mdns":
+		mb, err := newMDNSBackend(ctx, mdnsConfig{Interfaces: cfg.RegistryInterface, Loopback: cfg.advertisesLoopback()}, t, log)
+		if err != nil {
+			return nil, err
+		}
+		b = mb
 	case "etcd":
 		eb, err := newEtcdBackend(ctx, cfg.Etcd, t, log)
 		if err != nil {
@@ -437,6 +466,9 @@ func newSidecar(ctx context.Context, cfg config, log *slog.Logger) (*sidecar, er
 	s.proxy = newProxy(proxyConfig{Retries: cfg.RPC.Retries, Timeout: cfg.RPC.Timeout}, s.reg, sel, nodes, log)
 	s.broker = newBroker(cfg.Broker, s.reg, s.conns, log)
 	s.metrics = newSidecarMetrics(s)
+	if mb, ok := b.(*mdnsBackend); ok {
+		s.metrics.set.add(mb.counterFamily())
+	}
 	return s, nil
 }
 

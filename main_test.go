@@ -30,6 +30,15 @@ import (
 var binPath string
 
 func TestMain(m *testing.M) {
+	if inTestNamespace() {
+		// Re-executed inside a private network namespace by inNamespace:
+		// the parent built the binary, and here the default registry
+		// (multicast) may run.
+		binPath = os.Getenv("MICRO_TEST_BIN")
+		os.Unsetenv("MICRO_REGISTRY")
+		os.Unsetenv("MICRO_REGISTRY_ADDRESS")
+		os.Exit(m.Run())
+	}
 	dir, err := os.MkdirTemp("", "micro-test-bin-")
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
@@ -42,6 +51,12 @@ func TestMain(m *testing.M) {
 		fmt.Fprintf(os.Stderr, "building the binary: %v\n%s", err, out)
 		os.Exit(1)
 	}
+	// Outside a namespace no test may multicast, not even on the host's
+	// loopback: a sidecar started without --registry gets a file registry
+	// private to this run, not the multicast default. The multicast tests
+	// re-run themselves in a namespace (inNamespace), where this is undone.
+	os.Setenv("MICRO_REGISTRY", "file")
+	os.Setenv("MICRO_REGISTRY_ADDRESS", filepath.Join(dir, "registry.json"))
 	code := m.Run()
 	os.RemoveAll(dir)
 	os.Exit(code)
@@ -85,8 +100,15 @@ func startSidecar(t *testing.T, args ...string) *proc {
 
 func startSidecarEnv(t *testing.T, env []string, args ...string) *proc {
 	t.Helper()
-	full := append([]string{"sidecar", "--address=127.0.0.1:0"}, args...)
-	cmd := exec.Command(binPath, full...)
+	return startSidecarIn(t, nil, env, args...)
+}
+
+// startSidecarIn is startSidecarEnv with a command prefix, such as
+// `ip netns exec NAME`, to run the sidecar in another network namespace.
+func startSidecarIn(t *testing.T, prefix []string, env []string, args ...string) *proc {
+	t.Helper()
+	full := append(append(append([]string{}, prefix...), binPath, "sidecar", "--address=127.0.0.1:0"), args...)
+	cmd := exec.Command(full[0], full[1:]...)
 	cmd.Env = append(os.Environ(), env...)
 	p := &proc{t: t, cmd: cmd, log: &syncBuffer{}, done: make(chan struct{})}
 	cmd.Stdout = p.log
@@ -229,7 +251,9 @@ func TestCommandLine(t *testing.T) {
 		{[]string{"sidecar", "--healthcheck_url=http://127.0.0.1:1/"}, 2, "need --server_name"},
 		{[]string{"sidecar", "--server_name=foo"}, 2, "--server_name needs --server_address"},
 		{[]string{"sidecar", "--server_name=foo", "--server_address=127.0.0.1:99999"}, 2, "port must be 1-65535"},
-		{[]string{"sidecar", "--registry=zookeeper"}, 2, `--registry "zookeeper"`},
+		{[]string{"sidecar", "--registry=zookeeper"}, 2, `--registry "zookeeper": want mdns, file, etcd or memory`},
+		{[]string{"sidecar", "--registry=memory", "--registry_interface=lo"}, 2, "--registry_interface needs --registry=mdns"},
+		{[]string{"sidecar", "--help"}, 0, "-registry_interface"},
 		{[]string{"sidecar", "--server_name=f", "--server_address=127.0.0.1:1", "--healthcheck_url=ftp://x"}, 2, "scheme must be http, https or tcp"},
 	} {
 		t.Run(strings.Join(tc.args, " "), func(t *testing.T) {
@@ -623,7 +647,7 @@ func TestScratchImage(t *testing.T) {
 	if err := os.WriteFile(filepath.Join(root, "micro"), data, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	cmd := exec.Command("/micro", "sidecar", "--address=127.0.0.1:0", "--server_name=scratchy", "--server_address=127.0.0.1:9999")
+	cmd := exec.Command("/micro", "sidecar", "--address=127.0.0.1:0", "--registry=file", "--server_name=scratchy", "--server_address=127.0.0.1:9999")
 	cmd.Env = []string{}
 	cmd.Dir = "/"
 	cmd.SysProcAttr = &syscall.SysProcAttr{Chroot: root}

@@ -625,14 +625,30 @@ const maxOwned = 4096
 // ttl it expires unless registered again in time.
 func (r *registry) Register(s Service, ttl time.Duration) error {
 	r.mu.Lock()
+	prev := map[string]*Service{} // what owned held for each key, to undo a refused registration
+	undoLocked := func() {
+		for k, old := range prev {
+			if old == nil {
+				delete(r.owned, k)
+			} else {
+				r.owned[k] = *old
+			}
+		}
+	}
 	for _, n := range s.Nodes {
 		one := Service{Name: s.Name, Version: s.Version, Metadata: s.Metadata, Nodes: []Node{n}}
 		k := recordsOf(one, time.Time{})[0].key()
+		if old, ok := r.owned[k]; ok {
+			prev[k] = &old
+		} else {
+			prev[k] = nil
+		}
 		if ttl > 0 {
 			delete(r.owned, k)
 			continue
 		}
 		if _, ok := r.owned[k]; !ok && len(r.owned) >= maxOwned {
+			undoLocked()
 			r.mu.Unlock()
 			return fmt.Errorf("%w: this sidecar already keeps %d registrations alive; pass ?ttl= to register without it", errTableFull, maxOwned)
 		}
@@ -642,7 +658,14 @@ func (r *registry) Register(s Service, ttl time.Duration) error {
 	if ttl == 0 {
 		ttl = r.ttl
 	}
-	return r.backend.register(s, ttl)
+	if err := r.backend.register(s, ttl); err != nil {
+		// A refused registration is not kept alive by refresh.
+		r.mu.Lock()
+		undoLocked()
+		r.mu.Unlock()
+		return err
+	}
+	return nil
 }
 
 // Deregister removes s's nodes.

@@ -1,0 +1,619 @@
+package main
+
+// The multicast registry backend: multicast DNS (RFC 6762) with DNS-based
+// service discovery (RFC 6763). Every node registered on this sidecar is
+// announced as an instance of _micro._tcp.local.; every answer heard on
+// the chosen interfaces goes through a passive cache into the table, so
+// that lookups never wait on the network. The records themselves are
+// built and read by the pure functions of mdns_records.go and
+// mdns_cache.go; this file only moves packets and keeps time.
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math"
+	"net"
+	"net/netip"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"golang.org/x/net/dns/dnsmessage"
+)
+
+const (
+	mdnsPort = 5353
+	// mdnsTick is how often the backend's loop runs its step: repeated
+	// announcements, start queries, cache expiry and refresh queries.
+	mdnsTick = 250 * time.Millisecond
+	// mdnsRepeat is the gap between the two announcements of a new or
+	// changed node (RFC 6762 section 8.3: at least two, one second apart).
+	mdnsRepeat = time.Second
+	// mdnsStartQueries is how many browse queries a starting sidecar sends,
+	// mdnsRepeat apart (RFC 6762 section 5.2 asks for at least two).
+	mdnsStartQueries = 2
+	// mdnsMaxQuestions bounds the questions of one cache-refresh query.
+	mdnsMaxQuestions = 48
+)
+
+// mdnsGroup is the IPv4 mDNS group (RFC 6762 section 3).
+var mdnsGroup = netip.MustParseAddr("224.0.0.251")
+
+// mdnsConfig is what the backend needs from the sidecar's config.
+type mdnsConfig struct {
+	// Interfaces names the interfaces to use. Empty: the loopback
+	// interface when Loopback is set, else every up, multicast-capable
+	// interface with an IPv4 address.
+	Interfaces []string
+	// Loopback says the advertised address is a loopback address, useless
+	// to other hosts.
+	Loopback bool
+	// Port is the UDP port; zero means 5353.
+	Port int
+}
+
+// mdnsStats counts what the backend did and dropped; the metrics issue
+// exports them.
+type mdnsStats struct {
+	packetsIn    atomic.Uint64
+	packetsOut   atomic.Uint64
+	malformed    atomic.Uint64 // did not parse: dropped
+	oversize     atomic.Uint64 // larger than 9000 bytes: dropped
+	ignored      atomic.Uint64 // wrong interface, or a response not from port 5353
+	rejected     atomic.Uint64 // _micro._tcp instances that do not make a valid node
+	cacheFull    atomic.Uint64 // records dropped at the cache's or the table's bound
+	sendErrors   atomic.Uint64
+	goodbyesSeen atomic.Uint64 // goodbyes for our own instances, answered by announcing again
+}
+
+// mdnsIface is one interface the backend joined.
+type mdnsIface struct {
+	name    string
+	conn    *mdnsConn
+	sendErr error // the latest send's failure; guarded by mdnsBackend.mu
+}
+
+// mdnsLocal is one node this sidecar announces.
+type mdnsLocal struct {
+	rec      record
+	ann      mdnsAnnouncement
+	ttl      uint32    // seconds
+	repeatAt time.Time // zero: no announcement pending
+	lastSent time.Time // when its records were last multicast
+}
+
+// mdnsBackend keeps the table current from the link and announces this
+// sidecar's registrations on it.
+type mdnsBackend struct {
+	t     *table
+	log   *slog.Logger
+	now   func() time.Time
+	port  int
+	stats mdnsStats
+
+	ifaces  []*mdnsIface // fixed once started
+	joinErr error        // the interfaces that could not be joined, with what to do
+
+	mu           sync.Mutex // guards locals, labels, cache, startQueries, nextQuery, each iface's sendErr
+	locals       map[string]*mdnsLocal
+	labels       map[string]string // lower-cased instance label -> record key
+	cache        *mdnsCache
+	startQueries int
+	nextQuery    time.Time
+
+	stop context.CancelFunc
+	wg   sync.WaitGroup
+	once sync.Once
+}
+
+// errNoInterface is the status of a backend that joined no interface.
+var errNoInterface = errors.New("mdns: no interface joined")
+
+// newMDNSBackend joins the interfaces cfg chooses and starts listening. A
+// name in cfg.Interfaces that does not exist is an error; an interface
+// that cannot be joined is logged, reported by status, and skipped, and the
+// local registry keeps working.
+func newMDNSBackend(ctx context.Context, cfg mdnsConfig, t *table, log *slog.Logger) (*mdnsBackend, error) {
+	all, err := net.Interfaces()
+	if err != nil {
+		return nil, fmt.Errorf("mdns registry: listing interfaces: %w", err)
+	}
+	chosen, err := chooseInterfaces(cfg.Interfaces, cfg.Loopback, all, ipv4Of)
+	if err != nil {
+		return nil, err
+	}
+	b := newMDNSState(t, log, cfg.Port)
+	var failed []error
+	for _, ifi := range chosen {
+		conn, err := listenMDNS(ifi, ipv4Of(ifi), b.port)
+		if err != nil {
+			err = fmt.Errorf("mdns: interface %s: %w; %s", ifi.Name, err, joinAdvice(ifi.Name, err))
+			log.Error("multicast registry cannot use an interface; the local registry keeps working", "interface", ifi.Name, "error", err)
+			failed = append(failed, err)
+			continue
+		}
+		b.ifaces = append(b.ifaces, &mdnsIface{name: ifi.Name, conn: conn})
+	}
+	b.joinErr = errors.Join(failed...)
+	if len(chosen) == 0 {
+		b.joinErr = fmt.Errorf("%w: no up, multicast-capable interface with an IPv4 address; name one with --registry_interface, or use --registry=file", errNoInterface)
+		log.Error("multicast registry has no interface; the local registry keeps working", "error", b.joinErr)
+	}
+	names := make([]string, 0, len(b.ifaces))
+	for _, i := range b.ifaces {
+		names = append(names, i.name)
+	}
+	log.Info("Multicast registry on "+strings.Join(names, ","), "interfaces", names, "service_type", mdnsServiceType, "port", b.port)
+
+	ctx, b.stop = context.WithCancel(ctx)
+	for _, i := range b.ifaces {
+		b.wg.Add(1)
+		go b.readLoop(ctx, i)
+	}
+	b.wg.Add(1)
+	go b.loop(ctx)
+	b.tick(b.now()) // the first browse query goes out at once
+	return b, nil
+}
+
+// newMDNSState is a backend with no sockets: what tests and the fuzz target
+// drive directly.
+func newMDNSState(t *table, log *slog.Logger, port int) *mdnsBackend {
+	if port == 0 {
+		port = mdnsPort
+	}
+	return &mdnsBackend{
+		t: t, log: log, now: time.Now, port: port,
+		locals: map[string]*mdnsLocal{}, labels: map[string]string{}, cache: newMDNSCache(t.maxNodes),
+		stop: func() {},
+	}
+}
+
+// joinAdvice says what to do about an interface that could not be used.
+func joinAdvice(name string, err error) string {
+	if strings.Contains(err.Error(), "bind") {
+		return "another program holds UDP 5353 without sharing it (stop its mDNS responder), or use --registry=file"
+	}
+	return fmt.Sprintf("check that %s is up and multicast-capable (ip link set %s multicast on); in containers and VPNs multicast is often off: choose another interface with --registry_interface, run the containers on a network that carries multicast, or use --registry=file", name, name)
+}
+
+// chooseInterfaces picks the interfaces to join: the named ones (an
+// unknown name is an error that lists the known ones), else the loopback
+// interfaces when the advertised address is loopback, else the up,
+// multicast-capable, non-loopback interfaces with an IPv4 address.
+func chooseInterfaces(names []string, loopback bool, all []net.Interface, v4 func(net.Interface) netip.Addr) ([]net.Interface, error) {
+	if len(names) > 0 {
+		var out []net.Interface
+		for _, n := range names {
+			found := false
+			for _, ifi := range all {
+				if ifi.Name == n {
+					out, found = append(out, ifi), true
+					break
+				}
+			}
+			if !found {
+				known := make([]string, 0, len(all))
+				for _, ifi := range all {
+					known = append(known, ifi.Name)
+				}
+				return nil, fmt.Errorf("--registry_interface %q: no such interface (this host has %s)", n, strings.Join(known, ", "))
+			}
+		}
+		return out, nil
+	}
+	var out []net.Interface
+	for _, ifi := range all {
+		up := ifi.Flags&net.FlagUp != 0
+		lo := ifi.Flags&net.FlagLoopback != 0
+		switch {
+		case loopback && up && lo:
+			out = append(out, ifi)
+		case !loopback && up && !lo && ifi.Flags&net.FlagMulticast != 0 && v4(ifi).IsValid():
+			out = append(out, ifi)
+		}
+	}
+	return out, nil
+}
+
+// ipv4Of is an interface's first IPv4 address, the source of what we send
+// on it; invalid when it has none.
+func ipv4Of(ifi net.Interface) netip.Addr {
+	addrs, err := ifi.Addrs()
+	if err != nil {
+		return netip.Addr{}
+	}
+	for _, a := range addrs {
+		if n, ok := a.(*net.IPNet); ok {
+			if ip, ok := netip.AddrFromSlice(n.IP); ok && ip.Unmap().Is4() {
+				return ip.Unmap()
+			}
+		}
+	}
+	return netip.Addr{}
+}
+
+// mdnsTTL rounds a registration's TTL up to whole seconds; a TTL of
+// zero (never expires) is announced with RFC 6762 section 10's 120 s.
+func mdnsTTL(ttl time.Duration) uint32 {
+	if ttl <= 0 {
+		return 120
+	}
+	return uint32(min(math.Ceil(ttl.Seconds()), mdnsMaxTTL))
+}
+
+func (b *mdnsBackend) register(s Service, ttl time.Duration) error {
+	now := b.now()
+	recs := recordsOf(s, expiry(now, ttl))
+	b.mu.Lock()
+	anns := make([]mdnsAnnouncement, len(recs))
+	for i, r := range recs {
+		label := instanceLabel(r.Node.ID)
+		if l, ok := b.locals[r.key()]; ok {
+			label = strings.TrimSuffix(l.ann.instance, "."+mdnsServiceType)
+		} else if k, taken := b.labels[strings.ToLower(label)]; taken && k != r.key() {
+			label = uniqueLabel(r.Service, r.Node.ID)
+		}
+		a, err := announcementOf(r, label)
+		if err != nil {
+			b.mu.Unlock()
+			return err
+		}
+		anns[i] = a
+	}
+	if err := b.t.upsert(recs...); err != nil {
+		b.mu.Unlock()
+		return err
+	}
+	var pkts [][]byte
+	for i, r := range recs {
+		a := anns[i]
+		l := b.locals[r.key()]
+		if l == nil || !l.rec.same(r) || l.ttl != mdnsTTL(ttl) {
+			// New or changed: announce twice (RFC 6762 section 8.3).
+			l = &mdnsLocal{repeatAt: now.Add(mdnsRepeat)}
+			b.locals[r.key()] = l
+		}
+		l.rec, l.ann, l.ttl, l.lastSent = r, a, mdnsTTL(ttl), now
+		b.labels[strings.ToLower(a.instance[:len(a.instance)-len(mdnsServiceType)-1])] = r.key()
+		if p, err := announcePacket(a, l.ttl); err == nil {
+			pkts = append(pkts, p)
+		}
+	}
+	b.mu.Unlock()
+	b.multicast(pkts)
+	return nil
+}
+
+func (b *mdnsBackend) deregister(s Service) error {
+	b.mu.Lock()
+	pkts := b.forgetLocalsLocked(keysOf(s))
+	b.t.remove(recordsOf(s, time.Time{})...)
+	b.mu.Unlock()
+	b.multicast(pkts)
+	return nil
+}
+
+// forgetLocalsLocked drops local nodes and returns their goodbye packets
+// (RFC 6762 section 10.1: the same records with TTL 0).
+func (b *mdnsBackend) forgetLocalsLocked(keys []string) [][]byte {
+	var pkts [][]byte
+	for _, k := range keys {
+		l := b.locals[k]
+		if l == nil {
+			continue
+		}
+		delete(b.locals, k)
+		delete(b.labels, strings.ToLower(strings.TrimSuffix(l.ann.instance, "."+mdnsServiceType)))
+		if p, err := announcePacket(l.ann, 0); err == nil {
+			pkts = append(pkts, p)
+		}
+	}
+	return pkts
+}
+
+func (b *mdnsBackend) status() error {
+	b.mu.Lock()
+	var sendErrs []error
+	for _, i := range b.ifaces {
+		sendErrs = append(sendErrs, i.sendErr)
+	}
+	b.mu.Unlock()
+	sendErr := errors.Join(sendErrs...)
+	switch {
+	case len(b.ifaces) == 0 && b.joinErr != nil && !errors.Is(b.joinErr, errNoInterface):
+		return fmt.Errorf("%w: %w", errNoInterface, b.joinErr)
+	case b.joinErr != nil:
+		return b.joinErr
+	case sendErr != nil:
+		return sendErr
+	}
+	return nil
+}
+
+// close says goodbye for every local node, then stops the loops and closes
+// the sockets. It is idempotent and waits for the goroutines it owns.
+func (b *mdnsBackend) close() error {
+	b.once.Do(func() {
+		b.mu.Lock()
+		keys := make([]string, 0, len(b.locals))
+		for k := range b.locals {
+			keys = append(keys, k)
+		}
+		pkts := b.forgetLocalsLocked(keys)
+		b.mu.Unlock()
+		b.multicast(pkts)
+		b.stop()
+		for _, i := range b.ifaces {
+			i.conn.close()
+		}
+		b.wg.Wait()
+	})
+	return nil
+}
+
+// isLocalLocked reports whether key is one of this sidecar's nodes.
+func (b *mdnsBackend) isLocalLocked(key string) bool { _, ok := b.locals[key]; return ok }
+
+// handlePacket takes one packet heard from src and returns the packets to
+// send back on the same interface: the answers to a query. It is the
+// packet-to-registry path the fuzz target drives.
+func (b *mdnsBackend) handlePacket(data []byte, src netip.AddrPort) []outPacket {
+	b.stats.packetsIn.Add(1)
+	pkt, err := parsePacket(data)
+	if err != nil {
+		b.stats.malformed.Add(1)
+		b.log.Debug("mdns: dropped a malformed packet", "from", src, "error", err)
+		return nil
+	}
+	now := b.now()
+	if pkt.response {
+		// RFC 6762 section 6: responses not from port 5353 are ignored.
+		if src.Port() != uint16(b.port) {
+			b.stats.ignored.Add(1)
+			return nil
+		}
+		b.mu.Lock()
+		ch, st := b.cache.apply(pkt, now, b.isLocalLocked)
+		b.defendLocked(pkt, now)
+		b.applyChanges(ch) // under mu: the table sees changes in the order the cache made them
+		b.mu.Unlock()
+		b.stats.rejected.Add(uint64(st.rejected))
+		b.stats.cacheFull.Add(uint64(st.full))
+		return nil
+	}
+	if len(pkt.questions) == 0 {
+		return nil
+	}
+	// A query from a port other than 5353 is a legacy unicast query (RFC
+	// 6762 section 6.7): answered to its sender, with its ID and questions.
+	legacy := src.Port() != uint16(b.port)
+	var groups [][2][]dnsmessage.Resource
+	b.mu.Lock()
+	for _, l := range b.locals {
+		if l.rec.expired(now) {
+			continue
+		}
+		ans, extra := answer(pkt.questions, pkt.records, []mdnsAnnouncement{l.ann}, func(mdnsAnnouncement) uint32 { return l.ttl }, legacy)
+		if len(ans) == 0 {
+			continue
+		}
+		if !legacy {
+			// RFC 6762 section 6: a record is multicast at most once a
+			// second. Answers to records sent less than a second ago wait
+			// until the second is up, and go out once however many queries
+			// asked, as an announcement at the next tick.
+			if next := l.lastSent.Add(mdnsRepeat); now.Before(next) {
+				if l.repeatAt.IsZero() || next.Before(l.repeatAt) {
+					l.repeatAt = next
+				}
+				continue
+			}
+			l.lastSent = now
+		}
+		groups = append(groups, [2][]dnsmessage.Resource{ans, extra})
+	}
+	b.mu.Unlock()
+	if len(groups) == 0 {
+		return nil
+	}
+	h := dnsmessage.Header{Response: true, Authoritative: true}
+	var qs []dnsmessage.Question
+	dst := netip.AddrPortFrom(mdnsGroup, uint16(b.port))
+	if legacy {
+		h.ID, qs, dst = pkt.id, pkt.questions, src
+	}
+	pkts, err := packResponses(h, qs, groups)
+	if err != nil {
+		b.log.Warn("mdns: building an answer failed", "error", err)
+		return nil
+	}
+	out := make([]outPacket, 0, len(pkts))
+	for _, p := range pkts {
+		out = append(out, outPacket{data: p, dst: dst})
+	}
+	return out
+}
+
+// outPacket is a packet to send and where to.
+type outPacket struct {
+	data []byte
+	dst  netip.AddrPort
+}
+
+// defendLocked answers a goodbye for one of our own instances, heard from
+// someone else or left over from an earlier run, by announcing it again
+// at the next tick, so that the other caches keep it.
+func (b *mdnsBackend) defendLocked(pkt mdnsPacket, now time.Time) {
+	for _, rr := range pkt.records {
+		if rr.ttl != 0 || !instanceOf(rr.name) && !(rr.typ == dnsmessage.TypePTR && instanceOf(rr.target)) {
+			continue
+		}
+		name := rr.name
+		if rr.typ == dnsmessage.TypePTR {
+			name = rr.target
+		}
+		if k, ok := b.labels[strings.TrimSuffix(name, "."+mdnsServiceType)]; ok {
+			if l := b.locals[k]; l != nil && l.repeatAt.IsZero() {
+				l.repeatAt = now
+				b.stats.goodbyesSeen.Add(1)
+			}
+		}
+	}
+}
+
+// applyChanges installs the cache's changes in the table. The caller holds
+// b.mu; the table never calls back into the backend.
+func (b *mdnsBackend) applyChanges(ch cacheChanges) {
+	if len(ch.remove) > 0 {
+		b.t.remove(ch.remove...)
+	}
+	if len(ch.upsert) > 0 {
+		if err := b.t.upsert(ch.upsert...); err != nil {
+			b.stats.cacheFull.Add(uint64(len(ch.upsert)))
+		}
+	}
+}
+
+// tick is the step of the backend's loop: repeat announcements that are
+// due, send the start queries, expire the cache and ask what it needs to
+// stay current. Tests call it with the time they want.
+func (b *mdnsBackend) tick(now time.Time) {
+	var pkts [][]byte
+	b.mu.Lock()
+	for k, l := range b.locals {
+		if l.rec.expired(now) {
+			// A registration with ?ttl= that was not renewed: the other
+			// caches expire it at the same moment; no goodbye needed.
+			delete(b.locals, k)
+			delete(b.labels, strings.ToLower(strings.TrimSuffix(l.ann.instance, "."+mdnsServiceType)))
+			continue
+		}
+		if !l.repeatAt.IsZero() && !now.Before(l.repeatAt) {
+			l.repeatAt, l.lastSent = time.Time{}, now
+			if p, err := announcePacket(l.ann, l.ttl); err == nil {
+				pkts = append(pkts, p)
+			}
+		}
+	}
+	if b.startQueries < mdnsStartQueries && !now.Before(b.nextQuery) {
+		b.startQueries++
+		b.nextQuery = now.Add(mdnsRepeat)
+		if p, err := queryPacket([]dnsmessage.Question{question(mdnsServiceType, dnsmessage.TypePTR)}, nil); err == nil {
+			pkts = append(pkts, p)
+		}
+	}
+	b.applyChanges(b.cache.expire(now, b.isLocalLocked))
+	if qs := b.cache.due(now, b.isLocalLocked, mdnsMaxQuestions); len(qs) > 0 {
+		if p, err := queryPacket(qs, nil); err == nil {
+			pkts = append(pkts, p)
+		}
+	}
+	b.mu.Unlock()
+	b.t.sweep(now)
+	b.multicast(pkts)
+}
+
+func (b *mdnsBackend) loop(ctx context.Context) {
+	defer b.wg.Done()
+	tick := time.NewTicker(mdnsTick)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick.C:
+			b.tick(b.now())
+		}
+	}
+}
+
+// readLoop reads one interface's socket until it is closed.
+func (b *mdnsBackend) readLoop(ctx context.Context, i *mdnsIface) {
+	defer b.wg.Done()
+	buf := make([]byte, mdnsMaxPacket+1)
+	oob := make([]byte, 256)
+	for {
+		n, src, ifindex, truncated, err := i.conn.read(buf, oob)
+		if err != nil {
+			if errors.Is(err, net.ErrClosed) || ctx.Err() != nil {
+				return
+			}
+			b.log.Warn("mdns: read failed", "interface", i.name, "error", err)
+			continue
+		}
+		if truncated || n > mdnsMaxPacket {
+			b.stats.oversize.Add(1)
+			continue
+		}
+		if ifindex != 0 && ifindex != i.conn.index {
+			b.stats.ignored.Add(1) // heard on an interface nobody chose
+			continue
+		}
+		for _, p := range b.handlePacket(buf[:n], src) {
+			b.send(i, p.data, p.dst)
+		}
+	}
+}
+
+// multicast sends packets to the group on every joined interface.
+func (b *mdnsBackend) multicast(pkts [][]byte) {
+	dst := netip.AddrPortFrom(mdnsGroup, uint16(b.port))
+	for _, p := range pkts {
+		for _, i := range b.ifaces {
+			b.send(i, p, dst)
+		}
+	}
+}
+
+// send writes one packet, keeping the latest failure for status and
+// logging each change between failing and working once.
+func (b *mdnsBackend) send(i *mdnsIface, p []byte, dst netip.AddrPort) {
+	err := i.conn.write(p, dst)
+	if err == nil {
+		b.stats.packetsOut.Add(1)
+	} else {
+		b.stats.sendErrors.Add(1)
+		err = fmt.Errorf("mdns: sending on %s: %w; %s", i.name, err, joinAdvice(i.name, err))
+	}
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	switch {
+	case err != nil && i.sendErr == nil:
+		b.log.Warn("multicast registry cannot send", "interface", i.name, "error", err)
+	case err == nil && i.sendErr != nil:
+		b.log.Info("multicast registry sends again", "interface", i.name)
+	}
+	i.sendErr = err
+}
+
+// mdnsCounterFamily exposes the backend's counters on /metrics as one
+// counter family, micro_mdns_packets_total{event=...}.
+type mdnsCounterFamily struct {
+	desc
+	s *mdnsStats
+}
+
+// counterFamily is the family the sidecar adds to its metrics set.
+func (b *mdnsBackend) counterFamily() family {
+	return &mdnsCounterFamily{desc: desc{n: "micro_mdns_packets_total", labels: []string{"event"},
+		help: "Multicast registry packets and records by what became of them: received, sent, send_error, malformed and oversize (dropped packets), ignored (wrong interface or source port), rejected (instances that are not valid nodes), cache_full (records past the bound), defended (goodbyes for our own nodes, answered)."}, s: &b.stats}
+}
+
+func (f *mdnsCounterFamily) write(w *bufio.Writer) {
+	f.header(w, "counter")
+	for _, c := range []struct {
+		event string
+		n     *atomic.Uint64
+	}{
+		{"cache_full", &f.s.cacheFull}, {"defended", &f.s.goodbyesSeen}, {"ignored", &f.s.ignored},
+		{"malformed", &f.s.malformed}, {"oversize", &f.s.oversize}, {"received", &f.s.packetsIn},
+		{"rejected", &f.s.rejected}, {"send_error", &f.s.sendErrors}, {"sent", &f.s.packetsOut},
+	} {
+		fmt.Fprintf(w, "%s%s %d\n", f.n, f.labelString([]string{c.event}), c.n.Load())
+	}
+}

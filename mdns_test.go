@@ -1,0 +1,1028 @@
+package main
+
+import (
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/netip"
+	"os"
+	"os/exec"
+	"reflect"
+	"slices"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"golang.org/x/net/dns/dnsmessage"
+	"golang.org/x/net/websocket"
+)
+
+// Unit tests of the multicast registry's pure parts: record building, TXT
+// layout, packet parsing, the cache and the answers. They use no socket.
+
+var discardLog = slog.New(slog.NewTextHandler(io.Discard, nil))
+
+func testRecord(service, id, addr string, port int) record {
+	return record{Service: service, Version: "1.0.0", Metadata: map[string]string{"owner": "team-a"},
+		Node: Node{ID: id, Address: addr, Port: port, Metadata: map[string]string{"zone": "eu", "name": "tricky", "svc:x": "y"}}}
+}
+
+func TestInstanceLabel(t *testing.T) {
+	long := strings.Repeat("a", 100)
+	for _, tc := range []struct{ id, want string }{
+		{"foo-1", "foo-1"},
+		{"go.micro.srv.example-c5718d29", "go-micro-srv-example-c5718d29"},
+		{strings.Repeat("x", 63), strings.Repeat("x", 63)},
+		{long, long[:54] + "-" + shortHash(long)},
+	} {
+		if got := instanceLabel(tc.id); got != tc.want || len(got) > 63 {
+			t.Errorf("instanceLabel(%q) = %q; want %q (at most 63 bytes)", tc.id, got, tc.want)
+		}
+	}
+	if a, b := uniqueLabel("topic:a", "s1"), uniqueLabel("topic:b", "s1"); a == b || len(a) > 63 {
+		t.Errorf("uniqueLabel must differ by service: %q and %q", a, b)
+	}
+}
+
+func TestTXTRoundTrip(t *testing.T) {
+	r := testRecord("go.micro.srv.example", "n1", "127.0.0.1", 80)
+	txt, err := txtOf(r)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []string{"txtvers=1", "name=go.micro.srv.example", "id=n1", "version=1.0.0", "svc:owner=team-a", "node:name=tricky", "node:svc:x=y", "zone=eu"}
+	if !reflect.DeepEqual(txt, want) {
+		t.Errorf("txtOf = %q; want %q", txt, want)
+	}
+	got, ok := parseTXT(txt)
+	if !ok || got.name != r.Service || got.id != r.Node.ID || got.version != r.Version ||
+		!reflect.DeepEqual(got.svcMeta, r.Metadata) || !reflect.DeepEqual(got.nodeMeta, r.Node.Metadata) {
+		t.Errorf("parseTXT(%q) = %+v, %v; want the record back", txt, got, ok)
+	}
+	for _, tc := range []struct {
+		txt  []string
+		ok   bool
+		want txtRecord
+	}{
+		{[]string{"name=a", "id=b"}, true, txtRecord{name: "a", id: "b", svcMeta: map[string]string{}, nodeMeta: map[string]string{}}},
+		{[]string{"txtvers=2", "name=a", "id=b"}, false, txtRecord{}},
+		{[]string{"name=a"}, false, txtRecord{}},
+		{[]string{"ID=b", "Name=a", "id=c", "flag", "=x", "", "k=1", "k=2"}, true, txtRecord{name: "a", id: "b", svcMeta: map[string]string{}, nodeMeta: map[string]string{"flag": "", "k": "1"}}},
+	} {
+		got, ok := parseTXT(tc.txt)
+		if ok != tc.ok || (ok && !reflect.DeepEqual(got, tc.want)) {
+			t.Errorf("parseTXT(%q) = %+v, %v; want %+v, %v", tc.txt, got, ok, tc.want, tc.ok)
+		}
+	}
+}
+
+func TestTXTLimits(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		mod  func(*record)
+	}{
+		{"id over 252 bytes", func(r *record) { r.Node.ID = strings.Repeat("i", 253) }},
+		{"metadata string over 255 bytes", func(r *record) { r.Node.Metadata["big"] = strings.Repeat("v", 300) }},
+		{"key with =", func(r *record) { r.Node.Metadata["a=b"] = "c" }},
+		{"metadata over the TXT budget", func(r *record) {
+			for i := range 40 {
+				r.Node.Metadata[fmt.Sprint("k", i)] = strings.Repeat("v", 240)
+			}
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			r := testRecord("s", "n", "127.0.0.1", 1)
+			tc.mod(&r)
+			_, err := announcementOf(r, instanceLabel(r.Node.ID))
+			if err == nil || !strings.Contains(err.Error(), errNotAnnounceable.Error()) {
+				t.Errorf("got %v; want an error wrapping %q", err, errNotAnnounceable)
+			}
+		})
+	}
+}
+
+// roundTrip announces r, parses the packet and feeds it to a fresh cache,
+// returning what the cache would put in the table.
+func roundTrip(t *testing.T, r record, ttl uint32) (cacheChanges, *mdnsCache, []byte) {
+	t.Helper()
+	a, err := announcementOf(r, instanceLabel(r.Node.ID))
+	if err != nil {
+		t.Fatal(err)
+	}
+	data, err := announcePacket(a, ttl)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pkt, err := parsePacket(data)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := newMDNSCache(10)
+	ch, st := c.apply(pkt, time.Unix(1000, 0), func(string) bool { return false })
+	if st != (cacheStats{}) {
+		t.Errorf("stats %+v; want none rejected", st)
+	}
+	return ch, c, data
+}
+
+func TestAnnouncementRoundTrip(t *testing.T) {
+	now := time.Unix(1000, 0)
+	for _, tc := range []struct{ name, addr string }{
+		{"ipv4", "192.0.2.7"},
+		{"ipv6", "2001:db8::7"},
+		{"host name", "db.example.com"},
+		{"100-byte id", "127.0.0.1"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			id := "go.micro.srv.example-" + strings.ReplaceAll(tc.name, " ", "-")
+			if tc.name == "100-byte id" {
+				id = strings.Repeat("z", 100)
+			}
+			r := testRecord("go.micro.srv.example", id, tc.addr, 8080)
+			ch, _, _ := roundTrip(t, r, 30)
+			want := r
+			want.Expires = now.Add(30 * time.Second)
+			if len(ch.upsert) != 1 || len(ch.remove) != 0 {
+				t.Fatalf("changes %+v; want one upsert", ch)
+			}
+			if got := ch.upsert[0]; !got.same(want) || got.Node.ID != id || !got.Expires.Equal(want.Expires) {
+				t.Errorf("heard %+v; want %+v", got, want)
+			}
+		})
+	}
+}
+
+func TestGoodbyeAndExpiry(t *testing.T) {
+	r := testRecord("svc", "n1", "127.0.0.1", 80)
+	_, c, _ := roundTrip(t, r, 30)
+	local := func(string) bool { return false }
+	now := time.Unix(1000, 0)
+
+	if ch := c.expire(now.Add(29*time.Second), local); len(ch.remove) != 0 {
+		t.Errorf("expire before the TTL: %+v; want nothing", ch)
+	}
+	if ch := c.expire(now.Add(30*time.Second), local); !removes(ch, r) || len(c.instances) != 0 || len(c.hosts) != 0 {
+		t.Errorf("expire at the TTL: %+v, %d instances, %d hosts; want the node removed and the cache empty", ch, len(c.instances), len(c.hosts))
+	}
+
+	_, c, _ = roundTrip(t, r, 30)
+	a, _ := announcementOf(r, instanceLabel(r.Node.ID))
+	bye, _ := announcePacket(a, 0)
+	pkt, err := parsePacket(bye)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ch, _ := c.apply(pkt, now.Add(time.Second), local)
+	if !removes(ch, r) || len(c.instances) != 0 {
+		t.Errorf("goodbye: %+v with %d instances left; want the node removed at once", ch, len(c.instances))
+	}
+	// Our own nodes stay in our table whatever is heard.
+	_, c, _ = roundTrip(t, r, 30)
+	ch, _ = c.apply(pkt, now, func(k string) bool { return k == r.key() })
+	if len(ch.remove) != 0 {
+		t.Errorf("a goodbye for a local node must not remove it from our table: %+v", ch)
+	}
+}
+
+// removes reports whether ch removes r's node and nothing else.
+func removes(ch cacheChanges, r record) bool {
+	return len(ch.remove) == 1 && ch.remove[0].key() == r.key()
+}
+
+func TestCacheBoundsAndRefreshQueries(t *testing.T) {
+	c := newMDNSCache(2)
+	now := time.Unix(1000, 0)
+	local := func(string) bool { return false }
+	var st cacheStats
+	for i := range 3 {
+		a, _ := announcementOf(testRecord("svc", fmt.Sprint("n", i), "127.0.0.1", 80), fmt.Sprint("n", i))
+		data, _ := announcePacket(a, 10)
+		pkt, _ := parsePacket(data)
+		_, s := c.apply(pkt, now, local)
+		st.full += s.full
+	}
+	if len(c.instances) != 2 || st.full == 0 {
+		t.Errorf("cache of 2: %d instances, %d dropped; want 2 kept and the third dropped", len(c.instances), st.full)
+	}
+	if qs := c.due(now.Add(7*time.Second), local, 100); len(qs) != 0 {
+		t.Errorf("at 70%% of the TTL: %d questions; want none", len(qs))
+	}
+	if qs := c.due(now.Add(8*time.Second), local, 100); len(qs) != 6 {
+		t.Errorf("at 80%% of the TTL: %v; want SRV, TXT and A for both nodes", qs)
+	}
+	if qs := c.due(now.Add(8500*time.Millisecond), local, 100); len(qs) != 0 {
+		t.Errorf("between 80%% and 90%%: %v; want nothing more", qs)
+	}
+	if qs := c.due(now.Add(9*time.Second), local, 3); len(qs) != 3 {
+		t.Errorf("at 90%% with a limit of 3: %d questions; want 3", len(qs))
+	}
+}
+
+func TestParseMalformed(t *testing.T) {
+	a, _ := announcementOf(testRecord("svc", "n1", "127.0.0.1", 80), "n1")
+	good, _ := announcePacket(a, 10)
+	many := dnsmessage.NewBuilder(nil, dnsmessage.Header{Response: true})
+	many.StartAnswers()
+	for i := range mdnsMaxRecords + 1 {
+		many.AResource(dnsmessage.ResourceHeader{Name: dnsmessage.MustNewName(fmt.Sprint("h", i, ".local.")), Class: dnsmessage.ClassINET, TTL: 1}, dnsmessage.AResource{})
+	}
+	tooMany, _ := many.Finish()
+	loop := append([]byte{0, 0, 0x84, 0, 0, 0, 0, 1, 0, 0, 0, 0}, 0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 1, 0, 4, 1, 2, 3, 4)
+	for _, tc := range []struct {
+		name string
+		data []byte
+	}{
+		{"empty", nil},
+		{"header only, claiming records", []byte{0, 0, 0x84, 0, 0, 1, 0, 1, 0, 0, 0, 0}},
+		{"truncated", good[:len(good)-3]},
+		{"too many records", tooMany},
+		{"pointer loop", loop},
+		{"opcode 1", append([]byte{0, 0, 0x88, 0}, good[4:]...)},
+		{"too large", make([]byte, mdnsMaxPacket+1)},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if _, err := parsePacket(tc.data); err == nil {
+				t.Errorf("parsePacket(%x...) succeeded; want it dropped", truncate(string(tc.data), 16))
+			}
+		})
+	}
+}
+
+func TestAnswers(t *testing.T) {
+	r := testRecord("svc", "n1", "127.0.0.1", 80)
+	a, _ := announcementOf(r, "n1")
+	ttl := func(mdnsAnnouncement) uint32 { return 30 }
+	q := func(name string, typ dnsmessage.Type) []dnsmessage.Question {
+		return []dnsmessage.Question{question(name, typ)}
+	}
+	types := func(rs []dnsmessage.Resource) string {
+		var s []string
+		for _, r := range rs {
+			s = append(s, typeOf(r).String()[4:])
+		}
+		return strings.Join(s, ",")
+	}
+	for _, tc := range []struct {
+		name        string
+		qs          []dnsmessage.Question
+		known       []mdnsRR
+		ans, extra  string
+		legacyFlush bool
+	}{
+		{"browse", q(mdnsServiceType, dnsmessage.TypePTR), nil, "PTR", "SRV,TXT,A", false},
+		{"browse with the answer known", q(mdnsServiceType, dnsmessage.TypePTR), []mdnsRR{{name: mdnsServiceType, typ: dnsmessage.TypePTR, target: "n1." + mdnsServiceType, ttl: 20}}, "", "", false},
+		{"browse with the answer nearly expired", q(mdnsServiceType, dnsmessage.TypePTR), []mdnsRR{{name: mdnsServiceType, typ: dnsmessage.TypePTR, target: "n1." + mdnsServiceType, ttl: 5}}, "PTR", "SRV,TXT,A", false},
+		{"SRV", q("n1."+mdnsServiceType, dnsmessage.TypeSRV), nil, "SRV", "A", false},
+		{"ANY of the instance", q("n1."+mdnsServiceType, dnsmessage.TypeALL), nil, "SRV,TXT", "A", false},
+		{"A of the host", q("n1.local.", dnsmessage.TypeA), nil, "A", "", false},
+		{"AAAA of the host", q("n1.local.", dnsmessage.TypeAAAA), nil, "", "", false},
+		{"service enumeration", q(mdnsServicesEnum, dnsmessage.TypePTR), nil, "PTR", "", false},
+		{"someone else", q("other."+mdnsServiceType, dnsmessage.TypeSRV), nil, "", "", false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ans, extra := answer(tc.qs, tc.known, []mdnsAnnouncement{a}, ttl, false)
+			if types(ans) != tc.ans || types(extra) != tc.extra {
+				t.Errorf("answers %s, additional %s; want %s and %s", types(ans), types(extra), tc.ans, tc.extra)
+			}
+		})
+	}
+}
+
+func TestLegacyUnicastAndDefence(t *testing.T) {
+	tb := newTable(100)
+	b := newMDNSState(tb, discardLog, 0)
+	if err := b.register(Service{Name: "svc", Nodes: []Node{{ID: "n1", Address: "127.0.0.1", Port: 80}}}, 30*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	query, _ := buildMessage(dnsmessage.Header{ID: 4242}, []dnsmessage.Question{question(mdnsServiceType, dnsmessage.TypePTR)}, nil, nil)
+	src := netip.MustParseAddrPort("127.0.0.1:40000")
+	out := b.handlePacket(query, src)
+	if len(out) != 1 || out[0].dst != src {
+		t.Fatalf("legacy query: %d replies %+v; want one, to the querier", len(out), out)
+	}
+	var p dnsmessage.Parser
+	h, _ := p.Start(out[0].data)
+	qs, _ := p.AllQuestions()
+	ans, _ := p.AllAnswers()
+	if h.ID != 4242 || len(qs) != 1 || len(ans) != 1 || ans[0].Header.TTL > mdnsLegacyTTL || ans[0].Header.Class&classFlush != 0 {
+		t.Errorf("legacy answer: id %d, %d questions, answers %+v; want id 4242, the question, TTL <= 10 and no cache-flush bit", h.ID, len(qs), ans)
+	}
+	// A multicast query is answered to the group, but a record is
+	// multicast at most once a second (RFC 6762 section 6): just after the
+	// announcement the answer waits for the next tick after the second.
+	mq := netip.MustParseAddrPort("127.0.0.1:5353")
+	now := time.Now()
+	b.now = func() time.Time { return now }
+	if out := b.handlePacket(query, mq); len(out) != 0 {
+		t.Errorf("multicast query right after the announcement: %d replies; want the answer deferred", len(out))
+	}
+	now = now.Add(2 * time.Second)
+	if out := b.handlePacket(query, mq); len(out) != 1 || out[0].dst.Addr() != mdnsGroup {
+		t.Errorf("multicast query: %+v; want one reply to the group", out)
+	}
+	if out := b.handlePacket(query, mq); len(out) != 0 {
+		t.Errorf("second multicast query within the second: %d replies; want none", len(out))
+	}
+
+	// Someone says goodbye for our node: we announce it again.
+	b.mu.Lock()
+	for _, l := range b.locals {
+		l.repeatAt = time.Time{}
+	}
+	ann := b.locals[recordsOf(Service{Name: "svc", Nodes: []Node{{ID: "n1"}}}, time.Time{})[0].key()].ann
+	b.mu.Unlock()
+	bye, _ := announcePacket(ann, 0)
+	b.handlePacket(bye, netip.MustParseAddrPort("127.0.0.2:5353"))
+	if b.stats.goodbyesSeen.Load() != 1 || lookupOK(tb, "svc") != 1 {
+		t.Errorf("after a stranger's goodbye: %d defended, %d nodes; want 1 defended and the node kept", b.stats.goodbyesSeen.Load(), lookupOK(tb, "svc"))
+	}
+	// A response from a port other than 5353 is ignored (RFC 6762 section 6).
+	other, _ := announcementOf(testRecord("x", "x1", "127.0.0.1", 1), "x1")
+	data, _ := announcePacket(other, 30)
+	b.handlePacket(data, src)
+	if lookupOK(tb, "x") != 0 || b.stats.ignored.Load() != 1 {
+		t.Errorf("response from port 40000 was used")
+	}
+}
+
+func lookupOK(tb *table, name string) int {
+	s, err := tb.lookup(name, time.Now())
+	if err != nil {
+		return 0
+	}
+	return len(s[0].Nodes)
+}
+
+// TestAnnounceTwice: a new or changed node is announced again one second
+// later (RFC 6762 section 8.3); a refresh that changes nothing is not.
+func TestAnnounceTwice(t *testing.T) {
+	b := newMDNSState(newTable(10), discardLog, 0)
+	now := time.Unix(1000, 0)
+	b.now = func() time.Time { return now }
+	svc := Service{Name: "svc", Nodes: []Node{{ID: "n1", Address: "127.0.0.1", Port: 80, Metadata: map[string]string{}}}}
+	pending := func() time.Time {
+		b.mu.Lock()
+		defer b.mu.Unlock()
+		for _, l := range b.locals {
+			return l.repeatAt
+		}
+		return time.Time{}
+	}
+	b.register(svc, 30*time.Second)
+	if got := pending(); !got.Equal(now.Add(time.Second)) {
+		t.Fatalf("after register: repeat at %v; want one second later", got)
+	}
+	b.tick(now.Add(900 * time.Millisecond))
+	if pending().IsZero() {
+		t.Error("repeated before the second was up")
+	}
+	b.tick(now.Add(time.Second))
+	if !pending().IsZero() {
+		t.Error("not repeated after a second")
+	}
+	b.register(svc, 30*time.Second)
+	if !pending().IsZero() {
+		t.Error("an unchanged refresh must be announced once")
+	}
+	svc.Nodes[0].Port = 81
+	b.register(svc, 30*time.Second)
+	if pending().IsZero() {
+		t.Error("a changed node must be announced twice")
+	}
+}
+
+func TestRegisterLabels(t *testing.T) {
+	tb := newTable(100)
+	b := newMDNSState(tb, discardLog, 0)
+	for _, svc := range []string{"topic:a", "topic:b"} {
+		if err := b.register(Service{Name: svc, Nodes: []Node{{ID: "sidecar-1", Address: "127.0.0.1", Port: 80}}}, 30*time.Second); err != nil {
+			t.Fatal(err)
+		}
+	}
+	seen := map[string]bool{}
+	for _, l := range b.locals {
+		seen[l.ann.instance] = true
+	}
+	if len(seen) != 2 {
+		t.Errorf("one id under two services: instances %v; want two distinct", seen)
+	}
+	err := b.register(Service{Name: "s", Nodes: []Node{{ID: strings.Repeat("i", 253), Address: "127.0.0.1", Port: 80}}}, time.Minute)
+	if err == nil || lookupOK(tb, "s") != 0 {
+		t.Errorf("an id TXT cannot carry: err %v; want an error and nothing registered", err)
+	}
+	b.deregister(Service{Name: "topic:a", Nodes: []Node{{ID: "sidecar-1"}}})
+	if len(b.locals) != 1 || len(b.labels) != 1 || lookupOK(tb, "topic:a") != 0 {
+		t.Errorf("after deregister: %d locals, %d labels; want 1 and 1", len(b.locals), len(b.labels))
+	}
+}
+
+func TestChooseInterfaces(t *testing.T) {
+	lo := net.Interface{Index: 1, Name: "lo", Flags: net.FlagUp | net.FlagLoopback}
+	eth := net.Interface{Index: 2, Name: "eth0", Flags: net.FlagUp | net.FlagMulticast}
+	down := net.Interface{Index: 3, Name: "eth1", Flags: net.FlagMulticast}
+	tun := net.Interface{Index: 4, Name: "tun0", Flags: net.FlagUp | net.FlagPointToPoint}
+	noV4 := net.Interface{Index: 5, Name: "eth2", Flags: net.FlagUp | net.FlagMulticast}
+	all := []net.Interface{lo, eth, down, tun, noV4}
+	v4 := func(i net.Interface) netip.Addr {
+		if i.Name == "eth2" {
+			return netip.Addr{}
+		}
+		return netip.MustParseAddr("192.0.2.1")
+	}
+	names := func(is []net.Interface) string {
+		var s []string
+		for _, i := range is {
+			s = append(s, i.Name)
+		}
+		return strings.Join(s, ",")
+	}
+	for _, tc := range []struct {
+		names    []string
+		loopback bool
+		want     string
+		err      string
+	}{
+		{nil, true, "lo", ""},
+		{nil, false, "eth0", ""},
+		{[]string{"eth1", "lo"}, false, "eth1,lo", ""},
+		{[]string{"wlan0"}, false, "", `--registry_interface "wlan0": no such interface (this host has lo, eth0, eth1, tun0, eth2)`},
+	} {
+		got, err := chooseInterfaces(tc.names, tc.loopback, all, v4)
+		if names(got) != tc.want || (err == nil) != (tc.err == "") || (err != nil && err.Error() != tc.err) {
+			t.Errorf("chooseInterfaces(%v, loopback %v) = %s, %v; want %s, %q", tc.names, tc.loopback, names(got), err, tc.want, tc.err)
+		}
+	}
+}
+
+func TestAdvertisesLoopback(t *testing.T) {
+	for _, tc := range []struct {
+		c    config
+		want bool
+	}{
+		{config{Address: "127.0.0.1:0"}, true},
+		{config{Address: ":8081"}, false},
+		{config{Address: "[::1]:8081"}, true},
+		{config{Address: "127.0.0.1:0", ServerName: "a", ServerAddress: "10.0.0.5:80"}, false},
+		{config{Address: ":8081", ServerName: "a", ServerAddress: "localhost:80"}, true},
+	} {
+		if got := tc.c.advertisesLoopback(); got != tc.want {
+			t.Errorf("%+v: advertisesLoopback = %v; want %v", tc.c, got, tc.want)
+		}
+	}
+}
+
+// FuzzMDNSPacket drives the packet-to-registry path with any bytes, as a
+// response and as a query, and checks that nothing panics, that only valid
+// nodes reach the table, that the cache keeps its bounds and that our own
+// node survives whatever is heard.
+func FuzzMDNSPacket(f *testing.F) {
+	for _, r := range []record{
+		testRecord("go.micro.srv.example", "go.micro.srv.example-1", "127.0.0.1", 8080),
+		testRecord("v6", "n6", "2001:db8::1", 1),
+		testRecord("named", strings.Repeat("q", 100), "db.example.com", 443),
+	} {
+		a, _ := announcementOf(r, instanceLabel(r.Node.ID))
+		for _, ttl := range []uint32{120, 0} {
+			p, _ := announcePacket(a, ttl)
+			f.Add(p)
+		}
+	}
+	q, _ := queryPacket([]dnsmessage.Question{question(mdnsServiceType, dnsmessage.TypePTR), question(mdnsServicesEnum, dnsmessage.TypeALL)}, nil)
+	f.Add(q)
+	f.Add([]byte{})
+	f.Fuzz(func(t *testing.T, data []byte) {
+		tb := newTable(20)
+		b := newMDNSState(tb, discardLog, 0)
+		b.cache.max = 8
+		own := Service{Name: "own", Nodes: []Node{{ID: "own-1", Address: "127.0.0.1", Port: 9}}}
+		if err := b.register(own, time.Minute); err != nil {
+			t.Fatal(err)
+		}
+		b.handlePacket(data, netip.MustParseAddrPort("127.0.0.1:5353"))
+		b.handlePacket(data, netip.MustParseAddrPort("127.0.0.1:40000"))
+		b.tick(time.Now().Add(2 * time.Second))
+		if len(b.cache.instances) > 8 || len(b.cache.hosts) > 8 {
+			t.Fatalf("cache past its bound: %d instances, %d hosts", len(b.cache.instances), len(b.cache.hosts))
+		}
+		for _, r := range tb.snapshot() {
+			s := Service{Name: r.Service, Version: r.Version, Metadata: r.Metadata, Nodes: []Node{r.Node}}
+			if err := normalizeService(&s); err != nil {
+				t.Fatalf("invalid node in the table: %+v: %v", r, err)
+			}
+		}
+		if lookupOK(tb, "own") != 1 {
+			t.Fatal("our own node was lost")
+		}
+	})
+}
+
+func BenchmarkLookup(b *testing.B) {
+	tb := newTable(20000)
+	be := newMDNSState(tb, discardLog, 0)
+	now := time.Now()
+	// 1000 services of 3 nodes each, learned the way the network teaches
+	// them: announcement packets through the cache.
+	for i := range 3000 {
+		r := testRecord(fmt.Sprint("svc", i/3), fmt.Sprint("node", i), "10.1.2.3", 8000+i%3)
+		a, _ := announcementOf(r, instanceLabel(r.Node.ID))
+		p, _ := announcePacket(a, 120)
+		be.handlePacket(p, netip.MustParseAddrPort("127.0.0.1:5353"))
+	}
+	if n := len(tb.snapshot()); n != 3000 {
+		b.Fatalf("%d nodes learned; want 3000", n)
+	}
+	b.ReportAllocs()
+	b.ResetTimer()
+	b.RunParallel(func(pb *testing.PB) {
+		i := 0
+		for pb.Next() {
+			if _, err := tb.lookup(fmt.Sprint("svc", i%1000), now); err != nil {
+				b.Fatal(err)
+			}
+			i++
+		}
+	})
+}
+
+// inTestNamespace reports whether this process is a test binary that
+// inNamespace re-ran inside a private network namespace.
+func inTestNamespace() bool { return os.Getenv("MICRO_TEST_NETNS") == "1" }
+
+// inNamespace runs the calling top-level test again, in a child test
+// process inside a private network namespace where only lo is up, and
+// reports whether the caller is that child and should
+// run the test's body. In the parent it returns false once the child has
+// passed, failing or skipping as the child did. Where no namespace can be
+// made the test is skipped: multicast tests never touch a real interface.
+// A top-level test only: -test.run matches its name.
+func inNamespace(t *testing.T) bool {
+	t.Helper()
+	if inTestNamespace() {
+		return true
+	}
+	for _, tool := range []string{"unshare", "ip"} {
+		if _, err := exec.LookPath(tool); err != nil {
+			t.Skipf("%s not found (util-linux, iproute2): no network namespace to run the multicast test in", tool)
+		}
+	}
+	unshare := []string{"-n"}
+	if os.Geteuid() != 0 {
+		unshare = []string{"-r", "-n"}
+	}
+	if out, err := exec.Command("unshare", append(unshare, "true")...).CombinedOutput(); err != nil {
+		t.Skipf("cannot make a network namespace (unshare %s: %v %s); skipping rather than multicasting on a real interface", strings.Join(unshare, " "), err, out)
+	}
+	// lo is left as it comes, without the MULTICAST flag or a multicast
+	// route, as on a developer's machine: the sidecar must work there.
+	script := `ip link set lo up || exit 97
+exec "$@"`
+	args := append(unshare, "--", "/bin/sh", "-c", script, "sh",
+		os.Args[0], "-test.run=^"+t.Name()+"$", "-test.count=1", "-test.v", "-test.timeout=5m")
+	cmd := exec.Command("unshare", args...)
+	cmd.Env = append(os.Environ(), "MICRO_TEST_NETNS=1", "MICRO_TEST_BIN="+binPath)
+	raw, err := cmd.CombinedOutput()
+	// Indent the child's report so that it is not read as this process's.
+	out := "ns| " + strings.ReplaceAll(strings.TrimRight(string(raw), "\n"), "\n", "\nns| ")
+	switch {
+	case cmd.ProcessState != nil && cmd.ProcessState.ExitCode() == 97:
+		t.Skipf("cannot bring lo up in the namespace:\n%s", out)
+	case err != nil:
+		t.Fatalf("in a private network namespace: %v\n%s", err, out)
+	case strings.Contains(string(raw), "--- SKIP: "+t.Name()):
+		t.Skipf("skipped in the namespace:\n%s", out)
+	case !strings.Contains(string(raw), "--- PASS: "+t.Name()):
+		t.Fatalf("the namespace run did not pass %s:\n%s", t.Name(), out)
+	}
+	t.Logf("ran in a private network namespace:\n%s", out)
+	return false
+}
+
+// End-to-end multicast tests: real sidecar processes in a private network
+// namespace, found by each other and by a DNS-SD implementation nobody here
+// wrote.
+
+// mdnsArgs are the flags of a multicast sidecar in these tests: a short TTL
+// so that a killed sidecar's nodes expire within the test.
+var mdnsArgs = []string{"--register_ttl=2s", "--register_interval=500ms"}
+
+// TestMDNSThreeSidecars runs three sidecars with the default registry on
+// one host: each finds the others' apps; a node posted to one appears on
+// the others, with a 100-byte id; SIGTERM takes a sidecar's app away at
+// once, SIGKILL within the TTL.
+func TestMDNSThreeSidecars(t *testing.T) {
+	if !inNamespace(t) {
+		return
+	}
+	var ps []*proc
+	var ids []string
+	for i := range 3 {
+		p := startSidecar(t, append(mdnsArgs, fmt.Sprintf("--server_name=app%d", i), fmt.Sprintf("--server_address=127.0.0.1:%d", 9000+i), "--server_metadata=lang=go,name=meta")...)
+		ps = append(ps, p)
+		ids = append(ids, appID(t, p))
+		if !strings.Contains(p.log.String(), "Multicast registry on lo") {
+			t.Errorf("a sidecar for a loopback app must use lo alone; log:\n%s", p.log.String())
+		}
+	}
+	for _, p := range ps {
+		for i, id := range ids {
+			waitFor(t, 5*time.Second, fmt.Sprintf("%s to see app%d", p.addr, i), func() bool { return hasNode(lookup(t, p, fmt.Sprintf("app%d", i)), id) })
+		}
+	}
+	if s := lookup(t, ps[0], "app2"); s.Nodes[0].Address != "127.0.0.1" || s.Nodes[0].Port != 9002 || s.Nodes[0].Metadata["lang"] != "go" || s.Nodes[0].Metadata["name"] != "meta" {
+		t.Errorf("app2 as seen by sidecar 0: %+v; want 127.0.0.1:9002 with its metadata", s)
+	}
+
+	longID := "node-" + strings.Repeat("0123456789", 9) + "abcde"
+	body := fmt.Sprintf(`{"name":"posted","version":"2.1","metadata":{"team":"x"},"nodes":[{"id":%q,"address":"127.0.0.1:7000","metadata":{"k":"v"}}]}`, longID)
+	start := time.Now()
+	if code, out := do(t, "POST", ps[0].url("/registry"), "", body); code != 200 {
+		t.Fatalf("register: %d %s", code, out)
+	}
+	waitFor(t, 5*time.Second, "the posted 100-byte id on sidecar 1", func() bool { return hasNode(lookup(t, ps[1], "posted"), longID) })
+	t.Logf("register on one sidecar -> seen on another: %v", time.Since(start))
+	// Sidecar 2 hears the same packet on its own socket, in its own time.
+	waitFor(t, 5*time.Second, "the posted 100-byte id on sidecar 2", func() bool { return hasNode(lookup(t, ps[2], "posted"), longID) })
+	if s := lookup(t, ps[2], "posted"); !hasNode(s, longID) || s.Version != "2.1" || s.Metadata["team"] != "x" || s.Nodes[0].Metadata["k"] != "v" {
+		t.Errorf("posted service on sidecar 2: %+v; want version, service and node metadata", s)
+	}
+	tooLong := strings.Repeat("i", 253) // valid for the registry, too long for a TXT string
+	code, out := do(t, "POST", ps[0].url("/registry"), "", fmt.Sprintf(`{"name":"toolong","nodes":[{"id":%q,"address":"127.0.0.1:7000"}]}`, tooLong))
+	if code != 400 || !strings.Contains(out, "a TXT string holds 255") || lookup(t, ps[0], "toolong") != nil {
+		t.Errorf("a 253-byte id: %d %s; want 400 naming the limit, and nothing registered", code, out)
+	}
+	if code, out := do(t, "DELETE", ps[0].url("/registry"), "", fmt.Sprintf(`{"name":"posted","nodes":[{"id":%q}]}`, longID)); code != 200 {
+		t.Fatalf("deregister: %d %s", code, out)
+	}
+	waitFor(t, time.Second, "the deregistered node to go from sidecar 2", func() bool { return lookup(t, ps[2], "posted") == nil })
+
+	start = time.Now()
+	if code := ps[2].stop(syscall.SIGTERM); code != 0 {
+		t.Errorf("exit status after SIGTERM: %d; want 0", code)
+	}
+	waitFor(t, time.Second, "app2 to go after SIGTERM", func() bool { return lookup(t, ps[0], "app2") == nil })
+	t.Logf("SIGTERM -> gone elsewhere: %v", time.Since(start))
+
+	start = time.Now()
+	ps[1].stop(syscall.SIGKILL)
+	waitFor(t, 5*time.Second, "app1 to expire after SIGKILL", func() bool { return lookup(t, ps[0], "app1") == nil })
+	took := time.Since(start)
+	t.Logf("SIGKILL -> gone elsewhere: %v (TTL 2s)", took)
+	if took > 2*time.Second+500*time.Millisecond {
+		t.Errorf("app1 vanished %v after SIGKILL; want within the 2s TTL", took)
+	}
+	if !hasNode(lookup(t, ps[0], "app0"), ids[0]) {
+		t.Error("a live sidecar's own app was lost")
+	}
+	assertRegistryHealthy(t, ps[0])
+	code, metrics := do(t, "GET", ps[0].url("/metrics"), "", "")
+	for _, want := range []string{"# TYPE micro_mdns_packets_total counter", `micro_mdns_packets_total{event="received"} `, `micro_mdns_packets_total{event="sent"} `} {
+		if code != 200 || !strings.Contains(metrics, want) {
+			t.Errorf("/metrics: %d, lacks %q", code, want)
+		}
+	}
+	if strings.Contains(metrics, `micro_mdns_packets_total{event="received"} 0`) {
+		t.Error("/metrics: no packet counted as received")
+	}
+}
+
+func assertRegistryHealthy(t *testing.T, p *proc) {
+	t.Helper()
+	code, body := do(t, "GET", p.url("/health"), "", "")
+	if code != 200 || !strings.Contains(body, `"registry":"mdns"`) || strings.Contains(body, "registry_error") {
+		t.Errorf("/health: %d %s; want 200 with the mdns registry and no error", code, body)
+	}
+}
+
+// TestMDNSLateJoiner shows the query on start: a sidecar started after the
+// others learns their apps at once, long before their next refresh.
+func TestMDNSLateJoiner(t *testing.T) {
+	if !inNamespace(t) {
+		return
+	}
+	early := startSidecar(t, "--server_name=early", "--server_address=127.0.0.1:9100", "--register_ttl=1h")
+	id := appID(t, early)
+	waitFor(t, 5*time.Second, "the early app on its own sidecar", func() bool { return hasNode(lookup(t, early, "early"), id) })
+	late := startSidecar(t, "--register_ttl=1h")
+	waitFor(t, 3*time.Second, "the late sidecar to learn the early app", func() bool { return hasNode(lookup(t, late, "early"), id) })
+}
+
+// TestMDNSPortTakenKeepsServing: when UDP 5353 is held by a program that
+// does not share it, the sidecar says why and what to do, /health reports
+// it, and the local registry keeps working.
+func TestMDNSPortTakenKeepsServing(t *testing.T) {
+	if !inNamespace(t) {
+		return
+	}
+	// A socket without SO_REUSEADDR holds the port and does not share it.
+	fd, err := syscall.Socket(syscall.AF_INET, syscall.SOCK_DGRAM, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer syscall.Close(fd)
+	if err := syscall.Bind(fd, &syscall.SockaddrInet4{Port: 5353}); err != nil {
+		t.Fatalf("holding the port: %v", err)
+	}
+	p := startSidecar(t, "--server_name=alone", "--server_address=127.0.0.1:9200")
+	if lookup(t, p, "alone") == nil {
+		t.Fatal("the local registry must keep working")
+	}
+	code, body := do(t, "GET", p.url("/health"), "", "")
+	if code != 503 || !strings.Contains(body, "interface lo") || !strings.Contains(body, "--registry=file") {
+		t.Errorf("/health: %d %s; want 503 naming the interface and the way out", code, body)
+	}
+	if !strings.Contains(p.log.String(), "multicast registry cannot use an interface") {
+		t.Errorf("the failure is not logged:\n%s", p.log.String())
+	}
+	code, out := run(t, "sidecar", "--address=127.0.0.1:0", "--registry=mdns", "--registry_interface=nosuch0")
+	if code != 1 || !strings.Contains(out, `--registry_interface "nosuch0": no such interface (this host has lo`) {
+		t.Errorf("unknown interface: exit %d, %s; want exit 1 listing the interfaces", code, out)
+	}
+}
+
+// zeroconfPython is the Debian python3-zeroconf, not whatever python3 is
+// first on PATH.
+const zeroconfPython = "/usr/bin/python3"
+
+// zeroconfScript browses for an instance whose TXT id= is argv[2], or
+// registers one with our TXT keys until stdin closes.
+const zeroconfScript = `
+import json, socket, sys, time
+from zeroconf import IPVersion, ServiceBrowser, ServiceInfo, Zeroconf
+zc = Zeroconf(interfaces=["127.0.0.1"], ip_version=IPVersion.V4Only)
+T = "_micro._tcp.local."
+if sys.argv[1] == "browse":
+    names = set()
+    class L:
+        def add_service(self, zc, t, name): names.add(name)
+        def update_service(self, zc, t, name): names.add(name)
+        def remove_service(self, zc, t, name): names.discard(name)
+    ServiceBrowser(zc, T, L())
+    deadline = time.time() + 15
+    while time.time() < deadline:
+        for name in list(names):
+            info = zc.get_service_info(T, name, timeout=1000)
+            if info and info.properties.get(b"id") == sys.argv[2].encode():
+                props = {k.decode(): (v or b"").decode() for k, v in info.properties.items()}
+                print(json.dumps({"name": name, "port": info.port, "addresses": info.parsed_addresses(), "server": info.server, "properties": props}))
+                zc.close()
+                sys.exit(0)
+        time.sleep(0.05)
+    print("not found among", sorted(names))
+    zc.close()
+    sys.exit(1)
+info = ServiceInfo(T, "zeroconf node._micro._tcp.local.", addresses=[socket.inet_aton("127.0.0.1")], port=4242,
+    properties={"txtvers": "1", "name": "zcsvc", "id": "zc-node-1", "version": "2.0", "color": "blue"}, server="zchost.local.")
+zc.register_service(info)
+print("registered", flush=True)
+sys.stdin.read()
+zc.unregister_service(info)
+zc.close()
+`
+
+// TestMDNSZeroconfInterop proves the wire format against python-zeroconf:
+// it browses _micro._tcp and resolves our node with its TXT keys, and a
+// service it registers with those keys is found through /registry, then
+// goes with its goodbye.
+func TestMDNSZeroconfInterop(t *testing.T) {
+	if out, err := exec.Command(zeroconfPython, "-c", "import zeroconf").CombinedOutput(); err != nil {
+		t.Skipf("%s cannot import zeroconf (apt-get install python3-zeroconf): %v %s", zeroconfPython, err, out)
+	}
+	if !inNamespace(t) {
+		return
+	}
+	p := startSidecar(t, "--server_name=go.micro.srv.interop", "--server_address=127.0.0.1:9300", "--server_metadata=lang=go")
+	id := appID(t, p)
+	browse := exec.Command(zeroconfPython, "-c", zeroconfScript, "browse", id)
+	out, err := browse.CombinedOutput()
+	if err != nil {
+		t.Fatalf("zeroconf did not find our node %s: %v\n%s", id, err, out)
+	}
+	for _, want := range []string{`"port": 9300`, `"addresses": ["127.0.0.1"]`, `"txtvers": "1"`, `"name": "go.micro.srv.interop"`, `"id": "` + id + `"`, `"lang": "go"`} {
+		if !strings.Contains(string(out), want) {
+			t.Errorf("zeroconf's view of our node lacks %s:\n%s", want, out)
+		}
+	}
+
+	reg := exec.Command(zeroconfPython, "-c", zeroconfScript, "register")
+	stdin, err := reg.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	regOut := &syncBuffer{}
+	reg.Stdout, reg.Stderr = regOut, regOut
+	if err := reg.Start(); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan struct{})
+	go func() { reg.Wait(); close(done) }()
+	t.Cleanup(func() { reg.Process.Kill(); <-done })
+	waitFor(t, 15*time.Second, "zeroconf's service in /registry", func() bool { return hasNode(lookup(t, p, "zcsvc"), "zc-node-1") })
+	s := lookup(t, p, "zcsvc")
+	if n := s.Nodes[0]; n.Address != "127.0.0.1" || n.Port != 4242 || n.Metadata["color"] != "blue" || s.Version != "2.0" {
+		t.Errorf("zeroconf's service: %+v; want 127.0.0.1:4242, version 2.0, color=blue", s)
+	}
+	stdin.Close() // zeroconf unregisters: goodbye
+	waitFor(t, 5*time.Second, "zeroconf's goodbye to remove its service", func() bool { return lookup(t, p, "zcsvc") == nil })
+	<-done
+	if !strings.Contains(regOut.String(), "registered") {
+		t.Errorf("zeroconf output: %s", regOut.String())
+	}
+}
+
+// TestMDNSAcrossNamespaces is three hosts on one link: three network
+// namespaces joined by veth pairs to a bridge (inside this test's own
+// private namespace), a sidecar in each with a non-loopback app. They find
+// each other over the bridge, and a host cut off the link disappears from
+// the others within the TTL.
+func TestMDNSAcrossNamespaces(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("making network namespaces with ip netns needs root")
+	}
+	if !inNamespace(t) {
+		return
+	}
+	ip := func(args ...string) {
+		t.Helper()
+		if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
+			t.Fatalf("ip %s: %v %s", strings.Join(args, " "), err, out)
+		}
+	}
+	tag := fmt.Sprint(os.Getpid() % 100000)
+	br := "mbr" + tag
+	ip("link", "add", br, "type", "bridge")
+	t.Cleanup(func() { exec.Command("ip", "link", "del", br).Run() })
+	ip("addr", "add", "10.253.0.254/24", "dev", br)
+	ip("link", "set", br, "up")
+	var ps []*proc
+	var ids []string
+	for i, host := range []string{"a", "b", "c"} {
+		ns := "micro-test-" + tag + host
+		ip("netns", "add", ns)
+		t.Cleanup(func() { exec.Command("ip", "netns", "del", ns).Run() })
+		in, out := "mv"+tag+host, "mb"+tag+host
+		ip("link", "add", in, "type", "veth", "peer", "name", out)
+		ip("link", "set", out, "master", br)
+		ip("link", "set", out, "up")
+		ip("link", "set", in, "netns", ns)
+		addr := fmt.Sprintf("10.253.0.%d", i+1)
+		ip("-n", ns, "addr", "add", addr+"/24", "dev", in)
+		ip("-n", ns, "link", "set", in, "up")
+		ip("-n", ns, "link", "set", "lo", "up")
+		p := startSidecarIn(t, []string{"ip", "netns", "exec", ns}, nil, append(mdnsArgs, "--address="+addr+":0",
+			"--server_name=host-"+host, "--server_address="+addr+":9000")...)
+		if !strings.Contains(p.log.String(), "Multicast registry on "+in) {
+			t.Errorf("a sidecar with a non-loopback app must use the up multicast interfaces (%s); log:\n%s", in, p.log.String())
+		}
+		ps = append(ps, p)
+		ids = append(ids, appID(t, p))
+	}
+	for _, p := range ps {
+		for i, host := range []string{"a", "b", "c"} {
+			waitFor(t, 5*time.Second, fmt.Sprintf("%s to see host-%s", p.addr, host), func() bool { return hasNode(lookup(t, p, "host-"+host), ids[i]) })
+		}
+	}
+	if s := lookup(t, ps[0], "host-c"); s.Nodes[0].Address != "10.253.0.3" {
+		t.Errorf("host-c seen from a: %+v; want address 10.253.0.3", s)
+	}
+	start := time.Now()
+	ip("link", "del", "mb"+tag+"b") // host b drops off the link, unannounced
+	for _, p := range []*proc{ps[0], ps[2]} {
+		waitFor(t, 5*time.Second, "host-b to expire on "+p.addr, func() bool { return lookup(t, p, "host-b") == nil })
+	}
+	if took := time.Since(start); took > 2*time.Second+500*time.Millisecond {
+		t.Errorf("host b vanished %v after leaving the link; want within the 2s TTL", took)
+	}
+	if !hasNode(lookup(t, ps[2], "host-a"), ids[0]) {
+		t.Error("host-a was lost on c")
+	}
+}
+
+// TestMDNSFigures measures, in a namespace with three sidecars, how long a
+// change takes to reach another sidecar, by the time its watch stream
+// reports it: registration, SIGTERM (goodbye) and SIGKILL (TTL expiry),
+// plus sequential HTTP lookups from the cache. It runs only when asked:
+// MICRO_MDNS_FIGURES=trials (bench/mdns-figures.sh).
+func TestMDNSFigures(t *testing.T) {
+	trials, _ := strconv.Atoi(os.Getenv("MICRO_MDNS_FIGURES"))
+	if trials <= 0 {
+		t.Skip("set MICRO_MDNS_FIGURES=trials to measure; see bench/mdns-figures.sh")
+	}
+	if !inNamespace(t) {
+		return
+	}
+	ttl := cmpOr(os.Getenv("MICRO_MDNS_FIGURES_TTL"), "2s")
+	args := []string{"--register_ttl=" + ttl}
+	a := startSidecar(t, args...)
+	b := startSidecar(t, args...)
+	startSidecar(t, args...) // the third sidecar on the link
+	events := watchEvents(t, b)
+	await := func(action, id string, from time.Time) time.Duration {
+		t.Helper()
+		for {
+			select {
+			case ev := <-events:
+				if ev.Action == action && len(ev.Service.Nodes) == 1 && ev.Service.Nodes[0].ID == id {
+					return time.Since(from)
+				}
+			case <-time.After(time.Minute):
+				t.Fatalf("no %s event for %s within a minute", action, id)
+			}
+		}
+	}
+	var reg, term, kill []time.Duration
+	for i := range trials {
+		id := fmt.Sprint("figure-", i)
+		start := time.Now()
+		if code, out := do(t, "POST", a.url("/registry"), "", fmt.Sprintf(`{"name":"figures","nodes":[{"id":%q,"address":"127.0.0.1:7000"}]}`, id)); code != 200 {
+			t.Fatalf("register: %d %s", code, out)
+		}
+		reg = append(reg, await("create", id, start))
+
+		p := startSidecar(t, append(args, "--server_name=term", "--server_id="+id+"-term", "--server_address=127.0.0.1:7001")...)
+		await("create", id+"-term", time.Now())
+		start = time.Now()
+		p.stop(syscall.SIGTERM)
+		term = append(term, await("delete", id+"-term", start))
+
+		p = startSidecar(t, append(args, "--server_name=kill", "--server_id="+id+"-kill", "--server_address=127.0.0.1:7002")...)
+		await("create", id+"-kill", time.Now())
+		start = time.Now()
+		p.stop(syscall.SIGKILL)
+		kill = append(kill, await("delete", id+"-kill", start))
+	}
+	const lookups = 5000
+	start := time.Now()
+	for range lookups {
+		if lookup(t, b, "figures") == nil {
+			t.Fatal("lookup failed")
+		}
+	}
+	took := time.Since(start)
+	t.Logf("FIGURE register on one sidecar -> seen on another (%d trials): %s", trials, summary(reg))
+	t.Logf("FIGURE SIGTERM -> gone on another (%d trials): %s", trials, summary(term))
+	t.Logf("FIGURE SIGKILL -> gone on another, TTL %s (%d trials): %s", ttl, trials, summary(kill))
+	t.Logf("FIGURE HTTP lookups from the cache, one client, sequential: %d in %v = %.0f/s", lookups, took.Round(time.Millisecond), lookups/took.Seconds())
+}
+
+func cmpOr(s, def string) string {
+	if s == "" {
+		return def
+	}
+	return s
+}
+
+// summary is min / median / 90th percentile / max.
+func summary(ds []time.Duration) string {
+	s := append([]time.Duration{}, ds...)
+	slices.Sort(s)
+	at := func(q float64) time.Duration { return s[int(q*float64(len(s)-1))] }
+	return fmt.Sprintf("min %v, median %v, p90 %v, max %v", s[0], at(0.5), at(0.9), s[len(s)-1])
+}
+
+// watchEvents streams a sidecar's registry changes for the rest of the
+// test.
+func watchEvents(t *testing.T, p *proc) <-chan Event {
+	t.Helper()
+	ws, err := websocket.Dial("ws://"+p.addr+"/registry?watch=1", "", "http://"+p.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ws.Close() })
+	ch := make(chan Event, 1024)
+	go func() {
+		defer close(ch)
+		for {
+			var ev Event
+			if err := websocket.JSON.Receive(ws, &ev); err != nil {
+				return
+			}
+			ch <- ev
+		}
+	}()
+	return ch
+}
+
+// refusingBackend refuses every registration, as the mdns backend refuses
+// what a TXT record cannot carry.
+type refusingBackend struct{ memoryBackend }
+
+func (*refusingBackend) register(Service, time.Duration) error { return errNotAnnounceable }
+
+// TestRefusedRegistrationIsNotKeptAlive: a registration the backend
+// refuses is not refreshed (and refused again) at every interval.
+func TestRefusedRegistrationIsNotKeptAlive(t *testing.T) {
+	tb := newTable(10)
+	r := &registry{table: tb, backend: &refusingBackend{memoryBackend{t: tb, now: time.Now}}, ttl: time.Minute, now: time.Now, owned: map[string]Service{}}
+	if err := r.Register(Service{Name: "s", Nodes: []Node{{ID: "n", Address: "127.0.0.1", Port: 1}}}, 0); err == nil {
+		t.Fatal("want the backend's refusal")
+	}
+	if len(r.owned) != 0 {
+		t.Errorf("owned after a refused registration: %v; want nothing", r.owned)
+	}
+	if err := r.refresh(); err != nil {
+		t.Errorf("refresh: %v; want nothing to refresh", err)
+	}
+}
