@@ -280,6 +280,12 @@ func (b *broker) handleStats(w http.ResponseWriter, r *http.Request) {
 	if !allowMethods(w, r, http.MethodGet, http.MethodHead) {
 		return
 	}
+	writeJSON(w, http.StatusOK, b.report())
+}
+
+// report is a snapshot of the broker's counters, for /broker/stats and
+// /metrics.
+func (b *broker) report() brokerStatsReport {
 	b.mu.RLock()
 	rep := brokerStatsReport{ID: b.id, Advertise: b.advertise, Topics: len(b.topics), Subscribers: len(b.subs)}
 	b.mu.RUnlock()
@@ -288,7 +294,7 @@ func (b *broker) handleStats(w http.ResponseWriter, r *http.Request) {
 	rep.Forwarded, rep.ForwardDropped, rep.NoSubscriber = st.Forwarded.Load(), st.ForwardDropped.Load(), st.NoSubscriber.Load()
 	rep.SlowClosed, rep.SlowDropped, rep.Reaped = st.SlowClosed.Load(), st.SlowDropped.Load(), st.Reaped.Load()
 	rep.TooBig, rep.RegistryFailure = st.TooBig.Load(), st.RegistryFailure.Load()
-	writeJSON(w, http.StatusOK, rep)
+	return rep
 }
 
 // checkAdvertise validates --advertise_address: a host, or host:port.

@@ -13,9 +13,11 @@ import (
 	"crypto/x509/pkix"
 	"encoding/json"
 	"encoding/pem"
+	"io"
 	"math/big"
 	"net"
 	"net/http"
+	"net/http/httptest"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -199,18 +201,33 @@ func TestMetricsParse(t *testing.T) {
 	if err != nil {
 		t.Skip("promtool not installed (apt-get install prometheus); skipping the parser check")
 	}
+	app := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		io.WriteString(w, `{"jsonrpc":"2.0","id":1,"result":{"ok":true}}`)
+	}))
+	defer app.Close()
 	p := startSidecar(t, "--registry=memory", "--server_name=foo", "--server_address=127.0.0.1:9090")
 	lookup(t, p, "foo")
 	lookup(t, p, "nope")
+	registerAddr(t, p, "go.micro.srv.metered", "m1", strings.TrimPrefix(app.URL, "http://"))
+	if code, out := do(t, "POST", p.url("/metered/call"), "application/json", `{}`); code != 200 {
+		t.Fatalf("rpc: %d %s", code, out)
+	}
+	do(t, "POST", p.url("/rpc"), "application/json", `{"service":"go.micro.srv.absent","method":"A.B"}`)
+	publish(t, p, "metered", "text/plain", "hello")
 	code, body := do(t, "GET", p.url("/metrics"), "", "")
 	if code != 200 {
 		t.Fatalf("/metrics: %d", code)
 	}
 	for _, want := range []string{
-		`micro_http_requests_total{route="/registry",code="200"} 1`,
+		`micro_http_requests_total{route="/registry",code="200"} 2`, // a lookup and a registration
 		`micro_http_requests_total{route="/registry",code="404"} 1`,
-		`micro_registry_nodes 1`,
+		`micro_registry_nodes 2`,
 		`micro_app_healthy{service="foo"} 1`,
+		`micro_rpc_duration_seconds_count{service="go.micro.srv.metered",result="ok"} 1`,
+		`micro_rpc_duration_seconds_count{service="go.micro.srv.absent",result="404"} 1`,
+		`micro_rpc_node_ejections_total 0`,
+		`micro_broker_messages_total{event="published"} 1`,
+		`micro_broker_subscribers 0`,
 	} {
 		if !strings.Contains(body, want) {
 			t.Errorf("/metrics lacks %q:\n%s", want, body)

@@ -466,8 +466,9 @@ func newSidecar(ctx context.Context, cfg config, log *slog.Logger) (*sidecar, er
 	s.proxy = newProxy(proxyConfig{Retries: cfg.RPC.Retries, Timeout: cfg.RPC.Timeout}, s.reg, sel, nodes, log)
 	s.broker = newBroker(cfg.Broker, s.reg, s.conns, log)
 	s.metrics = newSidecarMetrics(s)
+	s.rpc.timing = s.metrics.rpcLatency
 	if mb, ok := b.(*mdnsBackend); ok {
-		s.metrics.set.add(mb.counterFamily())
+		s.metrics.set.counterFunc("micro_mdns_packets_total", mdnsPacketsHelp, []string{"event"}, mb.packetSamples)
 	}
 	return s, nil
 }

@@ -9,7 +9,6 @@ package main
 // mdns_cache.go; this file only moves packets and keeps time.
 
 import (
-	"bufio"
 	"context"
 	"errors"
 	"fmt"
@@ -591,29 +590,22 @@ func (b *mdnsBackend) send(i *mdnsIface, p []byte, dst netip.AddrPort) {
 	i.sendErr = err
 }
 
-// mdnsCounterFamily exposes the backend's counters on /metrics as one
-// counter family, micro_mdns_packets_total{event=...}.
-type mdnsCounterFamily struct {
-	desc
-	s *mdnsStats
-}
+// mdnsPacketsHelp describes micro_mdns_packets_total.
+const mdnsPacketsHelp = "Multicast registry packets and records by what became of them: received, sent, send_error, malformed and oversize (dropped packets), ignored (wrong interface or source port), rejected (instances that are not valid nodes), cache_full (records past the bound), defended (goodbyes for our own nodes, answered)."
 
-// counterFamily is the family the sidecar adds to its metrics set.
-func (b *mdnsBackend) counterFamily() family {
-	return &mdnsCounterFamily{desc: desc{n: "micro_mdns_packets_total", labels: []string{"event"},
-		help: "Multicast registry packets and records by what became of them: received, sent, send_error, malformed and oversize (dropped packets), ignored (wrong interface or source port), rejected (instances that are not valid nodes), cache_full (records past the bound), defended (goodbyes for our own nodes, answered)."}, s: &b.stats}
-}
-
-func (f *mdnsCounterFamily) write(w *bufio.Writer) {
-	f.header(w, "counter")
+// packetSamples reads the backend's counters for micro_mdns_packets_total.
+func (b *mdnsBackend) packetSamples() []sample {
+	st := &b.stats
+	var out []sample
 	for _, c := range []struct {
 		event string
 		n     *atomic.Uint64
 	}{
-		{"cache_full", &f.s.cacheFull}, {"defended", &f.s.goodbyesSeen}, {"ignored", &f.s.ignored},
-		{"malformed", &f.s.malformed}, {"oversize", &f.s.oversize}, {"received", &f.s.packetsIn},
-		{"rejected", &f.s.rejected}, {"send_error", &f.s.sendErrors}, {"sent", &f.s.packetsOut},
+		{"cache_full", &st.cacheFull}, {"defended", &st.goodbyesSeen}, {"ignored", &st.ignored},
+		{"malformed", &st.malformed}, {"oversize", &st.oversize}, {"received", &st.packetsIn},
+		{"rejected", &st.rejected}, {"send_error", &st.sendErrors}, {"sent", &st.packetsOut},
 	} {
-		fmt.Fprintf(w, "%s%s %d\n", f.n, f.labelString([]string{c.event}), c.n.Load())
+		out = append(out, sample{values: []string{c.event}, v: float64(c.n.Load())})
 	}
+	return out
 }

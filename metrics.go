@@ -51,7 +51,13 @@ func (m *metrics) counter(name, help string, labels ...string) *counterVec {
 
 // gauge registers a gauge family whose samples are read at scrape time.
 func (m *metrics) gauge(name, help string, labels []string, read func() []sample) {
-	m.add(&gaugeFunc{desc: desc{n: name, help: help, labels: labels}, read: read})
+	m.add(&funcFamily{desc: desc{n: name, help: help, labels: labels}, typ: "gauge", read: read})
+}
+
+// counterFunc registers a counter family whose samples are read at scrape
+// time from counters kept elsewhere (the broker's, the mDNS backend's).
+func (m *metrics) counterFunc(name, help string, labels []string, read func() []sample) {
+	m.add(&funcFamily{desc: desc{n: name, help: help, labels: labels}, typ: "counter", read: read})
 }
 
 // histogram registers a histogram family with the given bucket bounds.
@@ -192,13 +198,15 @@ type sample struct {
 	v      float64
 }
 
-type gaugeFunc struct {
+// funcFamily is a gauge or counter family read at scrape time.
+type funcFamily struct {
 	desc
+	typ  string // gauge or counter
 	read func() []sample
 }
 
-func (g *gaugeFunc) write(w *bufio.Writer) {
-	g.header(w, "gauge")
+func (g *funcFamily) write(w *bufio.Writer) {
+	g.header(w, g.typ)
 	for _, s := range g.read() {
 		fmt.Fprintf(w, "%s%s %s\n", g.n, g.labelString(s.values), formatFloat(s.v))
 	}
@@ -361,6 +369,7 @@ type sidecarMetrics struct {
 	requests    *counterVec   // by route and code
 	latency     *histogramVec // by route
 	healthCheck *histogramVec // by result
+	rpcLatency  *histogramVec // by service and result
 }
 
 func newSidecarMetrics(s *sidecar) *sidecarMetrics {
@@ -370,7 +379,30 @@ func newSidecarMetrics(s *sidecar) *sidecarMetrics {
 		requests:    set.counter("micro_http_requests_total", "HTTP requests served by the sidecar, by route and status code.", "route", "code"),
 		latency:     set.histogram("micro_http_request_duration_seconds", "Time to serve HTTP requests, by route; WebSocket connections are not timed.", latencyBuckets, "route"),
 		healthCheck: set.histogram("micro_healthcheck_duration_seconds", "Time taken by health checks of the app, by result.", latencyBuckets, "result"),
+		rpcLatency:  set.histogram("micro_rpc_duration_seconds", "Time of RPC calls through /rpc and /{service}/{method}, by service and result (ok or the HTTP status of the error).", latencyBuckets, "service", "result"),
 	}
+	set.counterFunc("micro_rpc_node_ejections_total", "Nodes taken out of selection after a failed connection, by RPC and the proxy.", nil, func() []sample {
+		return []sample{{v: float64(s.rpc.sel.ejections.Load())}}
+	})
+	set.counterFunc("micro_broker_messages_total", "Broker messages by what became of them: published here, delivered to local subscribers, received from peers, forwarded to peers, forward_dropped on the way to a peer, no_subscriber (a group found empty), slow_dropped (lost with a slow subscriber).", []string{"event"}, func() []sample {
+		r := s.broker.report()
+		return []sample{
+			{[]string{"delivered"}, float64(r.Delivered)}, {[]string{"forward_dropped"}, float64(r.ForwardDropped)},
+			{[]string{"forwarded"}, float64(r.Forwarded)}, {[]string{"no_subscriber"}, float64(r.NoSubscriber)},
+			{[]string{"published"}, float64(r.Published)}, {[]string{"received"}, float64(r.Received)},
+			{[]string{"slow_dropped"}, float64(r.SlowDropped)},
+		}
+	})
+	set.counterFunc("micro_broker_connections_closed_total", "Broker WebSockets the sidecar closed, by reason: slow (queue overflow), reaped (silent), too_big (oversized frame).", []string{"reason"}, func() []sample {
+		r := s.broker.report()
+		return []sample{{[]string{"reaped"}, float64(r.Reaped)}, {[]string{"slow"}, float64(r.SlowClosed)}, {[]string{"too_big"}, float64(r.TooBig)}}
+	})
+	set.gauge("micro_broker_subscribers", "Broker WebSocket connections on this sidecar.", nil, func() []sample {
+		return []sample{{v: float64(s.broker.report().Subscribers)}}
+	})
+	set.gauge("micro_broker_topics", "Topics with local subscribers.", nil, func() []sample {
+		return []sample{{v: float64(s.broker.report().Topics)}}
+	})
 	set.gauge("micro_registry_services", "Services (names) in the registry.", nil, func() []sample {
 		return []sample{{v: float64(s.reg.table.serviceCount())}}
 	})

@@ -452,6 +452,7 @@ type caller struct {
 	sel    *selector
 	client *http.Client // keep-alive pool to the nodes, shared with the proxy
 	log    *slog.Logger
+	timing *histogramVec // call durations by service and result; may be nil
 	ids    atomic.Uint64
 	bufs   sync.Pool // *bytes.Buffer for envelopes and replies; buffers over 64 KiB are dropped
 }
@@ -553,7 +554,9 @@ func (c *caller) serve(w http.ResponseWriter, r *http.Request, call rpcCall) {
 	defer cancel()
 	buf := c.getBuf()
 	defer c.putBuf(buf)
+	start := time.Now()
 	result, err := c.call(ctx, r.Header, call, shortened, buf)
+	c.observe(start, call.Service, err)
 	if err != nil {
 		if r.Context().Err() != nil {
 			return // the caller has gone; nobody reads an answer
@@ -572,6 +575,22 @@ func (c *caller) serve(w http.ResponseWriter, r *http.Request, call rpcCall) {
 }
 
 var jsonContentType = []string{"application/json"}
+
+// observe records a call's duration under its service and result.
+func (c *caller) observe(start time.Time, service string, err error) {
+	if c.timing == nil {
+		return
+	}
+	result := "ok"
+	if err != nil {
+		result = "500"
+		var ce *callError
+		if errors.As(err, &ce) {
+			result = strconv.Itoa(ce.code)
+		}
+	}
+	c.timing.ObserveSince(start, service, result)
+}
 
 // timeoutHint names where a deadline came from, and catches the likely
 // mistake of a bare number meant as seconds.

@@ -112,6 +112,8 @@ type selector struct {
 	// has failed, reports a success without taking the lock.
 	tracked atomic.Int64
 
+	ejections atomic.Uint64 // nodes ejected so far, for metrics
+
 	mu      sync.Mutex            // guards states, cursors
 	states  map[nodeKey]nodeState // failing nodes; at most cfg.MaxTracked
 	cursors map[string]uint64     // round-robin position by service; at most cfg.MaxTracked
@@ -183,6 +185,7 @@ func (s *selector) failed(n Node) time.Duration {
 		}
 	}
 	st.failures++
+	s.ejections.Add(1)
 	d := ejectFor(st.failures, s.cfg.EjectBase, s.cfg.EjectMax)
 	st.until = now.Add(d)
 	s.states[k] = st
