@@ -423,6 +423,31 @@ func TestEtcdSidecarsDiscoverEachOther(t *testing.T) {
 // TestEtcdBadDataSkipped: entries that are not service nodes, present at
 // start or written later, are skipped and logged once each; good entries
 // around them are served.
+// TestEtcdPubSub: the broker's topic registrations ride on etcd, so a
+// message published on one sidecar reaches subscribers on another, and the
+// registration goes with the last subscriber.
+func TestEtcdPubSub(t *testing.T) {
+	e := startEtcd(t)
+	a := startSidecar(t, etcdSidecarArgs(e.client)...)
+	b := startSidecar(t, etcdSidecarArgs(e.client)...)
+	sub := subscribeWS(t, b, "B", "topic=news")
+	member := subscribeWS(t, b, "B.g", "topic=news&queue=g")
+	waitFor(t, 10*time.Second, "b's topic registrations to reach a through etcd", func() bool {
+		s := lookup(t, a, "topic:news")
+		return s != nil && len(s.Nodes) == 2
+	})
+	for i := range 20 {
+		publish(t, a, "news", "text/plain", fmt.Sprintf("m%d", i))
+	}
+	waitFor(t, 10*time.Second, "every message on b", func() bool { return sub.total() == 20 && member.total() == 20 })
+	if got := len(e.keys(t, "/micro/registry/topic:news/")); got != 2 {
+		t.Errorf("topic keys in etcd: %d; want 2 (broadcast and group g)", got)
+	}
+	sub.ws.Close()
+	member.ws.Close()
+	waitFor(t, 10*time.Second, "the topic registrations to leave etcd", func() bool { return lookup(t, a, "topic:news") == nil })
+}
+
 func TestEtcdBadDataSkipped(t *testing.T) {
 	e := startEtcd(t)
 	const prefix = "/micro/registry/"
