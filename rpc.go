@@ -450,18 +450,18 @@ type caller struct {
 	cfg    rpcConfig
 	reg    *registry
 	sel    *selector
-	client *http.Client // keep-alive pool to the nodes, shared with the proxy
+	nodes  *nodeClient // keep-alive connections to the nodes
 	log    *slog.Logger
 	timing *histogramVec // call durations by service and result; may be nil
 	ids    atomic.Uint64
 	bufs   sync.Pool // *bytes.Buffer for envelopes and replies; buffers over 64 KiB are dropped
 }
 
-func newCaller(cfg rpcConfig, reg *registry, sel *selector, transport http.RoundTripper, log *slog.Logger) *caller {
-	return &caller{cfg: cfg.withDefaults(), reg: reg, sel: sel, client: &http.Client{Transport: transport}, log: log}
+func newCaller(cfg rpcConfig, reg *registry, sel *selector, log *slog.Logger) *caller {
+	return &caller{cfg: cfg.withDefaults(), reg: reg, sel: sel, nodes: newNodeClient(), log: log}
 }
 
-// newNodeTransport is the connection pool to nodes. Loopback and LAN apps
+// newNodeTransport is the proxy's connection pool to nodes. Loopback and LAN apps
 // answer many small calls: keeping connections alive matters more than
 // anything else here (Go's default keeps 2 idle per host).
 func newNodeTransport() *http.Transport {
@@ -718,53 +718,31 @@ func isConnFailure(err error) bool {
 // after the envelope.
 func (c *caller) post(ctx context.Context, in http.Header, call rpcCall, node Node, id uint64, envelope []byte, buf *bytes.Buffer) ([]byte, outcome, error) {
 	addr := node.hostPort()
-	// Built by hand rather than by http.NewRequest, which parses a URL
-	// string on every call.
-	h := make(http.Header, 8)
-	req := (&http.Request{
-		Method:        http.MethodPost,
-		URL:           &url.URL{Scheme: "http", Host: addr, Path: "/"},
-		Proto:         "HTTP/1.1",
-		ProtoMajor:    1,
-		ProtoMinor:    1,
-		Header:        h,
-		Body:          io.NopCloser(bytes.NewReader(envelope)),
-		ContentLength: int64(len(envelope)),
-		Host:          addr,
-	}).WithContext(ctx)
-	req.GetBody = func() (io.ReadCloser, error) { return io.NopCloser(bytes.NewReader(envelope)), nil }
-	h["Content-Type"] = jsonContentType
-	h["Micro-Service"] = []string{call.Service}
-	h["Micro-Endpoint"] = []string{call.Method}
+	var hdrArr [16]string
+	h := append(hdrArr[:0], "Content-Type", "application/json", "Micro-Service", call.Service, "Micro-Endpoint", call.Method)
 	if dl, ok := ctx.Deadline(); ok {
-		h["Timeout"] = []string{strconv.FormatInt(int64(time.Until(dl)), 10)}
+		h = append(h, "Timeout", strconv.FormatInt(int64(time.Until(dl)), 10))
 	}
 	for _, k := range passHeaders {
-		if v := in[k]; len(v) > 0 {
-			h[k] = v
+		for _, v := range in[k] {
+			h = append(h, k, v)
 		}
 	}
-	resp, err := c.client.Do(req)
-	if err != nil {
+	start := buf.Len()
+	resp, n, err := c.nodes.do(ctx, &nodeRequest{addr: addr, header: h, body: envelope}, buf, c.cfg.MaxReplyBytes)
+	if err != nil && resp.code == 0 {
 		out := classifyFailure(ctx, err)
 		if out == timedOut {
 			return nil, out, c.timeoutError(ctx, call, node)
 		}
-		err = unwrapURLError(err)
 		if out == lost {
 			return nil, out, &callError{http.StatusBadGateway, fmt.Sprintf("node %s (%s) of %s: %v", node.ID, addr, call.Service, err), err}
 		}
 		return nil, out, fmt.Errorf("node %s (%s): %w", node.ID, addr, err)
 	}
-	defer resp.Body.Close()
 	if !isDirect(call) {
 		c.sel.succeeded(node)
 	}
-	start := buf.Len()
-	if resp.ContentLength > 0 && resp.ContentLength <= c.cfg.MaxReplyBytes {
-		buf.Grow(int(resp.ContentLength))
-	}
-	n, err := buf.ReadFrom(io.LimitReader(resp.Body, c.cfg.MaxReplyBytes+1))
 	switch {
 	case err != nil && ctx.Err() != nil:
 		return nil, timedOut, c.timeoutError(ctx, call, node)
@@ -774,12 +752,12 @@ func (c *caller) post(ctx context.Context, in http.Header, call rpcCall, node No
 		return nil, answered, callErrorf(http.StatusBadGateway, "node %s of %s answered more than %d bytes", node.ID, call.Service, c.cfg.MaxReplyBytes)
 	}
 	body := buf.Bytes()[start:]
-	if resp.StatusCode < 200 || resp.StatusCode > 299 {
-		return nil, answered, callErrorf(http.StatusBadGateway, "node %s of %s answered %s%s", node.ID, call.Service, resp.Status, snippet(resp.Header.Get("Content-Type"), body))
+	if resp.code < 200 || resp.code > 299 {
+		return nil, answered, callErrorf(http.StatusBadGateway, "node %s of %s answered %s%s", node.ID, call.Service, resp.status, snippet(resp.contentType, body))
 	}
 	result, appErr, err := parseReply(body, id)
 	if err != nil {
-		return nil, answered, callErrorf(http.StatusBadGateway, "node %s of %s answered %s%s: %v", node.ID, call.Service, resp.Status, snippet(resp.Header.Get("Content-Type"), body), err)
+		return nil, answered, callErrorf(http.StatusBadGateway, "node %s of %s answered %s%s: %v", node.ID, call.Service, resp.status, snippet(resp.contentType, body), err)
 	}
 	if appErr != nil {
 		return nil, answered, &callError{appErr.code, appErr.detail, nil}

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"encoding/json"
@@ -619,5 +620,73 @@ func TestRPCFlags(t *testing.T) {
 	cfg, err = parseSidecarFlags([]string{"--registry=memory", "--namespace="}, io.Discard, noEnv)
 	if err != nil || cfg.RPC.Namespace != "" {
 		t.Errorf("an empty --namespace must be allowed: %q, %v", cfg.RPC.Namespace, err)
+	}
+}
+
+// Connections to nodes are reused, and a connection the node closed while
+// idle, or after an HTTP/1.0 answer, is never mistaken for a failing node.
+func TestCallConnectionReuse(t *testing.T) {
+	s, srv := testSidecar(t, nil)
+	app := newJSONRPCApp(t, "a")
+	var mu sync.Mutex
+	remotes := map[string]bool{}
+	answer := app.answer
+	app.answer = func(w http.ResponseWriter, r *http.Request, env map[string]json.RawMessage) {
+		mu.Lock()
+		remotes[r.RemoteAddr] = true
+		mu.Unlock()
+		answer(w, r, env)
+	}
+	register(t, s, "reuse", app.addr())
+	for i := range 5 {
+		if code, body := post(t, srv.URL+"/rpc", form, "service=reuse&method=A.B"); code != 200 {
+			t.Fatalf("call %d: %d %s", i, code, body)
+		}
+	}
+	mu.Lock()
+	n := len(remotes)
+	mu.Unlock()
+	if n != 1 {
+		t.Errorf("%d connections for 5 calls in a row; want 1, kept alive", n)
+	}
+	app.srv.CloseClientConnections() // the node drops its idle connections
+	time.Sleep(20 * time.Millisecond)
+	if code, body := post(t, srv.URL+"/rpc", form, "service=reuse&method=A.B"); code != 200 {
+		t.Fatalf("after the node closed idle connections: %d %s; want 200", code, body)
+	}
+
+	// An HTTP/1.0 server (Python's http.server by default) closes after each answer.
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				req, err := http.ReadRequest(bufio.NewReader(c))
+				if err != nil {
+					return
+				}
+				body, _ := io.ReadAll(req.Body)
+				var env map[string]json.RawMessage
+				json.Unmarshal(body, &env)
+				fmt.Fprintf(c, "HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n{\"id\":%s,\"result\":\"old\"}", env["id"])
+			}()
+		}
+	}()
+	register(t, s, "old", ln.Addr().String())
+	for i := range 3 {
+		if code, body := post(t, srv.URL+"/rpc", form, "service=old&method=A.B"); code != 200 || body != `"old"` {
+			t.Fatalf("HTTP/1.0 node, call %d: %d %s", i, code, body)
+		}
+	}
+	if n := s.rpc.sel.tracked.Load(); n != 0 {
+		t.Errorf("%d nodes ejected; want none", n)
 	}
 }
