@@ -135,22 +135,24 @@ func wsServer(handler websocket.Handler) websocket.Server {
 	}
 }
 
-// connSet tracks hijacked WebSocket connections: http.Server.Shutdown neither
-// closes nor waits for them. Each connection's owner registers a stop
-// function that makes it send a going-away close frame and return; closeAll
-// calls them all and waits for the owners to finish.
+// connSet tracks hijacked connections (WebSockets of the watch, the broker
+// and the proxy): http.Server.Shutdown neither closes nor waits for them.
+// Each connection's owner registers, under a key of its choice, a stop
+// function that makes it close the connection (with a going-away frame
+// where it speaks WebSocket) and return; closeAll calls them all and waits
+// for the owners to finish.
 type connSet struct {
 	mu     sync.Mutex // guards stops, closed
-	stops  map[*websocket.Conn]func()
+	stops  map[any]func()
 	closed bool
 	wg     sync.WaitGroup // one per tracked connection
 }
 
-func newConnSet() *connSet { return &connSet{stops: map[*websocket.Conn]func(){}} }
+func newConnSet() *connSet { return &connSet{stops: map[any]func(){}} }
 
 // add tracks c until remove; it returns false once shutdown has begun, and
 // the caller should then close c at once.
-func (cs *connSet) add(c *websocket.Conn, stop func()) bool {
+func (cs *connSet) add(c any, stop func()) bool {
 	cs.mu.Lock()
 	defer cs.mu.Unlock()
 	if cs.closed {
@@ -161,7 +163,7 @@ func (cs *connSet) add(c *websocket.Conn, stop func()) bool {
 	return true
 }
 
-func (cs *connSet) remove(c *websocket.Conn) {
+func (cs *connSet) remove(c any) {
 	cs.mu.Lock()
 	defer cs.mu.Unlock()
 	if _, ok := cs.stops[c]; ok {

@@ -463,7 +463,7 @@ func newSidecar(ctx context.Context, cfg config, log *slog.Logger) (*sidecar, er
 	sel := newSelector(cfg.Selector, time.Now)
 	nodes := newNodeTransport()
 	s.rpc = newCaller(cfg.RPC, s.reg, sel, log)
-	s.proxy = newProxy(proxyConfig{Retries: cfg.RPC.Retries, Timeout: cfg.RPC.Timeout}, s.reg, sel, nodes, log)
+	s.proxy = newProxy(proxyConfig{Retries: cfg.RPC.Retries, Timeout: cfg.RPC.Timeout}, s.reg, sel, nodes, s.conns, log)
 	s.broker = newBroker(cfg.Broker, s.reg, s.conns, log)
 	s.metrics = newSidecarMetrics(s)
 	s.rpc.timing = s.metrics.rpcLatency
@@ -537,7 +537,6 @@ func runSidecar(ctx context.Context, cfg config, logOut io.Writer) error {
 	sctx, cancel := context.WithTimeout(context.Background(), cfg.ShutdownTimeout)
 	defer cancel()
 	s.conns.closeAll(sctx)
-	s.proxy.closeUpgrades(sctx)
 	if err := srv.Shutdown(sctx); err != nil {
 		log.Warn("in-flight requests did not finish in time", "error", err)
 	}

@@ -37,17 +37,14 @@ type proxy struct {
 	rp        *httputil.ReverseProxy
 	log       *slog.Logger
 
-	mu       sync.Mutex                       // guards upgrades, closed
-	upgrades map[*context.CancelFunc]struct{} // one per upgraded (hijacked) connection in flight
-	closed   bool
-	wg       sync.WaitGroup // one per entry in upgrades
+	conns *connSet // upgraded (hijacked) connections in flight, closed at shutdown
 }
 
-func newProxy(cfg proxyConfig, reg *registry, sel *selector, transport http.RoundTripper, log *slog.Logger) *proxy {
+func newProxy(cfg proxyConfig, reg *registry, sel *selector, transport http.RoundTripper, conns *connSet, log *slog.Logger) *proxy {
 	if cfg.Timeout <= 0 {
 		cfg.Timeout = 5 * time.Second
 	}
-	p := &proxy{cfg: cfg, reg: reg, sel: sel, transport: transport, log: log, upgrades: map[*context.CancelFunc]struct{}{}}
+	p := &proxy{cfg: cfg, reg: reg, sel: sel, transport: transport, log: log, conns: conns}
 	p.rp = &httputil.ReverseProxy{
 		Rewrite:      rewrite,
 		Transport:    roundTripFunc(p.roundTrip),
@@ -115,54 +112,15 @@ func (p *proxy) serve(w http.ResponseWriter, r *http.Request, service, path stri
 		var cancel context.CancelFunc
 		ctx, cancel = context.WithCancel(ctx)
 		defer cancel()
-		if !p.track(&cancel) {
+		// Cancelling the request closes the node's side, which ends the
+		// copy and closes the client's.
+		if !p.conns.add(&cancel, cancel) {
 			writeError(w, http.StatusServiceUnavailable, "the sidecar is shutting down")
 			return
 		}
-		defer p.untrack(&cancel)
+		defer p.conns.remove(&cancel)
 	}
 	p.rp.ServeHTTP(w, r.WithContext(ctx))
-}
-
-// track remembers an upgraded connection until untrack, so that shutdown
-// can end it: http.Server.Shutdown neither closes nor waits for hijacked
-// connections. It returns false once shutdown has begun.
-func (p *proxy) track(cancel *context.CancelFunc) bool {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	if p.closed {
-		return false
-	}
-	p.upgrades[cancel] = struct{}{}
-	p.wg.Add(1)
-	return true
-}
-
-func (p *proxy) untrack(cancel *context.CancelFunc) {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	if _, ok := p.upgrades[cancel]; ok {
-		delete(p.upgrades, cancel)
-		p.wg.Done()
-	}
-}
-
-// closeUpgrades ends every upgraded connection (cancelling its request
-// closes the node's side, which ends the copy and closes the client's) and
-// waits for them, or for ctx.
-func (p *proxy) closeUpgrades(ctx context.Context) {
-	p.mu.Lock()
-	p.closed = true
-	for cancel := range p.upgrades {
-		(*cancel)()
-	}
-	p.mu.Unlock()
-	done := make(chan struct{})
-	go func() { p.wg.Wait(); close(done) }()
-	select {
-	case <-done:
-	case <-ctx.Done():
-	}
 }
 
 // rewrite turns the incoming request into the one for the node; the

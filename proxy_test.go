@@ -145,12 +145,15 @@ func TestProxyWebSocket(t *testing.T) {
 	// Shutdown ends upgraded connections, which http.Server.Shutdown does not.
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	s.proxy.closeUpgrades(ctx)
+	s.conns.closeAll(ctx)
 	if err := websocket.Message.Receive(ws, &got); err == nil {
-		t.Errorf("after closeUpgrades: received %q; want the connection closed", got)
+		t.Errorf("after closeAll: received %q; want the connection closed", got)
 	}
-	if len(s.proxy.upgrades) != 0 {
-		t.Errorf("%d upgrades still tracked", len(s.proxy.upgrades))
+	s.conns.mu.Lock()
+	left := len(s.conns.stops)
+	s.conns.mu.Unlock()
+	if left != 0 {
+		t.Errorf("%d connections still tracked", left)
 	}
 }
 
