@@ -261,21 +261,37 @@ func TestJSONLogs(t *testing.T) {
 // coming, and checks the next request is refused at once, not queued.
 func TestInFlightLimit(t *testing.T) {
 	p := startSidecar(t, "--registry=memory", "--max_inflight=1")
-	c, err := net.Dial("tcp", p.addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
 	body := `{"name":"slow","nodes":[{"id":"s1","address":"127.0.0.1","port":1}]}`
-	head := "POST /registry HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"
-	if _, err := c.Write([]byte(strings.Replace(head, "%d", itoa(int64(len(body))), 1) + body[:10])); err != nil {
-		t.Fatal(err)
+	head := "POST /registry HTTP/1.1\r\nHost: x\r\nContent-Length: " + itoa(int64(len(body))) + "\r\n\r\n"
+	// startSlow sends a request whose body stops halfway, so that it holds
+	// the only slot while the sidecar waits for the rest.
+	startSlow := func() (net.Conn, *bufio.Reader) {
+		c, err := net.Dial("tcp", p.addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := c.Write([]byte(head + body[:10])); err != nil {
+			t.Fatal(err)
+		}
+		return c, bufio.NewReader(c)
 	}
-	var code int
+	c, br := startSlow()
+	defer func() { c.Close() }()
 	var detail string
-	waitFor(t, 5*time.Second, "the second request to be refused", func() bool {
+	waitFor(t, 5*time.Second, "a request to be refused while the slow one holds the slot", func() bool {
+		var code int
 		code, detail = do(t, "GET", p.url("/registry"), "", "")
-		return code == 503
+		if code == 503 {
+			return true
+		}
+		// A probe that got in first makes the slow request the refused
+		// one: it then has an answer already, and is sent again.
+		c.SetReadDeadline(time.Now().Add(time.Millisecond))
+		if _, err := br.Peek(1); err == nil {
+			c.Close()
+			c, br = startSlow()
+		}
+		return false
 	})
 	if !strings.Contains(detail, "--max_inflight") {
 		t.Errorf("refusal detail: %s", detail)
@@ -283,8 +299,9 @@ func TestInFlightLimit(t *testing.T) {
 	if code, _ := do(t, "GET", p.url("/health"), "", ""); code != 200 {
 		t.Errorf("/health must stay reachable at the limit: %d", code)
 	}
+	c.SetReadDeadline(time.Time{})
 	c.Write([]byte(body[10:]))
-	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+	resp, err := http.ReadResponse(br, nil)
 	if err != nil || resp.StatusCode != 200 {
 		t.Fatalf("the slow request: %v %v", resp, err)
 	}
