@@ -541,9 +541,19 @@ func runSidecar(ctx context.Context, cfg config, logOut io.Writer) error {
 		log.Warn("in-flight requests did not finish in time", "error", err)
 	}
 	s.broker.close(sctx)
+	s.closeNodeConnections()
 	s.reg.backend.close()
 	log.Info("Stopped")
 	return nil
+}
+
+// closeNodeConnections closes the idle keep-alive connections to service
+// nodes, of RPC and of the proxy, once no call is in flight.
+func (s *sidecar) closeNodeConnections() {
+	s.rpc.nodes.closeIdle()
+	if t, ok := s.proxy.transport.(interface{ CloseIdleConnections() }); ok {
+		t.CloseIdleConnections()
+	}
 }
 
 // startApp registers the app at once, or starts the health checker that

@@ -690,3 +690,44 @@ func TestCallConnectionReuse(t *testing.T) {
 		t.Errorf("%d nodes ejected; want none", n)
 	}
 }
+
+// TestShutdownClosesNodeConnections: the keep-alive connections RPC and the
+// proxy hold to nodes are closed at shutdown, not left to their idle timeout.
+func TestShutdownClosesNodeConnections(t *testing.T) {
+	s, srv := testSidecar(t, nil)
+	var open atomic.Int32
+	app := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		io.WriteString(w, `{"jsonrpc":"2.0","id":1,"result":{}}`)
+	}))
+	app.Config.ConnState = func(c net.Conn, st http.ConnState) {
+		switch st {
+		case http.StateNew:
+			open.Add(1)
+		case http.StateClosed, http.StateHijacked:
+			open.Add(-1)
+		}
+	}
+	app.Start()
+	defer app.Close()
+	port := app.Listener.Addr().(*net.TCPAddr).Port
+	if err := s.reg.Register(Service{Name: "go.micro.srv.kept", Nodes: []Node{{ID: "k1", Address: "127.0.0.1", Port: port}}}, 0); err != nil {
+		t.Fatal(err)
+	}
+	for _, path := range []string{"/kept/call", "/proxy/go.micro.srv.kept/x"} {
+		resp, err := http.Post(srv.URL+path, "application/json", strings.NewReader(`{}`))
+		if err != nil {
+			t.Fatalf("POST %s: %v", path, err)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != 200 {
+			t.Fatalf("POST %s: %d %s", path, resp.StatusCode, body)
+		}
+	}
+	if n := open.Load(); n != 2 {
+		t.Fatalf("%d connections open to the node; want one kept alive by RPC and one by the proxy", n)
+	}
+	s.closeNodeConnections()
+	waitFor(t, 5*time.Second, "the node's connections to close", func() bool { return open.Load() == 0 })
+}
