@@ -433,10 +433,10 @@ func parseTimeout(s string) (time.Duration, error) {
 	if n, err := strconv.ParseInt(s, 10, 64); err == nil {
 		d = time.Duration(n)
 	} else if d, err = time.ParseDuration(s); err != nil {
-		return 0, fmt.Errorf("Timeout header %q: want a duration such as 5s or go-micro's integer nanoseconds", truncate(s, 32))
+		return 0, fmt.Errorf("the Timeout header %q: want a duration such as 5s or go-micro's integer nanoseconds", truncate(s, 32))
 	}
 	if d <= 0 || d > maxTimeout {
-		return 0, fmt.Errorf("Timeout header %q: must be positive and at most %v", truncate(s, 32), maxTimeout)
+		return 0, fmt.Errorf("the Timeout header %q: must be positive and at most %v", truncate(s, 32), maxTimeout)
 	}
 	return d, nil
 }
