@@ -44,7 +44,8 @@ func (m *metrics) add(f family) {
 
 // counter registers a counter family with the given label names.
 func (m *metrics) counter(name, help string, labels ...string) *counterVec {
-	c := &counterVec{desc: desc{n: name, help: help, labels: labels}, series: map[string]*counterSeries{}}
+	c := &counterVec{desc: desc{n: name, help: help, labels: labels},
+		series: newSeriesSet(func(values []string) *counterSeries { return &counterSeries{values: values} })}
 	m.add(c)
 	return c
 }
@@ -62,7 +63,10 @@ func (m *metrics) counterFunc(name, help string, labels []string, read func() []
 
 // histogram registers a histogram family with the given bucket bounds.
 func (m *metrics) histogram(name, help string, buckets []float64, labels ...string) *histogramVec {
-	h := &histogramVec{desc: desc{n: name, help: help, labels: labels}, buckets: buckets, series: map[string]*histSeries{}}
+	h := &histogramVec{desc: desc{n: name, help: help, labels: labels}, buckets: buckets,
+		series: newSeriesSet(func(values []string) *histSeries {
+			return &histSeries{values: values, counts: make([]uint64, len(buckets))}
+		})}
 	m.add(h)
 	return h
 }
@@ -129,6 +133,61 @@ func overflowValues(n int) []string {
 	return v
 }
 
+// seriesSet holds the series of one family, keyed by label values and
+// capped at maxSeries: past the cap, new combinations share the "_other"
+// series.
+type seriesSet[T any] struct {
+	mu     sync.RWMutex // guards series
+	series map[string]*T
+	newFn  func(values []string) *T
+}
+
+func newSeriesSet[T any](newFn func(values []string) *T) seriesSet[T] {
+	return seriesSet[T]{series: map[string]*T{}, newFn: newFn}
+}
+
+// get returns the series for values, creating it if needed.
+func (ss *seriesSet[T]) get(values []string) *T {
+	k := seriesKey(values)
+	ss.mu.RLock()
+	s := ss.series[k]
+	ss.mu.RUnlock()
+	if s != nil {
+		return s
+	}
+	ss.mu.Lock()
+	defer ss.mu.Unlock()
+	if s = ss.series[k]; s != nil {
+		return s
+	}
+	if len(ss.series) >= maxSeries {
+		values = overflowValues(len(values))
+		k = seriesKey(values)
+		if s = ss.series[k]; s != nil {
+			return s
+		}
+	}
+	s = ss.newFn(append([]string(nil), values...))
+	ss.series[k] = s
+	return s
+}
+
+// sorted returns every series in label-value order, for stable output.
+func (ss *seriesSet[T]) sorted() []*T {
+	ss.mu.RLock()
+	keys := make([]string, 0, len(ss.series))
+	for k := range ss.series {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	out := make([]*T, len(keys))
+	for i, k := range keys {
+		out[i] = ss.series[k]
+	}
+	ss.mu.RUnlock()
+	return out
+}
+
 type counterSeries struct {
 	values []string
 	n      atomic.Uint64
@@ -137,53 +196,21 @@ type counterSeries struct {
 // counterVec is a counter family. Add is safe for concurrent use.
 type counterVec struct {
 	desc
-	mu     sync.RWMutex // guards series
-	series map[string]*counterSeries
+	series seriesSet[counterSeries]
 }
 
 // Add adds n to the series with the given label values.
-func (c *counterVec) Add(n uint64, values ...string) { c.get(values).n.Add(n) }
+func (c *counterVec) Add(n uint64, values ...string) { c.series.get(values).n.Add(n) }
 
 // Inc adds one.
 func (c *counterVec) Inc(values ...string) { c.Add(1, values...) }
 
 // Value returns a series' count, for tests.
-func (c *counterVec) Value(values ...string) uint64 { return c.get(values).n.Load() }
-
-func (c *counterVec) get(values []string) *counterSeries {
-	k := seriesKey(values)
-	c.mu.RLock()
-	s := c.series[k]
-	c.mu.RUnlock()
-	if s != nil {
-		return s
-	}
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if s = c.series[k]; s != nil {
-		return s
-	}
-	if len(c.series) >= maxSeries {
-		values = overflowValues(len(values))
-		k = seriesKey(values)
-		if s = c.series[k]; s != nil {
-			return s
-		}
-	}
-	s = &counterSeries{values: append([]string(nil), values...)}
-	c.series[k] = s
-	return s
-}
+func (c *counterVec) Value(values ...string) uint64 { return c.series.get(values).n.Load() }
 
 func (c *counterVec) write(w *bufio.Writer) {
 	c.header(w, "counter")
-	c.mu.RLock()
-	list := make([]*counterSeries, 0, len(c.series))
-	for _, s := range c.series {
-		list = append(list, s)
-	}
-	c.mu.RUnlock()
-	sort.Slice(list, func(i, j int) bool { return seriesKey(list[i].values) < seriesKey(list[j].values) })
+	list := c.series.sorted()
 	if len(list) == 0 && len(c.labels) == 0 {
 		fmt.Fprintf(w, "%s 0\n", c.n)
 	}
@@ -224,13 +251,12 @@ type histSeries struct {
 type histogramVec struct {
 	desc
 	buckets []float64
-	mu      sync.RWMutex // guards series
-	series  map[string]*histSeries
+	series  seriesSet[histSeries]
 }
 
 // Observe records v (in the family's unit, seconds for durations).
 func (h *histogramVec) Observe(v float64, values ...string) {
-	s := h.get(values)
+	s := h.series.get(values)
 	i := sort.SearchFloat64s(h.buckets, v)
 	s.mu.Lock()
 	if i < len(s.counts) {
@@ -246,41 +272,9 @@ func (h *histogramVec) ObserveSince(start time.Time, values ...string) {
 	h.Observe(time.Since(start).Seconds(), values...)
 }
 
-func (h *histogramVec) get(values []string) *histSeries {
-	k := seriesKey(values)
-	h.mu.RLock()
-	s := h.series[k]
-	h.mu.RUnlock()
-	if s != nil {
-		return s
-	}
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	if s = h.series[k]; s != nil {
-		return s
-	}
-	if len(h.series) >= maxSeries {
-		values = overflowValues(len(values))
-		k = seriesKey(values)
-		if s = h.series[k]; s != nil {
-			return s
-		}
-	}
-	s = &histSeries{values: append([]string(nil), values...), counts: make([]uint64, len(h.buckets))}
-	h.series[k] = s
-	return s
-}
-
 func (h *histogramVec) write(w *bufio.Writer) {
 	h.header(w, "histogram")
-	h.mu.RLock()
-	list := make([]*histSeries, 0, len(h.series))
-	for _, s := range h.series {
-		list = append(list, s)
-	}
-	h.mu.RUnlock()
-	sort.Slice(list, func(i, j int) bool { return seriesKey(list[i].values) < seriesKey(list[j].values) })
-	for _, s := range list {
+	for _, s := range h.series.sorted() {
 		s.mu.Lock()
 		var cum uint64
 		for i, b := range h.buckets {
