@@ -56,6 +56,21 @@ func allowMethods(w http.ResponseWriter, r *http.Request, methods ...string) boo
 // readBody reads a request body of at most limit bytes, answering 413 or 400
 // itself when it cannot.
 func readBody(w http.ResponseWriter, r *http.Request, limit int64) ([]byte, bool) {
+	if r.ContentLength > limit {
+		writeError(w, http.StatusRequestEntityTooLarge, "request body larger than "+itoa(limit)+" bytes (--max_body_bytes)")
+		return nil, false
+	}
+	if r.ContentLength >= 0 && r.ContentLength <= 64<<10 {
+		// The usual case, a small stated length: one read into a buffer of
+		// that size. Larger bodies grow as they arrive, so that a length
+		// alone reserves no memory.
+		body := make([]byte, r.ContentLength)
+		if _, err := io.ReadFull(r.Body, body); err != nil {
+			writeError(w, http.StatusBadRequest, "reading request body: "+err.Error())
+			return nil, false
+		}
+		return body, true
+	}
 	r.Body = http.MaxBytesReader(w, r.Body, limit)
 	body, err := io.ReadAll(r.Body)
 	var tooBig *http.MaxBytesError

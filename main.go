@@ -464,6 +464,7 @@ func newSidecar(ctx context.Context, cfg config, log *slog.Logger) (*sidecar, er
 	nodes := newNodeTransport()
 	s.rpc = newCaller(cfg.RPC, s.reg, sel, log)
 	s.proxy = newProxy(proxyConfig{Retries: cfg.RPC.Retries, Timeout: cfg.RPC.Timeout}, s.reg, sel, nodes, s.conns, log)
+	s.proxy.direct = s.rpc.nodes
 	s.broker = newBroker(cfg.Broker, s.reg, s.conns, log)
 	s.metrics = newSidecarMetrics(s)
 	s.rpc.timing = s.metrics.rpcLatency
@@ -497,11 +498,14 @@ func runSidecar(ctx context.Context, cfg config, logOut io.Writer) error {
 	s.broker.advertise = resolveAdvertise(cfg.AdvertiseAddress, ln.Addr().(*net.TCPAddr), cfg.ServerAddress, interfaceAddrs())
 	serveErr := make(chan error, 1)
 	scheme := "http"
+	shutdown := srv.Shutdown
 	if cfg.TLSCertFile != "" {
 		scheme = "https"
 		go func() { serveErr <- srv.ServeTLS(ln, cfg.TLSCertFile, cfg.TLSKeyFile) }()
 	} else {
-		go func() { serveErr <- srv.Serve(ln) }()
+		fast := newServer(srv.Handler, srv, log)
+		shutdown = fast.Shutdown
+		go func() { serveErr <- fast.Serve(ln) }()
 	}
 	log.Info("Listening on "+ln.Addr().String(), "scheme", scheme, "auth_token", cfg.AuthToken != "", "address", ln.Addr().String(), "advertise_address", s.broker.advertise, "registry", cfg.Registry, "registry_address", cfg.RegistryAddress, "version", buildVersion())
 
@@ -537,7 +541,7 @@ func runSidecar(ctx context.Context, cfg config, logOut io.Writer) error {
 	sctx, cancel := context.WithTimeout(context.Background(), cfg.ShutdownTimeout)
 	defer cancel()
 	s.conns.closeAll(sctx)
-	if err := srv.Shutdown(sctx); err != nil {
+	if err := shutdown(sctx); err != nil {
 		log.Warn("in-flight requests did not finish in time", "error", err)
 	}
 	s.broker.close(sctx)

@@ -34,6 +34,7 @@ type proxy struct {
 	reg       *registry
 	sel       *selector
 	transport http.RoundTripper
+	direct    *nodeClient // the direct path's connections, shared with RPC; nil: none
 	rp        *httputil.ReverseProxy
 	log       *slog.Logger
 
@@ -106,6 +107,10 @@ func (p *proxy) serve(w http.ResponseWriter, r *http.Request, service, path stri
 			return
 		}
 		t.timeout, t.shortened = d, d < p.cfg.Timeout
+	}
+	if p.direct != nil && canForwardDirect(r) {
+		p.forward(w, r, t)
+		return
 	}
 	ctx := context.WithValue(r.Context(), targetKey{}, t)
 	if isUpgrade(r) {
@@ -185,7 +190,7 @@ func (p *proxy) roundTrip(req *http.Request) (*http.Response, error) {
 			p.sel.succeeded(node)
 			return resp, nil
 		}
-		o := classifyFailure(ctx, err)
+		o := classifyFailure(ctx, time.Time{}, err) // the deadline cancels ctx
 		late := o == timedOut && context.Cause(ctx) == errHeaderTimeout
 		if o == notSent || o == lost && isConnFailure(err) || late && !t.shortened {
 			if d := p.sel.failed(node); d > 0 {

@@ -329,14 +329,26 @@ type watcher struct {
 type table struct {
 	maxNodes int // bound on the number of records; 0 means no bound
 
-	mu       sync.RWMutex                 // guards services, count, watchers
+	mu       sync.RWMutex                 // guards services, count, watchers, lookups, gen
 	services map[string]map[string]record // service name -> record key -> record
 	count    int
 	watchers map[*watcher]struct{}
+	// lookups holds assembled answers of lookup, so that a call does not
+	// sort and copy a service's records each time; an entry is dropped when
+	// its service changes and ignored once one of its records expires. It
+	// holds at most one entry per service in the table.
+	lookups map[string]lookupEntry
+	gen     uint64 // counts changes, so that a stale answer is not cached
+}
+
+// lookupEntry is an assembled answer, valid until its first record expires.
+type lookupEntry struct {
+	services []Service
+	until    time.Time // zero: no record expires
 }
 
 func newTable(maxNodes int) *table {
-	return &table{maxNodes: maxNodes, services: map[string]map[string]record{}, watchers: map[*watcher]struct{}{}}
+	return &table{maxNodes: maxNodes, services: map[string]map[string]record{}, watchers: map[*watcher]struct{}{}, lookups: map[string]lookupEntry{}}
 }
 
 // upsert adds or refreshes records; it adds none if that would take the
@@ -399,6 +411,7 @@ func (t *table) replace(recs []record) {
 	}
 	t.services = map[string]map[string]record{}
 	t.count = 0
+	clear(t.lookups)
 	for _, r := range next {
 		t.setLocked(r)
 	}
@@ -422,6 +435,8 @@ func (t *table) sweep(now time.Time) {
 }
 
 func (t *table) setLocked(r record) {
+	delete(t.lookups, r.Service)
+	t.gen++
 	byKey := t.services[r.Service]
 	if byKey == nil {
 		byKey = map[string]record{}
@@ -439,6 +454,8 @@ func (t *table) deleteLocked(r record) {
 		return
 	}
 	delete(byKey, r.key())
+	delete(t.lookups, r.Service)
+	t.gen++
 	t.count--
 	if len(byKey) == 0 {
 		delete(t.services, r.Service)
@@ -464,20 +481,36 @@ func (t *table) notifyLocked(evs []Event) {
 }
 
 // lookup returns the live versions of a service, sorted by version.
+// The answer is shared: callers must not modify it.
 func (t *table) lookup(name string, now time.Time) ([]Service, error) {
 	t.mu.RLock()
+	if e, ok := t.lookups[name]; ok && (e.until.IsZero() || now.Before(e.until)) {
+		t.mu.RUnlock()
+		return e.services, nil
+	}
+	gen := t.gen
 	byKey := t.services[name]
 	recs := make([]record, 0, len(byKey))
+	var until time.Time
 	for _, r := range byKey {
 		if !r.expired(now) {
 			recs = append(recs, r)
+			if !r.Expires.IsZero() && (until.IsZero() || r.Expires.Before(until)) {
+				until = r.Expires
+			}
 		}
 	}
 	t.mu.RUnlock()
 	if len(recs) == 0 {
 		return nil, errNotFound
 	}
-	return assemble(recs), nil
+	out := assemble(recs)
+	t.mu.Lock()
+	if t.gen == gen && len(t.services[name]) > 0 {
+		t.lookups[name] = lookupEntry{services: out, until: until}
+	}
+	t.mu.Unlock()
+	return out, nil
 }
 
 // list returns every live service version.

@@ -13,6 +13,7 @@ import (
 	"net/http"
 	"net/url"
 	"path"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -224,20 +225,20 @@ func parseRPCRequest(contentType string, query url.Values, body []byte) (rpcCall
 		if len(request) > 0 && request[0] == '"' {
 			var s string
 			json.Unmarshal(request, &s) // valid: it came through Unmarshal above
-			if request = []byte(s); !json.Valid(request) {
+			if request = []byte(s); !validJSON(request) {
 				return rpcCall{}, fmt.Errorf("request %q is a string but not JSON; send an object, or a string holding JSON", truncate(s, 64))
 			}
 		}
 	} else {
-		form, err := url.ParseQuery(string(body))
+		form, err := parseRPCForm(body)
 		if err != nil {
 			return rpcCall{}, fmt.Errorf("body is neither JSON nor form fields: %v", err)
 		}
-		c.Service, c.Method, c.Address = form.Get("service"), form.Get("method"), form.Get("address")
-		if form.Has("request") {
-			request = []byte(form.Get("request"))
-			if !json.Valid(request) {
-				return rpcCall{}, fmt.Errorf("request %q is not JSON", truncate(form.Get("request"), 64))
+		c.Service, c.Method, c.Address = form.service, form.method, form.address
+		if form.hasRequest {
+			request = form.request
+			if !validJSON(request) {
+				return rpcCall{}, fmt.Errorf("request %q is not JSON", truncate(string(form.request), 64))
 			}
 		}
 	}
@@ -252,7 +253,7 @@ func parseRPCRequest(contentType string, query url.Values, body []byte) (rpcCall
 	}
 	if len(request) == 0 && query.Has("request") {
 		request = []byte(query.Get("request"))
-		if !json.Valid(request) {
+		if !validJSON(request) {
 			return rpcCall{}, fmt.Errorf("request %q is not JSON", truncate(query.Get("request"), 64))
 		}
 	}
@@ -260,9 +261,61 @@ func parseRPCRequest(contentType string, query url.Values, body []byte) (rpcCall
 	return c, c.validate()
 }
 
+// rpcForm is the fields of a form body of POST /rpc.
+type rpcForm struct {
+	service, method, address string
+	request                  []byte
+	hasRequest               bool
+}
+
+// parseRPCForm reads the fields of a form body as url.ParseQuery does, the
+// first value of a field counting. A body with nothing escaped, the usual
+// case (curl -d sends JSON as it is), is split in place; request then
+// shares body's bytes.
+func parseRPCForm(body []byte) (rpcForm, error) {
+	var f rpcForm
+	if bytes.ContainsAny(body, "%+;") {
+		form, err := url.ParseQuery(string(body))
+		if err != nil {
+			return f, err
+		}
+		f.service, f.method, f.address = form.Get("service"), form.Get("method"), form.Get("address")
+		f.request, f.hasRequest = []byte(form.Get("request")), form.Has("request")
+		return f, nil
+	}
+	var seen [4]bool // service, method, address, request
+	for rest := body; len(rest) > 0; {
+		var pair []byte
+		pair, rest, _ = bytes.Cut(rest, []byte("&"))
+		key, value, _ := bytes.Cut(pair, []byte("="))
+		i := slices.Index([]string{"service", "method", "address", "request"}, string(key))
+		if i < 0 || seen[i] {
+			continue
+		}
+		seen[i] = true
+		switch i {
+		case 0:
+			f.service = string(value)
+		case 1:
+			f.method = string(value)
+		case 2:
+			f.address = string(value)
+		case 3:
+			f.request, f.hasRequest = value, true
+		}
+	}
+	return f, nil
+}
+
 // jsonBody says whether a body is JSON: by its content type, or, without
 // one, by its first byte. Multipart forms are refused with the fix.
 func jsonBody(contentType string, body []byte) (bool, error) {
+	switch contentType {
+	case "application/json":
+		return true, nil
+	case "application/x-www-form-urlencoded":
+		return false, nil
+	}
 	if contentType != "" {
 		mt, _, err := mime.ParseMediaType(contentType)
 		switch {
@@ -309,7 +362,7 @@ func requestFromBody(contentType string, body []byte) ([]byte, error) {
 	if len(b) == 0 {
 		return []byte("{}"), nil
 	}
-	if json.Valid(b) {
+	if validJSON(b) {
 		return b, nil
 	}
 	if mt, _, _ := mime.ParseMediaType(contentType); mt == "application/x-www-form-urlencoded" {
@@ -364,8 +417,11 @@ func parseReply(body []byte, id uint64) (result []byte, appErr *appError, err er
 		Result json.RawMessage `json:"result"`
 		Error  json.RawMessage `json:"error"`
 	}
-	if err := json.Unmarshal(body, &r); err != nil {
-		return nil, nil, fmt.Errorf("not a JSON-RPC reply: %v", err)
+	var ok bool
+	if r.ID, r.Result, r.Error, ok = replyMembers(body); !ok {
+		if err := json.Unmarshal(body, &r); err != nil {
+			return nil, nil, fmt.Errorf("not a JSON-RPC reply: %v", err)
+		}
 	}
 	if hasValue(r.Error) {
 		return nil, decodeAppError(r.Error), nil
@@ -550,12 +606,20 @@ func (c *caller) serve(w http.ResponseWriter, r *http.Request, call rpcCall) {
 		}
 		timeout, shortened = d, d < c.cfg.Timeout
 	}
-	ctx, cancel := context.WithTimeout(r.Context(), timeout)
-	defer cancel()
+	start := time.Now()
+	deadline := start.Add(timeout)
+	// The deadline is set on the connection to the node. A context is only
+	// needed to stop the call when its caller goes away, which net/http
+	// reports and the fast-path server does not (its context never ends).
+	ctx := r.Context()
+	if ctx.Done() != nil {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithDeadline(ctx, deadline)
+		defer cancel()
+	}
 	buf := c.getBuf()
 	defer c.putBuf(buf)
-	start := time.Now()
-	result, err := c.call(ctx, r.Header, call, shortened, buf)
+	result, err := c.call(ctx, deadline, r.Header, call, shortened, buf)
 	c.observe(start, call.Service, err)
 	if err != nil {
 		if r.Context().Err() != nil {
@@ -612,7 +676,7 @@ func timeoutHint(header string, d time.Duration) string {
 // times. shortened says the caller asked for a deadline below
 // --rpc_timeout: running out of it then says nothing about the node, which
 // is not ejected for it.
-func (c *caller) call(ctx context.Context, in http.Header, call rpcCall, shortened bool, buf *bytes.Buffer) ([]byte, error) {
+func (c *caller) call(ctx context.Context, deadline time.Time, in http.Header, call rpcCall, shortened bool, buf *bytes.Buffer) ([]byte, error) {
 	var nodes []Node
 	direct := call.Address != ""
 	if direct {
@@ -645,11 +709,11 @@ func (c *caller) call(ctx context.Context, in http.Header, call rpcCall, shorten
 			node = n
 		}
 		tried = append(tried, keyOf(node))
-		result, out, err := c.post(ctx, in, call, node, id, envelope, buf)
+		result, out, err := c.post(ctx, deadline, in, call, node, id, envelope, buf)
 		if err == nil {
 			return result, nil
 		}
-		eject := out == notSent || out == lost && isConnFailure(err) || out == timedOut && !shortened && ctx.Err() == context.DeadlineExceeded
+		eject := out == notSent || out == lost && isConnFailure(err) || out == timedOut && !shortened && ctx.Err() != context.Canceled
 		if eject && !direct {
 			if d := c.sel.failed(node); d > 0 {
 				c.log.Warn("node ejected", "service", call.Service, "node", node.ID, "address", node.hostPort(), "for", d, "error", err)
@@ -695,8 +759,8 @@ const (
 // classifyFailure sorts a transport error. Only a failed dial proves the request
 // never left: Go's transport itself already retries a request on a reused
 // connection that failed before anything was written.
-func classifyFailure(ctx context.Context, err error) outcome {
-	if ctx.Err() != nil {
+func classifyFailure(ctx context.Context, deadline time.Time, err error) outcome {
+	if expired(ctx, deadline) {
 		return timedOut
 	}
 	var op *net.OpError
@@ -704,6 +768,12 @@ func classifyFailure(ctx context.Context, err error) outcome {
 		return notSent
 	}
 	return lost
+}
+
+// expired reports whether a call is over: its deadline passed, or its
+// caller went away. A zero deadline is none.
+func expired(ctx context.Context, deadline time.Time) bool {
+	return ctx.Err() != nil || !deadline.IsZero() && !time.Now().Before(deadline)
 }
 
 // isConnFailure reports whether err is a connection refused, reset, cut
@@ -716,22 +786,19 @@ func isConnFailure(err error) bool {
 
 // post sends the envelope to one node and decodes the reply, read into buf
 // after the envelope.
-func (c *caller) post(ctx context.Context, in http.Header, call rpcCall, node Node, id uint64, envelope []byte, buf *bytes.Buffer) ([]byte, outcome, error) {
-	addr := node.hostPort()
+func (c *caller) post(ctx context.Context, deadline time.Time, in http.Header, call rpcCall, node Node, id uint64, envelope []byte, buf *bytes.Buffer) ([]byte, outcome, error) {
+	addr := c.nodes.addrOf(node)
 	var hdrArr [16]string
 	h := append(hdrArr[:0], "Content-Type", "application/json", "Micro-Service", call.Service, "Micro-Endpoint", call.Method)
-	if dl, ok := ctx.Deadline(); ok {
-		h = append(h, "Timeout", strconv.FormatInt(int64(time.Until(dl)), 10))
-	}
 	for _, k := range passHeaders {
 		for _, v := range in[k] {
 			h = append(h, k, v)
 		}
 	}
 	start := buf.Len()
-	resp, n, err := c.nodes.do(ctx, &nodeRequest{addr: addr, header: h, body: envelope}, buf, c.cfg.MaxReplyBytes)
+	resp, n, err := c.nodes.do(ctx, deadline, &nodeRequest{addr: addr, header: h, body: envelope}, buf, c.cfg.MaxReplyBytes)
 	if err != nil && resp.code == 0 {
-		out := classifyFailure(ctx, err)
+		out := classifyFailure(ctx, deadline, err)
 		if out == timedOut {
 			return nil, out, c.timeoutError(ctx, call, node)
 		}
@@ -744,7 +811,7 @@ func (c *caller) post(ctx context.Context, in http.Header, call rpcCall, node No
 		c.sel.succeeded(node)
 	}
 	switch {
-	case err != nil && ctx.Err() != nil:
+	case err != nil && expired(ctx, deadline):
 		return nil, timedOut, c.timeoutError(ctx, call, node)
 	case err != nil:
 		return nil, lost, &callError{http.StatusBadGateway, fmt.Sprintf("reading the reply of node %s (%s) of %s: %v", node.ID, addr, call.Service, err), err}

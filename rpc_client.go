@@ -2,12 +2,14 @@ package main
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
 	"io"
 	"net"
 	"net/http"
+	"net/http/httputil"
 	"strconv"
 	"sync"
 	"time"
@@ -31,6 +33,32 @@ type nodeClient struct {
 	idle     map[string][]*nodeConn
 	nIdle    int
 	sweeping bool // a sweep of old idle connections is scheduled
+
+	addrMu sync.RWMutex        // guards addrs
+	addrs  map[nodeKey]string // "host:port" of nodes called; emptied at maxAddrs
+}
+
+// maxAddrs bounds nodeClient.addrs; past it the map starts over.
+const maxAddrs = 4096
+
+// addrOf returns n's "host:port", formatted once per node rather than once
+// per call.
+func (nc *nodeClient) addrOf(n Node) string {
+	k := keyOf(n)
+	nc.addrMu.RLock()
+	a, ok := nc.addrs[k]
+	nc.addrMu.RUnlock()
+	if ok {
+		return a
+	}
+	a = n.hostPort()
+	nc.addrMu.Lock()
+	if len(nc.addrs) >= maxAddrs {
+		clear(nc.addrs)
+	}
+	nc.addrs[k] = a
+	nc.addrMu.Unlock()
+	return a
 }
 
 func newNodeClient() *nodeClient {
@@ -41,6 +69,7 @@ func newNodeClient() *nodeClient {
 		idleTimeout: 90 * time.Second,
 		maxHeader:   64 << 10,
 		idle:        map[string][]*nodeConn{},
+		addrs:       map[nodeKey]string{},
 	}
 }
 
@@ -49,6 +78,8 @@ type nodeConn struct {
 	conn  net.Conn
 	lim   limitedConn
 	br    *bufio.Reader
+	alive *aliveProbe
+	body  fixedBody // the response body being read
 	wbuf  []byte    // the request being written
 	since time.Time // when it went idle
 }
@@ -96,7 +127,7 @@ func (nc *nodeClient) get(addr string) *nodeConn {
 		}
 		nc.nIdle--
 		nc.mu.Unlock()
-		if now.Sub(c.since) < nc.idleTimeout && connAlive(c.conn) {
+		if now.Sub(c.since) < nc.idleTimeout && c.alive.check() {
 			return c
 		}
 		c.conn.Close()
@@ -170,6 +201,46 @@ func (nc *nodeClient) closeIdle() {
 	}
 }
 
+// open returns an idle connection to addr that is still open, or dials one
+// by the deadline.
+func (nc *nodeClient) open(ctx context.Context, deadline time.Time, addr string) (*nodeConn, error) {
+	if c := nc.get(addr); c != nil {
+		return c, nil
+	}
+	d := nc.dialer
+	d.Deadline = deadline
+	conn, err := d.DialContext(ctx, "tcp", addr)
+	if err != nil {
+		return nil, err
+	}
+	c := &nodeConn{conn: conn, alive: newAliveProbe(conn)}
+	c.lim.c = conn
+	c.br = bufio.NewReaderSize(&c.lim, 4096)
+	c.body.br = c.br
+	return c, nil
+}
+
+// guard ends c's I/O at the deadline (none when zero), and at once when
+// ctx ends. stop undoes the latter and reports whether ctx had not ended
+// by then, so that the connection may be reused.
+func (c *nodeConn) guard(ctx context.Context, deadline time.Time) (stop func() bool) {
+	c.conn.SetDeadline(deadline)
+	if ctx.Done() == nil {
+		return func() bool { return true }
+	}
+	return context.AfterFunc(ctx, func() { c.conn.SetDeadline(aLongTimeAgo) })
+}
+
+// release keeps c for the next request to addr when reuse is set, and
+// closes it otherwise.
+func (nc *nodeClient) release(addr string, c *nodeConn, reuse bool) {
+	if reuse {
+		nc.put(addr, c)
+	} else {
+		c.conn.Close()
+	}
+}
+
 // errInvalidHeader is a caller's header that cannot be sent on.
 type errInvalidHeader string
 
@@ -188,7 +259,8 @@ func validHeaderValue(v string) bool {
 	return true
 }
 
-// nodeRequest is one POST to a node.
+// nodeRequest is one POST to a node. Its deadline goes with it in a
+// Timeout header, in go-micro's integer nanoseconds.
 type nodeRequest struct {
 	addr   string
 	header []string // name, value pairs, names canonical
@@ -204,9 +276,10 @@ type nodeResponse struct {
 
 // do sends req and reads the response body into buf, at most limit+1
 // bytes. Errors are those of net: a failed dial is a *net.OpError with Op
-// "dial"; when ctx ends, I/O in progress fails and ctx.Err() is set first.
-// n is the number of body bytes read.
-func (nc *nodeClient) do(ctx context.Context, req *nodeRequest, buf interface {
+// "dial"; past the deadline, I/O fails with os.ErrDeadlineExceeded; when
+// ctx ends, I/O in progress fails and ctx.Err() is set first. n is the
+// number of body bytes read.
+func (nc *nodeClient) do(ctx context.Context, deadline time.Time, req *nodeRequest, buf interface {
 	ReadFrom(io.Reader) (int64, error)
 	Grow(int)
 }, limit int64) (resp nodeResponse, n int64, err error) {
@@ -215,31 +288,20 @@ func (nc *nodeClient) do(ctx context.Context, req *nodeRequest, buf interface {
 			return resp, 0, errInvalidHeader(req.header[i])
 		}
 	}
-	c := nc.get(req.addr)
-	if c == nil {
-		conn, err := nc.dialer.DialContext(ctx, "tcp", req.addr)
-		if err != nil {
-			return resp, 0, err
-		}
-		c = &nodeConn{conn: conn}
-		c.lim.c = conn
-		c.br = bufio.NewReaderSize(&c.lim, 4096)
+	c, err := nc.open(ctx, deadline, req.addr)
+	if err != nil {
+		return resp, 0, err
 	}
-	// The call's deadline, or its caller going away, ends the I/O at once.
-	stop := context.AfterFunc(ctx, func() { c.conn.SetDeadline(aLongTimeAgo) })
+	stop := c.guard(ctx, deadline)
 	reuse := false
-	defer func() {
-		if stop() && reuse {
-			nc.put(req.addr, c)
-		} else {
-			c.conn.Close()
-		}
-	}()
+	defer func() { nc.release(req.addr, c, stop() && reuse) }()
 
 	w := append(c.wbuf[:0], "POST / HTTP/1.1\r\nHost: "...)
 	w = append(w, req.addr...)
 	w = append(w, "\r\nUser-Agent: Go-http-client/1.1\r\nContent-Length: "...)
 	w = strconv.AppendInt(w, int64(len(req.body)), 10)
+	w = append(w, "\r\nTimeout: "...)
+	w = strconv.AppendInt(w, int64(time.Until(deadline)), 10)
 	w = append(w, "\r\n"...)
 	for i := 0; i+1 < len(req.header); i += 2 {
 		w = append(w, req.header[i]...)
@@ -255,9 +317,9 @@ func (nc *nodeClient) do(ctx context.Context, req *nodeRequest, buf interface {
 	}
 
 	c.lim.n = nc.maxHeader
-	r, err := http.ReadResponse(c.br, nil)
-	for err == nil && r.StatusCode >= 100 && r.StatusCode <= 199 && r.StatusCode != http.StatusSwitchingProtocols {
-		r, err = http.ReadResponse(c.br, nil) // 100 Continue and the like come before the answer
+	head, err := readResponseHead(c.br)
+	for err == nil && head.code >= 100 && head.code <= 199 && head.code != http.StatusSwitchingProtocols {
+		head, err = readResponseHead(c.br) // 100 Continue and the like come before the answer
 	}
 	if err != nil {
 		if errors.Is(err, errHeadTooBig) {
@@ -266,17 +328,148 @@ func (nc *nodeClient) do(ctx context.Context, req *nodeRequest, buf interface {
 		return resp, 0, err
 	}
 	c.lim.n = -1
-	resp = nodeResponse{status: r.Status, code: r.StatusCode, contentType: r.Header.Get("Content-Type")}
-	if r.ContentLength > 0 && r.ContentLength <= limit {
-		buf.Grow(int(r.ContentLength))
+	resp = nodeResponse{status: head.status, code: head.code, contentType: head.contentType}
+	var body io.Reader
+	switch {
+	case head.code == http.StatusNoContent || head.code == http.StatusNotModified:
+		body = http.NoBody
+	case head.chunked:
+		body = httputil.NewChunkedReader(c.br)
+	case head.contentLength >= 0:
+		c.body.left, c.body.closed = head.contentLength, false
+		body = &c.body
+		if head.contentLength <= limit {
+			buf.Grow(int(head.contentLength))
+		}
+	default:
+		body, head.close = c.br, true // the body ends with the connection
 	}
-	n, err = buf.ReadFrom(io.LimitReader(r.Body, limit+1))
+	lr := io.LimitedReader{R: body, N: limit + 1}
+	n, err = buf.ReadFrom(&lr)
 	if err != nil {
 		return resp, n, err
 	}
-	r.Body.Close()
-	reuse = n <= limit && !r.Close && r.StatusCode != http.StatusSwitchingProtocols && c.br.Buffered() == 0
+	reuse = n <= limit && !head.close && head.code != http.StatusSwitchingProtocols && c.br.Buffered() == 0
 	return resp, n, nil
+}
+
+// responseHead is what the client needs of a response's head.
+type responseHead struct {
+	code          int
+	status        string // "200 OK"
+	contentType   string
+	contentLength int64 // -1 when not given
+	chunked       bool
+	close         bool // the node closes the connection after the body
+}
+
+var errMalformedResponse = errors.New("malformed HTTP response")
+
+// readResponseHead reads a status line and header block, keeping the few
+// fields a call needs; net/http's ReadResponse builds a whole header map.
+func readResponseHead(br *bufio.Reader) (responseHead, error) { return readResponseHeader(br, nil) }
+
+// readResponseHeader is readResponseHead that also appends every header
+// line to header, as canonical name and value pairs, when header is not
+// nil.
+func readResponseHeader(br *bufio.Reader, header *[]string) (responseHead, error) {
+	h := responseHead{contentLength: -1}
+	line, err := readHeadLine(br)
+	if err != nil {
+		return h, err
+	}
+	proto, status, _ := bytes.Cut(line, []byte(" "))
+	code, _, _ := bytes.Cut(status, []byte(" "))
+	h.code = int(parseDigits(code))
+	if !bytes.HasPrefix(proto, []byte("HTTP/1.")) || len(code) != 3 || h.code < 100 {
+		return h, fmt.Errorf("%w: status line %q", errMalformedResponse, truncate(string(line), 64))
+	}
+	h.status = internHeadValue(status)
+	h.close = string(proto) == "HTTP/1.0"
+	for {
+		line, err := readHeadLine(br)
+		if err != nil {
+			return h, err
+		}
+		if len(line) == 0 {
+			return h, nil
+		}
+		name, value, ok := bytes.Cut(line, []byte(":"))
+		if !ok {
+			return h, fmt.Errorf("%w: header line %q", errMalformedResponse, truncate(string(line), 64))
+		}
+		value = bytes.Trim(value, " \t")
+		if header != nil {
+			if !validToken(string(name)) || !validFieldValue(string(value)) {
+				return h, fmt.Errorf("%w: header line %q", errMalformedResponse, truncate(string(line), 64))
+			}
+			*header = append(*header, http.CanonicalHeaderKey(string(name)), string(value))
+		}
+		switch {
+		case bytes.EqualFold(name, []byte("Content-Type")):
+			h.contentType = internHeadValue(value)
+		case bytes.EqualFold(name, []byte("Content-Length")):
+			n := parseDigits(value)
+			if n < 0 || h.contentLength >= 0 && h.contentLength != n {
+				return h, fmt.Errorf("%w: Content-Length %q", errMalformedResponse, truncate(string(value), 64))
+			}
+			h.contentLength = n
+		case bytes.EqualFold(name, []byte("Transfer-Encoding")):
+			h.chunked = hasToken(string(value), "chunked")
+			if !h.chunked {
+				h.close = true // an unknown coding: read to the end
+			}
+		case bytes.EqualFold(name, []byte("Connection")):
+			if hasToken(string(value), "close") {
+				h.close = true
+			} else if hasToken(string(value), "keep-alive") {
+				h.close = false
+			}
+		}
+	}
+}
+
+// readHeadLine reads one line of a head without its line ending; the bytes
+// are valid until the next read.
+func readHeadLine(br *bufio.Reader) ([]byte, error) {
+	line, err := br.ReadSlice('\n')
+	if errors.Is(err, bufio.ErrBufferFull) {
+		return nil, fmt.Errorf("%w: a header line longer than %d bytes", errMalformedResponse, br.Size())
+	}
+	if err != nil {
+		if err == io.EOF && len(line) > 0 {
+			err = io.ErrUnexpectedEOF
+		}
+		return nil, err
+	}
+	return bytes.TrimSuffix(bytes.TrimSuffix(line, []byte("\n")), []byte("\r")), nil
+}
+
+// parseDigits parses a non-negative decimal of at most 18 digits; -1 for
+// anything else.
+func parseDigits(b []byte) int64 {
+	if len(b) == 0 || len(b) > 18 {
+		return -1
+	}
+	var n int64
+	for _, c := range b {
+		if c < '0' || c > '9' {
+			return -1
+		}
+		n = n*10 + int64(c-'0')
+	}
+	return n
+}
+
+// internHeadValue returns b as a string, without allocating for the values
+// almost every reply carries.
+func internHeadValue(b []byte) string {
+	for _, s := range [...]string{"200 OK", "application/json", "application/json; charset=utf-8"} {
+		if string(b) == s {
+			return s
+		}
+	}
+	return string(b)
 }
 
 // aLongTimeAgo is a deadline in the past: I/O fails at once.

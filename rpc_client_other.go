@@ -4,6 +4,10 @@ package main
 
 import "net"
 
-// connAlive cannot peek at a connection here: an idle connection the node
+// aliveProbe cannot peek at a connection here: an idle connection the node
 // closed shows up as a failed call.
-func connAlive(net.Conn) bool { return true }
+type aliveProbe struct{}
+
+func newAliveProbe(net.Conn) *aliveProbe { return &aliveProbe{} }
+
+func (*aliveProbe) check() bool { return true }

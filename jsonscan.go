@@ -1,0 +1,220 @@
+package main
+
+import "bytes"
+
+// A JSON scanner that finds where values end without decoding them, for the
+// hot path of calls: a request's JSON is checked and a reply's members are
+// found without allocating. It accepts exactly what encoding/json accepts
+// (FuzzJSONScan compares the two); anything unusual is left to
+// encoding/json.
+
+// maxJSONDepth is encoding/json's nesting limit.
+const maxJSONDepth = 10000
+
+// validJSON is json.Valid.
+func validJSON(b []byte) bool {
+	end := scanJSONValue(b, 0, 0)
+	return end >= 0 && skipJSONSpace(b, end) == len(b)
+}
+
+func skipJSONSpace(b []byte, i int) int {
+	for i < len(b) && (b[i] == ' ' || b[i] == '\t' || b[i] == '\n' || b[i] == '\r') {
+		i++
+	}
+	return i
+}
+
+// scanJSONValue returns the end of the value that starts at b[i], after
+// any space, or -1 when there is no valid value there.
+func scanJSONValue(b []byte, i, depth int) int {
+	i = skipJSONSpace(b, i)
+	if i >= len(b) {
+		return -1
+	}
+	switch c := b[i]; {
+	case c == '{' || c == '[':
+		return scanJSONComposite(b, i, depth)
+	case c == '"':
+		return scanJSONString(b, i)
+	case c == '-' || '0' <= c && c <= '9':
+		return scanJSONNumber(b, i)
+	}
+	for _, lit := range [...]string{"true", "false", "null"} {
+		if bytes.HasPrefix(b[i:], []byte(lit)) {
+			return i + len(lit)
+		}
+	}
+	return -1
+}
+
+// scanJSONComposite scans an object or an array starting at b[i].
+func scanJSONComposite(b []byte, i, depth int) int {
+	if depth >= maxJSONDepth {
+		return -1
+	}
+	open := b[i]
+	closing := byte(']')
+	if open == '{' {
+		closing = '}'
+	}
+	i = skipJSONSpace(b, i+1)
+	if i < len(b) && b[i] == closing {
+		return i + 1
+	}
+	for {
+		if open == '{' {
+			i = skipJSONSpace(b, i)
+			if i >= len(b) || b[i] != '"' {
+				return -1
+			}
+			if i = scanJSONString(b, i); i < 0 {
+				return -1
+			}
+			if i = skipJSONSpace(b, i); i >= len(b) || b[i] != ':' {
+				return -1
+			}
+			i++
+		}
+		if i = scanJSONValue(b, i, depth+1); i < 0 {
+			return -1
+		}
+		if i = skipJSONSpace(b, i); i >= len(b) {
+			return -1
+		}
+		switch b[i] {
+		case closing:
+			return i + 1
+		case ',':
+			i++
+		default:
+			return -1
+		}
+	}
+}
+
+// scanJSONString scans a string starting at its quote, b[i].
+func scanJSONString(b []byte, i int) int {
+	for i++; i < len(b); i++ {
+		switch c := b[i]; {
+		case c == '"':
+			return i + 1
+		case c < 0x20:
+			return -1
+		case c == '\\':
+			i++
+			if i >= len(b) {
+				return -1
+			}
+			switch b[i] {
+			case '"', '\\', '/', 'b', 'f', 'n', 'r', 't':
+			case 'u':
+				if i+4 >= len(b) {
+					return -1
+				}
+				for _, h := range b[i+1 : i+5] {
+					if !('0' <= h && h <= '9' || 'a' <= h && h <= 'f' || 'A' <= h && h <= 'F') {
+						return -1
+					}
+				}
+				i += 4
+			default:
+				return -1
+			}
+		}
+	}
+	return -1
+}
+
+// scanJSONNumber scans -?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?.
+func scanJSONNumber(b []byte, i int) int {
+	digits := func(i int) int {
+		j := i
+		for j < len(b) && '0' <= b[j] && b[j] <= '9' {
+			j++
+		}
+		if j == i {
+			return -1
+		}
+		return j
+	}
+	if b[i] == '-' {
+		i++
+	}
+	if i < len(b) && b[i] == '0' {
+		i++
+	} else if i = digits(i); i < 0 {
+		return -1
+	}
+	if i < len(b) && b[i] == '.' {
+		if i = digits(i + 1); i < 0 {
+			return -1
+		}
+	}
+	if i < len(b) && (b[i] == 'e' || b[i] == 'E') {
+		i++
+		if i < len(b) && (b[i] == '+' || b[i] == '-') {
+			i++
+		}
+		if i = digits(i); i < 0 {
+			return -1
+		}
+	}
+	return i
+}
+
+// replyMembers finds the id, result and error members of a reply object,
+// the last of each counting, as encoding/json does. ok is false when the
+// body is not a valid object, or has a key encoding/json might match
+// differently (an escape, or one of ours in another case): the caller then
+// decodes with encoding/json.
+func replyMembers(body []byte) (id, result, errVal []byte, ok bool) {
+	i := skipJSONSpace(body, 0)
+	if i >= len(body) || body[i] != '{' {
+		return nil, nil, nil, false
+	}
+	i = skipJSONSpace(body, i+1)
+	if i < len(body) && body[i] == '}' {
+		return nil, nil, nil, skipJSONSpace(body, i+1) == len(body)
+	}
+	for {
+		if i = skipJSONSpace(body, i); i >= len(body) || body[i] != '"' {
+			return nil, nil, nil, false
+		}
+		start := i
+		if i = scanJSONString(body, i); i < 0 {
+			return nil, nil, nil, false
+		}
+		key := body[start+1 : i-1]
+		if i = skipJSONSpace(body, i); i >= len(body) || body[i] != ':' {
+			return nil, nil, nil, false
+		}
+		vstart := skipJSONSpace(body, i+1)
+		if i = scanJSONValue(body, vstart, 1); i < 0 {
+			return nil, nil, nil, false
+		}
+		value := body[vstart:i]
+		switch string(key) {
+		case "id":
+			id = value
+		case "result":
+			result = value
+		case "error":
+			errVal = value
+		default:
+			if bytes.IndexByte(key, '\\') >= 0 || bytes.EqualFold(key, []byte("id")) || bytes.EqualFold(key, []byte("result")) || bytes.EqualFold(key, []byte("error")) {
+				return nil, nil, nil, false
+			}
+		}
+		if i = skipJSONSpace(body, i); i >= len(body) {
+			return nil, nil, nil, false
+		}
+		switch body[i] {
+		case '}':
+			return id, result, errVal, skipJSONSpace(body, i+1) == len(body)
+		case ',':
+			i++
+		default:
+			return nil, nil, nil, false
+		}
+	}
+}

@@ -1,0 +1,311 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/http/httputil"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// The proxy's direct path. For the common request, one with a small body
+// of stated length (or none) and no upgrade, the proxy writes the request
+// to a kept-alive node connection of the RPC client itself and copies the
+// answer back, streaming a body of unknown length as it comes. Through
+// ReverseProxy and http.Transport every request is cloned, handed to two
+// goroutines per connection and written in pieces; for small calls that
+// costs more than the call (see "Performance" in the README). Everything
+// else goes through ReverseProxy as before. Both paths forward the same
+// headers: see forwardHeader and the tests that run both.
+
+// directMaxBody is the largest request body the direct path takes. The
+// body is read before a node is chosen, so that a request whose connection
+// failed can be sent to another node with the same bytes.
+const directMaxBody = 64 << 10
+
+// canForwardDirect reports whether the direct path can take r.
+func canForwardDirect(r *http.Request) bool {
+	return r.ContentLength >= 0 && r.ContentLength <= directMaxBody && len(r.TransferEncoding) == 0 &&
+		r.Header.Get("Upgrade") == "" && cleanQuery(r.URL.RawQuery)
+}
+
+// cleanQuery reports whether ReverseProxy would pass a query unchanged: it
+// rewrites queries with semicolons or broken escapes.
+func cleanQuery(q string) bool {
+	for i := 0; i < len(q); i++ {
+		switch q[i] {
+		case ';':
+			return false
+		case '%':
+			if i+2 >= len(q) || !isHex(q[i+1]) || !isHex(q[i+2]) {
+				return false
+			}
+		}
+	}
+	return true
+}
+
+func isHex(c byte) bool { return '0' <= c && c <= '9' || 'a' <= c && c <= 'f' || 'A' <= c && c <= 'F' }
+
+// hopHeaders are the hop-by-hop fields a proxy must not forward (RFC 9110
+// section 7.6.1), as ReverseProxy lists them.
+var hopHeaders = []string{"Connection", "Proxy-Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization", "Te", "Trailer", "Transfer-Encoding", "Upgrade"}
+
+// isHopHeader reports whether name is hop-by-hop, or named as such by the
+// message's Connection field.
+func isHopHeader(name string, connection []string) bool {
+	for _, h := range hopHeaders {
+		if name == h {
+			return true
+		}
+	}
+	for _, v := range connection {
+		if hasToken(v, name) {
+			return true
+		}
+	}
+	return false
+}
+
+// forwardHeader appends the header block of the request to the node, after
+// its Host line: the client's fields but hop-by-hop ones and any
+// Forwarded or X-Forwarded-* ones, then X-Forwarded-For (the chain the
+// request came with, then the client), -Host and -Proto, as rewrite and
+// ReverseProxy set them.
+func forwardHeader(b []byte, r *http.Request, bodyLen int) []byte {
+	connection := r.Header["Connection"]
+	for k, vs := range r.Header {
+		switch k {
+		case "Forwarded", "X-Forwarded-For", "X-Forwarded-Host", "X-Forwarded-Proto", "Content-Length":
+			continue
+		}
+		if isHopHeader(k, connection) {
+			continue
+		}
+		for _, v := range vs {
+			b = appendHeaderLine(b, k, v)
+		}
+	}
+	if hasTokenIn(r.Header["Te"], "trailers") {
+		b = appendHeaderLine(b, "Te", "trailers")
+	}
+	if ip, _, err := net.SplitHostPort(r.RemoteAddr); err == nil {
+		if prior := r.Header["X-Forwarded-For"]; len(prior) > 0 {
+			ip = strings.Join(prior, ", ") + ", " + ip
+		}
+		b = appendHeaderLine(b, "X-Forwarded-For", ip)
+	}
+	b = appendHeaderLine(b, "X-Forwarded-Host", r.Host)
+	proto := "http"
+	if r.TLS != nil {
+		proto = "https"
+	}
+	b = appendHeaderLine(b, "X-Forwarded-Proto", proto)
+	if bodyLen > 0 || r.Method == http.MethodPost || r.Method == http.MethodPut || r.Method == http.MethodPatch {
+		b = append(b, "Content-Length: "...)
+		b = strconv.AppendInt(b, int64(bodyLen), 10)
+		b = append(b, "\r\n"...)
+	}
+	return append(b, "\r\n"...)
+}
+
+func appendHeaderLine(b []byte, name, value string) []byte {
+	b = append(b, name...)
+	b = append(b, ": "...)
+	b = append(b, value...)
+	return append(b, "\r\n"...)
+}
+
+func hasTokenIn(values []string, token string) bool {
+	for _, v := range values {
+		if hasToken(v, token) {
+			return true
+		}
+	}
+	return false
+}
+
+// forward sends r to a node of t and copies the answer to w, with the
+// selector, ejection and retry rules of roundTrip; a request whose body is
+// held in memory may always go to another node when no connection was
+// made.
+func (p *proxy) forward(w http.ResponseWriter, r *http.Request, t *proxyTarget) {
+	body, ok := readBody(w, r, directMaxBody)
+	if !ok {
+		return
+	}
+	bp := p.rp.BufferPool.Get()
+	defer p.rp.BufferPool.Put(bp)
+	req := append(bp[:0], r.Method...)
+	req = append(req, ' ')
+	req = append(req, t.path...)
+	if r.URL.RawQuery != "" {
+		req = append(req, '?')
+		req = append(req, r.URL.RawQuery...)
+	}
+	req = append(req, " HTTP/1.1\r\nHost: "...)
+	hostAt := len(req) // the node's address goes here
+	req = append(forwardHeader(req, r, len(body)), body...)
+	replayable := len(body) == 0 && (r.Method == http.MethodGet || r.Method == http.MethodHead || r.Method == http.MethodOptions || r.Method == http.MethodTrace)
+
+	ctx := r.Context()
+	deadline := time.Now().Add(t.timeout)
+	var triedArr [4]nodeKey
+	tried := triedArr[:0]
+	var lastErr error
+	for attempt := 0; attempt <= p.cfg.Retries; attempt++ {
+		node, ok := p.sel.next(t.service, t.nodes, tried)
+		if !ok {
+			break
+		}
+		tried = append(tried, keyOf(node))
+		o, err := p.forwardTo(ctx, deadline, w, r.Method, node, req[:hostAt], req[hostAt:])
+		if err == nil {
+			p.sel.succeeded(node)
+			return
+		}
+		late := o == timedOut && ctx.Err() == nil
+		if o == notSent || o == lost && isConnFailure(err) || late && !t.shortened {
+			if d := p.sel.failed(node); d > 0 {
+				p.log.Warn("node ejected", "service", t.service, "node", node.ID, "address", p.direct.addrOf(node), "for", d, "error", err)
+			}
+		}
+		if o == timedOut {
+			if late {
+				writeCallError(w, callErrorf(http.StatusGatewayTimeout, "no response from node %s (%s) of %s within %v", node.ID, p.direct.addrOf(node), t.service, t.timeout))
+			}
+			return // else the caller went away
+		}
+		lastErr = &callError{http.StatusBadGateway, fmt.Sprintf("node %s (%s) of %s: %v", node.ID, p.direct.addrOf(node), t.service, err), err}
+		if o != notSent && !replayable {
+			writeCallError(w, lastErr)
+			return
+		}
+	}
+	switch {
+	case lastErr == nil:
+		writeCallError(w, callErrorf(http.StatusServiceUnavailable, "no nodes available for service %s: all %d ejected after failures", t.service, len(t.nodes)))
+	case len(tried) > 1:
+		writeCallError(w, callErrorf(http.StatusBadGateway, "service %s unreachable: tried %d nodes; last: %v", t.service, len(tried), lastErr))
+	default:
+		writeCallError(w, lastErr)
+	}
+}
+
+// forwardTo sends one attempt to node: the request line and Host up to
+// the node's address, then the rest. An error means nothing was written to
+// w; once the head is copied, a failure aborts the response, as in
+// ReverseProxy.
+func (p *proxy) forwardTo(ctx context.Context, deadline time.Time, w http.ResponseWriter, method string, node Node, line, rest []byte) (outcome, error) {
+	addr := p.direct.addrOf(node)
+	c, err := p.direct.open(ctx, deadline, addr)
+	if err != nil {
+		return classifyFailure(ctx, deadline, err), err
+	}
+	stop := c.guard(ctx, deadline)
+	reuse := false
+	defer func() { p.direct.release(addr, c, stop() && reuse) }()
+
+	out := append(c.wbuf[:0], line...)
+	out = append(out, addr...)
+	out = append(out, "\r\n"...)
+	out = append(out, rest...)
+	c.wbuf = out
+	if _, err := c.conn.Write(out); err != nil {
+		return classifyFailure(ctx, deadline, err), err
+	}
+	var header []string
+	c.lim.n = p.direct.maxHeader
+	head, err := readResponseHeader(c.br, &header)
+	for err == nil && head.code >= 100 && head.code <= 199 {
+		if head.code == http.StatusSwitchingProtocols {
+			return answered, fmt.Errorf("%w: 101 Switching Protocols to a request without Upgrade", errMalformedResponse)
+		}
+		header = header[:0]
+		head, err = readResponseHeader(c.br, &header)
+	}
+	if err != nil {
+		return classifyFailure(ctx, deadline, err), err
+	}
+	c.lim.n = -1
+
+	// The head is in: the deadline ends, bodies stream for as long as they
+	// take (a caller going away still ends them). A body already read needs
+	// no clearing, which saves a timer update.
+	if head.contentLength < 0 || head.chunked || int64(c.br.Buffered()) < head.contentLength {
+		c.conn.SetDeadline(time.Time{})
+	}
+	var connection []string
+	for i := 0; i < len(header); i += 2 {
+		if header[i] == "Connection" {
+			connection = append(connection, header[i+1])
+		}
+	}
+	wh := w.Header()
+	for i := 0; i < len(header); i += 2 {
+		if k := header[i]; !isHopHeader(k, connection) {
+			wh[k] = append(wh[k], header[i+1])
+		}
+	}
+	w.WriteHeader(head.code)
+	reuse = p.copyResponseBody(w, c, method, head) && !head.close && c.br.Buffered() == 0
+	return answered, nil
+}
+
+// copyResponseBody copies the node's body to w, flushing as it comes when
+// its length is unknown (server-sent events, chunked streams). It reports
+// whether the body was read to its end; a failure mid-body aborts the
+// response.
+func (p *proxy) copyResponseBody(w http.ResponseWriter, c *nodeConn, method string, head responseHead) bool {
+	if method == http.MethodHead || head.code == http.StatusNoContent || head.code == http.StatusNotModified {
+		return true
+	}
+	if n := head.contentLength; n >= 0 && !head.chunked && int64(c.br.Buffered()) >= n {
+		// The usual small answer came with its head: one write, no copy.
+		b, _ := c.br.Peek(int(n))
+		if _, err := w.Write(b); err != nil {
+			panic(http.ErrAbortHandler) // the client is gone
+		}
+		c.br.Discard(int(n))
+		return true
+	}
+	var body io.Reader
+	flush := false
+	switch {
+	case head.chunked:
+		body, flush = httputil.NewChunkedReader(c.br), true
+	case head.contentLength >= 0:
+		c.body.left, c.body.closed = head.contentLength, false
+		body = &c.body
+	default:
+		body, flush = c.br, true
+		head.close = true
+	}
+	var fl http.Flusher
+	if flush {
+		fl, _ = w.(http.Flusher)
+	}
+	chunk := p.rp.BufferPool.Get()
+	defer p.rp.BufferPool.Put(chunk)
+	for {
+		n, err := body.Read(chunk)
+		if n > 0 {
+			if _, werr := w.Write(chunk[:n]); werr != nil {
+				panic(http.ErrAbortHandler) // the client is gone
+			}
+			if fl != nil {
+				fl.Flush()
+			}
+		}
+		if err == io.EOF {
+			return !head.close
+		}
+		if err != nil {
+			panic(http.ErrAbortHandler) // the node failed mid-body: the client must not take a cut body for whole
+		}
+	}
+}

@@ -1,0 +1,483 @@
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"runtime"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// server serves HTTP/1.1 on plain-text connections. It answers the common
+// request itself: a head that fits its buffer, a body with a
+// Content-Length or none, no upgrade, no Expect, no event stream. At the
+// first request that is anything else it hands the connection, and the
+// bytes it has buffered, to net/http, which keeps it from then on; net/http
+// thus answers every unusual or malformed request exactly as it always
+// does. The reason is cost: net/http's server spends, per request, a
+// context, a goroutine parked on a background read to notice a departed
+// client, and several read deadlines; for small proxied calls that is more
+// than the call itself (see "Performance" in the README). What this path
+// gives up: a request's context is not cancelled when its client goes away
+// mid-request (the next write fails instead). TLS is served by net/http
+// alone.
+type server struct {
+	handler           http.Handler
+	fallback          *http.Server // serves handed-off connections
+	readHeaderTimeout time.Duration
+	idleTimeout       time.Duration
+	log               *slog.Logger
+
+	handoff      *handoffListener
+	shuttingDown atomic.Bool
+	date         dateCache
+
+	mu    sync.Mutex // guards ln, conns
+	ln    net.Listener
+	conns map[*serverConn]struct{}
+}
+
+// Bounds of the fast path. A head that does not fit headBufferSize goes
+// to net/http (whose own limit is MaxHeaderBytes); a response body is
+// buffered up to responseBufferSize, so that small answers leave in one
+// write with a Content-Length, and streamed beyond it; after a handler
+// returns, at most maxDiscardBytes of an unread request body are skipped
+// to reuse the connection, as net/http does.
+const (
+	headBufferSize     = 8 << 10
+	responseBufferSize = 64 << 10
+	maxDiscardBytes    = 256 << 10
+)
+
+func newServer(h http.Handler, fallback *http.Server, log *slog.Logger) *server {
+	return &server{
+		handler:           h,
+		fallback:          fallback,
+		readHeaderTimeout: fallback.ReadHeaderTimeout,
+		idleTimeout:       fallback.IdleTimeout,
+		log:               log,
+		handoff:           newHandoffListener(),
+		conns:             map[*serverConn]struct{}{},
+	}
+}
+
+// Serve accepts connections on ln until Shutdown; it returns
+// http.ErrServerClosed then, like net/http.
+func (s *server) Serve(ln net.Listener) error {
+	s.mu.Lock()
+	s.ln = ln
+	s.mu.Unlock()
+	if s.shuttingDown.Load() {
+		ln.Close()
+		return http.ErrServerClosed
+	}
+	fallbackErr := make(chan error, 1)
+	go func() { fallbackErr <- s.fallback.Serve(s.handoff) }()
+	backoff := time.Duration(0)
+	for {
+		rwc, err := ln.Accept()
+		if err != nil {
+			if s.shuttingDown.Load() {
+				return http.ErrServerClosed
+			}
+			if errors.Is(err, net.ErrClosed) {
+				return err
+			}
+			// Out of file descriptors and the like pass; wait and go on,
+			// as net/http does.
+			backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
+			s.log.Warn("accepting a connection failed; retrying", "error", err, "retry_in", backoff)
+			time.Sleep(backoff)
+			continue
+		}
+		backoff = 0
+		c := &serverConn{srv: s, rwc: rwc, br: bufio.NewReaderSize(rwc, headBufferSize), remote: rwc.RemoteAddr().String()}
+		if !s.track(c) {
+			rwc.Close()
+			return http.ErrServerClosed
+		}
+		go c.serve()
+	}
+}
+
+// track adds c to the open connections, unless the server is shutting down.
+func (s *server) track(c *serverConn) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.shuttingDown.Load() {
+		return false
+	}
+	s.conns[c] = struct{}{}
+	return true
+}
+
+func (s *server) forget(c *serverConn) {
+	s.mu.Lock()
+	delete(s.conns, c)
+	s.mu.Unlock()
+}
+
+// Shutdown stops accepting, closes idle connections, and waits until the
+// active ones have answered their request or ctx ends; net/http's share is
+// shut down alongside. Hijacked connections are their owners' to close.
+func (s *server) Shutdown(ctx context.Context) error {
+	s.shuttingDown.Store(true)
+	s.mu.Lock()
+	if s.ln != nil {
+		s.ln.Close()
+	}
+	s.mu.Unlock()
+	fallbackDone := make(chan error, 1)
+	go func() { fallbackDone <- s.fallback.Shutdown(ctx) }()
+	tick := time.NewTicker(10 * time.Millisecond)
+	defer tick.Stop()
+	for !s.closeIdle() {
+		select {
+		case <-ctx.Done():
+			<-fallbackDone
+			return ctx.Err()
+		case <-tick.C:
+		}
+	}
+	return <-fallbackDone
+}
+
+// closeIdle closes the connections waiting for a request and reports
+// whether none are left.
+func (s *server) closeIdle() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for c := range s.conns {
+		if c.state.CompareAndSwap(connIdle, connClosed) {
+			c.rwc.Close()
+		}
+	}
+	return len(s.conns) == 0
+}
+
+// The states of a serverConn: between requests it is idle, and Shutdown
+// may close it; while serving a request it is active.
+const (
+	connIdle int32 = iota
+	connActive
+	connClosed
+)
+
+// serverConn is one client connection on the fast path.
+type serverConn struct {
+	srv      *server
+	rwc      net.Conn
+	br       *bufio.Reader
+	remote   string
+	state    atomic.Int32
+	deadline time.Time // the read deadline set on rwc; zero when none
+	// Reused from one response to the next.
+	out    []byte // the head, or head and body, being written
+	body   []byte // the body held back
+	header http.Header
+	keys   []string // header keys, sorted
+}
+
+// serve answers requests until the connection closes, is handed to
+// net/http, or is hijacked.
+func (c *serverConn) serve() {
+	keep := false // the connection now belongs to someone else
+	defer func() {
+		if !keep {
+			c.rwc.Close()
+		}
+		c.srv.forget(c)
+	}()
+	for {
+		if c.srv.shuttingDown.Load() {
+			return
+		}
+		n, err := c.readHead()
+		if !c.state.CompareAndSwap(connIdle, connActive) {
+			return // closed by Shutdown
+		}
+		if err != nil {
+			if errors.Is(err, errHandOff) {
+				keep = true
+				c.handOff()
+			}
+			return
+		}
+		head, _ := c.br.Peek(n)
+		req, err := parseRequestHead(head)
+		if err != nil {
+			keep = true
+			c.handOff()
+			return
+		}
+		c.br.Discard(n)
+		done, hijacked := c.serveRequest(req)
+		if hijacked {
+			keep = true
+			return
+		}
+		if !done || !c.state.CompareAndSwap(connActive, connIdle) {
+			return
+		}
+	}
+}
+
+// errHandOff is a request the fast path leaves to net/http.
+var errHandOff = errors.New("request for net/http")
+
+// readHead waits until the buffer holds a whole request head and returns
+// its length, blank line included. Bare-LF heads and heads larger than the
+// buffer are handed off.
+func (c *serverConn) readHead() (int, error) {
+	c.keepIdleDeadline()
+	partial := false
+	for {
+		buf, _ := c.br.Peek(c.br.Buffered())
+		if i := bytes.Index(buf, []byte("\n\r\n")); i >= 0 {
+			if bytes.Contains(buf[:i], []byte("\n\n")) {
+				return 0, errHandOff
+			}
+			return i + 3, nil
+		}
+		if bytes.Contains(buf, []byte("\n\n")) || len(buf) == c.br.Size() {
+			return 0, errHandOff
+		}
+		if len(buf) > 0 && !partial {
+			// The head came in pieces: the rest must follow promptly.
+			partial = true
+			c.setDeadline(time.Now().Add(c.srv.readHeaderTimeout))
+		}
+		if _, err := c.br.Peek(len(buf) + 1); err != nil {
+			return 0, err
+		}
+	}
+}
+
+// keepIdleDeadline makes sure an idle connection is closed after about
+// idleTimeout. Moving a deadline costs a timer update, so it is moved only
+// when less than three quarters of idleTimeout are left: a connection
+// idles for between 0.75 and 1 times idleTimeout.
+func (c *serverConn) keepIdleDeadline() {
+	now := time.Now()
+	if c.deadline.IsZero() || c.deadline.Sub(now) < c.srv.idleTimeout*3/4 {
+		c.setDeadline(now.Add(c.srv.idleTimeout))
+	}
+}
+
+func (c *serverConn) setDeadline(t time.Time) {
+	c.deadline = t
+	c.rwc.SetReadDeadline(t)
+}
+
+// handOff gives the connection, with what was read and not yet used, to
+// net/http.
+func (c *serverConn) handOff() {
+	c.srv.forget(c)
+	pending, _ := c.br.Peek(c.br.Buffered())
+	conn := &replayConn{Conn: c.rwc, pending: bytes.Clone(pending)}
+	c.rwc.SetReadDeadline(time.Time{})
+	if !c.srv.handoff.deliver(conn) {
+		c.rwc.Close()
+	}
+}
+
+// serveRequest runs the handler for one request and finishes its response.
+// done is false when the connection must close; hijacked when the handler
+// took it.
+func (c *serverConn) serveRequest(req *requestHead) (done, hijacked bool) {
+	var body io.ReadCloser = http.NoBody
+	var rb *fixedBody
+	if req.contentLength > 0 {
+		rb = &fixedBody{br: c.br, left: req.contentLength}
+		body = rb
+		if int64(c.br.Buffered()) < req.contentLength {
+			// net/http sets no deadline on bodies: uploads take their time.
+			c.setDeadline(time.Time{})
+		}
+	}
+	r := &http.Request{
+		Method:        req.method,
+		URL:           req.url,
+		Proto:         "HTTP/1.1",
+		ProtoMajor:    1,
+		ProtoMinor:    1,
+		Header:        req.header,
+		Body:          body,
+		ContentLength: req.contentLength,
+		Close:         req.close,
+		Host:          req.host,
+		RemoteAddr:    c.remote,
+		RequestURI:    req.target,
+	}
+	if c.header == nil {
+		c.header = make(http.Header, 8)
+	}
+	clear(c.header)
+	w := &response{c: c, method: r.Method, header: c.header, declared: -1, body: c.body[:0], closeAfter: req.close}
+	if !c.runHandler(w, r) {
+		return false, false
+	}
+	if w.hijacked {
+		c.srv.forget(c)
+		return false, true
+	}
+	if rb != nil {
+		rb.closed = true
+		if rb.left > maxDiscardBytes {
+			w.closeAfter = true
+		} else if _, err := c.br.Discard(int(rb.left)); err != nil {
+			w.closeAfter = true
+		}
+	}
+	if c.srv.shuttingDown.Load() {
+		w.closeAfter = true
+	}
+	err := w.finish()
+	if cap(w.body) <= 2*responseBufferSize {
+		c.body = w.body[:0]
+	}
+	return err == nil && !w.closeAfter, false
+}
+
+// runHandler calls the handler, turning a panic into a closed connection
+// and a log line as net/http does. It reports whether the handler returned.
+func (c *serverConn) runHandler(w *response, r *http.Request) (ok bool) {
+	defer func() {
+		if v := recover(); v != nil {
+			if v != http.ErrAbortHandler {
+				buf := make([]byte, 16<<10)
+				buf = buf[:runtime.Stack(buf, false)]
+				c.srv.log.Error("panic serving "+c.remote, "panic", fmt.Sprint(v), "stack", string(buf))
+			}
+			ok = false
+		}
+	}()
+	c.srv.handler.ServeHTTP(w, r)
+	return true
+}
+
+// fixedBody reads a body of a known length from a connection: a request's
+// on the fast path, a response's in the RPC client.
+type fixedBody struct {
+	br     *bufio.Reader
+	left   int64
+	closed bool // the handler returned: reading is a bug
+}
+
+var errBodyAfterHandler = errors.New("http: invalid Read on closed Body")
+
+func (b *fixedBody) Read(p []byte) (int, error) {
+	if b.closed {
+		return 0, errBodyAfterHandler
+	}
+	if b.left <= 0 {
+		return 0, io.EOF
+	}
+	if int64(len(p)) > b.left {
+		p = p[:b.left]
+	}
+	n, err := b.br.Read(p)
+	b.left -= int64(n)
+	if b.left == 0 {
+		return n, io.EOF
+	}
+	if err == io.EOF {
+		err = io.ErrUnexpectedEOF
+	}
+	return n, err
+}
+
+func (b *fixedBody) Close() error { return nil }
+
+// replayConn is a connection handed to net/http: it first reads what the
+// fast path had buffered.
+type replayConn struct {
+	net.Conn
+	pending []byte
+}
+
+func (c *replayConn) Read(p []byte) (int, error) {
+	if len(c.pending) > 0 {
+		n := copy(p, c.pending)
+		c.pending = c.pending[n:]
+		return n, nil
+	}
+	return c.Conn.Read(p)
+}
+
+// CloseWrite lets net/http close its side gracefully, as on a TCP
+// connection.
+func (c *replayConn) CloseWrite() error {
+	if cw, ok := c.Conn.(interface{ CloseWrite() error }); ok {
+		return cw.CloseWrite()
+	}
+	return nil
+}
+
+// handoffListener is the listener net/http serves: it yields the
+// connections the fast path hands over. The channel is unbuffered; a
+// connection handed over after Close is closed by its sender.
+type handoffListener struct {
+	conns  chan net.Conn
+	done   chan struct{}
+	closed sync.Once
+}
+
+func newHandoffListener() *handoffListener {
+	return &handoffListener{conns: make(chan net.Conn), done: make(chan struct{})}
+}
+
+func (l *handoffListener) deliver(c net.Conn) bool {
+	select {
+	case l.conns <- c:
+		return true
+	case <-l.done:
+		return false
+	}
+}
+
+func (l *handoffListener) Accept() (net.Conn, error) {
+	select {
+	case c := <-l.conns:
+		return c, nil
+	case <-l.done:
+		return nil, net.ErrClosed
+	}
+}
+
+func (l *handoffListener) Close() error {
+	l.closed.Do(func() { close(l.done) })
+	return nil
+}
+
+func (l *handoffListener) Addr() net.Addr { return handoffAddr{} }
+
+type handoffAddr struct{}
+
+func (handoffAddr) Network() string { return "handoff" }
+func (handoffAddr) String() string  { return "handoff" }
+
+// dateCache formats the Date header once a second.
+type dateCache struct{ p atomic.Pointer[cachedDate] }
+
+type cachedDate struct {
+	unix int64
+	text []byte
+}
+
+func (d *dateCache) append(b []byte, now time.Time) []byte {
+	c := d.p.Load()
+	if c == nil || c.unix != now.Unix() {
+		c = &cachedDate{unix: now.Unix(), text: now.UTC().AppendFormat(nil, http.TimeFormat)}
+		d.p.Store(c)
+	}
+	return append(b, c.text...)
+}

@@ -1,0 +1,174 @@
+package main
+
+import (
+	"net/http"
+	"net/url"
+	"strconv"
+	"strings"
+)
+
+// requestHead is a request line and header block the fast path serves.
+type requestHead struct {
+	method, target, host string
+	url                  *url.URL
+	header               http.Header // without Host, as net/http leaves it
+	contentLength        int64       // 0 when there is no body
+	close                bool        // Connection: close
+}
+
+// parseRequestHead parses head, which ends in its blank line, and returns
+// errHandOff for anything it leaves to net/http: another protocol version,
+// a target that is not a path, a body framed other than by one
+// Content-Length, an upgrade, an Expect, an event stream, or a byte that
+// RFC 9110 does not allow where it stands. Whatever it accepts, it reads
+// as net/http's server reads it (FuzzParseRequestHead compares the two).
+func parseRequestHead(head []byte) (*requestHead, error) {
+	s := string(head) // one allocation: names and values are substrings of it
+	line, rest, _ := strings.Cut(s, "\r\n")
+	method, line, ok1 := strings.Cut(line, " ")
+	target, proto, ok2 := strings.Cut(line, " ")
+	if !ok1 || !ok2 || proto != "HTTP/1.1" || !validToken(method) || method == http.MethodConnect ||
+		!strings.HasPrefix(target, "/") || !validTarget(target) {
+		return nil, errHandOff
+	}
+	u, err := url.ParseRequestURI(target)
+	if err != nil {
+		return nil, errHandOff
+	}
+	lines := max(strings.Count(rest, "\r\n")-1, 0)
+	req := &requestHead{method: method, target: target, url: u, header: make(http.Header, lines)}
+	values := make([]string, 0, lines) // backs the header's one-value slices
+	hosts, lengths := 0, 0
+	for {
+		line, rest, _ = strings.Cut(rest, "\r\n")
+		if line == "" {
+			break
+		}
+		name, value, ok := strings.Cut(line, ":")
+		value = strings.Trim(value, " \t")
+		if !ok || !validToken(name) || !validFieldValue(value) {
+			return nil, errHandOff
+		}
+		if !isCanonicalKey(name) {
+			name = http.CanonicalHeaderKey(name)
+		}
+		switch name {
+		case "Host":
+			hosts++
+			req.host = value
+			continue
+		case "Content-Length":
+			lengths++
+			n, err := strconv.ParseInt(value, 10, 64)
+			if err != nil || n < 0 || value[0] == '+' {
+				return nil, errHandOff
+			}
+			req.contentLength = n
+		case "Transfer-Encoding", "Upgrade", "Expect":
+			return nil, errHandOff
+		case "Connection":
+			if hasToken(value, "upgrade") {
+				return nil, errHandOff
+			}
+			req.close = req.close || hasToken(value, "close")
+		case "Accept":
+			if strings.Contains(value, "text/event-stream") {
+				return nil, errHandOff // streams are for net/http, which notices a client leaving
+			}
+		}
+		if vs := req.header[name]; vs != nil {
+			req.header[name] = append(vs, value)
+		} else {
+			values = append(values, value)
+			req.header[name] = values[len(values)-1 : len(values) : len(values)]
+		}
+	}
+	if hosts != 1 || lengths > 1 || !validHost(req.host) {
+		return nil, errHandOff
+	}
+	// As net/http does (RFC 7234, section 5.4).
+	if p, ok := req.header["Pragma"]; ok && len(p) > 0 && p[0] == "no-cache" {
+		if _, ok := req.header["Cache-Control"]; !ok {
+			req.header["Cache-Control"] = []string{"no-cache"}
+		}
+	}
+	return req, nil
+}
+
+// validToken reports whether s is an RFC 9110 token: a method or a field
+// name.
+func validToken(s string) bool {
+	if s == "" {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		if !('a' <= c && c <= 'z' || 'A' <= c && c <= 'Z' || '0' <= c && c <= '9' || strings.IndexByte("!#$%&'*+-.^_`|~", c) >= 0) {
+			return false
+		}
+	}
+	return true
+}
+
+// validTarget reports whether a request target has only visible ASCII.
+func validTarget(s string) bool {
+	for i := 0; i < len(s); i++ {
+		if s[i] <= ' ' || s[i] >= 0x7f {
+			return false
+		}
+	}
+	return true
+}
+
+// validFieldValue is RFC 9110's field-value as net/http checks it: no
+// control characters but tab.
+func validFieldValue(s string) bool {
+	for i := 0; i < len(s); i++ {
+		if c := s[i]; c < ' ' && c != '\t' || c == 0x7f {
+			return false
+		}
+	}
+	return true
+}
+
+// validHost accepts the Host values the fast path serves: a name or an
+// address with an optional port. Anything else, net/http judges.
+func validHost(s string) bool {
+	if s == "" {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		if !('a' <= c && c <= 'z' || 'A' <= c && c <= 'Z' || '0' <= c && c <= '9' || strings.IndexByte(".-_:[]", c) >= 0) {
+			return false
+		}
+	}
+	return true
+}
+
+// isCanonicalKey reports whether a valid field name is already in
+// net/http's canonical form, Like-This.
+func isCanonicalKey(s string) bool {
+	upper := true
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		if upper && 'a' <= c && c <= 'z' || !upper && 'A' <= c && c <= 'Z' {
+			return false
+		}
+		upper = c == '-'
+	}
+	return true
+}
+
+// hasToken reports whether a comma-separated header value lists token,
+// in any case.
+func hasToken(value, token string) bool {
+	for value != "" {
+		var t string
+		t, value, _ = strings.Cut(value, ",")
+		if strings.EqualFold(strings.Trim(t, " \t"), token) {
+			return true
+		}
+	}
+	return false
+}

@@ -1,0 +1,260 @@
+package main
+
+import (
+	"bufio"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// response is the fast path's http.ResponseWriter. It holds a body of up to
+// responseBufferSize, so that the head can state its length and head and
+// body leave in one write; beyond that, or when the handler flushes, it
+// streams, with the handler's Content-Length or chunked.
+type response struct {
+	c          *serverConn
+	method     string
+	header     http.Header
+	status     int    // 0 until the handler writes a head
+	declared   int64  // the handler's Content-Length, or -1
+	written    int64  // body bytes the handler wrote
+	body       []byte // body held back while not streaming
+	streaming  bool   // the head is out; the body goes as it is written
+	chunked    bool
+	closeAfter bool // the connection closes after this response
+	hijacked   bool
+}
+
+func (w *response) Header() http.Header { return w.header }
+
+// WriteHeader records the status; 1xx answers other than 101 go out at
+// once, as in net/http.
+func (w *response) WriteHeader(code int) {
+	if code < 100 || code > 999 {
+		panic(fmt.Sprintf("invalid WriteHeader code %v", code))
+	}
+	if w.status != 0 || w.hijacked {
+		return
+	}
+	if code < 200 && code != http.StatusSwitchingProtocols {
+		w.send(w.appendHead(w.c.out[:0], code, -1))
+		return
+	}
+	w.status = code
+	if cl := w.header.Get("Content-Length"); cl != "" {
+		if n, err := strconv.ParseInt(cl, 10, 64); err == nil && n >= 0 {
+			w.declared = n
+		}
+	}
+	if hasToken(w.header.Get("Connection"), "close") {
+		w.closeAfter = true
+	}
+}
+
+func (w *response) Write(p []byte) (int, error) {
+	if w.hijacked {
+		return 0, http.ErrHijacked
+	}
+	if w.status == 0 {
+		w.WriteHeader(http.StatusOK)
+	}
+	if !bodyAllowedForStatus(w.status) {
+		return 0, http.ErrBodyNotAllowed
+	}
+	if w.declared >= 0 && w.written+int64(len(p)) > w.declared {
+		return 0, http.ErrContentLength
+	}
+	w.written += int64(len(p))
+	if w.streaming {
+		return len(p), w.writeStream(p)
+	}
+	w.body = append(w.body, p...)
+	if len(w.body) > responseBufferSize {
+		if err := w.startStreaming(); err != nil {
+			return 0, err
+		}
+	}
+	return len(p), nil
+}
+
+// Flush sends the head and what the body has so far.
+func (w *response) Flush() { w.FlushError() }
+
+// FlushError is Flush for http.ResponseController.
+func (w *response) FlushError() error {
+	if w.hijacked {
+		return http.ErrHijacked
+	}
+	if w.status == 0 {
+		w.WriteHeader(http.StatusOK)
+	}
+	if w.streaming {
+		return nil
+	}
+	return w.startStreaming()
+}
+
+// Hijack hands the connection to the handler, as for a WebSocket. Its
+// read deadline is cleared: the new owner keeps its own time.
+func (w *response) Hijack() (net.Conn, *bufio.ReadWriter, error) {
+	if w.hijacked {
+		return nil, nil, http.ErrHijacked
+	}
+	if w.streaming {
+		return nil, nil, errors.New("http: Hijack after the response head was sent")
+	}
+	w.hijacked = true
+	w.c.setDeadline(time.Time{})
+	return w.c.rwc, bufio.NewReadWriter(w.c.br, bufio.NewWriter(w.c.rwc)), nil
+}
+
+// SetReadDeadline and SetWriteDeadline serve http.ResponseController.
+func (w *response) SetReadDeadline(t time.Time) error {
+	w.c.setDeadline(t)
+	return nil
+}
+
+func (w *response) SetWriteDeadline(t time.Time) error { return w.c.rwc.SetWriteDeadline(t) }
+
+// startStreaming sends the head and the body so far; the rest of the body
+// follows as it is written.
+func (w *response) startStreaming() error {
+	w.streaming = true
+	w.chunked = w.declared < 0 && bodyAllowedForStatus(w.status) && w.method != http.MethodHead
+	out := w.appendHead(w.c.out[:0], w.status, w.declared)
+	body := w.body
+	w.body = w.body[:0]
+	return w.send(w.appendBody(out, body))
+}
+
+func (w *response) writeStream(p []byte) error {
+	if len(p) == 0 || w.method == http.MethodHead {
+		return nil
+	}
+	if !w.chunked {
+		return w.send(p)
+	}
+	return w.send(w.appendBody(w.c.out[:0], p))
+}
+
+// appendBody appends p, as a chunk when the body is chunked; a HEAD
+// answer has no body.
+func (w *response) appendBody(b, p []byte) []byte {
+	if len(p) == 0 || w.method == http.MethodHead {
+		return b
+	}
+	if !w.chunked {
+		return append(b, p...)
+	}
+	b = strconv.AppendInt(b, int64(len(p)), 16)
+	b = append(b, "\r\n"...)
+	b = append(b, p...)
+	return append(b, "\r\n"...)
+}
+
+// finish completes the response after the handler returned.
+func (w *response) finish() error {
+	if w.hijacked {
+		return nil
+	}
+	if w.status == 0 {
+		w.WriteHeader(http.StatusOK)
+	}
+	if w.declared >= 0 && w.written < w.declared {
+		w.closeAfter = true // the body is short of what the head said
+	}
+	if w.streaming {
+		if !w.chunked {
+			return nil
+		}
+		return w.send(append(w.c.out[:0], "0\r\n\r\n"...))
+	}
+	length := w.declared
+	if length < 0 && (len(w.body) > 0 || w.method != http.MethodHead) {
+		length = int64(len(w.body))
+	}
+	return w.send(w.appendBody(w.appendHead(w.c.out[:0], w.status, length), w.body))
+}
+
+// send writes b to the connection; after a failed write it closes.
+func (w *response) send(b []byte) error {
+	_, err := w.c.rwc.Write(b)
+	if cap(b) <= responseBufferSize+headBufferSize {
+		w.c.out = b[:0]
+	}
+	if err != nil {
+		w.closeAfter = true
+	}
+	return err
+}
+
+// appendHead appends the status line and header block, as net/http writes
+// them: keys sorted, values on one line, a Date, a Content-Type sniffed
+// from the body when the handler set none, and the framing: length when
+// known (not below 0), else chunked.
+func (w *response) appendHead(b []byte, code int, length int64) []byte {
+	b = append(b, "HTTP/1.1 "...)
+	b = strconv.AppendInt(b, int64(code), 10)
+	b = append(b, ' ')
+	b = append(b, http.StatusText(code)...)
+	b = append(b, "\r\n"...)
+	final := code >= 200 || code == http.StatusSwitchingProtocols
+	if _, ok := w.header["Content-Type"]; !ok && final && len(w.body) > 0 && w.header.Get("Content-Encoding") == "" {
+		w.header["Content-Type"] = []string{http.DetectContentType(w.body)}
+	}
+	keys := w.c.keys[:0]
+	for k := range w.header {
+		keys = append(keys, k)
+	}
+	slices.Sort(keys)
+	w.c.keys = keys
+	for _, k := range keys {
+		if !validToken(k) || final && (k == "Content-Length" || k == "Transfer-Encoding" || k == "Connection") {
+			continue
+		}
+		for _, v := range w.header[k] {
+			if strings.ContainsAny(v, "\r\n") {
+				v = strings.NewReplacer("\r", " ", "\n", " ").Replace(v)
+			}
+			b = append(b, k...)
+			b = append(b, ": "...)
+			b = append(b, strings.Trim(v, " \t")...)
+			b = append(b, "\r\n"...)
+		}
+	}
+	if !final {
+		return append(b, "\r\n"...)
+	}
+	if _, ok := w.header["Date"]; !ok {
+		b = append(b, "Date: "...)
+		b = w.c.srv.date.append(b, time.Now())
+		b = append(b, "\r\n"...)
+	}
+	switch {
+	case !bodyAllowedForStatus(code):
+	case w.chunked:
+		b = append(b, "Transfer-Encoding: chunked\r\n"...)
+	case length >= 0:
+		b = append(b, "Content-Length: "...)
+		b = strconv.AppendInt(b, length, 10)
+		b = append(b, "\r\n"...)
+	case w.method != http.MethodHead:
+		w.closeAfter = true // a body of unknown length ends with the connection
+	}
+	if w.closeAfter || w.c.srv.shuttingDown.Load() {
+		w.closeAfter = true
+		b = append(b, "Connection: close\r\n"...)
+	}
+	return append(b, "\r\n"...)
+}
+
+// bodyAllowedForStatus is RFC 9112 section 6.3: 1xx, 204 and 304 answers
+// have no body.
+func bodyAllowedForStatus(code int) bool {
+	return code >= 200 && code != http.StatusNoContent && code != http.StatusNotModified
+}
