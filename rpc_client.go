@@ -34,7 +34,7 @@ type nodeClient struct {
 	nIdle    int
 	sweeping bool // a sweep of old idle connections is scheduled
 
-	addrMu sync.RWMutex        // guards addrs
+	addrMu sync.RWMutex       // guards addrs
 	addrs  map[nodeKey]string // "host:port" of nodes called; emptied at maxAddrs
 }
 
