@@ -16,6 +16,7 @@ import (
 	"net/http"
 	"net/netip"
 	"os"
+	"path"
 	"os/signal"
 	"runtime/debug"
 	"strings"
@@ -603,7 +604,33 @@ func (s *sidecar) routes() http.Handler {
 	} else {
 		mux.HandleFunc("/", s.handlePath) // answers 404 for anything not a call
 	}
-	return s.metrics.instrument(limitInFlight(s.cfg.MaxInFlight, s.guard(s.authenticate(mux))))
+	return s.metrics.instrument(limitInFlight(s.cfg.MaxInFlight, s.guard(s.authenticate(hotRoutes(mux, s.handleRPC, s.handleProxy)))))
+}
+
+// hotRoutes sends /rpc and clean /proxy/ paths straight to their handlers,
+// setting Pattern as the mux would: matching every call against the mux's
+// tree costs more than the rest of the routing. Anything else, unclean
+// paths (which the mux redirects) included, goes to the mux.
+func hotRoutes(mux *http.ServeMux, rpc, proxy http.HandlerFunc) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		switch p := r.URL.Path; {
+		case p == "/rpc":
+			r.Pattern = "/rpc"
+			rpc(w, r)
+		case strings.HasPrefix(p, "/proxy/") && cleanURLPath(p):
+			r.Pattern = "/proxy/"
+			proxy(w, r)
+		default:
+			mux.ServeHTTP(w, r)
+		}
+	})
+}
+
+// cleanURLPath reports whether the mux would take p as it is: path.Clean
+// leaves it alone, but for a trailing slash.
+func cleanURLPath(p string) bool {
+	c := path.Clean(p)
+	return c == p || c+"/" == p
 }
 
 // handleHealth reports the sidecar and the app: 200 when all is well, 503

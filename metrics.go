@@ -123,7 +123,17 @@ func (d desc) labelString(values []string, extra ...string) string {
 }
 
 // seriesKey joins label values; \xff cannot occur in valid UTF-8 values.
-func seriesKey(values []string) string { return strings.Join(values, "\xff") }
+func seriesKey(values []string) string { return string(appendSeriesKey(nil, values)) }
+
+func appendSeriesKey(b []byte, values []string) []byte {
+	for i, v := range values {
+		if i > 0 {
+			b = append(b, 0xff)
+		}
+		b = append(b, v...)
+	}
+	return b
+}
 
 func overflowValues(n int) []string {
 	v := make([]string, n)
@@ -148,13 +158,15 @@ func newSeriesSet[T any](newFn func(values []string) *T) seriesSet[T] {
 
 // get returns the series for values, creating it if needed.
 func (ss *seriesSet[T]) get(values []string) *T {
-	k := seriesKey(values)
+	var arr [128]byte // the key of an existing series is built here, not on the heap
+	kb := appendSeriesKey(arr[:0], values)
 	ss.mu.RLock()
-	s := ss.series[k]
+	s := ss.series[string(kb)]
 	ss.mu.RUnlock()
 	if s != nil {
 		return s
 	}
+	k := string(kb)
 	ss.mu.Lock()
 	defer ss.mu.Unlock()
 	if s = ss.series[k]; s != nil {
@@ -316,6 +328,29 @@ func escapeHelp(s string) string {
 	return strings.NewReplacer(`\`, `\\`, "\n", `\n`).Replace(s)
 }
 
+// statusCodes holds the decimal text of the status codes, so that
+// counting a request does not format one.
+var statusCodes = func() (t [600]string) {
+	for i := range t {
+		t[i] = strconv.Itoa(i)
+	}
+	return t
+}()
+
+func statusCodeString(code int) string {
+	if code >= 0 && code < len(statusCodes) {
+		return statusCodes[code]
+	}
+	return strconv.Itoa(code)
+}
+
+// statusWriter is a ResponseWriter that reports the status it sent: 0
+// before any, 101 once hijacked.
+type statusWriter interface {
+	http.ResponseWriter
+	Status() int
+}
+
 // statusRecorder remembers the status code a handler wrote, and still lets
 // WebSocket handlers hijack the connection and streaming handlers flush.
 type statusRecorder struct {
@@ -438,17 +473,23 @@ func boolFloat(b bool) float64 {
 func (m *sidecarMetrics) instrument(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		start := time.Now()
-		rec := &statusRecorder{ResponseWriter: w}
-		next.ServeHTTP(rec, r)
+		var code int
+		if sw, ok := w.(statusWriter); ok {
+			next.ServeHTTP(w, r) // it knows its status: no wrapper to allocate
+			code = sw.Status()
+		} else {
+			rec := &statusRecorder{ResponseWriter: w}
+			next.ServeHTTP(rec, r)
+			code = rec.code
+		}
 		route := r.Pattern
 		if route == "" {
 			route = "unmatched"
 		}
-		code := rec.code
 		if code == 0 {
 			code = http.StatusOK
 		}
-		m.requests.Inc(route, strconv.Itoa(code))
+		m.requests.Inc(route, statusCodeString(code))
 		if code != http.StatusSwitchingProtocols { // a WebSocket's time is its lifetime
 			m.latency.ObserveSince(start, route)
 		}

@@ -35,6 +35,7 @@ type proxy struct {
 	sel       *selector
 	transport http.RoundTripper
 	direct    *nodeClient // the direct path's connections, shared with RPC; nil: none
+	bufs      sync.Pool   // *[]byte for the direct path; see getBuf
 	rp        *httputil.ReverseProxy
 	log       *slog.Logger
 

@@ -27,6 +27,23 @@ import (
 // failed can be sent to another node with the same bytes.
 const directMaxBody = 64 << 10
 
+// getBuf and putBuf recycle the direct path's buffers: requests being
+// written and bodies being copied, 32 KiB each, more when a request needs
+// it; buffers over 128 KiB are dropped.
+func (p *proxy) getBuf() *[]byte {
+	if b, ok := p.bufs.Get().(*[]byte); ok {
+		return b
+	}
+	b := make([]byte, 0, 32<<10)
+	return &b
+}
+
+func (p *proxy) putBuf(b *[]byte) {
+	if cap(*b) <= 128<<10 {
+		p.bufs.Put(b)
+	}
+}
+
 // canForwardDirect reports whether the direct path can take r.
 func canForwardDirect(r *http.Request) bool {
 	return r.ContentLength >= 0 && r.ContentLength <= directMaxBody && len(r.TransferEncoding) == 0 &&
@@ -138,9 +155,9 @@ func (p *proxy) forward(w http.ResponseWriter, r *http.Request, t *proxyTarget) 
 	if !ok {
 		return
 	}
-	bp := p.rp.BufferPool.Get()
-	defer p.rp.BufferPool.Put(bp)
-	req := append(bp[:0], r.Method...)
+	bp := p.getBuf()
+	defer p.putBuf(bp)
+	req := append((*bp)[:0], r.Method...)
 	req = append(req, ' ')
 	req = append(req, t.path...)
 	if r.URL.RawQuery != "" {
@@ -150,6 +167,7 @@ func (p *proxy) forward(w http.ResponseWriter, r *http.Request, t *proxyTarget) 
 	req = append(req, " HTTP/1.1\r\nHost: "...)
 	hostAt := len(req) // the node's address goes here
 	req = append(forwardHeader(req, r, len(body)), body...)
+	*bp = req
 	replayable := len(body) == 0 && (r.Method == http.MethodGet || r.Method == http.MethodHead || r.Method == http.MethodOptions || r.Method == http.MethodTrace)
 
 	ctx := r.Context()
@@ -218,7 +236,8 @@ func (p *proxy) forwardTo(ctx context.Context, deadline time.Time, w http.Respon
 	if _, err := c.conn.Write(out); err != nil {
 		return classifyFailure(ctx, deadline, err), err
 	}
-	var header []string
+	header := c.hdr[:0]
+	defer func() { c.hdr = header[:0] }()
 	c.lim.n = p.direct.maxHeader
 	head, err := readResponseHeader(c.br, &header)
 	for err == nil && head.code >= 100 && head.code <= 199 {
@@ -246,9 +265,16 @@ func (p *proxy) forwardTo(ctx context.Context, deadline time.Time, w http.Respon
 		}
 	}
 	wh := w.Header()
+	values := make([]string, 0, len(header)/2) // backs the fields' one-value slices
 	for i := 0; i < len(header); i += 2 {
-		if k := header[i]; !isHopHeader(k, connection) {
-			wh[k] = append(wh[k], header[i+1])
+		k, v := header[i], header[i+1]
+		switch {
+		case isHopHeader(k, connection):
+		case wh[k] == nil:
+			values = append(values, v)
+			wh[k] = values[len(values)-1 : len(values) : len(values)]
+		default:
+			wh[k] = append(wh[k], v)
 		}
 	}
 	w.WriteHeader(head.code)
@@ -289,8 +315,9 @@ func (p *proxy) copyResponseBody(w http.ResponseWriter, c *nodeConn, method stri
 	if flush {
 		fl, _ = w.(http.Flusher)
 	}
-	chunk := p.rp.BufferPool.Get()
-	defer p.rp.BufferPool.Put(chunk)
+	bp := p.getBuf()
+	defer p.putBuf(bp)
+	chunk := (*bp)[:cap(*bp)]
 	for {
 		n, err := body.Read(chunk)
 		if n > 0 {

@@ -412,27 +412,37 @@ type appError struct {
 // is a string or null, are accepted too. err is set when the body is not a
 // JSON-RPC reply at all.
 func parseReply(body []byte, id uint64) (result []byte, appErr *appError, err error) {
+	rid, result, errVal, ok := replyMembers(body)
+	if !ok {
+		var err error
+		if rid, result, errVal, err = decodeReply(body); err != nil {
+			return nil, nil, err
+		}
+	}
+	if hasValue(errVal) {
+		return nil, decodeAppError(errVal), nil
+	}
+	if hasValue(rid) && !sameID(rid, id) {
+		return nil, nil, fmt.Errorf("reply id %s does not match request id %d", truncate(string(rid), 32), id)
+	}
+	if result == nil {
+		return nil, nil, errors.New("not a JSON-RPC reply: neither result nor error")
+	}
+	return result, nil, nil
+}
+
+// decodeReply is replyMembers by encoding/json, for the replies the
+// scanner leaves to it; its errors say what is wrong.
+func decodeReply(body []byte) (id, result, errVal []byte, err error) {
 	var r struct {
 		ID     json.RawMessage `json:"id"`
 		Result json.RawMessage `json:"result"`
 		Error  json.RawMessage `json:"error"`
 	}
-	var ok bool
-	if r.ID, r.Result, r.Error, ok = replyMembers(body); !ok {
-		if err := json.Unmarshal(body, &r); err != nil {
-			return nil, nil, fmt.Errorf("not a JSON-RPC reply: %v", err)
-		}
+	if err := json.Unmarshal(body, &r); err != nil {
+		return nil, nil, nil, fmt.Errorf("not a JSON-RPC reply: %v", err)
 	}
-	if hasValue(r.Error) {
-		return nil, decodeAppError(r.Error), nil
-	}
-	if hasValue(r.ID) && !sameID(r.ID, id) {
-		return nil, nil, fmt.Errorf("reply id %s does not match request id %d", truncate(string(r.ID), 32), id)
-	}
-	if r.Result == nil {
-		return nil, nil, errors.New("not a JSON-RPC reply: neither result nor error")
-	}
-	return r.Result, nil, nil
+	return r.ID, r.Result, r.Error, nil
 }
 
 func hasValue(raw json.RawMessage) bool { return len(raw) > 0 && string(raw) != "null" }
@@ -632,8 +642,8 @@ func (c *caller) serve(w http.ResponseWriter, r *http.Request, call rpcCall) {
 		writeCallError(w, err)
 		return
 	}
+	// No Content-Length: both servers state the length of a body this small.
 	w.Header()["Content-Type"] = jsonContentType
-	w.Header()["Content-Length"] = []string{strconv.Itoa(len(result))}
 	w.WriteHeader(http.StatusOK)
 	w.Write(result)
 }

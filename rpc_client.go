@@ -81,6 +81,7 @@ type nodeConn struct {
 	alive *aliveProbe
 	body  fixedBody // the response body being read
 	wbuf  []byte    // the request being written
+	hdr   []string  // a proxied response's header lines, reused
 	since time.Time // when it went idle
 }
 
@@ -403,7 +404,7 @@ func readResponseHeader(br *bufio.Reader, header *[]string) (responseHead, error
 			if !validToken(string(name)) || !validFieldValue(string(value)) {
 				return h, fmt.Errorf("%w: header line %q", errMalformedResponse, truncate(string(line), 64))
 			}
-			*header = append(*header, http.CanonicalHeaderKey(string(name)), string(value))
+			*header = append(*header, internHeaderName(name), string(value))
 		}
 		switch {
 		case bytes.EqualFold(name, []byte("Content-Type")):
@@ -459,6 +460,17 @@ func parseDigits(b []byte) int64 {
 		n = n*10 + int64(c-'0')
 	}
 	return n
+}
+
+// internHeaderName returns a field name in canonical form, without
+// allocating for the names most responses carry.
+func internHeaderName(b []byte) string {
+	for _, s := range [...]string{"Content-Type", "Content-Length", "Date", "Connection", "Cache-Control", "Server", "Vary", "Etag", "Last-Modified", "Location", "Set-Cookie", "Content-Encoding"} {
+		if string(b) == s {
+			return s
+		}
+	}
+	return http.CanonicalHeaderKey(string(b))
 }
 
 // internHeadValue returns b as a string, without allocating for the values

@@ -179,11 +179,17 @@ type serverConn struct {
 	remote   string
 	state    atomic.Int32
 	deadline time.Time // the read deadline set on rwc; zero when none
-	// Reused from one response to the next.
-	out    []byte // the head, or head and body, being written
-	body   []byte // the body held back
-	header http.Header
-	keys   []string // header keys, sorted
+	// Reused from one request to the next: a handler must not keep the
+	// request, its header, or the response writer once it returns, as with
+	// any http.Handler.
+	head    requestHead
+	req     http.Request
+	resp    response
+	reqBody fixedBody
+	out     []byte // the head, or head and body, being written
+	body    []byte // the body held back
+	header  http.Header
+	keys    []string // header keys, sorted
 }
 
 // serve answers requests until the connection closes, is handed to
@@ -212,14 +218,13 @@ func (c *serverConn) serve() {
 			return
 		}
 		head, _ := c.br.Peek(n)
-		req, err := parseRequestHead(head)
-		if err != nil {
+		if err := parseRequestHead(head, &c.head); err != nil {
 			keep = true
 			c.handOff()
 			return
 		}
 		c.br.Discard(n)
-		done, hijacked := c.serveRequest(req)
+		done, hijacked := c.serveRequest(&c.head)
 		if hijacked {
 			keep = true
 			return
@@ -296,16 +301,18 @@ func (c *serverConn) serveRequest(req *requestHead) (done, hijacked bool) {
 	var body io.ReadCloser = http.NoBody
 	var rb *fixedBody
 	if req.contentLength > 0 {
-		rb = &fixedBody{br: c.br, left: req.contentLength}
+		rb = &c.reqBody
+		*rb = fixedBody{br: c.br, left: req.contentLength}
 		body = rb
 		if int64(c.br.Buffered()) < req.contentLength {
 			// net/http sets no deadline on bodies: uploads take their time.
 			c.setDeadline(time.Time{})
 		}
 	}
-	r := &http.Request{
+	r := &c.req
+	*r = http.Request{
 		Method:        req.method,
-		URL:           req.url,
+		URL:           &req.url,
 		Proto:         "HTTP/1.1",
 		ProtoMajor:    1,
 		ProtoMinor:    1,
@@ -321,7 +328,8 @@ func (c *serverConn) serveRequest(req *requestHead) (done, hijacked bool) {
 		c.header = make(http.Header, 8)
 	}
 	clear(c.header)
-	w := &response{c: c, method: r.Method, header: c.header, declared: -1, body: c.body[:0], closeAfter: req.close}
+	w := &c.resp
+	*w = response{c: c, method: r.Method, header: c.header, declared: -1, body: c.body[:0], closeAfter: req.close}
 	if !c.runHandler(w, r) {
 		return false, false
 	}

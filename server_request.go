@@ -7,13 +7,16 @@ import (
 	"strings"
 )
 
-// requestHead is a request line and header block the fast path serves.
+// requestHead is a request line and header block the fast path serves. A
+// connection parses every request into the same one: its header map and
+// value slice are reused.
 type requestHead struct {
 	method, target, host string
-	url                  *url.URL
+	url                  url.URL
 	header               http.Header // without Host, as net/http leaves it
 	contentLength        int64       // 0 when there is no body
 	close                bool        // Connection: close
+	values               []string    // backs the header's one-value slices
 }
 
 // parseRequestHead parses head, which ends in its blank line, and returns
@@ -22,22 +25,25 @@ type requestHead struct {
 // Content-Length, an upgrade, an Expect, an event stream, or a byte that
 // RFC 9110 does not allow where it stands. Whatever it accepts, it reads
 // as net/http's server reads it (FuzzParseRequestHead compares the two).
-func parseRequestHead(head []byte) (*requestHead, error) {
+func parseRequestHead(head []byte, req *requestHead) error {
 	s := string(head) // one allocation: names and values are substrings of it
 	line, rest, _ := strings.Cut(s, "\r\n")
 	method, line, ok1 := strings.Cut(line, " ")
 	target, proto, ok2 := strings.Cut(line, " ")
 	if !ok1 || !ok2 || proto != "HTTP/1.1" || !validToken(method) || method == http.MethodConnect ||
-		!strings.HasPrefix(target, "/") || !validTarget(target) {
-		return nil, errHandOff
+		!strings.HasPrefix(target, "/") || !validTarget(target) || parseTarget(target, &req.url) != nil {
+		return errHandOff
 	}
-	u, err := url.ParseRequestURI(target)
-	if err != nil {
-		return nil, errHandOff
+	req.method, req.target, req.host, req.contentLength, req.close = method, target, "", 0, false
+	if req.header == nil {
+		req.header = make(http.Header, 8)
 	}
+	clear(req.header)
 	lines := max(strings.Count(rest, "\r\n")-1, 0)
-	req := &requestHead{method: method, target: target, url: u, header: make(http.Header, lines)}
-	values := make([]string, 0, lines) // backs the header's one-value slices
+	if cap(req.values) < lines {
+		req.values = make([]string, 0, max(lines, 8))
+	}
+	values := req.values[:0]
 	hosts, lengths := 0, 0
 	for {
 		line, rest, _ = strings.Cut(rest, "\r\n")
@@ -47,7 +53,7 @@ func parseRequestHead(head []byte) (*requestHead, error) {
 		name, value, ok := strings.Cut(line, ":")
 		value = strings.Trim(value, " \t")
 		if !ok || !validToken(name) || !validFieldValue(value) {
-			return nil, errHandOff
+			return errHandOff
 		}
 		if !isCanonicalKey(name) {
 			name = http.CanonicalHeaderKey(name)
@@ -61,19 +67,19 @@ func parseRequestHead(head []byte) (*requestHead, error) {
 			lengths++
 			n, err := strconv.ParseInt(value, 10, 64)
 			if err != nil || n < 0 || value[0] == '+' {
-				return nil, errHandOff
+				return errHandOff
 			}
 			req.contentLength = n
 		case "Transfer-Encoding", "Upgrade", "Expect":
-			return nil, errHandOff
+			return errHandOff
 		case "Connection":
 			if hasToken(value, "upgrade") {
-				return nil, errHandOff
+				return errHandOff
 			}
 			req.close = req.close || hasToken(value, "close")
 		case "Accept":
 			if strings.Contains(value, "text/event-stream") {
-				return nil, errHandOff // streams are for net/http, which notices a client leaving
+				return errHandOff // streams are for net/http, which notices a client leaving
 			}
 		}
 		if vs := req.header[name]; vs != nil {
@@ -84,7 +90,7 @@ func parseRequestHead(head []byte) (*requestHead, error) {
 		}
 	}
 	if hosts != 1 || lengths > 1 || !validHost(req.host) {
-		return nil, errHandOff
+		return errHandOff
 	}
 	// As net/http does (RFC 7234, section 5.4).
 	if p, ok := req.header["Pragma"]; ok && len(p) > 0 && p[0] == "no-cache" {
@@ -92,7 +98,36 @@ func parseRequestHead(head []byte) (*requestHead, error) {
 			req.header["Cache-Control"] = []string{"no-cache"}
 		}
 	}
-	return req, nil
+	return nil
+}
+
+// parseTarget sets u from a request target as url.ParseRequestURI does,
+// without allocating when the path has nothing to unescape or escape.
+func parseTarget(target string, u *url.URL) error {
+	path, query, hasQuery := strings.Cut(target, "?")
+	if plainPath(path) {
+		*u = url.URL{Path: path, RawQuery: query, ForceQuery: hasQuery && query == ""}
+		return nil
+	}
+	p, err := url.ParseRequestURI(target)
+	if err != nil {
+		return err
+	}
+	*u = *p
+	return nil
+}
+
+// plainPath reports whether a path is the same escaped and unescaped: only
+// letters, digits and the characters RFC 3986 allows in a path that Go's
+// url package leaves as they are.
+func plainPath(p string) bool {
+	for i := 0; i < len(p); i++ {
+		c := p[i]
+		if !('a' <= c && c <= 'z' || 'A' <= c && c <= 'Z' || '0' <= c && c <= '9' || strings.IndexByte("-_.~$&+,/:;=@", c) >= 0) {
+			return false
+		}
+	}
+	return true
 }
 
 // validToken reports whether s is an RFC 9110 token: a method or a field

@@ -32,6 +32,14 @@ type response struct {
 
 func (w *response) Header() http.Header { return w.header }
 
+// Status is the status written so far, for the metrics.
+func (w *response) Status() int {
+	if w.hijacked {
+		return http.StatusSwitchingProtocols
+	}
+	return w.status
+}
+
 // WriteHeader records the status; 1xx answers other than 101 go out at
 // once, as in net/http.
 func (w *response) WriteHeader(code int) {
