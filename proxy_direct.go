@@ -171,7 +171,8 @@ func (p *proxy) forward(w http.ResponseWriter, r *http.Request, t *proxyTarget) 
 	replayable := len(body) == 0 && (r.Method == http.MethodGet || r.Method == http.MethodHead || r.Method == http.MethodOptions || r.Method == http.MethodTrace)
 
 	ctx := r.Context()
-	deadline := time.Now().Add(t.timeout)
+	now := time.Now()
+	deadline := now.Add(t.timeout)
 	var triedArr [4]nodeKey
 	tried := triedArr[:0]
 	var lastErr error
@@ -181,7 +182,7 @@ func (p *proxy) forward(w http.ResponseWriter, r *http.Request, t *proxyTarget) 
 			break
 		}
 		tried = append(tried, keyOf(node))
-		o, err := p.forwardTo(ctx, deadline, w, r.Method, node, req[:hostAt], req[hostAt:])
+		o, err := p.forwardTo(ctx, now, deadline, w, r.Method, node, req[:hostAt], req[hostAt:])
 		if err == nil {
 			p.sel.succeeded(node)
 			return
@@ -203,6 +204,7 @@ func (p *proxy) forward(w http.ResponseWriter, r *http.Request, t *proxyTarget) 
 			writeCallError(w, lastErr)
 			return
 		}
+		now = time.Now()
 	}
 	switch {
 	case lastErr == nil:
@@ -218,9 +220,9 @@ func (p *proxy) forward(w http.ResponseWriter, r *http.Request, t *proxyTarget) 
 // the node's address, then the rest. An error means nothing was written to
 // w; once the head is copied, a failure aborts the response, as in
 // ReverseProxy.
-func (p *proxy) forwardTo(ctx context.Context, deadline time.Time, w http.ResponseWriter, method string, node Node, line, rest []byte) (outcome, error) {
+func (p *proxy) forwardTo(ctx context.Context, now, deadline time.Time, w http.ResponseWriter, method string, node Node, line, rest []byte) (outcome, error) {
 	addr := p.direct.addrOf(node)
-	c, err := p.direct.open(ctx, deadline, addr)
+	c, err := p.direct.open(ctx, now, deadline, addr)
 	if err != nil {
 		return classifyFailure(ctx, deadline, err), err
 	}

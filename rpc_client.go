@@ -82,7 +82,7 @@ type nodeConn struct {
 	body  fixedBody // the response body being read
 	wbuf  []byte    // the request being written
 	hdr   []string  // a proxied response's header lines, reused
-	since time.Time // when it went idle
+	since time.Time // when the request it last served started
 }
 
 // limitedConn reads from a connection, failing once n bytes have been
@@ -110,8 +110,7 @@ func (l *limitedConn) Read(p []byte) (int, error) {
 }
 
 // get returns an idle connection to addr that is still open, if any.
-func (nc *nodeClient) get(addr string) *nodeConn {
-	now := time.Now()
+func (nc *nodeClient) get(addr string, now time.Time) *nodeConn {
 	for {
 		nc.mu.Lock()
 		list := nc.idle[addr]
@@ -140,7 +139,6 @@ func (nc *nodeClient) put(addr string, c *nodeConn) {
 	if cap(c.wbuf) > 64<<10 {
 		c.wbuf = nil
 	}
-	c.since = time.Now()
 	nc.mu.Lock()
 	if len(nc.idle[addr]) >= nc.maxIdle || nc.nIdle >= nc.maxIdleAll {
 		nc.mu.Unlock()
@@ -203,9 +201,11 @@ func (nc *nodeClient) closeIdle() {
 }
 
 // open returns an idle connection to addr that is still open, or dials one
-// by the deadline.
-func (nc *nodeClient) open(ctx context.Context, deadline time.Time, addr string) (*nodeConn, error) {
-	if c := nc.get(addr); c != nil {
+// by the deadline. now is about the time: a connection counts as idle
+// from the start of the request it last served.
+func (nc *nodeClient) open(ctx context.Context, now, deadline time.Time, addr string) (*nodeConn, error) {
+	if c := nc.get(addr, now); c != nil {
+		c.since = now
 		return c, nil
 	}
 	d := nc.dialer
@@ -214,7 +214,7 @@ func (nc *nodeClient) open(ctx context.Context, deadline time.Time, addr string)
 	if err != nil {
 		return nil, err
 	}
-	c := &nodeConn{conn: conn, alive: newAliveProbe(conn)}
+	c := &nodeConn{conn: conn, alive: newAliveProbe(conn), since: now}
 	c.lim.c = conn
 	c.br = bufio.NewReaderSize(&c.lim, 4096)
 	c.body.br = c.br
@@ -279,8 +279,9 @@ type nodeResponse struct {
 // bytes. Errors are those of net: a failed dial is a *net.OpError with Op
 // "dial"; past the deadline, I/O fails with os.ErrDeadlineExceeded; when
 // ctx ends, I/O in progress fails and ctx.Err() is set first. n is the
-// number of body bytes read.
-func (nc *nodeClient) do(ctx context.Context, deadline time.Time, req *nodeRequest, buf interface {
+// number of body bytes read. now is the time of the call: the node is told
+// it has deadline - now.
+func (nc *nodeClient) do(ctx context.Context, now, deadline time.Time, req *nodeRequest, buf interface {
 	ReadFrom(io.Reader) (int64, error)
 	Grow(int)
 }, limit int64) (resp nodeResponse, n int64, err error) {
@@ -289,7 +290,7 @@ func (nc *nodeClient) do(ctx context.Context, deadline time.Time, req *nodeReque
 			return resp, 0, errInvalidHeader(req.header[i])
 		}
 	}
-	c, err := nc.open(ctx, deadline, req.addr)
+	c, err := nc.open(ctx, now, deadline, req.addr)
 	if err != nil {
 		return resp, 0, err
 	}
@@ -299,10 +300,10 @@ func (nc *nodeClient) do(ctx context.Context, deadline time.Time, req *nodeReque
 
 	w := append(c.wbuf[:0], "POST / HTTP/1.1\r\nHost: "...)
 	w = append(w, req.addr...)
-	w = append(w, "\r\nUser-Agent: Go-http-client/1.1\r\nContent-Length: "...)
+	w = append(w, "\r\nContent-Length: "...)
 	w = strconv.AppendInt(w, int64(len(req.body)), 10)
 	w = append(w, "\r\nTimeout: "...)
-	w = strconv.AppendInt(w, int64(time.Until(deadline)), 10)
+	w = strconv.AppendInt(w, int64(deadline.Sub(now)), 10)
 	w = append(w, "\r\n"...)
 	for i := 0; i+1 < len(req.header); i += 2 {
 		w = append(w, req.header[i]...)

@@ -129,7 +129,10 @@ func newSelector(cfg selectorConfig, now func() time.Time) *selector {
 // next picks a node of service among nodes, skipping those tried in this
 // call and those ejected. ok is false when no node is usable.
 func (s *selector) next(service string, nodes []Node, tried []nodeKey) (Node, bool) {
-	now := s.now()
+	var now time.Time // only ejected nodes need the time
+	if s.tracked.Load() > 0 {
+		now = s.now()
+	}
 	s.mu.Lock()
 	var start uint64
 	if s.cfg.Strategy == strategyRandom {

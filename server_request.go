@@ -51,7 +51,7 @@ func parseRequestHead(head []byte, req *requestHead) error {
 			break
 		}
 		name, value, ok := strings.Cut(line, ":")
-		value = strings.Trim(value, " \t")
+		value = trimOWS(value)
 		if !ok || !validToken(name) || !validFieldValue(value) {
 			return errHandOff
 		}
@@ -122,12 +122,45 @@ func parseTarget(target string, u *url.URL) error {
 // url package leaves as they are.
 func plainPath(p string) bool {
 	for i := 0; i < len(p); i++ {
-		c := p[i]
-		if !('a' <= c && c <= 'z' || 'A' <= c && c <= 'Z' || '0' <= c && c <= '9' || strings.IndexByte("-_.~$&+,/:;=@", c) >= 0) {
+		if byteClass[p[i]]&classPath == 0 {
 			return false
 		}
 	}
 	return true
+}
+
+// byteClass says, for every byte, where the fast path accepts it as it is.
+var byteClass = func() (t [256]uint8) {
+	for c := 0; c < 256; c++ {
+		alnum := 'a' <= c && c <= 'z' || 'A' <= c && c <= 'Z' || '0' <= c && c <= '9'
+		if alnum || strings.IndexByte("!#$%&'*+-.^_`|~", byte(c)) >= 0 {
+			t[c] |= classToken
+		}
+		if alnum || strings.IndexByte("-_.~$&+,/:;=@", byte(c)) >= 0 {
+			t[c] |= classPath
+		}
+		if alnum || strings.IndexByte(".-_:[]", byte(c)) >= 0 {
+			t[c] |= classHost
+		}
+	}
+	return t
+}()
+
+const (
+	classToken = 1 << iota // RFC 9110 tchar
+	classPath              // kept as it is by url.URL.EscapedPath
+	classHost              // in the Host values the fast path takes
+)
+
+// trimOWS trims the optional white space around a field value.
+func trimOWS(s string) string {
+	for len(s) > 0 && (s[0] == ' ' || s[0] == '\t') {
+		s = s[1:]
+	}
+	for len(s) > 0 && (s[len(s)-1] == ' ' || s[len(s)-1] == '\t') {
+		s = s[:len(s)-1]
+	}
+	return s
 }
 
 // validToken reports whether s is an RFC 9110 token: a method or a field
@@ -137,8 +170,7 @@ func validToken(s string) bool {
 		return false
 	}
 	for i := 0; i < len(s); i++ {
-		c := s[i]
-		if !('a' <= c && c <= 'z' || 'A' <= c && c <= 'Z' || '0' <= c && c <= '9' || strings.IndexByte("!#$%&'*+-.^_`|~", c) >= 0) {
+		if byteClass[s[i]]&classToken == 0 {
 			return false
 		}
 	}
@@ -173,8 +205,7 @@ func validHost(s string) bool {
 		return false
 	}
 	for i := 0; i < len(s); i++ {
-		c := s[i]
-		if !('a' <= c && c <= 'z' || 'A' <= c && c <= 'Z' || '0' <= c && c <= '9' || strings.IndexByte(".-_:[]", c) >= 0) {
+		if byteClass[s[i]]&classHost == 0 {
 			return false
 		}
 	}
