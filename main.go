@@ -16,7 +16,6 @@ import (
 	"net/http"
 	"net/netip"
 	"os"
-	"path"
 	"os/signal"
 	"runtime/debug"
 	"strings"
@@ -626,11 +625,16 @@ func hotRoutes(mux *http.ServeMux, rpc, proxy http.HandlerFunc) http.Handler {
 	})
 }
 
-// cleanURLPath reports whether the mux would take p as it is: path.Clean
-// leaves it alone, but for a trailing slash.
+// cleanURLPath reports whether the mux would take p, which starts with a
+// slash, as it is: no empty, "." or ".." segment but a final empty one,
+// which is what path.Clean leaves alone but for a trailing slash.
 func cleanURLPath(p string) bool {
-	c := path.Clean(p)
-	return c == p || c+"/" == p
+	for seg := range strings.SplitSeq(p[1:], "/") {
+		if seg == "." || seg == ".." {
+			return false
+		}
+	}
+	return !strings.Contains(p, "//")
 }
 
 // handleHealth reports the sidecar and the app: 200 when all is well, 503

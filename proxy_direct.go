@@ -258,7 +258,7 @@ func (p *proxy) forwardTo(ctx context.Context, now, deadline time.Time, w http.R
 	// take (a caller going away still ends them). A body already read needs
 	// no clearing, which saves a timer update.
 	if head.contentLength < 0 || head.chunked || int64(c.br.Buffered()) < head.contentLength {
-		c.conn.SetDeadline(time.Time{})
+		c.setDeadline(time.Time{})
 	}
 	var connection []string
 	for i := 0; i < len(header); i += 2 {

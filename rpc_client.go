@@ -75,14 +75,15 @@ func newNodeClient() *nodeClient {
 
 // nodeConn is one connection to a node.
 type nodeConn struct {
-	conn  net.Conn
-	lim   limitedConn
-	br    *bufio.Reader
-	alive *aliveProbe
-	body  fixedBody // the response body being read
-	wbuf  []byte    // the request being written
-	hdr   []string  // a proxied response's header lines, reused
-	since time.Time // when the request it last served started
+	conn     net.Conn
+	lim      limitedConn
+	br       *bufio.Reader
+	alive    *aliveProbe
+	body     fixedBody // the response body being read
+	wbuf     []byte    // the request being written
+	hdr      []string  // a proxied response's header lines, reused
+	since    time.Time // when the request it last served started
+	deadline time.Time // set on conn; zero: none
 }
 
 // limitedConn reads from a connection, failing once n bytes have been
@@ -225,11 +226,26 @@ func (nc *nodeClient) open(ctx context.Context, now, deadline time.Time, addr st
 // ctx ends. stop undoes the latter and reports whether ctx had not ended
 // by then, so that the connection may be reused.
 func (c *nodeConn) guard(ctx context.Context, deadline time.Time) (stop func() bool) {
-	c.conn.SetDeadline(deadline)
+	c.setDeadline(deadline)
 	if ctx.Done() == nil {
 		return func() bool { return true }
 	}
 	return context.AfterFunc(ctx, func() { c.conn.SetDeadline(aLongTimeAgo) })
+}
+
+// deadlineSlack is how much earlier than asked a call's deadline may fall.
+// A deadline already set that early or less is kept: back-to-back calls
+// on a connection then move no timer.
+const deadlineSlack = 10 * time.Millisecond
+
+// setDeadline sets the connection's deadline to t, or keeps the one it has
+// when that is at most deadlineSlack before t.
+func (c *nodeConn) setDeadline(t time.Time) {
+	if !t.IsZero() && !c.deadline.IsZero() && !c.deadline.After(t) && t.Sub(c.deadline) <= deadlineSlack {
+		return
+	}
+	c.deadline = t
+	c.conn.SetDeadline(t)
 }
 
 // release keeps c for the next request to addr when reuse is set, and
@@ -466,10 +482,29 @@ func parseDigits(b []byte) int64 {
 // internHeaderName returns a field name in canonical form, without
 // allocating for the names most responses carry.
 func internHeaderName(b []byte) string {
-	for _, s := range [...]string{"Content-Type", "Content-Length", "Date", "Connection", "Cache-Control", "Server", "Vary", "Etag", "Last-Modified", "Location", "Set-Cookie", "Content-Encoding"} {
-		if string(b) == s {
-			return s
-		}
+	switch string(b) {
+	case "Content-Type":
+		return "Content-Type"
+	case "Content-Length":
+		return "Content-Length"
+	case "Date":
+		return "Date"
+	case "Connection":
+		return "Connection"
+	case "Cache-Control":
+		return "Cache-Control"
+	case "Server":
+		return "Server"
+	case "Vary":
+		return "Vary"
+	case "Etag":
+		return "Etag"
+	case "Last-Modified":
+		return "Last-Modified"
+	case "Location":
+		return "Location"
+	case "Content-Encoding":
+		return "Content-Encoding"
 	}
 	return http.CanonicalHeaderKey(string(b))
 }

@@ -48,13 +48,10 @@ type server struct {
 // Bounds of the fast path. A head that does not fit headBufferSize goes
 // to net/http (whose own limit is MaxHeaderBytes); a response body is
 // buffered up to responseBufferSize, so that small answers leave in one
-// write with a Content-Length, and streamed beyond it; after a handler
-// returns, at most maxDiscardBytes of an unread request body are skipped
-// to reuse the connection, as net/http does.
+// write with a Content-Length, and streamed beyond it.
 const (
 	headBufferSize     = 8 << 10
 	responseBufferSize = 64 << 10
-	maxDiscardBytes    = 256 << 10
 )
 
 func newServer(h http.Handler, fallback *http.Server, log *slog.Logger) *server {
@@ -338,10 +335,14 @@ func (c *serverConn) serveRequest(req *requestHead) (done, hijacked bool) {
 		return false, true
 	}
 	if rb != nil {
+		// A body the handler left unread is skipped when it has all
+		// arrived; waiting for the rest would hold the answer back (a
+		// refused upload must hear so at once), so the connection closes
+		// after the answer instead.
 		rb.closed = true
-		if rb.left > maxDiscardBytes {
-			w.closeAfter = true
-		} else if _, err := c.br.Discard(int(rb.left)); err != nil {
+		if int64(c.br.Buffered()) >= rb.left {
+			c.br.Discard(int(rb.left))
+		} else {
 			w.closeAfter = true
 		}
 	}
