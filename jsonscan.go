@@ -210,7 +210,10 @@ func replyMembers(body []byte) (id, result, errVal []byte, ok bool) {
 		}
 		switch body[i] {
 		case '}':
-			return id, result, errVal, skipJSONSpace(body, i+1) == len(body)
+			if skipJSONSpace(body, i+1) != len(body) {
+				return nil, nil, nil, false
+			}
+			return id, result, errVal, true
 		case ',':
 			i++
 		default:

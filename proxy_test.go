@@ -3,6 +3,7 @@ package main
 import (
 	"bufio"
 	"context"
+	"fmt"
 	"io"
 	"net/http"
 	"net/http/httptest"
@@ -23,6 +24,10 @@ func appServer(t *testing.T, h http.HandlerFunc) *httptest.Server {
 
 func hostOf(srv *httptest.Server) string { return strings.TrimPrefix(srv.URL, "http://") }
 
+// TestProxyForwardsMethodsBodiesAndHeaders runs the same request through
+// the direct path (a body of stated length) and through ReverseProxy (a
+// chunked body), and wants the same request at the app and the same
+// answer at the client.
 func TestProxyForwardsMethodsBodiesAndHeaders(t *testing.T) {
 	s, srv := testSidecar(t, nil)
 	seen := make(chan *http.Request, 1)
@@ -34,39 +39,64 @@ func TestProxyForwardsMethodsBodiesAndHeaders(t *testing.T) {
 		w.Header().Set("X-App", "yes")
 		w.Header().Set("Connection", "X-Secret")
 		w.Header().Set("X-Secret", "hop")
+		w.Header().Add("X-Two", "1")
+		w.Header().Add("X-Two", "2")
 		w.WriteHeader(http.StatusCreated)
 		io.WriteString(w, "made")
 	})
 	register(t, s, "web", hostOf(app))
 
-	req, _ := http.NewRequest("PUT", srv.URL+"/proxy/web/items/a%2Fb?x=1&y=2", strings.NewReader("payload"))
-	req.Header.Set("X-Custom", "kept")
-	req.Header.Set("Connection", "X-Hop")
-	req.Header.Set("X-Hop", "dropped")
-	req.Header.Set("X-Forwarded-For", "192.0.2.7")
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		t.Fatal(err)
-	}
-	data, _ := io.ReadAll(resp.Body)
-	resp.Body.Close()
-	if resp.StatusCode != 201 || string(data) != "made" || resp.Header.Get("X-App") != "yes" || resp.Header.Get("X-Secret") != "" {
-		t.Errorf("response: %d %q headers %v; want 201 made, X-App, no hop-by-hop X-Secret", resp.StatusCode, data, resp.Header)
-	}
-	r := <-seen
-	if got := <-bodies; r.Method != "PUT" || got != "payload" {
-		t.Errorf("at the app: %s body %q; want PUT payload", r.Method, got)
-	}
-	if r.URL.RawPath != "/items/a%2Fb" || r.URL.RawQuery != "x=1&y=2" {
-		t.Errorf("at the app: path %q (raw %q) query %q; want /items/a%%2Fb and x=1&y=2", r.URL.Path, r.URL.RawPath, r.URL.RawQuery)
-	}
-	for k, want := range map[string]string{
-		"X-Custom": "kept", "X-Hop": "", "X-Forwarded-For": "192.0.2.7, 127.0.0.1",
-		"X-Forwarded-Host": strings.TrimPrefix(srv.URL, "http://"), "X-Forwarded-Proto": "http",
+	var atApp, atClient []http.Header
+	for _, tc := range []struct {
+		name string
+		body io.Reader
+	}{
+		{"direct", strings.NewReader("payload")},
+		{"through ReverseProxy", io.MultiReader(strings.NewReader("payload"))},
 	} {
-		if got := r.Header.Get(k); got != want {
-			t.Errorf("header %s at the app: %q; want %q", k, got, want)
+		req, _ := http.NewRequest("PUT", srv.URL+"/proxy/web/items/a%2Fb?x=1&y=2", tc.body)
+		req.Header.Set("X-Custom", "kept")
+		req.Header.Set("Connection", "X-Hop")
+		req.Header.Set("X-Hop", "dropped")
+		req.Header.Set("X-Forwarded-For", "192.0.2.7")
+		req.Header.Set("X-Forwarded-Host", "spoofed")
+		req.Header.Set("Te", "trailers")
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
 		}
+		data, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != 201 || string(data) != "made" || resp.Header.Get("X-App") != "yes" || resp.Header.Get("X-Secret") != "" || len(resp.Header["X-Two"]) != 2 {
+			t.Errorf("%s: response %d %q headers %v; want 201 made, X-App, X-Two twice, no hop-by-hop X-Secret", tc.name, resp.StatusCode, data, resp.Header)
+		}
+		r := <-seen
+		if got := <-bodies; r.Method != "PUT" || got != "payload" {
+			t.Errorf("%s: at the app: %s body %q; want PUT payload", tc.name, r.Method, got)
+		}
+		if r.URL.RawPath != "/items/a%2Fb" || r.URL.RawQuery != "x=1&y=2" {
+			t.Errorf("%s: at the app: path %q (raw %q) query %q; want /items/a%%2Fb and x=1&y=2", tc.name, r.URL.Path, r.URL.RawPath, r.URL.RawQuery)
+		}
+		for k, want := range map[string]string{
+			"X-Custom": "kept", "X-Hop": "", "X-Forwarded-For": "192.0.2.7, 127.0.0.1", "Te": "trailers",
+			"X-Forwarded-Host": strings.TrimPrefix(srv.URL, "http://"), "X-Forwarded-Proto": "http",
+		} {
+			if got := r.Header.Get(k); got != want {
+				t.Errorf("%s: header %s at the app: %q; want %q", tc.name, k, got, want)
+			}
+		}
+		h := r.Header.Clone()
+		h.Del("Content-Length") // the framing differs by design
+		atApp = append(atApp, h)
+		rh := resp.Header.Clone()
+		rh.Del("Date")
+		atClient = append(atClient, rh)
+	}
+	if fmt.Sprint(atApp[0]) != fmt.Sprint(atApp[1]) {
+		t.Errorf("headers at the app differ by path:\ndirect:       %v\nReverseProxy: %v", atApp[0], atApp[1])
+	}
+	if fmt.Sprint(atClient[0]) != fmt.Sprint(atClient[1]) {
+		t.Errorf("headers at the client differ by path:\ndirect:       %v\nReverseProxy: %v", atClient[0], atClient[1])
 	}
 }
 

@@ -410,6 +410,9 @@ func readResponseHeader(br *bufio.Reader, header *[]string) (responseHead, error
 			return h, err
 		}
 		if len(line) == 0 {
+			if string(proto) == "HTTP/1.0" {
+				h.chunked = false // as net/http: HTTP/1.0 has no chunked coding; the body ends with the connection
+			}
 			return h, nil
 		}
 		name, value, ok := bytes.Cut(line, []byte(":"))

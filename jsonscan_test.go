@@ -1,0 +1,116 @@
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"encoding/json"
+	"net/http"
+	"testing"
+)
+
+func TestValidJSON(t *testing.T) {
+	for _, tc := range []struct {
+		in   string
+		want bool
+	}{
+		{`{"name":"John"}`, true},
+		{` [1, -2.5e+3, "a\u00e9\n", true, false, null, {}] `, true},
+		{`"x"`, true},
+		{`0`, true},
+		{``, false},
+		{`{"a":1,}`, false},
+		{`{"a" 1}`, false},
+		{`01`, false},
+		{`1.`, false},
+		{`-`, false},
+		{`"\x"`, false},
+		{`"\u12g4"`, false},
+		{"\"a\tb\"", false},
+		{`[1] [2]`, false},
+		{`tru`, false},
+	} {
+		if got := validJSON([]byte(tc.in)); got != tc.want || got != json.Valid([]byte(tc.in)) {
+			t.Errorf("validJSON(%q) = %v; want %v", tc.in, got, tc.want)
+		}
+	}
+}
+
+func TestReplyMembers(t *testing.T) {
+	for _, tc := range []struct {
+		in                 string
+		id, result, errVal string
+		ok                 bool
+	}{
+		{`{"jsonrpc":"2.0","id":7,"result":{"msg":"hi"}}`, `7`, `{"msg":"hi"}`, ``, true},
+		{` { "id" : "7" , "error" : {"code":-1,"message":"x"} , "result" : null } `, `"7"`, `null`, `{"code":-1,"message":"x"}`, true},
+		{`{"result":1,"result":2}`, ``, `2`, ``, true}, // the last counts, as in encoding/json
+		{`{}`, ``, ``, ``, true},
+		{`{"Result":1}`, ``, ``, ``, false}, // encoding/json matches keys in any case: left to it
+		{`{"res\u0075lt":1}`, ``, ``, ``, false},
+		{`[1]`, ``, ``, ``, false},
+		{`{"result":1} x`, ``, ``, ``, false},
+	} {
+		id, result, errVal, ok := replyMembers([]byte(tc.in))
+		if ok != tc.ok || string(id) != tc.id || string(result) != tc.result || string(errVal) != tc.errVal {
+			t.Errorf("replyMembers(%s) = %s, %s, %s, %v; want %s, %s, %s, %v", tc.in, id, result, errVal, ok, tc.id, tc.result, tc.errVal, tc.ok)
+		}
+	}
+}
+
+// FuzzJSONScan: the scanner accepts what encoding/json accepts, and finds
+// the members encoding/json decodes.
+func FuzzJSONScan(f *testing.F) {
+	for _, s := range []string{`{"jsonrpc":"2.0","id":1,"result":{"a":[1,2,{"b":null}]}}`, `{"id":"1","error":"boom"}`, `[1,"\u00e9",-0.5e-3]`, `{"a":{"b":{"c":{}}}}`} {
+		f.Add([]byte(s))
+	}
+	f.Fuzz(func(t *testing.T, b []byte) {
+		if got, want := validJSON(b), json.Valid(b); got != want {
+			t.Fatalf("validJSON(%q) = %v; json.Valid says %v", b, got, want)
+		}
+		id, result, errVal, ok := replyMembers(b)
+		if !ok {
+			return
+		}
+		wid, wresult, werr, err := decodeReply(b)
+		if err != nil {
+			t.Fatalf("replyMembers took %q, which encoding/json refuses: %v", b, err)
+		}
+		if !bytes.Equal(id, wid) || !bytes.Equal(result, wresult) || !bytes.Equal(errVal, werr) {
+			t.Fatalf("%q: members %s %s %s; encoding/json %s %s %s", b, id, result, errVal, wid, wresult, werr)
+		}
+	})
+}
+
+// FuzzResponseHead: the RPC client reads a response head as net/http does,
+// where both accept it.
+func FuzzResponseHead(f *testing.F) {
+	for _, s := range []string{
+		"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 12\r\n\r\n",
+		"HTTP/1.1 500 Internal Server Error\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n",
+		"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\n\r\n",
+		"HTTP/1.1 204 No Content\r\nX-A: b\r\n\r\n",
+	} {
+		f.Add([]byte(s))
+	}
+	f.Fuzz(func(t *testing.T, b []byte) {
+		var header []string
+		got, err := readResponseHeader(bufio.NewReader(bytes.NewReader(b)), &header)
+		if err != nil {
+			return
+		}
+		if got.code < 100 || got.code > 999 || len(header)%2 != 0 {
+			t.Fatalf("%q: code %d, %d header strings", b, got.code, len(header))
+		}
+		want, err := http.ReadResponse(bufio.NewReader(bytes.NewReader(b)), nil)
+		if err != nil {
+			return // net/http is stricter about some heads; the client then reports what came
+		}
+		chunked := len(want.TransferEncoding) > 0 && want.TransferEncoding[0] == "chunked"
+		if !bodyAllowedForStatus(got.code) {
+			chunked = got.chunked // no body is read after these, framed or not
+		}
+		if got.code != want.StatusCode || got.chunked != chunked || !chunked && bodyAllowedForStatus(got.code) && want.ContentLength >= 0 && got.contentLength != want.ContentLength {
+			t.Fatalf("%q: code %d chunked %v length %d; net/http %d %v %d", b, got.code, got.chunked, got.contentLength, want.StatusCode, chunked, want.ContentLength)
+		}
+	})
+}

@@ -1,0 +1,470 @@
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"path"
+	"sort"
+	"strings"
+	"testing"
+	"time"
+
+	"golang.org/x/net/websocket"
+)
+
+// startFastServer serves h with the fast-path server on a loopback port
+// and shuts it down at the end of the test.
+func startFastServer(t *testing.T, h http.Handler, tune func(*http.Server)) (*server, string) {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	hs := &http.Server{Handler: h, ReadHeaderTimeout: 5 * time.Second, IdleTimeout: 30 * time.Second}
+	if tune != nil {
+		tune(hs)
+	}
+	s := newServer(h, hs, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	done := make(chan error, 1)
+	go func() { done <- s.Serve(ln) }()
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		s.Shutdown(ctx)
+		if err := <-done; !errors.Is(err, http.ErrServerClosed) {
+			t.Errorf("Serve returned %v; want http.ErrServerClosed", err)
+		}
+	})
+	return s, ln.Addr().String()
+}
+
+// httpConn is a client connection that writes raw bytes and reads responses.
+type httpConn struct {
+	t  *testing.T
+	c  net.Conn
+	br *bufio.Reader
+}
+
+func dialHTTP(t *testing.T, addr string) *httpConn {
+	t.Helper()
+	c, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	return &httpConn{t: t, c: c, br: bufio.NewReader(c)}
+}
+
+func (rc *httpConn) send(raw string) {
+	rc.t.Helper()
+	if _, err := io.WriteString(rc.c, raw); err != nil {
+		rc.t.Fatal(err)
+	}
+}
+
+// read reads one response to a request with method and returns its status
+// and body; an error when the connection ended first.
+func (rc *httpConn) read(method string) (*http.Response, string, error) {
+	resp, err := http.ReadResponse(rc.br, &http.Request{Method: method})
+	if err != nil {
+		return nil, "", err
+	}
+	b, err := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	return resp, string(b), err
+}
+
+// closed reports whether the server closed the connection.
+func (rc *httpConn) closed() bool {
+	_, err := rc.br.ReadByte()
+	return err == io.EOF
+}
+
+// echoRequest answers with what the handler saw of the request, as JSON.
+func echoRequest(w http.ResponseWriter, r *http.Request) {
+	body, err := io.ReadAll(r.Body)
+	if err != nil {
+		http.Error(w, err.Error(), 400)
+		return
+	}
+	h := r.Header.Clone()
+	// net/http adds the chunked coding's own field; the fields compared are
+	// the client's.
+	delete(h, "Content-Length")
+	out, _ := json.Marshal(map[string]any{
+		"method": r.Method, "uri": r.RequestURI, "path": r.URL.Path, "rawPath": r.URL.RawPath,
+		"query": r.URL.RawQuery, "forceQuery": r.URL.ForceQuery, "host": r.Host, "header": h,
+		"close": r.Close, "body": string(body), "proto": r.Proto,
+	})
+	w.Header().Set("Content-Type", "application/json")
+	w.Header().Set("X-Multi", "a")
+	w.Header().Add("X-Multi", "b")
+	w.Write(out)
+}
+
+// TestServerAgreesWithNetHTTP sends the same bytes to the fast-path server
+// and to net/http's, and wants the same answer: what the handler saw, the
+// status and the headers. Unusual requests are handed to net/http, so these
+// cover both the fast path and the hand-off.
+func TestServerAgreesWithNetHTTP(t *testing.T) {
+	_, fast := startFastServer(t, http.HandlerFunc(echoRequest), nil)
+	ref := httptest.NewServer(http.HandlerFunc(echoRequest))
+	defer ref.Close()
+	refAddr := strings.TrimPrefix(ref.URL, "http://")
+	big := strings.Repeat("x", 10<<10)
+	for _, tc := range []struct{ name, method, raw string }{
+		{"get", "GET", "GET /a/b?x=1&y=%20 HTTP/1.1\r\nHost: h\r\nAccept: */*\r\n\r\n"},
+		{"post", "POST", "POST /rpc HTTP/1.1\r\nHost: h:8\r\nContent-Type: text/plain\r\nContent-Length: 5\r\n\r\nhello"},
+		{"escaped path", "GET", "GET /proxy/x/a%2Fb/c%20d HTTP/1.1\r\nHost: h\r\n\r\n"},
+		{"odd path", "GET", "GET /a{b}/(c)!*' HTTP/1.1\r\nHost: h\r\n\r\n"},
+		{"force query", "GET", "GET /a? HTTP/1.1\r\nHost: h\r\n\r\n"},
+		{"double slash", "GET", "GET //a//b HTTP/1.1\r\nHost: h\r\n\r\n"},
+		{"names in any case and repeated", "GET", "GET / HTTP/1.1\r\nhost: h\r\nx-thing: 1\r\nX-THING: 2\r\ncontent-type:  a/b \t\r\n\r\n"},
+		{"pragma", "GET", "GET / HTTP/1.1\r\nHost: h\r\nPragma: no-cache\r\n\r\n"},
+		{"connection close", "GET", "GET / HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n"},
+		{"chunked body", "POST", "POST /c HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"},
+		{"expect continue", "POST", "POST /e HTTP/1.1\r\nHost: h\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\nok"},
+		{"bare LF", "GET", "GET /lf HTTP/1.1\nHost: h\n\n"},
+		{"HTTP/1.0", "GET", "GET /old HTTP/1.0\r\nHost: h\r\n\r\n"},
+		{"absolute form", "GET", "GET http://h/abs HTTP/1.1\r\nHost: h\r\n\r\n"},
+		{"big head", "GET", "GET /big HTTP/1.1\r\nHost: h\r\nX-Big: " + big + "\r\n\r\n"},
+		{"no host", "GET", "GET / HTTP/1.1\r\nAccept: x\r\n\r\n"},
+		{"two hosts", "GET", "GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n"},
+		{"bad host", "GET", "GET / HTTP/1.1\r\nHost: a b\r\n\r\n"},
+		{"bad header name", "GET", "GET / HTTP/1.1\r\nHost: h\r\nBad Name: x\r\n\r\n"},
+		{"control in value", "GET", "GET / HTTP/1.1\r\nHost: h\r\nX: a\x01b\r\n\r\n"},
+		{"bad content length", "POST", "POST / HTTP/1.1\r\nHost: h\r\nContent-Length: x\r\n\r\n"},
+		{"two content lengths", "POST", "POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\na"},
+		{"folded line", "GET", "GET / HTTP/1.1\r\nHost: h\r\nX: a\r\n b\r\n\r\n"},
+		{"head", "HEAD", "HEAD /h HTTP/1.1\r\nHost: h\r\n\r\n"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			got := exchange(t, fast, tc.method, tc.raw)
+			want := exchange(t, refAddr, tc.method, tc.raw)
+			if got != want {
+				t.Errorf("%q:\nfast path: %s\nnet/http:  %s", tc.raw, got, want)
+			}
+		})
+	}
+}
+
+// exchange sends raw on a new connection and describes the answer without
+// the fields that differ by time.
+func exchange(t *testing.T, addr, method, raw string) string {
+	rc := dialHTTP(t, addr)
+	rc.send(raw)
+	resp, body, err := rc.read(method)
+	if err != nil {
+		return "error: " + err.Error()
+	}
+	var keys []string
+	for k, vs := range resp.Header {
+		if k != "Date" {
+			keys = append(keys, k+"="+strings.Join(vs, ","))
+		}
+	}
+	sort.Strings(keys)
+	return fmt.Sprintf("%d %v len=%d close=%v %s", resp.StatusCode, keys, resp.ContentLength, resp.Close, body)
+}
+
+func TestServerKeepAliveAndPipelining(t *testing.T) {
+	_, addr := startFastServer(t, http.HandlerFunc(echoRequest), nil)
+	rc := dialHTTP(t, addr)
+	// Two requests in one write, then a third: three answers, in order, on
+	// one connection.
+	rc.send("GET /1 HTTP/1.1\r\nHost: h\r\n\r\nPOST /2 HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\n\r\nabc")
+	rc.send("GET /3 HTTP/1.1\r\nHost: h\r\n\r\n")
+	for _, want := range []string{`"path":"/1"`, `"body":"abc"`, `"path":"/3"`} {
+		resp, body, err := rc.read("GET")
+		if err != nil {
+			t.Fatalf("reading the answer with %s: %v", want, err)
+		}
+		if !strings.Contains(body, want) || resp.Header.Get("Date") == "" || resp.ContentLength != int64(len(body)) {
+			t.Errorf("answer %d %v %s; want %s, a Date and a Content-Length", resp.StatusCode, resp.Header, body, want)
+		}
+	}
+}
+
+func TestServerResponseFraming(t *testing.T) {
+	release := make(chan struct{})
+	mux := http.NewServeMux()
+	mux.HandleFunc("/stream", func(w http.ResponseWriter, r *http.Request) {
+		io.WriteString(w, "first")
+		w.(http.Flusher).Flush()
+		<-release // the client has read "first" before the rest exists
+		io.WriteString(w, "second")
+	})
+	mux.HandleFunc("/big", func(w http.ResponseWriter, r *http.Request) {
+		w.Write(bytes.Repeat([]byte("0123456789"), 20000)) // past the buffer: streamed
+	})
+	mux.HandleFunc("/nocontent", func(w http.ResponseWriter, r *http.Request) {
+		w.WriteHeader(http.StatusNoContent)
+		if _, err := w.Write([]byte("x")); err != http.ErrBodyNotAllowed {
+			t.Errorf("Write after 204: %v; want ErrBodyNotAllowed", err)
+		}
+	})
+	mux.HandleFunc("/short", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Length", "10")
+		io.WriteString(w, "12345")
+	})
+	mux.HandleFunc("/sniff", func(w http.ResponseWriter, r *http.Request) {
+		io.WriteString(w, "<html><body>hi</body></html>")
+	})
+	mux.HandleFunc("/newline", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("X-Injected", "a\r\nSet-Cookie: evil=1")
+	})
+	_, addr := startFastServer(t, mux, nil)
+
+	rc := dialHTTP(t, addr)
+	rc.send("GET /stream HTTP/1.1\r\nHost: h\r\n\r\n")
+	resp, err := http.ReadResponse(rc.br, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	first := make([]byte, 5)
+	if _, err := io.ReadFull(resp.Body, first); err != nil || string(first) != "first" || resp.TransferEncoding[0] != "chunked" {
+		t.Fatalf("first part: %q %v, encoding %v; want first, chunked", first, err, resp.TransferEncoding)
+	}
+	close(release)
+	if rest, err := io.ReadAll(resp.Body); err != nil || string(rest) != "second" {
+		t.Errorf("rest: %q %v; want second", rest, err)
+	}
+
+	rc.send("GET /big HTTP/1.1\r\nHost: h\r\n\r\n")
+	if _, body, err := rc.read("GET"); err != nil || len(body) != 200000 {
+		t.Errorf("big body: %d bytes, %v; want 200000", len(body), err)
+	}
+	rc.send("HEAD /big HTTP/1.1\r\nHost: h\r\n\r\n")
+	if _, body, err := rc.read("HEAD"); err != nil || body != "" {
+		t.Errorf("HEAD: %q, %v; want no body", body, err)
+	}
+	rc.send("GET /nocontent HTTP/1.1\r\nHost: h\r\n\r\n")
+	if resp, body, err := rc.read("GET"); err != nil || resp.StatusCode != 204 || body != "" {
+		t.Errorf("204: %v %q %v", resp, body, err)
+	}
+	rc.send("GET /sniff HTTP/1.1\r\nHost: h\r\n\r\n")
+	if resp, _, err := rc.read("GET"); err != nil || resp.Header.Get("Content-Type") != "text/html; charset=utf-8" {
+		t.Errorf("sniffed type: %v %v; want text/html", resp.Header.Get("Content-Type"), err)
+	}
+	rc.send("GET /newline HTTP/1.1\r\nHost: h\r\n\r\n")
+	if resp, _, err := rc.read("GET"); err != nil || resp.Header.Get("Set-Cookie") != "" || resp.Header.Get("X-Injected") != "a  Set-Cookie: evil=1" {
+		t.Errorf("a value with a newline: %v %v; want it on one line", resp.Header, err)
+	}
+	// A body shorter than its Content-Length cannot be framed: the
+	// connection closes after it.
+	rc.send("GET /short HTTP/1.1\r\nHost: h\r\n\r\n")
+	if _, _, err := rc.read("GET"); err == nil {
+		t.Errorf("a short body was read whole")
+	}
+	if !rc.closed() {
+		t.Errorf("the connection stayed open after a short body")
+	}
+}
+
+func TestServerPanicsAndHijack(t *testing.T) {
+	mux := http.NewServeMux()
+	mux.HandleFunc("/panic", func(w http.ResponseWriter, r *http.Request) { panic("boom") })
+	mux.HandleFunc("/hijack", func(w http.ResponseWriter, r *http.Request) {
+		c, brw, err := w.(http.Hijacker).Hijack()
+		if err != nil {
+			t.Errorf("Hijack: %v", err)
+			return
+		}
+		defer c.Close()
+		brw.WriteString("raw\n")
+		brw.Flush()
+		line, _ := brw.ReadString('\n') // what the client sends next is ours
+		io.WriteString(c, "got "+line)
+	})
+	mux.Handle("/ws", wsServer(func(ws *websocket.Conn) { io.Copy(ws, ws) }))
+	_, addr := startFastServer(t, mux, nil)
+
+	rc := dialHTTP(t, addr)
+	rc.send("GET /panic HTTP/1.1\r\nHost: h\r\n\r\n")
+	if !rc.closed() {
+		t.Errorf("a panicking handler's connection stayed open")
+	}
+	rc = dialHTTP(t, addr)
+	rc.send("GET /hijack HTTP/1.1\r\nHost: h\r\n\r\n")
+	if line, _ := rc.br.ReadString('\n'); line != "raw\n" {
+		t.Fatalf("hijacked connection sent %q; want raw", line)
+	}
+	rc.send("ping\n")
+	if line, _ := rc.br.ReadString('\n'); line != "got ping\n" {
+		t.Errorf("hijacked connection answered %q; want got ping", line)
+	}
+	ws, err := websocket.Dial("ws://"+addr+"/ws", "", "http://"+addr)
+	if err != nil {
+		t.Fatalf("a WebSocket through the hand-off: %v", err)
+	}
+	defer ws.Close()
+	websocket.Message.Send(ws, "echo")
+	var got string
+	if err := websocket.Message.Receive(ws, &got); err != nil || got != "echo" {
+		t.Errorf("WebSocket echo: %q %v", got, err)
+	}
+}
+
+func TestServerUnreadBodies(t *testing.T) {
+	_, addr := startFastServer(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.WriteHeader(http.StatusForbidden) // never reads the body
+	}), nil)
+	rc := dialHTTP(t, addr)
+	// The whole body came: it is skipped and the connection serves on.
+	rc.send("POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\n\r\nabcGET / HTTP/1.1\r\nHost: h\r\n\r\n")
+	for i := 0; i < 2; i++ {
+		if resp, _, err := rc.read("POST"); err != nil || resp.StatusCode != 403 || resp.Close {
+			t.Fatalf("answer %d: %v %v; want 403, kept alive", i, resp, err)
+		}
+	}
+	// Half the body came: the answer comes at once, and the connection
+	// closes after it rather than wait for the rest.
+	rc.send("POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 100\r\n\r\nabc")
+	if resp, _, err := rc.read("POST"); err != nil || resp.StatusCode != 403 || !resp.Close {
+		t.Fatalf("answer to a half-sent body: %v %v; want 403 and Connection: close", resp, err)
+	}
+	if !rc.closed() {
+		t.Errorf("the connection stayed open")
+	}
+}
+
+func TestServerTimeouts(t *testing.T) {
+	_, addr := startFastServer(t, http.HandlerFunc(echoRequest), func(s *http.Server) {
+		s.ReadHeaderTimeout = 100 * time.Millisecond
+		s.IdleTimeout = 200 * time.Millisecond
+	})
+	// A head that stops halfway is cut off after the header timeout.
+	rc := dialHTTP(t, addr)
+	rc.send("GET / HTTP/1.1\r\nHo")
+	start := time.Now()
+	if !rc.closed() {
+		t.Fatal("a half-sent head was not cut off")
+	}
+	if d := time.Since(start); d > 5*time.Second {
+		t.Errorf("a half-sent head was cut off after %v", d)
+	}
+	// An idle connection is closed after the idle timeout.
+	rc = dialHTTP(t, addr)
+	rc.send("GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+	if _, _, err := rc.read("GET"); err != nil {
+		t.Fatal(err)
+	}
+	if !rc.closed() {
+		t.Error("an idle connection was not closed")
+	}
+}
+
+func TestServerShutdown(t *testing.T) {
+	entered, release := make(chan struct{}), make(chan struct{})
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	h := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/slow" {
+			close(entered)
+			<-release
+		}
+		io.WriteString(w, "done")
+	})
+	s := newServer(h, &http.Server{Handler: h, ReadHeaderTimeout: time.Second, IdleTimeout: time.Minute}, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	served := make(chan error, 1)
+	go func() { served <- s.Serve(ln) }()
+	addr := ln.Addr().String()
+
+	idle := dialHTTP(t, addr)
+	idle.send("GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+	if _, _, err := idle.read("GET"); err != nil {
+		t.Fatal(err)
+	}
+	busy := dialHTTP(t, addr)
+	busy.send("GET /slow HTTP/1.1\r\nHost: h\r\n\r\n")
+	<-entered
+	shut := make(chan error, 1)
+	go func() { shut <- s.Shutdown(context.Background()) }()
+	if !idle.closed() {
+		t.Error("Shutdown left an idle connection open")
+	}
+	select {
+	case err := <-shut:
+		t.Fatalf("Shutdown returned %v with a request in flight", err)
+	default:
+	}
+	close(release)
+	resp, body, err := busy.read("GET")
+	if err != nil || body != "done" || !resp.Close {
+		t.Errorf("the request in flight: %v %q %v; want done with Connection: close", resp, body, err)
+	}
+	if err := <-shut; err != nil {
+		t.Errorf("Shutdown: %v", err)
+	}
+	if err := <-served; !errors.Is(err, http.ErrServerClosed) {
+		t.Errorf("Serve: %v; want ErrServerClosed", err)
+	}
+}
+
+// FuzzParseRequestHead: whatever the fast path accepts, net/http reads
+// the same way.
+func FuzzParseRequestHead(f *testing.F) {
+	for _, s := range []string{
+		"GET / HTTP/1.1\r\nHost: h\r\n\r\n",
+		"POST /rpc?a=b HTTP/1.1\r\nHost: 127.0.0.1:8081\r\nContent-Type: application/json\r\nContent-Length: 12\r\n\r\n",
+		"GET /a%2Fb? HTTP/1.1\r\nhost: h\r\nx-a: 1\r\nX-A: 2\r\nConnection: keep-alive, close\r\n\r\n",
+		"PUT //x/../y HTTP/1.1\r\nHost: [::1]:80\r\nPragma: no-cache\r\n\r\n",
+	} {
+		f.Add([]byte(s))
+	}
+	f.Fuzz(func(t *testing.T, head []byte) {
+		// As readHead hands it over: up to the first blank line.
+		i := bytes.Index(head, []byte("\n\r\n"))
+		if i < 0 || bytes.Contains(head[:i], []byte("\n\n")) {
+			return
+		}
+		head = head[:i+3]
+		var got requestHead
+		if parseRequestHead(head, &got) != nil {
+			return
+		}
+		want, err := http.ReadRequest(bufio.NewReader(bytes.NewReader(head)))
+		if err != nil {
+			t.Fatalf("accepted %q, which net/http refuses: %v", head, err)
+		}
+		if got.method != want.Method || got.target != want.RequestURI || got.url.String() != want.URL.String() ||
+			got.url.RawPath != want.URL.RawPath || got.url.Path != want.URL.Path || got.host != want.Host ||
+			got.contentLength != want.ContentLength || got.close != want.Close {
+			t.Fatalf("%q:\nfast path: %s %s %+v host %q length %d close %v\nnet/http:  %s %s %+v host %q length %d close %v", head,
+				got.method, got.target, got.url, got.host, got.contentLength, got.close,
+				want.Method, want.RequestURI, *want.URL, want.Host, want.ContentLength, want.Close)
+		}
+		if fmt.Sprint(got.header) != fmt.Sprint(want.Header) {
+			t.Fatalf("%q: header %v; net/http %v", head, got.header, want.Header)
+		}
+	})
+}
+
+// FuzzCleanURLPath: the hot routes take a path exactly when the mux would
+// not redirect it.
+func FuzzCleanURLPath(f *testing.F) {
+	for _, s := range []string{"/proxy/a", "/proxy/a/", "/proxy//a", "/proxy/./a", "/proxy/../a", "/proxy/a/..", "/proxy/.a/..b/"} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, p string) {
+		if !strings.HasPrefix(p, "/") {
+			return
+		}
+		c := path.Clean(p)
+		if want := c == p || c+"/" == p; cleanURLPath(p) != want {
+			t.Fatalf("cleanURLPath(%q) = %v; path.Clean says %v", p, !want, want)
+		}
+	})
+}
