@@ -13,7 +13,6 @@ import (
 	"net/http"
 	"net/url"
 	"path"
-	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -288,7 +287,17 @@ func parseRPCForm(body []byte) (rpcForm, error) {
 		var pair []byte
 		pair, rest, _ = bytes.Cut(rest, []byte("&"))
 		key, value, _ := bytes.Cut(pair, []byte("="))
-		i := slices.Index([]string{"service", "method", "address", "request"}, string(key))
+		i := -1
+		switch string(key) {
+		case "service":
+			i = 0
+		case "method":
+			i = 1
+		case "address":
+			i = 2
+		case "request":
+			i = 3
+		}
 		if i < 0 || seen[i] {
 			continue
 		}

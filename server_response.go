@@ -231,7 +231,7 @@ func (w *response) appendHead(b []byte, code int, length int64) []byte {
 			}
 			b = append(b, k...)
 			b = append(b, ": "...)
-			b = append(b, strings.Trim(v, " \t")...)
+			b = append(b, trimOWS(v)...)
 			b = append(b, "\r\n"...)
 		}
 	}

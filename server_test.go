@@ -468,3 +468,23 @@ func FuzzCleanURLPath(f *testing.F) {
 		}
 	})
 }
+
+func BenchmarkParseRequestHead(b *testing.B) {
+	head := []byte("POST /rpc HTTP/1.1\r\nHost: 127.0.0.1:8081\r\nUser-Agent: curl/8.5.0\r\nAccept: */*\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: 71\r\n\r\n")
+	var req requestHead
+	b.ReportAllocs()
+	for b.Loop() {
+		if err := parseRequestHead(head, &req); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+func BenchmarkResponseHead(b *testing.B) {
+	c := &serverConn{srv: &server{}}
+	w := &response{c: c, method: "POST", header: http.Header{"Content-Type": jsonContentType}, status: 200, declared: -1, body: []byte(`{"msg":"bench-1: Hello John"}`)}
+	b.ReportAllocs()
+	for b.Loop() {
+		c.out = w.appendBody(w.appendHead(c.out[:0], 200, int64(len(w.body))), w.body)
+	}
+}
