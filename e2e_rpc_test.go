@@ -386,3 +386,25 @@ func TestProxyThroughBinary(t *testing.T) {
 		}
 	}
 }
+
+// TestBinaryServesFastAndHandedOffRequests drives one keep-alive
+// connection to the binary with a request its own server answers, one it
+// hands to net/http (a chunked body), and more after that: all are
+// answered, in order, on the same connection.
+func TestBinaryServesFastAndHandedOffRequests(t *testing.T) {
+	p := startSidecar(t, "--registry=memory")
+	rc := dialHTTP(t, p.addr)
+	svc := `{"name":"handed","nodes":[{"id":"h1","address":"127.0.0.1","port":9}]}`
+	rc.send("GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+	rc.send(fmt.Sprintf("POST /registry HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n", len(svc), svc))
+	rc.send("GET /registry?service=handed HTTP/1.1\r\nHost: x\r\n\r\n")
+	rc.send("HEAD /health HTTP/1.1\r\nHost: x\r\n\r\n")
+	for i, want := range []struct {
+		method, contains string
+	}{{"GET", `"status":"ok"`}, {"POST", ""}, {"GET", `"id":"h1"`}, {"HEAD", ""}} {
+		resp, body, err := rc.read(want.method)
+		if err != nil || resp.StatusCode != 200 && resp.StatusCode != 201 || !strings.Contains(body, want.contains) {
+			t.Fatalf("answer %d (%s): %v %q %v; want 2xx with %q", i, want.method, resp, body, err, want.contains)
+		}
+	}
+}

@@ -44,10 +44,14 @@ func (p *proxy) putBuf(b *[]byte) {
 	}
 }
 
-// canForwardDirect reports whether the direct path can take r.
+// canForwardDirect reports whether the direct path can take r: not an
+// upgrade, a body of stated length up to directMaxBody, a query
+// ReverseProxy would pass as it is, and no "TE: trailers" (the direct path
+// drops trailers; a client that asks for them goes through ReverseProxy,
+// which forwards them).
 func canForwardDirect(r *http.Request) bool {
 	return r.ContentLength >= 0 && r.ContentLength <= directMaxBody && len(r.TransferEncoding) == 0 &&
-		r.Header.Get("Upgrade") == "" && cleanQuery(r.URL.RawQuery)
+		r.Header.Get("Upgrade") == "" && cleanQuery(r.URL.RawQuery) && !hasTokenIn(r.Header["Te"], "trailers")
 }
 
 // cleanQuery reports whether ReverseProxy would pass a query unchanged: it
@@ -106,9 +110,6 @@ func forwardHeader(b []byte, r *http.Request, bodyLen int) []byte {
 		for _, v := range vs {
 			b = appendHeaderLine(b, k, v)
 		}
-	}
-	if hasTokenIn(r.Header["Te"], "trailers") {
-		b = appendHeaderLine(b, "Te", "trailers")
 	}
 	if ip, _, err := net.SplitHostPort(r.RemoteAddr); err == nil {
 		if prior := r.Header["X-Forwarded-For"]; len(prior) > 0 {

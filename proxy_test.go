@@ -60,7 +60,6 @@ func TestProxyForwardsMethodsBodiesAndHeaders(t *testing.T) {
 		req.Header.Set("X-Hop", "dropped")
 		req.Header.Set("X-Forwarded-For", "192.0.2.7")
 		req.Header.Set("X-Forwarded-Host", "spoofed")
-		req.Header.Set("Te", "trailers")
 		resp, err := http.DefaultClient.Do(req)
 		if err != nil {
 			t.Fatal(err)
@@ -78,7 +77,7 @@ func TestProxyForwardsMethodsBodiesAndHeaders(t *testing.T) {
 			t.Errorf("%s: at the app: path %q (raw %q) query %q; want /items/a%%2Fb and x=1&y=2", tc.name, r.URL.Path, r.URL.RawPath, r.URL.RawQuery)
 		}
 		for k, want := range map[string]string{
-			"X-Custom": "kept", "X-Hop": "", "X-Forwarded-For": "192.0.2.7, 127.0.0.1", "Te": "trailers",
+			"X-Custom": "kept", "X-Hop": "", "X-Forwarded-For": "192.0.2.7, 127.0.0.1",
 			"X-Forwarded-Host": strings.TrimPrefix(srv.URL, "http://"), "X-Forwarded-Proto": "http",
 		} {
 			if got := r.Header.Get(k); got != want {
@@ -97,6 +96,53 @@ func TestProxyForwardsMethodsBodiesAndHeaders(t *testing.T) {
 	}
 	if fmt.Sprint(atClient[0]) != fmt.Sprint(atClient[1]) {
 		t.Errorf("headers at the client differ by path:\ndirect:       %v\nReverseProxy: %v", atClient[0], atClient[1])
+	}
+}
+
+func TestCanForwardDirect(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		mod    func(r *http.Request)
+		direct bool
+	}{
+		{"small body", func(r *http.Request) {}, true},
+		{"no body", func(r *http.Request) { r.ContentLength = 0 }, true},
+		{"chunked body", func(r *http.Request) { r.ContentLength = -1; r.TransferEncoding = []string{"chunked"} }, false},
+		{"large body", func(r *http.Request) { r.ContentLength = directMaxBody + 1 }, false},
+		{"upgrade", func(r *http.Request) { r.Header.Set("Upgrade", "websocket") }, false},
+		{"trailers asked for", func(r *http.Request) { r.Header.Set("Te", "trailers") }, false},
+		{"semicolon query", func(r *http.Request) { r.URL.RawQuery = "a=1;b=2" }, false},
+		{"broken escape", func(r *http.Request) { r.URL.RawQuery = "a=%zz" }, false},
+		{"escaped query", func(r *http.Request) { r.URL.RawQuery = "a=%20" }, true},
+	} {
+		r := httptest.NewRequest("POST", "/proxy/web/x", strings.NewReader("body"))
+		tc.mod(r)
+		if got := canForwardDirect(r); got != tc.direct {
+			t.Errorf("%s: canForwardDirect = %v; want %v", tc.name, got, tc.direct)
+		}
+	}
+}
+
+// TestProxyTrailers: a client that asks for trailers gets them, through
+// ReverseProxy.
+func TestProxyTrailers(t *testing.T) {
+	s, srv := testSidecar(t, nil)
+	app := appServer(t, func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Trailer", "X-Sum")
+		io.WriteString(w, "data")
+		w.Header().Set("X-Sum", "42")
+	})
+	register(t, s, "trailing", hostOf(app))
+	req, _ := http.NewRequest("GET", srv.URL+"/proxy/trailing/", nil)
+	req.Header.Set("Te", "trailers")
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if string(body) != "data" || resp.Trailer.Get("X-Sum") != "42" {
+		t.Errorf("body %q trailer %v; want data and X-Sum: 42", body, resp.Trailer)
 	}
 }
 

@@ -733,3 +733,13 @@ func TestShutdownClosesNodeConnections(t *testing.T) {
 	s.closeNodeConnections()
 	waitFor(t, 5*time.Second, "the node's connections to close", func() bool { return open.Load() == 0 })
 }
+
+// BenchmarkParseRPCRequestFormRaw is the form as curl -d sends it: nothing
+// escaped, the usual case.
+func BenchmarkParseRPCRequestFormRaw(b *testing.B) {
+	body := []byte(`service=go.micro.srv.example&method=Example.Call&request={"name": "John"}`)
+	b.ReportAllocs()
+	for b.Loop() {
+		parseRPCRequest(form, nil, body)
+	}
+}
