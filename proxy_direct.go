@@ -236,7 +236,7 @@ func (p *proxy) forwardTo(ctx context.Context, now, deadline time.Time, w http.R
 	out = append(out, "\r\n"...)
 	out = append(out, rest...)
 	c.wbuf = out
-	if _, err := c.conn.Write(out); err != nil {
+	if err := c.sock.send(c.conn, out); err != nil {
 		return classifyFailure(ctx, deadline, err), err
 	}
 	header := c.hdr[:0]

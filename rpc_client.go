@@ -78,7 +78,7 @@ type nodeConn struct {
 	conn     net.Conn
 	lim      limitedConn
 	br       *bufio.Reader
-	alive    *aliveProbe
+	sock     *nodeSocket
 	body     fixedBody // the response body being read
 	wbuf     []byte    // the request being written
 	hdr      []string  // a proxied response's header lines, reused
@@ -128,7 +128,7 @@ func (nc *nodeClient) get(addr string, now time.Time) *nodeConn {
 		}
 		nc.nIdle--
 		nc.mu.Unlock()
-		if now.Sub(c.since) < nc.idleTimeout && c.alive.check() {
+		if now.Sub(c.since) < nc.idleTimeout && c.sock.check() {
 			return c
 		}
 		c.conn.Close()
@@ -215,7 +215,7 @@ func (nc *nodeClient) open(ctx context.Context, now, deadline time.Time, addr st
 	if err != nil {
 		return nil, err
 	}
-	c := &nodeConn{conn: conn, alive: newAliveProbe(conn), since: now}
+	c := &nodeConn{conn: conn, sock: newNodeSocket(conn), since: now}
 	c.lim.c = conn
 	c.br = bufio.NewReaderSize(&c.lim, 4096)
 	c.body.br = c.br
@@ -330,7 +330,7 @@ func (nc *nodeClient) do(ctx context.Context, now, deadline time.Time, req *node
 	w = append(w, "\r\n"...)
 	w = append(w, req.body...)
 	c.wbuf = w
-	if _, err := c.conn.Write(w); err != nil {
+	if err := c.sock.send(c.conn, w); err != nil {
 		return resp, 0, err
 	}
 
