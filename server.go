@@ -76,8 +76,9 @@ func (s *server) Serve(ln net.Listener) error {
 		ln.Close()
 		return http.ErrServerClosed
 	}
-	fallbackErr := make(chan error, 1)
-	go func() { fallbackErr <- s.fallback.Serve(s.handoff) }()
+	// net/http serves what is handed to it until Shutdown closes the
+	// hand-off listener, and Shutdown waits for its connections.
+	go s.fallback.Serve(s.handoff)
 	backoff := time.Duration(0)
 	for {
 		rwc, err := ln.Accept()

@@ -145,7 +145,7 @@ func (w *response) writeStream(p []byte) error {
 		return nil
 	}
 	if !w.chunked {
-		return w.send(p)
+		return w.write(p) // the handler's bytes: written, never kept
 	}
 	return w.send(w.appendBody(w.c.out[:0], p))
 }
@@ -189,12 +189,18 @@ func (w *response) finish() error {
 	return w.send(w.appendBody(w.appendHead(w.c.out[:0], w.status, length), w.body))
 }
 
-// send writes b to the connection; after a failed write it closes.
+// send writes b, built in the connection's output buffer, and keeps b's
+// array as that buffer for the next response.
 func (w *response) send(b []byte) error {
-	_, err := w.c.rwc.Write(b)
 	if cap(b) <= responseBufferSize+headBufferSize {
 		w.c.out = b[:0]
 	}
+	return w.write(b)
+}
+
+// write writes p to the connection; after a failed write it closes.
+func (w *response) write(p []byte) error {
+	_, err := w.c.rwc.Write(p)
 	if err != nil {
 		w.closeAfter = true
 	}

@@ -14,6 +14,7 @@ import (
 	"net/http/httptest"
 	"path"
 	"sort"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -220,6 +221,15 @@ func TestServerResponseFraming(t *testing.T) {
 	mux.HandleFunc("/sniff", func(w http.ResponseWriter, r *http.Request) {
 		io.WriteString(w, "<html><body>hi</body></html>")
 	})
+	chunk := bytes.Repeat([]byte("a"), 30000)
+	mux.HandleFunc("/declared", func(w http.ResponseWriter, r *http.Request) {
+		// Past the buffer with a stated length: the handler's own bytes go
+		// out as they are, and must never be written over afterwards.
+		w.Header().Set("Content-Length", strconv.Itoa(4*len(chunk)))
+		for range 4 { // the fourth write comes after streaming began
+			w.Write(chunk)
+		}
+	})
 	mux.HandleFunc("/newline", func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("X-Injected", "a\r\nSet-Cookie: evil=1")
 	})
@@ -243,6 +253,15 @@ func TestServerResponseFraming(t *testing.T) {
 	rc.send("GET /big HTTP/1.1\r\nHost: h\r\n\r\n")
 	if _, body, err := rc.read("GET"); err != nil || len(body) != 200000 {
 		t.Errorf("big body: %d bytes, %v; want 200000", len(body), err)
+	}
+	for range 2 {
+		rc.send("GET /declared HTTP/1.1\r\nHost: h\r\n\r\n")
+		if resp, body, err := rc.read("GET"); err != nil || len(body) != 120000 || resp.ContentLength != 120000 || strings.Trim(body, "a") != "" {
+			t.Fatalf("declared length: %d bytes, %v", len(body), err)
+		}
+	}
+	if strings.Trim(string(chunk), "a") != "" {
+		t.Errorf("the handler's buffer was written over: %q...", chunk[:40])
 	}
 	rc.send("HEAD /big HTTP/1.1\r\nHost: h\r\n\r\n")
 	if _, body, err := rc.read("HEAD"); err != nil || body != "" {
