@@ -183,7 +183,6 @@ type serverConn struct {
 	head    requestHead
 	req     http.Request
 	resp    response
-	reqBody fixedBody
 	out     []byte // the head, or head and body, being written
 	body    []byte // the body held back
 	header  http.Header
@@ -299,8 +298,9 @@ func (c *serverConn) serveRequest(req *requestHead) (done, hijacked bool) {
 	var body io.ReadCloser = http.NoBody
 	var rb *fixedBody
 	if req.contentLength > 0 {
-		rb = &c.reqBody
-		*rb = fixedBody{br: c.br, left: req.contentLength}
+		// A new one each time: a reader the handler started (a transport
+		// still sending the body to a node) may outlive the handler.
+		rb = &fixedBody{br: c.br, left: req.contentLength}
 		body = rb
 		if int64(c.br.Buffered()) < req.contentLength {
 			// net/http sets no deadline on bodies: uploads take their time.
@@ -335,17 +335,8 @@ func (c *serverConn) serveRequest(req *requestHead) (done, hijacked bool) {
 		c.srv.forget(c)
 		return false, true
 	}
-	if rb != nil {
-		// A body the handler left unread is skipped when it has all
-		// arrived; waiting for the rest would hold the answer back (a
-		// refused upload must hear so at once), so the connection closes
-		// after the answer instead.
-		rb.closed = true
-		if int64(c.br.Buffered()) >= rb.left {
-			c.br.Discard(int(rb.left))
-		} else {
-			w.closeAfter = true
-		}
+	if rb != nil && !rb.finish() {
+		w.closeAfter = true
 	}
 	if c.srv.shuttingDown.Load() {
 		w.closeAfter = true
@@ -375,8 +366,10 @@ func (c *serverConn) runHandler(w *response, r *http.Request) (ok bool) {
 }
 
 // fixedBody reads a body of a known length from a connection: a request's
-// on the fast path, a response's in the RPC client.
+// on the fast path, a response's in the RPC client. It never reads past
+// its length.
 type fixedBody struct {
+	mu     sync.Mutex // guards br's use, left, closed: a reader may outlive the handler
 	br     *bufio.Reader
 	left   int64
 	closed bool // the handler returned: reading is a bug
@@ -384,7 +377,28 @@ type fixedBody struct {
 
 var errBodyAfterHandler = errors.New("http: invalid Read on closed Body")
 
+// finish ends the body when its handler returned: later reads fail, and a
+// rest that has all arrived is skipped. It reports whether the connection
+// may serve another request: not when the rest has yet to come (waiting
+// for it would hold the answer back; a refused upload must hear so at
+// once), nor when a reader the handler left behind is still reading.
+func (b *fixedBody) finish() bool {
+	if !b.mu.TryLock() {
+		return false
+	}
+	defer b.mu.Unlock()
+	b.closed = true
+	if int64(b.br.Buffered()) < b.left {
+		return false
+	}
+	b.br.Discard(int(b.left))
+	b.left = 0
+	return true
+}
+
 func (b *fixedBody) Read(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
 	if b.closed {
 		return 0, errBodyAfterHandler
 	}

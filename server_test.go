@@ -357,6 +357,39 @@ func TestServerUnreadBodies(t *testing.T) {
 	}
 }
 
+// TestServerBodyReaderOutlivesHandler: a reader the handler leaves behind
+// (as http.Transport does when a node answers before it has the whole
+// body) gets an error, and cannot touch the next request on the
+// connection.
+func TestServerBodyReaderOutlivesHandler(t *testing.T) {
+	returned := make(chan struct{})
+	late := make(chan error, 1)
+	_, addr := startFastServer(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/leave" {
+			body := r.Body
+			go func() {
+				<-returned
+				_, err := body.Read(make([]byte, 10))
+				late <- err
+			}()
+		}
+		io.WriteString(w, r.URL.Path)
+	}), nil)
+	rc := dialHTTP(t, addr)
+	rc.send("POST /leave HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\n\r\nhello")
+	if _, body, err := rc.read("POST"); err != nil || body != "/leave" {
+		t.Fatalf("first answer: %q %v", body, err)
+	}
+	close(returned)
+	if err := <-late; err == nil {
+		t.Error("a read after the handler returned succeeded")
+	}
+	rc.send("POST /next HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\n\r\nabc")
+	if _, body, err := rc.read("POST"); err != nil || body != "/next" {
+		t.Errorf("next answer on the connection: %q %v", body, err)
+	}
+}
+
 func TestServerTimeouts(t *testing.T) {
 	_, addr := startFastServer(t, http.HandlerFunc(echoRequest), func(s *http.Server) {
 		s.ReadHeaderTimeout = 100 * time.Millisecond
