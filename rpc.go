@@ -12,6 +12,7 @@ import (
 	"net"
 	"net/http"
 	"net/url"
+	"os"
 	"path"
 	"strconv"
 	"strings"
@@ -786,6 +787,9 @@ func classifyFailure(ctx context.Context, deadline time.Time, err error) outcome
 	if errors.As(err, &op) && op.Op == "dial" {
 		return notSent
 	}
+	if errors.Is(err, os.ErrDeadlineExceeded) {
+		return timedOut // the connection's deadline, which may fall up to deadlineSlack early
+	}
 	return lost
 }
 
@@ -830,7 +834,7 @@ func (c *caller) post(ctx context.Context, deadline time.Time, in http.Header, c
 		c.sel.succeeded(node)
 	}
 	switch {
-	case err != nil && expired(ctx, deadline):
+	case err != nil && (expired(ctx, deadline) || errors.Is(err, os.ErrDeadlineExceeded)):
 		return nil, timedOut, c.timeoutError(ctx, call, node)
 	case err != nil:
 		return nil, lost, &callError{http.StatusBadGateway, fmt.Sprintf("reading the reply of node %s (%s) of %s: %v", node.ID, addr, call.Service, err), err}

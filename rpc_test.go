@@ -12,9 +12,11 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"net/url"
+	"os"
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -741,5 +743,31 @@ func BenchmarkParseRPCRequestFormRaw(b *testing.B) {
 	b.ReportAllocs()
 	for b.Loop() {
 		parseRPCRequest(form, nil, body)
+	}
+}
+
+func TestClassifyFailure(t *testing.T) {
+	later := time.Now().Add(time.Hour)
+	cancelled, cancel := context.WithCancel(context.Background())
+	cancel()
+	for _, tc := range []struct {
+		name     string
+		ctx      context.Context
+		deadline time.Time
+		err      error
+		want     outcome
+	}{
+		{"refused dial", context.Background(), later, &net.OpError{Op: "dial", Err: syscall.ECONNREFUSED}, notSent},
+		{"reset after sending", context.Background(), later, &net.OpError{Op: "read", Err: syscall.ECONNRESET}, lost},
+		{"end of stream", context.Background(), later, io.EOF, lost},
+		// A connection's deadline may fall up to deadlineSlack before the
+		// call's: its timeout is the call's deadline all the same.
+		{"connection deadline", context.Background(), later, &net.OpError{Op: "read", Err: os.ErrDeadlineExceeded}, timedOut},
+		{"past the deadline", context.Background(), time.Now().Add(-time.Second), io.EOF, timedOut},
+		{"caller gone", cancelled, later, io.EOF, timedOut},
+	} {
+		if got := classifyFailure(tc.ctx, tc.deadline, tc.err); got != tc.want {
+			t.Errorf("%s: classifyFailure = %v; want %v", tc.name, got, tc.want)
+		}
 	}
 }

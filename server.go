@@ -180,13 +180,13 @@ type serverConn struct {
 	// Reused from one request to the next: a handler must not keep the
 	// request, its header, or the response writer once it returns, as with
 	// any http.Handler.
-	head    requestHead
-	req     http.Request
-	resp    response
-	out     []byte // the head, or head and body, being written
-	body    []byte // the body held back
-	header  http.Header
-	keys    []string // header keys, sorted
+	head   requestHead
+	req    http.Request
+	resp   response
+	out    []byte // the head, or head and body, being written
+	body   []byte // the body held back
+	header http.Header
+	keys   []string // header keys, sorted
 }
 
 // serve answers requests until the connection closes, is handed to
