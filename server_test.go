@@ -540,3 +540,49 @@ func BenchmarkResponseHead(b *testing.B) {
 		c.out = w.appendBody(w.appendHead(c.out[:0], 200, int64(len(w.body))), w.body)
 	}
 }
+
+// FuzzServerConn feeds any bytes to a connection of the fast path: it must
+// neither panic nor hang, whatever comes. (Requests it hands off are
+// closed here; net/http has its own fuzzing.)
+func FuzzServerConn(f *testing.F) {
+	for _, s := range []string{
+		"GET / HTTP/1.1\r\nHost: h\r\n\r\n",
+		"POST /echo HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\n\r\nhelloGET /stream HTTP/1.1\r\nHost: h\r\n\r\n",
+		"POST /echo HTTP/1.1\r\nHost: h\r\nContent-Length: 100\r\n\r\nshort",
+		"HEAD /stream HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n",
+		"GET / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+	} {
+		f.Add([]byte(s))
+	}
+	h := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		switch r.URL.Path {
+		case "/echo":
+			io.Copy(w, r.Body)
+		case "/stream":
+			io.WriteString(w, "a")
+			w.(http.Flusher).Flush()
+			w.Write(bytes.Repeat([]byte("b"), responseBufferSize+1))
+		default:
+			w.Header().Set("X-Path", r.URL.Path)
+		}
+	})
+	f.Fuzz(func(t *testing.T, in []byte) {
+		s := newServer(h, &http.Server{ReadHeaderTimeout: 50 * time.Millisecond, IdleTimeout: 50 * time.Millisecond}, slog.New(slog.NewTextHandler(io.Discard, nil)))
+		s.handoff.Close()
+		client, conn := net.Pipe()
+		c := &serverConn{srv: s, rwc: conn, br: bufio.NewReaderSize(conn, headBufferSize), remote: "pipe"}
+		s.track(c)
+		go func() {
+			client.Write(in)
+			client.Close()
+		}()
+		go io.Copy(io.Discard, client)
+		done := make(chan struct{})
+		go func() { c.serve(); close(done) }()
+		select {
+		case <-done:
+		case <-time.After(10 * time.Second):
+			t.Fatalf("the connection still serves %q after 10s", in)
+		}
+	})
+}
