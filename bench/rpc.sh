@@ -85,7 +85,9 @@ http {
 }
 EOF
 taskset -c "$TEST_CPU" nginx -c "$tmp/nginx/nginx.conf" -e "$tmp/nginx/error.log" 2>/dev/null & pids+=($!)
+NGINX_PID=$!
 wait_port "$NGINX_PORT"
+NGINX_WORKER=$(pgrep -P "$NGINX_PID" | head -1)
 
 ENVELOPE='{"jsonrpc":"2.0","id":1,"method":"Example.Call","params":[{"name":"John"}]}'
 FORM='service=go.micro.srv.bench&method=Example.Call&request={"name":"John"}'
@@ -112,12 +114,14 @@ hwm_kb() { awk '/^VmHWM/{print $2}' "/proc/$1/status"; }
 TCK=$(getconf CLK_TCK)
 secs() { awk -v d="$1" 'BEGIN{ if (d ~ /ms$/) print substr(d,1,length(d)-2)/1000; else if (d ~ /s$/) print substr(d,1,length(d)-1); else print d }'; }
 
-declare -A RPS P50 P99 CPU RSS
-run_wrk() { # name url script
-  local t0 t1
-  t0=$(cpu_ticks "$SC_PID")
+declare -A RPS P50 P99 CPU RSS PERREQ
+run_wrk() { # name url script [pid of the hop, default the sidecar]
+  local t0 t1 pid=${4:-$SC_PID} n
+  t0=$(cpu_ticks "$pid")
   taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d"$DURATION" --latency -s "$3" "$2" >"$tmp/wrk-$1.txt"
-  t1=$(cpu_ticks "$SC_PID")
+  t1=$(cpu_ticks "$pid")
+  n=$(awk '/requests in/{print $1}' "$tmp/wrk-$1.txt")
+  PERREQ[$1]=$(awk -v a="$t0" -v b="$t1" -v t="$TCK" -v n="$n" 'BEGIN{printf "%.1f us", 1e6*(b-a)/t/n}')
   RPS[$1]=$(awk '/^Requests\/sec/{print $2}' "$tmp/wrk-$1.txt")
   P50[$1]=$(awk '$1=="50%"{print $2}' "$tmp/wrk-$1.txt")
   P99[$1]=$(awk '$1=="99%"{print $2}' "$tmp/wrk-$1.txt")
@@ -131,16 +135,18 @@ echo "# wrk -t1 -c$CONNS -d$DURATION on CPU $LOAD_CPU; app, sidecar and nginx on
 run_wrk direct "http://127.0.0.1:$APP_PORT/" "$JSON_LUA"
 run_wrk rpc "http://127.0.0.1:$SC_PORT/rpc" "$FORM_LUA"
 run_wrk proxy "http://127.0.0.1:$SC_PORT/proxy/go.micro.srv.bench/" "$JSON_LUA"
-run_wrk nginx "http://127.0.0.1:$NGINX_PORT/" "$JSON_LUA"
+run_wrk nginx "http://127.0.0.1:$NGINX_PORT/" "$JSON_LUA" "${NGINX_WORKER:-$NGINX_PID}"
 
 echo
-echo "| path | requests/s | vs direct | p50 | p99 | sidecar CPU | sidecar RSS |"
-echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"
+echo "| path | requests/s | vs direct | vs nginx | p50 | p99 | sidecar CPU | sidecar RSS | CPU per request of the hop |"
+echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
 for k in direct rpc proxy nginx; do
   ratio=$(awk -v a="${RPS[$k]}" -v b="${RPS[direct]}" 'BEGIN{printf "%.2f", a/b}')
-  cpu=${CPU[$k]}; rss="${RSS[$k]} MB"
+  vsng=$(awk -v a="${RPS[$k]}" -v b="${RPS[nginx]}" 'BEGIN{printf "%.2f", a/b}')
+  cpu=${CPU[$k]}; rss="${RSS[$k]} MB"; per=${PERREQ[$k]}
   [ "$k" = rpc ] || [ "$k" = proxy ] || { cpu="-"; rss="-"; }
-  echo "| $k | ${RPS[$k]} | $ratio | ${P50[$k]} | ${P99[$k]} | $cpu | $rss |"
+  [ "$k" = direct ] && { vsng="-"; per="-"; }
+  echo "| $k | ${RPS[$k]} | $ratio | $vsng | ${P50[$k]} | ${P99[$k]} | $cpu | $rss | $per |"
 done
 
 echo
