@@ -167,12 +167,52 @@ func (p *proxy) roundTrip(req *http.Request) (*http.Response, error) {
 		body = &onceBody{rc: req.Body}
 		req.Body = body
 	}
-	replayable := body == nil && (req.Method == http.MethodGet || req.Method == http.MethodHead || req.Method == http.MethodOptions || req.Method == http.MethodTrace)
+	replayable := body == nil && idempotent(req.Method)
 
 	ctx, cancel := context.WithCancelCause(req.Context())
 	timer := time.AfterFunc(t.timeout, func() { cancel(errHeaderTimeout) })
 	defer timer.Stop() // the deadline ends with the headers; bodies stream on
 
+	var resp *http.Response
+	mayRetry := func(o outcome) bool { return o == notSent && (body == nil || !body.read) || replayable }
+	err := p.attemptNodes(t, mayRetry, func(node Node) (outcome, bool, error) {
+		out := req.WithContext(ctx)
+		u := *req.URL
+		u.Host = node.hostPort()
+		out.URL = &u
+		r, err := p.transport.RoundTrip(out)
+		if err == nil {
+			resp = r
+			return answered, false, nil
+		}
+		o := classifyFailure(ctx, time.Time{}, err) // the deadline cancels ctx
+		return o, o == timedOut && context.Cause(ctx) == errHeaderTimeout, unwrapURLError(err)
+	})
+	if err == errCallerGone {
+		return nil, ctx.Err()
+	}
+	return resp, err
+}
+
+// idempotent reports whether a request with method may be sent twice
+// (RFC 9110 section 9.2.2); the proxy resends only those without a body.
+func idempotent(method string) bool {
+	return method == http.MethodGet || method == http.MethodHead || method == http.MethodOptions || method == http.MethodTrace
+}
+
+// errCallerGone ends an attempt whose caller went away: nobody reads an
+// answer.
+var errCallerGone = errors.New("the caller went away")
+
+// attemptNodes sends a request to nodes of t chosen by the selector until
+// one answers, with the rules both proxy paths share. A node is ejected
+// when its connection failed or it ran out of the proxy's own deadline.
+// Another node is tried while mayRetry says the request may be sent again.
+// send reports how a failed attempt failed, and whether it was the
+// deadline (not the caller leaving) that ended it. The error is the answer
+// to give: nil when a node answered, errCallerGone when there is nobody to
+// tell.
+func (p *proxy) attemptNodes(t *proxyTarget, mayRetry func(outcome) bool, send func(Node) (o outcome, late bool, err error)) error {
 	var triedArr [4]nodeKey
 	tried := triedArr[:0]
 	var lastErr error
@@ -182,40 +222,34 @@ func (p *proxy) roundTrip(req *http.Request) (*http.Response, error) {
 			break
 		}
 		tried = append(tried, keyOf(node))
-		out := req.WithContext(ctx)
-		u := *req.URL
-		u.Host = node.hostPort()
-		out.URL = &u
-		resp, err := p.transport.RoundTrip(out)
+		o, late, err := send(node)
 		if err == nil {
 			p.sel.succeeded(node)
-			return resp, nil
+			return nil
 		}
-		o := classifyFailure(ctx, time.Time{}, err) // the deadline cancels ctx
-		late := o == timedOut && context.Cause(ctx) == errHeaderTimeout
 		if o == notSent || o == lost && isConnFailure(err) || late && !t.shortened {
 			if d := p.sel.failed(node); d > 0 {
-				p.log.Warn("node ejected", "service", t.service, "node", node.ID, "address", node.hostPort(), "for", d, "error", unwrapURLError(err))
+				p.log.Warn("node ejected", "service", t.service, "node", node.ID, "address", node.hostPort(), "for", d, "error", err)
 			}
 		}
 		if o == timedOut {
 			if late {
-				return nil, callErrorf(http.StatusGatewayTimeout, "no response from node %s (%s) of %s within %v", node.ID, node.hostPort(), t.service, t.timeout)
+				return callErrorf(http.StatusGatewayTimeout, "no response from node %s (%s) of %s within %v", node.ID, node.hostPort(), t.service, t.timeout)
 			}
-			return nil, ctx.Err() // the caller went away
+			return errCallerGone
 		}
-		lastErr = &callError{http.StatusBadGateway, fmt.Sprintf("node %s (%s) of %s: %v", node.ID, node.hostPort(), t.service, unwrapURLError(err)), err}
-		if !(o == notSent && (body == nil || !body.read) || replayable) {
-			return nil, lastErr
+		lastErr = &callError{http.StatusBadGateway, fmt.Sprintf("node %s (%s) of %s: %v", node.ID, node.hostPort(), t.service, err), err}
+		if !mayRetry(o) {
+			return lastErr
 		}
 	}
 	switch {
 	case lastErr == nil:
-		return nil, callErrorf(http.StatusServiceUnavailable, "no nodes available for service %s: all %d ejected after failures", t.service, len(t.nodes))
+		return callErrorf(http.StatusServiceUnavailable, "no nodes available for service %s: all %d ejected after failures", t.service, len(t.nodes))
 	case len(tried) > 1:
-		return nil, callErrorf(http.StatusBadGateway, "service %s unreachable: tried %d nodes; last: %v", t.service, len(tried), lastErr)
+		return callErrorf(http.StatusBadGateway, "service %s unreachable: tried %d nodes; last: %v", t.service, len(tried), lastErr)
 	default:
-		return nil, lastErr
+		return lastErr
 	}
 }
 

@@ -148,9 +148,8 @@ func hasTokenIn(values []string, token string) bool {
 }
 
 // forward sends r to a node of t and copies the answer to w, with the
-// selector, ejection and retry rules of roundTrip; a request whose body is
-// held in memory may always go to another node when no connection was
-// made.
+// rules of attemptNodes; a request whose body is held in memory may always
+// go to another node when no connection was made.
 func (p *proxy) forward(w http.ResponseWriter, r *http.Request, t *proxyTarget) {
 	body, ok := readBody(w, r, directMaxBody)
 	if !ok {
@@ -169,51 +168,22 @@ func (p *proxy) forward(w http.ResponseWriter, r *http.Request, t *proxyTarget) 
 	hostAt := len(req) // the node's address goes here
 	req = append(forwardHeader(req, r, len(body)), body...)
 	*bp = req
-	replayable := len(body) == 0 && (r.Method == http.MethodGet || r.Method == http.MethodHead || r.Method == http.MethodOptions || r.Method == http.MethodTrace)
+	replayable := len(body) == 0 && idempotent(r.Method)
 
 	ctx := r.Context()
 	now := time.Now()
 	deadline := now.Add(t.timeout)
-	var triedArr [4]nodeKey
-	tried := triedArr[:0]
-	var lastErr error
-	for attempt := 0; attempt <= p.cfg.Retries; attempt++ {
-		node, ok := p.sel.next(t.service, t.nodes, tried)
-		if !ok {
-			break
+	attempts := 0
+	mayRetry := func(o outcome) bool { return o == notSent || replayable }
+	err := p.attemptNodes(t, mayRetry, func(node Node) (outcome, bool, error) {
+		if attempts++; attempts > 1 {
+			now = time.Now()
 		}
-		tried = append(tried, keyOf(node))
 		o, err := p.forwardTo(ctx, now, deadline, w, r.Method, node, req[:hostAt], req[hostAt:])
-		if err == nil {
-			p.sel.succeeded(node)
-			return
-		}
-		late := o == timedOut && ctx.Err() == nil
-		if o == notSent || o == lost && isConnFailure(err) || late && !t.shortened {
-			if d := p.sel.failed(node); d > 0 {
-				p.log.Warn("node ejected", "service", t.service, "node", node.ID, "address", p.direct.addrOf(node), "for", d, "error", err)
-			}
-		}
-		if o == timedOut {
-			if late {
-				writeCallError(w, callErrorf(http.StatusGatewayTimeout, "no response from node %s (%s) of %s within %v", node.ID, p.direct.addrOf(node), t.service, t.timeout))
-			}
-			return // else the caller went away
-		}
-		lastErr = &callError{http.StatusBadGateway, fmt.Sprintf("node %s (%s) of %s: %v", node.ID, p.direct.addrOf(node), t.service, err), err}
-		if o != notSent && !replayable {
-			writeCallError(w, lastErr)
-			return
-		}
-		now = time.Now()
-	}
-	switch {
-	case lastErr == nil:
-		writeCallError(w, callErrorf(http.StatusServiceUnavailable, "no nodes available for service %s: all %d ejected after failures", t.service, len(t.nodes)))
-	case len(tried) > 1:
-		writeCallError(w, callErrorf(http.StatusBadGateway, "service %s unreachable: tried %d nodes; last: %v", t.service, len(tried), lastErr))
-	default:
-		writeCallError(w, lastErr)
+		return o, o == timedOut && ctx.Err() == nil, err
+	})
+	if err != nil && err != errCallerGone {
+		writeCallError(w, err)
 	}
 }
 
