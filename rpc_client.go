@@ -265,17 +265,6 @@ func (e errInvalidHeader) Error() string {
 	return fmt.Sprintf("net/http: invalid header field value for %q", string(e))
 }
 
-// validHeaderValue is RFC 7230's field-value, as net/http checks it: no
-// control characters but tab.
-func validHeaderValue(v string) bool {
-	for i := 0; i < len(v); i++ {
-		if c := v[i]; c < ' ' && c != '\t' || c == 0x7f {
-			return false
-		}
-	}
-	return true
-}
-
 // nodeRequest is one POST to a node. Its deadline goes with it in a
 // Timeout header, in go-micro's integer nanoseconds.
 type nodeRequest struct {
@@ -302,7 +291,7 @@ func (nc *nodeClient) do(ctx context.Context, now, deadline time.Time, req *node
 	Grow(int)
 }, limit int64) (resp nodeResponse, n int64, err error) {
 	for i := 0; i+1 < len(req.header); i += 2 {
-		if !validHeaderValue(req.header[i+1]) {
+		if !validFieldValue(req.header[i+1]) {
 			return resp, 0, errInvalidHeader(req.header[i])
 		}
 	}
