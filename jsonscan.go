@@ -112,7 +112,7 @@ func scanJSONString(b []byte, i int) int {
 					return -1
 				}
 				for _, h := range b[i+1 : i+5] {
-					if !('0' <= h && h <= '9' || 'a' <= h && h <= 'f' || 'A' <= h && h <= 'F') {
+					if !isHex(h) {
 						return -1
 					}
 				}
