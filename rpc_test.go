@@ -652,7 +652,19 @@ func TestCallConnectionReuse(t *testing.T) {
 		t.Errorf("%d connections for 5 calls in a row; want 1, kept alive", n)
 	}
 	app.srv.CloseClientConnections() // the node drops its idle connections
-	time.Sleep(20 * time.Millisecond)
+	waitFor(t, 5*time.Second, "the node's close to reach the sidecar's idle connection", func() bool {
+		nc := s.rpc.nodes
+		nc.mu.Lock()
+		defer nc.mu.Unlock()
+		for _, list := range nc.idle {
+			for _, c := range list {
+				if c.sock.check() {
+					return false
+				}
+			}
+		}
+		return true
+	})
 	if code, body := post(t, srv.URL+"/rpc", form, "service=reuse&method=A.B"); code != 200 {
 		t.Fatalf("after the node closed idle connections: %d %s; want 200", code, body)
 	}
