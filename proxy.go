@@ -16,11 +16,12 @@ import (
 
 // The HTTP reverse proxy: /proxy/{service}/{path...}, and /{service}/...
 // under --handler=proxy, forward any request to a node chosen by the same
-// selector as RPC. net/http/httputil.ReverseProxy does the forwarding: it
+// selector as RPC. Small requests of stated length take the direct path
+// (proxy_direct.go); net/http/httputil.ReverseProxy forwards the rest: it
 // strips hop-by-hop headers (RFC 9110 section 7.6.1), streams bodies,
 // flushes server-sent events and unknown-length bodies as they come, and
-// passes WebSocket upgrades through. The proxy adds node selection,
-// ejection and retries in its RoundTripper.
+// passes WebSocket upgrades through. Both paths choose, eject and retry
+// nodes through attemptNodes.
 
 // proxyConfig tunes the proxy. Zero values take the documented defaults.
 type proxyConfig struct {

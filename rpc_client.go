@@ -15,13 +15,13 @@ import (
 	"time"
 )
 
-// nodeClient is RPC's connection pool to nodes: HTTP/1.1 keep-alive
-// connections on which the calling goroutine itself writes a JSON-RPC POST
-// and reads the response. net/http's Transport hands every request to two
-// goroutines per connection (a writer and a reader) over channels; for many
-// small calls those handoffs, and the allocations around them, cost more
-// than the I/O. The proxy, which streams arbitrary requests, keeps the
-// Transport.
+// nodeClient is the connection pool to nodes of RPC and of the proxy's
+// direct path: HTTP/1.1 keep-alive connections on which the calling
+// goroutine itself writes a request and reads the response. net/http's
+// Transport hands every request to two goroutines per connection (a writer
+// and a reader) over channels; for many small calls those handoffs, and
+// the allocations around them, cost more than the I/O. The proxy keeps the
+// Transport for what the direct path does not take (proxy_direct.go).
 type nodeClient struct {
 	dialer      net.Dialer
 	maxIdle     int           // idle connections kept per address
