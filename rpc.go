@@ -819,7 +819,7 @@ func (c *caller) post(ctx context.Context, deadline time.Time, in http.Header, c
 		}
 	}
 	start := buf.Len()
-	resp, n, err := c.nodes.do(ctx, time.Now(), deadline, &nodeRequest{addr: addr, header: h, body: envelope}, buf, c.cfg.MaxReplyBytes)
+	resp, n, err := c.nodes.do(ctx, time.Now(), deadline, addr, &nodeRequest{header: h, body: envelope}, buf, c.cfg.MaxReplyBytes)
 	if err != nil && resp.code == 0 {
 		out := classifyFailure(ctx, deadline, err)
 		if out == timedOut {

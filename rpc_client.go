@@ -11,6 +11,7 @@ import (
 	"net/http"
 	"net/http/httputil"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 )
@@ -79,11 +80,12 @@ type nodeConn struct {
 	lim      limitedConn
 	br       *bufio.Reader
 	sock     *nodeSocket
-	body     fixedBody // the response body being read
-	wbuf     []byte    // the request being written
-	hdr      []string  // a proxied response's header lines, reused
-	since    time.Time // when the request it last served started
-	deadline time.Time // set on conn; zero: none
+	body     fixedBody        // the response body being read
+	lr       io.LimitedReader // bounds body, kept here so as not to allocate
+	wbuf     []byte           // the request being written
+	hdr      []string         // a proxied response's header lines, reused
+	since    time.Time        // when the request it last served started
+	deadline time.Time        // set on conn; zero: none
 }
 
 // limitedConn reads from a connection, failing once n bytes have been
@@ -266,9 +268,10 @@ func (e errInvalidHeader) Error() string {
 }
 
 // nodeRequest is one POST to a node. Its deadline goes with it in a
-// Timeout header, in go-micro's integer nanoseconds.
+// Timeout header, in go-micro's integer nanoseconds. The node's address is
+// passed apart: it is kept by the pool, and escape analysis would then
+// move the caller's header array to the heap along with it.
 type nodeRequest struct {
-	addr   string
 	header []string // name, value pairs, names canonical
 	body   []byte
 }
@@ -280,31 +283,32 @@ type nodeResponse struct {
 	contentType string
 }
 
-// do sends req and reads the response body into buf, at most limit+1
+// do sends req to addr and reads the response body into buf, at most limit+1
 // bytes. Errors are those of net: a failed dial is a *net.OpError with Op
 // "dial"; past the deadline, I/O fails with os.ErrDeadlineExceeded; when
 // ctx ends, I/O in progress fails and ctx.Err() is set first. n is the
 // number of body bytes read. now is the time of the call: the node is told
 // it has deadline - now.
-func (nc *nodeClient) do(ctx context.Context, now, deadline time.Time, req *nodeRequest, buf interface {
+func (nc *nodeClient) do(ctx context.Context, now, deadline time.Time, addr string, req *nodeRequest, buf interface {
 	ReadFrom(io.Reader) (int64, error)
 	Grow(int)
 }, limit int64) (resp nodeResponse, n int64, err error) {
 	for i := 0; i+1 < len(req.header); i += 2 {
 		if !validFieldValue(req.header[i+1]) {
-			return resp, 0, errInvalidHeader(req.header[i])
+			// A copy, so that req's header does not escape.
+			return resp, 0, errInvalidHeader(strings.Clone(req.header[i]))
 		}
 	}
-	c, err := nc.open(ctx, now, deadline, req.addr)
+	c, err := nc.open(ctx, now, deadline, addr)
 	if err != nil {
 		return resp, 0, err
 	}
 	stop := c.guard(ctx, deadline)
 	reuse := false
-	defer func() { nc.release(req.addr, c, stop() && reuse) }()
+	defer func() { nc.release(addr, c, stop() && reuse) }()
 
 	w := append(c.wbuf[:0], "POST / HTTP/1.1\r\nHost: "...)
-	w = append(w, req.addr...)
+	w = append(w, addr...)
 	w = append(w, "\r\nContent-Length: "...)
 	w = strconv.AppendInt(w, int64(len(req.body)), 10)
 	w = append(w, "\r\nTimeout: "...)
@@ -351,8 +355,9 @@ func (nc *nodeClient) do(ctx context.Context, now, deadline time.Time, req *node
 	default:
 		body, head.close = c.br, true // the body ends with the connection
 	}
-	lr := io.LimitedReader{R: body, N: limit + 1}
-	n, err = buf.ReadFrom(&lr)
+	c.lr = io.LimitedReader{R: body, N: limit + 1}
+	n, err = buf.ReadFrom(&c.lr)
+	c.lr.R = nil
 	if err != nil {
 		return resp, n, err
 	}
