@@ -13,6 +13,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"time"
 
 	"golang.org/x/net/websocket"
 )
@@ -86,6 +87,31 @@ func readBody(w http.ResponseWriter, r *http.Request, limit int64) ([]byte, bool
 }
 
 func itoa(n int64) string { return strconv.FormatInt(n, 10) }
+
+// requestClock is a response writer that knows when its request arrived
+// and keeps the last clock reading taken for it. Reading the clock costs
+// about 50 ns in a virtual machine, and a call through /rpc read it seven
+// times: the metrics, the deadline, the node's Timeout, the Date header.
+type requestClock interface {
+	Start() time.Time
+	Now() time.Time
+}
+
+// requestStart is when the request w answers arrived, or now.
+func requestStart(w http.ResponseWriter) time.Time {
+	if c, ok := w.(requestClock); ok {
+		return c.Start()
+	}
+	return time.Now()
+}
+
+// requestNow reads the clock, letting w reuse the reading.
+func requestNow(w http.ResponseWriter) time.Time {
+	if c, ok := w.(requestClock); ok {
+		return c.Now()
+	}
+	return time.Now()
+}
 
 // guard refuses browser requests from origins the user did not allow on
 // everything that changes state or upgrades to a WebSocket: a web page must

@@ -472,7 +472,7 @@ func boolFloat(b bool) float64 {
 // instrument counts every request by the route that served it.
 func (m *sidecarMetrics) instrument(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		start := time.Now()
+		start := requestStart(w)
 		var code int
 		if sw, ok := w.(statusWriter); ok {
 			next.ServeHTTP(w, r) // it knows its status: no wrapper to allocate
@@ -491,7 +491,7 @@ func (m *sidecarMetrics) instrument(next http.Handler) http.Handler {
 		}
 		m.requests.Inc(route, statusCodeString(code))
 		if code != http.StatusSwitchingProtocols { // a WebSocket's time is its lifetime
-			m.latency.ObserveSince(start, route)
+			m.latency.Observe(requestNow(w).Sub(start).Seconds(), route)
 		}
 	})
 }

@@ -171,7 +171,7 @@ func (p *proxy) forward(w http.ResponseWriter, r *http.Request, t *proxyTarget) 
 	replayable := len(body) == 0 && idempotent(r.Method)
 
 	ctx := r.Context()
-	now := time.Now()
+	now := requestStart(w)
 	deadline := now.Add(t.timeout)
 	attempts := 0
 	mayRetry := func(o outcome) bool { return o == notSent || replayable }

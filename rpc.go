@@ -626,7 +626,7 @@ func (c *caller) serve(w http.ResponseWriter, r *http.Request, call rpcCall) {
 		}
 		timeout, shortened = d, d < c.cfg.Timeout
 	}
-	start := time.Now()
+	start := requestStart(w)
 	deadline := start.Add(timeout)
 	// The deadline is set on the connection to the node. A context is only
 	// needed to stop the call when its caller goes away, which net/http
@@ -639,8 +639,8 @@ func (c *caller) serve(w http.ResponseWriter, r *http.Request, call rpcCall) {
 	}
 	buf := c.getBuf()
 	defer c.putBuf(buf)
-	result, err := c.call(ctx, deadline, r.Header, call, shortened, buf)
-	c.observe(start, call.Service, err)
+	result, err := c.call(ctx, start, deadline, r.Header, call, shortened, buf)
+	c.observe(requestNow(w).Sub(start), call.Service, err)
 	if err != nil {
 		if r.Context().Err() != nil {
 			return // the caller has gone; nobody reads an answer
@@ -661,7 +661,7 @@ func (c *caller) serve(w http.ResponseWriter, r *http.Request, call rpcCall) {
 var jsonContentType = []string{"application/json"}
 
 // observe records a call's duration under its service and result.
-func (c *caller) observe(start time.Time, service string, err error) {
+func (c *caller) observe(took time.Duration, service string, err error) {
 	if c.timing == nil {
 		return
 	}
@@ -673,7 +673,7 @@ func (c *caller) observe(start time.Time, service string, err error) {
 			result = strconv.Itoa(ce.code)
 		}
 	}
-	c.timing.ObserveSince(start, service, result)
+	c.timing.Observe(took.Seconds(), service, result)
 }
 
 // timeoutHint names where a deadline came from, and catches the likely
@@ -696,7 +696,7 @@ func timeoutHint(header string, d time.Duration) string {
 // times. shortened says the caller asked for a deadline below
 // --rpc_timeout: running out of it then says nothing about the node, which
 // is not ejected for it.
-func (c *caller) call(ctx context.Context, deadline time.Time, in http.Header, call rpcCall, shortened bool, buf *bytes.Buffer) ([]byte, error) {
+func (c *caller) call(ctx context.Context, start, deadline time.Time, in http.Header, call rpcCall, shortened bool, buf *bytes.Buffer) ([]byte, error) {
 	var nodes []Node
 	direct := call.Address != ""
 	if direct {
@@ -729,7 +729,11 @@ func (c *caller) call(ctx context.Context, deadline time.Time, in http.Header, c
 			node = n
 		}
 		tried = append(tried, keyOf(node))
-		result, out, err := c.post(ctx, deadline, in, call, node, id, envelope, buf)
+		now := start
+		if attempt > 0 {
+			now = time.Now()
+		}
+		result, out, err := c.post(ctx, now, deadline, in, call, node, id, envelope, buf)
 		if err == nil {
 			return result, nil
 		}
@@ -809,7 +813,7 @@ func isConnFailure(err error) bool {
 
 // post sends the envelope to one node and decodes the reply, read into buf
 // after the envelope.
-func (c *caller) post(ctx context.Context, deadline time.Time, in http.Header, call rpcCall, node Node, id uint64, envelope []byte, buf *bytes.Buffer) ([]byte, outcome, error) {
+func (c *caller) post(ctx context.Context, now, deadline time.Time, in http.Header, call rpcCall, node Node, id uint64, envelope []byte, buf *bytes.Buffer) ([]byte, outcome, error) {
 	addr := c.nodes.addrOf(node)
 	var hdrArr [16]string
 	h := append(hdrArr[:0], "Content-Type", "application/json", "Micro-Service", call.Service, "Micro-Endpoint", call.Method)
@@ -819,7 +823,7 @@ func (c *caller) post(ctx context.Context, deadline time.Time, in http.Header, c
 		}
 	}
 	start := buf.Len()
-	resp, n, err := c.nodes.do(ctx, time.Now(), deadline, addr, &nodeRequest{header: h, body: envelope}, buf, c.cfg.MaxReplyBytes)
+	resp, n, err := c.nodes.do(ctx, now, deadline, addr, &nodeRequest{header: h, body: envelope}, buf, c.cfg.MaxReplyBytes)
 	if err != nil && resp.code == 0 {
 		out := classifyFailure(ctx, deadline, err)
 		if out == timedOut {

@@ -268,7 +268,12 @@ func (c *serverConn) readHead() (int, error) {
 // when less than three quarters of idleTimeout are left: a connection
 // idles for between 0.75 and 1 times idleTimeout.
 func (c *serverConn) keepIdleDeadline() {
-	now := time.Now()
+	// The last request's latest reading is microseconds old, unless its
+	// response streamed for a while.
+	now := c.resp.now
+	if now.IsZero() || c.resp.streaming {
+		now = time.Now()
+	}
 	if c.deadline.IsZero() || c.deadline.Sub(now) < c.srv.idleTimeout*3/4 {
 		c.setDeadline(now.Add(c.srv.idleTimeout))
 	}
@@ -327,7 +332,7 @@ func (c *serverConn) serveRequest(req *requestHead) (done, hijacked bool) {
 	}
 	clear(c.header)
 	w := &c.resp
-	*w = response{c: c, method: r.Method, header: c.header, declared: -1, body: c.body[:0], closeAfter: req.close}
+	*w = response{c: c, method: r.Method, start: time.Now(), header: c.header, declared: -1, body: c.body[:0], closeAfter: req.close}
 	if !c.runHandler(w, r) {
 		return false, false
 	}

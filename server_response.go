@@ -19,6 +19,8 @@ import (
 type response struct {
 	c          *serverConn
 	method     string
+	start      time.Time // when the request's head was read
+	now        time.Time // the last clock reading for this request, if any
 	header     http.Header
 	status     int    // 0 until the handler writes a head
 	declared   int64  // the handler's Content-Length, or -1
@@ -31,6 +33,15 @@ type response struct {
 }
 
 func (w *response) Header() http.Header { return w.header }
+
+// Start is when the request's head was read (see requestStart).
+func (w *response) Start() time.Time { return w.start }
+
+// Now reads the clock and keeps the reading for the Date header.
+func (w *response) Now() time.Time {
+	w.now = time.Now()
+	return w.now
+}
 
 // Status is the status written so far, for the metrics.
 func (w *response) Status() int {
@@ -54,12 +65,13 @@ func (w *response) WriteHeader(code int) {
 		return
 	}
 	w.status = code
-	if cl := w.header.Get("Content-Length"); cl != "" {
+	// The keys are canonical already: indexing skips Get's canonicalizing.
+	if cl := firstValue(w.header["Content-Length"]); cl != "" {
 		if n, err := strconv.ParseInt(cl, 10, 64); err == nil && n >= 0 {
 			w.declared = n
 		}
 	}
-	if hasToken(w.header.Get("Connection"), "close") {
+	if hasToken(firstValue(w.header["Connection"]), "close") {
 		w.closeAfter = true
 	}
 }
@@ -218,7 +230,7 @@ func (w *response) appendHead(b []byte, code int, length int64) []byte {
 	b = append(b, http.StatusText(code)...)
 	b = append(b, "\r\n"...)
 	final := code >= 200 || code == http.StatusSwitchingProtocols
-	if _, ok := w.header["Content-Type"]; !ok && final && len(w.body) > 0 && w.header.Get("Content-Encoding") == "" {
+	if _, ok := w.header["Content-Type"]; !ok && final && len(w.body) > 0 && firstValue(w.header["Content-Encoding"]) == "" {
 		w.header["Content-Type"] = []string{http.DetectContentType(w.body)}
 	}
 	keys := w.c.keys[:0]
@@ -246,7 +258,11 @@ func (w *response) appendHead(b []byte, code int, length int64) []byte {
 	}
 	if _, ok := w.header["Date"]; !ok {
 		b = append(b, "Date: "...)
-		b = w.c.srv.date.append(b, time.Now())
+		now := w.now
+		if now.IsZero() {
+			now = time.Now()
+		}
+		b = w.c.srv.date.append(b, now)
 		b = append(b, "\r\n"...)
 	}
 	switch {
@@ -265,6 +281,14 @@ func (w *response) appendHead(b []byte, code int, length int64) []byte {
 		b = append(b, "Connection: close\r\n"...)
 	}
 	return append(b, "\r\n"...)
+}
+
+// firstValue is a header's first value, or "", as http.Header.Get gives it.
+func firstValue(values []string) string {
+	if len(values) == 0 {
+		return ""
+	}
+	return values[0]
 }
 
 // bodyAllowedForStatus is RFC 9112 section 6.3: 1xx, 204 and 304 answers
