@@ -13,6 +13,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -418,7 +419,7 @@ func readResponseHeader(br *bufio.Reader, header *[]string) (responseHead, error
 			if !validToken(string(name)) || !validFieldValue(string(value)) {
 				return h, fmt.Errorf("%w: header line %q", errMalformedResponse, truncate(string(line), 64))
 			}
-			*header = append(*header, internHeaderName(name), string(value))
+			*header = append(*header, internHeaderName(name), internHeadValue(value))
 		}
 		switch {
 		case bytes.EqualFold(name, []byte("Content-Type")):
@@ -507,15 +508,28 @@ func internHeaderName(b []byte) string {
 }
 
 // internHeadValue returns b as a string, without allocating for the values
-// almost every reply carries.
+// almost every reply carries: its status, a JSON content type and, within
+// a second, the same Date.
 func internHeadValue(b []byte) string {
 	for _, s := range [...]string{"200 OK", "application/json", "application/json; charset=utf-8"} {
 		if string(b) == s {
 			return s
 		}
 	}
+	if len(b) == len(http.TimeFormat) {
+		if d := lastDate.Load(); d != nil && string(b) == *d {
+			return *d
+		}
+		s := string(b)
+		lastDate.Store(&s)
+		return s
+	}
 	return string(b)
 }
+
+// lastDate is the last value as long as a Date that internHeadValue saw:
+// the Date of recent replies, the same for a second.
+var lastDate atomic.Pointer[string]
 
 // aLongTimeAgo is a deadline in the past: I/O fails at once.
 var aLongTimeAgo = time.Unix(1, 0)

@@ -783,3 +783,29 @@ func TestClassifyFailure(t *testing.T) {
 		}
 	}
 }
+
+// BenchmarkReadResponseHead reads a node's typical reply head, as RPC does
+// (fields kept: none) and as the proxy does (every field kept).
+func BenchmarkReadResponseHead(b *testing.B) {
+	head := "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nDate: Fri, 27 Nov 2026 09:30:00 GMT\r\nContent-Length: 52\r\n\r\n"
+	for _, keep := range []bool{false, true} {
+		b.Run(map[bool]string{false: "rpc", true: "proxy"}[keep], func(b *testing.B) {
+			r := strings.NewReader(head)
+			br := bufio.NewReader(r)
+			var header []string
+			b.ReportAllocs()
+			for b.Loop() {
+				r.Reset(head)
+				br.Reset(r)
+				hp := (*[]string)(nil)
+				if keep {
+					header = header[:0]
+					hp = &header
+				}
+				if _, err := readResponseHeader(br, hp); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
+}

@@ -27,7 +27,10 @@ type requestHead struct {
 // as net/http's server reads it (FuzzParseRequestHead compares the two).
 func parseRequestHead(head []byte, req *requestHead) error {
 	s := string(head) // one allocation: names and values are substrings of it
-	line, rest, _ := strings.Cut(s, "\r\n")
+	line, rest, ok := cutLine(s)
+	if !ok {
+		return errHandOff
+	}
 	method, line, ok1 := strings.Cut(line, " ")
 	target, proto, ok2 := strings.Cut(line, " ")
 	if !ok1 || !ok2 || proto != "HTTP/1.1" || !validToken(method) || method == http.MethodConnect ||
@@ -39,14 +42,16 @@ func parseRequestHead(head []byte, req *requestHead) error {
 		req.header = make(http.Header, 8)
 	}
 	clear(req.header)
-	lines := max(strings.Count(rest, "\r\n")-1, 0)
-	if cap(req.values) < lines {
-		req.values = make([]string, 0, max(lines, 8))
+	if req.values == nil {
+		req.values = make([]string, 0, 16) // grows, once, for heads with more fields
 	}
 	values := req.values[:0]
 	hosts, lengths := 0, 0
 	for {
-		line, rest, _ = strings.Cut(rest, "\r\n")
+		line, rest, ok = cutLine(rest)
+		if !ok {
+			return errHandOff
+		}
 		if line == "" {
 			break
 		}
@@ -92,6 +97,7 @@ func parseRequestHead(head []byte, req *requestHead) error {
 	if hosts != 1 || lengths > 1 || !validHost(req.host) {
 		return errHandOff
 	}
+	req.values = values[:0]
 	// As net/http does (RFC 7234, section 5.4).
 	if p, ok := req.header["Pragma"]; ok && len(p) > 0 && p[0] == "no-cache" {
 		if _, ok := req.header["Cache-Control"]; !ok {
@@ -99,6 +105,16 @@ func parseRequestHead(head []byte, req *requestHead) error {
 		}
 	}
 	return nil
+}
+
+// cutLine cuts s after its first line, which must end in CRLF: a bare LF
+// is for net/http to judge.
+func cutLine(s string) (line, rest string, ok bool) {
+	i := strings.IndexByte(s, '\n')
+	if i < 1 || s[i-1] != '\r' {
+		return "", "", false
+	}
+	return s[:i-1], s[i+1:], true
 }
 
 // parseTarget sets u from a request target as url.ParseRequestURI does,
