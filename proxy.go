@@ -101,7 +101,7 @@ func (p *proxy) serve(w http.ResponseWriter, r *http.Request, service, path stri
 		writeError(w, http.StatusNotFound, "service "+truncate(service, 128)+" not found")
 		return
 	}
-	t := &proxyTarget{service: service, nodes: allNodes(versions), path: path, timeout: p.cfg.Timeout}
+	t := proxyTarget{service: service, nodes: allNodes(versions), path: path, timeout: p.cfg.Timeout}
 	if h := r.Header.Get("Timeout"); h != "" {
 		d, err := parseTimeout(h)
 		if err != nil {
@@ -111,10 +111,11 @@ func (p *proxy) serve(w http.ResponseWriter, r *http.Request, service, path stri
 		t.timeout, t.shortened = d, d < p.cfg.Timeout
 	}
 	if p.direct != nil && canForwardDirect(r) {
-		p.forward(w, r, t)
+		p.forward(w, r, &t)
 		return
 	}
-	ctx := context.WithValue(r.Context(), targetKey{}, t)
+	rt := t // a copy goes in the context, so that t stays off the heap
+	ctx := context.WithValue(r.Context(), targetKey{}, &rt)
 	if isUpgrade(r) {
 		var cancel context.CancelFunc
 		ctx, cancel = context.WithCancel(ctx)

@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/httputil"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -151,10 +152,6 @@ func hasTokenIn(values []string, token string) bool {
 // rules of attemptNodes; a request whose body is held in memory may always
 // go to another node when no connection was made.
 func (p *proxy) forward(w http.ResponseWriter, r *http.Request, t *proxyTarget) {
-	body, ok := readBody(w, r, directMaxBody)
-	if !ok {
-		return
-	}
 	bp := p.getBuf()
 	defer p.putBuf(bp)
 	req := append((*bp)[:0], r.Method...)
@@ -166,9 +163,17 @@ func (p *proxy) forward(w http.ResponseWriter, r *http.Request, t *proxyTarget) 
 	}
 	req = append(req, " HTTP/1.1\r\nHost: "...)
 	hostAt := len(req) // the node's address goes here
-	req = append(forwardHeader(req, r, len(body)), body...)
+	req = forwardHeader(req, r, int(r.ContentLength))
+	// The body, of the length canForwardDirect checked, is read straight
+	// in after the head.
+	headEnd := len(req)
+	req = slices.Grow(req, int(r.ContentLength))[:headEnd+int(r.ContentLength)]
 	*bp = req
-	replayable := len(body) == 0 && idempotent(r.Method)
+	if _, err := io.ReadFull(r.Body, req[headEnd:]); err != nil {
+		writeError(w, http.StatusBadRequest, "reading request body: "+err.Error())
+		return
+	}
+	replayable := r.ContentLength == 0 && idempotent(r.Method)
 
 	ctx := r.Context()
 	now := requestStart(w)
