@@ -242,12 +242,36 @@ func (p *proxy) forwardTo(ctx context.Context, now, deadline time.Time, w http.R
 			connection = append(connection, header[i+1])
 		}
 	}
+	passHead(w, c, head, header, connection)
+	reuse = p.copyResponseBody(w, c, method, head) && !head.close && c.br.Buffered() == 0
+	return answered, nil
+}
+
+// passHead writes the status and the end-to-end fields of a node's head to
+// w: to the fast-path server as lines, with no header map in between (it
+// computes the framing from length), else through w.Header().
+func passHead(w http.ResponseWriter, c *nodeConn, head responseHead, header, connection []string) {
+	length := head.contentLength
+	if head.chunked {
+		length = -1 // the coding frames the body; a Content-Length with it is void
+	}
+	if fw, ok := w.(*response); ok {
+		lines := c.lines[:0]
+		for i := 0; i < len(header); i += 2 {
+			if k := header[i]; k != "Content-Length" && !isHopHeader(k, connection) {
+				lines = appendHeaderLine(lines, k, header[i+1])
+			}
+		}
+		c.lines = lines
+		fw.writeHeaderLines(head.code, lines, length)
+		return
+	}
 	wh := w.Header()
 	values := make([]string, 0, len(header)/2) // backs the fields' one-value slices
 	for i := 0; i < len(header); i += 2 {
 		k, v := header[i], header[i+1]
 		switch {
-		case isHopHeader(k, connection):
+		case isHopHeader(k, connection), k == "Content-Length" && length < 0:
 		case wh[k] == nil:
 			values = append(values, v)
 			wh[k] = values[len(values)-1 : len(values) : len(values)]
@@ -256,8 +280,6 @@ func (p *proxy) forwardTo(ctx context.Context, now, deadline time.Time, w http.R
 		}
 	}
 	w.WriteHeader(head.code)
-	reuse = p.copyResponseBody(w, c, method, head) && !head.close && c.br.Buffered() == 0
-	return answered, nil
 }
 
 // copyResponseBody copies the node's body to w, flushing as it comes when

@@ -99,6 +99,81 @@ func TestProxyForwardsMethodsBodiesAndHeaders(t *testing.T) {
 	}
 }
 
+// TestProxyPassesHeadsAlike asks for answers of several shapes through
+// the direct path, served by the fast-path server (which takes the node's
+// head as lines) and by net/http (which takes it through a header map),
+// and through ReverseProxy: the client must see the same status, fields
+// and body from all three.
+func TestProxyPassesHeadsAlike(t *testing.T) {
+	s, viaNetHTTP := testSidecar(t, nil)
+	_, fastAddr := startFastServer(t, s.routes(), nil)
+	app := appServer(t, func(w http.ResponseWriter, r *http.Request) {
+		switch r.URL.Path {
+		case "/sniffed": // no Content-Type: the server sniffs one
+			io.WriteString(w, "<html><body>hi</body></html>")
+		case "/chunked": // no length: chunked on to the client
+			w.Header().Set("Content-Type", "text/plain")
+			w.(http.Flusher).Flush()
+			io.WriteString(w, "in pieces")
+		case "/fields":
+			w.Header().Add("Set-Cookie", "a=1")
+			w.Header().Add("Set-Cookie", "b=2")
+			w.Header().Set("Date", "Mon, 02 Jan 2006 15:04:05 GMT")
+			w.Header().Set("Connection", "X-Private")
+			w.Header().Set("X-Private", "hop")
+			w.Header().Set("Keep-Alive", "timeout=5")
+			w.Header().Set("Content-Length", "4")
+			w.WriteHeader(http.StatusAccepted)
+			io.WriteString(w, "done")
+		case "/empty":
+			w.WriteHeader(http.StatusNoContent)
+		default:
+			w.Header().Set("Content-Length", "1234")
+			w.Header().Set("Content-Type", "application/octet-stream")
+		}
+	})
+	register(t, s, "shapes", hostOf(app))
+
+	type answer struct {
+		status int
+		header http.Header
+		body   string
+	}
+	ask := func(base, method, path string, reverseProxy bool) answer {
+		t.Helper()
+		req, _ := http.NewRequest(method, base+"/proxy/shapes"+path, nil)
+		if reverseProxy {
+			req.Header.Set("TE", "trailers") // the direct path leaves these to ReverseProxy
+		}
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		h := resp.Header.Clone()
+		if path != "/fields" {
+			h.Del("Date") // the sidecar's own, of its own second
+		}
+		return answer{resp.StatusCode, h, string(b) + fmt.Sprint(" length ", resp.ContentLength, " ", resp.TransferEncoding)}
+	}
+	for _, tc := range []struct{ method, path string }{
+		{"GET", "/sniffed"}, {"GET", "/chunked"}, {"GET", "/fields"}, {"GET", "/empty"},
+		{"HEAD", "/head"}, {"HEAD", "/fields"},
+	} {
+		fast := ask("http://"+fastAddr, tc.method, tc.path, false)
+		netHTTP := ask(viaNetHTTP.URL, tc.method, tc.path, false)
+		rp := ask(viaNetHTTP.URL, tc.method, tc.path, true)
+		if fmt.Sprint(fast) != fmt.Sprint(netHTTP) || fmt.Sprint(fast) != fmt.Sprint(rp) {
+			t.Errorf("%s %s answered differently:\nfast-path server: %v\nnet/http:         %v\nReverseProxy:     %v", tc.method, tc.path, fast, netHTTP, rp)
+		}
+		if tc.path == "/fields" && (fast.header.Get("X-Private") != "" || fast.header.Get("Keep-Alive") != "" || len(fast.header["Set-Cookie"]) != 2 ||
+			fast.header.Get("Date") != "Mon, 02 Jan 2006 15:04:05 GMT") {
+			t.Errorf("%s /fields: fields %v; want both cookies and the app's Date, and no hop-by-hop fields", tc.method, fast.header)
+		}
+	}
+}
+
 func TestCanForwardDirect(t *testing.T) {
 	for _, tc := range []struct {
 		name   string

@@ -84,7 +84,8 @@ type nodeConn struct {
 	body     fixedBody        // the response body being read
 	lr       io.LimitedReader // bounds body, kept here so as not to allocate
 	wbuf     []byte           // the request being written
-	hdr      []string         // a proxied response's header lines, reused
+	hdr      []string         // a proxied response's header fields, reused
+	lines    []byte           // and those passed on, as lines
 	since    time.Time        // when the request it last served started
 	deadline time.Time        // set on conn; zero: none
 }

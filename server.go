@@ -187,6 +187,7 @@ type serverConn struct {
 	body   []byte // the body held back
 	header http.Header
 	keys   []string // header keys, sorted
+	lines  []byte   // header lines a handler passed as they are
 }
 
 // serve answers requests until the connection closes, is handed to

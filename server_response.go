@@ -2,6 +2,7 @@ package main
 
 import (
 	"bufio"
+	"bytes"
 	"errors"
 	"fmt"
 	"net"
@@ -26,6 +27,7 @@ type response struct {
 	declared   int64  // the handler's Content-Length, or -1
 	written    int64  // body bytes the handler wrote
 	body       []byte // body held back while not streaming
+	lines      []byte // header lines from writeHeaderLines, after Header()'s
 	streaming  bool   // the head is out; the body goes as it is written
 	chunked    bool
 	closeAfter bool // the connection closes after this response
@@ -74,6 +76,38 @@ func (w *response) WriteHeader(code int) {
 	if hasToken(firstValue(w.header["Connection"]), "close") {
 		w.closeAfter = true
 	}
+}
+
+// writeHeaderLines is WriteHeader for a head whose fields the handler has
+// as lines already, "Name: value\r\n" each, with canonical names, valid
+// names and values, and no framing or hop-by-hop fields. They go out after
+// Header()'s fields, with no map in between: the proxy passes a node's
+// head on this way. length is the body's stated length, or -1.
+func (w *response) writeHeaderLines(code int, lines []byte, length int64) {
+	if w.status != 0 || w.hijacked || code < 200 {
+		return
+	}
+	w.lines = append(w.c.lines[:0], lines...) // lines' buffer is not ours to keep
+	w.c.lines = w.lines[:0]
+	w.WriteHeader(code)
+	if length >= 0 {
+		w.declared = length
+	}
+}
+
+// hasField reports whether header lines hold a field named name.
+func hasField(lines []byte, name string) bool {
+	for len(lines) > 0 {
+		if len(lines) > len(name) && lines[len(name)] == ':' && string(lines[:len(name)]) == name {
+			return true
+		}
+		i := bytes.IndexByte(lines, '\n')
+		if i < 0 {
+			break
+		}
+		lines = lines[i+1:]
+	}
+	return false
 }
 
 func (w *response) Write(p []byte) (int, error) {
@@ -230,7 +264,8 @@ func (w *response) appendHead(b []byte, code int, length int64) []byte {
 	b = append(b, http.StatusText(code)...)
 	b = append(b, "\r\n"...)
 	final := code >= 200 || code == http.StatusSwitchingProtocols
-	if _, ok := w.header["Content-Type"]; !ok && final && len(w.body) > 0 && firstValue(w.header["Content-Encoding"]) == "" {
+	if _, ok := w.header["Content-Type"]; !ok && final && len(w.body) > 0 && firstValue(w.header["Content-Encoding"]) == "" &&
+		!hasField(w.lines, "Content-Type") && !hasField(w.lines, "Content-Encoding") {
 		w.header["Content-Type"] = []string{http.DetectContentType(w.body)}
 	}
 	keys := w.c.keys[:0]
@@ -256,7 +291,8 @@ func (w *response) appendHead(b []byte, code int, length int64) []byte {
 	if !final {
 		return append(b, "\r\n"...)
 	}
-	if _, ok := w.header["Date"]; !ok {
+	b = append(b, w.lines...)
+	if _, ok := w.header["Date"]; !ok && !hasField(w.lines, "Date") {
 		b = append(b, "Date: "...)
 		now := w.now
 		if now.IsZero() {
