@@ -809,3 +809,37 @@ func BenchmarkReadResponseHead(b *testing.B) {
 		})
 	}
 }
+
+// TestRPCAnswersAlikeOnBothServers calls /rpc through the fast-path server
+// (which takes the answer's one field as a ready line) and through
+// net/http: same status, fields and body, for a result and an error.
+func TestRPCAnswersAlikeOnBothServers(t *testing.T) {
+	s, viaNetHTTP := testSidecar(t, nil)
+	_, fastAddr := startFastServer(t, s.routes(), nil)
+	app := newJSONRPCApp(t, "n1")
+	register(t, s, "go.micro.srv.alike", app.addr())
+	ask := func(base, form string) string {
+		t.Helper()
+		resp, err := http.Post(base+"/rpc", "application/x-www-form-urlencoded", strings.NewReader(form))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		h := resp.Header.Clone()
+		h.Del("Date")
+		return fmt.Sprint(resp.StatusCode, " ", h, " ", resp.ContentLength, " ", string(b))
+	}
+	for _, form := range []string{
+		`service=go.micro.srv.alike&method=Example.Call&request={"name":"John"}`,
+		`service=go.micro.srv.missing&method=Example.Call&request={}`,
+	} {
+		fast, netHTTP := ask("http://"+fastAddr, form), ask(viaNetHTTP.URL, form)
+		if fast != netHTTP {
+			t.Errorf("%s:\nfast-path server: %s\nnet/http:         %s", form, fast, netHTTP)
+		}
+		if strings.Contains(form, "alike") && !strings.HasPrefix(fast, "200 map[Content-Length:[40] Content-Type:[application/json]] 40 ") {
+			t.Errorf("%s: %s; want 200 with its length and Content-Type: application/json", form, fast)
+		}
+	}
+}
