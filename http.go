@@ -13,6 +13,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/net/websocket"
@@ -300,19 +301,18 @@ func bearerToken(r *http.Request) (string, bool) {
 // request is refused at once with 503 and Retry-After rather than queued, so
 // a flood cannot pile up goroutines and memory.
 func limitInFlight(max int, next http.Handler) http.Handler {
-	slots := make(chan struct{}, max)
+	var inFlight atomic.Int64 // a counter, not a channel of slots: two atomic adds per request
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if isUpgrade(r) || r.URL.Path == "/health" {
 			next.ServeHTTP(w, r)
 			return
 		}
-		select {
-		case slots <- struct{}{}:
-			defer func() { <-slots }()
-			next.ServeHTTP(w, r)
-		default:
+		defer inFlight.Add(-1)
+		if inFlight.Add(1) > int64(max) {
 			w.Header().Set("Retry-After", "1")
 			writeError(w, http.StatusServiceUnavailable, "too many requests in flight ("+strconv.Itoa(max)+", --max_inflight); retry shortly")
+			return
 		}
+		next.ServeHTTP(w, r)
 	})
 }
