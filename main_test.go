@@ -407,8 +407,8 @@ func TestRegistrationTTLAndDeregister(t *testing.T) {
 	waitFor(t, 5*time.Second, "the 1s registration to expire", func() bool { return lookup(t, p, "short") == nil })
 
 	do(t, "POST", p.url("/registry"), "", svc)
-	if code, body := do(t, "DELETE", p.url("/registry"), "", `{"name":"short","nodes":[{"id":"s1"}]}`); code != 200 {
-		t.Fatalf("deregister: %d %s", code, body)
+	if code, body := do(t, "DELETE", p.url("/registry"), "", `{"name":"short","nodes":[{"id":"s1"}]}`); code != 200 || strings.Contains(body, "null") {
+		t.Fatalf("deregister: %d %s; want 200 echoing the service with {} for empty metadata", code, body)
 	}
 	if lookup(t, p, "short") != nil {
 		t.Error("deregistered node still found")

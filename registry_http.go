@@ -133,6 +133,12 @@ func decodeDeregistration(body []byte) (Service, error) {
 		if svc.Nodes[i].ID = strings.TrimSpace(svc.Nodes[i].ID); svc.Nodes[i].ID == "" {
 			return Service{}, fmt.Errorf("nodes[%d]: id is required", i)
 		}
+		if svc.Nodes[i].Metadata == nil {
+			svc.Nodes[i].Metadata = map[string]string{} // echoed as {} like every other answer
+		}
+	}
+	if svc.Metadata == nil {
+		svc.Metadata = map[string]string{}
 	}
 	return svc, nil
 }
