@@ -415,28 +415,28 @@ func readResponseHeader(br *bufio.Reader, header *[]string) (responseHead, error
 		if !ok {
 			return h, fmt.Errorf("%w: header line %q", errMalformedResponse, truncate(string(line), 64))
 		}
-		value = bytes.Trim(value, " \t")
+		value = trimOWS(value)
 		if header != nil {
 			if !validToken(string(name)) || !validFieldValue(string(value)) {
 				return h, fmt.Errorf("%w: header line %q", errMalformedResponse, truncate(string(line), 64))
 			}
 			*header = append(*header, internHeaderName(name), internHeadValue(value))
 		}
-		switch {
-		case bytes.EqualFold(name, []byte("Content-Type")):
+		switch { // by length first: EqualFold on every name costs more than the rest
+		case len(name) == len("Content-Type") && bytes.EqualFold(name, []byte("Content-Type")):
 			h.contentType = internHeadValue(value)
-		case bytes.EqualFold(name, []byte("Content-Length")):
+		case len(name) == len("Content-Length") && bytes.EqualFold(name, []byte("Content-Length")):
 			n := parseDigits(value)
 			if n < 0 || h.contentLength >= 0 && h.contentLength != n {
 				return h, fmt.Errorf("%w: Content-Length %q", errMalformedResponse, truncate(string(value), 64))
 			}
 			h.contentLength = n
-		case bytes.EqualFold(name, []byte("Transfer-Encoding")):
+		case len(name) == len("Transfer-Encoding") && bytes.EqualFold(name, []byte("Transfer-Encoding")):
 			h.chunked = hasToken(string(value), "chunked")
 			if !h.chunked {
 				h.close = true // an unknown coding: read to the end
 			}
-		case bytes.EqualFold(name, []byte("Connection")):
+		case len(name) == len("Connection") && bytes.EqualFold(name, []byte("Connection")):
 			if hasToken(string(value), "close") {
 				h.close = true
 			} else if hasToken(string(value), "keep-alive") {

@@ -169,7 +169,7 @@ const (
 )
 
 // trimOWS trims the optional white space around a field value.
-func trimOWS(s string) string {
+func trimOWS[T string | []byte](s T) T {
 	for len(s) > 0 && (s[0] == ' ' || s[0] == '\t') {
 		s = s[1:]
 	}
