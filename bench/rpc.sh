@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
 # Benchmark of RPC and the proxy against the app called directly and nginx
 # proxying to the same app, in one run with the same load tool, connections
-# and duration. Loopback only; bounded in time (about 4 x DURATION for wrk
-# plus 4 x RATE_DURATION for the fixed-rate row).
+# and duration. Loopback only; bounded in time (about 4 x ROUNDS x DURATION
+# for wrk plus 4 x RATE_DURATION for the fixed-rate row).
 #
 # The load tools run on CPU 0; everything under test (app, sidecar, nginx)
 # shares CPU 1 (taskset), so that the load tool does not steal from them.
+# With ROUNDS above 1 the four saturation runs take turns ROUNDS times and
+# each figure is the median of its rounds: on a shared machine a burst of
+# other work then skews one round, not the ratio.
 #
 #   bench/rpc.sh                       # defaults below
 #   DURATION=5s CONNS=32 bench/rpc.sh
+#   ROUNDS=3 DURATION=5s bench/rpc.sh
 #
 # Needs: go, wrk, nginx (Debian's nginx-light), taskset (util-linux).
 set -euo pipefail
@@ -19,6 +23,7 @@ CONNS=${CONNS:-32}
 RATE=${RATE:-1000}
 RATE_CONNS=${RATE_CONNS:-16}
 RATE_DURATION=${RATE_DURATION:-10s}
+ROUNDS=${ROUNDS:-1}
 LOAD_CPU=${LOAD_CPU:-0}
 TEST_CPU=${TEST_CPU:-1}
 
@@ -114,40 +119,54 @@ hwm_kb() { awk '/^VmHWM/{print $2}' "/proc/$1/status"; }
 TCK=$(getconf CLK_TCK)
 secs() { awk -v d="$1" 'BEGIN{ if (d ~ /ms$/) print substr(d,1,length(d)-2)/1000; else if (d ~ /s$/) print substr(d,1,length(d)-1); else print d }'; }
 
-declare -A RPS P50 P99 CPU RSS PERREQ
+declare -A RPS P50 P99 CPU RSS PERREQ # each a list, a value per round
+ms() { awk -v d="$1" 'BEGIN{ if (d ~ /us$/) printf "%.3f", substr(d,1,length(d)-2)/1000; else if (d ~ /ms$/) printf "%.3f", substr(d,1,length(d)-2); else if (d ~ /s$/) printf "%.3f", 1000*substr(d,1,length(d)-1); else print d }'; }
+median() { # of a list of numbers, with as many decimals as they have
+  tr ' ' '\n' <<<"$1" | grep . | sort -g | awk '{v[NR]=$1; n=split($1, p, "."); if (n > 1 && length(p[2]) > d) d=length(p[2])}
+    END{ m = NR%2 ? v[(NR+1)/2] : (v[NR/2]+v[NR/2+1])/2; printf "%.*f\n", d, m }'
+}
 run_wrk() { # name url script [pid of the hop, default the sidecar]
-  local t0 t1 pid=${4:-$SC_PID} n
+  local t0 t1 pid=${4:-$SC_PID} n out=$tmp/wrk-$1.txt
   t0=$(cpu_ticks "$pid")
-  taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d"$DURATION" --latency -s "$3" "$2" >"$tmp/wrk-$1.txt"
+  taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d"$DURATION" --latency -s "$3" "$2" >"$out"
   t1=$(cpu_ticks "$pid")
-  n=$(awk '/requests in/{print $1}' "$tmp/wrk-$1.txt")
-  PERREQ[$1]=$(awk -v a="$t0" -v b="$t1" -v t="$TCK" -v n="$n" 'BEGIN{printf "%.1f us", 1e6*(b-a)/t/n}')
-  RPS[$1]=$(awk '/^Requests\/sec/{print $2}' "$tmp/wrk-$1.txt")
-  P50[$1]=$(awk '$1=="50%"{print $2}' "$tmp/wrk-$1.txt")
-  P99[$1]=$(awk '$1=="99%"{print $2}' "$tmp/wrk-$1.txt")
-  CPU[$1]=$(awk -v a="$t0" -v b="$t1" -v t="$TCK" -v d="$(secs "$DURATION")" 'BEGIN{printf "%.0f%%", 100*(b-a)/t/d}')
-  RSS[$1]=$(( $(rss_kb "$SC_PID") / 1024 ))
-  if grep -q "Non-2xx" "$tmp/wrk-$1.txt"; then echo "bench: $1 had errors:"; cat "$tmp/wrk-$1.txt"; fi
+  n=$(awk '/requests in/{print $1}' "$out")
+  PERREQ[$1]+=" $(awk -v a="$t0" -v b="$t1" -v t="$TCK" -v n="$n" 'BEGIN{printf "%.2f", 1e6*(b-a)/t/n}')"
+  RPS[$1]+=" $(awk '/^Requests\/sec/{print $2}' "$out")"
+  P50[$1]+=" $(ms "$(awk '$1=="50%"{print $2}' "$out")")"
+  P99[$1]+=" $(ms "$(awk '$1=="99%"{print $2}' "$out")")"
+  CPU[$1]+=" $(awk -v a="$t0" -v b="$t1" -v t="$TCK" -v d="$(secs "$DURATION")" 'BEGIN{printf "%.0f", 100*(b-a)/t/d}')"
+  RSS[$1]+=" $(( $(rss_kb "$SC_PID") / 1024 ))"
+  if grep -q "Non-2xx" "$out"; then echo "bench: $1 had errors:"; cat "$out"; fi
 }
 
 echo "# micro sidecar benchmark, $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) CPUs, $(go version | awk '{print $3}'), $(nginx -v 2>&1 | sed 's/.*\///')"
-echo "# wrk -t1 -c$CONNS -d$DURATION on CPU $LOAD_CPU; app, sidecar and nginx on CPU $TEST_CPU"
-run_wrk direct "http://127.0.0.1:$APP_PORT/" "$JSON_LUA"
-run_wrk rpc "http://127.0.0.1:$SC_PORT/rpc" "$FORM_LUA"
-run_wrk proxy "http://127.0.0.1:$SC_PORT/proxy/go.micro.srv.bench/" "$JSON_LUA"
-run_wrk nginx "http://127.0.0.1:$NGINX_PORT/" "$JSON_LUA" "${NGINX_WORKER:-$NGINX_PID}"
+echo "# wrk -t1 -c$CONNS -d$DURATION on CPU $LOAD_CPU; app, sidecar and nginx on CPU $TEST_CPU; median of $ROUNDS round(s)"
+for _ in $(seq "$ROUNDS"); do
+  run_wrk direct "http://127.0.0.1:$APP_PORT/" "$JSON_LUA"
+  run_wrk rpc "http://127.0.0.1:$SC_PORT/rpc" "$FORM_LUA"
+  run_wrk proxy "http://127.0.0.1:$SC_PORT/proxy/go.micro.srv.bench/" "$JSON_LUA"
+  run_wrk nginx "http://127.0.0.1:$NGINX_PORT/" "$JSON_LUA" "${NGINX_WORKER:-$NGINX_PID}"
+done
+declare -A MRPS
+for k in direct rpc proxy nginx; do MRPS[$k]=$(median "${RPS[$k]}"); done
 
 echo
 echo "| path | requests/s | vs direct | vs nginx | p50 | p99 | sidecar CPU | sidecar RSS | CPU per request of the hop |"
 echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
 for k in direct rpc proxy nginx; do
-  ratio=$(awk -v a="${RPS[$k]}" -v b="${RPS[direct]}" 'BEGIN{printf "%.2f", a/b}')
-  vsng=$(awk -v a="${RPS[$k]}" -v b="${RPS[nginx]}" 'BEGIN{printf "%.2f", a/b}')
-  cpu=${CPU[$k]}; rss="${RSS[$k]} MB"; per=${PERREQ[$k]}
+  ratio=$(awk -v a="${MRPS[$k]}" -v b="${MRPS[direct]}" 'BEGIN{printf "%.2f", a/b}')
+  vsng=$(awk -v a="${MRPS[$k]}" -v b="${MRPS[nginx]}" 'BEGIN{printf "%.2f", a/b}')
+  cpu="$(median "${CPU[$k]}")%"; rss="$(median "${RSS[$k]}") MB"; per="$(median "${PERREQ[$k]}") us"
   [ "$k" = rpc ] || [ "$k" = proxy ] || { cpu="-"; rss="-"; }
   [ "$k" = direct ] && { vsng="-"; per="-"; }
-  echo "| $k | ${RPS[$k]} | $ratio | $vsng | ${P50[$k]} | ${P99[$k]} | $cpu | $rss | $per |"
+  echo "| $k | ${MRPS[$k]} | $ratio | $vsng | $(median "${P50[$k]}") ms | $(median "${P99[$k]}") ms | $cpu | $rss | $per |"
 done
+if [ "$ROUNDS" -gt 1 ]; then
+  echo
+  echo "requests/s per round:"
+  for k in direct rpc proxy nginx; do echo "  $k:${RPS[$k]}"; done
+fi
 
 echo
 echo "# fixed rate: $RATE requests/s over $RATE_CONNS connections for $RATE_DURATION (bench/loadgen on CPU $LOAD_CPU)"
