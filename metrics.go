@@ -45,7 +45,7 @@ func (m *metrics) add(f family) {
 // counter registers a counter family with the given label names.
 func (m *metrics) counter(name, help string, labels ...string) *counterVec {
 	c := &counterVec{desc: desc{n: name, help: help, labels: labels},
-		series: newSeriesSet(func(values []string) *counterSeries { return &counterSeries{values: values} })}
+		series: seriesSet[counterSeries]{newFn: func(values []string) *counterSeries { return &counterSeries{values: values} }}}
 	m.add(c)
 	return c
 }
@@ -64,9 +64,9 @@ func (m *metrics) counterFunc(name, help string, labels []string, read func() []
 // histogram registers a histogram family with the given bucket bounds.
 func (m *metrics) histogram(name, help string, buckets []float64, labels ...string) *histogramVec {
 	h := &histogramVec{desc: desc{n: name, help: help, labels: labels}, buckets: buckets,
-		series: newSeriesSet(func(values []string) *histSeries {
+		series: seriesSet[histSeries]{newFn: func(values []string) *histSeries {
 			return &histSeries{values: values, counts: make([]uint64, len(buckets))}
-		})}
+		}}}
 	m.add(h)
 	return h
 }
@@ -145,58 +145,65 @@ func overflowValues(n int) []string {
 
 // seriesSet holds the series of one family, keyed by label values and
 // capped at maxSeries: past the cap, new combinations share the "_other"
-// series.
+// series. Every request looks series up and almost none adds one, so the
+// map is copied on write and read without a lock.
 type seriesSet[T any] struct {
-	mu     sync.RWMutex // guards series
-	series map[string]*T
+	series atomic.Pointer[map[string]*T] // nil, or never changed once stored
+	mu     sync.Mutex                    // serialises writers
 	newFn  func(values []string) *T
 }
 
-func newSeriesSet[T any](newFn func(values []string) *T) seriesSet[T] {
-	return seriesSet[T]{series: map[string]*T{}, newFn: newFn}
+// load returns the current map, nil before the first series.
+func (ss *seriesSet[T]) load() map[string]*T {
+	if p := ss.series.Load(); p != nil {
+		return *p
+	}
+	return nil
 }
 
 // get returns the series for values, creating it if needed.
 func (ss *seriesSet[T]) get(values []string) *T {
 	var arr [128]byte // the key of an existing series is built here, not on the heap
 	kb := appendSeriesKey(arr[:0], values)
-	ss.mu.RLock()
-	s := ss.series[string(kb)]
-	ss.mu.RUnlock()
-	if s != nil {
+	if s := ss.load()[string(kb)]; s != nil {
 		return s
 	}
 	k := string(kb)
 	ss.mu.Lock()
 	defer ss.mu.Unlock()
-	if s = ss.series[k]; s != nil {
+	old := ss.load()
+	if s := old[k]; s != nil {
 		return s
 	}
-	if len(ss.series) >= maxSeries {
+	if len(old) >= maxSeries {
 		values = overflowValues(len(values))
 		k = seriesKey(values)
-		if s = ss.series[k]; s != nil {
+		if s := old[k]; s != nil {
 			return s
 		}
 	}
-	s = ss.newFn(append([]string(nil), values...))
-	ss.series[k] = s
+	s := ss.newFn(append([]string(nil), values...))
+	m := make(map[string]*T, len(old)+1)
+	for key, v := range old {
+		m[key] = v
+	}
+	m[k] = s
+	ss.series.Store(&m)
 	return s
 }
 
 // sorted returns every series in label-value order, for stable output.
 func (ss *seriesSet[T]) sorted() []*T {
-	ss.mu.RLock()
-	keys := make([]string, 0, len(ss.series))
-	for k := range ss.series {
+	series := ss.load()
+	keys := make([]string, 0, len(series))
+	for k := range series {
 		keys = append(keys, k)
 	}
 	sort.Strings(keys)
 	out := make([]*T, len(keys))
 	for i, k := range keys {
-		out[i] = ss.series[k]
+		out[i] = series[k]
 	}
-	ss.mu.RUnlock()
 	return out
 }
 
