@@ -714,6 +714,12 @@ func (r *registry) Deregister(s Service) error {
 // GetService returns the live versions of a service.
 func (r *registry) GetService(name string) ([]Service, error) { return r.table.lookup(name, r.now()) }
 
+// GetServiceAt is GetService as of now, for a request that has read the
+// clock already.
+func (r *registry) GetServiceAt(name string, now time.Time) ([]Service, error) {
+	return r.table.lookup(name, now)
+}
+
 // ListServices returns every live service version.
 func (r *registry) ListServices() []Service { return r.table.list(r.now()) }
 
