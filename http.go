@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"crypto/sha256"
 	"crypto/subtle"
@@ -58,6 +59,13 @@ func allowMethods(w http.ResponseWriter, r *http.Request, methods ...string) boo
 // readBody reads a request body of at most limit bytes, answering 413 or 400
 // itself when it cannot.
 func readBody(w http.ResponseWriter, r *http.Request, limit int64) ([]byte, bool) {
+	return readBodyInto(w, r, limit, nil)
+}
+
+// readBodyInto is readBody appending to buf, when it is not nil, rather
+// than to memory of its own: a handler that keeps a pooled buffer for the
+// request saves an allocation. The body is valid until buf is next written.
+func readBodyInto(w http.ResponseWriter, r *http.Request, limit int64, buf *bytes.Buffer) ([]byte, bool) {
 	if r.ContentLength > limit {
 		writeError(w, http.StatusRequestEntityTooLarge, "request body larger than "+itoa(limit)+" bytes (--max_body_bytes)")
 		return nil, false
@@ -66,15 +74,32 @@ func readBody(w http.ResponseWriter, r *http.Request, limit int64) ([]byte, bool
 		// The usual case, a small stated length: one read into a buffer of
 		// that size. Larger bodies grow as they arrive, so that a length
 		// alone reserves no memory.
-		body := make([]byte, r.ContentLength)
+		var body []byte
+		if buf != nil {
+			buf.Grow(int(r.ContentLength))
+			body = buf.AvailableBuffer()[:r.ContentLength]
+		} else {
+			body = make([]byte, r.ContentLength)
+		}
 		if _, err := io.ReadFull(r.Body, body); err != nil {
 			writeError(w, http.StatusBadRequest, "reading request body: "+err.Error())
 			return nil, false
 		}
+		if buf != nil {
+			buf.Write(body) // in place: marks the bytes used
+		}
 		return body, true
 	}
 	r.Body = http.MaxBytesReader(w, r.Body, limit)
-	body, err := io.ReadAll(r.Body)
+	var body []byte
+	var err error
+	if buf != nil {
+		start := buf.Len()
+		_, err = buf.ReadFrom(r.Body)
+		body = buf.Bytes()[start:]
+	} else {
+		body, err = io.ReadAll(r.Body)
+	}
 	var tooBig *http.MaxBytesError
 	switch {
 	case errors.As(err, &tooBig):

@@ -305,9 +305,9 @@ func parseRPCForm(body []byte) (rpcForm, error) {
 		seen[i] = true
 		switch i {
 		case 0:
-			f.service = string(value)
+			f.service = callNames.get(value)
 		case 1:
-			f.method = string(value)
+			f.method = callNames.get(value)
 		case 2:
 			f.address = string(value)
 		case 3:
@@ -315,6 +315,54 @@ func parseRPCForm(body []byte) (rpcForm, error) {
 		}
 	}
 	return f, nil
+}
+
+// callNames keeps the service and method names of form calls: a few
+// values repeated on every call, looked up rather than allocated each time.
+var callNames interner
+
+// interner hands out one string per distinct short value, for the first
+// maxInterned values seen; values past those are allocated as usual, so
+// that names a caller makes up cannot grow it. It is read without a lock:
+// the map is copied when a value is added, which stops once it is full.
+type interner struct {
+	m  atomic.Pointer[map[string]string] // nil, or never changed once stored
+	mu sync.Mutex                        // serialises writers
+}
+
+const (
+	maxInterned    = 256
+	maxInternedLen = 128
+)
+
+func (in *interner) get(b []byte) string {
+	if s, ok := in.load()[string(b)]; ok {
+		return s
+	}
+	s := string(b)
+	if len(b) > maxInternedLen || len(in.load()) >= maxInterned {
+		return s
+	}
+	in.mu.Lock()
+	defer in.mu.Unlock()
+	cur := in.load()
+	if len(cur) >= maxInterned {
+		return s
+	}
+	next := make(map[string]string, len(cur)+1)
+	for k, v := range cur {
+		next[k] = v
+	}
+	next[s] = s
+	in.m.Store(&next)
+	return s
+}
+
+func (in *interner) load() map[string]string {
+	if p := in.m.Load(); p != nil {
+		return *p
+	}
+	return nil
 }
 
 // jsonBody says whether a body is JSON: by its content type, or, without
@@ -530,7 +578,7 @@ type caller struct {
 	log    *slog.Logger
 	timing *histogramVec // call durations by service and result; may be nil
 	ids    atomic.Uint64
-	bufs   sync.Pool // *bytes.Buffer for envelopes and replies; buffers over 64 KiB are dropped
+	bufs   sync.Pool // *bytes.Buffer for a call's body, envelope and reply; buffers over 64 KiB are dropped
 }
 
 func newCaller(cfg rpcConfig, reg *registry, sel *selector, log *slog.Logger) *caller {
@@ -572,7 +620,9 @@ func (s *sidecar) handleRPC(w http.ResponseWriter, r *http.Request) {
 	if !allowMethods(w, r, http.MethodPost) {
 		return
 	}
-	body, ok := readBody(w, r, s.rpc.cfg.MaxBodyBytes)
+	buf := s.rpc.getBuf()
+	defer s.rpc.putBuf(buf)
+	body, ok := readBodyInto(w, r, s.rpc.cfg.MaxBodyBytes, buf)
 	if !ok {
 		return
 	}
@@ -589,7 +639,7 @@ func (s *sidecar) handleRPC(w http.ResponseWriter, r *http.Request) {
 		writeCallError(w, err)
 		return
 	}
-	s.rpc.serve(w, r, call)
+	s.rpc.serve(w, r, call, buf)
 }
 
 // handlePath serves POST /{service}/{method}, mapped as apiRoute says.
@@ -603,7 +653,9 @@ func (s *sidecar) handlePath(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusNotFound, detail)
 		return
 	}
-	body, ok := readBody(w, r, s.rpc.cfg.MaxBodyBytes)
+	buf := s.rpc.getBuf()
+	defer s.rpc.putBuf(buf)
+	body, ok := readBodyInto(w, r, s.rpc.cfg.MaxBodyBytes, buf)
 	if !ok {
 		return
 	}
@@ -612,11 +664,13 @@ func (s *sidecar) handlePath(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusBadRequest, err.Error())
 		return
 	}
-	s.rpc.serve(w, r, rpcCall{Service: service, Method: method, Request: req})
+	s.rpc.serve(w, r, rpcCall{Service: service, Method: method, Request: req}, buf)
 }
 
 // serve makes the call under its deadline and writes the result or error.
-func (c *caller) serve(w http.ResponseWriter, r *http.Request, call rpcCall) {
+// buf holds the request body, which call's fields may share; the envelope
+// and the reply are written after it.
+func (c *caller) serve(w http.ResponseWriter, r *http.Request, call rpcCall, buf *bytes.Buffer) {
 	timeout, shortened := c.cfg.Timeout, false
 	if h := r.Header.Get("Timeout"); h != "" {
 		d, err := parseTimeout(h)
@@ -637,8 +691,6 @@ func (c *caller) serve(w http.ResponseWriter, r *http.Request, call rpcCall) {
 		ctx, cancel = context.WithDeadline(ctx, deadline)
 		defer cancel()
 	}
-	buf := c.getBuf()
-	defer c.putBuf(buf)
 	result, err := c.call(ctx, start, deadline, r.Header, call, shortened, buf)
 	c.observe(requestNow(w).Sub(start), call.Service, err)
 	if err != nil {
@@ -711,7 +763,7 @@ func (c *caller) call(ctx context.Context, start, deadline time.Time, in http.He
 		host, port, _ := splitAddress(call.Address, 0) // checked by validate
 		nodes = []Node{{ID: call.Address, Address: host, Port: port}}
 	} else {
-		versions, err := c.reg.GetService(call.Service)
+		versions, err := c.reg.GetServiceAt(call.Service, start)
 		if err != nil {
 			return nil, callErrorf(http.StatusNotFound, "service %s not found", call.Service)
 		}
@@ -721,8 +773,9 @@ func (c *caller) call(ctx context.Context, start, deadline time.Time, in http.He
 		}
 	}
 	id := c.ids.Add(1)
+	mark := buf.Len()
 	buf.Write(appendEnvelope(buf.AvailableBuffer(), id, call.Method, call.Request))
-	envelope := buf.Bytes() // the reply is read into buf after it
+	envelope := buf.Bytes()[mark:] // the reply is read into buf after it
 
 	var triedArr [4]nodeKey
 	tried := triedArr[:0]

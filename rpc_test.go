@@ -19,6 +19,7 @@ import (
 	"syscall"
 	"testing"
 	"time"
+	"unsafe"
 )
 
 func TestAPIRoute(t *testing.T) {
@@ -124,6 +125,30 @@ func TestParseRPCRequest(t *testing.T) {
 				t.Errorf("parseRPCRequest(%q, %q) = %+v (request %s), %v; want %+v (request %s)", tc.ct, tc.body, got, got.Request, err, tc.want, tc.want.Request)
 			}
 		})
+	}
+}
+
+func TestInternerIsBounded(t *testing.T) {
+	var in interner
+	first := in.get([]byte("go.micro.srv.example"))
+	if again := in.get([]byte("go.micro.srv.example")); unsafe.StringData(again) != unsafe.StringData(first) {
+		t.Error("a name seen before was allocated again")
+	}
+	for i := range maxInterned + 10 {
+		v := fmt.Sprintf("name-%d", i)
+		if got := in.get([]byte(v)); got != v {
+			t.Fatalf("get(%q) = %q", v, got)
+		}
+	}
+	if n := len(in.load()); n != maxInterned {
+		t.Errorf("%d names kept; want the first %d", n, maxInterned)
+	}
+	long := strings.Repeat("a", maxInternedLen+1)
+	if got := in.get([]byte(long)); got != long {
+		t.Errorf("a long name came back as %q", got)
+	}
+	if _, kept := in.load()[long]; kept {
+		t.Error("a name longer than maxInternedLen was kept")
 	}
 }
 
@@ -438,6 +463,37 @@ func TestCallHeadersAndResult(t *testing.T) {
 	fmt.Sscan(app.lastHeader("Timeout"), &ns)
 	if d := time.Duration(ns); d <= time.Second || d > 1500*time.Millisecond {
 		t.Errorf("Timeout at the app: %q; want the remaining deadline in nanoseconds, under 1.5s", app.lastHeader("Timeout"))
+	}
+}
+
+// TestCallBodiesShareNoBuffer makes calls whose bodies, envelopes and
+// replies come from pooled buffers: long and short bodies in turn, with a
+// stated length and chunked, form and JSON. Each reply must carry its own
+// request, not bytes left in a buffer by the call before.
+func TestCallBodiesShareNoBuffer(t *testing.T) {
+	s, srv := testSidecar(t, nil)
+	app := newJSONRPCApp(t, "a")
+	register(t, s, "go.micro.srv.echo", app.addr())
+	long := strings.Repeat("x", 3000)
+	for i, body := range []string{`{"n":"` + long + `"}`, `{"n":1}`, `{"n":"` + long[:700] + `"}`, `{}`} {
+		want := `{"node":"a","params":[` + body + `]}`
+		if code, got := post(t, srv.URL+"/rpc", form, "service=go.micro.srv.echo&method=Echo.Call&request="+body); code != 200 || got != want {
+			t.Fatalf("call %d by form: %d %.80s; want 200 %.80s", i, code, got, want)
+		}
+		if code, got := post(t, srv.URL+"/echo/call", "application/json", body); code != 200 || got != want {
+			t.Fatalf("call %d by path: %d %.80s; want 200 %.80s", i, code, got, want)
+		}
+		req, _ := http.NewRequest("POST", srv.URL+"/rpc", io.MultiReader(strings.NewReader(`{"service":"go.micro.srv.echo","method":"Echo.Call","request":`), strings.NewReader(body+"}")))
+		req.Header.Set("Content-Type", "application/json")
+		resp, err := http.DefaultClient.Do(req) // no length: sent chunked
+		if err != nil {
+			t.Fatal(err)
+		}
+		got, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != 200 || string(got) != want {
+			t.Fatalf("call %d chunked: %d %.80s; want 200 %.80s", i, resp.StatusCode, got, want)
+		}
 	}
 }
 
