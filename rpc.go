@@ -274,7 +274,8 @@ type rpcForm struct {
 // shares body's bytes.
 func parseRPCForm(body []byte) (rpcForm, error) {
 	var f rpcForm
-	if bytes.ContainsAny(body, "%+;") {
+	// Three vectorised scans cost less than ContainsAny's byte-by-byte one.
+	if bytes.IndexByte(body, '%') >= 0 || bytes.IndexByte(body, '+') >= 0 || bytes.IndexByte(body, ';') >= 0 {
 		form, err := url.ParseQuery(string(body))
 		if err != nil {
 			return f, err
