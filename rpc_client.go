@@ -125,11 +125,9 @@ func (nc *nodeClient) get(addr string, now time.Time) *nodeConn {
 		}
 		c := list[len(list)-1]
 		list[len(list)-1] = nil
-		if len(list) == 1 {
-			delete(nc.idle, addr)
-		} else {
-			nc.idle[addr] = list[:len(list)-1]
-		}
+		// An emptied list is kept for the next put, which would otherwise
+		// allocate a new one; sweep drops lists that stay empty.
+		nc.idle[addr] = list[:len(list)-1]
 		nc.nIdle--
 		nc.mu.Unlock()
 		if now.Sub(c.since) < nc.idleTimeout && c.sock.check() {

@@ -763,6 +763,35 @@ func TestCallConnectionReuse(t *testing.T) {
 
 // TestShutdownClosesNodeConnections: the keep-alive connections RPC and the
 // proxy hold to nodes are closed at shutdown, not left to their idle timeout.
+// TestNodePoolReusesItsLists: taking the last idle connection to an
+// address and putting it back allocates nothing, and a sweep drops the
+// lists left empty.
+func TestNodePoolReusesItsLists(t *testing.T) {
+	nc := newNodeClient()
+	a, b := net.Pipe()
+	defer a.Close()
+	defer b.Close()
+	now := time.Now()
+	nc.put("127.0.0.1:1", &nodeConn{conn: a, sock: newNodeSocket(a), since: now})
+	allocs := testing.AllocsPerRun(100, func() {
+		c := nc.get("127.0.0.1:1", now)
+		if c == nil {
+			t.Fatal("the idle connection is gone")
+		}
+		nc.put("127.0.0.1:1", c)
+	})
+	if allocs != 0 {
+		t.Errorf("%.1f allocations to take and put back a connection; want 0", allocs)
+	}
+	nc.get("127.0.0.1:1", now)
+	nc.sweep()
+	nc.mu.Lock()
+	defer nc.mu.Unlock()
+	if len(nc.idle) != 0 || nc.nIdle != 0 {
+		t.Errorf("after a sweep: %d lists, %d idle; want none", len(nc.idle), nc.nIdle)
+	}
+}
+
 func TestShutdownClosesNodeConnections(t *testing.T) {
 	s, srv := testSidecar(t, nil)
 	var open atomic.Int32
