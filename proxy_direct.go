@@ -198,25 +198,22 @@ func (p *proxy) forward(w http.ResponseWriter, r *http.Request, t *proxyTarget) 
 // ReverseProxy.
 func (p *proxy) forwardTo(ctx context.Context, now, deadline time.Time, w http.ResponseWriter, method string, node Node, line, rest []byte) (outcome, error) {
 	addr := p.direct.addrOf(node)
-	c, err := p.direct.open(ctx, now, deadline, addr)
-	if err != nil {
+	c, stop, err := p.direct.start(ctx, now, deadline, addr, func(out []byte) []byte {
+		out = append(out, line...)
+		out = append(out, addr...)
+		out = append(out, "\r\n"...)
+		return append(out, rest...)
+	})
+	if c == nil {
 		return classifyFailure(ctx, deadline, err), err
 	}
-	stop := c.guard(ctx, deadline)
 	reuse := false
 	defer func() { p.direct.release(addr, c, stop() && reuse) }()
-
-	out := append(c.wbuf[:0], line...)
-	out = append(out, addr...)
-	out = append(out, "\r\n"...)
-	out = append(out, rest...)
-	c.wbuf = out
-	if err := c.sock.send(c.conn, out); err != nil {
+	if err != nil {
 		return classifyFailure(ctx, deadline, err), err
 	}
 	header := c.hdr[:0]
 	defer func() { c.hdr = header[:0] }()
-	c.lim.n = p.direct.maxHeader
 	head, err := readResponseHeader(c.br, &header)
 	for err == nil && head.code >= 100 && head.code <= 199 {
 		if head.code == http.StatusSwitchingProtocols {

@@ -81,6 +81,7 @@ type nodeConn struct {
 	lim      limitedConn
 	br       *bufio.Reader
 	sock     *nodeSocket
+	reused   bool             // taken from the idle pool rather than dialed
 	body     fixedBody        // the response body being read
 	lr       io.LimitedReader // bounds body, kept here so as not to allocate
 	wbuf     []byte           // the request being written
@@ -92,10 +93,12 @@ type nodeConn struct {
 
 // limitedConn reads from a connection, failing once n bytes have been
 // read, n < 0 meaning no limit: response heads are bounded, bodies are
-// bounded by their reader.
+// bounded by their reader. A request queued on sock goes out with the
+// first read.
 type limitedConn struct {
-	c net.Conn
-	n int64
+	c    net.Conn
+	sock *nodeSocket
+	n    int64
 }
 
 var errHeadTooBig = errors.New("response headers too large")
@@ -107,14 +110,21 @@ func (l *limitedConn) Read(p []byte) (int, error) {
 	if l.n > 0 && int64(len(p)) > l.n {
 		p = p[:l.n]
 	}
-	n, err := l.c.Read(p)
+	var n int
+	var err error
+	if l.sock.pending() {
+		n, err = l.sock.exchange(p)
+	} else {
+		n, err = l.c.Read(p)
+	}
 	if l.n > 0 {
 		l.n -= int64(n)
 	}
 	return n, err
 }
 
-// get returns an idle connection to addr that is still open, if any.
+// get returns an idle connection to addr not idle for too long, if any;
+// whether the node has closed it shows when it is used (see nodeSocket).
 func (nc *nodeClient) get(addr string, now time.Time) *nodeConn {
 	for {
 		nc.mu.Lock()
@@ -130,7 +140,7 @@ func (nc *nodeClient) get(addr string, now time.Time) *nodeConn {
 		nc.idle[addr] = list[:len(list)-1]
 		nc.nIdle--
 		nc.mu.Unlock()
-		if now.Sub(c.since) < nc.idleTimeout && c.sock.check() {
+		if now.Sub(c.since) < nc.idleTimeout {
 			return c
 		}
 		c.conn.Close()
@@ -203,12 +213,12 @@ func (nc *nodeClient) closeIdle() {
 	}
 }
 
-// open returns an idle connection to addr that is still open, or dials one
-// by the deadline. now is about the time: a connection counts as idle
-// from the start of the request it last served.
+// open returns an idle connection to addr, or dials one by the deadline.
+// now is about the time: a connection counts as idle from the start of the
+// request it last served.
 func (nc *nodeClient) open(ctx context.Context, now, deadline time.Time, addr string) (*nodeConn, error) {
 	if c := nc.get(addr, now); c != nil {
-		c.since = now
+		c.since, c.reused = now, true
 		return c, nil
 	}
 	d := nc.dialer
@@ -218,10 +228,37 @@ func (nc *nodeClient) open(ctx context.Context, now, deadline time.Time, addr st
 		return nil, err
 	}
 	c := &nodeConn{conn: conn, sock: newNodeSocket(conn), since: now}
-	c.lim.c = conn
+	c.lim.c, c.lim.sock = conn, c.sock
 	c.br = bufio.NewReaderSize(&c.lim, 4096)
 	c.body.br = c.br
 	return c, nil
+}
+
+// errIdleClosed is an idle connection that the node closed, or sent
+// something on, while it waited in the pool. Nothing was written on it.
+var errIdleClosed = errors.New("idle connection closed by the node")
+
+// start opens a connection to addr and writes on it the request that build
+// appends to the connection's buffer, as part of reading the first bytes
+// of the answer into c.br (see nodeSocket). An idle connection the node
+// has closed is dropped for the next one. Unless c is nil (no connection
+// could be made), the caller reads the answer, at most maxHeader bytes of
+// head, and releases c, after stop.
+func (nc *nodeClient) start(ctx context.Context, now, deadline time.Time, addr string, build func(b []byte) []byte) (c *nodeConn, stop func() bool, err error) {
+	for {
+		if c, err = nc.open(ctx, now, deadline, addr); err != nil {
+			return nil, nil, err
+		}
+		stop = c.guard(ctx, deadline)
+		c.wbuf = build(c.wbuf[:0])
+		c.sock.queue(c.wbuf, c.reused)
+		c.lim.n = nc.maxHeader
+		if _, err = c.br.Peek(1); err != errIdleClosed {
+			return c, stop, err
+		}
+		stop()
+		c.conn.Close()
+	}
 }
 
 // guard ends c's I/O at the deadline (none when zero), and at once when
@@ -299,35 +336,32 @@ func (nc *nodeClient) do(ctx context.Context, now, deadline time.Time, addr stri
 			return resp, 0, errInvalidHeader(strings.Clone(req.header[i]))
 		}
 	}
-	c, err := nc.open(ctx, now, deadline, addr)
+	c, stop, err := nc.start(ctx, now, deadline, addr, func(w []byte) []byte {
+		w = append(w, "POST / HTTP/1.1\r\nHost: "...)
+		w = append(w, addr...)
+		w = append(w, "\r\nContent-Length: "...)
+		w = strconv.AppendInt(w, int64(len(req.body)), 10)
+		w = append(w, "\r\nTimeout: "...)
+		w = strconv.AppendInt(w, int64(deadline.Sub(now)), 10)
+		w = append(w, "\r\n"...)
+		for i := 0; i+1 < len(req.header); i += 2 {
+			w = append(w, req.header[i]...)
+			w = append(w, ": "...)
+			w = append(w, req.header[i+1]...)
+			w = append(w, "\r\n"...)
+		}
+		w = append(w, "\r\n"...)
+		return append(w, req.body...)
+	})
+	if c == nil {
+		return resp, 0, err
+	}
+	reuse := false
+	defer func() { nc.release(addr, c, stop() && reuse) }()
 	if err != nil {
 		return resp, 0, err
 	}
-	stop := c.guard(ctx, deadline)
-	reuse := false
-	defer func() { nc.release(addr, c, stop() && reuse) }()
 
-	w := append(c.wbuf[:0], "POST / HTTP/1.1\r\nHost: "...)
-	w = append(w, addr...)
-	w = append(w, "\r\nContent-Length: "...)
-	w = strconv.AppendInt(w, int64(len(req.body)), 10)
-	w = append(w, "\r\nTimeout: "...)
-	w = strconv.AppendInt(w, int64(deadline.Sub(now)), 10)
-	w = append(w, "\r\n"...)
-	for i := 0; i+1 < len(req.header); i += 2 {
-		w = append(w, req.header[i]...)
-		w = append(w, ": "...)
-		w = append(w, req.header[i+1]...)
-		w = append(w, "\r\n"...)
-	}
-	w = append(w, "\r\n"...)
-	w = append(w, req.body...)
-	c.wbuf = w
-	if err := c.sock.send(c.conn, w); err != nil {
-		return resp, 0, err
-	}
-
-	c.lim.n = nc.maxHeader
 	head, err := readResponseHead(c.br)
 	for err == nil && head.code >= 100 && head.code <= 199 && head.code != http.StatusSwitchingProtocols {
 		head, err = readResponseHead(c.br) // 100 Continue and the like come before the answer

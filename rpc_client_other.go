@@ -6,13 +6,24 @@ import "net"
 
 // nodeSocket cannot peek at a connection here: an idle connection the node
 // closed shows up as a failed call. Requests are written the usual way.
-type nodeSocket struct{}
+type nodeSocket struct {
+	conn net.Conn
+	out  []byte
+}
 
-func newNodeSocket(net.Conn) *nodeSocket { return &nodeSocket{} }
+func newNodeSocket(c net.Conn) *nodeSocket { return &nodeSocket{conn: c} }
+
+func (s *nodeSocket) queue(b []byte, reused bool) { s.out = b }
+
+func (s *nodeSocket) pending() bool { return s.out != nil }
+
+func (s *nodeSocket) exchange(p []byte) (int, error) {
+	b := s.out
+	s.out = nil
+	if _, err := s.conn.Write(b); err != nil {
+		return 0, err
+	}
+	return s.conn.Read(p)
+}
 
 func (*nodeSocket) check() bool { return true }
-
-func (*nodeSocket) send(c net.Conn, b []byte) error {
-	_, err := c.Write(b)
-	return err
-}

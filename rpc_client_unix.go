@@ -3,58 +3,105 @@
 package main
 
 import (
+	"io"
 	"net"
 	"os"
 	"syscall"
 )
 
-// nodeSocket does two things on a connection to a node with system calls
-// of its own. It is made once per connection, so that neither allocates.
+// nodeSocket writes a request on a connection to a node as part of the
+// first read of its answer: one pass through the network poller, with
+// system calls of its own, instead of three (a liveness peek, a write, a
+// read). It is made once per connection, so that nothing allocates per
+// call.
 //
-// alive tells whether an idle connection may be reused: the node has
-// neither closed it nor sent anything unasked. One non-blocking peek, so
-// that a connection the node closed while idle is not mistaken for a node
-// failing a call.
+// The pass runs inside RawConn.Read's callback, which the poller calls
+// after resetting its readiness state for the connection:
 //
-// send writes a request and returns once the answer starts to arrive.
-// Written with net.Conn, the reader would then try a read that fails with
-// EAGAIN (the node has not answered yet) before waiting: a system call per
-// call for nothing. Here the write happens inside RawConn.Read's callback,
-// after the poller's state for the connection is reset, so no answer can
-// be missed and the wait comes first. The connection has nothing unread
-// (alive just said so, or it is new), and the node sends nothing before it
-// has the request.
+//  1. An idle connection is peeked at first (one non-blocking byte): a
+//     node that closed it, or sent something unasked, while it was idle
+//     must not be mistaken for a node failing a call. Such a connection
+//     gets errIdleClosed, with nothing written, and the caller takes
+//     another.
+//  2. The request is written.
+//  3. The callback asks to wait for readability without trying a read:
+//     the node sends nothing before it has the request, and the reset came
+//     before the write, so the answer's arrival cannot be missed. A read
+//     tried now would fail with EAGAIN, a system call for nothing.
+//  4. Woken, it reads the answer's first bytes into the caller's buffer.
 type nodeSocket struct {
-	raw syscall.RawConn // nil when the connection has no descriptor
+	conn net.Conn
+	raw  syscall.RawConn // nil when the connection has no descriptor
 
-	alive bool
-	peek  func(fd uintptr) bool
+	out    []byte // the request to write with the next read; nil: none
+	reused bool   // the connection was idle: peek first
 
-	out     []byte // the request being sent
 	written int
-	werr    error
-	waiting bool // written: the next callback means the answer is here
-	write   func(fd uintptr) bool
+	waiting bool  // written: the next callback means the answer is here
+	stale   bool  // the peek found the idle connection closed or dirty
+	werr    error // the write's error
+	in      []byte
+	n       int   // bytes read into in
+	rerr    error // the read's error
+	step    func(fd uintptr) bool
 }
 
 func newNodeSocket(c net.Conn) *nodeSocket {
-	s := &nodeSocket{}
+	s := &nodeSocket{conn: c}
 	if sc, ok := c.(syscall.Conn); ok {
 		s.raw, _ = sc.SyscallConn()
 	}
-	var b [1]byte
-	s.peek = func(fd uintptr) bool {
-		for {
-			_, _, err := syscall.Recvfrom(int(fd), b[:], syscall.MSG_PEEK|syscall.MSG_DONTWAIT)
-			if err == syscall.EINTR {
-				continue
-			}
-			s.alive = err == syscall.EAGAIN || err == syscall.EWOULDBLOCK
-			return true // never wait for readiness
+	s.step = s.exchangeStep
+	return s
+}
+
+// queue makes the next read of the connection write b first; reused says
+// the connection was idle, and is to be checked before b goes out.
+func (s *nodeSocket) queue(b []byte, reused bool) { s.out, s.reused = b, reused }
+
+func (s *nodeSocket) pending() bool { return s.out != nil }
+
+// exchange writes the queued request and reads the first bytes of the
+// answer into p, as net.Conn's Write and Read would, errors included.
+func (s *nodeSocket) exchange(p []byte) (int, error) {
+	b := s.out
+	if s.raw == nil {
+		s.out = nil
+		if _, err := s.conn.Write(b); err != nil {
+			return 0, err
 		}
+		return s.conn.Read(p)
 	}
-	s.write = func(fd uintptr) bool {
-		if s.waiting {
+	s.written, s.waiting, s.stale, s.werr, s.in, s.n, s.rerr = 0, false, false, nil, p, 0, nil
+	err := s.raw.Read(s.step)
+	s.out, s.in = nil, nil
+	switch {
+	case s.stale:
+		return 0, errIdleClosed
+	case s.werr == syscall.EAGAIN || s.werr == syscall.EWOULDBLOCK:
+		// The socket's buffer is full: the rest goes, and the answer is
+		// read, the usual way.
+		if _, err := s.conn.Write(b[s.written:]); err != nil {
+			return 0, err
+		}
+		return s.conn.Read(p)
+	case s.werr != nil:
+		return 0, s.opError("write", s.werr)
+	case err != nil:
+		return 0, err // the deadline, or the connection closed under the call
+	case s.rerr != nil:
+		return 0, s.opError("read", s.rerr)
+	case s.n == 0:
+		return 0, io.EOF
+	}
+	return s.n, nil
+}
+
+// exchangeStep is the callback of exchange; see nodeSocket.
+func (s *nodeSocket) exchangeStep(fd uintptr) bool {
+	if !s.waiting {
+		if s.reused && !idleOpen(fd) {
+			s.stale = true
 			return true
 		}
 		for s.written < len(s.out) {
@@ -71,37 +118,49 @@ func newNodeSocket(c net.Conn) *nodeSocket {
 		s.waiting = true
 		return false
 	}
-	return s
+	for {
+		n, err := syscall.Read(int(fd), s.in)
+		if err == syscall.EINTR {
+			continue
+		}
+		if err == syscall.EAGAIN || err == syscall.EWOULDBLOCK {
+			return false // woken early: wait on
+		}
+		s.n, s.rerr = n, err
+		if n < 0 {
+			s.n = 0
+		}
+		return true
+	}
 }
 
+func (s *nodeSocket) opError(op string, err error) error {
+	return &net.OpError{Op: op, Net: "tcp", Source: s.conn.LocalAddr(), Addr: s.conn.RemoteAddr(), Err: os.NewSyscallError(op, err)}
+}
+
+// idleOpen peeks at an idle connection: it is fit for a request when the
+// node has neither closed it nor sent anything.
+func idleOpen(fd uintptr) bool {
+	var b [1]byte
+	for {
+		_, _, err := syscall.Recvfrom(int(fd), b[:], syscall.MSG_PEEK|syscall.MSG_DONTWAIT)
+		if err == syscall.EINTR {
+			continue
+		}
+		return err == syscall.EAGAIN || err == syscall.EWOULDBLOCK
+	}
+}
+
+// check reports whether an idle connection is still fit for a request, as
+// exchange would find it; tests wait on it for a node's close to arrive.
 func (s *nodeSocket) check() bool {
 	if s.raw == nil {
 		return true
 	}
-	s.alive = false
-	return s.raw.Read(s.peek) == nil && s.alive
-}
-
-// send writes b on c and waits for the answer to begin, or for c's
-// deadline.
-func (s *nodeSocket) send(c net.Conn, b []byte) error {
-	if s.raw == nil {
-		_, err := c.Write(b)
-		return err
-	}
-	s.out, s.written, s.werr, s.waiting = b, 0, nil, false
-	err := s.raw.Read(s.write)
-	rest := b[s.written:]
-	werr := s.werr
-	s.out = nil
-	switch {
-	case werr == syscall.EAGAIN || werr == syscall.EWOULDBLOCK:
-		// The socket's buffer is full: the rest goes the usual way, and
-		// the answer is read the usual way.
-		_, err := c.Write(rest)
-		return err
-	case werr != nil:
-		return &net.OpError{Op: "write", Net: "tcp", Source: c.LocalAddr(), Addr: c.RemoteAddr(), Err: os.NewSyscallError("write", werr)}
-	}
-	return err
+	open := false
+	err := s.raw.Read(func(fd uintptr) bool {
+		open = idleOpen(fd)
+		return true
+	})
+	return err == nil && open
 }

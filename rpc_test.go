@@ -471,11 +471,12 @@ func TestCallHeadersAndResult(t *testing.T) {
 // stated length and chunked, form and JSON. Each reply must carry its own
 // request, not bytes left in a buffer by the call before.
 func TestCallBodiesShareNoBuffer(t *testing.T) {
-	s, srv := testSidecar(t, nil)
+	s, srv := testSidecar(t, func(c *config) { c.MaxBodyBytes, c.RPC.MaxBodyBytes = 16<<20, 16<<20 })
 	app := newJSONRPCApp(t, "a")
 	register(t, s, "go.micro.srv.echo", app.addr())
 	long := strings.Repeat("x", 3000)
-	for i, body := range []string{`{"n":"` + long + `"}`, `{"n":1}`, `{"n":"` + long[:700] + `"}`, `{}`} {
+	huge := strings.Repeat("y", 6<<20) // past the pool's 64 KiB buffers
+	for i, body := range []string{`{"n":"` + long + `"}`, `{"n":1}`, `{"n":"` + huge + `"}`, `{"n":"` + long[:700] + `"}`, `{}`} {
 		want := `{"node":"a","params":[` + body + `]}`
 		if code, got := post(t, srv.URL+"/rpc", form, "service=go.micro.srv.echo&method=Echo.Call&request="+body); code != 200 || got != want {
 			t.Fatalf("call %d by form: %d %.80s; want 200 %.80s", i, code, got, want)
@@ -761,8 +762,6 @@ func TestCallConnectionReuse(t *testing.T) {
 	}
 }
 
-// TestShutdownClosesNodeConnections: the keep-alive connections RPC and the
-// proxy hold to nodes are closed at shutdown, not left to their idle timeout.
 // TestNodePoolReusesItsLists: taking the last idle connection to an
 // address and putting it back allocates nothing, and a sweep drops the
 // lists left empty.
@@ -792,6 +791,124 @@ func TestNodePoolReusesItsLists(t *testing.T) {
 	}
 }
 
+// TestCallSkipsIdleConnectionsTheNodeSpokeOn: bytes a node sends on an
+// idle connection, such as a 408 before it closes it, are never read as
+// the answer to the next call; that call goes out on a new connection.
+func TestCallSkipsIdleConnectionsTheNodeSpokeOn(t *testing.T) {
+	s, srv := testSidecar(t, nil)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	conns := make(chan net.Conn, 4)
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			conns <- c
+			go func() {
+				defer c.Close()
+				br := bufio.NewReader(c)
+				for {
+					req, err := http.ReadRequest(br)
+					if err != nil {
+						return
+					}
+					body, _ := io.ReadAll(req.Body)
+					var env map[string]json.RawMessage
+					json.Unmarshal(body, &env)
+					fmt.Fprintf(c, "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n{\"id\":%s,\"result\":1}", len(`{"id":,"result":1}`)+len(env["id"]), env["id"])
+				}
+			}()
+		}
+	}()
+	register(t, s, "talky", ln.Addr().String())
+	if code, body := post(t, srv.URL+"/rpc", form, "service=talky&method=A.B"); code != 200 || body != "1" {
+		t.Fatalf("first call: %d %s", code, body)
+	}
+	first := <-conns
+	io.WriteString(first, "HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\n\r\n")
+	waitFor(t, 5*time.Second, "the node's 408 to reach the sidecar's idle connection", func() bool {
+		nc := s.rpc.nodes
+		nc.mu.Lock()
+		defer nc.mu.Unlock()
+		for _, list := range nc.idle {
+			for _, c := range list {
+				if c.sock.check() {
+					return false
+				}
+			}
+		}
+		return true
+	})
+	if code, body := post(t, srv.URL+"/rpc", form, "service=talky&method=A.B"); code != 200 || body != "1" {
+		t.Fatalf("after the node spoke on the idle connection: %d %s; want 200 and its answer", code, body)
+	}
+	if len(conns) != 1 {
+		t.Errorf("%d new connections for the second call; want 1", len(conns))
+	}
+	if n := s.rpc.sel.tracked.Load(); n != 0 {
+		t.Errorf("%d nodes ejected; want none", n)
+	}
+}
+
+// TestNodeSocketExchangeWithAFullSocket: a request the socket cannot take
+// at once (its buffer is full) is written in full, and the answer read.
+func TestNodeSocketExchangeWithAFullSocket(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	c, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	peer, err := ln.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer peer.Close()
+	// Fill the socket: writes block once the peer's and our buffers are full.
+	c.SetWriteDeadline(time.Now().Add(200 * time.Millisecond))
+	junk := make([]byte, 64<<10)
+	filled := 0
+	for {
+		n, err := c.Write(junk)
+		filled += n
+		if err != nil {
+			break
+		}
+	}
+	c.SetWriteDeadline(time.Time{})
+	req := bytes.Repeat([]byte("r"), 1<<20)
+	got := make(chan []byte, 1)
+	go func() { // the node: reads all, then answers
+		b := make([]byte, filled+len(req))
+		_, err := io.ReadFull(peer, b)
+		if err == nil {
+			io.WriteString(peer, "answer")
+		}
+		got <- b[filled:]
+	}()
+	s := newNodeSocket(c)
+	s.queue(req, false)
+	p := make([]byte, 64)
+	n, err := s.exchange(p)
+	if err != nil || string(p[:n]) != "answer" {
+		t.Fatalf("exchange: %q, %v; want the answer", p[:n], err)
+	}
+	if b := <-got; !bytes.Equal(b, req) {
+		t.Errorf("the node got %d bytes of the request, not the %d sent", len(b), len(req))
+	}
+}
+
+// TestShutdownClosesNodeConnections: the keep-alive connections RPC and the
+// proxy hold to nodes are closed at shutdown, not left to their idle timeout.
 func TestShutdownClosesNodeConnections(t *testing.T) {
 	s, srv := testSidecar(t, nil)
 	var open atomic.Int32
