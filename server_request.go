@@ -3,6 +3,7 @@ package main
 import (
 	"net/http"
 	"net/url"
+	"slices"
 	"strconv"
 	"strings"
 )
@@ -47,6 +48,10 @@ func parseRequestHead(head []byte, req *requestHead) error {
 	}
 	values := req.values[:0]
 	hosts, lengths := 0, 0
+	// The names added so far, to tell a repeated field without a map
+	// lookup before every insertion; past len(names), the map tells.
+	var names [16]string
+	nNames := 0
 	for {
 		line, rest, ok = cutLine(rest)
 		if !ok {
@@ -57,10 +62,11 @@ func parseRequestHead(head []byte, req *requestHead) error {
 		}
 		name, value, ok := strings.Cut(line, ":")
 		value = trimOWS(value)
-		if !ok || !validToken(name) || !validFieldValue(value) {
+		valid, canonical := scanFieldName(name)
+		if !ok || !valid || !validFieldValue(value) {
 			return errHandOff
 		}
-		if !isCanonicalKey(name) {
+		if !canonical {
 			name = http.CanonicalHeaderKey(name)
 		}
 		switch name {
@@ -87,8 +93,18 @@ func parseRequestHead(head []byte, req *requestHead) error {
 				return errHandOff // streams are for net/http, which notices a client leaving
 			}
 		}
-		if vs := req.header[name]; vs != nil {
-			req.header[name] = append(vs, value)
+		repeated := false
+		if nNames < len(names) {
+			repeated = slices.Contains(names[:nNames], name)
+			if !repeated {
+				names[nNames] = name
+				nNames++
+			}
+		} else {
+			_, repeated = req.header[name]
+		}
+		if repeated {
+			req.header[name] = append(req.header[name], value)
 		} else {
 			values = append(values, value)
 			req.header[name] = values[len(values)-1 : len(values) : len(values)]
@@ -228,18 +244,23 @@ func validHost(s string) bool {
 	return true
 }
 
-// isCanonicalKey reports whether a valid field name is already in
-// net/http's canonical form, Like-This.
-func isCanonicalKey(s string) bool {
+// scanFieldName reports, in one pass, whether s is a valid field name (an
+// RFC 9110 token) and whether it is in net/http's canonical form,
+// Like-This.
+func scanFieldName(s string) (valid, canonical bool) {
+	valid, canonical = s != "", true
 	upper := true
 	for i := 0; i < len(s); i++ {
 		c := s[i]
+		if byteClass[c]&classToken == 0 {
+			return false, false
+		}
 		if upper && 'a' <= c && c <= 'z' || !upper && 'A' <= c && c <= 'Z' {
-			return false
+			canonical = false
 		}
 		upper = c == '-'
 	}
-	return true
+	return valid, canonical
 }
 
 // hasToken reports whether a comma-separated header value lists token,

@@ -476,6 +476,13 @@ func FuzzParseRequestHead(f *testing.F) {
 	} {
 		f.Add([]byte(s))
 	}
+	// More fields than parseRequestHead tracks without its map, repeats
+	// among the first and past them.
+	many := "GET / HTTP/1.1\r\nHost: h\r\n"
+	for i := range 20 {
+		many += fmt.Sprintf("X-F%d: %d\r\nx-f%d: again\r\n", i%18, i, i%3)
+	}
+	f.Add([]byte(many + "\r\n"))
 	f.Fuzz(func(t *testing.T, head []byte) {
 		// As readHead hands it over: up to the first blank line.
 		i := bytes.Index(head, []byte("\n\r\n"))
