@@ -37,12 +37,12 @@ type nodeSocket struct {
 	reused bool   // the connection was idle: peek first
 
 	written int
-	waiting bool  // written: the next callback means the answer is here
-	stale   bool  // the peek found the idle connection closed or dirty
-	werr    error // the write's error
-	in      []byte
-	n       int   // bytes read into in
-	rerr    error // the read's error
+	waiting bool   // written: the next callback means the answer is here
+	stale   bool   // the peek found the idle connection closed or dirty
+	werr    error  // the write's error
+	in      []byte // where the answer's first bytes go
+	n       int    // bytes read into in
+	rerr    error  // the read's error
 	step    func(fd uintptr) bool
 }
 
