@@ -709,19 +709,7 @@ func TestCallConnectionReuse(t *testing.T) {
 		t.Errorf("%d connections for 5 calls in a row; want 1, kept alive", n)
 	}
 	app.srv.CloseClientConnections() // the node drops its idle connections
-	waitFor(t, 5*time.Second, "the node's close to reach the sidecar's idle connection", func() bool {
-		nc := s.rpc.nodes
-		nc.mu.Lock()
-		defer nc.mu.Unlock()
-		for _, list := range nc.idle {
-			for _, c := range list {
-				if c.sock.check() {
-					return false
-				}
-			}
-		}
-		return true
-	})
+	waitIdleUnfit(t, s, "the node's close")
 	if code, body := post(t, srv.URL+"/rpc", form, "service=reuse&method=A.B"); code != 200 {
 		t.Fatalf("after the node closed idle connections: %d %s; want 200", code, body)
 	}
@@ -791,6 +779,25 @@ func TestNodePoolReusesItsLists(t *testing.T) {
 	}
 }
 
+// waitIdleUnfit waits until no idle connection of s's RPC client is fit
+// for a request: what the node did to them has reached the sidecar.
+func waitIdleUnfit(t *testing.T, s *sidecar, what string) {
+	t.Helper()
+	waitFor(t, 5*time.Second, what+" to reach the sidecar's idle connections", func() bool {
+		nc := s.rpc.nodes
+		nc.mu.Lock()
+		defer nc.mu.Unlock()
+		for _, list := range nc.idle {
+			for _, c := range list {
+				if c.sock.check() {
+					return false
+				}
+			}
+		}
+		return true
+	})
+}
+
 // TestCallSkipsIdleConnectionsTheNodeSpokeOn: bytes a node sends on an
 // idle connection, such as a 408 before it closes it, are never read as
 // the answer to the next call; that call goes out on a new connection.
@@ -831,19 +838,7 @@ func TestCallSkipsIdleConnectionsTheNodeSpokeOn(t *testing.T) {
 	}
 	first := <-conns
 	io.WriteString(first, "HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\n\r\n")
-	waitFor(t, 5*time.Second, "the node's 408 to reach the sidecar's idle connection", func() bool {
-		nc := s.rpc.nodes
-		nc.mu.Lock()
-		defer nc.mu.Unlock()
-		for _, list := range nc.idle {
-			for _, c := range list {
-				if c.sock.check() {
-					return false
-				}
-			}
-		}
-		return true
-	})
+	waitIdleUnfit(t, s, "the node's 408")
 	if code, body := post(t, srv.URL+"/rpc", form, "service=talky&method=A.B"); code != 200 || body != "1" {
 		t.Fatalf("after the node spoke on the idle connection: %d %s; want 200 and its answer", code, body)
 	}
