@@ -366,29 +366,33 @@ func (in *interner) load() map[string]string {
 	return nil
 }
 
-// jsonBody says whether a body is JSON: by its content type, or, without
-// one, by its first byte. Multipart forms are refused with the fix.
+// jsonBody says whether a body is JSON: by a JSON content type, or else
+// by its first byte. A form's content type does not settle it, because
+// curl -d sends one with whatever it sends, and no form body of /rpc
+// starts with '{'. Multipart forms are refused with the fix.
 func jsonBody(contentType string, body []byte) (bool, error) {
 	switch contentType {
 	case "application/json":
 		return true, nil
-	case "application/x-www-form-urlencoded":
-		return false, nil
+	case "application/x-www-form-urlencoded", "":
+		return startsJSON(body, '{'), nil
 	}
-	if contentType != "" {
-		mt, _, err := mime.ParseMediaType(contentType)
-		switch {
-		case err != nil:
-		case mt == "application/json" || strings.HasSuffix(mt, "+json"):
-			return true, nil
-		case mt == "application/x-www-form-urlencoded":
-			return false, nil
-		case strings.HasPrefix(mt, "multipart/"):
-			return false, &callError{http.StatusUnsupportedMediaType, "multipart bodies are not supported; send form fields with curl -d, or a JSON object", nil}
-		}
+	mt, _, err := mime.ParseMediaType(contentType)
+	switch {
+	case err != nil:
+	case mt == "application/json" || strings.HasSuffix(mt, "+json"):
+		return true, nil
+	case strings.HasPrefix(mt, "multipart/"):
+		return false, &callError{http.StatusUnsupportedMediaType, "multipart bodies are not supported; send form fields with curl -d, or a JSON object", nil}
 	}
+	return startsJSON(body, '{'), nil
+}
+
+// startsJSON reports whether body's first byte after white space is one of
+// opening: the start of a JSON object or array, never of form fields.
+func startsJSON(body []byte, opening ...byte) bool {
 	b := bytes.TrimLeft(body, " \t\r\n")
-	return len(b) > 0 && b[0] == '{', nil
+	return len(b) > 0 && bytes.IndexByte(opening, b[0]) >= 0
 }
 
 // validate checks the names a call will put on the wire.
@@ -404,8 +408,11 @@ func (c *rpcCall) validate() error {
 		return fmt.Errorf("method %q: use up to %d printable characters without spaces or '/'", truncate(c.Method, 64), maxNameLen)
 	}
 	if c.Address != "" {
+		if _, _, err := net.SplitHostPort(c.Address); err != nil {
+			return fmt.Errorf("address %q: want host:port, e.g. address=127.0.0.1:9090", truncate(c.Address, 64))
+		}
 		if _, _, err := splitAddress(c.Address, 0); err != nil {
-			return fmt.Errorf("address: %v", err)
+			return err // it names the address and what is wrong with it
 		}
 	}
 	if len(c.Request) == 0 {
@@ -415,7 +422,9 @@ func (c *rpcCall) validate() error {
 }
 
 // requestFromBody is the request of a path call: the body when it is JSON
-// (empty means {}), or form fields as an object of strings.
+// (empty means {}), or form fields as an object of strings. A body that
+// opens like a JSON object or array is JSON, or an error, whatever its
+// content type: curl -d sends JSON as a form.
 func requestFromBody(contentType string, body []byte) ([]byte, error) {
 	b := trimJSON(body)
 	if len(b) == 0 {
@@ -424,7 +433,7 @@ func requestFromBody(contentType string, body []byte) ([]byte, error) {
 	if validJSON(b) {
 		return b, nil
 	}
-	if mt, _, _ := mime.ParseMediaType(contentType); mt == "application/x-www-form-urlencoded" {
+	if mt, _, _ := mime.ParseMediaType(contentType); mt == "application/x-www-form-urlencoded" && !startsJSON(b, '{', '[') {
 		form, err := url.ParseQuery(string(body))
 		if err == nil {
 			obj := make(map[string]string, len(form))

@@ -108,9 +108,13 @@ func TestParseRPCRequest(t *testing.T) {
 		{"broken json", "application/json", "", `{"service":`, rpcCall{}, "not a JSON object"},
 		{"bad service", form, "", "service=a b&method=M.N", rpcCall{}, "service \"a b\""},
 		{"bad method", "application/json", "", `{"service":"s","method":"M N"}`, rpcCall{}, `method "M N"`},
-		{"bad address", form, "", "service=s&method=M.N&address=nohost", rpcCall{}, "address:"},
+		{"bad address", form, "", "service=s&method=M.N&address=nohost", rpcCall{}, `address "nohost": want host:port`},
+		{"bad address port", form, "", "service=s&method=M.N&address=h:0", rpcCall{}, `address "h:0": port must be 1-65535`},
 		{"multipart", "multipart/form-data; boundary=x", "", "--x--", rpcCall{}, "multipart bodies are not supported"},
 		{"bad form", form, "", "service=%zz", rpcCall{}, "neither JSON nor form"},
+		{"json sent as a form (curl -d)", form, "", ` {"service":"s","method":"M.N","request":{"a":1}}`,
+			rpcCall{Service: "s", Method: "M.N", Request: []byte(`{"a":1}`)}, ""},
+		{"broken json sent as a form", form, "", `{"service":"s",`, rpcCall{}, "not a JSON object"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			q, _ := url.ParseQuery(tc.query)
@@ -162,6 +166,9 @@ func TestRequestFromBody(t *testing.T) {
 		{form, "name=John&age=3", `{"age":"3","name":"John"}`, ""},
 		{"text/plain", "name=John", "", "body is not JSON"},
 		{"application/json", "{", "", "body is not JSON"},
+		{form, "{not json", "", "body is not JSON"}, // not the form field "{not json"
+		{form, " [1,", "", "body is not JSON"},
+		{form, "a={b}", `{"a":"{b}"}`, ""},
 	} {
 		got, err := requestFromBody(tc.ct, []byte(tc.body))
 		if string(got) != tc.want || (err == nil) != (tc.err == "") || err != nil && !strings.Contains(err.Error(), tc.err) {
@@ -533,6 +540,8 @@ func TestCallErrors(t *testing.T) {
 		{"ejected", "/rpc", form, "service=dead&method=A.B", 503, "no nodes available for service dead"},
 		{"bad input", "/rpc", form, "service=x", 400, "method is required"},
 		{"not json", "/rpc", form, "service=x&method=A.B&request=John", 400, "is not JSON"},
+		{"broken json labelled a form", "/some/call", form, "{not json", 400, "body is not JSON"},
+		{"json labelled a form", "/rpc", form, `{"service":"nope","method":"A.B"}`, 404, "service nope not found"},
 		{"too big", "/rpc", form, strings.Repeat("x", 300), 413, "larger than 200 bytes"},
 		{"bad timeout", "/rpc", form, "service=failing&method=A.B", 400, "Timeout header"},
 		{"GET", "/rpc", "", "", 405, "method GET not allowed"},
