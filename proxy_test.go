@@ -99,6 +99,33 @@ func TestProxyForwardsMethodsBodiesAndHeaders(t *testing.T) {
 	}
 }
 
+// TestProxyStreamsBodiesPastTheLimit: --max_body_bytes bounds what the
+// sidecar reads itself; a proxied body streams through to the app whole,
+// with a stated length or chunked.
+func TestProxyStreamsBodiesPastTheLimit(t *testing.T) {
+	s, srv := testSidecar(t, func(c *config) { c.MaxBodyBytes, c.RPC.MaxBodyBytes = 100, 100 })
+	app := appServer(t, func(w http.ResponseWriter, r *http.Request) {
+		n, _ := io.Copy(io.Discard, r.Body)
+		fmt.Fprintf(w, "got %d", n)
+	})
+	register(t, s, "up", hostOf(app))
+	body := strings.Repeat("x", 1000)
+	for name, r := range map[string]io.Reader{"stated length": strings.NewReader(body), "chunked": io.MultiReader(strings.NewReader(body))} {
+		resp, err := http.Post(srv.URL+"/proxy/up/", "text/plain", r)
+		if err != nil {
+			t.Fatal(err)
+		}
+		got, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != 200 || string(got) != "got 1000" {
+			t.Errorf("%s: %d %q; want 200 got 1000", name, resp.StatusCode, got)
+		}
+	}
+	if code, got := post(t, srv.URL+"/rpc", "application/json", `{"service":"up","method":"A.B","request":"`+body+`"}`); code != 413 {
+		t.Errorf("/rpc with the same body: %d %s; want 413", code, got)
+	}
+}
+
 // TestProxyPassesHeadsAlike asks for answers of several shapes through
 // the direct path, served by the fast-path server (which takes the node's
 // head as lines) and by net/http (which takes it through a header map),

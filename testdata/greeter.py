@@ -23,6 +23,7 @@ METHODS = {"Example.Call": call}
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep connections alive
+    disable_nagle_algorithm = True  # headers and body are two writes: send each at once
 
     def do_POST(self):
         body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
