@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Benchmark of RPC and the proxy against the app called directly and nginx
 # proxying to the same app, in one run with the same load tool, connections
-# and duration. Loopback only; bounded in time (about 4 x ROUNDS x DURATION
+# and duration. Loopback only; bounded in time (about 5 x ROUNDS x DURATION
 # for wrk plus 4 x RATE_DURATION for the fixed-rate row).
 #
 # The load tools run on CPU 0; everything under test (app, sidecar, nginx)
 # shares CPU 1 (taskset), so that the load tool does not steal from them.
-# With ROUNDS above 1 the four saturation runs take turns ROUNDS times and
+# With ROUNDS above 1 the five saturation runs take turns ROUNDS times and
 # each figure is the median of its rounds: on a shared machine a burst of
 # other work then skews one round, not the ratio.
 #
@@ -53,7 +53,7 @@ wait_port() {
   echo "bench: nothing listens on port $1"; exit 1
 }
 
-APP_PORT=$(free_port); SC_PORT=$(free_port); NGINX_PORT=$(free_port)
+APP_PORT=$(free_port); SC_PORT=$(free_port); NGINX_PORT=$(free_port); NGINX_XFF_PORT=$(free_port)
 
 taskset -c "$TEST_CPU" "$tmp/app" -address "127.0.0.1:$APP_PORT" & pids+=($!)
 wait_port "$APP_PORT"
@@ -78,8 +78,22 @@ http {
   uwsgi_temp_path $tmp/nginx/uwsgi;
   scgi_temp_path $tmp/nginx/scgi;
   upstream app { server 127.0.0.1:$APP_PORT; keepalive 64; }
+  # The forwarding fields the sidecar's proxy sets, so that nginx does the
+  # same job and the app reads the same number of fields behind both.
   server {
     listen 127.0.0.1:$NGINX_PORT;
+    location / {
+      proxy_pass http://app;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
+      proxy_set_header X-Forwarded-Host \$http_host;
+      proxy_set_header X-Forwarded-Proto \$scheme;
+    }
+  }
+  # The same with X-Forwarded-For alone, as this benchmark had it before.
+  server {
+    listen 127.0.0.1:$NGINX_XFF_PORT;
     location / {
       proxy_pass http://app;
       proxy_http_version 1.1;
@@ -108,7 +122,7 @@ JSON_LUA=$(lua json "$ENVELOPE" application/json)
 FORM_LUA=$(lua form "$FORM" application/x-www-form-urlencoded)
 
 # The same answer must come back through every hop before anything is timed.
-for url in "http://127.0.0.1:$APP_PORT/" "http://127.0.0.1:$SC_PORT/proxy/go.micro.srv.bench/" "http://127.0.0.1:$NGINX_PORT/"; do
+for url in "http://127.0.0.1:$APP_PORT/" "http://127.0.0.1:$SC_PORT/proxy/go.micro.srv.bench/" "http://127.0.0.1:$NGINX_PORT/" "http://127.0.0.1:$NGINX_XFF_PORT/"; do
   curl -sf -H 'Content-Type: application/json' -d "$ENVELOPE" "$url" | grep -q 'Hello John' || { echo "bench: $url does not answer"; exit 1; }
 done
 curl -sf -d "$FORM" "http://127.0.0.1:$SC_PORT/rpc" | grep -q 'Hello John' || { echo "bench: /rpc does not answer"; exit 1; }
@@ -147,25 +161,28 @@ for _ in $(seq "$ROUNDS"); do
   run_wrk rpc "http://127.0.0.1:$SC_PORT/rpc" "$FORM_LUA"
   run_wrk proxy "http://127.0.0.1:$SC_PORT/proxy/go.micro.srv.bench/" "$JSON_LUA"
   run_wrk nginx "http://127.0.0.1:$NGINX_PORT/" "$JSON_LUA" "${NGINX_WORKER:-$NGINX_PID}"
+  run_wrk nginx-xff "http://127.0.0.1:$NGINX_XFF_PORT/" "$JSON_LUA" "${NGINX_WORKER:-$NGINX_PID}"
 done
+ROWS="direct rpc proxy nginx nginx-xff"
 declare -A MRPS
-for k in direct rpc proxy nginx; do MRPS[$k]=$(median "${RPS[$k]}"); done
+for k in $ROWS; do MRPS[$k]=$(median "${RPS[$k]}"); done
 
 echo
 echo "| path | requests/s | vs direct | vs nginx | p50 | p99 | sidecar CPU | sidecar RSS | CPU per request of the hop |"
 echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
-for k in direct rpc proxy nginx; do
+for k in $ROWS; do
   ratio=$(awk -v a="${MRPS[$k]}" -v b="${MRPS[direct]}" 'BEGIN{printf "%.2f", a/b}')
   vsng=$(awk -v a="${MRPS[$k]}" -v b="${MRPS[nginx]}" 'BEGIN{printf "%.2f", a/b}')
   cpu="$(median "${CPU[$k]}")%"; rss="$(median "${RSS[$k]}") MB"; per="$(median "${PERREQ[$k]}") us"
   [ "$k" = rpc ] || [ "$k" = proxy ] || { cpu="-"; rss="-"; }
   [ "$k" = direct ] && { vsng="-"; per="-"; }
-  echo "| $k | ${MRPS[$k]} | $ratio | $vsng | $(median "${P50[$k]}") ms | $(median "${P99[$k]}") ms | $cpu | $rss | $per |"
+  name=$k; [ "$k" = nginx-xff ] && name="nginx, X-Forwarded-For only"
+  echo "| $name | ${MRPS[$k]} | $ratio | $vsng | $(median "${P50[$k]}") ms | $(median "${P99[$k]}") ms | $cpu | $rss | $per |"
 done
 if [ "$ROUNDS" -gt 1 ]; then
   echo
   echo "requests/s per round:"
-  for k in direct rpc proxy nginx; do echo "  $k:${RPS[$k]}"; done
+  for k in $ROWS; do echo "  $k:${RPS[$k]}"; done
 fi
 
 echo
