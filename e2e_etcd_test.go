@@ -623,6 +623,27 @@ func TestEtcdRestart(t *testing.T) {
 	}
 }
 
+// TestEtcdHealthRecoversAfterAFailedCall: a registration refused while
+// etcd is down marks /health 503; once etcd is back and the watch has read
+// the registry afresh, /health is 200 again, with no further call needed
+// (a sidecar without an app makes none of its own).
+func TestEtcdHealthRecoversAfterAFailedCall(t *testing.T) {
+	e := startEtcd(t)
+	p := startSidecar(t, etcdSidecarArgs(e.client)...)
+	waitSidecarHealthy(t, p, 10*time.Second)
+	e.stop(syscall.SIGTERM)
+	code, body := do(t, "POST", p.url("/registry"), "application/json", `{"name":"late","nodes":[{"id":"late-1","address":"127.0.0.1","port":7100}]}`)
+	if code != 503 {
+		t.Fatalf("registering while etcd is down: %d %s; want 503", code, body)
+	}
+	e.start("existing")
+	e.waitHealthy()
+	waitSidecarHealthy(t, p, 15*time.Second)
+	if !strings.Contains(p.log.String(), "reachable again") {
+		t.Errorf("the sidecar must log that etcd is reachable again; log:\n%s", p.log.String())
+	}
+}
+
 // TestEtcdAuth: with etcd's authentication on, a sidecar with the
 // password (from MICRO_REGISTRY_PASSWORD) registers and discovers; one
 // without says so in /health. The password never reaches the log.

@@ -556,10 +556,11 @@ func (b *etcdBackend) watchDown(ctx context.Context, err error) {
 	}
 }
 
-// watchUp records that the table is synchronised again.
+// watchUp records that the table is synchronised again. etcd has just
+// answered, so a call that failed to reach it before says nothing now.
 func (b *etcdBackend) watchUp() {
 	b.mu.Lock()
-	b.watchErr = nil
+	b.watchErr, b.reqErr = nil, nil
 	logIt := b.down
 	b.down = false
 	b.mu.Unlock()
