@@ -433,6 +433,10 @@ func TestFileRegistrySharedBySidecars(t *testing.T) {
 			waitFor(t, 2*time.Second, fmt.Sprintf("%s to see app%d", p.addr, i), func() bool { return hasNode(lookup(t, p, fmt.Sprintf("app%d", i)), id) })
 		}
 	}
+	// Read back from the file, an entry looks as every other registry shows it.
+	if _, body := do(t, "GET", ps[0].url("/registry?service=app1"), "", ""); strings.Contains(body, "null") || !strings.Contains(body, `"metadata":{}`) {
+		t.Errorf("app1 as read from the file: %s; want metadata {} and no null", body)
+	}
 
 	start := time.Now()
 	ps[1].stop(syscall.SIGKILL)

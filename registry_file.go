@@ -216,7 +216,7 @@ func parseRegistryFile(data []byte) ([]record, error) {
 		if err := normalizeService(&s); err != nil {
 			return nil, fmt.Errorf("records[%d]: %w", i, err)
 		}
-		r.Node = s.Nodes[0]
+		r.Metadata, r.Node = s.Metadata, s.Nodes[0] // as normalised: {} where the file has none
 	}
 	return ff.Records, nil
 }
