@@ -477,6 +477,18 @@ func TestCorruptRegistryFileIsKeptAside(t *testing.T) {
 	}
 }
 
+// TestUnreadableRegistryFileStopsTheStart: a registry path that cannot be
+// read at start is a wrong flag; the sidecar says so, naming the path once.
+func TestUnreadableRegistryFileStopsTheStart(t *testing.T) {
+	file := filepath.Join(t.TempDir(), "registry.json")
+	os.Mkdir(file, 0o755)
+	code, out := run(t, "sidecar", "--address=127.0.0.1:0", "--registry=file", "--registry_address="+file)
+	lines := strings.Split(strings.TrimSpace(out), "\n")
+	if last := lines[len(lines)-1]; code == 0 || !strings.Contains(last, "is a directory") || strings.Count(last, file) != 1 {
+		t.Errorf("start with a directory as the registry file: exit %d, output %q; want a failure naming the path once", code, out)
+	}
+}
+
 // healthyApp is an HTTP app whose health endpoint can fail or hang.
 type healthyApp struct {
 	srv   *httptest.Server

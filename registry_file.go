@@ -166,6 +166,10 @@ func (f *fileBackend) readLocked() ([]record, error) {
 	if errors.Is(err, fs.ErrNotExist) {
 		return nil, nil
 	}
+	var pathErr *fs.PathError
+	if errors.As(err, &pathErr) {
+		return nil, fmt.Errorf("file registry: %w", err) // it names the path
+	}
 	if err != nil {
 		return nil, fmt.Errorf("file registry: read %s: %w", f.path, err)
 	}
