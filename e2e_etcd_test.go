@@ -15,6 +15,7 @@ import (
 	"encoding/json"
 	"encoding/pem"
 	"fmt"
+	"io"
 	"math/big"
 	"net"
 	"net/http"
@@ -276,6 +277,7 @@ func clientURLs(ms ...*etcdMember) string {
 type gatewayProxy struct {
 	srv  *httptest.Server
 	down atomic.Bool
+	hold sync.Map // path -> holdApplied or holdDropped: no answer until the client gives up
 
 	mu      sync.Mutex // guards counts, streams
 	counts  map[string]int
@@ -303,6 +305,14 @@ func newGatewayProxy(t *testing.T, target string) *gatewayProxy {
 			http.Error(w, "down", http.StatusBadGateway)
 			return
 		}
+		if how, ok := g.hold.Load(r.URL.Path); ok {
+			if how == holdApplied { // etcd does it; the answer never comes back
+				rp.ServeHTTP(httptest.NewRecorder(), r.WithContext(context.WithoutCancel(r.Context())))
+			}
+			io.Copy(io.Discard, r.Body) // so that the server notices the client giving up
+			<-r.Context().Done()
+			return
+		}
 		ctx, cancel := context.WithCancel(r.Context())
 		r = r.WithContext(ctx)
 		g.mu.Lock()
@@ -320,6 +330,12 @@ func newGatewayProxy(t *testing.T, target string) *gatewayProxy {
 	t.Cleanup(func() { g.setDown(true); g.srv.CloseClientConnections(); g.srv.Close() })
 	return g
 }
+
+// How the proxy holds a call to a path (gatewayProxy.hold).
+const (
+	holdApplied = "applied" // passed on to etcd
+	holdDropped = "dropped" // never reaches etcd
+)
 
 // setDown cuts or restores the proxy; cutting ends every open stream.
 func (g *gatewayProxy) setDown(down bool) {

@@ -339,7 +339,11 @@ func (b *etcdBackend) registerOne(key string, value []byte, ttl time.Duration) e
 	}
 	rev, err := b.put(ctx, key, value, int64(grant.ID))
 	if err != nil {
-		b.revoke(ctx, int64(grant.ID))
+		if rerr := b.revoke(ctx, int64(grant.ID)); rerr != nil && errors.Is(err, context.DeadlineExceeded) {
+			// The put may be waiting in etcd, and the revoke that would undo
+			// it did not get through: the caller should know both.
+			return fmt.Errorf("%w; etcd may still apply it, and the entry would then lapse within %v unless registered again", err, ttl)
+		}
 		return err
 	}
 	b.remember(key, etcdReg{lease: int64(grant.ID), ttl: ttl, value: value, rev: rev})

@@ -513,6 +513,33 @@ func TestEtcdBackendResumesAndResyncs(t *testing.T) {
 	}
 }
 
+// TestEtcdPutLostInFlight: a put that etcd applies but never answers, with
+// the revoke that would undo it lost too, is reported as what it may be:
+// done, and lapsing within its TTL.
+func TestEtcdPutLostInFlight(t *testing.T) {
+	e := startEtcd(t)
+	g := newGatewayProxy(t, e.client)
+	b, err := newEtcdBackend(context.Background(), etcdConfig{Endpoints: []string{g.srv.URL}, Prefix: defaultEtcdPrefix, SyncWait: 5 * time.Second, RequestTimeout: 500 * time.Millisecond},
+		newTable(1000), slog.New(slog.NewTextHandler(io.Discard, nil)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { b.close() })
+	g.hold.Store("/v3/kv/put", holdApplied)
+	g.hold.Store("/v3/lease/revoke", holdDropped)
+	s := Service{Name: "late", Metadata: map[string]string{}, Nodes: []Node{{ID: "n1", Address: "127.0.0.1", Port: 1, Metadata: map[string]string{}}}}
+	err = b.register(s, 10*time.Second)
+	if err == nil || !strings.Contains(err.Error(), "etcd may still apply it, and the entry would then lapse within 10s") {
+		t.Fatalf("register with the put unanswered: %v; want the error to say it may be applied", err)
+	}
+	waitFor(t, 5*time.Second, "the unanswered put to be in etcd", func() bool { return len(e.keys(t, "/micro/registry/late/")) == 1 })
+	g.hold.Delete("/v3/lease/revoke")
+	g.hold.Store("/v3/kv/put", holdDropped)
+	if err := b.register(s, 10*time.Second); err == nil || strings.Contains(err.Error(), "may still apply") {
+		t.Errorf("a put that never reached etcd, revoked after: %v; want a plain error", err)
+	}
+}
+
 // TestEtcdBackendLeases: a refresh keeps the lease alive with one request;
 // a lost lease or key is granted and put again; a changed TTL gets a new
 // lease; deregister revokes.
