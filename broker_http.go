@@ -147,7 +147,8 @@ func (b *broker) serveConn(s *subscriber, c *websocket.Conn) {
 		b.conns.remove(c)
 		return
 	}
-	s.rw.keep = true // the library closes the connection when this returns; the reader owns it now
+	s.rw.keep = true       // the library closes the connection when this returns; the reader owns it now
+	s.readSeen.Store(true) // the handshake: silence counts from it, as from any read
 	go b.readLoop(s, c)
 }
 
@@ -170,6 +171,9 @@ func (b *broker) readLoop(s *subscriber, c *websocket.Conn) {
 			continue // the next read drains the frame until the peer answers or the close grace ends
 		}
 		if err != nil {
+			if errors.Is(err, io.EOF) && !s.isClosing() {
+				answerClose(c)
+			}
 			return
 		}
 		if s.isClosing() {

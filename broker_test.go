@@ -580,11 +580,46 @@ func websocketDialStatus(addr, path string) (int, string, error) {
 	return resp.StatusCode, string(body), nil
 }
 
+// TestSilentSubscriberReapedAfterThreeQuietChecks: the keepalive check
+// runs once a ping interval; a subscriber that sends nothing, not even a
+// pong, is pinged at each check it was quiet through and closed at the
+// third, so it is never taken for dead before three intervals of silence
+// (counted from its handshake, as from any read).
+func TestSilentSubscriberReapedAfterThreeQuietChecks(t *testing.T) {
+	s, addr := brokerSidecar(t, brokerConfig{PingInterval: time.Hour})
+	dialRaw(t, addr, "/broker?topic=foo") // answers nothing, pings included
+	waitFor(t, 5*time.Second, "the subscriber", func() bool { return subCount(s.broker) == 1 })
+	for check := 1; check <= 3; check++ {
+		s.broker.keepalive()
+		if subCount(s.broker) != 1 || s.broker.stats.Reaped.Load() != 0 {
+			t.Fatalf("reaped at check %d after the handshake; want the fourth", check)
+		}
+	}
+	s.broker.keepalive()
+	waitFor(t, 5*time.Second, "the silent subscriber to be reaped", func() bool { return subCount(s.broker) == 0 && s.broker.stats.Reaped.Load() == 1 })
+}
+
+// TestClientCloseIsAnswered: a client that closes gets a close frame back
+// (RFC 6455 section 5.5.1), on the broker and on the registry watch, so
+// that its onclose sees a clean 1000 and not 1006.
+func TestClientCloseIsAnswered(t *testing.T) {
+	_, addr := brokerSidecar(t, brokerConfig{})
+	for _, path := range []string{"/broker?topic=foo", "/registry?watch=1"} {
+		c := dialRaw(t, addr, path)
+		c.send(t, websocket.CloseFrame, []byte{0x03, 0xe8}) // 1000
+		code, _, err := c.readClose()
+		if err != nil || code != closeNormal {
+			t.Errorf("%s: after the client's close: %d, %v; want a close frame with 1000", path, code, err)
+		}
+	}
+}
+
 func TestInProcessShutdownGoingAwayAndPings(t *testing.T) {
 	s, addr := brokerSidecar(t, brokerConfig{PingInterval: time.Hour})
 	c := dialRaw(t, addr, "/broker?topic=foo")
 	waitFor(t, 5*time.Second, "the subscriber", func() bool { return subCount(s.broker) == 1 })
-	s.broker.keepalive() // quiet since the handshake was read: pinged
+	s.broker.keepalive() // the handshake was read since the last check: not pinged
+	s.broker.keepalive() // quiet since: pinged
 	if op, _, err := c.next(5 * time.Second); err != nil || op != websocket.PingFrame {
 		t.Fatalf("after a quiet round: frame %d, %v; want a ping", op, err)
 	}

@@ -275,6 +275,16 @@ func writeClose(c *websocket.Conn, code int, reason string) error {
 	return writeControl(c, websocket.CloseFrame, payload)
 }
 
+// answerClose answers a peer that closed (or hung up) with a close frame of
+// its own, 1000, as RFC 6455 section 5.5.1 asks: without it a browser's
+// onclose reports 1006, an abnormal closure. x/net/websocket reads the
+// peer's close as io.EOF and sends nothing back; its Close sends the frame
+// under its own write lock, so any goroutine may call this.
+func answerClose(c *websocket.Conn) {
+	c.SetWriteDeadline(time.Now().Add(closeGrace))
+	c.Close()
+}
+
 // WebSocket close codes (RFC 6455 section 7.4.1).
 const (
 	closeNormal         = 1000

@@ -208,6 +208,7 @@ func (s *sidecar) streamWatch(c *websocket.Conn, wt *watcher, service string, st
 	for {
 		select {
 		case <-gone:
+			answerClose(c)
 			return
 		case <-stop:
 			writeClose(c, closeGoingAway, "sidecar shutting down")
