@@ -22,6 +22,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -243,17 +244,24 @@ func TestMetricsParse(t *testing.T) {
 func TestJSONLogs(t *testing.T) {
 	p := startSidecar(t, "--registry=memory", "--log_format=json", "--server_name=foo", "--server_address=127.0.0.1:9090")
 	appID(t, p)
+	p.stop(syscall.SIGTERM) // its log line has a duration: the shutdown timeout
 	sc := bufio.NewScanner(strings.NewReader(p.log.String()))
-	n := 0
+	n, timeouts := 0, 0
 	for sc.Scan() {
 		var line map[string]any
 		if err := json.Unmarshal(sc.Bytes(), &line); err != nil || line["msg"] == nil || line["level"] == nil {
 			t.Errorf("not a JSON log line: %s", sc.Text())
 		}
+		if v, ok := line["timeout"]; ok {
+			timeouts++
+			if v != "10s" {
+				t.Errorf("timeout logged as %#v; want the text \"10s\", as the text log has it", v)
+			}
+		}
 		n++
 	}
-	if n < 2 {
-		t.Errorf("want at least the listening and registering lines, got %d", n)
+	if n < 3 || timeouts == 0 {
+		t.Errorf("want at least the listening, registering and shutdown lines, got %d (%d with a timeout)", n, timeouts)
 	}
 }
 
