@@ -584,11 +584,17 @@ func (s *sidecar) startApp(ctx context.Context, goBG func(func())) {
 		register()
 		return
 	}
+	registered := false // only the checker's goroutine calls back
 	s.health = newHealthChecker(s.cfg.Health, s.log, s.metrics.healthCheck, func(passing bool) {
 		if passing {
 			register()
+			registered = true
 			return
 		}
+		if !registered {
+			return // it never passed: there is nothing to take back
+		}
+		registered = false
 		s.log.Info("Deregistering "+s.cfg.ServerID, "service", app.Name)
 		if err := s.reg.Deregister(app); err != nil {
 			s.log.Error("deregistering the app failed", "error", err)

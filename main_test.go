@@ -562,6 +562,9 @@ func TestTCPHealthCheckAndStartUnhealthy(t *testing.T) {
 	}
 	defer ln.Close()
 	waitFor(t, 5*time.Second, "registration once the port accepts", func() bool { return lookup(t, p, "tcpapp") != nil })
+	if strings.Contains(p.log.String(), "Deregistering") {
+		t.Error("an app that failed before it ever passed was reported as deregistered")
+	}
 }
 
 func assertHealth(t *testing.T, p *proc, code int, appStatus string) {
