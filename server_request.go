@@ -77,7 +77,7 @@ func parseRequestHead(head []byte, req *requestHead) error {
 		case "Content-Length":
 			lengths++
 			n, err := strconv.ParseInt(value, 10, 64)
-			if err != nil || n < 0 || value[0] == '+' {
+			if err != nil || value[0] < '0' || value[0] > '9' { // digits only, as net/http reads it: no sign, not even "-0"
 				return errHandOff
 			}
 			req.contentLength = n

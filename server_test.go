@@ -473,6 +473,7 @@ func FuzzParseRequestHead(f *testing.F) {
 		"POST /rpc?a=b HTTP/1.1\r\nHost: 127.0.0.1:8081\r\nContent-Type: application/json\r\nContent-Length: 12\r\n\r\n",
 		"GET /a%2Fb? HTTP/1.1\r\nhost: h\r\nx-a: 1\r\nX-A: 2\r\nConnection: keep-alive, close\r\n\r\n",
 		"PUT //x/../y HTTP/1.1\r\nHost: [::1]:80\r\nPragma: no-cache\r\n\r\n",
+		"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: -0\r\n\r\n", // net/http refuses a sign
 	} {
 		f.Add([]byte(s))
 	}
