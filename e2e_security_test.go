@@ -307,6 +307,15 @@ func TestInFlightLimit(t *testing.T) {
 	if code, _ := do(t, "GET", p.url("/health"), "", ""); code != 200 {
 		t.Errorf("/health must stay reachable at the limit: %d", code)
 	}
+	// Only a WebSocket handshake is exempt (it lives as long as it likes),
+	// not any request that names an upgrade.
+	sneak, _ := http.NewRequest("POST", p.url("/registry"), strings.NewReader(`{"name":"sneak","nodes":[{"id":"s1","address":"127.0.0.1","port":1}]}`))
+	sneak.Header.Set("Upgrade", "websocket")
+	if resp, err := http.DefaultClient.Do(sneak); err != nil || resp.StatusCode != 503 {
+		t.Errorf("a POST carrying Upgrade: websocket at the limit: %v %v; want 503", resp, err)
+	} else {
+		resp.Body.Close()
+	}
 	c.SetReadDeadline(time.Time{})
 	c.Write([]byte(body[10:]))
 	resp, err := http.ReadResponse(br, nil)

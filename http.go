@@ -338,7 +338,9 @@ func bearerToken(r *http.Request) (string, bool) {
 func limitInFlight(max int, next http.Handler) http.Handler {
 	var inFlight atomic.Int64 // a counter, not a channel of slots: two atomic adds per request
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if isUpgrade(r) || r.URL.Path == "/health" {
+		// A WebSocket lives as long as it likes, so it holds no slot; it
+		// starts with a GET (RFC 6455), and nothing else is let past.
+		if r.Method == http.MethodGet && isUpgrade(r) || r.URL.Path == "/health" {
 			next.ServeHTTP(w, r)
 			return
 		}
