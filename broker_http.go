@@ -44,7 +44,10 @@ type publishAnswer struct {
 }
 
 func (b *broker) handlePublish(w http.ResponseWriter, r *http.Request) {
-	q := r.URL.Query()
+	q, ok := queryOf(w, r, "topic")
+	if !ok {
+		return
+	}
 	topic := q.Get("topic")
 	if err := checkNames(topic, ""); err != nil {
 		writeError(w, http.StatusBadRequest, err.Error())
@@ -89,7 +92,10 @@ func (b *broker) handleForwarded(w http.ResponseWriter, r *http.Request) {
 }
 
 func (b *broker) handleSubscribe(w http.ResponseWriter, r *http.Request) {
-	q := r.URL.Query()
+	q, ok := queryOf(w, r, "topic", "queue")
+	if !ok {
+		return
+	}
 	topic, queue := q.Get("topic"), q.Get("queue")
 	if q.Has("queue") && queue == "" {
 		writeError(w, http.StatusBadRequest, "queue is empty; leave it out to get every message, or name a group")

@@ -498,6 +498,8 @@ func TestBrokerBadInput(t *testing.T) {
 		{"GET", "/broker?topic=foo", "", map[string]string{"Upgrade": "websocket", "Connection": "Upgrade", "Origin": "http://evil.example"}, 403, "not allowed"},
 		{"POST", "/broker", "x", nil, 400, "topic is required"},
 		{"POST", "/broker?topic=foo&queue=g", "x", nil, 400, "queue is for subscribers"},
+		{"POST", "/broker?topic=a&topic=b", "x", nil, 400, "topic is given 2 times"},
+		{"GET", "/broker?topic=%zz", "", upgrade, 400, `invalid URL escape "%zz"`},
 		{"POST", "/broker?topic=foo", strings.Repeat("x", 1001), nil, 413, "larger than 1000 bytes"},
 		{"POST", "/broker?topic=foo", `{"a":`, map[string]string{"Content-Type": "application/json"}, 400, "not valid JSON"},
 		{"POST", "/broker", "garbage", map[string]string{forwardedHeader: "x"}, 400, "forwarded batch"},

@@ -275,6 +275,24 @@ func writeClose(c *websocket.Conn, code int, reason string) error {
 	return writeControl(c, websocket.CloseFrame, payload)
 }
 
+// queryOf parses the request's query strictly, answering 400 itself when
+// it fails: a bad escape is an error, not a pair silently dropped as
+// URL.Query drops it, and each name in once may appear at most once.
+func queryOf(w http.ResponseWriter, r *http.Request, once ...string) (url.Values, bool) {
+	q, err := url.ParseQuery(r.URL.RawQuery)
+	if err != nil {
+		writeError(w, http.StatusBadRequest, "query "+strconv.Quote(truncate(r.URL.RawQuery, 64))+": "+err.Error())
+		return nil, false
+	}
+	for _, name := range once {
+		if n := len(q[name]); n > 1 {
+			writeError(w, http.StatusBadRequest, name+" is given "+strconv.Itoa(n)+" times; give it once")
+			return nil, false
+		}
+	}
+	return q, true
+}
+
 // answerClose answers a peer that closed (or hung up) with a close frame of
 // its own, 1000, as RFC 6455 section 5.5.1 asks: without it a browser's
 // onclose reports 1006, an abnormal closure. x/net/websocket reads the

@@ -364,6 +364,8 @@ func TestRegistryErrors(t *testing.T) {
 		{"POST", "/registry", `{"name":"x"} {}`, 400, "trailing data"},
 		{"POST", "/registry?ttl=soon", `{"name":"x","nodes":[{"id":"a","address":"h","port":1}]}`, 400, `ttl "soon"`},
 		{"POST", "/registry?ttl=0s", `{"name":"x","nodes":[{"id":"a","address":"h","port":1}]}`, 400, "between 1s and 24h"},
+		{"POST", "/registry?ttl=%zz", `{"name":"x","nodes":[{"id":"a","address":"h","port":1}]}`, 400, `invalid URL escape "%zz"`},
+		{"GET", "/registry?service=a&service=b", "", 400, "service is given 2 times"},
 		{"POST", "/registry", `{"name":"x","metadata":{"k":"` + strings.Repeat("v", 2000) + `"}}`, 413, "larger than 1000 bytes"},
 		{"DELETE", "/registry", `{"name":"x"}`, 400, "ids of the nodes"},
 		{"GET", "/registry?service=missing", "", 404, "service missing not found"},

@@ -23,7 +23,10 @@ import (
 func (s *sidecar) handleRegistry(w http.ResponseWriter, r *http.Request) {
 	switch r.Method {
 	case http.MethodGet, http.MethodHead:
-		q := r.URL.Query()
+		q, ok := queryOf(w, r, "service", "version", "watch")
+		if !ok {
+			return
+		}
 		switch {
 		case q.Get("watch") != "":
 			s.handleWatch(w, r)
@@ -74,7 +77,11 @@ func filterVersion(versions []Service, version string) []Service {
 }
 
 func (s *sidecar) postService(w http.ResponseWriter, r *http.Request) {
-	ttl, err := parseTTL(r.URL.Query())
+	q, ok := queryOf(w, r, "ttl")
+	if !ok {
+		return
+	}
+	ttl, err := parseTTL(q)
 	if err != nil {
 		writeError(w, http.StatusBadRequest, err.Error())
 		return

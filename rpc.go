@@ -638,7 +638,9 @@ func (s *sidecar) handleRPC(w http.ResponseWriter, r *http.Request) {
 	}
 	var query url.Values // parsed only when there is one: most calls have none
 	if r.URL.RawQuery != "" {
-		query = r.URL.Query()
+		if query, ok = queryOf(w, r, "service", "method", "address", "request"); !ok {
+			return
+		}
 	}
 	call, err := parseRPCRequest(r.Header.Get("Content-Type"), query, body)
 	if err != nil {

@@ -540,6 +540,7 @@ func TestCallErrors(t *testing.T) {
 		{"ejected", "/rpc", form, "service=dead&method=A.B", 503, "no nodes available for service dead"},
 		{"bad input", "/rpc", form, "service=x", 400, "method is required"},
 		{"not json", "/rpc", form, "service=x&method=A.B&request=John", 400, "is not JSON"},
+		{"bad query", "/rpc?service=%zz", form, "method=A.B", 400, `invalid URL escape "%zz"`},
 		{"broken json labelled a form", "/some/call", form, "{not json", 400, "body is not JSON"},
 		{"json labelled a form", "/rpc", form, `{"service":"nope","method":"A.B"}`, 404, "service nope not found"},
 		{"too big", "/rpc", form, strings.Repeat("x", 300), 413, "larger than 200 bytes"},
