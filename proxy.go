@@ -116,6 +116,13 @@ func (p *proxy) serve(w http.ResponseWriter, r *http.Request, service, path stri
 	}
 	rt := t // a copy goes in the context, so that t stays off the heap
 	ctx := context.WithValue(r.Context(), targetKey{}, &rt)
+	if ctx.Value(http.ServerContextKey) == nil {
+		// ReverseProxy aborts a response it cannot finish (a node gone
+		// mid-body) only for a request that names its server; otherwise it
+		// ends the body cleanly, and a truncated answer looks whole. The
+		// fast-path server names none, so the proxy names one.
+		ctx = context.WithValue(ctx, http.ServerContextKey, fastPathServer)
+	}
 	if isUpgrade(r) {
 		var cancel context.CancelFunc
 		ctx, cancel = context.WithCancel(ctx)
@@ -130,6 +137,10 @@ func (p *proxy) serve(w http.ResponseWriter, r *http.Request, service, path stri
 	}
 	p.rp.ServeHTTP(w, r.WithContext(ctx))
 }
+
+// fastPathServer stands for the fast-path server where a request's context
+// should name its *http.Server; nothing is read from it.
+var fastPathServer = &http.Server{}
 
 // rewrite turns the incoming request into the one for the node; the
 // RoundTripper fills in the node's address.
