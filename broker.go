@@ -10,6 +10,7 @@ package main
 // write; forwarding hands it to one queue per peer sidecar.
 
 import (
+	"bufio"
 	"context"
 	"crypto/rand"
 	"encoding/base64"
@@ -644,8 +645,9 @@ type subscriber struct {
 	queue  string
 	remote string
 	ws     *websocket.Conn
-	conn   net.Conn     // the raw connection, for batched writes
-	rw     *readWatcher // conn as the library reads it
+	conn   net.Conn      // the raw connection, for batched writes
+	rw     *readWatcher  // conn as the library reads it
+	br     *bufio.Reader // rw, buffered: the client's frames, for readLoop
 
 	wmu sync.Mutex // guards writes to conn: the writer's batches, the library's pongs
 

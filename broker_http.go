@@ -10,6 +10,7 @@ import (
 	"net/http"
 	"strconv"
 	"sync"
+	"time"
 	"unicode/utf8"
 
 	"golang.org/x/net/websocket"
@@ -121,28 +122,11 @@ func (b *broker) handleSubscribe(w http.ResponseWriter, r *http.Request) {
 	srv.ServeHTTP(&hijackWriter{ResponseWriter: w, s: s}, r)
 }
 
-// wsFrame is one data frame a client sent.
-type wsFrame struct {
-	data   []byte
-	binary bool
-}
-
-// frameCodec receives one frame with its type; the library's Message codec
-// loses the type for []byte.
-var frameCodec = websocket.Codec{
-	Unmarshal: func(data []byte, payloadType byte, v any) error {
-		f := v.(*wsFrame)
-		f.data, f.binary = data, payloadType == websocket.BinaryFrame
-		return nil
-	},
-}
-
 // serveConn sets up one subscriber connection and hands it to its own
 // reader goroutine, returning the HTTP server's goroutine: that one holds
 // the server's 4 KB read and write buffers and a deep stack, twice what the
 // rest of an idle subscriber costs.
 func (b *broker) serveConn(s *subscriber, c *websocket.Conn) {
-	c.MaxPayloadBytes = b.cfg.MaxPayloadBytes
 	s.ws = c
 	if !b.conns.add(c, func() { s.closeWith(closeGoingAway, "sidecar shutting down") }) {
 		writeClose(c, closeGoingAway, "sidecar shutting down")
@@ -158,8 +142,8 @@ func (b *broker) serveConn(s *subscriber, c *websocket.Conn) {
 	go b.readLoop(s, c)
 }
 
-// readLoop publishes every frame the client sends until the connection
-// ends; the subscriber's writer does all writing.
+// readLoop publishes every message the client sends until the connection
+// ends; the subscriber's writer does all other writing.
 func (b *broker) readLoop(s *subscriber, c *websocket.Conn) {
 	defer b.conns.remove(c)
 	defer s.conn.Close()
@@ -168,29 +152,46 @@ func (b *broker) readLoop(s *subscriber, c *websocket.Conn) {
 		s.abort()
 		s.wg.Wait()
 	}()
+	r := &wsReader{br: s.br, max: b.cfg.MaxPayloadBytes, onPing: s.pong}
 	for {
-		var f wsFrame
-		err := frameCodec.Receive(c, &f)
-		if errors.Is(err, websocket.ErrFrameTooLarge) {
-			b.stats.TooBig.Add(1)
-			s.closeWith(closeTooBig, fmt.Sprintf("message larger than %d bytes (--broker_max_payload_bytes)", b.cfg.MaxPayloadBytes))
-			continue // the next read drains the frame until the peer answers or the close grace ends
-		}
-		if err != nil {
-			if errors.Is(err, io.EOF) && !s.isClosing() {
+		m, err := r.next()
+		var fail *wsFailure
+		switch {
+		case errors.As(err, &fail):
+			if fail.code == closeTooBig {
+				b.stats.TooBig.Add(1)
+			}
+			s.closeWith(fail.code, fail.reason)
+			io.Copy(io.Discard, s.br) // until the peer answers or the close grace ends
+			return
+		case errors.Is(err, errPeerClosed):
+			if !s.isClosing() {
 				answerClose(c)
 			}
+			return
+		case err != nil:
 			return
 		}
 		if s.isClosing() {
 			continue
 		}
 		kind, dct := payloadText, "text/plain"
-		if f.binary || !utf8.Valid(f.data) {
+		if m.binary || !utf8.Valid(m.data) {
 			kind, dct = payloadBinary, "application/octet-stream"
 		}
-		b.publish(s.topic, kind, dct, f.data)
+		b.publish(s.topic, kind, dct, m.data)
 	}
+}
+
+// pong answers a client's ping. It may run beside the writer: every frame
+// goes out whole under wmu.
+func (s *subscriber) pong(payload []byte) error {
+	frame := append(appendFrameHeader(make([]byte, 0, 2+len(payload)), opPong, len(payload)), payload...)
+	s.wmu.Lock()
+	defer s.wmu.Unlock()
+	s.conn.SetWriteDeadline(time.Now().Add(s.b.cfg.WriteTimeout))
+	_, err := s.conn.Write(frame)
+	return err
 }
 
 func (s *subscriber) isClosing() bool {
@@ -229,11 +230,12 @@ func (h *hijackWriter) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 	// The write buffer holds the largest control frame (2+125 bytes), so a
 	// frame reaches lockedWriter in one piece.
 	lw := &lockedWriter{mu: &h.s.wmu, w: conn}
-	return rc, bufio.NewReadWriter(bufio.NewReaderSize(r, readBufferSize), bufio.NewWriterSize(lw, 256)), nil
+	h.s.br = bufio.NewReaderSize(r, readBufferSize) // the library reads the handshake only; readLoop the rest
+	return rc, bufio.NewReadWriter(h.s.br, bufio.NewWriterSize(lw, 256)), nil
 }
 
-// readWatcher records that the peer sent something: x/net/websocket answers
-// pings and swallows pongs itself, so reads are the only sign of life.
+// readWatcher records that the peer sent something: its pongs are read and
+// skipped like any frame, so reads are the only sign of life.
 type readWatcher struct {
 	net.Conn
 	seen interface{ Store(bool) }

@@ -450,7 +450,15 @@ func (r *rawWS) readClose() (int, string, error) {
 // send writes one masked frame, as a client must.
 func (r *rawWS) send(t *testing.T, op byte, p []byte) {
 	t.Helper()
-	f := appendFrameHeader(nil, op, len(p))
+	r.sendFrame(t, 0x80|op, p)
+}
+
+// sendFrame writes one masked frame whose first byte (FIN, reserved bits,
+// opcode) is b0.
+func (r *rawWS) sendFrame(t *testing.T, b0 byte, p []byte) {
+	t.Helper()
+	f := appendFrameHeader(nil, 0, len(p))
+	f[0] = b0
 	f[1] |= 0x80
 	f = append(f, 1, 2, 3, 4)
 	for i, b := range p {
@@ -599,6 +607,61 @@ func TestSilentSubscriberReapedAfterThreeQuietChecks(t *testing.T) {
 	waitFor(t, 5*time.Second, "the silent subscriber to be reaped", func() bool { return subCount(s.broker) == 0 && s.broker.stats.Reaped.Load() == 1 })
 }
 
+// TestFragmentedMessagesAreJoined: a message sent in fragments, with a
+// ping between them, is published once, whole; the ping is answered.
+func TestFragmentedMessagesAreJoined(t *testing.T) {
+	s, addr := brokerSidecar(t, brokerConfig{})
+	c := dialRaw(t, addr, "/broker?topic=frag")
+	waitFor(t, 5*time.Second, "the subscriber", func() bool { return subCount(s.broker) == 1 })
+	c.sendFrame(t, opText, []byte("hel"))                // FIN clear: more to come
+	c.sendFrame(t, 0x80|opPing, []byte("are you there")) // control frames may come between fragments
+	c.sendFrame(t, opContinuation, []byte("lo, "))
+	c.sendFrame(t, 0x80|opContinuation, []byte("world"))
+	op, p, err := c.next(5 * time.Second)
+	if err != nil || op != opPong || string(p) != "are you there" {
+		t.Fatalf("after a ping: frame %d %q, %v; want a pong with its payload", op, p, err)
+	}
+	op, p, err = c.next(5 * time.Second)
+	var ev struct{ Data string }
+	if err != nil || op != opText || json.Unmarshal(p, &ev) != nil || ev.Data != "hello, world" {
+		t.Fatalf("the fragmented message came back as %d %s, %v; want one event with hello, world", op, p, err)
+	}
+	if n := s.broker.stats.Published.Load(); n != 1 {
+		t.Errorf("%d messages published; want 1", n)
+	}
+}
+
+// TestBadFramesFailTheConnection: what RFC 6455 says must fail the
+// connection does, with 1002; a message over the limit in fragments, each
+// under it, with 1009.
+func TestBadFramesFailTheConnection(t *testing.T) {
+	s, addr := brokerSidecar(t, brokerConfig{MaxPayloadBytes: 1000})
+	for _, tc := range []struct {
+		name   string
+		frames [][2][]byte // first byte, payload
+		code   int
+	}{
+		{"continuation with nothing to continue", [][2][]byte{{{0x80 | opContinuation}, []byte("x")}}, closeProtocolError},
+		{"reserved opcode", [][2][]byte{{{0x80 | 3}, []byte("x")}}, closeProtocolError},
+		{"reserved bit", [][2][]byte{{{0x80 | 0x40 | opText}, []byte("x")}}, closeProtocolError},
+		{"long ping", [][2][]byte{{{0x80 | opPing}, bytes.Repeat([]byte("p"), 126)}}, closeProtocolError},
+		{"fragmented ping", [][2][]byte{{{opPing}, []byte("p")}}, closeProtocolError},
+		{"new message inside another", [][2][]byte{{{opText}, []byte("a")}, {{0x80 | opText}, []byte("b")}}, closeProtocolError},
+		{"too big in fragments", [][2][]byte{{{opText}, bytes.Repeat([]byte("a"), 600)}, {{0x80 | opContinuation}, bytes.Repeat([]byte("a"), 600)}}, closeTooBig},
+	} {
+		c := dialRaw(t, addr, "/broker?topic=bad")
+		for _, f := range tc.frames {
+			c.sendFrame(t, f[0][0], f[1])
+		}
+		if code, reason, err := c.readClose(); err != nil || code != tc.code {
+			t.Errorf("%s: close %d %q, %v; want %d", tc.name, code, reason, err, tc.code)
+		}
+	}
+	if n := s.broker.stats.Published.Load(); n != 0 {
+		t.Errorf("%d messages published from bad frames; want none", n)
+	}
+}
+
 // TestClientCloseIsAnswered: a client that closes gets a close frame back
 // (RFC 6455 section 5.5.1), on the broker and on the registry watch, so
 // that its onclose sees a clean 1000 and not 1006.
@@ -644,4 +707,35 @@ func (b *broker) subsSeen() bool {
 		}
 	}
 	return true
+}
+
+// FuzzWSReader feeds any bytes to the broker's frame reader: it must not
+// panic, and no message it returns may exceed its limit.
+func FuzzWSReader(f *testing.F) {
+	masked := func(b0 byte, p string) []byte {
+		fr := appendFrameHeader(nil, 0, len(p))
+		fr[0], fr[1] = b0, fr[1]|0x80
+		fr = append(fr, 1, 2, 3, 4)
+		for i := range len(p) {
+			fr = append(fr, p[i]^[]byte{1, 2, 3, 4}[i%4])
+		}
+		return fr
+	}
+	f.Add(masked(0x80|opText, "hello"))
+	f.Add(append(masked(opText, "hel"), append(masked(0x80|opPing, "x"), masked(0x80|opContinuation, "lo")...)...))
+	f.Add(masked(0x80|opClose, "\x03\xe8"))
+	f.Add([]byte{0x81, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 1, 2, 3, 4})
+	f.Fuzz(func(t *testing.T, data []byte) {
+		const limit = 4096
+		r := &wsReader{br: bufio.NewReader(bytes.NewReader(data)), max: limit, onPing: func([]byte) error { return nil }}
+		for {
+			m, err := r.next()
+			if err != nil {
+				return
+			}
+			if len(m.data) > limit {
+				t.Fatalf("a message of %d bytes; the limit is %d", len(m.data), limit)
+			}
+		}
+	})
 }

@@ -307,6 +307,7 @@ func answerClose(c *websocket.Conn) {
 const (
 	closeNormal         = 1000
 	closeGoingAway      = 1001
+	closeProtocolError  = 1002
 	closePolicyViolated = 1008
 	closeTooBig         = 1009
 	closeTryAgainLater  = 1013

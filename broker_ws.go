@@ -1,0 +1,160 @@
+package main
+
+import (
+	"bufio"
+	"encoding/binary"
+	"errors"
+	"io"
+	"strconv"
+)
+
+// The broker reads what its WebSocket clients send with its own frame
+// reader (RFC 6455 section 5). x/net/websocket, which does the handshake,
+// hands over each fragment of a message as a message of its own (a
+// gorilla/websocket client fragments anything over its 4 KiB write buffer)
+// and accepts frames the RFC says must fail the connection.
+
+// WebSocket opcodes (RFC 6455 section 5.2).
+const (
+	opContinuation = 0x0
+	opText         = 0x1
+	opBinary       = 0x2
+	opClose        = 0x8
+	opPing         = 0x9
+	opPong         = 0xa
+)
+
+// wsFailure is why a connection must be failed, with the close code to say
+// it with (RFC 6455 section 7.4.1).
+type wsFailure struct {
+	code   int
+	reason string
+}
+
+func (f *wsFailure) Error() string { return strconv.Itoa(f.code) + " " + f.reason }
+
+// errPeerClosed is a close frame from the peer: the end of its messages.
+var errPeerClosed = errors.New("websocket: the peer closed")
+
+// wsMessage is one whole data message.
+type wsMessage struct {
+	data   []byte
+	binary bool
+}
+
+// wsReader reads a client's frames and joins them into messages.
+type wsReader struct {
+	br     *bufio.Reader
+	max    int                // largest message, in bytes
+	onPing func([]byte) error // answers a ping with its payload
+}
+
+// frameHead is the fixed part of a frame, as read.
+type frameHead struct {
+	fin    bool
+	opcode byte
+	length uint64
+	mask   [4]byte
+}
+
+// next returns the next data message. Pings are answered on the way and
+// pongs skipped; a close frame ends with errPeerClosed; a frame the RFC
+// forbids, or a message over max, with a *wsFailure.
+func (r *wsReader) next() (wsMessage, error) {
+	var msg wsMessage
+	started := false
+	for {
+		h, err := r.readHead()
+		if err != nil {
+			return wsMessage{}, err
+		}
+		if h.opcode >= opClose { // control frames may come between fragments
+			payload, err := r.readPayload(h, nil)
+			if err != nil {
+				return wsMessage{}, err
+			}
+			switch h.opcode {
+			case opClose:
+				return wsMessage{}, errPeerClosed
+			case opPing:
+				if err := r.onPing(payload); err != nil {
+					return wsMessage{}, err
+				}
+			}
+			continue
+		}
+		switch {
+		case h.opcode == opContinuation && !started:
+			return wsMessage{}, &wsFailure{closeProtocolError, "continuation frame with no message to continue"}
+		case h.opcode != opContinuation && started:
+			return wsMessage{}, &wsFailure{closeProtocolError, "new message before the last one ended"}
+		case h.opcode == opText, h.opcode == opBinary:
+			started, msg.binary = true, h.opcode == opBinary
+		}
+		if uint64(len(msg.data))+h.length > uint64(r.max) {
+			return wsMessage{}, &wsFailure{closeTooBig, "message larger than " + strconv.Itoa(r.max) + " bytes (--broker_max_payload_bytes)"}
+		}
+		if msg.data, err = r.readPayload(h, msg.data); err != nil {
+			return wsMessage{}, err
+		}
+		if h.fin {
+			if msg.data == nil {
+				msg.data = []byte{}
+			}
+			return msg, nil
+		}
+	}
+}
+
+// readHead reads a frame's head and checks what the RFC requires of a
+// client's frame: masked, no reserved bits or opcodes, control frames whole
+// and at most 125 bytes.
+func (r *wsReader) readHead() (frameHead, error) {
+	var b [2]byte
+	if _, err := io.ReadFull(r.br, b[:]); err != nil {
+		return frameHead{}, err
+	}
+	h := frameHead{fin: b[0]&0x80 != 0, opcode: b[0] & 0x0f, length: uint64(b[1] & 0x7f)}
+	switch {
+	case b[0]&0x70 != 0:
+		return frameHead{}, &wsFailure{closeProtocolError, "reserved bits set; no extension was agreed"}
+	case h.opcode > opBinary && h.opcode < opClose, h.opcode > opPong:
+		return frameHead{}, &wsFailure{closeProtocolError, "reserved opcode " + strconv.Itoa(int(h.opcode))}
+	case b[1]&0x80 == 0:
+		return frameHead{}, &wsFailure{closeProtocolError, "a client's frames must be masked"}
+	case h.opcode >= opClose && (!h.fin || h.length > 125):
+		return frameHead{}, &wsFailure{closeProtocolError, "control frames must be whole and at most 125 bytes"}
+	}
+	switch h.length {
+	case 126:
+		var l [2]byte
+		if _, err := io.ReadFull(r.br, l[:]); err != nil {
+			return frameHead{}, err
+		}
+		h.length = uint64(binary.BigEndian.Uint16(l[:]))
+	case 127:
+		var l [8]byte
+		if _, err := io.ReadFull(r.br, l[:]); err != nil {
+			return frameHead{}, err
+		}
+		h.length = binary.BigEndian.Uint64(l[:])
+	}
+	if _, err := io.ReadFull(r.br, h.mask[:]); err != nil {
+		return frameHead{}, err
+	}
+	return h, nil
+}
+
+// readPayload appends h's unmasked payload to dst. The caller has checked
+// the length against its limit.
+func (r *wsReader) readPayload(h frameHead, dst []byte) ([]byte, error) {
+	start := len(dst)
+	dst = append(dst, make([]byte, h.length)...)
+	if _, err := io.ReadFull(r.br, dst[start:]); err != nil {
+		return nil, err
+	}
+	for i := range dst[start:] {
+		dst[start+i] ^= h.mask[i&3]
+	}
+	return dst, nil
+}
