@@ -725,6 +725,8 @@ func FuzzWSReader(f *testing.F) {
 	f.Add(append(masked(opText, "hel"), append(masked(0x80|opPing, "x"), masked(0x80|opContinuation, "lo")...)...))
 	f.Add(masked(0x80|opClose, "\x03\xe8"))
 	f.Add([]byte{0x81, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 1, 2, 3, 4})
+	// A fragment whose length would wrap the running total past zero.
+	f.Add(append(masked(opText, "0123456789"), 0x80, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xfb, 1, 2, 3, 4))
 	f.Fuzz(func(t *testing.T, data []byte) {
 		const limit = 4096
 		r := &wsReader{br: bufio.NewReader(bytes.NewReader(data)), max: limit, onPing: func([]byte) error { return nil }}

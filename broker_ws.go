@@ -91,7 +91,7 @@ func (r *wsReader) next() (wsMessage, error) {
 		case h.opcode == opText, h.opcode == opBinary:
 			started, msg.binary = true, h.opcode == opBinary
 		}
-		if uint64(len(msg.data))+h.length > uint64(r.max) {
+		if h.length > uint64(r.max) || uint64(len(msg.data))+h.length > uint64(r.max) { // the first test keeps the sum from wrapping
 			return wsMessage{}, &wsFailure{closeTooBig, "message larger than " + strconv.Itoa(r.max) + " bytes (--broker_max_payload_bytes)"}
 		}
 		if msg.data, err = r.readPayload(h, msg.data); err != nil {
