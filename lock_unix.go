@@ -31,16 +31,11 @@ func lockFile(path string) (func(), error) {
 	}, nil
 }
 
-// statSig identifies the file's current version: a rename changes the inode
-// even when size and modification time happen to match.
-func statSig(path string) (fileSig, error) {
-	fi, err := os.Stat(path)
-	if err != nil {
-		return fileSig{}, err
-	}
-	sig := fileSig{size: fi.Size(), mtime: fi.ModTime()}
+// inodeOf is fi's inode: a rename changes it even when size and
+// modification time happen to match.
+func inodeOf(fi os.FileInfo) uint64 {
 	if st, ok := fi.Sys().(*syscall.Stat_t); ok {
-		sig.inode = uint64(st.Ino)
+		return uint64(st.Ino)
 	}
-	return sig, nil
+	return 0
 }

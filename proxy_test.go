@@ -336,9 +336,10 @@ func TestProxyWebSocket(t *testing.T) {
 	}
 }
 
-// brokenNode answers every request with the start of a response and then
-// hangs up: a node that dies mid-body.
-func brokenNode(t *testing.T, partial string) string {
+// rawNode is a node written by hand: it reads one request per connection,
+// lets answer write whatever it likes, and hangs up. It returns its
+// address.
+func rawNode(t *testing.T, answer func(c net.Conn, req *http.Request)) string {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -353,15 +354,19 @@ func brokenNode(t *testing.T, partial string) string {
 			}
 			go func() {
 				defer c.Close()
-				br := bufio.NewReader(c)
-				if _, err := http.ReadRequest(br); err != nil {
-					return
+				if req, err := http.ReadRequest(bufio.NewReader(c)); err == nil {
+					answer(c, req)
 				}
-				io.WriteString(c, partial)
 			}()
 		}
 	}()
 	return ln.Addr().String()
+}
+
+// brokenNode answers every request with the start of a response and then
+// hangs up: a node that dies mid-body.
+func brokenNode(t *testing.T, partial string) string {
+	return rawNode(t, func(c net.Conn, _ *http.Request) { io.WriteString(c, partial) })
 }
 
 // TestProxyNodeDyingMidBodyIsNoCleanEnd: when a node hangs up in the middle

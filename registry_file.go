@@ -50,6 +50,15 @@ type fileBackend struct {
 	once sync.Once
 }
 
+// statSig identifies the file's current version.
+func statSig(path string) (fileSig, error) {
+	fi, err := os.Stat(path)
+	if err != nil {
+		return fileSig{}, err
+	}
+	return fileSig{size: fi.Size(), mtime: fi.ModTime(), inode: inodeOf(fi)}, nil
+}
+
 // fileSig identifies one version of the file cheaply, so that polling reads
 // it only when it changed.
 type fileSig struct {

@@ -729,31 +729,13 @@ func TestCallConnectionReuse(t *testing.T) {
 	}
 
 	// An HTTP/1.0 server (Python's http.server by default) closes after each answer.
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer c.Close()
-				req, err := http.ReadRequest(bufio.NewReader(c))
-				if err != nil {
-					return
-				}
-				body, _ := io.ReadAll(req.Body)
-				var env map[string]json.RawMessage
-				json.Unmarshal(body, &env)
-				fmt.Fprintf(c, "HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n{\"id\":%s,\"result\":\"old\"}", env["id"])
-			}()
-		}
-	}()
-	register(t, s, "old", ln.Addr().String())
+	old := rawNode(t, func(c net.Conn, req *http.Request) {
+		body, _ := io.ReadAll(req.Body)
+		var env map[string]json.RawMessage
+		json.Unmarshal(body, &env)
+		fmt.Fprintf(c, "HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n{\"id\":%s,\"result\":\"old\"}", env["id"])
+	})
+	register(t, s, "old", old)
 	for i := range 3 {
 		if code, body := post(t, srv.URL+"/rpc", form, "service=old&method=A.B"); code != 200 || body != `"old"` {
 			t.Fatalf("HTTP/1.0 node, call %d: %d %s", i, code, body)
