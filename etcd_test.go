@@ -519,7 +519,7 @@ func TestEtcdBackendResumesAndResyncs(t *testing.T) {
 func TestEtcdPutLostInFlight(t *testing.T) {
 	e := startEtcd(t)
 	g := newGatewayProxy(t, e.client)
-	b, err := newEtcdBackend(context.Background(), etcdConfig{Endpoints: []string{g.srv.URL}, Prefix: defaultEtcdPrefix, SyncWait: 5 * time.Second, RequestTimeout: 500 * time.Millisecond},
+	b, err := newEtcdBackend(context.Background(), etcdConfig{Endpoints: []string{g.srv.URL}, Prefix: defaultEtcdPrefix, SyncWait: 5 * time.Second, RequestTimeout: 2 * time.Second}, // long enough for the calls not held (a grant waits for etcd's fsync)
 		newTable(1000), slog.New(slog.NewTextHandler(io.Discard, nil)))
 	if err != nil {
 		t.Fatal(err)
