@@ -186,7 +186,7 @@ func (b *broker) readLoop(s *subscriber, c *websocket.Conn) {
 // pong answers a client's ping. It may run beside the writer: every frame
 // goes out whole under wmu.
 func (s *subscriber) pong(payload []byte) error {
-	frame := append(appendFrameHeader(make([]byte, 0, 2+len(payload)), opPong, len(payload)), payload...)
+	frame := append(appendFrameHeader(make([]byte, 0, 2+len(payload)), websocket.PongFrame, len(payload)), payload...)
 	s.wmu.Lock()
 	defer s.wmu.Unlock()
 	s.conn.SetWriteDeadline(time.Now().Add(s.b.cfg.WriteTimeout))

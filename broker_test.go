@@ -613,17 +613,17 @@ func TestFragmentedMessagesAreJoined(t *testing.T) {
 	s, addr := brokerSidecar(t, brokerConfig{})
 	c := dialRaw(t, addr, "/broker?topic=frag")
 	waitFor(t, 5*time.Second, "the subscriber", func() bool { return subCount(s.broker) == 1 })
-	c.sendFrame(t, opText, []byte("hel"))                // FIN clear: more to come
-	c.sendFrame(t, 0x80|opPing, []byte("are you there")) // control frames may come between fragments
-	c.sendFrame(t, opContinuation, []byte("lo, "))
-	c.sendFrame(t, 0x80|opContinuation, []byte("world"))
+	c.sendFrame(t, websocket.TextFrame, []byte("hel"))                // FIN clear: more to come
+	c.sendFrame(t, 0x80|websocket.PingFrame, []byte("are you there")) // control frames may come between fragments
+	c.sendFrame(t, websocket.ContinuationFrame, []byte("lo, "))
+	c.sendFrame(t, 0x80|websocket.ContinuationFrame, []byte("world"))
 	op, p, err := c.next(5 * time.Second)
-	if err != nil || op != opPong || string(p) != "are you there" {
+	if err != nil || op != websocket.PongFrame || string(p) != "are you there" {
 		t.Fatalf("after a ping: frame %d %q, %v; want a pong with its payload", op, p, err)
 	}
 	op, p, err = c.next(5 * time.Second)
 	var ev struct{ Data string }
-	if err != nil || op != opText || json.Unmarshal(p, &ev) != nil || ev.Data != "hello, world" {
+	if err != nil || op != websocket.TextFrame || json.Unmarshal(p, &ev) != nil || ev.Data != "hello, world" {
 		t.Fatalf("the fragmented message came back as %d %s, %v; want one event with hello, world", op, p, err)
 	}
 	if n := s.broker.stats.Published.Load(); n != 1 {
@@ -641,13 +641,13 @@ func TestBadFramesFailTheConnection(t *testing.T) {
 		frames [][2][]byte // first byte, payload
 		code   int
 	}{
-		{"continuation with nothing to continue", [][2][]byte{{{0x80 | opContinuation}, []byte("x")}}, closeProtocolError},
+		{"continuation with nothing to continue", [][2][]byte{{{0x80 | websocket.ContinuationFrame}, []byte("x")}}, closeProtocolError},
 		{"reserved opcode", [][2][]byte{{{0x80 | 3}, []byte("x")}}, closeProtocolError},
-		{"reserved bit", [][2][]byte{{{0x80 | 0x40 | opText}, []byte("x")}}, closeProtocolError},
-		{"long ping", [][2][]byte{{{0x80 | opPing}, bytes.Repeat([]byte("p"), 126)}}, closeProtocolError},
-		{"fragmented ping", [][2][]byte{{{opPing}, []byte("p")}}, closeProtocolError},
-		{"new message inside another", [][2][]byte{{{opText}, []byte("a")}, {{0x80 | opText}, []byte("b")}}, closeProtocolError},
-		{"too big in fragments", [][2][]byte{{{opText}, bytes.Repeat([]byte("a"), 600)}, {{0x80 | opContinuation}, bytes.Repeat([]byte("a"), 600)}}, closeTooBig},
+		{"reserved bit", [][2][]byte{{{0x80 | 0x40 | websocket.TextFrame}, []byte("x")}}, closeProtocolError},
+		{"long ping", [][2][]byte{{{0x80 | websocket.PingFrame}, bytes.Repeat([]byte("p"), 126)}}, closeProtocolError},
+		{"fragmented ping", [][2][]byte{{{websocket.PingFrame}, []byte("p")}}, closeProtocolError},
+		{"new message inside another", [][2][]byte{{{websocket.TextFrame}, []byte("a")}, {{0x80 | websocket.TextFrame}, []byte("b")}}, closeProtocolError},
+		{"too big in fragments", [][2][]byte{{{websocket.TextFrame}, bytes.Repeat([]byte("a"), 600)}, {{0x80 | websocket.ContinuationFrame}, bytes.Repeat([]byte("a"), 600)}}, closeTooBig},
 	} {
 		c := dialRaw(t, addr, "/broker?topic=bad")
 		for _, f := range tc.frames {
@@ -721,12 +721,12 @@ func FuzzWSReader(f *testing.F) {
 		}
 		return fr
 	}
-	f.Add(masked(0x80|opText, "hello"))
-	f.Add(append(masked(opText, "hel"), append(masked(0x80|opPing, "x"), masked(0x80|opContinuation, "lo")...)...))
-	f.Add(masked(0x80|opClose, "\x03\xe8"))
+	f.Add(masked(0x80|websocket.TextFrame, "hello"))
+	f.Add(append(masked(websocket.TextFrame, "hel"), append(masked(0x80|websocket.PingFrame, "x"), masked(0x80|websocket.ContinuationFrame, "lo")...)...))
+	f.Add(masked(0x80|websocket.CloseFrame, "\x03\xe8"))
 	f.Add([]byte{0x81, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 1, 2, 3, 4})
 	// A fragment whose length would wrap the running total past zero.
-	f.Add(append(masked(opText, "0123456789"), 0x80, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xfb, 1, 2, 3, 4))
+	f.Add(append(masked(websocket.TextFrame, "0123456789"), 0x80, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xfb, 1, 2, 3, 4))
 	f.Fuzz(func(t *testing.T, data []byte) {
 		const limit = 4096
 		r := &wsReader{br: bufio.NewReader(bytes.NewReader(data)), max: limit, onPing: func([]byte) error { return nil }}

@@ -6,6 +6,8 @@ import (
 	"errors"
 	"io"
 	"strconv"
+
+	"golang.org/x/net/websocket"
 )
 
 // The broker reads what its WebSocket clients send with its own frame
@@ -13,16 +15,6 @@ import (
 // hands over each fragment of a message as a message of its own (a
 // gorilla/websocket client fragments anything over its 4 KiB write buffer)
 // and accepts frames the RFC says must fail the connection.
-
-// WebSocket opcodes (RFC 6455 section 5.2).
-const (
-	opContinuation = 0x0
-	opText         = 0x1
-	opBinary       = 0x2
-	opClose        = 0x8
-	opPing         = 0x9
-	opPong         = 0xa
-)
 
 // wsFailure is why a connection must be failed, with the close code to say
 // it with (RFC 6455 section 7.4.1).
@@ -68,15 +60,15 @@ func (r *wsReader) next() (wsMessage, error) {
 		if err != nil {
 			return wsMessage{}, err
 		}
-		if h.opcode >= opClose { // control frames may come between fragments
+		if h.opcode >= websocket.CloseFrame { // control frames may come between fragments
 			payload, err := r.readPayload(h, nil)
 			if err != nil {
 				return wsMessage{}, err
 			}
 			switch h.opcode {
-			case opClose:
+			case websocket.CloseFrame:
 				return wsMessage{}, errPeerClosed
-			case opPing:
+			case websocket.PingFrame:
 				if err := r.onPing(payload); err != nil {
 					return wsMessage{}, err
 				}
@@ -84,12 +76,12 @@ func (r *wsReader) next() (wsMessage, error) {
 			continue
 		}
 		switch {
-		case h.opcode == opContinuation && !started:
+		case h.opcode == websocket.ContinuationFrame && !started:
 			return wsMessage{}, &wsFailure{closeProtocolError, "continuation frame with no message to continue"}
-		case h.opcode != opContinuation && started:
+		case h.opcode != websocket.ContinuationFrame && started:
 			return wsMessage{}, &wsFailure{closeProtocolError, "new message before the last one ended"}
-		case h.opcode == opText, h.opcode == opBinary:
-			started, msg.binary = true, h.opcode == opBinary
+		case h.opcode == websocket.TextFrame, h.opcode == websocket.BinaryFrame:
+			started, msg.binary = true, h.opcode == websocket.BinaryFrame
 		}
 		if h.length > uint64(r.max) || uint64(len(msg.data))+h.length > uint64(r.max) { // the first test keeps the sum from wrapping
 			return wsMessage{}, &wsFailure{closeTooBig, "message larger than " + strconv.Itoa(r.max) + " bytes (--broker_max_payload_bytes)"}
@@ -118,11 +110,11 @@ func (r *wsReader) readHead() (frameHead, error) {
 	switch {
 	case b[0]&0x70 != 0:
 		return frameHead{}, &wsFailure{closeProtocolError, "reserved bits set; no extension was agreed"}
-	case h.opcode > opBinary && h.opcode < opClose, h.opcode > opPong:
+	case h.opcode > websocket.BinaryFrame && h.opcode < websocket.CloseFrame, h.opcode > websocket.PongFrame:
 		return frameHead{}, &wsFailure{closeProtocolError, "reserved opcode " + strconv.Itoa(int(h.opcode))}
 	case b[1]&0x80 == 0:
 		return frameHead{}, &wsFailure{closeProtocolError, "a client's frames must be masked"}
-	case h.opcode >= opClose && (!h.fin || h.length > 125):
+	case h.opcode >= websocket.CloseFrame && (!h.fin || h.length > 125):
 		return frameHead{}, &wsFailure{closeProtocolError, "control frames must be whole and at most 125 bytes"}
 	}
 	switch h.length {
