@@ -11,30 +11,39 @@ import (
 
 // nodeSocket writes a request on a connection to a node as part of the
 // first read of its answer: one pass through the network poller, with
-// system calls of its own, instead of three (a liveness peek, a write, a
-// read). It is made once per connection, so that nothing allocates per
-// call.
+// system calls of its own, instead of up to four (a liveness peek, a
+// write, a read that finds nothing yet, the read of the answer). It is
+// made once per connection, so that nothing allocates per call.
 //
 // The pass runs inside RawConn.Read's callback, which the poller calls
 // after resetting its readiness state for the connection:
 //
-//  1. An idle connection is peeked at first (one non-blocking byte): a
+//  1. An idle connection may be peeked at first (one non-blocking byte): a
 //     node that closed it, or sent something unasked, while it was idle
 //     must not be mistaken for a node failing a call. Such a connection
 //     gets errIdleClosed, with nothing written, and the caller takes
-//     another.
+//     another. Where the pool's hangupWatcher learns of closes, the peek
+//     is left out for connections idle a short while (see nodeConn.peek).
 //  2. The request is written.
 //  3. The callback asks to wait for readability without trying a read:
 //     the node sends nothing before it has the request, and the reset came
 //     before the write, so the answer's arrival cannot be missed. A read
 //     tried now would fail with EAGAIN, a system call for nothing.
 //  4. Woken, it reads the answer's first bytes into the caller's buffer.
+//
+// A node may still close an idle connection, or speak on it, just before
+// the request goes out. On a connection taken from the pool, a failure, or
+// an answer that is not a success, is then checked against TCP's count of
+// the bytes the node acknowledged (bytesAcked): if none of the request's
+// reached the node, the connection gets errIdleClosed as above.
 type nodeSocket struct {
 	conn net.Conn
 	raw  syscall.RawConn // nil when the connection has no descriptor
 
 	out    []byte // the request to write with the next read; nil: none
-	reused bool   // the connection was idle: peek first
+	reused bool   // the connection was idle: a failure may be its close
+	peek   bool   // check the idle connection before writing
+	sent   uint64 // bytes written on the connection, requests before this one
 
 	written int
 	waiting bool   // written: the next callback means the answer is here
@@ -56,8 +65,9 @@ func newNodeSocket(c net.Conn) *nodeSocket {
 }
 
 // queue makes the next read of the connection write b first; reused says
-// the connection was idle, and is to be checked before b goes out.
-func (s *nodeSocket) queue(b []byte, reused bool) { s.out, s.reused = b, reused }
+// the connection was idle, peek that it is to be checked before b goes
+// out.
+func (s *nodeSocket) queue(b []byte, reused, peek bool) { s.out, s.reused, s.peek = b, reused, peek }
 
 func (s *nodeSocket) pending() bool { return s.out != nil }
 
@@ -75,16 +85,22 @@ func (s *nodeSocket) exchange(p []byte) (int, error) {
 	s.written, s.waiting, s.stale, s.werr, s.in, s.n, s.rerr = 0, false, false, nil, p, 0, nil
 	err := s.raw.Read(s.step)
 	s.out, s.in = nil, nil
+	before := s.sent
+	s.sent += uint64(s.written)
 	switch {
 	case s.stale:
 		return 0, errIdleClosed
 	case s.werr == syscall.EAGAIN || s.werr == syscall.EWOULDBLOCK:
 		// The socket's buffer is full: the rest goes, and the answer is
 		// read, the usual way.
-		if _, err := s.conn.Write(b[s.written:]); err != nil {
+		n, err := s.conn.Write(b[s.written:])
+		s.sent += uint64(n)
+		if err != nil {
 			return 0, err
 		}
 		return s.conn.Read(p)
+	case s.reused && err == nil && s.doubtful(p) && s.unreached(before):
+		return 0, errIdleClosed
 	case s.werr != nil:
 		return 0, s.opError("write", s.werr)
 	case err != nil:
@@ -97,10 +113,30 @@ func (s *nodeSocket) exchange(p []byte) (int, error) {
 	return s.n, nil
 }
 
+// doubtful reports whether the exchange just made may have met an idle
+// connection's end rather than the node's answer: the write or the read
+// failed, or what came is not the start of a success.
+func (s *nodeSocket) doubtful(p []byte) bool {
+	if s.werr != nil || s.rerr != nil || s.n == 0 {
+		return true
+	}
+	b := p[:s.n]
+	return len(b) < 10 || !(string(b[:9]) == "HTTP/1.1 " || string(b[:9]) == "HTTP/1.0 ") || b[9] != '2'
+}
+
+// unreached reports whether none of the bytes written after the first
+// before have been acknowledged by the node: the request never reached
+// it, so whatever came back was sent before it, unasked.
+func (s *nodeSocket) unreached(before uint64) bool {
+	acked, ok := uint64(0), false
+	s.raw.Control(func(fd uintptr) { acked, ok = bytesAcked(fd) })
+	return ok && acked <= before+1 // the SYN counts one
+}
+
 // exchangeStep is the callback of exchange; see nodeSocket.
 func (s *nodeSocket) exchangeStep(fd uintptr) bool {
 	if !s.waiting {
-		if s.reused && !idleOpen(fd) {
+		if s.peek && !idleOpen(fd) {
 			s.stale = true
 			return true
 		}

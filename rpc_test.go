@@ -366,6 +366,7 @@ func testSidecar(t testing.TB, mod func(*config)) (*sidecar, *httptest.Server) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	t.Cleanup(s.closeNodeConnections) // runs after srv.Close: no call is in flight
 	srv := httptest.NewServer(s.routes())
 	t.Cleanup(srv.Close)
 	return s, srv
@@ -797,14 +798,56 @@ func waitIdleUnfit(t *testing.T, s *sidecar, what string) {
 // TestCallSkipsIdleConnectionsTheNodeSpokeOn: bytes a node sends on an
 // idle connection, such as a 408 before it closes it, are never read as
 // the answer to the next call; that call goes out on a new connection.
+// A connection idle for long is peeked at before use; one idle briefly is
+// not, and a 408 met there counts as unasked when TCP says the node never
+// acknowledged the request (the node closed the connection after it).
 func TestCallSkipsIdleConnectionsTheNodeSpokeOn(t *testing.T) {
-	s, srv := testSidecar(t, nil)
+	for _, tc := range []struct {
+		name      string
+		peekAfter time.Duration
+		close     bool // the node closes the connection after its 408
+	}{
+		{"peeked, left open", 0, false},
+		{"peeked, closed", 0, true},
+		{"not peeked, closed", time.Hour, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			s, srv := testSidecar(t, nil)
+			s.rpc.nodes.peekAfter = tc.peekAfter
+			addr, conns := talkyNode(t)
+			register(t, s, "talky", addr)
+			if code, body := post(t, srv.URL+"/rpc", form, "service=talky&method=A.B"); code != 200 || body != "1" {
+				t.Fatalf("first call: %d %s", code, body)
+			}
+			first := <-conns
+			io.WriteString(first, "HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\n\r\n")
+			if tc.close {
+				first.Close()
+			}
+			waitIdleUnfit(t, s, "the node's 408")
+			if code, body := post(t, srv.URL+"/rpc", form, "service=talky&method=A.B"); code != 200 || body != "1" {
+				t.Fatalf("after the node spoke on the idle connection: %d %s; want 200 and its answer", code, body)
+			}
+			if len(conns) != 1 {
+				t.Errorf("%d new connections for the second call; want 1", len(conns))
+			}
+			if n := s.rpc.sel.tracked.Load(); n != 0 {
+				t.Errorf("%d nodes ejected; want none", n)
+			}
+		})
+	}
+}
+
+// talkyNode is a node answering every call with the result 1; conns yields
+// its connections as it accepts them.
+func talkyNode(t *testing.T) (addr string, conns chan net.Conn) {
+	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer ln.Close()
-	conns := make(chan net.Conn, 4)
+	t.Cleanup(func() { ln.Close() })
+	conns = make(chan net.Conn, 4)
 	go func() {
 		for {
 			c, err := ln.Accept()
@@ -828,22 +871,7 @@ func TestCallSkipsIdleConnectionsTheNodeSpokeOn(t *testing.T) {
 			}()
 		}
 	}()
-	register(t, s, "talky", ln.Addr().String())
-	if code, body := post(t, srv.URL+"/rpc", form, "service=talky&method=A.B"); code != 200 || body != "1" {
-		t.Fatalf("first call: %d %s", code, body)
-	}
-	first := <-conns
-	io.WriteString(first, "HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\n\r\n")
-	waitIdleUnfit(t, s, "the node's 408")
-	if code, body := post(t, srv.URL+"/rpc", form, "service=talky&method=A.B"); code != 200 || body != "1" {
-		t.Fatalf("after the node spoke on the idle connection: %d %s; want 200 and its answer", code, body)
-	}
-	if len(conns) != 1 {
-		t.Errorf("%d new connections for the second call; want 1", len(conns))
-	}
-	if n := s.rpc.sel.tracked.Load(); n != 0 {
-		t.Errorf("%d nodes ejected; want none", n)
-	}
+	return ln.Addr().String(), conns
 }
 
 // TestNodeSocketExchangeWithAFullSocket: a request the socket cannot take
@@ -887,7 +915,7 @@ func TestNodeSocketExchangeWithAFullSocket(t *testing.T) {
 		got <- b[filled:]
 	}()
 	s := newNodeSocket(c)
-	s.queue(req, false)
+	s.queue(req, false, false)
 	p := make([]byte, 64)
 	n, err := s.exchange(p)
 	if err != nil || string(p[:n]) != "answer" {
@@ -1035,4 +1063,89 @@ func TestRPCAnswersAlikeOnBothServers(t *testing.T) {
 			t.Errorf("%s: %s; want 200 with its length and Content-Type: application/json", form, fast)
 		}
 	}
+}
+
+// TestNodeClosingIdleConnectionsCostsNoCalls: a node that closes its idle
+// kept-alive connections (as net/http's Shutdown does in a graceful
+// restart) costs the callers of /rpc and of the proxy no failed call:
+// calls that would have gone out on those connections go on new ones, or
+// to another node. The calls start again as soon as the node has closed
+// them, before the sidecar need have noticed. (A request the node's server
+// has already read when it closes the connection is another matter: it
+// counts as reached, and is not retried.)
+func TestNodeClosingIdleConnectionsCostsNoCalls(t *testing.T) {
+	s, srv := testSidecar(t, nil)
+	var served [2]atomic.Int64
+	node := func(i int) http.Handler {
+		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			served[i].Add(1)
+			var env struct{ ID json.RawMessage }
+			json.NewDecoder(r.Body).Decode(&env)
+			if env.ID == nil {
+				env.ID = json.RawMessage("null")
+			}
+			w.Header().Set("Content-Type", "application/json")
+			fmt.Fprintf(w, `{"jsonrpc":"2.0","id":%s,"result":1}`, env.ID)
+		})
+	}
+	serve := func(ln net.Listener, h http.Handler) *http.Server {
+		hs := &http.Server{Handler: h}
+		go hs.Serve(ln)
+		t.Cleanup(func() { hs.Close() })
+		return hs
+	}
+	listen := func() net.Listener {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		return ln
+	}
+	lnA, lnB := listen(), listen()
+	a := serve(lnA, node(0))
+	serve(lnB, node(1))
+	register(t, s, "restart", lnA.Addr().String(), lnB.Addr().String())
+
+	// calls makes 8 callers call n times each, half by /rpc and half by the
+	// proxy, and reports every failure.
+	calls := func(n int) {
+		t.Helper()
+		failures := make(chan string, 8*n)
+		var wg sync.WaitGroup
+		for w := range 8 {
+			wg.Go(func() {
+				for i := range n {
+					path, ct, body := "/rpc", form, "service=restart&method=A.B"
+					if (w+i)%2 == 1 {
+						path, ct, body = "/proxy/restart/x", "application/json", `{}`
+					}
+					resp, err := http.Post(srv.URL+path, ct, strings.NewReader(body))
+					if err != nil {
+						failures <- path + ": " + err.Error()
+						continue
+					}
+					got, _ := io.ReadAll(resp.Body)
+					resp.Body.Close()
+					if resp.StatusCode != 200 {
+						failures <- fmt.Sprintf("%s: %d %s", path, resp.StatusCode, got)
+					}
+				}
+			})
+		}
+		wg.Wait()
+		close(failures)
+		for f := range failures {
+			t.Error(f)
+		}
+	}
+	calls(50)
+	if served[0].Load() == 0 {
+		t.Fatal("no call reached node A")
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if err := a.Shutdown(ctx); err != nil { // closes A's idle connections, and its listener
+		t.Fatalf("node A's shutdown: %v", err)
+	}
+	calls(50)
 }
