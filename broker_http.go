@@ -66,7 +66,7 @@ func (b *broker) handlePublish(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusRequestEntityTooLarge, "message larger than "+strconv.Itoa(b.cfg.MaxPayloadBytes)+" bytes (--broker_max_payload_bytes)")
 		return
 	case err != nil:
-		writeError(w, http.StatusBadRequest, "reading request body: "+err.Error())
+		writeBodyError(w, err)
 		return
 	}
 	kind, dct, err := classify(r.Header.Get("Content-Type"), body)

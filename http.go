@@ -11,6 +11,7 @@ import (
 	"io"
 	"net/http"
 	"net/url"
+	"os"
 	"strconv"
 	"strings"
 	"sync"
@@ -82,7 +83,7 @@ func readBodyInto(w http.ResponseWriter, r *http.Request, limit int64, buf *byte
 			body = make([]byte, r.ContentLength)
 		}
 		if _, err := io.ReadFull(r.Body, body); err != nil {
-			writeError(w, http.StatusBadRequest, "reading request body: "+err.Error())
+			writeBodyError(w, err)
 			return nil, false
 		}
 		if buf != nil {
@@ -106,13 +107,68 @@ func readBodyInto(w http.ResponseWriter, r *http.Request, limit int64, buf *byte
 		writeError(w, http.StatusRequestEntityTooLarge, "request body larger than "+itoa(limit)+" bytes (--max_body_bytes)")
 		return nil, false
 	case err != nil:
-		writeError(w, http.StatusBadRequest, "reading request body: "+err.Error())
+		writeBodyError(w, err)
 		return nil, false
 	}
 	return body, true
 }
 
+// writeBodyError answers a request whose body could not be read: 408 when
+// it stalled, 400 otherwise.
+func writeBodyError(w http.ResponseWriter, err error) {
+	if errors.Is(err, os.ErrDeadlineExceeded) {
+		writeError(w, http.StatusRequestTimeout, errBodyStalled.Error())
+		return
+	}
+	writeError(w, http.StatusBadRequest, "reading request body: "+err.Error())
+}
+
 func itoa(n int64) string { return strconv.FormatInt(n, 10) }
+
+var errBodyStalled = errors.New("request body stalled: nothing more arrived within --idle_timeout")
+
+// boundStalledBodies makes, on net/http's connections, a request body that
+// stops arriving fail: each read of it must bring bytes within gap, as on
+// the fast path (see fixedBody). net/http has no such bound (ReadTimeout
+// bounds a whole request, and would cut off long uploads to the proxy),
+// so a chunked body sent a byte at a time, a minute apart, would hold its
+// handler for good.
+func boundStalledBodies(gap time.Duration, next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Body != nil && r.Body != http.NoBody && r.ContentLength != 0 {
+			r.Body = &progressBody{ReadCloser: r.Body, rc: http.NewResponseController(w), gap: gap}
+		}
+		next.ServeHTTP(w, r)
+	})
+}
+
+// stallReporter is a request body that knows whether it failed for
+// stalling: progressBody, and the fast path's fixedBody.
+type stallReporter interface{ stalled() bool }
+
+// progressBody is a request body whose every read has a deadline.
+type progressBody struct {
+	io.ReadCloser
+	rc    *http.ResponseController
+	gap   time.Duration
+	stall atomic.Bool
+}
+
+func (b *progressBody) stalled() bool { return b.stall.Load() }
+
+func (b *progressBody) Read(p []byte) (int, error) {
+	b.rc.SetReadDeadline(time.Now().Add(b.gap))
+	n, err := b.ReadCloser.Read(p)
+	if err != nil {
+		// The body is over. net/http now reads on to notice the client
+		// leaving, which must not time out while the handler works.
+		b.rc.SetReadDeadline(time.Time{})
+		if errors.Is(err, os.ErrDeadlineExceeded) {
+			b.stall.Store(true)
+		}
+	}
+	return n, err
+}
 
 // requestClock is a response writer that knows when its request arrived
 // and keeps the last clock reading taken for it. Reading the clock costs

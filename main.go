@@ -496,8 +496,9 @@ func runSidecar(ctx context.Context, cfg config, logOut io.Writer) error {
 		s.reg.backend.close()
 		return fmt.Errorf("listen on %s: %w (choose another --address)", cfg.Address, err)
 	}
+	routes := s.routes()
 	srv := &http.Server{
-		Handler: s.routes(),
+		Handler: boundStalledBodies(cfg.IdleTimeout, routes),
 		// Slow or stalled clients must not hold connections forever; bodies
 		// get their own limits, and long calls their own deadlines.
 		ReadHeaderTimeout: cfg.ReadHeaderTimeout,
@@ -513,7 +514,7 @@ func runSidecar(ctx context.Context, cfg config, logOut io.Writer) error {
 		scheme = "https"
 		go func() { serveErr <- srv.ServeTLS(ln, cfg.TLSCertFile, cfg.TLSKeyFile) }()
 	} else {
-		fast := newServer(srv.Handler, srv, log)
+		fast := newServer(routes, srv, log)
 		shutdown = fast.Shutdown
 		go func() { serveErr <- fast.Serve(ln) }()
 	}

@@ -65,7 +65,8 @@ type proxyTarget struct {
 	nodes     []Node
 	path      string // escaped path to request from the node
 	timeout   time.Duration
-	shortened bool // the caller asked for less than the default deadline
+	shortened bool          // the caller asked for less than the default deadline
+	body      stallReporter // the caller's body, when it can stall; ReverseProxy hides it behind its own reader
 }
 
 type targetKey struct{}
@@ -115,6 +116,7 @@ func (p *proxy) serve(w http.ResponseWriter, r *http.Request, service, path stri
 		return
 	}
 	rt := t // a copy goes in the context, so that t stays off the heap
+	rt.body, _ = r.Body.(stallReporter)
 	ctx := context.WithValue(r.Context(), targetKey{}, &rt)
 	if ctx.Value(http.ServerContextKey) == nil {
 		// ReverseProxy aborts a response it cannot finish (a node gone
@@ -198,14 +200,24 @@ func (p *proxy) roundTrip(req *http.Request) (*http.Response, error) {
 			resp = r
 			return answered, false, nil
 		}
+		if t.stalled() {
+			// The caller's fault, not the node's: no ejection, no retry.
+			return answered, false, callErrorf(http.StatusRequestTimeout, "%v", errBodyStalled)
+		}
 		o := classifyFailure(ctx, time.Time{}, err) // the deadline cancels ctx
 		return o, o == timedOut && context.Cause(ctx) == errHeaderTimeout, unwrapURLError(err)
 	})
-	if err == errCallerGone {
+	if err == errCallerGone && ctx.Err() != nil {
 		return nil, ctx.Err()
 	}
 	return resp, err
 }
+
+// stalled reports whether the caller's body failed for stalling. The
+// proxy learns of it from elsewhere (net/http cancels the request's
+// context, as if the caller had gone; the transport fails), and still owes
+// the caller a 408.
+func (t *proxyTarget) stalled() bool { return t.body != nil && t.body.stalled() }
 
 // idempotent reports whether a request with method may be sent twice
 // (RFC 9110 section 9.2.2); the proxy resends only those without a body.
@@ -268,6 +280,10 @@ func (p *proxy) attemptNodes(t *proxyTarget, mayRetry func(outcome) bool, send f
 
 // proxyError is the ReverseProxy's one error handler.
 func proxyError(w http.ResponseWriter, r *http.Request, err error) {
+	if t, _ := r.Context().Value(targetKey{}).(*proxyTarget); t != nil && t.stalled() {
+		writeError(w, http.StatusRequestTimeout, errBodyStalled.Error())
+		return
+	}
 	if r.Context().Err() != nil {
 		return // the caller has gone
 	}

@@ -170,7 +170,7 @@ func (p *proxy) forward(w http.ResponseWriter, r *http.Request, t *proxyTarget) 
 	req = slices.Grow(req, int(r.ContentLength))[:headEnd+int(r.ContentLength)]
 	*bp = req
 	if _, err := io.ReadFull(r.Body, req[headEnd:]); err != nil {
-		writeError(w, http.StatusBadRequest, "reading request body: "+err.Error())
+		writeBodyError(w, err)
 		return
 	}
 	replayable := r.ContentLength == 0 && idempotent(r.Method)

@@ -10,6 +10,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"os"
 	"runtime"
 	"sync"
 	"sync/atomic"
@@ -315,12 +316,8 @@ func (c *serverConn) serveRequest(req *requestHead) (done, hijacked bool) {
 	if req.contentLength > 0 {
 		// A new one each time: a reader the handler started (a transport
 		// still sending the body to a node) may outlive the handler.
-		rb = &fixedBody{br: c.br, left: req.contentLength}
+		rb = &fixedBody{br: c.br, left: req.contentLength, conn: c.rwc, gap: c.srv.idleTimeout}
 		body = rb
-		if int64(c.br.Buffered()) < req.contentLength {
-			// net/http sets no deadline on bodies: uploads take their time.
-			c.setDeadline(time.Time{})
-		}
 	}
 	r := &c.req
 	*r = http.Request{
@@ -383,12 +380,22 @@ func (c *serverConn) runHandler(w *response, r *http.Request) (ok bool) {
 // fixedBody reads a body of a known length from a connection: a request's
 // on the fast path, a response's in the RPC client. It never reads past
 // its length.
+//
+// A request's body must keep arriving: a read that has to wait for the
+// client gives it gap (--idle_timeout) to send more, however long the whole
+// upload takes. The deadline is set on conn only then, so a body that came
+// with its head costs no timer update.
 type fixedBody struct {
 	mu     sync.Mutex // guards br's use, left, closed: a reader may outlive the handler
 	br     *bufio.Reader
 	left   int64
-	closed bool // the handler returned: reading is a bug
+	closed bool     // the handler returned: reading is a bug
+	conn   net.Conn // a request's connection; nil for a response
+	gap    time.Duration
+	stall  atomic.Bool // a read failed at the deadline
 }
+
+func (b *fixedBody) stalled() bool { return b.stall.Load() }
 
 var errBodyAfterHandler = errors.New("http: invalid Read on closed Body")
 
@@ -423,7 +430,13 @@ func (b *fixedBody) Read(p []byte) (int, error) {
 	if int64(len(p)) > b.left {
 		p = p[:b.left]
 	}
+	if b.conn != nil && b.br.Buffered() == 0 {
+		b.conn.SetReadDeadline(time.Now().Add(b.gap))
+	}
 	n, err := b.br.Read(p)
+	if err != nil && b.conn != nil && errors.Is(err, os.ErrDeadlineExceeded) {
+		b.stall.Store(true)
+	}
 	b.left -= int64(n)
 	if b.left == 0 {
 		return n, io.EOF
