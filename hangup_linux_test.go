@@ -1,3 +1,5 @@
+//go:build linux && !386
+
 package main
 
 import (
@@ -50,6 +52,18 @@ func TestNodeSocketTellsUnreachedFromUnanswered(t *testing.T) {
 		}, "", true},
 		{"read, then closed", true, func(n net.Conn, req int) {
 			go func() { io.ReadFull(n, make([]byte, req)); n.Close() }()
+		}, "", false},
+		// A reset carries no acknowledgement that counts: the node may
+		// have read the request before its delayed acknowledgement went.
+		{"read, then reset", true, func(n net.Conn, req int) {
+			go func() {
+				io.ReadFull(n, make([]byte, req))
+				n.(*net.TCPConn).SetLinger(0)
+				n.Close()
+			}()
+		}, "", false},
+		{"partly read, then closed", true, func(n net.Conn, req int) {
+			go func() { io.ReadFull(n, make([]byte, req/2)); n.Close() }()
 		}, "", false},
 		{"read, then 404", true, func(n net.Conn, req int) {
 			go func() {

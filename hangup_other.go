@@ -1,4 +1,4 @@
-//go:build !linux
+//go:build !linux || 386
 
 package main
 
@@ -7,8 +7,10 @@ import (
 	"syscall"
 )
 
-// hangupWatcher has no epoll to wait on here: pooled connections are
-// peeked at before each use instead (see nodeSocket).
+// hangupWatcher has no epoll to wait on here, or (linux/386, where
+// getsockopt goes through socketcall) no count of acknowledged bytes to
+// fall back on: pooled connections are peeked at before each use instead
+// (see nodeSocket).
 type hangupWatcher struct{}
 
 func newHangupWatcher() *hangupWatcher { return nil }

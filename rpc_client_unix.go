@@ -33,9 +33,10 @@ import (
 //
 // A node may still close an idle connection, or speak on it, just before
 // the request goes out. On a connection taken from the pool, a failure, or
-// an answer that is not a success, is then checked against TCP's count of
-// the bytes the node acknowledged (bytesAcked): if none of the request's
-// reached the node, the connection gets errIdleClosed as above.
+// an answer that is not a success, is then checked (neverReached) against
+// TCP's count of the bytes the node acknowledged (bytesAcked): if none of
+// the request reached the node, the connection gets errIdleClosed as
+// above.
 type nodeSocket struct {
 	conn net.Conn
 	raw  syscall.RawConn // nil when the connection has no descriptor
@@ -85,49 +86,76 @@ func (s *nodeSocket) exchange(p []byte) (int, error) {
 	s.written, s.waiting, s.stale, s.werr, s.in, s.n, s.rerr = 0, false, false, nil, p, 0, nil
 	err := s.raw.Read(s.step)
 	s.out, s.in = nil, nil
+	if s.stale {
+		return 0, errIdleClosed
+	}
 	before := s.sent
 	s.sent += uint64(s.written)
+	var n int
+	var werr, rerr error // as net.Conn's Write and Read report them
 	switch {
-	case s.stale:
-		return 0, errIdleClosed
 	case s.werr == syscall.EAGAIN || s.werr == syscall.EWOULDBLOCK:
 		// The socket's buffer is full: the rest goes, and the answer is
 		// read, the usual way.
-		n, err := s.conn.Write(b[s.written:])
-		s.sent += uint64(n)
-		if err != nil {
-			return 0, err
+		var m int
+		m, werr = s.conn.Write(b[s.written:])
+		s.written += m
+		s.sent += uint64(m)
+		if werr == nil {
+			n, rerr = s.conn.Read(p)
 		}
-		return s.conn.Read(p)
-	case s.reused && err == nil && s.doubtful(p) && s.unreached(before):
-		return 0, errIdleClosed
 	case s.werr != nil:
-		return 0, s.opError("write", s.werr)
+		werr = s.opError("write", s.werr)
 	case err != nil:
-		return 0, err // the deadline, or the connection closed under the call
+		rerr = err // the deadline, or the connection closed under the call
 	case s.rerr != nil:
-		return 0, s.opError("read", s.rerr)
+		rerr = s.opError("read", s.rerr)
 	case s.n == 0:
-		return 0, io.EOF
+		rerr = io.EOF
+	default:
+		n = s.n
 	}
-	return s.n, nil
+	if s.reused && err == nil && s.neverReached(p[:n], werr, rerr, before) {
+		return 0, errIdleClosed
+	}
+	if werr != nil {
+		return 0, werr
+	}
+	return n, rerr
 }
 
-// doubtful reports whether the exchange just made may have met an idle
-// connection's end rather than the node's answer: the write or the read
-// failed, or what came is not the start of a success.
-func (s *nodeSocket) doubtful(p []byte) bool {
-	if s.werr != nil || s.rerr != nil || s.n == 0 {
-		return true
+// neverReached reports whether a request written on a connection from the
+// pool met the connection's end, or an answer sent before it, and none of
+// it reached the node; it may then go out on another connection. got is
+// what came back, werr and rerr how the write and the read failed, before
+// the bytes written on the connection before the request. None of it
+// reached the node when
+//   - the write failed before a byte went out;
+//   - the node's close (a FIN) came, and the node has acknowledged none
+//     of the request: TCP acknowledges, with the FIN, all it received. A
+//     reset says nothing: a node that read the request and reset the
+//     connection before its delayed acknowledgement left it
+//     unacknowledged too;
+//   - what came is not the start of a success, and none of the request is
+//     acknowledged: a segment that answers a request acknowledges it, so
+//     this was sent before the request arrived (a 408 as the node's idle
+//     timeout ended).
+func (s *nodeSocket) neverReached(got []byte, werr, rerr error, before uint64) bool {
+	switch {
+	case werr != nil:
+		return s.written == 0
+	case rerr == io.EOF:
+		return s.unacknowledged(before)
+	case rerr != nil:
+		return false
 	}
-	b := p[:s.n]
-	return len(b) < 10 || !(string(b[:9]) == "HTTP/1.1 " || string(b[:9]) == "HTTP/1.0 ") || b[9] != '2'
+	success := len(got) >= 10 && (string(got[:9]) == "HTTP/1.1 " || string(got[:9]) == "HTTP/1.0 ") && got[9] == '2'
+	return !success && s.unacknowledged(before)
 }
 
-// unreached reports whether none of the bytes written after the first
-// before have been acknowledged by the node: the request never reached
-// it, so whatever came back was sent before it, unasked.
-func (s *nodeSocket) unreached(before uint64) bool {
+// unacknowledged reports whether the node has acknowledged none of the
+// bytes written after the first before.
+func (s *nodeSocket) unacknowledged(before uint64) bool {
 	acked, ok := uint64(0), false
 	s.raw.Control(func(fd uintptr) { acked, ok = bytesAcked(fd) })
 	return ok && acked <= before+1 // the SYN counts one
