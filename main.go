@@ -177,7 +177,7 @@ func parseSidecarFlags(args []string, out io.Writer, lookupEnv func(string) (str
 	fs.DurationVar(&cfg.ShutdownTimeout, "shutdown_timeout", 10*time.Second, "Time allowed on SIGINT or SIGTERM for in-flight requests to finish.")
 	fs.IntVar(&cfg.MaxInFlight, "max_inflight", 1024, "Most requests served at once (WebSockets and /health aside); more are refused with 503 and Retry-After.")
 	fs.DurationVar(&cfg.ReadHeaderTimeout, "read_header_timeout", 10*time.Second, "Time a client may take to send a request's headers; slower connections are closed.")
-	fs.DurationVar(&cfg.IdleTimeout, "idle_timeout", 120*time.Second, "Time an idle keep-alive connection is kept open.")
+	fs.DurationVar(&cfg.IdleTimeout, "idle_timeout", 120*time.Second, "Time an idle keep-alive connection is kept open, and the longest a request body may pause before the request ends with 408.")
 	fs.StringVar(&cfg.AuthToken, "auth_token", "", "Token every request but /health must carry as Authorization: Bearer TOKEN (WebSockets may pass ?access_token=TOKEN). Empty: no token. Prefer MICRO_AUTH_TOKEN, which does not show in the process list.")
 	fs.StringVar(&cfg.TLSCertFile, "tls_cert_file", "", "PEM certificate (chain) to serve HTTPS and WSS with; needs --tls_key_file.")
 	fs.StringVar(&cfg.TLSKeyFile, "tls_key_file", "", "PEM private key for --tls_cert_file.")
