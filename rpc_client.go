@@ -228,7 +228,8 @@ func (nc *nodeClient) close() {
 	}
 }
 
-// drop closes one connection.
+// drop closes one connection. A watched one implies hangups was set, under
+// the lock, before it was dialed.
 func (nc *nodeClient) drop(c *nodeConn) {
 	if c.watched != 0 {
 		nc.hangups.forget(c.watched)
@@ -286,8 +287,9 @@ func (nc *nodeClient) watch(c *nodeConn) {
 }
 
 // errIdleClosed is an idle connection that the node closed, or sent
-// something on, while it waited in the pool. None of the request reached
-// the node.
+// something on, while it waited in the pool: found so before the request
+// went out, or after, when TCP says none of the request reached the node
+// (see nodeSocket).
 var errIdleClosed = errors.New("idle connection closed by the node")
 
 // start opens a connection to addr and writes on it the request that build
