@@ -565,7 +565,7 @@ func runSidecar(ctx context.Context, cfg config, logOut io.Writer) error {
 // closeNodeConnections closes the idle keep-alive connections to service
 // nodes, of RPC and of the proxy, once no call is in flight.
 func (s *sidecar) closeNodeConnections() {
-	s.rpc.nodes.close()
+	s.rpc.nodes.closeIdle()
 	if t, ok := s.proxy.transport.(interface{ CloseIdleConnections() }); ok {
 		t.CloseIdleConnections()
 	}

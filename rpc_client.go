@@ -14,7 +14,6 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"time"
 )
 
@@ -30,16 +29,12 @@ type nodeClient struct {
 	maxIdle     int           // idle connections kept per address
 	maxIdleAll  int           // idle connections kept in all
 	idleTimeout time.Duration // an idle connection older than this is closed
-	peekAfter   time.Duration // an idle connection older than this is peeked at; see open
 	maxHeader   int64         // largest response head read
 
-	mu       sync.Mutex // guards idle, nIdle, sweeping, hangups, started, closed
+	mu       sync.Mutex // guards idle, nIdle, sweeping
 	idle     map[string][]*nodeConn
 	nIdle    int
-	sweeping bool           // a sweep of old idle connections is scheduled
-	hangups  *hangupWatcher // started at the first dial; nil where there is none
-	started  bool           // hangups was started, or tried
-	closed   bool           // by close: connections released from now on are closed
+	sweeping bool // a sweep of old idle connections is scheduled
 
 	addrMu sync.RWMutex       // guards addrs
 	addrs  map[nodeKey]string // "host:port" of nodes called; emptied at maxAddrs
@@ -74,7 +69,6 @@ func newNodeClient() *nodeClient {
 		maxIdle:     512,
 		maxIdleAll:  4096,
 		idleTimeout: 90 * time.Second,
-		peekAfter:   100 * time.Millisecond,
 		maxHeader:   64 << 10,
 		idle:        map[string][]*nodeConn{},
 		addrs:       map[nodeKey]string{},
@@ -87,10 +81,7 @@ type nodeConn struct {
 	lim      limitedConn
 	br       *bufio.Reader
 	sock     *nodeSocket
-	watched  uint64           // its id with the pool's hangupWatcher; 0: not watched
-	hung     atomic.Bool      // the watcher saw the node close or reset it
 	reused   bool             // taken from the idle pool rather than dialed
-	peek     bool             // reused, and to be checked before use (see open)
 	body     fixedBody        // the response body being read
 	lr       io.LimitedReader // bounds body, kept here so as not to allocate
 	wbuf     []byte           // the request being written
@@ -149,10 +140,10 @@ func (nc *nodeClient) get(addr string, now time.Time) *nodeConn {
 		nc.idle[addr] = list[:len(list)-1]
 		nc.nIdle--
 		nc.mu.Unlock()
-		if now.Sub(c.since) < nc.idleTimeout && !c.hung.Load() {
+		if now.Sub(c.since) < nc.idleTimeout {
 			return c
 		}
-		nc.drop(c)
+		c.conn.Close()
 	}
 }
 
@@ -162,9 +153,9 @@ func (nc *nodeClient) put(addr string, c *nodeConn) {
 		c.wbuf = nil
 	}
 	nc.mu.Lock()
-	if len(nc.idle[addr]) >= nc.maxIdle || nc.nIdle >= nc.maxIdleAll || c.hung.Load() || nc.closed {
+	if len(nc.idle[addr]) >= nc.maxIdle || nc.nIdle >= nc.maxIdleAll {
 		nc.mu.Unlock()
-		nc.drop(c)
+		c.conn.Close()
 		return
 	}
 	nc.idle[addr] = append(nc.idle[addr], c)
@@ -176,8 +167,8 @@ func (nc *nodeClient) put(addr string, c *nodeConn) {
 	nc.mu.Unlock()
 }
 
-// sweep closes connections idle for longer than idleTimeout, or hung up on
-// by their node, and comes back while any are left.
+// sweep closes connections idle for longer than idleTimeout, and comes back
+// while any are left.
 func (nc *nodeClient) sweep() {
 	now := time.Now()
 	var old []*nodeConn
@@ -185,7 +176,7 @@ func (nc *nodeClient) sweep() {
 	for addr, list := range nc.idle {
 		keep := list[:0]
 		for _, c := range list {
-			if now.Sub(c.since) >= nc.idleTimeout || c.hung.Load() {
+			if now.Sub(c.since) >= nc.idleTimeout {
 				old = append(old, c)
 			} else {
 				keep = append(keep, c)
@@ -205,50 +196,28 @@ func (nc *nodeClient) sweep() {
 	}
 	nc.mu.Unlock()
 	for _, c := range old {
-		nc.drop(c)
+		c.conn.Close()
 	}
 }
 
-// close closes every idle connection, and stops watching for hang-ups;
-// connections released later are closed.
-func (nc *nodeClient) close() {
+// closeIdle closes every idle connection.
+func (nc *nodeClient) closeIdle() {
 	nc.mu.Lock()
 	idle := nc.idle
 	nc.idle, nc.nIdle = map[string][]*nodeConn{}, 0
-	nc.closed = true
-	w := nc.hangups
 	nc.mu.Unlock()
 	for _, list := range idle {
 		for _, c := range list {
-			nc.drop(c)
+			c.conn.Close()
 		}
 	}
-	if w != nil {
-		w.close()
-	}
-}
-
-// drop closes one connection. A watched one implies hangups was set, under
-// the lock, before it was dialed.
-func (nc *nodeClient) drop(c *nodeConn) {
-	if c.watched != 0 {
-		nc.hangups.forget(c.watched)
-	}
-	c.conn.Close()
 }
 
 // open returns an idle connection to addr, or dials one by the deadline.
 // now is about the time: a connection counts as idle from the start of the
 // request it last served.
-//
-// An idle connection is peeked at before use (see nodeSocket) unless the
-// hangupWatcher watches it and it has idled for less than peekAfter. The
-// watcher does not see a node speak on an idle connection, as a server may
-// when its idle timeout ends (a 408, then a close); such timeouts are
-// seconds, while under load a connection idles for microseconds.
 func (nc *nodeClient) open(ctx context.Context, now, deadline time.Time, addr string) (*nodeConn, error) {
 	if c := nc.get(addr, now); c != nil {
-		c.peek = c.watched == 0 || now.Sub(c.since) >= nc.peekAfter
 		c.since, c.reused = now, true
 		return c, nil
 	}
@@ -262,34 +231,11 @@ func (nc *nodeClient) open(ctx context.Context, now, deadline time.Time, addr st
 	c.lim.c, c.lim.sock = conn, c.sock
 	c.br = bufio.NewReaderSize(&c.lim, 4096)
 	c.body.br = c.br
-	nc.watch(c)
 	return c, nil
 }
 
-// watch registers c with the hang-up watcher, which starts at the first
-// dial.
-func (nc *nodeClient) watch(c *nodeConn) {
-	nc.mu.Lock()
-	if !nc.started && !nc.closed {
-		nc.started = true
-		nc.hangups = newHangupWatcher()
-	}
-	w := nc.hangups
-	nc.mu.Unlock()
-	if w == nil {
-		return
-	}
-	if sc, ok := c.conn.(syscall.Conn); ok {
-		if rc, err := sc.SyscallConn(); err == nil {
-			c.watched = w.watch(rc, &c.hung)
-		}
-	}
-}
-
 // errIdleClosed is an idle connection that the node closed, or sent
-// something on, while it waited in the pool: found so before the request
-// went out, or after, when TCP says none of the request reached the node
-// (see nodeSocket).
+// something on, while it waited in the pool. Nothing was written on it.
 var errIdleClosed = errors.New("idle connection closed by the node")
 
 // start opens a connection to addr and writes on it the request that build
@@ -305,13 +251,13 @@ func (nc *nodeClient) start(ctx context.Context, now, deadline time.Time, addr s
 		}
 		stop = c.guard(ctx, deadline)
 		c.wbuf = build(c.wbuf[:0])
-		c.sock.queue(c.wbuf, c.reused, c.peek)
+		c.sock.queue(c.wbuf, c.reused)
 		c.lim.n = nc.maxHeader
 		if _, err = c.br.Peek(1); err != errIdleClosed {
 			return c, stop, err
 		}
 		stop()
-		nc.drop(c)
+		c.conn.Close()
 	}
 }
 
@@ -347,7 +293,7 @@ func (nc *nodeClient) release(addr string, c *nodeConn, reuse bool) {
 	if reuse {
 		nc.put(addr, c)
 	} else {
-		nc.drop(c)
+		c.conn.Close()
 	}
 }
 

@@ -13,7 +13,7 @@ type nodeSocket struct {
 
 func newNodeSocket(c net.Conn) *nodeSocket { return &nodeSocket{conn: c} }
 
-func (s *nodeSocket) queue(b []byte, reused, peek bool) { s.out = b }
+func (s *nodeSocket) queue(b []byte, reused bool) { s.out = b }
 
 func (s *nodeSocket) pending() bool { return s.out != nil }
 

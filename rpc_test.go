@@ -798,56 +798,14 @@ func waitIdleUnfit(t *testing.T, s *sidecar, what string) {
 // TestCallSkipsIdleConnectionsTheNodeSpokeOn: bytes a node sends on an
 // idle connection, such as a 408 before it closes it, are never read as
 // the answer to the next call; that call goes out on a new connection.
-// A connection idle for long is peeked at before use; one idle briefly is
-// not, and a 408 met there counts as unasked when TCP says the node never
-// acknowledged the request (the node closed the connection after it).
 func TestCallSkipsIdleConnectionsTheNodeSpokeOn(t *testing.T) {
-	for _, tc := range []struct {
-		name      string
-		peekAfter time.Duration
-		close     bool // the node closes the connection after its 408
-	}{
-		{"peeked, left open", 0, false},
-		{"peeked, closed", 0, true},
-		{"not peeked, closed", time.Hour, true},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			s, srv := testSidecar(t, nil)
-			s.rpc.nodes.peekAfter = tc.peekAfter
-			addr, conns := talkyNode(t)
-			register(t, s, "talky", addr)
-			if code, body := post(t, srv.URL+"/rpc", form, "service=talky&method=A.B"); code != 200 || body != "1" {
-				t.Fatalf("first call: %d %s", code, body)
-			}
-			first := <-conns
-			io.WriteString(first, "HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\n\r\n")
-			if tc.close {
-				first.Close()
-			}
-			waitIdleUnfit(t, s, "the node's 408")
-			if code, body := post(t, srv.URL+"/rpc", form, "service=talky&method=A.B"); code != 200 || body != "1" {
-				t.Fatalf("after the node spoke on the idle connection: %d %s; want 200 and its answer", code, body)
-			}
-			if len(conns) != 1 {
-				t.Errorf("%d new connections for the second call; want 1", len(conns))
-			}
-			if n := s.rpc.sel.tracked.Load(); n != 0 {
-				t.Errorf("%d nodes ejected; want none", n)
-			}
-		})
-	}
-}
-
-// talkyNode is a node answering every call with the result 1; conns yields
-// its connections as it accepts them.
-func talkyNode(t *testing.T) (addr string, conns chan net.Conn) {
-	t.Helper()
+	s, srv := testSidecar(t, nil)
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { ln.Close() })
-	conns = make(chan net.Conn, 4)
+	defer ln.Close()
+	conns := make(chan net.Conn, 4)
 	go func() {
 		for {
 			c, err := ln.Accept()
@@ -871,7 +829,22 @@ func talkyNode(t *testing.T) (addr string, conns chan net.Conn) {
 			}()
 		}
 	}()
-	return ln.Addr().String(), conns
+	register(t, s, "talky", ln.Addr().String())
+	if code, body := post(t, srv.URL+"/rpc", form, "service=talky&method=A.B"); code != 200 || body != "1" {
+		t.Fatalf("first call: %d %s", code, body)
+	}
+	first := <-conns
+	io.WriteString(first, "HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\n\r\n")
+	waitIdleUnfit(t, s, "the node's 408")
+	if code, body := post(t, srv.URL+"/rpc", form, "service=talky&method=A.B"); code != 200 || body != "1" {
+		t.Fatalf("after the node spoke on the idle connection: %d %s; want 200 and its answer", code, body)
+	}
+	if len(conns) != 1 {
+		t.Errorf("%d new connections for the second call; want 1", len(conns))
+	}
+	if n := s.rpc.sel.tracked.Load(); n != 0 {
+		t.Errorf("%d nodes ejected; want none", n)
+	}
 }
 
 // TestNodeSocketExchangeWithAFullSocket: a request the socket cannot take
@@ -915,7 +888,7 @@ func TestNodeSocketExchangeWithAFullSocket(t *testing.T) {
 		got <- b[filled:]
 	}()
 	s := newNodeSocket(c)
-	s.queue(req, false, false)
+	s.queue(req, false)
 	p := make([]byte, 64)
 	n, err := s.exchange(p)
 	if err != nil || string(p[:n]) != "answer" {
@@ -1069,10 +1042,11 @@ func TestRPCAnswersAlikeOnBothServers(t *testing.T) {
 // kept-alive connections (as net/http's Shutdown does in a graceful
 // restart) costs the callers of /rpc and of the proxy no failed call:
 // calls that would have gone out on those connections go on new ones, or
-// to another node. The calls start again as soon as the node has closed
-// them, before the sidecar need have noticed. (A request the node's server
-// has already read when it closes the connection is another matter: it
-// counts as reached, and is not retried.)
+// to another node: the pool checks a kept-alive connection before it uses
+// it (see nodeSocket). The calls start again as soon as the node has
+// closed them. (A request the node's server has already read when it
+// closes the connection is another matter: it counts as reached, and is
+// not retried.)
 func TestNodeClosingIdleConnectionsCostsNoCalls(t *testing.T) {
 	s, srv := testSidecar(t, nil)
 	var served [2]atomic.Int64
