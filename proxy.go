@@ -200,10 +200,6 @@ func (p *proxy) roundTrip(req *http.Request) (*http.Response, error) {
 			resp = r
 			return answered, false, nil
 		}
-		if t.stalled() {
-			// The caller's fault, not the node's: no ejection, no retry.
-			return answered, false, callErrorf(http.StatusRequestTimeout, "%v", errBodyStalled)
-		}
 		o := classifyFailure(ctx, time.Time{}, err) // the deadline cancels ctx
 		return o, o == timedOut && context.Cause(ctx) == errHeaderTimeout, unwrapURLError(err)
 	})
