@@ -96,7 +96,7 @@ type nodeConn struct {
 // bounded by their reader. A request queued on sock goes out with the
 // first read.
 type limitedConn struct {
-	c    net.Conn
+	c    io.Reader // the connection's reads (see rawSocket)
 	sock *nodeSocket
 	n    int64
 }
@@ -228,7 +228,7 @@ func (nc *nodeClient) open(ctx context.Context, now, deadline time.Time, addr st
 		return nil, err
 	}
 	c := &nodeConn{conn: conn, sock: newNodeSocket(conn), since: now}
-	c.lim.c, c.lim.sock = conn, c.sock
+	c.lim.c, c.lim.sock = newRawSocket(conn), c.sock
 	c.br = bufio.NewReaderSize(&c.lim, 4096)
 	c.body.br = c.br
 	return c, nil

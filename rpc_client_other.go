@@ -2,7 +2,13 @@
 
 package main
 
-import "net"
+import (
+	"io"
+	"net"
+)
+
+// newRawSocket: see socket_raw.go.
+func newRawSocket(c net.Conn) io.ReadWriter { return c }
 
 // nodeSocket cannot peek at a connection here: an idle connection the node
 // closed shows up as a failed call. Requests are written the usual way.

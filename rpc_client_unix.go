@@ -5,7 +5,6 @@ package main
 import (
 	"io"
 	"net"
-	"os"
 	"syscall"
 )
 
@@ -86,11 +85,11 @@ func (s *nodeSocket) exchange(p []byte) (int, error) {
 		}
 		return s.conn.Read(p)
 	case s.werr != nil:
-		return 0, s.opError("write", s.werr)
+		return 0, socketError(s.conn, "write", s.werr)
 	case err != nil:
 		return 0, err // the deadline, or the connection closed under the call
 	case s.rerr != nil:
-		return 0, s.opError("read", s.rerr)
+		return 0, socketError(s.conn, "read", s.rerr)
 	case s.n == 0:
 		return 0, io.EOF
 	}
@@ -105,7 +104,7 @@ func (s *nodeSocket) exchangeStep(fd uintptr) bool {
 			return true
 		}
 		for s.written < len(s.out) {
-			n, err := syscall.Write(int(fd), s.out[s.written:])
+			n, err := sysWrite(fd, s.out[s.written:])
 			if err == syscall.EINTR {
 				continue
 			}
@@ -119,7 +118,7 @@ func (s *nodeSocket) exchangeStep(fd uintptr) bool {
 		return false
 	}
 	for {
-		n, err := syscall.Read(int(fd), s.in)
+		n, err := sysRead(fd, s.in)
 		if err == syscall.EINTR {
 			continue
 		}
@@ -134,16 +133,12 @@ func (s *nodeSocket) exchangeStep(fd uintptr) bool {
 	}
 }
 
-func (s *nodeSocket) opError(op string, err error) error {
-	return &net.OpError{Op: op, Net: "tcp", Source: s.conn.LocalAddr(), Addr: s.conn.RemoteAddr(), Err: os.NewSyscallError(op, err)}
-}
-
 // idleOpen peeks at an idle connection: it is fit for a request when the
 // node has neither closed it nor sent anything.
 func idleOpen(fd uintptr) bool {
 	var b [1]byte
 	for {
-		_, _, err := syscall.Recvfrom(int(fd), b[:], syscall.MSG_PEEK|syscall.MSG_DONTWAIT)
+		_, err := sysPeek(fd, b[:])
 		if err == syscall.EINTR {
 			continue
 		}

@@ -98,7 +98,8 @@ func (s *server) Serve(ln net.Listener) error {
 			continue
 		}
 		backoff = 0
-		c := &serverConn{srv: s, rwc: rwc, br: bufio.NewReaderSize(rwc, headBufferSize), remote: rwc.RemoteAddr().String()}
+		sock := newRawSocket(rwc)
+		c := &serverConn{srv: s, rwc: rwc, sock: sock, br: bufio.NewReaderSize(sock, headBufferSize), remote: rwc.RemoteAddr().String()}
 		if !s.track(c) {
 			rwc.Close()
 			return http.ErrServerClosed
@@ -174,6 +175,7 @@ const (
 type serverConn struct {
 	srv      *server
 	rwc      net.Conn
+	sock     io.ReadWriter // rwc's reads and writes on the fast path (see rawSocket)
 	br       *bufio.Reader
 	remote   string
 	state    atomic.Int32

@@ -246,7 +246,7 @@ func (w *response) send(b []byte) error {
 
 // write writes p to the connection; after a failed write it closes.
 func (w *response) write(p []byte) error {
-	_, err := w.c.rwc.Write(p)
+	_, err := w.c.sock.Write(p)
 	if err != nil {
 		w.closeAfter = true
 	}

@@ -578,7 +578,7 @@ func FuzzServerConn(f *testing.F) {
 		s := newServer(h, &http.Server{ReadHeaderTimeout: 50 * time.Millisecond, IdleTimeout: 50 * time.Millisecond}, slog.New(slog.NewTextHandler(io.Discard, nil)))
 		s.handoff.Close()
 		client, conn := net.Pipe()
-		c := &serverConn{srv: s, rwc: conn, br: bufio.NewReaderSize(conn, headBufferSize), remote: "pipe"}
+		c := &serverConn{srv: s, rwc: conn, sock: conn, br: bufio.NewReaderSize(conn, headBufferSize), remote: "pipe"}
 		s.track(c)
 		go func() {
 			client.Write(in)
