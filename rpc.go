@@ -877,9 +877,14 @@ func expired(ctx context.Context, deadline time.Time) bool {
 }
 
 // isConnFailure reports whether err is a connection refused, reset, cut
-// or timed out, the failures that eject a node.
+// or timed out, the failures that eject a node. A kept-alive connection
+// the node closed as the request went out is none of them.
 func isConnFailure(err error) bool {
 	var ne net.Error
+	var kal *keptAliveLost
+	if errors.As(err, &kal) {
+		return false
+	}
 	return errors.Is(err, syscall.ECONNREFUSED) || errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.EPIPE) ||
 		errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) || errors.As(err, &ne) && ne.Timeout()
 }

@@ -14,6 +14,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 )
 
@@ -238,6 +239,20 @@ func (nc *nodeClient) open(ctx context.Context, now, deadline time.Time, addr st
 // something on, while it waited in the pool. Nothing was written on it.
 var errIdleClosed = errors.New("idle connection closed by the node")
 
+// keptAliveLost is a reused connection that ended before any of the answer
+// came. That is most often the node closing it, idle (an idle timeout, a
+// restart), in the moment the request went out, after the peek: the node
+// is not failing, and is not ejected for it (see isConnFailure). It may
+// also have read the request before closing, so the call is not sent
+// again either.
+type keptAliveLost struct{ err error }
+
+func (e *keptAliveLost) Error() string {
+	return "kept-alive connection closed by the node before any answer: " + e.err.Error()
+}
+
+func (e *keptAliveLost) Unwrap() error { return e.err }
+
 // start opens a connection to addr and writes on it the request that build
 // appends to the connection's buffer, as part of reading the first bytes
 // of the answer into c.br (see nodeSocket). An idle connection the node
@@ -254,6 +269,9 @@ func (nc *nodeClient) start(ctx context.Context, now, deadline time.Time, addr s
 		c.sock.queue(c.wbuf, c.reused)
 		c.lim.n = nc.maxHeader
 		if _, err = c.br.Peek(1); err != errIdleClosed {
+			if err != nil && c.reused && (errors.Is(err, io.EOF) || errors.Is(err, syscall.ECONNRESET)) {
+				err = &keptAliveLost{err}
+			}
 			return c, stop, err
 		}
 		stop()

@@ -84,6 +84,10 @@ func (s *nodeSocket) exchange(p []byte) (int, error) {
 			return 0, err
 		}
 		return s.conn.Read(p)
+	case s.werr != nil && s.written == 0 && s.reused:
+		// The node reset the idle connection after the peek: nothing of
+		// the request left, so another connection may carry it.
+		return 0, errIdleClosed
 	case s.werr != nil:
 		return 0, socketError(s.conn, "write", s.werr)
 	case err != nil:

@@ -747,6 +747,81 @@ func TestCallConnectionReuse(t *testing.T) {
 	}
 }
 
+// oneShotNode answers the first request on each connection, keeping the
+// connection alive, and closes it when the next request arrives: a node
+// whose idle timeout ends as a request goes out. With reset set it closes
+// with a reset rather than a FIN.
+func oneShotNode(t *testing.T, reset bool) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				br := bufio.NewReader(c)
+				req, err := http.ReadRequest(br)
+				if err != nil {
+					return
+				}
+				var env struct{ ID json.RawMessage }
+				json.NewDecoder(req.Body).Decode(&env)
+				body := fmt.Sprintf(`{"jsonrpc":"2.0","id":%s,"result":"once"}`, env.ID)
+				fmt.Fprintf(c, "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s", len(body), body)
+				br.Peek(1)
+				if reset {
+					c.(*net.TCPConn).SetLinger(0)
+				}
+			}()
+		}
+	}()
+	return ln.Addr().String()
+}
+
+// A kept-alive connection that the node closes as a request goes out
+// (after the peek found it open) fails that call, which may have reached
+// the node; but the node is not failing and is not ejected: the next call
+// gets a new connection and an answer.
+func TestKeptAliveConnectionLostIsNoNodeFailure(t *testing.T) {
+	s, srv := testSidecar(t, nil)
+	for _, reset := range []bool{false, true} {
+		for _, via := range []string{"rpc", "proxy"} {
+			name := fmt.Sprintf("oneshot-%s-%v", via, reset)
+			register(t, s, name, oneShotNode(t, reset))
+			path := "/rpc"
+			if via == "proxy" {
+				path = "/proxy/" + name + "/"
+			}
+			call := func() (int, string) {
+				if path == "/rpc" {
+					return post(t, srv.URL+"/rpc", form, "service="+name+"&method=A.B")
+				}
+				return post(t, srv.URL+path, "application/json", `{"jsonrpc":"2.0","id":1,"method":"A.B","params":[{}]}`)
+			}
+			if code, body := call(); code != 200 {
+				t.Fatalf("reset %v, %s, first call: %d %s; want 200", reset, path, code, body)
+			}
+			code, body := call() // on the kept-alive connection, which the node closes
+			if code != 502 || !strings.Contains(body, "kept-alive connection closed by the node before any answer") {
+				t.Errorf("reset %v, %s, second call: %d %s; want a 502 naming the lost connection", reset, path, code, body)
+			}
+			if code, body := call(); code != 200 {
+				t.Errorf("reset %v, %s, third call: %d %s; want 200 on a new connection, the node not ejected", reset, path, code, body)
+			}
+			if n := s.rpc.sel.tracked.Load(); n != 0 {
+				t.Errorf("reset %v, %s: %d nodes ejected; want none", reset, path, n)
+			}
+		}
+	}
+}
+
 // TestNodePoolReusesItsLists: taking the last idle connection to an
 // address and putting it back allocates nothing, and a sweep drops the
 // lists left empty.
