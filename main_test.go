@@ -464,9 +464,8 @@ func TestCorruptRegistryFileIsKeptAside(t *testing.T) {
 	file := filepath.Join(dir, "registry.json")
 	os.WriteFile(file, []byte("{not json"), 0o644)
 	p := startSidecar(t, "--registry=file", "--registry_address="+file, "--server_name=foo", "--server_address=127.0.0.1:9090")
-	if lookup(t, p, "foo") == nil {
-		t.Fatal("the sidecar must keep working after a corrupt file")
-	}
+	// The sidecar registers its app just after it starts listening.
+	waitFor(t, 5*time.Second, "the sidecar to keep working after a corrupt file, with foo registered", func() bool { return lookup(t, p, "foo") != nil })
 	aside, _ := filepath.Glob(file + ".corrupt-*")
 	if len(aside) != 1 {
 		t.Fatalf("corrupt file not kept aside: %v", aside)

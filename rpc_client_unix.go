@@ -91,7 +91,7 @@ func (s *nodeSocket) exchange(p []byte) (int, error) {
 	case s.werr != nil:
 		return 0, socketError(s.conn, "write", s.werr)
 	case err != nil:
-		return 0, err // the deadline, or the connection closed under the call
+		return 0, renameOp(err, "read") // the deadline, or the connection closed under the call
 	case s.rerr != nil:
 		return 0, socketError(s.conn, "read", s.rerr)
 	case s.n == 0:
@@ -114,6 +114,10 @@ func (s *nodeSocket) exchangeStep(fd uintptr) bool {
 			}
 			if err != nil {
 				s.werr = err
+				return true
+			}
+			if n == 0 {
+				s.werr = io.ErrUnexpectedEOF // as net.Conn says: no progress
 				return true
 			}
 			s.written += n

@@ -5,7 +5,6 @@ package main
 import (
 	"io"
 	"net"
-	"os"
 	"syscall"
 	"unsafe"
 )
@@ -109,6 +108,10 @@ func (s *rawSocket) writeAll(fd uintptr) bool {
 		n, err := sysWrite(fd, s.wp[s.wn:])
 		switch err {
 		case nil:
+			if n == 0 {
+				s.werr = io.ErrUnexpectedEOF // as net.Conn says: no progress
+				return true
+			}
 			s.wn += n
 		case syscall.EINTR:
 		case syscall.EAGAIN:
@@ -121,31 +124,31 @@ func (s *rawSocket) writeAll(fd uintptr) bool {
 	return true
 }
 
-// renameOp gives a RawConn's error ("raw-read") the operation a net.Conn
-// would name.
-func renameOp(err error, op string) error {
-	if e, ok := err.(*net.OpError); ok {
-		e.Op = op
-	}
-	return err
-}
-
-// socketError wraps a failed system call on c as net.Conn would.
-func socketError(c net.Conn, op string, err error) error {
-	return &net.OpError{Op: op, Net: "tcp", Source: c.LocalAddr(), Addr: c.RemoteAddr(), Err: os.NewSyscallError(op, err)}
-}
+// The race detector learns what a system call reads and writes only from
+// the syscall package's wrappers: under it, those are used.
 
 func sysRead(fd uintptr, p []byte) (int, error) {
+	if raceEnabled {
+		return syscall.Read(int(fd), p)
+	}
 	return rawCall(syscall.SYS_READ, fd, p, 0)
 }
 
 func sysWrite(fd uintptr, p []byte) (int, error) {
+	if raceEnabled {
+		return syscall.Write(int(fd), p)
+	}
 	return rawCall(syscall.SYS_WRITE, fd, p, 0)
 }
 
 // sysPeek reads without consuming and without waiting.
 func sysPeek(fd uintptr, p []byte) (int, error) {
-	return rawCall(syscall.SYS_RECVFROM, fd, p, syscall.MSG_PEEK|syscall.MSG_DONTWAIT)
+	const flags = syscall.MSG_PEEK | syscall.MSG_DONTWAIT
+	if raceEnabled {
+		n, _, err := syscall.Recvfrom(int(fd), p, flags)
+		return n, err
+	}
+	return rawCall(syscall.SYS_RECVFROM, fd, p, flags)
 }
 
 // rawCall makes a read, write or recvfrom on fd with p, flags only for the

@@ -5,7 +5,6 @@ package main
 import (
 	"io"
 	"net"
-	"os"
 	"syscall"
 )
 
@@ -13,10 +12,6 @@ import (
 // written the usual way.
 
 func newRawSocket(c net.Conn) io.ReadWriter { return c }
-
-func socketError(c net.Conn, op string, err error) error {
-	return &net.OpError{Op: op, Net: "tcp", Source: c.LocalAddr(), Addr: c.RemoteAddr(), Err: os.NewSyscallError(op, err)}
-}
 
 func sysRead(fd uintptr, p []byte) (int, error) { return syscall.Read(int(fd), p) }
 

@@ -1,0 +1,6 @@
+//go:build !race
+
+package main
+
+// raceEnabled says the race detector is on (see sysRead).
+const raceEnabled = false
