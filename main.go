@@ -636,6 +636,9 @@ func hotRoutes(mux *http.ServeMux, rpc, proxy http.HandlerFunc) http.Handler {
 		case strings.HasPrefix(p, "/proxy/") && cleanURLPath(p):
 			r.Pattern = "/proxy/"
 			proxy(w, r)
+		case r.Method == http.MethodConnect:
+			// The mux would answer with a plain-text 404.
+			writeError(w, http.StatusNotImplemented, "CONNECT is not supported: the sidecar is not a forward proxy")
 		default:
 			mux.ServeHTTP(w, r)
 		}
