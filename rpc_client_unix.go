@@ -23,10 +23,13 @@ import (
 //     gets errIdleClosed, with nothing written, and the caller takes
 //     another.
 //  2. The request is written.
-//  3. The callback asks to wait for readability without trying a read:
-//     the node sends nothing before it has the request, and the reset came
-//     before the write, so the answer's arrival cannot be missed. A read
-//     tried now would fail with EAGAIN, a system call for nothing.
+//  3. On an idle connection the callback asks to wait for readability
+//     without trying a read: the peek came after the poller's reset and
+//     found nothing, so whatever the node sends next wakes the poller. A
+//     read tried now would fail with EAGAIN, a system call for nothing. A
+//     new connection had no peek, and is read once at once: the node may
+//     have answered, or closed, before the reset (a server refusing work
+//     as it accepts).
 //  4. Woken, it reads the answer's first bytes into the caller's buffer.
 type nodeSocket struct {
 	conn net.Conn
@@ -123,7 +126,13 @@ func (s *nodeSocket) exchangeStep(fd uintptr) bool {
 			s.written += n
 		}
 		s.waiting = true
-		return false
+		if s.reused {
+			return false // the peek, after the poller's reset, saw nothing
+		}
+		// A new connection had no peek: what the node sent on it before
+		// the poller's reset (an early answer, a close) raises no wake-up
+		// of its own, and a node draining for a lingering close sends
+		// nothing more. One read now finds it.
 	}
 	for {
 		n, err := sysRead(fd, s.in)

@@ -822,6 +822,47 @@ func TestKeptAliveConnectionLostIsNoNodeFailure(t *testing.T) {
 	}
 }
 
+// A node that answers a new connection at once, before the request is
+// even sent (a server refusing work as it accepts), and then closes it
+// with a lingering close, draining what comes: the answer is read at once,
+// not after the call's deadline. The answer can land before the sidecar's
+// poller is set to wait, which then wakes for nothing more.
+func TestNodeAnsweringBeforeTheRequestIsReadAtOnce(t *testing.T) {
+	s, srv := testSidecar(t, nil)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				io.WriteString(c, "HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: 4\r\nConnection: close\r\n\r\nbusy")
+				c.(*net.TCPConn).CloseWrite()
+				c.SetReadDeadline(time.Now().Add(5 * time.Second))
+				io.Copy(io.Discard, c) // the lingering close
+			}()
+		}
+	}()
+	register(t, s, "refuser", ln.Addr().String())
+	for i := range 20 {
+		// Missed, the answer would wait out the deadline: a 504.
+		code, body := post(t, srv.URL+"/rpc", form, "service=refuser&method=A.B", "Timeout", "2s")
+		if code != 502 || !strings.Contains(body, "503") {
+			t.Fatalf("call %d: %d %s; want the node's 503, reported as a 502", i, code, body)
+		}
+		code, body = post(t, srv.URL+"/proxy/refuser/", "application/json", "{}", "Timeout", "2s")
+		if code != 503 || body != "busy" {
+			t.Fatalf("proxied call %d: %d %s; want the node's 503", i, code, body)
+		}
+	}
+}
+
 // TestNodePoolReusesItsLists: taking the last idle connection to an
 // address and putting it back allocates nothing, and a sweep drops the
 // lists left empty.
