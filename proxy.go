@@ -7,10 +7,12 @@ import (
 	"io"
 	"log/slog"
 	"net/http"
+	"net/http/httptrace"
 	"net/http/httputil"
 	"net/url"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -191,7 +193,12 @@ func (p *proxy) roundTrip(req *http.Request) (*http.Response, error) {
 	var resp *http.Response
 	mayRetry := func(o outcome) bool { return o == notSent && (body == nil || !body.read) || replayable }
 	err := p.attemptNodes(t, mayRetry, func(node Node) (outcome, bool, error) {
-		out := req.WithContext(ctx)
+		// Whether the transport reused a connection: a node closing an
+		// idle one as the request goes out is no failing node (see
+		// keptAliveLost).
+		var reused atomic.Bool
+		trace := &httptrace.ClientTrace{GotConn: func(info httptrace.GotConnInfo) { reused.Store(info.Reused) }}
+		out := req.WithContext(httptrace.WithClientTrace(ctx, trace))
 		u := *req.URL
 		u.Host = node.hostPort()
 		out.URL = &u
@@ -201,7 +208,11 @@ func (p *proxy) roundTrip(req *http.Request) (*http.Response, error) {
 			return answered, false, nil
 		}
 		o := classifyFailure(ctx, time.Time{}, err) // the deadline cancels ctx
-		return o, o == timedOut && context.Cause(ctx) == errHeaderTimeout, unwrapURLError(err)
+		err = unwrapURLError(err)
+		if reused.Load() {
+			err = keptAliveLoss(err)
+		}
+		return o, o == timedOut && context.Cause(ctx) == errHeaderTimeout, err
 	})
 	if err == errCallerGone && ctx.Err() != nil {
 		return nil, ctx.Err()

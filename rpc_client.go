@@ -253,6 +253,17 @@ func (e *keptAliveLost) Error() string {
 
 func (e *keptAliveLost) Unwrap() error { return e.err }
 
+// keptAliveLoss marks err, which ended a call on a reused connection
+// before any of the answer came, as a keptAliveLost when the node closed
+// the connection (an end, a reset, a broken pipe); other errors, the
+// deadline's among them, and nil pass as they are.
+func keptAliveLoss(err error) error {
+	if errors.Is(err, io.EOF) || errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.EPIPE) {
+		return &keptAliveLost{err}
+	}
+	return err
+}
+
 // start opens a connection to addr and writes on it the request that build
 // appends to the connection's buffer, as part of reading the first bytes
 // of the answer into c.br (see nodeSocket). An idle connection the node
@@ -269,8 +280,8 @@ func (nc *nodeClient) start(ctx context.Context, now, deadline time.Time, addr s
 		c.sock.queue(c.wbuf, c.reused)
 		c.lim.n = nc.maxHeader
 		if _, err = c.br.Peek(1); err != errIdleClosed {
-			if err != nil && c.reused && (errors.Is(err, io.EOF) || errors.Is(err, syscall.ECONNRESET)) {
-				err = &keptAliveLost{err}
+			if c.reused {
+				err = keptAliveLoss(err)
 			}
 			return c, stop, err
 		}

@@ -788,22 +788,34 @@ func oneShotNode(t *testing.T, reset bool) string {
 // A kept-alive connection that the node closes as a request goes out
 // (after the peek found it open) fails that call, which may have reached
 // the node; but the node is not failing and is not ejected: the next call
-// gets a new connection and an answer.
+// gets a new connection and an answer. So on /rpc, on the proxy's direct
+// path, and on its transport (a chunked body).
 func TestKeptAliveConnectionLostIsNoNodeFailure(t *testing.T) {
 	s, srv := testSidecar(t, nil)
 	for _, reset := range []bool{false, true} {
-		for _, via := range []string{"rpc", "proxy"} {
+		for _, via := range []string{"rpc", "proxy", "chunked"} {
 			name := fmt.Sprintf("oneshot-%s-%v", via, reset)
 			register(t, s, name, oneShotNode(t, reset))
 			path := "/rpc"
-			if via == "proxy" {
+			if via != "rpc" {
 				path = "/proxy/" + name + "/"
 			}
+			const envelope = `{"jsonrpc":"2.0","id":1,"method":"A.B","params":[{}]}`
 			call := func() (int, string) {
-				if path == "/rpc" {
+				switch via {
+				case "rpc":
 					return post(t, srv.URL+"/rpc", form, "service="+name+"&method=A.B")
+				case "proxy":
+					return post(t, srv.URL+path, "application/json", envelope)
 				}
-				return post(t, srv.URL+path, "application/json", `{"jsonrpc":"2.0","id":1,"method":"A.B","params":[{}]}`)
+				// A body of unknown length goes out chunked.
+				resp, err := http.Post(srv.URL+path, "application/json", io.NopCloser(strings.NewReader(envelope)))
+				if err != nil {
+					t.Fatal(err)
+				}
+				defer resp.Body.Close()
+				data, _ := io.ReadAll(resp.Body)
+				return resp.StatusCode, string(data)
 			}
 			if code, body := call(); code != 200 {
 				t.Fatalf("reset %v, %s, first call: %d %s; want 200", reset, path, code, body)
