@@ -255,10 +255,11 @@ func (e *keptAliveLost) Unwrap() error { return e.err }
 
 // keptAliveLoss marks err, which ended a call on a reused connection
 // before any of the answer came, as a keptAliveLost when the node closed
-// the connection (an end, a reset, a broken pipe); other errors, the
+// the connection (an end, a reset, a broken pipe, or, through net/http's
+// transport, the connection closed on seeing one); other errors, the
 // deadline's among them, and nil pass as they are.
 func keptAliveLoss(err error) error {
-	if errors.Is(err, io.EOF) || errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.EPIPE) {
+	if errors.Is(err, io.EOF) || errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.EPIPE) || errors.Is(err, net.ErrClosed) {
 		return &keptAliveLost{err}
 	}
 	return err
