@@ -341,6 +341,18 @@ func TestProxyWebSocket(t *testing.T) {
 // address.
 func rawNode(t *testing.T, answer func(c net.Conn, req *http.Request)) string {
 	t.Helper()
+	return tcpNode(t, func(c net.Conn) {
+		defer c.Close()
+		if req, err := http.ReadRequest(bufio.NewReader(c)); err == nil {
+			answer(c, req)
+		}
+	})
+}
+
+// tcpNode listens on loopback and serves each connection it accepts with
+// serve, in a goroutine of its own; it returns its address.
+func tcpNode(t *testing.T, serve func(c net.Conn)) string {
+	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -352,12 +364,7 @@ func rawNode(t *testing.T, answer func(c net.Conn, req *http.Request)) string {
 			if err != nil {
 				return
 			}
-			go func() {
-				defer c.Close()
-				if req, err := http.ReadRequest(bufio.NewReader(c)); err == nil {
-					answer(c, req)
-				}
-			}()
+			go serve(c)
 		}
 	}()
 	return ln.Addr().String()

@@ -753,36 +753,22 @@ func TestCallConnectionReuse(t *testing.T) {
 // with a reset rather than a FIN.
 func oneShotNode(t *testing.T, reset bool) string {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer c.Close()
-				br := bufio.NewReader(c)
-				req, err := http.ReadRequest(br)
-				if err != nil {
-					return
-				}
-				var env struct{ ID json.RawMessage }
-				json.NewDecoder(req.Body).Decode(&env)
-				body := fmt.Sprintf(`{"jsonrpc":"2.0","id":%s,"result":"once"}`, env.ID)
-				fmt.Fprintf(c, "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s", len(body), body)
-				br.Peek(1)
-				if reset {
-					c.(*net.TCPConn).SetLinger(0)
-				}
-			}()
+	return tcpNode(t, func(c net.Conn) {
+		defer c.Close()
+		br := bufio.NewReader(c)
+		req, err := http.ReadRequest(br)
+		if err != nil {
+			return
 		}
-	}()
-	return ln.Addr().String()
+		var env struct{ ID json.RawMessage }
+		json.NewDecoder(req.Body).Decode(&env)
+		body := fmt.Sprintf(`{"jsonrpc":"2.0","id":%s,"result":"once"}`, env.ID)
+		fmt.Fprintf(c, "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s", len(body), body)
+		br.Peek(1)
+		if reset {
+			c.(*net.TCPConn).SetLinger(0)
+		}
+	})
 }
 
 // A kept-alive connection that the node closes as a request goes out
@@ -817,15 +803,21 @@ func TestKeptAliveConnectionLostIsNoNodeFailure(t *testing.T) {
 				data, _ := io.ReadAll(resp.Body)
 				return resp.StatusCode, string(data)
 			}
-			if code, body := call(); code != 200 {
-				t.Fatalf("reset %v, %s, first call: %d %s; want 200", reset, path, code, body)
+			// Every call on a kept-alive connection meets the node's close:
+			// usually the second, but net/http's transport may dial a second
+			// connection before the first is back in its pool.
+			lost := 0
+			for i := 0; i < 10 && lost < 2; i++ {
+				code, body := call()
+				switch {
+				case code == 502 && strings.Contains(body, "kept-alive connection closed by the node before any answer"):
+					lost++
+				case code != 200:
+					t.Fatalf("reset %v, %s, call %d: %d %s; want 200, or a 502 naming the lost connection", reset, path, i, code, body)
+				}
 			}
-			code, body := call() // on the kept-alive connection, which the node closes
-			if code != 502 || !strings.Contains(body, "kept-alive connection closed by the node before any answer") {
-				t.Errorf("reset %v, %s, second call: %d %s; want a 502 naming the lost connection", reset, path, code, body)
-			}
-			if code, body := call(); code != 200 {
-				t.Errorf("reset %v, %s, third call: %d %s; want 200 on a new connection, the node not ejected", reset, path, code, body)
+			if lost < 2 {
+				t.Errorf("reset %v, %s: %d calls of 10 met the node's close; want the second and more", reset, path, lost)
 			}
 			if n := s.rpc.sel.tracked.Load(); n != 0 {
 				t.Errorf("reset %v, %s: %d nodes ejected; want none", reset, path, n)
@@ -841,27 +833,14 @@ func TestKeptAliveConnectionLostIsNoNodeFailure(t *testing.T) {
 // poller is set to wait, which then wakes for nothing more.
 func TestNodeAnsweringBeforeTheRequestIsReadAtOnce(t *testing.T) {
 	s, srv := testSidecar(t, nil)
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer c.Close()
-				io.WriteString(c, "HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: 4\r\nConnection: close\r\n\r\nbusy")
-				c.(*net.TCPConn).CloseWrite()
-				c.SetReadDeadline(time.Now().Add(5 * time.Second))
-				io.Copy(io.Discard, c) // the lingering close
-			}()
-		}
-	}()
-	register(t, s, "refuser", ln.Addr().String())
+	refuser := tcpNode(t, func(c net.Conn) {
+		defer c.Close()
+		io.WriteString(c, "HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: 4\r\nConnection: close\r\n\r\nbusy")
+		c.(*net.TCPConn).CloseWrite()
+		c.SetReadDeadline(time.Now().Add(5 * time.Second))
+		io.Copy(io.Discard, c) // the lingering close
+	})
+	register(t, s, "refuser", refuser)
 	for i := range 20 {
 		// Missed, the answer would wait out the deadline: a 504.
 		code, body := post(t, srv.URL+"/rpc", form, "service=refuser&method=A.B", "Timeout", "2s")
@@ -978,21 +957,7 @@ func TestCallSkipsIdleConnectionsTheNodeSpokeOn(t *testing.T) {
 // TestNodeSocketExchangeWithAFullSocket: a request the socket cannot take
 // at once (its buffer is full) is written in full, and the answer read.
 func TestNodeSocketExchangeWithAFullSocket(t *testing.T) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	c, err := net.Dial("tcp", ln.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	peer, err := ln.Accept()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer peer.Close()
+	c, peer := socketPair(t)
 	// Fill the socket: writes block once the peer's and our buffers are full.
 	c.SetWriteDeadline(time.Now().Add(200 * time.Millisecond))
 	junk := make([]byte, 64<<10)
