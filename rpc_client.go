@@ -241,8 +241,9 @@ var errIdleClosed = errors.New("idle connection closed by the node")
 
 // keptAliveLost is a reused connection that ended before any of the answer
 // came. That is most often the node closing it, idle (an idle timeout, a
-// restart), in the moment the request went out, after the peek: the node
-// is not failing, and is not ejected for it (see isConnFailure). It may
+// restart), in the moment the request went out, just after the check that
+// it was open: the node is not failing, and is not ejected for it (see
+// isConnFailure). It may
 // also have read the request before closing, so the call is not sent
 // again either.
 type keptAliveLost struct{ err error }
