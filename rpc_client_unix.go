@@ -3,7 +3,6 @@
 package main
 
 import (
-	"io"
 	"net"
 	"syscall"
 )
@@ -93,14 +92,8 @@ func (s *nodeSocket) exchange(p []byte) (int, error) {
 		return 0, errIdleClosed
 	case s.werr != nil:
 		return 0, socketError(s.conn, "write", s.werr)
-	case err != nil:
-		return 0, renameOp(err, "read") // the deadline, or the connection closed under the call
-	case s.rerr != nil:
-		return 0, socketError(s.conn, "read", s.rerr)
-	case s.n == 0:
-		return 0, io.EOF
 	}
-	return s.n, nil
+	return readResult(s.conn, err, s.n, s.rerr) // err: the deadline, or the connection closed under the call
 }
 
 // exchangeStep is the callback of exchange; see nodeSocket.
@@ -110,20 +103,13 @@ func (s *nodeSocket) exchangeStep(fd uintptr) bool {
 			s.stale = true
 			return true
 		}
-		for s.written < len(s.out) {
-			n, err := sysWrite(fd, s.out[s.written:])
-			if err == syscall.EINTR {
-				continue
-			}
-			if err != nil {
-				s.werr = err
-				return true
-			}
-			if n == 0 {
-				s.werr = io.ErrUnexpectedEOF // as net.Conn says: no progress
-				return true
-			}
-			s.written += n
+		wait, err := writeFully(fd, s.out, &s.written)
+		if wait {
+			err = syscall.EAGAIN // exchange writes the rest the usual way
+		}
+		if err != nil {
+			s.werr = err
+			return true
 		}
 		s.waiting = true
 		if s.reused {
@@ -134,20 +120,9 @@ func (s *nodeSocket) exchangeStep(fd uintptr) bool {
 		// of its own, and a node draining for a lingering close sends
 		// nothing more. One read now finds it.
 	}
-	for {
-		n, err := sysRead(fd, s.in)
-		if err == syscall.EINTR {
-			continue
-		}
-		if err == syscall.EAGAIN || err == syscall.EWOULDBLOCK {
-			return false // woken early: wait on
-		}
-		s.n, s.rerr = n, err
-		if n < 0 {
-			s.n = 0
-		}
-		return true
-	}
+	var wait bool
+	s.n, wait, s.rerr = readOnce(fd, s.in)
+	return !wait // waiting on when woken early
 }
 
 // idleOpen peeks at an idle connection: it is fit for a request when the

@@ -63,30 +63,14 @@ func (s *rawSocket) Read(p []byte) (int, error) {
 	s.rp, s.rn, s.rerr = p, 0, nil
 	err := s.raw.Read(s.readStep)
 	s.rp = nil
-	switch {
-	case err != nil:
-		return 0, renameOp(err, "read") // the deadline, or closed
-	case s.rerr != nil:
-		return 0, socketError(s.conn, "read", s.rerr)
-	case s.rn == 0:
-		return 0, io.EOF
-	}
-	return s.rn, nil
+	return readResult(s.conn, err, s.rn, s.rerr)
 }
 
 // readOnce reads what has arrived, or asks the poller to wait.
 func (s *rawSocket) readOnce(fd uintptr) bool {
-	for {
-		n, err := sysRead(fd, s.rp)
-		switch err {
-		case syscall.EINTR:
-			continue
-		case syscall.EAGAIN:
-			return false
-		}
-		s.rn, s.rerr = n, err
-		return true
-	}
+	var wait bool
+	s.rn, wait, s.rerr = readOnce(fd, s.rp)
+	return !wait
 }
 
 func (s *rawSocket) Write(p []byte) (int, error) {
@@ -105,24 +89,9 @@ func (s *rawSocket) Write(p []byte) (int, error) {
 // writeAll writes what the socket's buffer takes, and asks the poller to
 // wait for room while some is left.
 func (s *rawSocket) writeAll(fd uintptr) bool {
-	for s.wn < len(s.wp) {
-		n, err := sysWrite(fd, s.wp[s.wn:])
-		switch err {
-		case nil:
-			if n == 0 {
-				s.werr = io.ErrUnexpectedEOF // as net.Conn says: no progress
-				return true
-			}
-			s.wn += n
-		case syscall.EINTR:
-		case syscall.EAGAIN:
-			return false
-		default:
-			s.werr = err
-			return true
-		}
-	}
-	return true
+	wait, err := writeFully(fd, s.wp, &s.wn)
+	s.werr = err
+	return !wait
 }
 
 // The race detector learns what a system call reads and writes only from
