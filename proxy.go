@@ -181,6 +181,9 @@ func (p *proxy) roundTrip(req *http.Request) (*http.Response, error) {
 	t := req.Context().Value(targetKey{}).(*proxyTarget)
 	var body *onceBody
 	if req.Body != nil && req.Body != http.NoBody {
+		if b, ok := req.Body.(interface{ lend() }); ok {
+			b.lend() // the transport's writer may read it after the handler returned
+		}
 		body = &onceBody{rc: req.Body}
 		req.Body = body
 	}

@@ -183,14 +183,15 @@ type serverConn struct {
 	// Reused from one request to the next: a handler must not keep the
 	// request, its header, or the response writer once it returns, as with
 	// any http.Handler.
-	head   requestHead
-	req    http.Request
-	resp   response
-	out    []byte // the head, or head and body, being written
-	body   []byte // the body held back
-	header http.Header
-	keys   []string // header keys, sorted
-	lines  []byte   // header lines a handler passed as they are
+	head    requestHead
+	req     http.Request
+	reqBody *fixedBody
+	resp    response
+	out     []byte // the head, or head and body, being written
+	body    []byte // the body held back
+	header  http.Header
+	keys    []string // header keys, sorted
+	lines   []byte   // header lines a handler passed as they are
 }
 
 // serve answers requests until the connection closes, is handed to
@@ -316,9 +317,7 @@ func (c *serverConn) serveRequest(req *requestHead) (done, hijacked bool) {
 	var body io.ReadCloser = http.NoBody
 	var rb *fixedBody
 	if req.contentLength > 0 {
-		// A new one each time: a reader the handler started (a transport
-		// still sending the body to a node) may outlive the handler.
-		rb = &fixedBody{br: c.br, left: req.contentLength, conn: c.rwc, gap: c.srv.idleTimeout}
+		rb = c.requestBody(req.contentLength)
 		body = rb
 	}
 	r := &c.req
@@ -362,6 +361,21 @@ func (c *serverConn) serveRequest(req *requestHead) (done, hijacked bool) {
 	return err == nil && !w.closeAfter, false
 }
 
+// requestBody returns the reader of a request's body. One serves request
+// after request, unless a handler lent it to a reader that may outlive the
+// handler (see fixedBody.lend): that one stays closed for good, and the
+// next request gets a new one.
+func (c *serverConn) requestBody(length int64) *fixedBody {
+	b := c.reqBody
+	if b == nil || b.lent {
+		b = &fixedBody{br: c.br, conn: c.rwc, gap: c.srv.idleTimeout}
+		c.reqBody = b
+	}
+	b.left, b.closed = length, false
+	b.stall.Store(false)
+	return b
+}
+
 // runHandler calls the handler, turning a panic into a closed connection
 // and a log line as net/http does. It reports whether the handler returned.
 func (c *serverConn) runHandler(w *response, r *http.Request) (ok bool) {
@@ -395,7 +409,13 @@ type fixedBody struct {
 	conn   net.Conn // a request's connection; nil for a response
 	gap    time.Duration
 	stall  atomic.Bool // a read failed at the deadline
+	lent   bool        // see lend
 }
+
+// lend marks a request's body as handed to a reader that may go on after
+// its handler returned, as http.Transport's writer does: the body is then
+// never reused for a later request, whose bytes that reader could see.
+func (b *fixedBody) lend() { b.lent = true }
 
 func (b *fixedBody) stalled() bool { return b.stall.Load() }
 

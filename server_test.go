@@ -359,34 +359,83 @@ func TestServerUnreadBodies(t *testing.T) {
 
 // TestServerBodyReaderOutlivesHandler: a reader the handler leaves behind
 // (as http.Transport does when a node answers before it has the whole
-// body) gets an error, and cannot touch the next request on the
-// connection.
+// body, and the proxy lends it the body) gets an error, and cannot touch
+// the next request on the connection, even while that request is served.
 func TestServerBodyReaderOutlivesHandler(t *testing.T) {
 	returned := make(chan struct{})
 	late := make(chan error, 1)
 	_, addr := startFastServer(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if r.URL.Path == "/leave" {
+		switch r.URL.Path {
+		case "/leave":
+			r.Body.(interface{ lend() }).lend()
 			body := r.Body
 			go func() {
 				<-returned
 				_, err := body.Read(make([]byte, 10))
 				late <- err
 			}()
+		case "/next":
+			// The left reader reads while this request's body waits.
+			close(returned)
+			if err := <-late; err == nil {
+				t.Error("a read after the handler returned succeeded")
+			}
+			io.Copy(w, r.Body)
 		}
-		io.WriteString(w, r.URL.Path)
 	}), nil)
 	rc := dialHTTP(t, addr)
 	rc.send("POST /leave HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\n\r\nhello")
-	if _, body, err := rc.read("POST"); err != nil || body != "/leave" {
+	if _, body, err := rc.read("POST"); err != nil || body != "" {
 		t.Fatalf("first answer: %q %v", body, err)
 	}
-	close(returned)
-	if err := <-late; err == nil {
-		t.Error("a read after the handler returned succeeded")
-	}
 	rc.send("POST /next HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\n\r\nabc")
-	if _, body, err := rc.read("POST"); err != nil || body != "/next" {
-		t.Errorf("next answer on the connection: %q %v", body, err)
+	if _, body, err := rc.read("POST"); err != nil || body != "abc" {
+		t.Errorf("next answer on the connection: %q %v; want its whole body", body, err)
+	}
+}
+
+// A connection reuses its body reader from request to request: each
+// request reads its own body, whatever the last one left unread.
+func TestServerBodiesOnOneConnection(t *testing.T) {
+	_, addr := startFastServer(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		n, _ := strconv.Atoi(r.URL.Query().Get("read"))
+		b := make([]byte, n)
+		k, _ := io.ReadFull(r.Body, b)
+		w.Write(b[:k])
+	}), nil)
+	rc := dialHTTP(t, addr)
+	for _, tc := range []struct{ read, body, want string }{
+		{"5", "hello", "hello"},
+		{"2", "abcdef", "ab"}, // the rest is skipped
+		{"9", "xyz", "xyz"},
+		{"0", "", ""},
+		{"4", "last", "last"},
+	} {
+		rc.send("POST /?read=" + tc.read + " HTTP/1.1\r\nHost: h\r\nContent-Length: " + strconv.Itoa(len(tc.body)) + "\r\n\r\n" + tc.body)
+		if resp, body, err := rc.read("POST"); err != nil || body != tc.want || resp.Close {
+			t.Fatalf("reading %s of %q: %q %v; want %q, kept alive", tc.read, tc.body, body, err, tc.want)
+		}
+	}
+}
+
+// Strings cut from the arena stay as they were while later ones are made,
+// across chunks and for strings larger than a chunk.
+func TestStringArenaKeepsStrings(t *testing.T) {
+	var a stringArena
+	var got, want []string
+	for i := range 200 {
+		b := bytes.Repeat([]byte{byte('a' + i%26)}, 1+i*37%(3*arenaChunk))
+		got = append(got, a.copy(b))
+		want = append(want, string(b))
+		b[0] = '!' // the caller's bytes are its own
+	}
+	for i := range got {
+		if got[i] != want[i] {
+			t.Fatalf("string %d changed: %.20q...; want %.20q...", i, got[i], want[i])
+		}
+	}
+	if a.copy(nil) != "" {
+		t.Error("an empty copy is not empty")
 	}
 }
 
