@@ -201,7 +201,7 @@ func requestNow(w http.ResponseWriter) time.Time {
 // headers are added for allowed origins.
 func (s *sidecar) guard(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		origin := r.Header.Get("Origin")
+		origin := firstValue(r.Header["Origin"])
 		if origin == "" {
 			next.ServeHTTP(w, r)
 			return
@@ -244,7 +244,7 @@ func (s *sidecar) originAllowed(origin, host string) bool {
 }
 
 func isUpgrade(r *http.Request) bool {
-	return strings.EqualFold(r.Header.Get("Upgrade"), "websocket")
+	return strings.EqualFold(firstValue(r.Header["Upgrade"]), "websocket")
 }
 
 // wsServer builds a WebSocket server for handler. The origin policy has

@@ -105,7 +105,7 @@ func (p *proxy) serve(w http.ResponseWriter, r *http.Request, service, path stri
 		return
 	}
 	t := proxyTarget{service: service, nodes: allNodes(versions), path: path, timeout: p.cfg.Timeout}
-	if h := r.Header.Get("Timeout"); h != "" {
+	if h := firstValue(r.Header["Timeout"]); h != "" {
 		d, err := parseTimeout(h)
 		if err != nil {
 			writeError(w, http.StatusBadRequest, err.Error())

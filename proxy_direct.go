@@ -52,7 +52,7 @@ func (p *proxy) putBuf(b *[]byte) {
 // which forwards them).
 func canForwardDirect(r *http.Request) bool {
 	return r.ContentLength >= 0 && r.ContentLength <= directMaxBody && len(r.TransferEncoding) == 0 &&
-		r.Header.Get("Upgrade") == "" && cleanQuery(r.URL.RawQuery) && !hasTokenIn(r.Header["Te"], "trailers")
+		firstValue(r.Header["Upgrade"]) == "" && cleanQuery(r.URL.RawQuery) && !hasTokenIn(r.Header["Te"], "trailers")
 }
 
 // cleanQuery reports whether ReverseProxy would pass a query unchanged: it
@@ -255,7 +255,7 @@ func passHead(w http.ResponseWriter, c *nodeConn, head responseHead, header, con
 	if fw, ok := w.(*response); ok {
 		lines := c.lines[:0]
 		for i := 0; i < len(header); i += 2 {
-			if k := header[i]; k != "Content-Length" && !isHopHeader(k, connection) {
+			if k := header[i]; !isHopHeader(k, connection) {
 				lines = appendHeaderLine(lines, k, header[i+1])
 			}
 		}
@@ -268,13 +268,16 @@ func passHead(w http.ResponseWriter, c *nodeConn, head responseHead, header, con
 	for i := 0; i < len(header); i += 2 {
 		k, v := header[i], header[i+1]
 		switch {
-		case isHopHeader(k, connection), k == "Content-Length" && length < 0:
+		case isHopHeader(k, connection):
 		case wh[k] == nil:
 			values = append(values, v)
 			wh[k] = values[len(values)-1 : len(values) : len(values)]
 		default:
 			wh[k] = append(wh[k], v)
 		}
+	}
+	if length >= 0 {
+		wh["Content-Length"] = []string{strconv.FormatInt(length, 10)}
 	}
 	w.WriteHeader(head.code)
 }

@@ -642,7 +642,7 @@ func (s *sidecar) handleRPC(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 	}
-	call, err := parseRPCRequest(r.Header.Get("Content-Type"), query, body)
+	call, err := parseRPCRequest(firstValue(r.Header["Content-Type"]), query, body)
 	if err != nil {
 		var ce *callError
 		if !errors.As(err, &ce) {
@@ -671,7 +671,7 @@ func (s *sidecar) handlePath(w http.ResponseWriter, r *http.Request) {
 	if !ok {
 		return
 	}
-	req, err := requestFromBody(r.Header.Get("Content-Type"), body)
+	req, err := requestFromBody(firstValue(r.Header["Content-Type"]), body)
 	if err != nil {
 		writeError(w, http.StatusBadRequest, err.Error())
 		return
@@ -684,7 +684,7 @@ func (s *sidecar) handlePath(w http.ResponseWriter, r *http.Request) {
 // and the reply are written after it.
 func (c *caller) serve(w http.ResponseWriter, r *http.Request, call rpcCall, buf *bytes.Buffer) {
 	timeout, shortened := c.cfg.Timeout, false
-	if h := r.Header.Get("Timeout"); h != "" {
+	if h := firstValue(r.Header["Timeout"]); h != "" {
 		d, err := parseTimeout(h)
 		if err != nil {
 			writeError(w, http.StatusBadRequest, err.Error())

@@ -447,8 +447,8 @@ var errMalformedResponse = errors.New("malformed HTTP response")
 func readResponseHead(br *bufio.Reader) (responseHead, error) { return readResponseHeader(br, nil) }
 
 // readResponseHeader is readResponseHead that also appends every header
-// line to header, as canonical name and value pairs, when header is not
-// nil.
+// line but Content-Length (the head's contentLength) to header, as
+// canonical name and value pairs, when header is not nil.
 func readResponseHeader(br *bufio.Reader, header *[]string) (responseHead, error) {
 	h := responseHead{contentLength: -1}
 	line, err := readHeadLine(br)
@@ -479,16 +479,20 @@ func readResponseHeader(br *bufio.Reader, header *[]string) (responseHead, error
 			return h, fmt.Errorf("%w: header line %q", errMalformedResponse, truncate(string(line), 64))
 		}
 		value = trimOWS(value)
+		// By length first: EqualFold on every name costs more than the rest.
+		isLength := len(name) == len("Content-Length") && bytes.EqualFold(name, []byte("Content-Length"))
 		if header != nil {
 			if !validToken(string(name)) || !validFieldValue(string(value)) {
 				return h, fmt.Errorf("%w: header line %q", errMalformedResponse, truncate(string(line), 64))
 			}
-			*header = append(*header, internHeaderName(name), internHeadValue(value))
+			if !isLength {
+				*header = append(*header, internHeaderName(name), internHeadValue(value))
+			}
 		}
-		switch { // by length first: EqualFold on every name costs more than the rest
+		switch {
 		case len(name) == len("Content-Type") && bytes.EqualFold(name, []byte("Content-Type")):
 			h.contentType = internHeadValue(value)
-		case len(name) == len("Content-Length") && bytes.EqualFold(name, []byte("Content-Length")):
+		case isLength:
 			n := parseDigits(value)
 			if n < 0 || h.contentLength >= 0 && h.contentLength != n {
 				return h, fmt.Errorf("%w: Content-Length %q", errMalformedResponse, truncate(string(value), 64))

@@ -250,17 +250,15 @@ func (c *serverConn) serve() {
 var errHandOff = errors.New("request for net/http")
 
 // readHead waits until the buffer holds a whole request head and returns
-// its length, blank line included. Bare-LF heads and heads larger than the
-// buffer are handed off.
+// its length, blank line included. Heads larger than the buffer are handed
+// off, and so are bare-LF heads: those that have ended here, and those
+// parseRequestHead finds a bare LF in.
 func (c *serverConn) readHead() (int, error) {
 	c.keepIdleDeadline()
 	partial := false
 	for {
 		buf, _ := c.br.Peek(c.br.Buffered())
 		if i := bytes.Index(buf, []byte("\n\r\n")); i >= 0 {
-			if bytes.Contains(buf[:i], []byte("\n\n")) {
-				return 0, errHandOff
-			}
 			return i + 3, nil
 		}
 		if bytes.Contains(buf, []byte("\n\n")) || len(buf) == c.br.Size() {

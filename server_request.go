@@ -54,20 +54,12 @@ func parseRequestHead(head []byte, req *requestHead) error {
 	// lookup before every insertion; past len(names), the map tells.
 	var names [16]string
 	nNames := 0
-	for {
-		line, rest, ok = cutLine(rest)
+	for !strings.HasPrefix(rest, "\r\n") {
+		name, value, canonical, after, ok := cutField(rest)
 		if !ok {
 			return errHandOff
 		}
-		if line == "" {
-			break
-		}
-		name, value, ok := strings.Cut(line, ":")
-		value = trimOWS(value)
-		valid, canonical := scanFieldName(name)
-		if !ok || !valid || !validFieldValue(value) {
-			return errHandOff
-		}
+		rest = after
 		if !canonical {
 			name = http.CanonicalHeaderKey(name)
 		}
@@ -145,6 +137,41 @@ func (a *stringArena) copy(b []byte) string {
 	start := len(a.buf)
 	a.buf = append(a.buf, b...)
 	return unsafe.String(&a.buf[start], len(b))
+}
+
+// cutField cuts the field line that starts s, in one pass: its name, its
+// value without the white space around it, and the rest of s after the
+// line's CRLF. ok is false when the name is not an RFC 9110 token, the
+// value holds a control character other than tab, or the line does not end
+// in CRLF; canonical says whether the name is in net/http's canonical form,
+// Like-This.
+func cutField(s string) (name, value string, canonical bool, rest string, ok bool) {
+	canonical = true
+	upper := true
+	i := 0
+	for ; i < len(s) && s[i] != ':'; i++ {
+		c := s[i]
+		if byteClass[c]&classToken == 0 {
+			return "", "", false, "", false
+		}
+		if upper && 'a' <= c && c <= 'z' || !upper && 'A' <= c && c <= 'Z' {
+			canonical = false
+		}
+		upper = c == '-'
+	}
+	if i == 0 || i == len(s) {
+		return "", "", false, "", false
+	}
+	j := i + 1
+	for ; j < len(s); j++ {
+		if c := s[j]; c < ' ' && c != '\t' || c == 0x7f {
+			break
+		}
+	}
+	if j+1 >= len(s) || s[j] != '\r' || s[j+1] != '\n' {
+		return "", "", false, "", false
+	}
+	return s[:i], trimOWS(s[i+1 : j]), canonical, s[j+2:], true
 }
 
 // cutLine cuts s after its first line, which must end in CRLF: a bare LF
@@ -266,25 +293,6 @@ func validHost(s string) bool {
 		}
 	}
 	return true
-}
-
-// scanFieldName reports, in one pass, whether s is a valid field name (an
-// RFC 9110 token) and whether it is in net/http's canonical form,
-// Like-This.
-func scanFieldName(s string) (valid, canonical bool) {
-	valid, canonical = s != "", true
-	upper := true
-	for i := 0; i < len(s); i++ {
-		c := s[i]
-		if byteClass[c]&classToken == 0 {
-			return false, false
-		}
-		if upper && 'a' <= c && c <= 'z' || !upper && 'A' <= c && c <= 'Z' {
-			canonical = false
-		}
-		upper = c == '-'
-	}
-	return valid, canonical
 }
 
 // hasToken reports whether a comma-separated header value lists token,
