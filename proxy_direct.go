@@ -73,17 +73,12 @@ func cleanQuery(q string) bool {
 
 func isHex(c byte) bool { return '0' <= c && c <= '9' || 'a' <= c && c <= 'f' || 'A' <= c && c <= 'F' }
 
-// hopHeaders are the hop-by-hop fields a proxy must not forward (RFC 9110
-// section 7.6.1), as ReverseProxy lists them.
-var hopHeaders = []string{"Connection", "Proxy-Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization", "Te", "Trailer", "Transfer-Encoding", "Upgrade"}
-
 // isHopHeader reports whether name is hop-by-hop, or named as such by the
 // message's Connection field.
 func isHopHeader(name string, connection []string) bool {
-	for _, h := range hopHeaders {
-		if name == h {
-			return true
-		}
+	switch name { // the fields a proxy must not forward (RFC 9110 section 7.6.1), as ReverseProxy lists them
+	case "Connection", "Proxy-Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization", "Te", "Trailer", "Transfer-Encoding", "Upgrade":
+		return true
 	}
 	for _, v := range connection {
 		if hasToken(v, name) {

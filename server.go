@@ -338,7 +338,7 @@ func (c *serverConn) serveRequest(req *requestHead) (done, hijacked bool) {
 	}
 	clear(c.header)
 	w := &c.resp
-	*w = response{c: c, method: r.Method, start: time.Now(), header: c.header, declared: -1, body: c.body[:0], closeAfter: req.close}
+	*w = response{c: c, method: r.Method, start: clockNow(), header: c.header, declared: -1, body: c.body[:0], closeAfter: req.close}
 	if !c.runHandler(w, r) {
 		return false, false
 	}
@@ -536,6 +536,26 @@ type handoffAddr struct{}
 
 func (handoffAddr) Network() string { return "handoff" }
 func (handoffAddr) String() string  { return "handoff" }
+
+// clockNow is time.Now with one clock reading rather than two. time.Now
+// reads the wall clock and the monotonic clock, each a call into the
+// kernel's vDSO; clockNow reads the monotonic clock alone and adds the time
+// since a full reading taken less than a second before. Its wall time
+// thus follows a step of the system clock within a second, and is good
+// for Date headers and durations; its monotonic reading is exact.
+func clockNow() time.Time {
+	if base := clockBase.Load(); base != nil {
+		if d := time.Since(*base); d >= 0 && d < time.Second {
+			return base.Add(d)
+		}
+	}
+	t := time.Now()
+	clockBase.Store(&t)
+	return t
+}
+
+// clockBase is clockNow's last full reading.
+var clockBase atomic.Pointer[time.Time]
 
 // dateCache formats the Date header once a second.
 type dateCache struct{ p atomic.Pointer[cachedDate] }

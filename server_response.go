@@ -41,7 +41,7 @@ func (w *response) Start() time.Time { return w.start }
 
 // Now reads the clock and keeps the reading for the Date header.
 func (w *response) Now() time.Time {
-	w.now = time.Now()
+	w.now = clockNow()
 	return w.now
 }
 

@@ -643,3 +643,26 @@ func FuzzServerConn(f *testing.F) {
 		}
 	})
 }
+
+// clockNow agrees with time.Now: on the monotonic clock exactly, and on
+// the wall clock within what a system clock could have moved.
+func TestClockNow(t *testing.T) {
+	for i := range 1000 {
+		before := time.Now()
+		got := clockNow()
+		after := time.Now()
+		if got.Before(before) || got.After(after) {
+			t.Fatalf("reading %d: %v not between %v and %v", i, got, before, after)
+		}
+		wall := got.Round(0) // without the monotonic reading
+		if wall.Before(before.Round(0).Add(-time.Millisecond)) || wall.After(after.Round(0).Add(time.Millisecond)) {
+			t.Fatalf("reading %d: wall time %v not between %v and %v", i, wall, before.Round(0), after.Round(0))
+		}
+	}
+	// An old base is replaced by a full reading.
+	old := time.Now().Add(-2 * time.Second)
+	clockBase.Store(&old)
+	if got := clockNow(); time.Since(got) > time.Second {
+		t.Errorf("a base two seconds old was kept: %v", got)
+	}
+}
