@@ -4,8 +4,11 @@ import (
 	"bufio"
 	"bytes"
 	"encoding/json"
+	"fmt"
 	"net/http"
+	"reflect"
 	"testing"
+	"testing/iotest"
 )
 
 func TestValidJSON(t *testing.T) {
@@ -113,4 +116,30 @@ func FuzzResponseHead(f *testing.F) {
 			t.Fatalf("%q: code %d chunked %v length %d; net/http %d %v %d", b, got.code, got.chunked, got.contentLength, want.StatusCode, chunked, want.ContentLength)
 		}
 	})
+}
+
+// A head read where it lies in the buffer and one that arrives a byte at a
+// time, line by line through bufio, read the same, errors included.
+func TestResponseHeadWholeOrInPieces(t *testing.T) {
+	for _, head := range []string{
+		"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nDate: Fri, 27 Nov 2026 09:30:00 GMT\r\nContent-Length: 52\r\n\r\n{}",
+		"HTTP/1.1 500 Internal Server Error\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n",
+		"HTTP/1.0 200 OK\nConnection: keep-alive\nX-A:  b \n\n",
+		"HTTP/1.1 204 No Content\r\nX-A: b\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+		"HTTP/1.1 200 OK\r\nNo colon here\r\n\r\n",
+		"HTTP/2 200\r\n\r\n",
+		"HTTP/1.1 200 OK\r\nX-Cut: off",
+		"",
+	} {
+		read := func(r *bufio.Reader) (responseHead, []string, string) {
+			var header []string
+			h, err := readResponseHeader(r, &header)
+			return h, header, fmt.Sprint(err)
+		}
+		h1, l1, e1 := read(bufio.NewReader(bytes.NewReader([]byte(head))))
+		h2, l2, e2 := read(bufio.NewReader(iotest.OneByteReader(bytes.NewReader([]byte(head)))))
+		if h1 != h2 || !reflect.DeepEqual(l1, l2) || e1 != e2 {
+			t.Errorf("%q: whole %+v %q %s; in pieces %+v %q %s", head, h1, l1, e1, h2, l2, e2)
+		}
+	}
 }

@@ -450,13 +450,71 @@ func readResponseHead(br *bufio.Reader) (responseHead, error) { return readRespo
 // line but Content-Length (the head's contentLength) to header, as
 // canonical name and value pairs, when header is not nil.
 func readResponseHeader(br *bufio.Reader, header *[]string) (responseHead, error) {
+	// A head has almost always arrived whole with the first read: it is
+	// then parsed where it lies, without a trip through bufio per line.
+	if _, err := br.Peek(1); err != nil {
+		return responseHead{contentLength: -1}, err
+	}
+	mark := 0
+	if header != nil {
+		mark = len(*header)
+	}
+	buf, _ := br.Peek(br.Buffered())
+	lines := headLines{buf: buf}
+	h, err := parseResponseHead(&lines, header)
+	if err != errHeadIncomplete {
+		br.Discard(lines.off)
+		return h, err
+	}
+	if header != nil {
+		*header = (*header)[:mark]
+	}
+	return parseResponseHead(&headLines{br: br}, header)
+}
+
+// cutByte is bytes.Cut for a one-byte separator, without bytes.Index's
+// general case in between.
+func cutByte(b []byte, sep byte) (before, after []byte, found bool) {
+	if i := bytes.IndexByte(b, sep); i >= 0 {
+		return b[:i], b[i+1:], true
+	}
+	return b, nil, false
+}
+
+// headLines yields the lines of a head without their line endings: cut
+// from bytes already buffered, or read one at a time.
+type headLines struct {
+	br  *bufio.Reader
+	buf []byte // not nil: the bytes the lines are cut from
+	off int    // in buf, where the next line starts
+}
+
+// errHeadIncomplete is a head that goes on past the buffered bytes.
+var errHeadIncomplete = errors.New("head not all buffered")
+
+func (l *headLines) next() ([]byte, error) {
+	if l.buf == nil {
+		return readHeadLine(l.br)
+	}
+	i := bytes.IndexByte(l.buf[l.off:], '\n')
+	if i < 0 {
+		return nil, errHeadIncomplete
+	}
+	line := l.buf[l.off : l.off+i]
+	l.off += i + 1
+	return bytes.TrimSuffix(line, []byte("\r")), nil
+}
+
+// parseResponseHead parses a status line and header block; see
+// readResponseHeader.
+func parseResponseHead(lines *headLines, header *[]string) (responseHead, error) {
 	h := responseHead{contentLength: -1}
-	line, err := readHeadLine(br)
+	line, err := lines.next()
 	if err != nil {
 		return h, err
 	}
-	proto, status, _ := bytes.Cut(line, []byte(" "))
-	code, _, _ := bytes.Cut(status, []byte(" "))
+	proto, status, _ := cutByte(line, ' ')
+	code, _, _ := cutByte(status, ' ')
 	h.code = int(parseDigits(code))
 	if !bytes.HasPrefix(proto, []byte("HTTP/1.")) || len(code) != 3 || h.code < 100 {
 		return h, fmt.Errorf("%w: status line %q", errMalformedResponse, truncate(string(line), 64))
@@ -464,7 +522,7 @@ func readResponseHeader(br *bufio.Reader, header *[]string) (responseHead, error
 	h.status = internHeadValue(status)
 	h.close = string(proto) == "HTTP/1.0"
 	for {
-		line, err := readHeadLine(br)
+		line, err := lines.next()
 		if err != nil {
 			return h, err
 		}
@@ -474,7 +532,7 @@ func readResponseHeader(br *bufio.Reader, header *[]string) (responseHead, error
 			}
 			return h, nil
 		}
-		name, value, ok := bytes.Cut(line, []byte(":"))
+		name, value, ok := cutByte(line, ':')
 		if !ok {
 			return h, fmt.Errorf("%w: header line %q", errMalformedResponse, truncate(string(line), 64))
 		}
