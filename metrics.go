@@ -182,7 +182,11 @@ func (ss *seriesSet[T]) get(values []string) *T {
 			return s
 		}
 	}
-	s := ss.newFn(append([]string(nil), values...))
+	kept := make([]string, len(values)) // not pieces of a request's head (see stringArena)
+	for i, v := range values {
+		kept[i] = strings.Clone(v)
+	}
+	s := ss.newFn(kept)
 	m := make(map[string]*T, len(old)+1)
 	for key, v := range old {
 		m[key] = v

@@ -507,7 +507,7 @@ func (t *table) lookup(name string, now time.Time) ([]Service, error) {
 	out := assemble(recs)
 	t.mu.Lock()
 	if t.gen == gen && len(t.services[name]) > 0 {
-		t.lookups[name] = lookupEntry{services: out, until: until}
+		t.lookups[strings.Clone(name)] = lookupEntry{services: out, until: until} // kept: not a piece of a request's head
 	}
 	t.mu.Unlock()
 	return out, nil

@@ -2,6 +2,7 @@ package main
 
 import (
 	"math/rand/v2"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -139,8 +140,11 @@ func (s *selector) next(service string, nodes []Node, tried []nodeKey) (Node, bo
 		start = rand.Uint64()
 	} else {
 		c, ok := s.cursors[service]
-		if !ok && len(s.cursors) >= s.cfg.MaxTracked {
-			clear(s.cursors) // overflow: round robin restarts; nothing else is lost
+		if !ok {
+			if len(s.cursors) >= s.cfg.MaxTracked {
+				clear(s.cursors) // overflow: round robin restarts; nothing else is lost
+			}
+			service = strings.Clone(service) // kept: not a piece of a request's head (see stringArena)
 		}
 		start = c
 		s.cursors[service] = c + 1

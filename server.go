@@ -360,16 +360,18 @@ func (c *serverConn) serveRequest(req *requestHead) (done, hijacked bool) {
 }
 
 // requestBody returns the reader of a request's body. One serves request
-// after request, unless a handler lent it to a reader that may outlive the
-// handler (see fixedBody.lend): that one stays closed for good, and the
-// next request gets a new one.
+// after request while each handler read its body to the end before it
+// returned, as the hot paths do, and lent it to no reader that may outlive
+// it (see fixedBody.lend). Any other reader stays closed for good, and the
+// next request gets a new one: a reader left behind, or started late from
+// a goroutine, gets an error rather than the next request's body.
 func (c *serverConn) requestBody(length int64) *fixedBody {
 	b := c.reqBody
-	if b == nil || b.lent {
+	if b == nil || b.lent || !b.drained {
 		b = &fixedBody{br: c.br, conn: c.rwc, gap: c.srv.idleTimeout}
 		c.reqBody = b
 	}
-	b.left, b.closed = length, false
+	b.left, b.closed, b.drained = length, false, false
 	b.stall.Store(false)
 	return b
 }
@@ -400,14 +402,15 @@ func (c *serverConn) runHandler(w *response, r *http.Request) (ok bool) {
 // upload takes. The deadline is set on conn only then, so a body that came
 // with its head costs no timer update.
 type fixedBody struct {
-	mu     sync.Mutex // guards br's use, left, closed: a reader may outlive the handler
-	br     *bufio.Reader
-	left   int64
-	closed bool     // the handler returned: reading is a bug
-	conn   net.Conn // a request's connection; nil for a response
-	gap    time.Duration
-	stall  atomic.Bool // a read failed at the deadline
-	lent   bool        // see lend
+	mu      sync.Mutex // guards br's use, left, closed: a reader may outlive the handler
+	br      *bufio.Reader
+	left    int64
+	closed  bool     // the handler returned: reading is a bug
+	conn    net.Conn // a request's connection; nil for a response
+	gap     time.Duration
+	stall   atomic.Bool // a read failed at the deadline
+	lent    bool        // see lend
+	drained bool        // a read reached the end of the body
 }
 
 // lend marks a request's body as handed to a reader that may go on after
@@ -459,6 +462,7 @@ func (b *fixedBody) Read(p []byte) (int, error) {
 	}
 	b.left -= int64(n)
 	if b.left == 0 {
+		b.drained = true
 		return n, io.EOF
 	}
 	if err == io.EOF {

@@ -121,7 +121,9 @@ func parseRequestHead(head []byte, req *requestHead) error {
 // bytes it never writes twice: a string stays as it was for as long as
 // anything holds it, as a string must, and a chunk serves many requests
 // with one allocation. A string held after its request keeps its whole
-// chunk from the garbage collector.
+// chunk, and the other heads in it, from the garbage collector: what keeps
+// a request's string for long (a selector cursor, a cached lookup, a
+// metrics label) clones it.
 type stringArena struct{ buf []byte }
 
 // arenaChunk is the size of the arena's chunks: some twenty small heads.

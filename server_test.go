@@ -358,39 +358,55 @@ func TestServerUnreadBodies(t *testing.T) {
 }
 
 // TestServerBodyReaderOutlivesHandler: a reader the handler leaves behind
-// (as http.Transport does when a node answers before it has the whole
-// body, and the proxy lends it the body) gets an error, and cannot touch
-// the next request on the connection, even while that request is served.
+// gets an error, and cannot touch the next request on the connection, even
+// while that request is served: whether the handler lent it the body (as
+// the proxy lends http.Transport's writer, which may read after a node
+// answered early) or left behind a wrapped body without a word.
 func TestServerBodyReaderOutlivesHandler(t *testing.T) {
-	returned := make(chan struct{})
-	late := make(chan error, 1)
-	_, addr := startFastServer(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		switch r.URL.Path {
-		case "/leave":
+	for _, tc := range []struct {
+		name  string
+		leave func(w http.ResponseWriter, r *http.Request) io.Reader
+	}{
+		{"lent", func(w http.ResponseWriter, r *http.Request) io.Reader {
 			r.Body.(interface{ lend() }).lend()
-			body := r.Body
-			go func() {
-				<-returned
-				_, err := body.Read(make([]byte, 10))
-				late <- err
-			}()
-		case "/next":
-			// The left reader reads while this request's body waits.
-			close(returned)
-			if err := <-late; err == nil {
-				t.Error("a read after the handler returned succeeded")
+			return r.Body
+		}},
+		{"wrapped", func(w http.ResponseWriter, r *http.Request) io.Reader {
+			return http.MaxBytesReader(w, r.Body, 1<<20)
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			returned := make(chan struct{})
+			late := make(chan string, 1)
+			_, addr := startFastServer(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				switch r.URL.Path {
+				case "/leave":
+					body := tc.leave(w, r)
+					go func() {
+						<-returned
+						b := make([]byte, 10)
+						n, err := body.Read(b)
+						late <- fmt.Sprintf("%q %v", b[:n], err)
+					}()
+				case "/next":
+					// The left reader reads while this request's body waits.
+					close(returned)
+					if got := <-late; !strings.HasPrefix(got, `"" `) || strings.HasSuffix(got, " <nil>") {
+						t.Errorf("a read after the handler returned gave %s; want nothing and an error", got)
+					}
+					io.Copy(w, r.Body)
+				}
+			}), nil)
+			rc := dialHTTP(t, addr)
+			rc.send("POST /leave HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\n\r\nhello")
+			if _, body, err := rc.read("POST"); err != nil || body != "" {
+				t.Fatalf("first answer: %q %v", body, err)
 			}
-			io.Copy(w, r.Body)
-		}
-	}), nil)
-	rc := dialHTTP(t, addr)
-	rc.send("POST /leave HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\n\r\nhello")
-	if _, body, err := rc.read("POST"); err != nil || body != "" {
-		t.Fatalf("first answer: %q %v", body, err)
-	}
-	rc.send("POST /next HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\n\r\nabc")
-	if _, body, err := rc.read("POST"); err != nil || body != "abc" {
-		t.Errorf("next answer on the connection: %q %v; want its whole body", body, err)
+			rc.send("POST /next HTTP/1.1\r\nHost: h\r\nContent-Length: 6\r\n\r\nsecret")
+			if _, body, err := rc.read("POST"); err != nil || body != "secret" {
+				t.Errorf("next answer on the connection: %q %v; want its whole body", body, err)
+			}
+		})
 	}
 }
 
@@ -534,9 +550,10 @@ func FuzzParseRequestHead(f *testing.F) {
 	}
 	f.Add([]byte(many + "\r\n"))
 	f.Fuzz(func(t *testing.T, head []byte) {
-		// As readHead hands it over: up to the first blank line.
+		// As readHead hands it over: up to the first CRLF blank line, bare
+		// LFs and all, which parseRequestHead must refuse.
 		i := bytes.Index(head, []byte("\n\r\n"))
-		if i < 0 || bytes.Contains(head[:i], []byte("\n\n")) {
+		if i < 0 {
 			return
 		}
 		head = head[:i+3]
@@ -544,9 +561,16 @@ func FuzzParseRequestHead(f *testing.F) {
 		if parseRequestHead(head, &got) != nil {
 			return
 		}
-		want, err := http.ReadRequest(bufio.NewReader(bytes.NewReader(head)))
+		if bytes.Count(head, []byte("\n")) != bytes.Count(head, []byte("\r\n")) {
+			t.Fatalf("accepted %q, which has a bare LF", head)
+		}
+		nbr := bufio.NewReader(bytes.NewReader(head))
+		want, err := http.ReadRequest(nbr)
 		if err != nil {
 			t.Fatalf("accepted %q, which net/http refuses: %v", head, err)
+		}
+		if nbr.Buffered() != 0 {
+			t.Fatalf("%q: net/http's head ends %d bytes earlier", head, nbr.Buffered())
 		}
 		if got.method != want.Method || got.target != want.RequestURI || got.url.String() != want.URL.String() ||
 			got.url.RawPath != want.URL.RawPath || got.url.Path != want.URL.Path || got.host != want.Host ||
