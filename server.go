@@ -402,7 +402,7 @@ func (c *serverConn) runHandler(w *response, r *http.Request) (ok bool) {
 // upload takes. The deadline is set on conn only then, so a body that came
 // with its head costs no timer update.
 type fixedBody struct {
-	mu      sync.Mutex // guards br's use, left, closed: a reader may outlive the handler
+	mu      sync.Mutex // guards br's use, left, closed, drained: a reader may outlive the handler
 	br      *bufio.Reader
 	left    int64
 	closed  bool     // the handler returned: reading is a bug
