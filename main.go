@@ -620,7 +620,11 @@ func (s *sidecar) routes() http.Handler {
 	} else {
 		mux.HandleFunc("/", s.handlePath) // answers 404 for anything not a call
 	}
-	return s.metrics.instrument(limitInFlight(s.cfg.MaxInFlight, s.guard(s.authenticate(hotRoutes(mux, s.handleRPC, s.handleProxy)))))
+	routeOf := func(r *http.Request) string {
+		_, pattern := mux.Handler(r)
+		return pattern
+	}
+	return s.metrics.instrument(limitInFlight(s.cfg.MaxInFlight, s.guard(s.authenticate(hotRoutes(mux, s.handleRPC, s.handleProxy)))), routeOf)
 }
 
 // hotRoutes sends /rpc and clean /proxy/ paths straight to their handlers,

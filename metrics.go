@@ -480,8 +480,11 @@ func boolFloat(b bool) float64 {
 	return 0
 }
 
-// instrument counts every request by the route that served it.
-func (m *sidecarMetrics) instrument(next http.Handler) http.Handler {
+// instrument counts every request by the route that served it. A request
+// refused before routing (by the origin guard, the token check or the
+// in-flight limit) is counted under the route it was for, as routeOf finds
+// it, and under "unmatched" when there is none.
+func (m *sidecarMetrics) instrument(next http.Handler, routeOf func(*http.Request) string) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		start := requestStart(w)
 		var code int
@@ -494,6 +497,9 @@ func (m *sidecarMetrics) instrument(next http.Handler) http.Handler {
 			code = rec.code
 		}
 		route := r.Pattern
+		if route == "" {
+			route = routeOf(r)
+		}
 		if route == "" {
 			route = "unmatched"
 		}

@@ -3,6 +3,8 @@ package main
 import (
 	"bufio"
 	"fmt"
+	"net/http"
+	"strconv"
 	"strings"
 	"testing"
 )
@@ -34,5 +36,40 @@ func TestSeriesAreCapped(t *testing.T) {
 	}
 	if i, j := strings.Index(out, `service="svc0"`), strings.Index(out, `service="svc1"`); i < 0 || j < i {
 		t.Errorf("series not in label order")
+	}
+}
+
+// A request refused before routing is counted under the route it was
+// for, not as unmatched.
+func TestRefusedRequestsCountUnderTheirRoute(t *testing.T) {
+	s, srv := testSidecar(t, func(c *config) { c.AuthToken = "secret" })
+	for _, tc := range []struct {
+		path, origin string
+		code         int
+		route        string
+	}{
+		{"/rpc", "", 401, "/rpc"},                               // no token
+		{"/registry", "", 401, "/registry"},                     // no token
+		{"/proxy/svc/x", "http://evil.example", 403, "/proxy/"}, // an origin not allowed
+	} {
+		req, _ := http.NewRequest("POST", srv.URL+tc.path, strings.NewReader("{}"))
+		if tc.origin != "" {
+			req.Header.Set("Origin", tc.origin)
+			req.Header.Set("Authorization", "Bearer secret")
+		}
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != tc.code {
+			t.Fatalf("POST %s: %d; want %d", tc.path, resp.StatusCode, tc.code)
+		}
+		if n := s.metrics.requests.Value(tc.route, strconv.Itoa(tc.code)); n != 1 {
+			t.Errorf("POST %s: %d requests counted under route %q, code %d; want 1", tc.path, n, tc.route, tc.code)
+		}
+	}
+	if n := s.metrics.requests.Value("unmatched", "401"); n != 0 {
+		t.Errorf("%d refused requests counted as unmatched", n)
 	}
 }
