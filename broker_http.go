@@ -9,6 +9,7 @@ import (
 	"net"
 	"net/http"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 	"unicode/utf8"
@@ -49,7 +50,7 @@ func (b *broker) handlePublish(w http.ResponseWriter, r *http.Request) {
 	if !ok {
 		return
 	}
-	topic := q.Get("topic")
+	topic := strings.Clone(q.Get("topic")) // queued messages keep it: not a piece of a request's head (see stringArena)
 	if err := checkNames(topic, ""); err != nil {
 		writeError(w, http.StatusBadRequest, err.Error())
 		return
