@@ -240,10 +240,36 @@ func (c *serverConn) serve() {
 			keep = true
 			return
 		}
-		if !done || !c.state.CompareAndSwap(connActive, connIdle) {
+		if !done {
+			c.linger()
+			return
+		}
+		if !c.state.CompareAndSwap(connActive, connIdle) {
 			return
 		}
 	}
+}
+
+// Bounds of a lingering close (see linger).
+const (
+	lingerTimeout  = 500 * time.Millisecond // as net/http's rstAvoidanceDelay
+	lingerMaxBytes = 16 << 20
+)
+
+// linger ends the sending side of a connection the server gives up after
+// an answer, then reads and drops what the client still sends until it
+// closes, for up to lingerTimeout and lingerMaxBytes, before the close (RFC
+// 9112 section 9.6). The client may still be sending: an upload refused
+// before it was read, requests pipelined after a Connection: close. A
+// close with such bytes unread makes the kernel reset the connection, and
+// a reset destroys the answers the client has not read yet.
+func (c *serverConn) linger() {
+	cw, ok := c.rwc.(interface{ CloseWrite() error })
+	if !ok || cw.CloseWrite() != nil {
+		return
+	}
+	c.rwc.SetReadDeadline(time.Now().Add(lingerTimeout))
+	io.CopyN(io.Discard, c.rwc, lingerMaxBytes)
 }
 
 // errHandOff is a request the fast path leaves to net/http.

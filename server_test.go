@@ -690,3 +690,34 @@ func TestClockNow(t *testing.T) {
 		t.Errorf("a base two seconds old was kept: %v", got)
 	}
 }
+
+// A connection the server gives up while the client is still sending (an
+// upload refused before it was read) ends without a reset: a reset would
+// destroy the answers the client has not read yet, here most of a large
+// one, still in the server's send queue when the connection closes.
+func TestServerLingersOverUnreadInput(t *testing.T) {
+	large := strings.Repeat("x", 1<<20)
+	s, addr := startFastServer(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/refuse" {
+			w.WriteHeader(http.StatusRequestEntityTooLarge) // never reads the body
+			return
+		}
+		io.WriteString(w, large)
+	}), nil)
+	rc := dialHTTP(t, addr)
+	body := strings.Repeat("a", 200<<10)
+	go io.WriteString(rc.c, "GET /large HTTP/1.1\r\nHost: h\r\n\r\nPOST /refuse HTTP/1.1\r\nHost: h\r\nContent-Length: "+
+		strconv.Itoa(len(body))+"\r\n\r\n"+body)
+	// Read only once the server is done with the connection.
+	waitFor(t, 5*time.Second, "the server to let the connection go", func() bool {
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		return len(s.conns) == 0
+	})
+	if resp, got, err := rc.read("GET"); err != nil || resp.StatusCode != 200 || len(got) != len(large) {
+		t.Fatalf("the large answer: %v, %d of %d bytes, %v", resp, len(got), len(large), err)
+	}
+	if resp, _, err := rc.read("POST"); err != nil || resp.StatusCode != 413 {
+		t.Fatalf("the refusal: %v %v; want 413", resp, err)
+	}
+}
