@@ -96,6 +96,7 @@ func FuzzResponseHead(f *testing.F) {
 		f.Add([]byte(s))
 	}
 	f.Fuzz(func(t *testing.T, b []byte) {
+		checkHeadWholeOrInPieces(t, b)
 		var header []string
 		got, err := readResponseHeader(bufio.NewReader(bytes.NewReader(b)), &header)
 		if err != nil {
@@ -125,21 +126,29 @@ func TestResponseHeadWholeOrInPieces(t *testing.T) {
 		"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nDate: Fri, 27 Nov 2026 09:30:00 GMT\r\nContent-Length: 52\r\n\r\n{}",
 		"HTTP/1.1 500 Internal Server Error\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n",
 		"HTTP/1.0 200 OK\nConnection: keep-alive\nX-A:  b \n\n",
+		"HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\nX-A: b\r\n\r\n", // no chunked coding in HTTP/1.0, however it arrives
 		"HTTP/1.1 204 No Content\r\nX-A: b\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
 		"HTTP/1.1 200 OK\r\nNo colon here\r\n\r\n",
 		"HTTP/2 200\r\n\r\n",
 		"HTTP/1.1 200 OK\r\nX-Cut: off",
 		"",
 	} {
-		read := func(r *bufio.Reader) (responseHead, []string, string) {
-			var header []string
-			h, err := readResponseHeader(r, &header)
-			return h, header, fmt.Sprint(err)
-		}
-		h1, l1, e1 := read(bufio.NewReader(bytes.NewReader([]byte(head))))
-		h2, l2, e2 := read(bufio.NewReader(iotest.OneByteReader(bytes.NewReader([]byte(head)))))
-		if h1 != h2 || !reflect.DeepEqual(l1, l2) || e1 != e2 {
-			t.Errorf("%q: whole %+v %q %s; in pieces %+v %q %s", head, h1, l1, e1, h2, l2, e2)
-		}
+		checkHeadWholeOrInPieces(t, []byte(head))
+	}
+}
+
+// checkHeadWholeOrInPieces reads head from one buffer and a byte at a time,
+// and fails unless both read the same.
+func checkHeadWholeOrInPieces(t *testing.T, head []byte) {
+	t.Helper()
+	read := func(r *bufio.Reader) (responseHead, []string, string) {
+		var header []string
+		h, err := readResponseHeader(r, &header)
+		return h, header, fmt.Sprint(err)
+	}
+	h1, l1, e1 := read(bufio.NewReader(bytes.NewReader(head)))
+	h2, l2, e2 := read(bufio.NewReader(iotest.OneByteReader(bytes.NewReader(head))))
+	if h1 != h2 || !reflect.DeepEqual(l1, l2) || e1 != e2 {
+		t.Errorf("%q: whole %+v %q %s; in pieces %+v %q %s", head, h1, l1, e1, h2, l2, e2)
 	}
 }

@@ -520,14 +520,17 @@ func parseResponseHead(lines *headLines, header *[]string) (responseHead, error)
 		return h, fmt.Errorf("%w: status line %q", errMalformedResponse, truncate(string(line), 64))
 	}
 	h.status = internHeadValue(status)
-	h.close = string(proto) == "HTTP/1.0"
+	// Decided now: line's bytes, proto's included, are bufio's until the
+	// next line is read.
+	http10 := string(proto) == "HTTP/1.0"
+	h.close = http10
 	for {
 		line, err := lines.next()
 		if err != nil {
 			return h, err
 		}
 		if len(line) == 0 {
-			if string(proto) == "HTTP/1.0" {
+			if http10 {
 				h.chunked = false // as net/http: HTTP/1.0 has no chunked coding; the body ends with the connection
 			}
 			return h, nil
