@@ -191,6 +191,17 @@ func TestSeedRPCExample(t *testing.T) {
 	if code != 500 || !strings.Contains(got, "unknown method Example.Nope") {
 		t.Errorf("unknown method: %d %s; want 500 with the app's message", code, got)
 	}
+	// A field given twice is refused, as in a query, not half used.
+	for _, tc := range []struct{ path, body, detail string }{
+		{"/rpc", `service=go.micro.srv.example&service=x&method=Example.Call`, "service is given 2 times; give it once"},
+		{"/example/call", `name=a&name=b`, "name is given 2 times; give it once"},
+		{"/example/call", `John`, `body is neither JSON nor form fields: \"John\" is not name=value`},
+	} {
+		code, got := do(t, "POST", p.url(tc.path), "application/x-www-form-urlencoded", tc.body)
+		if code != 400 || !strings.Contains(got, `"code":400`) || !strings.Contains(got, tc.detail) {
+			t.Errorf("POST %s %s: %d %s; want 400 saying %s", tc.path, tc.body, code, got, tc.detail)
+		}
+	}
 	_ = id
 }
 

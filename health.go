@@ -69,8 +69,8 @@ func nextHealth(s healthState, passed bool, failures, successes int) (next healt
 // validateHealthURL checks a --healthcheck_url up front.
 func validateHealthURL(raw string) error {
 	u, err := url.Parse(raw)
-	if err != nil {
-		return fmt.Errorf("--healthcheck_url %q: %w", raw, err)
+	if err != nil || u.Scheme == "" {
+		return fmt.Errorf("--healthcheck_url %q: want a URL with its scheme, http://host:port/path or tcp://host:port", raw)
 	}
 	switch u.Scheme {
 	case "http", "https":

@@ -35,14 +35,25 @@ func writeError(w http.ResponseWriter, code int, detail string) {
 }
 
 func writeJSON(w http.ResponseWriter, code int, v any) {
-	data, err := json.Marshal(v)
+	data, err := marshalJSON(v)
 	if err != nil {
 		code = http.StatusInternalServerError
-		data, _ = json.Marshal(errorBody{ID: "go.micro.sidecar", Code: code, Detail: "encoding the answer: " + err.Error(), Status: http.StatusText(code)})
+		data, _ = marshalJSON(errorBody{ID: "go.micro.sidecar", Code: code, Detail: "encoding the answer: " + err.Error(), Status: http.StatusText(code)})
 	}
 	w.Header().Set("Content-Type", "application/json")
 	w.WriteHeader(code)
-	w.Write(append(data, '\n'))
+	w.Write(data)
+}
+
+// marshalJSON is json.Marshal and a newline, without escaping <, > and &
+// for HTML: answers are application/json, read in terminals and logs,
+// where "Bearer <token>" should read as written.
+func marshalJSON(v any) ([]byte, error) {
+	var b bytes.Buffer
+	enc := json.NewEncoder(&b)
+	enc.SetEscapeHTML(false)
+	err := enc.Encode(v)
+	return b.Bytes(), err
 }
 
 // allowMethods answers 405 with Allow unless r uses one of methods.
@@ -341,8 +352,8 @@ func queryOf(w http.ResponseWriter, r *http.Request, once ...string) (url.Values
 		return nil, false
 	}
 	for _, name := range once {
-		if n := len(q[name]); n > 1 {
-			writeError(w, http.StatusBadRequest, name+" is given "+strconv.Itoa(n)+" times; give it once")
+		if err := onceOnly(name, len(q[name])); err != nil {
+			writeError(w, http.StatusBadRequest, err.Error())
 			return nil, false
 		}
 	}

@@ -149,7 +149,10 @@ func parseSidecarFlags(args []string, out io.Writer, lookupEnv func(string) (str
 		ifaces   string
 	)
 	fs := flag.NewFlagSet("micro sidecar", flag.ContinueOnError)
-	fs.SetOutput(out)
+	// The flag package would print an error and the whole usage; the
+	// caller reports the error once, and usage goes out on --help alone.
+	fs.SetOutput(io.Discard)
+	fs.Usage = func() {}
 	fs.StringVar(&cfg.Address, "address", ":8081", "Address the sidecar's HTTP API listens on, host:port. Port 0 picks a free port; the address bound is logged.")
 	fs.StringVar(&cfg.ServerName, "server_name", "", "Service name of the app next to the sidecar, e.g. go.micro.srv.example. Empty: serve the API only.")
 	fs.StringVar(&cfg.ServerAddress, "server_address", "", "Address of the app, host:port, as other services should reach it.")
@@ -196,12 +199,14 @@ func parseSidecarFlags(args []string, out io.Writer, lookupEnv func(string) (str
 	fs.StringVar(&cfg.Handler, "handler", "rpc", "What /{service}/... does: rpc calls /{service}/{method} over JSON-RPC, proxy forwards the request over HTTP.")
 	fs.StringVar(&cfg.LogFormat, "log_format", "text", "Log format: text or json.")
 	fs.StringVar(&level, "log_level", "info", "Log level: debug, info, warn or error.")
-	fs.Usage = func() {
-		fmt.Fprintf(fs.Output(), "Usage: micro sidecar [flags]\n\nRuns the sidecar next to an app. Every flag can also be set with an environment\nvariable named MICRO_ and the flag's name in upper case (MICRO_SERVER_NAME);\na flag given on the command line wins.\n\nFlags:\n")
-		fs.PrintDefaults()
-	}
 	if err := fs.Parse(args); err != nil {
-		return config{}, err
+		if errors.Is(err, flag.ErrHelp) {
+			fmt.Fprintf(out, "Usage: micro sidecar [flags]\n\nRuns the sidecar next to an app. Every flag can also be set with an environment\nvariable named MICRO_ and the flag's name in upper case (MICRO_SERVER_NAME);\na flag given on the command line wins.\n\nFlags:\n")
+			fs.SetOutput(out)
+			fs.PrintDefaults()
+			return config{}, err
+		}
+		return config{}, fmt.Errorf("%v (micro sidecar --help lists the flags)", explainParseError(fs, err))
 	}
 	if fs.NArg() > 0 {
 		return config{}, fmt.Errorf("unexpected argument %q; flags look like --server_name=foo", fs.Arg(0))
@@ -241,11 +246,46 @@ func applyEnv(fs *flag.FlagSet, lookupEnv func(string) (string, bool)) error {
 		name := "MICRO_" + strings.ToUpper(f.Name)
 		if v, ok := lookupEnv(name); ok {
 			if serr := f.Value.Set(v); serr != nil {
+				if serr.Error() == "parse error" {
+					serr = errors.New(wantOf(f))
+				}
 				err = fmt.Errorf("%s=%q: %v", name, v, serr)
 			}
 		}
 	})
 	return err
+}
+
+// explainParseError replaces the flag package's bare "parse error", for a
+// value of the wrong kind, with what the flag wants.
+func explainParseError(fs *flag.FlagSet, err error) error {
+	rest, ok := strings.CutSuffix(err.Error(), ": parse error")
+	if !ok {
+		return err
+	}
+	_, name, ok := strings.Cut(rest, " for flag -")
+	f := fs.Lookup(name)
+	if !ok || f == nil {
+		return err
+	}
+	return errors.New(rest + ": " + wantOf(f))
+}
+
+// wantOf says what kind of value a flag takes.
+func wantOf(f *flag.Flag) string {
+	g, _ := f.Value.(flag.Getter)
+	if g == nil {
+		return "parse error"
+	}
+	switch g.Get().(type) {
+	case time.Duration:
+		return "want a duration such as 10s, 500ms or 2m"
+	case bool:
+		return "want true or false"
+	case int, int64, uint, uint64:
+		return "want a whole number"
+	}
+	return "parse error"
 }
 
 // validate checks flag combinations up front and says how to fix them.
@@ -263,9 +303,12 @@ func (c *config) validate() error {
 		if c.ServerID == "" {
 			c.ServerID = c.ServerName + "-" + newUUID()
 		}
+		if host, port, err := net.SplitHostPort(c.ServerAddress); err != nil || host == "" || port == "" {
+			return fmt.Errorf("--server_address %q: want the app's host:port, e.g. 127.0.0.1:9090", c.ServerAddress)
+		}
 		s := c.appService()
 		if err := normalizeService(&s); err != nil {
-			return fmt.Errorf("--server_name/--server_address/--server_id: %v", err)
+			return fmt.Errorf("--server_name/--server_address/--server_id: %s", strings.TrimPrefix(err.Error(), "nodes[0]: "))
 		}
 	}
 	if c.Health.URL != "" {
@@ -312,11 +355,19 @@ func (c *config) validate() error {
 			return fmt.Errorf("--tls_cert_file/--tls_key_file: %v", err)
 		}
 	}
-	if c.ReadHeaderTimeout <= 0 || c.IdleTimeout <= 0 {
-		return errors.New("--read_header_timeout and --idle_timeout must be positive")
-	}
-	if c.RegistryMaxNodes < 1 || c.MaxBodyBytes < 1 || c.MaxInFlight < 1 {
-		return errors.New("--registry_max_nodes, --max_body_bytes and --max_inflight must be positive")
+	for _, f := range []struct {
+		name string
+		ok   bool
+	}{
+		{"read_header_timeout", c.ReadHeaderTimeout > 0},
+		{"idle_timeout", c.IdleTimeout > 0},
+		{"registry_max_nodes", c.RegistryMaxNodes > 0},
+		{"max_body_bytes", c.MaxBodyBytes > 0},
+		{"max_inflight", c.MaxInFlight > 0},
+	} {
+		if !f.ok {
+			return fmt.Errorf("--%s must be more than 0", f.name)
+		}
 	}
 	if err := checkAdvertise(c.AdvertiseAddress); err != nil {
 		return err
@@ -330,8 +381,11 @@ func (c *config) validate() error {
 	if c.Handler != "rpc" && c.Handler != "proxy" {
 		return fmt.Errorf("--handler %q: want rpc or proxy", c.Handler)
 	}
-	if c.RPC.Retries < 0 || c.RPC.Timeout <= 0 || c.RPC.Timeout > maxTimeout {
-		return fmt.Errorf("--rpc_retries must be 0 or more and --rpc_timeout between 0 and %v", maxTimeout)
+	if c.RPC.Retries < 0 {
+		return fmt.Errorf("--rpc_retries %d: must be 0 or more", c.RPC.Retries)
+	}
+	if c.RPC.Timeout <= 0 || c.RPC.Timeout > maxTimeout {
+		return fmt.Errorf("--rpc_timeout %v: want more than 0 and at most %v", c.RPC.Timeout, maxTimeout)
 	}
 	if c.RPC.Namespace != "" && !validName(c.RPC.Namespace) {
 		return fmt.Errorf("--namespace %q: use printable characters without spaces or '/'", c.RPC.Namespace)

@@ -247,7 +247,13 @@ func TestCommandLine(t *testing.T) {
 		{[]string{"sidecar", "--help"}, 0, "-healthcheck_url"},
 		{[]string{}, 2, "Usage"},
 		{[]string{"frobnicate"}, 2, `unknown command "frobnicate"`},
-		{[]string{"sidecar", "--nope"}, 2, "flag provided but not defined"},
+		{[]string{"sidecar", "--nope"}, 2, "flag provided but not defined: -nope (micro sidecar --help lists the flags)"},
+		{[]string{"sidecar", "--healthcheck_interval=10"}, 2, `invalid value "10" for flag -healthcheck_interval: want a duration such as 10s`},
+		{[]string{"sidecar", "--rpc_retries=x"}, 2, "want a whole number"},
+		{[]string{"sidecar", "--max_inflight=0"}, 2, "--max_inflight must be more than 0"},
+		{[]string{"sidecar", "--server_name=foo", "--server_address=9090"}, 2, `--server_address "9090": want the app's host:port`},
+		{[]string{"sidecar", "--server_name=foo", "--server_address=:9090"}, 2, `--server_address ":9090": want the app's host:port`},
+		{[]string{"sidecar", "--server_name=f", "--server_address=127.0.0.1:1", "--healthcheck_url=127.0.0.1:1/h"}, 2, "want a URL with its scheme"},
 		{[]string{"sidecar", "--healthcheck_url=http://127.0.0.1:1/"}, 2, "need --server_name"},
 		{[]string{"sidecar", "--server_name=foo"}, 2, "--server_name needs --server_address"},
 		{[]string{"sidecar", "--server_name=foo", "--server_address=127.0.0.1:99999"}, 2, "port must be 1-65535"},
@@ -289,7 +295,7 @@ func TestEnvironmentVariablesAndFlagPrecedence(t *testing.T) {
 	cmd := exec.Command(binPath, "sidecar")
 	cmd.Env = append(os.Environ(), "MICRO_HEALTHCHECK_INTERVAL=soon")
 	out, _ := cmd.CombinedOutput()
-	if cmd.ProcessState.ExitCode() != 2 || !strings.Contains(string(out), "MICRO_HEALTHCHECK_INTERVAL") {
+	if cmd.ProcessState.ExitCode() != 2 || !strings.Contains(string(out), `MICRO_HEALTHCHECK_INTERVAL="soon": want a duration such as 10s`) {
 		t.Errorf("a bad variable must be named: exit %d, %s", cmd.ProcessState.ExitCode(), out)
 	}
 }
@@ -355,6 +361,8 @@ func TestRegistryErrors(t *testing.T) {
 		detail             string
 	}{
 		{"POST", "/registry", `{"name":`, 400, "invalid service JSON"},
+		{"POST", "/registry", `name=x`, 400, `the body must be a service as a JSON object, such as {"name":"foo",`},
+		{"DELETE", "/registry", `name=x`, 400, `the body must be a service as a JSON object`},
 		{"POST", "/registry", `{"nodes":[{"id":"a","address":"h","port":1}]}`, 400, "name is required"},
 		{"POST", "/registry", `{"name":"x","nodes":[{"address":"h","port":1}]}`, 400, "nodes[0]: id is required"},
 		{"POST", "/registry", `{"name":"x","nodes":[{"id":"a","port":1}]}`, 400, "nodes[0]: address is required"},

@@ -146,7 +146,9 @@ func newMDNSBackend(ctx context.Context, cfg mdnsConfig, t *table, log *slog.Log
 	for _, i := range b.ifaces {
 		names = append(names, i.name)
 	}
-	log.Info("Multicast registry on "+strings.Join(names, ","), "interfaces", names, "service_type", mdnsServiceType, "port", b.port)
+	if len(names) > 0 { // with none, the error above said so
+		log.Info("Multicast registry on "+strings.Join(names, ","), "interfaces", names, "service_type", mdnsServiceType, "port", b.port)
+	}
 
 	ctx, b.stop = context.WithCancel(ctx)
 	for _, i := range b.ifaces {

@@ -101,7 +101,7 @@ func (s *sidecar) handleProxyPath(w http.ResponseWriter, r *http.Request) {
 func (p *proxy) serve(w http.ResponseWriter, r *http.Request, service, path string) {
 	versions, err := p.reg.GetServiceAt(service, requestStart(w))
 	if err != nil {
-		writeError(w, http.StatusNotFound, "service "+truncate(service, 128)+" not found")
+		writeError(w, http.StatusNotFound, "service "+truncate(service, 128)+" not found"+serviceHint)
 		return
 	}
 	t := proxyTarget{service: service, nodes: allNodes(versions), path: path, timeout: p.cfg.Timeout}

@@ -435,7 +435,7 @@ func TestProxyRetriesAndErrors(t *testing.T) {
 		code   int
 		detail string
 	}{
-		{"/proxy/nope/x", 404, "service nope not found"},
+		{"/proxy/nope/x", 404, "service nope not found (names are matched in full, as registered: GET /registry lists them)"},
 		{"/proxy/", 404, "no service named"},
 		{"/proxy/hang/x", 504, "no response from node"},
 		{"/proxy/dead/x", 502, "connection refused"},

@@ -51,13 +51,23 @@ const (
 // errNotFound is returned by lookups of a service nobody has registered.
 var errNotFound = errors.New("service not found")
 
+// serviceJSONError explains why a service body did not decode: a body that
+// is no JSON object at all (a form, from curl -d name=foo) is told what
+// one looks like rather than where the JSON parser stumbled.
+func serviceJSONError(data []byte, err error) error {
+	if b := bytes.TrimSpace(data); len(b) > 0 && b[0] != '{' {
+		return fmt.Errorf(`the body must be a service as a JSON object, such as {"name":"foo","nodes":[{"id":"foo-1","address":"127.0.0.1:9090"}]}; got %q`, truncate(string(b), 64))
+	}
+	return fmt.Errorf("invalid service JSON: %w", err)
+}
+
 // decodeService parses and validates a service record from a request body.
 // Errors name the offending field.
 func decodeService(data []byte) (Service, error) {
 	var s Service
 	dec := json.NewDecoder(bytes.NewReader(data))
 	if err := dec.Decode(&s); err != nil {
-		return Service{}, fmt.Errorf("invalid service JSON: %w", err)
+		return Service{}, serviceJSONError(data, err)
 	}
 	if dec.More() {
 		return Service{}, errors.New("invalid service JSON: trailing data after the object")

@@ -128,7 +128,7 @@ func (s *sidecar) deleteService(w http.ResponseWriter, r *http.Request) {
 func decodeDeregistration(body []byte) (Service, error) {
 	var svc Service
 	if err := json.Unmarshal(body, &svc); err != nil {
-		return Service{}, fmt.Errorf("invalid service JSON: %w", err)
+		return Service{}, serviceJSONError(body, err)
 	}
 	if svc.Name = strings.TrimSpace(svc.Name); svc.Name == "" {
 		return Service{}, errors.New("name is required")

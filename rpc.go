@@ -232,7 +232,7 @@ func parseRPCRequest(contentType string, query url.Values, body []byte) (rpcCall
 	} else {
 		form, err := parseRPCForm(body)
 		if err != nil {
-			return rpcCall{}, fmt.Errorf("body is neither JSON nor form fields: %v", err)
+			return rpcCall{}, err
 		}
 		c.Service, c.Method, c.Address = form.service, form.method, form.address
 		if form.hasRequest {
@@ -278,13 +278,18 @@ func parseRPCForm(body []byte) (rpcForm, error) {
 	if bytes.IndexByte(body, '%') >= 0 || bytes.IndexByte(body, '+') >= 0 || bytes.IndexByte(body, ';') >= 0 {
 		form, err := url.ParseQuery(string(body))
 		if err != nil {
-			return f, err
+			return f, errNotForm(err)
+		}
+		for _, name := range rpcFormFields {
+			if err := onceOnly(name, len(form[name])); err != nil {
+				return f, err
+			}
 		}
 		f.service, f.method, f.address = form.Get("service"), form.Get("method"), form.Get("address")
 		f.request, f.hasRequest = []byte(form.Get("request")), form.Has("request")
 		return f, nil
 	}
-	var seen [4]bool // service, method, address, request
+	var seen [4]int // service, method, address, request
 	for rest := body; len(rest) > 0; {
 		var pair []byte
 		pair, rest, _ = bytes.Cut(rest, []byte("&"))
@@ -300,10 +305,12 @@ func parseRPCForm(body []byte) (rpcForm, error) {
 		case "request":
 			i = 3
 		}
-		if i < 0 || seen[i] {
+		if i < 0 {
 			continue
 		}
-		seen[i] = true
+		if seen[i]++; seen[i] > 1 {
+			continue // counted, and refused below
+		}
 		switch i {
 		case 0:
 			f.service = callNames.get(value)
@@ -315,7 +322,29 @@ func parseRPCForm(body []byte) (rpcForm, error) {
 			f.request, f.hasRequest = value, true
 		}
 	}
+	for i, n := range seen {
+		if err := onceOnly(rpcFormFields[i], n); err != nil {
+			return f, err
+		}
+	}
 	return f, nil
+}
+
+// errNotForm is the error for a body that url.ParseQuery refused.
+func errNotForm(err error) error {
+	return fmt.Errorf("body is neither JSON nor form fields: %v", err)
+}
+
+// rpcFormFields are the fields of POST /rpc, in parseRPCForm's order.
+var rpcFormFields = [4]string{"service", "method", "address", "request"}
+
+// onceOnly refuses a field given n times, n > 1: a repeated field is
+// an error, not one value silently used and the others dropped.
+func onceOnly(name string, n int) error {
+	if n > 1 {
+		return fmt.Errorf("%s is given %d times; give it once", name, n)
+	}
+	return nil
 }
 
 // callNames keeps the service and method names of form calls: a few
@@ -434,16 +463,32 @@ func requestFromBody(contentType string, body []byte) ([]byte, error) {
 		return b, nil
 	}
 	if mt, _, _ := mime.ParseMediaType(contentType); mt == "application/x-www-form-urlencoded" && !startsJSON(b, '{', '[') {
-		form, err := url.ParseQuery(string(body))
-		if err == nil {
-			obj := make(map[string]string, len(form))
-			for k, v := range form {
-				obj[k] = v[0]
-			}
-			return json.Marshal(obj)
-		}
+		return formObject(string(b))
 	}
 	return nil, fmt.Errorf("body is not JSON: %q", truncate(string(b), 64))
+}
+
+// formObject turns form fields into a JSON object of strings. A field
+// given twice, or a word with no "=" (curl -d John), is refused rather
+// than half used or sent as {"John":""}.
+func formObject(body string) ([]byte, error) {
+	for pair := range strings.SplitSeq(body, "&") {
+		if pair != "" && !strings.Contains(pair, "=") {
+			return nil, fmt.Errorf("body is neither JSON nor form fields: %q is not name=value", truncate(pair, 64))
+		}
+	}
+	form, err := url.ParseQuery(body)
+	if err != nil {
+		return nil, errNotForm(err)
+	}
+	obj := make(map[string]string, len(form))
+	for k, v := range form {
+		if err := onceOnly(k, len(v)); err != nil {
+			return nil, err
+		}
+		obj[k] = v[0]
+	}
+	return json.Marshal(obj)
 }
 
 func trimJSON(b []byte) []byte { return bytes.TrimSpace(b) }
@@ -654,11 +699,15 @@ func (s *sidecar) handleRPC(w http.ResponseWriter, r *http.Request) {
 	s.rpc.serve(w, r, call, buf)
 }
 
+// serviceHint follows "service X not found": a name is asked for in full,
+// as registered, and the registry says which names there are.
+const serviceHint = " (names are matched in full, as registered: GET /registry lists them)"
+
 // handlePath serves POST /{service}/{method}, mapped as apiRoute says.
 func (s *sidecar) handlePath(w http.ResponseWriter, r *http.Request) {
 	service, method, err := apiRoute(s.rpc.cfg.Namespace, r.URL.Path)
 	if err != nil || r.Method != http.MethodPost {
-		detail := "no endpoint at " + truncate(r.URL.Path, 128) + "; see /registry, /health, /rpc, or POST /{service}/{method} to call a service"
+		detail := "no endpoint at " + truncate(r.URL.Path, 128) + "; the sidecar serves /registry, /health, /rpc, /proxy/{service}/..., /broker and /metrics, and POST /{service}/{method} calls a service"
 		if err != nil && r.Method == http.MethodPost {
 			detail = err.Error()
 		}
@@ -777,7 +826,7 @@ func (c *caller) call(ctx context.Context, start, deadline time.Time, in http.He
 	} else {
 		versions, err := c.reg.GetServiceAt(call.Service, start)
 		if err != nil {
-			return nil, callErrorf(http.StatusNotFound, "service %s not found", call.Service)
+			return nil, callErrorf(http.StatusNotFound, "service %s not found%s", call.Service, serviceHint)
 		}
 		nodes = allNodes(versions)
 		if len(nodes) == 0 {

@@ -112,6 +112,11 @@ func TestParseRPCRequest(t *testing.T) {
 		{"bad address port", form, "", "service=s&method=M.N&address=h:0", rpcCall{}, `address "h:0": port must be 1-65535`},
 		{"multipart", "multipart/form-data; boundary=x", "", "--x--", rpcCall{}, "multipart bodies are not supported"},
 		{"bad form", form, "", "service=%zz", rpcCall{}, "neither JSON nor form"},
+		{"service twice", form, "", "service=a&service=b&method=M.N", rpcCall{}, "service is given 2 times"},
+		{"request three times", form, "", "service=s&method=M.N&request=1&request=2&request=3", rpcCall{}, "request is given 3 times"},
+		{"method twice, escaped", form, "", "service=s&method=M.N&method=M%2EO", rpcCall{}, "method is given 2 times"},
+		{"address twice, empty", form, "", "service=s&method=M.N&address=&address=", rpcCall{}, "address is given 2 times"},
+		{"other fields may repeat", form, "", "service=s&method=M.N&x=1&x=2", rpcCall{Service: "s", Method: "M.N", Request: []byte(`{}`)}, ""},
 		{"json sent as a form (curl -d)", form, "", ` {"service":"s","method":"M.N","request":{"a":1}}`,
 			rpcCall{Service: "s", Method: "M.N", Request: []byte(`{"a":1}`)}, ""},
 		{"broken json sent as a form", form, "", `{"service":"s",`, rpcCall{}, "not a JSON object"},
@@ -169,6 +174,11 @@ func TestRequestFromBody(t *testing.T) {
 		{form, "{not json", "", "body is not JSON"}, // not the form field "{not json"
 		{form, " [1,", "", "body is not JSON"},
 		{form, "a={b}", `{"a":"{b}"}`, ""},
+		{form, "name=a&name=b", "", "name is given 2 times"},
+		{form, "name=%zz", "", "neither JSON nor form fields: invalid URL escape"},
+		{form, "John", "", `"John" is not name=value`},
+		{form, "name=John&", `{"name":"John"}`, ""},
+		{form, "name=John\n", `{"name":"John"}`, ""},
 	} {
 		got, err := requestFromBody(tc.ct, []byte(tc.body))
 		if string(got) != tc.want || (err == nil) != (tc.err == "") || err != nil && !strings.Contains(err.Error(), tc.err) {
@@ -678,8 +688,9 @@ func TestRPCFlags(t *testing.T) {
 	}{
 		{[]string{"--selector=leastconn"}, `--selector "leastconn": want roundrobin or random`},
 		{[]string{"--handler=grpc"}, `--handler "grpc": want rpc or proxy`},
-		{[]string{"--rpc_timeout=0s"}, "--rpc_timeout between"},
-		{[]string{"--rpc_retries=-1"}, "--rpc_retries must be 0 or more"},
+		{[]string{"--rpc_timeout=0s"}, "--rpc_timeout 0s: want more than 0 and at most 1h0m0s"},
+		{[]string{"--rpc_timeout=2h"}, "--rpc_timeout 2h0m0s: want more than 0"},
+		{[]string{"--rpc_retries=-1"}, "--rpc_retries -1: must be 0 or more"},
 		{[]string{"--namespace=a b"}, `--namespace "a b"`},
 	} {
 		_, err := parseSidecarFlags(append([]string{"--registry=memory"}, tc.args...), io.Discard, noEnv)
