@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net/http"
 	"reflect"
+	"strings"
 	"testing"
 	"testing/iotest"
 )
@@ -116,7 +117,45 @@ func FuzzResponseHead(f *testing.F) {
 		if got.code != want.StatusCode || got.chunked != chunked || !chunked && bodyAllowedForStatus(got.code) && want.ContentLength >= 0 && got.contentLength != want.ContentLength {
 			t.Fatalf("%q: code %d chunked %v length %d; net/http %d %v %d", b, got.code, got.chunked, got.contentLength, want.StatusCode, chunked, want.ContentLength)
 		}
+		// A body of no stated length ends with the connection: the body
+		// readers close after it, net/http says so in Close.
+		unbounded := bodyAllowedForStatus(got.code) && !got.chunked && got.contentLength < 0
+		if got.close != want.Close && !(unbounded && want.Close) {
+			t.Fatalf("%q: close %v; net/http %v", b, got.close, want.Close)
+		}
 	})
+}
+
+// TestResponseHeadFraming: how a node's head frames its body and whether
+// its connection may carry another call, as net/http's Transport decides.
+func TestResponseHeadFraming(t *testing.T) {
+	for _, tc := range []struct {
+		head           string
+		chunked, close bool
+		err            string
+	}{
+		{"HTTP/1.1 200 OK\r\nConnection: close\r\nConnection: keep-alive\r\n\r\n", false, true, ""},
+		{"HTTP/1.1 200 OK\r\nConnection: keep-alive, close\r\n\r\n", false, true, ""},
+		{"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\n\r\n", false, false, ""},
+		{"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nConnection: close\r\n\r\n", false, true, ""},
+		{"HTTP/1.0 200 OK\r\n\r\n", false, true, ""},
+		{"HTTP/1.1 200 OK\r\nTransfer-Encoding: Chunked\r\n\r\n", true, false, ""},
+		{"HTTP/1.0 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n", false, true, ""}, // no codings in HTTP/1.0: ignored
+		{"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nContent-Length: 5\r\nConnection: keep-alive\r\n\r\n", false, false, "Transfer-Encoding other than chunked"},
+		{"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", false, false, "Transfer-Encoding other than chunked"},
+		{"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n", false, false, "Transfer-Encoding other than chunked"},
+	} {
+		got, err := readResponseHeader(bufio.NewReader(strings.NewReader(tc.head)), nil)
+		if tc.err != "" {
+			if err == nil || !strings.Contains(err.Error(), tc.err) {
+				t.Errorf("%q: error %v; want %q", tc.head, err, tc.err)
+			}
+			continue
+		}
+		if err != nil || got.chunked != tc.chunked || got.close != tc.close {
+			t.Errorf("%q: chunked %v close %v, %v; want chunked %v close %v", tc.head, got.chunked, got.close, err, tc.chunked, tc.close)
+		}
+	}
 }
 
 // A head read where it lies in the buffer and one that arrives a byte at a

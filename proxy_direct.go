@@ -6,7 +6,6 @@ import (
 	"io"
 	"net"
 	"net/http"
-	"net/http/httputil"
 	"slices"
 	"strconv"
 	"strings"
@@ -298,7 +297,7 @@ func (p *proxy) copyResponseBody(w http.ResponseWriter, c *nodeConn, method stri
 	flush := false
 	switch {
 	case head.chunked:
-		body, flush = httputil.NewChunkedReader(c.br), true
+		body, flush = newChunkedBody(c.br, maxTrailerBytes), true
 	case head.contentLength >= 0:
 		c.body.left, c.body.closed = head.contentLength, false
 		body = &c.body

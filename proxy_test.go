@@ -3,6 +3,7 @@ package main
 import (
 	"bufio"
 	"context"
+	"encoding/json"
 	"fmt"
 	"io"
 	"net"
@@ -11,6 +12,7 @@ import (
 	"strings"
 	"sync/atomic"
 	"testing"
+	"testing/iotest"
 	"time"
 
 	"golang.org/x/net/websocket"
@@ -445,5 +447,75 @@ func TestProxyRetriesAndErrors(t *testing.T) {
 		if code != tc.code || !strings.Contains(body, tc.detail) {
 			t.Errorf("GET %s: %d %s; want %d with %q", tc.path, code, body, tc.code, tc.detail)
 		}
+	}
+}
+
+// TestChunkedBodyReadsToTheMessageEnd: a chunked body is read through its
+// trailer section and closing empty line, however they arrive, so that the
+// next answer on the connection starts where it should.
+func TestChunkedBodyReadsToTheMessageEnd(t *testing.T) {
+	for _, tc := range []struct{ in, body, rest, err string }{
+		{"5\r\nhello\r\n0\r\n\r\nNEXT", "hello", "NEXT", ""},
+		{"5\r\nhello\r\n0\r\nX-Sum: 1\r\nX-B: 2\r\n\r\nNEXT", "hello", "NEXT", ""},
+		{"0\r\n\nNEXT", "", "NEXT", ""},
+		{"5\r\nhello\r\n0\r\nX-Sum: 1\r\n", "hello", "", "unexpected EOF"},
+		{"5\r\nhello\r\n0\r\n", "hello", "", "unexpected EOF"},
+		{"0\r\nX: " + strings.Repeat("v", 300) + "\r\n\r\n", "", "\r\n", "trailers exceed 200 bytes"},
+	} {
+		for _, pieces := range []bool{false, true} {
+			var r io.Reader = strings.NewReader(tc.in)
+			if pieces {
+				r = iotest.OneByteReader(r)
+			}
+			br := bufio.NewReader(r)
+			got, err := io.ReadAll(newChunkedBody(br, 200))
+			rest, _ := io.ReadAll(br)
+			if string(got) != tc.body || string(rest) != tc.rest || (err == nil) != (tc.err == "") || err != nil && !strings.Contains(err.Error(), tc.err) {
+				t.Errorf("%q (in pieces %v): body %q, rest %q, error %v; want %q, %q, %q", tc.in, pieces, got, rest, err, tc.body, tc.rest, tc.err)
+			}
+		}
+	}
+}
+
+// TestChunkedAnswersKeepTheirConnection: a node that answers in chunks,
+// with a trailer written after the last chunk, keeps one connection for
+// calls one after another, through /rpc and the proxy alike; each answer
+// is its own, never the trailer of the one before.
+// The real binary, so that requests come through the fast-path server.
+func TestChunkedAnswersKeepTheirConnection(t *testing.T) {
+	var conns atomic.Int32
+	addr := tcpNode(t, func(c net.Conn) {
+		defer c.Close()
+		conns.Add(1)
+		br := bufio.NewReader(c)
+		for {
+			req, err := http.ReadRequest(br)
+			if err != nil {
+				return
+			}
+			body, _ := io.ReadAll(req.Body)
+			answer := req.URL.Path
+			if req.URL.Path == "/" { // a JSON-RPC call: answer its id
+				var env struct{ ID json.RawMessage }
+				json.Unmarshal(body, &env)
+				answer = `{"jsonrpc":"2.0","id":` + string(env.ID) + `,"result":"chunked"}`
+			}
+			fmt.Fprintf(c, "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\nTrailer: X-Sum\r\n\r\n%x\r\n%s\r\n0\r\n", len(answer), answer)
+			io.WriteString(c, "X-Sum: 1\r\n\r\n") // the message's end, in a write of its own
+		}
+	})
+	p := startSidecar(t, "--registry=memory")
+	registerAddr(t, p, "chunks", "c1", addr)
+	for i := range 4 {
+		path := fmt.Sprint("/call-", i)
+		if code, got := do(t, "GET", p.url("/proxy/chunks"+path), "", ""); code != 200 || got != path {
+			t.Fatalf("proxied call %d: %d %q; want 200 %q", i, code, got, path)
+		}
+		if code, got := do(t, "POST", p.url("/rpc"), "application/x-www-form-urlencoded", "service=chunks&method=A.B"); code != 200 || got != `"chunked"` {
+			t.Fatalf("rpc call %d: %d %q; want 200 \"chunked\"", i, code, got)
+		}
+	}
+	if n := conns.Load(); n != 1 {
+		t.Errorf("the node saw %d connections for 8 calls one after another; want 1, kept alive", n)
 	}
 }

@@ -410,7 +410,7 @@ func (nc *nodeClient) do(ctx context.Context, now, deadline time.Time, addr stri
 	case head.code == http.StatusNoContent || head.code == http.StatusNotModified:
 		body = http.NoBody
 	case head.chunked:
-		body = httputil.NewChunkedReader(c.br)
+		body = newChunkedBody(c.br, maxTrailerBytes)
 	case head.contentLength >= 0:
 		c.body.left, c.body.closed = head.contentLength, false
 		body = &c.body
@@ -428,6 +428,60 @@ func (nc *nodeClient) do(ctx context.Context, now, deadline time.Time, addr stri
 	}
 	reuse = n <= limit && !head.close && head.code != http.StatusSwitchingProtocols && c.br.Buffered() == 0
 	return resp, n, nil
+}
+
+// chunkedBody reads a chunked body to the very end of its message.
+// httputil's reader stops after the last chunk's size line ("0\r\n"),
+// before the trailer fields and the empty line that end the message; left
+// unread, they would be taken for the next answer on the connection, or
+// keep a clean connection from being reused. Trailer fields are dropped,
+// as RFC 9112 section 7.1.2 allows one that removes the chunked coding.
+type chunkedBody struct {
+	r     io.Reader
+	br    *bufio.Reader
+	limit int64 // bytes of trailer section allowed
+	err   error // once the body ended: io.EOF, or what was wrong with its end
+}
+
+// maxTrailerBytes bounds a chunked body's trailer section, as maxHeader
+// bounds a head.
+const maxTrailerBytes = 64 << 10
+
+func newChunkedBody(br *bufio.Reader, limit int64) *chunkedBody {
+	return &chunkedBody{r: httputil.NewChunkedReader(br), br: br, limit: limit}
+}
+
+func (b *chunkedBody) Read(p []byte) (int, error) {
+	if b.err != nil {
+		return 0, b.err
+	}
+	n, err := b.r.Read(p)
+	if err == io.EOF {
+		err = skipTrailers(b.br, b.limit)
+		b.err = err
+	}
+	return n, err
+}
+
+// skipTrailers reads a chunked message's trailer section and its closing
+// empty line, at most limit bytes; it returns io.EOF once they are read.
+func skipTrailers(br *bufio.Reader, limit int64) error {
+	var read int64
+	for {
+		line, err := br.ReadSlice('\n')
+		read += int64(len(line))
+		switch {
+		case err == io.EOF:
+			return io.ErrUnexpectedEOF
+		case err != nil:
+			return fmt.Errorf("%w: a chunked body's trailer: %v", errMalformedResponse, err)
+		case read > limit:
+			return fmt.Errorf("%w: a chunked body's trailers exceed %d bytes", errMalformedResponse, limit)
+		}
+		if len(bytes.TrimSuffix(bytes.TrimSuffix(line, []byte("\n")), []byte("\r"))) == 0 {
+			return io.EOF
+		}
+	}
 }
 
 // responseHead is what the client needs of a response's head.
@@ -523,15 +577,25 @@ func parseResponseHead(lines *headLines, header *[]string) (responseHead, error)
 	// Decided now: line's bytes, proto's included, are bufio's until the
 	// next line is read.
 	http10 := string(proto) == "HTTP/1.0"
-	h.close = http10
+	var codings int // Transfer-Encoding lines
+	var connClose, keepAlive bool
 	for {
 		line, err := lines.next()
 		if err != nil {
 			return h, err
 		}
 		if len(line) == 0 {
+			// As net/http: HTTP/1.0 has no chunked coding, and closes unless
+			// asked to keep alive; a close asked for on any Connection line
+			// stands, whatever other lines say.
+			h.close = connClose || http10 && !keepAlive
 			if http10 {
-				h.chunked = false // as net/http: HTTP/1.0 has no chunked coding; the body ends with the connection
+				h.chunked = false
+			} else if codings > 1 || codings == 1 && !h.chunked {
+				// Like net/http (and nginx), only a lone "chunked" is
+				// understood: any other framing could be read otherwise by
+				// whoever reads the connection next.
+				return h, fmt.Errorf("%w: Transfer-Encoding other than chunked", errMalformedResponse)
 			}
 			return h, nil
 		}
@@ -560,16 +624,11 @@ func parseResponseHead(lines *headLines, header *[]string) (responseHead, error)
 			}
 			h.contentLength = n
 		case len(name) == len("Transfer-Encoding") && bytes.EqualFold(name, []byte("Transfer-Encoding")):
-			h.chunked = hasToken(string(value), "chunked")
-			if !h.chunked {
-				h.close = true // an unknown coding: read to the end
-			}
+			codings++
+			h.chunked = bytes.EqualFold(value, []byte("chunked"))
 		case len(name) == len("Connection") && bytes.EqualFold(name, []byte("Connection")):
-			if hasToken(string(value), "close") {
-				h.close = true
-			} else if hasToken(string(value), "keep-alive") {
-				h.close = false
-			}
+			connClose = connClose || hasToken(string(value), "close")
+			keepAlive = keepAlive || hasToken(string(value), "keep-alive")
 		}
 	}
 }
