@@ -219,7 +219,7 @@ func (w *response) finish() error {
 	if w.status == 0 {
 		w.WriteHeader(http.StatusOK)
 	}
-	if w.declared >= 0 && w.written < w.declared {
+	if w.declared >= 0 && w.written < w.declared && w.method != http.MethodHead && bodyAllowedForStatus(w.status) {
 		w.closeAfter = true // the body is short of what the head said
 	}
 	if w.streaming {

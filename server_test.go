@@ -230,6 +230,14 @@ func TestServerResponseFraming(t *testing.T) {
 			w.Write(chunk)
 		}
 	})
+	mux.HandleFunc("/stated", func(w http.ResponseWriter, r *http.Request) {
+		// A length with no body, as a proxy passes on a node's answer to
+		// HEAD, or a 304's: the connection carries on.
+		w.Header().Set("Content-Length", "6")
+		if r.URL.RawQuery == "304" {
+			w.WriteHeader(http.StatusNotModified)
+		}
+	})
 	mux.HandleFunc("/newline", func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("X-Injected", "a\r\nSet-Cookie: evil=1")
 	})
@@ -266,6 +274,14 @@ func TestServerResponseFraming(t *testing.T) {
 	rc.send("HEAD /big HTTP/1.1\r\nHost: h\r\n\r\n")
 	if _, body, err := rc.read("HEAD"); err != nil || body != "" {
 		t.Errorf("HEAD: %q, %v; want no body", body, err)
+	}
+	rc.send("HEAD /stated HTTP/1.1\r\nHost: h\r\n\r\n")
+	if resp, body, err := rc.read("HEAD"); err != nil || body != "" || resp.ContentLength != 6 || resp.Close {
+		t.Fatalf("HEAD with a stated length: %v %q %v; want length 6, no body, kept alive", resp, body, err)
+	}
+	rc.send("GET /stated?304 HTTP/1.1\r\nHost: h\r\n\r\n")
+	if resp, body, err := rc.read("GET"); err != nil || resp.StatusCode != 304 || body != "" || resp.Close {
+		t.Fatalf("304 with a stated length: %v %q %v; want no body, kept alive", resp, body, err)
 	}
 	rc.send("GET /nocontent HTTP/1.1\r\nHost: h\r\n\r\n")
 	if resp, body, err := rc.read("GET"); err != nil || resp.StatusCode != 204 || body != "" {
