@@ -210,6 +210,11 @@ func (p *proxy) roundTrip(req *http.Request) (*http.Response, error) {
 			resp = r
 			return answered, false, nil
 		}
+		if berr := body.failure(); berr != nil {
+			// The caller's body broke (a bad chunk, a cut upload), not the
+			// node: nobody to eject, nothing to send elsewhere.
+			return answered, false, callErrorf(http.StatusBadRequest, "request body: %v", berr)
+		}
 		o := classifyFailure(ctx, time.Time{}, err) // the deadline cancels ctx
 		err = unwrapURLError(err)
 		if reused.Load() {
@@ -262,6 +267,9 @@ func (p *proxy) attemptNodes(t *proxyTarget, mayRetry func(outcome) bool, send f
 			p.sel.succeeded(node)
 			return nil
 		}
+		if ce := (*callError)(nil); errors.As(err, &ce) && ce.code < 500 {
+			return err // the caller's own fault: it is told so as it is
+		}
 		if o == notSent || o == lost && isConnFailure(err) || late && !t.shortened {
 			if d := p.sel.failed(node); d > 0 {
 				p.log.Warn("node ejected", "service", t.service, "node", node.ID, "address", node.hostPort(), "for", d, "error", err)
@@ -310,11 +318,30 @@ func proxyError(w http.ResponseWriter, r *http.Request, err error) {
 type onceBody struct {
 	rc   io.ReadCloser
 	read bool
+
+	mu  sync.Mutex // the transport's writer sets err as RoundTrip returns
+	err error      // the caller's body failed to read: not the node's fault
 }
 
 func (b *onceBody) Read(p []byte) (int, error) {
 	b.read = true
-	return b.rc.Read(p)
+	n, err := b.rc.Read(p)
+	if err != nil && err != io.EOF {
+		b.mu.Lock()
+		b.err = err
+		b.mu.Unlock()
+	}
+	return n, err
+}
+
+// failure is why reading the caller's body failed, or nil; nil for no body.
+func (b *onceBody) failure() error {
+	if b == nil {
+		return nil
+	}
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.err
 }
 
 // Close leaves the incoming body to the server, which closes it when the

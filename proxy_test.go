@@ -519,3 +519,27 @@ func TestChunkedAnswersKeepTheirConnection(t *testing.T) {
 		t.Errorf("the node saw %d connections for 8 calls one after another; want 1, kept alive", n)
 	}
 }
+
+// TestProxyBadClientBodyIsTheClientsError: a chunked upload that breaks
+// off or is malformed is the caller's fault, told as a 400, and the node
+// it was going to is neither blamed (502) nor ejected.
+// The real binary: chunked uploads reach the proxy through net/http.
+func TestProxyBadClientBodyIsTheClientsError(t *testing.T) {
+	app := appServer(t, func(w http.ResponseWriter, r *http.Request) {
+		io.Copy(io.Discard, r.Body)
+		io.WriteString(w, "fine")
+	})
+	p := startSidecar(t, "--registry=memory")
+	registerAddr(t, p, "uploads", "u1", hostOf(app))
+	for _, chunks := range []string{"0x3\r\nabc\r\n0\r\n\r\n", "3\r\nabcXY0\r\n\r\n", "-3\r\nabc\r\n0\r\n\r\n"} {
+		rc := dialHTTP(t, p.addr)
+		rc.send("POST /proxy/uploads/x HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n" + chunks)
+		resp, body, err := rc.read("POST")
+		if err != nil || resp.StatusCode != 400 || !strings.Contains(body, `"code":400`) || !strings.Contains(body, "request body: ") {
+			t.Errorf("chunks %q: %v %q %v; want a 400 about the request body", chunks, resp, body, err)
+		}
+		if code, got := do(t, "GET", p.url("/proxy/uploads/y"), "", ""); code != 200 || got != "fine" {
+			t.Fatalf("after chunks %q: %d %q; want the node still in use", chunks, code, got)
+		}
+	}
+}
