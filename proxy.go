@@ -1,11 +1,14 @@
 package main
 
 import (
+	"bufio"
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"net/http"
 	"net/http/httptrace"
 	"net/http/httputil"
@@ -127,7 +130,7 @@ func (p *proxy) serve(w http.ResponseWriter, r *http.Request, service, path stri
 		// fast-path server names none, so the proxy names one.
 		ctx = context.WithValue(ctx, http.ServerContextKey, fastPathServer)
 	}
-	if isUpgrade(r) {
+	if upgradeAsked(r) {
 		var cancel context.CancelFunc
 		ctx, cancel = context.WithCancel(ctx)
 		defer cancel()
@@ -138,8 +141,33 @@ func (p *proxy) serve(w http.ResponseWriter, r *http.Request, service, path stri
 			return
 		}
 		defer p.conns.remove(&cancel)
+		w = upgradeWriter{w}
 	}
 	p.rp.ServeHTTP(w, r.WithContext(ctx))
+}
+
+// upgradeAsked reports whether r asks to switch protocols, to a WebSocket
+// or any other: ReverseProxy passes any such switch through.
+func upgradeAsked(r *http.Request) bool {
+	return len(r.Header["Upgrade"]) > 0 && hasTokenIn(r.Header["Connection"], "upgrade")
+}
+
+// upgradeWriter hands ReverseProxy a connection that yields first what the
+// server had read past the upgrade request: ReverseProxy copies from the
+// hijacked connection alone, and would drop bytes a client sent right
+// behind its request, without waiting for the 101.
+type upgradeWriter struct{ http.ResponseWriter }
+
+func (w upgradeWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
+
+func (w upgradeWriter) Hijack() (net.Conn, *bufio.ReadWriter, error) {
+	conn, brw, err := http.NewResponseController(w.ResponseWriter).Hijack()
+	if err != nil || brw.Reader.Buffered() == 0 {
+		return conn, brw, err
+	}
+	pending, _ := brw.Reader.Peek(brw.Reader.Buffered())
+	conn = &replayConn{Conn: conn, pending: bytes.Clone(pending)}
+	return conn, bufio.NewReadWriter(bufio.NewReader(conn), brw.Writer), nil
 }
 
 // fastPathServer stands for the fast-path server where a request's context

@@ -543,3 +543,34 @@ func TestProxyBadClientBodyIsTheClientsError(t *testing.T) {
 		}
 	}
 }
+
+// TestProxyUpgradeKeepsEarlyBytes: bytes a client sends right behind an
+// upgrade request, in the same write, reach the node once it switched
+// protocols, through either server.
+func TestProxyUpgradeKeepsEarlyBytes(t *testing.T) {
+	s, viaNetHTTP := testSidecar(t, nil)
+	_, fastAddr := startFastServer(t, s.routes(), nil)
+	node := tcpNode(t, func(c net.Conn) {
+		defer c.Close()
+		br := bufio.NewReader(c)
+		if _, err := http.ReadRequest(br); err != nil {
+			return
+		}
+		io.WriteString(c, "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")
+		io.Copy(c, br) // an echo of whatever comes, what br holds first
+	})
+	register(t, s, "echo", node)
+	for _, addr := range []string{fastAddr, strings.TrimPrefix(viaNetHTTP.URL, "http://")} {
+		rc := dialHTTP(t, addr)
+		rc.send("GET /proxy/echo/ HTTP/1.1\r\nHost: h\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\nEARLY")
+		resp, err := http.ReadResponse(rc.br, nil)
+		if err != nil || resp.StatusCode != 101 {
+			t.Fatalf("%s: %v %v; want 101", addr, resp, err)
+		}
+		rc.send("LATE")
+		got := make([]byte, len("EARLYLATE"))
+		if _, err := io.ReadFull(rc.br, got); err != nil || string(got) != "EARLYLATE" {
+			t.Errorf("%s: echoed %q, %v; want EARLYLATE", addr, got, err)
+		}
+	}
+}
