@@ -263,9 +263,9 @@ func explainParseError(fs *flag.FlagSet, err error) error {
 	if !ok {
 		return err
 	}
-	_, name, ok := strings.Cut(rest, " for flag -")
-	f := fs.Lookup(name)
-	if !ok || f == nil {
+	i := strings.LastIndex(rest, " -") // "invalid value V for flag -NAME"
+	f := fs.Lookup(rest[i+2:])
+	if i < 0 || f == nil {
 		return err
 	}
 	return errors.New(rest + ": " + wantOf(f))
@@ -280,8 +280,6 @@ func wantOf(f *flag.Flag) string {
 	switch g.Get().(type) {
 	case time.Duration:
 		return "want a duration such as 10s, 500ms or 2m"
-	case bool:
-		return "want true or false"
 	case int, int64, uint, uint64:
 		return "want a whole number"
 	}
