@@ -34,9 +34,18 @@ import (
 
 func request(t *testing.T, method, url string, headers map[string]string, body string) *http.Response {
 	t.Helper()
+	return requestHost(t, method, url, "", headers, body)
+}
+
+// requestHost is request with the Host header set to host, unless empty.
+func requestHost(t *testing.T, method, url, host string, headers map[string]string, body string) *http.Response {
+	t.Helper()
 	req, err := http.NewRequest(method, url, strings.NewReader(body))
 	if err != nil {
 		t.Fatal(err)
+	}
+	if host != "" {
+		req.Host = host
 	}
 	for k, v := range headers {
 		req.Header.Set(k, v)
@@ -131,10 +140,22 @@ func TestOriginPolicy(t *testing.T) {
 	} else {
 		ws.Close()
 	}
-	// The sidecar's own origin is always allowed.
-	resp = request(t, "POST", p.url("/registry"), map[string]string{"Origin": "http://" + p.addr}, svc)
-	if resp.StatusCode != 200 {
-		t.Errorf("own origin POST: got %d; want 200", resp.StatusCode)
+	// The sidecar's own origin is allowed, by IP address or localhost.
+	_, port, _ := net.SplitHostPort(p.addr)
+	for _, own := range []string{p.addr, "localhost:" + port} {
+		resp = requestHost(t, "POST", p.url("/registry"), own, map[string]string{"Origin": "http://" + own}, svc)
+		if resp.StatusCode != 200 {
+			t.Errorf("own origin %s POST: got %d; want 200", own, resp.StatusCode)
+		}
+	}
+	// DNS rebinding: a page of evil.example, its name now resolving to
+	// this machine, sends Origin and Host both evil.example.
+	rebound := "evil.example:" + port
+	for _, method := range []string{"POST", "DELETE"} {
+		resp = requestHost(t, method, p.url("/registry"), rebound, map[string]string{"Origin": "http://" + rebound}, svc)
+		if resp.StatusCode != 403 || resp.Header.Get("Access-Control-Allow-Origin") != "" {
+			t.Errorf("rebound %s: got %d %v; want 403 and no CORS header", method, resp.StatusCode, resp.Header)
+		}
 	}
 }
 

@@ -9,6 +9,7 @@ import (
 	"encoding/json"
 	"errors"
 	"io"
+	"net"
 	"net/http"
 	"net/url"
 	"os"
@@ -243,7 +244,7 @@ func (s *sidecar) guard(next http.Handler) http.Handler {
 // originAllowed reports whether a browser origin may drive the sidecar: its
 // own origin always may, others only when listed.
 func (s *sidecar) originAllowed(origin, host string) bool {
-	if u, err := url.Parse(origin); err == nil && u.Host != "" && strings.EqualFold(u.Host, host) {
+	if u, err := url.Parse(origin); err == nil && u.Host != "" && strings.EqualFold(u.Host, host) && unrebindable(u.Hostname()) {
 		return true
 	}
 	for _, o := range s.cfg.CORSAllowedOrigins {
@@ -252,6 +253,18 @@ func (s *sidecar) originAllowed(origin, host string) bool {
 		}
 	}
 	return false
+}
+
+// unrebindable reports whether a page's host name is one no attacker can
+// point at this machine: an IP address, or localhost. A page's own origin
+// is trusted only then. Under DNS rebinding, a page of evil.example is
+// served first from the attacker's server, then evil.example is made to
+// resolve to 127.0.0.1, and the page's requests reach the sidecar with
+// Origin and Host both evil.example: the same origin, to a check that
+// compares the two alone. Other names go in --cors_allowed_origins.
+func unrebindable(host string) bool {
+	host = strings.TrimSuffix(strings.ToLower(host), ".")
+	return net.ParseIP(host) != nil || host == "localhost" || strings.HasSuffix(host, ".localhost")
 }
 
 func isUpgrade(r *http.Request) bool {
