@@ -94,6 +94,14 @@ func TestAuthToken(t *testing.T) {
 		t.Fatalf("WebSocket with ?access_token: %v", err)
 	}
 	ws.Close()
+	// The URL carries the token for a WebSocket handshake alone, not for a
+	// request that merely names an upgrade.
+	for _, method := range []string{"GET", "POST"} {
+		resp := request(t, method, p.url("/registry?access_token="+token), map[string]string{"Upgrade": "websocket"}, "")
+		if resp.StatusCode != 401 {
+			t.Errorf("%s with Upgrade: websocket and ?access_token: got %d; want 401", method, resp.StatusCode)
+		}
+	}
 	if strings.Contains(p.log.String(), token) {
 		t.Errorf("the token appears in the log:\n%s", p.log.String())
 	}
@@ -337,6 +345,13 @@ func TestInFlightLimit(t *testing.T) {
 	sneak.Header.Set("Upgrade", "websocket")
 	if resp, err := http.DefaultClient.Do(sneak); err != nil || resp.StatusCode != 503 {
 		t.Errorf("a POST carrying Upgrade: websocket at the limit: %v %v; want 503", resp, err)
+	} else {
+		resp.Body.Close()
+	}
+	sneak, _ = http.NewRequest("GET", p.url("/registry"), nil) // a GET, but no Connection: upgrade
+	sneak.Header.Set("Upgrade", "websocket")
+	if resp, err := http.DefaultClient.Do(sneak); err != nil || resp.StatusCode != 503 {
+		t.Errorf("a GET carrying Upgrade: websocket alone at the limit: %v %v; want 503", resp, err)
 	} else {
 		resp.Body.Close()
 	}

@@ -271,6 +271,14 @@ func isUpgrade(r *http.Request) bool {
 	return strings.EqualFold(firstValue(r.Header["Upgrade"]), "websocket")
 }
 
+// isWebSocketHandshake reports whether r is a WebSocket opening handshake
+// (RFC 6455 section 4.1): a GET asking, in Connection too, to upgrade.
+// Only such a request may skip the in-flight limit or carry its token in
+// the URL; an Upgrade header alone on any request earns neither.
+func isWebSocketHandshake(r *http.Request) bool {
+	return r.Method == http.MethodGet && isUpgrade(r) && hasTokenIn(r.Header["Connection"], "upgrade")
+}
+
 // wsServer builds a WebSocket server for handler. The origin policy has
 // already been applied by guard; the library's default handshake would
 // refuse clients that send no Origin at all, which most non-browser clients
@@ -424,7 +432,7 @@ func bearerToken(r *http.Request) (string, bool) {
 		scheme, token, ok := strings.Cut(h, " ")
 		return strings.TrimSpace(token), ok && strings.EqualFold(scheme, "Bearer")
 	}
-	if isUpgrade(r) && r.URL.Query().Has("access_token") {
+	if isWebSocketHandshake(r) && r.URL.Query().Has("access_token") {
 		return r.URL.Query().Get("access_token"), true
 	}
 	return "", false
@@ -439,7 +447,7 @@ func limitInFlight(max int, next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		// A WebSocket lives as long as it likes, so it holds no slot; it
 		// starts with a GET (RFC 6455), and nothing else is let past.
-		if r.Method == http.MethodGet && isUpgrade(r) || r.URL.Path == "/health" {
+		if isWebSocketHandshake(r) || r.URL.Path == "/health" {
 			next.ServeHTTP(w, r)
 			return
 		}
