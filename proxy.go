@@ -107,6 +107,10 @@ func (p *proxy) serve(w http.ResponseWriter, r *http.Request, service, path stri
 		writeError(w, http.StatusNotFound, "service "+truncate(service, 128)+" not found"+serviceHint)
 		return
 	}
+	if n := forwardedHops(r.Header["X-Forwarded-For"]); n >= maxProxyHops {
+		writeError(w, http.StatusLoopDetected, fmt.Sprintf("the request has passed %d proxies (X-Forwarded-For): a loop? Is a node of %s registered at a sidecar's own address?", n, truncate(service, 128)))
+		return
+	}
 	t := proxyTarget{service: service, nodes: allNodes(versions), path: path, timeout: p.cfg.Timeout}
 	if h := firstValue(r.Header["Timeout"]); h != "" {
 		d, err := parseTimeout(h)
@@ -144,6 +148,22 @@ func (p *proxy) serve(w http.ResponseWriter, r *http.Request, service, path stri
 		w = upgradeWriter{w}
 	}
 	p.rp.ServeHTTP(w, r.WithContext(ctx))
+}
+
+// maxProxyHops bounds the proxies a request may have passed: a node
+// registered at a sidecar's own address (by mistake, or by anyone who may
+// register) would otherwise send each request round until every in-flight
+// slot is taken. Every hop appends to X-Forwarded-For, so its entries count
+// them, at no cost to requests that carry none.
+const maxProxyHops = 16
+
+// forwardedHops counts the addresses in X-Forwarded-For fields.
+func forwardedHops(values []string) int {
+	n := 0
+	for _, v := range values {
+		n += strings.Count(v, ",") + 1
+	}
+	return n
 }
 
 // upgradeAsked reports whether r asks to switch protocols, to a WebSocket

@@ -574,3 +574,24 @@ func TestProxyUpgradeKeepsEarlyBytes(t *testing.T) {
 		}
 	}
 }
+
+// TestProxyLoopIsCut: a node registered at the sidecar's own address sends
+// each proxied request round again; the round ends after maxProxyHops with
+// a 508, and the sidecar serves others meanwhile and after.
+func TestProxyLoopIsCut(t *testing.T) {
+	for _, handler := range []string{"rpc", "proxy"} {
+		p := startSidecar(t, "--registry=memory", "--handler="+handler, "--max_inflight=64")
+		registerAddr(t, p, "go.micro.srv.loop", "self", p.addr)
+		path := strings.Repeat("/proxy/go.micro.srv.loop", 20) + "/x" // each hop takes one off
+		if handler == "proxy" {
+			path = "/loop/x" // forwarded as it is: round and round
+		}
+		code, body := do(t, "GET", p.url(path), "", "")
+		if code != http.StatusLoopDetected || !strings.Contains(body, "passed 16 proxies") {
+			t.Errorf("--handler=%s: GET %s: %d %s; want 508 after 16 proxies", handler, truncate(path, 64), code, body)
+		}
+		if code, _ := do(t, "GET", p.url("/registry"), "", ""); code != 200 {
+			t.Errorf("--handler=%s: after the loop: GET /registry %d; want 200", handler, code)
+		}
+	}
+}
