@@ -173,6 +173,12 @@ func classify(contentType string, body []byte) (kind int, dataContentType string
 		if !json.Valid(body) {
 			return 0, "", errors.New("body is declared " + mt + " but is not valid JSON; fix it or send it as text/plain")
 		}
+		if !utf8.Valid(body) {
+			// json.Valid takes any bytes inside strings; passed on, they would
+			// make the event's text frame invalid, which a WebSocket client
+			// must fail the connection over (RFC 6455 section 8.1).
+			return 0, "", errors.New("body is declared " + mt + " but is not UTF-8 (RFC 8259 section 8.1); send it as application/octet-stream")
+		}
 		return payloadJSON, contentType, nil
 	case mt == "application/octet-stream" || !utf8.Valid(body):
 		return payloadBinary, contentType, nil

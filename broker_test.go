@@ -63,6 +63,8 @@ func TestClassify(t *testing.T) {
 		{"application/json", `{"a":[1,2]}`, payloadJSON, "application/json", false},
 		{"application/cloudevents+json", `"x"`, payloadJSON, "application/cloudevents+json", false},
 		{"application/json", `{"a":`, 0, "", true},
+		{"application/json", "\"\xe9\"", 0, "", true}, // JSON to json.Valid, not UTF-8
+		{"application/json", `"é"`, payloadJSON, "application/json", false},
 		{"application/octet-stream", "text", payloadBinary, "application/octet-stream", false},
 		{"image/png", "\x89PNG\xff", payloadBinary, "image/png", false},
 		{"application/xml", "<a/>", payloadText, "application/xml", false},

@@ -502,6 +502,7 @@ func TestBrokerBadInput(t *testing.T) {
 		{"GET", "/broker?topic=%zz", "", upgrade, 400, `invalid URL escape "%zz"`},
 		{"POST", "/broker?topic=foo", strings.Repeat("x", 1001), nil, 413, "larger than 1000 bytes"},
 		{"POST", "/broker?topic=foo", `{"a":`, map[string]string{"Content-Type": "application/json"}, 400, "not valid JSON"},
+		{"POST", "/broker?topic=foo", "\"\xe9\"", map[string]string{"Content-Type": "application/json"}, 400, "is not UTF-8"},
 		{"POST", "/broker", "garbage", map[string]string{forwardedHeader: "x"}, 400, "forwarded batch"},
 		{"PUT", "/broker?topic=foo", "x", nil, 405, "method PUT not allowed"},
 		{"POST", "/broker/stats", "", nil, 405, "not allowed"},
