@@ -46,7 +46,7 @@ type publishAnswer struct {
 }
 
 func (b *broker) handlePublish(w http.ResponseWriter, r *http.Request) {
-	q, ok := queryOf(w, r, "topic")
+	q, ok := queryOf(w, r, "topic", "queue") // queue is refused below, with a reason
 	if !ok {
 		return
 	}

@@ -8,11 +8,13 @@ import (
 	"encoding/binary"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"net/http"
 	"net/url"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -365,15 +367,28 @@ func writeClose(c *websocket.Conn, code int, reason string) error {
 
 // queryOf parses the request's query strictly, answering 400 itself when
 // it fails: a bad escape is an error, not a pair silently dropped as
-// URL.Query drops it, and each name in once may appear at most once.
-func queryOf(w http.ResponseWriter, r *http.Request, once ...string) (url.Values, bool) {
+// URL.Query drops it; each name in takes may appear at most once; and a
+// name the endpoint does not take (a typo: TTL for ttl) is an error, not
+// ignored. access_token, which the token check reads, is always taken.
+func queryOf(w http.ResponseWriter, r *http.Request, takes ...string) (url.Values, bool) {
 	q, err := url.ParseQuery(r.URL.RawQuery)
 	if err != nil {
 		writeError(w, http.StatusBadRequest, "query "+strconv.Quote(truncate(r.URL.RawQuery, 64))+": "+err.Error())
 		return nil, false
 	}
-	for _, name := range once {
-		if err := onceOnly(name, len(q[name])); err != nil {
+	for name, values := range q {
+		if name == "access_token" {
+			continue
+		}
+		if !slices.Contains(takes, name) {
+			list := "none"
+			if len(takes) > 0 {
+				list = strings.Join(takes, ", ")
+			}
+			writeError(w, http.StatusBadRequest, fmt.Sprintf("query parameter %q is not one %s %s takes (it takes %s)", truncate(name, 64), r.Method, r.URL.Path, list))
+			return nil, false
+		}
+		if err := onceOnly(name, len(values)); err != nil {
 			writeError(w, http.StatusBadRequest, err.Error())
 			return nil, false
 		}

@@ -111,14 +111,10 @@ func (p *proxy) serve(w http.ResponseWriter, r *http.Request, service, path stri
 		writeError(w, http.StatusLoopDetected, fmt.Sprintf("the request has passed %d proxies (X-Forwarded-For): a loop? Is a node of %s registered at a sidecar's own address?", n, truncate(service, 128)))
 		return
 	}
-	t := proxyTarget{service: service, nodes: allNodes(versions), path: path, timeout: p.cfg.Timeout}
-	if h := firstValue(r.Header["Timeout"]); h != "" {
-		d, err := parseTimeout(h)
-		if err != nil {
-			writeError(w, http.StatusBadRequest, err.Error())
-			return
-		}
-		t.timeout, t.shortened = d, d < p.cfg.Timeout
+	t := proxyTarget{service: service, nodes: allNodes(versions), path: path}
+	if t.timeout, t.shortened, err = callTimeout(r.Header["Timeout"], p.cfg.Timeout); err != nil {
+		writeError(w, http.StatusBadRequest, err.Error())
+		return
 	}
 	if p.direct != nil && canForwardDirect(r) {
 		p.forward(w, r, &t)

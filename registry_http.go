@@ -107,6 +107,9 @@ func (s *sidecar) postService(w http.ResponseWriter, r *http.Request) {
 }
 
 func (s *sidecar) deleteService(w http.ResponseWriter, r *http.Request) {
+	if _, ok := queryOf(w, r); !ok {
+		return
+	}
 	body, ok := readBody(w, r, s.cfg.MaxBodyBytes)
 	if !ok {
 		return

@@ -242,6 +242,11 @@ func parseRPCRequest(contentType string, query url.Values, body []byte) (rpcCall
 			}
 		}
 	}
+	if len(query) > 0 {
+		if err := givenTwice(query, c, len(request) > 0); err != nil {
+			return rpcCall{}, err
+		}
+	}
 	if c.Service == "" {
 		c.Service = query.Get("service")
 	}
@@ -259,6 +264,20 @@ func parseRPCRequest(contentType string, query url.Values, body []byte) (rpcCall
 	}
 	c.Request = trimJSON(request)
 	return c, c.validate()
+}
+
+// givenTwice refuses a field the body gave that the query gives too:
+// which one counts would be a guess.
+func givenTwice(query url.Values, body rpcCall, hasRequest bool) error {
+	for _, f := range []struct {
+		name  string
+		given bool
+	}{{"service", body.Service != ""}, {"method", body.Method != ""}, {"address", body.Address != ""}, {"request", hasRequest}} {
+		if f.given && query.Has(f.name) {
+			return fmt.Errorf("%s is given in both the body and the query; give it once", f.name)
+		}
+	}
+	return nil
 }
 
 // rpcForm is the fields of a form body of POST /rpc.
@@ -604,6 +623,19 @@ func decodeAppError(raw json.RawMessage) *appError {
 	return e
 }
 
+// callTimeout is a call's time to answer: the Timeout header's when there
+// is one, and whether that is shorter than def, the flag's.
+func callTimeout(values []string, def time.Duration) (time.Duration, bool, error) {
+	if err := onceOnly("the Timeout header", len(values)); err != nil {
+		return 0, false, err
+	}
+	if len(values) == 0 || values[0] == "" {
+		return def, false, nil
+	}
+	d, err := parseTimeout(values[0])
+	return d, d < def, err
+}
+
 // parseTimeout reads a Timeout header. go-micro sends a deadline as an
 // integer number of nanoseconds (fmt.Sprintf("%d", time.Duration)); a Go
 // duration such as 5s or 250ms is accepted too.
@@ -732,14 +764,10 @@ func (s *sidecar) handlePath(w http.ResponseWriter, r *http.Request) {
 // buf holds the request body, which call's fields may share; the envelope
 // and the reply are written after it.
 func (c *caller) serve(w http.ResponseWriter, r *http.Request, call rpcCall, buf *bytes.Buffer) {
-	timeout, shortened := c.cfg.Timeout, false
-	if h := firstValue(r.Header["Timeout"]); h != "" {
-		d, err := parseTimeout(h)
-		if err != nil {
-			writeError(w, http.StatusBadRequest, err.Error())
-			return
-		}
-		timeout, shortened = d, d < c.cfg.Timeout
+	timeout, shortened, err := callTimeout(r.Header["Timeout"], c.cfg.Timeout)
+	if err != nil {
+		writeError(w, http.StatusBadRequest, err.Error())
+		return
 	}
 	start := requestStart(w)
 	deadline := start.Add(timeout)

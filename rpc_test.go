@@ -100,7 +100,9 @@ func TestParseRPCRequest(t *testing.T) {
 		{"no request is an empty object", form, "", "service=s&method=M.N", rpcCall{Service: "s", Method: "M.N", Request: []byte(`{}`)}, ""},
 		{"array request", form, "", "service=s&method=M.N&request=[1]", rpcCall{Service: "s", Method: "M.N", Request: []byte(`[1]`)}, ""},
 		{"query fallback", form, "service=q&method=Q.R&request=2", "", rpcCall{Service: "q", Method: "Q.R", Request: []byte(`2`)}, ""},
-		{"body wins over query", form, "service=q", "service=s&method=M.N", rpcCall{Service: "s", Method: "M.N", Request: []byte(`{}`)}, ""},
+		{"body and query share the fields", form, "service=q", "method=M.N", rpcCall{Service: "q", Method: "M.N", Request: []byte(`{}`)}, ""},
+		{"a field in both body and query", form, "service=q", "service=s&method=M.N", rpcCall{}, "service is given in both the body and the query"},
+		{"request in both", "application/json", "request=1", `{"service":"s","method":"M.N","request":2}`, rpcCall{}, "request is given in both"},
 		{"missing service", form, "", "method=M.N", rpcCall{}, "service is required"},
 		{"missing method", form, "", "service=s", rpcCall{}, "method is required"},
 		{"request not json", form, "", "service=s&method=M.N&request={name:John}", rpcCall{}, "is not JSON"},
@@ -556,6 +558,8 @@ func TestCallErrors(t *testing.T) {
 		{"json labelled a form", "/rpc", form, `{"service":"nope","method":"A.B"}`, 404, "service nope not found"},
 		{"too big", "/rpc", form, strings.Repeat("x", 300), 413, "larger than 200 bytes"},
 		{"bad timeout", "/rpc", form, "service=failing&method=A.B", 400, "Timeout header"},
+		{"two timeouts", "/rpc", form, "service=failing&method=A.B", 400, "the Timeout header is given 2 times; give it once"},
+		{"two proxy timeouts", "/proxy/failing/", form, "", 400, "the Timeout header is given 2 times; give it once"},
 		{"GET", "/rpc", "", "", 405, "method GET not allowed"},
 		{"GET path", "/foo/bar", "", "", 404, "no endpoint at /foo/bar"},
 	} {
@@ -567,6 +571,9 @@ func TestCallErrors(t *testing.T) {
 			req.Header.Set("Content-Type", tc.ct)
 			if tc.name == "bad timeout" {
 				req.Header.Set("Timeout", "soon")
+			}
+			if strings.HasPrefix(tc.name, "two") {
+				req.Header["Timeout"] = []string{"1s", "2s"}
 			}
 			resp, err := http.DefaultClient.Do(req)
 			if err != nil {
