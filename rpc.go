@@ -551,11 +551,17 @@ func parseReply(body []byte, id uint64) (result []byte, appErr *appError, err er
 			return nil, nil, err
 		}
 	}
-	if hasValue(errVal) {
-		return nil, decodeAppError(errVal), nil
-	}
+	// An id of null is a server's that could not read ours (JSON-RPC 2.0
+	// section 5); any other must be ours, error or not: another call's
+	// answer is never this one's.
 	if hasValue(rid) && !sameID(rid, id) {
 		return nil, nil, fmt.Errorf("reply id %s does not match request id %d", truncate(string(rid), 32), id)
+	}
+	if hasValue(errVal) {
+		if hasValue(result) {
+			return nil, nil, errors.New("not a JSON-RPC reply: both a result and an error")
+		}
+		return nil, decodeAppError(errVal), nil
 	}
 	if result == nil {
 		return nil, nil, errors.New("not a JSON-RPC reply: neither result nor error")

@@ -238,6 +238,8 @@ func TestParseReply(t *testing.T) {
 		{"empty error string", `{"id":7,"error":""}`, "", 500, "empty error", ""},
 		{"error with null id", `{"id":null,"error":{"code":-32700,"message":"Parse error"}}`, "", 500, "Parse error", ""},
 		{"wrong id", `{"id":8,"result":1}`, "", 0, "", "does not match request id 7"},
+		{"wrong id on an error", `{"id":8,"error":"another call's"}`, "", 0, "", "does not match request id 7"},
+		{"result and error both", `{"id":7,"result":1,"error":"boom"}`, "", 0, "", "both a result and an error"},
 		{"neither", `{"id":7}`, "", 0, "", "neither result nor error"},
 		{"not json", `<html>oops</html>`, "", 0, "", "not a JSON-RPC reply"},
 		{"array", `[1]`, "", 0, "", "not a JSON-RPC reply"},
