@@ -1236,3 +1236,20 @@ func TestNodeClosingIdleConnectionsCostsNoCalls(t *testing.T) {
 	}
 	calls(50)
 }
+
+func TestTimeoutHint(t *testing.T) {
+	for _, tc := range []struct {
+		header string
+		d      time.Duration
+		want   string
+	}{
+		{"", 5 * time.Second, "deadline 5s from --rpc_timeout; a Timeout header sets another"},
+		{"5", 5, "deadline 5ns from the Timeout header, read as nanoseconds as go-micro sends it; write 5s for five seconds"},
+		{"5µs", 5 * time.Microsecond, "deadline 5µs from the Timeout header"}, // a unit was given: no hint
+		{"2s", 2 * time.Second, "deadline 2s from the Timeout header"},
+	} {
+		if got := timeoutHint(tc.header, tc.d); got != tc.want {
+			t.Errorf("timeoutHint(%q, %v) = %q; want %q", tc.header, tc.d, got, tc.want)
+		}
+	}
+}
