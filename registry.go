@@ -88,8 +88,8 @@ func normalizeService(s *Service) error {
 	if len(s.Name) > maxNameLen || !validName(s.Name) {
 		return fmt.Errorf("name %q: use up to %d printable characters without spaces or '/'", truncate(s.Name, 64), maxNameLen)
 	}
-	if len(s.Version) > maxNameLen || strings.ContainsAny(s.Version, "\x00/") {
-		return fmt.Errorf("version %q is not valid", truncate(s.Version, 64))
+	if len(s.Version) > maxNameLen || !validName(s.Version) {
+		return fmt.Errorf("version %q: use printable characters without spaces or '/'", truncate(s.Version, 64))
 	}
 	if err := checkMetadata("metadata", s.Metadata); err != nil {
 		return err
@@ -146,7 +146,7 @@ func splitAddress(address string, port int) (string, int, error) {
 	}
 	if h, p, err := net.SplitHostPort(address); err == nil {
 		pn, perr := strconv.Atoi(p)
-		if perr != nil || pn < 1 || pn > 65535 {
+		if perr != nil || pn < 1 || pn > 65535 || p[0] < '1' || p[0] > '9' { // no sign, no leading zero
 			return "", 0, fmt.Errorf("address %q: port must be 1-65535", address)
 		}
 		if port != 0 && port != pn {
