@@ -111,6 +111,9 @@ func (b *broker) handleSubscribe(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusBadRequest, "GET /broker needs a WebSocket upgrade: connect a WebSocket client to ws://"+truncate(r.Host, 64)+"/broker?topic="+topic+", or POST to publish")
 		return
 	}
+	if !handshakeOK(w, r) {
+		return
+	}
 	b.mu.RLock()
 	full := len(b.subs) >= b.cfg.MaxSubscribers || (b.topics[topic] == nil && len(b.topics) >= b.cfg.MaxTopics)
 	b.mu.RUnlock()

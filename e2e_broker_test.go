@@ -13,6 +13,7 @@ import (
 	"net/http"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -570,4 +571,39 @@ func TestBrokerShutdown(t *testing.T) {
 	waitFor(t, time.Second, "the topic registrations to go", func() bool {
 		return lookup(t, other, "topic:a") == nil && lookup(t, other, "topic:b") == nil
 	})
+}
+
+// TestWebSocketHandshakeErrors: a handshake the WebSocket library would
+// refuse in plain text is refused in the error shape, a version other than
+// 13 with 426 and the version to use; offered subprotocols are declined,
+// not echoed as agreed or refused with an empty 400.
+func TestWebSocketHandshakeErrors(t *testing.T) {
+	p := startSidecar(t, "--registry=memory")
+	const key = "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+	for _, path := range []string{"/broker?topic=hs", "/registry?watch=1"} {
+		for _, tc := range []struct {
+			headers string
+			code    int
+			detail  string
+		}{
+			{key + "Sec-WebSocket-Version: 8\r\n", 426, `WebSocket version \"8\" is not supported; use 13`},
+			{"Sec-WebSocket-Version: 13\r\n", 400, "not a WebSocket handshake"},
+		} {
+			rc := dialHTTP(t, p.addr)
+			rc.send("GET " + path + " HTTP/1.1\r\nHost: h\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n" + tc.headers + "\r\n")
+			resp, body, err := rc.read("GET")
+			if err != nil || resp.StatusCode != tc.code || !strings.Contains(body, `"code":`+strconv.Itoa(tc.code)) || !strings.Contains(body, tc.detail) {
+				t.Errorf("%s with %q: %v %q %v; want %d saying %s", path, tc.headers, resp, body, err, tc.code, tc.detail)
+			}
+			if tc.code == 426 && resp != nil && resp.Header.Get("Sec-WebSocket-Version") != "13" {
+				t.Errorf("%s: 426 without Sec-WebSocket-Version: 13", path)
+			}
+		}
+		rc := dialHTTP(t, p.addr)
+		rc.send("GET " + path + " HTTP/1.1\r\nHost: h\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n" + key + "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: chat, superchat\r\n\r\n")
+		resp, err := http.ReadResponse(rc.br, nil)
+		if err != nil || resp.StatusCode != 101 || resp.Header.Get("Sec-WebSocket-Protocol") != "" {
+			t.Errorf("%s offering subprotocols: %v %v; want 101 agreeing to none", path, resp, err)
+		}
+	}
 }

@@ -284,12 +284,33 @@ func isWebSocketHandshake(r *http.Request) bool {
 // wsServer builds a WebSocket server for handler. The origin policy has
 // already been applied by guard; the library's default handshake would
 // refuse clients that send no Origin at all, which most non-browser clients
-// do not.
+// do not. No subprotocol is agreed to: the library would echo a client's
+// one as chosen, and answer an empty 400 to several.
 func wsServer(handler websocket.Handler) websocket.Server {
 	return websocket.Server{
-		Handshake: func(*websocket.Config, *http.Request) error { return nil },
-		Handler:   handler,
+		Handshake: func(cfg *websocket.Config, _ *http.Request) error {
+			cfg.Protocol = nil
+			return nil
+		},
+		Handler: handler,
 	}
+}
+
+// handshakeOK checks what the WebSocket library would refuse in plain text,
+// and answers in the error shape instead: a handshake that is not one
+// (RFC 6455 section 4.2.1), or a version other than 13, which gets 426
+// with the version to use (section 4.4).
+func handshakeOK(w http.ResponseWriter, r *http.Request) bool {
+	switch {
+	case !isWebSocketHandshake(r) || firstValue(r.Header["Sec-Websocket-Key"]) == "":
+		writeError(w, http.StatusBadRequest, "not a WebSocket handshake: a GET with Connection: Upgrade, Upgrade: websocket and a Sec-WebSocket-Key; use a WebSocket client")
+	case firstValue(r.Header["Sec-Websocket-Version"]) != "13":
+		w.Header().Set("Sec-WebSocket-Version", "13")
+		writeError(w, http.StatusUpgradeRequired, "WebSocket version "+strconv.Quote(truncate(firstValue(r.Header["Sec-Websocket-Version"]), 16))+" is not supported; use 13 (RFC 6455)")
+	default:
+		return true
+	}
+	return false
 }
 
 // connSet tracks hijacked connections (WebSockets of the watch, the broker

@@ -177,6 +177,9 @@ func (s *sidecar) handleWatch(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusBadRequest, "watch needs a WebSocket upgrade; connect with a WebSocket client to ws://HOST/registry?watch=1")
 		return
 	}
+	if !handshakeOK(w, r) {
+		return
+	}
 	service := r.URL.Query().Get("service")
 	srv := wsServer(func(c *websocket.Conn) {
 		c.MaxPayloadBytes = 4 << 10 // watchers only send close frames
