@@ -244,7 +244,8 @@ func (s *sidecar) guard(next http.Handler) http.Handler {
 }
 
 // originAllowed reports whether a browser origin may drive the sidecar: its
-// own origin always may, others only when listed.
+// own origin may when that is an IP address or localhost (see
+// unrebindable), others only when listed.
 func (s *sidecar) originAllowed(origin, host string) bool {
 	if u, err := url.Parse(origin); err == nil && u.Host != "" && strings.EqualFold(u.Host, host) && unrebindable(u.Hostname()) {
 		return true
