@@ -657,9 +657,20 @@ type registry struct {
 	ttl     time.Duration // TTL of owned registrations
 	now     func() time.Time
 
-	mu    sync.Mutex         // guards owned
-	owned map[string]Service // by record key, one node each
+	mu     sync.Mutex         // guards owned and closed
+	owned  map[string]Service // by record key, one node each
+	closed bool               // deregisterOwned ran: nothing more is owned
+
+	// writeMu orders the backend writes of owned entries: a refresh's
+	// re-registration against a deregistration of the same entry, which
+	// would otherwise be undone by a refresh that read owned just before.
+	// It is held for one entry's write at a time.
+	writeMu sync.Mutex
 }
+
+// errShuttingDown refuses a registration the sidecar would have to keep
+// alive after it has let go of everything it keeps alive.
+var errShuttingDown = errors.New("the sidecar is shutting down and keeps nothing alive any more; register with ?ttl= or on another sidecar")
 
 // maxOwned bounds the registrations one sidecar refreshes for its clients.
 const maxOwned = 4096
@@ -667,7 +678,13 @@ const maxOwned = 4096
 // Register adds s. With ttl 0 the sidecar owns it and keeps it alive; with a
 // ttl it expires unless registered again in time.
 func (r *registry) Register(s Service, ttl time.Duration) error {
+	r.writeMu.Lock()
+	defer r.writeMu.Unlock()
 	r.mu.Lock()
+	if r.closed && ttl == 0 {
+		r.mu.Unlock()
+		return errShuttingDown
+	}
 	prev := map[string]*Service{} // what owned held for each key, to undo a refused registration
 	undoLocked := func() {
 		for k, old := range prev {
@@ -713,6 +730,8 @@ func (r *registry) Register(s Service, ttl time.Duration) error {
 
 // Deregister removes s's nodes.
 func (r *registry) Deregister(s Service) error {
+	r.writeMu.Lock()
+	defer r.writeMu.Unlock()
 	r.mu.Lock()
 	for _, k := range keysOf(s) {
 		delete(r.owned, k)
@@ -737,19 +756,34 @@ func (r *registry) ListServices() []Service { return r.table.list(r.now()) }
 // refreshLoop; tests call it directly.
 func (r *registry) refresh() error {
 	r.mu.Lock()
-	owned := make([]Service, 0, len(r.owned))
-	for _, s := range r.owned {
-		owned = append(owned, s)
+	keys := make([]string, 0, len(r.owned))
+	for k := range r.owned {
+		keys = append(keys, k)
 	}
 	r.mu.Unlock()
 	var errs []error
-	for _, s := range owned {
-		if err := r.backend.register(s, r.ttl); err != nil {
+	for _, k := range keys {
+		if err := r.refreshOne(k); err != nil {
 			errs = append(errs, err)
 		}
 	}
 	r.table.sweep(r.now())
 	return errors.Join(errs...)
+}
+
+// refreshOne re-registers the entry owned under key k, as it is now: not
+// at all when it was deregistered, or registered with a ttl, since refresh
+// listed it.
+func (r *registry) refreshOne(k string) error {
+	r.writeMu.Lock()
+	defer r.writeMu.Unlock()
+	r.mu.Lock()
+	s, ok := r.owned[k]
+	r.mu.Unlock()
+	if !ok {
+		return nil
+	}
+	return r.backend.register(s, r.ttl)
 }
 
 // refreshLoop calls refresh every interval until ctx ends, and sweeps
@@ -776,12 +810,15 @@ func (r *registry) refreshLoop(ctx context.Context, interval time.Duration, log 
 // deregisterOwned removes every registration this sidecar keeps alive, at
 // shutdown.
 func (r *registry) deregisterOwned() error {
+	r.writeMu.Lock()
+	defer r.writeMu.Unlock()
 	r.mu.Lock()
 	owned := make([]Service, 0, len(r.owned))
 	for _, s := range r.owned {
 		owned = append(owned, s)
 	}
 	r.owned = map[string]Service{}
+	r.closed = true
 	r.mu.Unlock()
 	var errs []error
 	for _, s := range owned {

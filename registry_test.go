@@ -2,6 +2,7 @@ package main
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -10,6 +11,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 )
@@ -292,4 +294,65 @@ func BenchmarkFileRegistryPropagation(b *testing.B) {
 		worst = max(worst, time.Since(start))
 	}
 	b.ReportMetric(float64(worst.Microseconds())/1000, "worst-ms")
+}
+
+// pausingBackend holds its next registration until released, so that a
+// test can act while a refresh is writing.
+type pausingBackend struct {
+	memoryBackend
+	entered, release chan struct{}
+	pause            atomic.Bool
+}
+
+func (b *pausingBackend) register(s Service, ttl time.Duration) error {
+	if b.pause.CompareAndSwap(true, false) {
+		close(b.entered)
+		<-b.release
+	}
+	return b.memoryBackend.register(s, ttl)
+}
+
+// TestRefreshDoesNotUndoADeregistration: a deregistration that comes while
+// a refresh is re-registering the same entry is not undone by it, and a
+// registration that comes after shutdown let everything go is refused.
+func TestRefreshDoesNotUndoADeregistration(t *testing.T) {
+	tb := newTable(10)
+	b := &pausingBackend{memoryBackend: memoryBackend{t: tb, now: time.Now}, entered: make(chan struct{}), release: make(chan struct{})}
+	r := &registry{table: tb, backend: b, ttl: time.Minute, now: time.Now, owned: map[string]Service{}}
+	svc := Service{Name: "s", Nodes: []Node{{ID: "n", Address: "127.0.0.1", Port: 1}}}
+	if err := r.Register(svc, 0); err != nil {
+		t.Fatal(err)
+	}
+	b.pause.Store(true)
+	refreshed := make(chan error, 1)
+	go func() { refreshed <- r.refresh() }()
+	<-b.entered // the refresh is writing the entry
+	deregistered := make(chan error, 1)
+	go func() { deregistered <- r.Deregister(svc) }()
+	// Give the deregistration the chance to finish inside the refresh's
+	// write, as it could before; now it waits for that write instead.
+	select {
+	case <-deregistered:
+		deregistered <- nil
+	case <-time.After(50 * time.Millisecond):
+	}
+	close(b.release)
+	if err := <-refreshed; err != nil {
+		t.Fatal(err)
+	}
+	if err := <-deregistered; err != nil {
+		t.Fatal(err)
+	}
+	if got, err := r.GetService("s"); err == nil {
+		t.Errorf("after the deregistration: %v; want the service gone", got)
+	}
+	if err := r.deregisterOwned(); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.Register(svc, 0); !errors.Is(err, errShuttingDown) {
+		t.Errorf("a registration to keep alive after shutdown: %v; want errShuttingDown", err)
+	}
+	if err := r.Register(svc, time.Second); err != nil {
+		t.Errorf("a registration with a ttl after shutdown: %v; want it taken, it expires alone", err)
+	}
 }
