@@ -234,8 +234,17 @@ func (p *proxy) roundTrip(req *http.Request) (*http.Response, error) {
 	replayable := body == nil && idempotent(req.Method)
 
 	ctx, cancel := context.WithCancelCause(req.Context())
-	timer := time.AfterFunc(t.timeout, func() { cancel(errHeaderTimeout) })
-	defer timer.Stop() // the deadline ends with the headers; bodies stream on
+	// The deadline is for the node's response headers, counted once the
+	// request is all sent, as net/http's ResponseHeaderTimeout counts: an
+	// upload may take as long as it keeps coming (--idle_timeout), and a
+	// slow client is no slow node to eject.
+	timer := &headerTimer{d: t.timeout, f: func() { cancel(errHeaderTimeout) }}
+	defer timer.stop() // the deadline ends with the headers; bodies stream on
+	if body == nil {
+		timer.start()
+	} else {
+		body.onEnd = timer.start
+	}
 
 	var resp *http.Response
 	mayRetry := func(o outcome) bool { return o == notSent && (body == nil || !body.read) || replayable }
@@ -360,8 +369,9 @@ func proxyError(w http.ResponseWriter, r *http.Request, err error) {
 // closes the body it was given, and a retry needs it still open. read says
 // whether any of it has been consumed, after which it cannot be replayed.
 type onceBody struct {
-	rc   io.ReadCloser
-	read bool
+	rc    io.ReadCloser
+	read  bool
+	onEnd func() // called when the body has been read to its end
 
 	mu  sync.Mutex // the transport's writer sets err as RoundTrip returns
 	err error      // the caller's body failed to read: not the node's fault
@@ -370,12 +380,44 @@ type onceBody struct {
 func (b *onceBody) Read(p []byte) (int, error) {
 	b.read = true
 	n, err := b.rc.Read(p)
-	if err != nil && err != io.EOF {
+	switch {
+	case err == io.EOF:
+		if b.onEnd != nil {
+			b.onEnd()
+		}
+	case err != nil:
 		b.mu.Lock()
 		b.err = err
 		b.mu.Unlock()
 	}
 	return n, err
+}
+
+// headerTimer runs f once d has passed since start, unless stopped first;
+// start may come from the transport's writer, stop from the handler.
+type headerTimer struct {
+	d       time.Duration
+	f       func()
+	mu      sync.Mutex
+	t       *time.Timer
+	stopped bool
+}
+
+func (h *headerTimer) start() {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if !h.stopped && h.t == nil {
+		h.t = time.AfterFunc(h.d, h.f)
+	}
+}
+
+func (h *headerTimer) stop() {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.stopped = true
+	if h.t != nil {
+		h.t.Stop()
+	}
 }
 
 // failure is why reading the caller's body failed, or nil; nil for no body.

@@ -170,7 +170,7 @@ func (p *proxy) forward(w http.ResponseWriter, r *http.Request, t *proxyTarget) 
 	replayable := r.ContentLength == 0 && idempotent(r.Method)
 
 	ctx := r.Context()
-	now := requestStart(w)
+	now := bodyReadAt(r, requestStart(w)) // as roundTrip: a slow upload is no slow node
 	deadline := now.Add(t.timeout)
 	attempts := 0
 	mayRetry := func(o outcome) bool { return o == notSent || replayable }

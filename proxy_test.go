@@ -595,3 +595,56 @@ func TestProxyLoopIsCut(t *testing.T) {
 		}
 	}
 }
+
+// TestProxySlowUploadIsNoSlowNode: the deadline is for the node's response
+// headers once the request is all sent; an upload that takes longer than
+// it, while it keeps coming, is answered, and its node is not ejected.
+func TestProxySlowUploadIsNoSlowNode(t *testing.T) {
+	s, _ := testSidecar(t, func(c *config) { c.RPC.Timeout = 200 * time.Millisecond })
+	_, fastAddr := startFastServer(t, s.routes(), nil) // its requests know when their head came
+	base := "http://" + fastAddr
+	app := appServer(t, func(w http.ResponseWriter, r *http.Request) {
+		n, _ := io.Copy(io.Discard, r.Body)
+		fmt.Fprint(w, n)
+	})
+	register(t, s, "uploads", hostOf(app))
+	register(t, s, "calls", newJSONRPCApp(t, "c").addr())
+	// slowly sends body in three pieces, 150 ms apart: 450 ms in all, past
+	// the 200 ms deadline; length -1 sends it chunked.
+	slowly := func(path, body string, length int64) (int, string) {
+		pr, pw := io.Pipe()
+		go func() {
+			third := len(body) / 3
+			for _, piece := range []string{body[:third], body[third : 2*third], body[2*third:]} {
+				pw.Write([]byte(piece))
+				time.Sleep(150 * time.Millisecond) // a slow client, not a wait for something
+			}
+			pw.Close()
+		}()
+		req, _ := http.NewRequest("POST", base+path, pr)
+		req.ContentLength = length
+		req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		got, _ := io.ReadAll(resp.Body)
+		return resp.StatusCode, string(got)
+	}
+	// Each piece fills the client's 4 KiB write buffer, so that it goes out.
+	upload := strings.Repeat("x", 15000)
+	if code, got := slowly("/proxy/uploads/", upload, 15000); code != 200 || got != "15000" {
+		t.Errorf("direct path: %d %q; want 200 and the whole upload", code, got)
+	}
+	if code, got := slowly("/proxy/uploads/", upload, -1); code != 200 || got != "15000" {
+		t.Errorf("ReverseProxy: %d %q; want 200 and the whole upload", code, got)
+	}
+	call := "service=calls&method=A.B&request=" + strings.Repeat("1", 15000)
+	if code, got := slowly("/rpc", call, int64(len(call))); code != 200 || !strings.Contains(got, `"node":"c"`) {
+		t.Errorf("/rpc: %d %q; want 200 and the node's answer", code, got)
+	}
+	if code, got := do(t, "POST", base+"/proxy/uploads/", "text/plain", "quick"); code != 200 || got != "5" {
+		t.Errorf("after the slow uploads: %d %q; want the node still in use", code, got)
+	}
+}

@@ -776,7 +776,7 @@ func (c *caller) serve(w http.ResponseWriter, r *http.Request, call rpcCall, buf
 		return
 	}
 	start := requestStart(w)
-	deadline := start.Add(timeout)
+	deadline := bodyReadAt(r, start).Add(timeout) // a slow upload is no slow node
 	// The deadline is set on the connection to the node. A context is only
 	// needed to stop the call when its caller goes away, which net/http
 	// reports and the fast-path server does not (its context never ends).

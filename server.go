@@ -397,7 +397,7 @@ func (c *serverConn) requestBody(length int64) *fixedBody {
 		b = &fixedBody{br: c.br, conn: c.rwc, gap: c.srv.idleTimeout}
 		c.reqBody = b
 	}
-	b.left, b.closed, b.drained = length, false, false
+	b.left, b.closed, b.drained, b.waited = length, false, false, false
 	b.stall.Store(false)
 	return b
 }
@@ -437,6 +437,7 @@ type fixedBody struct {
 	stall   atomic.Bool // a read failed at the deadline
 	lent    bool        // see lend
 	drained bool        // a read reached the end of the body
+	waited  bool        // a read had to wait for the client: see waitedFor
 }
 
 // lend marks a request's body as handed to a reader that may go on after
@@ -445,6 +446,19 @@ type fixedBody struct {
 func (b *fixedBody) lend() { b.lent = true }
 
 func (b *fixedBody) stalled() bool { return b.stall.Load() }
+
+// bodyReadAt is when the request's body was all read, for a handler that
+// has just read it and took start from requestStart: start itself when the
+// body came with the head, as is usual, and the clock's reading when the
+// client kept the handler waiting. A call's deadline counts from it, so
+// that a slow upload does not use up the node's time. (For net/http's
+// requests, requestStart reads the clock, after the body already.)
+func bodyReadAt(r *http.Request, start time.Time) time.Time {
+	if b, ok := r.Body.(*fixedBody); ok && b.waited {
+		return clockNow()
+	}
+	return start
+}
 
 var errBodyAfterHandler = errors.New("http: invalid Read on closed Body")
 
@@ -480,6 +494,7 @@ func (b *fixedBody) Read(p []byte) (int, error) {
 		p = p[:b.left]
 	}
 	if b.conn != nil && b.br.Buffered() == 0 {
+		b.waited = true
 		b.conn.SetReadDeadline(time.Now().Add(b.gap))
 	}
 	n, err := b.br.Read(p)
