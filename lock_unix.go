@@ -7,29 +7,25 @@ import (
 	"syscall"
 )
 
-// lockFile takes an exclusive advisory lock (flock) on path, creating it,
-// and returns the function that releases it. The lock dies with the process,
-// so a crashed sidecar never leaves the registry locked.
-func lockFile(path string) (func(), error) {
-	fh, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o644)
-	if err != nil {
-		return nil, err
-	}
+// tryLock takes an exclusive advisory lock (flock) on fh if it is free. The
+// lock dies with the process, so a crashed sidecar never leaves the
+// registry locked.
+func tryLock(fh *os.File) (bool, error) {
 	for {
-		err = syscall.Flock(int(fh.Fd()), syscall.LOCK_EX)
-		if err != syscall.EINTR {
-			break
+		err := syscall.Flock(int(fh.Fd()), syscall.LOCK_EX|syscall.LOCK_NB)
+		switch err {
+		case nil:
+			return true, nil
+		case syscall.EWOULDBLOCK:
+			return false, nil
+		case syscall.EINTR:
+			continue
 		}
+		return false, err
 	}
-	if err != nil {
-		fh.Close()
-		return nil, err
-	}
-	return func() {
-		syscall.Flock(int(fh.Fd()), syscall.LOCK_UN)
-		fh.Close()
-	}, nil
 }
+
+func unlock(fh *os.File) { syscall.Flock(int(fh.Fd()), syscall.LOCK_UN) }
 
 // inodeOf is fi's inode: a rename changes it even when size and
 // modification time happen to match.

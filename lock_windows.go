@@ -14,26 +14,30 @@ var (
 	procUnlockFileEx = kernel32.NewProc("UnlockFileEx")
 )
 
-const lockfileExclusiveLock = 0x2 // LOCKFILE_EXCLUSIVE_LOCK; without LOCKFILE_FAIL_IMMEDIATELY it waits
+const (
+	lockfileFailImmediately = 0x1 // LOCKFILE_FAIL_IMMEDIATELY
+	lockfileExclusiveLock   = 0x2 // LOCKFILE_EXCLUSIVE_LOCK
+	errorLockViolation      = syscall.Errno(33)
+)
 
-// lockFile takes an exclusive lock (LockFileEx) on the first byte of path,
-// creating it, and returns the function that releases it. Windows drops a
-// process's locks when it ends, so a crashed sidecar never leaves the
-// registry locked.
-func lockFile(path string) (func(), error) {
-	fh, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o644)
-	if err != nil {
-		return nil, err
-	}
+// tryLock takes an exclusive lock (LockFileEx) on the first byte of fh if
+// it is free. Windows drops a process's locks when it ends, so a crashed
+// sidecar never leaves the registry locked.
+func tryLock(fh *os.File) (bool, error) {
 	ol := new(syscall.Overlapped)
-	if r, _, err := procLockFileEx.Call(fh.Fd(), lockfileExclusiveLock, 0, 1, 0, uintptr(unsafe.Pointer(ol))); r == 0 {
-		fh.Close()
-		return nil, os.NewSyscallError("LockFileEx", err)
+	r, _, err := procLockFileEx.Call(fh.Fd(), lockfileExclusiveLock|lockfileFailImmediately, 0, 1, 0, uintptr(unsafe.Pointer(ol)))
+	switch {
+	case r != 0:
+		return true, nil
+	case err == errorLockViolation:
+		return false, nil
 	}
-	return func() {
-		procUnlockFileEx.Call(fh.Fd(), 0, 1, 0, uintptr(unsafe.Pointer(ol)))
-		fh.Close()
-	}, nil
+	return false, os.NewSyscallError("LockFileEx", err)
+}
+
+func unlock(fh *os.File) {
+	ol := new(syscall.Overlapped)
+	procUnlockFileEx.Call(fh.Fd(), 0, 1, 0, uintptr(unsafe.Pointer(ol)))
 }
 
 // inodeOf is 0: Windows has no inode to show a rename, so two versions of

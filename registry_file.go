@@ -143,6 +143,38 @@ func (f *fileBackend) close() error {
 	return nil
 }
 
+// lockTimeout bounds the wait for the registry file's lock: a process
+// stuck holding it must not hang registrations, refreshes or shutdown.
+const lockTimeout = 5 * time.Second
+
+// lockFile takes the exclusive lock on path, creating it, and returns the
+// function that releases it. It polls, backing off from 100us to 10ms,
+// rather than block: a blocked lock cannot be given up on at the timeout.
+func lockFile(path string) (func(), error) { return lockFileWithin(path, lockTimeout) }
+
+// lockFileWithin is lockFile, giving up after timeout.
+func lockFileWithin(path string, timeout time.Duration) (func(), error) {
+	fh, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o644)
+	if err != nil {
+		return nil, err
+	}
+	deadline := time.Now().Add(timeout)
+	for wait := 100 * time.Microsecond; ; wait = min(2*wait, 10*time.Millisecond) {
+		locked, err := tryLock(fh)
+		switch {
+		case err != nil:
+			fh.Close()
+			return nil, err
+		case locked:
+			return func() { unlock(fh); fh.Close() }, nil
+		case time.Now().After(deadline):
+			fh.Close()
+			return nil, fmt.Errorf("held by another process for over %v: is one stuck?", timeout)
+		}
+		time.Sleep(wait)
+	}
+}
+
 // update applies change to the file's live records under the lock and
 // installs the result in the table. The table's node limit is checked
 // before anything is written.

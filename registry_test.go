@@ -356,3 +356,25 @@ func TestRefreshDoesNotUndoADeregistration(t *testing.T) {
 		t.Errorf("a registration with a ttl after shutdown: %v; want it taken, it expires alone", err)
 	}
 }
+
+// TestFileLockGivesUp: a registry file lock held elsewhere is waited for
+// a bounded time, then refused with a reason; once free it is taken.
+func TestFileLockGivesUp(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "reg.json.lock")
+	unlockHeld, err := lockFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if unlock, err := lockFileWithin(path, 50*time.Millisecond); err == nil {
+		unlock()
+		t.Fatal("took a lock another holder has")
+	} else if !strings.Contains(err.Error(), "held by another process for over 50ms") {
+		t.Errorf("error %v; want it to say the lock is held", err)
+	}
+	unlockHeld()
+	unlock, err := lockFileWithin(path, 50*time.Millisecond)
+	if err != nil {
+		t.Fatalf("a free lock: %v", err)
+	}
+	unlock()
+}
