@@ -372,6 +372,22 @@ func tcpNode(t *testing.T, serve func(c net.Conn)) string {
 	return ln.Addr().String()
 }
 
+// serveRequests reads requests on c one after another, as a kept-alive
+// node does, lets answer write each one's answer, and closes c when the
+// client does.
+func serveRequests(c net.Conn, answer func(req *http.Request, body []byte)) {
+	defer c.Close()
+	br := bufio.NewReader(c)
+	for {
+		req, err := http.ReadRequest(br)
+		if err != nil {
+			return
+		}
+		body, _ := io.ReadAll(req.Body)
+		answer(req, body)
+	}
+}
+
 // brokenNode answers every request with the start of a response and then
 // hangs up: a node that dies mid-body.
 func brokenNode(t *testing.T, partial string) string {
@@ -485,15 +501,8 @@ func TestChunkedBodyReadsToTheMessageEnd(t *testing.T) {
 func TestChunkedAnswersKeepTheirConnection(t *testing.T) {
 	var conns atomic.Int32
 	addr := tcpNode(t, func(c net.Conn) {
-		defer c.Close()
 		conns.Add(1)
-		br := bufio.NewReader(c)
-		for {
-			req, err := http.ReadRequest(br)
-			if err != nil {
-				return
-			}
-			body, _ := io.ReadAll(req.Body)
+		serveRequests(c, func(req *http.Request, body []byte) {
 			answer := req.URL.Path
 			if req.URL.Path == "/" { // a JSON-RPC call: answer its id
 				var env struct{ ID json.RawMessage }
@@ -502,7 +511,7 @@ func TestChunkedAnswersKeepTheirConnection(t *testing.T) {
 			}
 			fmt.Fprintf(c, "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\nTrailer: X-Sum\r\n\r\n%x\r\n%s\r\n0\r\n", len(answer), answer)
 			io.WriteString(c, "X-Sum: 1\r\n\r\n") // the message's end, in a write of its own
-		}
+		})
 	})
 	p := startSidecar(t, "--registry=memory")
 	registerAddr(t, p, "chunks", "c1", addr)

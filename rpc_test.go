@@ -940,20 +940,11 @@ func TestCallSkipsIdleConnectionsTheNodeSpokeOn(t *testing.T) {
 				return
 			}
 			conns <- c
-			go func() {
-				defer c.Close()
-				br := bufio.NewReader(c)
-				for {
-					req, err := http.ReadRequest(br)
-					if err != nil {
-						return
-					}
-					body, _ := io.ReadAll(req.Body)
-					var env map[string]json.RawMessage
-					json.Unmarshal(body, &env)
-					fmt.Fprintf(c, "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n{\"id\":%s,\"result\":1}", len(`{"id":,"result":1}`)+len(env["id"]), env["id"])
-				}
-			}()
+			go serveRequests(c, func(_ *http.Request, body []byte) {
+				var env map[string]json.RawMessage
+				json.Unmarshal(body, &env)
+				fmt.Fprintf(c, "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n{\"id\":%s,\"result\":1}", len(`{"id":,"result":1}`)+len(env["id"]), env["id"])
+			})
 		}
 	}()
 	register(t, s, "talky", ln.Addr().String())
