@@ -437,7 +437,7 @@ type fixedBody struct {
 	stall   atomic.Bool // a read failed at the deadline
 	lent    bool        // see lend
 	drained bool        // a read reached the end of the body
-	waited  bool        // a read had to wait for the client: see waitedFor
+	waited  bool        // a read had to wait for the client: see bodyReadAt
 }
 
 // lend marks a request's body as handed to a reader that may go on after
