@@ -664,6 +664,46 @@ func TestBadFramesFailTheConnection(t *testing.T) {
 	}
 }
 
+// TestWatchReadsFramesAsTheBrokerDoes: the registry watch fails what RFC
+// 6455 says must fail the connection, as the broker does, answers a ping
+// with its payload, and closes a message over 4 KiB with 1009.
+func TestWatchReadsFramesAsTheBrokerDoes(t *testing.T) {
+	_, addr := brokerSidecar(t, brokerConfig{})
+	for _, tc := range []struct {
+		name   string
+		frames [][2][]byte // first byte, payload
+		code   int
+	}{
+		{"reserved opcode", [][2][]byte{{{0x80 | 3}, []byte("x")}}, closeProtocolError},
+		{"reserved bit", [][2][]byte{{{0x80 | 0x40 | websocket.TextFrame}, []byte("x")}}, closeProtocolError},
+		{"long ping", [][2][]byte{{{0x80 | websocket.PingFrame}, bytes.Repeat([]byte("p"), 126)}}, closeProtocolError},
+		{"continuation with nothing to continue", [][2][]byte{{{0x80 | websocket.ContinuationFrame}, []byte("x")}}, closeProtocolError},
+		{"too big", [][2][]byte{{{0x80 | websocket.TextFrame}, bytes.Repeat([]byte("a"), 5000)}}, closeTooBig},
+	} {
+		c := dialRaw(t, addr, "/registry?watch=1")
+		for _, f := range tc.frames {
+			c.sendFrame(t, f[0][0], f[1])
+		}
+		if code, reason, err := c.readClose(); err != nil || code != tc.code {
+			t.Errorf("%s: close %d %q, %v; want %d", tc.name, code, reason, err, tc.code)
+		}
+	}
+	c := dialRaw(t, addr, "/registry?watch=1")
+	c.send(t, websocket.PingFrame, []byte("are you there"))
+	for {
+		op, p, err := c.next(5 * time.Second)
+		if err != nil {
+			t.Fatalf("waiting for the pong: %v", err)
+		}
+		if op == websocket.PongFrame {
+			if string(p) != "are you there" {
+				t.Errorf("pong %q; want the ping's payload", p)
+			}
+			break
+		}
+	}
+}
+
 // TestClientCloseIsAnswered: a client that closes gets a close frame back
 // (RFC 6455 section 5.5.1), on the broker and on the registry watch, so
 // that its onclose sees a clean 1000 and not 1006.

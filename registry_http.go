@@ -1,10 +1,12 @@
 package main
 
 import (
+	"bufio"
+	"bytes"
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
+	"net"
 	"net/http"
 	"strings"
 	"sync"
@@ -181,8 +183,8 @@ func (s *sidecar) handleWatch(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	service := r.URL.Query().Get("service")
+	var br *bufio.Reader // the connection's, taken at the hijack
 	srv := wsServer(func(c *websocket.Conn) {
-		c.MaxPayloadBytes = 4 << 10 // watchers only send close frames
 		stop, gone := make(chan struct{}), make(chan struct{})
 		var once sync.Once
 		if !s.conns.add(c, func() { once.Do(func() { close(stop) }) }) {
@@ -192,17 +194,62 @@ func (s *sidecar) handleWatch(w http.ResponseWriter, r *http.Request) {
 		defer s.conns.remove(c)
 		wt := s.reg.table.watch(service)
 		defer s.reg.table.unwatch(wt)
-		go func() { // the reader: notices the client leaving
-			io.Copy(io.Discard, c)
-			close(gone)
-		}()
-		s.streamWatch(c, wt, service, stop, gone)
+		in := watcherInput{pings: make(chan []byte, 1), failed: make(chan *wsFailure, 1), gone: gone}
+		go in.read(br)
+		s.streamWatch(c, wt, service, stop, in)
 	})
-	srv.ServeHTTP(w, r)
+	srv.ServeHTTP(readerTaker{ResponseWriter: w, br: &br}, r)
+}
+
+// readerTaker keeps the connection's reader at the hijack, for the watch's
+// own frame reader: x/net/websocket lets through frames RFC 6455 says
+// must fail the connection, and echoes pings of any size.
+type readerTaker struct {
+	http.ResponseWriter
+	br **bufio.Reader
+}
+
+func (t readerTaker) Hijack() (net.Conn, *bufio.ReadWriter, error) {
+	conn, brw, err := http.NewResponseController(t.ResponseWriter).Hijack()
+	if err == nil {
+		*t.br = brw.Reader
+	}
+	return conn, brw, err
+}
+
+// watcherInput is what a watcher sends, as its writer needs to know it:
+// pings to answer, a frame that fails the connection, and the end.
+type watcherInput struct {
+	pings  chan []byte     // the latest ping's payload; older ones may go unanswered (RFC 6455 section 5.5.3)
+	failed chan *wsFailure // sent before gone closes
+	gone   chan struct{}
+}
+
+// read reads the watcher's frames with the broker's frame reader until the
+// connection ends. A watcher has nothing to say: its messages are dropped.
+func (in watcherInput) read(br *bufio.Reader) {
+	defer close(in.gone)
+	r := &wsReader{br: br, max: 4 << 10, onPing: func(p []byte) error {
+		select {
+		case in.pings <- bytes.Clone(p):
+		default:
+		}
+		return nil
+	}}
+	for {
+		_, err := r.next()
+		var fail *wsFailure
+		if errors.As(err, &fail) {
+			in.failed <- fail
+		}
+		if err != nil {
+			return
+		}
+	}
 }
 
 // streamWatch is the watch connection's only writer.
-func (s *sidecar) streamWatch(c *websocket.Conn, wt *watcher, service string, stop, gone <-chan struct{}) {
+func (s *sidecar) streamWatch(c *websocket.Conn, wt *watcher, service string, stop <-chan struct{}, in watcherInput) {
 	send := func(ev Event) bool {
 		data, _ := json.Marshal(ev)
 		c.SetWriteDeadline(time.Now().Add(10 * time.Second))
@@ -220,9 +267,19 @@ func (s *sidecar) streamWatch(c *websocket.Conn, wt *watcher, service string, st
 	defer ping.Stop()
 	for {
 		select {
-		case <-gone:
-			answerClose(c)
+		case <-in.gone:
+			select {
+			case fail := <-in.failed:
+				writeClose(c, fail.code, fail.reason)
+			default:
+				answerClose(c)
+			}
 			return
+		case p := <-in.pings:
+			c.SetWriteDeadline(time.Now().Add(10 * time.Second))
+			if writeControl(c, websocket.PongFrame, p) != nil {
+				return
+			}
 		case <-stop:
 			writeClose(c, closeGoingAway, "sidecar shutting down")
 			return
