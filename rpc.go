@@ -299,16 +299,18 @@ func parseRPCForm(body []byte) (rpcForm, error) {
 		if err != nil {
 			return f, errNotForm(err)
 		}
-		for _, name := range rpcFormFields {
-			if err := onceOnly(name, len(form[name])); err != nil {
-				return f, err
+		var values [4][]string
+		for i, name := range rpcFormFields {
+			if values[i] = form[name]; len(values[i]) > 1 {
+				return f, onceOnly(name, len(values[i]))
 			}
 		}
-		f.service, f.method, f.address = form.Get("service"), form.Get("method"), form.Get("address")
-		f.request, f.hasRequest = []byte(form.Get("request")), form.Has("request")
+		f.service, f.method, f.address = firstValue(values[0]), firstValue(values[1]), firstValue(values[2])
+		f.request, f.hasRequest = []byte(firstValue(values[3])), len(values[3]) > 0
 		return f, nil
 	}
 	var seen [4]int // service, method, address, request
+	repeated := false
 	for rest := body; len(rest) > 0; {
 		var pair []byte
 		pair, rest, _ = bytes.Cut(rest, []byte("&"))
@@ -328,6 +330,7 @@ func parseRPCForm(body []byte) (rpcForm, error) {
 			continue
 		}
 		if seen[i]++; seen[i] > 1 {
+			repeated = true
 			continue // counted, and refused below
 		}
 		switch i {
@@ -341,9 +344,11 @@ func parseRPCForm(body []byte) (rpcForm, error) {
 			f.request, f.hasRequest = value, true
 		}
 	}
-	for i, n := range seen {
-		if err := onceOnly(rpcFormFields[i], n); err != nil {
-			return f, err
+	if repeated {
+		for i, n := range seen {
+			if err := onceOnly(rpcFormFields[i], n); err != nil {
+				return f, err
+			}
 		}
 	}
 	return f, nil
