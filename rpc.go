@@ -839,11 +839,11 @@ func (c *caller) observe(took time.Duration, service string, err error) {
 // timeoutHint names where a deadline came from, and catches the likely
 // mistake of a bare number meant as seconds.
 func timeoutHint(header string, d time.Duration) string {
-	isDigits := func(s string) bool { return strings.Trim(s, "0123456789") == "" }
+	_, notInteger := strconv.ParseInt(header, 10, 64) // as parseTimeout tells nanoseconds from a duration
 	switch {
 	case header == "":
 		return "deadline " + d.String() + " from --rpc_timeout; a Timeout header sets another"
-	case d < time.Millisecond && isDigits(header):
+	case d < time.Millisecond && notInteger == nil:
 		return "deadline " + d.String() + " from the Timeout header, read as nanoseconds as go-micro sends it; write 5s for five seconds"
 	default:
 		return "deadline " + d.String() + " from the Timeout header"
