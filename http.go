@@ -279,7 +279,7 @@ func isUpgrade(r *http.Request) bool {
 // Only such a request may skip the in-flight limit or carry its token in
 // the URL; an Upgrade header alone on any request earns neither.
 func isWebSocketHandshake(r *http.Request) bool {
-	return r.Method == http.MethodGet && isUpgrade(r) && hasTokenIn(r.Header["Connection"], "upgrade")
+	return r.Method == http.MethodGet && isUpgrade(r) && upgradeAsked(r)
 }
 
 // wsServer builds a WebSocket server for handler. The origin policy has
