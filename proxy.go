@@ -79,9 +79,12 @@ type targetKey struct{}
 // handleProxy serves /proxy/{service}/{path...}: the service is named in
 // full, and the node is asked for /{path...} with the query as it came.
 func (s *sidecar) handleProxy(w http.ResponseWriter, r *http.Request) {
-	rest := strings.TrimPrefix(r.URL.EscapedPath(), "/proxy/")
+	rest := strings.TrimPrefix(escapedPath(r.URL), "/proxy/")
 	name, fwd, _ := strings.Cut(rest, "/")
-	service, err := url.PathUnescape(name)
+	service, err := name, error(nil)
+	if strings.IndexByte(name, '%') >= 0 {
+		service, err = url.PathUnescape(name)
+	}
 	if err != nil || service == "" || !validName(service) {
 		writeError(w, http.StatusNotFound, "no service named in "+truncate(r.URL.Path, 128)+"; use /proxy/{service}/{path}")
 		return
@@ -98,7 +101,16 @@ func (s *sidecar) handleProxyPath(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusNotFound, "no endpoint at "+truncate(r.URL.Path, 128)+": "+err.Error())
 		return
 	}
-	s.proxy.serve(w, r, service, r.URL.EscapedPath())
+	s.proxy.serve(w, r, service, escapedPath(r.URL))
+}
+
+// escapedPath is u.EscapedPath, without its byte-by-byte escaping pass
+// for the common path that escaping leaves as it is.
+func escapedPath(u *url.URL) string {
+	if u.RawPath == "" && plainPath(u.Path) {
+		return u.Path
+	}
+	return u.EscapedPath()
 }
 
 func (p *proxy) serve(w http.ResponseWriter, r *http.Request, service, path string) {

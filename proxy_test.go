@@ -9,6 +9,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"net/url"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -661,5 +662,21 @@ func TestProxySlowUploadIsNoSlowNode(t *testing.T) {
 	}
 	if code, got := do(t, "POST", base+"/proxy/uploads/", "text/plain", "quick"); code != 200 || got != "5" {
 		t.Errorf("after the slow uploads: %d %q; want the node still in use", code, got)
+	}
+}
+
+func TestEscapedPathAsURL(t *testing.T) {
+	for _, target := range []string{
+		"/proxy/svc/", "/proxy/svc/a/b;c=d", "/proxy/svc/%41", "/proxy/svc/a%2Fb",
+		"/proxy/svc/a b", "/proxy/svc/%25", "/proxy/svc/it's", "/proxy/svc/(x)", "/proxy/svc/ü",
+		"/proxy/svc/a+b@c:d,e$f&g=h~i", "/proxy/s%76c/x",
+	} {
+		u := &url.URL{Path: target}
+		if p, err := url.ParseRequestURI(target); err == nil {
+			u = p
+		}
+		if got, want := escapedPath(u), u.EscapedPath(); got != want {
+			t.Errorf("%q: escapedPath %q, EscapedPath %q", target, got, want)
+		}
 	}
 }
