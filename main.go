@@ -480,7 +480,8 @@ type sidecar struct {
 	cfg     config
 	log     *slog.Logger
 	reg     *registry
-	health  *healthChecker // nil without --healthcheck_url
+	app     *appRegistration // nil without --server_name
+	health  *healthChecker   // nil without --healthcheck_url
 	conns   *connSet
 	metrics *sidecarMetrics
 	broker  *broker
@@ -530,6 +531,12 @@ func newSidecar(ctx context.Context, cfg config, log *slog.Logger) (*sidecar, er
 	s.broker = newBroker(cfg.Broker, s.reg, s.conns, log)
 	s.metrics = newSidecarMetrics(s)
 	s.rpc.timing = s.metrics.rpcLatency
+	if cfg.ServerName != "" {
+		s.app = newAppRegistration(s.reg, cfg.appService(), cfg.ServerID, log, cfg.RegisterInterval)
+		if cfg.Health.URL != "" {
+			s.health = newHealthChecker(cfg.Health, log, s.metrics.healthCheck, s.app.follow)
+		}
+	}
 	if mb, ok := b.(*mdnsBackend); ok {
 		s.metrics.set.counterFunc("micro_mdns_packets_total", mdnsPacketsHelp, []string{"event"}, mb.packetSamples)
 	}
@@ -626,33 +633,11 @@ func (s *sidecar) closeNodeConnections() {
 // startApp registers the app at once, or starts the health checker that
 // registers it when it passes.
 func (s *sidecar) startApp(ctx context.Context, goBG func(func())) {
-	app := s.cfg.appService()
-	register := func() {
-		s.log.Info("Registering "+s.cfg.ServerID, "service", app.Name, "address", s.cfg.ServerAddress)
-		if err := s.reg.Register(app, 0); err != nil {
-			s.log.Error("registering the app failed; retrying at the next refresh", "error", err)
-		}
-	}
-	if s.cfg.Health.URL == "" {
-		register()
+	goBG(func() { s.app.run(ctx) })
+	if s.health == nil {
+		s.app.up()
 		return
 	}
-	registered := false // only the checker's goroutine calls back
-	s.health = newHealthChecker(s.cfg.Health, s.log, s.metrics.healthCheck, func(passing bool) {
-		if passing {
-			register()
-			registered = true
-			return
-		}
-		if !registered {
-			return // it never passed: there is nothing to take back
-		}
-		registered = false
-		s.log.Info("Deregistering "+s.cfg.ServerID, "service", app.Name)
-		if err := s.reg.Deregister(app); err != nil {
-			s.log.Error("deregistering the app failed", "error", err)
-		}
-	})
 	s.log.Info("Starting sidecar healthchecker", "url", redactURL(s.cfg.Health.URL), "interval", s.cfg.Health.Interval)
 	goBG(func() { s.health.run(ctx) })
 }
@@ -730,10 +715,12 @@ func (s *sidecar) handleHealth(w http.ResponseWriter, r *http.Request) {
 		rep.Sidecar.Status = "degraded"
 	}
 	if s.cfg.ServerName != "" {
-		a := appHealth{Status: healthUnchecked, Registered: true}
+		a := appHealth{Status: healthUnchecked}
 		if s.health != nil {
 			a = s.health.report()
 		}
+		a.Registered = s.app.registered()
+		a.RegistrationError = trimErr(s.app.refused())
 		a.Name, a.ID = s.cfg.ServerName, s.cfg.ServerID
 		rep.App = &a
 	}

@@ -582,6 +582,56 @@ func TestTCPHealthCheckAndStartUnhealthy(t *testing.T) {
 	}
 }
 
+// TestAppRegistrationIsRetried: a registration of the app the registry
+// refuses (here a full table) is tried again until it goes through, and
+// /health says so meanwhile.
+func TestAppRegistrationIsRetried(t *testing.T) {
+	app := newHealthyApp(t)
+	app.state.Store(1) // failing until the table is full
+	addr := strings.TrimPrefix(app.srv.URL, "http://")
+	p := startSidecar(t, "--registry=memory", "--registry_max_nodes=1", "--server_name=web", "--server_address="+addr,
+		"--healthcheck_url="+app.srv.URL+"/h", "--healthcheck_interval=100ms", "--healthcheck_failures=1")
+	filler := `{"name":"filler","nodes":[{"id":"f1","address":"127.0.0.1","port":1}]}`
+	if c, body := do(t, "POST", p.url("/registry"), "application/json", filler); c != 200 {
+		t.Fatalf("filling the table: %d %s", c, body)
+	}
+	app.state.Store(0)
+	report := func() appHealth {
+		var rep healthReport
+		_, body := do(t, "GET", p.url("/health"), "", "")
+		json.Unmarshal([]byte(body), &rep)
+		if rep.App == nil {
+			return appHealth{}
+		}
+		return *rep.App
+	}
+	waitFor(t, 5*time.Second, "the refusal in /health", func() bool {
+		a := report()
+		return a.Status == healthPassing && !a.Registered && strings.Contains(a.RegistrationError, "full")
+	})
+	if c, _ := do(t, "GET", p.url("/health"), "", ""); c != 503 {
+		t.Errorf("/health %d while the app is refused; want 503", c)
+	}
+	if c, body := do(t, "DELETE", p.url("/registry"), "application/json", filler); c != 200 {
+		t.Fatalf("emptying the table: %d %s", c, body)
+	}
+	waitFor(t, 5*time.Second, "the retried registration", func() bool { return lookup(t, p, "web") != nil })
+	if a := report(); !a.Registered || a.RegistrationError != "" {
+		t.Errorf("/health app after the retry: %+v; want registered, no error", a)
+	}
+	if n := strings.Count(p.log.String(), "retrying until it succeeds"); n != 1 {
+		t.Errorf("the refusal was logged %d times; want once", n)
+	}
+	if !strings.Contains(p.log.String(), "after the registry refused it") {
+		t.Error("the late registration is not logged")
+	}
+	id := appID(t, p)
+	do(t, "DELETE", p.url("/registry"), "application/json", `{"name":"web","nodes":[{"id":"`+id+`","address":"`+addr+`"}]}`)
+	if a := report(); a.Registered {
+		t.Errorf("/health says registered after a DELETE of the app's node: %+v", a)
+	}
+}
+
 func assertHealth(t *testing.T, p *proc, code int, appStatus string) {
 	t.Helper()
 	var rep healthReport

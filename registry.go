@@ -740,6 +740,18 @@ func (r *registry) Deregister(s Service) error {
 	return r.backend.deregister(s)
 }
 
+// owns reports whether this sidecar keeps every node of s alive.
+func (r *registry) owns(s Service) bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for _, k := range keysOf(s) {
+		if _, ok := r.owned[k]; !ok {
+			return false
+		}
+	}
+	return len(s.Nodes) > 0
+}
+
 // GetService returns the live versions of a service.
 func (r *registry) GetService(name string) ([]Service, error) { return r.table.lookup(name, r.now()) }
 

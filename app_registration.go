@@ -1,0 +1,126 @@
+package main
+
+import (
+	"context"
+	"log/slog"
+	"sync"
+	"time"
+)
+
+// appRegistration keeps the app's own entry in the registry while the app
+// belongs there (it passes its check, or has none). A write the registry
+// refuses (etcd unreachable, the table full) is tried again, with a
+// backoff from retryMin up to retryMax, until it goes through or the app is
+// taken out: unlike a client of the registry API, the app has nobody to
+// retry for it. Once written, the entry is the registry's to refresh.
+type appRegistration struct {
+	reg      *registry
+	app      Service
+	id       string
+	log      *slog.Logger
+	retryMin time.Duration
+	retryMax time.Duration
+
+	mu      sync.Mutex // held across a write, so that up and down stay in order
+	want    bool       // the app belongs in the registry
+	pending error      // the last write's refusal, while a retry is due
+	kick    chan struct{}
+}
+
+func newAppRegistration(reg *registry, app Service, id string, log *slog.Logger, retryMax time.Duration) *appRegistration {
+	return &appRegistration{reg: reg, app: app, id: id, log: log,
+		retryMin: time.Second, retryMax: max(retryMax, time.Second), kick: make(chan struct{}, 1)}
+}
+
+// up registers the app, or arms a retry when the registry refuses.
+func (a *appRegistration) up() {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	a.want = true
+	a.log.Info("Registering "+a.id, "service", a.app.Name, "address", a.app.Nodes[0].Address) // appService makes one node
+	a.write()
+}
+
+// down takes the app out, and calls off any retry.
+func (a *appRegistration) down() {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	a.want, a.pending = false, nil
+	a.log.Info("Deregistering "+a.id, "service", a.app.Name)
+	if err := a.reg.Deregister(a.app); err != nil {
+		a.log.Error("deregistering the app failed", "error", err)
+	}
+}
+
+// follow keeps the registration in step with the app's health checks: in
+// when they pass, out when they fail after having passed.
+func (a *appRegistration) follow(passing bool) {
+	a.mu.Lock()
+	in := a.want
+	a.mu.Unlock()
+	switch {
+	case passing:
+		a.up()
+	case in:
+		a.down()
+	}
+}
+
+// write makes one attempt; mu is held.
+func (a *appRegistration) write() {
+	err := a.reg.Register(a.app, 0)
+	switch {
+	case err == nil && a.pending != nil:
+		a.log.Info("registered "+a.id+" after the registry refused it", "service", a.app.Name)
+	case err != nil && a.pending == nil:
+		a.log.Error("registering the app failed; retrying until it succeeds", "error", err)
+	}
+	a.pending = err
+	if err != nil {
+		select {
+		case a.kick <- struct{}{}: // the retry loop starts its backoff
+		default:
+		}
+	}
+}
+
+// refused returns the registry's refusal of the app while a retry is due.
+func (a *appRegistration) refused() error {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.pending
+}
+
+// registered reports whether the app's entry is in the registry as this
+// sidecar keeps it: not after a refusal, nor after a DELETE through the API.
+func (a *appRegistration) registered() bool { return a.reg.owns(a.app) }
+
+// run retries refused registrations until ctx ends.
+func (a *appRegistration) run(ctx context.Context) {
+	wait := a.retryMin
+	timer := time.NewTimer(time.Hour)
+	timer.Stop()
+	defer timer.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-a.kick:
+			wait = a.retryMin
+			timer.Reset(wait)
+		case <-timer.C:
+			a.mu.Lock()
+			if a.want && a.pending != nil {
+				a.write()
+				wait = min(2*wait, a.retryMax)
+				timer.Reset(wait)
+			}
+			a.mu.Unlock()
+			// A write that failed again kicked: drop that, the backoff goes on.
+			select {
+			case <-a.kick:
+			default:
+			}
+		}
+	}
+}
