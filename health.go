@@ -9,6 +9,7 @@ import (
 	"net"
 	"net/http"
 	"net/url"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -68,21 +69,30 @@ func nextHealth(s healthState, passed bool, failures, successes int) (next healt
 
 // validateHealthURL checks a --healthcheck_url up front.
 func validateHealthURL(raw string) error {
+	shown := redactURL(raw)
 	u, err := url.Parse(raw)
 	if err != nil || u.Scheme == "" {
-		return fmt.Errorf("--healthcheck_url %q: want a URL with its scheme, http://host:port/path or tcp://host:port", raw)
+		return fmt.Errorf("--healthcheck_url %q: want a URL with its scheme, http://host:port/path or tcp://host:port", shown)
 	}
 	switch u.Scheme {
 	case "http", "https":
 		if u.Host == "" {
-			return fmt.Errorf("--healthcheck_url %q has no host; want e.g. http://127.0.0.1:9090/health", raw)
+			return fmt.Errorf("--healthcheck_url %q has no host; want e.g. http://127.0.0.1:9090/health", shown)
 		}
 	case "tcp":
-		if _, _, err := net.SplitHostPort(u.Host); err != nil {
-			return fmt.Errorf("--healthcheck_url %q: want tcp://host:port", raw)
+		if _, _, err := net.SplitHostPort(u.Host); err != nil || u.Port() == "" {
+			return fmt.Errorf("--healthcheck_url %q: want tcp://host:port", shown)
+		}
+		if u.Path != "" || u.RawQuery != "" || u.Fragment != "" || u.User != nil {
+			return fmt.Errorf("--healthcheck_url %q: a tcp check only connects; want tcp://host:port and nothing more", shown)
 		}
 	default:
-		return fmt.Errorf("--healthcheck_url %q: scheme must be http, https or tcp", raw)
+		return fmt.Errorf("--healthcheck_url %q: scheme must be http, https or tcp", shown)
+	}
+	if p := u.Port(); p != "" {
+		if n, err := strconv.Atoi(p); err != nil || n < 1 || n > 65535 {
+			return fmt.Errorf("--healthcheck_url %q: port must be 1-65535", shown)
+		}
 	}
 	return nil
 }
@@ -109,7 +119,13 @@ func newHealthChecker(cfg healthConfig, log *slog.Logger, timings *histogramVec,
 		log: log,
 		// A fresh connection per check, as Kubernetes probes make: a reused
 		// connection would hide an app that stopped accepting new ones.
-		client:   &http.Client{Transport: &http.Transport{DisableKeepAlives: true, Proxy: nil}},
+		client: &http.Client{
+			Transport: &http.Transport{DisableKeepAlives: true, Proxy: nil},
+			// The app answers for itself: a 3xx fails, as the README says
+			// any answer but a 2xx does, rather than pass on whatever
+			// another server says at the Location.
+			CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse },
+		},
 		timings:  timings,
 		onChange: onChange,
 		state:    healthState{Status: healthUnknown},
@@ -155,9 +171,9 @@ func (h *healthChecker) check(ctx context.Context) {
 		return
 	}
 	if next.Status == healthPassing {
-		h.log.Info("app is healthy", "url", h.cfg.URL)
+		h.log.Info("app is healthy", "url", redactURL(h.cfg.URL))
 	} else {
-		h.log.Warn("app is unhealthy", "url", h.cfg.URL, "error", err, "consecutive_failures", next.Failures)
+		h.log.Warn("app is unhealthy", "url", redactURL(h.cfg.URL), "error", err, "consecutive_failures", next.Failures)
 	}
 	h.onChange(next.Status == healthPassing)
 }
@@ -185,17 +201,27 @@ func (h *healthChecker) probe(ctx context.Context) error {
 	req.Header.Set("User-Agent", "micro-sidecar-healthcheck")
 	resp, err := h.client.Do(req)
 	if err != nil {
-		if errors.Is(ctx.Err(), context.DeadlineExceeded) {
-			return fmt.Errorf("no answer within %v", h.cfg.Timeout)
-		}
-		return err
+		return h.timedOut(ctx, err)
 	}
 	defer resp.Body.Close()
-	io.Copy(io.Discard, io.LimitReader(resp.Body, 64<<10))
+	// The answer must arrive whole: an app that sends a 2xx head and then
+	// stalls or breaks off is not well. Past 64 KiB it is not read.
+	_, err = io.Copy(io.Discard, io.LimitReader(resp.Body, 64<<10))
 	if resp.StatusCode < 200 || resp.StatusCode > 299 {
 		return fmt.Errorf("status %s", resp.Status)
 	}
+	if err != nil {
+		return fmt.Errorf("reading the answer: %w", h.timedOut(ctx, err))
+	}
 	return nil
+}
+
+// timedOut names a check cut off by its timeout as such.
+func (h *healthChecker) timedOut(ctx context.Context, err error) error {
+	if errors.Is(ctx.Err(), context.DeadlineExceeded) {
+		return fmt.Errorf("no answer within %v", h.cfg.Timeout)
+	}
+	return err
 }
 
 // appHealth is the app's part of /health.
@@ -204,9 +230,10 @@ type appHealth struct {
 	ID                  string `json:"id"`
 	Status              string `json:"status"`
 	Registered          bool   `json:"registered"`
+	RegistrationError   string `json:"registration_error,omitempty"` // the registry refused the app; retrying
 	HealthcheckURL      string `json:"healthcheck_url,omitempty"`
 	LastCheck           string `json:"last_check,omitempty"`
-	LastDurationMS      int64  `json:"last_duration_ms,omitempty"`
+	LastDurationMS      *int64 `json:"last_duration_ms,omitempty"` // present once a check ran, 0 included
 	LastError           string `json:"last_error,omitempty"`
 	ConsecutiveFailures int    `json:"consecutive_failures"`
 }
@@ -216,14 +243,14 @@ func (h *healthChecker) report() appHealth {
 	defer h.mu.Unlock()
 	a := appHealth{
 		Status:              h.state.Status,
-		Registered:          h.state.Status == healthPassing,
 		HealthcheckURL:      redactURL(h.cfg.URL),
 		LastError:           h.lastErr,
 		ConsecutiveFailures: h.state.Failures,
 	}
 	if !h.lastCheck.IsZero() {
 		a.LastCheck = h.lastCheck.UTC().Format(time.RFC3339Nano)
-		a.LastDurationMS = h.lastDuration.Milliseconds()
+		ms := h.lastDuration.Milliseconds()
+		a.LastDurationMS = &ms
 	}
 	return a
 }
@@ -253,9 +280,9 @@ type sidecarHealth struct {
 }
 
 // healthy reports whether the report is all well: the registry works and the
-// app, if there is one, is registered.
+// app, if there is one, passes and is registered when it should be.
 func (r healthReport) healthy() bool {
-	if r.Sidecar.RegistryError != "" {
+	if r.Sidecar.RegistryError != "" || r.App != nil && r.App.RegistrationError != "" {
 		return false
 	}
 	return r.App == nil || r.App.Status == healthPassing || r.App.Status == healthUnchecked

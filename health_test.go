@@ -57,6 +57,13 @@ func TestValidateHealthURL(t *testing.T) {
 		"http:///health":                       false,
 		"ftp://x/":                             false,
 		"127.0.0.1:9090":                       false,
+		"http://127.0.0.1:99999/h":             false,
+		"http://127.0.0.1:0/h":                 false,
+		"tcp://127.0.0.1:0":                    false,
+		"tcp://127.0.0.1:65536":                false,
+		"tcp://127.0.0.1:9090/health":          false,
+		"tcp://127.0.0.1:9090?x=1":             false,
+		"http://[::1]:9090/h":                  true,
 	} {
 		if err := validateHealthURL(url); (err == nil) != ok {
 			t.Errorf("validateHealthURL(%q) = %v; want ok %v", url, err, ok)
@@ -84,5 +91,45 @@ func TestCheckStep(t *testing.T) {
 	h.check(ctx)
 	if len(changes) != 3 || !changes[0] || changes[1] || !changes[2] {
 		t.Errorf("transitions: got %v; want [true false true]", changes)
+	}
+}
+
+func TestValidateHealthURLHidesThePassword(t *testing.T) {
+	err := validateHealthURL("ftp://user:s3cr3t@127.0.0.1:9090/h")
+	if err == nil || strings.Contains(err.Error(), "s3cr3t") {
+		t.Fatalf("error %v; want a refusal without the password", err)
+	}
+}
+
+// TestProbeWantsAWholeAnswer: a check passes on a 2xx the app sent whole,
+// and fails on one it broke off or stalled in, and on a redirect, wherever
+// it points.
+func TestProbeWantsAWholeAnswer(t *testing.T) {
+	elsewhere := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {}))
+	defer elsewhere.Close()
+	app := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		switch r.URL.Path {
+		case "/ok":
+			io.WriteString(w, "ok")
+		case "/cut", "/stall":
+			w.Header().Set("Content-Length", "100")
+			io.WriteString(w, "0123456789")
+			w.(http.Flusher).Flush()
+			if r.URL.Path == "/stall" {
+				<-r.Context().Done() // the check gives up
+			}
+			panic(http.ErrAbortHandler) // the connection breaks off
+		case "/moved":
+			http.Redirect(w, r, elsewhere.URL+"/", http.StatusFound)
+		}
+	}))
+	defer app.Close()
+	for path, want := range map[string]string{"/ok": "", "/cut": "reading the answer", "/stall": "no answer within", "/moved": "status 302"} {
+		h := newHealthChecker(healthConfig{URL: app.URL + path, Interval: time.Hour, Timeout: 300 * time.Millisecond, Failures: 1, Successes: 1},
+			slog.New(slog.NewTextHandler(io.Discard, nil)), nil, func(bool) {})
+		err := h.probe(context.Background())
+		if want == "" && err != nil || want != "" && (err == nil || !strings.Contains(err.Error(), want)) {
+			t.Errorf("%s: %v; want %q", path, err, want)
+		}
 	}
 }

@@ -232,9 +232,12 @@ func (c *counterVec) Inc(values ...string) { c.Add(1, values...) }
 func (c *counterVec) Value(values ...string) uint64 { return c.series.get(values).n.Load() }
 
 func (c *counterVec) write(w *bufio.Writer) {
-	c.header(w, "counter")
 	list := c.series.sorted()
-	if len(list) == 0 && len(c.labels) == 0 {
+	if len(list) == 0 && len(c.labels) > 0 {
+		return // a family with labels appears with its first series
+	}
+	c.header(w, "counter")
+	if len(list) == 0 {
 		fmt.Fprintf(w, "%s 0\n", c.n)
 	}
 	for _, s := range list {
@@ -256,8 +259,12 @@ type funcFamily struct {
 }
 
 func (g *funcFamily) write(w *bufio.Writer) {
+	samples := g.read()
+	if len(samples) == 0 {
+		return // nothing to report yet, or ever (micro_app_healthy without an app)
+	}
 	g.header(w, g.typ)
-	for _, s := range g.read() {
+	for _, s := range samples {
 		fmt.Fprintf(w, "%s%s %s\n", g.n, g.labelString(s.values), formatFloat(s.v))
 	}
 }
@@ -296,8 +303,12 @@ func (h *histogramVec) ObserveSince(start time.Time, values ...string) {
 }
 
 func (h *histogramVec) write(w *bufio.Writer) {
+	list := h.series.sorted()
+	if len(list) == 0 {
+		return // a family with labels appears with its first series
+	}
 	h.header(w, "histogram")
-	for _, s := range h.series.sorted() {
+	for _, s := range list {
 		s.mu.Lock()
 		var cum uint64
 		for i, b := range h.buckets {
@@ -456,11 +467,7 @@ func newSidecarMetrics(s *sidecar) *sidecarMetrics {
 		if s.cfg.ServerName == "" {
 			return nil
 		}
-		ok := true
-		if s.health != nil {
-			ok = s.health.report().Status == healthPassing
-		}
-		return []sample{{values: []string{s.cfg.ServerName}, v: boolFloat(ok)}}
+		return []sample{{values: []string{s.cfg.ServerName}, v: boolFloat(s.app.registered())}}
 	})
 	set.gauge("micro_goroutines", "Goroutines in the sidecar process.", nil, func() []sample {
 		return []sample{{v: float64(runtime.NumGoroutine())}}

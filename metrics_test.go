@@ -73,3 +73,31 @@ func TestRefusedRequestsCountUnderTheirRoute(t *testing.T) {
 		t.Errorf("%d refused requests counted as unmatched", n)
 	}
 }
+
+// TestLabelledFamiliesAppearWithTheirFirstSeries: no HELP or TYPE for a
+// family with labels and nothing to report; one without labels is always
+// there.
+func TestLabelledFamiliesAppearWithTheirFirstSeries(t *testing.T) {
+	set := &metrics{}
+	c := set.counter("test_total", "Test.", "service")
+	h := set.histogram("test_seconds", "Test.", []float64{1}, "service")
+	plain := set.counter("plain_total", "Plain.")
+	g := &funcFamily{desc: desc{n: "test_up"}, typ: "gauge", read: func() []sample { return nil }}
+	write := func() string {
+		var b strings.Builder
+		w := bufio.NewWriter(&b)
+		for _, f := range []interface{ write(*bufio.Writer) }{c, h, plain, g} {
+			f.write(w)
+		}
+		w.Flush()
+		return b.String()
+	}
+	if out := write(); strings.Contains(out, "test_") || !strings.Contains(out, "plain_total 0") {
+		t.Errorf("before any series:\n%s\nwant plain_total 0 alone", out)
+	}
+	c.Inc("a")
+	h.Observe(0.5, "a")
+	if out := write(); !strings.Contains(out, "# TYPE test_total counter") || !strings.Contains(out, "# TYPE test_seconds histogram") {
+		t.Errorf("after the first series:\n%s", out)
+	}
+}
