@@ -23,6 +23,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+	"unicode/utf8"
 )
 
 const (
@@ -190,14 +191,14 @@ func encodeForward(dst []byte, items []forwardItem) []byte {
 
 // decodeForward parses a batch from a peer and validates every name and
 // event; the events alias body.
-func decodeForward(body []byte) ([]forwardItem, error) {
+func decodeForward(body []byte, maxEvent int64) ([]forwardItem, error) {
 	var items []forwardItem
 	for len(body) > 0 {
 		if len(items) >= maxForwardItems {
 			return nil, fmt.Errorf("batch: more than %d messages", maxForwardItems)
 		}
 		nl := bytes.IndexByte(body, '\n')
-		if nl < 0 || nl > 4096 {
+		if nl < 0 || nl > maxForwardLine {
 			return nil, fmt.Errorf("batch item %d: header line missing or too long", len(items))
 		}
 		fields := strings.Fields(string(body[:nl]))
@@ -210,7 +211,7 @@ func decodeForward(body []byte) ([]forwardItem, error) {
 			return nil, fmt.Errorf("batch item %d: %w", len(items), err)
 		}
 		n, err := strconv.Atoi(fields[2])
-		if err != nil || n < 0 || n+1 > len(body) || body[n] != '\n' {
+		if err != nil || n < 0 || n >= len(body) || body[n] != '\n' {
 			return nil, fmt.Errorf("batch item %d: bad length %q", len(items), truncate(fields[2], 20))
 		}
 		for _, g := range fields[3:] {
@@ -219,8 +220,16 @@ func decodeForward(body []byte) ([]forwardItem, error) {
 			}
 			it.groups = append(it.groups, g)
 		}
+		if int64(n) > maxEvent {
+			return nil, fmt.Errorf("batch item %d: an event of %d bytes, over the %d a publish here can make", len(items), n, maxEvent)
+		}
 		it.event = body[:n:n]
 		body = body[n+1:]
+		if !utf8.Valid(it.event) {
+			// Subscribers get events in text frames, which must be UTF-8,
+			// as a publish here must be.
+			return nil, fmt.Errorf("batch item %d: the event is not UTF-8", len(items))
+		}
 		var head struct {
 			SpecVersion string `json:"specversion"`
 			ID          string `json:"id"`
@@ -353,12 +362,46 @@ func (f *forwarder) plan(topic string, localBroadcast bool, localGroups []string
 func (f *forwarder) send(m *message, forwards []forwardPlan) {
 	for _, fp := range forwards {
 		item := forwardItem{topic: m.topic, broadcast: fp.broadcast, groups: fp.groups, event: m.event}
-		if !f.enqueue(fp.addr, item) {
+		ok := true
+		for _, piece := range splitGroups(item) {
+			ok = f.enqueue(fp.addr, piece) && ok
+		}
+		if !ok {
 			f.b.stats.ForwardDropped.Add(1)
 			continue
 		}
 		f.b.stats.Forwarded.Add(1)
 	}
+}
+
+// maxForwardLine bounds an item's header line in a batch.
+const maxForwardLine = 4096
+
+// splitGroups splits an item for more queue groups than one header line
+// holds into items of the same event, each for some of the groups and the
+// first alone for the broadcast subscribers: each group still gets the
+// message once.
+func splitGroups(it forwardItem) []forwardItem {
+	base := len(it.topic) + len(" b ") + 20 // 20: the longest length
+	var out []forwardItem
+	start, size := 0, base
+	for i, g := range it.groups {
+		if size+1+len(g) > maxForwardLine && i > start {
+			out = append(out, forwardItem{topic: it.topic, broadcast: it.broadcast && len(out) == 0, groups: it.groups[start:i:i], event: it.event})
+			start, size = i, base
+		}
+		size += 1 + len(g)
+	}
+	return append(out, forwardItem{topic: it.topic, broadcast: it.broadcast && len(out) == 0, groups: it.groups[start:], event: it.event})
+}
+
+// encodedSize is what it takes in a batch, header line and all.
+func (it forwardItem) encodedSize() int {
+	n := len(it.topic) + len(" b ") + len(strconv.Itoa(len(it.event))) + 1 + len(it.event) + 1
+	for _, g := range it.groups {
+		n += 1 + len(g)
+	}
+	return n
 }
 
 func (f *forwarder) enqueue(addr string, it forwardItem) bool {
@@ -396,7 +439,7 @@ func (f *forwarder) work(p *peerQueue) {
 		f.mu.Lock()
 		n, size := 0, 0
 		for n < len(p.items) && n < maxForwardItems && size < maxForwardBytes {
-			size += len(p.items[n].event)
+			size += p.items[n].encodedSize()
 			n++
 		}
 		if n == 0 {
@@ -475,15 +518,22 @@ func (f *forwarder) close(ctx context.Context) {
 }
 
 // maxForwardBody is the largest batch a sidecar accepts from a peer: a full
-// batch plus one event of the largest payload, escaped at worst six times
-// its size (a JSON string of control characters).
+// batch (counted as encodedSize counts it) plus one item of the largest
+// event, the payload escaped at worst six times its size (a JSON string of
+// control characters).
 func (f *forwarder) maxForwardBody() int64 {
-	return maxForwardBytes + 6*int64(f.b.cfg.MaxPayloadBytes) + 64<<10
+	return maxForwardBytes + maxForwardLine + f.maxForwardEvent() + 2 // 2: the last item's newlines
+}
+
+// maxForwardEvent is the largest event a peer may forward: the largest
+// payload escaped at worst, and room for the envelope's other fields.
+func (f *forwarder) maxForwardEvent() int64 {
+	return 6*int64(f.b.cfg.MaxPayloadBytes) + 64<<10
 }
 
 // receive delivers a batch forwarded by a peer to the local subscribers.
 func (f *forwarder) receive(body []byte) (int, error) {
-	items, err := decodeForward(body)
+	items, err := decodeForward(body, f.maxForwardEvent())
 	if err != nil {
 		return 0, err
 	}

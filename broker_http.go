@@ -79,6 +79,13 @@ func (b *broker) handlePublish(w http.ResponseWriter, r *http.Request) {
 }
 
 func (b *broker) handleForwarded(w http.ResponseWriter, r *http.Request) {
+	if r.Header.Get(forwardedHeader) == b.id {
+		// A topic entry names this sidecar under an address it does not
+		// know as its own (a stale entry of a process that had its port):
+		// delivering would hand each subscriber the message twice.
+		writeError(w, http.StatusLoopDetected, "forwarded batch: it came from this sidecar itself; a topic entry in the registry names this sidecar at another address (a stale entry lapses within --register_ttl)")
+		return
+	}
 	r.Body = http.MaxBytesReader(w, r.Body, b.fwd.maxForwardBody())
 	body, err := io.ReadAll(r.Body)
 	if err != nil {

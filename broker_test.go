@@ -216,11 +216,12 @@ func TestForwardBatchRoundTrip(t *testing.T) {
 	ev := func(topic string) []byte {
 		return encodeEvent("i", "/s", topic, time.Unix(0, 0), payloadText, "text/plain", []byte("line\nbreak"))
 	}
+	notUTF8 := bytes.Replace(ev("foo"), []byte("line"), []byte("\xff\xfe"), 1)
 	items := []forwardItem{
 		{topic: "foo", broadcast: true, event: ev("foo")},
 		{topic: "bar", groups: []string{"g", "h"}, event: ev("bar")},
 	}
-	got, err := decodeForward(encodeForward(nil, items))
+	got, err := decodeForward(encodeForward(nil, items), 1<<20)
 	if err != nil || !reflect.DeepEqual(got, items) {
 		t.Fatalf("round trip: got %+v, %v; want %+v", got, err, items)
 	}
@@ -233,10 +234,62 @@ func TestForwardBatchRoundTrip(t *testing.T) {
 		{"not an event", "foo b 2\n{}\n"},
 		{"wrong topic", "bar b " + fmt.Sprint(len(ev("foo"))) + "\n" + string(ev("foo")) + "\n"},
 		{"negative", "foo b -1\n\n"},
+		{"length at the limit of int", "foo b 9223372036854775807\n{}\n"},
+		{"not UTF-8", "foo b " + fmt.Sprint(len(notUTF8)) + "\n" + string(notUTF8) + "\n"},
+		{"header line too long", "foo - 2" + strings.Repeat(" g", maxForwardLine/2) + "\n{}\n"},
 	} {
-		if _, err := decodeForward([]byte(tc.body)); err == nil {
+		if _, err := decodeForward([]byte(tc.body), 1<<20); err == nil {
 			t.Errorf("%s: decodeForward(%q) succeeded; want an error", tc.name, tc.body)
 		}
+	}
+}
+
+func TestForwardEventOverTheLimit(t *testing.T) {
+	ev := encodeEvent("i", "/s", "foo", time.Unix(0, 0), payloadText, "text/plain", []byte(strings.Repeat("x", 100)))
+	body := encodeForward(nil, []forwardItem{{topic: "foo", broadcast: true, event: ev}})
+	if _, err := decodeForward(body, int64(len(ev))); err != nil {
+		t.Errorf("an event at the limit: %v", err)
+	}
+	if _, err := decodeForward(body, int64(len(ev)-1)); err == nil {
+		t.Error("an event past the limit was taken")
+	}
+}
+
+// TestSplitGroups: an item for more queue groups than a header line holds
+// goes as several, each within the line's limit, each group in one of
+// them, the broadcast in the first alone.
+func TestSplitGroups(t *testing.T) {
+	ev := encodeEvent("i", "/s", "foo", time.Unix(0, 0), payloadText, "text/plain", []byte("x"))
+	var groups []string
+	for i := range 250 {
+		groups = append(groups, fmt.Sprintf("group-%058d", i)) // 64 characters, the longest
+	}
+	pieces := splitGroups(forwardItem{topic: "foo", broadcast: true, groups: groups, event: ev})
+	if len(pieces) < 2 {
+		t.Fatalf("%d pieces for %d long groups; want them split", len(pieces), len(groups))
+	}
+	var got []string
+	for i, p := range pieces {
+		if p.broadcast != (i == 0) {
+			t.Errorf("piece %d: broadcast %v", i, p.broadcast)
+		}
+		body := encodeForward(nil, []forwardItem{p})
+		if line := bytes.IndexByte(body, '\n'); line > maxForwardLine {
+			t.Errorf("piece %d: a header line of %d bytes", i, line)
+		}
+		if len(body) != p.encodedSize() {
+			t.Errorf("piece %d: encodedSize %d, encoded %d", i, p.encodedSize(), len(body))
+		}
+		if _, err := decodeForward(body, 1<<20); err != nil {
+			t.Errorf("piece %d does not decode: %v", i, err)
+		}
+		got = append(got, p.groups...)
+	}
+	if !reflect.DeepEqual(got, groups) {
+		t.Errorf("the pieces carry %d groups; want the %d given, once each", len(got), len(groups))
+	}
+	if one := splitGroups(forwardItem{topic: "foo", groups: groups[:3], event: ev}); len(one) != 1 {
+		t.Errorf("3 groups in %d pieces; want 1", len(one))
 	}
 }
 
@@ -246,12 +299,13 @@ func FuzzDecodeForward(f *testing.F) {
 	ev := encodeEvent("i", "/s", "foo", time.Unix(0, 0), payloadText, "text/plain", []byte("x"))
 	f.Add(encodeForward(nil, []forwardItem{{topic: "foo", broadcast: true, groups: []string{"g"}, event: ev}}))
 	f.Add([]byte("foo b 2\n{}\n"))
+	f.Add([]byte("foo b 9223372036854775807\n{}\n"))
 	f.Fuzz(func(t *testing.T, body []byte) {
-		items, err := decodeForward(body)
+		items, err := decodeForward(body, 1<<20)
 		if err != nil {
 			return
 		}
-		again, err := decodeForward(encodeForward(nil, items))
+		again, err := decodeForward(encodeForward(nil, items), 1<<20)
 		if err != nil || len(again) != len(items) {
 			t.Fatalf("re-encoded batch does not decode: %v", err)
 		}

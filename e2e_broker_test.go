@@ -607,3 +607,55 @@ func TestWebSocketHandshakeErrors(t *testing.T) {
 		}
 	}
 }
+
+// TestBrokerForwardsToManyGroups: a peer with more queue groups on a topic
+// than one header line of a batch holds gets every message, its broadcast
+// subscribers too.
+func TestBrokerForwardsToManyGroups(t *testing.T) {
+	file := filepath.Join(t.TempDir(), "registry.json")
+	a := startSidecar(t, "--registry=file", "--registry_address="+file)
+	b := startSidecar(t, "--registry=file", "--registry_address="+file)
+	broadcast := []*collector{subscribeWS(t, b, "B.all", "topic=many")}
+	groups := map[string][]*collector{}
+	for i := range 70 {
+		g := fmt.Sprintf("g%063d", i) // 64 characters, the longest name
+		groups[g] = []*collector{subscribeWS(t, b, "B."+g[len(g)-2:], "topic=many&queue="+g)}
+	}
+	waitFor(t, 10*time.Second, "B's 71 registrations on A", func() bool {
+		s := lookup(t, a, "topic:many")
+		return s != nil && len(s.Nodes) == 71
+	})
+	var want []string
+	for i := range 5 {
+		want = append(want, fmt.Sprint("m-", i))
+		publish(t, a, "many", "text/plain", want[i])
+	}
+	waitAll(t, len(want), broadcast, groups)
+	checkExactlyOnce(t, want, broadcast, groups)
+	if st := brokerStatsOf(t, a); st.ForwardDropped != 0 {
+		t.Errorf("A dropped forwards: %+v", st)
+	}
+}
+
+// TestBrokerDoesNotForwardToItself: a topic entry naming a sidecar at an
+// address it does not know as its own (here localhost for 127.0.0.1)
+// must not make its subscribers get each message twice.
+func TestBrokerDoesNotForwardToItself(t *testing.T) {
+	a := startSidecar(t, "--registry=memory")
+	_, port, _ := net.SplitHostPort(a.addr)
+	entry := `{"name":"topic:loop","nodes":[{"id":"stale","address":"localhost:` + port + `"}]}`
+	if code, body := do(t, "POST", a.url("/registry"), "application/json", entry); code != http.StatusOK {
+		t.Fatalf("registering the entry: %d %s", code, body)
+	}
+	sub := subscribeWS(t, a, "A.loop", "topic=loop")
+	waitSubscribers(t, a, 1)
+	publish(t, a, "loop", "text/plain", "once")
+	waitFor(t, 10*time.Second, "the forward to itself to be refused", func() bool { return brokerStatsOf(t, a).ForwardDropped == 1 })
+	waitFor(t, 10*time.Second, "the message", func() bool { return sub.total() >= 1 })
+	if n := sub.total(); n != 1 {
+		t.Errorf("the subscriber got the message %d times; want once", n)
+	}
+	if !strings.Contains(a.log.String(), "came from this sidecar itself") {
+		t.Error("the refused forward is not logged with its reason")
+	}
+}
