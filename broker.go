@@ -542,6 +542,9 @@ func (b *broker) keepalive() {
 	}
 	b.mu.RUnlock()
 	for _, s := range subs {
+		if !s.isReady() {
+			continue // still in its handshake
+		}
 		if s.readSeen.Swap(false) {
 			s.quiet = 0
 			continue
@@ -663,6 +666,7 @@ type subscriber struct {
 	mu          sync.Mutex // guards the fields below
 	q           []*message
 	qBytes      int
+	ready       bool // the handshake's answer is out: the writer may start
 	running     bool // a writer goroutine is running
 	pinging     bool // the writer should send a ping
 	closing     bool // no more messages: the writer sends the close frame, if any, and stops
@@ -686,9 +690,12 @@ func (s *subscriber) enqueue(m *message) bool {
 		s.closeCode = closeTryAgainLater
 		s.closeReason = fmt.Sprintf("slow subscriber: more than %d messages or %d bytes waiting", s.b.cfg.QueueSize, s.b.cfg.QueueBytes)
 		s.startLocked()
+		ready := s.ready
 		s.mu.Unlock()
-		// A writer stuck on this peer gives up soon and closes.
-		s.conn.SetWriteDeadline(time.Now().Add(closeGrace))
+		if ready { // else the connection is not the subscriber's yet, and no writer is stuck
+			// A writer stuck on this peer gives up soon and closes.
+			s.conn.SetWriteDeadline(time.Now().Add(closeGrace))
+		}
 		s.b.stats.SlowClosed.Add(1)
 		s.b.stats.SlowDropped.Add(uint64(dropped + 1))
 		s.b.log.Info("closing a slow broker subscriber", "topic", s.topic, "queue", s.queue, "remote", s.remote, "dropped", dropped+1)
@@ -701,13 +708,33 @@ func (s *subscriber) enqueue(m *message) bool {
 	return true
 }
 
-// startLocked starts the writer unless it runs.
+// startLocked starts the writer unless it runs, or the handshake's answer
+// is not out yet (markReady starts it then).
 func (s *subscriber) startLocked() {
-	if !s.running {
+	if !s.running && s.ready {
 		s.running = true
 		s.wg.Add(1)
 		go s.writeLoop()
 	}
+}
+
+// markReady lets the writer start, once the handshake's answer is out:
+// messages for the subscriber may have queued since it subscribed, just
+// before that answer.
+func (s *subscriber) markReady() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.ready = true
+	if len(s.q) > 0 || s.closing || s.pinging {
+		s.startLocked()
+	}
+}
+
+// isReady reports whether the handshake's answer is out.
+func (s *subscriber) isReady() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.ready
 }
 
 // ping asks the writer to send a ping.

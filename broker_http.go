@@ -121,16 +121,24 @@ func (b *broker) handleSubscribe(w http.ResponseWriter, r *http.Request) {
 	if !handshakeOK(w, r) {
 		return
 	}
-	b.mu.RLock()
-	full := len(b.subs) >= b.cfg.MaxSubscribers || (b.topics[topic] == nil && len(b.topics) >= b.cfg.MaxTopics)
-	b.mu.RUnlock()
-	if full {
-		writeError(w, http.StatusServiceUnavailable, "broker is full: "+strconv.Itoa(b.cfg.MaxSubscribers)+" subscribers or "+strconv.Itoa(b.cfg.MaxTopics)+" topics is the limit (--broker_max_subscribers, --broker_max_topics)")
+	// Subscribed before the handshake is answered, so that a message
+	// published once the client has its 101 reaches it; the slot is taken
+	// here too, so that a full broker answers 503 rather than a 101 and a
+	// close. Messages queue until serveConn marks the subscriber ready.
+	s := &subscriber{b: b, topic: topic, queue: queue, remote: r.RemoteAddr}
+	if err := b.subscribe(s); err != nil {
+		writeError(w, http.StatusServiceUnavailable, err.Error())
 		return
 	}
-	s := &subscriber{b: b, topic: topic, queue: queue, remote: r.RemoteAddr}
-	srv := wsServer(func(c *websocket.Conn) { b.serveConn(s, c) })
+	served := false
+	srv := wsServer(func(c *websocket.Conn) {
+		served = true
+		b.serveConn(s, c)
+	})
 	srv.ServeHTTP(&hijackWriter{ResponseWriter: w, s: s}, r)
+	if !served { // the handshake failed
+		b.unsubscribe(s)
+	}
 }
 
 // serveConn sets up one subscriber connection and hands it to its own
@@ -140,16 +148,13 @@ func (b *broker) handleSubscribe(w http.ResponseWriter, r *http.Request) {
 func (b *broker) serveConn(s *subscriber, c *websocket.Conn) {
 	s.ws = c
 	if !b.conns.add(c, func() { s.closeWith(closeGoingAway, "sidecar shutting down") }) {
+		b.unsubscribe(s)
 		writeClose(c, closeGoingAway, "sidecar shutting down")
-		return
-	}
-	if err := b.subscribe(s); err != nil {
-		writeClose(c, closeTryAgainLater, err.Error())
-		b.conns.remove(c)
 		return
 	}
 	s.rw.keep = true       // the library closes the connection when this returns; the reader owns it now
 	s.readSeen.Store(true) // the handshake: silence counts from it, as from any read
+	s.markReady()
 	go b.readLoop(s, c)
 }
 

@@ -659,3 +659,24 @@ func TestBrokerDoesNotForwardToItself(t *testing.T) {
 		t.Error("the refused forward is not logged with its reason")
 	}
 }
+
+// TestBrokerSubscribedOnceAnswered: a message published as soon as the
+// client has its handshake's answer reaches it.
+func TestBrokerSubscribedOnceAnswered(t *testing.T) {
+	p := startSidecar(t, "--registry=memory")
+	for i := range 100 {
+		topic := fmt.Sprint("race-", i)
+		ws, err := websocket.Dial("ws://"+p.addr+"/broker?topic="+topic, "", "http://"+p.addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		publish(t, p, topic, "text/plain", "now")
+		ws.SetReadDeadline(time.Now().Add(5 * time.Second))
+		var ev cloudEvent
+		err = websocket.JSON.Receive(ws, &ev)
+		ws.Close()
+		if err != nil {
+			t.Fatalf("subscription %d missed a message published right after its handshake: %v", i, err)
+		}
+	}
+}
