@@ -253,7 +253,7 @@ func (b *mdnsBackend) register(s Service, ttl time.Duration) error {
 	b.mu.Lock()
 	anns := make([]mdnsAnnouncement, len(recs))
 	for i, r := range recs {
-		label := instanceLabel(r.Node.ID)
+		label := instanceLabel(r.Service, r.Node.ID)
 		if l, ok := b.locals[r.key()]; ok {
 			label = strings.TrimSuffix(l.ann.instance, "."+mdnsServiceType)
 		} else if k, taken := b.labels[strings.ToLower(label)]; taken && k != r.key() {
@@ -446,19 +446,27 @@ type outPacket struct {
 	dst  netip.AddrPort
 }
 
-// defendLocked answers a goodbye for one of our own instances, heard from
-// someone else or left over from an earlier run, by announcing it again
-// at the next tick, so that the other caches keep it.
+// defendLocked answers a goodbye for one of our own instances or their
+// hosts' addresses, heard from someone else or left over from an earlier
+// run, by announcing it again at the next tick, so that the other caches
+// keep it.
 func (b *mdnsBackend) defendLocked(pkt mdnsPacket, now time.Time) {
 	for _, rr := range pkt.records {
-		if rr.ttl != 0 || !instanceOf(rr.name) && !(rr.typ == dnsmessage.TypePTR && instanceOf(rr.target)) {
+		if rr.ttl != 0 {
 			continue
 		}
-		name := rr.name
-		if rr.typ == dnsmessage.TypePTR {
-			name = rr.target
+		var label string
+		switch {
+		case rr.typ == dnsmessage.TypePTR && instanceOf(rr.target):
+			label = strings.TrimSuffix(rr.target, "."+mdnsServiceType)
+		case instanceOf(rr.name):
+			label = strings.TrimSuffix(rr.name, "."+mdnsServiceType)
+		case rr.typ == dnsmessage.TypeA || rr.typ == dnsmessage.TypeAAAA:
+			label = strings.TrimSuffix(rr.name, ".local.") // a host of ours is <label>.local.
+		default:
+			continue
 		}
-		if k, ok := b.labels[strings.TrimSuffix(name, "."+mdnsServiceType)]; ok {
+		if k, ok := b.labels[label]; ok {
 			if l := b.locals[k]; l != nil && l.repeatAt.IsZero() {
 				l.repeatAt = now
 				b.stats.goodbyesSeen.Add(1)

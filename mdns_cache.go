@@ -182,6 +182,11 @@ func (c *mdnsCache) apply(pkt mdnsPacket, now time.Time, local func(string) bool
 // setSRV changes an instance's SRV, keeping the count of instances per
 // target that decides which addresses are worth keeping.
 func (c *mdnsCache) setSRV(inst *cachedInstance, target string, port uint16, exp time.Time) {
+	if target == inst.srvTarget {
+		// A refresh: the target's addresses stay, with their own TTLs.
+		inst.srvPort, inst.srvExp = port, exp
+		return
+	}
 	if inst.srvTarget != "" {
 		if c.targets[inst.srvTarget]--; c.targets[inst.srvTarget] <= 0 {
 			delete(c.targets, inst.srvTarget)
@@ -248,6 +253,12 @@ func (c *mdnsCache) resolve(inst *cachedInstance, now time.Time, local func(stri
 	rec, ok, valid := c.node(inst, now)
 	if inst.installed != nil && (!ok || inst.installed.key() != rec.key()) {
 		c.withdraw(inst, local, ch)
+		if !ok {
+			// A part ran out or was withdrawn while the others live: ask
+			// for it again (RFC 6762 section 5.2), and give the instance
+			// mdnsPendingLife from now to become whole again.
+			inst.firstSeen, inst.queries, inst.lastQuery = now, 0, time.Time{}
+		}
 	}
 	if ok {
 		if inst.installed == nil {

@@ -72,26 +72,24 @@ var errNotAnnounceable = errors.New("cannot be announced over mDNS")
 
 // instanceLabel is the DNS-SD instance label of a node: its id, with dots
 // (which cannot appear inside a label that x/net/dns/dnsmessage reads) made
-// dashes. An id that does not fit a 63-byte label is cut, and 8 hex digits of
-// a hash of the full id keep cut labels apart; the full id travels in TXT.
-func instanceLabel(id string) string {
-	l := strings.ReplaceAll(id, ".", "-")
-	if len(l) <= 63 {
-		return l
-	}
-	return l[:54] + "-" + shortHash(id)
-}
-
-// uniqueLabel is the label used when instanceLabel is already taken by
-// another service's node on this sidecar (one id registered under two
-// services, as a broker registering itself per topic would): it adds a hash
-// of the service and id.
-func uniqueLabel(service, id string) string {
+// dashes and cut to 54 bytes, a dash, and 8 hex digits of a hash of the
+// service and the full id. The hash keeps apart what the readable part
+// would not: ids that differ in a dot or in case (mDNS names ignore case),
+// one id under two services, on one sidecar or on two; the full id and
+// the service travel in TXT.
+func instanceLabel(service, id string) string {
 	l := strings.ReplaceAll(id, ".", "-")
 	if len(l) > 54 {
 		l = l[:54]
 	}
 	return l + "-" + shortHash(service+"\x00"+id)
+}
+
+// uniqueLabel is the label used in the unlikely case that instanceLabel is
+// already taken on this sidecar by another node (its hash collided): a
+// hash of a different input.
+func uniqueLabel(service, id string) string {
+	return instanceLabel("\x01"+service, id)
 }
 
 func shortHash(s string) string {

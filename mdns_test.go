@@ -32,18 +32,28 @@ func testRecord(service, id, addr string, port int) record {
 
 func TestInstanceLabel(t *testing.T) {
 	long := strings.Repeat("a", 100)
-	for _, tc := range []struct{ id, want string }{
-		{"foo-1", "foo-1"},
-		{"go.micro.srv.example-c5718d29", "go-micro-srv-example-c5718d29"},
-		{strings.Repeat("x", 63), strings.Repeat("x", 63)},
-		{long, long[:54] + "-" + shortHash(long)},
+	for _, tc := range []struct{ service, id, want string }{
+		{"foo", "foo-1", "foo-1-c70451d7"}, // the README's example
+		{"go.micro.srv.example", "go.micro.srv.example-c5718d29", "go-micro-srv-example-c5718d29-" + shortHash("go.micro.srv.example\x00go.micro.srv.example-c5718d29")},
+		{"s", long, long[:54] + "-" + shortHash("s\x00"+long)},
 	} {
-		if got := instanceLabel(tc.id); got != tc.want || len(got) > 63 {
-			t.Errorf("instanceLabel(%q) = %q; want %q (at most 63 bytes)", tc.id, got, tc.want)
+		if got := instanceLabel(tc.service, tc.id); got != tc.want || len(got) > 63 {
+			t.Errorf("instanceLabel(%q, %q) = %q; want %q (at most 63 bytes)", tc.service, tc.id, got, tc.want)
 		}
 	}
-	if a, b := uniqueLabel("topic:a", "s1"), uniqueLabel("topic:b", "s1"); a == b || len(a) > 63 {
-		t.Errorf("uniqueLabel must differ by service: %q and %q", a, b)
+	// Nodes the readable part alone would not keep apart (mDNS names
+	// ignore case): one id under two services, ids that differ in a dot or
+	// in case.
+	seen := map[string]string{}
+	for _, n := range [][2]string{{"alpha", "node-1"}, {"beta", "node-1"}, {"api", "web.1"}, {"api", "web-1"}, {"api", "Web-1"}} {
+		l := strings.ToLower(instanceLabel(n[0], n[1]))
+		if other, ok := seen[l]; ok {
+			t.Errorf("%v and %s share the label %q", n, other, l)
+		}
+		seen[l] = n[0] + "/" + n[1]
+	}
+	if a, b := instanceLabel("s", "x"), uniqueLabel("s", "x"); a == b || len(b) > 63 {
+		t.Errorf("uniqueLabel must differ from instanceLabel: %q and %q", a, b)
 	}
 }
 
@@ -96,7 +106,7 @@ func TestTXTLimits(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			r := testRecord("s", "n", "127.0.0.1", 1)
 			tc.mod(&r)
-			_, err := announcementOf(r, instanceLabel(r.Node.ID))
+			_, err := announcementOf(r, instanceLabel(r.Service, r.Node.ID))
 			if err == nil || !strings.Contains(err.Error(), errNotAnnounceable.Error()) {
 				t.Errorf("got %v; want an error wrapping %q", err, errNotAnnounceable)
 			}
@@ -108,7 +118,7 @@ func TestTXTLimits(t *testing.T) {
 // returning what the cache would put in the table.
 func roundTrip(t *testing.T, r record, ttl uint32) (cacheChanges, *mdnsCache, []byte) {
 	t.Helper()
-	a, err := announcementOf(r, instanceLabel(r.Node.ID))
+	a, err := announcementOf(r, instanceLabel(r.Service, r.Node.ID))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -169,7 +179,7 @@ func TestGoodbyeAndExpiry(t *testing.T) {
 	}
 
 	_, c, _ = roundTrip(t, r, 30)
-	a, _ := announcementOf(r, instanceLabel(r.Node.ID))
+	a, _ := announcementOf(r, instanceLabel(r.Service, r.Node.ID))
 	bye, _ := announcePacket(a, 0)
 	pkt, err := parsePacket(bye)
 	if err != nil {
@@ -184,6 +194,63 @@ func TestGoodbyeAndExpiry(t *testing.T) {
 	ch, _ = c.apply(pkt, now, func(k string) bool { return k == r.key() })
 	if len(ch.remove) != 0 {
 		t.Errorf("a goodbye for a local node must not remove it from our table: %+v", ch)
+	}
+}
+
+// TestSRVRefreshKeepsAddresses: an SRV heard again with the same target
+// leaves the target's address records, which have TTLs of their own.
+func TestSRVRefreshKeepsAddresses(t *testing.T) {
+	r := testRecord("svc", "n1", "127.0.0.1", 80)
+	_, c, data := roundTrip(t, r, 120)
+	pkt, _ := parsePacket(data)
+	var noAddress []mdnsRR
+	for _, rr := range pkt.records {
+		if rr.typ != dnsmessage.TypeA && rr.typ != dnsmessage.TypeAAAA {
+			noAddress = append(noAddress, rr)
+		}
+	}
+	if len(noAddress) == len(pkt.records) {
+		t.Fatal("the announcement has no address record")
+	}
+	pkt.records = noAddress
+	ch, _ := c.apply(pkt, time.Unix(1010, 0), func(string) bool { return false })
+	if len(ch.remove) != 0 || len(c.hosts) != 1 {
+		t.Errorf("after an SRV and TXT refresh: %+v, %d hosts; want the node kept with its address", ch, len(c.hosts))
+	}
+}
+
+// TestPartLostIsAskedFor: a node that loses one part while the others
+// live is asked for again and given time to become whole, however long it
+// was known.
+func TestPartLostIsAskedFor(t *testing.T) {
+	r := testRecord("svc", "n1", "127.0.0.1", 80)
+	_, c, data := roundTrip(t, r, 120) // heard at 1000
+	local := func(string) bool { return false }
+	pkt, _ := parsePacket(data)
+	var byeA, srvTXT mdnsPacket
+	byeA.response, srvTXT.response = true, true
+	for _, rr := range pkt.records {
+		if rr.typ == dnsmessage.TypeA {
+			rr.ttl = 0
+			byeA.records = append(byeA.records, rr)
+		}
+	}
+	lost := time.Unix(1020, 0)
+	if ch, _ := c.apply(byeA, lost, local); !removes(ch, r) {
+		t.Fatalf("the address's goodbye: %+v; want the node out", ch)
+	}
+	c.expire(lost.Add(time.Second), local)
+	if len(c.instances) != 1 {
+		t.Fatal("the instance was forgotten a second after losing its address; want it kept for mdnsPendingLife")
+	}
+	if qs := c.due(lost.Add(time.Second), local, 100); len(qs) != 3 {
+		t.Errorf("questions after the loss: %v; want SRV, TXT and A", qs)
+	}
+	if ch, _ := c.apply(pkt, lost.Add(2*time.Second), local); len(ch.upsert) != 1 {
+		t.Errorf("the node heard whole again: %+v; want it back", ch)
+	}
+	if ch := c.expire(lost.Add(mdnsPendingLife+3*time.Second), local); len(ch.remove) != 0 {
+		t.Errorf("a whole node was expired: %+v", ch)
 	}
 }
 
@@ -339,6 +406,21 @@ func TestLegacyUnicastAndDefence(t *testing.T) {
 	if b.stats.goodbyesSeen.Load() != 1 || lookupOK(tb, "svc") != 1 {
 		t.Errorf("after a stranger's goodbye: %d defended, %d nodes; want 1 defended and the node kept", b.stats.goodbyesSeen.Load(), lookupOK(tb, "svc"))
 	}
+	// A goodbye for our host's address alone is defended too: other
+	// caches would drop the node for want of an address.
+	b.mu.Lock()
+	for _, l := range b.locals {
+		l.repeatAt = time.Time{}
+	}
+	b.mu.Unlock()
+	addrBye := dnsmessage.NewBuilder(nil, dnsmessage.Header{Response: true, Authoritative: true})
+	addrBye.StartAnswers()
+	addrBye.AResource(dnsmessage.ResourceHeader{Name: dnsmessage.MustNewName(ann.host), Class: dnsmessage.ClassINET, TTL: 0}, dnsmessage.AResource{A: [4]byte{127, 0, 0, 1}})
+	byeA, _ := addrBye.Finish()
+	b.handlePacket(byeA, netip.MustParseAddrPort("127.0.0.2:5353"))
+	if b.stats.goodbyesSeen.Load() != 2 {
+		t.Errorf("after a goodbye for our host's address: %d defended; want 2", b.stats.goodbyesSeen.Load())
+	}
 	// A response from a port other than 5353 is ignored (RFC 6762 section 6).
 	other, _ := announcementOf(testRecord("x", "x1", "127.0.0.1", 1), "x1")
 	data, _ := announcePacket(other, 30)
@@ -484,7 +566,7 @@ func FuzzMDNSPacket(f *testing.F) {
 		testRecord("v6", "n6", "2001:db8::1", 1),
 		testRecord("named", strings.Repeat("q", 100), "db.example.com", 443),
 	} {
-		a, _ := announcementOf(r, instanceLabel(r.Node.ID))
+		a, _ := announcementOf(r, instanceLabel(r.Service, r.Node.ID))
 		for _, ttl := range []uint32{120, 0} {
 			p, _ := announcePacket(a, ttl)
 			f.Add(p)
@@ -527,7 +609,7 @@ func BenchmarkLookup(b *testing.B) {
 	// them: announcement packets through the cache.
 	for i := range 3000 {
 		r := testRecord(fmt.Sprint("svc", i/3), fmt.Sprint("node", i), "10.1.2.3", 8000+i%3)
-		a, _ := announcementOf(r, instanceLabel(r.Node.ID))
+		a, _ := announcementOf(r, instanceLabel(r.Service, r.Node.ID))
 		p, _ := announcePacket(a, 120)
 		be.handlePacket(p, netip.MustParseAddrPort("127.0.0.1:5353"))
 	}
