@@ -302,7 +302,7 @@ func (b *mdnsBackend) deregister(s Service) error {
 // forgetLocalsLocked drops local nodes and returns their goodbye packets
 // (RFC 6762 section 10.1: the same records with TTL 0).
 func (b *mdnsBackend) forgetLocalsLocked(keys []string) [][]byte {
-	var pkts [][]byte
+	var groups [][2][]dnsmessage.Resource
 	for _, k := range keys {
 		l := b.locals[k]
 		if l == nil {
@@ -310,10 +310,13 @@ func (b *mdnsBackend) forgetLocalsLocked(keys []string) [][]byte {
 		}
 		delete(b.locals, k)
 		delete(b.labels, strings.ToLower(strings.TrimSuffix(l.ann.instance, "."+mdnsServiceType)))
-		if p, err := announcePacket(l.ann, 0); err == nil {
-			pkts = append(pkts, p)
-		}
+		ptr, unique := l.ann.resources(0, false)
+		groups = append(groups, [2][]dnsmessage.Resource{append([]dnsmessage.Resource{ptr}, unique...), nil})
 	}
+	// Several goodbyes to a packet: a sidecar leaving with a thousand
+	// nodes sends some hundred packets rather than a thousand in a burst,
+	// which overflowed the receivers' socket buffers.
+	pkts, _ := packResponses(dnsmessage.Header{Response: true, Authoritative: true}, nil, groups)
 	return pkts
 }
 
@@ -572,12 +575,26 @@ func (b *mdnsBackend) readLoop(ctx context.Context, i *mdnsIface) {
 // multicast sends packets to the group on every joined interface.
 func (b *mdnsBackend) multicast(pkts [][]byte) {
 	dst := netip.AddrPortFrom(mdnsGroup, uint16(b.port))
-	for _, p := range pkts {
+	for n, p := range pkts {
+		if n > 0 && n%mdnsBurst == 0 {
+			// A long burst (a thousand nodes announced or leaving at once)
+			// would overflow the receivers' socket buffers: give them a
+			// moment to read.
+			time.Sleep(mdnsBurstPause)
+		}
 		for _, i := range b.ifaces {
 			b.send(i, p, dst)
 		}
 	}
 }
+
+// A burst of multicast packets pauses after every mdnsBurst packets; a
+// socket asks for a receive buffer of mdnsReceiveBuffer bytes.
+const (
+	mdnsBurst         = 16
+	mdnsBurstPause    = time.Millisecond
+	mdnsReceiveBuffer = 1 << 20
+)
 
 // send writes one packet, keeping the latest failure for status and
 // logging each change between failing and working once.

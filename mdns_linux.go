@@ -57,6 +57,10 @@ func listenMDNS(ifi net.Interface, src netip.Addr, port int) (*mdnsConn, error) 
 			return fail(fmt.Sprintf("setsockopt %d/%d", o.level, o.opt), err)
 		}
 	}
+	// A larger receive buffer, where the system allows one, holds a burst
+	// of announcements or goodbyes (a sidecar with a thousand nodes); the
+	// kernel caps it at net.core.rmem_max, and a refusal is no failure.
+	syscall.SetsockoptInt(fd, syscall.SOL_SOCKET, syscall.SO_RCVBUF, mdnsReceiveBuffer)
 	m := &syscall.IPMreqn{Multiaddr: mdnsGroup.As4(), Ifindex: int32(ifi.Index)}
 	if src.Is4() {
 		m.Address = src.As4()

@@ -501,6 +501,44 @@ func TestRegisterLabels(t *testing.T) {
 	}
 }
 
+// TestGoodbyesSharePackets: leaving with many nodes sends their goodbyes
+// several to a packet, every one of them.
+func TestGoodbyesSharePackets(t *testing.T) {
+	b := newMDNSState(newTable(1000), discardLog, 0)
+	var keys []string
+	for i := range 100 {
+		s := Service{Name: "svc", Nodes: []Node{{ID: fmt.Sprint("node-", i), Address: "127.0.0.1", Port: 80}}}
+		if err := b.register(s, time.Minute); err != nil {
+			t.Fatal(err)
+		}
+		keys = append(keys, keysOf(s)...)
+	}
+	b.mu.Lock()
+	pkts := b.forgetLocalsLocked(keys)
+	b.mu.Unlock()
+	if len(pkts) == 0 || len(pkts) > 25 {
+		t.Fatalf("%d packets for 100 goodbyes; want several to a packet", len(pkts))
+	}
+	byes := map[string]bool{}
+	for _, data := range pkts {
+		pkt, err := parsePacket(data)
+		if err != nil || len(data) > mdnsMaxPacket {
+			t.Fatalf("a goodbye packet of %d bytes: %v", len(data), err)
+		}
+		for _, rr := range pkt.records {
+			if rr.ttl != 0 {
+				t.Errorf("a record with TTL %d among goodbyes", rr.ttl)
+			}
+			if rr.typ == dnsmessage.TypePTR {
+				byes[rr.target] = true
+			}
+		}
+	}
+	if len(byes) != 100 {
+		t.Errorf("goodbyes for %d instances; want 100", len(byes))
+	}
+}
+
 func TestChooseInterfaces(t *testing.T) {
 	lo := net.Interface{Index: 1, Name: "lo", Flags: net.FlagUp | net.FlagLoopback}
 	eth := net.Interface{Index: 2, Name: "eth0", Flags: net.FlagUp | net.FlagMulticast}
