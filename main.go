@@ -367,6 +367,9 @@ func (c *config) validate() error {
 			return fmt.Errorf("--%s must be more than 0", f.name)
 		}
 	}
+	if c.ShutdownTimeout < 0 {
+		return errors.New("--shutdown_timeout must not be negative; 0 cuts in-flight requests off at once")
+	}
 	if err := checkAdvertise(c.AdvertiseAddress); err != nil {
 		return err
 	}
