@@ -21,7 +21,8 @@ type appRegistration struct {
 	retryMin time.Duration
 	retryMax time.Duration
 
-	mu      sync.Mutex // held across a write, so that up and down stay in order
+	writeMu sync.Mutex // held across a write, so that up, down and retries stay in order
+	mu      sync.Mutex // guards want and pending; never held across a write, which /health would wait on
 	want    bool       // the app belongs in the registry
 	pending error      // the last write's refusal, while a retry is due
 	kick    chan struct{}
@@ -34,18 +35,22 @@ func newAppRegistration(reg *registry, app Service, id string, log *slog.Logger,
 
 // up registers the app, or arms a retry when the registry refuses.
 func (a *appRegistration) up() {
+	a.writeMu.Lock()
+	defer a.writeMu.Unlock()
 	a.mu.Lock()
-	defer a.mu.Unlock()
 	a.want = true
+	a.mu.Unlock()
 	a.log.Info("Registering "+a.id, "service", a.app.Name, "address", a.app.Nodes[0].Address) // appService makes one node
 	a.write()
 }
 
 // down takes the app out, and calls off any retry.
 func (a *appRegistration) down() {
+	a.writeMu.Lock()
+	defer a.writeMu.Unlock()
 	a.mu.Lock()
-	defer a.mu.Unlock()
 	a.want, a.pending = false, nil
+	a.mu.Unlock()
 	a.log.Info("Deregistering "+a.id, "service", a.app.Name)
 	if err := a.reg.Deregister(a.app); err != nil {
 		a.log.Error("deregistering the app failed", "error", err)
@@ -66,16 +71,19 @@ func (a *appRegistration) follow(passing bool) {
 	}
 }
 
-// write makes one attempt; mu is held.
+// write makes one attempt; writeMu is held.
 func (a *appRegistration) write() {
 	err := a.reg.Register(a.app, 0)
+	a.mu.Lock()
+	was := a.pending
+	a.pending = err
+	a.mu.Unlock()
 	switch {
-	case err == nil && a.pending != nil:
+	case err == nil && was != nil:
 		a.log.Info("registered "+a.id+" after the registry refused it", "service", a.app.Name)
-	case err != nil && a.pending == nil:
+	case err != nil && was == nil:
 		a.log.Error("registering the app failed; retrying until it succeeds", "error", err)
 	}
-	a.pending = err
 	if err != nil {
 		select {
 		case a.kick <- struct{}{}: // the retry loop starts its backoff
@@ -109,13 +117,16 @@ func (a *appRegistration) run(ctx context.Context) {
 			wait = a.retryMin
 			timer.Reset(wait)
 		case <-timer.C:
+			a.writeMu.Lock()
 			a.mu.Lock()
-			if a.want && a.pending != nil {
+			due := a.want && a.pending != nil
+			a.mu.Unlock()
+			if due {
 				a.write()
 				wait = min(2*wait, a.retryMax)
 				timer.Reset(wait)
 			}
-			a.mu.Unlock()
+			a.writeMu.Unlock()
 			// A write that failed again kicked: drop that, the backoff goes on.
 			select {
 			case <-a.kick:
