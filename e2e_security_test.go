@@ -227,6 +227,44 @@ func TestTLS(t *testing.T) {
 	}
 }
 
+// TestTLSStalledBodyGets408: over TLS (net/http serves every request), a
+// body that stops arriving gets its 408 after --idle_timeout, as on the
+// fast path, and so does one behind Expect: 100-continue on plain HTTP.
+func TestTLSStalledBodyGets408(t *testing.T) {
+	certFile, keyFile, pool := selfSigned(t)
+	tp := startSidecar(t, "--registry=memory", "--idle_timeout=1s", "--tls_cert_file="+certFile, "--tls_key_file="+keyFile)
+	pp := startSidecar(t, "--registry=memory", "--idle_timeout=1s")
+	stall := func(name string, dial func() (net.Conn, error), extra string) {
+		t.Helper()
+		c, err := dial()
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		io.WriteString(c, "POST /registry HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n"+extra+"\r\n{\"name\":\"x\"")
+		c.SetReadDeadline(time.Now().Add(10 * time.Second))
+		br := bufio.NewReader(c)
+		for {
+			resp, err := http.ReadResponse(br, nil)
+			if err != nil {
+				t.Errorf("%s: no answer to a stalled body: %v", name, err)
+				return
+			}
+			resp.Body.Close()
+			if resp.StatusCode == http.StatusContinue {
+				continue
+			}
+			if resp.StatusCode != http.StatusRequestTimeout {
+				t.Errorf("%s: %d; want 408", name, resp.StatusCode)
+			}
+			return
+		}
+	}
+	stall("TLS", func() (net.Conn, error) { return tls.Dial("tcp", tp.addr, &tls.Config{RootCAs: pool}) }, "")
+	stall("TLS, Expect: 100-continue", func() (net.Conn, error) { return tls.Dial("tcp", tp.addr, &tls.Config{RootCAs: pool}) }, "Expect: 100-continue\r\n")
+	stall("plain, Expect: 100-continue", func() (net.Conn, error) { return net.Dial("tcp", pp.addr) }, "Expect: 100-continue\r\n")
+}
+
 // TestMetricsParse checks /metrics with Prometheus' own parser (promtool,
 // from Debian's prometheus package).
 func TestMetricsParse(t *testing.T) {

@@ -150,7 +150,12 @@ var errBodyStalled = errors.New("request body stalled: nothing more arrived with
 func boundStalledBodies(gap time.Duration, next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if r.Body != nil && r.Body != http.NoBody && r.ContentLength != 0 {
-			r.Body = &progressBody{ReadCloser: r.Body, rc: http.NewResponseController(w), gap: gap}
+			// A copy of the request carries the bounded body: net/http's
+			// own keeps its body, which it recognises after the handler
+			// (to discard what is left, or to close after a 100-continue).
+			bounded := *r
+			bounded.Body = &progressBody{ReadCloser: r.Body, rc: http.NewResponseController(w), gap: gap}
+			r = &bounded
 		}
 		next.ServeHTTP(w, r)
 	})
@@ -173,13 +178,16 @@ func (b *progressBody) stalled() bool { return b.stall.Load() }
 func (b *progressBody) Read(p []byte) (int, error) {
 	b.rc.SetReadDeadline(time.Now().Add(b.gap))
 	n, err := b.ReadCloser.Read(p)
-	if err != nil {
+	switch {
+	case errors.Is(err, os.ErrDeadlineExceeded):
+		// Stalled: the deadline stays in the past, so that net/http, which
+		// discards the rest of the body before it answers, gives up too
+		// rather than wait on the client for the 408.
+		b.stall.Store(true)
+	case err != nil:
 		// The body is over. net/http now reads on to notice the client
 		// leaving, which must not time out while the handler works.
 		b.rc.SetReadDeadline(time.Time{})
-		if errors.Is(err, os.ErrDeadlineExceeded) {
-			b.stall.Store(true)
-		}
 	}
 	return n, err
 }
