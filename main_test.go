@@ -386,6 +386,9 @@ func TestRegistryErrors(t *testing.T) {
 		{"DELETE", "/registry", `{"name":"x"}`, 400, "ids of the nodes"},
 		{"GET", "/registry?service=missing", "", 404, "service missing not found"},
 		{"GET", "/registry?watch=1", "", 400, "WebSocket upgrade"},
+		{"GET", "/registry?watch=0", "", 400, "use watch=1 to watch"},
+		{"GET", "/registry?watch=1&service=", "", 400, "service is empty"},
+		{"GET", "/registry?watch=1&service=a&version=1", "", 400, "leave version out"},
 		{"PATCH", "/registry", "", 405, "method PATCH not allowed"},
 		{"GET", "/nowhere", "", 404, "no endpoint at /nowhere"},
 	} {

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"net/url"
 	"strings"
 	"sync"
 	"time"
@@ -30,7 +31,11 @@ func (s *sidecar) handleRegistry(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 		switch {
-		case q.Get("watch") != "":
+		case q.Has("watch"):
+			if err := checkWatchQuery(q); err != nil {
+				writeError(w, http.StatusBadRequest, err.Error())
+				return
+			}
 			s.handleWatch(w, r)
 		case q.Has("service"):
 			s.getService(w, q.Get("service"), q.Get("version"))
@@ -44,6 +49,21 @@ func (s *sidecar) handleRegistry(w http.ResponseWriter, r *http.Request) {
 	default:
 		allowMethods(w, r, http.MethodGet, http.MethodHead, http.MethodPost, http.MethodPut, http.MethodDelete)
 	}
+}
+
+// checkWatchQuery refuses what a watch would take and not use: a watch
+// other than watch=1 (or true), an empty service, a version (a watch
+// streams every version of its service).
+func checkWatchQuery(q url.Values) error {
+	switch w := q.Get("watch"); {
+	case w != "1" && w != "true":
+		return fmt.Errorf("watch=%s: use watch=1 to watch, or leave it out to look up", truncate(w, 16))
+	case q.Has("service") && q.Get("service") == "":
+		return errors.New("service is empty; use /registry?watch=1&service=NAME, or leave service out to watch every service")
+	case q.Has("version"):
+		return errors.New("a watch streams every version of its service; leave version out and read each node's version in the events")
+	}
+	return nil
 }
 
 func (s *sidecar) getService(w http.ResponseWriter, name, version string) {

@@ -143,7 +143,7 @@ func proxyRoute(namespace, p string) (string, error) {
 	p = strings.TrimPrefix(p, "/")
 	parts := strings.SplitN(p, "/", 4)
 	name, alias := parts[0], parts[0]
-	if len(parts) > 2 && isVersion(parts[0]) {
+	if len(parts) > 1 && isVersion(parts[0]) { // micro's len > 2 counts the empty part before the first slash
 		name, alias = parts[0]+"."+parts[1], parts[1]
 	}
 	if !isAlias(alias) || reservedPaths[parts[0]] {

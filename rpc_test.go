@@ -66,7 +66,9 @@ func TestProxyRoute(t *testing.T) {
 		{"/foo", "go.micro.srv.foo"},
 		{"/foo/bar/baz", "go.micro.srv.foo"},
 		{"/v1/foo/bar", "go.micro.srv.v1.foo"},
-		{"/v1/foo", "go.micro.srv.v1"},
+		{"/v1/foo", "go.micro.srv.v1.foo"}, // as micro's proxy handler maps it
+		{"/v1", "go.micro.srv.v1"},
+		{"/v1/", ""},
 		{"/my-app/x", "go.micro.srv.my-app"},
 		{"/", ""},
 		{"/-x/y", ""},
