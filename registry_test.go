@@ -312,6 +312,36 @@ func (b *pausingBackend) register(s Service, ttl time.Duration) error {
 	return b.memoryBackend.register(s, ttl)
 }
 
+// failingBackend takes registrations and fails every deregistration, as
+// an etcd that stopped answering would, counting them.
+type failingBackend struct {
+	memoryBackend
+	deregistrations atomic.Int32
+}
+
+func (b *failingBackend) deregister(Service) error {
+	b.deregistrations.Add(1)
+	return errors.New("etcd not answering")
+}
+
+// TestShutdownStopsAtAFailingBackend: at shutdown a backend that fails a
+// deregistration is not asked again for every other entry (etcd takes its
+// whole timeout for each); what is left lapses within its TTL.
+func TestShutdownStopsAtAFailingBackend(t *testing.T) {
+	tb := newTable(10)
+	b := &failingBackend{memoryBackend: memoryBackend{t: tb, now: time.Now}}
+	r := &registry{table: tb, backend: b, ttl: time.Minute, now: time.Now, owned: map[string]Service{}}
+	for i := range 5 {
+		if err := r.Register(Service{Name: "s", Nodes: []Node{{ID: fmt.Sprint("n", i), Address: "127.0.0.1", Port: 1}}}, 0); err != nil {
+			t.Fatal(err)
+		}
+	}
+	err := r.deregisterOwned()
+	if n := b.deregistrations.Load(); n != 1 || err == nil || !strings.Contains(err.Error(), "4 more left") {
+		t.Errorf("%d deregistrations, error %v; want 1 and the 4 others named as left to lapse", n, err)
+	}
+}
+
 // TestRefreshDoesNotUndoADeregistration: a deregistration that comes while
 // a refresh is re-registering the same entry is not undone by it, and a
 // registration that comes after shutdown let everything go is refused.
