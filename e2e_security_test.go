@@ -107,6 +107,35 @@ func TestAuthToken(t *testing.T) {
 	}
 }
 
+// TestProxiedCORSHasOneOrigin: for an allowed origin the sidecar's CORS
+// answer stands on proxied requests; an app's own CORS fields would make
+// two Access-Control-Allow-Origin fields, which fail the browser's check.
+func TestProxiedCORSHasOneOrigin(t *testing.T) {
+	app := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Access-Control-Allow-Origin", "*")
+		w.Header().Set("Access-Control-Expose-Headers", "X-App")
+		io.WriteString(w, "ok")
+	}))
+	defer app.Close()
+	host, port, _ := net.SplitHostPort(strings.TrimPrefix(app.URL, "http://"))
+	p := startSidecar(t, "--registry=memory", "--cors_allowed_origins=http://app.example")
+	do(t, "POST", p.url("/registry"), "application/json", `{"name":"web","nodes":[{"id":"w1","address":"`+host+`","port":`+port+`}]}`)
+	for _, headers := range []map[string]string{
+		{"Origin": "http://app.example"},                   // the direct path
+		{"Origin": "http://app.example", "TE": "trailers"}, // ReverseProxy's
+	} {
+		resp := request(t, "GET", p.url("/proxy/web/"), headers, "")
+		if got := resp.Header.Values("Access-Control-Allow-Origin"); resp.StatusCode != 200 || len(got) != 1 || got[0] != "http://app.example" {
+			t.Errorf("%v: %d, Access-Control-Allow-Origin %q; want 200 and the allowed origin once", headers, resp.StatusCode, got)
+		}
+	}
+	// Without the sidecar's CORS answer the app's fields pass as they are.
+	resp := request(t, "GET", p.url("/proxy/web/"), nil, "")
+	if got := resp.Header.Values("Access-Control-Allow-Origin"); len(got) != 1 || got[0] != "*" {
+		t.Errorf("no Origin: Access-Control-Allow-Origin %q; want the app's *", got)
+	}
+}
+
 func TestOriginPolicy(t *testing.T) {
 	p := startSidecar(t, "--registry=memory", "--cors_allowed_origins=http://app.example")
 	svc := `{"name":"csrf","nodes":[{"id":"c1","address":"127.0.0.1","port":1}]}`

@@ -59,8 +59,34 @@ func newProxy(cfg proxyConfig, reg *registry, sel *selector, transport http.Roun
 		BufferPool:   newBufferPool(),
 		ErrorLog:     slog.NewLogLogger(log.Handler(), slog.LevelWarn),
 		ErrorHandler: proxyError,
+		ModifyResponse: func(resp *http.Response) error {
+			if t, _ := resp.Request.Context().Value(targetKey{}).(*proxyTarget); t != nil && t.ownCORS {
+				dropCORSFields(resp.Header)
+			}
+			return nil
+		},
 	}
 	return p
+}
+
+// sidecarAnsweredCORS reports whether the sidecar's guard set CORS fields
+// on the answer for an allowed origin. Its policy then stands: the node's
+// own CORS fields are dropped, since two Access-Control-Allow-Origin
+// fields fail the browser's check.
+func sidecarAnsweredCORS(h http.Header) bool { return h["Access-Control-Allow-Origin"] != nil }
+
+// isCORSField reports whether a field name is a CORS answer's.
+func isCORSField(k string) bool {
+	const prefix = "Access-Control-"
+	return len(k) > len(prefix) && strings.EqualFold(k[:len(prefix)], prefix)
+}
+
+func dropCORSFields(h http.Header) {
+	for k := range h {
+		if isCORSField(k) {
+			delete(h, k)
+		}
+	}
 }
 
 // proxyTarget is what the handler resolved for one request, handed to
@@ -72,6 +98,7 @@ type proxyTarget struct {
 	timeout   time.Duration
 	shortened bool          // the caller asked for less than the default deadline
 	body      stallReporter // the caller's body, when it can stall; ReverseProxy hides it behind its own reader
+	ownCORS   bool          // the sidecar answered CORS for the caller's origin: the node's CORS fields go
 }
 
 type targetKey struct{}
@@ -134,6 +161,7 @@ func (p *proxy) serve(w http.ResponseWriter, r *http.Request, service, path stri
 	}
 	rt := t // a copy goes in the context, so that t stays off the heap
 	rt.body, _ = r.Body.(stallReporter)
+	rt.ownCORS = sidecarAnsweredCORS(w.Header())
 	ctx := context.WithValue(r.Context(), targetKey{}, &rt)
 	if ctx.Value(http.ServerContextKey) == nil {
 		// ReverseProxy aborts a response it cannot finish (a node gone

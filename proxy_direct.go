@@ -246,10 +246,11 @@ func passHead(w http.ResponseWriter, c *nodeConn, head responseHead, header, con
 	if head.chunked {
 		length = -1 // the coding frames the body; a Content-Length with it is void
 	}
+	ownCORS := sidecarAnsweredCORS(w.Header())
 	if fw, ok := w.(*response); ok {
 		lines := c.lines[:0]
 		for i := 0; i < len(header); i += 2 {
-			if k := header[i]; !isHopHeader(k, connection) {
+			if k := header[i]; !isHopHeader(k, connection) && !(ownCORS && isCORSField(k)) {
 				lines = appendHeaderLine(lines, k, header[i+1])
 			}
 		}
@@ -262,7 +263,7 @@ func passHead(w http.ResponseWriter, c *nodeConn, head responseHead, header, con
 	for i := 0; i < len(header); i += 2 {
 		k, v := header[i], header[i+1]
 		switch {
-		case isHopHeader(k, connection):
+		case isHopHeader(k, connection), ownCORS && isCORSField(k):
 		case wh[k] == nil:
 			values = append(values, v)
 			wh[k] = values[len(values)-1 : len(values) : len(values)]
