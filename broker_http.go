@@ -168,7 +168,7 @@ func (b *broker) readLoop(s *subscriber, c *websocket.Conn) {
 		s.abort()
 		s.wg.Wait()
 	}()
-	r := &wsReader{br: s.br, max: b.cfg.MaxPayloadBytes, onPing: s.pong}
+	r := &wsReader{br: s.br, max: b.cfg.MaxPayloadBytes, limit: "--broker_max_payload_bytes", onPing: s.pong}
 	for {
 		m, err := r.next()
 		var fail *wsFailure

@@ -38,6 +38,7 @@ type wsMessage struct {
 type wsReader struct {
 	br     *bufio.Reader
 	max    int                // largest message, in bytes
+	limit  string             // what sets max, for the close reason
 	onPing func([]byte) error // answers a ping with its payload
 }
 
@@ -84,7 +85,7 @@ func (r *wsReader) next() (wsMessage, error) {
 			started, msg.binary = true, h.opcode == websocket.BinaryFrame
 		}
 		if h.length > uint64(r.max) || uint64(len(msg.data))+h.length > uint64(r.max) { // the first test keeps the sum from wrapping
-			return wsMessage{}, &wsFailure{closeTooBig, "message larger than " + strconv.Itoa(r.max) + " bytes (--broker_max_payload_bytes)"}
+			return wsMessage{}, &wsFailure{closeTooBig, "message larger than " + strconv.Itoa(r.max) + " bytes (" + r.limit + ")"}
 		}
 		if msg.data, err = r.readPayload(h, msg.data); err != nil {
 			return wsMessage{}, err

@@ -367,6 +367,11 @@ func (c *config) validate() error {
 			return fmt.Errorf("--%s must be more than 0", f.name)
 		}
 	}
+	for _, ch := range c.AuthToken {
+		if ch <= ' ' || ch > '~' {
+			return errors.New("--auth_token (or MICRO_AUTH_TOKEN) holds white space or a character outside printable ASCII, which no Authorization header can carry; a trailing newline from a file is the usual cause")
+		}
+	}
 	if c.ShutdownTimeout < 0 {
 		return errors.New("--shutdown_timeout must not be negative; 0 cuts in-flight requests off at once")
 	}

@@ -252,6 +252,7 @@ func TestCommandLine(t *testing.T) {
 		{[]string{"sidecar", "--rpc_retries=x"}, 2, "want a whole number"},
 		{[]string{"sidecar", "--max_inflight=0"}, 2, "--max_inflight must be more than 0"},
 		{[]string{"sidecar", "--shutdown_timeout=-1s"}, 2, "--shutdown_timeout must not be negative"},
+		{[]string{"sidecar", "--auth_token=s3cret\n"}, 2, "a trailing newline from a file is the usual cause"},
 		{[]string{"sidecar", "--server_name=f", "--server_address=127.0.0.1:1", "--healthcheck_url=http://127.0.0.1:99999/h"}, 2, "port must be 1-65535"},
 		{[]string{"sidecar", "--server_name=foo", "--server_address=9090"}, 2, `--server_address "9090": want the app's host:port`},
 		{[]string{"sidecar", "--server_name=foo", "--server_address=:9090"}, 2, `--server_address ":9090": want the app's host:port`},

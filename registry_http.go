@@ -249,7 +249,7 @@ type watcherInput struct {
 // connection ends. A watcher has nothing to say: its messages are dropped.
 func (in watcherInput) read(br *bufio.Reader) {
 	defer close(in.gone)
-	r := &wsReader{br: br, max: 4 << 10, onPing: func(p []byte) error {
+	r := &wsReader{br: br, max: 4 << 10, limit: "a watch takes no messages, only control frames", onPing: func(p []byte) error {
 		select {
 		case in.pings <- bytes.Clone(p):
 		default:
