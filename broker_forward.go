@@ -312,12 +312,15 @@ func (f *forwarder) watch(ctx context.Context) {
 			case <-ctx.Done():
 				f.b.reg.table.unwatch(w)
 				return
-			case ev, ok := <-w.ch:
+			case evs, ok := <-w.ch:
 				if !ok { // fell behind: start over
 					break events
 				}
-				if strings.HasPrefix(ev.Service.Name, topicService) {
-					f.gen.Add(1)
+				for _, ev := range evs {
+					if strings.HasPrefix(ev.Service.Name, topicService) {
+						f.gen.Add(1)
+						break
+					}
 				}
 			}
 		}

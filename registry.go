@@ -323,14 +323,18 @@ func eventOf(action string, r record) Event {
 // node limit.
 var errTableFull = errors.New("registry is full")
 
-// watchQueue is how many events a watcher may fall behind before it is cut
-// off; a watcher that slow learns of it by its channel closing and reconnects.
+// watchQueue is how many changes a watcher may fall behind before it is
+// cut off; a watcher that slow learns of it by its channel closing and
+// reconnects. A change is one write to the table, with all its events (a
+// DELETE of 300 nodes, a sweep of what expired), so that a watcher that
+// keeps up is not cut off by one large change.
 const watchQueue = 256
 
-// watcher receives the events of one service, or of all when service is "".
+// watcher receives the events of one service, or of all when service is "",
+// a change's events at a time.
 type watcher struct {
 	service string
-	ch      chan Event // closed when the watcher is stopped or overflows
+	ch      chan []Event // closed when the watcher is stopped or overflows
 }
 
 // table is the in-memory registry every lookup reads. Backends keep it
@@ -475,17 +479,24 @@ func (t *table) deleteLocked(r record) {
 // notifyLocked tells the watchers what changed. A watcher whose queue is
 // full is dropped rather than allowed to block the table.
 func (t *table) notifyLocked(evs []Event) {
-	for _, ev := range evs {
-		for w := range t.watchers {
-			if w.service != "" && w.service != ev.Service.Name {
-				continue
+	for w := range t.watchers {
+		mine := evs
+		if w.service != "" {
+			mine = nil
+			for _, ev := range evs {
+				if ev.Service.Name == w.service {
+					mine = append(mine, ev)
+				}
 			}
-			select {
-			case w.ch <- ev:
-			default:
-				delete(t.watchers, w)
-				close(w.ch)
-			}
+		}
+		if len(mine) == 0 {
+			continue
+		}
+		select {
+		case w.ch <- mine:
+		default:
+			delete(t.watchers, w)
+			close(w.ch)
 		}
 	}
 }
@@ -562,7 +573,7 @@ func (t *table) snapshot() []record {
 // watch subscribes to changes of one service ("" for all). The caller must
 // call unwatch when done.
 func (t *table) watch(service string) *watcher {
-	w := &watcher{service: service, ch: make(chan Event, watchQueue)}
+	w := &watcher{service: service, ch: make(chan []Event, watchQueue)}
 	t.mu.Lock()
 	t.watchers[w] = struct{}{}
 	t.mu.Unlock()

@@ -303,13 +303,15 @@ func (s *sidecar) streamWatch(c *websocket.Conn, wt *watcher, service string, st
 		case <-stop:
 			writeClose(c, closeGoingAway, "sidecar shutting down")
 			return
-		case ev, ok := <-wt.ch:
+		case evs, ok := <-wt.ch:
 			if !ok {
 				writeClose(c, closeTryAgainLater, "watcher fell behind; reconnect")
 				return
 			}
-			if !send(ev) {
-				return
+			for _, ev := range evs {
+				if !send(ev) {
+					return
+				}
 			}
 		case <-ping.C:
 			c.SetWriteDeadline(time.Now().Add(10 * time.Second))

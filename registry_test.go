@@ -140,8 +140,8 @@ func TestTableExpiryAndLimit(t *testing.T) {
 	}
 	w := tb.watch("s")
 	tb.sweep(now.Add(2 * time.Second))
-	if ev := <-w.ch; ev.Action != "delete" || ev.Service.Nodes[0].ID != "a" {
-		t.Errorf("sweep event: got %+v; want delete of a", ev)
+	if evs := <-w.ch; len(evs) != 1 || evs[0].Action != "delete" || evs[0].Service.Nodes[0].ID != "a" {
+		t.Errorf("sweep events: got %+v; want the delete of a", evs)
 	}
 	tb.unwatch(w)
 }
@@ -157,9 +157,37 @@ func TestSlowWatcherIsCutOff(t *testing.T) {
 		n++
 	}
 	if n != watchQueue {
-		t.Errorf("received %d events before the cut-off; want %d then a closed channel", n, watchQueue)
+		t.Errorf("received %d changes before the cut-off; want %d then a closed channel", n, watchQueue)
 	}
 	tb.unwatch(w) // idempotent after the cut-off
+}
+
+// TestLargeChangeKeepsItsWatchers: one change with more events than the
+// watcher queue holds reaches a watcher that keeps up, whole.
+func TestLargeChangeKeepsItsWatchers(t *testing.T) {
+	tb := newTable(0)
+	var recs []record
+	for i := range 2 * watchQueue {
+		recs = append(recs, record{Service: "s", Node: Node{ID: fmt.Sprint(i), Address: "h", Port: 1}})
+	}
+	all, one, other := tb.watch(""), tb.watch("s"), tb.watch("t")
+	if err := tb.upsert(recs...); err != nil {
+		t.Fatal(err)
+	}
+	tb.remove(recs...)
+	for _, w := range []*watcher{all, one} {
+		for _, want := range []string{"create", "delete"} {
+			evs, ok := <-w.ch
+			if !ok || len(evs) != len(recs) || evs[0].Action != want {
+				t.Fatalf("watcher %q: %d events (open %v); want %d %s events", w.service, len(evs), ok, len(recs), want)
+			}
+		}
+	}
+	select {
+	case evs := <-other.ch:
+		t.Errorf("a watcher of another service got %d events", len(evs))
+	default:
+	}
 }
 
 // TestFileBackendConcurrentWriters runs several backends on one file, as
