@@ -872,3 +872,52 @@ func TestEtcdTLS(t *testing.T) {
 		t.Errorf("TLS flags with http:// URLs: exit %d, %q; want 2 naming the fix", code, out)
 	}
 }
+
+// TestEtcdOwnedKeyRewrittenIsPutBack: a key a sidecar keeps alive that
+// someone else rewrites (here without a lease, so that it would outlive
+// the sidecar) is put back as the sidecar keeps it at its next refresh,
+// and SIGTERM then takes it away.
+func TestEtcdOwnedKeyRewrittenIsPutBack(t *testing.T) {
+	e := startEtcd(t)
+	p := startSidecar(t, etcdSidecarArgs(e.client, "--register_ttl=3s", "--register_interval=500ms",
+		"--server_name=owned", "--server_address=127.0.0.1:9100")...)
+	id := appID(t, p)
+	waitFor(t, 5*time.Second, "the app in etcd", func() bool { return len(e.keys(t, "/micro/registry/owned/")) == 1 })
+	key := "/micro/registry/owned/" + id
+	e.put(t, key, `{"name":"owned","version":"","metadata":{},"nodes":[{"id":"`+id+`","address":"127.0.0.1","port":9999,"metadata":{}}]}`)
+	leaseOf := func() (int64, string) {
+		var resp etcdRangeResponse
+		if err := e.gw("/v3/kv/range", etcdRangeRequest{Key: []byte(key)}, &resp); err != nil || len(resp.KVs) != 1 {
+			return -1, ""
+		}
+		return int64(resp.KVs[0].Lease), string(resp.KVs[0].Value)
+	}
+	waitFor(t, 10*time.Second, "the sidecar's entry put back on a lease", func() bool {
+		lease, value := leaseOf()
+		return lease > 0 && strings.Contains(value, `"port":9100`)
+	})
+	if code := p.stop(syscall.SIGTERM); code != 0 {
+		t.Errorf("exit status after SIGTERM: %d; want 0", code)
+	}
+	if keys := e.keys(t, "/micro/registry/owned/"); len(keys) != 0 {
+		t.Errorf("after SIGTERM etcd still holds %q", keys)
+	}
+}
+
+// TestEtcdFrozenMemberIsNoticed: a member that stops answering (SIGSTOP:
+// its kernel still holds the watch's connection open) is noticed by a
+// sidecar with nothing of its own to refresh: /health turns 503, and back
+// to 200 when the member wakes.
+func TestEtcdFrozenMemberIsNoticed(t *testing.T) {
+	e := startEtcd(t)
+	p := startSidecar(t, etcdSidecarArgs(e.client)...)
+	waitSidecarHealthy(t, p, 10*time.Second)
+	e.mu.Lock()
+	pid := e.cmd.Process.Pid
+	e.mu.Unlock()
+	syscall.Kill(pid, syscall.SIGSTOP)
+	t.Cleanup(func() { syscall.Kill(pid, syscall.SIGCONT) })
+	waitFor(t, 20*time.Second, "/health to turn 503 with the member frozen", func() bool { c, _ := healthOf(t, p); return c == 503 })
+	syscall.Kill(pid, syscall.SIGCONT)
+	waitSidecarHealthy(t, p, 20*time.Second)
+}

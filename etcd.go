@@ -74,6 +74,11 @@ type etcdReg struct {
 	rev   int64 // revision of the put
 }
 
+// holds reports whether kv is the key as this sidecar put it.
+func (r etcdReg) holds(kv etcdKV) bool {
+	return int64(kv.Lease) == r.lease && bytes.Equal(kv.Value, r.value)
+}
+
 // etcdBackend is the registry over etcd.
 type etcdBackend struct {
 	prefix string
@@ -205,6 +210,7 @@ type etcdChange struct {
 	bad     map[string]string // etcd key -> reason, for entries skipped
 	good    []string          // etcd keys that are now fine (or gone)
 	deleted map[string]int64  // etcd key -> revision of its deletion
+	puts    map[string]etcdKV // etcd key -> its last write in the batch
 	lastRev int64             // highest mod_revision seen
 }
 
@@ -212,7 +218,7 @@ type etcdChange struct {
 // apply. A key's last event wins; a bad value removes the key's earlier
 // record, since the store no longer holds it.
 func watchChanges(prefix string, events []etcdEvent) etcdChange {
-	ch := etcdChange{bad: map[string]string{}, deleted: map[string]int64{}}
+	ch := etcdChange{bad: map[string]string{}, deleted: map[string]int64{}, puts: map[string]etcdKV{}}
 	type final struct {
 		rec     record // the record, or just its service and node id when absent
 		present bool
@@ -234,6 +240,7 @@ func watchChanges(prefix string, events []etcdEvent) etcdChange {
 		gone := record{Service: svc, Node: Node{ID: id}}
 		tkey := gone.key()
 		if ev.Type == "DELETE" {
+			delete(ch.puts, key)
 			ch.deleted[key] = int64(ev.KV.ModRevision)
 			delete(ch.bad, key)
 			ch.good = append(ch.good, key)
@@ -242,6 +249,8 @@ func watchChanges(prefix string, events []etcdEvent) etcdChange {
 			}
 			continue
 		}
+		delete(ch.deleted, key)
+		ch.puts[key] = ev.KV
 		r, err := parseEtcdEntry(prefix, ev.KV.Key, ev.KV.Value)
 		if err != nil {
 			ch.bad[key] = err.Error()
@@ -605,9 +614,9 @@ func (b *etcdBackend) resync(ctx context.Context) (int64, error) {
 	}
 	recs := make([]record, 0, len(kvs))
 	bad := map[string]string{}
-	present := make(map[string]bool, len(kvs))
+	present := make(map[string]etcdKV, len(kvs))
 	for _, kv := range kvs {
-		present[string(kv.Key)] = true
+		present[string(kv.Key)] = kv
 		r, err := parseEtcdEntry(b.prefix, kv.Key, kv.Value)
 		if err != nil {
 			bad[string(kv.Key)] = err.Error()
@@ -624,14 +633,16 @@ func (b *etcdBackend) resync(ctx context.Context) (int64, error) {
 	b.mu.Lock()
 	b.clusterID = cid
 	for key := range b.bad {
-		if !present[key] {
+		if _, ok := present[key]; !ok {
 			delete(b.bad, key)
 		}
 	}
-	// A key this sidecar put that is gone from the store (deleted by hand,
-	// or lost with a replaced cluster) is put again at its next refresh.
+	// A key this sidecar put that the store does not hold as it was put
+	// (deleted or rewritten by hand, lost with a replaced cluster, older
+	// in a restored one) is put again at its next refresh. One put after
+	// this read is put again too, for nothing but a spare lease.
 	for key, r := range b.regs {
-		if !present[key] && r.rev <= rev {
+		if kv, ok := present[key]; !ok || !r.holds(kv) {
 			delete(b.regs, key)
 		}
 	}
@@ -760,6 +771,9 @@ func (b *etcdBackend) watchOn(ctx context.Context, i int, body []byte, header ht
 				return false, errResync // a different or restored cluster: revisions do not carry over
 			}
 			timer.Stop()
+			if !established {
+				go b.watchdog(ctx, i, cancel)
+			}
 			established = true
 			b.c.eps.use(i)
 			b.watchUp()
@@ -774,6 +788,35 @@ func (b *etcdBackend) watchOn(ctx context.Context, i int, body []byte, header ht
 		return established, err
 	}
 	return established, errors.New("etcd watch stream ended")
+}
+
+// etcdWatchProbe is how often the member a watch runs on is asked whether
+// it still answers.
+const etcdWatchProbe = 5 * time.Second
+
+// watchdog asks the member a watch runs on for its status every
+// etcdWatchProbe while ctx lasts, and cancels the watch when it does not
+// answer within the request timeout. A frozen member (stopped, or its
+// machine stalled) keeps the stream open, its kernel still acknowledging,
+// and sends nothing more: without this the sidecar would serve a stale
+// registry with /health at 200 until the member woke.
+func (b *etcdBackend) watchdog(ctx context.Context, i int, cancel context.CancelFunc) {
+	tick := time.NewTicker(etcdWatchProbe)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick.C:
+		}
+		var status struct{}
+		err := b.c.callAuthed(ctx, i, "/v3/maintenance/status", []byte("{}"), &status)
+		if err != nil && ctx.Err() == nil && !isAuthError(err) {
+			b.log.Warn("etcd registry: the watched member does not answer; moving the watch", "endpoint", b.c.eps.urls[i], "error", err)
+			cancel()
+			return
+		}
+	}
 }
 
 func watchLastRev(res *etcdWatchResult) int64 {
@@ -801,6 +844,13 @@ func (b *etcdBackend) apply(ch etcdChange) {
 	for key, drev := range ch.deleted {
 		if r, ok := b.regs[key]; ok && r.rev < drev {
 			delete(b.regs, key) // gone from etcd: put it again at the next refresh
+		}
+	}
+	for key, kv := range ch.puts {
+		if r, ok := b.regs[key]; ok && int64(kv.ModRevision) > r.rev && !r.holds(kv) {
+			// Someone else wrote the key since this sidecar did: put ours
+			// again at the next refresh, on a lease of ours.
+			delete(b.regs, key)
 		}
 	}
 	b.mu.Unlock()
