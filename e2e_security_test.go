@@ -550,3 +550,45 @@ func TestConnectIsRefusedInTheErrorShape(t *testing.T) {
 		t.Errorf("CONNECT: %d %s; want a 501 in the error shape", resp.StatusCode, body)
 	}
 }
+
+// TestSilentConnectionClosedAfterReadHeaderTimeout: a new connection that
+// sends nothing is closed after --read_header_timeout, as net/http closes
+// one; between requests a connection may idle for --idle_timeout.
+func TestSilentConnectionClosedAfterReadHeaderTimeout(t *testing.T) {
+	p := startSidecar(t, "--registry=memory", "--read_header_timeout=500ms", "--idle_timeout=30s")
+	silent, err := net.Dial("tcp", p.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer silent.Close()
+	start := time.Now()
+	silent.SetReadDeadline(time.Now().Add(10 * time.Second))
+	if _, err := silent.Read(make([]byte, 1)); err != io.EOF || time.Since(start) > 5*time.Second {
+		t.Errorf("a silent new connection: %v after %v; want it closed within a few seconds", err, time.Since(start).Round(time.Millisecond))
+	}
+	kept, err := net.Dial("tcp", p.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer kept.Close()
+	br := bufio.NewReader(kept)
+	ask := func() error {
+		io.WriteString(kept, "GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+		kept.SetReadDeadline(time.Now().Add(5 * time.Second))
+		resp, err := http.ReadResponse(br, nil)
+		if err == nil {
+			io.Copy(io.Discard, resp.Body)
+			resp.Body.Close()
+		}
+		return err
+	}
+	if err := ask(); err != nil {
+		t.Fatal(err)
+	}
+	// An idle wait longer than the head timeout, checked by the next request.
+	idle := time.NewTimer(time.Second)
+	<-idle.C
+	if err := ask(); err != nil {
+		t.Errorf("a kept-alive connection idle for 1s of its 30s: %v", err)
+	}
+}

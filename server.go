@@ -280,7 +280,13 @@ var errHandOff = errors.New("request for net/http")
 // off, and so are bare-LF heads: those that have ended here, and those
 // parseRequestHead finds a bare LF in.
 func (c *serverConn) readHead() (int, error) {
-	c.keepIdleDeadline()
+	if c.deadline.IsZero() {
+		// A new connection owes its first head within readHeaderTimeout,
+		// as net/http has it: idleTimeout is for waits between requests.
+		c.setDeadline(time.Now().Add(c.srv.readHeaderTimeout))
+	} else {
+		c.keepIdleDeadline()
+	}
 	partial := false
 	for {
 		buf, _ := c.br.Peek(c.br.Buffered())
