@@ -811,7 +811,8 @@ func (b *etcdBackend) watchdog(ctx context.Context, i int, cancel context.Cancel
 		}
 		var status struct{}
 		err := b.c.callAuthed(ctx, i, "/v3/maintenance/status", []byte("{}"), &status)
-		if err != nil && ctx.Err() == nil && !isAuthError(err) {
+		var answered *etcdError // any answer, a refusal included, says the member is awake
+		if err != nil && ctx.Err() == nil && !errors.As(err, &answered) {
 			b.log.Warn("etcd registry: the watched member does not answer; moving the watch", "endpoint", b.c.eps.urls[i], "error", err)
 			cancel()
 			return
