@@ -591,16 +591,23 @@ func (b *etcdBackend) watchUp() {
 // in the table and returns the revision.
 func (b *etcdBackend) resync(ctx context.Context) (int64, error) {
 	var (
-		rev  int64
-		kvs  []etcdKV
-		from = []byte(b.prefix)
-		end  = prefixEnd(b.prefix)
-		cid  string
+		rev   int64
+		kvs   []etcdKV
+		from  = []byte(b.prefix)
+		end   = prefixEnd(b.prefix)
+		cid   string
+		limit = int64s(etcdRangePage)
 	)
 	for {
 		var resp etcdRangeResponse
-		req := etcdRangeRequest{Key: from, RangeEnd: end, Limit: etcdRangePage, Revision: int64s(rev)}
+		req := etcdRangeRequest{Key: from, RangeEnd: end, Limit: limit, Revision: int64s(rev)}
 		if err := b.c.call(ctx, "/v3/kv/range", req, &resp); err != nil {
+			if errors.Is(err, errReplyTooLarge) && limit > 1 {
+				// Large values (etcd takes up to 1.5 MiB each): ask for
+				// fewer at a time.
+				limit /= 2
+				continue
+			}
 			return 0, fmt.Errorf("etcd range %s: %w", b.prefix, err)
 		}
 		if rev == 0 {

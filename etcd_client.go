@@ -37,6 +37,7 @@ type etcdClient struct {
 	username string
 	password string
 	timeout  time.Duration // per unary call and per watch creation
+	maxReply int           // bytes of one unary answer; maxEtcdResponse unless a test lowers it
 
 	// onFail, if set, is told when endpoint i failed a call, so that a
 	// watch on the same endpoint can move on without waiting for TCP to
@@ -111,7 +112,7 @@ func shouldFailOver(err error) bool {
 		}
 		return false
 	}
-	return err != nil // transport errors: refused, reset, timeout, TLS
+	return err != nil && !errors.Is(err, errReplyTooLarge) // transport errors: refused, reset, timeout, TLS
 }
 
 // isAuthError reports whether err says the token is missing or stale.
@@ -230,8 +231,13 @@ func newEtcdClient(endpoints []string, tlsCfg *tls.Config, username, password st
 		username: username,
 		password: password,
 		timeout:  timeout,
+		maxReply: maxEtcdResponse,
 	}
 }
+
+// errReplyTooLarge says etcd answered with more than a client takes: it is
+// up, and a range asked for fewer keys may fit.
+var errReplyTooLarge = errors.New("etcd answer too large")
 
 func (c *etcdClient) closeIdle() { c.hc.CloseIdleConnections() }
 
@@ -343,12 +349,12 @@ func (c *etcdClient) callOne(ctx context.Context, i int, path string, body []byt
 		return err
 	}
 	defer r.Body.Close()
-	data, err := io.ReadAll(io.LimitReader(r.Body, maxEtcdResponse+1))
+	data, err := io.ReadAll(io.LimitReader(r.Body, int64(c.maxReply)+1))
 	if err != nil {
 		return err
 	}
-	if len(data) > maxEtcdResponse {
-		return fmt.Errorf("etcd answer larger than %d bytes", maxEtcdResponse)
+	if len(data) > c.maxReply {
+		return fmt.Errorf("%w: more than %d bytes", errReplyTooLarge, c.maxReply)
 	}
 	if r.StatusCode != http.StatusOK {
 		return parseEtcdError(r.StatusCode, data)

@@ -602,3 +602,24 @@ func TestEtcdBackendLeases(t *testing.T) {
 		t.Errorf("after deregister: keys %v; want none, and none in the table", got)
 	}
 }
+
+// TestEtcdResyncPagesLargeValues: a page of the registry larger than an
+// answer may be is asked for again in smaller pages, not given up on.
+func TestEtcdResyncPagesLargeValues(t *testing.T) {
+	e := startEtcd(t)
+	b, tb, _ := newTestEtcdBackend(t, e.client)
+	big := strings.Repeat("x", 1000) // within a metadata field's limit
+	for i := range 40 {
+		e.put(t, fmt.Sprintf("/micro/registry/big/n%d", i),
+			fmt.Sprintf(`{"name":"big","nodes":[{"id":"n%d","address":"127.0.0.1","port":1,"metadata":{"pad":%q}}]}`, i, big))
+	}
+	b.c.maxReply = 16 << 10 // a few entries to an answer
+	if _, err := b.resync(context.Background()); err != nil {
+		t.Fatalf("resync with 40 entries of 1 KB and answers of 16 KB: %v", err)
+	}
+	for i := range 40 {
+		if !tableHas(tb, "big", fmt.Sprint("n", i)) {
+			t.Fatalf("n%d missing after the resync", i)
+		}
+	}
+}
