@@ -40,7 +40,7 @@ func (a *appRegistration) up() {
 	a.mu.Lock()
 	a.want = true
 	a.mu.Unlock()
-	a.log.Info("Registering "+a.id, "service", a.app.Name, "address", a.app.Nodes[0].Address) // appService makes one node
+	a.log.Info("Registering "+a.id, "service", a.app.Name, "address", a.app.Nodes[0].hostPort()) // appService makes one node
 	a.write()
 }
 

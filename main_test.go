@@ -631,6 +631,9 @@ func TestAppRegistrationIsRetried(t *testing.T) {
 	if !strings.Contains(p.log.String(), "after the registry refused it") {
 		t.Error("the late registration is not logged")
 	}
+	if !strings.Contains(p.log.String(), "address="+addr) {
+		t.Errorf("the registration's log line does not give the app's host:port %s", addr)
+	}
 	id := appID(t, p)
 	do(t, "DELETE", p.url("/registry"), "application/json", `{"name":"web","nodes":[{"id":"`+id+`","address":"`+addr+`"}]}`)
 	if a := report(); a.Registered {
