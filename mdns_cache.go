@@ -228,12 +228,19 @@ func (c *mdnsCache) node(inst *cachedInstance, now time.Time) (rec record, ok, v
 				}
 			}
 		}
-		if !best.IsValid() {
-			return record{}, false, true
-		}
-		address = best.String()
-		if bestExp.Before(exp) {
-			exp = bestExp
+		switch {
+		case best.IsValid():
+			address = best.String()
+			if bestExp.Before(exp) {
+				exp = bestExp
+			}
+		case inst.srvTarget == ownHost(inst.name):
+			return record{}, false, true // a sidecar's own host: its address is on the way
+		default:
+			// A node whose address is itself a name under .local (a Mac's
+			// host name, an Active Directory domain): nobody announces an
+			// address for it, and the name is the address.
+			address = strings.TrimSuffix(inst.srvTarget, ".")
 		}
 	} else {
 		address = strings.TrimSuffix(inst.srvTarget, ".")
@@ -244,6 +251,12 @@ func (c *mdnsCache) node(inst *cachedInstance, now time.Time) (rec record, ok, v
 		return record{}, false, false
 	}
 	return recordsOf(s, exp)[0], true, true
+}
+
+// ownHost is the host a sidecar names for an instance whose node has an IP
+// address: <label>.local., the instance's label (see announcementOf).
+func ownHost(instance string) string {
+	return strings.TrimSuffix(instance, "."+mdnsServiceType) + ".local."
 }
 
 // resolve installs, refreshes or withdraws the record of one instance, and

@@ -144,6 +144,7 @@ func TestAnnouncementRoundTrip(t *testing.T) {
 		{"ipv4", "192.0.2.7"},
 		{"ipv6", "2001:db8::7"},
 		{"host name", "db.example.com"},
+		{".local host name", "johns-mbp.local"}, // no one announces its address: the name is it
 		{"100-byte id", "127.0.0.1"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
