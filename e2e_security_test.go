@@ -592,3 +592,54 @@ func TestSilentConnectionClosedAfterReadHeaderTimeout(t *testing.T) {
 		t.Errorf("a kept-alive connection idle for 1s of its 30s: %v", err)
 	}
 }
+
+// TestInFlightLimitCountsHandshakesUntilTakenOver: a request that names a
+// WebSocket upgrade holds an in-flight slot until its connection is taken
+// over; one the app never upgrades keeps it to the end, and a WebSocket
+// once open holds none.
+func TestInFlightLimitCountsHandshakesUntilTakenOver(t *testing.T) {
+	release, arrived := make(chan struct{}), make(chan struct{}, 1)
+	app := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		arrived <- struct{}{}
+		select { // answers, and never upgrades, when the test lets it
+		case <-release:
+		case <-r.Context().Done():
+		}
+	}))
+	defer app.Close()
+	defer close(release)
+	host, port, _ := net.SplitHostPort(strings.TrimPrefix(app.URL, "http://"))
+	p := startSidecar(t, "--registry=memory", "--max_inflight=1")
+	do(t, "POST", p.url("/registry"), "application/json", `{"name":"slowws","nodes":[{"id":"s1","address":"`+host+`","port":`+port+`}]}`)
+	fake := func() *http.Response {
+		req, _ := http.NewRequest("GET", p.url("/proxy/slowws/"), nil)
+		req.Header.Set("Connection", "Upgrade")
+		req.Header.Set("Upgrade", "websocket")
+		req.Header.Set("Sec-WebSocket-Version", "13")
+		req.Header.Set("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ==")
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return resp
+	}
+	held := make(chan *http.Response, 1)
+	go func() { held <- fake() }()
+	<-arrived // the first is at the app, holding the slot
+	if resp := fake(); resp.StatusCode != http.StatusServiceUnavailable {
+		t.Errorf("a second fake upgrade while the first holds the slot: %d; want 503", resp.StatusCode)
+		resp.Body.Close()
+	}
+	release <- struct{}{} // the first one answers
+	if resp := <-held; resp.StatusCode != http.StatusOK {
+		t.Errorf("the held fake upgrade: %d; want the app's 200", resp.StatusCode)
+	} else {
+		resp.Body.Close()
+	}
+	// A real WebSocket gives its slot back once open.
+	subscribeWS(t, p, "open", "topic=inflight")
+	waitSubscribers(t, p, 1)
+	if code, _ := do(t, "GET", p.url("/registry"), "", ""); code != http.StatusOK {
+		t.Errorf("a request with a WebSocket open at --max_inflight=1: %d; want 200", code)
+	}
+}

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"crypto/sha256"
@@ -489,19 +490,54 @@ func bearerToken(r *http.Request) (string, bool) {
 // a flood cannot pile up goroutines and memory.
 func limitInFlight(max int, next http.Handler) http.Handler {
 	var inFlight atomic.Int64 // a counter, not a channel of slots: two atomic adds per request
+	refuse := func(w http.ResponseWriter) {
+		w.Header().Set("Retry-After", "1")
+		writeError(w, http.StatusServiceUnavailable, "too many requests in flight ("+strconv.Itoa(max)+", --max_inflight); retry shortly")
+	}
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		// A WebSocket lives as long as it likes, so it holds no slot; it
-		// starts with a GET (RFC 6455), and nothing else is let past.
-		if isWebSocketHandshake(r) || r.URL.Path == "/health" {
+		switch {
+		case r.URL.Path == "/health":
 			next.ServeHTTP(w, r)
-			return
+		case isWebSocketHandshake(r):
+			// A WebSocket lives as long as it likes: its slot is given back
+			// once its connection is taken over. A request that only names
+			// an upgrade, which nothing takes over, keeps it to the end.
+			h := &releaseOnHijack{ResponseWriter: w, inFlight: &inFlight}
+			defer h.release()
+			if inFlight.Add(1) > int64(max) {
+				refuse(w)
+				return
+			}
+			next.ServeHTTP(h, r)
+		default:
+			defer inFlight.Add(-1)
+			if inFlight.Add(1) > int64(max) {
+				refuse(w)
+				return
+			}
+			next.ServeHTTP(w, r)
 		}
-		defer inFlight.Add(-1)
-		if inFlight.Add(1) > int64(max) {
-			w.Header().Set("Retry-After", "1")
-			writeError(w, http.StatusServiceUnavailable, "too many requests in flight ("+strconv.Itoa(max)+", --max_inflight); retry shortly")
-			return
-		}
-		next.ServeHTTP(w, r)
 	})
+}
+
+// releaseOnHijack is a response writer that gives back its request's
+// in-flight slot when its connection is taken over, or at the latest when
+// release is called.
+type releaseOnHijack struct {
+	http.ResponseWriter
+	inFlight *atomic.Int64
+	done     atomic.Bool
+}
+
+func (w *releaseOnHijack) release() {
+	if w.done.CompareAndSwap(false, true) {
+		w.inFlight.Add(-1)
+	}
+}
+
+func (w *releaseOnHijack) Unwrap() http.ResponseWriter { return w.ResponseWriter }
+
+func (w *releaseOnHijack) Hijack() (net.Conn, *bufio.ReadWriter, error) {
+	w.release()
+	return http.NewResponseController(w.ResponseWriter).Hijack()
 }
