@@ -641,6 +641,29 @@ func TestAppRegistrationIsRetried(t *testing.T) {
 	}
 }
 
+// TestHealthCheckHidesThePassword: a password in --healthcheck_url shows
+// in no log line, and /health gives the last check's duration even when it
+// took under a millisecond.
+func TestHealthCheckHidesThePassword(t *testing.T) {
+	app := newHealthyApp(t)
+	addr := strings.TrimPrefix(app.srv.URL, "http://")
+	p := startSidecar(t, "--registry=memory", "--server_name=pw", "--server_address="+addr,
+		"--healthcheck_url=http://user:s3cr3t@"+addr+"/h", "--healthcheck_interval=100ms", "--healthcheck_failures=1")
+	assertHealth(t, p, 200, "passing")
+	app.state.Store(1)
+	assertHealth(t, p, 503, "failing")
+	if strings.Contains(p.log.String(), "s3cr3t") {
+		t.Errorf("the password is in the log:\n%s", p.log.String())
+	}
+	if !strings.Contains(p.log.String(), "app is unhealthy") || !strings.Contains(p.log.String(), "user:xxxxx@") {
+		t.Error("the health changes are not logged with the redacted URL")
+	}
+	_, body := do(t, "GET", p.url("/health"), "", "")
+	if !strings.Contains(body, `"last_duration_ms":`) {
+		t.Errorf("/health without last_duration_ms after checks: %s", body)
+	}
+}
+
 func assertHealth(t *testing.T, p *proc, code int, appStatus string) {
 	t.Helper()
 	var rep healthReport
