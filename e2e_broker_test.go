@@ -643,10 +643,7 @@ func TestBrokerForwardsToManyGroups(t *testing.T) {
 func TestBrokerDoesNotForwardToItself(t *testing.T) {
 	a := startSidecar(t, "--registry=memory")
 	_, port, _ := net.SplitHostPort(a.addr)
-	entry := `{"name":"topic:loop","nodes":[{"id":"stale","address":"localhost:` + port + `"}]}`
-	if code, body := do(t, "POST", a.url("/registry"), "application/json", entry); code != http.StatusOK {
-		t.Fatalf("registering the entry: %d %s", code, body)
-	}
+	registerAddr(t, a, "topic:loop", "stale", "localhost:"+port)
 	sub := subscribeWS(t, a, "A.loop", "topic=loop")
 	waitSubscribers(t, a, 1)
 	publish(t, a, "loop", "text/plain", "once")

@@ -117,9 +117,8 @@ func TestProxiedCORSHasOneOrigin(t *testing.T) {
 		io.WriteString(w, "ok")
 	}))
 	defer app.Close()
-	host, port, _ := net.SplitHostPort(strings.TrimPrefix(app.URL, "http://"))
 	p := startSidecar(t, "--registry=memory", "--cors_allowed_origins=http://app.example")
-	do(t, "POST", p.url("/registry"), "application/json", `{"name":"web","nodes":[{"id":"w1","address":"`+host+`","port":`+port+`}]}`)
+	registerAddr(t, p, "web", "w1", strings.TrimPrefix(app.URL, "http://"))
 	for _, headers := range []map[string]string{
 		{"Origin": "http://app.example"},                   // the direct path
 		{"Origin": "http://app.example", "TE": "trailers"}, // ReverseProxy's
@@ -608,9 +607,8 @@ func TestInFlightLimitCountsHandshakesUntilTakenOver(t *testing.T) {
 	}))
 	defer app.Close()
 	defer close(release)
-	host, port, _ := net.SplitHostPort(strings.TrimPrefix(app.URL, "http://"))
 	p := startSidecar(t, "--registry=memory", "--max_inflight=1")
-	do(t, "POST", p.url("/registry"), "application/json", `{"name":"slowws","nodes":[{"id":"s1","address":"`+host+`","port":`+port+`}]}`)
+	registerAddr(t, p, "slowws", "s1", strings.TrimPrefix(app.URL, "http://"))
 	fake := func() *http.Response {
 		req, _ := http.NewRequest("GET", p.url("/proxy/slowws/"), nil)
 		req.Header.Set("Connection", "Upgrade")
