@@ -111,6 +111,12 @@ type config struct {
 
 	Health healthConfig
 
+	// given names where each flag set was set: "--name" on the command
+	// line or its MICRO_NAME variable; validate refuses flags that would
+	// have no effect, and notes such variables in ignored.
+	given   map[string]string
+	ignored []string
+
 	Registry          string     // mdns, file, etcd or memory
 	RegistryAddress   string     // file path for the file registry; etcd URLs for etcd
 	RegistryInterface []string   // interfaces of the mdns registry; empty: chosen by the advertised address
@@ -211,10 +217,10 @@ func parseSidecarFlags(args []string, out io.Writer, lookupEnv func(string) (str
 	if fs.NArg() > 0 {
 		return config{}, fmt.Errorf("unexpected argument %q; flags look like --server_name=foo", fs.Arg(0))
 	}
-	if err := applyEnv(fs, lookupEnv); err != nil {
+	var err error
+	if cfg.given, err = applyEnv(fs, lookupEnv); err != nil {
 		return config{}, err
 	}
-	var err error
 	if cfg.ServerMetadata, err = parseMetadata(metadata); err != nil {
 		return config{}, err
 	}
@@ -234,17 +240,21 @@ func parseSidecarFlags(args []string, out io.Writer, lookupEnv func(string) (str
 }
 
 // applyEnv sets every flag not given on the command line from its MICRO_*
-// variable.
-func applyEnv(fs *flag.FlagSet, lookupEnv func(string) (string, bool)) error {
-	given := map[string]bool{}
-	fs.Visit(func(f *flag.Flag) { given[f.Name] = true })
+// variable, and returns where each flag set was set: "--name" or
+// "MICRO_NAME" (when not empty).
+func applyEnv(fs *flag.FlagSet, lookupEnv func(string) (string, bool)) (map[string]string, error) {
+	given := map[string]string{}
+	fs.Visit(func(f *flag.Flag) { given[f.Name] = "--" + f.Name })
 	var err error
 	fs.VisitAll(func(f *flag.Flag) {
-		if given[f.Name] || err != nil {
+		if given[f.Name] != "" || err != nil {
 			return
 		}
 		name := "MICRO_" + strings.ToUpper(f.Name)
 		if v, ok := lookupEnv(name); ok {
+			if v != "" { // an empty variable is commonly a way to unset one
+				given[f.Name] = name
+			}
 			if serr := f.Value.Set(v); serr != nil {
 				if serr.Error() == "parse error" {
 					serr = errors.New(wantOf(f))
@@ -253,7 +263,7 @@ func applyEnv(fs *flag.FlagSet, lookupEnv func(string) (string, bool)) error {
 			}
 		}
 	})
-	return err
+	return given, err
 }
 
 // explainParseError replaces the flag package's bare "parse error", for a
@@ -333,8 +343,8 @@ func (c *config) validate() error {
 	default:
 		return fmt.Errorf("--registry %q: want mdns, file, etcd or memory", c.Registry)
 	}
-	if len(c.RegistryInterface) > 0 && c.Registry != "mdns" {
-		return fmt.Errorf("--registry_interface needs --registry=mdns (the registry is %s)", c.Registry)
+	if err := c.checkIneffective(); err != nil {
+		return err
 	}
 	if c.RegisterTTL < time.Second {
 		return errors.New("--register_ttl must be at least 1s")
@@ -399,6 +409,41 @@ func (c *config) validate() error {
 	c.RPC.MaxBodyBytes = c.MaxBodyBytes
 	if c.LogFormat != "text" && c.LogFormat != "json" {
 		return fmt.Errorf("--log_format %q: want text or json", c.LogFormat)
+	}
+	return nil
+}
+
+// checkIneffective refuses a flag that takes effect only with another
+// setting when that setting is missing: a health check interval without a
+// health check, an etcd password with the mdns registry. Ignored silently,
+// such a flag would leave its user believing it worked. A MICRO_*
+// variable is only noted, for the log: an environment often sets
+// variables for a family of processes, and a command line that chooses
+// another registry than the family's must still start.
+func (c *config) checkIneffective() error {
+	c.ignored = nil
+	for _, r := range []struct {
+		flags []string
+		needs string
+		ok    bool
+	}{
+		{[]string{"healthcheck_interval", "healthcheck_timeout", "healthcheck_failures", "healthcheck_successes"}, "--healthcheck_url", c.Health.URL != ""},
+		{[]string{"server_id", "server_version", "server_metadata"}, "--server_name", c.ServerName != ""},
+		{[]string{"registry_interface"}, "--registry=mdns", c.Registry == "mdns"},
+		{[]string{"registry_address"}, "--registry=file or --registry=etcd", c.Registry == "file" || c.Registry == "etcd"},
+		{[]string{"registry_prefix", "registry_username", "registry_password", "registry_tls_ca", "registry_tls_cert", "registry_tls_key"}, "--registry=etcd", c.Registry == "etcd"},
+	} {
+		if r.ok {
+			continue
+		}
+		for _, name := range r.flags {
+			switch src := c.given[name]; {
+			case strings.HasPrefix(src, "--"):
+				return fmt.Errorf("%s has no effect without %s; drop it, or add %s", src, r.needs, r.needs)
+			case src != "":
+				c.ignored = append(c.ignored, fmt.Sprintf("%s has no effect without %s", src, r.needs))
+			}
+		}
 	}
 	return nil
 }
@@ -554,6 +599,9 @@ func newSidecar(ctx context.Context, cfg config, log *slog.Logger) (*sidecar, er
 // runSidecar runs a sidecar until ctx ends, then shuts it down cleanly.
 func runSidecar(ctx context.Context, cfg config, logOut io.Writer) error {
 	log := newLogger(cfg, logOut)
+	for _, note := range cfg.ignored {
+		log.Warn("ignoring a variable: " + note)
+	}
 	s, err := newSidecar(ctx, cfg, log)
 	if err != nil {
 		return err

@@ -261,8 +261,12 @@ func TestCommandLine(t *testing.T) {
 		{[]string{"sidecar", "--server_name=foo"}, 2, "--server_name needs --server_address"},
 		{[]string{"sidecar", "--server_name=foo", "--server_address=127.0.0.1:99999"}, 2, "port must be 1-65535"},
 		{[]string{"sidecar", "--registry=zookeeper"}, 2, `--registry "zookeeper": want mdns, file, etcd or memory`},
-		{[]string{"sidecar", "--registry=memory", "--registry_interface=lo"}, 2, "--registry_interface needs --registry=mdns"},
+		{[]string{"sidecar", "--registry=memory", "--registry_interface=lo"}, 2, "--registry_interface has no effect without --registry=mdns"},
 		{[]string{"sidecar", "--help"}, 0, "-registry_interface"},
+		{[]string{"sidecar", "--healthcheck_interval=2s"}, 2, "--healthcheck_interval has no effect without --healthcheck_url"},
+		{[]string{"sidecar", "--server_version=1.0"}, 2, "--server_version has no effect without --server_name"},
+		{[]string{"sidecar", "--registry=file", "--registry_username=u"}, 2, "--registry_username has no effect without --registry=etcd"},
+		{[]string{"sidecar", "--registry=memory", "--registry_address=/tmp/r.json"}, 2, "--registry_address has no effect without --registry=file or --registry=etcd"},
 		{[]string{"sidecar", "--server_name=f", "--server_address=127.0.0.1:1", "--healthcheck_url=ftp://x"}, 2, "scheme must be http, https or tcp"},
 	} {
 		t.Run(strings.Join(tc.args, " "), func(t *testing.T) {
@@ -271,6 +275,32 @@ func TestCommandLine(t *testing.T) {
 				t.Errorf("micro %v: exit %d, output %q; want exit %d and %q", tc.args, code, out, tc.code, tc.want)
 			}
 		})
+	}
+}
+
+func TestIneffectiveFlagFromEnvironment(t *testing.T) {
+	env := func(vars ...string) func(string) (string, bool) {
+		return func(name string) (string, bool) {
+			for _, v := range vars {
+				if n, val, _ := strings.Cut(v, "="); n == name {
+					return val, true
+				}
+			}
+			return "", false
+		}
+	}
+	// A variable set for a family of processes must not stop one that
+	// chooses another registry on its command line: it is noted, for the log.
+	cfg, err := parseSidecarFlags([]string{"--registry=memory"}, io.Discard, env("MICRO_REGISTRY_PASSWORD=pw"))
+	if err != nil || len(cfg.ignored) != 1 || cfg.ignored[0] != "MICRO_REGISTRY_PASSWORD has no effect without --registry=etcd" {
+		t.Errorf("MICRO_REGISTRY_PASSWORD with the memory registry: %v, noted %q; want it noted by name", err, cfg.ignored)
+	}
+	if cfg, err := parseSidecarFlags([]string{"--registry=memory"}, io.Discard, env("MICRO_REGISTRY_PASSWORD=")); err != nil || len(cfg.ignored) != 0 {
+		t.Errorf("an empty MICRO_REGISTRY_PASSWORD is no setting: %v, noted %q", err, cfg.ignored)
+	}
+	args := []string{"--registry=memory", "--server_name=a", "--server_address=127.0.0.1:1", "--healthcheck_url=tcp://127.0.0.1:1", "--healthcheck_failures=2", "--server_id=a-1"}
+	if _, err := parseSidecarFlags(args, io.Discard, env()); err != nil {
+		t.Errorf("flags with what they need: %v", err)
 	}
 }
 
@@ -290,6 +320,11 @@ func TestEnvironmentVariablesAndFlagPrecedence(t *testing.T) {
 	p := startSidecarEnv(t, []string{"MICRO_SERVER_NAME=fromenv", "MICRO_SERVER_ADDRESS=127.0.0.1:9090", "MICRO_REGISTRY=memory"})
 	if s := lookup(t, p, "fromenv"); s == nil || s.Nodes[0].Port != 9090 {
 		t.Fatalf("service from MICRO_SERVER_NAME: got %+v", s)
+	}
+	// TestMain sets MICRO_REGISTRY_ADDRESS, which the memory registry has
+	// no use for: the sidecar says so, and starts.
+	if !strings.Contains(p.log.String(), "ignoring a variable: MICRO_REGISTRY_ADDRESS has no effect without --registry=file or --registry=etcd") {
+		t.Errorf("no warning about MICRO_REGISTRY_ADDRESS; log: %s", p.log.String())
 	}
 	q := startSidecarEnv(t, []string{"MICRO_SERVER_NAME=fromenv", "MICRO_SERVER_ADDRESS=127.0.0.1:9090", "MICRO_REGISTRY=memory"}, "--server_name=fromflag")
 	if lookup(t, q, "fromflag") == nil || lookup(t, q, "fromenv") != nil {
