@@ -107,6 +107,41 @@ func TestAuthToken(t *testing.T) {
 	}
 }
 
+// TestProxyKeepsTheTokenFromApps: the sidecar's token admits a request to
+// the sidecar; it is not passed on to the apps the proxy calls, neither as
+// Authorization nor as a WebSocket's ?access_token.
+func TestProxyKeepsTheTokenFromApps(t *testing.T) {
+	const token = "s3cret-token-value"
+	seen := make(chan string, 8)
+	mux := http.NewServeMux()
+	mux.Handle("/ws", websocket.Handler(func(ws *websocket.Conn) {
+		seen <- "query " + ws.Request().URL.RawQuery + " auth " + ws.Request().Header.Get("Authorization")
+	}))
+	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+		seen <- "query " + r.URL.RawQuery + " auth " + r.Header.Get("Authorization")
+	})
+	app := httptest.NewServer(mux)
+	defer app.Close()
+	p := startSidecarEnv(t, []string{"MICRO_AUTH_TOKEN=" + token}, "--registry=memory", "--server_name=web", "--server_address="+strings.TrimPrefix(app.URL, "http://"))
+	for _, headers := range []map[string]string{
+		{"Authorization": "Bearer " + token},                   // the direct path
+		{"Authorization": "Bearer " + token, "TE": "trailers"}, // ReverseProxy's
+	} {
+		resp := request(t, "GET", p.url("/proxy/web/x?q=1&access_token=app-own"), headers, "")
+		if got := <-seen; resp.StatusCode != 200 || got != "query q=1&access_token=app-own auth " {
+			t.Errorf("%v: %d, the app saw %q; want 200, the query as sent and no Authorization", headers, resp.StatusCode, got)
+		}
+	}
+	ws, err := websocket.Dial("ws://"+p.addr+"/proxy/web/ws?x=1&access_token="+token+"&y=2", "", "http://"+p.addr)
+	if err != nil {
+		t.Fatalf("WebSocket through the proxy with ?access_token: %v", err)
+	}
+	defer ws.Close()
+	if got := <-seen; got != "query x=1&y=2 auth " {
+		t.Errorf("the app saw %q on the WebSocket handshake; want the query without access_token", got)
+	}
+}
+
 // TestProxiedCORSHasOneOrigin: for an allowed origin the sidecar's CORS
 // answer stands on proxied requests; an app's own CORS fields would make
 // two Access-Control-Allow-Origin fields, which fail the browser's check.

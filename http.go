@@ -467,8 +467,37 @@ func (s *sidecar) authenticate(next http.Handler) http.Handler {
 			writeError(w, http.StatusUnauthorized, "missing or wrong token: send Authorization: Bearer <token> (WebSockets may use ?access_token=<token>)")
 			return
 		}
+		dropToken(r)
 		next.ServeHTTP(w, r)
 	})
+}
+
+// dropToken removes the sidecar's token from a request it admitted. The
+// token is the sidecar's secret, not the apps': the proxy passes headers
+// and the query on, and would hand it to every app it calls.
+func dropToken(r *http.Request) {
+	if r.Header.Get("Authorization") != "" { // where bearerToken took it from
+		delete(r.Header, "Authorization")
+		return
+	}
+	r.URL.RawQuery = withoutParam(r.URL.RawQuery, "access_token")
+}
+
+// withoutParam returns the query without the pairs named name, the others
+// as they came.
+func withoutParam(query, name string) string {
+	if !strings.Contains(query, "_") && !strings.Contains(query, "%") {
+		return query // neither access_token nor an escaped spelling of it
+	}
+	var kept []string
+	for _, pair := range strings.Split(query, "&") {
+		key, _, _ := strings.Cut(pair, "=")
+		if k, err := url.QueryUnescape(key); err == nil && k == name {
+			continue
+		}
+		kept = append(kept, pair)
+	}
+	return strings.Join(kept, "&")
 }
 
 // bearerToken returns the request's token, from the Authorization header or,

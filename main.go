@@ -332,6 +332,7 @@ func (c *config) validate() error {
 	}
 	switch c.Registry {
 	case "memory", "mdns":
+		c.RegistryAddress = "" // a MICRO_REGISTRY_ADDRESS for another registry, noted as ignored
 	case "file":
 		if c.RegistryAddress == "" {
 			c.RegistryAddress = defaultRegistryPath()
