@@ -13,6 +13,7 @@ import (
 	"bufio"
 	"context"
 	"crypto/rand"
+	"crypto/x509"
 	"encoding/base64"
 	"encoding/binary"
 	"encoding/hex"
@@ -35,15 +36,16 @@ import (
 
 // brokerConfig bounds the broker. Zero values take the defaults below.
 type brokerConfig struct {
-	MaxPayloadBytes int           // largest message (WebSocket frame or POST body); default 1 MiB
-	QueueSize       int           // messages a subscriber may have waiting; default 4096
-	QueueBytes      int           // bytes a subscriber may have waiting; default 16 MiB
-	PingInterval    time.Duration // between pings to a quiet connection; default 20s
-	MaxTopics       int           // topics with local subscribers; default 1000
-	MaxSubscribers  int           // WebSocket connections; default 10000
-	WriteTimeout    time.Duration // one write to a subscriber; default 10s
-	PeerScheme      string        // how peers are reached: http (default) or https, as this sidecar serves
-	AuthToken       string        // sent to peers as a bearer token; peers share the sidecars' --auth_token
+	MaxPayloadBytes int            // largest message (WebSocket frame or POST body); default 1 MiB
+	QueueSize       int            // messages a subscriber may have waiting; default 4096
+	QueueBytes      int            // bytes a subscriber may have waiting; default 16 MiB
+	PingInterval    time.Duration  // between pings to a quiet connection; default 20s
+	MaxTopics       int            // topics with local subscribers; default 1000
+	MaxSubscribers  int            // WebSocket connections; default 10000
+	WriteTimeout    time.Duration  // one write to a subscriber; default 10s
+	PeerScheme      string         // how peers are reached: http (default) or https, as this sidecar serves
+	PeerRoots       *x509.CertPool // CAs trusted for https peers; nil: the system's
+	AuthToken       string         // sent to peers as a bearer token; peers share the sidecars' --auth_token
 }
 
 const (

@@ -12,11 +12,14 @@ package main
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"encoding/json"
 	"fmt"
 	"io"
 	"net"
 	"net/http"
+	"os"
 	"slices"
 	"strconv"
 	"strings"
@@ -293,11 +296,32 @@ func newForwarder(b *broker) *forwarder {
 				MaxConnsPerHost:       4,
 				IdleConnTimeout:       90 * time.Second,
 				ResponseHeaderTimeout: forwardTimeout,
+				TLSClientConfig:       &tls.Config{RootCAs: b.cfg.PeerRoots},
 			},
 		},
 		cache: map[string]*peerEntry{},
 		peers: map[string]*peerQueue{},
 	}
+}
+
+// peerRoots returns the CAs a sidecar serving HTTPS with certFile trusts
+// in its peers: the system's, and every certificate in certFile. Sidecars
+// that share a self-signed certificate, or whose chain files end in their
+// private CA, then reach each other with no more setup; other CAs go in
+// SSL_CERT_FILE or SSL_CERT_DIR, as for any Go program.
+func peerRoots(certFile string) (*x509.CertPool, error) {
+	pool, err := x509.SystemCertPool()
+	if err != nil {
+		pool = x509.NewCertPool()
+	}
+	data, err := os.ReadFile(certFile)
+	if err != nil {
+		return nil, err
+	}
+	if !pool.AppendCertsFromPEM(data) {
+		return nil, fmt.Errorf("%s: no PEM certificate", certFile)
+	}
+	return pool, nil
 }
 
 // watch invalidates cached peer lists whenever a topic registration

@@ -490,6 +490,45 @@ func TestBrokerForwardsWithToken(t *testing.T) {
 	waitFor(t, 10*time.Second, "the message to cross sidecars", func() bool { return sub.total() == 1 })
 }
 
+// TestBrokerForwardsOverTLS: sidecars serving HTTPS with one self-signed
+// certificate forward to each other over HTTPS, trusting the certificate
+// they serve with; no SSL_CERT_FILE is needed.
+func TestBrokerForwardsOverTLS(t *testing.T) {
+	certFile, keyFile, pool := selfSigned(t)
+	args := []string{"--registry=file", "--registry_address=" + filepath.Join(t.TempDir(), "registry.json"), "--tls_cert_file=" + certFile, "--tls_key_file=" + keyFile}
+	a := startSidecar(t, args...)
+	b := startSidecar(t, args...)
+	cfg, err := websocket.NewConfig("wss://"+b.addr+"/broker?topic=tls", "https://"+b.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg.TlsConfig = &tls.Config{RootCAs: pool}
+	ws, err := websocket.DialConfig(cfg)
+	if err != nil {
+		t.Fatalf("subscribing over WSS: %v", err)
+	}
+	defer ws.Close()
+	client := &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}}}
+	waitFor(t, 10*time.Second, "b's topic registration on a", func() bool {
+		resp, err := client.Get("https://" + a.addr + "/registry?service=topic:tls")
+		if err != nil {
+			return false
+		}
+		resp.Body.Close()
+		return resp.StatusCode == 200
+	})
+	resp, err := client.Post("https://"+a.addr+"/broker?topic=tls", "text/plain", strings.NewReader("over tls"))
+	if err != nil || resp.StatusCode != 200 {
+		t.Fatalf("publish on a: %v %v", err, resp)
+	}
+	resp.Body.Close()
+	ws.SetReadDeadline(time.Now().Add(10 * time.Second))
+	var ev cloudEvent
+	if err := websocket.JSON.Receive(ws, &ev); err != nil || !strings.Contains(string(ev.Data), "over tls") {
+		t.Fatalf("b's subscriber: %v, %s; want the message published on a\nlog of a:\n%s", err, ev.Data, a.log.String())
+	}
+}
+
 // TestStalledBodiesAreCutOff: a request body that stops arriving is cut
 // off after --idle_timeout with a 408 in the error shape, on the registry
 // API, /rpc, /broker and the proxy, whether the fast path reads it (a

@@ -363,6 +363,11 @@ func (c *config) validate() error {
 		if _, err := tls.LoadX509KeyPair(c.TLSCertFile, c.TLSKeyFile); err != nil {
 			return fmt.Errorf("--tls_cert_file/--tls_key_file: %v", err)
 		}
+		roots, err := peerRoots(c.TLSCertFile)
+		if err != nil {
+			return fmt.Errorf("--tls_cert_file: %v", err)
+		}
+		c.Broker.PeerRoots = roots
 	}
 	for _, f := range []struct {
 		name string
