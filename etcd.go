@@ -41,7 +41,9 @@ const (
 	// maxEtcdValue bounds a value the registry will parse; a service
 	// record with the largest metadata allowed is well below it.
 	maxEtcdValue = 256 << 10
-	// maxWatchMessage bounds one line of the watch stream.
+	// maxWatchMessage bounds one line of the watch stream. The watch asks
+	// etcd to split its messages at its --max-request-bytes (1.5 MiB by
+	// default), so only a single event larger than this fails.
 	maxWatchMessage = 32 << 20
 	// maxBadKeys bounds the set of bad keys remembered so that each is
 	// logged once; past it, further bad keys are counted and not logged.
@@ -702,6 +704,10 @@ func (b *etcdBackend) watch(ctx context.Context, rev *int64) (established bool, 
 		"range_end":       prefixEnd(b.prefix),
 		"start_revision":  int64s(*rev + 1),
 		"progress_notify": true,
+		// A catch-up after a break sends up to 1,000 revisions as one
+		// message, which can exceed any bound; fragments stay within
+		// etcd's request limit (etcd 3.4 and later).
+		"fragment": true,
 	}}
 	body, err := json.Marshal(create)
 	if err != nil {
@@ -745,7 +751,7 @@ func (b *etcdBackend) watchOn(ctx context.Context, i int, body []byte, header ht
 		b.mu.Unlock()
 	}()
 	sc := bufio.NewScanner(stream)
-	sc.Buffer(make([]byte, 0, 64<<10), maxWatchMessage)
+	sc.Buffer(make([]byte, 0, 64<<10), b.c.maxWatch)
 	for sc.Scan() {
 		line := bytes.TrimSpace(sc.Bytes())
 		if len(line) == 0 {
@@ -786,7 +792,7 @@ func (b *etcdBackend) watchOn(ctx context.Context, i int, body []byte, header ht
 			b.watchUp()
 		case len(res.Events) > 0:
 			b.apply(watchChanges(b.prefix, res.Events))
-			*rev = max(*rev, watchLastRev(res))
+			*rev = max(*rev, watchDoneRev(res))
 		default: // progress notification: nothing of ours changed up to here
 			*rev = max(*rev, int64(res.Header.Revision))
 		}
@@ -827,10 +833,18 @@ func (b *etcdBackend) watchdog(ctx context.Context, i int, cancel context.Cancel
 	}
 }
 
-func watchLastRev(res *etcdWatchResult) int64 {
+// watchDoneRev is the last revision whose events a watch message
+// completes: its last event's, or, when etcd split the message and more
+// pieces follow, the one before, since that revision may go on in the next
+// piece. Should the stream break first, the watch resumes at it and applies
+// its events again, which changes nothing.
+func watchDoneRev(res *etcdWatchResult) int64 {
 	var r int64
 	for _, ev := range res.Events {
 		r = max(r, int64(ev.KV.ModRevision))
+	}
+	if res.Fragment {
+		r--
 	}
 	return r
 }

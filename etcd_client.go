@@ -38,6 +38,7 @@ type etcdClient struct {
 	password string
 	timeout  time.Duration // per unary call and per watch creation
 	maxReply int           // bytes of one unary answer; maxEtcdResponse unless a test lowers it
+	maxWatch int           // bytes of one watch message; maxWatchMessage unless a test lowers it
 
 	// onFail, if set, is told when endpoint i failed a call, so that a
 	// watch on the same endpoint can move on without waiting for TCP to
@@ -232,6 +233,7 @@ func newEtcdClient(endpoints []string, tlsCfg *tls.Config, username, password st
 		password: password,
 		timeout:  timeout,
 		maxReply: maxEtcdResponse,
+		maxWatch: maxWatchMessage,
 	}
 }
 
@@ -484,6 +486,7 @@ type (
 		CompactRevision int64s      `json:"compact_revision"`
 		CancelReason    string      `json:"cancel_reason"`
 		Events          []etcdEvent `json:"events"`
+		Fragment        bool        `json:"fragment"` // more of these events follow
 	}
 	etcdWatchMessage struct {
 		Result *etcdWatchResult `json:"result"`

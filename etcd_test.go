@@ -603,6 +603,63 @@ func TestEtcdBackendLeases(t *testing.T) {
 	}
 }
 
+func TestWatchDoneRev(t *testing.T) {
+	res := &etcdWatchResult{Events: []etcdEvent{{KV: etcdKV{ModRevision: 7}}, {KV: etcdKV{ModRevision: 9}}}}
+	if got := watchDoneRev(res); got != 9 {
+		t.Errorf("a whole message up to revision 9: done %d; want 9", got)
+	}
+	res.Fragment = true
+	if got := watchDoneRev(res); got != 8 {
+		t.Errorf("a piece ending in revision 9, more to come: done %d; want 8", got)
+	}
+}
+
+// TestEtcdWatchCatchUpInFragments: a watch resuming after a break gets
+// the changes it missed, up to 1,000 revisions, as one message. Larger than
+// the client takes, that message failed the watch again and again. The
+// watch asks etcd to split it, which etcd does past its request limit plus
+// 512 KiB.
+func TestEtcdWatchCatchUpInFragments(t *testing.T) {
+	e := startEtcd(t, "--max-request-bytes=8192")
+	g := newGatewayProxy(t, e.client)
+	b, tb, logs := newTestEtcdBackend(t, g.srv.URL)
+	b.c.maxWatch = 1 << 20 // the catch-up below is 1.6 MB whole, pieces of 0.75 MB
+	big := strings.Repeat("x", 1000)
+	key := func(i int) string { return fmt.Sprintf("/micro/registry/big/n%d", i) }
+	node := func(i int) string {
+		return fmt.Sprintf(`{"name":"big","nodes":[{"id":"n%d","address":"127.0.0.1","port":1,"metadata":{"pad":%q}}]}`, i, big)
+	}
+	e.put(t, key(0), node(0))
+	waitFor(t, 5*time.Second, "n0 through the watch", func() bool { return tableHas(tb, "big", "n0") })
+	g.setDown(true)
+	waitFor(t, 5*time.Second, "status to report the cut", func() bool { return b.status() != nil })
+	// 200 entries put six times over: 1,200 revisions of 1 KB.
+	const n = 200
+	for round := 0; round < 6; round++ {
+		for i := 1; i <= n; i += 5 { // five to a transaction, within etcd's request limit
+			var ops []map[string]any
+			for j := i; j < i+5; j++ {
+				ops = append(ops, map[string]any{"request_put": map[string]string{"key": b64(key(j)), "value": b64(node(j))}})
+			}
+			if err := e.gw("/v3/kv/txn", map[string]any{"success": ops}, nil); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	g.setDown(false)
+	waitFor(t, 10*time.Second, "the entries put while cut off", func() bool {
+		for i := 1; i <= n; i++ {
+			if !tableHas(tb, "big", fmt.Sprint("n", i)) {
+				return false
+			}
+		}
+		return true
+	})
+	if strings.Contains(logs.String(), "token too long") {
+		t.Errorf("the watch failed on a long message:\n%s", logs.String())
+	}
+}
+
 // TestEtcdResyncPagesLargeValues: a page of the registry larger than an
 // answer may be is asked for again in smaller pages, not given up on.
 func TestEtcdResyncPagesLargeValues(t *testing.T) {
