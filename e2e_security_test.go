@@ -437,8 +437,10 @@ func TestInFlightLimit(t *testing.T) {
 	if !strings.Contains(detail, "--max_inflight") {
 		t.Errorf("refusal detail: %s", detail)
 	}
-	if code, _ := do(t, "GET", p.url("/health"), "", ""); code != 200 {
-		t.Errorf("/health must stay reachable at the limit: %d", code)
+	for _, path := range []string{"/health", "/metrics"} {
+		if code, _ := do(t, "GET", p.url(path), "", ""); code != 200 {
+			t.Errorf("%s must stay reachable at the limit: %d", path, code)
+		}
 	}
 	// Only a WebSocket handshake is exempt (it lives as long as it likes),
 	// not any request that names an upgrade.

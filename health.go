@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
@@ -120,7 +121,11 @@ func newHealthChecker(cfg healthConfig, log *slog.Logger, timings *histogramVec,
 		// A fresh connection per check, as Kubernetes probes make: a reused
 		// connection would hide an app that stopped accepting new ones.
 		client: &http.Client{
-			Transport: &http.Transport{DisableKeepAlives: true, Proxy: nil},
+			// An https:// check does not verify the app's certificate, as
+			// Kubernetes' probes do not: it asks whether the app answers,
+			// and apps often serve a self-signed or internal certificate
+			// (a FROM scratch image has no CAs at all).
+			Transport: &http.Transport{DisableKeepAlives: true, Proxy: nil, TLSClientConfig: &tls.Config{InsecureSkipVerify: true}},
 			// The app answers for itself: a 3xx fails, as the README says
 			// any answer but a 2xx does, rather than pass on whatever
 			// another server says at the Location.
@@ -201,6 +206,10 @@ func (h *healthChecker) probe(ctx context.Context) error {
 	req.Header.Set("User-Agent", "micro-sidecar-healthcheck")
 	resp, err := h.client.Do(req)
 	if err != nil {
+		var ue *url.Error
+		if errors.As(err, &ue) {
+			ue.URL = redactURL(h.cfg.URL) // the error goes to the log and /health
+		}
 		return h.timedOut(ctx, err)
 	}
 	defer resp.Body.Close()
@@ -255,11 +264,21 @@ func (h *healthChecker) report() appHealth {
 	return a
 }
 
-// redactURL hides a password in a URL before it is shown.
+// redactURL hides what a URL may carry as a secret before it is shown: a
+// password, and the query's values (?apikey=...); the names stay.
 func redactURL(raw string) string {
 	u, err := url.Parse(raw)
 	if err != nil {
-		return raw
+		return "(a URL that does not parse)"
+	}
+	if u.RawQuery != "" {
+		pairs := strings.Split(u.RawQuery, "&")
+		for i, p := range pairs {
+			if name, _, ok := strings.Cut(p, "="); ok {
+				pairs[i] = name + "=xxxxx"
+			}
+		}
+		u.RawQuery = strings.Join(pairs, "&")
 	}
 	return u.Redacted()
 }

@@ -94,6 +94,19 @@ func TestCheckStep(t *testing.T) {
 	}
 }
 
+func TestRedactURL(t *testing.T) {
+	for in, want := range map[string]string{
+		"http://u:pw@h:1/p?apikey=k&flag&x=": "http://u:xxxxx@h:1/p?apikey=xxxxx&flag&x=xxxxx",
+		"http://127.0.0.1:9090/health":       "http://127.0.0.1:9090/health",
+		"tcp://127.0.0.1:9090":               "tcp://127.0.0.1:9090",
+		"http://h/%zz?k=v":                   "(a URL that does not parse)",
+	} {
+		if got := redactURL(in); got != want {
+			t.Errorf("redactURL(%q) = %q; want %q", in, got, want)
+		}
+	}
+}
+
 func TestValidateHealthURLHidesThePassword(t *testing.T) {
 	err := validateHealthURL("ftp://user:s3cr3t@127.0.0.1:9090/h")
 	if err == nil || strings.Contains(err.Error(), "s3cr3t") {

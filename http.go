@@ -516,7 +516,8 @@ func bearerToken(r *http.Request) (string, bool) {
 // limitInFlight bounds the requests being served at once, WebSockets aside
 // (they are long-lived and bounded by their own limits). Past the bound a
 // request is refused at once with 503 and Retry-After rather than queued, so
-// a flood cannot pile up goroutines and memory.
+// a flood cannot pile up goroutines and memory. /health and /metrics are
+// served regardless: an overload is when they are needed most.
 func limitInFlight(max int, next http.Handler) http.Handler {
 	var inFlight atomic.Int64 // a counter, not a channel of slots: two atomic adds per request
 	refuse := func(w http.ResponseWriter) {
@@ -525,7 +526,7 @@ func limitInFlight(max int, next http.Handler) http.Handler {
 	}
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		switch {
-		case r.URL.Path == "/health":
+		case r.URL.Path == "/health" || r.URL.Path == "/metrics":
 			next.ServeHTTP(w, r)
 		case isWebSocketHandshake(r):
 			// A WebSocket lives as long as it likes: its slot is given back

@@ -52,8 +52,14 @@ func runMain(args []string, stdout, stderr io.Writer) int {
 			fmt.Fprintf(stderr, "micro sidecar: %v\n", err)
 			return 2
 		}
-		ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+		// SIGHUP too: a closed terminal or a dropped ssh session must not
+		// leave the app in discovery until its TTL runs out.
+		ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM, syscall.SIGHUP)
 		defer stop()
+		go func() {
+			<-ctx.Done()
+			stop() // a second signal ends the process at once, drain or not
+		}()
 		if err := runSidecar(ctx, cfg, stderr); err != nil {
 			fmt.Fprintf(stderr, "micro sidecar: %v\n", err)
 			return 1
@@ -184,7 +190,7 @@ func parseSidecarFlags(args []string, out io.Writer, lookupEnv func(string) (str
 	fs.IntVar(&cfg.RegistryMaxNodes, "registry_max_nodes", 10000, "Most nodes the registry holds; registrations beyond it are refused with 503.")
 	fs.Int64Var(&cfg.MaxBodyBytes, "max_body_bytes", 1<<20, "Largest request body of the registry API and RPC, in bytes; larger ones are refused with 413. Proxied bodies stream through to the app.")
 	fs.DurationVar(&cfg.ShutdownTimeout, "shutdown_timeout", 10*time.Second, "Time allowed on SIGINT or SIGTERM for in-flight requests to finish.")
-	fs.IntVar(&cfg.MaxInFlight, "max_inflight", 1024, "Most requests served at once (WebSockets and /health aside); more are refused with 503 and Retry-After.")
+	fs.IntVar(&cfg.MaxInFlight, "max_inflight", 1024, "Most requests served at once (WebSockets, /health and /metrics aside); more are refused with 503 and Retry-After.")
 	fs.DurationVar(&cfg.ReadHeaderTimeout, "read_header_timeout", 10*time.Second, "Time a client may take to send a request's headers; slower connections are closed.")
 	fs.DurationVar(&cfg.IdleTimeout, "idle_timeout", 120*time.Second, "Time an idle keep-alive connection is kept open, and the longest a request body may pause before the request ends with 408.")
 	fs.StringVar(&cfg.AuthToken, "auth_token", "", "Token every request but /health must carry as Authorization: Bearer TOKEN (WebSockets may pass ?access_token=TOKEN). Empty: no token. Prefer MICRO_AUTH_TOKEN, which does not show in the process list.")
@@ -662,7 +668,7 @@ func runSidecar(ctx context.Context, cfg config, logOut io.Writer) error {
 		return fmt.Errorf("serve: %w", err)
 	}
 
-	log.Info("Shutting down: deregistering and draining", "timeout", cfg.ShutdownTimeout)
+	log.Info("Shutting down: deregistering and draining; a second signal stops at once", "timeout", cfg.ShutdownTimeout)
 	stopBG()
 	for _, d := range bgDone {
 		<-d

@@ -304,6 +304,39 @@ func TestIneffectiveFlagFromEnvironment(t *testing.T) {
 	}
 }
 
+// TestSignals: SIGHUP (a closed terminal, a dropped ssh session) shuts
+// down as SIGTERM does, taking the app out of discovery; and a second
+// signal during the drain ends the process at once, whatever
+// --shutdown_timeout says.
+func TestSignals(t *testing.T) {
+	file := filepath.Join(t.TempDir(), "registry.json")
+	other := startSidecar(t, "--registry=file", "--registry_address="+file)
+	p := startSidecar(t, "--registry=file", "--registry_address="+file, "--server_name=hup", "--server_address=127.0.0.1:9090")
+	waitFor(t, 5*time.Second, "hup on the other sidecar", func() bool { return lookup(t, other, "hup") != nil })
+	if code := p.stop(syscall.SIGHUP); code != 0 {
+		t.Errorf("exit status after SIGHUP: %d; want 0\n%s", code, p.log.String())
+	}
+	// Deregistered, not left to its 30 s TTL.
+	waitFor(t, 5*time.Second, "hup to leave the other sidecar's view", func() bool { return lookup(t, other, "hup") == nil })
+
+	arrived, release := make(chan struct{}, 1), make(chan struct{})
+	app := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		arrived <- struct{}{}
+		<-release
+	}))
+	defer app.Close()
+	defer close(release) // before Close, which waits for the handler
+	q := startSidecar(t, "--registry=memory", "--shutdown_timeout=60s", "--rpc_timeout=60s")
+	registerAddr(t, q, "slow", "s1", strings.TrimPrefix(app.URL, "http://"))
+	go http.Get(q.url("/proxy/slow/"))
+	<-arrived
+	q.cmd.Process.Signal(syscall.SIGTERM)
+	waitFor(t, 5*time.Second, "the drain to start", func() bool { return strings.Contains(q.log.String(), "Shutting down") })
+	if code := q.stop(syscall.SIGTERM); code == 0 { // stop fails the test unless it exits within 15 s
+		t.Errorf("exit status after a second SIGTERM: 0; want the signal's")
+	}
+}
+
 func TestPortInUse(t *testing.T) {
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -676,27 +709,48 @@ func TestAppRegistrationIsRetried(t *testing.T) {
 	}
 }
 
-// TestHealthCheckHidesThePassword: a password in --healthcheck_url shows
-// in no log line, and /health gives the last check's duration even when it
-// took under a millisecond.
+// TestHealthCheckHidesThePassword: a password or a query value (an API
+// key) in --healthcheck_url shows in no log line and not in /health, which
+// answers without the token, not even in a failed connection's error; and
+// /health gives the last check's duration even when it took under a
+// millisecond.
 func TestHealthCheckHidesThePassword(t *testing.T) {
 	app := newHealthyApp(t)
 	addr := strings.TrimPrefix(app.srv.URL, "http://")
 	p := startSidecar(t, "--registry=memory", "--server_name=pw", "--server_address="+addr,
-		"--healthcheck_url=http://user:s3cr3t@"+addr+"/h", "--healthcheck_interval=100ms", "--healthcheck_failures=1")
+		"--healthcheck_url=http://user:s3cr3t@"+addr+"/h?apikey=t0ken&v=1", "--healthcheck_interval=100ms", "--healthcheck_failures=1")
 	assertHealth(t, p, 200, "passing")
 	app.state.Store(1)
 	assertHealth(t, p, 503, "failing")
-	if strings.Contains(p.log.String(), "s3cr3t") {
-		t.Errorf("the password is in the log:\n%s", p.log.String())
-	}
-	if !strings.Contains(p.log.String(), "app is unhealthy") || !strings.Contains(p.log.String(), "user:xxxxx@") {
-		t.Error("the health changes are not logged with the redacted URL")
+	if !strings.Contains(p.log.String(), "app is unhealthy") || !strings.Contains(p.log.String(), "user:xxxxx@") || !strings.Contains(p.log.String(), "apikey=xxxxx&v=xxxxx") {
+		t.Errorf("the health changes are not logged with the redacted URL:\n%s", p.log.String())
 	}
 	_, body := do(t, "GET", p.url("/health"), "", "")
 	if !strings.Contains(body, `"last_duration_ms":`) {
 		t.Errorf("/health without last_duration_ms after checks: %s", body)
 	}
+	app.srv.Close() // refused connections: an error that quotes the URL
+	waitFor(t, 5*time.Second, "a refused check in /health", func() bool {
+		_, body = do(t, "GET", p.url("/health"), "", "")
+		return strings.Contains(body, "refused")
+	})
+	for what, text := range map[string]string{"log": p.log.String(), "/health": body} {
+		if strings.Contains(text, "s3cr3t") || strings.Contains(text, "t0ken") {
+			t.Errorf("a secret of the URL is in the %s:\n%s", what, text)
+		}
+	}
+}
+
+// TestHealthCheckOverHTTPS: an https:// check passes on an app with a
+// self-signed certificate, as Kubernetes' probes do: it asks whether the
+// app answers, not who it is.
+func TestHealthCheckOverHTTPS(t *testing.T) {
+	app := httptest.NewTLSServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "ok") }))
+	defer app.Close()
+	addr := strings.TrimPrefix(app.URL, "https://")
+	p := startSidecar(t, "--registry=memory", "--server_name=tls", "--server_address="+addr,
+		"--healthcheck_url="+app.URL+"/health", "--healthcheck_interval=100ms")
+	assertHealth(t, p, 200, "passing")
 }
 
 func assertHealth(t *testing.T, p *proc, code int, appStatus string) {
