@@ -600,6 +600,14 @@ type backend interface {
 	close() error
 }
 
+// batchBackend is a backend for which a change of many entries costs
+// about what a change of one does (the file registry rewrites its whole
+// file for either): refresh and shutdown hand it every entry at once.
+type batchBackend interface {
+	registerAll(ss []Service, ttl time.Duration) error
+	deregisterAll(ss []Service) error
+}
+
 // memoryBackend keeps the registry in this sidecar alone.
 type memoryBackend struct {
 	t   *table
@@ -778,6 +786,11 @@ func (r *registry) ListServices() []Service { return r.table.list(r.now()) }
 // refresh re-registers every owned entry with a fresh TTL. It is the step of
 // refreshLoop; tests call it directly.
 func (r *registry) refresh() error {
+	if bb, ok := r.backend.(batchBackend); ok {
+		err := r.refreshAll(bb)
+		r.table.sweep(r.now())
+		return err
+	}
 	r.mu.Lock()
 	keys := make([]string, 0, len(r.owned))
 	for k := range r.owned {
@@ -807,6 +820,23 @@ func (r *registry) refreshOne(k string) error {
 		return nil
 	}
 	return r.backend.register(s, r.ttl)
+}
+
+// refreshAll re-registers every owned entry in one change, holding writeMu
+// so that the entries are as they are now.
+func (r *registry) refreshAll(bb batchBackend) error {
+	r.writeMu.Lock()
+	defer r.writeMu.Unlock()
+	r.mu.Lock()
+	owned := make([]Service, 0, len(r.owned))
+	for _, s := range r.owned {
+		owned = append(owned, s)
+	}
+	r.mu.Unlock()
+	if len(owned) == 0 {
+		return nil
+	}
+	return bb.registerAll(owned, r.ttl)
 }
 
 // refreshLoop calls refresh every interval until ctx ends, and sweeps
@@ -843,6 +873,9 @@ func (r *registry) deregisterOwned() error {
 	r.owned = map[string]Service{}
 	r.closed = true
 	r.mu.Unlock()
+	if bb, ok := r.backend.(batchBackend); ok && len(owned) > 0 {
+		return bb.deregisterAll(owned)
+	}
 	for i, s := range owned {
 		if err := r.backend.deregister(s); err != nil {
 			// The backend is failing (etcd not answering takes its whole

@@ -41,9 +41,17 @@ type fileBackend struct {
 	log  *slog.Logger
 	now  func() time.Time
 
-	mu      sync.Mutex // guards lastSig, lastErr
+	// ioMu orders poll's read-and-install with update's: a poll that read
+	// the file before an update rewrote it must not install what it read
+	// after the update installed its own, hiding a node just registered.
+	ioMu sync.Mutex
+
+	mu      sync.Mutex // guards lastSig, lastErr, lastSkipped
 	lastSig fileSig
 	lastErr error
+	// lastSkipped is how many invalid records the last read skipped,
+	// logged when it changes.
+	lastSkipped int
 
 	stop context.CancelFunc
 	wg   sync.WaitGroup
@@ -84,6 +92,12 @@ func newFileBackend(ctx context.Context, path string, t *table, log *slog.Logger
 	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
 		return nil, fmt.Errorf("file registry: %w (choose a writable --registry_address)", err)
 	}
+	// A symbolic link is followed: a rename onto the link would replace it
+	// with a file, and sidecars given the link and the target would part.
+	if resolved, err := filepath.EvalSymlinks(path); err == nil {
+		path = resolved
+	}
+	removeStaleTemps(filepath.Dir(path), time.Now())
 	f := &fileBackend{path: path, t: t, log: log, now: time.Now}
 	if err := f.update(func(recs []record) []record { return recs }); err != nil {
 		return nil, err
@@ -95,7 +109,19 @@ func newFileBackend(ctx context.Context, path string, t *table, log *slog.Logger
 }
 
 func (f *fileBackend) register(s Service, ttl time.Duration) error {
-	add := recordsOf(s, expiry(f.now(), ttl))
+	return f.registerAll([]Service{s}, ttl)
+}
+
+func (f *fileBackend) deregister(s Service) error { return f.deregisterAll([]Service{s}) }
+
+// registerAll registers every service of ss in one rewrite of the file: a
+// refresh of thousands of entries one by one would hold the lock, and have
+// every other sidecar reread the file, thousands of times.
+func (f *fileBackend) registerAll(ss []Service, ttl time.Duration) error {
+	var add []record
+	for _, s := range ss {
+		add = append(add, recordsOf(s, expiry(f.now(), ttl))...)
+	}
 	return f.update(func(recs []record) []record {
 		keep := recs[:0]
 		skip := map[string]bool{}
@@ -111,10 +137,13 @@ func (f *fileBackend) register(s Service, ttl time.Duration) error {
 	})
 }
 
-func (f *fileBackend) deregister(s Service) error {
+// deregisterAll removes every service of ss in one rewrite of the file.
+func (f *fileBackend) deregisterAll(ss []Service) error {
 	drop := map[string]bool{}
-	for _, k := range keysOf(s) {
-		drop[k] = true
+	for _, s := range ss {
+		for _, k := range keysOf(s) {
+			drop[k] = true
+		}
 	}
 	return f.update(func(recs []record) []record {
 		keep := recs[:0]
@@ -155,6 +184,10 @@ func lockFile(path string) (func(), error) { return lockFileWithin(path, lockTim
 // lockFileWithin is lockFile, giving up after timeout.
 func lockFileWithin(path string, timeout time.Duration) (func(), error) {
 	fh, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o644)
+	if errors.Is(err, fs.ErrPermission) {
+		// Another user's lock file: a lock needs no write access to it.
+		fh, err = os.Open(path)
+	}
 	if err != nil {
 		return nil, err
 	}
@@ -179,6 +212,8 @@ func lockFileWithin(path string, timeout time.Duration) (func(), error) {
 // installs the result in the table. The table's node limit is checked
 // before anything is written.
 func (f *fileBackend) update(change func([]record) []record) error {
+	f.ioMu.Lock()
+	defer f.ioMu.Unlock()
 	unlock, err := lockFile(f.path + ".lock")
 	if err != nil {
 		return f.fail(fmt.Errorf("file registry: lock %s: %w", f.path+".lock", err))
@@ -188,11 +223,18 @@ func (f *fileBackend) update(change func([]record) []record) error {
 	if err != nil {
 		return f.fail(err)
 	}
-	recs = change(live(recs, f.now()))
-	if f.t.maxNodes > 0 && len(recs) > f.t.maxNodes {
+	recs = live(recs, f.now())
+	before := len(recs)
+	recs = change(recs)
+	// Only a change that adds nodes is refused: a sidecar with a lower
+	// limit than the others sharing the file must still deregister.
+	if f.t.maxNodes > 0 && len(recs) > f.t.maxNodes && len(recs) > before {
 		return fmt.Errorf("%w: %d nodes is the limit (--registry_max_nodes)", errTableFull, f.t.maxNodes)
 	}
 	if err := f.write(recs); err != nil {
+		if errors.Is(err, errTableFull) {
+			return err // this change is too large, the registry is well
+		}
 		return f.fail(err)
 	}
 	f.t.replace(recs)
@@ -204,25 +246,33 @@ func (f *fileBackend) update(change func([]record) []record) error {
 // parse is moved aside, never overwritten, and the registry starts empty.
 func (f *fileBackend) readLocked() ([]record, error) {
 	data, err := readLimited(f.path)
-	if errors.Is(err, fs.ErrNotExist) {
+	switch {
+	case errors.Is(err, fs.ErrNotExist):
 		return nil, nil
-	}
-	var pathErr *fs.PathError
-	if errors.As(err, &pathErr) {
-		return nil, fmt.Errorf("file registry: %w", err) // it names the path
-	}
-	if err != nil {
+	case errors.Is(err, errFileTooLarge):
+		// Moved aside too: an older sidecar may have written it, and
+		// failing every change for good would help nobody.
+	case err != nil:
+		var pathErr *fs.PathError
+		if errors.As(err, &pathErr) {
+			return nil, fmt.Errorf("file registry: %w", err) // it names the path
+		}
 		return nil, fmt.Errorf("file registry: read %s: %w", f.path, err)
-	}
-	recs, perr := parseRegistryFile(data)
-	if perr == nil {
-		return recs, nil
+	default:
+		var recs []record
+		recs, err = f.parse(data)
+		if errors.Is(err, errNewerFormat) {
+			return nil, fmt.Errorf("file registry: %s was %w", f.path, err)
+		}
+		if err == nil {
+			return recs, nil
+		}
 	}
 	aside := fmt.Sprintf("%s.corrupt-%d", f.path, f.now().UnixNano())
-	if err := os.Rename(f.path, aside); err != nil {
-		return nil, fmt.Errorf("file registry: %s is corrupt (%v) and could not be moved aside: %w", f.path, perr, err)
+	if rerr := os.Rename(f.path, aside); rerr != nil {
+		return nil, fmt.Errorf("file registry: %s is corrupt (%v) and could not be moved aside: %w", f.path, err, rerr)
 	}
-	f.log.Error("registry file was corrupt; kept it aside and started empty", "path", f.path, "kept_as", aside, "error", perr)
+	f.log.Error("registry file was corrupt; kept it aside and started empty", "path", f.path, "kept_as", aside, "error", err)
 	return nil, nil
 }
 
@@ -237,33 +287,68 @@ func readLimited(path string) ([]byte, error) {
 		return nil, err
 	}
 	if len(data) > maxFileBytes {
-		return nil, fmt.Errorf("larger than %d bytes", maxFileBytes)
+		return nil, errFileTooLarge
 	}
 	return data, nil
 }
 
-// parseRegistryFile decodes the file and validates every record; an empty
-// file is an empty registry.
-func parseRegistryFile(data []byte) ([]record, error) {
+var (
+	errFileTooLarge = fmt.Errorf("larger than %d MiB", maxFileBytes>>20)
+	// errNewerFormat is a file a newer sidecar wrote: read what it can,
+	// never moved aside nor rewritten.
+	errNewerFormat = errors.New("written by a newer sidecar")
+)
+
+// parse is parseRegistryFile, logging the invalid records it skipped when
+// their number changes.
+func (f *fileBackend) parse(data []byte) ([]record, error) {
+	recs, skipped, err := parseRegistryFile(data)
+	f.mu.Lock()
+	changed := skipped != f.lastSkipped
+	f.lastSkipped = skipped
+	f.mu.Unlock()
+	if changed && skipped > 0 {
+		f.log.Warn("registry file: skipped invalid records; the next change drops them", "path", f.path, "records", skipped, "first_error", err)
+	}
+	if errors.Is(err, errNewerFormat) || skipped == 0 {
+		return recs, err
+	}
+	return recs, nil
+}
+
+// parseRegistryFile decodes the file and validates every record, skipping
+// the invalid ones (a hand edit, another version's rules) rather than
+// losing the others; err then says why the first was. An empty file is an
+// empty registry. A file of a newer format gives errNewerFormat.
+func parseRegistryFile(data []byte) (recs []record, skipped int, err error) {
 	if len(bytes.TrimSpace(data)) == 0 {
-		return nil, nil
+		return nil, 0, nil
 	}
 	var ff fileFormat
 	if err := json.Unmarshal(data, &ff); err != nil {
-		return nil, err
+		return nil, 0, err
+	}
+	if ff.Format > fileFormatVersion {
+		return nil, 0, fmt.Errorf("%w (format %d; this one knows %d): upgrade this sidecar", errNewerFormat, ff.Format, fileFormatVersion)
 	}
 	if ff.Format != fileFormatVersion {
-		return nil, fmt.Errorf("format %d, want %d", ff.Format, fileFormatVersion)
+		return nil, 0, fmt.Errorf("format %d, want %d", ff.Format, fileFormatVersion)
 	}
+	recs = ff.Records[:0]
 	for i := range ff.Records {
-		r := &ff.Records[i]
+		r := ff.Records[i]
 		s := Service{Name: r.Service, Version: r.Version, Metadata: r.Metadata, Nodes: []Node{r.Node}}
-		if err := normalizeService(&s); err != nil {
-			return nil, fmt.Errorf("records[%d]: %w", i, err)
+		if verr := normalizeService(&s); verr != nil {
+			if skipped == 0 {
+				err = fmt.Errorf("records[%d]: %w", i, verr)
+			}
+			skipped++
+			continue
 		}
 		r.Metadata, r.Node = s.Metadata, s.Nodes[0] // as normalised: {} where the file has none
+		recs = append(recs, r)
 	}
-	return ff.Records, nil
+	return recs, skipped, err
 }
 
 func live(recs []record, now time.Time) []record {
@@ -282,11 +367,20 @@ func (f *fileBackend) write(recs []record) error {
 	if recs == nil {
 		recs = []record{}
 	}
-	data, err := json.MarshalIndent(fileFormat{Format: fileFormatVersion, Records: recs}, "", "  ")
+	// Compact: one record per line would be friendlier to read, but the
+	// file's size bounds the registry.
+	data, err := json.Marshal(fileFormat{Format: fileFormatVersion, Records: recs})
 	if err != nil {
 		return err
 	}
-	tmp, err := os.CreateTemp(filepath.Dir(f.path), ".registry-*.tmp")
+	if len(data) >= maxFileBytes {
+		return fmt.Errorf("%w: the registry file would pass %d MiB", errTableFull, maxFileBytes>>20)
+	}
+	mode := fs.FileMode(0o644)
+	if fi, err := os.Stat(f.path); err == nil {
+		mode = fi.Mode().Perm() // as its owner set it: metadata may be private
+	}
+	tmp, err := os.CreateTemp(filepath.Dir(f.path), tempPattern)
 	if err != nil {
 		return fmt.Errorf("file registry: %w", err)
 	}
@@ -302,7 +396,7 @@ func (f *fileBackend) write(recs []record) error {
 	if err := tmp.Close(); err != nil {
 		return fmt.Errorf("file registry: %w", err)
 	}
-	if err := os.Chmod(tmp.Name(), 0o644); err != nil {
+	if err := os.Chmod(tmp.Name(), mode); err != nil {
 		return fmt.Errorf("file registry: %w", err)
 	}
 	if err := os.Rename(tmp.Name(), f.path); err != nil {
@@ -351,6 +445,8 @@ func (f *fileBackend) pollLoop(ctx context.Context) {
 // poll rereads the file when another sidecar changed it. Reads need no lock:
 // the file is only ever replaced whole by rename.
 func (f *fileBackend) poll() {
+	f.ioMu.Lock()
+	defer f.ioMu.Unlock()
 	sig, err := statSig(f.path)
 	if errors.Is(err, fs.ErrNotExist) {
 		sig = fileSig{}
@@ -363,6 +459,7 @@ func (f *fileBackend) poll() {
 	f.mu.Unlock()
 	if unchanged {
 		f.t.sweep(f.now())
+		f.recheck()
 		return
 	}
 	var recs []record
@@ -372,7 +469,11 @@ func (f *fileBackend) poll() {
 			f.fail(fmt.Errorf("file registry: read %s: %w", f.path, err))
 			return
 		}
-		recs, err = parseRegistryFile(data)
+		recs, err = f.parse(data)
+		if errors.Is(err, errNewerFormat) {
+			f.fail(fmt.Errorf("file registry: %s was %w", f.path, err))
+			return
+		}
 		if err != nil {
 			f.fail(fmt.Errorf("file registry: %s is corrupt: %w (it is moved aside at the next registration)", f.path, err))
 			return
@@ -383,4 +484,41 @@ func (f *fileBackend) poll() {
 	f.mu.Unlock()
 	f.t.replace(live(recs, f.now()))
 	f.fail(nil)
+}
+
+// recheck clears a failure that nothing else would: a lock held too long
+// by another process fails a write, and a sidecar that writes nothing more,
+// on a file that does not change, would report it for ever. Once the lock
+// can be had and the file read, the registry works again.
+func (f *fileBackend) recheck() {
+	if f.status() == nil {
+		return
+	}
+	unlock, err := lockFileWithin(f.path+".lock", 10*time.Millisecond)
+	if err != nil {
+		return // still held, or still failing: the failure stands
+	}
+	defer unlock()
+	data, err := readLimited(f.path)
+	if err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return
+	}
+	if _, err := f.parse(data); err == nil {
+		f.fail(nil)
+	}
+}
+
+// tempPattern names the temporary files writes rename into place.
+const tempPattern = ".registry-*.tmp"
+
+// removeStaleTemps removes temporary files that writers killed mid-write
+// left behind (a minute old: no write takes that long), each as large as
+// the registry.
+func removeStaleTemps(dir string, now time.Time) {
+	names, _ := filepath.Glob(filepath.Join(dir, tempPattern))
+	for _, name := range names {
+		if fi, err := os.Stat(name); err == nil && now.Sub(fi.ModTime()) > time.Minute {
+			os.Remove(name)
+		}
+	}
 }

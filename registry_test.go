@@ -223,7 +223,7 @@ func TestFileBackendConcurrentWriters(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	recs, err := parseRegistryFile(data)
+	recs, _, err := parseRegistryFile(data)
 	if err != nil || len(recs) != writers*each {
 		t.Fatalf("file holds %d records (%v); want %d", len(recs), err, writers*each)
 	}

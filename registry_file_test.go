@@ -1,0 +1,222 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+func newTestFileBackend(t *testing.T, path string, maxNodes int) *fileBackend {
+	t.Helper()
+	fb, err := newFileBackend(t.Context(), path, newTable(maxNodes), slog.New(slog.NewTextHandler(io.Discard, nil)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { fb.close() })
+	return fb
+}
+
+func nodeService(name string, ids ...string) Service {
+	s := Service{Name: name}
+	for _, id := range ids {
+		s.Nodes = append(s.Nodes, Node{ID: id, Address: "127.0.0.1", Port: 1})
+	}
+	return s
+}
+
+// TestFileBackendReadsItsOwnWrites: a node a backend registered is in its
+// table from then on, although its poll reads the file, which another
+// sidecar keeps changing, at the same time.
+func TestFileBackendReadsItsOwnWrites(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "registry.json")
+	a, other := newTestFileBackend(t, path, 0), newTestFileBackend(t, path, 0)
+	var ids []string
+	for i := range 1000 {
+		ids = append(ids, fmt.Sprint(i))
+	}
+	if err := other.register(nodeService("bulk", ids...), time.Hour); err != nil {
+		t.Fatal(err)
+	}
+	missed := 0
+	for i := range 60 {
+		// The other sidecar changes the file; a's poll reads that change
+		// while a registers.
+		if err := other.register(nodeService("churn", fmt.Sprint(i)), time.Hour); err != nil {
+			t.Fatal(err)
+		}
+		polled := make(chan struct{})
+		go func() { a.poll(); close(polled) }()
+		if err := a.register(nodeService("mine", fmt.Sprint(i)), time.Hour); err != nil {
+			t.Fatal(err)
+		}
+		<-polled
+		if !tableHasNode(a.t, "mine", fmt.Sprint(i)) {
+			missed++
+		}
+	}
+	if missed > 0 {
+		t.Errorf("%d of 60 registrations were missing from the table that made them", missed)
+	}
+}
+
+func tableHasNode(tb *table, service, id string) bool {
+	for _, r := range tb.snapshot() {
+		if r.Service == service && r.Node.ID == id {
+			return true
+		}
+	}
+	return false
+}
+
+// TestFileBackendLimitRefusesOnlyGrowth: a sidecar whose
+// --registry_max_nodes is below what the file holds (another sidecar has a
+// higher one) still starts and deregisters; it refuses only additions.
+func TestFileBackendLimitRefusesOnlyGrowth(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "registry.json")
+	big := newTestFileBackend(t, path, 0)
+	if err := big.register(nodeService("svc", "1", "2", "3"), time.Hour); err != nil {
+		t.Fatal(err)
+	}
+	small := newTestFileBackend(t, path, 2)
+	if err := small.register(nodeService("svc", "4"), time.Hour); !errors.Is(err, errTableFull) {
+		t.Errorf("an addition past the limit: %v; want errTableFull", err)
+	}
+	if err := small.deregister(nodeService("svc", "3")); err != nil {
+		t.Errorf("a deregistration above the limit: %v; want it done", err)
+	}
+}
+
+// TestFileBackendSkipsInvalidRecords: one invalid record (a hand edit,
+// another version's rules) is skipped, not taken for a corrupt file that
+// the next change would move aside with every other record.
+func TestFileBackendSkipsInvalidRecords(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "registry.json")
+	file := `{"format":1,"records":[
+		{"service":"a","node":{"id":"1","address":"127.0.0.1","port":1}},
+		{"service":"a","node":{"id":"bad","address":"127.0.0.1","port":0}},
+		{"service":"b","node":{"id":"2","address":"127.0.0.1","port":2}}]}`
+	if err := os.WriteFile(path, []byte(file), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	fb := newTestFileBackend(t, path, 0)
+	if err := fb.register(nodeService("c", "3"), time.Hour); err != nil {
+		t.Fatal(err)
+	}
+	data, _ := os.ReadFile(path)
+	recs, skipped, err := parseRegistryFile(data)
+	if err != nil || skipped != 0 || len(recs) != 3 {
+		t.Errorf("after a registration the file holds %d records (%d skipped, %v); want the 2 valid ones and the new one", len(recs), skipped, err)
+	}
+	if matches, _ := filepath.Glob(path + ".corrupt-*"); len(matches) != 0 {
+		t.Errorf("the file was moved aside: %v", matches)
+	}
+}
+
+// TestFileBackendLeavesANewerFormatAlone: a file a newer sidecar wrote is
+// neither moved aside nor rewritten; changes are refused saying why.
+func TestFileBackendLeavesANewerFormatAlone(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "registry.json")
+	const newer = `{"format":2,"services":{}}`
+	if err := os.WriteFile(path, []byte(newer), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	_, err := newFileBackend(t.Context(), path, newTable(0), slog.New(slog.NewTextHandler(io.Discard, nil)))
+	if err == nil || !strings.Contains(err.Error(), "written by a newer sidecar") {
+		t.Errorf("start on a newer file: %v; want a refusal saying so", err)
+	}
+	if data, _ := os.ReadFile(path); string(data) != newer {
+		t.Errorf("the newer file was changed: %s", data)
+	}
+}
+
+// TestFileBackendStartsAfreshOnAnOversizedFile: a file past the read limit
+// (an older sidecar wrote it) is moved aside like a corrupt one, rather
+// than failing every change for good.
+func TestFileBackendStartsAfreshOnAnOversizedFile(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "registry.json")
+	if err := os.WriteFile(path, make([]byte, maxFileBytes+1), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	fb := newTestFileBackend(t, path, 0)
+	if err := fb.register(nodeService("a", "1"), time.Hour); err != nil {
+		t.Fatalf("a registration after an oversized file: %v", err)
+	}
+	if matches, _ := filepath.Glob(path + ".corrupt-*"); len(matches) != 1 {
+		t.Errorf("kept aside: %v; want the oversized file", matches)
+	}
+}
+
+// TestFileBackendFollowsASymlink: a registry path that is a symbolic link
+// stays one, and the sidecars given the link and the target share one
+// registry.
+func TestFileBackendFollowsASymlink(t *testing.T) {
+	dir := t.TempDir()
+	target, link := filepath.Join(dir, "registry.json"), filepath.Join(dir, "link.json")
+	if err := os.WriteFile(target, nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Symlink(target, link); err != nil {
+		t.Fatal(err)
+	}
+	viaLink, viaTarget := newTestFileBackend(t, link, 0), newTestFileBackend(t, target, 0)
+	if err := viaLink.register(nodeService("a", "1"), time.Hour); err != nil {
+		t.Fatal(err)
+	}
+	if fi, err := os.Lstat(link); err != nil || fi.Mode()&os.ModeSymlink == 0 {
+		t.Errorf("the link was replaced: %v %v", fi, err)
+	}
+	waitFor(t, 2*time.Second, "the target's backend to see the link's write", func() bool { return tableHasNode(viaTarget.t, "a", "1") })
+}
+
+// TestFileBackendKeepsTheFileMode: a registry file its owner made private
+// stays private across rewrites.
+func TestFileBackendKeepsTheFileMode(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "registry.json")
+	fb := newTestFileBackend(t, path, 0)
+	if err := os.Chmod(path, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := fb.register(nodeService("a", "1"), time.Hour); err != nil {
+		t.Fatal(err)
+	}
+	if fi, err := os.Stat(path); err != nil || fi.Mode().Perm() != 0o600 {
+		t.Errorf("mode after a rewrite: %v (%v); want 0600", fi.Mode().Perm(), err)
+	}
+}
+
+// TestFileBackendRemovesStaleTemps: temporary files of writers killed
+// mid-write are removed at start once a minute old; a fresh one, maybe
+// another sidecar's write in progress, is left.
+func TestFileBackendRemovesStaleTemps(t *testing.T) {
+	dir := t.TempDir()
+	stale, fresh := filepath.Join(dir, ".registry-1.tmp"), filepath.Join(dir, ".registry-2.tmp")
+	for _, name := range []string{stale, fresh} {
+		if err := os.WriteFile(name, []byte("x"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	old := time.Now().Add(-2 * time.Minute)
+	os.Chtimes(stale, old, old)
+	newTestFileBackend(t, filepath.Join(dir, "registry.json"), 0)
+	if _, err := os.Stat(stale); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("a stale temporary file is left: %v", err)
+	}
+	if _, err := os.Stat(fresh); err != nil {
+		t.Errorf("a fresh temporary file was removed: %v", err)
+	}
+}
+
+// TestFileBackendRecovers: a failure (a lock held too long elsewhere) is
+// cleared once the lock can be had, on a sidecar that writes nothing more.
+func TestFileBackendRecovers(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "registry.json")
+	fb := newTestFileBackend(t, path, 0)
+	fb.fail(errors.New("file registry: lock: held by another process for over 5s"))
+	waitFor(t, 2*time.Second, "the failure to clear", func() bool { return fb.status() == nil })
+}
