@@ -15,6 +15,7 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
+	"net/url"
 	"os"
 	"os/signal"
 	"runtime/debug"
@@ -242,7 +243,24 @@ func parseSidecarFlags(args []string, out io.Writer, lookupEnv func(string) (str
 	if err := cfg.validate(); err != nil {
 		return config{}, err
 	}
+	cfg.ignored = append(cfg.ignored, unknownVariables(fs, os.Environ())...)
 	return cfg, nil
+}
+
+// unknownVariables names the MICRO_* variables of environ that are no
+// flag's, as a misspelt one (MICRO_SERVR_NAME) would be: ignored silently,
+// it would leave the sidecar running without what it was meant to set.
+func unknownVariables(fs *flag.FlagSet, environ []string) []string {
+	var out []string
+	for _, kv := range environ {
+		name, _, _ := strings.Cut(kv, "=")
+		rest, ok := strings.CutPrefix(name, "MICRO_")
+		if !ok || name == "MICRO_PPROF_ADDRESS" || strings.HasPrefix(name, "MICRO_TEST") || fs.Lookup(strings.ToLower(rest)) != nil {
+			continue
+		}
+		out = append(out, name+" names no flag (micro sidecar --help lists them)")
+	}
+	return out
 }
 
 // applyEnv sets every flag not given on the command line from its MICRO_*
@@ -304,6 +322,10 @@ func wantOf(f *flag.Flag) string {
 
 // validate checks flag combinations up front and says how to fix them.
 func (c *config) validate() error {
+	// Choices are taken in any case, as --log_level's are (slog's).
+	for _, v := range []*string{&c.Registry, &c.LogFormat, &c.Selector.Strategy, &c.Handler} {
+		*v = strings.ToLower(*v)
+	}
 	if _, _, err := net.SplitHostPort(c.Address); err != nil {
 		return fmt.Errorf("--address %q: want host:port, e.g. 127.0.0.1:8081 or :8081", c.Address)
 	}
@@ -400,6 +422,11 @@ func (c *config) validate() error {
 	if err := checkAdvertise(c.AdvertiseAddress); err != nil {
 		return err
 	}
+	for _, o := range c.CORSAllowedOrigins {
+		if err := checkOrigin(o); err != nil {
+			return err
+		}
+	}
 	if err := c.Broker.validate(); err != nil {
 		return err
 	}
@@ -421,6 +448,23 @@ func (c *config) validate() error {
 	c.RPC.MaxBodyBytes = c.MaxBodyBytes
 	if c.LogFormat != "text" && c.LogFormat != "json" {
 		return fmt.Errorf("--log_format %q: want text or json", c.LogFormat)
+	}
+	return nil
+}
+
+// checkOrigin refuses an --cors_allowed_origins entry no browser's Origin
+// can equal, which would never match and leave its user puzzled by 403s:
+// an origin is scheme://host[:port], no path, not even a trailing slash.
+func checkOrigin(o string) error {
+	if o == "*" {
+		return nil
+	}
+	u, err := url.Parse(o)
+	if err != nil || u.Scheme == "" || u.Host == "" || u.Opaque != "" {
+		return fmt.Errorf("--cors_allowed_origins %q: want an origin, scheme://host[:port], e.g. http://localhost:3000", o)
+	}
+	if u.User != nil || u.RawQuery != "" || u.Fragment != "" || u.Path != "" {
+		return fmt.Errorf("--cors_allowed_origins %q: an origin is scheme://host[:port] alone; use %s://%s", o, u.Scheme, u.Host)
 	}
 	return nil
 }
@@ -645,7 +689,13 @@ func runSidecar(ctx context.Context, cfg config, logOut io.Writer) error {
 		shutdown = fast.Shutdown
 		go func() { serveErr <- fast.Serve(ln) }()
 	}
-	log.Info("Listening on "+ln.Addr().String(), "scheme", scheme, "auth_token", cfg.AuthToken != "", "address", ln.Addr().String(), "advertise_address", s.broker.advertise, "registry", cfg.Registry, "registry_address", cfg.RegistryAddress, "version", buildVersion())
+	// With port 0 the line is the only place the port is told: it shows
+	// at any --log_level.
+	level := slog.LevelInfo
+	if _, port, _ := net.SplitHostPort(cfg.Address); port == "0" {
+		level = max(level, cfg.LogLevel)
+	}
+	log.Log(context.Background(), level, "Listening on "+ln.Addr().String(), "scheme", scheme, "auth_token", cfg.AuthToken != "", "address", ln.Addr().String(), "advertise_address", s.broker.advertise, "registry", cfg.Registry, "registry_address", cfg.RegistryAddress, "version", buildVersion())
 
 	bg, stopBG := context.WithCancel(ctx)
 	var bgDone []chan struct{}

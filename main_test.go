@@ -15,6 +15,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"regexp"
 	"strings"
 	"sync"
@@ -263,6 +264,8 @@ func TestCommandLine(t *testing.T) {
 		{[]string{"sidecar", "--registry=zookeeper"}, 2, `--registry "zookeeper": want mdns, file, etcd or memory`},
 		{[]string{"sidecar", "--registry=memory", "--registry_interface=lo"}, 2, "--registry_interface has no effect without --registry=mdns"},
 		{[]string{"sidecar", "--help"}, 0, "-registry_interface"},
+		{[]string{"sidecar", "--cors_allowed_origins=http://localhost:3000/"}, 2, `--cors_allowed_origins "http://localhost:3000/": an origin is scheme://host[:port] alone; use http://localhost:3000`},
+		{[]string{"sidecar", "--cors_allowed_origins=*,localhost:3000"}, 2, `--cors_allowed_origins "localhost:3000": want an origin, scheme://host[:port]`},
 		{[]string{"sidecar", "--healthcheck_interval=2s"}, 2, "--healthcheck_interval has no effect without --healthcheck_url"},
 		{[]string{"sidecar", "--server_version=1.0"}, 2, "--server_version has no effect without --server_name"},
 		{[]string{"sidecar", "--registry=file", "--registry_username=u"}, 2, "--registry_username has no effect without --registry=etcd"},
@@ -297,6 +300,14 @@ func TestIneffectiveFlagFromEnvironment(t *testing.T) {
 	}
 	if cfg, err := parseSidecarFlags([]string{"--registry=memory"}, io.Discard, env("MICRO_REGISTRY_PASSWORD=")); err != nil || len(cfg.ignored) != 0 {
 		t.Errorf("an empty MICRO_REGISTRY_PASSWORD is no setting: %v, noted %q", err, cfg.ignored)
+	}
+	t.Setenv("MICRO_SERVR_NAME", "typo")
+	cfg, err = parseSidecarFlags([]string{"--registry=MEMORY", "--log_format=JSON"}, io.Discard, env())
+	if err != nil || !slices.Contains(cfg.ignored, "MICRO_SERVR_NAME names no flag (micro sidecar --help lists them)") {
+		t.Errorf("a misspelt variable: %v, noted %q; want it noted", err, cfg.ignored)
+	}
+	if cfg.Registry != "memory" || cfg.LogFormat != "json" {
+		t.Errorf("choices in upper case: registry %q, log format %q; want them taken", cfg.Registry, cfg.LogFormat)
 	}
 	args := []string{"--registry=memory", "--server_name=a", "--server_address=127.0.0.1:1", "--healthcheck_url=tcp://127.0.0.1:1", "--healthcheck_failures=2", "--server_id=a-1"}
 	if _, err := parseSidecarFlags(args, io.Discard, env()); err != nil {
@@ -334,6 +345,16 @@ func TestSignals(t *testing.T) {
 	waitFor(t, 5*time.Second, "the drain to start", func() bool { return strings.Contains(q.log.String(), "Shutting down") })
 	if code := q.stop(syscall.SIGTERM); code == 0 { // stop fails the test unless it exits within 15 s
 		t.Errorf("exit status after a second SIGTERM: 0; want the signal's")
+	}
+}
+
+// TestPortZeroIsToldAtAnyLogLevel: with --address=...:0 the log line
+// naming the port shows even at --log_level=error (startSidecar finds the
+// address in it).
+func TestPortZeroIsToldAtAnyLogLevel(t *testing.T) {
+	p := startSidecar(t, "--registry=memory", "--log_level=error")
+	if code, _ := do(t, "GET", p.url("/health"), "", ""); code != 200 {
+		t.Errorf("/health at the logged address: %d", code)
 	}
 }
 
