@@ -38,19 +38,24 @@ const (
 // healthState is the checker's memory between checks.
 type healthState struct {
 	Status   string
-	Passes   int // consecutive, since the last failure
-	Failures int // consecutive, since the last pass
+	Passes   int  // consecutive, since the last failure
+	Failures int  // consecutive, since the last pass
+	Passed   bool // ever: until then, one pass registers the app
 }
 
 // nextHealth is the state machine: the first check decides at once; after
 // that a passing app needs `failures` consecutive failures to be taken out
-// and a failing app `successes` consecutive passes to come back. changed
-// reports a transition between passing and failing.
+// and a failing app `successes` consecutive passes to come back. An app
+// that has never passed (still starting when the sidecar did) comes in on
+// its first pass: `successes` guards against a flapping app, which one
+// that never ran is not. changed reports a transition between passing and
+// failing.
 func nextHealth(s healthState, passed bool, failures, successes int) (next healthState, changed bool) {
 	next = s
 	if passed {
 		next.Passes++
 		next.Failures = 0
+		next.Passed = true
 	} else {
 		next.Failures++
 		next.Passes = 0
@@ -62,7 +67,7 @@ func nextHealth(s healthState, passed bool, failures, successes int) (next healt
 		next.Status = healthFailing
 	case s.Status == healthPassing && !passed && next.Failures >= failures:
 		next.Status = healthFailing
-	case s.Status == healthFailing && passed && next.Passes >= successes:
+	case s.Status == healthFailing && passed && (next.Passes >= successes || !s.Passed):
 		next.Status = healthPassing
 	}
 	return next, next.Status != s.Status
@@ -175,9 +180,14 @@ func (h *healthChecker) check(ctx context.Context) {
 	if !changed {
 		return
 	}
-	if next.Status == healthPassing {
+	switch {
+	case next.Status == healthPassing:
 		h.log.Info("app is healthy", "url", redactURL(h.cfg.URL))
-	} else {
+	case !next.Passed:
+		// The app and the sidecar usually start together: not yet up is
+		// no alarm.
+		h.log.Info("app is not healthy yet; it is registered at its first passing check", "url", redactURL(h.cfg.URL), "error", err)
+	default:
 		h.log.Warn("app is unhealthy", "url", redactURL(h.cfg.URL), "error", err, "consecutive_failures", next.Failures)
 	}
 	h.onChange(next.Status == healthPassing)

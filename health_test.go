@@ -29,6 +29,9 @@ func TestNextHealth(t *testing.T) {
 			{true, healthPassing, false}, {false, healthPassing, false}, {false, healthPassing, false},
 			{false, healthFailing, true}, {false, healthFailing, false},
 		}},
+		{"an app that never passed comes in on its first pass", 1, 3, []step{
+			{false, healthFailing, true}, {false, healthFailing, false}, {true, healthPassing, true},
+		}},
 		{"successes needed to come back", 1, 3, []step{
 			{true, healthPassing, true}, {false, healthFailing, true}, {true, healthFailing, false},
 			{true, healthFailing, false}, {false, healthFailing, false}, {true, healthFailing, false},

@@ -661,7 +661,7 @@ func TestTCPHealthCheckAndStartUnhealthy(t *testing.T) {
 	ln.Close() // nothing listens yet: the app starts unhealthy
 	p := startSidecar(t, "--registry=memory", "--server_name=tcpapp", "--server_address="+addr,
 		"--healthcheck_url=tcp://"+addr, "--healthcheck_interval=100ms")
-	waitFor(t, 5*time.Second, "the first failed check", func() bool { return strings.Contains(p.log.String(), "app is unhealthy") })
+	waitFor(t, 5*time.Second, "the first failed check", func() bool { return strings.Contains(p.log.String(), "app is not healthy yet") })
 	if lookup(t, p, "tcpapp") != nil {
 		t.Fatal("an app that never passed must not be registered")
 	}
