@@ -1,5 +1,5 @@
 # The sidecar in an empty image. Build the static binary first:
-#   CGO_ENABLED=0 go build -trimpath -ldflags='-s -w' -o micro .
+#   CGO_ENABLED=0 GOOS=linux go build -trimpath -ldflags='-s -w' -o micro .
 #   docker build -t micro .
 # The binary needs no libc, no /etc, no /tmp and no environment.
 FROM scratch
