@@ -19,6 +19,7 @@ import (
 	"os"
 	"os/signal"
 	"runtime/debug"
+	"slices"
 	"strings"
 	"syscall"
 	"time"
@@ -241,10 +242,28 @@ func parseSidecarFlags(args []string, out io.Writer, lookupEnv func(string) (str
 		cfg.Broker.PeerScheme = "https"
 	}
 	if err := cfg.validate(); err != nil {
-		return config{}, err
+		return config{}, nameVariables(err, cfg.given)
 	}
 	cfg.ignored = append(cfg.ignored, unknownVariables(fs, os.Environ())...)
 	return cfg, nil
+}
+
+// nameVariables adds to a validation error, which names flags, the
+// variables that set them: whoever set only MICRO_ADDRESS would look in
+// vain for an --address they never passed.
+func nameVariables(err error, given map[string]string) error {
+	msg := err.Error()
+	var from []string
+	for name, src := range given {
+		if strings.HasPrefix(src, "MICRO_") && strings.Contains(msg, "--"+name) {
+			from = append(from, src)
+		}
+	}
+	if len(from) == 0 {
+		return err
+	}
+	slices.Sort(from)
+	return fmt.Errorf("%w (set by %s)", err, strings.Join(from, ", "))
 }
 
 // unknownVariables names the MICRO_* variables of environ that are no

@@ -301,6 +301,10 @@ func TestIneffectiveFlagFromEnvironment(t *testing.T) {
 	if cfg, err := parseSidecarFlags([]string{"--registry=memory"}, io.Discard, env("MICRO_REGISTRY_PASSWORD=")); err != nil || len(cfg.ignored) != 0 {
 		t.Errorf("an empty MICRO_REGISTRY_PASSWORD is no setting: %v, noted %q", err, cfg.ignored)
 	}
+	_, err = parseSidecarFlags(nil, io.Discard, env("MICRO_REGISTRY=memory", "MICRO_ADDRESS=8081"))
+	if err == nil || !strings.HasSuffix(err.Error(), "(set by MICRO_ADDRESS)") {
+		t.Errorf("a bad MICRO_ADDRESS: %v; want the error to name the variable", err)
+	}
 	t.Setenv("MICRO_SERVR_NAME", "typo")
 	cfg, err = parseSidecarFlags([]string{"--registry=MEMORY", "--log_format=JSON"}, io.Discard, env())
 	if err != nil || !slices.Contains(cfg.ignored, "MICRO_SERVR_NAME names no flag (micro sidecar --help lists them)") {
