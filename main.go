@@ -798,6 +798,9 @@ func (s *sidecar) routes() http.Handler {
 		_, pattern := mux.Handler(r)
 		return pattern
 	}
+	if s.log.Enabled(context.Background(), slog.LevelDebug) {
+		s.metrics.requestLog = s.log
+	}
 	return s.metrics.instrument(limitInFlight(s.cfg.MaxInFlight, s.guard(s.authenticate(hotRoutes(mux, s.handleRPC, s.handleProxy)))), routeOf)
 }
 

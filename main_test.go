@@ -362,6 +362,24 @@ func TestPortZeroIsToldAtAnyLogLevel(t *testing.T) {
 	}
 }
 
+// TestDebugLogsRequests: at --log_level=debug each request is logged with
+// its status and time; at info, none is.
+func TestDebugLogsRequests(t *testing.T) {
+	debug := startSidecar(t, "--registry=memory", "--log_level=debug")
+	info := startSidecar(t, "--registry=memory")
+	for _, p := range []*proc{debug, info} {
+		if code, _ := do(t, "GET", p.url("/registry?service=nope"), "", ""); code != 404 {
+			t.Fatalf("lookup of an unknown service: %d", code)
+		}
+	}
+	if !regexp.MustCompile(`msg=request method=GET path=/registry route=/registry status=404 duration=\S+ remote=127\.0\.0\.1:\d+`).MatchString(debug.log.String()) {
+		t.Errorf("no request line at debug level:\n%s", debug.log.String())
+	}
+	if strings.Contains(info.log.String(), "msg=request") {
+		t.Errorf("a request line at info level:\n%s", info.log.String())
+	}
+}
+
 func TestPortInUse(t *testing.T) {
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {

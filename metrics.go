@@ -3,6 +3,7 @@ package main
 import (
 	"bufio"
 	"fmt"
+	"log/slog"
 	"math"
 	"net"
 	"net/http"
@@ -421,6 +422,9 @@ type sidecarMetrics struct {
 	latency     *histogramVec // by route
 	healthCheck *histogramVec // by result
 	rpcLatency  *histogramVec // by service and result
+	// requestLog, set at --log_level=debug alone, gets a line per request:
+	// what an operator chasing a 502 needs, and a cost nobody else pays.
+	requestLog *slog.Logger
 }
 
 func newSidecarMetrics(s *sidecar) *sidecarMetrics {
@@ -514,8 +518,12 @@ func (m *sidecarMetrics) instrument(next http.Handler, routeOf func(*http.Reques
 			code = http.StatusOK
 		}
 		m.requests.Inc(route, statusCodeString(code))
+		took := requestNow(w).Sub(start)
 		if code != http.StatusSwitchingProtocols { // a WebSocket's time is its lifetime
-			m.latency.Observe(requestNow(w).Sub(start).Seconds(), route)
+			m.latency.Observe(took.Seconds(), route)
+		}
+		if m.requestLog != nil {
+			m.requestLog.Debug("request", "method", r.Method, "path", r.URL.Path, "route", route, "status", code, "duration", took, "remote", r.RemoteAddr)
 		}
 	})
 }
