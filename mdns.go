@@ -278,6 +278,12 @@ func (b *mdnsBackend) register(s Service, ttl time.Duration) error {
 			// New or changed: announce twice (RFC 6762 section 8.3).
 			l = &mdnsLocal{repeatAt: now.Add(mdnsRepeat)}
 			b.locals[r.key()] = l
+		} else if now.Sub(l.lastSent) < time.Second {
+			// The same records, multicast under a second ago: RFC 6762
+			// section 6 allows no sooner, and the last announcement stands
+			// (a client re-registering in a loop must not flood the link).
+			l.rec = r // the new expiry
+			continue
 		}
 		l.rec, l.ann, l.ttl, l.lastSent = r, a, mdnsTTL(ttl), now
 		b.labels[strings.ToLower(a.instance[:len(a.instance)-len(mdnsServiceType)-1])] = r.key()

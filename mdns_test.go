@@ -477,6 +477,44 @@ func TestAnnounceTwice(t *testing.T) {
 	}
 }
 
+// TestRepeatedRegisterAnnouncesOncePerSecond: a client re-registering the
+// same node in a loop gets at most one announcement a second (RFC 6762
+// section 6); a change is announced at once.
+func TestRepeatedRegisterAnnouncesOncePerSecond(t *testing.T) {
+	b := newMDNSState(newTable(10), discardLog, 0)
+	now := time.Unix(1000, 0)
+	b.now = func() time.Time { return now }
+	svc := Service{Name: "svc", Nodes: []Node{{ID: "n1", Address: "127.0.0.1", Port: 80, Metadata: map[string]string{}}}}
+	lastSent := func() time.Time {
+		b.mu.Lock()
+		defer b.mu.Unlock()
+		for _, l := range b.locals {
+			return l.lastSent
+		}
+		return time.Time{}
+	}
+	b.register(svc, 30*time.Second)
+	start := now
+	for _, at := range []time.Duration{100 * time.Millisecond, 500 * time.Millisecond, 999 * time.Millisecond} {
+		now = start.Add(at)
+		b.register(svc, 30*time.Second)
+		if got := lastSent(); !got.Equal(start) {
+			t.Fatalf("an unchanged registration %v after the last announcement was announced again (%v)", at, got)
+		}
+	}
+	now = start.Add(time.Second)
+	b.register(svc, 30*time.Second)
+	if got := lastSent(); !got.Equal(now) {
+		t.Errorf("an unchanged registration a second later: last sent %v; want now", got)
+	}
+	now = now.Add(10 * time.Millisecond)
+	svc.Nodes[0].Port = 81
+	b.register(svc, 30*time.Second)
+	if got := lastSent(); !got.Equal(now) {
+		t.Errorf("a changed node: last sent %v; want at once", got)
+	}
+}
+
 func TestRegisterLabels(t *testing.T) {
 	tb := newTable(100)
 	b := newMDNSState(tb, discardLog, 0)
