@@ -139,6 +139,7 @@ func newEtcdBackend(ctx context.Context, cfg etcdConfig, t *table, log *slog.Log
 	if cfg.SyncWait > 0 {
 		select {
 		case <-b.synced:
+		case <-ctx.Done(): // stopped while starting: the caller gives up
 		case <-time.After(cfg.SyncWait):
 			log.Warn("etcd registry: not synchronised yet; starting with an empty registry and retrying in the background",
 				"endpoints", strings.Join(cfg.Endpoints, ","), "error", trimErr(b.status()))

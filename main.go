@@ -681,6 +681,13 @@ func runSidecar(ctx context.Context, cfg config, logOut io.Writer) error {
 	if err != nil {
 		return err
 	}
+	if ctx.Err() != nil {
+		// Stopped while the registry was being reached (etcd down takes
+		// seconds): nothing listens or is registered yet, and nothing will.
+		s.reg.backend.close()
+		log.Info("Stopped before listening")
+		return nil
+	}
 	ln, err := net.Listen("tcp", cfg.Address)
 	if err != nil {
 		s.reg.backend.close()
