@@ -15,6 +15,7 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -30,6 +31,12 @@ import (
 )
 
 const (
+	// forwardedToHeader names the sidecars (their ids, comma separated)
+	// that the registry has at the address a batch goes to. A sidecar not
+	// among them refuses the batch with 410: it came by a stale entry of an
+	// earlier process, under another spelling of this sidecar's address,
+	// and this sidecar's own entry brings it each message already.
+	forwardedToHeader = "Micro-Broker-To"
 	// forwardedHeader marks a POST to /broker as a batch of messages
 	// forwarded by a peer; its value is the sending sidecar's id.
 	forwardedHeader = "Micro-Broker-Forwarded"
@@ -58,6 +65,7 @@ const (
 type peerNode struct {
 	addr  string // host:port of its API
 	queue string // "" for broadcast subscribers
+	id    string // the sidecar's id, from its entry's metadata
 }
 
 // deliveryPlan says where one message goes.
@@ -73,6 +81,7 @@ type localDelivery struct {
 
 type forwardPlan struct {
 	addr string
+	ids  []string // the sidecars registered at addr
 	localDelivery
 }
 
@@ -97,7 +106,11 @@ func planDelivery(localBroadcast bool, localGroups []string, peers []peerNode, r
 	for _, g := range localGroups {
 		candidates[g] = []string{""}
 	}
+	ids := map[string][]string{}
 	for _, p := range peers {
+		if p.id != "" && !slices.Contains(ids[p.addr], p.id) {
+			ids[p.addr] = append(ids[p.addr], p.id)
+		}
 		if p.queue == "" {
 			to(p.addr).broadcast = true
 			continue
@@ -127,6 +140,7 @@ func planDelivery(localBroadcast bool, localGroups []string, peers []peerNode, r
 		}
 	}
 	for _, f := range byAddr {
+		f.ids = ids[f.addr]
 		plan.forwards = append(plan.forwards, *f)
 	}
 	slices.SortFunc(plan.forwards, func(a, b forwardPlan) int { return strings.Compare(a.addr, b.addr) })
@@ -144,7 +158,7 @@ func peersOf(versions []Service, selfID, selfAddr string) []peerNode {
 			if n.Metadata["sidecar"] == selfID || n.hostPort() == selfAddr {
 				continue
 			}
-			p := peerNode{addr: n.hostPort(), queue: n.Metadata["queue"]}
+			p := peerNode{addr: n.hostPort(), queue: n.Metadata["queue"], id: n.Metadata["sidecar"]}
 			if !slices.Contains(out, p) {
 				out = append(out, p)
 			}
@@ -154,7 +168,10 @@ func peersOf(versions []Service, selfID, selfAddr string) []peerNode {
 		if c := strings.Compare(a.addr, b.addr); c != 0 {
 			return c
 		}
-		return strings.Compare(a.queue, b.queue)
+		if c := strings.Compare(a.queue, b.queue); c != 0 {
+			return c
+		}
+		return strings.Compare(a.id, b.id)
 	})
 	return out
 }
@@ -166,6 +183,7 @@ type forwardItem struct {
 	broadcast bool
 	groups    []string
 	event     []byte
+	to        []string // the sidecars registered at the peer's address (sent as a header, not in the item)
 }
 
 // encodeForward appends the batch format: per item, a header line
@@ -388,7 +406,7 @@ func (f *forwarder) plan(topic string, localBroadcast bool, localGroups []string
 // drops the message, counted.
 func (f *forwarder) send(m *message, forwards []forwardPlan) {
 	for _, fp := range forwards {
-		item := forwardItem{topic: m.topic, broadcast: fp.broadcast, groups: fp.groups, event: m.event}
+		item := forwardItem{topic: m.topic, broadcast: fp.broadcast, groups: fp.groups, event: m.event, to: fp.ids}
 		ok := true
 		for _, piece := range splitGroups(item) {
 			ok = f.enqueue(fp.addr, piece) && ok
@@ -414,12 +432,12 @@ func splitGroups(it forwardItem) []forwardItem {
 	start, size := 0, base
 	for i, g := range it.groups {
 		if size+1+len(g) > maxForwardLine && i > start {
-			out = append(out, forwardItem{topic: it.topic, broadcast: it.broadcast && len(out) == 0, groups: it.groups[start:i:i], event: it.event})
+			out = append(out, forwardItem{topic: it.topic, broadcast: it.broadcast && len(out) == 0, groups: it.groups[start:i:i], event: it.event, to: it.to})
 			start, size = i, base
 		}
 		size += 1 + len(g)
 	}
-	return append(out, forwardItem{topic: it.topic, broadcast: it.broadcast && len(out) == 0, groups: it.groups[start:], event: it.event})
+	return append(out, forwardItem{topic: it.topic, broadcast: it.broadcast && len(out) == 0, groups: it.groups[start:], event: it.event, to: it.to})
 }
 
 // encodedSize is what it takes in a batch, header line and all.
@@ -464,8 +482,10 @@ func (f *forwarder) work(p *peerQueue) {
 	var body []byte
 	for {
 		f.mu.Lock()
+		// A batch names the sidecars it is for (forwardedToHeader): it
+		// takes items planned for the same ones.
 		n, size := 0, 0
-		for n < len(p.items) && n < maxForwardItems && size < maxForwardBytes {
+		for n < len(p.items) && n < maxForwardItems && size < maxForwardBytes && slices.Equal(p.items[n].to, p.items[0].to) {
 			size += p.items[n].encodedSize()
 			n++
 		}
@@ -486,14 +506,21 @@ func (f *forwarder) work(p *peerQueue) {
 		f.mu.Unlock()
 
 		body = encodeForward(body[:0], batch)
-		if err := f.post(p.addr, body); err != nil {
+		switch err := f.post(p.addr, batch[0].to, body); {
+		case errors.Is(err, errStalePeer):
+			// Not lost: the sidecar at that address has its own entry.
+			f.b.log.Debug("a stale topic entry names a sidecar at an address another answers", "peer", p.addr, "error", err)
+		case err != nil:
 			f.b.stats.ForwardDropped.Add(uint64(len(batch)))
 			f.logFailure(p.addr, len(batch), err)
 		}
 	}
 }
 
-func (f *forwarder) post(addr string, body []byte) error {
+// errStalePeer is a peer's 410: the batch went by a stale entry.
+var errStalePeer = errors.New("the sidecar there is another than the entry names")
+
+func (f *forwarder) post(addr string, ids []string, body []byte) error {
 	scheme := f.b.cfg.PeerScheme
 	if scheme == "" {
 		scheme = "http"
@@ -507,11 +534,17 @@ func (f *forwarder) post(addr string, body []byte) error {
 	}
 	req.Header.Set("Content-Type", forwardContentType)
 	req.Header.Set(forwardedHeader, f.b.id)
+	if len(ids) > 0 {
+		req.Header.Set(forwardedToHeader, strings.Join(ids, ","))
+	}
 	resp, err := f.client.Do(req)
 	if err != nil {
 		return err
 	}
 	defer resp.Body.Close()
+	if resp.StatusCode == http.StatusGone {
+		return errStalePeer
+	}
 	if resp.StatusCode/100 != 2 {
 		msg, _ := io.ReadAll(io.LimitReader(resp.Body, 512))
 		return fmt.Errorf("peer answered %s: %s", resp.Status, bytes.TrimSpace(msg))

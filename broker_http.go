@@ -8,6 +8,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -84,6 +85,10 @@ func (b *broker) handleForwarded(w http.ResponseWriter, r *http.Request) {
 		// know as its own (a stale entry of a process that had its port):
 		// delivering would hand each subscriber the message twice.
 		writeError(w, http.StatusLoopDetected, "forwarded batch: it came from this sidecar itself; a topic entry in the registry names this sidecar at another address (a stale entry lapses within --register_ttl)")
+		return
+	}
+	if to := r.Header.Get(forwardedToHeader); to != "" && !slices.Contains(strings.Split(to, ","), b.id) {
+		writeError(w, http.StatusGone, "forwarded batch: for sidecar "+truncate(to, 128)+", and this is "+b.id+": a stale topic entry names this address under another spelling (it lapses within --register_ttl); this sidecar's own entry brings it the messages")
 		return
 	}
 	r.Body = http.MaxBytesReader(w, r.Body, b.fwd.maxForwardBody())

@@ -206,9 +206,28 @@ func TestPeersOf(t *testing.T) {
 		node("v6", "::1", 9000, map[string]string{"sidecar": "c"}),
 	}}}
 	got := peersOf(versions, "me", "10.0.0.1:8081")
-	want := []peerNode{{addr: "10.0.0.2:8081"}, {addr: "10.0.0.3:8081", queue: "g"}, {addr: "[::1]:9000"}}
+	want := []peerNode{{addr: "10.0.0.2:8081", id: "a"}, {addr: "10.0.0.3:8081", queue: "g", id: "b"}, {addr: "[::1]:9000", id: "c"}}
 	if !reflect.DeepEqual(got, want) {
 		t.Errorf("peersOf: got %v; want %v", got, want)
+	}
+}
+
+// TestPlanNamesTheSidecarsAtEachAddress: a forward names the sidecars the
+// registry has at its address, so that one there that is none of them (a
+// stale entry, under another spelling of its address) can refuse it.
+func TestPlanNamesTheSidecarsAtEachAddress(t *testing.T) {
+	peers := []peerNode{
+		{addr: "127.0.0.1:8082", id: "new"},
+		{addr: "127.0.0.1:8082", id: "old", queue: "g"},
+		{addr: "localhost:8082", id: "older"},
+	}
+	plan := planDelivery(false, nil, peers, 0)
+	got := map[string][]string{}
+	for _, f := range plan.forwards {
+		got[f.addr] = f.ids
+	}
+	if want := map[string][]string{"127.0.0.1:8082": {"new", "old"}, "localhost:8082": {"older"}}; !reflect.DeepEqual(got, want) {
+		t.Errorf("ids by address: got %v; want %v", got, want)
 	}
 }
 

@@ -657,6 +657,36 @@ func TestBrokerDoesNotForwardToItself(t *testing.T) {
 	}
 }
 
+// TestBrokerIgnoresAStaleEntryOfAnother: a topic entry left by an
+// earlier process at another spelling of a sidecar's address (localhost
+// for 127.0.0.1) made every other sidecar forward to it twice, and its
+// subscribers got each message twice. The sidecar there now refuses
+// batches named for another sidecar, with 410, and the publisher drops
+// them quietly: they were copies.
+func TestBrokerIgnoresAStaleEntryOfAnother(t *testing.T) {
+	file := filepath.Join(t.TempDir(), "registry.json")
+	p := startSidecar(t, "--registry=file", "--registry_address="+file, "--log_level=debug")
+	s := startSidecar(t, "--registry=file", "--registry_address="+file)
+	sub := subscribeWS(t, s, "S.dup", "topic=dup")
+	waitFor(t, 10*time.Second, "s's topic entry on p", func() bool { return lookup(t, p, "topic:dup") != nil })
+	_, port, _ := net.SplitHostPort(s.addr)
+	stale := `{"name":"topic:dup","nodes":[{"id":"gone","address":"localhost","port":` + port + `,"metadata":{"broker":"1","sidecar":"gone"}}]}`
+	if code, body := do(t, "POST", p.url("/registry?ttl=60s"), "", stale); code != 200 {
+		t.Fatalf("registering the stale entry: %d %s", code, body)
+	}
+	publish(t, p, "dup", "text/plain", "once")
+	waitFor(t, 10*time.Second, "the copy by the stale entry to be refused", func() bool {
+		return strings.Contains(p.log.String(), "a stale topic entry names a sidecar at an address another answers")
+	})
+	waitFor(t, 10*time.Second, "the message", func() bool { return sub.total() >= 1 })
+	if n := sub.total(); n != 1 {
+		t.Errorf("the subscriber got the message %d times; want once", n)
+	}
+	if st := brokerStatsOf(t, p); st.ForwardDropped != 0 {
+		t.Errorf("forward_dropped %d on the publisher; want 0: the refused copy was not a loss", st.ForwardDropped)
+	}
+}
+
 // TestBrokerSubscribedOnceAnswered: a message published as soon as the
 // client has its handshake's answer reaches it.
 func TestBrokerSubscribedOnceAnswered(t *testing.T) {
