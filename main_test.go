@@ -380,6 +380,45 @@ func TestDebugLogsRequests(t *testing.T) {
 	}
 }
 
+// TestRegistryVersions: a lookup of version= finds the unversioned
+// nodes; version without service, and an empty ttl, are refused; a DELETE
+// naming a version leaves a node registered under another.
+func TestRegistryVersions(t *testing.T) {
+	p := startSidecar(t, "--registry=memory")
+	for _, body := range []string{
+		`{"name":"v","nodes":[{"id":"plain","address":"127.0.0.1","port":1}]}`,
+		`{"name":"v","version":"2","nodes":[{"id":"two","address":"127.0.0.1","port":2}]}`,
+	} {
+		if code, out := do(t, "POST", p.url("/registry"), "", body); code != 200 {
+			t.Fatalf("register: %d %s", code, out)
+		}
+	}
+	code, body := do(t, "GET", p.url("/registry?service=v&version="), "", "")
+	if code != 200 || !strings.Contains(body, `"plain"`) || strings.Contains(body, `"two"`) {
+		t.Errorf("version= lookup: %d %s; want the unversioned node alone", code, body)
+	}
+	for _, tc := range []struct{ method, path, body string }{
+		{"GET", "/registry?version=2", ""},
+		{"POST", "/registry?ttl=", `{"name":"v","nodes":[{"id":"x","address":"127.0.0.1","port":3}]}`},
+	} {
+		if code, body := do(t, tc.method, p.url(tc.path), "", tc.body); code != 400 {
+			t.Errorf("%s %s: %d %s; want 400", tc.method, tc.path, code, body)
+		}
+	}
+	if code, body := do(t, "DELETE", p.url("/registry"), "", `{"name":"v","version":"99","nodes":[{"id":"two"}]}`); code != 200 || strings.Contains(body, `"two"`) {
+		t.Errorf("DELETE of version 99: %d %s; want 200 removing nothing", code, body)
+	}
+	if s := lookup(t, p, "v"); s == nil || len(s.Nodes) != 2 {
+		t.Fatalf("after a DELETE naming another version: %+v; want both nodes", s)
+	}
+	if code, _ := do(t, "DELETE", p.url("/registry"), "", `{"name":"v","version":"2","nodes":[{"id":"two"}]}`); code != 200 {
+		t.Errorf("DELETE of version 2: %d", code)
+	}
+	if s := lookup(t, p, "v"); s == nil || len(s.Nodes) != 1 || s.Nodes[0].ID != "plain" {
+		t.Errorf("after a DELETE naming the node's version: %+v; want plain alone", s)
+	}
+}
+
 func TestPortInUse(t *testing.T) {
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {

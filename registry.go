@@ -11,6 +11,7 @@ import (
 	"net/netip"
 	"net/url"
 	"sort"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -301,7 +302,7 @@ func diff(old, new map[string]record) []Event {
 		case !ok:
 			evs = append(evs, eventOf("create", n))
 		case !o.same(n):
-			evs = append(evs, eventOf("update", n))
+			evs = append(evs, changeEvents(o, n)...)
 		}
 	}
 	for k, o := range old {
@@ -309,10 +310,21 @@ func diff(old, new map[string]record) []Event {
 			evs = append(evs, eventOf("delete", o))
 		}
 	}
-	sort.Slice(evs, func(i, j int) bool {
+	sort.SliceStable(evs, func(i, j int) bool { // stable: a move's delete stays before its create
 		return evs[i].Service.Name+"\x00"+evs[i].Service.Nodes[0].ID < evs[j].Service.Name+"\x00"+evs[j].Service.Nodes[0].ID
 	})
 	return evs
+}
+
+// changeEvents tells watchers that a node changed: an update, or, when it
+// moved to another version, a delete from the old one and a create in the
+// new, since a watcher may keep nodes by service and version (go-micro's
+// cache does) and would keep a ghost in the old.
+func changeEvents(old, new record) []Event {
+	if old.Version != new.Version {
+		return []Event{eventOf("delete", old), eventOf("create", new)}
+	}
+	return []Event{eventOf("update", new)}
 }
 
 func eventOf(action string, r record) Event {
@@ -376,10 +388,22 @@ func (t *table) upsert(recs ...record) error {
 			added++
 		}
 	}
-	if t.maxNodes > 0 && added > 0 && t.count+added > t.maxNodes {
-		return fmt.Errorf("%w: %d nodes is the limit (--registry_max_nodes)", errTableFull, t.maxNodes)
-	}
 	var evs []Event
+	if t.maxNodes > 0 && added > 0 && t.count+added > t.maxNodes {
+		// Expired records are swept once a second; until then they must
+		// not fill the table that lookups already show without them.
+		evs = t.sweepLocked(time.Now())
+		added = 0
+		for _, r := range recs {
+			if _, ok := t.services[r.Service][r.key()]; !ok {
+				added++
+			}
+		}
+		if t.count+added > t.maxNodes {
+			t.notifyLocked(evs)
+			return fmt.Errorf("%w: %d nodes is the limit (--registry_max_nodes)", errTableFull, t.maxNodes)
+		}
+	}
 	for _, r := range recs {
 		old, ok := t.services[r.Service][r.key()]
 		t.setLocked(r)
@@ -387,7 +411,7 @@ func (t *table) upsert(recs ...record) error {
 		case !ok:
 			evs = append(evs, eventOf("create", r))
 		case !old.same(r):
-			evs = append(evs, eventOf("update", r))
+			evs = append(evs, changeEvents(old, r)...)
 		}
 	}
 	t.notifyLocked(evs)
@@ -436,16 +460,41 @@ func (t *table) replace(recs []record) {
 func (t *table) sweep(now time.Time) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	var evs []Event
+	t.notifyLocked(t.sweepLocked(now))
+}
+
+// sweepLocked removes the records expired at now and returns their delete
+// events, in the order answers use.
+func (t *table) sweepLocked(now time.Time) []Event {
+	var gone []record
 	for _, byKey := range t.services {
 		for _, r := range byKey {
 			if r.expired(now) {
-				t.deleteLocked(r)
-				evs = append(evs, eventOf("delete", r))
+				gone = append(gone, r)
 			}
 		}
 	}
-	t.notifyLocked(evs)
+	sortRecords(gone)
+	evs := make([]Event, 0, len(gone))
+	for _, r := range gone {
+		t.deleteLocked(r)
+		evs = append(evs, eventOf("delete", r))
+	}
+	return evs
+}
+
+// sortRecords orders records as answers are: by service name, version
+// and node id.
+func sortRecords(recs []record) {
+	slices.SortFunc(recs, func(a, b record) int {
+		if c := strings.Compare(a.Service, b.Service); c != 0 {
+			return c
+		}
+		if c := strings.Compare(a.Version, b.Version); c != 0 {
+			return c
+		}
+		return strings.Compare(a.Node.ID, b.Node.ID)
+	})
 }
 
 func (t *table) setLocked(r record) {
@@ -570,6 +619,49 @@ func (t *table) snapshot() []record {
 	return out
 }
 
+// nodesToDeregister returns the nodes of s a DELETE removes: all when s
+// names no version, else those not in the table under another version
+// (one not in the table at all is kept: deleting it changes nothing).
+func (t *table) nodesToDeregister(s Service) []Node {
+	if s.Version == "" {
+		return s.Nodes
+	}
+	t.mu.RLock()
+	defer t.mu.RUnlock()
+	keep := make([]Node, 0, len(s.Nodes))
+	for _, n := range s.Nodes {
+		if r, ok := t.services[s.Name][record{Service: s.Name, Node: n}.key()]; ok && r.Version != s.Version {
+			continue
+		}
+		keep = append(keep, n)
+	}
+	return keep
+}
+
+// watchFrom subscribes to changes of one service ("" for all) and returns
+// its live records at that moment, sorted, taken under the same lock: no
+// change falls between the two, to be missed or told twice. The caller
+// must call unwatch when done.
+func (t *table) watchFrom(service string, now time.Time) (*watcher, []record) {
+	w := &watcher{service: service, ch: make(chan []Event, watchQueue)}
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.watchers[w] = struct{}{}
+	var recs []record
+	for name, byKey := range t.services {
+		if service != "" && name != service {
+			continue
+		}
+		for _, r := range byKey {
+			if !r.expired(now) {
+				recs = append(recs, r)
+			}
+		}
+	}
+	sortRecords(recs)
+	return w, recs
+}
+
 // watch subscribes to changes of one service ("" for all). The caller must
 // call unwatch when done.
 func (t *table) watch(service string) *watcher {
@@ -646,15 +738,23 @@ func expiry(now time.Time, ttl time.Duration) time.Time {
 // parseTTL reads the ?ttl= of a registration: a Go duration ("30s") or a
 // number of seconds, from 1s to a day.
 func parseTTL(q url.Values) (time.Duration, error) {
+	if !q.Has("ttl") {
+		return 0, nil
+	}
 	s := q.Get("ttl")
 	if s == "" {
-		return 0, nil
+		// Not "no ttl": a client that sent the parameter meant one, and
+		// the entry would otherwise live as long as this sidecar.
+		return 0, errors.New("ttl is empty: give a duration such as 30s, or leave the parameter out for an entry this sidecar keeps alive")
 	}
 	d, err := time.ParseDuration(s)
 	if err != nil {
 		n, nerr := strconv.Atoi(s)
 		if nerr != nil {
 			return 0, fmt.Errorf("ttl %q: want a duration such as 30s or a number of seconds", truncate(s, 32))
+		}
+		if n < 1 || n > 24*60*60 { // before the multiplication, which could wrap
+			return 0, fmt.Errorf("ttl %q: must be between 1s and 24h", truncate(s, 32))
 		}
 		d = time.Duration(n) * time.Second
 	}

@@ -31,6 +31,8 @@ func (s *sidecar) handleRegistry(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 		switch {
+		case q.Has("version") && !q.Has("service") && !q.Has("watch"):
+			writeError(w, http.StatusBadRequest, "version needs service: /registry?service=NAME&version=V")
 		case q.Has("watch"):
 			if err := checkWatchQuery(q); err != nil {
 				writeError(w, http.StatusBadRequest, err.Error())
@@ -38,7 +40,7 @@ func (s *sidecar) handleRegistry(w http.ResponseWriter, r *http.Request) {
 			}
 			s.handleWatch(w, r)
 		case q.Has("service"):
-			s.getService(w, q.Get("service"), q.Get("version"))
+			s.getService(w, q.Get("service"), q.Get("version"), q.Has("version"))
 		default:
 			writeJSON(w, http.StatusOK, s.reg.ListServices())
 		}
@@ -61,18 +63,20 @@ func checkWatchQuery(q url.Values) error {
 	case q.Has("service") && q.Get("service") == "":
 		return errors.New("service is empty; use /registry?watch=1&service=NAME, or leave service out to watch every service")
 	case q.Has("version"):
-		return errors.New("a watch streams every version of its service; leave version out and read each node's version in the events")
+		return errors.New("a watch streams every version of its service; leave version out and read each event's service version")
 	}
 	return nil
 }
 
-func (s *sidecar) getService(w http.ResponseWriter, name, version string) {
+// getService answers a lookup; with a version (hasVersion, "" too: the
+// unversioned nodes) only that version.
+func (s *sidecar) getService(w http.ResponseWriter, name, version string, hasVersion bool) {
 	if name == "" {
 		writeError(w, http.StatusBadRequest, "service is empty; use /registry?service=NAME, or /registry for all")
 		return
 	}
 	versions, err := s.reg.GetService(name)
-	if err == nil && version != "" {
+	if err == nil && hasVersion {
 		versions = filterVersion(versions, version)
 		if len(versions) == 0 {
 			err = errNotFound
@@ -80,7 +84,7 @@ func (s *sidecar) getService(w http.ResponseWriter, name, version string) {
 	}
 	if err != nil {
 		detail := "service " + truncate(name, 128) + " not found"
-		if version != "" {
+		if hasVersion {
 			detail = "service " + truncate(name, 128) + " version " + truncate(version, 64) + " not found"
 		}
 		writeError(w, http.StatusNotFound, detail)
@@ -141,6 +145,9 @@ func (s *sidecar) deleteService(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusBadRequest, err.Error())
 		return
 	}
+	// A version named is a version meant, as in go-micro: a node of the
+	// service under another version stays. No version: any.
+	svc.Nodes = s.reg.table.nodesToDeregister(svc)
 	if err := s.reg.Deregister(svc); err != nil {
 		writeRegistryError(w, err)
 		return
@@ -212,11 +219,11 @@ func (s *sidecar) handleWatch(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 		defer s.conns.remove(c)
-		wt := s.reg.table.watch(service)
+		wt, initial := s.reg.table.watchFrom(service, time.Now())
 		defer s.reg.table.unwatch(wt)
 		in := watcherInput{pings: make(chan []byte, 1), failed: make(chan *wsFailure, 1), gone: gone}
 		go in.read(br)
-		s.streamWatch(c, wt, service, stop, in)
+		s.streamWatch(c, wt, initial, stop, in)
 	})
 	srv.ServeHTTP(readerTaker{ResponseWriter: w, br: &br}, r)
 }
@@ -269,18 +276,16 @@ func (in watcherInput) read(br *bufio.Reader) {
 }
 
 // streamWatch is the watch connection's only writer.
-func (s *sidecar) streamWatch(c *websocket.Conn, wt *watcher, service string, stop <-chan struct{}, in watcherInput) {
+func (s *sidecar) streamWatch(c *websocket.Conn, wt *watcher, initial []record, stop <-chan struct{}, in watcherInput) {
 	send := func(ev Event) bool {
 		data, _ := json.Marshal(ev)
 		c.SetWriteDeadline(time.Now().Add(10 * time.Second))
 		_, err := c.Write(data)
 		return err == nil
 	}
-	for _, rec := range s.reg.table.snapshot() {
-		if (service == "" || rec.Service == service) && !rec.expired(time.Now()) {
-			if !send(eventOf("create", rec)) {
-				return
-			}
+	for _, rec := range initial {
+		if !send(eventOf("create", rec)) {
+			return
 		}
 	}
 	ping := time.NewTicker(watchPingInterval)

@@ -59,8 +59,11 @@ func TestParseTTL(t *testing.T) {
 		want time.Duration
 		ok   bool
 	}{
-		{"", 0, true},
+		{"", 0, false}, // ?ttl= names a ttl, and gives none
 		{"30s", 30 * time.Second, true},
+		{"86400", 24 * time.Hour, true},
+		{"36028797018963998", 0, false}, // 30 + 2^55 seconds: wraps to 30 s when multiplied
+		{"-36028797018963938", 0, false},
 		{"45", 45 * time.Second, true},
 		{"1m", time.Minute, true},
 		{"500ms", 0, false},
@@ -72,6 +75,9 @@ func TestParseTTL(t *testing.T) {
 		if (err == nil) != tc.ok || got != tc.want {
 			t.Errorf("parseTTL(%q) = %v, %v; want %v, ok %v", tc.in, got, err, tc.want, tc.ok)
 		}
+	}
+	if got, err := parseTTL(url.Values{}); got != 0 || err != nil {
+		t.Errorf("no ttl parameter: %v, %v; want 0 and no error", got, err)
 	}
 }
 
@@ -144,6 +150,76 @@ func TestTableExpiryAndLimit(t *testing.T) {
 		t.Errorf("sweep events: got %+v; want the delete of a", evs)
 	}
 	tb.unwatch(w)
+}
+
+// TestTableLimitSweepsTheExpired: records past their expiry, which
+// lookups no longer show, do not fill the table until the next sweep.
+func TestTableLimitSweepsTheExpired(t *testing.T) {
+	tb := newTable(1)
+	gone := record{Service: "s", Node: Node{ID: "old", Address: "h", Port: 1}, Expires: time.Now().Add(-time.Second)}
+	if err := tb.upsert(gone); err != nil {
+		t.Fatal(err)
+	}
+	if err := tb.upsert(record{Service: "s", Node: Node{ID: "new", Address: "h", Port: 1}}); err != nil {
+		t.Errorf("a node in a table full of expired ones: %v; want it taken", err)
+	}
+}
+
+// TestVersionMoveIsDeleteAndCreate: a node registered again under another
+// version reaches watchers as a delete from the old version and a create
+// in the new, from a registration and from a reread of the file alike.
+func TestVersionMoveIsDeleteAndCreate(t *testing.T) {
+	node := func(version string) record {
+		return record{Service: "s", Version: version, Node: Node{ID: "n", Address: "h", Port: 1}}
+	}
+	actions := func(evs []Event) string {
+		var out []string
+		for _, ev := range evs {
+			out = append(out, ev.Action+" "+ev.Service.Version)
+		}
+		return strings.Join(out, ",")
+	}
+	tb := newTable(0)
+	tb.upsert(node("1"))
+	w := tb.watch("s")
+	defer tb.unwatch(w)
+	tb.upsert(node("2"))
+	if got := actions(<-w.ch); got != "delete 1,create 2" {
+		t.Errorf("upsert under another version: %s; want delete 1,create 2", got)
+	}
+	got := actions(diff(map[string]record{"k": node("2")}, map[string]record{"k": node("3")}))
+	if got != "delete 2,create 3" {
+		t.Errorf("diff across versions: %s; want delete 2,create 3", got)
+	}
+}
+
+// TestWatchStartsSorted: a watch's first events, and a sweep's, come in the
+// order answers use, not in map order.
+func TestWatchStartsSorted(t *testing.T) {
+	tb := newTable(0)
+	expires := time.Now().Add(time.Hour)
+	var recs []record
+	for _, id := range []string{"c", "a", "d", "b", "f", "e"} {
+		recs = append(recs, record{Service: "s", Node: Node{ID: id, Address: "h", Port: 1}, Expires: expires})
+	}
+	tb.upsert(recs...)
+	w, initial := tb.watchFrom("s", time.Now())
+	defer tb.unwatch(w)
+	var ids []string
+	for _, r := range initial {
+		ids = append(ids, r.Node.ID)
+	}
+	if got := strings.Join(ids, ""); got != "abcdef" {
+		t.Errorf("a watch's first records: %s; want abcdef", got)
+	}
+	tb.sweep(expires)
+	ids = nil
+	for _, ev := range <-w.ch {
+		ids = append(ids, ev.Service.Nodes[0].ID)
+	}
+	if got := strings.Join(ids, ""); got != "abcdef" {
+		t.Errorf("a sweep's deletes: %s; want abcdef", got)
+	}
 }
 
 func TestSlowWatcherIsCutOff(t *testing.T) {
