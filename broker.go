@@ -685,7 +685,10 @@ func (s *subscriber) enqueue(m *message) bool {
 		s.mu.Unlock()
 		return false
 	}
-	if len(s.q) >= s.b.cfg.QueueSize || s.qBytes+len(m.frame) > s.b.cfg.QueueBytes {
+	// An empty queue takes any message: one frame larger than
+	// --broker_queue_bytes (a payload near a raised
+	// --broker_max_payload_bytes, escaped) says nothing of the subscriber.
+	if len(s.q) >= s.b.cfg.QueueSize || len(s.q) > 0 && s.qBytes+len(m.frame) > s.b.cfg.QueueBytes {
 		dropped := len(s.q)
 		s.q, s.qBytes = nil, 0
 		s.closing = true

@@ -193,7 +193,7 @@ func (b *broker) readLoop(s *subscriber, c *websocket.Conn) {
 		case err != nil:
 			return
 		}
-		if s.isClosing() {
+		if s.droppingInput() {
 			continue
 		}
 		kind, dct := payloadText, "text/plain"
@@ -213,6 +213,17 @@ func (s *subscriber) pong(payload []byte) error {
 	s.conn.SetWriteDeadline(time.Now().Add(s.b.cfg.WriteTimeout))
 	_, err := s.conn.Write(frame)
 	return err
+}
+
+// droppingInput reports whether the client's messages are to be dropped:
+// once the sidecar is closing the connection, unless for slowness. A
+// client closed as slow has sent what it sent before it could see the
+// close, as a publisher that never reads its own topic's echoes does;
+// those messages are published, not lost without a word.
+func (s *subscriber) droppingInput() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.closing && s.closeCode != closeTryAgainLater
 }
 
 func (s *subscriber) isClosing() bool {

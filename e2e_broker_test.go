@@ -687,6 +687,55 @@ func TestBrokerIgnoresAStaleEntryOfAnother(t *testing.T) {
 	}
 }
 
+// TestBrokerLargeMessageToAnIdleSubscriber: a message larger than
+// --broker_queue_bytes reaches a subscriber with nothing waiting, rather
+// than closing it as slow.
+func TestBrokerLargeMessageToAnIdleSubscriber(t *testing.T) {
+	p := startSidecar(t, "--registry=memory", "--broker_queue_bytes=1024")
+	sub := subscribeWS(t, p, "idle", "topic=big")
+	waitSubscribers(t, p, 1)
+	publish(t, p, "big", "text/plain", strings.Repeat("x", 4096))
+	waitFor(t, 10*time.Second, "the large message", func() bool { return sub.total() == 1 })
+	if st := brokerStatsOf(t, p); st.SlowClosed != 0 {
+		t.Errorf("slow_closed %d; want 0: the subscriber had nothing waiting", st.SlowClosed)
+	}
+}
+
+// TestBrokerPublisherClosedAsSlowLosesNothing: a WebSocket client that
+// publishes and never reads its topic's echoes is closed as slow; what it
+// sent before it learnt of the close is still published, not dropped
+// without a word.
+func TestBrokerPublisherClosedAsSlowLosesNothing(t *testing.T) {
+	p := startSidecar(t, "--registry=memory", "--broker_queue_size=16")
+	cfg, err := websocket.NewConfig("ws://"+p.addr+"/broker?topic=flood", "http://"+p.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// A small receive buffer, so that the echoes it never reads back up
+	// into the sidecar within the test's 16 MB.
+	cfg.Dialer = &net.Dialer{Control: func(_, _ string, c syscall.RawConn) error {
+		return c.Control(func(fd uintptr) { syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, 32<<10) })
+	}}
+	pub, err := websocket.DialConfig(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pub.Close()
+	waitSubscribers(t, p, 1)
+	const n = 1000
+	msg := strings.Repeat("m", 16<<10)
+	pub.SetWriteDeadline(time.Now().Add(20 * time.Second))
+	for i := range n {
+		if err := websocket.Message.Send(pub, msg); err != nil {
+			t.Fatalf("publishing message %d: %v", i, err)
+		}
+	}
+	// The client's socket stays open: closed with the echoes unread, it
+	// would be reset, and the reset destroys what the sidecar has not read.
+	waitFor(t, 5*time.Second, "the publisher to be closed as slow", func() bool { return brokerStatsOf(t, p).SlowClosed == 1 })
+	waitFor(t, 10*time.Second, "every message published", func() bool { return brokerStatsOf(t, p).Published == n })
+}
+
 // TestBrokerSubscribedOnceAnswered: a message published as soon as the
 // client has its handshake's answer reaches it.
 func TestBrokerSubscribedOnceAnswered(t *testing.T) {
