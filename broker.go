@@ -11,6 +11,7 @@ package main
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"crypto/rand"
 	"crypto/x509"
@@ -166,11 +167,17 @@ func classify(contentType string, body []byte) (kind int, dataContentType string
 		}
 		return payloadBinary, "application/octet-stream", nil
 	}
-	mt, _, perr := mime.ParseMediaType(contentType)
+	mt, params, perr := mime.ParseMediaType(contentType)
 	if perr != nil {
 		return 0, "", fmt.Errorf("content type %q: %v", truncate(contentType, 64), perr)
 	}
+	charset := strings.ToLower(params["charset"])
 	switch {
+	case charset != "" && charset != "utf-8" && charset != "us-ascii" && !(mt == "application/json" || strings.HasSuffix(mt, "+json")):
+		// Text in another charset goes as its bytes (data_base64) with
+		// its declared type: read as UTF-8 into a JSON string, Latin-1's
+		// "\xc3\xa9" would arrive as "é", and UTF-16 as garbage.
+		return payloadBinary, contentType, nil
 	case mt == "application/json" || strings.HasSuffix(mt, "+json"):
 		if !json.Valid(body) {
 			return 0, "", errors.New("body is declared " + mt + " but is not valid JSON; fix it or send it as text/plain")
@@ -223,19 +230,22 @@ func encodeEvent(id, source, topic string, t time.Time, kind int, dataContentTyp
 	case payloadJSON:
 		ev.Data = payload
 	case payloadText:
-		ev.Data, _ = json.Marshal(string(payload))
+		ev.Data, _ = marshalJSON(string(payload))
 	default:
 		s := base64.StdEncoding.EncodeToString(payload)
 		ev.DataBase64 = &s
 	}
-	data, err := json.Marshal(ev)
+	// Without json.Marshal's HTML escaping of <, > and &: an event is not
+	// embedded in HTML, and the escapes would change data's bytes (a
+	// signature over them) and make HTML-heavy text grow sixfold.
+	data, err := marshalJSON(ev)
 	if err != nil { // only a payload classify did not check could do this
 		ev.Data, ev.DataBase64 = nil, nil
 		s := base64.StdEncoding.EncodeToString(payload)
 		ev.DataBase64, ev.DataContentType = &s, "application/octet-stream"
-		data, _ = json.Marshal(ev)
+		data, _ = marshalJSON(ev)
 	}
-	return data
+	return bytes.TrimSuffix(data, []byte("\n"))
 }
 
 // appendFrameHeader appends the header of an unmasked, final WebSocket frame

@@ -60,6 +60,9 @@ func TestClassify(t *testing.T) {
 		{"", "hello", payloadText, "text/plain", false},
 		{"", "\xff\xfe", payloadBinary, "application/octet-stream", false},
 		{"text/plain; charset=utf-8", "hé", payloadText, "text/plain; charset=utf-8", false},
+		{"text/plain; charset=US-ASCII", "hi", payloadText, "text/plain; charset=US-ASCII", false},
+		{"text/plain; charset=iso-8859-1", "\xc3\xa9", payloadBinary, "text/plain; charset=iso-8859-1", false}, // valid UTF-8 too, but Latin-1's "Ã©"
+		{"text/plain; charset=utf-16le", "h\x00i\x00", payloadBinary, "text/plain; charset=utf-16le", false},
 		{"application/json", `{"a":[1,2]}`, payloadJSON, "application/json", false},
 		{"application/cloudevents+json", `"x"`, payloadJSON, "application/cloudevents+json", false},
 		{"application/json", `{"a":`, 0, "", true},
@@ -87,7 +90,8 @@ func TestEncodeEvent(t *testing.T) {
 		b64     string
 	}{
 		{payloadText, "text/plain", "hello world", `"hello world"`, ""},
-		{payloadText, "text/plain", "<\"quoted\">\n", `"\u003c\"quoted\"\u003e\n"`, ""},
+		{payloadText, "text/plain", "<\"quoted\"> & more\n", `"<\"quoted\"> & more\n"`, ""}, // no HTML escapes: data's bytes as sent
+		{payloadJSON, "application/json", `{"html":"<b>"}`, `{"html":"<b>"}`, ""},
 		{payloadJSON, "application/json", `{"a": [1, 2]}`, `{"a":[1,2]}`, ""},
 		{payloadBinary, "application/octet-stream", "\x00\x01\xff", "", "AAH/"},
 		{payloadText, "text/plain", "", `""`, ""},
