@@ -132,6 +132,7 @@ func (b *broker) handleSubscribe(w http.ResponseWriter, r *http.Request) {
 	// close. Messages queue until serveConn marks the subscriber ready.
 	s := &subscriber{b: b, topic: topic, queue: queue, remote: r.RemoteAddr}
 	if err := b.subscribe(s); err != nil {
+		w.Header().Set("Retry-After", "5") // subscribers come and go
 		writeError(w, http.StatusServiceUnavailable, err.Error())
 		return
 	}

@@ -191,6 +191,9 @@ func writeRegistryError(w http.ResponseWriter, err error) {
 		writeError(w, http.StatusBadRequest, err.Error())
 		return
 	}
+	if !errors.Is(err, errTableFull) {
+		w.Header().Set("Retry-After", "5") // a failing backend: etcd may answer again
+	}
 	writeError(w, http.StatusServiceUnavailable, err.Error())
 }
 
