@@ -21,6 +21,7 @@ import (
 	"runtime/debug"
 	"slices"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"time"
 )
@@ -132,6 +133,7 @@ type config struct {
 	RegisterTTL       time.Duration
 	RegisterInterval  time.Duration
 	RegistryMaxNodes  int
+	MaxWatchers       int // registry watch connections at once
 
 	MaxBodyBytes       int64
 	ShutdownTimeout    time.Duration
@@ -190,6 +192,7 @@ func parseSidecarFlags(args []string, out io.Writer, lookupEnv func(string) (str
 	fs.DurationVar(&cfg.RegisterTTL, "register_ttl", 30*time.Second, "Time-to-live of this sidecar's registrations: if the sidecar dies, its entries vanish within this time.")
 	fs.DurationVar(&cfg.RegisterInterval, "register_interval", 0, "Time between refreshes of this sidecar's registrations. Default: a third of --register_ttl.")
 	fs.IntVar(&cfg.RegistryMaxNodes, "registry_max_nodes", 10000, "Most nodes the registry holds; registrations beyond it are refused with 503.")
+	fs.IntVar(&cfg.MaxWatchers, "registry_max_watchers", 1000, "Most registry watch WebSockets open at once; more are refused with 503.")
 	fs.Int64Var(&cfg.MaxBodyBytes, "max_body_bytes", 1<<20, "Largest request body of the registry API and RPC, in bytes; larger ones are refused with 413. Proxied bodies stream through to the app.")
 	fs.DurationVar(&cfg.ShutdownTimeout, "shutdown_timeout", 10*time.Second, "Time allowed on SIGINT or SIGTERM for in-flight requests to finish.")
 	fs.IntVar(&cfg.MaxInFlight, "max_inflight", 1024, "Most requests served at once (WebSockets, /health and /metrics aside); more are refused with 503 and Retry-After.")
@@ -423,6 +426,7 @@ func (c *config) validate() error {
 		{"read_header_timeout", c.ReadHeaderTimeout > 0},
 		{"idle_timeout", c.IdleTimeout > 0},
 		{"registry_max_nodes", c.RegistryMaxNodes > 0},
+		{"registry_max_watchers", c.MaxWatchers > 0},
 		{"max_body_bytes", c.MaxBodyBytes > 0},
 		{"max_inflight", c.MaxInFlight > 0},
 	} {
@@ -616,6 +620,9 @@ type sidecar struct {
 	rpc     *caller
 	proxy   *proxy
 	started time.Time
+	// watchers counts open registry watches, against --registry_max_watchers:
+	// an open WebSocket no longer counts against --max_inflight.
+	watchers atomic.Int64
 }
 
 // newSidecar builds the registry for cfg.

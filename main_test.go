@@ -419,6 +419,33 @@ func TestRegistryVersions(t *testing.T) {
 	}
 }
 
+// TestRegistryWatchersAreBounded: watches beyond --registry_max_watchers
+// are refused with 503 before the upgrade; a closed one frees its slot.
+func TestRegistryWatchersAreBounded(t *testing.T) {
+	p := startSidecar(t, "--registry=memory", "--registry_max_watchers=2")
+	var open []*websocket.Conn
+	for range 2 {
+		ws, err := websocket.Dial("ws://"+p.addr+"/registry?watch=1", "", "http://"+p.addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		open = append(open, ws)
+	}
+	resp := request(t, "GET", p.url("/registry?watch=1"), map[string]string{"Connection": "Upgrade", "Upgrade": "websocket", "Sec-WebSocket-Version": "13", "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}, "")
+	if resp.StatusCode != 503 || resp.Header.Get("Retry-After") == "" {
+		t.Errorf("a third watcher: %d %v; want 503 with Retry-After", resp.StatusCode, resp.Header)
+	}
+	open[0].Close()
+	waitFor(t, 5*time.Second, "a slot to free", func() bool {
+		ws, err := websocket.Dial("ws://"+p.addr+"/registry?watch=1", "", "http://"+p.addr)
+		if err == nil {
+			ws.Close()
+		}
+		return err == nil
+	})
+	open[1].Close()
+}
+
 func TestPortInUse(t *testing.T) {
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {

@@ -212,6 +212,13 @@ func (s *sidecar) handleWatch(w http.ResponseWriter, r *http.Request) {
 	if !handshakeOK(w, r) {
 		return
 	}
+	if s.watchers.Add(1) > int64(s.cfg.MaxWatchers) {
+		s.watchers.Add(-1)
+		w.Header().Set("Retry-After", "5")
+		writeError(w, http.StatusServiceUnavailable, fmt.Sprintf("too many registry watchers (%d, --registry_max_watchers)", s.cfg.MaxWatchers))
+		return
+	}
+	defer s.watchers.Add(-1)
 	service := r.URL.Query().Get("service")
 	var br *bufio.Reader // the connection's, taken at the hijack
 	srv := wsServer(func(c *websocket.Conn) {
