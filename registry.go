@@ -138,10 +138,37 @@ func normalizeNode(n *Node) error {
 	return checkMetadata("metadata", n.Metadata)
 }
 
+// validNodeHost reports whether h is an IP address or a host name a resolver
+// could look up (RFC 1123 labels; underscores too, as Docker's names have
+// them). A node at 999.1.1.1, a@b or -bad- would only fail every call.
+func validNodeHost(h string) bool {
+	if _, err := netip.ParseAddr(h); err == nil {
+		return true
+	}
+	h = strings.TrimSuffix(h, ".")
+	if h == "" || len(h) > 253 {
+		return false
+	}
+	labels := strings.Split(h, ".")
+	for _, l := range labels {
+		if l == "" || len(l) > 63 || l[0] == '-' || l[len(l)-1] == '-' {
+			return false
+		}
+		for _, c := range []byte(l) {
+			if !('a' <= c && c <= 'z' || 'A' <= c && c <= 'Z' || '0' <= c && c <= '9' || c == '-' || c == '_') {
+				return false
+			}
+		}
+	}
+	// A last label of digits alone makes an IP address that is not one.
+	return strings.Trim(labels[len(labels)-1], "0123456789") != ""
+}
+
 // splitAddress accepts "host" with a separate port, or "host:port" with port
 // 0, and returns the host and port. IPv6 literals may come bracketed.
 func splitAddress(address string, port int) (string, int, error) {
 	address = strings.TrimSpace(address)
+	original := address
 	if address == "" {
 		return "", 0, errors.New("address is required")
 	}
@@ -155,11 +182,10 @@ func splitAddress(address string, port int) (string, int, error) {
 		}
 		address, port = h, pn
 	}
+	bracketed := strings.HasPrefix(original, "[")
 	address = strings.TrimSuffix(strings.TrimPrefix(address, "["), "]")
-	if address == "" || len(address) > maxNameLen || !validName(address) || strings.ContainsAny(address, "[]") {
-		return "", 0, fmt.Errorf("address %q is not a host name or IP address", truncate(address, 64))
-	}
-	if _, err := netip.ParseAddr(address); strings.Contains(address, ":") && err != nil {
+	if len(address) > maxNameLen || !validNodeHost(address) || bracketed && !strings.Contains(address, ":") { // brackets hold IPv6 alone
+
 		return "", 0, fmt.Errorf("address %q is not a host name or IP address", truncate(address, 64))
 	}
 	if port < 1 || port > 65535 {

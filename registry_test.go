@@ -39,6 +39,17 @@ func TestSplitAddress(t *testing.T) {
 		{"h:80", 81, "", 0, "disagrees with port 81"},
 		{"a b", 80, "", 0, "not a host name"},
 		{"h/x", 80, "", 0, "not a host name"},
+		{"myapp_web_1", 80, "myapp_web_1", 80, ""}, // a Docker name
+		{"johns-mbp.local.", 80, "johns-mbp.local.", 80, ""},
+		{"fe80::1%eth0", 80, "fe80::1%eth0", 80, ""},
+		{"999.1.1.1", 80, "", 0, "not a host name"},
+		{"1234", 80, "", 0, "not a host name"},
+		{"[foo]:80", 0, "", 0, "not a host name"},
+		{"-bad-", 80, "", 0, "not a host name"},
+		{"a..b", 80, "", 0, "not a host name"},
+		{"%", 80, "", 0, "not a host name"},
+		{"[1.2.3.4%eth0]:80", 0, "", 0, "not a host name"},
+		{"a@b", 80, "", 0, "not a host name"},
 	} {
 		host, port, err := splitAddress(tc.addr, tc.port)
 		if tc.wantErr != "" {
