@@ -103,6 +103,19 @@ func (a *appRegistration) refused() error {
 // sidecar keeps it: not after a refusal, nor after a DELETE through the API.
 func (a *appRegistration) registered() bool { return a.reg.owns(a.app) }
 
+// names reports whether s holds the app's own node.
+func (a *appRegistration) names(s Service) bool {
+	if s.Name != a.app.Name {
+		return false
+	}
+	for _, n := range s.Nodes {
+		if n.ID == a.id {
+			return true
+		}
+	}
+	return false
+}
+
 // run retries refused registrations until ctx ends.
 func (a *appRegistration) run(ctx context.Context) {
 	wait := a.retryMin

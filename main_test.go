@@ -446,6 +446,22 @@ func TestRegistryWatchersAreBounded(t *testing.T) {
 	open[1].Close()
 }
 
+// TestAppNodeIsTheSidecars: the registry API may not take over the app's
+// own node, which the sidecar keeps; other nodes of its service it may add.
+func TestAppNodeIsTheSidecars(t *testing.T) {
+	p := startSidecar(t, "--registry=memory", "--server_name=own", "--server_id=own-1", "--server_address=127.0.0.1:9090")
+	code, body := do(t, "POST", p.url("/registry?ttl=30s"), "", `{"name":"own","nodes":[{"id":"own-1","address":"127.0.0.1","port":9091}]}`)
+	if code != 409 || !strings.Contains(body, "this sidecar's app") {
+		t.Errorf("POST of the app's node: %d %s; want 409 saying why", code, body)
+	}
+	if code, body := do(t, "POST", p.url("/registry?ttl=30s"), "", `{"name":"own","nodes":[{"id":"own-2","address":"127.0.0.1","port":9092}]}`); code != 200 {
+		t.Errorf("POST of another node of the app's service: %d %s", code, body)
+	}
+	if s := lookup(t, p, "own"); s == nil || len(s.Nodes) != 2 || s.Nodes[0].Port != 9090 {
+		t.Errorf("the app's service: %+v; want the app at 9090 and own-2", s)
+	}
+}
+
 func TestPortInUse(t *testing.T) {
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {

@@ -125,6 +125,12 @@ func (s *sidecar) postService(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusBadRequest, "nodes: at least one node is required")
 		return
 	}
+	if s.app != nil && s.app.names(svc) {
+		// Taken over, the app's entry would follow the request's ttl and
+		// lapse, while the sidecar still counted on keeping it.
+		writeError(w, http.StatusConflict, "node "+truncate(s.app.id, 128)+" is this sidecar's app, which the sidecar registers itself (--server_name, --server_id); register another node id")
+		return
+	}
 	if err := s.reg.Register(svc, ttl); err != nil {
 		writeRegistryError(w, err)
 		return
