@@ -220,3 +220,24 @@ func TestFileBackendRecovers(t *testing.T) {
 	fb.fail(errors.New("file registry: lock: held by another process for over 5s"))
 	waitFor(t, 2*time.Second, "the failure to clear", func() bool { return fb.status() == nil })
 }
+
+// FuzzParseRegistryFile feeds arbitrary files to the file registry's
+// reader: it must never panic, and every record it keeps must be valid.
+func FuzzParseRegistryFile(f *testing.F) {
+	f.Add([]byte(`{"format":1,"records":[{"service":"a","node":{"id":"1","address":"127.0.0.1","port":1}}]}`))
+	f.Add([]byte(`{"format":1,"records":[{"service":"a","node":{"id":"1","address":"127.0.0.1","port":0}},{"service":"b","node":{"id":"2","address":"h","port":2}}]}`))
+	f.Add([]byte(`{"format":2}`))
+	f.Add([]byte(``))
+	f.Fuzz(func(t *testing.T, data []byte) {
+		recs, skipped, err := parseRegistryFile(data)
+		if skipped > 0 && err == nil {
+			t.Fatalf("%d records skipped without a reason", skipped)
+		}
+		for _, r := range recs {
+			s := Service{Name: r.Service, Version: r.Version, Metadata: r.Metadata, Nodes: []Node{r.Node}}
+			if err := normalizeService(&s); err != nil {
+				t.Fatalf("kept an invalid record %+v: %v", r, err)
+			}
+		}
+	})
+}
