@@ -588,6 +588,9 @@ func TestWebSocketHandshakeErrors(t *testing.T) {
 		}{
 			{key + "Sec-WebSocket-Version: 8\r\n", 426, `WebSocket version \"8\" is not supported; use 13`},
 			{"Sec-WebSocket-Version: 13\r\n", 400, "not a WebSocket handshake"},
+			{"Sec-WebSocket-Key: not-base64!\r\nSec-WebSocket-Version: 13\r\n", 400, "Sec-WebSocket-Key must be one value, 16 bytes in base64"},
+			{"Sec-WebSocket-Key: c2hvcnQ=\r\nSec-WebSocket-Version: 13\r\n", 400, "16 bytes in base64"},
+			{key + key + "Sec-WebSocket-Version: 13\r\n", 400, "must be one value"},
 		} {
 			rc := dialHTTP(t, p.addr)
 			rc.send("GET " + path + " HTTP/1.1\r\nHost: h\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n" + tc.headers + "\r\n")

@@ -6,6 +6,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"crypto/subtle"
+	"encoding/base64"
 	"encoding/binary"
 	"encoding/json"
 	"errors"
@@ -310,10 +311,23 @@ func wsServer(handler websocket.Handler) websocket.Server {
 // and answers in the error shape instead: a handshake that is not one
 // (RFC 6455 section 4.2.1), or a version other than 13, which gets 426
 // with the version to use (section 4.4).
+// validWebSocketKey reports whether a handshake's key fields are one
+// value that decodes to 16 bytes, as RFC 6455 section 4.2.1 asks a server
+// to check.
+func validWebSocketKey(values []string) bool {
+	if len(values) != 1 {
+		return false
+	}
+	key, err := base64.StdEncoding.DecodeString(strings.TrimSpace(values[0]))
+	return err == nil && len(key) == 16
+}
+
 func handshakeOK(w http.ResponseWriter, r *http.Request) bool {
 	switch {
 	case !isWebSocketHandshake(r) || firstValue(r.Header["Sec-Websocket-Key"]) == "":
 		writeError(w, http.StatusBadRequest, "not a WebSocket handshake: a GET with Connection: Upgrade, Upgrade: websocket and a Sec-WebSocket-Key; use a WebSocket client")
+	case !validWebSocketKey(r.Header["Sec-Websocket-Key"]):
+		writeError(w, http.StatusBadRequest, "Sec-WebSocket-Key must be one value, 16 bytes in base64 (RFC 6455 section 4.1)")
 	case firstValue(r.Header["Sec-Websocket-Version"]) != "13":
 		w.Header().Set("Sec-WebSocket-Version", "13")
 		writeError(w, http.StatusUpgradeRequired, "WebSocket version "+strconv.Quote(truncate(firstValue(r.Header["Sec-Websocket-Version"]), 16))+" is not supported; use 13 (RFC 6455)")
