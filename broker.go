@@ -168,6 +168,11 @@ func classify(contentType string, body []byte) (kind int, dataContentType string
 		return payloadBinary, "application/octet-stream", nil
 	}
 	mt, params, perr := mime.ParseMediaType(contentType)
+	if perr == nil && !strings.Contains(mt, "/") {
+		// mime takes a bare token; the event's datacontenttype must be
+		// a media type (RFC 2046), as its readers will parse it.
+		perr = errors.New("want type/subtype, e.g. text/plain")
+	}
 	if perr != nil {
 		return 0, "", fmt.Errorf("content type %q: %v", truncate(contentType, 64), perr)
 	}

@@ -72,6 +72,7 @@ func TestClassify(t *testing.T) {
 		{"image/png", "\x89PNG\xff", payloadBinary, "image/png", false},
 		{"application/xml", "<a/>", payloadText, "application/xml", false},
 		{"not a type;;", "x", 0, "", true},
+		{"bogus", "x", 0, "", true},
 	} {
 		kind, dct, err := classify(tc.ct, []byte(tc.body))
 		if (err != nil) != tc.wantErr || err == nil && (kind != tc.kind || dct != tc.dct) {
