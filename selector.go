@@ -2,6 +2,7 @@ package main
 
 import (
 	"math/rand/v2"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -75,33 +76,44 @@ func ejectFor(failures int, base, max time.Duration) time.Duration {
 }
 
 // choose returns the index of the node to call, or -1 when none is usable:
-// scanning from start (mod len(nodes)), the first node that is neither
-// ejected at now nor already tried in this call. Round robin passes a
-// cursor as start, random a random number.
+// of the nodes neither ejected at now nor already tried in this call, the
+// (start mod their number)-th. Round robin passes a cursor as start, random
+// a random number. Counting the usable nodes first spreads an ejected
+// node's calls over all the others; taking the next one after it would
+// hand them all to its neighbour.
 func choose(nodes []Node, states map[nodeKey]nodeState, tried []nodeKey, now time.Time, start uint64) int {
-	n := len(nodes)
-	if n == 0 {
+	if len(states) == 0 && len(tried) == 0 && len(nodes) > 0 { // the common case: nothing failed
+		return int(start % uint64(len(nodes)))
+	}
+	usable := 0
+	for _, n := range nodes {
+		if nodeUsable(keyOf(n), states, tried, now) {
+			usable++
+		}
+	}
+	if usable == 0 {
 		return -1
 	}
-	first := int(start % uint64(n))
-next:
-	for i := 0; i < n; i++ {
-		j := first + i
-		if j >= n {
-			j -= n
-		}
-		k := keyOf(nodes[j])
-		for _, t := range tried {
-			if t == k {
-				continue next
+	want := int(start % uint64(usable))
+	for i, n := range nodes {
+		if nodeUsable(keyOf(n), states, tried, now) {
+			if want == 0 {
+				return i
 			}
+			want--
 		}
-		if st, ok := states[k]; ok && now.Before(st.until) {
-			continue
-		}
-		return j
 	}
 	return -1
+}
+
+// nodeUsable reports whether the node k is neither tried in this call nor
+// ejected at now.
+func nodeUsable(k nodeKey, states map[nodeKey]nodeState, tried []nodeKey, now time.Time) bool {
+	if slices.Contains(tried, k) {
+		return false
+	}
+	st, ok := states[k]
+	return !ok || !now.Before(st.until)
 }
 
 // selector picks nodes and remembers which failed.
@@ -171,7 +183,8 @@ func (s *selector) succeeded(n Node) {
 }
 
 // failed ejects the node for a backoff that grows with each consecutive
-// failure. When cfg.MaxTracked nodes are already remembered, those whose
+// failure, and returns it; 0 when the node was out already, or could not
+// be tracked. When cfg.MaxTracked nodes are already remembered, those whose
 // ejection ended long ago are forgotten; if none can be, the failure is not
 // recorded (the node stays selectable: failing open beats growing without
 // bound).
@@ -181,6 +194,12 @@ func (s *selector) failed(n Node) time.Duration {
 	defer s.mu.Unlock()
 	k := keyOf(n)
 	st, ok := s.states[k]
+	if ok && now.Before(st.until) {
+		// Out already: a call that was in flight when another ejected the
+		// node. Counted, a burst of such calls would stretch one incident's
+		// backoff to the maximum.
+		return 0
+	}
 	if !ok && len(s.states) >= s.cfg.MaxTracked {
 		for key, old := range s.states {
 			if now.Sub(old.until) > s.cfg.EjectMax {

@@ -120,6 +120,37 @@ func TestSelectorRoundRobinEjectionAndRecovery(t *testing.T) {
 	}
 }
 
+// TestSelectorSpreadsAnEjectedNodesShare: with a node out, its calls are
+// spread over the others, not handed to its neighbour; failures of calls
+// that were in flight when it went out do not lengthen its backoff.
+func TestSelectorSpreadsAnEjectedNodesShare(t *testing.T) {
+	now := time.Unix(1000, 0)
+	for _, strategy := range []string{strategyRoundRobin, strategyRandom} {
+		s := newSelector(selectorConfig{Strategy: strategy}, func() time.Time { return now })
+		nodes := nodesAt(1, 2, 3)
+		if d := s.failed(nodes[1]); d != time.Second {
+			t.Fatalf("first ejection: %v", d)
+		}
+		for range 7 { // the other calls that were in flight to it
+			if d := s.failed(nodes[1]); d != 0 {
+				t.Errorf("%s: a failure while out ejected it again for %v; want nothing", strategy, d)
+			}
+		}
+		counts := map[int]int{}
+		for range 3000 {
+			n, _ := s.next("svc", nodes, nil)
+			counts[n.Port]++
+		}
+		if counts[2] != 0 || counts[1] < 1300 || counts[3] < 1300 {
+			t.Errorf("%s with node 2 out: %v; want the calls spread evenly over 1 and 3", strategy, counts)
+		}
+		now = now.Add(time.Second)
+		if d := s.failed(nodes[1]); d != 2*time.Second {
+			t.Errorf("%s: the next incident: %v; want 2s, one doubling", strategy, d)
+		}
+	}
+}
+
 func TestSelectorRandomSpreads(t *testing.T) {
 	s := newSelector(selectorConfig{Strategy: strategyRandom}, nil)
 	nodes := nodesAt(1, 2, 3)
