@@ -419,3 +419,71 @@ func TestBinaryServesFastAndHandedOffRequests(t *testing.T) {
 		}
 	}
 }
+
+// blackholeAddr returns the address of a listener whose accept queue is
+// full: a connection attempt to it hangs, its SYNs dropped, as one to a
+// dead host does.
+func blackholeAddr(t *testing.T) string {
+	t.Helper()
+	fd, err := syscall.Socket(syscall.AF_INET, syscall.SOCK_STREAM, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { syscall.Close(fd) })
+	if err := syscall.Bind(fd, &syscall.SockaddrInet4{Addr: [4]byte{127, 0, 0, 1}}); err != nil {
+		t.Fatal(err)
+	}
+	if err := syscall.Listen(fd, 0); err != nil {
+		t.Fatal(err)
+	}
+	sa, _ := syscall.Getsockname(fd)
+	port := sa.(*syscall.SockaddrInet4).Port
+	for range 4 { // fill the queue, never accepted
+		c, err := syscall.Socket(syscall.AF_INET, syscall.SOCK_STREAM|syscall.SOCK_NONBLOCK, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { syscall.Close(c) })
+		syscall.Connect(c, &syscall.SockaddrInet4{Addr: [4]byte{127, 0, 0, 1}, Port: port})
+	}
+	return fmt.Sprintf("127.0.0.1:%d", port)
+}
+
+// TestDeadHostIsSkipped: a node whose connection attempt hangs (a dead
+// host) is given up on after the connect timeout, ejected, and the call
+// answered by another node, with the default deadline and with a short
+// Timeout alike; before, the attempt used the whole deadline and the call
+// ended in a 504 that no other node was asked to spare.
+func TestDeadHostIsSkipped(t *testing.T) {
+	dead := blackholeAddr(t)
+	probe := net.Dialer{Timeout: 300 * time.Millisecond}
+	if c, err := probe.Dial("tcp", dead); err == nil {
+		c.Close()
+		t.Skip("this kernel accepts past a full queue; no dead host to test with")
+	}
+	good := newJSONRPCApp(t, "good")
+	for _, timeout := range []string{"", "1s"} {
+		p := startSidecar(t, "--registry=memory")
+		registerAddr(t, p, "go.micro.srv.s", "dead", dead)
+		registerAddr(t, p, "go.micro.srv.s", "good", good.addr())
+		for i := range 4 {
+			req, _ := http.NewRequest("POST", p.url("/rpc"), strings.NewReader("service=go.micro.srv.s&method=A.B"))
+			req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
+			if timeout != "" {
+				req.Header.Set("Timeout", timeout)
+			}
+			resp, err := http.DefaultClient.Do(req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			body, _ := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			if resp.StatusCode != 200 || !strings.Contains(string(body), `"node":"good"`) {
+				t.Errorf("Timeout %q, call %d: %d %s; want the good node's answer", timeout, i, resp.StatusCode, body)
+			}
+		}
+		if !regexp.MustCompile(`node ejected.*node=dead`).MatchString(p.log.String()) {
+			t.Errorf("Timeout %q: the dead node was not ejected:\n%s", timeout, p.log.String())
+		}
+	}
+}

@@ -689,7 +689,7 @@ func newCaller(cfg rpcConfig, reg *registry, sel *selector, log *slog.Logger) *c
 func newNodeTransport() *http.Transport {
 	return &http.Transport{
 		Proxy:                  nil, // the sidecar talks to nodes directly, whatever HTTP_PROXY says
-		DialContext:            (&net.Dialer{Timeout: 5 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
+		DialContext:            (&net.Dialer{Timeout: nodeConnectTimeout, KeepAlive: 30 * time.Second}).DialContext,
 		MaxIdleConns:           4096,
 		MaxIdleConnsPerHost:    512,
 		IdleConnTimeout:        90 * time.Second,
@@ -944,14 +944,19 @@ const (
 
 // classifyFailure sorts a transport error. Only a failed dial proves the request
 // never left: Go's transport itself already retries a request on a reused
-// connection that failed before anything was written.
+// connection that failed before anything was written. A dial that failed
+// as the call's deadline passed is still one (connectDeadline ends it
+// first), but not one the caller's leaving cut short.
 func classifyFailure(ctx context.Context, deadline time.Time, err error) outcome {
-	if expired(ctx, deadline) {
+	if ctx.Err() != nil {
 		return timedOut
 	}
 	var op *net.OpError
 	if errors.As(err, &op) && op.Op == "dial" {
 		return notSent
+	}
+	if expired(ctx, deadline) {
+		return timedOut
 	}
 	if errors.Is(err, os.ErrDeadlineExceeded) {
 		return timedOut // the connection's deadline, which may fall up to deadlineSlack early

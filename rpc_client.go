@@ -66,7 +66,7 @@ func (nc *nodeClient) addrOf(n Node) string {
 
 func newNodeClient() *nodeClient {
 	return &nodeClient{
-		dialer:      net.Dialer{Timeout: 5 * time.Second, KeepAlive: 30 * time.Second},
+		dialer:      net.Dialer{Timeout: nodeConnectTimeout, KeepAlive: 30 * time.Second},
 		maxIdle:     512,
 		maxIdleAll:  4096,
 		idleTimeout: 90 * time.Second,
@@ -223,7 +223,7 @@ func (nc *nodeClient) open(ctx context.Context, now, deadline time.Time, addr st
 		return c, nil
 	}
 	d := nc.dialer
-	d.Deadline = deadline
+	d.Deadline = connectDeadline(time.Now(), deadline) // now may be the request's start, long before a slow upload ended
 	conn, err := d.DialContext(ctx, "tcp", addr)
 	if err != nil {
 		return nil, err
@@ -233,6 +233,26 @@ func (nc *nodeClient) open(ctx context.Context, now, deadline time.Time, addr st
 	c.br = bufio.NewReaderSize(&c.lim, 4096)
 	c.body.br = c.br
 	return c, nil
+}
+
+// nodeConnectTimeout bounds a connection attempt to a node. A node that
+// does not accept within it (a dead host, a full accept queue) is taken
+// for one that failed before the request left: ejected, and the call tried
+// on another node. Given the whole call's deadline, the attempt would use
+// it up, and the call end as a timeout that no other node could answer.
+const nodeConnectTimeout = time.Second
+
+// connectDeadline is when a connection attempt made at now gives up:
+// after nodeConnectTimeout, or half the time the call has left, so that
+// another node may still be tried.
+func connectDeadline(now, deadline time.Time) time.Time {
+	limit := now.Add(nodeConnectTimeout)
+	if !deadline.IsZero() {
+		if half := now.Add(deadline.Sub(now) / 2); half.Before(limit) {
+			limit = half
+		}
+	}
+	return limit
 }
 
 // errIdleClosed is an idle connection that the node closed, or sent
