@@ -487,3 +487,60 @@ func TestDeadHostIsSkipped(t *testing.T) {
 		}
 	}
 }
+
+// TestProxyEndsABodyThatStops: a node that sends its head and part of its
+// body, then nothing, has its answer cut off after --idle_timeout, on the
+// direct path and ReverseProxy's alike: the caller gets a broken body, not
+// a wait for ever, and the in-flight slot comes back.
+func TestProxyEndsABodyThatStops(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	var held sync.WaitGroup
+	release := make(chan struct{})
+	defer func() { close(release); held.Wait() }()
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			held.Add(1)
+			go func() {
+				defer held.Done()
+				defer c.Close()
+				bufio.NewReader(c).ReadString('\n') // the request line; the rest does not matter
+				io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789")
+				<-release // and then nothing
+			}()
+		}
+	}()
+	good := newJSONRPCApp(t, "good")
+	p := startSidecar(t, "--registry=memory", "--idle_timeout=1s", "--max_inflight=1")
+	registerAddr(t, p, "stall", "s1", ln.Addr().String())
+	registerAddr(t, p, "good", "g1", good.addr())
+	client := &http.Client{Timeout: 20 * time.Second}
+	for _, headers := range []map[string]string{nil, {"TE": "trailers"}} { // the direct path, ReverseProxy's
+		req, _ := http.NewRequest("GET", p.url("/proxy/stall/"), nil)
+		for k, v := range headers {
+			req.Header.Set(k, v)
+		}
+		// The caller learns the answer broke: as a cut body, or, when the
+		// sidecar had not sent its head yet, as a closed connection.
+		start := time.Now()
+		resp, err := client.Do(req)
+		if err == nil {
+			_, err = io.ReadAll(resp.Body)
+			resp.Body.Close()
+		}
+		if err == nil || strings.Contains(err.Error(), "Client.Timeout") || time.Since(start) > 15*time.Second {
+			t.Errorf("%v: %v after %v; want the answer to break within seconds", headers, err, time.Since(start))
+		}
+		waitFor(t, 5*time.Second, "the in-flight slot to come back", func() bool {
+			code, _ := do(t, "GET", p.url("/proxy/good/"), "", "")
+			return code == 200
+		})
+	}
+}

@@ -661,7 +661,7 @@ func newSidecar(ctx context.Context, cfg config, log *slog.Logger) (*sidecar, er
 	sel := newSelector(cfg.Selector, time.Now)
 	nodes := newNodeTransport()
 	s.rpc = newCaller(cfg.RPC, s.reg, sel, log)
-	s.proxy = newProxy(proxyConfig{Retries: cfg.RPC.Retries, Timeout: cfg.RPC.Timeout}, s.reg, sel, nodes, s.conns, log)
+	s.proxy = newProxy(proxyConfig{Retries: cfg.RPC.Retries, Timeout: cfg.RPC.Timeout, BodyIdle: cfg.IdleTimeout}, s.reg, sel, nodes, s.conns, log)
 	s.proxy.direct = s.rpc.nodes
 	s.broker = newBroker(cfg.Broker, s.reg, s.conns, log)
 	s.metrics = newSidecarMetrics(s)

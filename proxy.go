@@ -31,7 +31,12 @@ import (
 // proxyConfig tunes the proxy. Zero values take the documented defaults.
 type proxyConfig struct {
 	Retries int           // further nodes tried when a request may be retried
-	Timeout time.Duration // wait for a node's response headers; default 5s. Bodies and upgraded connections are not limited
+	Timeout time.Duration // wait for a node's response headers; default 5s
+	// BodyIdle bounds a pause in a node's answer body (--idle_timeout): a
+	// node that stops mid-body would otherwise hold the caller, a
+	// goroutine and an in-flight slot for ever. Upgraded connections are
+	// not limited. 0: no bound.
+	BodyIdle time.Duration
 }
 
 // proxy forwards HTTP requests to the nodes of services.
@@ -318,7 +323,45 @@ func (p *proxy) roundTrip(req *http.Request) (*http.Response, error) {
 	if err == errCallerGone && ctx.Err() != nil {
 		return nil, ctx.Err()
 	}
+	if resp != nil && resp.StatusCode != http.StatusSwitchingProtocols && p.cfg.BodyIdle > 0 {
+		resp.Body = &idleBody{ReadCloser: resp.Body, idle: p.cfg.BodyIdle}
+	}
 	return resp, err
+}
+
+// idleBody ends a node's answer body that stops coming for idle: closing
+// it fails the read in progress (a transport's body may be closed while
+// read), and ReverseProxy then aborts the caller's response, which must not
+// pass for whole.
+type idleBody struct {
+	io.ReadCloser
+	idle    time.Duration
+	timer   *time.Timer
+	stalled atomic.Bool
+}
+
+func (b *idleBody) Read(p []byte) (int, error) {
+	if b.timer == nil {
+		b.timer = time.AfterFunc(b.idle, func() {
+			b.stalled.Store(true)
+			b.ReadCloser.Close()
+		})
+	} else {
+		b.timer.Reset(b.idle)
+	}
+	n, err := b.ReadCloser.Read(p)
+	b.timer.Stop()
+	if err != nil && b.stalled.Load() {
+		err = fmt.Errorf("the node sent nothing of its answer for %v (--idle_timeout)", b.idle)
+	}
+	return n, err
+}
+
+func (b *idleBody) Close() error {
+	if b.timer != nil {
+		b.timer.Stop()
+	}
+	return b.ReadCloser.Close()
 }
 
 // stalled reports whether the caller's body failed for stalling. The

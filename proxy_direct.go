@@ -314,6 +314,9 @@ func (p *proxy) copyResponseBody(w http.ResponseWriter, c *nodeConn, method stri
 	defer p.putBuf(bp)
 	chunk := (*bp)[:cap(*bp)]
 	for {
+		if p.cfg.BodyIdle > 0 {
+			c.setDeadline(time.Now().Add(p.cfg.BodyIdle)) // a node that stops mid-body must not hold the caller for ever
+		}
 		n, err := body.Read(chunk)
 		if n > 0 {
 			if _, werr := w.Write(chunk[:n]); werr != nil {
