@@ -1019,6 +1019,12 @@ func (c *caller) post(ctx context.Context, now, deadline time.Time, in http.Head
 	}
 	body := buf.Bytes()[start:]
 	if resp.code < 200 || resp.code > 299 {
+		// Many JSON-RPC servers send their error objects with a 4xx or
+		// 5xx: a JSON-RPC error for this call is the app's answer, whatever
+		// the status.
+		if _, appErr, err := parseReply(body, id); err == nil && appErr != nil {
+			return nil, answered, &callError{appErr.code, appErr.detail, nil}
+		}
 		return nil, answered, callErrorf(http.StatusBadGateway, "node %s of %s answered %s%s", node.ID, call.Service, resp.status, snippet(resp.contentType, body))
 	}
 	result, appErr, err := parseReply(body, id)

@@ -540,6 +540,8 @@ func TestCallErrors(t *testing.T) {
 	register(t, s, "garbage", answering(200, "text/html", "<html>hello</html>"))
 	register(t, s, "teapot", answering(418, "text/plain", "short and stout"))
 	register(t, s, "failing", answering(200, "application/json", `{"jsonrpc":"2.0","id":ID,"error":{"code":-32000,"message":"database on fire"}}`))
+	register(t, s, "failing500", answering(500, "application/json", `{"jsonrpc":"2.0","id":ID,"error":{"code":-32601,"message":"method not found"}}`))
+	register(t, s, "othercall500", answering(500, "application/json", `{"jsonrpc":"2.0","id":999999,"error":{"code":-32000,"message":"not this call's"}}`))
 	register(t, s, "microerr", answering(200, "application/json", `{"id":ID,"result":null,"error":"{\"id\":\"x\",\"code\":403,\"detail\":\"not yours\",\"status\":\"Forbidden\"}"}`))
 	register(t, s, "dead", deadPort(t))
 	for _, tc := range []struct {
@@ -553,6 +555,8 @@ func TestCallErrors(t *testing.T) {
 		{"non-2xx", "/rpc", form, "service=teapot&method=A.B", 502, `answered 418 I'm a teapot with text/plain "short and stout"`},
 		{"app error", "/rpc", form, "service=failing&method=A.B", 500, "database on fire"},
 		{"micro error", "/rpc", form, "service=microerr&method=A.B", 403, "not yours"},
+		{"app error with a 500", "/rpc", form, "service=failing500&method=A.B", 500, "method not found"},
+		{"another call's error with a 500", "/rpc", form, "service=othercall500&method=A.B", 502, "answered 500 Internal Server Error"},
 		{"unreachable", "/rpc", form, "service=dead&method=A.B", 502, "service dead unreachable"},
 		{"ejected", "/rpc", form, "service=dead&method=A.B", 503, "no nodes available for service dead"},
 		{"bad input", "/rpc", form, "service=x", 400, "method is required"},
