@@ -101,6 +101,7 @@ type proxyTarget struct {
 	nodes     []Node
 	path      string // escaped path to request from the node
 	timeout   time.Duration
+	timeoutIn string        // the Timeout header as it came, for the 504's hint
 	shortened bool          // the caller asked for less than the default deadline
 	body      stallReporter // the caller's body, when it can stall; ReverseProxy hides it behind its own reader
 	ownCORS   bool          // the sidecar answered CORS for the caller's origin: the node's CORS fields go
@@ -155,7 +156,7 @@ func (p *proxy) serve(w http.ResponseWriter, r *http.Request, service, path stri
 		writeError(w, http.StatusLoopDetected, fmt.Sprintf("the request has passed %d proxies (X-Forwarded-For): a loop? Is a node of %s registered at a sidecar's own address?", n, truncate(service, 128)))
 		return
 	}
-	t := proxyTarget{service: service, nodes: allNodes(versions), path: path}
+	t := proxyTarget{service: service, nodes: allNodes(versions), path: path, timeoutIn: firstValue(r.Header["Timeout"])}
 	if t.timeout, t.shortened, err = callTimeout(r.Header["Timeout"], p.cfg.Timeout); err != nil {
 		writeError(w, http.StatusBadRequest, err.Error())
 		return
@@ -413,7 +414,7 @@ func (p *proxy) attemptNodes(t *proxyTarget, mayRetry func(outcome) bool, send f
 		}
 		if o == timedOut {
 			if late {
-				return callErrorf(http.StatusGatewayTimeout, "no response from node %s (%s) of %s within %v", node.ID, node.hostPort(), t.service, t.timeout)
+				return callErrorf(http.StatusGatewayTimeout, "no response from node %s (%s) of %s within the deadline (%s)", node.ID, node.hostPort(), t.service, timeoutHint(t.timeoutIn, t.timeout))
 			}
 			return errCallerGone
 		}

@@ -464,6 +464,20 @@ func TestProxyRetriesAndErrors(t *testing.T) {
 		if code != tc.code || !strings.Contains(body, tc.detail) {
 			t.Errorf("GET %s: %d %s; want %d with %q", tc.path, code, body, tc.code, tc.detail)
 		}
+	}	// A bare small Timeout is nanoseconds, as go-micro sends it; the 504
+	// says so, as /rpc's does.
+	hang2 := appServer(t, func(w http.ResponseWriter, r *http.Request) { <-r.Context().Done() })
+	register(t, s, "hang2", hostOf(hang2)) // hang's node is out after its 504
+	req, _ := http.NewRequest("GET", srv.URL+"/proxy/hang2/x", nil)
+	req.Header.Set("Timeout", "5")
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != 504 || !strings.Contains(string(body), "read as nanoseconds") {
+		t.Errorf("Timeout: 5 through the proxy: %d %s; want 504 with the hint", resp.StatusCode, body)
 	}
 }
 

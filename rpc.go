@@ -944,19 +944,17 @@ const (
 
 // classifyFailure sorts a transport error. Only a failed dial proves the request
 // never left: Go's transport itself already retries a request on a reused
-// connection that failed before anything was written. A dial that failed
-// as the call's deadline passed is still one (connectDeadline ends it
-// first), but not one the caller's leaving cut short.
+// connection that failed before anything was written. A dial that ran
+// into the call's deadline, or was cut short by the caller leaving, ends
+// the call as a timeout (connectDeadline ends one that can tell of the
+// node before the deadline).
 func classifyFailure(ctx context.Context, deadline time.Time, err error) outcome {
-	if ctx.Err() != nil {
+	if expired(ctx, deadline) {
 		return timedOut
 	}
 	var op *net.OpError
 	if errors.As(err, &op) && op.Op == "dial" {
 		return notSent
-	}
-	if expired(ctx, deadline) {
-		return timedOut
 	}
 	if errors.Is(err, os.ErrDeadlineExceeded) {
 		return timedOut // the connection's deadline, which may fall up to deadlineSlack early

@@ -242,15 +242,27 @@ func (nc *nodeClient) open(ctx context.Context, now, deadline time.Time, addr st
 // it up, and the call end as a timeout that no other node could answer.
 const nodeConnectTimeout = time.Second
 
+// minConnectTimeout is the shortest connection attempt whose failure
+// tells of the node. Below it, the attempt gets the call's whole time,
+// and failing, the call ends as the caller's deadline, not the node's
+// fault: a caller asking for 5 ns must not get nodes ejected.
+const minConnectTimeout = 100 * time.Millisecond
+
 // connectDeadline is when a connection attempt made at now gives up:
 // after nodeConnectTimeout, or half the time the call has left, so that
-// another node may still be tried.
+// another node may still be tried; or, when that half is under
+// minConnectTimeout, at the call's deadline.
 func connectDeadline(now, deadline time.Time) time.Time {
 	limit := now.Add(nodeConnectTimeout)
-	if !deadline.IsZero() {
-		if half := now.Add(deadline.Sub(now) / 2); half.Before(limit) {
-			limit = half
-		}
+	if deadline.IsZero() {
+		return limit
+	}
+	half := deadline.Sub(now) / 2
+	switch {
+	case half < minConnectTimeout:
+		return deadline
+	case now.Add(half).Before(limit):
+		return now.Add(half)
 	}
 	return limit
 }

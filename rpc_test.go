@@ -1250,3 +1250,24 @@ func TestTimeoutHint(t *testing.T) {
 		}
 	}
 }
+
+func TestConnectDeadline(t *testing.T) {
+	now := time.Unix(1000, 0)
+	for _, tc := range []struct {
+		left, want time.Duration // the call's time left (0: no deadline); the attempt's
+	}{
+		{0, time.Second},
+		{5 * time.Second, time.Second},
+		{time.Second, 500 * time.Millisecond},            // half: another node may still be tried
+		{150 * time.Millisecond, 150 * time.Millisecond}, // too short to tell of the node: the whole time
+		{5, 5},
+	} {
+		deadline := time.Time{}
+		if tc.left > 0 {
+			deadline = now.Add(tc.left)
+		}
+		if got := connectDeadline(now, deadline).Sub(now); got != tc.want {
+			t.Errorf("%v left: the attempt gets %v; want %v", tc.left, got, tc.want)
+		}
+	}
+}
