@@ -464,7 +464,8 @@ func TestProxyRetriesAndErrors(t *testing.T) {
 		if code != tc.code || !strings.Contains(body, tc.detail) {
 			t.Errorf("GET %s: %d %s; want %d with %q", tc.path, code, body, tc.code, tc.detail)
 		}
-	} // A bare small Timeout is nanoseconds, as go-micro sends it; the 504
+	}
+	// A bare small Timeout is nanoseconds, as go-micro sends it; the 504
 	// says so, as /rpc's does.
 	hang2 := appServer(t, func(w http.ResponseWriter, r *http.Request) { <-r.Context().Done() })
 	register(t, s, "hang2", hostOf(hang2)) // hang's node is out after its 504
