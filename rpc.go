@@ -225,7 +225,9 @@ func parseRPCRequest(contentType string, query url.Values, body []byte) (rpcCall
 		if len(request) > 0 && request[0] == '"' {
 			var s string
 			json.Unmarshal(request, &s) // valid: it came through Unmarshal above
-			if request = []byte(s); !validJSON(request) {
+			// An empty string holds nothing: the request defaults to {}, as
+			// an empty body or field does.
+			if request = []byte(s); len(trimJSON(request)) > 0 && !validJSON(request) {
 				return rpcCall{}, fmt.Errorf("request %q is a string but not JSON; send an object, or a string holding JSON", truncate(s, 64))
 			}
 		}
@@ -235,7 +237,7 @@ func parseRPCRequest(contentType string, query url.Values, body []byte) (rpcCall
 			return rpcCall{}, err
 		}
 		c.Service, c.Method, c.Address = form.service, form.method, form.address
-		if form.hasRequest {
+		if form.hasRequest && len(trimJSON(form.request)) > 0 { // request= alone: {}
 			request = form.request
 			if !validJSON(request) {
 				return rpcCall{}, fmt.Errorf("request %q is not JSON", truncate(string(form.request), 64))
@@ -256,7 +258,7 @@ func parseRPCRequest(contentType string, query url.Values, body []byte) (rpcCall
 	if c.Address == "" {
 		c.Address = query.Get("address")
 	}
-	if len(request) == 0 && query.Has("request") {
+	if len(request) == 0 && len(trimJSON([]byte(query.Get("request")))) > 0 {
 		request = []byte(query.Get("request"))
 		if !validJSON(request) {
 			return rpcCall{}, fmt.Errorf("request %q is not JSON", truncate(query.Get("request"), 64))
