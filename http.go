@@ -311,17 +311,6 @@ func wsServer(handler websocket.Handler) websocket.Server {
 // and answers in the error shape instead: a handshake that is not one
 // (RFC 6455 section 4.2.1), or a version other than 13, which gets 426
 // with the version to use (section 4.4).
-// validWebSocketKey reports whether a handshake's key fields are one
-// value that decodes to 16 bytes, as RFC 6455 section 4.2.1 asks a server
-// to check.
-func validWebSocketKey(values []string) bool {
-	if len(values) != 1 {
-		return false
-	}
-	key, err := base64.StdEncoding.DecodeString(strings.TrimSpace(values[0]))
-	return err == nil && len(key) == 16
-}
-
 func handshakeOK(w http.ResponseWriter, r *http.Request) bool {
 	switch {
 	case !isWebSocketHandshake(r) || firstValue(r.Header["Sec-Websocket-Key"]) == "":
@@ -335,6 +324,17 @@ func handshakeOK(w http.ResponseWriter, r *http.Request) bool {
 		return true
 	}
 	return false
+}
+
+// validWebSocketKey reports whether a handshake's key fields are one
+// value that decodes to 16 bytes, as RFC 6455 section 4.2.1 asks a server
+// to check.
+func validWebSocketKey(values []string) bool {
+	if len(values) != 1 {
+		return false
+	}
+	key, err := base64.StdEncoding.DecodeString(strings.TrimSpace(values[0]))
+	return err == nil && len(key) == 16
 }
 
 // connSet tracks hijacked connections (WebSockets of the watch, the broker
