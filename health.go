@@ -77,7 +77,10 @@ func nextHealth(s healthState, passed bool, failures, successes int) (next healt
 func validateHealthURL(raw string) error {
 	shown := redactURL(raw)
 	u, err := url.Parse(raw)
-	if err != nil || u.Scheme == "" {
+	if err != nil {
+		return errors.New("--healthcheck_url does not parse as a URL; want http://host:port/path or tcp://host:port")
+	}
+	if u.Scheme == "" {
 		return fmt.Errorf("--healthcheck_url %q: want a URL with its scheme, http://host:port/path or tcp://host:port", shown)
 	}
 	switch u.Scheme {
