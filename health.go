@@ -78,7 +78,8 @@ func validateHealthURL(raw string) error {
 	shown := redactURL(raw)
 	u, err := url.Parse(raw)
 	if err != nil {
-		return errors.New("--healthcheck_url does not parse as a URL; want http://host:port/path or tcp://host:port")
+		// Not echoed: it may hold a password that redactURL cannot find.
+		return errors.New("--healthcheck_url does not parse as a URL: want a URL with its scheme, http://host:port/path or tcp://host:port")
 	}
 	if u.Scheme == "" {
 		return fmt.Errorf("--healthcheck_url %q: want a URL with its scheme, http://host:port/path or tcp://host:port", shown)
