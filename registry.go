@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"net"
 	"net/netip"
 	"net/url"
@@ -954,10 +955,7 @@ func (r *registry) refreshAll(bb batchBackend) error {
 	r.writeMu.Lock()
 	defer r.writeMu.Unlock()
 	r.mu.Lock()
-	owned := make([]Service, 0, len(r.owned))
-	for _, s := range r.owned {
-		owned = append(owned, s)
-	}
+	owned := slices.Collect(maps.Values(r.owned))
 	r.mu.Unlock()
 	if len(owned) == 0 {
 		return nil
@@ -992,10 +990,7 @@ func (r *registry) deregisterOwned() error {
 	r.writeMu.Lock()
 	defer r.writeMu.Unlock()
 	r.mu.Lock()
-	owned := make([]Service, 0, len(r.owned))
-	for _, s := range r.owned {
-		owned = append(owned, s)
-	}
+	owned := slices.Collect(maps.Values(r.owned))
 	r.owned = map[string]Service{}
 	r.closed = true
 	r.mu.Unlock()
