@@ -4,6 +4,7 @@ import (
 	"context"
 	"log/slog"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -22,15 +23,18 @@ type appRegistration struct {
 	retryMax time.Duration
 
 	writeMu sync.Mutex // held across a write, so that up, down and retries stay in order
-	mu      sync.Mutex // guards want and pending; never held across a write, which /health would wait on
+	mu      sync.Mutex // guards want, pending and verdict; never held across a write, which /health would wait on
 	want    bool       // the app belongs in the registry
 	pending error      // the last write's refusal, while a retry is due
-	kick    chan struct{}
+	verdict *bool      // the health checks' latest verdict, until run applies it
+	writing atomic.Bool
+	kick    chan struct{} // a refused write: start the retry backoff
+	checked chan struct{} // a verdict waits
 }
 
 func newAppRegistration(reg *registry, app Service, id string, log *slog.Logger, retryMax time.Duration) *appRegistration {
 	return &appRegistration{reg: reg, app: app, id: id, log: log,
-		retryMin: time.Second, retryMax: max(retryMax, time.Second), kick: make(chan struct{}, 1)}
+		retryMin: time.Second, retryMax: max(retryMax, time.Second), kick: make(chan struct{}, 1), checked: make(chan struct{}, 1)}
 }
 
 // up registers the app, or arms a retry when the registry refuses.
@@ -57,14 +61,30 @@ func (a *appRegistration) down() {
 	}
 }
 
-// follow keeps the registration in step with the app's health checks: in
-// when they pass, out when they fail after having passed.
+// follow hands the health checks' verdict to run, which keeps the
+// registration in step with it: in when they pass, out when they fail
+// after having passed. A registry write may take seconds (etcd's timeout,
+// a file lock held elsewhere), and the checks must go on meanwhile; of
+// verdicts that come faster than writes, the latest counts.
 func (a *appRegistration) follow(passing bool) {
 	a.mu.Lock()
-	in := a.want
+	a.verdict = &passing
+	a.mu.Unlock()
+	select {
+	case a.checked <- struct{}{}:
+	default: // run has one to apply already, and reads the latest
+	}
+}
+
+// apply applies the latest verdict of the health checks, if any.
+func (a *appRegistration) apply() {
+	a.mu.Lock()
+	v, in := a.verdict, a.want
+	a.verdict = nil
 	a.mu.Unlock()
 	switch {
-	case passing:
+	case v == nil:
+	case *v:
 		a.up()
 	case in:
 		a.down()
@@ -73,7 +93,9 @@ func (a *appRegistration) follow(passing bool) {
 
 // write makes one attempt; writeMu is held.
 func (a *appRegistration) write() {
+	a.writing.Store(true)
 	err := a.reg.Register(a.app, 0)
+	a.writing.Store(false)
 	a.mu.Lock()
 	was := a.pending
 	a.pending = err
@@ -100,8 +122,9 @@ func (a *appRegistration) refused() error {
 }
 
 // registered reports whether the app's entry is in the registry as this
-// sidecar keeps it: not after a refusal, nor after a DELETE through the API.
-func (a *appRegistration) registered() bool { return a.reg.owns(a.app) }
+// sidecar keeps it: not while its write is under way, nor after a refusal,
+// nor after a DELETE through the API.
+func (a *appRegistration) registered() bool { return !a.writing.Load() && a.reg.owns(a.app) }
 
 // names reports whether s holds the app's own node.
 func (a *appRegistration) names(s Service) bool {
@@ -126,6 +149,8 @@ func (a *appRegistration) run(ctx context.Context) {
 		select {
 		case <-ctx.Done():
 			return
+		case <-a.checked:
+			a.apply()
 		case <-a.kick:
 			wait = a.retryMin
 			timer.Reset(wait)

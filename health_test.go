@@ -149,3 +149,34 @@ func TestProbeWantsAWholeAnswer(t *testing.T) {
 		}
 	}
 }
+
+// TestVerdictsDoNotWaitOnTheRegistry: the health checks hand their verdict
+// to the app's registration and go on; a registry write that takes long
+// (etcd's timeout, a file lock held elsewhere) holds neither them nor
+// /health, which says registered only once the write is done.
+func TestVerdictsDoNotWaitOnTheRegistry(t *testing.T) {
+	tb := newTable(10)
+	b := &pausingBackend{memoryBackend: memoryBackend{t: tb, now: time.Now}, entered: make(chan struct{}), release: make(chan struct{})}
+	b.pause.Store(true)
+	r := &registry{table: tb, backend: b, ttl: time.Minute, now: time.Now, owned: map[string]Service{}}
+	app := Service{Name: "app", Nodes: []Node{{ID: "app-1", Address: "127.0.0.1", Port: 1}}}
+	a := newAppRegistration(r, app, "app-1", discardLog, time.Minute)
+	go a.run(t.Context())
+	returned := make(chan struct{})
+	go func() { a.follow(true); close(returned) }()
+	select {
+	case <-returned:
+	case <-time.After(5 * time.Second): // a deadline on the condition, not a pause
+		t.Fatal("follow waited on the registry write")
+	}
+	<-b.entered // the write is under way, and held
+	if a.registered() {
+		t.Error("registered while the write is still under way")
+	}
+	a.follow(false) // the checks go on meanwhile: a later verdict waits its turn
+	close(b.release)
+	waitFor(t, 5*time.Second, "the app in, then out again", func() bool {
+		_, err := r.GetService("app")
+		return err != nil && !a.registered()
+	})
+}
