@@ -275,16 +275,7 @@ func recordsOf(s Service, expires time.Time) []record {
 // assemble groups records into services, one per name and version, sorted by
 // name, version and node id so that answers are stable.
 func assemble(recs []record) []Service {
-	sort.Slice(recs, func(i, j int) bool {
-		a, b := recs[i], recs[j]
-		if a.Service != b.Service {
-			return a.Service < b.Service
-		}
-		if a.Version != b.Version {
-			return a.Version < b.Version
-		}
-		return a.Node.ID < b.Node.ID
-	})
+	sortRecords(recs)
 	var out []Service
 	for _, r := range recs {
 		if len(out) == 0 || out[len(out)-1].Name != r.Service || out[len(out)-1].Version != r.Version {
