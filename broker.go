@@ -500,8 +500,11 @@ func (b *broker) deliver(m *message, broadcast bool, groups []string) {
 	n := 0
 	if broadcast {
 		for _, s := range t.broadcast {
-			if s.enqueue(m) {
+			taken, overflowed := s.enqueue(m)
+			if taken {
 				n++
+			} else if overflowed {
+				b.stats.SlowDropped.Add(1)
 			}
 		}
 	}
@@ -512,13 +515,24 @@ func (b *broker) deliver(m *message, broadcast bool, groups []string) {
 			continue
 		}
 		// Try each member once, starting with the next in turn, so that
-		// one closing member does not lose the group its message.
+		// one closing member does not lose the group its message. The
+		// message is lost only when no member takes it: counted once,
+		// with the slow one it closed, or as a group without members when
+		// all were closing already.
 		start := g.next.Add(1)
-		for i := range len(g.members) {
-			if g.members[(start+uint64(i))%uint64(len(g.members))].enqueue(m) {
-				n++
-				break
-			}
+		taken, overflowed := false, false
+		for i := 0; i < len(g.members) && !taken; i++ {
+			var closed bool
+			taken, closed = g.members[(start+uint64(i))%uint64(len(g.members))].enqueue(m)
+			overflowed = overflowed || closed
+		}
+		switch {
+		case taken:
+			n++
+		case overflowed:
+			b.stats.SlowDropped.Add(1)
+		default:
+			b.stats.NoSubscriber.Add(1)
 		}
 	}
 	b.stats.Delivered.Add(uint64(n))
@@ -692,13 +706,15 @@ type subscriber struct {
 	wg          sync.WaitGroup // the writer
 }
 
-// enqueue adds m to the queue and reports whether it was taken. It never
-// blocks on the connection.
-func (s *subscriber) enqueue(m *message) bool {
+// enqueue adds m to the queue and reports whether it was taken, and
+// whether m overflowed the queue and closed the subscriber as slow; the
+// messages waiting in the queue are then counted as dropped, m is left to
+// the caller. It never blocks on the connection.
+func (s *subscriber) enqueue(m *message) (taken, overflowed bool) {
 	s.mu.Lock()
 	if s.closing {
 		s.mu.Unlock()
-		return false
+		return false, false
 	}
 	// An empty queue takes any message: one frame larger than
 	// --broker_queue_bytes (a payload near a raised
@@ -717,15 +733,15 @@ func (s *subscriber) enqueue(m *message) bool {
 			s.conn.SetWriteDeadline(time.Now().Add(closeGrace))
 		}
 		s.b.stats.SlowClosed.Add(1)
-		s.b.stats.SlowDropped.Add(uint64(dropped + 1))
-		s.b.log.Info("closing a slow broker subscriber", "topic", s.topic, "queue", s.queue, "remote", s.remote, "dropped", dropped+1)
-		return false
+		s.b.stats.SlowDropped.Add(uint64(dropped))
+		s.b.log.Info("closing a slow broker subscriber", "topic", s.topic, "queue", s.queue, "remote", s.remote, "dropped", dropped)
+		return false, true
 	}
 	s.q = append(s.q, m)
 	s.qBytes += len(m.frame)
 	s.startLocked()
 	s.mu.Unlock()
-	return true
+	return true, false
 }
 
 // startLocked starts the writer unless it runs, or the handshake's answer

@@ -184,6 +184,19 @@ type forwardItem struct {
 	groups    []string
 	event     []byte
 	to        []string // the sidecars registered at the peer's address (sent as a header, not in the item)
+	more      bool     // a piece of a message split by splitGroups, not its last
+}
+
+// messagesIn counts the messages of a batch, each split one with its last
+// piece: a batch that fails counts what was lost, not how it was cut.
+func messagesIn(batch []forwardItem) int {
+	n := 0
+	for _, it := range batch {
+		if !it.more {
+			n++
+		}
+	}
+	return n
 }
 
 // encodeForward appends the batch format: per item, a header line
@@ -432,7 +445,7 @@ func splitGroups(it forwardItem) []forwardItem {
 	start, size := 0, base
 	for i, g := range it.groups {
 		if size+1+len(g) > maxForwardLine && i > start {
-			out = append(out, forwardItem{topic: it.topic, broadcast: it.broadcast && len(out) == 0, groups: it.groups[start:i:i], event: it.event, to: it.to})
+			out = append(out, forwardItem{topic: it.topic, broadcast: it.broadcast && len(out) == 0, groups: it.groups[start:i:i], event: it.event, to: it.to, more: true})
 			start, size = i, base
 		}
 		size += 1 + len(g)
@@ -511,8 +524,9 @@ func (f *forwarder) work(p *peerQueue) {
 			// Not lost: the sidecar at that address has its own entry.
 			f.b.log.Debug("a stale topic entry names a sidecar at an address another answers", "peer", p.addr, "error", err)
 		case err != nil:
-			f.b.stats.ForwardDropped.Add(uint64(len(batch)))
-			f.logFailure(p.addr, len(batch), err)
+			lost := messagesIn(batch)
+			f.b.stats.ForwardDropped.Add(uint64(lost))
+			f.logFailure(p.addr, lost, err)
 		}
 	}
 }

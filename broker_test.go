@@ -312,8 +312,13 @@ func TestSplitGroups(t *testing.T) {
 	if !reflect.DeepEqual(got, groups) {
 		t.Errorf("the pieces carry %d groups; want the %d given, once each", len(got), len(groups))
 	}
-	if one := splitGroups(forwardItem{topic: "foo", groups: groups[:3], event: ev}); len(one) != 1 {
+	one := splitGroups(forwardItem{topic: "foo", groups: groups[:3], event: ev})
+	if len(one) != 1 {
 		t.Errorf("3 groups in %d pieces; want 1", len(one))
+	}
+	// A failed batch counts messages lost, not pieces.
+	if n := messagesIn(append(pieces, one...)); n != 2 {
+		t.Errorf("a batch of one message in %d pieces and one whole: %d messages; want 2", len(pieces), n)
 	}
 }
 
@@ -596,10 +601,74 @@ func TestInProcessPublishSubscribe(t *testing.T) {
 	}
 }
 
+// subscriberAt returns the subscriber whose client is at remote.
+func subscriberAt(t *testing.T, b *broker, remote string) *subscriber {
+	t.Helper()
+	var found *subscriber
+	waitFor(t, 5*time.Second, "the subscriber at "+remote, func() bool {
+		b.mu.RLock()
+		defer b.mu.RUnlock()
+		for s := range b.subs {
+			if s.remote == remote {
+				found = s
+			}
+		}
+		return found != nil
+	})
+	return found
+}
+
 func subCount(b *broker) int {
 	b.mu.RLock()
 	defer b.mu.RUnlock()
 	return len(b.subs)
+}
+
+// A queue group's message that overflows one member goes to another: it
+// is delivered, not dropped. Dropped are the messages that were waiting in
+// the slow member's queue, which overflows by count here: QueueSize.
+func TestGroupOverflowCountsEachMessageOnce(t *testing.T) {
+	s, addr := brokerSidecar(t, brokerConfig{QueueSize: 8, QueueBytes: 64 << 20, MaxPayloadBytes: 64 << 10})
+	stuck := dialRaw(t, addr, "/broker?topic=flood&queue=g")
+	fast := dialRaw(t, addr, "/broker?topic=flood&queue=g")
+	waitFor(t, 5*time.Second, "two members", func() bool { return subCount(s.broker) == 2 })
+	go func() { // the fast member reads everything
+		for {
+			if _, _, err := fast.next(10 * time.Second); err != nil {
+				return
+			}
+		}
+	}()
+	fastSub := subscriberAt(t, s.broker, fast.conn.LocalAddr().String())
+	payload := []byte(strings.Repeat("x", 60<<10))
+	published := 0
+	publish := func() {
+		s.broker.publish("flood", payloadText, "text/plain", payload)
+		published++
+		waitFor(t, 10*time.Second, "the fast member's queue to empty", func() bool {
+			fastSub.mu.Lock()
+			defer fastSub.mu.Unlock()
+			return len(fastSub.q) == 0
+		})
+	}
+	for s.broker.stats.SlowClosed.Load() == 0 {
+		if published > 2000 {
+			t.Fatal("the stuck member was never closed as slow")
+		}
+		publish()
+	}
+	for range 5 { // and a few after it, all to the fast member
+		publish()
+	}
+	st := &s.broker.stats
+	if got := st.Delivered.Load() + st.NoSubscriber.Load(); got != uint64(published) {
+		t.Errorf("delivered %d + no_subscriber %d = %d; want the %d published, each once",
+			st.Delivered.Load(), st.NoSubscriber.Load(), got, published)
+	}
+	if got := st.SlowDropped.Load(); got != 8 {
+		t.Errorf("slow_dropped %d; want the 8 waiting in the slow member's queue", got)
+	}
+	stuck.conn.Close()
 }
 
 func TestInProcessOverflowAndLimits(t *testing.T) {
