@@ -40,6 +40,7 @@ type brokerConfig struct {
 	MaxPayloadBytes int            // largest message (WebSocket frame or POST body); default 1 MiB
 	QueueSize       int            // messages a subscriber may have waiting; default 4096
 	QueueBytes      int            // bytes a subscriber may have waiting; default 16 MiB
+	MemoryBytes     int            // bytes all subscribers together may have waiting; default 256 MiB
 	PingInterval    time.Duration  // between pings to a quiet connection; default 20s
 	MaxTopics       int            // topics with local subscribers; default 1000
 	MaxSubscribers  int            // WebSocket connections; default 10000
@@ -53,6 +54,7 @@ const (
 	defaultMaxPayloadBytes = 1 << 20
 	defaultQueueSize       = 4096
 	defaultQueueBytes      = 16 << 20
+	defaultMemoryBytes     = 256 << 20
 	defaultPingInterval    = 20 * time.Second
 	defaultMaxTopics       = 1000
 	defaultMaxSubscribers  = 10000
@@ -78,6 +80,9 @@ func (c *brokerConfig) fill() {
 	if c.QueueBytes <= 0 {
 		c.QueueBytes = defaultQueueBytes
 	}
+	if c.MemoryBytes <= 0 {
+		c.MemoryBytes = defaultMemoryBytes
+	}
 	if c.PingInterval <= 0 {
 		c.PingInterval = defaultPingInterval
 	}
@@ -97,8 +102,8 @@ func (c brokerConfig) validate() error {
 	switch {
 	case c.MaxPayloadBytes < 1 || c.MaxPayloadBytes > 64<<20:
 		return fmt.Errorf("--broker_max_payload_bytes %d: want 1 to %d", c.MaxPayloadBytes, 64<<20)
-	case c.QueueSize < 1 || c.QueueBytes < 1:
-		return errors.New("--broker_queue_size and --broker_queue_bytes must be positive")
+	case c.QueueSize < 1 || c.QueueBytes < 1 || c.MemoryBytes < 1:
+		return errors.New("--broker_queue_size, --broker_queue_bytes and --broker_memory_bytes must be positive")
 	case c.PingInterval < 10*time.Millisecond:
 		return fmt.Errorf("--broker_ping_interval %v: want at least 10ms", c.PingInterval)
 	case c.MaxTopics < 1 || c.MaxSubscribers < 1:
@@ -272,8 +277,9 @@ func appendFrameHeader(dst []byte, opcode byte, n int) []byte {
 type message struct {
 	topic string
 	id    string
-	event []byte // the CloudEvent JSON, as forwarded to peers
-	frame []byte // the WebSocket text frame holding event, as written to subscribers
+	event []byte       // the CloudEvent JSON, as forwarded to peers
+	frame []byte       // the WebSocket text frame holding event, as written to subscribers
+	holds atomic.Int32 // the subscribers' queues and writers holding it (see broker.hold)
 }
 
 func newMessage(topic, id string, event []byte) *message {
@@ -327,6 +333,33 @@ type broker struct {
 	// batches holds the writers' batch buffers between bursts, so that
 	// idle subscribers hold none.
 	batches sync.Pool
+
+	// held is the bytes of the messages that subscribers' queues and
+	// writers hold, each message once however many hold it: what
+	// --broker_memory_bytes bounds.
+	held atomic.Int64
+}
+
+// hold counts m as held by one more subscriber.
+func (b *broker) hold(m *message) {
+	if m.holds.Add(1) == 1 {
+		b.held.Add(int64(len(m.frame)))
+	}
+}
+
+// release counts the messages as held by one subscriber fewer.
+func (b *broker) release(ms []*message) {
+	for _, m := range ms {
+		if m.holds.Add(-1) == 0 {
+			b.held.Add(-int64(len(m.frame)))
+		}
+	}
+}
+
+// overMemory reports whether holding m would take the messages held past
+// --broker_memory_bytes. A message held already costs nothing more.
+func (b *broker) overMemory(m *message) bool {
+	return m.holds.Load() == 0 && b.held.Load()+int64(len(m.frame)) > int64(b.cfg.MemoryBytes)
 }
 
 // topic is the local subscribers of one topic. Its slices are copied on
@@ -669,10 +702,13 @@ func (b *broker) close(ctx context.Context) { b.fwd.close(ctx) }
 // subscriber is one WebSocket connection to /broker: subscribed to a topic
 // (and maybe a queue group), publishing every frame it sends.
 //
-// Its queue is bounded by QueueSize messages and QueueBytes bytes. Overflow
-// policy: a subscriber whose queue would overflow is slow; it loses what is
-// queued, gets no more messages, and is closed with 1013 (try again later)
-// and the reason "slow subscriber". The publisher never waits.
+// Its queue is bounded by QueueSize messages and QueueBytes bytes, and all
+// queues together by MemoryBytes. Overflow policy: a subscriber whose queue
+// would overflow is slow; it loses what is queued, gets no more messages,
+// and is closed with 1013 (try again later) and the reason "slow
+// subscriber". When all queues together are full, the subscriber that
+// would add to them is slow, unless its queue is empty: the ones that keep
+// up are not the ones holding the memory. The publisher never waits.
 //
 // Writes: at most one writer goroutine per subscriber, started when the
 // queue gets something and gone once it is empty (an idle subscriber costs
@@ -719,12 +755,17 @@ func (s *subscriber) enqueue(m *message) (taken, overflowed bool) {
 	// An empty queue takes any message: one frame larger than
 	// --broker_queue_bytes (a payload near a raised
 	// --broker_max_payload_bytes, escaped) says nothing of the subscriber.
-	if len(s.q) >= s.b.cfg.QueueSize || len(s.q) > 0 && s.qBytes+len(m.frame) > s.b.cfg.QueueBytes {
+	overQueue := len(s.q) >= s.b.cfg.QueueSize || len(s.q) > 0 && s.qBytes+len(m.frame) > s.b.cfg.QueueBytes
+	if overQueue || len(s.q) > 0 && s.b.overMemory(m) {
 		dropped := len(s.q)
+		s.b.release(s.q)
 		s.q, s.qBytes = nil, 0
 		s.closing = true
 		s.closeCode = closeTryAgainLater
 		s.closeReason = fmt.Sprintf("slow subscriber: more than %d messages or %d bytes waiting", s.b.cfg.QueueSize, s.b.cfg.QueueBytes)
+		if !overQueue {
+			s.closeReason = fmt.Sprintf("slow subscriber: the broker holds %d bytes for its subscribers (--broker_memory_bytes)", s.b.cfg.MemoryBytes)
+		}
 		s.startLocked()
 		ready := s.ready
 		s.mu.Unlock()
@@ -737,6 +778,7 @@ func (s *subscriber) enqueue(m *message) (taken, overflowed bool) {
 		s.b.log.Info("closing a slow broker subscriber", "topic", s.topic, "queue", s.queue, "remote", s.remote, "dropped", dropped)
 		return false, true
 	}
+	s.b.hold(m)
 	s.q = append(s.q, m)
 	s.qBytes += len(m.frame)
 	s.startLocked()
@@ -798,10 +840,18 @@ func (s *subscriber) closeWith(code int, reason string) {
 // abort drops the connection at once, without a close frame: for peers
 // that are gone.
 func (s *subscriber) abort() {
-	s.mu.Lock()
-	s.closing, s.q = true, nil
-	s.mu.Unlock()
+	s.drop()
 	s.conn.Close()
+}
+
+// drop ends the subscriber's queue: it takes no more messages, and those
+// waiting are released.
+func (s *subscriber) drop() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.closing = true
+	s.b.release(s.q)
+	s.q, s.qBytes = nil, 0
 }
 
 // writeLoop is the subscriber's only writer while it runs.
@@ -828,7 +878,9 @@ func (s *subscriber) writeLoop() {
 				defer s.b.batches.Put(bp)
 				buf = (*bp)[:0]
 			}
-			if err := s.writeBatch(q, &buf); err != nil {
+			err := s.writeBatch(q, &buf)
+			s.b.release(q)
+			if err != nil {
 				s.abort()
 				return
 			}

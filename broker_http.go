@@ -144,6 +144,7 @@ func (b *broker) handleSubscribe(w http.ResponseWriter, r *http.Request) {
 	srv.ServeHTTP(&hijackWriter{ResponseWriter: w, s: s}, r)
 	if !served { // the handshake failed
 		b.unsubscribe(s)
+		s.drop()
 	}
 }
 
@@ -155,6 +156,7 @@ func (b *broker) serveConn(s *subscriber, c *websocket.Conn) {
 	s.ws = c
 	if !b.conns.add(c, func() { s.closeWith(closeGoingAway, "sidecar shutting down") }) {
 		b.unsubscribe(s)
+		s.drop()
 		writeClose(c, closeGoingAway, "sidecar shutting down")
 		return
 	}
@@ -308,6 +310,7 @@ type brokerStatsReport struct {
 	Advertise       string `json:"advertise_address"`
 	Topics          int    `json:"topics"`
 	Subscribers     int    `json:"subscribers"`
+	HeldBytes       int64  `json:"held_bytes"`
 	Published       uint64 `json:"published"`
 	Delivered       uint64 `json:"delivered"`
 	Received        uint64 `json:"received_from_peers"`
@@ -332,7 +335,7 @@ func (b *broker) handleStats(w http.ResponseWriter, r *http.Request) {
 // /metrics.
 func (b *broker) report() brokerStatsReport {
 	b.mu.RLock()
-	rep := brokerStatsReport{ID: b.id, Advertise: b.advertise, Topics: len(b.topics), Subscribers: len(b.subs)}
+	rep := brokerStatsReport{ID: b.id, Advertise: b.advertise, Topics: len(b.topics), Subscribers: len(b.subs), HeldBytes: b.held.Load()}
 	b.mu.RUnlock()
 	st := &b.stats
 	rep.Published, rep.Delivered, rep.Received = st.Published.Load(), st.Delivered.Load(), st.Received.Load()

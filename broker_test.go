@@ -452,6 +452,8 @@ func brokerSidecar(t *testing.T, bc brokerConfig) (*sidecar, string) {
 		defer c()
 		s.conns.closeAll(sctx)
 		s.broker.close(sctx)
+		// Every message a queue or writer took was given back.
+		waitFor(t, 5*time.Second, "the broker to hold no message", func() bool { return s.broker.held.Load() == 0 })
 	})
 	return s, srv.Listener.Addr().String()
 }
@@ -622,6 +624,58 @@ func subCount(b *broker) int {
 	b.mu.RLock()
 	defer b.mu.RUnlock()
 	return len(b.subs)
+}
+
+// --broker_memory_bytes bounds what all queues hold together: past it, the
+// subscriber that would add to it is closed as slow, naming the flag,
+// while one that keeps up goes on.
+func TestBrokerMemoryBytesBoundsAllQueues(t *testing.T) {
+	const memory = 1 << 20
+	s, addr := brokerSidecar(t, brokerConfig{QueueSize: 1000, QueueBytes: 64 << 20, MemoryBytes: memory, MaxPayloadBytes: 64 << 10})
+	stuck := []*rawWS{dialRaw(t, addr, "/broker?topic=a"), dialRaw(t, addr, "/broker?topic=b")}
+	fast := dialRaw(t, addr, "/broker?topic=c")
+	waitFor(t, 5*time.Second, "three subscribers", func() bool { return subCount(s.broker) == 3 })
+	var stuckSubs []*subscriber
+	for _, c := range stuck {
+		stuckSubs = append(stuckSubs, subscriberAt(t, s.broker, c.conn.LocalAddr().String()))
+	}
+	payload := []byte(strings.Repeat("x", 60<<10))
+	frame := int64(len(newMessage("a", "1", encodeEvent("1", "/s", "a", time.Now(), payloadText, "text/plain", payload)).frame))
+	for i := 0; s.broker.stats.SlowClosed.Load() == 0; i++ {
+		if i > 2000 {
+			t.Fatal("no subscriber was closed as slow")
+		}
+		s.broker.publish([]string{"a", "b"}[i%2], payloadText, "text/plain", payload)
+		// Over the bound by no more than what empty queues take, one
+		// message each.
+		if held := s.broker.held.Load(); held > memory+2*frame {
+			t.Fatalf("held %d bytes with --broker_memory_bytes %d", held, memory)
+		}
+		s.broker.publish("c", payloadText, "text/plain", payload)
+		if _, _, err := fast.next(5 * time.Second); err != nil {
+			t.Fatalf("the subscriber that keeps up: %v", err)
+		}
+	}
+	// Its writer, stuck on a client that does not read, may give up
+	// before the close frame is out: the reason is read here.
+	closed := 0
+	for _, sub := range stuckSubs {
+		sub.mu.Lock()
+		if sub.closing {
+			closed++
+			if sub.closeCode != closeTryAgainLater || !strings.Contains(sub.closeReason, "--broker_memory_bytes") {
+				t.Errorf("closed with %d %q; want 1013 naming --broker_memory_bytes", sub.closeCode, sub.closeReason)
+			}
+		}
+		sub.mu.Unlock()
+	}
+	if closed != 1 {
+		t.Errorf("%d stuck subscribers closed; want the one that passed the bound", closed)
+	}
+	s.broker.publish("c", payloadText, "text/plain", payload)
+	if _, _, err := fast.next(5 * time.Second); err != nil {
+		t.Errorf("the subscriber that keeps up, after: %v", err)
+	}
 }
 
 // A queue group's message that overflows one member goes to another: it

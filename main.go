@@ -206,6 +206,7 @@ func parseSidecarFlags(args []string, out io.Writer, lookupEnv func(string) (str
 	fs.IntVar(&cfg.Broker.MaxPayloadBytes, "broker_max_payload_bytes", defaultMaxPayloadBytes, "Largest broker message, a WebSocket frame or a POST body, in bytes. Larger frames close the connection with 1009; larger bodies are refused with 413.")
 	fs.IntVar(&cfg.Broker.QueueSize, "broker_queue_size", defaultQueueSize, "Messages a broker subscriber may have waiting. A subscriber that falls further behind is closed with 1013 (slow subscriber) and loses what waited.")
 	fs.IntVar(&cfg.Broker.QueueBytes, "broker_queue_bytes", defaultQueueBytes, "Bytes a broker subscriber may have waiting; the same policy as --broker_queue_size.")
+	fs.IntVar(&cfg.Broker.MemoryBytes, "broker_memory_bytes", defaultMemoryBytes, "Bytes of messages all broker subscribers together may have waiting (a message waiting for many counts once). Past it, a subscriber with messages waiting that would add one more is closed with 1013 (slow subscriber).")
 	fs.DurationVar(&cfg.Broker.PingInterval, "broker_ping_interval", defaultPingInterval, "Time between pings to a quiet broker connection. A connection silent for three intervals is closed as dead.")
 	fs.IntVar(&cfg.Broker.MaxTopics, "broker_max_topics", defaultMaxTopics, "Most topics with subscribers on this sidecar; more are refused with 503.")
 	fs.IntVar(&cfg.Broker.MaxSubscribers, "broker_max_subscribers", defaultMaxSubscribers, "Most broker WebSocket connections on this sidecar; more are refused with 503.")

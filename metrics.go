@@ -455,6 +455,9 @@ func newSidecarMetrics(s *sidecar) *sidecarMetrics {
 	set.gauge("micro_broker_subscribers", "Broker WebSocket connections on this sidecar.", nil, func() []sample {
 		return []sample{{v: float64(s.broker.report().Subscribers)}}
 	})
+	set.gauge("micro_broker_held_bytes", "Bytes of messages waiting for this sidecar's broker subscribers, each message once (bounded by --broker_memory_bytes).", nil, func() []sample {
+		return []sample{{v: float64(s.broker.report().HeldBytes)}}
+	})
 	set.gauge("micro_broker_topics", "Topics with local subscribers.", nil, func() []sample {
 		return []sample{{v: float64(s.broker.report().Topics)}}
 	})
