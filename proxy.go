@@ -168,7 +168,7 @@ func (p *proxy) serve(w http.ResponseWriter, r *http.Request, service, path stri
 	rt := t // a copy goes in the context, so that t stays off the heap
 	rt.body, _ = r.Body.(stallReporter)
 	rt.ownCORS = sidecarAnsweredCORS(w.Header())
-	ctx := context.WithValue(r.Context(), targetKey{}, &rt)
+	ctx := context.WithValue(callerContext(r), targetKey{}, &rt)
 	if ctx.Value(http.ServerContextKey) == nil {
 		// ReverseProxy aborts a response it cannot finish (a node gone
 		// mid-body) only for a request that names its server; otherwise it
@@ -206,6 +206,30 @@ func forwardedHops(values []string) int {
 		n += strings.Count(v, ",") + 1
 	}
 	return n
+}
+
+// callerContext is the context a proxied request's attempts run in. An
+// upgrade or an event stream lasts as long as its caller listens, and ends
+// when it goes. Any other request runs to its answer, as on the fast-path
+// server, whose requests' contexts never end: net/http ends one also when
+// the client only half-closes after sending (nc -N, many scripts), and
+// that client still waits for its answer.
+func callerContext(r *http.Request) context.Context {
+	ctx := r.Context()
+	if ctx.Done() == nil || upgradeAsked(r) || acceptsEventStream(r) {
+		return ctx
+	}
+	return context.WithoutCancel(ctx)
+}
+
+// acceptsEventStream reports whether r asks for server-sent events.
+func acceptsEventStream(r *http.Request) bool {
+	for _, v := range r.Header["Accept"] {
+		if strings.Contains(v, "text/event-stream") {
+			return true
+		}
+	}
+	return false
 }
 
 // upgradeAsked reports whether r asks to switch protocols, to a WebSocket
@@ -435,12 +459,16 @@ func (p *proxy) attemptNodes(t *proxyTarget, mayRetry func(outcome) bool, send f
 
 // proxyError is the ReverseProxy's one error handler.
 func proxyError(w http.ResponseWriter, r *http.Request, err error) {
-	if t, _ := r.Context().Value(targetKey{}).(*proxyTarget); t != nil && t.stalled() {
+	t, _ := r.Context().Value(targetKey{}).(*proxyTarget)
+	if t != nil && t.stalled() {
 		writeError(w, http.StatusRequestTimeout, errBodyStalled.Error())
 		return
 	}
 	if r.Context().Err() != nil {
-		return // the caller has gone
+		// The caller of a stream or an upgrade has gone. A handler that
+		// writes nothing would pass for a 200 with no body; this closes
+		// the connection without an answer.
+		panic(http.ErrAbortHandler)
 	}
 	var ce *callError
 	if !errors.As(err, &ce) {

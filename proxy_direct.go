@@ -169,7 +169,7 @@ func (p *proxy) forward(w http.ResponseWriter, r *http.Request, t *proxyTarget) 
 	}
 	replayable := r.ContentLength == 0 && idempotent(r.Method)
 
-	ctx := r.Context()
+	ctx := callerContext(r)
 	now := bodyReadAt(r, requestStart(w)) // as roundTrip: a slow upload is no slow node
 	deadline := now.Add(t.timeout)
 	attempts := 0
@@ -181,7 +181,10 @@ func (p *proxy) forward(w http.ResponseWriter, r *http.Request, t *proxyTarget) 
 		o, err := p.forwardTo(ctx, now, deadline, w, r.Method, node, req[:hostAt], req[hostAt:])
 		return o, o == timedOut && ctx.Err() == nil, err
 	})
-	if err != nil && err != errCallerGone {
+	switch {
+	case err == errCallerGone:
+		panic(http.ErrAbortHandler) // as proxyError: no answer is no 200
+	case err != nil:
 		writeCallError(w, err)
 	}
 }

@@ -2,6 +2,7 @@ package main
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -10,6 +11,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"net/url"
+	"strconv"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -692,6 +694,49 @@ func TestEscapedPathAsURL(t *testing.T) {
 		}
 		if got, want := escapedPath(u), u.EscapedPath(); got != want {
 			t.Errorf("%q: escapedPath %q, EscapedPath %q", target, got, want)
+		}
+	}
+}
+
+// TestHalfClosedCallerGetsItsAnswer: a client that half-closes once its
+// request is sent (nc -N, many scripts) still waits for the answer. The
+// call goes on, on /rpc and on both proxy paths, though net/http ends such
+// a request's context; it once answered an empty 200 without the app's.
+func TestHalfClosedCallerGetsItsAnswer(t *testing.T) {
+	s, srv := testSidecar(t, nil)
+	halfClosed := make(chan struct{}, 1)
+	app := appServer(t, func(w http.ResponseWriter, r *http.Request) {
+		select { // answer once the caller has half-closed
+		case <-halfClosed:
+		case <-time.After(5 * time.Second):
+		}
+		io.Copy(io.Discard, r.Body)
+		fmt.Fprint(w, `{"jsonrpc":"2.0","id":1,"result":{"answered":true}}`)
+	})
+	register(t, s, "go.micro.srv.foo", hostOf(app))
+	rpcBody := `{"service":"go.micro.srv.foo","method":"Foo.Call","request":{}}`
+	for name, req := range map[string]string{
+		"rpc":           "POST /rpc HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: " + strconv.Itoa(len(rpcBody)) + "\r\n\r\n" + rpcBody,
+		"proxy direct":  "POST /proxy/go.micro.srv.foo/x HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}",
+		"proxy chunked": "POST /proxy/go.micro.srv.foo/x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n",
+	} {
+		conn, err := net.Dial("tcp", hostOf(srv))
+		if err != nil {
+			t.Fatal(err)
+		}
+		io.WriteString(conn, req)
+		conn.(*net.TCPConn).CloseWrite()
+		halfClosed <- struct{}{}
+		conn.SetReadDeadline(time.Now().Add(10 * time.Second))
+		answer, _ := io.ReadAll(conn)
+		conn.Close()
+		if !bytes.HasPrefix(answer, []byte("HTTP/1.1 200 ")) || !bytes.Contains(answer, []byte(`"answered":true`)) {
+			t.Errorf("%s: answered %q; want the app's answer", name, answer)
+		}
+		select { // a call that never reached the app left its token
+		case <-halfClosed:
+			t.Errorf("%s: the app was not called", name)
+		default:
 		}
 	}
 }

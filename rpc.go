@@ -784,21 +784,18 @@ func (c *caller) serve(w http.ResponseWriter, r *http.Request, call rpcCall, buf
 	}
 	start := requestStart(w)
 	deadline := bodyReadAt(r, start).Add(timeout) // a slow upload is no slow node
-	// The deadline is set on the connection to the node. A context is only
-	// needed to stop the call when its caller goes away, which net/http
-	// reports and the fast-path server does not (its context never ends).
+	// The deadline is set on the connection to the node, and the call
+	// runs to its answer even if the caller goes, as on the fast-path
+	// server, whose requests' contexts never end: net/http ends one also
+	// when the client only half-closes after sending (nc -N, many
+	// scripts), and that client still waits for its answer.
 	ctx := r.Context()
 	if ctx.Done() != nil {
-		var cancel context.CancelFunc
-		ctx, cancel = context.WithDeadline(ctx, deadline)
-		defer cancel()
+		ctx = context.WithoutCancel(ctx)
 	}
 	result, err := c.call(ctx, start, deadline, r.Header, call, shortened, buf)
 	c.observe(requestNow(w).Sub(start), call.Service, err)
 	if err != nil {
-		if r.Context().Err() != nil {
-			return // the caller has gone; nobody reads an answer
-		}
 		var ce *callError
 		if errors.As(err, &ce) && ce.code == http.StatusGatewayTimeout {
 			ce.detail += " (" + timeoutHint(r.Header.Get("Timeout"), timeout) + ")"
