@@ -1010,7 +1010,7 @@ func (c *caller) post(ctx context.Context, now, deadline time.Time, in http.Head
 	case err != nil && (expired(ctx, deadline) || errors.Is(err, os.ErrDeadlineExceeded)):
 		return nil, timedOut, c.timeoutError(ctx, call, node)
 	case err != nil:
-		return nil, lost, &callError{http.StatusBadGateway, fmt.Sprintf("reading the reply of node %s (%s) of %s: %v", node.ID, addr, call.Service, err), err}
+		return nil, answered, &callError{http.StatusBadGateway, fmt.Sprintf("reading the reply of node %s (%s) of %s: %v", node.ID, addr, call.Service, err), err}
 	case n > c.cfg.MaxReplyBytes:
 		return nil, answered, callErrorf(http.StatusBadGateway, "node %s of %s answered more than %d bytes", node.ID, call.Service, c.cfg.MaxReplyBytes)
 	}

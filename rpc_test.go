@@ -1274,3 +1274,20 @@ func TestConnectDeadline(t *testing.T) {
 		}
 	}
 }
+
+// TestNodeCuttingItsReplyIsNotEjected: a node that sent the head of its
+// reply answered, though its body broke off: the caller gets a 502, and
+// the node stays in selection, as any node that answers does.
+func TestNodeCuttingItsReplyIsNotEjected(t *testing.T) {
+	s, srv := testSidecar(t, nil)
+	register(t, s, "go.micro.srv.cut", brokenNode(t, "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"jsonrpc\""))
+	for i := range 3 {
+		code, body := post(t, srv.URL+"/rpc", "application/json", `{"service":"go.micro.srv.cut","method":"Cut.Call","request":{}}`)
+		if code != http.StatusBadGateway || !strings.Contains(body, "reading the reply") {
+			t.Fatalf("call %d: %d %s; want 502 naming the cut reply, not the node ejected", i, code, body)
+		}
+	}
+	if n := s.rpc.sel.ejections.Load(); n != 0 {
+		t.Errorf("%d ejections; want none", n)
+	}
+}
