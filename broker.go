@@ -24,6 +24,7 @@ import (
 	"log/slog"
 	"mime"
 	"net"
+	"os"
 	"slices"
 	"strconv"
 	"strings"
@@ -595,9 +596,10 @@ func (b *broker) run(ctx context.Context) {
 }
 
 // keepalive is one round of pings: a connection heard from since the last
-// round is fine; a quiet one is pinged; one quiet for reapAfter rounds is
-// dead (its peer vanished without closing) and is closed. The step of run;
-// tests call it directly.
+// round is fine, and so is one whose writer waits on it (the write timeout
+// judges that one); a quiet one is pinged; one quiet for reapAfter rounds
+// is dead (its peer vanished without closing) and is closed. The step of
+// run; tests call it directly.
 func (b *broker) keepalive() {
 	b.mu.RLock()
 	subs := make([]*subscriber, 0, len(b.subs))
@@ -609,7 +611,7 @@ func (b *broker) keepalive() {
 		if !s.isReady() {
 			continue // still in its handshake
 		}
-		if s.readSeen.Swap(false) {
+		if s.readSeen.Swap(false) || s.writing.Load() {
 			s.quiet = 0
 			continue
 		}
@@ -728,6 +730,7 @@ type subscriber struct {
 	wmu sync.Mutex // guards writes to conn: the writer's batches, the library's pongs
 
 	readSeen atomic.Bool // set by every read; cleared by keepalive
+	writing  atomic.Bool // a write of messages is waiting on the client
 	quiet    int         // keepalive rounds without a read; keepalive's goroutine only
 
 	mu          sync.Mutex // guards the fields below
@@ -837,6 +840,24 @@ func (s *subscriber) closeWith(code int, reason string) {
 	s.startLocked()
 }
 
+// answerPeerClose has the writer answer the client's close with code
+// and waits for it. What waits in the queue is dropped (a client that
+// closed reads no more), and the answer goes after any batch being
+// written, never before it: no data frame may follow a close (RFC 6455
+// section 5.5.1). A subscriber closing already has its own close frame out
+// or on the way.
+func (s *subscriber) answerPeerClose(code int) {
+	s.mu.Lock()
+	if !s.closing {
+		s.closing, s.closeCode, s.closeReason = true, code, ""
+		s.b.release(s.q)
+		s.q, s.qBytes = nil, 0
+		s.startLocked()
+	}
+	s.mu.Unlock()
+	s.wg.Wait()
+}
+
 // abort drops the connection at once, without a close frame: for peers
 // that are gone.
 func (s *subscriber) abort() {
@@ -872,23 +893,25 @@ func (s *subscriber) writeLoop() {
 		}
 		s.mu.Unlock()
 
+		if ping {
+			// Ahead of the messages: a control frame may go between them,
+			// and a client working through a backlog answers it sooner.
+			s.conn.SetWriteDeadline(time.Now().Add(s.b.cfg.WriteTimeout))
+			if writeControl(s.ws, websocket.PingFrame, nil) != nil {
+				s.abort()
+				return
+			}
+		}
 		if len(q) > 0 {
 			if buf == nil {
 				bp := s.b.batches.Get().(*[]byte)
 				defer s.b.batches.Put(bp)
 				buf = (*bp)[:0]
 			}
-			err := s.writeBatch(q, &buf)
+			sent, err := s.writeBatch(q, &buf)
 			s.b.release(q)
 			if err != nil {
-				s.abort()
-				return
-			}
-		}
-		if ping {
-			s.conn.SetWriteDeadline(time.Now().Add(s.b.cfg.WriteTimeout))
-			if writeControl(s.ws, websocket.PingFrame, nil) != nil {
-				s.abort()
+				s.writeFailed(err, len(q)-sent)
 				return
 			}
 		}
@@ -910,40 +933,63 @@ func (s *subscriber) writeLoop() {
 	}
 }
 
-// writeBatch writes q's frames, gathered into writes of up to
-// maxBatchBytes.
-func (s *subscriber) writeBatch(q []*message, buf *[]byte) error {
-	b := (*buf)[:0]
-	flush := func() error {
-		if len(b) == 0 {
-			return nil
-		}
-		s.wmu.Lock()
-		s.conn.SetWriteDeadline(time.Now().Add(s.b.cfg.WriteTimeout))
-		_, err := s.conn.Write(b)
-		s.wmu.Unlock()
-		b = b[:0]
-		return err
+// writeFailed ends a subscriber whose write failed, with lost messages
+// of its batch unsent. A write that timed out is a client too slow to
+// take what it is sent, closed as slow (its socket is full: no close frame
+// can go out); any other failure is a connection gone.
+func (s *subscriber) writeFailed(err error, lost int) {
+	if errors.Is(err, os.ErrDeadlineExceeded) && !s.isClosing() {
+		s.mu.Lock()
+		lost += len(s.q)
+		s.mu.Unlock()
+		s.b.stats.SlowClosed.Add(1)
+		s.b.stats.SlowDropped.Add(uint64(lost))
+		s.b.log.Info("closing a slow broker subscriber: a write did not complete in time", "topic", s.topic, "queue", s.queue, "remote", s.remote, "timeout", s.b.cfg.WriteTimeout, "dropped", lost)
 	}
+	s.abort()
+}
+
+// writeBatch writes q's frames, gathered into writes of up to
+// maxBatchBytes, and returns how many of them were written.
+func (s *subscriber) writeBatch(q []*message, buf *[]byte) (int, error) {
+	b := (*buf)[:0]
+	sent, gathered := 0, 0
+	defer func() { *buf = b[:0] }()
 	for _, m := range q {
 		if len(b) > 0 && len(b)+len(m.frame) > maxBatchBytes {
-			if err := flush(); err != nil {
-				return err
+			if err := s.write(b); err != nil {
+				return sent, err
 			}
+			sent, b = sent+gathered, b[:0]
+			gathered = 0
 		}
 		if len(m.frame) > maxBatchBytes {
-			s.wmu.Lock()
-			s.conn.SetWriteDeadline(time.Now().Add(s.b.cfg.WriteTimeout))
-			_, err := s.conn.Write(m.frame)
-			s.wmu.Unlock()
-			if err != nil {
-				return err
+			if err := s.write(m.frame); err != nil {
+				return sent, err
 			}
+			sent++
 			continue
 		}
 		b = append(b, m.frame...)
+		gathered++
 	}
-	err := flush()
-	*buf = b
+	if len(b) > 0 {
+		if err := s.write(b); err != nil {
+			return sent, err
+		}
+	}
+	return sent + gathered, nil
+}
+
+// write writes p to the connection within the write timeout. While it
+// waits on the client, keepalive leaves the client to that timeout: a
+// client working through a backlog reads, though its pong may be behind.
+func (s *subscriber) write(p []byte) error {
+	s.wmu.Lock()
+	defer s.wmu.Unlock()
+	s.writing.Store(true)
+	defer s.writing.Store(false)
+	s.conn.SetWriteDeadline(time.Now().Add(s.b.cfg.WriteTimeout))
+	_, err := s.conn.Write(p)
 	return err
 }

@@ -189,9 +189,7 @@ func (b *broker) readLoop(s *subscriber, c *websocket.Conn) {
 			io.Copy(io.Discard, s.br) // until the peer answers or the close grace ends
 			return
 		case errors.Is(err, errPeerClosed):
-			if !s.isClosing() {
-				answerClose(c)
-			}
+			s.answerPeerClose(r.answerCode())
 			return
 		case err != nil:
 			return

@@ -441,14 +441,14 @@ func queryOf(w http.ResponseWriter, r *http.Request, takes ...string) (url.Value
 	return q, true
 }
 
-// answerClose answers a peer that closed (or hung up) with a close frame of
-// its own, 1000, as RFC 6455 section 5.5.1 asks: without it a browser's
+// answerClose answers a peer that closed with a close frame of its own,
+// with code, as RFC 6455 section 5.5.1 asks: without it a browser's
 // onclose reports 1006, an abnormal closure. x/net/websocket reads the
-// peer's close as io.EOF and sends nothing back; its Close sends the frame
-// under its own write lock, so any goroutine may call this.
-func answerClose(c *websocket.Conn) {
+// peer's close as io.EOF and sends nothing back. The caller closes the
+// connection, and must be its only writer of data frames: none may follow.
+func answerClose(c *websocket.Conn, code int) {
 	c.SetWriteDeadline(time.Now().Add(closeGrace))
-	c.Close()
+	writeClose(c, code, "")
 }
 
 // WebSocket close codes (RFC 6455 section 7.4.1).
@@ -456,6 +456,7 @@ const (
 	closeNormal         = 1000
 	closeGoingAway      = 1001
 	closeProtocolError  = 1002
+	closeInvalidPayload = 1007
 	closePolicyViolated = 1008
 	closeTooBig         = 1009
 	closeTryAgainLater  = 1013

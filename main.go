@@ -3,6 +3,7 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"crypto/rand"
 	"crypto/tls"
@@ -152,6 +153,8 @@ type config struct {
 	RPC      rpcConfig      // /rpc and /{service}/{method}
 	Selector selectorConfig // node choice for RPC and the proxy
 	Handler  string         // what /{service}/... does: rpc or proxy
+
+	watchPing time.Duration // between pings to an idle registry watcher; no flag: watchPingInterval, shorter in tests
 }
 
 // parseSidecarFlags builds the config from args and the MICRO_*
@@ -623,7 +626,8 @@ type sidecar struct {
 	started time.Time
 	// watchers counts open registry watches, against --registry_max_watchers:
 	// an open WebSocket no longer counts against --max_inflight.
-	watchers atomic.Int64
+	watchers  atomic.Int64
+	watchPing time.Duration // between pings to an idle watcher
 }
 
 // newSidecar builds the registry for cfg.
@@ -653,11 +657,12 @@ func newSidecar(ctx context.Context, cfg config, log *slog.Logger) (*sidecar, er
 		b = eb
 	}
 	s := &sidecar{
-		cfg:     cfg,
-		log:     log,
-		reg:     &registry{name: cfg.Registry, table: t, backend: b, ttl: cfg.RegisterTTL, now: time.Now, owned: map[string]Service{}},
-		conns:   newConnSet(),
-		started: time.Now(),
+		cfg:       cfg,
+		log:       log,
+		reg:       &registry{name: cfg.Registry, table: t, backend: b, ttl: cfg.RegisterTTL, now: time.Now, owned: map[string]Service{}},
+		conns:     newConnSet(),
+		started:   time.Now(),
+		watchPing: cmp.Or(cfg.watchPing, watchPingInterval),
 	}
 	sel := newSelector(cfg.Selector, time.Now)
 	nodes := newNodeTransport()

@@ -6,11 +6,13 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"net/url"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/net/websocket"
@@ -237,7 +239,7 @@ func (s *sidecar) handleWatch(w http.ResponseWriter, r *http.Request) {
 		defer s.conns.remove(c)
 		wt, initial := s.reg.table.watchFrom(service, time.Now())
 		defer s.reg.table.unwatch(wt)
-		in := watcherInput{pings: make(chan []byte, 1), failed: make(chan *wsFailure, 1), gone: gone}
+		in := watcherInput{pings: make(chan []byte, 1), failed: make(chan *wsFailure, 1), gone: gone, closeCode: new(int), heard: new(atomic.Bool)}
 		go in.read(br)
 		s.streamWatch(c, wt, initial, stop, in)
 	})
@@ -263,15 +265,18 @@ func (t readerTaker) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 // watcherInput is what a watcher sends, as its writer needs to know it:
 // pings to answer, a frame that fails the connection, and the end.
 type watcherInput struct {
-	pings  chan []byte     // the latest ping's payload; older ones may go unanswered (RFC 6455 section 5.5.3)
-	failed chan *wsFailure // sent before gone closes
-	gone   chan struct{}
+	pings     chan []byte     // the latest ping's payload; older ones may go unanswered (RFC 6455 section 5.5.3)
+	failed    chan *wsFailure // sent before gone closes
+	gone      chan struct{}
+	closeCode *int         // the code to answer the watcher's close with, set before gone closes
+	heard     *atomic.Bool // set by every read; cleared by the writer's pings
 }
 
 // read reads the watcher's frames with the broker's frame reader until the
 // connection ends. A watcher has nothing to say: its messages are dropped.
 func (in watcherInput) read(br *bufio.Reader) {
 	defer close(in.gone)
+	br = bufio.NewReaderSize(heardReader{br, in.heard}, 512)
 	r := &wsReader{br: br, max: 4 << 10, limit: "a watch takes no messages, only control frames", onPing: func(p []byte) error {
 		select {
 		case in.pings <- bytes.Clone(p):
@@ -286,9 +291,24 @@ func (in watcherInput) read(br *bufio.Reader) {
 			in.failed <- fail
 		}
 		if err != nil {
+			*in.closeCode = r.answerCode()
 			return
 		}
 	}
+}
+
+// heardReader marks every read that brings bytes.
+type heardReader struct {
+	r     io.Reader
+	heard *atomic.Bool
+}
+
+func (h heardReader) Read(p []byte) (int, error) {
+	n, err := h.r.Read(p)
+	if n > 0 {
+		h.heard.Store(true)
+	}
+	return n, err
 }
 
 // streamWatch is the watch connection's only writer.
@@ -304,8 +324,10 @@ func (s *sidecar) streamWatch(c *websocket.Conn, wt *watcher, initial []record, 
 			return
 		}
 	}
-	ping := time.NewTicker(watchPingInterval)
+	ping := time.NewTicker(s.watchPing)
 	defer ping.Stop()
+	in.heard.Store(true) // the handshake: silence counts from it
+	quiet := 0           // pings without a read since
 	for {
 		select {
 		case <-in.gone:
@@ -313,7 +335,7 @@ func (s *sidecar) streamWatch(c *websocket.Conn, wt *watcher, initial []record, 
 			case fail := <-in.failed:
 				writeClose(c, fail.code, fail.reason)
 			default:
-				answerClose(c)
+				answerClose(c, *in.closeCode)
 			}
 			return
 		case p := <-in.pings:
@@ -335,6 +357,14 @@ func (s *sidecar) streamWatch(c *websocket.Conn, wt *watcher, initial []record, 
 				}
 			}
 		case <-ping.C:
+			// A watcher silent, not even a pong, for reapAfter pings is
+			// gone (its peer vanished, or froze) and gives back its slot.
+			if in.heard.Swap(false) {
+				quiet = 0
+			} else if quiet++; quiet >= reapAfter {
+				s.log.Debug("closing a silent registry watch", "remote", c.Request().RemoteAddr)
+				return
+			}
 			c.SetWriteDeadline(time.Now().Add(10 * time.Second))
 			if writeControl(c, websocket.PingFrame, nil) != nil {
 				return

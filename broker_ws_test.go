@@ -1,0 +1,197 @@
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"encoding/binary"
+	"io"
+	"runtime"
+	"strings"
+	"testing"
+	"time"
+
+	"golang.org/x/net/websocket"
+)
+
+func closePayload(code int, reason string) []byte {
+	p := binary.BigEndian.AppendUint16(nil, uint16(code))
+	return append(p, reason...)
+}
+
+// TestCloseFramesAreChecked: a client's close is answered with its own
+// code, and a close no peer may send fails the connection, on the broker
+// and on the registry's watch.
+func TestCloseFramesAreChecked(t *testing.T) {
+	_, addr := brokerSidecar(t, brokerConfig{})
+	for _, c := range []struct {
+		name    string
+		payload []byte
+		want    int
+	}{
+		{"no code", nil, closeNormal},
+		{"1000", closePayload(1000, "bye"), 1000},
+		{"going away", closePayload(1001, ""), 1001},
+		{"an application's", closePayload(4000, "logout"), 4000},
+		{"1-byte payload", []byte{3}, closeProtocolError},
+		{"999", closePayload(999, ""), closeProtocolError},
+		{"1005, never sent", closePayload(1005, ""), closeProtocolError},
+		{"1006, never sent", closePayload(1006, ""), closeProtocolError},
+		{"2999", closePayload(2999, ""), closeProtocolError},
+		{"5000", closePayload(5000, ""), closeProtocolError},
+		{"reason not UTF-8", closePayload(1000, "\xff\xfe"), closeInvalidPayload},
+	} {
+		for _, path := range []string{"/broker?topic=t", "/registry?watch=1"} {
+			ws := dialRaw(t, addr, path)
+			ws.send(t, websocket.CloseFrame, c.payload)
+			if code, _ := ws.closeCode(t); code != c.want {
+				t.Errorf("%s on %s: answered %d; want %d", c.name, path, code, c.want)
+			}
+			ws.conn.Close()
+		}
+	}
+}
+
+// TestTextMustBeUTF8: RFC 6455 section 8.1 fails a text message that is
+// not UTF-8 with 1007, even when a fragment split a character in two.
+func TestTextMustBeUTF8(t *testing.T) {
+	s, addr := brokerSidecar(t, brokerConfig{})
+	ws := dialRaw(t, addr, "/broker?topic=t")
+	ws.sendFrame(t, websocket.TextFrame, []byte("caf\xc3")) // é split across fragments: fine
+	ws.sendFrame(t, 0x80|websocket.ContinuationFrame, []byte("\xa9"))
+	if _, p, err := ws.next(5 * time.Second); err != nil || !bytes.Contains(p, []byte(`"café"`)) {
+		t.Fatalf("a character split across fragments: %q, %v; want it published", p, err)
+	}
+	ws.send(t, websocket.TextFrame, []byte("\xff"))
+	if code, reason := ws.closeCode(t); code != closeInvalidPayload || !strings.Contains(reason, "UTF-8") {
+		t.Errorf("text not UTF-8: closed %d %q; want 1007", code, reason)
+	}
+	if n := s.broker.stats.Published.Load(); n != 1 {
+		t.Errorf("%d published; want only the valid message", n)
+	}
+}
+
+// TestFrameLengthTopBit: a 64-bit length must have its top bit clear.
+func TestFrameLengthTopBit(t *testing.T) {
+	_, addr := brokerSidecar(t, brokerConfig{})
+	ws := dialRaw(t, addr, "/broker?topic=t")
+	frame := []byte{0x80 | websocket.BinaryFrame, 0x80 | 127, 0x80, 0, 0, 0, 0, 0, 0, 1, 1, 2, 3, 4}
+	if _, err := ws.conn.Write(frame); err != nil {
+		t.Fatal(err)
+	}
+	if code, _ := ws.closeCode(t); code != closeProtocolError {
+		t.Errorf("closed %d; want 1002", code)
+	}
+}
+
+// TestPayloadMemoryFollowsTheBytes: a frame that announces a large
+// payload and sends little holds little, not what it announced.
+func TestPayloadMemoryFollowsTheBytes(t *testing.T) {
+	const announced = 16 << 20
+	var frame []byte
+	frame = append(frame, 0x80|websocket.BinaryFrame, 0x80|127)
+	frame = binary.BigEndian.AppendUint64(frame, announced)
+	frame = append(frame, 1, 2, 3, 4)
+	frame = append(frame, "only this"...)
+	r := &wsReader{br: bufio.NewReader(bytes.NewReader(frame)), max: 32 << 20, onPing: func([]byte) error { return nil }}
+	var before, after runtime.MemStats
+	runtime.ReadMemStats(&before)
+	_, err := r.next()
+	runtime.ReadMemStats(&after)
+	if err != io.ErrUnexpectedEOF {
+		t.Errorf("a cut frame: %v; want io.ErrUnexpectedEOF", err)
+	}
+	if got := after.TotalAlloc - before.TotalAlloc; got > 1<<20 {
+		t.Errorf("allocated %d bytes for 9 sent of %d announced; want about one read step (%d)", got, announced, payloadStep)
+	}
+}
+
+// TestBusyWriterIsNotTakenForSilent: a client the writer is blocked on is
+// judged by the write timeout, as a slow client (counted, logged), not
+// reaped as silent for a pong stuck behind its backlog.
+func TestBusyWriterIsNotTakenForSilent(t *testing.T) {
+	s, addr := brokerSidecar(t, brokerConfig{PingInterval: time.Hour, WriteTimeout: 500 * time.Millisecond, MaxPayloadBytes: 64 << 10}) // keepalive runs here, not on a timer
+	ws := dialRaw(t, addr, "/broker?topic=backlog")
+	waitFor(t, 5*time.Second, "the subscriber", func() bool { return subCount(s.broker) == 1 })
+	sub := subscriberAt(t, s.broker, ws.conn.LocalAddr().String())
+	payload := []byte(strings.Repeat("x", 60<<10))
+	waitFor(t, 10*time.Second, "the writer to block on the client", func() bool {
+		s.broker.publish("backlog", payloadText, "text/plain", payload)
+		return sub.writing.Load()
+	})
+	for range 10 { // keepalive rounds while it is blocked: none may reap it
+		s.broker.keepalive()
+	}
+	waitFor(t, 10*time.Second, "the write timeout to close it", func() bool { return subCount(s.broker) == 0 })
+	st := &s.broker.stats
+	if st.Reaped.Load() != 0 || st.SlowClosed.Load() != 1 {
+		t.Errorf("reaped %d, closed as slow %d; want it closed as slow, not reaped", st.Reaped.Load(), st.SlowClosed.Load())
+	}
+}
+
+// TestNoDataAfterTheCloseAnswer: once the broker answers a client's
+// close, no data frame follows, however busy the topic (RFC 6455 section
+// 5.5.1).
+func TestNoDataAfterTheCloseAnswer(t *testing.T) {
+	s, addr := brokerSidecar(t, brokerConfig{})
+	stop := make(chan struct{})
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+				s.broker.publish("busy", payloadText, "text/plain", []byte("tick"))
+			}
+		}
+	}()
+	defer func() { close(stop); <-done }()
+	for i := range 50 {
+		ws := dialRaw(t, addr, "/broker?topic=busy")
+		if _, _, err := ws.next(5 * time.Second); err != nil { // subscribed and receiving
+			t.Fatal(err)
+		}
+		ws.send(t, websocket.CloseFrame, closePayload(1000, ""))
+		ws.closeCode(t)
+		if op, _, err := ws.next(5 * time.Second); err == nil {
+			t.Fatalf("round %d: a frame (opcode %d) after the close answer", i, op)
+		}
+		ws.conn.Close()
+	}
+}
+
+// TestSilentWatcherIsReaped: a watcher silent for three pings, not even a
+// pong, is gone and gives back its slot; one that talks stays.
+func TestSilentWatcherIsReaped(t *testing.T) {
+	s, srv := testSidecar(t, func(c *config) { c.watchPing = 20 * time.Millisecond })
+	addr := hostOf(srv)
+	talking := dialRaw(t, addr, "/registry?watch=1")
+	silent := dialRaw(t, addr, "/registry?watch=1")
+	waitFor(t, 5*time.Second, "two watchers", func() bool { return s.watchers.Load() == 2 })
+	stop := make(chan struct{})
+	defer close(stop)
+	go func() { // pings of its own count as much as pongs
+		for {
+			select {
+			case <-stop:
+				return
+			case <-time.After(5 * time.Millisecond):
+				talking.conn.Write([]byte{0x80 | websocket.PingFrame, 0x80, 1, 2, 3, 4})
+			}
+		}
+	}()
+	waitFor(t, 5*time.Second, "the silent watcher to go", func() bool { return s.watchers.Load() == 1 })
+	silent.conn.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, err := io.Copy(io.Discard, silent.br); err != nil {
+		t.Errorf("the silent watcher's connection: %v; want it closed", err)
+	}
+	for range 10 { // several ping intervals: the talking one stays
+		if _, _, err := talking.next(5 * time.Second); err != nil {
+			t.Fatalf("the talking watcher: %v", err)
+		}
+	}
+	if n := s.watchers.Load(); n != 1 {
+		t.Errorf("%d watchers; want the talking one", n)
+	}
+}
