@@ -221,3 +221,5 @@ func replyMembers(body []byte) (id, result, errVal []byte, ok bool) {
 		}
 	}
 }
+
+func isHex(c byte) bool { return '0' <= c && c <= '9' || 'a' <= c && c <= 'f' || 'A' <= c && c <= 'F' }

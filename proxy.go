@@ -271,6 +271,9 @@ func rewrite(pr *httputil.ProxyRequest) {
 		u.Path, u.RawPath = p, t.path
 	}
 	pr.Out.Host = ""
+	// The query as it came: ReverseProxy drops the parameters with a
+	// semicolon or a broken escape, which the app may well read.
+	u.RawQuery = pr.In.URL.RawQuery
 	// Keep the chain of proxies the request already passed (Rewrite drops
 	// the incoming X-Forwarded-* headers); SetXForwarded appends the client.
 	if xff := pr.In.Header["X-Forwarded-For"]; len(xff) > 0 {

@@ -45,32 +45,13 @@ func (p *proxy) putBuf(b *[]byte) {
 }
 
 // canForwardDirect reports whether the direct path can take r: not an
-// upgrade, a body of stated length up to directMaxBody, a query
-// ReverseProxy would pass as it is, and no "TE: trailers" (the direct path
-// drops trailers; a client that asks for them goes through ReverseProxy,
-// which forwards them).
+// upgrade, a body of stated length up to directMaxBody, and no "TE:
+// trailers" (the direct path drops trailers; a client that asks for them
+// goes through ReverseProxy, which forwards them).
 func canForwardDirect(r *http.Request) bool {
 	return r.ContentLength >= 0 && r.ContentLength <= directMaxBody && len(r.TransferEncoding) == 0 &&
-		firstValue(r.Header["Upgrade"]) == "" && cleanQuery(r.URL.RawQuery) && !hasTokenIn(r.Header["Te"], "trailers")
+		firstValue(r.Header["Upgrade"]) == "" && !hasTokenIn(r.Header["Te"], "trailers")
 }
-
-// cleanQuery reports whether ReverseProxy would pass a query unchanged: it
-// rewrites queries with semicolons or broken escapes.
-func cleanQuery(q string) bool {
-	for i := 0; i < len(q); i++ {
-		switch q[i] {
-		case ';':
-			return false
-		case '%':
-			if i+2 >= len(q) || !isHex(q[i+1]) || !isHex(q[i+2]) {
-				return false
-			}
-		}
-	}
-	return true
-}
-
-func isHex(c byte) bool { return '0' <= c && c <= '9' || 'a' <= c && c <= 'f' || 'A' <= c && c <= 'F' }
 
 // isHopHeader reports whether name is hop-by-hop, or named as such by the
 // message's Connection field.
