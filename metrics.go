@@ -382,7 +382,7 @@ type statusRecorder struct {
 }
 
 func (r *statusRecorder) WriteHeader(code int) {
-	if r.code == 0 {
+	if r.code == 0 && (code >= 200 || code == http.StatusSwitchingProtocols) { // an interim 1xx is not the answer
 		r.code = code
 	}
 	r.ResponseWriter.WriteHeader(code)

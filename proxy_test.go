@@ -738,3 +738,40 @@ func TestHalfClosedCallerGetsItsAnswer(t *testing.T) {
 		}
 	}
 }
+
+// TestInterimAnswersAreNotTheStatus: an app's 103 before its 200 passes
+// through ReverseProxy, and the request counts as the 200.
+func TestInterimAnswersAreNotTheStatus(t *testing.T) {
+	s, srv := testSidecar(t, nil)
+	app := appServer(t, func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Link", "</style.css>; rel=preload")
+		w.WriteHeader(http.StatusEarlyHints)
+		io.WriteString(w, "done")
+	})
+	register(t, s, "web", hostOf(app))
+	req, _ := http.NewRequest("POST", srv.URL+"/proxy/web/x", io.MultiReader(strings.NewReader("chunked"))) // through ReverseProxy
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	io.Copy(io.Discard, resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != 200 {
+		t.Fatalf("status %d; want 200", resp.StatusCode)
+	}
+	_, metrics := do(t, "GET", srv.URL+"/metrics", "", "")
+	if !strings.Contains(metrics, `micro_http_requests_total{route="/proxy/",code="200"} 1`) || strings.Contains(metrics, `code="103"`) {
+		t.Errorf("metrics:\n%s\nwant the request counted as its 200", grepLines(metrics, "micro_http_requests_total"))
+	}
+}
+
+// grepLines returns the lines of text that hold s.
+func grepLines(text, s string) string {
+	var out []string
+	for _, l := range strings.Split(text, "\n") {
+		if strings.Contains(l, s) {
+			out = append(out, l)
+		}
+	}
+	return strings.Join(out, "\n")
+}
