@@ -60,12 +60,17 @@ func (b *broker) handlePublish(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusBadRequest, "queue is for subscribers (GET with a WebSocket upgrade); a message published goes to every queue group")
 		return
 	}
+	tooBigError := "message larger than " + strconv.Itoa(b.cfg.MaxPayloadBytes) + " bytes (--broker_max_payload_bytes)"
+	if r.ContentLength > int64(b.cfg.MaxPayloadBytes) { // refused before any of it is read, or asked for with 100 Continue
+		writeError(w, http.StatusRequestEntityTooLarge, tooBigError)
+		return
+	}
 	r.Body = http.MaxBytesReader(w, r.Body, int64(b.cfg.MaxPayloadBytes))
 	body, err := io.ReadAll(r.Body)
 	var tooBig *http.MaxBytesError
 	switch {
 	case errors.As(err, &tooBig):
-		writeError(w, http.StatusRequestEntityTooLarge, "message larger than "+strconv.Itoa(b.cfg.MaxPayloadBytes)+" bytes (--broker_max_payload_bytes)")
+		writeError(w, http.StatusRequestEntityTooLarge, tooBigError)
 		return
 	case err != nil:
 		writeBodyError(w, err)

@@ -5,6 +5,8 @@ import (
 	"bytes"
 	"encoding/binary"
 	"io"
+	"net"
+	"net/http"
 	"runtime"
 	"strings"
 	"testing"
@@ -193,5 +195,26 @@ func TestSilentWatcherIsReaped(t *testing.T) {
 	}
 	if n := s.watchers.Load(); n != 1 {
 		t.Errorf("%d watchers; want the talking one", n)
+	}
+}
+
+// TestPublishTooLargeIsRefusedAtOnce: a POST whose Content-Length is over
+// the limit gets its 413 before sending any of the body, and is not asked
+// for it with 100 Continue.
+func TestPublishTooLargeIsRefusedAtOnce(t *testing.T) {
+	_, addr := brokerSidecar(t, brokerConfig{MaxPayloadBytes: 1000})
+	conn, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	io.WriteString(conn, "POST /broker?topic=t HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain\r\nExpect: 100-continue\r\nContent-Length: 10000000\r\n\r\n")
+	conn.SetReadDeadline(time.Now().Add(5 * time.Second))
+	resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
+	if err != nil {
+		t.Fatalf("no answer without the body: %v", err)
+	}
+	if resp.StatusCode != http.StatusRequestEntityTooLarge {
+		t.Errorf("answered %d; want 413 at once", resp.StatusCode)
 	}
 }
