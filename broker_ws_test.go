@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"encoding/binary"
+	"fmt"
 	"io"
 	"net"
 	"net/http"
@@ -216,5 +217,34 @@ func TestPublishTooLargeIsRefusedAtOnce(t *testing.T) {
 	}
 	if resp.StatusCode != http.StatusRequestEntityTooLarge {
 		t.Errorf("answered %d; want 413 at once", resp.StatusCode)
+	}
+}
+
+// TestHandshakeForms: Upgrade is a list, which may name websocket among
+// others; a handshake needs HTTP/1.1 (RFC 6455 section 4.2.1).
+func TestHandshakeForms(t *testing.T) {
+	_, addr := brokerSidecar(t, brokerConfig{})
+	for _, c := range []struct {
+		name, proto, upgrade string
+		want                 int
+	}{
+		{"a list naming websocket", "HTTP/1.1", "websocket, foo/1", http.StatusSwitchingProtocols},
+		{"websocket second", "HTTP/1.1", "foo/1, websocket", http.StatusSwitchingProtocols},
+		{"HTTP/1.0", "HTTP/1.0", "websocket", http.StatusBadRequest},
+	} {
+		conn, err := net.Dial("tcp", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		fmt.Fprintf(conn, "GET /broker?topic=t %s\r\nHost: x\r\nUpgrade: %s\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n", c.proto, c.upgrade)
+		conn.SetReadDeadline(time.Now().Add(5 * time.Second))
+		resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
+		if err != nil {
+			t.Fatalf("%s: %v", c.name, err)
+		}
+		if resp.StatusCode != c.want {
+			t.Errorf("%s: %d; want %d", c.name, resp.StatusCode, c.want)
+		}
+		conn.Close()
 	}
 }

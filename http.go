@@ -281,7 +281,7 @@ func unrebindable(host string) bool {
 }
 
 func isUpgrade(r *http.Request) bool {
-	return strings.EqualFold(firstValue(r.Header["Upgrade"]), "websocket")
+	return hasTokenIn(r.Header["Upgrade"], "websocket") // a list: "websocket, foo/1" names it too
 }
 
 // isWebSocketHandshake reports whether r is a WebSocket opening handshake
@@ -315,12 +315,15 @@ func handshakeOK(w http.ResponseWriter, r *http.Request) bool {
 	switch {
 	case !isWebSocketHandshake(r) || firstValue(r.Header["Sec-Websocket-Key"]) == "":
 		writeError(w, http.StatusBadRequest, "not a WebSocket handshake: a GET with Connection: Upgrade, Upgrade: websocket and a Sec-WebSocket-Key; use a WebSocket client")
+	case !r.ProtoAtLeast(1, 1):
+		writeError(w, http.StatusBadRequest, "a WebSocket handshake needs HTTP/1.1 or later (RFC 6455 section 4.2.1)")
 	case !validWebSocketKey(r.Header["Sec-Websocket-Key"]):
 		writeError(w, http.StatusBadRequest, "Sec-WebSocket-Key must be one value, 16 bytes in base64 (RFC 6455 section 4.1)")
 	case firstValue(r.Header["Sec-Websocket-Version"]) != "13":
 		w.Header().Set("Sec-WebSocket-Version", "13")
 		writeError(w, http.StatusUpgradeRequired, "WebSocket version "+strconv.Quote(truncate(firstValue(r.Header["Sec-Websocket-Version"]), 16))+" is not supported; use 13 (RFC 6455)")
 	default:
+		r.Header["Upgrade"] = []string{"websocket"} // x/net/websocket wants the whole field to be it, not a list naming it
 		return true
 	}
 	return false
