@@ -130,7 +130,7 @@ func apiRoute(namespace, p string) (service, method string, err error) {
 	if namespace != "" {
 		name = namespace + "." + name
 	}
-	if len(name) > maxNameLen || !validName(name) || !validName(method) {
+	if len(name) > maxNameLen || len(method) > maxNameLen || !validName(name) || !validName(method) {
 		return "", "", fmt.Errorf("path %q does not name a service and method", truncate("/"+p, 128))
 	}
 	return name, method, nil
@@ -751,6 +751,11 @@ const serviceHint = " (names are matched in full, as registered: GET /registry l
 // handlePath serves POST /{service}/{method}, mapped as apiRoute says.
 func (s *sidecar) handlePath(w http.ResponseWriter, r *http.Request) {
 	service, method, err := apiRoute(s.rpc.cfg.Namespace, r.URL.Path)
+	if err == nil && strings.Contains(strings.ToLower(r.URL.RawPath), "%2f") {
+		// An escaped slash is no segment boundary; read as one, it would
+		// call another method than the client wrote.
+		err = fmt.Errorf("path %q: an escaped slash (%%2F) does not name a service or method", truncate(r.URL.RawPath, 128))
+	}
 	if err != nil || r.Method != http.MethodPost {
 		detail := "no endpoint at " + truncate(r.URL.Path, 128) + "; the sidecar serves /registry, /health, /rpc, /proxy/{service}/..., /broker and /metrics, and POST /{service}/{method} calls a service"
 		if err != nil && r.Method == http.MethodPost {

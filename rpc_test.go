@@ -52,9 +52,22 @@ func TestAPIRoute(t *testing.T) {
 			}
 		})
 	}
-	for _, p := range []string{"/", "", "/registry/x", "/health/x/y", "/broker", "/metrics/a", "/rpc/x", "/proxy/x", "/a b/c"} {
+	for _, p := range []string{"/", "", "/registry/x", "/health/x/y", "/broker", "/metrics/a", "/rpc/x", "/proxy/x", "/a b/c", "/foo/" + strings.Repeat("m", 300)} {
 		if s, m, err := apiRoute("go.micro.srv", p); err == nil {
 			t.Errorf("apiRoute(%q) = %q, %q; want an error", p, s, m)
+		}
+	}
+}
+
+// TestPathCallWithEscapedSlash: %2F is no segment boundary, so a path
+// with one names no service and method (it called Bar.Call for
+// /foo%2Fbar/call).
+func TestPathCallWithEscapedSlash(t *testing.T) {
+	_, srv := testSidecar(t, nil)
+	for _, p := range []string{"/foo%2Fbar/call", "/foo/ca%2fll"} {
+		code, body := post(t, srv.URL+p, "application/json", "{}")
+		if code != http.StatusNotFound || !strings.Contains(body, "escaped slash") {
+			t.Errorf("POST %s: %d %s; want 404 naming the escaped slash", p, code, body)
 		}
 	}
 }
