@@ -20,6 +20,7 @@ import (
 	"sync/atomic"
 	"syscall"
 	"time"
+	"unicode/utf8"
 )
 
 // RPC: POST /rpc and POST /{service}/{method} call a service's node with
@@ -221,13 +222,16 @@ func parseRPCRequest(contentType string, query url.Values, body []byte) (rpcCall
 		if err := json.Unmarshal(body, &in); err != nil {
 			return rpcCall{}, fmt.Errorf("body is not a JSON object with service, method and request: %v", err)
 		}
+		if !utf8.Valid(body) { // Unmarshal reads such bytes as U+FFFD, and RawMessage keeps them
+			return rpcCall{}, errors.New("body is not UTF-8, as JSON must be (RFC 8259 section 8.1)")
+		}
 		c.Service, c.Method, c.Address, request = in.Service, in.Method, in.Address, in.Request
 		if len(request) > 0 && request[0] == '"' {
 			var s string
 			json.Unmarshal(request, &s) // valid: it came through Unmarshal above
 			// An empty string holds nothing: the request defaults to {}, as
 			// an empty body or field does.
-			if request = []byte(s); len(trimJSON(request)) > 0 && !validJSON(request) {
+			if request = []byte(s); len(trimJSON(request)) > 0 && !validRequestJSON(request) {
 				return rpcCall{}, fmt.Errorf("request %q is a string but not JSON; send an object, or a string holding JSON", truncate(s, 64))
 			}
 		}
@@ -239,8 +243,8 @@ func parseRPCRequest(contentType string, query url.Values, body []byte) (rpcCall
 		c.Service, c.Method, c.Address = form.service, form.method, form.address
 		if form.hasRequest && len(trimJSON(form.request)) > 0 { // request= alone: {}
 			request = form.request
-			if !validJSON(request) {
-				return rpcCall{}, fmt.Errorf("request %q is not JSON", truncate(string(form.request), 64))
+			if !validRequestJSON(request) {
+				return rpcCall{}, fmt.Errorf("request %q is not JSON in UTF-8", truncate(string(form.request), 64))
 			}
 		}
 	}
@@ -260,8 +264,8 @@ func parseRPCRequest(contentType string, query url.Values, body []byte) (rpcCall
 	}
 	if len(request) == 0 && len(trimJSON([]byte(query.Get("request")))) > 0 {
 		request = []byte(query.Get("request"))
-		if !validJSON(request) {
-			return rpcCall{}, fmt.Errorf("request %q is not JSON", truncate(query.Get("request"), 64))
+		if !validRequestJSON(request) {
+			return rpcCall{}, fmt.Errorf("request %q is not JSON in UTF-8", truncate(query.Get("request"), 64))
 		}
 	}
 	c.Request = trimJSON(request)
@@ -485,13 +489,13 @@ func requestFromBody(contentType string, body []byte) ([]byte, error) {
 	if len(b) == 0 {
 		return []byte("{}"), nil
 	}
-	if validJSON(b) {
+	if validRequestJSON(b) {
 		return b, nil
 	}
 	if mt, _, _ := mime.ParseMediaType(contentType); mt == "application/x-www-form-urlencoded" && !startsJSON(b, '{', '[') {
 		return formObject(string(b))
 	}
-	return nil, fmt.Errorf("body is not JSON: %q", truncate(string(b), 64))
+	return nil, fmt.Errorf("body is not JSON in UTF-8: %q", truncate(string(b), 64))
 }
 
 // formObject turns form fields into a JSON object of strings. A field
@@ -512,12 +516,20 @@ func formObject(body string) ([]byte, error) {
 		if err := onceOnly(k, len(v)); err != nil {
 			return nil, err
 		}
+		if !utf8.ValidString(k) || !utf8.ValidString(v[0]) { // JSON would carry U+FFFD in its place
+			return nil, fmt.Errorf("form field %q is not UTF-8", truncate(k, 64))
+		}
 		obj[k] = v[0]
 	}
 	return json.Marshal(obj)
 }
 
 func trimJSON(b []byte) []byte { return bytes.TrimSpace(b) }
+
+// validRequestJSON reports whether b is a request to send on: JSON, and
+// UTF-8 as JSON text must be (RFC 8259 section 8.1), which json.Valid does
+// not check and many apps fail on.
+func validRequestJSON(b []byte) bool { return validJSON(b) && utf8.Valid(b) }
 
 // appendEnvelope appends the JSON-RPC 2.0 request for one call to dst:
 //

@@ -140,6 +140,9 @@ func TestParseRPCRequest(t *testing.T) {
 		{"json sent as a form (curl -d)", form, "", ` {"service":"s","method":"M.N","request":{"a":1}}`,
 			rpcCall{Service: "s", Method: "M.N", Request: []byte(`{"a":1}`)}, ""},
 		{"broken json sent as a form", form, "", `{"service":"s",`, rpcCall{}, "not a JSON object"},
+		{"request not UTF-8, form", form, "", "service=s&method=M.N&request=%22%FF%22", rpcCall{}, "not JSON in UTF-8"},
+		{"request not UTF-8, json", "application/json", "", "{\"service\":\"s\",\"method\":\"M.N\",\"request\":{\"a\":\"\xff\"}}", rpcCall{}, "not UTF-8"},
+		{"string request not UTF-8, json", "application/json", "", "{\"service\":\"s\",\"method\":\"M.N\",\"request\":\"\\\"\xff\\\"\"}", rpcCall{}, "not UTF-8"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			q, _ := url.ParseQuery(tc.query)
@@ -199,6 +202,8 @@ func TestRequestFromBody(t *testing.T) {
 		{form, "John", "", `"John" is not name=value`},
 		{form, "name=John&", `{"name":"John"}`, ""},
 		{form, "name=John\n", `{"name":"John"}`, ""},
+		{form, "a=%ff", "", `form field "a" is not UTF-8`},               // was sent as U+FFFD
+		{"application/json", "{\"a\":\"\xff\"}", "", "body is not JSON"}, // JSON text is UTF-8
 	} {
 		got, err := requestFromBody(tc.ct, []byte(tc.body))
 		if string(got) != tc.want || (err == nil) != (tc.err == "") || err != nil && !strings.Contains(err.Error(), tc.err) {
