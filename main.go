@@ -746,6 +746,7 @@ func runSidecar(ctx context.Context, cfg config, logOut io.Writer) error {
 	goBG(func() { s.reg.refreshLoop(bg, cfg.RegisterInterval, log) })
 	goBG(func() { s.broker.run(bg) })
 	goBG(func() { s.broker.fwd.watch(bg) })
+	goBG(func() { s.metrics.tidy(bg, seriesTidyInterval, s.reg) })
 	if cfg.ServerName != "" {
 		s.startApp(bg, goBG)
 	}

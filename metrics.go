@@ -2,6 +2,7 @@ package main
 
 import (
 	"bufio"
+	"context"
 	"fmt"
 	"log/slog"
 	"math"
@@ -212,6 +213,22 @@ func (ss *seriesSet[T]) sorted() []*T {
 	return out
 }
 
+// prune drops the series keep does not want.
+func (ss *seriesSet[T]) prune(keep func(*T) bool) {
+	ss.mu.Lock()
+	defer ss.mu.Unlock()
+	old := ss.load()
+	m := make(map[string]*T, len(old))
+	for k, s := range old {
+		if keep(s) {
+			m[k] = s
+		}
+	}
+	if len(m) < len(old) {
+		ss.series.Store(&m)
+	}
+}
+
 type counterSeries struct {
 	values []string
 	n      atomic.Uint64
@@ -271,11 +288,12 @@ func (g *funcFamily) write(w *bufio.Writer) {
 }
 
 type histSeries struct {
-	values []string
-	mu     sync.Mutex // guards counts, sum, count
-	counts []uint64   // per bucket, not cumulative
-	sum    float64
-	count  uint64
+	values  []string
+	mu      sync.Mutex // guards counts, sum, count, counted
+	counts  []uint64   // per bucket, not cumulative
+	sum     float64
+	count   uint64
+	counted uint64 // count at the last pruneIdle
 }
 
 // histogramVec is a histogram family.
@@ -296,6 +314,20 @@ func (h *histogramVec) Observe(v float64, values ...string) {
 	s.sum += v
 	s.count++
 	s.mu.Unlock()
+}
+
+// pruneIdle drops the series observed nothing since the last pruneIdle
+// that keep does not want: a series for what has gone (a deregistered
+// service) must not stay, or fill maxSeries, for good. Prometheus takes a
+// series that comes back for a counter reset.
+func (h *histogramVec) pruneIdle(keep func(values []string) bool) {
+	h.series.prune(func(s *histSeries) bool {
+		s.mu.Lock()
+		idle := s.count == s.counted
+		s.counted = s.count
+		s.mu.Unlock()
+		return !idle || keep(s.values)
+	})
 }
 
 // ObserveSince records the seconds since start.
@@ -426,6 +458,25 @@ type sidecarMetrics struct {
 	// what an operator chasing a 502 needs, and a cost nobody else pays.
 	requestLog *slog.Logger
 }
+
+// tidy prunes, every interval until ctx ends, the RPC series of services
+// no longer registered that saw no call since the last round.
+func (m *sidecarMetrics) tidy(ctx context.Context, interval time.Duration, reg *registry) {
+	tick := time.NewTicker(interval)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick.C:
+			m.rpcLatency.pruneIdle(func(values []string) bool { return reg.table.has(values[0]) })
+		}
+	}
+}
+
+// seriesTidyInterval is how often tidy runs: a series of a service gone
+// stays between one and two of it.
+const seriesTidyInterval = 10 * time.Minute
 
 func newSidecarMetrics(s *sidecar) *sidecarMetrics {
 	set := &metrics{}

@@ -611,6 +611,13 @@ func (t *table) list(now time.Time) []Service {
 	return out
 }
 
+// has reports whether name has records, live or not yet swept.
+func (t *table) has(name string) bool {
+	t.mu.RLock()
+	defer t.mu.RUnlock()
+	return len(t.services[name]) > 0
+}
+
 // serviceCount and nodeCount size the table, for metrics.
 func (t *table) serviceCount() int {
 	t.mu.RLock()

@@ -811,7 +811,7 @@ func (c *caller) serve(w http.ResponseWriter, r *http.Request, call rpcCall, buf
 		ctx = context.WithoutCancel(ctx)
 	}
 	result, err := c.call(ctx, start, deadline, r.Header, call, shortened, buf)
-	c.observe(requestNow(w).Sub(start), call.Service, err)
+	c.observe(requestNow(w).Sub(start), call, err)
 	if err != nil {
 		var ce *callError
 		if errors.As(err, &ce) && ce.code == http.StatusGatewayTimeout {
@@ -836,21 +836,35 @@ var (
 	jsonContentTypeLine = []byte("Content-Type: application/json\r\n")
 )
 
-// observe records a call's duration under its service and result.
-func (c *caller) observe(took time.Duration, service string, err error) {
+// observe records a call's duration under its service and result. A
+// service the registry does not know (a 404, or a call by address naming
+// any service) is recorded as unregisteredService: names a client makes up
+// must not each take a series.
+func (c *caller) observe(took time.Duration, call rpcCall, err error) {
 	if c.timing == nil {
 		return
 	}
 	result := "ok"
+	service := call.Service
 	if err != nil {
 		result = "500"
 		var ce *callError
 		if errors.As(err, &ce) {
 			result = strconv.Itoa(ce.code)
+			if ce.code == http.StatusNotFound && !isDirect(call) {
+				service = unregisteredService
+			}
 		}
+	}
+	if isDirect(call) && !c.reg.table.has(service) {
+		service = unregisteredService
 	}
 	c.timing.Observe(took.Seconds(), service, result)
 }
+
+// unregisteredService labels the calls of services the registry does not
+// know in micro_rpc_duration_seconds.
+const unregisteredService = "_unregistered"
 
 // timeoutHint names where a deadline came from, and catches the likely
 // mistake of a bare number meant as seconds.

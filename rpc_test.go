@@ -13,6 +13,7 @@ import (
 	"net/http/httptest"
 	"net/url"
 	"os"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -1307,5 +1308,47 @@ func TestNodeCuttingItsReplyIsNotEjected(t *testing.T) {
 	}
 	if n := s.rpc.sel.ejections.Load(); n != 0 {
 		t.Errorf("%d ejections; want none", n)
+	}
+}
+
+// TestRPCSeriesAreBounded: calls to services the registry does not know
+// share one series, whatever names clients make up, and the series of a
+// service gone are dropped once idle for a round of tidying.
+func TestRPCSeriesAreBounded(t *testing.T) {
+	s, srv := testSidecar(t, nil)
+	app := newJSONRPCApp(t, "a")
+	register(t, s, "go.micro.srv.kept", app.addr())
+	register(t, s, "go.micro.srv.gone", app.addr())
+	call := func(body string) {
+		t.Helper()
+		post(t, srv.URL+"/rpc", "application/json", body)
+	}
+	for i := range 50 {
+		call(fmt.Sprintf(`{"service":"made.up.%d","method":"A.B"}`, i))
+		call(fmt.Sprintf(`{"service":"made.up.direct.%d","method":"A.B","address":%q}`, i, app.addr()))
+	}
+	call(`{"service":"go.micro.srv.kept","method":"A.B"}`)
+	call(`{"service":"go.micro.srv.gone","method":"A.B"}`)
+	services := func() []string {
+		var out []string
+		for _, series := range s.metrics.rpcLatency.series.sorted() {
+			out = append(out, series.values[0])
+		}
+		return slices.Compact(out)
+	}
+	if got, want := services(), []string{"_unregistered", "go.micro.srv.gone", "go.micro.srv.kept"}; !slices.Equal(got, want) {
+		t.Fatalf("series for %v; want %v", got, want)
+	}
+	if err := s.reg.Deregister(Service{Name: "go.micro.srv.gone", Nodes: []Node{{ID: "go.micro.srv.gone-0"}}}); err != nil {
+		t.Fatal(err)
+	}
+	keep := func(values []string) bool { return s.reg.table.has(values[0]) }
+	s.metrics.rpcLatency.pruneIdle(keep) // all were used since they began: kept
+	if got := services(); len(got) != 3 {
+		t.Fatalf("after a first round: %v; want all three, each used since", got)
+	}
+	s.metrics.rpcLatency.pruneIdle(keep) // idle since: the gone service's goes
+	if got, want := services(), []string{"go.micro.srv.kept"}; !slices.Equal(got, want) {
+		t.Errorf("after an idle round: %v; want %v", got, want)
 	}
 }
