@@ -127,9 +127,10 @@ type selector struct {
 
 	ejections atomic.Uint64 // nodes ejected so far, for metrics
 
-	mu      sync.Mutex            // guards states, cursors
+	mu      sync.Mutex            // guards states, cursors, sweepAt
 	states  map[nodeKey]nodeState // failing nodes; at most cfg.MaxTracked
 	cursors map[string]uint64     // round-robin position by service; at most cfg.MaxTracked
+	sweepAt time.Time             // when next to forget the nodes whose ejection ended long ago
 }
 
 func newSelector(cfg selectorConfig, now func() time.Time) *selector {
@@ -161,6 +162,10 @@ func (s *selector) next(service string, nodes []Node, tried []nodeKey) (Node, bo
 		start = c
 		s.cursors[service] = c + 1
 	}
+	if !now.IsZero() && !now.Before(s.sweepAt) {
+		s.forgetLocked(now)
+		s.sweepAt = now.Add(s.cfg.EjectMax)
+	}
 	i := choose(nodes, s.states, tried, now, start)
 	s.mu.Unlock()
 	if i < 0 {
@@ -182,6 +187,19 @@ func (s *selector) succeeded(n Node) {
 	}
 }
 
+// forgetLocked forgets the nodes whose ejection ended over EjectMax before
+// now: a node that failed and was then deregistered has no success to
+// forget it by, and while any node is remembered, selections read the
+// clock and successes take the lock.
+func (s *selector) forgetLocked(now time.Time) {
+	for k, st := range s.states {
+		if now.Sub(st.until) > s.cfg.EjectMax {
+			delete(s.states, k)
+		}
+	}
+	s.tracked.Store(int64(len(s.states)))
+}
+
 // failed ejects the node for a backoff that grows with each consecutive
 // failure, and returns it; 0 when the node was out already, or could not
 // be tracked. When cfg.MaxTracked nodes are already remembered, those whose
@@ -201,11 +219,7 @@ func (s *selector) failed(n Node) time.Duration {
 		return 0
 	}
 	if !ok && len(s.states) >= s.cfg.MaxTracked {
-		for key, old := range s.states {
-			if now.Sub(old.until) > s.cfg.EjectMax {
-				delete(s.states, key)
-			}
-		}
+		s.forgetLocked(now)
 		if len(s.states) >= s.cfg.MaxTracked {
 			return 0
 		}

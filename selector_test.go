@@ -212,3 +212,26 @@ func BenchmarkSelectorNextWithEjected(b *testing.B) {
 		s.succeeded(n)
 	}
 }
+
+// TestSelectorForgetsNodesGoneLongAgo: a node that failed and was never
+// called again (deregistered) is forgotten once its ejection ended over
+// EjectMax ago, and the lock-free path comes back.
+func TestSelectorForgetsNodesGoneLongAgo(t *testing.T) {
+	now := time.Unix(1000, 0)
+	s := newSelector(selectorConfig{}, func() time.Time { return now })
+	gone, live := nodesAt(1), nodesAt(2)
+	s.failed(gone[0])
+	if s.tracked.Load() != 1 {
+		t.Fatal("the failed node is not tracked")
+	}
+	now = now.Add(20 * time.Second) // its 1s ejection ended, not long ago
+	s.next("live", live, nil)
+	if s.tracked.Load() != 1 {
+		t.Error("forgotten too soon")
+	}
+	now = now.Add(40 * time.Second) // over EjectMax (30s) after its ejection ended
+	s.next("live", live, nil)
+	if n := s.tracked.Load(); n != 0 {
+		t.Errorf("%d nodes tracked; want the gone one forgotten", n)
+	}
+}
