@@ -163,13 +163,17 @@ func (nc *nodeClient) put(addr string, c *nodeConn) {
 	nc.nIdle++
 	if !nc.sweeping {
 		nc.sweeping = true
-		time.AfterFunc(nc.idleTimeout, nc.sweep)
+		time.AfterFunc(idleSweepEvery, nc.sweep)
 	}
 	nc.mu.Unlock()
 }
 
-// sweep closes connections idle for longer than idleTimeout, and comes back
-// while any are left.
+// idleSweepEvery is how often sweep looks at the idle connections.
+const idleSweepEvery = 15 * time.Second
+
+// sweep closes connections idle for longer than idleTimeout, or that their
+// node closed (an app that exited leaves them half-closed, holding a file
+// descriptor each until then), and comes back while any are left.
 func (nc *nodeClient) sweep() {
 	now := time.Now()
 	var old []*nodeConn
@@ -177,7 +181,7 @@ func (nc *nodeClient) sweep() {
 	for addr, list := range nc.idle {
 		keep := list[:0]
 		for _, c := range list {
-			if now.Sub(c.since) >= nc.idleTimeout {
+			if now.Sub(c.since) >= nc.idleTimeout || !c.sock.check() {
 				old = append(old, c)
 			} else {
 				keep = append(keep, c)
@@ -193,7 +197,7 @@ func (nc *nodeClient) sweep() {
 	nc.nIdle -= len(old)
 	nc.sweeping = nc.nIdle > 0
 	if nc.sweeping {
-		time.AfterFunc(nc.idleTimeout/2, nc.sweep)
+		time.AfterFunc(idleSweepEvery, nc.sweep)
 	}
 	nc.mu.Unlock()
 	for _, c := range old {

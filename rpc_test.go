@@ -1352,3 +1352,24 @@ func TestRPCSeriesAreBounded(t *testing.T) {
 		t.Errorf("after an idle round: %v; want %v", got, want)
 	}
 }
+
+// TestSweepDropsConnectionsTheNodeClosed: an idle connection whose node
+// closed it (an app that exited) is closed at the next sweep, not held
+// with its file descriptor until it is old.
+func TestSweepDropsConnectionsTheNodeClosed(t *testing.T) {
+	s, srv := testSidecar(t, nil)
+	app := newJSONRPCApp(t, "a")
+	register(t, s, "go.micro.srv.a", app.addr())
+	if code, body := post(t, srv.URL+"/rpc", "application/json", `{"service":"go.micro.srv.a","method":"A.B"}`); code != 200 {
+		t.Fatalf("call: %d %s", code, body)
+	}
+	app.srv.CloseClientConnections() // the app goes; its end of the kept connection closes
+	waitIdleUnfit(t, s, "the app's close")
+	nc := s.rpc.nodes
+	nc.sweep()
+	nc.mu.Lock()
+	defer nc.mu.Unlock()
+	if nc.nIdle != 0 {
+		t.Errorf("%d idle connections after the sweep; want the closed one dropped", nc.nIdle)
+	}
+}
