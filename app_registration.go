@@ -94,7 +94,7 @@ func (a *appRegistration) apply() {
 // write makes one attempt; writeMu is held.
 func (a *appRegistration) write() {
 	a.writing.Store(true)
-	err := a.reg.Register(a.app, 0)
+	err := a.reg.registerOwn(a.app)
 	a.writing.Store(false)
 	a.mu.Lock()
 	was := a.pending

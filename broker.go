@@ -669,7 +669,7 @@ func (b *broker) reconcile(registered map[regKey]bool) bool {
 		}
 		svc, err := b.registration(k)
 		if err == nil {
-			err = b.reg.Register(svc, 0)
+			err = b.reg.registerOwn(svc)
 		}
 		if err != nil {
 			ok = false

@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -247,4 +248,21 @@ func TestHandshakeForms(t *testing.T) {
 		}
 		conn.Close()
 	}
+}
+
+// TestOwnRegistrationsPassTheClientsCap: clients that fill the 4,096
+// registrations a sidecar keeps alive for them do not cut a subscription
+// off from the other sidecars: its topic is registered still.
+func TestOwnRegistrationsPassTheClientsCap(t *testing.T) {
+	s, addr := brokerSidecar(t, brokerConfig{})
+	for i := range maxOwned {
+		if err := s.reg.Register(Service{Name: fmt.Sprintf("client.%d", i), Nodes: []Node{{ID: "n", Address: "127.0.0.1", Port: 1}}}, 0); err != nil {
+			t.Fatalf("client registration %d: %v", i, err)
+		}
+	}
+	if err := s.reg.Register(Service{Name: "one.more", Nodes: []Node{{ID: "n", Address: "127.0.0.1", Port: 1}}}, 0); !errors.Is(err, errTableFull) {
+		t.Fatalf("a client registration past the cap: %v; want it refused", err)
+	}
+	dialRaw(t, addr, "/broker?topic=orders")
+	waitFor(t, 5*time.Second, "the topic's registration", func() bool { return s.reg.table.has("topic:orders") })
 }

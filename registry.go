@@ -817,11 +817,20 @@ type registry struct {
 var errShuttingDown = errors.New("the sidecar is shutting down and keeps nothing alive any more; register with ?ttl= or on another sidecar")
 
 // maxOwned bounds the registrations one sidecar refreshes for its clients.
+// The sidecar's own (the app, the broker's topics) may pass it: they are
+// bounded elsewhere (one app, --broker_max_subscribers), and clients that
+// filled the table must not cut the app or a subscription off unseen.
 const maxOwned = 4096
 
-// Register adds s. With ttl 0 the sidecar owns it and keeps it alive; with a
-// ttl it expires unless registered again in time.
-func (r *registry) Register(s Service, ttl time.Duration) error {
+// Register adds s for a client. With ttl 0 the sidecar owns it and keeps
+// it alive; with a ttl it expires unless registered again in time.
+func (r *registry) Register(s Service, ttl time.Duration) error { return r.register(s, ttl, false) }
+
+// registerOwn adds s, one of the sidecar's own registrations, and keeps
+// it alive; maxOwned does not hold it back.
+func (r *registry) registerOwn(s Service) error { return r.register(s, 0, true) }
+
+func (r *registry) register(s Service, ttl time.Duration, own bool) error {
 	r.writeMu.Lock()
 	defer r.writeMu.Unlock()
 	r.mu.Lock()
@@ -851,7 +860,7 @@ func (r *registry) Register(s Service, ttl time.Duration) error {
 			delete(r.owned, k)
 			continue
 		}
-		if _, ok := r.owned[k]; !ok && len(r.owned) >= maxOwned {
+		if _, ok := r.owned[k]; !ok && !own && len(r.owned) >= maxOwned {
 			undoLocked()
 			r.mu.Unlock()
 			return fmt.Errorf("%w: this sidecar already keeps %d registrations alive; pass ?ttl= to register without it", errTableFull, maxOwned)
