@@ -204,6 +204,21 @@ func (p *proxy) forwardTo(ctx context.Context, now, deadline time.Time, w http.R
 		return classifyFailure(ctx, deadline, err), err
 	}
 	c.lim.n = -1
+	if n := head.contentLength; n > int64(c.br.Buffered()) && n <= int64(c.br.Size()) && !head.chunked &&
+		method != http.MethodHead && bodyAllowedForStatus(head.code) {
+		// A small body is read before the head is passed on: a node that
+		// dies in the middle of it then costs the caller a 502 in the error
+		// shape, not a cut answer. It may pause as long as a body streamed
+		// may.
+		if p.cfg.BodyIdle > 0 {
+			c.setDeadline(time.Now().Add(p.cfg.BodyIdle))
+		} else {
+			c.setDeadline(time.Time{})
+		}
+		if _, err := c.br.Peek(int(n)); err != nil {
+			return answered, fmt.Errorf("its answer broke off after the head: %w", err)
+		}
+	}
 
 	// The head is in: the deadline ends, bodies stream for as long as they
 	// take (a caller going away still ends them). A body already read needs

@@ -775,3 +775,18 @@ func grepLines(text, s string) string {
 	}
 	return strings.Join(out, "\n")
 }
+
+// TestProxyNodeDyingInASmallBodyIs502: a node that sends a head and part
+// of a small body, then hangs up, costs the caller a 502 in the error
+// shape on the direct path: nothing of the answer went out yet.
+func TestProxyNodeDyingInASmallBodyIs502(t *testing.T) {
+	s, srv := testSidecar(t, nil)
+	register(t, s, "web", brokenNode(t, "HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{\"partial\""))
+	code, body := post(t, srv.URL+"/proxy/web/x", "application/json", "{}")
+	if code != http.StatusBadGateway || !strings.Contains(body, "broke off") {
+		t.Errorf("answered %d %s; want a 502 saying the answer broke off", code, body)
+	}
+	if n := s.rpc.sel.ejections.Load(); n != 0 {
+		t.Errorf("%d ejections; want none: the node answered", n)
+	}
+}
