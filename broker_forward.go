@@ -399,7 +399,17 @@ func (f *forwarder) peersFor(topic string) ([]peerNode, *atomic.Uint64) {
 	}
 	f.cacheMu.Lock()
 	if len(f.cache) >= maxPeerCache {
-		f.cache = map[string]*peerEntry{}
+		// Topics published to without peers (any name a client makes up)
+		// and stale entries go first: the round-robin positions of the
+		// topics with peers are worth keeping.
+		for k, old := range f.cache {
+			if len(old.peers) == 0 || !now.Before(old.expires) {
+				delete(f.cache, k)
+			}
+		}
+		if len(f.cache) >= maxPeerCache {
+			f.cache = map[string]*peerEntry{}
+		}
 	}
 	f.cache[topic] = next
 	f.cacheMu.Unlock()

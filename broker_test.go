@@ -984,3 +984,25 @@ func FuzzWSReader(f *testing.F) {
 		}
 	})
 }
+
+// TestPeerCacheKeepsTopicsWithPeers: when the forwarder's cache of peer
+// lists is full, the topics without peers go, and a topic with peers keeps
+// its round-robin position.
+func TestPeerCacheKeepsTopicsWithPeers(t *testing.T) {
+	s, _ := brokerSidecar(t, brokerConfig{})
+	f := s.broker.fwd
+	if err := s.reg.Register(Service{Name: topicService + "live", Nodes: []Node{{ID: "peer", Address: "127.0.0.2", Port: 1, Metadata: map[string]string{"broker": "1", "sidecar": "peer"}}}}, 0); err != nil {
+		t.Fatal(err)
+	}
+	peers, rr := f.peersFor("live")
+	if len(peers) != 1 {
+		t.Fatalf("peers of live: %v; want the registered one", peers)
+	}
+	rr.Store(7)
+	for i := range maxPeerCache {
+		f.peersFor(fmt.Sprintf("nobody.%d", i))
+	}
+	if _, rr := f.peersFor("live"); rr.Load() != 7 {
+		t.Errorf("round-robin position %d after the cache filled; want 7 kept", rr.Load())
+	}
+}
