@@ -288,9 +288,10 @@ type forwarder struct {
 	cacheMu sync.Mutex // guards cache
 	cache   map[string]*peerEntry
 
-	mu     sync.Mutex // guards peers, closed
+	mu     sync.Mutex // guards peers, closed, held
 	peers  map[string]*peerQueue
 	closed bool
+	held   int            // event bytes queued for peers or being posted, against --broker_memory_bytes
 	wg     sync.WaitGroup // one per running peer worker
 
 	lastLog atomic.Int64 // unix nanoseconds of the last forward failure logged
@@ -486,11 +487,12 @@ func (f *forwarder) enqueue(addr string, it forwardItem) bool {
 		p = &peerQueue{addr: addr}
 		f.peers[addr] = p
 	}
-	if len(p.items) >= maxPeerQueue || p.bytes+len(it.event) > maxPeerQueueBytes {
+	if len(p.items) >= maxPeerQueue || p.bytes+len(it.event) > maxPeerQueueBytes || f.held+len(it.event) > f.b.cfg.MemoryBytes {
 		return false
 	}
 	p.items = append(p.items, it)
 	p.bytes += len(it.event)
+	f.held += len(it.event)
 	if !p.running {
 		p.running = true
 		f.wg.Add(1)
@@ -523,13 +525,19 @@ func (f *forwarder) work(p *peerQueue) {
 		if len(p.items) == 0 {
 			p.items = nil
 		}
+		batchBytes := 0
 		for _, it := range batch {
-			p.bytes -= len(it.event)
+			batchBytes += len(it.event)
 		}
+		p.bytes -= batchBytes
 		f.mu.Unlock()
 
 		body = encodeForward(body[:0], batch)
-		switch err := f.post(p.addr, batch[0].to, body); {
+		err := f.post(p.addr, batch[0].to, body)
+		f.mu.Lock()
+		f.held -= batchBytes // held until posted: a batch in flight is memory too
+		f.mu.Unlock()
+		switch {
 		case errors.Is(err, errStalePeer):
 			// Not lost: the sidecar at that address has its own entry.
 			f.b.log.Debug("a stale topic entry names a sidecar at an address another answers", "peer", p.addr, "error", err)

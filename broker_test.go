@@ -453,7 +453,11 @@ func brokerSidecar(t *testing.T, bc brokerConfig) (*sidecar, string) {
 		s.conns.closeAll(sctx)
 		s.broker.close(sctx)
 		// Every message a queue or writer took was given back.
-		waitFor(t, 5*time.Second, "the broker to hold no message", func() bool { return s.broker.held.Load() == 0 })
+		waitFor(t, 5*time.Second, "the broker to hold no message", func() bool {
+			s.broker.fwd.mu.Lock()
+			defer s.broker.fwd.mu.Unlock()
+			return s.broker.held.Load() == 0 && s.broker.fwd.held == 0
+		})
 	})
 	return s, srv.Listener.Addr().String()
 }
@@ -1004,5 +1008,45 @@ func TestPeerCacheKeepsTopicsWithPeers(t *testing.T) {
 	}
 	if _, rr := f.peersFor("live"); rr.Load() != 7 {
 		t.Errorf("round-robin position %d after the cache filled; want 7 kept", rr.Load())
+	}
+}
+
+// TestForwardQueuesShareTheMemoryBound: what waits for peers, or is being
+// posted to them, counts against --broker_memory_bytes too; past it,
+// forwards are refused (and counted as dropped by the caller).
+func TestForwardQueuesShareTheMemoryBound(t *testing.T) {
+	s, _ := brokerSidecar(t, brokerConfig{MemoryBytes: 1000})
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var conns []net.Conn
+	var mu sync.Mutex
+	go func() { // a peer that takes the batch and never answers
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			mu.Lock()
+			conns = append(conns, c)
+			mu.Unlock()
+		}
+	}()
+	defer func() { // the post in flight fails, and the worker ends
+		ln.Close()
+		mu.Lock()
+		for _, c := range conns {
+			c.Close()
+		}
+		mu.Unlock()
+	}()
+	f := s.broker.fwd
+	event := []byte(strings.Repeat("x", 600))
+	if !f.enqueue(ln.Addr().String(), forwardItem{topic: "t", broadcast: true, event: event}) {
+		t.Fatal("the first forward was refused")
+	}
+	if f.enqueue("127.0.0.1:1", forwardItem{topic: "t", broadcast: true, event: event}) {
+		t.Error("a forward past --broker_memory_bytes, with the first in flight, was taken")
 	}
 }
