@@ -298,7 +298,8 @@ type forwarder struct {
 }
 
 // peerEntry caches the peers of one topic. Bounded by maxPeerCache
-// entries; on overflow the cache starts over.
+// entries; on overflow the entries without peers or past their time go,
+// and if that frees nothing, all.
 type peerEntry struct {
 	gen     uint64
 	expires time.Time
