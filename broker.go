@@ -328,6 +328,7 @@ type broker struct {
 	subs   map[*subscriber]struct{} // every connected subscriber, for pings
 
 	changed chan struct{} // capacity 1: wakes the registrar after a topic or group appears or goes
+	shed    chan struct{} // capacity 1: wakes run to shed memory (see shedMemory)
 
 	fwd *forwarder
 
@@ -357,10 +358,49 @@ func (b *broker) release(ms []*message) {
 	}
 }
 
-// overMemory reports whether holding m would take the messages held past
-// --broker_memory_bytes. A message held already costs nothing more.
-func (b *broker) overMemory(m *message) bool {
-	return m.holds.Load() == 0 && b.held.Load()+int64(len(m.frame)) > int64(b.cfg.MemoryBytes)
+// shedSoon asks run to shed memory: the subscriber that passed
+// --broker_memory_bytes is not the one to close, unless it holds the most.
+func (b *broker) shedSoon() {
+	select {
+	case b.shed <- struct{}{}:
+	default:
+	}
+}
+
+// shedMemory closes, as slow, the subscribers holding the most until what
+// stays held is within --broker_memory_bytes. The ones that keep up hold
+// little, and stay; what a stuck writer holds comes back within closeGrace.
+func (b *broker) shedMemory() {
+	b.mu.RLock()
+	subs := make([]*subscriber, 0, len(b.subs))
+	for s := range b.subs {
+		subs = append(subs, s)
+	}
+	b.mu.RUnlock()
+	type holder struct {
+		s *subscriber
+		n int
+	}
+	var holders []holder
+	for _, s := range subs {
+		if n, ok := s.holding(); ok && n > 0 {
+			holders = append(holders, holder{s, n})
+		}
+	}
+	slices.SortFunc(holders, func(a, c holder) int { return c.n - a.n })
+	over := b.held.Load() - int64(b.cfg.MemoryBytes)
+	for _, h := range holders {
+		if over <= 0 {
+			return
+		}
+		h.s.mu.Lock()
+		if h.s.closing {
+			h.s.mu.Unlock()
+			continue
+		}
+		h.s.closeSlowLocked(fmt.Sprintf("slow subscriber: it held the most of the %d bytes the broker may hold (--broker_memory_bytes)", b.cfg.MemoryBytes))
+		over -= int64(h.n)
+	}
 }
 
 // topic is the local subscribers of one topic. Its slices are copied on
@@ -393,6 +433,7 @@ func newBroker(cfg brokerConfig, reg *registry, conns *connSet, log *slog.Logger
 		topics:   map[string]*topic{},
 		subs:     map[*subscriber]struct{}{},
 		changed:  make(chan struct{}, 1),
+		shed:     make(chan struct{}, 1),
 	}
 	b.fwd = newForwarder(b)
 	b.batches.New = func() any { buf := make([]byte, 0, maxBatchBytes); return &buf }
@@ -591,6 +632,8 @@ func (b *broker) run(ctx context.Context) {
 			}
 		case <-b.changed:
 			failed = !b.reconcile(registered)
+		case <-b.shed:
+			b.shedMemory()
 		}
 	}
 }
@@ -708,9 +751,10 @@ func (b *broker) close(ctx context.Context) { b.fwd.close(ctx) }
 // queues together by MemoryBytes. Overflow policy: a subscriber whose queue
 // would overflow is slow; it loses what is queued, gets no more messages,
 // and is closed with 1013 (try again later) and the reason "slow
-// subscriber". When all queues together are full, the subscriber that
-// would add to them is slow, unless its queue is empty: the ones that keep
-// up are not the ones holding the memory. The publisher never waits.
+// subscriber". When all queues together pass their bound, the subscribers
+// holding the most are slow (see shedMemory): the ones that keep up are not
+// the ones holding the memory, whoever added the message that passed it.
+// The publisher never waits.
 //
 // Writes: at most one writer goroutine per subscriber, started when the
 // queue gets something and gone once it is empty (an idle subscriber costs
@@ -740,6 +784,7 @@ type subscriber struct {
 	running     bool // a writer goroutine is running
 	pinging     bool // the writer should send a ping
 	closing     bool // no more messages: the writer sends the close frame, if any, and stops
+	inflight    int  // bytes of the batch the writer is writing
 	closeCode   int  // 0: close without a close frame
 	closeReason string
 	wg          sync.WaitGroup // the writer
@@ -758,27 +803,8 @@ func (s *subscriber) enqueue(m *message) (taken, overflowed bool) {
 	// An empty queue takes any message: one frame larger than
 	// --broker_queue_bytes (a payload near a raised
 	// --broker_max_payload_bytes, escaped) says nothing of the subscriber.
-	overQueue := len(s.q) >= s.b.cfg.QueueSize || len(s.q) > 0 && s.qBytes+len(m.frame) > s.b.cfg.QueueBytes
-	if overQueue || len(s.q) > 0 && s.b.overMemory(m) {
-		dropped := len(s.q)
-		s.b.release(s.q)
-		s.q, s.qBytes = nil, 0
-		s.closing = true
-		s.closeCode = closeTryAgainLater
-		s.closeReason = fmt.Sprintf("slow subscriber: more than %d messages or %d bytes waiting", s.b.cfg.QueueSize, s.b.cfg.QueueBytes)
-		if !overQueue {
-			s.closeReason = fmt.Sprintf("slow subscriber: the broker holds %d bytes for its subscribers (--broker_memory_bytes)", s.b.cfg.MemoryBytes)
-		}
-		s.startLocked()
-		ready := s.ready
-		s.mu.Unlock()
-		if ready { // else the connection is not the subscriber's yet, and no writer is stuck
-			// A writer stuck on this peer gives up soon and closes.
-			s.conn.SetWriteDeadline(time.Now().Add(closeGrace))
-		}
-		s.b.stats.SlowClosed.Add(1)
-		s.b.stats.SlowDropped.Add(uint64(dropped))
-		s.b.log.Info("closing a slow broker subscriber", "topic", s.topic, "queue", s.queue, "remote", s.remote, "dropped", dropped)
+	if len(s.q) >= s.b.cfg.QueueSize || len(s.q) > 0 && s.qBytes+len(m.frame) > s.b.cfg.QueueBytes {
+		s.closeSlowLocked(fmt.Sprintf("slow subscriber: more than %d messages or %d bytes waiting", s.b.cfg.QueueSize, s.b.cfg.QueueBytes))
 		return false, true
 	}
 	s.b.hold(m)
@@ -786,7 +812,40 @@ func (s *subscriber) enqueue(m *message) (taken, overflowed bool) {
 	s.qBytes += len(m.frame)
 	s.startLocked()
 	s.mu.Unlock()
+	if s.b.held.Load() > int64(s.b.cfg.MemoryBytes) {
+		s.b.shedSoon()
+	}
 	return true, false
+}
+
+// closeSlowLocked closes the subscriber as slow, with reason: what waits
+// in its queue is dropped, and a writer stuck on the client gives up
+// within closeGrace. It unlocks s.mu.
+func (s *subscriber) closeSlowLocked(reason string) {
+	dropped := len(s.q)
+	s.b.release(s.q)
+	s.q, s.qBytes = nil, 0
+	s.closing = true
+	s.closeCode = closeTryAgainLater
+	s.closeReason = reason
+	s.startLocked()
+	ready := s.ready
+	s.mu.Unlock()
+	if ready { // else the connection is not the subscriber's yet, and no writer is stuck
+		s.conn.SetWriteDeadline(time.Now().Add(closeGrace))
+	}
+	s.b.stats.SlowClosed.Add(1)
+	s.b.stats.SlowDropped.Add(uint64(dropped))
+	s.b.log.Info("closing a slow broker subscriber", "topic", s.topic, "queue", s.queue, "remote", s.remote, "dropped", dropped, "reason", reason)
+}
+
+// holding is the bytes the subscriber holds: waiting in its queue and in
+// the batch its writer is writing. The reason for closing it is left to
+// the caller. ok is false for a subscriber closing already.
+func (s *subscriber) holding() (n int, ok bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.qBytes + s.inflight, !s.closing
 }
 
 // startLocked starts the writer unless it runs, or the handshake's answer
@@ -882,6 +941,7 @@ func (s *subscriber) writeLoop() {
 	for {
 		s.mu.Lock()
 		q := s.q
+		s.inflight = s.qBytes
 		s.q, s.qBytes = nil, 0
 		ping := s.pinging
 		s.pinging = false
@@ -898,6 +958,7 @@ func (s *subscriber) writeLoop() {
 			// and a client working through a backlog answers it sooner.
 			s.conn.SetWriteDeadline(time.Now().Add(s.b.cfg.WriteTimeout))
 			if writeControl(s.ws, websocket.PingFrame, nil) != nil {
+				s.releaseBatch(q) // taken from the queue already: abort releases only what waits there
 				s.abort()
 				return
 			}
@@ -909,7 +970,7 @@ func (s *subscriber) writeLoop() {
 				buf = (*bp)[:0]
 			}
 			sent, err := s.writeBatch(q, &buf)
-			s.b.release(q)
+			s.releaseBatch(q)
 			if err != nil {
 				s.writeFailed(err, len(q)-sent)
 				return
@@ -931,6 +992,14 @@ func (s *subscriber) writeLoop() {
 			return // running stays true: no writer starts again
 		}
 	}
+}
+
+// releaseBatch gives back the batch the writer took.
+func (s *subscriber) releaseBatch(q []*message) {
+	s.b.release(q)
+	s.mu.Lock()
+	s.inflight = 0
+	s.mu.Unlock()
 }
 
 // writeFailed ends a subscriber whose write failed, with lost messages

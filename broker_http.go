@@ -13,7 +13,6 @@ import (
 	"strings"
 	"sync"
 	"time"
-	"unicode/utf8"
 
 	"golang.org/x/net/websocket"
 )
@@ -202,8 +201,8 @@ func (b *broker) readLoop(s *subscriber, c *websocket.Conn) {
 		if s.droppingInput() {
 			continue
 		}
-		kind, dct := payloadText, "text/plain"
-		if m.binary || !utf8.Valid(m.data) {
+		kind, dct := payloadText, "text/plain" // the reader checked that text is UTF-8
+		if m.binary {
 			kind, dct = payloadBinary, "application/octet-stream"
 		}
 		b.publish(s.topic, kind, dct, m.data)

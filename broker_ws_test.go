@@ -266,3 +266,19 @@ func TestOwnRegistrationsPassTheClientsCap(t *testing.T) {
 	dialRaw(t, addr, "/broker?topic=orders")
 	waitFor(t, 5*time.Second, "the topic's registration", func() bool { return s.reg.table.has("topic:orders") })
 }
+
+// TestFailedPingGivesTheBatchBack: a writer whose ping fails gives back
+// the batch it took with the ping, not only what waits in the queue.
+func TestFailedPingGivesTheBatchBack(t *testing.T) {
+	s, addr := brokerSidecar(t, brokerConfig{PingInterval: time.Hour, WriteTimeout: time.Nanosecond}) // every write times out
+	ws := dialRaw(t, addr, "/broker?topic=leak")
+	waitFor(t, 5*time.Second, "the subscriber", func() bool { return subCount(s.broker) == 1 })
+	sub := subscriberAt(t, s.broker, ws.conn.LocalAddr().String())
+	waitFor(t, 5*time.Second, "the handshake", sub.isReady)
+	sub.mu.Lock()
+	sub.pinging = true // as keepalive's ping would, without starting the writer: the message below starts it
+	sub.mu.Unlock()
+	s.broker.publish("leak", payloadText, "text/plain", []byte(strings.Repeat("x", 1000)))
+	waitFor(t, 5*time.Second, "the subscriber to go", func() bool { return subCount(s.broker) == 0 })
+	waitFor(t, 5*time.Second, "held bytes back to 0", func() bool { return s.broker.held.Load() == 0 })
+}

@@ -420,6 +420,8 @@ func (r *statusRecorder) WriteHeader(code int) {
 	r.ResponseWriter.WriteHeader(code)
 }
 
+func (r *statusRecorder) Status() int { return r.code }
+
 func (r *statusRecorder) Write(p []byte) (int, error) {
 	if r.code == 0 {
 		r.code = http.StatusOK
@@ -552,32 +554,54 @@ func boolFloat(b bool) float64 {
 func (m *sidecarMetrics) instrument(next http.Handler, routeOf func(*http.Request) string) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		start := requestStart(w)
-		var code int
-		if sw, ok := w.(statusWriter); ok {
-			next.ServeHTTP(w, r) // it knows its status: no wrapper to allocate
-			code = sw.Status()
-		} else {
+		sw, ok := w.(statusWriter) // the fast path's knows its status: no wrapper to allocate
+		if !ok {
 			rec := &statusRecorder{ResponseWriter: w}
-			next.ServeHTTP(rec, r)
-			code = rec.code
+			sw, w = rec, rec
 		}
-		route := r.Pattern
-		if route == "" {
-			route = routeOf(r)
-		}
-		if route == "" {
-			route = "unmatched"
-		}
+		defer func() {
+			// A handler that aborts (its caller left, or an answer broke
+			// off) is counted with what it had written, or 499, nginx's
+			// "client closed request"; the abort then goes on.
+			if v := recover(); v != nil {
+				if v == http.ErrAbortHandler {
+					code := sw.Status()
+					if code == 0 {
+						code = statusClientClosed
+					}
+					m.count(w, r, routeOf, start, code)
+				}
+				panic(v)
+			}
+		}()
+		next.ServeHTTP(w, r)
+		code := sw.Status()
 		if code == 0 {
 			code = http.StatusOK
 		}
-		m.requests.Inc(route, statusCodeString(code))
-		took := requestNow(w).Sub(start)
-		if code != http.StatusSwitchingProtocols { // a WebSocket's time is its lifetime
-			m.latency.Observe(took.Seconds(), route)
-		}
-		if m.requestLog != nil {
-			m.requestLog.Debug("request", "method", r.Method, "path", r.URL.Path, "route", route, "status", code, "duration", took, "remote", r.RemoteAddr)
-		}
+		m.count(w, r, routeOf, start, code)
 	})
+}
+
+// statusClientClosed counts the requests that ended without an answer.
+const statusClientClosed = 499
+
+// count records a request served: its count by route and status, and its
+// duration.
+func (m *sidecarMetrics) count(w http.ResponseWriter, r *http.Request, routeOf func(*http.Request) string, start time.Time, code int) {
+	route := r.Pattern
+	if route == "" {
+		route = routeOf(r)
+	}
+	if route == "" {
+		route = "unmatched"
+	}
+	m.requests.Inc(route, statusCodeString(code))
+	took := requestNow(w).Sub(start)
+	if code != http.StatusSwitchingProtocols { // a WebSocket's time is its lifetime
+		m.latency.Observe(took.Seconds(), route)
+	}
+	if m.requestLog != nil {
+		m.requestLog.Debug("request", "method", r.Method, "path", r.URL.Path, "route", route, "status", code, "duration", took, "remote", r.RemoteAddr)
+	}
 }

@@ -790,3 +790,32 @@ func TestProxyNodeDyingInASmallBodyIs502(t *testing.T) {
 		t.Errorf("%d ejections; want none: the node answered", n)
 	}
 }
+
+// TestAbortedRequestsAreCounted: a stream whose caller leaves before any
+// answer ends without one, and counts as 499 (nginx's "client closed
+// request"), not as nothing or a 200.
+func TestAbortedRequestsAreCounted(t *testing.T) {
+	s, srv := testSidecar(t, nil)
+	app := appServer(t, func(w http.ResponseWriter, r *http.Request) {
+		select { // no answer until the caller is gone
+		case <-r.Context().Done():
+		case <-time.After(5 * time.Second):
+		}
+	})
+	register(t, s, "web", hostOf(app))
+	conn, err := net.Dial("tcp", hostOf(srv))
+	if err != nil {
+		t.Fatal(err)
+	}
+	io.WriteString(conn, "GET /proxy/web/events HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n")
+	conn.(*net.TCPConn).CloseWrite()
+	conn.SetReadDeadline(time.Now().Add(10 * time.Second))
+	if answer, _ := io.ReadAll(conn); len(answer) != 0 {
+		t.Errorf("answered %q; want the connection closed without an answer", answer)
+	}
+	conn.Close()
+	waitFor(t, 5*time.Second, "the request counted", func() bool {
+		_, metrics := do(t, "GET", srv.URL+"/metrics", "", "")
+		return strings.Contains(metrics, `micro_http_requests_total{route="/proxy/",code="499"} 1`)
+	})
+}

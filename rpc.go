@@ -837,9 +837,9 @@ var (
 )
 
 // observe records a call's duration under its service and result. A
-// service the registry does not know (a 404, or a call by address naming
-// any service) is recorded as unregisteredService: names a client makes up
-// must not each take a series.
+// service the registry does not know (not found, or a call by address
+// naming any service) is recorded as unregisteredService: names a client
+// makes up must not each take a series. A 404 of a service's own is its.
 func (c *caller) observe(took time.Duration, call rpcCall, err error) {
 	if c.timing == nil {
 		return
@@ -851,9 +851,9 @@ func (c *caller) observe(took time.Duration, call rpcCall, err error) {
 		var ce *callError
 		if errors.As(err, &ce) {
 			result = strconv.Itoa(ce.code)
-			if ce.code == http.StatusNotFound && !isDirect(call) {
-				service = unregisteredService
-			}
+		}
+		if errors.Is(err, errNotFound) {
+			service = unregisteredService
 		}
 	}
 	if isDirect(call) && !c.reg.table.has(service) {
@@ -896,7 +896,7 @@ func (c *caller) call(ctx context.Context, start, deadline time.Time, in http.He
 	} else {
 		versions, err := c.reg.GetServiceAt(call.Service, start)
 		if err != nil {
-			return nil, callErrorf(http.StatusNotFound, "service %s not found%s", call.Service, serviceHint)
+			return nil, &callError{http.StatusNotFound, fmt.Sprintf("service %s not found%s", call.Service, serviceHint), errNotFound}
 		}
 		nodes = allNodes(versions)
 		if len(nodes) == 0 {

@@ -145,9 +145,8 @@ func (s *nodeSocket) check() bool {
 		return true
 	}
 	open := false
-	err := s.raw.Read(func(fd uintptr) bool {
-		open = idleOpen(fd)
-		return true
-	})
+	// Control, not Read: Read fails at once on the deadline an idle
+	// connection keeps from its last call, long past.
+	err := s.raw.Control(func(fd uintptr) { open = idleOpen(fd) })
 	return err == nil && open
 }

@@ -1363,13 +1363,50 @@ func TestSweepDropsConnectionsTheNodeClosed(t *testing.T) {
 	if code, body := post(t, srv.URL+"/rpc", "application/json", `{"service":"go.micro.srv.a","method":"A.B"}`); code != 200 {
 		t.Fatalf("call: %d %s", code, body)
 	}
+	nc := s.rpc.nodes
+	// A healthy connection stays, though the deadline its last call left
+	// on it has passed.
+	nc.mu.Lock()
+	for _, list := range nc.idle {
+		for _, c := range list {
+			c.conn.SetDeadline(time.Now().Add(-time.Second))
+		}
+	}
+	nc.mu.Unlock()
+	nc.sweep()
+	nc.mu.Lock()
+	kept := nc.nIdle
+	nc.mu.Unlock()
+	if kept != 1 {
+		t.Fatalf("%d idle connections after a sweep; want the healthy one kept", kept)
+	}
 	app.srv.CloseClientConnections() // the app goes; its end of the kept connection closes
 	waitIdleUnfit(t, s, "the app's close")
-	nc := s.rpc.nodes
 	nc.sweep()
 	nc.mu.Lock()
 	defer nc.mu.Unlock()
 	if nc.nIdle != 0 {
 		t.Errorf("%d idle connections after the sweep; want the closed one dropped", nc.nIdle)
+	}
+}
+
+// TestAppsOwnNotFoundIsItsService: a registered service that answers its
+// own 404 (a go-micro NotFound) is counted under its name; only a service
+// the registry does not know is _unregistered.
+func TestAppsOwnNotFoundIsItsService(t *testing.T) {
+	s, srv := testSidecar(t, nil)
+	app := appServer(t, func(w http.ResponseWriter, r *http.Request) {
+		io.Copy(io.Discard, r.Body)
+		msg, _ := json.Marshal(`{"id":"go.micro.srv.users","code":404,"detail":"user 7 not found","status":"Not Found"}`)
+		fmt.Fprintf(w, `{"jsonrpc":"2.0","id":1,"error":{"code":-32000,"message":%s}}`, msg)
+	})
+	register(t, s, "go.micro.srv.users", hostOf(app))
+	if code, body := post(t, srv.URL+"/rpc", "application/json", `{"service":"go.micro.srv.users","method":"Users.Get"}`); code != 404 || !strings.Contains(body, "user 7 not found") {
+		t.Fatalf("call: %d %s; want the app's 404", code, body)
+	}
+	for _, series := range s.metrics.rpcLatency.series.sorted() {
+		if got := strings.Join(series.values, ","); got != "go.micro.srv.users,404" {
+			t.Errorf("series %q; want go.micro.srv.users,404 alone", got)
+		}
 	}
 }
