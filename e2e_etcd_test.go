@@ -950,3 +950,34 @@ func TestStoppedWhileReachingEtcd(t *testing.T) {
 		t.Errorf("want a stop before listening or registering:\n%s", log.String())
 	}
 }
+
+// TestEtcdRecreatedWithTheSameFlags: etcd recreated empty with the same
+// flags keeps its cluster id, and may pass the revision a sidecar had seen
+// before the sidecar is back (a paused host, a partition). Resumed at that
+// revision, the sidecar would miss what was written before it, for good;
+// it reads the registry afresh instead.
+func TestEtcdRecreatedWithTheSameFlags(t *testing.T) {
+	e := startEtcd(t)
+	p := startSidecar(t, etcdSidecarArgs(e.client)...)
+	registerNode(t, p, "", "old", "old-1", 7001)
+	var before etcdRangeResponse
+	if err := e.gw("/v3/kv/range", etcdRangeRequest{Key: []byte("/")}, &before); err != nil {
+		t.Fatal(err)
+	}
+	oldRev := int64(before.Header.Revision)
+
+	p.cmd.Process.Signal(syscall.SIGSTOP) // the sidecar's host pauses
+	defer p.cmd.Process.Signal(syscall.SIGCONT)
+	e.stop(syscall.SIGTERM)
+	if err := os.RemoveAll(e.dir); err != nil {
+		t.Fatal(err)
+	}
+	e.start("new") // the same flags and token: the same cluster id
+	e.waitHealthy()
+	e.put(t, "/micro/registry/early/early-1", `{"name":"early","nodes":[{"id":"early-1","address":"127.0.0.1","port":7002}]}`)
+	for i := int64(0); i <= oldRev; i++ { // the new cluster passes the old revision
+		e.put(t, "/filler", strconv.FormatInt(i, 10))
+	}
+	p.cmd.Process.Signal(syscall.SIGCONT)
+	waitFor(t, 20*time.Second, "the sidecar to see what the new cluster holds", func() bool { return lookup(t, p, "early") != nil })
+}

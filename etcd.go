@@ -530,9 +530,13 @@ func (b *etcdBackend) run(ctx context.Context) {
 			continue
 		}
 		if established {
-			// Resume at once, on another endpoint if need be; status turns
-			// to an error only if no endpoint takes the watch.
-			b.log.Info("etcd registry: watch broke; resuming", "revision", rev, "error", err)
+			// Read afresh at once, and watch on, from another endpoint if
+			// need be; status turns to an error only if none answers. Not
+			// a resume at rev: a cluster recreated empty meanwhile, with
+			// the same flags (so the same cluster id) and more writes than
+			// the old one saw, would pass for the one left.
+			b.log.Info("etcd registry: watch broke; reading the registry afresh", "revision", rev, "error", err)
+			rev = 0
 			backoff = etcdMinBackoff
 			continue
 		}

@@ -470,10 +470,11 @@ func tableHas(tb *table, service, id string) bool {
 	return false
 }
 
-// TestEtcdBackendResumesAndResyncs: a watch cut off resumes from its
-// revision and sees what changed meanwhile; when that revision has been
-// compacted, it reads the registry afresh.
-func TestEtcdBackendResumesAndResyncs(t *testing.T) {
+// TestEtcdBackendReadsAfreshAfterABreak: a watch cut off reads the
+// registry afresh when it is back, and sees what changed meanwhile,
+// whether or not the revision it had reached was compacted (see
+// TestEtcdRecreatedWithTheSameFlags for why it does not resume there).
+func TestEtcdBackendReadsAfreshAfterABreak(t *testing.T) {
 	e := startEtcd(t)
 	g := newGatewayProxy(t, e.client)
 	b, tb, logs := newTestEtcdBackend(t, g.srv.URL)
@@ -483,7 +484,7 @@ func TestEtcdBackendResumesAndResyncs(t *testing.T) {
 	e.put(t, "/micro/registry/a/a1", svc("a", "a1"))
 	waitFor(t, 5*time.Second, "a1 through the watch", func() bool { return tableHas(tb, "a", "a1") })
 
-	for _, compact := range []bool{false, true} {
+	for breaks, compact := range []bool{false, true} {
 		g.setDown(true)
 		waitFor(t, 5*time.Second, "status to report the cut", func() bool { return b.status() != nil })
 		name := fmt.Sprintf("during-%v", compact)
@@ -507,8 +508,8 @@ func TestEtcdBackendResumesAndResyncs(t *testing.T) {
 		if !tableHas(tb, "a", "a1") {
 			t.Error("a1, deleted and put again while cut off, is missing")
 		}
-		if got := strings.Contains(logs.String(), "reading the registry afresh"); got != compact {
-			t.Errorf("compacted %v: read afresh logged %v; log:\n%s", compact, got, logs.String())
+		if n, want := strings.Count(logs.String(), "reading the registry afresh"), breaks+1; n != want {
+			t.Errorf("compacted %v: read afresh logged %d times for %d breaks; log:\n%s", compact, n, want, logs.String())
 		}
 	}
 }
@@ -614,11 +615,13 @@ func TestWatchDoneRev(t *testing.T) {
 	}
 }
 
-// TestEtcdWatchCatchUpInFragments: a watch resuming after a break gets
-// the changes it missed, up to 1,000 revisions, as one message. Larger than
-// the client takes, that message failed the watch again and again. The
-// watch asks etcd to split it, which etcd does past its request limit plus
-// 512 KiB.
+// TestEtcdWatchCatchUpInFragments: a watch cut off while 1,200 revisions
+// of 1 KB are written gets them all when it is back, and no message fails
+// it for its size. It reads afresh after a break; a watch that starts
+// behind (changes between that read and its start) asks etcd to send its
+// catch-up in fragments, which etcd splits past its request limit plus
+// 512 KiB: up to 1,000 revisions as one message failed the watch again and
+// again.
 func TestEtcdWatchCatchUpInFragments(t *testing.T) {
 	e := startEtcd(t, "--max-request-bytes=8192")
 	g := newGatewayProxy(t, e.client)
