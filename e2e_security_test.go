@@ -717,3 +717,23 @@ func TestInFlightLimitCountsHandshakesUntilTakenOver(t *testing.T) {
 		t.Errorf("a request with a WebSocket open at --max_inflight=1: %d; want 200", code)
 	}
 }
+
+// TestCertWarning: a certificate that loads but that clients will refuse
+// (expired, not valid yet) is said so at start.
+func TestCertWarning(t *testing.T) {
+	certFile, keyFile, _ := selfSigned(t) // valid from an hour ago to an hour from now
+	now := time.Now()
+	for _, c := range []struct {
+		at   time.Time
+		want string
+	}{
+		{now, ""},
+		{now.Add(2 * time.Hour), "expired on"},
+		{now.Add(-2 * time.Hour), "not valid before"},
+	} {
+		got := certWarning(certFile, keyFile, c.at)
+		if c.want == "" && got != "" || !strings.Contains(got, c.want) {
+			t.Errorf("at %v: %q; want %q", c.at.Sub(now).Round(time.Hour), got, c.want)
+		}
+	}
+}

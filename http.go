@@ -12,6 +12,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"net/http"
 	"net/url"
@@ -588,4 +589,34 @@ func (w *releaseOnHijack) Unwrap() http.ResponseWriter { return w.ResponseWriter
 func (w *releaseOnHijack) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 	w.release()
 	return http.NewResponseController(w.ResponseWriter).Hijack()
+}
+
+// serverErrorLog is net/http's error log: its lines go to log as warnings,
+// but for failed TLS handshakes, which any port scanner or plain-HTTP
+// client causes: at most one a minute, with the count of those left out.
+type serverErrorLog struct {
+	log     *slog.Logger
+	mu      sync.Mutex // guards last, skipped
+	last    time.Time
+	skipped int
+}
+
+func (l *serverErrorLog) Write(p []byte) (int, error) {
+	msg := strings.TrimSuffix(string(p), "\n")
+	if !strings.Contains(msg, "TLS handshake error") {
+		l.log.Warn(msg)
+		return len(p), nil
+	}
+	l.mu.Lock()
+	now := time.Now()
+	if !l.last.IsZero() && now.Sub(l.last) < time.Minute {
+		l.skipped++
+		l.mu.Unlock()
+		return len(p), nil
+	}
+	skipped := l.skipped
+	l.last, l.skipped = now, 0
+	l.mu.Unlock()
+	l.log.Warn(msg, "similar_left_out", skipped)
+	return len(p), nil
 }

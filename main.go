@@ -12,6 +12,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	stdlog "log"
 	"log/slog"
 	"net"
 	"net/http"
@@ -684,11 +685,33 @@ func newSidecar(ctx context.Context, cfg config, log *slog.Logger) (*sidecar, er
 	return s, nil
 }
 
+// certWarning says what is wrong with a certificate that loads but that
+// clients will refuse at now: expired, or not valid yet. Empty when
+// nothing is.
+func certWarning(certFile, keyFile string, now time.Time) string {
+	pair, err := tls.LoadX509KeyPair(certFile, keyFile) // checked by validate
+	if err != nil || pair.Leaf == nil {
+		return ""
+	}
+	switch leaf := pair.Leaf; {
+	case now.After(leaf.NotAfter):
+		return fmt.Sprintf("the certificate in --tls_cert_file expired on %s: clients will refuse it (it is read once, at start: restart with a renewed one)", leaf.NotAfter.UTC().Format(time.RFC3339))
+	case now.Before(leaf.NotBefore):
+		return fmt.Sprintf("the certificate in --tls_cert_file is not valid before %s: clients will refuse it until then (is this machine's clock right?)", leaf.NotBefore.UTC().Format(time.RFC3339))
+	}
+	return ""
+}
+
 // runSidecar runs a sidecar until ctx ends, then shuts it down cleanly.
 func runSidecar(ctx context.Context, cfg config, logOut io.Writer) error {
 	log := newLogger(cfg, logOut)
 	for _, note := range cfg.ignored {
 		log.Warn("ignoring a variable: " + note)
+	}
+	if cfg.TLSCertFile != "" {
+		if warning := certWarning(cfg.TLSCertFile, cfg.TLSKeyFile, time.Now()); warning != "" {
+			log.Warn(warning)
+		}
 	}
 	s, err := newSidecar(ctx, cfg, log)
 	if err != nil {
@@ -714,7 +737,7 @@ func runSidecar(ctx context.Context, cfg config, logOut io.Writer) error {
 		ReadHeaderTimeout: cfg.ReadHeaderTimeout,
 		IdleTimeout:       cfg.IdleTimeout,
 		MaxHeaderBytes:    64 << 10,
-		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
+		ErrorLog:          stdlog.New(&serverErrorLog{log: log}, "", 0),
 	}
 	s.broker.advertise = resolveAdvertise(cfg.AdvertiseAddress, ln.Addr().(*net.TCPAddr), cfg.ServerAddress, interfaceAddrs())
 	serveErr := make(chan error, 1)

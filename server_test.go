@@ -737,3 +737,26 @@ func TestServerLingersOverUnreadInput(t *testing.T) {
 		t.Fatalf("the refusal: %v %v; want 413", resp, err)
 	}
 }
+
+// TestServerErrorLogLimitsHandshakeFailures: failed TLS handshakes, which
+// any scanner causes, are logged at most once a minute with a count of
+// those left out; other lines of net/http pass.
+func TestServerErrorLogLimitsHandshakeFailures(t *testing.T) {
+	var out bytes.Buffer
+	l := &serverErrorLog{log: slog.New(slog.NewTextHandler(&out, nil))}
+	for range 100 {
+		fmt.Fprintf(l, "http: TLS handshake error from 127.0.0.1:1234: EOF\n")
+	}
+	fmt.Fprintf(l, "http: Accept error: too many open files\n")
+	if n := strings.Count(out.String(), "TLS handshake error"); n != 1 {
+		t.Errorf("%d handshake lines logged of 100 in a minute; want 1:\n%s", n, out.String())
+	}
+	if !strings.Contains(out.String(), "Accept error") {
+		t.Errorf("another error was left out:\n%s", out.String())
+	}
+	l.last = l.last.Add(-time.Minute) // a minute on
+	fmt.Fprintf(l, "http: TLS handshake error from 127.0.0.1:1234: EOF\n")
+	if !strings.Contains(out.String(), "similar_left_out=99") {
+		t.Errorf("the next line does not count the 99 left out:\n%s", out.String())
+	}
+}
