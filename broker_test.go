@@ -8,6 +8,7 @@ import (
 	"encoding/base64"
 	"encoding/binary"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -17,6 +18,7 @@ import (
 	"sync"
 	"testing"
 	"time"
+	"unicode/utf8"
 
 	"golang.org/x/net/websocket"
 )
@@ -997,11 +999,17 @@ func FuzzWSReader(f *testing.F) {
 		r := &wsReader{br: bufio.NewReader(bytes.NewReader(data)), max: limit, onPing: func([]byte) error { return nil }}
 		for {
 			m, err := r.next()
+			if errors.Is(err, errPeerClosed) && r.closeCode != 0 && !sendableCloseCode(r.closeCode) {
+				t.Fatalf("a close with code %d taken", r.closeCode)
+			}
 			if err != nil {
 				return
 			}
 			if len(m.data) > limit {
 				t.Fatalf("a message of %d bytes; the limit is %d", len(m.data), limit)
+			}
+			if !m.binary && !utf8.Valid(m.data) {
+				t.Fatalf("a text message not UTF-8: %q", m.data)
 			}
 		}
 	})
