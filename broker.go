@@ -367,16 +367,23 @@ func (b *broker) shedSoon() {
 	}
 }
 
-// shedMemory closes, as slow, the subscribers holding the most until what
-// stays held is within --broker_memory_bytes. The ones that keep up hold
-// little, and stay; what a stuck writer holds comes back within closeGrace.
-func (b *broker) shedMemory() {
+// subscribers returns the connected subscribers, to go through without
+// holding the broker's lock.
+func (b *broker) subscribers() []*subscriber {
 	b.mu.RLock()
+	defer b.mu.RUnlock()
 	subs := make([]*subscriber, 0, len(b.subs))
 	for s := range b.subs {
 		subs = append(subs, s)
 	}
-	b.mu.RUnlock()
+	return subs
+}
+
+// shedMemory closes, as slow, the subscribers holding the most until what
+// stays held is within --broker_memory_bytes. The ones that keep up hold
+// little, and stay; what a stuck writer holds comes back within closeGrace.
+func (b *broker) shedMemory() {
+	subs := b.subscribers()
 	type holder struct {
 		s *subscriber
 		n int
@@ -644,12 +651,7 @@ func (b *broker) run(ctx context.Context) {
 // is dead (its peer vanished without closing) and is closed. The step of
 // run; tests call it directly.
 func (b *broker) keepalive() {
-	b.mu.RLock()
-	subs := make([]*subscriber, 0, len(b.subs))
-	for s := range b.subs {
-		subs = append(subs, s)
-	}
-	b.mu.RUnlock()
+	subs := b.subscribers()
 	for _, s := range subs {
 		if !s.isReady() {
 			continue // still in its handshake
