@@ -842,8 +842,8 @@ func (s *subscriber) closeSlowLocked(reason string) {
 }
 
 // holding is the bytes the subscriber holds: waiting in its queue and in
-// the batch its writer is writing. The reason for closing it is left to
-// the caller. ok is false for a subscriber closing already.
+// the batch its writer is writing. ok is false for a subscriber closing
+// already.
 func (s *subscriber) holding() (n int, ok bool) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
