@@ -316,7 +316,7 @@ func (h *histogramVec) Observe(v float64, values ...string) {
 	s.mu.Unlock()
 }
 
-// pruneIdle drops the series observed nothing since the last pruneIdle
+// pruneIdle drops the series that observed nothing since the last pruneIdle
 // that keep does not want: a series for what has gone (a deregistered
 // service) must not stay, or fill maxSeries, for good. Prometheus takes a
 // series that comes back for a counter reset.
@@ -554,7 +554,7 @@ func boolFloat(b bool) float64 {
 func (m *sidecarMetrics) instrument(next http.Handler, routeOf func(*http.Request) string) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		start := requestStart(w)
-		sw, ok := w.(statusWriter) // the fast path's knows its status: no wrapper to allocate
+		sw, ok := w.(statusWriter) // the fast path's writer knows its status: no wrapper to allocate
 		if !ok {
 			rec := &statusRecorder{ResponseWriter: w}
 			sw, w = rec, rec
