@@ -12,6 +12,7 @@ package main
 import (
 	"bufio"
 	"bytes"
+	"cmp"
 	"context"
 	"crypto/rand"
 	"crypto/x509"
@@ -683,7 +684,7 @@ func (b *broker) registration(k regKey) (Service, error) {
 		return Service{}, fmt.Errorf("advertise address %q: %w", b.advertise, err)
 	}
 	p, _ := strconv.Atoi(port)
-	md := map[string]string{"broker": "1", "sidecar": b.id}
+	md := map[string]string{"broker": "1", "sidecar": b.id, "scheme": cmp.Or(b.cfg.PeerScheme, "http")}
 	id := b.id
 	if k.queue != "" {
 		md["queue"] = k.queue

@@ -11,6 +11,7 @@ package main
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"crypto/tls"
 	"crypto/x509"
@@ -62,8 +63,19 @@ const (
 )
 
 // peerNode is one topic registration of another sidecar.
+// peerAddr is where a peer's API is reached: "scheme://host:port" when its
+// entry says how it serves (a fleet moving to TLS holds both kinds), else
+// "host:port", reached as this sidecar serves (entries of sidecars that do
+// not say).
+func peerAddr(n Node) string {
+	if s := n.Metadata["scheme"]; s == "http" || s == "https" {
+		return s + "://" + n.hostPort()
+	}
+	return n.hostPort()
+}
+
 type peerNode struct {
-	addr  string // host:port of its API
+	addr  string // where its API is reached: see peerAddr
 	queue string // "" for broadcast subscribers
 	id    string // the sidecar's id, from its entry's metadata
 }
@@ -158,7 +170,7 @@ func peersOf(versions []Service, selfID, selfAddr string) []peerNode {
 			if n.Metadata["sidecar"] == selfID || n.hostPort() == selfAddr {
 				continue
 			}
-			p := peerNode{addr: n.hostPort(), queue: n.Metadata["queue"], id: n.Metadata["sidecar"]}
+			p := peerNode{addr: peerAddr(n), queue: n.Metadata["queue"], id: n.Metadata["sidecar"]}
 			if !slices.Contains(out, p) {
 				out = append(out, p)
 			}
@@ -554,11 +566,11 @@ func (f *forwarder) work(p *peerQueue) {
 var errStalePeer = errors.New("the sidecar there is another than the entry names")
 
 func (f *forwarder) post(addr string, ids []string, body []byte) error {
-	scheme := f.b.cfg.PeerScheme
-	if scheme == "" {
-		scheme = "http"
+	base := addr
+	if !strings.Contains(addr, "://") { // a peer that does not say: as this sidecar serves
+		base = cmp.Or(f.b.cfg.PeerScheme, "http") + "://" + addr
 	}
-	req, err := http.NewRequest(http.MethodPost, scheme+"://"+addr+"/broker", bytes.NewReader(body))
+	req, err := http.NewRequest(http.MethodPost, base+"/broker", bytes.NewReader(body))
 	if err != nil {
 		return err
 	}

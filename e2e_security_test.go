@@ -737,3 +737,51 @@ func TestCertWarning(t *testing.T) {
 		}
 	}
 }
+
+// TestBrokerForwardsBetweenTLSAndPlain: a fleet moving to TLS holds both
+// kinds of sidecar; each topic entry says how its sidecar serves, and
+// messages are forwarded so, both ways. (The plain one trusts the other's
+// self-signed certificate through SSL_CERT_FILE, as the README says.)
+func TestBrokerForwardsBetweenTLSAndPlain(t *testing.T) {
+	certFile, keyFile, pool := selfSigned(t)
+	registry := "--registry_address=" + filepath.Join(t.TempDir(), "registry.json")
+	tlsSide := startSidecar(t, "--registry=file", registry, "--tls_cert_file="+certFile, "--tls_key_file="+keyFile)
+	plain := startSidecarEnv(t, []string{"SSL_CERT_FILE=" + certFile}, "--registry=file", registry)
+	client := &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}}}
+
+	// To the TLS one, from the plain one.
+	cfg, err := websocket.NewConfig("wss://"+tlsSide.addr+"/broker?topic=mixed", "https://"+tlsSide.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg.TlsConfig = &tls.Config{RootCAs: pool}
+	ws, err := websocket.DialConfig(cfg)
+	if err != nil {
+		t.Fatalf("subscribing over WSS: %v", err)
+	}
+	defer ws.Close()
+	waitFor(t, 10*time.Second, "the TLS sidecar's topic on the plain one", func() bool { return lookup(t, plain, "topic:mixed") != nil })
+	publish(t, plain, "mixed", "text/plain", "to tls")
+	ws.SetReadDeadline(time.Now().Add(10 * time.Second))
+	var ev cloudEvent
+	if err := websocket.JSON.Receive(ws, &ev); err != nil || !strings.Contains(string(ev.Data), "to tls") {
+		t.Fatalf("the TLS sidecar's subscriber: %v, %s; want the message published on the plain one\nlog of the plain one:\n%s", err, ev.Data, plain.log.String())
+	}
+
+	// To the plain one, from the TLS one.
+	sub := subscribeWS(t, plain, "plain", "topic=mixed2")
+	waitFor(t, 10*time.Second, "the plain sidecar's topic on the TLS one", func() bool {
+		resp, err := client.Get("https://" + tlsSide.addr + "/registry?service=topic:mixed2")
+		if err != nil {
+			return false
+		}
+		resp.Body.Close()
+		return resp.StatusCode == 200
+	})
+	resp, err := client.Post("https://"+tlsSide.addr+"/broker?topic=mixed2", "text/plain", strings.NewReader("to plain"))
+	if err != nil || resp.StatusCode != 200 {
+		t.Fatalf("publish on the TLS sidecar: %v %v", err, resp)
+	}
+	resp.Body.Close()
+	waitFor(t, 10*time.Second, "the plain sidecar's subscriber to get it", func() bool { return sub.total() == 1 })
+}
