@@ -102,6 +102,7 @@ type etcdBackend struct {
 	watchCancel context.CancelFunc // stops the current watch stream
 	bad         map[string]string  // bad keys already logged, with the reason
 	badMore     bool               // more than maxBadKeys: logged once
+	contested   map[string]bool    // kept keys seen rewritten by another writer, logged once each; at most maxBadKeys
 
 	synced chan struct{} // closed after the first full read
 	stop   context.CancelFunc
@@ -122,15 +123,16 @@ func newEtcdBackend(ctx context.Context, cfg etcdConfig, t *table, log *slog.Log
 		cfg.Prefix = defaultEtcdPrefix
 	}
 	b := &etcdBackend{
-		prefix:   cfg.Prefix,
-		c:        newEtcdClient(cfg.Endpoints, tlsCfg, cfg.Username, cfg.Password, cfg.RequestTimeout),
-		t:        t,
-		log:      log,
-		regs:     map[string]etcdReg{},
-		watchEP:  -1,
-		bad:      map[string]string{},
-		synced:   make(chan struct{}),
-		watchErr: errors.New("etcd registry: not synchronised yet"),
+		prefix:    cfg.Prefix,
+		c:         newEtcdClient(cfg.Endpoints, tlsCfg, cfg.Username, cfg.Password, cfg.RequestTimeout),
+		t:         t,
+		log:       log,
+		regs:      map[string]etcdReg{},
+		watchEP:   -1,
+		bad:       map[string]string{},
+		contested: map[string]bool{},
+		synced:    make(chan struct{}),
+		watchErr:  errors.New("etcd registry: not synchronised yet"),
 	}
 	b.c.onFail = b.endpointFailed
 	ctx, b.stop = context.WithCancel(ctx)
@@ -873,14 +875,22 @@ func (b *etcdBackend) apply(ch etcdChange) {
 			delete(b.regs, key) // gone from etcd: put it again at the next refresh
 		}
 	}
+	var contested []string
 	for key, kv := range ch.puts {
 		if r, ok := b.regs[key]; ok && int64(kv.ModRevision) > r.rev && !r.holds(kv) {
 			// Someone else wrote the key since this sidecar did: put ours
 			// again at the next refresh, on a lease of ours.
 			delete(b.regs, key)
+			if !b.contested[key] && len(b.contested) < maxBadKeys {
+				b.contested[key] = true
+				contested = append(contested, key)
+			}
 		}
 	}
 	b.mu.Unlock()
+	for _, key := range contested {
+		b.log.Warn("etcd registry: a node this sidecar keeps alive was rewritten by another writer; it is put back at the next refresh. If another sidecar keeps the same node id, the two overwrite each other at every refresh: give each its own id", "key", key)
+	}
 	b.noteBad(ch.bad)
 }
 
