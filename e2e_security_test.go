@@ -500,7 +500,20 @@ func TestBrokerForwardsOverTLS(t *testing.T) {
 	args := []string{"--registry=file", "--registry_address=" + filepath.Join(t.TempDir(), "registry.json"), "--tls_cert_file=" + certFile, "--tls_key_file=" + keyFile}
 	a := startSidecar(t, args...)
 	b := startSidecar(t, args...)
-	cfg, err := websocket.NewConfig("wss://"+b.addr+"/broker?topic=tls", "https://"+b.addr)
+	ws := subscribeWSS(t, b, "tls", pool)
+	client := &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}}}
+	waitRegisteredOverTLS(t, client, a, "topic:tls")
+	publishOverTLS(t, client, a, "tls", "over tls")
+	if ev, err := receiveEvent(ws); err != nil || !strings.Contains(string(ev.Data), "over tls") {
+		t.Fatalf("b's subscriber: %v, %s; want the message published on a\nlog of a:\n%s", err, ev.Data, a.log.String())
+	}
+}
+
+// subscribeWSS subscribes to topic on p over WSS, trusting pool; the
+// connection closes with the test.
+func subscribeWSS(t *testing.T, p *proc, topic string, pool *x509.CertPool) *websocket.Conn {
+	t.Helper()
+	cfg, err := websocket.NewConfig("wss://"+p.addr+"/broker?topic="+topic, "https://"+p.addr)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -509,26 +522,40 @@ func TestBrokerForwardsOverTLS(t *testing.T) {
 	if err != nil {
 		t.Fatalf("subscribing over WSS: %v", err)
 	}
-	defer ws.Close()
-	client := &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}}}
-	waitFor(t, 10*time.Second, "b's topic registration on a", func() bool {
-		resp, err := client.Get("https://" + a.addr + "/registry?service=topic:tls")
+	t.Cleanup(func() { ws.Close() })
+	return ws
+}
+
+// waitRegisteredOverTLS waits until p's registry, asked over HTTPS, knows
+// service.
+func waitRegisteredOverTLS(t *testing.T, client *http.Client, p *proc, service string) {
+	t.Helper()
+	waitFor(t, 10*time.Second, service+" registered on "+p.addr, func() bool {
+		resp, err := client.Get("https://" + p.addr + "/registry?service=" + service)
 		if err != nil {
 			return false
 		}
 		resp.Body.Close()
 		return resp.StatusCode == 200
 	})
-	resp, err := client.Post("https://"+a.addr+"/broker?topic=tls", "text/plain", strings.NewReader("over tls"))
+}
+
+// publishOverTLS publishes body to topic on p over HTTPS.
+func publishOverTLS(t *testing.T, client *http.Client, p *proc, topic, body string) {
+	t.Helper()
+	resp, err := client.Post("https://"+p.addr+"/broker?topic="+topic, "text/plain", strings.NewReader(body))
 	if err != nil || resp.StatusCode != 200 {
-		t.Fatalf("publish on a: %v %v", err, resp)
+		t.Fatalf("publish on %s: %v %v", p.addr, err, resp)
 	}
 	resp.Body.Close()
+}
+
+// receiveEvent reads the next event on ws, waiting up to 10 s.
+func receiveEvent(ws *websocket.Conn) (cloudEvent, error) {
 	ws.SetReadDeadline(time.Now().Add(10 * time.Second))
 	var ev cloudEvent
-	if err := websocket.JSON.Receive(ws, &ev); err != nil || !strings.Contains(string(ev.Data), "over tls") {
-		t.Fatalf("b's subscriber: %v, %s; want the message published on a\nlog of a:\n%s", err, ev.Data, a.log.String())
-	}
+	err := websocket.JSON.Receive(ws, &ev)
+	return ev, err
 }
 
 // TestStalledBodiesAreCutOff: a request body that stops arriving is cut
@@ -750,38 +777,16 @@ func TestBrokerForwardsBetweenTLSAndPlain(t *testing.T) {
 	client := &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}}}
 
 	// To the TLS one, from the plain one.
-	cfg, err := websocket.NewConfig("wss://"+tlsSide.addr+"/broker?topic=mixed", "https://"+tlsSide.addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cfg.TlsConfig = &tls.Config{RootCAs: pool}
-	ws, err := websocket.DialConfig(cfg)
-	if err != nil {
-		t.Fatalf("subscribing over WSS: %v", err)
-	}
-	defer ws.Close()
+	ws := subscribeWSS(t, tlsSide, "mixed", pool)
 	waitFor(t, 10*time.Second, "the TLS sidecar's topic on the plain one", func() bool { return lookup(t, plain, "topic:mixed") != nil })
 	publish(t, plain, "mixed", "text/plain", "to tls")
-	ws.SetReadDeadline(time.Now().Add(10 * time.Second))
-	var ev cloudEvent
-	if err := websocket.JSON.Receive(ws, &ev); err != nil || !strings.Contains(string(ev.Data), "to tls") {
+	if ev, err := receiveEvent(ws); err != nil || !strings.Contains(string(ev.Data), "to tls") {
 		t.Fatalf("the TLS sidecar's subscriber: %v, %s; want the message published on the plain one\nlog of the plain one:\n%s", err, ev.Data, plain.log.String())
 	}
 
 	// To the plain one, from the TLS one.
 	sub := subscribeWS(t, plain, "plain", "topic=mixed2")
-	waitFor(t, 10*time.Second, "the plain sidecar's topic on the TLS one", func() bool {
-		resp, err := client.Get("https://" + tlsSide.addr + "/registry?service=topic:mixed2")
-		if err != nil {
-			return false
-		}
-		resp.Body.Close()
-		return resp.StatusCode == 200
-	})
-	resp, err := client.Post("https://"+tlsSide.addr+"/broker?topic=mixed2", "text/plain", strings.NewReader("to plain"))
-	if err != nil || resp.StatusCode != 200 {
-		t.Fatalf("publish on the TLS sidecar: %v %v", err, resp)
-	}
-	resp.Body.Close()
+	waitRegisteredOverTLS(t, client, tlsSide, "topic:mixed2")
+	publishOverTLS(t, client, tlsSide, "mixed2", "to plain")
 	waitFor(t, 10*time.Second, "the plain sidecar's subscriber to get it", func() bool { return sub.total() == 1 })
 }
