@@ -684,13 +684,18 @@ func (b *broker) registration(k regKey) (Service, error) {
 		return Service{}, fmt.Errorf("advertise address %q: %w", b.advertise, err)
 	}
 	p, _ := strconv.Atoi(port)
-	md := map[string]string{"broker": "1", "sidecar": b.id, "scheme": cmp.Or(b.cfg.PeerScheme, "http")}
+	scheme := cmp.Or(b.cfg.PeerScheme, "http")
+	md := map[string]string{"broker": "1", "sidecar": b.id, "scheme": scheme}
 	id := b.id
 	if k.queue != "" {
 		md["queue"] = k.queue
 		id += ":" + k.queue
 	}
-	return Service{Name: topicService + k.topic, Metadata: map[string]string{}, Nodes: []Node{{ID: id, Address: host, Port: p, Metadata: md}}}, nil
+	node := Node{ID: id, Address: host, Port: p, Metadata: md}
+	if b.cfg.AuthToken != "" {
+		md["auth"] = peerProof(b.cfg.AuthToken, b.id, scheme, node.hostPort(), k.topic, k.queue)
+	}
+	return Service{Name: topicService + k.topic, Metadata: map[string]string{}, Nodes: []Node{node}}, nil
 }
 
 // reconcile registers the topics and groups that gained local subscribers

@@ -13,8 +13,12 @@ import (
 	"bytes"
 	"cmp"
 	"context"
+	"crypto/hmac"
+	"crypto/sha256"
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/base64"
+	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -162,12 +166,19 @@ func planDelivery(localBroadcast bool, localGroups []string, peers []peerNode, r
 // peersOf extracts the other sidecars' registrations from a topic's
 // registry entry. A node is this sidecar's own when it carries this
 // sidecar's id or this sidecar's address (a stale entry of an earlier run
-// at the same address must not make it forward to itself).
-func peersOf(versions []Service, selfID, selfAddr string) []peerNode {
+// at the same address must not make it forward to itself). Only broker
+// entries of a sidecar count; with a token, only those that prove it (see
+// peerProof): the others are returned as refused.
+func peersOf(versions []Service, selfID, selfAddr, token string) (peers []peerNode, refused []Node) {
 	var out []peerNode
 	for _, v := range versions {
+		topic := strings.TrimPrefix(v.Name, topicService)
 		for _, n := range v.Nodes {
 			if n.Metadata["sidecar"] == selfID || n.hostPort() == selfAddr {
+				continue
+			}
+			if !isBrokerEntry(n) || token != "" && !provesToken(n, token, topic) {
+				refused = append(refused, n)
 				continue
 			}
 			p := peerNode{addr: peerAddr(n), queue: n.Metadata["queue"], id: n.Metadata["sidecar"]}
@@ -185,7 +196,38 @@ func peersOf(versions []Service, selfID, selfAddr string) []peerNode {
 		}
 		return strings.Compare(a.id, b.id)
 	})
-	return out
+	return out, refused
+}
+
+// isBrokerEntry reports whether a topic entry's node is a sidecar's, as
+// registration makes them: an app that registers a service named topic:T
+// is no peer to send messages to.
+func isBrokerEntry(n Node) bool {
+	return n.Metadata["broker"] == "1" && n.Metadata["sidecar"] != ""
+}
+
+// peerProof is what a sidecar with a token puts in its topic entries
+// (metadata "auth"): an HMAC of the entry keyed by the token. A sidecar
+// with a token forwards, and so hands its token and messages, only to
+// entries that prove it: anyone who can write the registry (with mDNS,
+// any host on the LAN) can announce a topic entry, but only a holder of
+// the token can make one another sidecar believes. The proof covers where
+// messages go (scheme, address) and what for (sidecar, topic, queue): it
+// cannot be moved to another address, nor turned from https to http.
+func peerProof(token, sidecar, scheme, hostPort, topic, queue string) string {
+	mac := hmac.New(sha256.New, []byte(token))
+	for _, field := range []string{"micro-broker-peer-v1", sidecar, scheme, hostPort, topic, queue} {
+		mac.Write(binary.BigEndian.AppendUint32(nil, uint32(len(field)))) // lengths first: no two entries make the same input
+		mac.Write([]byte(field))
+	}
+	return base64.RawURLEncoding.EncodeToString(mac.Sum(nil))
+}
+
+// provesToken reports whether a topic entry's node carries a proof of
+// token for what it says.
+func provesToken(n Node, token, topic string) bool {
+	want := peerProof(token, n.Metadata["sidecar"], n.Metadata["scheme"], n.hostPort(), topic, n.Metadata["queue"])
+	return hmac.Equal([]byte(n.Metadata["auth"]), []byte(want))
 }
 
 // forwardItem is one message for one peer, with what the peer should do
@@ -306,7 +348,8 @@ type forwarder struct {
 	held   int            // event bytes queued for peers or being posted, against --broker_memory_bytes
 	wg     sync.WaitGroup // one per running peer worker
 
-	lastLog atomic.Int64 // unix nanoseconds of the last forward failure logged
+	failLog  logLimiter // forward failures, per peer
+	entryLog logLimiter // topic entries ignored or reached in plain HTTP, per entry
 }
 
 // peerEntry caches the peers of one topic. Bounded by maxPeerCache
@@ -344,8 +387,10 @@ func newForwarder(b *broker) *forwarder {
 				TLSClientConfig:       &tls.Config{RootCAs: b.cfg.PeerRoots},
 			},
 		},
-		cache: map[string]*peerEntry{},
-		peers: map[string]*peerQueue{},
+		cache:    map[string]*peerEntry{},
+		peers:    map[string]*peerQueue{},
+		failLog:  logLimiter{every: 10 * time.Second},
+		entryLog: logLimiter{every: 10 * time.Minute},
 	}
 }
 
@@ -407,7 +452,14 @@ func (f *forwarder) peersFor(topic string) ([]peerNode, *atomic.Uint64) {
 		return e.peers, &e.rr
 	}
 	versions, _ := f.b.reg.GetService(topicService + topic)
-	next := &peerEntry{gen: gen, expires: now.Add(peerCacheTTL), peers: peersOf(versions, f.b.id, f.b.advertise)}
+	peers, refused := peersOf(versions, f.b.id, f.b.advertise, f.b.cfg.AuthToken)
+	for _, n := range refused {
+		f.warnRefused(topic, n)
+	}
+	for _, p := range peers {
+		f.warnPlain(p)
+	}
+	next := &peerEntry{gen: gen, expires: now.Add(peerCacheTTL), peers: peers}
 	if e != nil {
 		next.rr.Store(e.rr.Load())
 	}
@@ -428,6 +480,28 @@ func (f *forwarder) peersFor(topic string) ([]peerNode, *atomic.Uint64) {
 	f.cache[topic] = next
 	f.cacheMu.Unlock()
 	return next.peers, &next.rr
+}
+
+// warnRefused says, now and then, why a topic entry gets no messages.
+func (f *forwarder) warnRefused(topic string, n Node) {
+	if !f.entryLog.allow("refused " + topic + " " + n.ID + " " + n.hostPort()) {
+		return
+	}
+	why := "it is no sidecar's broker entry (it lacks the broker and sidecar metadata)"
+	if isBrokerEntry(n) {
+		why = "it does not prove this sidecar's --auth_token: its sidecar has another token, or none, or is of an earlier release; sidecars that share topics need the same token"
+	}
+	f.b.log.Warn("ignoring a topic entry: no messages go to it", "topic", topic, "peer", n.hostPort(), "sidecar", n.Metadata["sidecar"], "reason", why)
+}
+
+// warnPlain says, now and then, that a sidecar serving HTTPS forwards to
+// a peer in plain HTTP, as the peer's entry says it serves (a fleet moving
+// to TLS one sidecar at a time).
+func (f *forwarder) warnPlain(p peerNode) {
+	if f.b.cfg.PeerScheme != "https" || !strings.HasPrefix(p.addr, "http://") || !f.entryLog.allow("plain "+p.addr) {
+		return
+	}
+	f.b.log.Warn("forwarding to a peer sidecar in plain HTTP, as its entry says it serves: messages cross the network unencrypted", "peer", p.addr, "sidecar", p.id)
 }
 
 // plan is planDelivery over the current registry.
@@ -587,8 +661,11 @@ func (f *forwarder) post(addr string, ids []string, body []byte) error {
 		return err
 	}
 	defer resp.Body.Close()
-	if resp.StatusCode == http.StatusGone {
+	switch resp.StatusCode {
+	case http.StatusGone:
 		return errStalePeer
+	case http.StatusUnauthorized:
+		return errors.New("peer refused this sidecar's token (401 Unauthorized): sidecars that share topics need the same --auth_token")
 	}
 	if resp.StatusCode/100 != 2 {
 		msg, _ := io.ReadAll(io.LimitReader(resp.Body, 512))
@@ -598,11 +675,10 @@ func (f *forwarder) post(addr string, ids []string, body []byte) error {
 	return nil
 }
 
-// logFailure logs forward failures at most once every ten seconds.
+// logFailure logs forward failures at most once every ten seconds for
+// each peer.
 func (f *forwarder) logFailure(addr string, n int, err error) {
-	now := time.Now().UnixNano()
-	last := f.lastLog.Load()
-	if now-last < int64(10*time.Second) || !f.lastLog.CompareAndSwap(last, now) {
+	if !f.failLog.allow(addr) {
 		return
 	}
 	f.b.log.Warn("forwarding to a peer sidecar failed; messages lost (delivery is at most once)", "peer", addr, "messages", n, "error", err)

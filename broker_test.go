@@ -203,19 +203,64 @@ func TestPlanDelivery(t *testing.T) {
 
 func TestPeersOf(t *testing.T) {
 	node := func(id, addr string, port int, md map[string]string) Node {
+		md["broker"] = "1"
 		return Node{ID: id, Address: addr, Port: port, Metadata: md}
 	}
+	app := Node{ID: "app", Address: "10.0.0.9", Port: 9090, Metadata: map[string]string{}} // an app that named a service topic:foo
 	versions := []Service{{Name: "topic:foo", Nodes: []Node{
 		node("me", "10.0.0.1", 8081, map[string]string{"sidecar": "me"}),
 		node("old-me", "10.0.0.1", 8081, map[string]string{"sidecar": "old-me"}), // a stale entry of an earlier run here
 		node("b:g", "10.0.0.3", 8081, map[string]string{"sidecar": "b", "queue": "g"}),
 		node("a", "10.0.0.2", 8081, map[string]string{"sidecar": "a"}),
 		node("v6", "::1", 9000, map[string]string{"sidecar": "c"}),
+		app,
 	}}}
-	got := peersOf(versions, "me", "10.0.0.1:8081")
+	got, refused := peersOf(versions, "me", "10.0.0.1:8081", "")
 	want := []peerNode{{addr: "10.0.0.2:8081", id: "a"}, {addr: "10.0.0.3:8081", queue: "g", id: "b"}, {addr: "[::1]:9000", id: "c"}}
-	if !reflect.DeepEqual(got, want) {
-		t.Errorf("peersOf: got %v; want %v", got, want)
+	if !reflect.DeepEqual(got, want) || !reflect.DeepEqual(refused, []Node{app}) {
+		t.Errorf("peersOf: got %v, refused %v; want %v, refused the app", got, refused, want)
+	}
+}
+
+// TestPeersOfWithATokenWantsProof: a sidecar with a token forwards only to
+// entries made by a holder of the token for where they send and what for.
+// Anyone who can write the registry could otherwise announce an entry and
+// receive the token and every message of a topic, in plain HTTP at will.
+func TestPeersOfWithATokenWantsProof(t *testing.T) {
+	const token = "secret"
+	entry := func(id, scheme, host string, port int, queue, proofToken string) Node {
+		n := Node{ID: id, Address: host, Port: port, Metadata: map[string]string{"broker": "1", "sidecar": id, "scheme": scheme}}
+		if queue != "" {
+			n.Metadata["queue"] = queue
+		}
+		if proofToken != "" {
+			n.Metadata["auth"] = peerProof(proofToken, id, scheme, n.hostPort(), "orders", queue)
+		}
+		return n
+	}
+	good := entry("b", "https", "10.0.0.2", 8081, "g", token)
+	moved := entry("c", "https", "10.0.0.3", 8081, "", token)
+	moved.Port = 9999 // the proof of another address
+	downgraded := entry("d", "https", "10.0.0.4", 8081, "", token)
+	downgraded.Metadata["scheme"] = "http"
+	requeued := entry("e", "https", "10.0.0.5", 8081, "g", token)
+	requeued.Metadata["queue"] = "h"
+	versions := []Service{{Name: "topic:orders", Nodes: []Node{
+		good, moved, downgraded, requeued,
+		entry("f", "http", "10.0.0.6", 8081, "", ""),      // no proof: no token, or an earlier release
+		entry("g", "http", "10.0.0.7", 8081, "", "other"), // another token
+	}}}
+	got, refused := peersOf(versions, "me", "10.0.0.1:8081", token)
+	if want := []peerNode{{addr: "https://10.0.0.2:8081", queue: "g", id: "b"}}; !reflect.DeepEqual(got, want) {
+		t.Errorf("peers: got %v; want %v", got, want)
+	}
+	if len(refused) != 5 {
+		t.Errorf("refused %d entries; want 5: %v", len(refused), refused)
+	}
+	// The proof is for the topic it was made for.
+	other := []Service{{Name: "topic:other", Nodes: []Node{good}}}
+	if got, _ := peersOf(other, "me", "10.0.0.1:8081", token); len(got) != 0 {
+		t.Errorf("an entry moved to another topic: got %v; want none", got)
 	}
 }
 

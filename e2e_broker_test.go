@@ -646,7 +646,10 @@ func TestBrokerForwardsToManyGroups(t *testing.T) {
 func TestBrokerDoesNotForwardToItself(t *testing.T) {
 	a := startSidecar(t, "--registry=memory")
 	_, port, _ := net.SplitHostPort(a.addr)
-	registerAddr(t, a, "topic:loop", "stale", "localhost:"+port)
+	body := fmt.Sprintf(`{"name":"topic:loop","nodes":[{"id":"stale","address":"localhost:%s","metadata":{"broker":"1","sidecar":"stale"}}]}`, port)
+	if code, out := do(t, "POST", a.url("/registry"), "application/json", body); code != 200 {
+		t.Fatalf("register the stale entry: %d %s", code, out)
+	}
 	sub := subscribeWS(t, a, "A.loop", "topic=loop")
 	waitSubscribers(t, a, 1)
 	publish(t, a, "loop", "text/plain", "once")

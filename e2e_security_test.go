@@ -492,6 +492,75 @@ func TestBrokerForwardsWithToken(t *testing.T) {
 	waitFor(t, 10*time.Second, "the message to cross sidecars", func() bool { return sub.total() == 1 })
 }
 
+// TestBrokerTokenGoesOnlyToProvenPeers: a sidecar with a token forwards
+// (its token and the messages) only to topic entries made by a holder of
+// the token. Here a fake peer announced by hand, as any host could with
+// mDNS, and a sidecar without the token are both ignored, with a warning;
+// the sidecar sharing the token gets the message.
+func TestBrokerTokenGoesOnlyToProvenPeers(t *testing.T) {
+	const token = "shared-token"
+	var fakeHits sync.Map
+	fake := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		fakeHits.Store(r.Header.Get("Authorization"), true)
+	}))
+	defer fake.Close()
+	file := filepath.Join(t.TempDir(), "registry.json")
+	auth := map[string]string{"Authorization": "Bearer " + token}
+	env := []string{"MICRO_AUTH_TOKEN=" + token}
+	a := startSidecarEnv(t, env, "--registry=file", "--registry_address="+file)
+	b := startSidecarEnv(t, env, "--registry=file", "--registry_address="+file)
+	c := startSidecar(t, "--registry=file", "--registry_address="+file)
+	subB := subscribeWS(t, b, "B", "topic=orders&access_token="+token)
+	subC := subscribeWS(t, c, "C", "topic=orders")
+	entry := fmt.Sprintf(`{"name":"topic:orders","nodes":[{"id":"evil","address":%q,"metadata":{"broker":"1","sidecar":"evil","scheme":"http"}}]}`, strings.TrimPrefix(fake.URL, "http://"))
+	if resp := request(t, "POST", a.url("/registry"), auth, entry); resp.StatusCode != 200 {
+		t.Fatalf("register the fake peer: %d", resp.StatusCode)
+	}
+	waitFor(t, 10*time.Second, "three topic entries on a", func() bool {
+		var s Service
+		return getJSON(t, a.url("/registry?service=topic:orders"), token, &s) == http.StatusOK && len(s.Nodes) == 3
+	})
+	if resp := request(t, "POST", a.url("/broker?topic=orders"), auth, "card 4111"); resp.StatusCode != 200 {
+		t.Fatalf("publish: %d", resp.StatusCode)
+	}
+	waitFor(t, 10*time.Second, "the message on b", func() bool { return subB.total() == 1 })
+	var st brokerStatsReport
+	if getJSON(t, a.url("/broker/stats"), token, &st) != http.StatusOK || st.Forwarded != 1 {
+		t.Errorf("a forwarded to %d peers; want 1 (b alone): %+v", st.Forwarded, st)
+	}
+	fakeHits.Range(func(k, _ any) bool {
+		t.Errorf("the fake peer was sent a batch, with Authorization %q", k)
+		return true
+	})
+	if n := subC.total(); n != 0 {
+		t.Errorf("the sidecar without the token got %d messages; want 0", n)
+	}
+	log := a.log.String()
+	if strings.Count(log, "ignoring a topic entry") != 2 || !strings.Contains(log, "does not prove this sidecar's --auth_token") {
+		t.Errorf("a does not say, once per entry, why it ignores the fake peer and c:\n%s", log)
+	}
+}
+
+// getJSON GETs url with token and decodes the answer into v; it returns
+// the status.
+func getJSON(t *testing.T, url, token string, v any) int {
+	t.Helper()
+	req, err := http.NewRequest("GET", url, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	req.Header.Set("Authorization", "Bearer "+token)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	if err := json.NewDecoder(resp.Body).Decode(v); err != nil {
+		t.Errorf("GET %s: %v", url, err)
+	}
+	return resp.StatusCode
+}
+
 // TestBrokerForwardsOverTLS: sidecars serving HTTPS with one self-signed
 // certificate forward to each other over HTTPS, trusting the certificate
 // they serve with; no SSL_CERT_FILE is needed.
@@ -789,4 +858,7 @@ func TestBrokerForwardsBetweenTLSAndPlain(t *testing.T) {
 	waitRegisteredOverTLS(t, client, tlsSide, "topic:mixed2")
 	publishOverTLS(t, client, tlsSide, "mixed2", "to plain")
 	waitFor(t, 10*time.Second, "the plain sidecar's subscriber to get it", func() bool { return sub.total() == 1 })
+	if !strings.Contains(tlsSide.log.String(), "messages cross the network unencrypted") {
+		t.Errorf("the TLS sidecar forwards in plain HTTP without a warning:\n%s", tlsSide.log.String())
+	}
 }

@@ -474,6 +474,7 @@ func (s *sidecar) authenticate(next http.Handler) http.Handler {
 		return next
 	}
 	want := sha256.Sum256([]byte(s.cfg.AuthToken))
+	peerLog := &logLimiter{every: time.Minute}
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if r.URL.Path == "/health" {
 			next.ServeHTTP(w, r)
@@ -482,6 +483,11 @@ func (s *sidecar) authenticate(next http.Handler) http.Handler {
 		got, ok := bearerToken(r)
 		sum := sha256.Sum256([]byte(got))
 		if !ok || subtle.ConstantTimeCompare(sum[:], want[:]) != 1 {
+			if peer := r.Header.Get(forwardedHeader); peer != "" && peerLog.allow(remoteHost(r)) {
+				// The sender logs its side too; here is where the messages
+				// were missed.
+				s.log.Warn("refused messages forwarded by a peer sidecar: its token is not this sidecar's; sidecars that share topics need the same --auth_token", "peer", truncate(peer, 128), "remote", r.RemoteAddr)
+			}
 			w.Header().Set("WWW-Authenticate", `Bearer realm="micro"`)
 			writeError(w, http.StatusUnauthorized, "missing or wrong token: send Authorization: Bearer <token> (WebSockets may use ?access_token=<token>)")
 			return
@@ -489,6 +495,16 @@ func (s *sidecar) authenticate(next http.Handler) http.Handler {
 		dropToken(r)
 		next.ServeHTTP(w, r)
 	})
+}
+
+// remoteHost is the host part of the request's remote address: the key
+// for what is logged once per sender, which a client cannot vary at will.
+func remoteHost(r *http.Request) string {
+	host, _, err := net.SplitHostPort(r.RemoteAddr)
+	if err != nil {
+		return r.RemoteAddr
+	}
+	return host
 }
 
 // dropToken removes the sidecar's token from a request it admitted. The
