@@ -239,6 +239,7 @@ type forwardItem struct {
 	event     []byte
 	to        []string // the sidecars registered at the peer's address (sent as a header, not in the item)
 	more      bool     // a piece of a message split by splitGroups, not its last
+	rerouted  bool     // its groups were refused by another peer already: not rerouted again
 }
 
 // messagesIn counts the messages of a batch, each split one with its last
@@ -308,6 +309,9 @@ func decodeForward(body []byte, maxEvent int64) ([]forwardItem, error) {
 			}
 			it.groups = append(it.groups, g)
 		}
+		if g, ok := repeatedName(it.groups); ok { // each group gets a message once
+			return nil, fmt.Errorf("batch item %d: queue %q named twice", len(items), truncate(g, 64))
+		}
 		if int64(n) > maxEvent {
 			return nil, fmt.Errorf("batch item %d: an event of %d bytes, over the %d a publish here can make", len(items), n, maxEvent)
 		}
@@ -331,6 +335,20 @@ func decodeForward(body []byte, maxEvent int64) ([]forwardItem, error) {
 	return items, nil
 }
 
+// repeatedName returns a name that names holds twice, if any.
+func repeatedName(names []string) (string, bool) {
+	if len(names) < 2 {
+		return "", false
+	}
+	sorted := slices.Sorted(slices.Values(names))
+	for i := 1; i < len(sorted); i++ {
+		if sorted[i] == sorted[i-1] {
+			return sorted[i], true
+		}
+	}
+	return "", false
+}
+
 // forwarder keeps a queue and at most one request in flight per peer, so
 // that a peer gets a topic's messages in order, in batches as large as
 // what piled up during the previous request.
@@ -350,6 +368,18 @@ type forwarder struct {
 
 	failLog  logLimiter // forward failures, per peer
 	entryLog logLimiter // topic entries ignored or reached in plain HTTP, per entry
+
+	downMu sync.Mutex          // guards down
+	down   map[string]peerDown // peers that refused a batch or could not be reached, by address
+	nDown  atomic.Int32        // len(down), read without the lock on every publish
+}
+
+// peerDown is a peer that refused a batch, or could not be reached: queue
+// groups go to their other members until it is tried again, after a
+// backoff that doubles with each failure in a row.
+type peerDown struct {
+	until    time.Time
+	failures int
 }
 
 // peerEntry caches the peers of one topic. Bounded by maxPeerCache
@@ -504,20 +534,149 @@ func (f *forwarder) warnPlain(p peerNode) {
 	f.b.log.Warn("forwarding to a peer sidecar in plain HTTP, as its entry says it serves: messages cross the network unencrypted", "peer", p.addr, "sidecar", p.id)
 }
 
-// plan is planDelivery over the current registry.
+// plan is planDelivery over the current registry, queue groups kept off
+// peers that are down while they have other members.
 func (f *forwarder) plan(topic string, localBroadcast bool, localGroups []string) deliveryPlan {
 	peers, rr := f.peersFor(topic)
 	if len(peers) == 0 && len(localGroups) == 0 {
 		return deliveryPlan{local: localDelivery{broadcast: localBroadcast}}
 	}
+	if f.nDown.Load() > 0 {
+		peers = withoutDown(peers, localGroups, f.isDown)
+	}
 	return planDelivery(localBroadcast, localGroups, peers, rr.Add(1)-1)
+}
+
+// withoutDown leaves out the queue-group entries of peers that are down,
+// for the groups that have another member: a group whose members are all
+// down keeps them, as a message for it is lost anyway unless one is back.
+// Broadcast entries stay: every peer with broadcast subscribers gets each
+// message.
+func withoutDown(peers []peerNode, localGroups []string, down func(addr string) bool) []peerNode {
+	alive := map[string]bool{} // groups with a member that is not down
+	for _, g := range localGroups {
+		alive[g] = true
+	}
+	for _, p := range peers {
+		if p.queue != "" && !down(p.addr) {
+			alive[p.queue] = true
+		}
+	}
+	var out []peerNode
+	for _, p := range peers {
+		if p.queue != "" && alive[p.queue] && down(p.addr) {
+			continue
+		}
+		out = append(out, p)
+	}
+	return out
+}
+
+func (f *forwarder) isDown(addr string) bool {
+	f.downMu.Lock()
+	defer f.downMu.Unlock()
+	d, ok := f.down[addr]
+	return ok && time.Now().Before(d.until)
+}
+
+// maxDownBackoff bounds how long a peer is kept out of queue groups: a
+// crashed sidecar's entries lapse with --register_ttl (30 s by default).
+const maxDownBackoff = 30 * time.Second
+
+// markDown keeps queue groups off addr for a while, and longer with each
+// failure in a row.
+func (f *forwarder) markDown(addr string) {
+	f.downMu.Lock()
+	defer f.downMu.Unlock()
+	if f.down == nil {
+		f.down = map[string]peerDown{}
+	}
+	d := f.down[addr]
+	if d.failures == 0 && len(f.down) >= maxPeers {
+		return // a bound, like the peer queues'; the groups' rotation goes on as before
+	}
+	d.failures++
+	d.until = time.Now().Add(min(time.Second<<min(d.failures-1, 5), maxDownBackoff))
+	f.down[addr] = d
+	f.nDown.Store(int32(len(f.down)))
+}
+
+// markUp forgets a peer's failures once a batch went through.
+func (f *forwarder) markUp(addr string) {
+	if f.nDown.Load() == 0 {
+		return
+	}
+	f.downMu.Lock()
+	defer f.downMu.Unlock()
+	delete(f.down, addr)
+	f.nDown.Store(int32(len(f.down)))
+}
+
+// reroute gives the queue groups of a batch that the peer at addr refused,
+// or never received, to their other members, here or at other peers: a
+// refused batch is certainly undelivered, so no member gets a message
+// twice. It returns the messages lost: those for broadcast subscribers
+// when broadcastLost, and those with a group that has no other member or
+// was rerouted once already.
+func (f *forwarder) reroute(addr string, batch []forwardItem, broadcastLost bool) int {
+	lost := 0
+	for _, it := range batch {
+		itemLost := broadcastLost && it.broadcast
+		if len(it.groups) > 0 {
+			itemLost = f.rerouteGroups(addr, it) || itemLost
+		}
+		if itemLost {
+			lost++
+		}
+	}
+	return lost
+}
+
+// rerouteGroups plans the groups of it again without addr, and reports whether
+// any was left without a member.
+func (f *forwarder) rerouteGroups(addr string, it forwardItem) bool {
+	if it.rerouted {
+		return true
+	}
+	_, localGroups := f.b.localView(it.topic)
+	peers, rr := f.peersFor(it.topic)
+	var mine []string
+	for _, g := range localGroups {
+		if slices.Contains(it.groups, g) {
+			mine = append(mine, g)
+		}
+	}
+	var others []peerNode
+	for _, p := range peers {
+		if p.queue != "" && p.addr != addr && slices.Contains(it.groups, p.queue) {
+			others = append(others, p)
+		}
+	}
+	plan := planDelivery(false, mine, others, rr.Add(1)-1)
+	planned := len(plan.local.groups)
+	m := newMessage(it.topic, "", it.event)
+	f.b.deliver(m, false, plan.local.groups)
+	for i := range plan.forwards {
+		planned += len(plan.forwards[i].groups)
+	}
+	f.sendRerouted(m, plan.forwards)
+	return planned < len(it.groups)
 }
 
 // send queues m for each forward. It never blocks on a peer: a full queue
 // drops the message, counted.
 func (f *forwarder) send(m *message, forwards []forwardPlan) {
+	f.sendItems(m, forwards, false)
+}
+
+// sendRerouted is send for the groups of a batch another peer refused.
+func (f *forwarder) sendRerouted(m *message, forwards []forwardPlan) {
+	f.sendItems(m, forwards, true)
+}
+
+func (f *forwarder) sendItems(m *message, forwards []forwardPlan, rerouted bool) {
 	for _, fp := range forwards {
-		item := forwardItem{topic: m.topic, broadcast: fp.broadcast, groups: fp.groups, event: m.event, to: fp.ids}
+		item := forwardItem{topic: m.topic, broadcast: fp.broadcast, groups: fp.groups, event: m.event, to: fp.ids, rerouted: rerouted}
 		ok := true
 		for _, piece := range splitGroups(item) {
 			ok = f.enqueue(fp.addr, piece) && ok
@@ -543,12 +702,12 @@ func splitGroups(it forwardItem) []forwardItem {
 	start, size := 0, base
 	for i, g := range it.groups {
 		if size+1+len(g) > maxForwardLine && i > start {
-			out = append(out, forwardItem{topic: it.topic, broadcast: it.broadcast && len(out) == 0, groups: it.groups[start:i:i], event: it.event, to: it.to, more: true})
+			out = append(out, forwardItem{topic: it.topic, broadcast: it.broadcast && len(out) == 0, groups: it.groups[start:i:i], event: it.event, to: it.to, more: true, rerouted: it.rerouted})
 			start, size = i, base
 		}
 		size += 1 + len(g)
 	}
-	return append(out, forwardItem{topic: it.topic, broadcast: it.broadcast && len(out) == 0, groups: it.groups[start:], event: it.event, to: it.to})
+	return append(out, forwardItem{topic: it.topic, broadcast: it.broadcast && len(out) == 0, groups: it.groups[start:], event: it.event, to: it.to, rerouted: it.rerouted})
 }
 
 // encodedSize is what it takes in a batch, header line and all.
@@ -625,10 +784,21 @@ func (f *forwarder) work(p *peerQueue) {
 		f.held -= batchBytes // held until posted: a batch in flight is memory too
 		f.mu.Unlock()
 		switch {
+		case err == nil:
+			f.markUp(p.addr)
 		case errors.Is(err, errStalePeer):
-			// Not lost: the sidecar at that address has its own entry.
+			// The sidecar at that address has its own entry, which brings
+			// its broadcast subscribers each message already; the groups
+			// the stale entry named are not its.
+			f.markDown(p.addr)
+			f.b.stats.ForwardDropped.Add(uint64(f.reroute(p.addr, batch, false)))
 			f.b.log.Debug("a stale topic entry names a sidecar at an address another answers", "peer", p.addr, "error", err)
-		case err != nil:
+		case undelivered(err):
+			f.markDown(p.addr)
+			lost := f.reroute(p.addr, batch, true)
+			f.b.stats.ForwardDropped.Add(uint64(lost))
+			f.logFailure(p.addr, lost, err)
+		default:
 			lost := messagesIn(batch)
 			f.b.stats.ForwardDropped.Add(uint64(lost))
 			f.logFailure(p.addr, lost, err)
@@ -638,6 +808,21 @@ func (f *forwarder) work(p *peerQueue) {
 
 // errStalePeer is a peer's 410: the batch went by a stale entry.
 var errStalePeer = errors.New("the sidecar there is another than the entry names")
+
+// peerRefusal is a peer's answer other than 2xx: it refuses a batch whole,
+// before delivering any of it.
+type peerRefusal struct{ msg string }
+
+func (e *peerRefusal) Error() string { return e.msg }
+
+// undelivered reports whether a failed forward certainly delivered
+// nothing: the peer could not be reached, or refused the batch. A batch
+// that timed out may yet be delivered.
+func undelivered(err error) bool {
+	var refusal *peerRefusal
+	var op *net.OpError
+	return errors.As(err, &refusal) || errors.As(err, &op) && op.Op == "dial"
+}
 
 func (f *forwarder) post(addr string, ids []string, body []byte) error {
 	base := addr
@@ -665,11 +850,11 @@ func (f *forwarder) post(addr string, ids []string, body []byte) error {
 	case http.StatusGone:
 		return errStalePeer
 	case http.StatusUnauthorized:
-		return errors.New("peer refused this sidecar's token (401 Unauthorized): sidecars that share topics need the same --auth_token")
+		return &peerRefusal{"peer refused this sidecar's token (401 Unauthorized): sidecars that share topics need the same --auth_token"}
 	}
 	if resp.StatusCode/100 != 2 {
 		msg, _ := io.ReadAll(io.LimitReader(resp.Body, 512))
-		return fmt.Errorf("peer answered %s: %s", resp.Status, bytes.TrimSpace(msg))
+		return &peerRefusal{fmt.Sprintf("peer answered %s: %s", resp.Status, bytes.TrimSpace(msg))}
 	}
 	io.Copy(io.Discard, io.LimitReader(resp.Body, 4096))
 	return nil
@@ -677,11 +862,15 @@ func (f *forwarder) post(addr string, ids []string, body []byte) error {
 
 // logFailure logs forward failures at most once every ten seconds for
 // each peer.
-func (f *forwarder) logFailure(addr string, n int, err error) {
+func (f *forwarder) logFailure(addr string, lost int, err error) {
 	if !f.failLog.allow(addr) {
 		return
 	}
-	f.b.log.Warn("forwarding to a peer sidecar failed; messages lost (delivery is at most once)", "peer", addr, "messages", n, "error", err)
+	if lost == 0 {
+		f.b.log.Warn("forwarding to a peer sidecar failed; its queue groups' messages went to other members", "peer", addr, "error", err)
+		return
+	}
+	f.b.log.Warn("forwarding to a peer sidecar failed; messages lost (delivery is at most once)", "peer", addr, "messages", lost, "error", err)
 }
 
 // close refuses new forwards and waits for the queued ones, or for ctx.
@@ -722,6 +911,20 @@ func (f *forwarder) receive(body []byte) (int, error) {
 		m := newMessage(it.topic, "", it.event)
 		f.b.deliver(m, it.broadcast, it.groups)
 	}
-	f.b.stats.Received.Add(uint64(len(items)))
-	return len(items), nil
+	n := messagesReceived(items)
+	f.b.stats.Received.Add(uint64(n))
+	return n, nil
+}
+
+// messagesReceived counts the messages of a batch from a peer: the pieces
+// of a message split for its many groups (see splitGroups) follow one
+// another with the same event, which no two messages share (ids differ).
+func messagesReceived(items []forwardItem) int {
+	n := 0
+	for i, it := range items {
+		if i == 0 || !bytes.Equal(it.event, items[i-1].event) {
+			n++
+		}
+	}
+	return n
 }

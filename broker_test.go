@@ -264,6 +264,37 @@ func TestPeersOfWithATokenWantsProof(t *testing.T) {
 	}
 }
 
+// TestWithoutDownKeepsGroupsOffFailedPeers: a peer that is down gets no
+// queue-group messages while the group has another member, and still
+// gets its broadcast ones.
+func TestWithoutDownKeepsGroupsOffFailedPeers(t *testing.T) {
+	peers := []peerNode{
+		{addr: "a:1"}, {addr: "a:1", queue: "g"}, {addr: "a:1", queue: "solo"},
+		{addr: "b:1", queue: "g"},
+	}
+	down := func(addr string) bool { return addr == "a:1" }
+	got := withoutDown(peers, nil, down)
+	want := []peerNode{{addr: "a:1"}, {addr: "a:1", queue: "solo"}, {addr: "b:1", queue: "g"}}
+	if !reflect.DeepEqual(got, want) {
+		t.Errorf("got %v; want %v (g moves to b; solo, with no other member, and the broadcast entry stay)", got, want)
+	}
+	if got := withoutDown(peers[1:2], []string{"g"}, down); len(got) != 0 {
+		t.Errorf("a local member of g: got %v; want the down peer left out", got)
+	}
+}
+
+// TestLogLimiter: one line per key and interval, each key on its own.
+func TestLogLimiter(t *testing.T) {
+	l := logLimiter{every: time.Hour}
+	if !l.allow("a") || l.allow("a") || !l.allow("b") {
+		t.Error("want the first of each key through and the repeat held back")
+	}
+	l = logLimiter{every: 0}
+	if !l.allow("a") || !l.allow("a") {
+		t.Error("with no interval every line goes through")
+	}
+}
+
 // TestPlanNamesTheSidecarsAtEachAddress: a forward names the sidecars the
 // registry has at its address, so that one there that is none of them (a
 // stale entry, under another spelling of its address) can refuse it.
@@ -308,6 +339,7 @@ func TestForwardBatchRoundTrip(t *testing.T) {
 		{"length at the limit of int", "foo b 9223372036854775807\n{}\n"},
 		{"not UTF-8", "foo b " + fmt.Sprint(len(notUTF8)) + "\n" + string(notUTF8) + "\n"},
 		{"header line too long", "foo - 2" + strings.Repeat(" g", maxForwardLine/2) + "\n{}\n"},
+		{"a group named twice", "foo - " + fmt.Sprint(len(ev("foo"))) + " g h g\n" + string(ev("foo")) + "\n"},
 	} {
 		if _, err := decodeForward([]byte(tc.body), 1<<20); err == nil {
 			t.Errorf("%s: decodeForward(%q) succeeded; want an error", tc.name, tc.body)
