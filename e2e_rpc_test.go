@@ -551,3 +551,36 @@ func TestProxyEndsABodyThatStops(t *testing.T) {
 		})
 	}
 }
+
+// TestTimeoutSentIsTheTimeLeft: the Timeout a node is told is what is left
+// of the caller's deadline, which counts from the end of a slow upload;
+// before, the upload's time was added to it, and the node worked on past
+// the point where the sidecar had given up on it.
+func TestTimeoutSentIsTheTimeLeft(t *testing.T) {
+	told := make(chan string, 1)
+	node := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		told <- r.Header.Get("Timeout")
+		io.WriteString(w, `{"jsonrpc":"2.0","id":1,"result":{}}`)
+	}))
+	defer node.Close()
+	p := startSidecar(t, "--registry=memory")
+	registerAddr(t, p, "go.micro.srv.slow", "s1", strings.TrimPrefix(node.URL, "http://"))
+	c, err := net.Dial("tcp", p.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	body := `service=go.micro.srv.slow&method=Slow.Upload&request={}`
+	fmt.Fprintf(c, "POST /rpc HTTP/1.1\r\nHost: x\r\nTimeout: 1s\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: %d\r\n\r\n", len(body))
+	time.Sleep(400 * time.Millisecond) // the upload is slow: part of the scenario, not a wait
+	io.WriteString(c, body)
+	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	ns, err := time.ParseDuration(<-told + "ns")
+	if resp.StatusCode != 200 || err != nil || ns > time.Second || ns < 500*time.Millisecond {
+		t.Errorf("status %d; the node was told %v (%v); want at most the caller's 1s", resp.StatusCode, ns, err)
+	}
+}

@@ -722,6 +722,40 @@ func TestConnectIsRefusedInTheErrorShape(t *testing.T) {
 	}
 }
 
+// TestBothLengthsAreRefusedAndClosed: a request stating Content-Length and
+// Transfer-Encoding gets a 400 and its connection closed (RFC 9112 section
+// 6.1), whichever comes first: what a front proxy framing it by the other
+// field took for its body must not be served as a request of its own.
+func TestBothLengthsAreRefusedAndClosed(t *testing.T) {
+	p := startSidecar(t, "--registry=memory")
+	smuggled := "GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+	for _, fields := range []string{
+		"Content-Length: 40\r\nTransfer-Encoding: chunked\r\n",
+		"Transfer-Encoding: chunked\r\ncontent-length: 40\r\n",
+	} {
+		c, err := net.Dial("tcp", p.addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.SetDeadline(time.Now().Add(5 * time.Second))
+		io.WriteString(c, "POST /registry HTTP/1.1\r\nHost: x\r\n"+fields+"\r\n0\r\n\r\n"+smuggled)
+		br := bufio.NewReader(c)
+		resp, err := http.ReadResponse(br, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		var e errorBody
+		if resp.StatusCode != 400 || json.Unmarshal(body, &e) != nil || e.Code != 400 || !strings.Contains(e.Detail, "ambiguous") || !resp.Close {
+			t.Errorf("%q: %d %s (close %v); want a 400 in the error shape, and the connection closed", fields, resp.StatusCode, body, resp.Close)
+		}
+		if extra, err := http.ReadResponse(br, nil); err == nil {
+			t.Errorf("%q: the smuggled request was served: %d", fields, extra.StatusCode)
+		}
+		c.Close()
+	}
+}
+
 // TestSilentConnectionClosedAfterReadHeaderTimeout: a new connection that
 // sends nothing is closed after --read_header_timeout, as net/http closes
 // one; between requests a connection may idle for --idle_timeout.

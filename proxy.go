@@ -325,8 +325,11 @@ func (p *proxy) roundTrip(req *http.Request) (*http.Response, error) {
 		// Whether the transport reused a connection: a node closing an
 		// idle one as the request goes out is no failing node (see
 		// keptAliveLost).
-		var reused atomic.Bool
-		trace := &httptrace.ClientTrace{GotConn: func(info httptrace.GotConnInfo) { reused.Store(info.Reused) }}
+		var reused, wroteHead atomic.Bool
+		trace := &httptrace.ClientTrace{
+			GotConn:      func(info httptrace.GotConnInfo) { reused.Store(info.Reused) },
+			WroteHeaders: func() { wroteHead.Store(true) },
+		}
 		out := req.WithContext(httptrace.WithClientTrace(ctx, trace))
 		u := *req.URL
 		u.Host = node.hostPort()
@@ -343,7 +346,10 @@ func (p *proxy) roundTrip(req *http.Request) (*http.Response, error) {
 		}
 		o := classifyFailure(ctx, time.Time{}, err) // the deadline cancels ctx
 		err = unwrapURLError(err)
-		if reused.Load() {
+		switch {
+		case o == lost && body != nil && body.read && wroteHead.Load():
+			err = &uploadCut{err}
+		case reused.Load():
 			err = keptAliveLoss(err)
 		}
 		return o, o == timedOut && context.Cause(ctx) == errHeaderTimeout, err
@@ -479,6 +485,22 @@ func proxyError(w http.ResponseWriter, r *http.Request, err error) {
 	}
 	writeCallError(w, err)
 }
+
+// uploadCut is the failure of a request whose head reached the node and
+// whose body the node stopped taking (it closed or reset the connection)
+// before an answer could be read. Most often the node refused the upload
+// (a 413 over its limit, a 401) and closed at once, and the reset that
+// closing with the body unread sends destroyed its answer on the way, or
+// Go's transport returned the failed write instead (golang/go#51109). The
+// node is reachable, and is not ejected for it (see isConnFailure): two
+// such uploads used to take a service's two nodes out for everyone.
+type uploadCut struct{ err error }
+
+func (e *uploadCut) Error() string {
+	return "the node closed the connection while the request body was being sent (it may have refused the upload; an answer it sent was lost): " + e.err.Error()
+}
+
+func (e *uploadCut) Unwrap() error { return e.err }
 
 // onceBody lets a request body survive a failed attempt: the transport
 // closes the body it was given, and a retry needs it still open. read says

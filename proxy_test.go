@@ -231,15 +231,18 @@ func TestCanForwardDirect(t *testing.T) {
 
 // TestProxyTrailers: a client that asks for trailers gets them, through
 // ReverseProxy.
+// TestProxyTrailers: a node's trailer fields reach a client that asked for
+// them. The real binary, whose fast-path server writes no trailers and
+// must leave such requests to net/http.
 func TestProxyTrailers(t *testing.T) {
-	s, srv := testSidecar(t, nil)
+	p := startSidecar(t, "--registry=memory")
 	app := appServer(t, func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Trailer", "X-Sum")
 		io.WriteString(w, "data")
 		w.Header().Set("X-Sum", "42")
 	})
-	register(t, s, "trailing", hostOf(app))
-	req, _ := http.NewRequest("GET", srv.URL+"/proxy/trailing/", nil)
+	registerAddr(t, p, "trailing", "t1", hostOf(app))
+	req, _ := http.NewRequest("GET", p.url("/proxy/trailing/"), nil)
 	req.Header.Set("Te", "trailers")
 	resp, err := http.DefaultClient.Do(req)
 	if err != nil {
@@ -817,5 +820,58 @@ func TestAbortedRequestsAreCounted(t *testing.T) {
 	waitFor(t, 5*time.Second, "the request counted", func() bool {
 		_, metrics := do(t, "GET", srv.URL+"/metrics", "", "")
 		return strings.Contains(metrics, `micro_http_requests_total{route="/proxy/",code="499"} 1`)
+	})
+}
+
+// TestEarlyAnswerToAnUploadIsPassedOn: a node that answers an upload
+// before reading it (a 413 over its limit) and closes gets its answer to
+// the caller, and is not ejected for it: before, Go's transport failed to
+// write the rest of the body and returned that for the answer, and two
+// such uploads took a service's two nodes out for everyone.
+// The real binary, so that requests come through the fast-path server.
+func TestEarlyAnswerToAnUploadIsPassedOn(t *testing.T) {
+	p := startSidecar(t, "--registry=memory")
+	refuse := func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Connection", "close")
+		http.Error(w, "too large", http.StatusRequestEntityTooLarge) // Go's server closes after about 256 KiB of it unread
+	}
+	registerAddr(t, p, "upload", "u1", hostOf(appServer(t, refuse)))
+	registerAddr(t, p, "upload", "u2", hostOf(appServer(t, refuse)))
+	// A node that closes at once, with the body unread, resets the
+	// connection: its answer may be lost, but it is no failing node.
+	abrupt := rawHeadNode(t, "HTTP/1.1 413 Content Too Large\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+	registerAddr(t, p, "abrupt", "a1", abrupt)
+	registerAddr(t, p, "abrupt", "a2", abrupt)
+	body := strings.Repeat("x", 4<<20)
+	for i := range 6 {
+		if code, _ := do(t, "POST", p.url("/proxy/upload/files"), "application/octet-stream", body); code != http.StatusRequestEntityTooLarge {
+			t.Errorf("upload %d: %d; want the node's 413", i, code)
+		}
+		code, out := do(t, "POST", p.url("/proxy/abrupt/files"), "application/octet-stream", body)
+		if code != http.StatusRequestEntityTooLarge && !(code == http.StatusBadGateway && strings.Contains(out, "while the request body was being sent")) {
+			t.Errorf("abrupt upload %d: %d %s; want the node's 413, or a 502 saying the node stopped reading", i, code, out)
+		}
+	}
+	if strings.Contains(p.log.String(), "node ejected") {
+		t.Errorf("a node that answered was ejected:\n%s", p.log.String())
+	}
+}
+
+// rawHeadNode answers every request with answer as soon as its head is
+// read, and closes with the body unread.
+func rawHeadNode(t *testing.T, answer string) string {
+	return tcpNode(t, func(c net.Conn) {
+		defer c.Close()
+		br := bufio.NewReader(c)
+		for {
+			line, err := br.ReadString('\n')
+			if err != nil {
+				return
+			}
+			if line == "\r\n" {
+				io.WriteString(c, answer)
+				return
+			}
+		}
 	})
 }

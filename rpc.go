@@ -800,7 +800,8 @@ func (c *caller) serve(w http.ResponseWriter, r *http.Request, call rpcCall, buf
 		return
 	}
 	start := requestStart(w)
-	deadline := bodyReadAt(r, start).Add(timeout) // a slow upload is no slow node
+	ready := bodyReadAt(r, start) // a slow upload is no slow node
+	deadline := ready.Add(timeout)
 	// The deadline is set on the connection to the node, and the call
 	// runs to its answer even if the caller goes, as on the fast-path
 	// server, whose requests' contexts never end: net/http ends one also
@@ -810,7 +811,7 @@ func (c *caller) serve(w http.ResponseWriter, r *http.Request, call rpcCall, buf
 	if ctx.Done() != nil {
 		ctx = context.WithoutCancel(ctx)
 	}
-	result, err := c.call(ctx, start, deadline, r.Header, call, shortened, buf)
+	result, err := c.call(ctx, ready, deadline, r.Header, call, shortened, buf)
 	c.observe(requestNow(w).Sub(start), call, err)
 	if err != nil {
 		var ce *callError
@@ -884,9 +885,10 @@ func timeoutHint(header string, d time.Duration) string {
 // returns the result, a slice of buf. A node whose connection fails is
 // ejected; the call moves to another node only when the request cannot have
 // reached the app (the connection was never made), at most cfg.Retries
-// times. shortened says the caller asked for a deadline below
-// --rpc_timeout: running out of it then says nothing about the node, which
-// is not ejected for it.
+// times. start is when the call was ready to go, its body read: the node
+// is told the time left from there. shortened says the caller asked for a
+// deadline below --rpc_timeout: running out of it then says nothing about
+// the node, which is not ejected for it.
 func (c *caller) call(ctx context.Context, start, deadline time.Time, in http.Header, call rpcCall, shortened bool, buf *bytes.Buffer) ([]byte, error) {
 	var nodes []Node
 	direct := call.Address != ""
@@ -1004,7 +1006,8 @@ func expired(ctx context.Context, deadline time.Time) bool {
 func isConnFailure(err error) bool {
 	var ne net.Error
 	var kal *keptAliveLost
-	if errors.As(err, &kal) {
+	var cut *uploadCut
+	if errors.As(err, &kal) || errors.As(err, &cut) {
 		return false
 	}
 	return errors.Is(err, syscall.ECONNREFUSED) || errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.EPIPE) ||

@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -230,6 +231,10 @@ func (c *serverConn) serve() {
 		}
 		head, _ := c.br.Peek(n)
 		if err := parseRequestHead(head, &c.head); err != nil {
+			if err == errBothLengths {
+				c.refuse(http.StatusBadRequest, err.Error())
+				return
+			}
 			keep = true
 			c.handOff()
 			return
@@ -270,6 +275,15 @@ func (c *serverConn) linger() {
 	}
 	c.rwc.SetReadDeadline(time.Now().Add(lingerTimeout))
 	io.CopyN(io.Discard, c.rwc, lingerMaxBytes)
+}
+
+// refuse answers a request the connection cannot go on from with an
+// error in the ecosystem's shape, then closes it.
+func (c *serverConn) refuse(code int, detail string) {
+	body, _ := json.Marshal(errorBody{ID: "go.micro.sidecar", Code: code, Detail: detail, Status: http.StatusText(code)})
+	c.rwc.SetWriteDeadline(time.Now().Add(lingerTimeout))
+	fmt.Fprintf(c.rwc, "HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s", code, http.StatusText(code), len(body), body)
+	c.linger()
 }
 
 // errHandOff is a request the fast path leaves to net/http.

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"errors"
 	"net/http"
 	"net/url"
 	"slices"
@@ -25,9 +26,10 @@ type requestHead struct {
 // parseRequestHead parses head, which ends in its blank line, and returns
 // errHandOff for anything it leaves to net/http: another protocol version,
 // a target that is not a path, a body framed other than by one
-// Content-Length, an upgrade, an Expect, an event stream, or a byte that
-// RFC 9110 does not allow where it stands. Whatever it accepts, it reads
-// as net/http's server reads it (FuzzParseRequestHead compares the two).
+// Content-Length, an upgrade, an Expect, an event stream, a client that
+// takes trailers, or a byte that RFC 9110 does not allow where it stands.
+// Whatever it accepts, it reads as net/http's server reads it
+// (FuzzParseRequestHead compares the two).
 func parseRequestHead(head []byte, req *requestHead) error {
 	s := req.text.copy(head) // names and values are substrings of it
 	line, rest, ok := cutLine(s)
@@ -75,7 +77,12 @@ func parseRequestHead(head []byte, req *requestHead) error {
 				return errHandOff
 			}
 			req.contentLength = n
-		case "Transfer-Encoding", "Upgrade", "Expect":
+		case "Transfer-Encoding":
+			if lengths > 0 || hasFieldLine(rest, "Content-Length") {
+				return errBothLengths
+			}
+			return errHandOff
+		case "Upgrade", "Expect":
 			return errHandOff
 		case "Connection":
 			if hasToken(value, "upgrade") {
@@ -85,6 +92,10 @@ func parseRequestHead(head []byte, req *requestHead) error {
 		case "Accept":
 			if strings.Contains(value, "text/event-stream") {
 				return errHandOff // streams are for net/http, which notices a client leaving
+			}
+		case "Te":
+			if hasToken(value, "trailers") {
+				return errHandOff // the fast path's responses carry no trailers
 			}
 		}
 		repeated := false
@@ -115,6 +126,30 @@ func parseRequestHead(head []byte, req *requestHead) error {
 		}
 	}
 	return nil
+}
+
+// errBothLengths is a request that states a Content-Length and a
+// Transfer-Encoding: RFC 9112 section 6.1 lets a server refuse it, and
+// wants the connection closed after it either way. Behind a front proxy
+// that framed it by the other field, its body's rest would be read as a
+// request of its own (request smuggling).
+var errBothLengths = errors.New("the request states both Content-Length and Transfer-Encoding: its length is ambiguous (RFC 9112 section 6.1)")
+
+// hasFieldLine reports whether a header block, after its first line
+// (lines end in CRLF; the block in a blank line), has a field named name,
+// in any case.
+func hasFieldLine(block, name string) bool {
+	for block != "" && !strings.HasPrefix(block, "\r\n") {
+		line, rest, ok := cutLine(block)
+		if !ok {
+			return false
+		}
+		if len(line) > len(name) && line[len(name)] == ':' && strings.EqualFold(line[:len(name)], name) {
+			return true
+		}
+		block = rest
+	}
+	return false
 }
 
 // stringArena makes strings by copying bytes into chunks of memory whose
