@@ -67,6 +67,7 @@ func newProxy(cfg proxyConfig, reg *registry, sel *selector, transport http.Roun
 		ModifyResponse: func(resp *http.Response) error {
 			if t, _ := resp.Request.Context().Value(targetKey{}).(*proxyTarget); t != nil && t.ownCORS {
 				dropCORSFields(resp.Header)
+				addFields(resp.Header, t.cors)
 			}
 			return nil
 		},
@@ -84,6 +85,29 @@ func sidecarAnsweredCORS(h http.Header) bool { return h["Access-Control-Allow-Or
 func isCORSField(k string) bool {
 	const prefix = "Access-Control-"
 	return len(k) > len(prefix) && strings.EqualFold(k[:len(prefix)], prefix)
+}
+
+// takeCORS removes the CORS answer the guard put on h, its fields and
+// Vary, and returns it. On the ReverseProxy path it goes on the node's
+// answer instead (ModifyResponse), or on an error (proxyError):
+// ReverseProxy clears the answer's header once it has passed on an
+// interim 1xx (a 103), which took the fields off the final answer.
+func takeCORS(h http.Header) http.Header {
+	own := http.Header{}
+	for k, v := range h {
+		if isCORSField(k) || k == "Vary" {
+			own[k] = v
+			delete(h, k)
+		}
+	}
+	return own
+}
+
+// addFields adds the values of from to h.
+func addFields(h, from http.Header) {
+	for k, v := range from {
+		h[k] = append(h[k], v...)
+	}
 }
 
 func dropCORSFields(h http.Header) {
@@ -105,6 +129,7 @@ type proxyTarget struct {
 	shortened bool          // the caller asked for less than the default deadline
 	body      stallReporter // the caller's body, when it can stall; ReverseProxy hides it behind its own reader
 	ownCORS   bool          // the sidecar answered CORS for the caller's origin: the node's CORS fields go
+	cors      http.Header   // that answer, on the ReverseProxy path (see takeCORS)
 }
 
 type targetKey struct{}
@@ -167,7 +192,9 @@ func (p *proxy) serve(w http.ResponseWriter, r *http.Request, service, path stri
 	}
 	rt := t // a copy goes in the context, so that t stays off the heap
 	rt.body, _ = r.Body.(stallReporter)
-	rt.ownCORS = sidecarAnsweredCORS(w.Header())
+	if rt.ownCORS = sidecarAnsweredCORS(w.Header()); rt.ownCORS {
+		rt.cors = takeCORS(w.Header())
+	}
 	ctx := context.WithValue(callerContext(r), targetKey{}, &rt)
 	if ctx.Value(http.ServerContextKey) == nil {
 		// ReverseProxy aborts a response it cannot finish (a node gone
@@ -280,6 +307,9 @@ func rewrite(pr *httputil.ProxyRequest) {
 		pr.Out.Header["X-Forwarded-For"] = xff
 	}
 	pr.SetXForwarded()
+	// The sidecar's server has answered 100 Continue as the body was read:
+	// the node's would reach the caller as a second one.
+	delete(pr.Out.Header, "Expect")
 }
 
 type roundTripFunc func(*http.Request) (*http.Response, error)
@@ -469,6 +499,9 @@ func (p *proxy) attemptNodes(t *proxyTarget, mayRetry func(outcome) bool, send f
 // proxyError is the ReverseProxy's one error handler.
 func proxyError(w http.ResponseWriter, r *http.Request, err error) {
 	t, _ := r.Context().Value(targetKey{}).(*proxyTarget)
+	if t != nil && t.ownCORS {
+		addFields(w.Header(), t.cors)
+	}
 	if t != nil && t.stalled() {
 		writeError(w, http.StatusRequestTimeout, errBodyStalled.Error())
 		return

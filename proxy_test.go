@@ -11,6 +11,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"net/url"
+	"slices"
 	"strconv"
 	"strings"
 	"sync/atomic"
@@ -874,4 +875,69 @@ func rawHeadNode(t *testing.T, answer string) string {
 			}
 		}
 	})
+}
+
+// TestCORSSurvivesInterimAnswers: on the ReverseProxy path, an interim
+// answer from the node (a 103, a 100) must not take the sidecar's CORS
+// fields off the final answer, and an Expect: 100-continue gets one 100,
+// not the sidecar's and the node's.
+func TestCORSSurvivesInterimAnswers(t *testing.T) {
+	p := startSidecar(t, "--registry=memory")
+	app := appServer(t, func(w http.ResponseWriter, r *http.Request) {
+		io.Copy(io.Discard, r.Body)
+		w.Header().Set("Link", "</style.css>; rel=preload")
+		w.WriteHeader(http.StatusEarlyHints)
+		w.Header().Set("Access-Control-Allow-Origin", "*") // the sidecar's policy stands
+		io.WriteString(w, "ok")
+	})
+	registerAddr(t, p, "web", "w1", hostOf(app))
+	origin := "http://" + p.addr // the sidecar's own, under an IP address: allowed
+	for _, tc := range []struct {
+		name    string
+		method  string
+		body    string
+		headers map[string]string
+	}{
+		{"TE: trailers", "GET", "", map[string]string{"Te": "trailers"}},
+		{"a large upload with Expect", "POST", strings.Repeat("x", directMaxBody+1), map[string]string{"Expect": "100-continue"}},
+	} {
+		c, err := net.Dial("tcp", p.addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.SetDeadline(time.Now().Add(5 * time.Second))
+		head := fmt.Sprintf("%s /proxy/web/x HTTP/1.1\r\nHost: %s\r\nOrigin: %s\r\nContent-Length: %d\r\n", tc.method, p.addr, origin, len(tc.body))
+		for k, v := range tc.headers {
+			head += k + ": " + v + "\r\n"
+		}
+		io.WriteString(c, head+"\r\n")
+		if tc.headers["Expect"] == "" {
+			io.WriteString(c, tc.body)
+		}
+		br := bufio.NewReader(c)
+		continues := 0
+		var resp *http.Response
+		for {
+			resp, err = http.ReadResponse(br, nil)
+			if err != nil || resp.StatusCode >= 200 {
+				break
+			}
+			if resp.StatusCode == http.StatusContinue {
+				if continues == 0 {
+					io.WriteString(c, tc.body) // as curl does, once told to go on
+				}
+				continues++
+			}
+		}
+		c.Close()
+		if err != nil {
+			t.Fatalf("%s: %v", tc.name, err)
+		}
+		if got := resp.Header.Values("Access-Control-Allow-Origin"); len(got) != 1 || got[0] != origin || !slices.Contains(resp.Header.Values("Vary"), "Origin") {
+			t.Errorf("%s: final answer's Access-Control-Allow-Origin %q, Vary %q; want %s alone, and Origin", tc.name, got, resp.Header.Values("Vary"), origin)
+		}
+		if continues > 1 {
+			t.Errorf("%s: %d 100 Continue; want one at most", tc.name, continues)
+		}
+	}
 }
