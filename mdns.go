@@ -16,6 +16,7 @@ import (
 	"math"
 	"net"
 	"net/netip"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -83,6 +84,22 @@ type mdnsLocal struct {
 	ttl      uint32    // seconds
 	repeatAt time.Time // zero: no announcement pending
 	lastSent time.Time // when its records were last multicast
+}
+
+// ttlAt is the TTL to announce l with at now: what is left of its
+// registration's life, so that the other caches expire it when this
+// sidecar does. Announcing the whole TTL at every answer or repeat let a
+// node posted once with ?ttl=10s live on other sidecars for 19 s (a
+// peer's refresh query at 80% of the TTL got a whole TTL back).
+func (l *mdnsLocal) ttlAt(now time.Time) uint32 {
+	if l.rec.Expires.IsZero() {
+		return l.ttl
+	}
+	left := l.rec.Expires.Sub(now)
+	if left <= 0 {
+		return 1 // expiring now; 0 would be a goodbye, and mdnsTTL's 0 means never
+	}
+	return min(mdnsTTL(left), l.ttl)
 }
 
 // mdnsBackend keeps the table current from the link and announces this
@@ -190,6 +207,9 @@ func chooseInterfaces(names []string, loopback bool, all []net.Interface, v4 fun
 	if len(names) > 0 {
 		var out []net.Interface
 		for _, n := range names {
+			if slices.ContainsFunc(out, func(ifi net.Interface) bool { return ifi.Name == n }) {
+				continue // joined twice, every packet would go out and be handled twice
+			}
 			found := false
 			for _, ifi := range all {
 				if ifi.Name == n {
@@ -280,14 +300,19 @@ func (b *mdnsBackend) register(s Service, ttl time.Duration) error {
 			b.locals[r.key()] = l
 		} else if now.Sub(l.lastSent) < time.Second {
 			// The same records, multicast under a second ago: RFC 6762
-			// section 6 allows no sooner, and the last announcement stands
-			// (a client re-registering in a loop must not flood the link).
-			l.rec = r // the new expiry
+			// section 6 allows no sooner (a client re-registering in a loop
+			// must not flood the link). The new expiry goes out once the
+			// second is up: with a short ?ttl= the last announcement's
+			// could run out on the other caches first.
+			l.rec = r
+			if next := l.lastSent.Add(mdnsRepeat); l.repeatAt.IsZero() || next.Before(l.repeatAt) {
+				l.repeatAt = next
+			}
 			continue
 		}
 		l.rec, l.ann, l.ttl, l.lastSent = r, a, mdnsTTL(ttl), now
 		b.labels[strings.ToLower(a.instance[:len(a.instance)-len(mdnsServiceType)-1])] = r.key()
-		if p, err := announcePacket(a, l.ttl); err == nil {
+		if p, err := announcePacket(a, l.ttlAt(now)); err == nil {
 			pkts = append(pkts, p)
 		}
 	}
@@ -408,7 +433,7 @@ func (b *mdnsBackend) handlePacket(data []byte, src netip.AddrPort) []outPacket 
 		if l.rec.expired(now) {
 			continue
 		}
-		ans, extra := answer(pkt.questions, pkt.records, []mdnsAnnouncement{l.ann}, func(mdnsAnnouncement) uint32 { return l.ttl }, legacy)
+		ans, extra := answer(pkt.questions, pkt.records, []mdnsAnnouncement{l.ann}, func(mdnsAnnouncement) uint32 { return l.ttlAt(now) }, legacy)
 		if len(ans) == 0 {
 			continue
 		}
@@ -513,7 +538,7 @@ func (b *mdnsBackend) tick(now time.Time) {
 		}
 		if !l.repeatAt.IsZero() && !now.Before(l.repeatAt) {
 			l.repeatAt, l.lastSent = time.Time{}, now
-			if p, err := announcePacket(l.ann, l.ttl); err == nil {
+			if p, err := announcePacket(l.ann, l.ttlAt(now)); err == nil {
 				pkts = append(pkts, p)
 			}
 		}

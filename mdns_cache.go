@@ -216,15 +216,19 @@ func (c *mdnsCache) node(inst *cachedInstance, now time.Time) (rec record, ok, v
 	}
 	var address string
 	if strings.HasSuffix(inst.srvTarget, ".local.") {
-		best, bestExp := netip.Addr{}, time.Time{}
+		best, bestExp, bestHeard := netip.Addr{}, time.Time{}, time.Time{}
 		if h := c.hosts[inst.srvTarget]; h != nil {
 			for a, ha := range h.addrs {
 				if !now.Before(ha.exp) {
 					continue
 				}
-				// Prefer IPv4, then the lowest address: stable answers.
-				if !best.IsValid() || (a.Is4() && !best.Is4()) || (a.Is4() == best.Is4() && a.Less(best)) {
-					best, bestExp = a, ha.exp
+				// Prefer IPv4, then the address heard last (a node that
+				// restarted on another address keeps the old one for a
+				// second, RFC 6762 section 10.2), then the lowest: stable
+				// answers.
+				if !best.IsValid() || (a.Is4() && !best.Is4()) ||
+					(a.Is4() == best.Is4() && (ha.heard.After(bestHeard) || ha.heard.Equal(bestHeard) && a.Less(best))) {
+					best, bestExp, bestHeard = a, ha.exp, ha.heard
 				}
 			}
 		}

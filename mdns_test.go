@@ -220,6 +220,21 @@ func TestSRVRefreshKeepsAddresses(t *testing.T) {
 	}
 }
 
+// TestRestartOnANewAddressIsTakenAtOnce: a node that restarts on another
+// address within a second of its last announcement leaves the old address
+// in the caches for that second (RFC 6762 section 10.2); the node is built
+// with the address heard last, not the lowest, which is gone.
+func TestRestartOnANewAddressIsTakenAtOnce(t *testing.T) {
+	_, c, _ := roundTrip(t, testRecord("svc", "n1", "127.0.0.5", 80), 120) // heard at 1000
+	a, _ := announcementOf(testRecord("svc", "n1", "127.0.0.9", 81), instanceLabel("svc", "n1"))
+	data, _ := announcePacket(a, 120)
+	pkt, _ := parsePacket(data)
+	ch, _ := c.apply(pkt, time.Unix(1000, 500e6), func(string) bool { return false })
+	if len(ch.upsert) != 1 || ch.upsert[0].Node.Address != "127.0.0.9" || ch.upsert[0].Node.Port != 81 {
+		t.Errorf("after the restart: %+v; want the node at 127.0.0.9:81", ch.upsert)
+	}
+}
+
 // TestPartLostIsAskedFor: a node that loses one part while the others
 // live is asked for again and given time to become whole, however long it
 // was known.
@@ -515,6 +530,56 @@ func TestRepeatedRegisterAnnouncesOncePerSecond(t *testing.T) {
 	}
 }
 
+// TestAnswersCarryTheTimeLeft: a node posted with ?ttl= is announced and
+// answered with what is left of its life, so that other caches drop it
+// when its own sidecar does; a whole TTL in every answer kept it alive
+// elsewhere for up to twice as long.
+func TestAnswersCarryTheTimeLeft(t *testing.T) {
+	b := newMDNSState(newTable(10), discardLog, 0)
+	now := time.Unix(1000, 0)
+	b.now = func() time.Time { return now }
+	b.register(Service{Name: "svc", Nodes: []Node{{ID: "n1", Address: "127.0.0.1", Port: 80}}}, 10*time.Second)
+	query, _ := queryPacket([]dnsmessage.Question{question(mdnsServiceType, dnsmessage.TypePTR)}, nil)
+	now = now.Add(8 * time.Second) // a peer's refresh query, at 80% of the TTL
+	out := b.handlePacket(query, netip.MustParseAddrPort("127.0.0.2:5353"))
+	if len(out) != 1 {
+		t.Fatalf("%d answers; want 1", len(out))
+	}
+	var p dnsmessage.Parser
+	p.Start(out[0].data)
+	p.SkipAllQuestions()
+	ans, _ := p.AllAnswers()
+	if len(ans) == 0 || ans[0].Header.TTL != 2 {
+		t.Errorf("answers %+v; want TTL 2, the time left", ans)
+	}
+}
+
+// TestShortTTLHeartbeatIsAnnounced: a client that posts ?ttl=1s every
+// 0.9 s keeps its node alive on other sidecars: a post held back by the
+// once-a-second rule goes out when the second is up, with the new expiry.
+func TestShortTTLHeartbeatIsAnnounced(t *testing.T) {
+	b := newMDNSState(newTable(10), discardLog, 0)
+	now := time.Unix(1000, 0)
+	b.now = func() time.Time { return now }
+	svc := Service{Name: "svc", Nodes: []Node{{ID: "n1", Address: "127.0.0.1", Port: 80, Metadata: map[string]string{}}}}
+	b.register(svc, time.Second)
+	now = now.Add(900 * time.Millisecond)
+	b.register(svc, time.Second)
+	now = time.Unix(1001, 0)
+	b.tick(now) // the second announcement of RFC 6762 section 8.3
+	now = now.Add(800 * time.Millisecond)
+	b.register(svc, time.Second) // under a second after that repeat: held back
+	b.mu.Lock()
+	var repeatAt time.Time
+	for _, l := range b.locals {
+		repeatAt = l.repeatAt
+	}
+	b.mu.Unlock()
+	if want := time.Unix(1002, 0); !repeatAt.Equal(want) {
+		t.Errorf("the held-back post is due %v; want %v, a second after the last announcement", repeatAt, want)
+	}
+}
+
 func TestRegisterLabels(t *testing.T) {
 	tb := newTable(100)
 	b := newMDNSState(tb, discardLog, 0)
@@ -607,6 +672,7 @@ func TestChooseInterfaces(t *testing.T) {
 		{nil, true, "lo", ""},
 		{nil, false, "eth0", ""},
 		{[]string{"eth1", "lo"}, false, "eth1,lo", ""},
+		{[]string{"lo", "lo"}, false, "lo", ""}, // joined twice, every packet would go out twice
 		{[]string{"wlan0"}, false, "", `--registry_interface "wlan0": no such interface (this host has lo, eth0, eth1, tun0, eth2)`},
 	} {
 		got, err := chooseInterfaces(tc.names, tc.loopback, all, v4)
