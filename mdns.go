@@ -268,9 +268,33 @@ func mdnsTTL(ttl time.Duration) uint32 {
 }
 
 func (b *mdnsBackend) register(s Service, ttl time.Duration) error {
+	return b.registerAll([]Service{s}, ttl)
+}
+
+// registerAll registers ss and multicasts their announcements as one
+// paced burst: the refresh of a thousand nodes is as gentle on the link
+// (and on the other sidecars' socket buffers) as a multi-node change.
+func (b *mdnsBackend) registerAll(ss []Service, ttl time.Duration) error {
 	now := b.now()
-	recs := recordsOf(s, expiry(now, ttl))
+	var pkts [][]byte
+	var errs []error
 	b.mu.Lock()
+	for _, s := range ss {
+		p, err := b.registerLocked(s, ttl, now)
+		pkts = append(pkts, p...)
+		if err != nil {
+			errs = append(errs, err)
+		}
+	}
+	b.mu.Unlock()
+	b.multicast(pkts)
+	return errors.Join(errs...)
+}
+
+// registerLocked puts s in the table and returns the packets announcing
+// what is new or due. The caller holds b.mu.
+func (b *mdnsBackend) registerLocked(s Service, ttl time.Duration, now time.Time) ([][]byte, error) {
+	recs := recordsOf(s, expiry(now, ttl))
 	anns := make([]mdnsAnnouncement, len(recs))
 	for i, r := range recs {
 		label := instanceLabel(r.Service, r.Node.ID)
@@ -281,14 +305,12 @@ func (b *mdnsBackend) register(s Service, ttl time.Duration) error {
 		}
 		a, err := announcementOf(r, label)
 		if err != nil {
-			b.mu.Unlock()
-			return err
+			return nil, err
 		}
 		anns[i] = a
 	}
 	if err := b.t.upsert(recs...); err != nil {
-		b.mu.Unlock()
-		return err
+		return nil, err
 	}
 	var pkts [][]byte
 	for i, r := range recs {
@@ -316,15 +338,26 @@ func (b *mdnsBackend) register(s Service, ttl time.Duration) error {
 			pkts = append(pkts, p)
 		}
 	}
-	b.mu.Unlock()
-	b.multicast(pkts)
-	return nil
+	return pkts, nil
 }
 
 func (b *mdnsBackend) deregister(s Service) error {
+	return b.deregisterAll([]Service{s})
+}
+
+// deregisterAll removes ss with their goodbyes packed several to a packet
+// and paced: a sidecar shutting down with a thousand nodes sends some
+// hundred packets, not a thousand in a burst.
+func (b *mdnsBackend) deregisterAll(ss []Service) error {
+	var keys []string
+	var recs []record
+	for _, s := range ss {
+		keys = append(keys, keysOf(s)...)
+		recs = append(recs, recordsOf(s, time.Time{})...)
+	}
 	b.mu.Lock()
-	pkts := b.forgetLocalsLocked(keysOf(s))
-	b.t.remove(recordsOf(s, time.Time{})...)
+	pkts := b.forgetLocalsLocked(keys)
+	b.t.remove(recs...)
 	b.mu.Unlock()
 	b.multicast(pkts)
 	return nil
