@@ -68,6 +68,7 @@ type mdnsStats struct {
 	cacheFull    atomic.Uint64 // records dropped at the cache's or the table's bound
 	sendErrors   atomic.Uint64
 	goodbyesSeen atomic.Uint64 // goodbyes for our own instances, answered by announcing again
+	conflicts    atomic.Uint64 // records for our own instances or hosts, with other data, from someone else
 }
 
 // mdnsIface is one interface the backend joined.
@@ -120,6 +121,7 @@ type mdnsBackend struct {
 	cache        *mdnsCache
 	startQueries int
 	nextQuery    time.Time
+	conflictLog  logLimiter
 
 	stop context.CancelFunc
 	wg   sync.WaitGroup
@@ -187,7 +189,8 @@ func newMDNSState(t *table, log *slog.Logger, port int) *mdnsBackend {
 	return &mdnsBackend{
 		t: t, log: log, now: time.Now, port: port,
 		locals: map[string]*mdnsLocal{}, labels: map[string]string{}, cache: newMDNSCache(t.maxNodes),
-		stop: func() {},
+		conflictLog: logLimiter{every: 10 * time.Minute},
+		stop:        func() {},
 	}
 }
 
@@ -448,6 +451,7 @@ func (b *mdnsBackend) handlePacket(data []byte, src netip.AddrPort) []outPacket 
 		b.mu.Lock()
 		ch, st := b.cache.apply(pkt, now, b.isLocalLocked)
 		b.defendLocked(pkt, now)
+		b.noticeConflictsLocked(pkt, src)
 		b.applyChanges(ch) // under mu: the table sees changes in the order the cache made them
 		b.mu.Unlock()
 		b.stats.rejected.Add(uint64(st.rejected))
@@ -540,6 +544,54 @@ func (b *mdnsBackend) defendLocked(pkt mdnsPacket, now time.Time) {
 			}
 		}
 	}
+}
+
+// noticeConflictsLocked says when someone else announces one of our
+// instances or their hosts with other data: two sidecars keeping one node
+// id (a --server_id copied between hosts), or a spoofed record. The other
+// caches then flip between the two, or build a node of one's address and
+// the other's port, until one of us stops. It is logged once per node
+// every ten minutes and counted as a conflict; nothing is re-announced,
+// which two keepers would do at each other for ever.
+func (b *mdnsBackend) noticeConflictsLocked(pkt mdnsPacket, src netip.AddrPort) {
+	for _, rr := range pkt.records {
+		if rr.ttl == 0 {
+			continue // goodbyes are defendLocked's
+		}
+		var l *mdnsLocal
+		differs := false
+		switch rr.typ {
+		case dnsmessage.TypeSRV, dnsmessage.TypeTXT:
+			label, ok := strings.CutSuffix(rr.name, "."+mdnsServiceType)
+			if l = b.localByLabelLocked(label); !ok || l == nil {
+				continue
+			}
+			differs = rr.typ == dnsmessage.TypeSRV && (rr.port != l.ann.port || rr.target != strings.ToLower(l.ann.host)) ||
+				rr.typ == dnsmessage.TypeTXT && !slices.Equal(rr.txt, l.ann.txt)
+		case dnsmessage.TypeA, dnsmessage.TypeAAAA:
+			label, ok := strings.CutSuffix(rr.name, ".local.")
+			if l = b.localByLabelLocked(label); !ok || l == nil || !l.ann.addr.IsValid() {
+				continue
+			}
+			differs = rr.addr != l.ann.addr
+		}
+		if !differs {
+			continue
+		}
+		b.stats.conflicts.Add(1)
+		if b.conflictLog.allow(l.rec.key()) {
+			b.log.Warn("mdns: another host announces this sidecar's node with other data: two sidecars keep the same node id (give each its own --server_id), or a record is spoofed; other sidecars may mix the two", "service", l.rec.Service, "node", l.rec.Node.ID, "from", src, "record", rr.typ)
+		}
+	}
+}
+
+// localByLabelLocked returns the local node of an instance label, nil if
+// none.
+func (b *mdnsBackend) localByLabelLocked(label string) *mdnsLocal {
+	if k, ok := b.labels[label]; ok {
+		return b.locals[k]
+	}
+	return nil
 }
 
 // applyChanges installs the cache's changes in the table. The caller holds
@@ -692,7 +744,7 @@ func (b *mdnsBackend) packetSamples() []sample {
 		event string
 		n     *atomic.Uint64
 	}{
-		{"cache_full", &st.cacheFull}, {"defended", &st.goodbyesSeen}, {"ignored", &st.ignored},
+		{"cache_full", &st.cacheFull}, {"conflict", &st.conflicts}, {"defended", &st.goodbyesSeen}, {"ignored", &st.ignored},
 		{"malformed", &st.malformed}, {"oversize", &st.oversize}, {"received", &st.packetsIn},
 		{"rejected", &st.rejected}, {"send_error", &st.sendErrors}, {"sent", &st.packetsOut},
 	} {

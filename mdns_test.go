@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bytes"
 	"fmt"
 	"io"
 	"log/slog"
@@ -919,6 +920,9 @@ func assertRegistryHealthy(t *testing.T, p *proc) {
 	if code != 200 || !strings.Contains(body, `"registry":"mdns"`) || strings.Contains(body, "registry_error") {
 		t.Errorf("/health: %d %s; want 200 with the mdns registry and no error", code, body)
 	}
+	if strings.Contains(p.log.String(), "another host announces") {
+		t.Errorf("a conflict where there is none:\n%s", p.log.String())
+	}
 }
 
 // TestMDNSLateJoiner shows the query on start: a sidecar started after the
@@ -1307,5 +1311,37 @@ func TestDottedInstanceIsCountedMalformed(t *testing.T) {
 	b.handlePacket(pkt, netip.MustParseAddrPort("127.0.0.2:5353"))
 	if b.stats.malformed.Load() != 1 {
 		t.Errorf("malformed %d; want the packet counted", b.stats.malformed.Load())
+	}
+}
+
+// TestConflictingKeeperIsSaid: another host announcing one of our nodes
+// with other data (the same --server_id on two sidecars) is logged and
+// counted; our own announcements, heard back, are not.
+func TestConflictingKeeperIsSaid(t *testing.T) {
+	var log bytes.Buffer
+	b := newMDNSState(newTable(10), slog.New(slog.NewTextHandler(&log, nil)), 0)
+	svc := Service{Name: "foo", Nodes: []Node{{ID: "foo-1", Address: "127.0.0.1", Port: 9090, Metadata: map[string]string{}}}}
+	b.register(svc, 30*time.Second)
+	b.mu.Lock()
+	var own mdnsAnnouncement
+	for _, l := range b.locals {
+		own = l.ann
+	}
+	b.mu.Unlock()
+	echo, _ := announcePacket(own, 30)
+	b.handlePacket(echo, netip.MustParseAddrPort("127.0.0.1:5353"))
+	if n := b.stats.conflicts.Load(); n != 0 {
+		t.Fatalf("our own announcement heard back: %d conflicts; want 0", n)
+	}
+	other := own
+	other.port, other.addr = 9091, netip.MustParseAddr("127.0.0.2")
+	data, _ := announcePacket(other, 30)
+	b.handlePacket(data, netip.MustParseAddrPort("127.0.0.2:5353"))
+	b.handlePacket(data, netip.MustParseAddrPort("127.0.0.2:5353"))
+	if n := b.stats.conflicts.Load(); n != 4 {
+		t.Errorf("%d conflicts; want 4, the SRV and the address of two announcements", n)
+	}
+	if got := strings.Count(log.String(), "another host announces this sidecar's node"); got != 1 {
+		t.Errorf("logged %d times; want once:\n%s", got, log.String())
 	}
 }
