@@ -682,7 +682,8 @@ func (b *mdnsBackend) readLoop(ctx context.Context, i *mdnsIface) {
 			b.stats.ignored.Add(1) // heard on an interface nobody chose
 			continue
 		}
-		for _, p := range b.handlePacket(buf[:n], src) {
+		for n, p := range b.handlePacket(buf[:n], src) {
+			pace(n) // the answers to a browse from a sidecar holding a thousand nodes
 			b.send(i, p.data, p.dst)
 		}
 	}
@@ -692,15 +693,20 @@ func (b *mdnsBackend) readLoop(ctx context.Context, i *mdnsIface) {
 func (b *mdnsBackend) multicast(pkts [][]byte) {
 	dst := netip.AddrPortFrom(mdnsGroup, uint16(b.port))
 	for n, p := range pkts {
-		if n > 0 && n%mdnsBurst == 0 {
-			// A long burst (a thousand nodes announced or leaving at once)
-			// would overflow the receivers' socket buffers: give them a
-			// moment to read.
-			time.Sleep(mdnsBurstPause)
-		}
+		pace(n)
 		for _, i := range b.ifaces {
 			b.send(i, p, dst)
 		}
+	}
+}
+
+// pace pauses before the nth packet of a burst, after every mdnsBurst: a
+// long burst (a thousand nodes announced, leaving, or answered at once)
+// would overflow the receivers' socket buffers. It gives them a moment to
+// read.
+func pace(n int) {
+	if n > 0 && n%mdnsBurst == 0 {
+		time.Sleep(mdnsBurstPause)
 	}
 }
 
