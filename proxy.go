@@ -195,6 +195,7 @@ func (p *proxy) serve(w http.ResponseWriter, r *http.Request, service, path stri
 	if rt.ownCORS = sidecarAnsweredCORS(w.Header()); rt.ownCORS {
 		rt.cors = takeCORS(w.Header())
 	}
+	noSniffing(w.Header()) // ReverseProxy adds the node's Content-Type, if it sent one
 	ctx := context.WithValue(callerContext(r), targetKey{}, &rt)
 	if ctx.Value(http.ServerContextKey) == nil {
 		// ReverseProxy aborts a response it cannot finish (a node gone

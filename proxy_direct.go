@@ -246,6 +246,9 @@ func passHead(w http.ResponseWriter, c *nodeConn, head responseHead, header, con
 		length = -1 // the coding frames the body; a Content-Length with it is void
 	}
 	ownCORS := sidecarAnsweredCORS(w.Header())
+	if !hasPair(header, "Content-Type") {
+		noSniffing(w.Header())
+	}
 	if fw, ok := w.(*response); ok {
 		lines := c.lines[:0]
 		for i := 0; i < len(header); i += 2 {
@@ -274,6 +277,27 @@ func passHead(w http.ResponseWriter, c *nodeConn, head responseHead, header, con
 		wh["Content-Length"] = []string{strconv.FormatInt(length, 10)}
 	}
 	w.WriteHeader(head.code)
+}
+
+// hasPair reports whether a list of name, value pairs names field, in
+// any case.
+func hasPair(pairs []string, field string) bool {
+	for i := 0; i < len(pairs); i += 2 {
+		if strings.EqualFold(pairs[i], field) {
+			return true
+		}
+	}
+	return false
+}
+
+// noSniffing keeps the server from guessing a Content-Type for an answer
+// the node sent without one (net/http's convention: a present, empty
+// field). A guess would be the sidecar's, not the node's: an upload the
+// app serves untyped, with nosniff, would reach browsers as text/html.
+func noSniffing(h http.Header) {
+	if _, ok := h["Content-Type"]; !ok {
+		h["Content-Type"] = nil
+	}
 }
 
 // copyResponseBody copies the node's body to w, flushing as it comes when
