@@ -848,17 +848,18 @@ func (s *sidecar) routes() http.Handler {
 	return s.metrics.instrument(limitInFlight(s.cfg.MaxInFlight, s.guard(s.authenticate(hotRoutes(mux, s.handleRPC, s.handleProxy)))), routeOf)
 }
 
-// hotRoutes sends /rpc and clean /proxy/ paths straight to their handlers,
-// setting Pattern as the mux would: matching every call against the mux's
-// tree costs more than the rest of the routing. Anything else, unclean
-// paths (which the mux redirects) included, goes to the mux.
+// hotRoutes sends /rpc and /proxy/ paths without dot segments straight to
+// their handlers, setting Pattern as the mux would: matching every call
+// against the mux's tree costs more than the rest of the routing. Anything
+// else, paths with dot segments (which the mux redirects) included, goes
+// to the mux.
 func hotRoutes(mux *http.ServeMux, rpc, proxy http.HandlerFunc) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		switch p := r.URL.Path; {
 		case p == "/rpc":
 			r.Pattern = "/rpc"
 			rpc(w, r)
-		case strings.HasPrefix(p, "/proxy/") && cleanURLPath(p):
+		case strings.HasPrefix(p, "/proxy/") && noDotSegments(p):
 			r.Pattern = "/proxy/"
 			proxy(w, r)
 		case r.Method == http.MethodConnect:
@@ -870,16 +871,17 @@ func hotRoutes(mux *http.ServeMux, rpc, proxy http.HandlerFunc) http.Handler {
 	})
 }
 
-// cleanURLPath reports whether the mux would take p, which starts with a
-// slash, as it is: no empty, "." or ".." segment but a final empty one,
-// which is what path.Clean leaves alone but for a trailing slash.
-func cleanURLPath(p string) bool {
+// noDotSegments reports whether p, which starts with a slash, has no "."
+// or ".." segment. The mux redirects such a path to its clean form, which
+// for a proxied path may name another service; an empty segment ("//") is
+// the app's business, and goes on as it came.
+func noDotSegments(p string) bool {
 	for seg := range strings.SplitSeq(p[1:], "/") {
 		if seg == "." || seg == ".." {
 			return false
 		}
 	}
-	return !strings.Contains(p, "//")
+	return true
 }
 
 // handleHealth reports the sidecar and the app: 200 when all is well, 503

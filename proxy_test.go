@@ -970,3 +970,31 @@ func TestProxyGuessesNoContentType(t *testing.T) {
 		}
 	}
 }
+
+// TestProxyPassesEmptySegments: a path with "//" after the service reaches
+// the app as it came (an app may use them), where the mux redirected it;
+// dot segments are still redirected to the clean path, which may name
+// another service.
+func TestProxyPassesEmptySegments(t *testing.T) {
+	p := startSidecar(t, "--registry=memory")
+	app := appServer(t, func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, r.URL.EscapedPath()) })
+	registerAddr(t, p, "web", "w1", hostOf(app))
+	noRedirect := &http.Client{CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
+	resp, err := noRedirect.Get(p.url("/proxy/web/a//b"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != 200 || string(body) != "/a//b" {
+		t.Errorf("/proxy/web/a//b: %d %q; want the app to get /a//b", resp.StatusCode, body)
+	}
+	resp, err = noRedirect.Get(p.url("/proxy/web/../other/x"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusTemporaryRedirect && resp.StatusCode != http.StatusMovedPermanently {
+		t.Errorf("a dot segment: %d; want the mux's redirect", resp.StatusCode)
+	}
+}
