@@ -436,9 +436,14 @@ func (b *idleBody) Close() error {
 func (t *proxyTarget) stalled() bool { return t.body != nil && t.body.stalled() }
 
 // idempotent reports whether a request with method may be sent twice
-// (RFC 9110 section 9.2.2); the proxy resends only those without a body.
+// (RFC 9110 section 9.2.2); the proxy resends only those without a body,
+// as nginx's proxy_next_upstream does by default.
 func idempotent(method string) bool {
-	return method == http.MethodGet || method == http.MethodHead || method == http.MethodOptions || method == http.MethodTrace
+	switch method {
+	case http.MethodGet, http.MethodHead, http.MethodOptions, http.MethodTrace, http.MethodPut, http.MethodDelete:
+		return true
+	}
+	return false
 }
 
 // errCallerGone ends an attempt whose caller went away: nobody reads an

@@ -998,3 +998,39 @@ func TestProxyPassesEmptySegments(t *testing.T) {
 		t.Errorf("a dot segment: %d; want the mux's redirect", resp.StatusCode)
 	}
 }
+
+// TestIdempotentRequestsMoveOn: a request without a body whose node reset
+// the connection after reading it moves to another node when its method
+// is idempotent (RFC 9110 section 9.2.2: PUT and DELETE too, as issue #4
+// and nginx have it); a POST, which may have done its work, does not.
+func TestIdempotentRequestsMoveOn(t *testing.T) {
+	p := startSidecar(t, "--registry=memory")
+	var resets atomic.Int32
+	good := appServer(t, func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, r.Method) })
+	for _, method := range []string{"GET", "PUT", "DELETE", "POST"} {
+		service := "svc-" + strings.ToLower(method)
+		bad := rawNode(t, func(c net.Conn, _ *http.Request) { // one each: a failed node is ejected
+			resets.Add(1)
+			c.(*net.TCPConn).SetLinger(0) // closing sends a reset
+		})
+		registerAddr(t, p, service, "a-bad", bad)
+		registerAddr(t, p, service, "b-good", hostOf(good))
+		before := resets.Load()
+		for range 2 { // round robin: one of the two starts at the bad node
+			req, _ := http.NewRequest(method, p.url("/proxy/"+service+"/x"), nil)
+			resp, err := http.DefaultClient.Do(req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			io.Copy(io.Discard, resp.Body)
+			resp.Body.Close()
+			if method == "POST" && resp.StatusCode != 200 && resp.StatusCode != http.StatusBadGateway ||
+				method != "POST" && resp.StatusCode != 200 {
+				t.Errorf("%s: %d", method, resp.StatusCode)
+			}
+		}
+		if resets.Load() == before {
+			t.Errorf("%s: the bad node was never tried: the test proves nothing", method)
+		}
+	}
+}
