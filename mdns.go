@@ -98,10 +98,16 @@ func (l *mdnsLocal) ttlAt(now time.Time) uint32 {
 	}
 	left := l.rec.Expires.Sub(now)
 	if left <= 0 {
-		return 1 // expiring now; 0 would be a goodbye, and mdnsTTL's 0 means never
+		return mdnsMinTTL // expiring now; 0 would be a goodbye, and mdnsTTL's 0 means never
 	}
-	return min(mdnsTTL(left), l.ttl)
+	return max(min(mdnsTTL(left), l.ttl), mdnsMinTTL)
 }
+
+// mdnsMinTTL is the least TTL announced. Records go out at most once a
+// second (RFC 6762 section 6), checked every 250 ms: an entry kept alive
+// with ?ttl=1s, announced with 1 s, lapsed on the other caches between
+// two announcements.
+const mdnsMinTTL = 2
 
 // mdnsBackend keeps the table current from the link and announces this
 // sidecar's registrations on it.
@@ -326,13 +332,15 @@ func (b *mdnsBackend) registerLocked(s Service, ttl time.Duration, now time.Time
 		} else if now.Sub(l.lastSent) < time.Second {
 			// The same records, multicast under a second ago: RFC 6762
 			// section 6 allows no sooner (a client re-registering in a loop
-			// must not flood the link). The new expiry goes out once the
-			// second is up: with a short ?ttl= the last announcement's
-			// could run out on the other caches first.
-			l.rec = r
-			if next := l.lastSent.Add(mdnsRepeat); l.repeatAt.IsZero() || next.Before(l.repeatAt) {
-				l.repeatAt = next
+			// must not flood the link). When the other caches' copy runs
+			// out soon (a heartbeat with a short ?ttl=), the new expiry
+			// goes out once the second is up.
+			if old := l.rec.Expires; !old.IsZero() && old.Sub(now) < 2*mdnsRepeat {
+				if next := l.lastSent.Add(mdnsRepeat); l.repeatAt.IsZero() || next.Before(l.repeatAt) {
+					l.repeatAt = next
+				}
 			}
+			l.rec = r
 			continue
 		}
 		l.rec, l.ann, l.ttl, l.lastSent = r, a, mdnsTTL(ttl), now

@@ -378,10 +378,10 @@ func (p *proxy) roundTrip(req *http.Request) (*http.Response, error) {
 		o := classifyFailure(ctx, time.Time{}, err) // the deadline cancels ctx
 		err = unwrapURLError(err)
 		switch {
-		case o == lost && body != nil && body.read && wroteHead.Load():
-			err = &uploadCut{err}
 		case reused.Load():
 			err = keptAliveLoss(err)
+		case o == lost && body != nil && body.read && wroteHead.Load():
+			err = &uploadCut{err}
 		}
 		return o, o == timedOut && context.Cause(ctx) == errHeaderTimeout, err
 	})
