@@ -59,6 +59,12 @@ func (b *broker) handlePublish(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusBadRequest, "queue is for subscribers (GET with a WebSocket upgrade); a message published goes to every queue group")
 		return
 	}
+	if ce := r.Header.Get("Content-Encoding"); ce != "" && !strings.EqualFold(ce, "identity") {
+		// The event would carry the coded bytes under the declared type,
+		// the coding lost: a gzip body published as text/plain.
+		writeError(w, http.StatusUnsupportedMediaType, "Content-Encoding "+truncate(ce, 64)+" is not accepted: publish the body as it is")
+		return
+	}
 	tooBigError := "message larger than " + strconv.Itoa(b.cfg.MaxPayloadBytes) + " bytes (--broker_max_payload_bytes)"
 	if r.ContentLength > int64(b.cfg.MaxPayloadBytes) { // refused before any of it is read, or asked for with 100 Continue
 		writeError(w, http.StatusRequestEntityTooLarge, tooBigError)

@@ -221,6 +221,25 @@ func TestPublishTooLargeIsRefusedAtOnce(t *testing.T) {
 	}
 }
 
+// TestPublishWithAContentEncodingIsRefused: a gzip body would be published
+// as its coded bytes under the declared type, the coding lost.
+func TestPublishWithAContentEncodingIsRefused(t *testing.T) {
+	_, addr := brokerSidecar(t, brokerConfig{})
+	for coding, want := range map[string]int{"gzip": http.StatusUnsupportedMediaType, "identity": http.StatusOK} {
+		req, _ := http.NewRequest("POST", "http://"+addr+"/broker?topic=t", strings.NewReader("hello"))
+		req.Header.Set("Content-Type", "text/plain")
+		req.Header.Set("Content-Encoding", coding)
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != want {
+			t.Errorf("Content-Encoding %s: %d; want %d", coding, resp.StatusCode, want)
+		}
+	}
+}
+
 // TestHandshakeForms: Upgrade is a list, which may name websocket among
 // others; a handshake needs HTTP/1.1 (RFC 6455 section 4.2.1).
 func TestHandshakeForms(t *testing.T) {
