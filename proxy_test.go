@@ -143,7 +143,7 @@ func TestProxyPassesHeadsAlike(t *testing.T) {
 	_, fastAddr := startFastServer(t, s.routes(), nil)
 	app := appServer(t, func(w http.ResponseWriter, r *http.Request) {
 		switch r.URL.Path {
-		case "/sniffed": // no Content-Type: the server sniffs one
+		case "/sniffed": // no Content-Type: none is guessed
 			io.WriteString(w, "<html><body>hi</body></html>")
 		case "/chunked": // no length: chunked on to the client
 			w.Header().Set("Content-Type", "text/plain")
@@ -1032,5 +1032,37 @@ func TestIdempotentRequestsMoveOn(t *testing.T) {
 		if resets.Load() == before {
 			t.Errorf("%s: the bad node was never tried: the test proves nothing", method)
 		}
+	}
+}
+
+// TestSpaceBeforeColonInAnAnswer: a node's field with white space before
+// its colon is dropped on both paths, as net/http's client drops it (RFC
+// 9112 section 5.1 has a proxy remove the white space), where the direct
+// path answered 502; one that frames the body is a 502.
+func TestSpaceBeforeColonInAnAnswer(t *testing.T) {
+	p := startSidecar(t, "--registry=memory")
+	registerAddr(t, p, "spaced", "s1", rawNode(t, func(c net.Conn, _ *http.Request) {
+		io.WriteString(c, "HTTP/1.1 200 OK\r\nX-A : v\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+	}))
+	registerAddr(t, p, "framing", "f1", rawNode(t, func(c net.Conn, _ *http.Request) {
+		io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length : 2\r\nConnection: close\r\n\r\nok")
+	}))
+	for _, te := range []string{"", "trailers"} { // the direct path, then ReverseProxy
+		req, _ := http.NewRequest("GET", p.url("/proxy/spaced/x"), nil)
+		if te != "" {
+			req.Header.Set("Te", te)
+		}
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != 200 || string(body) != "ok" || resp.Header.Get("X-A") != "" {
+			t.Errorf("TE %q: %d %q, X-A %q; want 200 ok without the field", te, resp.StatusCode, body, resp.Header.Get("X-A"))
+		}
+	}
+	if code, _ := do(t, "GET", p.url("/proxy/framing/x"), "", ""); code != http.StatusBadGateway {
+		t.Errorf("a Content-Length with a space before its colon: %d; want 502", code)
 	}
 }

@@ -639,6 +639,16 @@ func parseResponseHead(lines *headLines, header *[]string) (responseHead, error)
 		if !ok {
 			return h, fmt.Errorf("%w: header line %q", errMalformedResponse, truncate(string(line), 64))
 		}
+		if n := len(name); n > 0 && (name[n-1] == ' ' || name[n-1] == '\t') {
+			// White space before the colon: RFC 9112 section 5.1 has a
+			// proxy remove it. The field is dropped, as net/http's client
+			// drops it, unless it frames the body: read either way, it
+			// would split the connection differently for someone.
+			if framing := trimOWS(name); bytes.EqualFold(framing, []byte("Content-Length")) || bytes.EqualFold(framing, []byte("Transfer-Encoding")) {
+				return h, fmt.Errorf("%w: header line %q", errMalformedResponse, truncate(string(line), 64))
+			}
+			continue
+		}
 		value = trimOWS(value)
 		// By length first: EqualFold on every name costs more than the rest.
 		isLength := len(name) == len("Content-Length") && bytes.EqualFold(name, []byte("Content-Length"))
