@@ -132,7 +132,7 @@ func (p *proxy) forward(w http.ResponseWriter, r *http.Request, t *proxyTarget) 
 	req := append((*bp)[:0], r.Method...)
 	req = append(req, ' ')
 	req = append(req, t.path...)
-	if r.URL.RawQuery != "" {
+	if r.URL.RawQuery != "" || r.URL.ForceQuery { // "/x?" goes on as it came, as through ReverseProxy
 		req = append(req, '?')
 		req = append(req, r.URL.RawQuery...)
 	}

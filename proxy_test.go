@@ -1066,3 +1066,33 @@ func TestSpaceBeforeColonInAnAnswer(t *testing.T) {
 		t.Errorf("a Content-Length with a space before its colon: %d; want 502", code)
 	}
 }
+
+// TestEmptyQueryGoesOnAsItCame: "/x?" reaches the app as "/x?" on both
+// paths; the direct path dropped the "?".
+func TestEmptyQueryGoesOnAsItCame(t *testing.T) {
+	p := startSidecar(t, "--registry=memory")
+	registerAddr(t, p, "q", "q1", rawNode(t, func(c net.Conn, r *http.Request) {
+		fmt.Fprintf(c, "HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s", len(r.RequestURI), r.RequestURI)
+	}))
+	for _, te := range []string{"", "trailers"} {
+		c, err := net.Dial("tcp", p.addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.SetDeadline(time.Now().Add(5 * time.Second))
+		head := "GET /proxy/q/x? HTTP/1.1\r\nHost: x\r\n"
+		if te != "" {
+			head += "TE: " + te + "\r\n"
+		}
+		io.WriteString(c, head+"\r\n")
+		resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		c.Close()
+		if string(body) != "/x?" {
+			t.Errorf("TE %q: the app got %q; want /x?", te, body)
+		}
+	}
+}
