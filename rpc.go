@@ -623,8 +623,7 @@ func decodeAppError(raw json.RawMessage) *appError {
 	msg := string(raw)
 	var s string
 	var obj struct {
-		Code    *int    `json:"code"`
-		Message *string `json:"message"`
+		Message *string `json:"message"` // whatever the code is: some servers send a string
 	}
 	switch {
 	case json.Unmarshal(raw, &s) == nil:

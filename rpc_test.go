@@ -259,6 +259,7 @@ func TestParseReply(t *testing.T) {
 		{"micro error in a message", `{"id":7,"error":{"code":-32000,"message":"{\"code\":429,\"detail\":\"slow down\"}"}}`, "", 429, "slow down", ""},
 		{"micro-like code out of range", `{"id":7,"error":"{\"code\":200,\"detail\":\"ok?\"}"}`, "", 500, `{"code":200,"detail":"ok?"}`, ""},
 		{"error of another type", `{"id":7,"error":42}`, "", 500, "42", ""},
+		{"error object with a string code", `{"id":7,"error":{"code":"E1","message":"human message"}}`, "", 500, "human message", ""},
 		{"empty error string", `{"id":7,"error":""}`, "", 500, "empty error", ""},
 		{"error with null id", `{"id":null,"error":{"code":-32700,"message":"Parse error"}}`, "", 500, "Parse error", ""},
 		{"wrong id", `{"id":8,"result":1}`, "", 0, "", "does not match request id 7"},
