@@ -261,6 +261,7 @@ func TestCommandLine(t *testing.T) {
 		{[]string{"sidecar", "--healthcheck_url=http://127.0.0.1:1/"}, 2, "need --server_name"},
 		{[]string{"sidecar", "--server_name=foo"}, 2, "--server_name needs --server_address"},
 		{[]string{"sidecar", "--server_name=foo", "--server_address=127.0.0.1:99999"}, 2, "port must be 1-65535"},
+		{[]string{"sidecar", "--server_name=foo", "--server_address=0.0.0.0:9090"}, 2, "give the host's address"},
 		{[]string{"sidecar", "--registry=zookeeper"}, 2, `--registry "zookeeper": want mdns, file, etcd or memory`},
 		{[]string{"sidecar", "--registry=memory", "--registry_interface=lo"}, 2, "--registry_interface has no effect without --registry=mdns"},
 		{[]string{"sidecar", "--help"}, 0, "-registry_interface"},

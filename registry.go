@@ -189,10 +189,31 @@ func splitAddress(address string, port int) (string, int, error) {
 
 		return "", 0, fmt.Errorf("address %q is not a host name or IP address", truncate(address, 64))
 	}
+	if why := unreachableIP(address); why != "" {
+		return "", 0, fmt.Errorf("address %q cannot be called: %s", address, why)
+	}
 	if port < 1 || port > 65535 {
 		return "", 0, fmt.Errorf("port %d out of range 1-65535 (or give address as host:port)", port)
 	}
 	return address, port, nil
+}
+
+// unreachableIP says why an IP address names no node another host can
+// call, or "" when it may. 0.0.0.0, dialed, reaches the dialer's own
+// host: a node registered so would have every sidecar call itself.
+func unreachableIP(host string) string {
+	a, err := netip.ParseAddr(host)
+	switch {
+	case err != nil:
+		return ""
+	case a.IsUnspecified():
+		return "it is where a server listens (every interface), not where others reach it; give the host's address"
+	case a.IsMulticast():
+		return "it is a multicast address"
+	case a == netip.AddrFrom4([4]byte{255, 255, 255, 255}):
+		return "it is the broadcast address"
+	}
+	return ""
 }
 
 // hostPort joins a node's address and port for dialing.

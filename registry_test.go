@@ -38,6 +38,10 @@ func TestSplitAddress(t *testing.T) {
 		{"h:x", 0, "", 0, "port must be 1-65535"},
 		{"h:80", 81, "", 0, "disagrees with port 81"},
 		{"a b", 80, "", 0, "not a host name"},
+		{"0.0.0.0:9090", 0, "", 0, "where a server listens"},
+		{"[::]:9090", 0, "", 0, "where a server listens"},
+		{"224.0.0.251", 80, "", 0, "multicast"},
+		{"255.255.255.255", 80, "", 0, "broadcast"},
 		{"h/x", 80, "", 0, "not a host name"},
 		{"myapp_web_1", 80, "myapp_web_1", 80, ""}, // a Docker name
 		{"johns-mbp.local.", 80, "johns-mbp.local.", 80, ""},
