@@ -131,6 +131,11 @@ func TestProxyKeepsTheTokenFromApps(t *testing.T) {
 		if got := <-seen; resp.StatusCode != 200 || got != "query q=1&access_token=app-own auth " {
 			t.Errorf("%v: %d, the app saw %q; want 200, the query as sent and no Authorization", headers, resp.StatusCode, got)
 		}
+		// The token sent both ways: the query's copy goes too.
+		resp = request(t, "GET", p.url("/proxy/web/x?q=1&access_token="+token), headers, "")
+		if got := <-seen; resp.StatusCode != 200 || got != "query q=1 auth " {
+			t.Errorf("%v, the token in the query too: %d, the app saw %q; want 200 and no token", headers, resp.StatusCode, got)
+		}
 	}
 	ws, err := websocket.Dial("ws://"+p.addr+"/proxy/web/ws?x=1&access_token="+token+"&y=2", "", "http://"+p.addr)
 	if err != nil {

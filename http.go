@@ -492,7 +492,7 @@ func (s *sidecar) authenticate(next http.Handler) http.Handler {
 			writeError(w, http.StatusUnauthorized, "missing or wrong token: send Authorization: Bearer <token> (WebSockets may use ?access_token=<token>)")
 			return
 		}
-		dropToken(r)
+		dropToken(r, s.cfg.AuthToken)
 		next.ServeHTTP(w, r)
 	})
 }
@@ -509,26 +509,35 @@ func remoteHost(r *http.Request) string {
 
 // dropToken removes the sidecar's token from a request it admitted. The
 // token is the sidecar's secret, not the apps': the proxy passes headers
-// and the query on, and would hand it to every app it calls.
-func dropToken(r *http.Request) {
+// and the query on, and would hand it to every app it calls. When the
+// header carried it, an access_token in the query is the app's own, and
+// stays, unless it is the token too (a client may send it both ways).
+func dropToken(r *http.Request, token string) {
 	if r.Header.Get("Authorization") != "" { // where bearerToken took it from
 		delete(r.Header, "Authorization")
+		r.URL.RawQuery = withoutParam(r.URL.RawQuery, "access_token", func(v string) bool { return v == token })
 		return
 	}
-	r.URL.RawQuery = withoutParam(r.URL.RawQuery, "access_token")
+	r.URL.RawQuery = withoutParam(r.URL.RawQuery, "access_token", func(string) bool { return true })
 }
 
-// withoutParam returns the query without the pairs named name, the others
-// as they came.
-func withoutParam(query, name string) string {
+// withoutParam returns the query without the pairs named name whose value
+// drop picks, the others as they came.
+func withoutParam(query, name string, drop func(value string) bool) string {
 	if !strings.Contains(query, "_") && !strings.Contains(query, "%") {
 		return query // neither access_token nor an escaped spelling of it
 	}
 	var kept []string
 	for _, pair := range strings.Split(query, "&") {
-		key, _, _ := strings.Cut(pair, "=")
+		key, value, _ := strings.Cut(pair, "=")
 		if k, err := url.QueryUnescape(key); err == nil && k == name {
-			continue
+			v, err := url.QueryUnescape(value)
+			if err != nil {
+				v = value
+			}
+			if drop(v) {
+				continue
+			}
 		}
 		kept = append(kept, pair)
 	}

@@ -57,14 +57,8 @@ func runMain(args []string, stdout, stderr io.Writer) int {
 			fmt.Fprintf(stderr, "micro sidecar: %v\n", err)
 			return 2
 		}
-		// SIGHUP too: a closed terminal or a dropped ssh session must not
-		// leave the app in discovery until its TTL runs out.
-		ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM, syscall.SIGHUP)
+		ctx, stop := stopOnSignals(stderr)
 		defer stop()
-		go func() {
-			<-ctx.Done()
-			stop() // a second signal ends the process at once, drain or not
-		}()
 		if err := runSidecar(ctx, cfg, stderr); err != nil {
 			fmt.Fprintf(stderr, "micro sidecar: %v\n", err)
 			return 1
@@ -821,6 +815,27 @@ func (s *sidecar) startApp(ctx context.Context, goBG func(func())) {
 	}
 	s.log.Info("Starting sidecar healthchecker", "url", redactURL(s.cfg.Health.URL), "interval", s.cfg.Health.Interval)
 	goBG(func() { s.health.run(ctx) })
+}
+
+// stopOnSignals returns a context that ends at the first SIGINT, SIGTERM
+// or SIGHUP (a closed terminal or a dropped ssh session must not leave the
+// app in discovery until its TTL runs out); the sidecar then drains. A
+// second signal ends the process at once, drain or not, with the shell's
+// status for it (128 + the signal's number). It is caught rather than left
+// to the signal's default: a signal the process inherited as ignored
+// (SIGINT under a script's &, SIGHUP under nohup) would be ignored again.
+func stopOnSignals(stderr io.Writer) (context.Context, func()) {
+	sigs := make(chan os.Signal, 1)
+	signal.Notify(sigs, os.Interrupt, syscall.SIGTERM, syscall.SIGHUP)
+	ctx, cancel := context.WithCancel(context.Background())
+	go func() {
+		<-sigs
+		cancel()
+		sig := <-sigs
+		fmt.Fprintf(stderr, "micro sidecar: %v during the drain: stopping at once\n", sig)
+		os.Exit(128 + int(sig.(syscall.Signal)))
+	}()
+	return ctx, func() { signal.Stop(sigs); cancel() }
 }
 
 // routes is the sidecar's API.

@@ -351,6 +351,19 @@ func TestSignals(t *testing.T) {
 	if code := q.stop(syscall.SIGTERM); code == 0 { // stop fails the test unless it exits within 15 s
 		t.Errorf("exit status after a second SIGTERM: 0; want the signal's")
 	}
+
+	// SIGINT inherited as ignored, as a script's & leaves it: the second
+	// one still ends the drain (it was handed back to being ignored).
+	ignoring := []string{"sh", "-c", `trap "" INT; exec "$0" "$@"`}
+	r := startSidecarIn(t, ignoring, nil, "--registry=memory", "--shutdown_timeout=60s", "--rpc_timeout=60s")
+	registerAddr(t, r, "slow", "s1", strings.TrimPrefix(app.URL, "http://"))
+	go http.Get(r.url("/proxy/slow/"))
+	<-arrived
+	r.cmd.Process.Signal(syscall.SIGINT)
+	waitFor(t, 5*time.Second, "the drain to start", func() bool { return strings.Contains(r.log.String(), "Shutting down") })
+	if code := r.stop(syscall.SIGINT); code != 130 {
+		t.Errorf("exit status after a second SIGINT: %d; want 130", code)
+	}
 }
 
 // TestPortZeroIsToldAtAnyLogLevel: with --address=...:0 the log line
