@@ -336,6 +336,9 @@ func (b *broker) handleStats(w http.ResponseWriter, r *http.Request) {
 	if !allowMethods(w, r, http.MethodGet, http.MethodHead) {
 		return
 	}
+	if _, ok := queryOf(w, r); !ok { // read strictly, as /broker's: it takes none
+		return
+	}
 	writeJSON(w, http.StatusOK, b.report())
 }
 

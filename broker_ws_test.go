@@ -136,16 +136,20 @@ func TestBusyWriterIsNotTakenForSilent(t *testing.T) {
 // close, no data frame follows, however busy the topic (RFC 6455 section
 // 5.5.1).
 func TestNoDataAfterTheCloseAnswer(t *testing.T) {
-	s, addr := brokerSidecar(t, brokerConfig{})
+	// A paced publisher and a deep queue: a subscriber that fell behind on
+	// a loaded machine would be closed as slow, which is another test's.
+	s, addr := brokerSidecar(t, brokerConfig{QueueSize: 1 << 16, QueueBytes: 64 << 20})
 	stop := make(chan struct{})
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
+		tick := time.NewTicker(10 * time.Microsecond)
+		defer tick.Stop()
 		for {
 			select {
 			case <-stop:
 				return
-			default:
+			case <-tick.C:
 				s.broker.publish("busy", payloadText, "text/plain", []byte("tick"))
 			}
 		}

@@ -154,7 +154,8 @@ func TestSeedRPCExample(t *testing.T) {
 	port := fmt.Sprint(ln.Addr().(*net.TCPAddr).Port)
 	ln.Close()
 	app := startApp(t, nil, python, "testdata/greeter.py", "127.0.0.1", port, "greeter-1")
-	p := startSidecar(t, "--registry=memory", "--server_name=go.micro.srv.example", "--server_address="+app.addr)
+	// As the README starts it: registered once its health page answers.
+	p := startSidecar(t, "--registry=memory", "--server_name=go.micro.srv.example", "--server_address="+app.addr, "--healthcheck_url=http://"+app.addr+"/_status/health")
 	id := appID(t, p)
 	want := `{"msg": "greeter-1: Hello John"}`
 

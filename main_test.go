@@ -571,6 +571,7 @@ func TestRegistryErrors(t *testing.T) {
 		detail             string
 	}{
 		{"POST", "/registry", `{"name":`, 400, "invalid service JSON"},
+		{"GET", "/broker/stats?x=1", "", 400, `query parameter "x" is not one GET /broker/stats takes (it takes none)`},
 		{"POST", "/registry", `name=x`, 400, `the body must be a service as a JSON object, such as {"name":"foo",`},
 		{"DELETE", "/registry", `name=x`, 400, `the body must be a service as a JSON object`},
 		{"POST", "/registry", `{"nodes":[{"id":"a","address":"h","port":1}]}`, 400, "name is required"},

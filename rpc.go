@@ -14,6 +14,7 @@ import (
 	"net/url"
 	"os"
 	"path"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -219,7 +220,10 @@ func parseRPCRequest(contentType string, query url.Values, body []byte) (rpcCall
 			Service, Method, Address string
 			Request                  json.RawMessage
 		}
-		if err := json.Unmarshal(body, &in); err != nil {
+		if err := decodeStrict(body, &in); err != nil {
+			if field, ok := strings.CutPrefix(err.Error(), "json: unknown field "); ok {
+				return rpcCall{}, unknownRPCField(strings.Trim(field, `"`))
+			}
 			return rpcCall{}, fmt.Errorf("body is not a JSON object with service, method and request: %v", err)
 		}
 		if !utf8.Valid(body) { // Unmarshal reads such bytes as U+FFFD, and RawMessage keeps them
@@ -297,6 +301,26 @@ type rpcForm struct {
 // first value of a field counting. A body with nothing escaped, the usual
 // case (curl -d sends JSON as it is), is split in place; request then
 // shares body's bytes.
+// unknownRPCField refuses a body field /rpc does not take: a misspelled
+// request (reqest=...) would call the app with {}.
+func unknownRPCField(name string) error {
+	return fmt.Errorf("body field %q is not one /rpc takes (service, method, request, address)", truncate(name, 64))
+}
+
+// decodeStrict is json.Unmarshal refusing object members v has no field
+// for.
+func decodeStrict(body []byte, v any) error {
+	dec := json.NewDecoder(bytes.NewReader(body))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(v); err != nil {
+		return err
+	}
+	if _, err := dec.Token(); err != io.EOF {
+		return errors.New("data after the JSON object")
+	}
+	return nil
+}
+
 func parseRPCForm(body []byte) (rpcForm, error) {
 	var f rpcForm
 	// Three vectorised scans cost less than ContainsAny's byte-by-byte one.
@@ -304,6 +328,11 @@ func parseRPCForm(body []byte) (rpcForm, error) {
 		form, err := url.ParseQuery(string(body))
 		if err != nil {
 			return f, errNotForm(err)
+		}
+		for name := range form {
+			if !slices.Contains(rpcFormFields[:], name) {
+				return f, unknownRPCField(name)
+			}
 		}
 		var values [4][]string
 		for i, name := range rpcFormFields {
@@ -333,7 +362,10 @@ func parseRPCForm(body []byte) (rpcForm, error) {
 			i = 3
 		}
 		if i < 0 {
-			continue
+			if len(pair) == 0 {
+				continue // a stray &
+			}
+			return f, unknownRPCField(string(key))
 		}
 		if seen[i]++; seen[i] > 1 {
 			repeated = true

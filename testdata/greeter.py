@@ -25,6 +25,11 @@ class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep connections alive
     disable_nagle_algorithm = True  # headers and body are two writes: send each at once
 
+    def do_GET(self):  # the health check: --healthcheck_url=http://127.0.0.1:9090/_status/health
+        self.send_response(200 if self.path == "/_status/health" else 404)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
     def do_POST(self):
         body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
         req = {}
