@@ -1,6 +1,10 @@
 package main
 
-import "bytes"
+import (
+	"bytes"
+	"encoding/json"
+	"slices"
+)
 
 // A JSON scanner that finds where values end without decoding them, for the
 // hot path of calls: a request's JSON is checked and a reply's members are
@@ -162,6 +166,58 @@ func scanJSONNumber(b []byte, i int) int {
 	return i
 }
 
+// objectMember reads the member of an object that starts at i (after
+// white space, a '{' or a ','): its key as written, without quotes, and
+// its value, and returns the index after the value; -1 when there is no
+// valid member there.
+func objectMember(body []byte, i int) (key, value []byte, next int) {
+	if i = skipJSONSpace(body, i); i >= len(body) || body[i] != '"' {
+		return nil, nil, -1
+	}
+	start := i
+	if i = scanJSONString(body, i); i < 0 {
+		return nil, nil, -1
+	}
+	key = body[start+1 : i-1]
+	if i = skipJSONSpace(body, i); i >= len(body) || body[i] != ':' {
+		return nil, nil, -1
+	}
+	vstart := skipJSONSpace(body, i+1)
+	if i = scanJSONValue(body, vstart, 1); i < 0 {
+		return nil, nil, -1
+	}
+	return key, body[vstart:i], i
+}
+
+// unknownMember returns a member key of the object body that matches none
+// of known in any case (as encoding/json matches keys to fields), if there
+// is one. body is a valid JSON object; a key with an escape in it is read
+// with encoding/json.
+func unknownMember(body []byte, known ...string) (string, bool) {
+	i := skipJSONSpace(body, 0) + 1 // past the '{'
+	if j := skipJSONSpace(body, i); j < len(body) && body[j] == '}' {
+		return "", false
+	}
+	for {
+		key, _, next := objectMember(body, i)
+		if next < 0 {
+			return "", false
+		}
+		if bytes.IndexByte(key, '\\') >= 0 {
+			var k string
+			json.Unmarshal(append(append([]byte{'"'}, key...), '"'), &k)
+			key = []byte(k)
+		}
+		if !slices.ContainsFunc(known, func(name string) bool { return bytes.EqualFold(key, []byte(name)) }) {
+			return string(key), true
+		}
+		if i = skipJSONSpace(body, next); i >= len(body) || body[i] != ',' {
+			return "", false
+		}
+		i++
+	}
+}
+
 // replyMembers finds the id, result and error members of a reply object,
 // the last of each counting, as encoding/json does. ok is false when the
 // body is not a valid object, or has a key encoding/json might match
@@ -177,22 +233,10 @@ func replyMembers(body []byte) (id, result, errVal []byte, ok bool) {
 		return nil, nil, nil, skipJSONSpace(body, i+1) == len(body)
 	}
 	for {
-		if i = skipJSONSpace(body, i); i >= len(body) || body[i] != '"' {
+		var key, value []byte
+		if key, value, i = objectMember(body, i); i < 0 {
 			return nil, nil, nil, false
 		}
-		start := i
-		if i = scanJSONString(body, i); i < 0 {
-			return nil, nil, nil, false
-		}
-		key := body[start+1 : i-1]
-		if i = skipJSONSpace(body, i); i >= len(body) || body[i] != ':' {
-			return nil, nil, nil, false
-		}
-		vstart := skipJSONSpace(body, i+1)
-		if i = scanJSONValue(body, vstart, 1); i < 0 {
-			return nil, nil, nil, false
-		}
-		value := body[vstart:i]
 		switch string(key) {
 		case "id":
 			id = value

@@ -220,11 +220,11 @@ func parseRPCRequest(contentType string, query url.Values, body []byte) (rpcCall
 			Service, Method, Address string
 			Request                  json.RawMessage
 		}
-		if err := decodeStrict(body, &in); err != nil {
-			if field, ok := strings.CutPrefix(err.Error(), "json: unknown field "); ok {
-				return rpcCall{}, unknownRPCField(strings.Trim(field, `"`))
-			}
+		if err := json.Unmarshal(body, &in); err != nil {
 			return rpcCall{}, fmt.Errorf("body is not a JSON object with service, method and request: %v", err)
+		}
+		if key, ok := unknownMember(body, rpcFormFields[:]...); ok {
+			return rpcCall{}, unknownRPCField(key)
 		}
 		if !utf8.Valid(body) { // Unmarshal reads such bytes as U+FFFD, and RawMessage keeps them
 			return rpcCall{}, errors.New("body is not UTF-8, as JSON must be (RFC 8259 section 8.1)")
@@ -305,20 +305,6 @@ type rpcForm struct {
 // request (reqest=...) would call the app with {}.
 func unknownRPCField(name string) error {
 	return fmt.Errorf("body field %q is not one /rpc takes (service, method, request, address)", truncate(name, 64))
-}
-
-// decodeStrict is json.Unmarshal refusing object members v has no field
-// for.
-func decodeStrict(body []byte, v any) error {
-	dec := json.NewDecoder(bytes.NewReader(body))
-	dec.DisallowUnknownFields()
-	if err := dec.Decode(v); err != nil {
-		return err
-	}
-	if _, err := dec.Token(); err != io.EOF {
-		return errors.New("data after the JSON object")
-	}
-	return nil
 }
 
 func parseRPCForm(body []byte) (rpcForm, error) {

@@ -140,6 +140,9 @@ func TestParseRPCRequest(t *testing.T) {
 		{"a field /rpc does not take", form, "", "service=s&method=M.N&reqest={}", rpcCall{}, `body field "reqest" is not one /rpc takes`},
 		{"a field /rpc does not take, escaped", form, "", "service=s&method=M.N&x=%7B%7D", rpcCall{}, `body field "x" is not one /rpc takes`},
 		{"a JSON member /rpc does not take", "application/json", "", `{"service":"s","method":"M.N","reqest":{}}`, rpcCall{}, `body field "reqest" is not one /rpc takes`},
+		{"JSON keys in any case", "application/json", "", `{"Service":"s","METHOD":"M.N"}`, rpcCall{Service: "s", Method: "M.N", Request: []byte(`{}`)}, ""},
+		{"a JSON key escaped", "application/json", "", `{"serv\u0069ce":"s","method":"M.N"}`, rpcCall{Service: "s", Method: "M.N", Request: []byte(`{}`)}, ""},
+		{"an unknown JSON key escaped", "application/json", "", `{"service":"s","method":"M.N","x\u0041":1}`, rpcCall{}, `body field "xA" is not one /rpc takes`},
 		{"a stray &", form, "", "service=s&&method=M.N&", rpcCall{Service: "s", Method: "M.N", Request: []byte(`{}`)}, ""},
 		{"json sent as a form (curl -d)", form, "", ` {"service":"s","method":"M.N","request":{"a":1}}`,
 			rpcCall{Service: "s", Method: "M.N", Request: []byte(`{"a":1}`)}, ""},
@@ -374,6 +377,14 @@ func BenchmarkParseRPCRequestForm(b *testing.B) {
 	b.ReportAllocs()
 	for b.Loop() {
 		parseRPCRequest(form, nil, body)
+	}
+}
+
+func BenchmarkParseRPCRequestJSON(b *testing.B) {
+	body := []byte(`{"service":"go.micro.srv.example","method":"Example.Call","request":{"name":"John"}}`)
+	b.ReportAllocs()
+	for b.Loop() {
+		parseRPCRequest("application/json", nil, body)
 	}
 }
 
