@@ -246,7 +246,7 @@ func passHead(w http.ResponseWriter, c *nodeConn, head responseHead, header, con
 		length = -1 // the coding frames the body; a Content-Length with it is void
 	}
 	ownCORS := sidecarAnsweredCORS(w.Header())
-	if !hasPair(header, "Content-Type") {
+	if head.contentType == "" {
 		noSniffing(w.Header())
 	}
 	if fw, ok := w.(*response); ok {
@@ -277,17 +277,6 @@ func passHead(w http.ResponseWriter, c *nodeConn, head responseHead, header, con
 		wh["Content-Length"] = []string{strconv.FormatInt(length, 10)}
 	}
 	w.WriteHeader(head.code)
-}
-
-// hasPair reports whether a list of name, value pairs names field, in
-// any case.
-func hasPair(pairs []string, field string) bool {
-	for i := 0; i < len(pairs); i += 2 {
-		if strings.EqualFold(pairs[i], field) {
-			return true
-		}
-	}
-	return false
 }
 
 // noSniffing keeps the server from guessing a Content-Type for an answer
