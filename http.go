@@ -164,6 +164,60 @@ func boundStalledBodies(gap time.Duration, next http.Handler) http.Handler {
 	})
 }
 
+// closeAfterChunked closes, on net/http's connections, the connection after
+// every request whose body came chunked. net/http frames a request that
+// states both a Transfer-Encoding and a Content-Length by the first, drops
+// the second where a handler could see it, and keeps the connection; RFC
+// 9112 section 6.1 wants it closed, or what a front proxy framing the
+// request by its Content-Length took for the body's rest would be served
+// as a request of its own (request smuggling). The fast path refuses such
+// requests (errBothLengths); here the one sign left is the chunked body.
+func closeAfterChunked(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.TransferEncoding != nil {
+			w = &closingWriter{ResponseWriter: w}
+		}
+		next.ServeHTTP(w, r)
+	})
+}
+
+// closingWriter puts Connection: close on the final answer's head: set at
+// once, it could be cleared by a handler that passes on an interim 1xx
+// (ReverseProxy clears the header after one).
+type closingWriter struct {
+	http.ResponseWriter
+	headSent bool
+}
+
+func (w *closingWriter) WriteHeader(code int) {
+	if !w.headSent && code >= 200 {
+		w.headSent = true
+		w.Header().Set("Connection", "close")
+	}
+	w.ResponseWriter.WriteHeader(code)
+}
+
+func (w *closingWriter) Write(p []byte) (int, error) {
+	if !w.headSent {
+		w.WriteHeader(http.StatusOK)
+	}
+	return w.ResponseWriter.Write(p)
+}
+
+// Flush, Hijack and Unwrap keep streams and upgrades working through it.
+func (w *closingWriter) Flush() {
+	if !w.headSent {
+		w.WriteHeader(http.StatusOK)
+	}
+	http.NewResponseController(w.ResponseWriter).Flush()
+}
+
+func (w *closingWriter) Hijack() (net.Conn, *bufio.ReadWriter, error) {
+	return http.NewResponseController(w.ResponseWriter).Hijack()
+}
+
+func (w *closingWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
+
 // stallReporter is a request body that knows whether it failed for
 // stalling: progressBody, and the fast path's fixedBody.
 type stallReporter interface{ stalled() bool }

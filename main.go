@@ -725,7 +725,7 @@ func runSidecar(ctx context.Context, cfg config, logOut io.Writer) error {
 	}
 	routes := s.routes()
 	srv := &http.Server{
-		Handler: boundStalledBodies(cfg.IdleTimeout, routes),
+		Handler: closeAfterChunked(boundStalledBodies(cfg.IdleTimeout, routes)),
 		// Slow or stalled clients must not hold connections forever; bodies
 		// get their own limits, and long calls their own deadlines.
 		ReadHeaderTimeout: cfg.ReadHeaderTimeout,

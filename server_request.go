@@ -29,8 +29,20 @@ type requestHead struct {
 // Content-Length, an upgrade, an Expect, an event stream, a client that
 // takes trailers, or a byte that RFC 9110 does not allow where it stands.
 // Whatever it accepts, it reads as net/http's server reads it
-// (FuzzParseRequestHead compares the two).
+// (FuzzParseRequestHead compares the two). A head that states both a
+// Content-Length and a Transfer-Encoding is errBothLengths, wherever the
+// two stand: net/http, given it, would frame the body by the
+// Transfer-Encoding and serve what follows as a request of its own.
 func parseRequestHead(head []byte, req *requestHead) error {
+	err := parseHeadFields(head, req)
+	if err == errHandOff && statesBothLengths(string(head)) {
+		return errBothLengths
+	}
+	return err
+}
+
+// parseHeadFields is parseRequestHead but for the check of both lengths.
+func parseHeadFields(head []byte, req *requestHead) error {
 	s := req.text.copy(head) // names and values are substrings of it
 	line, rest, ok := cutLine(s)
 	if !ok {
@@ -77,12 +89,7 @@ func parseRequestHead(head []byte, req *requestHead) error {
 				return errHandOff
 			}
 			req.contentLength = n
-		case "Transfer-Encoding":
-			if lengths > 0 || hasFieldLine(rest, "Content-Length") {
-				return errBothLengths
-			}
-			return errHandOff
-		case "Upgrade", "Expect":
+		case "Transfer-Encoding", "Upgrade", "Expect":
 			return errHandOff
 		case "Connection":
 			if hasToken(value, "upgrade") {
@@ -134,6 +141,13 @@ func parseRequestHead(head []byte, req *requestHead) error {
 // that framed it by the other field, its body's rest would be read as a
 // request of its own (request smuggling).
 var errBothLengths = errors.New("the request states both Content-Length and Transfer-Encoding: its length is ambiguous (RFC 9112 section 6.1)")
+
+// statesBothLengths reports whether head, a request line and its header
+// block, has a Content-Length field and a Transfer-Encoding field.
+func statesBothLengths(head string) bool {
+	_, block, _ := cutLine(head)
+	return hasFieldLine(block, "Transfer-Encoding") && hasFieldLine(block, "Content-Length")
+}
 
 // hasFieldLine reports whether a header block, after its first line
 // (lines end in CRLF; the block in a blank line), has a field named name,
