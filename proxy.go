@@ -351,15 +351,16 @@ func (p *proxy) roundTrip(req *http.Request) (*http.Response, error) {
 	}
 
 	var resp *http.Response
-	mayRetry := func(o outcome) bool { return o == notSent && (body == nil || !body.read) || replayable }
+	mayRetry := func(o outcome) bool { return o == notSent && (body == nil || !body.read) || replayable && o == lost }
 	err := p.attemptNodes(t, mayRetry, func(node Node) (outcome, bool, error) {
 		// Whether the transport reused a connection: a node closing an
 		// idle one as the request goes out is no failing node (see
 		// keptAliveLost).
-		var reused, wroteHead atomic.Bool
+		var reused, wroteHead, answerBegan atomic.Bool
 		trace := &httptrace.ClientTrace{
-			GotConn:      func(info httptrace.GotConnInfo) { reused.Store(info.Reused) },
-			WroteHeaders: func() { wroteHead.Store(true) },
+			GotConn:              func(info httptrace.GotConnInfo) { reused.Store(info.Reused) },
+			WroteHeaders:         func() { wroteHead.Store(true) },
+			GotFirstResponseByte: func() { answerBegan.Store(true) },
 		}
 		out := req.WithContext(httptrace.WithClientTrace(ctx, trace))
 		u := *req.URL
@@ -377,6 +378,9 @@ func (p *proxy) roundTrip(req *http.Request) (*http.Response, error) {
 		}
 		o := classifyFailure(ctx, time.Time{}, err) // the deadline cancels ctx
 		err = unwrapURLError(err)
+		if o == lost && answerBegan.Load() && !isConnFailure(err) {
+			o = answered // a malformed answer, as badAnswer on the direct path
+		}
 		switch {
 		case reused.Load():
 			err = keptAliveLoss(err)

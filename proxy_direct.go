@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -107,6 +108,14 @@ func forwardHeader(b []byte, r *http.Request, bodyLen int) []byte {
 	return append(b, "\r\n"...)
 }
 
+// badAnswer reports whether err is a node's answer the sidecar refuses (a
+// malformed or oversized head), not a failing connection: the node has run
+// the request, so it goes to no other node, idempotent or not, and the node
+// is not ejected, as nginx's default proxy_next_upstream has it.
+func badAnswer(err error) bool {
+	return errors.Is(err, errMalformedResponse) || errors.Is(err, errHeadTooBig)
+}
+
 func appendHeaderLine(b []byte, name, value string) []byte {
 	b = append(b, name...)
 	b = append(b, ": "...)
@@ -154,7 +163,7 @@ func (p *proxy) forward(w http.ResponseWriter, r *http.Request, t *proxyTarget) 
 	now := bodyReadAt(r, requestStart(w)) // as roundTrip: a slow upload is no slow node
 	deadline := now.Add(t.timeout)
 	attempts := 0
-	mayRetry := func(o outcome) bool { return o == notSent || replayable }
+	mayRetry := func(o outcome) bool { return o == notSent || replayable && o == lost }
 	err := p.attemptNodes(t, mayRetry, func(node Node) (outcome, bool, error) {
 		if attempts++; attempts > 1 {
 			now = time.Now()
@@ -201,6 +210,9 @@ func (p *proxy) forwardTo(ctx context.Context, now, deadline time.Time, w http.R
 		head, err = readResponseHeader(c.br, &header)
 	}
 	if err != nil {
+		if badAnswer(err) {
+			return answered, err
+		}
 		return classifyFailure(ctx, deadline, err), err
 	}
 	c.lim.n = -1

@@ -1096,3 +1096,44 @@ func TestEmptyQueryGoesOnAsItCame(t *testing.T) {
 		}
 	}
 }
+
+// TestBadAnswerIsNotSentAgain: a node that ran a DELETE and answered it
+// with a head the sidecar refuses has the caller told so (502); the
+// DELETE, idempotent as it is, goes to no other node on either path, and
+// the node is not ejected (nginx's default leaves invalid_header alone).
+func TestBadAnswerIsNotSentAgain(t *testing.T) {
+	p := startSidecar(t, "--registry=memory")
+	var atBad, atGood atomic.Int64
+	bad := rawNode(t, func(c net.Conn, _ *http.Request) {
+		atBad.Add(1)
+		io.WriteString(c, "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nxxxx")
+	})
+	good := appServer(t, func(w http.ResponseWriter, r *http.Request) { atGood.Add(1); io.WriteString(w, "deleted") })
+	registerAddr(t, p, "items", "a-bad", bad)
+	registerAddr(t, p, "items", "b-good", hostOf(good))
+	codes := map[int]int{}
+	for _, te := range []string{"", "trailers"} { // the direct path, then ReverseProxy
+		for range 4 {
+			req, _ := http.NewRequest("DELETE", p.url("/proxy/items/1"), nil)
+			if te != "" {
+				req.Header.Set("Te", te)
+			}
+			resp, err := http.DefaultClient.Do(req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			io.Copy(io.Discard, resp.Body)
+			resp.Body.Close()
+			codes[resp.StatusCode]++
+		}
+	}
+	if n := atBad.Load() + atGood.Load(); n != 8 {
+		t.Errorf("8 DELETEs reached the apps %d times (bad node %d, good %d); want each once", n, atBad.Load(), atGood.Load())
+	}
+	if codes[http.StatusBadGateway] != int(atBad.Load()) || atBad.Load() == 0 {
+		t.Errorf("answers %v; want a 502 for each of the %d the bad node answered", codes, atBad.Load())
+	}
+	if strings.Contains(p.log.String(), "node ejected") {
+		t.Errorf("a node that answered was ejected:\n%s", p.log.String())
+	}
+}
