@@ -65,10 +65,15 @@ func newProxy(cfg proxyConfig, reg *registry, sel *selector, transport http.Roun
 		ErrorLog:     slog.NewLogLogger(log.Handler(), slog.LevelWarn),
 		ErrorHandler: proxyError,
 		ModifyResponse: func(resp *http.Response) error {
-			if t, _ := resp.Request.Context().Value(targetKey{}).(*proxyTarget); t != nil && t.ownCORS {
+			t, _ := resp.Request.Context().Value(targetKey{}).(*proxyTarget)
+			if t == nil {
+				return nil
+			}
+			if t.ownCORS {
 				dropCORSFields(resp.Header)
 				addFields(resp.Header, t.cors)
 			}
+			noSniffing(t.answer) // again: a 1xx passed on took it off
 			return nil
 		},
 	}
@@ -130,6 +135,7 @@ type proxyTarget struct {
 	body      stallReporter // the caller's body, when it can stall; ReverseProxy hides it behind its own reader
 	ownCORS   bool          // the sidecar answered CORS for the caller's origin: the node's CORS fields go
 	cors      http.Header   // that answer, on the ReverseProxy path (see takeCORS)
+	answer    http.Header   // the caller's answer's, on the ReverseProxy path, which clears it after a 1xx
 }
 
 type targetKey struct{}
@@ -195,7 +201,8 @@ func (p *proxy) serve(w http.ResponseWriter, r *http.Request, service, path stri
 	if rt.ownCORS = sidecarAnsweredCORS(w.Header()); rt.ownCORS {
 		rt.cors = takeCORS(w.Header())
 	}
-	noSniffing(w.Header()) // ReverseProxy adds the node's Content-Type, if it sent one
+	rt.answer = w.Header()
+	noSniffing(rt.answer) // ReverseProxy adds the node's Content-Type, if it sent one
 	ctx := context.WithValue(callerContext(r), targetKey{}, &rt)
 	if ctx.Value(http.ServerContextKey) == nil {
 		// ReverseProxy aborts a response it cannot finish (a node gone

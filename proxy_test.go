@@ -948,25 +948,32 @@ func TestCORSSurvivesInterimAnswers(t *testing.T) {
 // nosniff) would make browsers render it.
 func TestProxyGuessesNoContentType(t *testing.T) {
 	p := startSidecar(t, "--registry=memory")
+	var early atomic.Bool // a 103 Early Hints first, which ReverseProxy passes on
 	app := rawNode(t, func(c net.Conn, _ *http.Request) {
+		if early.Load() {
+			io.WriteString(c, "HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n")
+		}
 		body := "<html><script>alert(1)</script></html>"
 		fmt.Fprintf(c, "HTTP/1.1 200 OK\r\nX-Content-Type-Options: nosniff\r\nContent-Length: %d\r\n\r\n%s", len(body), body)
 	})
 	registerAddr(t, p, "files", "f1", app)
-	for _, te := range []string{"", "trailers"} { // the direct path, then ReverseProxy
-		req, _ := http.NewRequest("GET", p.url("/proxy/files/upload.bin"), nil)
-		if te != "" {
-			req.Header.Set("Te", te)
-		}
-		req.Close = true // the raw node serves one request a connection
-		resp, err := http.DefaultClient.Do(req)
-		if err != nil {
-			t.Fatal(err)
-		}
-		io.Copy(io.Discard, resp.Body)
-		resp.Body.Close()
-		if ct, ok := resp.Header["Content-Type"]; resp.StatusCode != 200 || ok {
-			t.Errorf("TE %q: %d, Content-Type %q; want 200 and none", te, resp.StatusCode, ct)
+	for _, interim := range []bool{false, true} {
+		early.Store(interim)
+		for _, te := range []string{"", "trailers"} { // the direct path, then ReverseProxy
+			req, _ := http.NewRequest("GET", p.url("/proxy/files/upload.bin"), nil)
+			if te != "" {
+				req.Header.Set("Te", te)
+			}
+			req.Close = true // the raw node serves one request a connection
+			resp, err := http.DefaultClient.Do(req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			io.Copy(io.Discard, resp.Body)
+			resp.Body.Close()
+			if ct, ok := resp.Header["Content-Type"]; resp.StatusCode != 200 || ok {
+				t.Errorf("TE %q, a 103 first %v: %d, Content-Type %q; want 200 and none", te, interim, resp.StatusCode, ct)
+			}
 		}
 	}
 }
