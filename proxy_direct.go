@@ -78,7 +78,8 @@ func forwardHeader(b []byte, r *http.Request, bodyLen int) []byte {
 	connection := r.Header["Connection"]
 	for k, vs := range r.Header {
 		switch k {
-		case "Forwarded", "X-Forwarded-For", "X-Forwarded-Host", "X-Forwarded-Proto", "Content-Length":
+		case "Forwarded", "X-Forwarded-For", "X-Forwarded-Host", "X-Forwarded-Proto", "Content-Length",
+			"Expect": // answered by the sidecar's server as it read the body, as rewrite drops it
 			continue
 		}
 		if isHopHeader(k, connection) {
