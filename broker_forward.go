@@ -652,6 +652,11 @@ func (f *forwarder) rerouteGroups(addr string, it forwardItem) bool {
 			others = append(others, p)
 		}
 	}
+	if f.nDown.Load() > 0 {
+		// As plan: a member known down would refuse it again, and a
+		// rerouted message is not rerouted twice.
+		others = withoutDown(others, mine, f.isDown)
+	}
 	plan := planDelivery(false, mine, others, rr.Add(1)-1)
 	planned := len(plan.local.groups)
 	m := newMessage(it.topic, "", it.event)

@@ -13,9 +13,11 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/http/httptest"
 	"reflect"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 	"unicode/utf8"
@@ -1152,5 +1154,62 @@ func TestForwardQueuesShareTheMemoryBound(t *testing.T) {
 	}
 	if f.enqueue("127.0.0.1:1", forwardItem{topic: "t", broadcast: true, event: event}) {
 		t.Error("a forward past --broker_memory_bytes, with the first in flight, was taken")
+	}
+}
+
+// TestRerouteLeavesOutPeersKnownDown: P's backoff has just ended, Q is
+// known to be down, R takes batches. Group messages planned to P, refused
+// at connect, go to R, never to Q, where a second refusal would lose them
+// (a message is rerouted once).
+func TestRerouteLeavesOutPeersKnownDown(t *testing.T) {
+	s, _ := brokerSidecar(t, brokerConfig{})
+	f := s.broker.fwd
+	var atR atomic.Int64
+	r := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, req *http.Request) {
+		body, _ := io.ReadAll(req.Body)
+		items, err := decodeForward(body, 1<<30)
+		if err != nil {
+			http.Error(w, err.Error(), 400)
+			return
+		}
+		for _, it := range items {
+			atR.Add(int64(len(it.groups)))
+		}
+		fmt.Fprintf(w, `{"delivered":%d}`, len(items))
+	}))
+	defer r.Close()
+	closedPort := func() int {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer ln.Close()
+		return ln.Addr().(*net.TCPAddr).Port
+	}
+	entry := func(id string, port int) Node {
+		return Node{ID: id + ":g", Address: "127.0.0.1", Port: port, Metadata: map[string]string{"broker": "1", "sidecar": id, "scheme": "http", "queue": "g"}}
+	}
+	pPort, qPort := closedPort(), closedPort()
+	if err := s.reg.Register(Service{Name: "topic:orders", Nodes: []Node{
+		entry("p", pPort), entry("q", qPort), entry("r", r.Listener.Addr().(*net.TCPAddr).Port),
+	}}, time.Minute); err != nil {
+		t.Fatal(err)
+	}
+	f.downMu.Lock()
+	f.down = map[string]peerDown{
+		fmt.Sprintf("http://127.0.0.1:%d", pPort): {until: time.Now().Add(-time.Millisecond), failures: 1},
+		fmt.Sprintf("http://127.0.0.1:%d", qPort): {until: time.Now().Add(time.Minute), failures: 1},
+	}
+	f.nDown.Store(2)
+	f.downMu.Unlock()
+	const n = 200
+	for range n {
+		s.broker.publish("orders", payloadText, "text/plain", []byte("x"))
+	}
+	waitFor(t, 10*time.Second, "every message delivered or counted lost", func() bool {
+		return uint64(atR.Load())+s.broker.stats.ForwardDropped.Load() >= n
+	})
+	if lost := s.broker.stats.ForwardDropped.Load(); lost != 0 || atR.Load() != n {
+		t.Errorf("R got %d of %d, %d lost; want all at R, the live member", atR.Load(), n, lost)
 	}
 }

@@ -401,23 +401,34 @@ func TestProxyThroughBinary(t *testing.T) {
 
 // TestBinaryServesFastAndHandedOffRequests drives one keep-alive
 // connection to the binary with a request its own server answers, one it
-// hands to net/http (a chunked body), and more after that: all are
-// answered, in order, on the same connection.
+// hands to net/http (a client that takes trailers), and more after that:
+// all are answered, in order, on the same connection. A chunked request
+// there is answered and the connection closed after it (net/http would
+// hide a Content-Length beside its Transfer-Encoding: see
+// closeAfterChunked).
 func TestBinaryServesFastAndHandedOffRequests(t *testing.T) {
 	p := startSidecar(t, "--registry=memory")
 	rc := dialHTTP(t, p.addr)
 	svc := `{"name":"handed","nodes":[{"id":"h1","address":"127.0.0.1","port":9}]}`
 	rc.send("GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
-	rc.send(fmt.Sprintf("POST /registry HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n", len(svc), svc))
+	rc.send(fmt.Sprintf("POST /registry HTTP/1.1\r\nHost: x\r\nTE: trailers\r\nContent-Length: %d\r\n\r\n%s", len(svc), svc))
 	rc.send("GET /registry?service=handed HTTP/1.1\r\nHost: x\r\n\r\n")
 	rc.send("HEAD /health HTTP/1.1\r\nHost: x\r\n\r\n")
+	rc.send(fmt.Sprintf("POST /registry HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n", len(svc), svc))
+	rc.send("GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
 	for i, want := range []struct {
 		method, contains string
-	}{{"GET", `"status":"ok"`}, {"POST", ""}, {"GET", `"id":"h1"`}, {"HEAD", ""}} {
+	}{{"GET", `"status":"ok"`}, {"POST", ""}, {"GET", `"id":"h1"`}, {"HEAD", ""}, {"POST", ""}} {
 		resp, body, err := rc.read(want.method)
 		if err != nil || resp.StatusCode != 200 && resp.StatusCode != 201 || !strings.Contains(body, want.contains) {
 			t.Fatalf("answer %d (%s): %v %q %v; want 2xx with %q", i, want.method, resp, body, err, want.contains)
 		}
+		if last := i == 4; resp.Close != last {
+			t.Errorf("answer %d (%s): Connection: close %v; want %v", i, want.method, resp.Close, last)
+		}
+	}
+	if !rc.closed() {
+		t.Error("the connection is still open after the chunked request's answer")
 	}
 }
 
