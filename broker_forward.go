@@ -593,11 +593,28 @@ func (f *forwarder) markDown(addr string) {
 	}
 	d := f.down[addr]
 	if d.failures == 0 && len(f.down) >= maxPeers {
+		f.forgetLapsedDown()
+	}
+	if d.failures == 0 && len(f.down) >= maxPeers {
 		return // a bound, like the peer queues'; the groups' rotation goes on as before
 	}
 	d.failures++
 	d.until = time.Now().Add(min(time.Second<<min(d.failures-1, 5), maxDownBackoff))
 	f.down[addr] = d
+	f.nDown.Store(int32(len(f.down)))
+}
+
+// forgetLapsedDown drops the peers whose backoff ended over
+// maxDownBackoff ago without a failure since: gone for good, most of them
+// (a pod's address, a changed port), they would otherwise fill the table
+// and keep the peers that fail now in rotation. Called with downMu held.
+func (f *forwarder) forgetLapsedDown() {
+	before := time.Now().Add(-maxDownBackoff)
+	for addr, d := range f.down {
+		if d.until.Before(before) {
+			delete(f.down, addr)
+		}
+	}
 	f.nDown.Store(int32(len(f.down)))
 }
 

@@ -296,6 +296,28 @@ func TestLogLimiter(t *testing.T) {
 	if !first || !second {
 		t.Error("with no interval every line goes through")
 	}
+	// More keys than it holds, over and over (entries refused at every
+	// refresh): each is said once in the interval, however many there are.
+	many := logLimiter{every: time.Hour}
+	said := 0
+	for range 5 {
+		for i := range maxLogKeys + 100 {
+			if many.allow(fmt.Sprint("entry-", i)) {
+				said++
+			}
+		}
+	}
+	if said != maxLogKeys || len(many.last) > maxLogKeys {
+		t.Errorf("%d lines for %d keys, 5 rounds, holding %d; want %d, one per key it holds", said, maxLogKeys+100, len(many.last), maxLogKeys)
+	}
+	// Once the interval has passed, room is made for new keys.
+	for k := range many.last {
+		many.last[k] = time.Now().Add(-2 * time.Hour)
+	}
+	many.fullUntil = time.Time{}
+	if !many.allow("late") || len(many.last) != 1 {
+		t.Errorf("a new key after the interval: held %d keys; want the lapsed ones gone and it through", len(many.last))
+	}
 }
 
 // TestPlanNamesTheSidecarsAtEachAddress: a forward names the sidecars the
@@ -1211,5 +1233,27 @@ func TestRerouteLeavesOutPeersKnownDown(t *testing.T) {
 	})
 	if lost := s.broker.stats.ForwardDropped.Load(); lost != 0 || atR.Load() != n {
 		t.Errorf("R got %d of %d, %d lost; want all at R, the live member", atR.Load(), n, lost)
+	}
+}
+
+// TestDownTableForgetsThePast: once maxPeers addresses have failed over a
+// sidecar's life, peers long gone make room for one failing now, which is
+// kept out of the groups' rotation. (No traffic: the table alone.)
+func TestDownTableForgetsThePast(t *testing.T) {
+	s, _ := brokerSidecar(t, brokerConfig{})
+	f := s.broker.fwd
+	for i := range maxPeers {
+		f.markDown(fmt.Sprintf("http://127.0.0.1:%d", 1000+i))
+	}
+	f.downMu.Lock()
+	for k, d := range f.down { // their backoffs ended long ago
+		d.until = time.Now().Add(-time.Hour)
+		f.down[k] = d
+	}
+	f.downMu.Unlock()
+	now := "http://127.0.0.2:8081"
+	f.markDown(now)
+	if !f.isDown(now) || f.nDown.Load() != 1 {
+		t.Errorf("a peer failing now: down %v, table of %d; want it down and the past forgotten", f.isDown(now), f.nDown.Load())
 	}
 }

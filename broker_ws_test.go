@@ -229,17 +229,26 @@ func TestPublishTooLargeIsRefusedAtOnce(t *testing.T) {
 // as its coded bytes under the declared type, the coding lost.
 func TestPublishWithAContentEncodingIsRefused(t *testing.T) {
 	_, addr := brokerSidecar(t, brokerConfig{})
-	for coding, want := range map[string]int{"gzip": http.StatusUnsupportedMediaType, "identity": http.StatusOK} {
+	for _, tc := range []struct {
+		lines []string // one field line each
+		want  int
+	}{
+		{[]string{"gzip"}, http.StatusUnsupportedMediaType},
+		{[]string{"identity"}, http.StatusOK},
+		{[]string{"identity", "gzip"}, http.StatusUnsupportedMediaType}, // one list over two lines
+		{[]string{"identity, br"}, http.StatusUnsupportedMediaType},
+		{[]string{"Identity, identity"}, http.StatusOK},
+	} {
 		req, _ := http.NewRequest("POST", "http://"+addr+"/broker?topic=t", strings.NewReader("hello"))
 		req.Header.Set("Content-Type", "text/plain")
-		req.Header.Set("Content-Encoding", coding)
+		req.Header["Content-Encoding"] = tc.lines
 		resp, err := http.DefaultClient.Do(req)
 		if err != nil {
 			t.Fatal(err)
 		}
 		resp.Body.Close()
-		if resp.StatusCode != want {
-			t.Errorf("Content-Encoding %s: %d; want %d", coding, resp.StatusCode, want)
+		if resp.StatusCode != tc.want {
+			t.Errorf("Content-Encoding %q: %d; want %d", tc.lines, resp.StatusCode, tc.want)
 		}
 	}
 }
