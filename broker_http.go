@@ -8,6 +8,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/netip"
 	"slices"
 	"strconv"
 	"strings"
@@ -385,17 +386,17 @@ func checkAdvertise(s string) error {
 func resolveAdvertise(flagValue string, bound *net.TCPAddr, serverAddress string, ifaceAddrs []net.Addr) string {
 	port := strconv.Itoa(bound.Port)
 	if flagValue != "" {
-		if _, _, err := net.SplitHostPort(flagValue); err == nil {
-			return flagValue
+		if host, p, err := net.SplitHostPort(flagValue); err == nil {
+			return net.JoinHostPort(canonicalHost(host), p)
 		}
-		return net.JoinHostPort(flagValue, port)
+		return net.JoinHostPort(canonicalHost(flagValue), port)
 	}
 	if !bound.IP.IsUnspecified() {
 		return bound.String()
 	}
 	if host, _, err := net.SplitHostPort(serverAddress); err == nil && host != "" {
 		if ip := net.ParseIP(host); ip == nil || !ip.IsUnspecified() {
-			return net.JoinHostPort(host, port)
+			return net.JoinHostPort(canonicalHost(host), port)
 		}
 	}
 	var v6 net.IP
@@ -415,6 +416,25 @@ func resolveAdvertise(flagValue string, bound *net.TCPAddr, serverAddress string
 		return net.JoinHostPort(v6.String(), port)
 	}
 	return net.JoinHostPort("127.0.0.1", port)
+}
+
+// canonicalHost spells an IP address as peers will hear it back (lower
+// case, IPv4 without its IPv6 mapping), and leaves names as they are: the
+// broker's entries are signed over their address as written (see
+// peerProof), and the multicast registry gives back addresses in this one
+// form.
+func canonicalHost(host string) string {
+	if ip, err := netip.ParseAddr(host); err == nil {
+		return ip.Unmap().String()
+	}
+	return host
+}
+
+// isLocalName reports whether host is a name under .local, which the
+// multicast registry's peers may resolve to an address.
+func isLocalName(host string) bool {
+	host = strings.TrimSuffix(strings.ToLower(host), ".")
+	return strings.HasSuffix(host, ".local")
 }
 
 // interfaceAddrs lists this machine's interface addresses, or none.

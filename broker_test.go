@@ -519,6 +519,9 @@ func TestResolveAdvertise(t *testing.T) {
 	}{
 		{"flag with port", "10.1.1.1:9000", any4, "", ifaces, "10.1.1.1:9000"},
 		{"flag host only", "node1.internal", any4, "", ifaces, "node1.internal:8081"},
+		{"flag IPv6 in capitals", "[2001:DB8::7]:9000", any4, "", ifaces, "[2001:db8::7]:9000"},
+		{"flag IPv4-mapped", "::ffff:192.0.2.7", any4, "", ifaces, "192.0.2.7:8081"},
+		{"all interfaces, app at an IPv6 in capitals", "", any4, "[2001:DB8::9]:9090", ifaces, "[2001:db8::9]:8081"},
 		{"specific bind", "", &net.TCPAddr{IP: net.ParseIP("127.0.0.1"), Port: 5555}, "10.0.0.9:80", ifaces, "127.0.0.1:5555"},
 		{"ipv6 bind", "", &net.TCPAddr{IP: net.ParseIP("::1"), Port: 5555}, "", ifaces, "[::1]:5555"},
 		{"all interfaces, app address", "", any4, "10.0.0.9:9090", ifaces, "10.0.0.9:8081"},

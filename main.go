@@ -734,6 +734,12 @@ func runSidecar(ctx context.Context, cfg config, logOut io.Writer) error {
 		ErrorLog:          stdlog.New(&serverErrorLog{log: log}, "", 0),
 	}
 	s.broker.advertise = resolveAdvertise(cfg.AdvertiseAddress, ln.Addr().(*net.TCPAddr), cfg.ServerAddress, interfaceAddrs())
+	if host, _, _ := net.SplitHostPort(s.broker.advertise); cfg.AuthToken != "" && cfg.Registry == "mdns" && isLocalName(host) {
+		// Peers resolve a .local target when its host's responder answers
+		// for it, and then check the entries' signatures against the
+		// address, not the name signed.
+		log.Warn("the advertise address is a .local name: with --auth_token over mDNS, peers may hear it as an IP address and ignore this sidecar's topic entries; advertise an IP address", "advertise_address", s.broker.advertise)
+	}
 	serveErr := make(chan error, 1)
 	scheme := "http"
 	shutdown := srv.Shutdown

@@ -1345,3 +1345,24 @@ func TestConflictingKeeperIsSaid(t *testing.T) {
 		t.Errorf("logged %d times; want once:\n%s", got, log.String())
 	}
 }
+
+// TestSignedEntrySurvivesMDNS: a broker entry signed over its advertised
+// address (--auth_token) still proves the token once heard back over
+// mDNS, which spells IP addresses one way: the advertised address is
+// spelled so first (canonicalHost).
+func TestSignedEntrySurvivesMDNS(t *testing.T) {
+	for _, advertised := range []string{"2001:DB8::7", "::ffff:192.0.2.7", "192.0.2.8"} {
+		host := canonicalHost(advertised)
+		n := Node{ID: "sc1", Address: host, Port: 8081, Metadata: map[string]string{"broker": "1", "sidecar": "sc1", "scheme": "http"}}
+		n.Metadata["auth"] = peerProof("secret", "sc1", "http", n.hostPort(), "orders", "")
+		ch, _, _ := roundTrip(t, record{Service: "topic:orders", Node: n}, 30)
+		if len(ch.upsert) != 1 || !provesToken(ch.upsert[0].Node, "secret", "orders") {
+			t.Errorf("advertised at %s (signed as %s): heard %+v; want the entry, its proof good", advertised, host, ch.upsert)
+		}
+	}
+	for name, want := range map[string]bool{"johns-mbp.local": true, "JOHNS-MBP.LOCAL.": true, "db.example.com": false, "local": false, "192.0.2.1": false} {
+		if isLocalName(name) != want {
+			t.Errorf("isLocalName(%q) = %v", name, !want)
+		}
+	}
+}
