@@ -174,10 +174,15 @@ func boundStalledBodies(gap time.Duration, next http.Handler) http.Handler {
 // requests (errBothLengths); here the one sign left is the chunked body.
 func closeAfterChunked(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if r.TransferEncoding != nil {
-			w = &closingWriter{ResponseWriter: w}
+		if r.TransferEncoding == nil {
+			next.ServeHTTP(w, r)
+			return
 		}
-		next.ServeHTTP(w, r)
+		cw := &closingWriter{ResponseWriter: w}
+		next.ServeHTTP(cw, r)
+		if !cw.headSent {
+			w.Header().Set("Connection", "close") // nothing written: net/http sends the head now
+		}
 	})
 }
 

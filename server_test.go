@@ -16,6 +16,7 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -762,5 +763,43 @@ func TestServerErrorLogLimitsHandshakeFailures(t *testing.T) {
 	fmt.Fprintf(l, "http: TLS handshake error from 127.0.0.1:1234: EOF\n")
 	if !strings.Contains(out.String(), "similar_left_out=99") {
 		t.Errorf("the next line does not count the 99 left out:\n%s", out.String())
+	}
+}
+
+// TestCloseAfterChunked: on a connection net/http serves, a chunked
+// request's answer closes the connection, whether the handler wrote its
+// answer, passed on a 1xx first, or wrote nothing; what followed the
+// chunked body is never served. Other requests keep the connection.
+func TestCloseAfterChunked(t *testing.T) {
+	var served atomic.Int64
+	srv := httptest.NewServer(closeAfterChunked(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		served.Add(1)
+		io.Copy(io.Discard, r.Body)
+		switch r.URL.Path {
+		case "/written":
+			io.WriteString(w, "ok")
+		case "/interim":
+			w.WriteHeader(http.StatusEarlyHints)
+			clear(w.Header()) // as ReverseProxy does after passing a 1xx on
+			io.WriteString(w, "ok")
+		}
+	})))
+	defer srv.Close()
+	for _, path := range []string{"/written", "/interim", "/nothing"} {
+		served.Store(0)
+		rc := dialHTTP(t, srv.Listener.Addr().String())
+		rc.send("GET /before HTTP/1.1\r\nHost: x\r\n\r\n")
+		rc.send("POST " + path + " HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
+		rc.send("GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n")
+		if resp, _, err := rc.read("GET"); err != nil || resp.Close {
+			t.Fatalf("%s: the plain request before: %v, close %v; want it answered and the connection kept", path, err, resp != nil && resp.Close)
+		}
+		var resp *http.Response
+		var err error
+		for resp, _, err = rc.read("POST"); err == nil && resp.StatusCode < 200; resp, _, err = rc.read("POST") {
+		}
+		if err != nil || !resp.Close || !rc.closed() || served.Load() != 2 {
+			t.Errorf("%s: %v, close %v, %d requests served; want the answer, the connection closed after it, and 2 served", path, err, resp != nil && resp.Close, served.Load())
+		}
 	}
 }
