@@ -200,9 +200,11 @@ func splitAddress(address string, port int) (string, int, error) {
 
 // unreachableIP says why an IP address names no node another host can
 // call, or "" when it may. 0.0.0.0, dialed, reaches the dialer's own
-// host: a node registered so would have every sidecar call itself.
+// host: a node registered so would have every sidecar call itself. Its
+// other spellings (IPv4-mapped, with a zone) are dialed the same way.
 func unreachableIP(host string) string {
 	a, err := netip.ParseAddr(host)
+	a = a.WithZone("").Unmap()
 	switch {
 	case err != nil:
 		return ""

@@ -42,6 +42,10 @@ func TestSplitAddress(t *testing.T) {
 		{"[::]:9090", 0, "", 0, "where a server listens"},
 		{"224.0.0.251", 80, "", 0, "multicast"},
 		{"255.255.255.255", 80, "", 0, "broadcast"},
+		{"[::ffff:0.0.0.0]:9090", 0, "", 0, "where a server listens"}, // other spellings, dialed the same
+		{"::%lo", 80, "", 0, "where a server listens"},
+		{"::ffff:255.255.255.255", 80, "", 0, "broadcast"},
+		{"::ffff:192.0.2.1", 80, "::ffff:192.0.2.1", 80, ""},
 		{"h/x", 80, "", 0, "not a host name"},
 		{"myapp_web_1", 80, "myapp_web_1", 80, ""}, // a Docker name
 		{"johns-mbp.local.", 80, "johns-mbp.local.", 80, ""},
