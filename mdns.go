@@ -84,8 +84,19 @@ type mdnsLocal struct {
 	ann      mdnsAnnouncement
 	ttl      uint32    // seconds
 	repeatAt time.Time // zero: no announcement pending
+	again    bool      // after the pending one, one more a second later (RFC 6762 section 8.3)
 	lastSent time.Time // when its records were last multicast
+
+	// The announcement it replaced, and until when an echo of it is no
+	// conflict: this sidecar hears its own packets, some still on their
+	// way when the node changed.
+	prev      mdnsAnnouncement
+	prevUntil time.Time
 }
+
+// echoGrace is how long after a change this sidecar's own earlier records,
+// heard back, are taken for echoes.
+const echoGrace = 2 * time.Second
 
 // ttlAt is the TTL to announce l with at now: what is left of its
 // registration's life, so that the other caches expire it when this
@@ -327,8 +338,22 @@ func (b *mdnsBackend) registerLocked(s Service, ttl time.Duration, now time.Time
 		l := b.locals[r.key()]
 		if l == nil || !l.rec.same(r) || l.ttl != mdnsTTL(ttl) {
 			// New or changed: announce twice (RFC 6762 section 8.3).
+			prev := l
 			l = &mdnsLocal{repeatAt: now.Add(mdnsRepeat)}
 			b.locals[r.key()] = l
+			if prev != nil {
+				l.prev, l.prevUntil = prev.ann, now.Add(echoGrace)
+				if next := prev.lastSent.Add(mdnsRepeat); now.Before(next) {
+					// Changed under a second after its records went out:
+					// the newest state goes once the second is up, and
+					// again a second later, however often a client changes
+					// it (a heartbeat with a counter, a TTL that varies).
+					l.rec, l.ann, l.ttl, l.lastSent = r, a, mdnsTTL(ttl), prev.lastSent
+					l.repeatAt, l.again = next, true
+					b.labels[strings.ToLower(a.instance[:len(a.instance)-len(mdnsServiceType)-1])] = r.key()
+					continue
+				}
+			}
 		} else if now.Sub(l.lastSent) < time.Second {
 			// The same records, multicast under a second ago: RFC 6762
 			// section 6 allows no sooner (a client re-registering in a loop
@@ -459,7 +484,7 @@ func (b *mdnsBackend) handlePacket(data []byte, src netip.AddrPort) []outPacket 
 		b.mu.Lock()
 		ch, st := b.cache.apply(pkt, now, b.isLocalLocked)
 		b.defendLocked(pkt, now)
-		b.noticeConflictsLocked(pkt, src)
+		b.noticeConflictsLocked(pkt, src, now)
 		b.applyChanges(ch) // under mu: the table sees changes in the order the cache made them
 		b.mu.Unlock()
 		b.stats.rejected.Add(uint64(st.rejected))
@@ -547,7 +572,7 @@ func (b *mdnsBackend) defendLocked(pkt mdnsPacket, now time.Time) {
 		}
 		if k, ok := b.labels[label]; ok {
 			if l := b.locals[k]; l != nil && l.repeatAt.IsZero() {
-				l.repeatAt = now
+				l.repeatAt = now // tick keeps it to once a second
 				b.stats.goodbyesSeen.Add(1)
 			}
 		}
@@ -561,36 +586,46 @@ func (b *mdnsBackend) defendLocked(pkt mdnsPacket, now time.Time) {
 // the other's port, until one of us stops. It is logged once per node
 // every ten minutes and counted as a conflict; nothing is re-announced,
 // which two keepers would do at each other for ever.
-func (b *mdnsBackend) noticeConflictsLocked(pkt mdnsPacket, src netip.AddrPort) {
+func (b *mdnsBackend) noticeConflictsLocked(pkt mdnsPacket, src netip.AddrPort, now time.Time) {
 	for _, rr := range pkt.records {
 		if rr.ttl == 0 {
 			continue // goodbyes are defendLocked's
 		}
 		var l *mdnsLocal
-		differs := false
+		var label string
+		var ok bool
 		switch rr.typ {
 		case dnsmessage.TypeSRV, dnsmessage.TypeTXT:
-			label, ok := strings.CutSuffix(rr.name, "."+mdnsServiceType)
-			if l = b.localByLabelLocked(label); !ok || l == nil {
-				continue
-			}
-			differs = rr.typ == dnsmessage.TypeSRV && (rr.port != l.ann.port || rr.target != strings.ToLower(l.ann.host)) ||
-				rr.typ == dnsmessage.TypeTXT && !slices.Equal(rr.txt, l.ann.txt)
+			label, ok = strings.CutSuffix(rr.name, "."+mdnsServiceType)
 		case dnsmessage.TypeA, dnsmessage.TypeAAAA:
-			label, ok := strings.CutSuffix(rr.name, ".local.")
-			if l = b.localByLabelLocked(label); !ok || l == nil || !l.ann.addr.IsValid() {
-				continue
-			}
-			differs = rr.addr != l.ann.addr
+			label, ok = strings.CutSuffix(rr.name, ".local.")
 		}
-		if !differs {
+		if l = b.localByLabelLocked(label); !ok || l == nil || !recordDiffers(rr, l.ann) {
 			continue
+		}
+		if now.Before(l.prevUntil) && !recordDiffers(rr, l.prev) {
+			continue // our own, from before the node changed
 		}
 		b.stats.conflicts.Add(1)
 		if b.conflictLog.allow(l.rec.key()) {
 			b.log.Warn("mdns: another host announces this sidecar's node with other data: two sidecars keep the same node id (give each its own --server_id), or a record is spoofed; other sidecars may mix the two", "service", l.rec.Service, "node", l.rec.Node.ID, "from", src, "record", rr.typ)
 		}
 	}
+}
+
+// recordDiffers reports whether rr, a record of an instance or its host,
+// says other than ann does. Records ann has none of (an address record for
+// a node addressed by name) do not differ.
+func recordDiffers(rr mdnsRR, ann mdnsAnnouncement) bool {
+	switch rr.typ {
+	case dnsmessage.TypeSRV:
+		return rr.port != ann.port || rr.target != strings.ToLower(ann.host)
+	case dnsmessage.TypeTXT:
+		return !slices.Equal(rr.txt, ann.txt)
+	case dnsmessage.TypeA, dnsmessage.TypeAAAA:
+		return ann.addr.IsValid() && rr.addr != ann.addr
+	}
+	return false
 }
 
 // localByLabelLocked returns the local node of an instance label, nil if
@@ -629,11 +664,21 @@ func (b *mdnsBackend) tick(now time.Time) {
 			delete(b.labels, strings.ToLower(strings.TrimSuffix(l.ann.instance, "."+mdnsServiceType)))
 			continue
 		}
-		if !l.repeatAt.IsZero() && !now.Before(l.repeatAt) {
-			l.repeatAt, l.lastSent = time.Time{}, now
-			if p, err := announcePacket(l.ann, l.ttlAt(now)); err == nil {
-				pkts = append(pkts, p)
-			}
+		if l.repeatAt.IsZero() || now.Before(l.repeatAt) {
+			continue
+		}
+		if next := l.lastSent.Add(mdnsRepeat); now.Before(next) {
+			// Sent under a second ago (an answer, a post): no sooner
+			// than the second is up (RFC 6762 section 6).
+			l.repeatAt = next
+			continue
+		}
+		l.repeatAt, l.lastSent = time.Time{}, now
+		if l.again {
+			l.repeatAt, l.again = now.Add(mdnsRepeat), false
+		}
+		if p, err := announcePacket(l.ann, l.ttlAt(now)); err == nil {
+			pkts = append(pkts, p)
 		}
 	}
 	if b.startQueries < mdnsStartQueries && !now.Before(b.nextQuery) {

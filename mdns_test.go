@@ -523,11 +523,35 @@ func TestRepeatedRegisterAnnouncesOncePerSecond(t *testing.T) {
 	if got := lastSent(); !got.Equal(now) {
 		t.Errorf("an unchanged registration a second later: last sent %v; want now", got)
 	}
-	now = now.Add(10 * time.Millisecond)
-	svc.Nodes[0].Port = 81
-	b.register(svc, 30*time.Second)
-	if got := lastSent(); !got.Equal(now) {
-		t.Errorf("a changed node: last sent %v; want at once", got)
+	// Changed within the second, in a loop (a port, a TTL that varies, a
+	// heartbeat's counter): the newest state goes once the second is up,
+	// and again a second later (RFC 6762 sections 6 and 8.3).
+	sentAt := now
+	for i := range 50 {
+		now = sentAt.Add(time.Duration(i+1) * 10 * time.Millisecond)
+		svc.Nodes[0].Port = 81 + i%2
+		b.register(svc, time.Duration(30+i%2)*time.Second)
+		b.tick(now)
+		if got := lastSent(); !got.Equal(sentAt) {
+			t.Fatalf("a node changed %v after its announcement went out again at once (%v)", now.Sub(sentAt), got.Sub(sentAt))
+		}
+	}
+	var sent []time.Duration
+	for now = now.Add(mdnsTick); now.Before(sentAt.Add(4 * time.Second)); now = now.Add(mdnsTick) {
+		b.tick(now)
+		if got := lastSent(); !got.Equal(sentAt) && (len(sent) == 0 || got.Sub(sentAt) != sent[len(sent)-1]) {
+			sent = append(sent, got.Sub(sentAt))
+		}
+	}
+	if len(sent) != 2 || sent[0] != time.Second || sent[1] != 2*time.Second {
+		t.Errorf("the changed node went out %v after the last announcement; want at 1s and 2s", sent)
+	}
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	for _, l := range b.locals {
+		if l.ann.port != 82 {
+			t.Errorf("announced port %d; want the newest, 82", l.ann.port)
+		}
 	}
 }
 
@@ -1364,5 +1388,95 @@ func TestSignedEntrySurvivesMDNS(t *testing.T) {
 		if isLocalName(name) != want {
 			t.Errorf("isLocalName(%q) = %v", name, !want)
 		}
+	}
+}
+
+// localLastSent is when the one node b announces last went out.
+func localLastSent(b *mdnsBackend) time.Time {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	for _, l := range b.locals {
+		return l.lastSent
+	}
+	return time.Time{}
+}
+
+// TestSentRecordsAreNotRepeatedWithinASecond: a post that goes out while
+// a held-back repeat is pending is not followed by that repeat at the next
+// tick, well under a second later (RFC 6762 section 6).
+func TestSentRecordsAreNotRepeatedWithinASecond(t *testing.T) {
+	b := newMDNSState(newTable(10), discardLog, 0)
+	start := time.Unix(1000, 0)
+	now := start
+	b.now = func() time.Time { return now }
+	svc := Service{Name: "svc", Nodes: []Node{{ID: "n1", Address: "127.0.0.1", Port: 80, Metadata: map[string]string{}}}}
+	b.register(svc, 2*time.Second) // a ?ttl=2s heartbeat
+	now = start.Add(time.Second)
+	b.tick(now) // section 8.3's second announcement
+	now = start.Add(1500 * time.Millisecond)
+	b.register(svc, 2*time.Second) // held back: repeat due at 2.0 s
+	now = start.Add(2010 * time.Millisecond)
+	b.register(svc, 2*time.Second) // a second after the last: goes out now
+	first := localLastSent(b)
+	now = start.Add(2050 * time.Millisecond)
+	b.tick(now)
+	if second := localLastSent(b); !second.Equal(first) {
+		t.Errorf("records multicast at %v and again at %v, %v apart; want at most once a second", first.Sub(start), second.Sub(start), second.Sub(first))
+	}
+}
+
+// TestGoodbyesAreDefendedOnceASecond: goodbyes for our node heard from
+// someone else, one every 250 ms, are answered by announcing the node at
+// most once a second (RFC 6762 section 6), not at every tick.
+func TestGoodbyesAreDefendedOnceASecond(t *testing.T) {
+	b := newMDNSState(newTable(10), discardLog, 0)
+	start := time.Unix(1000, 0)
+	now := start
+	b.now = func() time.Time { return now }
+	svc := Service{Name: "svc", Nodes: []Node{{ID: "n1", Address: "127.0.0.1", Port: 80, Metadata: map[string]string{}}}}
+	b.register(svc, 30*time.Second)
+	now = start.Add(time.Second)
+	b.tick(now)
+	b.mu.Lock()
+	var ann mdnsAnnouncement
+	for _, l := range b.locals {
+		ann = l.ann
+	}
+	b.mu.Unlock()
+	bye, _ := announcePacket(ann, 0)
+	sends := 0
+	for i := 1; i <= 8; i++ { // two seconds of a goodbye every 250 ms
+		now = start.Add(time.Second + time.Duration(i)*250*time.Millisecond)
+		before := localLastSent(b)
+		b.handlePacket(bye, netip.MustParseAddrPort("127.0.0.2:5353"))
+		b.tick(now)
+		if !localLastSent(b).Equal(before) {
+			sends++
+		}
+	}
+	if sends > 2 {
+		t.Errorf("2 s of goodbyes every 250 ms: the node was multicast %d times; want at most 2", sends)
+	}
+}
+
+// TestOwnEchoAfterAChangeIsNoConflict: our own announcement heard back
+// after the node changed (the echo still in the socket) is no conflicting
+// record of another host's.
+func TestOwnEchoAfterAChangeIsNoConflict(t *testing.T) {
+	b := newMDNSState(newTable(10), discardLog, 0)
+	svc := Service{Name: "foo", Nodes: []Node{{ID: "foo-1", Address: "127.0.0.1", Port: 9090, Metadata: map[string]string{"v": "1"}}}}
+	b.register(svc, 30*time.Second)
+	b.mu.Lock()
+	var v1 mdnsAnnouncement
+	for _, l := range b.locals {
+		v1 = l.ann
+	}
+	b.mu.Unlock()
+	echo, _ := announcePacket(v1, 30)
+	svc.Nodes[0].Metadata = map[string]string{"v": "2"}
+	b.register(svc, 30*time.Second)
+	b.handlePacket(echo, netip.MustParseAddrPort("127.0.0.1:5353")) // our v1 packet, read late
+	if n := b.stats.conflicts.Load(); n != 0 {
+		t.Errorf("our own previous announcement heard back: %d conflicts; want 0", n)
 	}
 }
