@@ -655,13 +655,11 @@ func (b *mdnsBackend) applyChanges(ch cacheChanges) {
 // stay current. Tests call it with the time they want.
 func (b *mdnsBackend) tick(now time.Time) {
 	var pkts [][]byte
+	var lapsed []string
 	b.mu.Lock()
 	for k, l := range b.locals {
 		if l.rec.expired(now) {
-			// A registration with ?ttl= that was not renewed: the other
-			// caches expire it at the same moment; no goodbye needed.
-			delete(b.locals, k)
-			delete(b.labels, strings.ToLower(strings.TrimSuffix(l.ann.instance, "."+mdnsServiceType)))
+			lapsed = append(lapsed, k)
 			continue
 		}
 		if l.repeatAt.IsZero() || now.Before(l.repeatAt) {
@@ -681,6 +679,10 @@ func (b *mdnsBackend) tick(now time.Time) {
 			pkts = append(pkts, p)
 		}
 	}
+	// A registration with ?ttl= that was not renewed says goodbye: the
+	// other caches were told at least mdnsMinTTL, which may outlive it
+	// by up to two seconds.
+	pkts = append(pkts, b.forgetLocalsLocked(lapsed)...)
 	if b.startQueries < mdnsStartQueries && !now.Before(b.nextQuery) {
 		b.startQueries++
 		b.nextQuery = now.Add(mdnsRepeat)

@@ -1480,3 +1480,29 @@ func TestOwnEchoAfterAChangeIsNoConflict(t *testing.T) {
 		t.Errorf("our own previous announcement heard back: %d conflicts; want 0", n)
 	}
 }
+
+// TestLapsedNodeLeavesEverySidecarAtOnce: a node posted once with ?ttl=
+// and not renewed leaves the other sidecars when it leaves its own: its
+// sidecar says goodbye, since the last answer a peer got may have carried
+// the least TTL announced (2 s) in the node's last moments.
+func TestLapsedNodeLeavesEverySidecarAtOnce(t *testing.T) {
+	if !inNamespace(t) {
+		return
+	}
+	keeper := startSidecar(t, mdnsArgs...)
+	peer := startSidecar(t, mdnsArgs...)
+	for _, ttl := range []string{"3s", "5s"} {
+		name := "lapsing" + ttl
+		posted := time.Now()
+		if code, out := do(t, "POST", keeper.url("/registry?ttl="+ttl), "", `{"name":"`+name+`","nodes":[{"id":"l1","address":"127.0.0.1","port":7000}]}`); code != 200 {
+			t.Fatalf("register: %d %s", code, out)
+		}
+		waitFor(t, 5*time.Second, name+" on the peer", func() bool { return hasNode(lookup(t, peer, name), "l1") })
+		waitFor(t, 15*time.Second, name+" gone from its keeper", func() bool { return !hasNode(lookup(t, keeper, name), "l1") })
+		goneHere := time.Since(posted)
+		waitFor(t, 15*time.Second, name+" gone from the peer", func() bool { return !hasNode(lookup(t, peer, name), "l1") })
+		if lag := time.Since(posted) - goneHere; lag > time.Second {
+			t.Errorf("?ttl=%s: gone from the peer %v after its keeper; want within the second", ttl, lag.Round(10*time.Millisecond))
+		}
+	}
+}
