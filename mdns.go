@@ -75,7 +75,41 @@ type mdnsStats struct {
 type mdnsIface struct {
 	name    string
 	conn    *mdnsConn
-	sendErr error // the latest send's failure; guarded by mdnsBackend.mu
+	link    []netip.Prefix // the interface's subnets
+	sendErr error          // the latest send's failure; guarded by mdnsBackend.mu
+}
+
+// linkPrefixes lists the subnets of ifi's addresses.
+func linkPrefixes(ifi net.Interface) []netip.Prefix {
+	addrs, _ := ifi.Addrs()
+	var link []netip.Prefix
+	for _, a := range addrs {
+		ipn, ok := a.(*net.IPNet)
+		if !ok {
+			continue
+		}
+		ip, ok := netip.AddrFromSlice(ipn.IP)
+		ones, _ := ipn.Mask.Size()
+		if ok {
+			ip = ip.Unmap()
+			if ip.Is4() && ones > 32 {
+				ones -= 96
+			}
+			link = append(link, netip.PrefixFrom(ip, ones).Masked())
+		}
+	}
+	return link
+}
+
+// onLink reports whether addr is on one of the subnets of link.
+func onLink(link []netip.Prefix, addr netip.Addr) bool {
+	addr = addr.Unmap().WithZone("")
+	for _, p := range link {
+		if p.Contains(addr) {
+			return true
+		}
+	}
+	return false
 }
 
 // mdnsLocal is one node this sidecar announces.
@@ -171,7 +205,7 @@ func newMDNSBackend(ctx context.Context, cfg mdnsConfig, t *table, log *slog.Log
 			failed = append(failed, err)
 			continue
 		}
-		b.ifaces = append(b.ifaces, &mdnsIface{name: ifi.Name, conn: conn})
+		b.ifaces = append(b.ifaces, &mdnsIface{name: ifi.Name, conn: conn, link: linkPrefixes(ifi)})
 	}
 	b.joinErr = errors.Join(failed...)
 	if len(chosen) == 0 {
@@ -735,6 +769,13 @@ func (b *mdnsBackend) readLoop(ctx context.Context, i *mdnsIface) {
 		}
 		if ifindex != 0 && ifindex != i.conn.index {
 			b.stats.ignored.Add(1) // heard on an interface nobody chose
+			continue
+		}
+		if src.Port() != uint16(b.port) && !onLink(i.link, src.Addr()) {
+			// A legacy query, answered to its source, from off the link:
+			// the answer would leave by whatever route leads there, maybe
+			// an interface nobody chose (RFC 6762 section 11).
+			b.stats.ignored.Add(1)
 			continue
 		}
 		for n, p := range b.handlePacket(buf[:n], src) {

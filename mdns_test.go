@@ -1506,3 +1506,24 @@ func TestLapsedNodeLeavesEverySidecarAtOnce(t *testing.T) {
 		}
 	}
 }
+
+// TestLegacyQueriesOnlyFromTheLink: a query from a port other than 5353 is
+// answered to its source, so it is taken only from a source on the
+// interface's subnets (RFC 6762 section 11): the answer must not leave by
+// a route to somewhere else.
+func TestLegacyQueriesOnlyFromTheLink(t *testing.T) {
+	lo, err := net.InterfaceByName("lo")
+	if err != nil {
+		t.Skip("no lo here:", err)
+	}
+	link := linkPrefixes(*lo)
+	for addr, want := range map[string]bool{"127.0.0.1": true, "127.9.9.9": true, "::ffff:127.0.0.1": true, "192.0.2.1": false, "2001:db8::1": false} {
+		if got := onLink(link, netip.MustParseAddr(addr)); got != want {
+			t.Errorf("onLink(%v, %s) = %v; want %v", link, addr, got, want)
+		}
+	}
+	lan := []netip.Prefix{netip.MustParsePrefix("192.168.1.0/24")}
+	if !onLink(lan, netip.MustParseAddr("192.168.1.77")) || onLink(lan, netip.MustParseAddr("192.168.2.1")) {
+		t.Error("a /24: want its hosts on the link and the next subnet's off it")
+	}
+}
