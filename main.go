@@ -57,9 +57,10 @@ func runMain(args []string, stdout, stderr io.Writer) int {
 			fmt.Fprintf(stderr, "micro sidecar: %v\n", err)
 			return 2
 		}
-		ctx, stop := stopOnSignals(stderr)
+		deregistered := make(chan struct{})
+		ctx, stop := stopOnSignals(stderr, deregistered)
 		defer stop()
-		if err := runSidecar(ctx, cfg, stderr); err != nil {
+		if err := runSidecar(ctx, cfg, stderr, deregistered); err != nil {
 			fmt.Fprintf(stderr, "micro sidecar: %v\n", err)
 			return 1
 		}
@@ -697,7 +698,9 @@ func certWarning(certFile, keyFile string, now time.Time) string {
 }
 
 // runSidecar runs a sidecar until ctx ends, then shuts it down cleanly.
-func runSidecar(ctx context.Context, cfg config, logOut io.Writer) error {
+// It closes deregistered once the sidecar has taken its entries out of
+// the registry at shutdown (see stopOnSignals).
+func runSidecar(ctx context.Context, cfg config, logOut io.Writer, deregistered chan<- struct{}) error {
 	log := newLogger(cfg, logOut)
 	for _, note := range cfg.ignored {
 		log.Warn("ignoring a variable: " + note)
@@ -789,6 +792,7 @@ func runSidecar(ctx context.Context, cfg config, logOut io.Writer) error {
 	if err := s.reg.deregisterOwned(); err != nil {
 		log.Error("deregistering failed; the entries will expire with their TTL", "error", err)
 	}
+	close(deregistered)
 	sctx, cancel := context.WithTimeout(context.Background(), cfg.ShutdownTimeout)
 	defer cancel()
 	s.conns.closeAll(sctx)
@@ -826,23 +830,40 @@ func (s *sidecar) startApp(ctx context.Context, goBG func(func())) {
 // stopOnSignals returns a context that ends at the first SIGINT, SIGTERM
 // or SIGHUP (a closed terminal or a dropped ssh session must not leave the
 // app in discovery until its TTL runs out); the sidecar then drains. A
-// second signal ends the process at once, drain or not, with the shell's
-// status for it (128 + the signal's number). It is caught rather than left
-// to the signal's default: a signal the process inherited as ignored
+// second signal ends the process without waiting for the drain, with the
+// shell's status for it (128 + the signal's number), once deregistered is
+// closed: an exit before would leave the app in discovery after all. A
+// third signal, or deregisterWait, ends it even so. Signals are caught
+// rather than left to their default: one the process inherited as ignored
 // (SIGINT under a script's &, SIGHUP under nohup) would be ignored again.
-func stopOnSignals(stderr io.Writer) (context.Context, func()) {
-	sigs := make(chan os.Signal, 1)
+func stopOnSignals(stderr io.Writer, deregistered <-chan struct{}) (context.Context, func()) {
+	sigs := make(chan os.Signal, 2)
 	signal.Notify(sigs, os.Interrupt, syscall.SIGTERM, syscall.SIGHUP)
 	ctx, cancel := context.WithCancel(context.Background())
 	go func() {
 		<-sigs
 		cancel()
 		sig := <-sigs
+		select {
+		case <-deregistered:
+		default:
+			fmt.Fprintf(stderr, "micro sidecar: %v during the drain: stopping once deregistered (another signal stops at once)\n", sig)
+			select {
+			case <-deregistered:
+			case <-sigs:
+			case <-time.After(deregisterWait):
+			}
+		}
 		fmt.Fprintf(stderr, "micro sidecar: %v during the drain: stopping at once\n", sig)
 		os.Exit(128 + int(sig.(syscall.Signal)))
 	}()
 	return ctx, func() { signal.Stop(sigs); cancel() }
 }
+
+// deregisterWait bounds how long a second signal waits for the
+// deregistration: the file registry's lock waits up to 5 s, an etcd
+// request up to its timeout.
+const deregisterWait = 10 * time.Second
 
 // routes is the sidecar's API.
 func (s *sidecar) routes() http.Handler {

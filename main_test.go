@@ -1081,3 +1081,40 @@ func BenchmarkTableLookup(b *testing.B) {
 		}
 	}
 }
+
+// TestSecondSignalWaitsForTheDeregistration: a second signal during the
+// drain ends the process without waiting for the drain, but not before
+// the app is out of the registry: here another process holds the file
+// registry's lock as the deregistration runs, and the sidecar exits only
+// once it could write. A third signal would end it at once.
+func TestSecondSignalWaitsForTheDeregistration(t *testing.T) {
+	file := filepath.Join(t.TempDir(), "registry.json")
+	p := startSidecar(t, "--registry=file", "--registry_address="+file, "--server_name=held", "--server_address=127.0.0.1:9")
+	id := appID(t, p)
+	other := startSidecar(t, "--registry=file", "--registry_address="+file)
+	waitFor(t, 5*time.Second, "the app in the shared registry", func() bool { return hasNode(lookup(t, other, "held"), id) })
+	unlock, err := lockFile(file + ".lock") // as a sidecar in the middle of a write
+	if err != nil {
+		t.Fatal(err)
+	}
+	p.cmd.Process.Signal(syscall.SIGTERM)
+	waitFor(t, 5*time.Second, "the drain", func() bool { return strings.Contains(p.log.String(), "Shutting down") })
+	p.cmd.Process.Signal(syscall.SIGTERM)
+	waitFor(t, 5*time.Second, "the second signal's word", func() bool { return strings.Contains(p.log.String(), "stopping once deregistered") })
+	select {
+	case <-p.done:
+		t.Fatal("the sidecar exited with the registry's lock held: its app stays registered")
+	default:
+	}
+	unlock()
+	select {
+	case <-p.done:
+	case <-time.After(15 * time.Second):
+		t.Fatal("the sidecar did not exit once the lock was free")
+	}
+	if code := p.cmd.ProcessState.ExitCode(); code != 143 {
+		t.Errorf("exit code %d; want 143, the shell's for SIGTERM", code)
+	}
+	// Well within the TTL (30 s), which would take it out anyway.
+	waitFor(t, 5*time.Second, "the app out of the shared registry", func() bool { return !hasNode(lookup(t, other, "held"), id) })
+}
