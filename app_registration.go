@@ -48,7 +48,9 @@ func (a *appRegistration) up() {
 	a.write()
 }
 
-// down takes the app out, and calls off any retry.
+// down takes the app out, calls off any retry of its registration, and
+// arms one of its removal when the registry refuses that: an app that
+// fails its checks must not stay discoverable for the rest of its TTL.
 func (a *appRegistration) down() {
 	a.writeMu.Lock()
 	defer a.writeMu.Unlock()
@@ -56,8 +58,32 @@ func (a *appRegistration) down() {
 	a.want, a.pending = false, nil
 	a.mu.Unlock()
 	a.log.Info("Deregistering "+a.id, "service", a.app.Name)
-	if err := a.reg.Deregister(a.app); err != nil {
-		a.log.Error("deregistering the app failed", "error", err)
+	a.erase()
+}
+
+// erase makes one attempt at taking the app out; writeMu is held.
+func (a *appRegistration) erase() {
+	err := a.reg.Deregister(a.app)
+	a.mu.Lock()
+	was := a.pending
+	a.pending = err
+	a.mu.Unlock()
+	switch {
+	case err == nil && was != nil:
+		a.log.Info("deregistered "+a.id+" after the registry refused it", "service", a.app.Name)
+	case err != nil && was == nil:
+		a.log.Error("deregistering the app failed; retrying until it succeeds", "error", err)
+	}
+	if err != nil {
+		a.retry()
+	}
+}
+
+// retry starts the retry loop's backoff, unless it runs already.
+func (a *appRegistration) retry() {
+	select {
+	case a.kick <- struct{}{}:
+	default:
 	}
 }
 
@@ -107,14 +133,12 @@ func (a *appRegistration) write() {
 		a.log.Error("registering the app failed; retrying until it succeeds", "error", err)
 	}
 	if err != nil {
-		select {
-		case a.kick <- struct{}{}: // the retry loop starts its backoff
-		default:
-		}
+		a.retry()
 	}
 }
 
-// refused returns the registry's refusal of the app while a retry is due.
+// refused returns the registry's refusal of the app's registration, or of
+// its removal, while a retry is due.
 func (a *appRegistration) refused() error {
 	a.mu.Lock()
 	defer a.mu.Unlock()
@@ -139,7 +163,8 @@ func (a *appRegistration) names(s Service) bool {
 	return false
 }
 
-// run retries refused registrations until ctx ends.
+// run applies the checks' verdicts and retries refused registrations and
+// removals until ctx ends.
 func (a *appRegistration) run(ctx context.Context) {
 	wait := a.retryMin
 	timer := time.NewTimer(time.Hour)
@@ -157,10 +182,14 @@ func (a *appRegistration) run(ctx context.Context) {
 		case <-timer.C:
 			a.writeMu.Lock()
 			a.mu.Lock()
-			due := a.want && a.pending != nil
+			due, want := a.pending != nil, a.want
 			a.mu.Unlock()
 			if due {
-				a.write()
+				if want {
+					a.write()
+				} else {
+					a.erase()
+				}
 				wait = min(2*wait, a.retryMax)
 				timer.Reset(wait)
 			}

@@ -1118,3 +1118,32 @@ func TestSecondSignalWaitsForTheDeregistration(t *testing.T) {
 	// Well within the TTL (30 s), which would take it out anyway.
 	waitFor(t, 5*time.Second, "the app out of the shared registry", func() bool { return !hasNode(lookup(t, other, "held"), id) })
 }
+
+// TestAppRemovalIsRetried: an app that fails its check while the registry
+// refuses writes (another process holds the file registry's lock past its
+// 5 s wait) is taken out once the registry takes writes again, not when
+// its TTL runs out, and other sidecars stop finding it.
+func TestAppRemovalIsRetried(t *testing.T) {
+	app := newHealthyApp(t)
+	addr := strings.TrimPrefix(app.srv.URL, "http://")
+	file := filepath.Join(t.TempDir(), "registry.json")
+	p := startSidecar(t, "--registry=file", "--registry_address="+file, "--server_name=flaky", "--server_address="+addr,
+		"--healthcheck_url="+app.srv.URL+"/h", "--healthcheck_interval=100ms", "--healthcheck_failures=1")
+	id := appID(t, p)
+	other := startSidecar(t, "--registry=file", "--registry_address="+file)
+	waitFor(t, 5*time.Second, "the app on the other sidecar", func() bool { return hasNode(lookup(t, other, "flaky"), id) })
+	unlock, err := lockFile(file + ".lock")
+	if err != nil {
+		t.Fatal(err)
+	}
+	app.state.Store(1)
+	waitFor(t, 15*time.Second, "the refused removal", func() bool {
+		return strings.Contains(p.log.String(), "deregistering the app failed; retrying until it succeeds")
+	})
+	unlock()
+	// Well within the TTL (30 s), which would take it out anyway.
+	waitFor(t, 8*time.Second, "the app out of the other sidecar's view", func() bool { return !hasNode(lookup(t, other, "flaky"), id) })
+	if !strings.Contains(p.log.String(), "deregistered "+id+" after the registry refused it") {
+		t.Error("the late removal is not logged")
+	}
+}
