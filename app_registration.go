@@ -137,6 +137,16 @@ func (a *appRegistration) write() {
 	}
 }
 
+// callOff ends a retry of the app's registration after a DELETE of its
+// node through the API, which is final until the app's health changes.
+func (a *appRegistration) callOff() {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.want {
+		a.pending = nil
+	}
+}
+
 // refused returns the registry's refusal of the app's registration, or of
 // its removal, while a retry is due.
 func (a *appRegistration) refused() error {

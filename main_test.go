@@ -847,6 +847,30 @@ func TestAppRegistrationIsRetried(t *testing.T) {
 	if a := report(); a.Registered {
 		t.Errorf("/health says registered after a DELETE of the app's node: %+v", a)
 	}
+
+	// A DELETE while a refused registration waits for its retry calls the
+	// retry off: the DELETE is final until the app's health changes.
+	app.state.Store(1)
+	waitFor(t, 5*time.Second, "the app failing", func() bool { return report().Status == healthFailing })
+	if c, body := do(t, "POST", p.url("/registry"), "application/json", filler); c != 200 {
+		t.Fatalf("filling the table again: %d %s", c, body)
+	}
+	app.state.Store(0)
+	waitFor(t, 5*time.Second, "the refusal in /health again", func() bool { return report().RegistrationError != "" })
+	if c, body := do(t, "DELETE", p.url("/registry"), "application/json", `{"name":"web","nodes":[{"id":"`+id+`"}]}`); c != 200 {
+		t.Fatalf("DELETE of the app's node: %d %s", c, body)
+	}
+	if a := report(); a.RegistrationError != "" {
+		t.Errorf("/health after the DELETE: %+v; want the retry called off, no registration_error", a)
+	}
+	do(t, "DELETE", p.url("/registry"), "application/json", filler)
+	// The first retry comes 1 s after the refusal: over twice that, the app
+	// must stay out (a wait for something not to happen).
+	for end := time.Now().Add(2500 * time.Millisecond); time.Now().Before(end); time.Sleep(50 * time.Millisecond) {
+		if s := lookup(t, p, "web"); s != nil {
+			t.Fatalf("a retry registered the app after a DELETE of its node: %+v", s)
+		}
+	}
 }
 
 // TestHealthCheckHidesThePassword: a password or a query value (an API

@@ -153,12 +153,17 @@ func (s *sidecar) deleteService(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusBadRequest, err.Error())
 		return
 	}
+	// Before the filter: a refused registration is in no table.
+	appNamed := s.app != nil && s.app.names(svc) && (svc.Version == "" || svc.Version == s.app.app.Version)
 	// A version named is a version meant, as in go-micro: a node of the
 	// service under another version stays. No version: any.
 	svc.Nodes = s.reg.table.nodesToDeregister(svc)
 	if err := s.reg.Deregister(svc); err != nil {
 		writeRegistryError(w, err)
 		return
+	}
+	if appNamed {
+		s.app.callOff()
 	}
 	writeJSON(w, http.StatusOK, svc)
 }
