@@ -63,28 +63,7 @@ func (a *appRegistration) down() {
 
 // erase makes one attempt at taking the app out; writeMu is held.
 func (a *appRegistration) erase() {
-	err := a.reg.Deregister(a.app)
-	a.mu.Lock()
-	was := a.pending
-	a.pending = err
-	a.mu.Unlock()
-	switch {
-	case err == nil && was != nil:
-		a.log.Info("deregistered "+a.id+" after the registry refused it", "service", a.app.Name)
-	case err != nil && was == nil:
-		a.log.Error("deregistering the app failed; retrying until it succeeds", "error", err)
-	}
-	if err != nil {
-		a.retry()
-	}
-}
-
-// retry starts the retry loop's backoff, unless it runs already.
-func (a *appRegistration) retry() {
-	select {
-	case a.kick <- struct{}{}:
-	default:
-	}
+	a.settle(a.reg.Deregister(a.app), "deregistered", "deregistering")
 }
 
 // follow hands the health checks' verdict to run, which keeps the
@@ -122,18 +101,28 @@ func (a *appRegistration) write() {
 	a.writing.Store(true)
 	err := a.reg.registerOwn(a.app)
 	a.writing.Store(false)
+	a.settle(err, "registered", "registering")
+}
+
+// settle keeps err as the refusal a retry is due for, says when that
+// changes (a refusal once, and the late success), and starts the retry
+// loop's backoff on a refusal.
+func (a *appRegistration) settle(err error, done, doing string) {
 	a.mu.Lock()
 	was := a.pending
 	a.pending = err
 	a.mu.Unlock()
 	switch {
 	case err == nil && was != nil:
-		a.log.Info("registered "+a.id+" after the registry refused it", "service", a.app.Name)
+		a.log.Info(done+" "+a.id+" after the registry refused it", "service", a.app.Name)
 	case err != nil && was == nil:
-		a.log.Error("registering the app failed; retrying until it succeeds", "error", err)
+		a.log.Error(doing+" the app failed; retrying until it succeeds", "error", err)
 	}
 	if err != nil {
-		a.retry()
+		select {
+		case a.kick <- struct{}{}: // the retry loop starts its backoff
+		default:
+		}
 	}
 }
 
