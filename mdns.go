@@ -384,8 +384,7 @@ func (b *mdnsBackend) registerLocked(s Service, ttl time.Duration, now time.Time
 					// it (a heartbeat with a counter, a TTL that varies).
 					l.rec, l.ann, l.ttl, l.lastSent = r, a, mdnsTTL(ttl), prev.lastSent
 					l.repeatAt, l.again = next, true
-					b.labels[strings.ToLower(a.instance[:len(a.instance)-len(mdnsServiceType)-1])] = r.key()
-					continue
+					continue // under the label it had
 				}
 			}
 		} else if now.Sub(l.lastSent) < time.Second {
