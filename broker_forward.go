@@ -634,17 +634,25 @@ func (f *forwarder) markUp(addr string) {
 // refused batch is certainly undelivered, so no member gets a message
 // twice. It returns the messages lost: those for broadcast subscribers
 // when broadcastLost, and those with a group that has no other member or
-// was rerouted once already.
+// was rerouted once already. A message split into pieces (splitGroups)
+// counts once, as in messagesIn.
 func (f *forwarder) reroute(addr string, batch []forwardItem, broadcastLost bool) int {
-	lost := 0
+	lost, msgLost := 0, false
 	for _, it := range batch {
 		itemLost := broadcastLost && it.broadcast
 		if len(it.groups) > 0 {
 			itemLost = f.rerouteGroups(addr, it) || itemLost
 		}
-		if itemLost {
-			lost++
+		msgLost = msgLost || itemLost
+		if !it.more {
+			if msgLost {
+				lost++
+			}
+			msgLost = false
 		}
+	}
+	if msgLost {
+		lost++ // the first pieces of a message whose last went in another batch
 	}
 	return lost
 }

@@ -1260,3 +1260,36 @@ func TestDownTableForgetsThePast(t *testing.T) {
 		t.Errorf("a peer failing now: down %v, table of %d; want it down and the past forgotten", f.isDown(now), f.nDown.Load())
 	}
 }
+
+// TestLostSplitMessageCountsOnce: a message for more queue groups at one
+// peer than a batch line holds goes as several pieces; when the peer
+// cannot be reached and the groups have no other member, the message is
+// counted lost once, not once a piece.
+func TestLostSplitMessageCountsOnce(t *testing.T) {
+	s, _ := brokerSidecar(t, brokerConfig{})
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	port := ln.Addr().(*net.TCPAddr).Port
+	ln.Close() // nothing listens there
+	svc := Service{Name: "topic:many"}
+	for i := range 70 {
+		g := fmt.Sprintf("g%d-%s", i, strings.Repeat("x", 56))
+		svc.Nodes = append(svc.Nodes, Node{ID: "peer:" + g, Address: "127.0.0.1", Port: port,
+			Metadata: map[string]string{"broker": "1", "sidecar": "peer", "scheme": "http", "queue": g}})
+	}
+	if err := s.reg.Register(svc, time.Minute); err != nil {
+		t.Fatal(err)
+	}
+	s.broker.publish("many", payloadText, "text/plain", []byte("x"))
+	waitFor(t, 10*time.Second, "the message counted lost", func() bool { return s.broker.stats.ForwardDropped.Load() > 0 })
+	waitFor(t, 10*time.Second, "the peer's worker done", func() bool {
+		s.broker.fwd.mu.Lock()
+		defer s.broker.fwd.mu.Unlock()
+		return len(s.broker.fwd.peers) == 0
+	})
+	if n := s.broker.stats.ForwardDropped.Load(); n != 1 {
+		t.Errorf("one message lost, counted %d times", n)
+	}
+}
