@@ -50,15 +50,65 @@ func etcdBin(t *testing.T) string {
 	return ""
 }
 
-// freePort returns a loopback port nobody listens on right now.
+// freePort returns a loopback port nobody listens on right now. It is
+// taken from below the kernel's ephemeral range: a port from 127.0.0.1:0
+// is free only until the kernel hands it to the next test's listener or
+// outgoing connection, and etcd binds it a moment later (CI once saw
+// "bind: address already in use"). Below that range only fixed-port
+// binders compete, and within this process nextFixedPort never repeats.
 func freePort(t *testing.T) int {
 	t.Helper()
+	for range 2000 {
+		port := nextFixedPort()
+		if port == 0 {
+			break
+		}
+		ln, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", port))
+		if err == nil {
+			ln.Close()
+			return port
+		}
+	}
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer ln.Close()
 	return ln.Addr().(*net.TCPAddr).Port
+}
+
+var fixedPorts struct {
+	sync.Mutex
+	next, end int
+}
+
+// nextFixedPort hands out ports just below the ephemeral range, once each;
+// 0 when none are left or the range is unknown.
+func nextFixedPort() int {
+	fixedPorts.Lock()
+	defer fixedPorts.Unlock()
+	if fixedPorts.end == 0 {
+		fixedPorts.end = ephemeralLow()
+		fixedPorts.next = max(fixedPorts.end-10000, 1024) + int(time.Now().UnixNano()%5000)
+	}
+	if fixedPorts.next >= fixedPorts.end {
+		return 0
+	}
+	fixedPorts.next++
+	return fixedPorts.next - 1
+}
+
+// ephemeralLow reads the low end of Linux's ephemeral port range.
+func ephemeralLow() int {
+	b, err := os.ReadFile("/proc/sys/net/ipv4/ip_local_port_range")
+	if err != nil {
+		return 0
+	}
+	var low, high int
+	if _, err := fmt.Sscan(string(b), &low, &high); err != nil || low <= 2048 {
+		return 0
+	}
+	return low
 }
 
 // etcdMember is one etcd process of a test cluster, all on loopback.
