@@ -297,10 +297,11 @@ func applyEnv(fs *flag.FlagSet, lookupEnv func(string) (string, bool)) (map[stri
 			return
 		}
 		name := "MICRO_" + strings.ToUpper(f.Name)
-		if v, ok := lookupEnv(name); ok {
-			if v != "" { // an empty variable is commonly a way to unset one
-				given[f.Name] = name
-			}
+		// An empty variable is commonly how one is unset: the default
+		// stands, rather than an empty value (MICRO_NAMESPACE= must not
+		// empty the namespace).
+		if v, ok := lookupEnv(name); ok && v != "" {
+			given[f.Name] = name
 			if serr := f.Value.Set(v); serr != nil {
 				if serr.Error() == "parse error" {
 					serr = errors.New(wantOf(f))

@@ -302,6 +302,9 @@ func TestIneffectiveFlagFromEnvironment(t *testing.T) {
 	if cfg, err := parseSidecarFlags([]string{"--registry=memory"}, io.Discard, env("MICRO_REGISTRY_PASSWORD=")); err != nil || len(cfg.ignored) != 0 {
 		t.Errorf("an empty MICRO_REGISTRY_PASSWORD is no setting: %v, noted %q", err, cfg.ignored)
 	}
+	if cfg, err := parseSidecarFlags([]string{"--registry=memory"}, io.Discard, env("MICRO_NAMESPACE=", "MICRO_RPC_TIMEOUT=")); err != nil || cfg.RPC.Namespace != "go.micro.srv" || cfg.RPC.Timeout != 5*time.Second {
+		t.Errorf("empty MICRO_NAMESPACE and MICRO_RPC_TIMEOUT: %v, namespace %q, timeout %v; want the defaults", err, cfg.RPC.Namespace, cfg.RPC.Timeout)
+	}
 	_, err = parseSidecarFlags(nil, io.Discard, env("MICRO_REGISTRY=memory", "MICRO_ADDRESS=8081"))
 	if err == nil || !strings.HasSuffix(err.Error(), "(set by MICRO_ADDRESS)") {
 		t.Errorf("a bad MICRO_ADDRESS: %v; want the error to name the variable", err)
