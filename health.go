@@ -288,9 +288,12 @@ func redactURL(raw string) string {
 	if u.RawQuery != "" {
 		pairs := strings.Split(u.RawQuery, "&")
 		for i, p := range pairs {
-			if name, _, ok := strings.Cut(p, "="); ok {
-				pairs[i] = name + "=xxxxx"
+			// A bare member (?SECRETKEY) may be the secret itself.
+			name, _, ok := strings.Cut(p, "=")
+			if !ok {
+				name = ""
 			}
+			pairs[i] = name + "=xxxxx"
 		}
 		u.RawQuery = strings.Join(pairs, "&")
 	}

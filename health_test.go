@@ -99,7 +99,8 @@ func TestCheckStep(t *testing.T) {
 
 func TestRedactURL(t *testing.T) {
 	for in, want := range map[string]string{
-		"http://u:pw@h:1/p?apikey=k&flag&x=": "http://u:xxxxx@h:1/p?apikey=xxxxx&flag&x=xxxxx",
+		"http://u:pw@h:1/p?apikey=k&flag&x=": "http://u:xxxxx@h:1/p?apikey=xxxxx&=xxxxx&x=xxxxx",
+		"http://h/health?S3CR3T":             "http://h/health?=xxxxx",
 		"http://127.0.0.1:9090/health":       "http://127.0.0.1:9090/health",
 		"tcp://127.0.0.1:9090":               "tcp://127.0.0.1:9090",
 		"http://h/%zz?k=v":                   "(a URL that does not parse)",
