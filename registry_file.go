@@ -46,8 +46,12 @@ type fileBackend struct {
 	// after the update installed its own, hiding a node just registered.
 	ioMu sync.Mutex
 
-	mu      sync.Mutex // guards lastSig, lastErr, lastSkipped
+	mu      sync.Mutex // guards lastSig, badSig, lastErr, lastSkipped
 	lastSig fileSig
+	// badSig is the version of the file last found unreadable (corrupt, or
+	// a newer format): polls leave it alone until it changes, rather than
+	// parse up to 64 MiB ten times a second to fail the same way.
+	badSig  fileSig
 	lastErr error
 	// lastSkipped is how many invalid records the last read skipped,
 	// logged when it changes.
@@ -319,36 +323,58 @@ func (f *fileBackend) parse(data []byte) ([]record, error) {
 // parseRegistryFile decodes the file and validates every record, skipping
 // the invalid ones (a hand edit, another version's rules) rather than
 // losing the others; err then says why the first was. An empty file is an
-// empty registry. A file of a newer format gives errNewerFormat.
+// empty registry. A file of a newer format gives errNewerFormat, whatever
+// else it holds: its format is read before anything it may lay out anew.
 func parseRegistryFile(data []byte) (recs []record, skipped int, err error) {
 	if len(bytes.TrimSpace(data)) == 0 {
 		return nil, 0, nil
 	}
-	var ff fileFormat
-	if err := json.Unmarshal(data, &ff); err != nil {
+	var head struct {
+		Format  int             `json:"format"`
+		Records json.RawMessage `json:"records"`
+	}
+	if err := json.Unmarshal(data, &head); err != nil {
 		return nil, 0, err
 	}
-	if ff.Format > fileFormatVersion {
-		return nil, 0, fmt.Errorf("%w (format %d; this one knows %d): upgrade this sidecar", errNewerFormat, ff.Format, fileFormatVersion)
+	if head.Format > fileFormatVersion {
+		return nil, 0, fmt.Errorf("%w (format %d; this one knows %d): upgrade this sidecar", errNewerFormat, head.Format, fileFormatVersion)
 	}
-	if ff.Format != fileFormatVersion {
-		return nil, 0, fmt.Errorf("format %d, want %d", ff.Format, fileFormatVersion)
+	if head.Format != fileFormatVersion {
+		return nil, 0, fmt.Errorf("format %d, want %d", head.Format, fileFormatVersion)
 	}
-	recs = ff.Records[:0]
-	for i := range ff.Records {
-		r := ff.Records[i]
-		s := Service{Name: r.Service, Version: r.Version, Metadata: r.Metadata, Nodes: []Node{r.Node}}
-		if verr := normalizeService(&s); verr != nil {
+	var raws []json.RawMessage
+	if len(head.Records) > 0 {
+		if err := json.Unmarshal(head.Records, &raws); err != nil {
+			return nil, 0, fmt.Errorf("records: %w", err)
+		}
+	}
+	for i, raw := range raws {
+		r, rerr := parseRecord(raw)
+		if rerr != nil {
 			if skipped == 0 {
-				err = fmt.Errorf("records[%d]: %w", i, verr)
+				err = fmt.Errorf("records[%d]: %w", i, rerr)
 			}
 			skipped++
 			continue
 		}
-		r.Metadata, r.Node = s.Metadata, s.Nodes[0] // as normalised: {} where the file has none
 		recs = append(recs, r)
 	}
 	return recs, skipped, err
+}
+
+// parseRecord decodes and validates one record of the file, normalised as
+// a registration would be.
+func parseRecord(raw json.RawMessage) (record, error) {
+	var r record
+	if err := json.Unmarshal(raw, &r); err != nil {
+		return record{}, err
+	}
+	s := Service{Name: r.Service, Version: r.Version, Metadata: r.Metadata, Nodes: []Node{r.Node}}
+	if err := normalizeService(&s); err != nil {
+		return record{}, err
+	}
+	r.Metadata, r.Node = s.Metadata, s.Nodes[0] // as normalised: {} where the file has none
+	return r, nil
 }
 
 func live(recs []record, now time.Time) []record {
@@ -456,26 +482,27 @@ func (f *fileBackend) poll() {
 	}
 	f.mu.Lock()
 	unchanged := sig == f.lastSig
+	knownBad := sig == f.badSig && sig != (fileSig{})
 	f.mu.Unlock()
-	if unchanged {
+	if unchanged || knownBad {
 		f.t.sweep(f.now())
-		f.recheck()
+		if !knownBad {
+			f.recheck()
+		}
 		return
 	}
 	var recs []record
 	if sig != (fileSig{}) {
-		data, err := readLimited(f.path)
-		if err != nil && !errors.Is(err, fs.ErrNotExist) {
-			f.fail(fmt.Errorf("file registry: read %s: %w", f.path, err))
-			return
-		}
-		recs, err = f.parse(data)
-		if errors.Is(err, errNewerFormat) {
-			f.fail(fmt.Errorf("file registry: %s was %w", f.path, err))
-			return
-		}
+		recs, err = f.readForPoll()
 		if err != nil {
-			f.fail(fmt.Errorf("file registry: %s is corrupt: %w (it is moved aside at the next registration)", f.path, err))
+			if !errors.As(err, new(*fs.PathError)) {
+				// The content is at fault, not the reading (which may
+				// pass, as a permission fixed does, with the file as it was).
+				f.mu.Lock()
+				f.badSig = sig
+				f.mu.Unlock()
+			}
+			f.fail(err)
 			return
 		}
 	}
@@ -484,6 +511,28 @@ func (f *fileBackend) poll() {
 	f.mu.Unlock()
 	f.t.replace(live(recs, f.now()))
 	f.fail(nil)
+}
+
+// readForPoll reads and parses the file; one gone since its stat is an
+// empty registry.
+func (f *fileBackend) readForPoll() ([]record, error) {
+	data, err := readLimited(f.path)
+	switch {
+	case errors.Is(err, fs.ErrNotExist):
+		return nil, nil
+	case errors.Is(err, errFileTooLarge):
+		return nil, fmt.Errorf("file registry: %s is %w (it is moved aside at the next registration)", f.path, err)
+	case err != nil:
+		return nil, fmt.Errorf("file registry: %w", err) // it names the path
+	}
+	recs, err := f.parse(data)
+	switch {
+	case errors.Is(err, errNewerFormat):
+		return nil, fmt.Errorf("file registry: %s was %w", f.path, err)
+	case err != nil:
+		return nil, fmt.Errorf("file registry: %s is corrupt: %w (it is moved aside at the next registration)", f.path, err)
+	}
+	return recs, nil
 }
 
 // recheck clears a failure that nothing else would: a lock held too long

@@ -100,6 +100,7 @@ func TestFileBackendSkipsInvalidRecords(t *testing.T) {
 	file := `{"format":1,"records":[
 		{"service":"a","node":{"id":"1","address":"127.0.0.1","port":1}},
 		{"service":"a","node":{"id":"bad","address":"127.0.0.1","port":0}},
+		{"service":"a","node":{"id":"typo","address":"127.0.0.1","port":"80"}},
 		{"service":"b","node":{"id":"2","address":"127.0.0.1","port":2}}]}`
 	if err := os.WriteFile(path, []byte(file), 0o644); err != nil {
 		t.Fatal(err)
@@ -122,17 +123,54 @@ func TestFileBackendSkipsInvalidRecords(t *testing.T) {
 // neither moved aside nor rewritten; changes are refused saying why.
 func TestFileBackendLeavesANewerFormatAlone(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "registry.json")
-	const newer = `{"format":2,"services":{}}`
-	if err := os.WriteFile(path, []byte(newer), 0o644); err != nil {
+	// The second lays out its records anew: its format must be read
+	// before them, or it would look corrupt and be moved aside.
+	for _, newer := range []string{`{"format":2,"services":{}}`, `{"records":{"a":[1]},"format":2}`} {
+		if err := os.WriteFile(path, []byte(newer), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		_, err := newFileBackend(t.Context(), path, newTable(0), slog.New(slog.NewTextHandler(io.Discard, nil)))
+		if err == nil || !strings.Contains(err.Error(), "written by a newer sidecar") {
+			t.Errorf("start on %s: %v; want a refusal saying it is newer", newer, err)
+		}
+		if data, _ := os.ReadFile(path); string(data) != newer {
+			t.Errorf("the newer file was changed: %s", data)
+		}
+	}
+}
+
+// TestFileBackendLeavesAnUnreadableFileUntilItChanges: a corrupt file is
+// parsed once, not at every poll, until it changes.
+func TestFileBackendLeavesAnUnreadableFileUntilItChanges(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "registry.json")
+	fb := newTestFileBackend(t, path, 0)
+	corrupt := []byte(`{"format":1,"records":[{"service":"a","node":{"id":"1","address":"127.0.0.1","port":1}}]` + "  ")
+	if err := os.WriteFile(path, corrupt, 0o644); err != nil {
 		t.Fatal(err)
 	}
-	_, err := newFileBackend(t.Context(), path, newTable(0), slog.New(slog.NewTextHandler(io.Discard, nil)))
-	if err == nil || !strings.Contains(err.Error(), "written by a newer sidecar") {
-		t.Errorf("start on a newer file: %v; want a refusal saying so", err)
+	waitFor(t, 2*time.Second, "the corrupt file to be found", func() bool { return fb.status() != nil })
+	// The same bytes, made valid in place: size, inode and modification
+	// time as they were, so only a reread would see the change.
+	fi, _ := os.Stat(path)
+	valid := append(corrupt[:len(corrupt)-2:len(corrupt)-2], "}\n"...)
+	fh, err := os.OpenFile(path, os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
 	}
-	if data, _ := os.ReadFile(path); string(data) != newer {
-		t.Errorf("the newer file was changed: %s", data)
+	fh.WriteAt(valid, 0)
+	fh.Close()
+	os.Chtimes(path, fi.ModTime(), fi.ModTime())
+	fb.poll()
+	fb.poll()
+	if ss, _ := fb.t.lookup("a", time.Now()); fb.status() == nil || len(ss) != 0 {
+		t.Fatalf("the unchanged corrupt file was parsed again")
 	}
+	// A real change is read.
+	os.Chtimes(path, fi.ModTime().Add(time.Second), fi.ModTime().Add(time.Second))
+	waitFor(t, 2*time.Second, "the changed file to be read", func() bool {
+		ss, _ := fb.t.lookup("a", time.Now())
+		return fb.status() == nil && len(ss) == 1
+	})
 }
 
 // TestFileBackendStartsAfreshOnAnOversizedFile: a file past the read limit
