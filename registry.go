@@ -12,7 +12,6 @@ import (
 	"net/netip"
 	"net/url"
 	"slices"
-	"sort"
 	"strconv"
 	"strings"
 	"sync"
@@ -351,10 +350,19 @@ func diff(old, new map[string]record) []Event {
 			evs = append(evs, eventOf("delete", o))
 		}
 	}
-	sort.SliceStable(evs, func(i, j int) bool { // stable: a move's delete stays before its create
-		return evs[i].Service.Name+"\x00"+evs[i].Service.Nodes[0].ID < evs[j].Service.Name+"\x00"+evs[j].Service.Nodes[0].ID
-	})
 	return evs
+}
+
+// sortEvents puts a change's events in the order watchers get them: by
+// service name and node id. Stable: a node's move to another version
+// keeps its delete before its create.
+func sortEvents(evs []Event) {
+	slices.SortStableFunc(evs, func(a, b Event) int {
+		if c := strings.Compare(a.Service.Name, b.Service.Name); c != 0 {
+			return c
+		}
+		return strings.Compare(a.Service.Nodes[0].ID, b.Service.Nodes[0].ID)
+	})
 }
 
 // changeEvents tells watchers that a node changed: an update, or, when it
@@ -505,7 +513,7 @@ func (t *table) sweep(now time.Time) {
 }
 
 // sweepLocked removes the records expired at now and returns their delete
-// events, in the order answers use.
+// events.
 func (t *table) sweepLocked(now time.Time) []Event {
 	var gone []record
 	for _, byKey := range t.services {
@@ -515,7 +523,6 @@ func (t *table) sweepLocked(now time.Time) []Event {
 			}
 		}
 	}
-	sortRecords(gone)
 	evs := make([]Event, 0, len(gone))
 	for _, r := range gone {
 		t.deleteLocked(r)
@@ -569,6 +576,10 @@ func (t *table) deleteLocked(r record) {
 // notifyLocked tells the watchers what changed. A watcher whose queue is
 // full is dropped rather than allowed to block the table.
 func (t *table) notifyLocked(evs []Event) {
+	if len(t.watchers) == 0 || len(evs) == 0 {
+		return
+	}
+	sortEvents(evs)
 	for w := range t.watchers {
 		mine := evs
 		if w.service != "" {
@@ -694,6 +705,11 @@ func (t *table) watchFrom(service string, now time.Time) (*watcher, []record) {
 	w := &watcher{service: service, ch: make(chan []Event, watchQueue)}
 	t.mu.Lock()
 	defer t.mu.Unlock()
+	// Records expired but not yet swept go first, their deletes to the
+	// other watchers: left in the table, a node posted again before the
+	// sweep would be no change, and this watcher, whose first records
+	// leave it out, would never hear of it.
+	t.notifyLocked(t.sweepLocked(now))
 	t.watchers[w] = struct{}{}
 	var recs []record
 	for name, byKey := range t.services {

@@ -125,8 +125,10 @@ func TestDiffReportsCreateUpdateDelete(t *testing.T) {
 	for _, x := range []record{refreshed, r("a", "2", 3), r("c", "1", 1)} {
 		next[x.key()] = x
 	}
+	evs := diff(old, next)
+	sortEvents(evs)
 	var got []string
-	for _, ev := range diff(old, next) {
+	for _, ev := range evs {
 		got = append(got, ev.Action+" "+ev.Service.Name+"/"+ev.Service.Nodes[0].ID)
 	}
 	want := "update a/2,delete b/1,create c/1"
@@ -238,6 +240,54 @@ func TestWatchStartsSorted(t *testing.T) {
 	}
 	if got := strings.Join(ids, ""); got != "abcdef" {
 		t.Errorf("a sweep's deletes: %s; want abcdef", got)
+	}
+}
+
+// TestWatchAfterAnExpiry: a node that expired before a watch began, and
+// was posted again before the sweep, reaches the watcher as a create.
+func TestWatchAfterAnExpiry(t *testing.T) {
+	tb := newTable(0)
+	now := time.Now()
+	r := record{Service: "s", Node: Node{ID: "1", Address: "h", Port: 1}, Expires: now.Add(-time.Millisecond)}
+	tb.upsert(r)
+	w, initial := tb.watchFrom("", now)
+	defer tb.unwatch(w)
+	if len(initial) != 0 {
+		t.Fatalf("a watch's first records hold the expired node: %+v", initial)
+	}
+	r.Expires = now.Add(time.Hour)
+	tb.upsert(r)
+	select {
+	case evs := <-w.ch:
+		if len(evs) != 1 || evs[0].Action != "create" {
+			t.Errorf("the node posted again: %+v; want one create", evs)
+		}
+	default:
+		t.Errorf("the node posted again after its expiry reached the watcher as no event")
+	}
+}
+
+// TestChangeEventsSorted: a change's events reach watchers by service and
+// node id, whatever the order of the request; a move keeps its delete
+// before its create.
+func TestChangeEventsSorted(t *testing.T) {
+	tb := newTable(0)
+	tb.upsert(record{Service: "s", Version: "2", Node: Node{ID: "m", Address: "h", Port: 1}})
+	w := tb.watch("")
+	defer tb.unwatch(w)
+	tb.upsert(
+		record{Service: "t", Node: Node{ID: "a", Address: "h", Port: 1}},
+		record{Service: "s", Node: Node{ID: "z", Address: "h", Port: 1}},
+		record{Service: "s", Version: "1", Node: Node{ID: "m", Address: "h", Port: 1}},
+		record{Service: "s", Node: Node{ID: "b", Address: "h", Port: 1}},
+	)
+	var got []string
+	for _, ev := range <-w.ch {
+		got = append(got, ev.Action+" "+ev.Service.Name+"/"+ev.Service.Nodes[0].ID+"@"+ev.Service.Version)
+	}
+	want := "create s/b@,delete s/m@2,create s/m@1,create s/z@,create t/a@"
+	if strings.Join(got, ",") != want {
+		t.Errorf("a change's events: %s; want %s", strings.Join(got, ","), want)
 	}
 }
 
