@@ -282,6 +282,33 @@ func TestHandshakeForms(t *testing.T) {
 	}
 }
 
+// TestBrokerEntriesAreNotTheRegistryAPIs: a client can neither take over
+// nor delete a topic entry the broker keeps for its subscribers (the
+// broker registers each once, and peers would stop forwarding for good);
+// other nodes of the topic's service are the client's as ever.
+func TestBrokerEntriesAreNotTheRegistryAPIs(t *testing.T) {
+	s, addr := brokerSidecar(t, brokerConfig{})
+	dialRaw(t, addr, "/broker?topic=orders&queue=billing")
+	waitFor(t, 5*time.Second, "the group's registration", func() bool { return s.reg.table.has("topic:orders") })
+	id := s.broker.id + ":billing"
+	base := "http://" + addr + "/registry"
+	for _, c := range []struct{ method, url, body string }{
+		{"POST", base + "?ttl=1s", `{"name":"topic:orders","nodes":[{"id":"` + id + `","address":"127.0.0.1","port":1}]}`},
+		{"DELETE", base, `{"name":"topic:orders","nodes":[{"id":"other"},{"id":"` + id + `"}]}`},
+	} {
+		code, body := do(t, c.method, c.url, "application/json", c.body)
+		if code != http.StatusConflict || !strings.Contains(body, "broker entry for topic orders") {
+			t.Errorf("%s of the broker's entry: %d %s; want 409 saying whose it is", c.method, code, body)
+		}
+	}
+	if !s.reg.owns(Service{Name: "topic:orders", Nodes: []Node{{ID: id}}}) {
+		t.Errorf("the broker's entry is no longer kept alive")
+	}
+	if code, body := do(t, "POST", base, "application/json", `{"name":"topic:orders","nodes":[{"id":"`+s.broker.id+`x","address":"127.0.0.1","port":1}]}`); code != http.StatusOK {
+		t.Errorf("POST of another node of the topic's service: %d %s; want 200", code, body)
+	}
+}
+
 // TestOwnRegistrationsPassTheClientsCap: clients that fill the 4,096
 // registrations a sidecar keeps alive for them do not cut a subscription
 // off from the other sidecars: its topic is registered still.

@@ -596,6 +596,8 @@ func TestRegistryErrors(t *testing.T) {
 		{"DELETE", "/registry?ttl=1s", `{"name":"x","nodes":[{"id":"a"}]}`, 400, "(it takes none)"},
 		{"POST", "/registry", `{"name":"x","metadata":{"k":"` + strings.Repeat("v", 2000) + `"}}`, 413, "larger than 1000 bytes"},
 		{"DELETE", "/registry", `{"name":"x"}`, 400, "ids of the nodes"},
+		{"DELETE", "/registry", `{"name":"a b","nodes":[{"id":"a"}]}`, 400, `name "a b": use up to`},
+		{"DELETE", "/registry", `{"name":"x","nodes":[{"id":"a/b"}]}`, 400, `nodes[0]: id "a/b": use up to`},
 		{"GET", "/registry?service=missing", "", 404, "service missing not found"},
 		{"GET", "/registry?watch=1", "", 400, "WebSocket upgrade"},
 		{"GET", "/registry?watch=0", "", 400, "use watch=1 to watch"},

@@ -86,11 +86,8 @@ func normalizeService(s *Service) error {
 	if s.Name == "" {
 		return errors.New("name is required")
 	}
-	if len(s.Name) > maxNameLen || !validName(s.Name) {
-		return fmt.Errorf("name %q: use up to %d printable characters without spaces or '/'", truncate(s.Name, 64), maxNameLen)
-	}
-	if len(s.Version) > maxNameLen || !validName(s.Version) {
-		return fmt.Errorf("version %q: use printable characters without spaces or '/'", truncate(s.Version, 64))
+	if err := checkNameAndVersion(s.Name, s.Version); err != nil {
+		return err
 	}
 	if err := checkMetadata("metadata", s.Metadata); err != nil {
 		return err
@@ -119,13 +116,32 @@ func normalizeService(s *Service) error {
 	return nil
 }
 
-func normalizeNode(n *Node) error {
+// checkNameAndVersion applies the rules of a service's name and version.
+func checkNameAndVersion(name, version string) error {
+	if len(name) > maxNameLen || !validName(name) {
+		return fmt.Errorf("name %q: use up to %d printable characters without spaces or '/'", truncate(name, 64), maxNameLen)
+	}
+	if len(version) > maxNameLen || !validName(version) {
+		return fmt.Errorf("version %q: use printable characters without spaces or '/'", truncate(version, 64))
+	}
+	return nil
+}
+
+// checkNodeID trims a node's id and applies its rules.
+func checkNodeID(n *Node) error {
 	n.ID = strings.TrimSpace(n.ID)
 	if n.ID == "" {
 		return errors.New("id is required")
 	}
 	if len(n.ID) > maxIDLen || !validName(n.ID) {
 		return fmt.Errorf("id %q: use up to %d printable characters without spaces or '/'", truncate(n.ID, 64), maxIDLen)
+	}
+	return nil
+}
+
+func normalizeNode(n *Node) error {
+	if err := checkNodeID(n); err != nil {
+		return err
 	}
 	host, port, err := splitAddress(n.Address, n.Port)
 	if err != nil {

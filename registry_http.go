@@ -133,11 +133,32 @@ func (s *sidecar) postService(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusConflict, "node "+truncate(s.app.id, 128)+" is this sidecar's app, which the sidecar registers itself (--server_name, --server_id); register another node id")
 		return
 	}
+	if s.refuseBrokerEntry(w, svc) {
+		return
+	}
 	if err := s.reg.Register(svc, ttl); err != nil {
 		writeRegistryError(w, err)
 		return
 	}
 	writeJSON(w, http.StatusOK, svc)
+}
+
+// refuseBrokerEntry answers 409 when svc names one of this sidecar's own
+// topic entries, and says whether it did. The broker keeps them while it
+// has subscribers and registers each once: taken over with a ttl, or
+// deleted, one would be gone for good and peers would stop forwarding.
+func (s *sidecar) refuseBrokerEntry(w http.ResponseWriter, svc Service) bool {
+	topic, ok := strings.CutPrefix(svc.Name, topicService)
+	if !ok {
+		return false
+	}
+	for _, n := range svc.Nodes {
+		if n.ID == s.broker.id || strings.HasPrefix(n.ID, s.broker.id+":") {
+			writeError(w, http.StatusConflict, "node "+truncate(n.ID, 128)+" is this sidecar's broker entry for topic "+truncate(topic, 128)+", kept while it has subscribers; register another node id")
+			return true
+		}
+	}
+	return false
 }
 
 func (s *sidecar) deleteService(w http.ResponseWriter, r *http.Request) {
@@ -151,6 +172,9 @@ func (s *sidecar) deleteService(w http.ResponseWriter, r *http.Request) {
 	svc, err := decodeDeregistration(body)
 	if err != nil {
 		writeError(w, http.StatusBadRequest, err.Error())
+		return
+	}
+	if s.refuseBrokerEntry(w, svc) {
 		return
 	}
 	// Before the filter: a refused registration is in no table.
@@ -175,15 +199,23 @@ func decodeDeregistration(body []byte) (Service, error) {
 	if err := json.Unmarshal(body, &svc); err != nil {
 		return Service{}, serviceJSONError(body, err)
 	}
+	// The limits of a registration: what they refuse is in no registry,
+	// and a DELETE of 50,000 ids would be as many backend removals.
 	if svc.Name = strings.TrimSpace(svc.Name); svc.Name == "" {
 		return Service{}, errors.New("name is required")
+	}
+	if err := checkNameAndVersion(svc.Name, svc.Version); err != nil {
+		return Service{}, err
 	}
 	if len(svc.Nodes) == 0 {
 		return Service{}, errors.New("nodes: give the ids of the nodes to deregister")
 	}
+	if len(svc.Nodes) > maxNodesPerReq {
+		return Service{}, fmt.Errorf("nodes: at most %d per request", maxNodesPerReq)
+	}
 	for i := range svc.Nodes {
-		if svc.Nodes[i].ID = strings.TrimSpace(svc.Nodes[i].ID); svc.Nodes[i].ID == "" {
-			return Service{}, fmt.Errorf("nodes[%d]: id is required", i)
+		if err := checkNodeID(&svc.Nodes[i]); err != nil {
+			return Service{}, fmt.Errorf("nodes[%d]: %w", i, err)
 		}
 		if svc.Nodes[i].Metadata == nil {
 			svc.Nodes[i].Metadata = map[string]string{} // echoed as {} like every other answer

@@ -581,3 +581,20 @@ func TestFileLockGivesUp(t *testing.T) {
 	}
 	unlock()
 }
+
+// TestDeregistrationLimits: a DELETE is held to a registration's limits on
+// the number of nodes, too: each is a backend removal.
+func TestDeregistrationLimits(t *testing.T) {
+	ids := make([]string, maxNodesPerReq+1)
+	for i := range ids {
+		ids[i] = fmt.Sprintf(`{"id":"n%d"}`, i)
+	}
+	body := `{"name":"x","nodes":[` + strings.Join(ids, ",") + `]}`
+	if _, err := decodeDeregistration([]byte(body)); err == nil || !strings.Contains(err.Error(), "at most 256 per request") {
+		t.Errorf("a DELETE of %d nodes: %v; want it refused", len(ids), err)
+	}
+	body = `{"name":"x","nodes":[` + strings.Join(ids[:maxNodesPerReq], ",") + `]}`
+	if _, err := decodeDeregistration([]byte(body)); err != nil {
+		t.Errorf("a DELETE of %d nodes: %v; want it taken", maxNodesPerReq, err)
+	}
+}
