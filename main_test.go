@@ -1008,21 +1008,51 @@ func TestDependencies(t *testing.T) {
 }
 
 // TestScratchImage shows the binary runs in an empty root with an empty
-// environment, as in a FROM scratch image: no /tmp, no /etc, no HOME.
+// environment, as in a FROM scratch image: no /tmp, no /etc, no HOME; and
+// with HOME=/, as Docker sets it there, where the README says its file
+// registry is.
 func TestScratchImage(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Skip("chroot needs root; skipping the scratch-image test")
 	}
-	root := t.TempDir()
 	data, err := os.ReadFile(binPath)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := os.WriteFile(filepath.Join(root, "micro"), data, 0o755); err != nil {
-		t.Fatal(err)
+	for _, c := range []struct {
+		env  []string
+		file string // the file registry's default path
+	}{
+		{[]string{}, "micro-registry.json"},
+		{[]string{"HOME=/"}, ".cache/micro/registry.json"},
+	} {
+		t.Run(fmt.Sprint(c.env), func(t *testing.T) {
+			root := t.TempDir()
+			if err := os.WriteFile(filepath.Join(root, "micro"), data, 0o755); err != nil {
+				t.Fatal(err)
+			}
+			p := startChrooted(t, root, c.env)
+			if code, body := do(t, "POST", p.url("/registry"), "", `{"name":"inside","nodes":[{"id":"i1","address":"127.0.0.1:1"}]}`); code != 200 {
+				t.Fatalf("register in scratch: %d %s", code, body)
+			}
+			if lookup(t, p, "inside") == nil || lookup(t, p, "scratchy") == nil {
+				t.Fatalf("lookups in scratch failed; log:\n%s", p.log.String())
+			}
+			if _, err := os.Stat(filepath.Join(root, c.file)); err != nil {
+				t.Errorf("with environment %q the file registry belongs at /%s: %v", c.env, c.file, err)
+			}
+			if code := p.stop(syscall.SIGTERM); code != 0 {
+				t.Errorf("exit status %d; want 0", code)
+			}
+		})
 	}
+}
+
+// startChrooted runs the sidecar copied into root, chrooted there, with env.
+func startChrooted(t *testing.T, root string, env []string) *proc {
+	t.Helper()
 	cmd := exec.Command("/micro", "sidecar", "--address=127.0.0.1:0", "--registry=file", "--server_name=scratchy", "--server_address=127.0.0.1:9999")
-	cmd.Env = []string{}
+	cmd.Env = env
 	cmd.Dir = "/"
 	cmd.SysProcAttr = &syscall.SysProcAttr{Chroot: root}
 	p := &proc{t: t, cmd: cmd, log: &syncBuffer{}, done: make(chan struct{})}
@@ -1044,18 +1074,7 @@ func TestScratchImage(t *testing.T) {
 		}
 		return m != nil
 	})
-	if code, body := do(t, "POST", p.url("/registry"), "", `{"name":"inside","nodes":[{"id":"i1","address":"127.0.0.1:1"}]}`); code != 200 {
-		t.Fatalf("register in scratch: %d %s", code, body)
-	}
-	if lookup(t, p, "inside") == nil || lookup(t, p, "scratchy") == nil {
-		t.Fatalf("lookups in scratch failed; log:\n%s", p.log.String())
-	}
-	if _, err := os.Stat(filepath.Join(root, "micro-registry.json")); err != nil {
-		t.Errorf("with no environment the file registry belongs in the working directory: %v", err)
-	}
-	if code := p.stop(syscall.SIGTERM); code != 0 {
-		t.Errorf("exit status %d; want 0", code)
-	}
+	return p
 }
 
 // BenchmarkStartToFirstLookup measures the time from exec to the first
