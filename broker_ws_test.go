@@ -9,6 +9,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"regexp"
 	"runtime"
 	"strings"
 	"testing"
@@ -306,6 +307,19 @@ func TestBrokerEntriesAreNotTheRegistryAPIs(t *testing.T) {
 	}
 	if code, body := do(t, "POST", base, "application/json", `{"name":"topic:orders","nodes":[{"id":"`+s.broker.id+`x","address":"127.0.0.1","port":1}]}`); code != http.StatusOK {
 		t.Errorf("POST of another node of the topic's service: %d %s; want 200", code, body)
+	}
+}
+
+// TestBrokerRegistryFailuresAreCounted: a topic entry the registry refuses
+// is counted in /broker/stats and /metrics, where an operator can alert.
+func TestBrokerRegistryFailuresAreCounted(t *testing.T) {
+	s, addr := brokerSidecar(t, brokerConfig{})
+	s.reg.deregisterOwned() // as at shutdown: registrations the sidecar keeps are refused
+	dialRaw(t, addr, "/broker?topic=orders")
+	waitFor(t, 5*time.Second, "the refused registration to be counted", func() bool { return s.broker.report().RegistryFailure > 0 })
+	_, body := do(t, "GET", "http://"+addr+"/metrics", "", "")
+	if !regexp.MustCompile(`(?m)^micro_broker_registry_failures_total [1-9]`).MatchString(body) {
+		t.Errorf("/metrics does not count the failure:\n%s", body)
 	}
 }
 

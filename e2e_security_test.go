@@ -367,6 +367,7 @@ func TestMetricsParse(t *testing.T) {
 		`micro_rpc_node_ejections_total 0`,
 		`micro_broker_messages_total{event="published"} 1`,
 		`micro_broker_subscribers 0`,
+		`micro_broker_registry_failures_total 0`,
 	} {
 		if !strings.Contains(body, want) {
 			t.Errorf("/metrics lacks %q:\n%s", want, body)

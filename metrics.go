@@ -505,6 +505,9 @@ func newSidecarMetrics(s *sidecar) *sidecarMetrics {
 		r := s.broker.report()
 		return []sample{{[]string{"reaped"}, float64(r.Reaped)}, {[]string{"slow"}, float64(r.SlowClosed)}, {[]string{"too_big"}, float64(r.TooBig)}}
 	})
+	set.counterFunc("micro_broker_registry_failures_total", "Registrations and removals of the broker's topic entries that failed (each is retried); while they fail, peers do not forward the topic here.", nil, func() []sample {
+		return []sample{{v: float64(s.broker.report().RegistryFailure)}}
+	})
 	set.gauge("micro_broker_subscribers", "Broker WebSocket connections on this sidecar.", nil, func() []sample {
 		return []sample{{v: float64(s.broker.report().Subscribers)}}
 	})
