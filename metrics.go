@@ -579,7 +579,11 @@ func (m *sidecarMetrics) instrument(next http.Handler, routeOf func(*http.Reques
 		}()
 		next.ServeHTTP(w, r)
 		code := sw.Status()
-		if code == 0 {
+		switch {
+		case code != 0:
+		case r.Context().Err() != nil:
+			code = statusClientClosed // its caller left before any answer
+		default:
 			code = http.StatusOK
 		}
 		m.count(w, r, routeOf, start, code)

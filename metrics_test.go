@@ -2,8 +2,10 @@ package main
 
 import (
 	"bufio"
+	"context"
 	"fmt"
 	"net/http"
+	"net/http/httptest"
 	"strconv"
 	"strings"
 	"testing"
@@ -71,6 +73,23 @@ func TestRefusedRequestsCountUnderTheirRoute(t *testing.T) {
 	}
 	if n := s.metrics.requests.Value("unmatched", "401"); n != 0 {
 		t.Errorf("%d refused requests counted as unmatched", n)
+	}
+}
+
+// TestAbandonedRequestsCountAs499: a handler that returns without an
+// answer after its caller left is counted as nginx would, not as a 200.
+func TestAbandonedRequestsCountAs499(t *testing.T) {
+	s, _ := testSidecar(t, nil)
+	h := s.metrics.instrument(http.HandlerFunc(func(http.ResponseWriter, *http.Request) {}), func(*http.Request) string { return "/x" })
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	h.ServeHTTP(httptest.NewRecorder(), httptest.NewRequest("GET", "/x", nil).WithContext(ctx))
+	h.ServeHTTP(httptest.NewRecorder(), httptest.NewRequest("GET", "/x", nil))
+	if n := s.metrics.requests.Value("/x", "499"); n != 1 {
+		t.Errorf("%d abandoned requests counted as 499; want 1", n)
+	}
+	if n := s.metrics.requests.Value("/x", "200"); n != 1 {
+		t.Errorf("%d requests answered by writing nothing counted as 200; want 1", n)
 	}
 }
 
