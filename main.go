@@ -235,7 +235,9 @@ func parseSidecarFlags(args []string, out io.Writer, lookupEnv func(string) (str
 	if cfg.ServerMetadata, err = parseMetadata(metadata); err != nil {
 		return config{}, err
 	}
-	if err := cfg.LogLevel.UnmarshalText([]byte(level)); err != nil {
+	// slog also takes offsets (error+4, info-2): levels no log line of
+	// ours is at, hence not offered.
+	if err := cfg.LogLevel.UnmarshalText([]byte(level)); err != nil || strings.ContainsAny(level, "+-") {
 		return config{}, fmt.Errorf("--log_level %q: want debug, info, warn or error", level)
 	}
 	cfg.CORSAllowedOrigins = splitList(origins)

@@ -251,6 +251,7 @@ func TestCommandLine(t *testing.T) {
 		{[]string{"sidecar", "--nope"}, 2, "flag provided but not defined: -nope (micro sidecar --help lists the flags)"},
 		{[]string{"sidecar", "--healthcheck_interval=10"}, 2, `invalid value "10" for flag -healthcheck_interval: want a duration such as 10s`},
 		{[]string{"sidecar", "--rpc_retries=x"}, 2, "want a whole number"},
+		{[]string{"sidecar", "--log_level=error+4"}, 2, `--log_level "error+4": want debug, info, warn or error`},
 		{[]string{"sidecar", "--max_inflight=0"}, 2, "--max_inflight must be more than 0"},
 		{[]string{"sidecar", "--shutdown_timeout=-1s"}, 2, "--shutdown_timeout must not be negative"},
 		{[]string{"sidecar", "--auth_token=s3cret\n"}, 2, "a trailing newline from a file is the usual cause"},
