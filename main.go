@@ -274,15 +274,24 @@ func nameVariables(err error, given map[string]string) error {
 // unknownVariables names the MICRO_* variables of environ that are no
 // flag's, as a misspelt one (MICRO_SERVR_NAME) would be: ignored silently,
 // it would leave the sidecar running without what it was meant to set.
+// A variable spelt in another case (micro_namespace, MICRO_Namespace) is
+// named too: the environment's names are case-sensitive, and only the
+// upper-case one is read.
 func unknownVariables(fs *flag.FlagSet, environ []string) []string {
 	var out []string
 	for _, kv := range environ {
 		name, _, _ := strings.Cut(kv, "=")
-		rest, ok := strings.CutPrefix(name, "MICRO_")
-		if !ok || name == "MICRO_PPROF_ADDRESS" || strings.HasPrefix(name, "MICRO_TEST") || fs.Lookup(strings.ToLower(rest)) != nil {
+		upper := strings.ToUpper(name)
+		rest, ok := strings.CutPrefix(upper, "MICRO_")
+		if !ok || upper == "MICRO_PPROF_ADDRESS" || strings.HasPrefix(upper, "MICRO_TEST") {
 			continue
 		}
-		out = append(out, name+" names no flag (micro sidecar --help lists them)")
+		switch {
+		case fs.Lookup(strings.ToLower(rest)) == nil:
+			out = append(out, name+" names no flag (micro sidecar --help lists them)")
+		case name != upper:
+			out = append(out, name+" is not read: spell it "+upper)
+		}
 	}
 	return out
 }

@@ -311,9 +311,13 @@ func TestIneffectiveFlagFromEnvironment(t *testing.T) {
 		t.Errorf("a bad MICRO_ADDRESS: %v; want the error to name the variable", err)
 	}
 	t.Setenv("MICRO_SERVR_NAME", "typo")
+	t.Setenv("micro_namespace", "lower")
 	cfg, err = parseSidecarFlags([]string{"--registry=MEMORY", "--log_format=JSON"}, io.Discard, env())
 	if err != nil || !slices.Contains(cfg.ignored, "MICRO_SERVR_NAME names no flag (micro sidecar --help lists them)") {
 		t.Errorf("a misspelt variable: %v, noted %q; want it noted", err, cfg.ignored)
+	}
+	if !slices.Contains(cfg.ignored, "micro_namespace is not read: spell it MICRO_NAMESPACE") {
+		t.Errorf("a variable in lower case: noted %q; want it noted", cfg.ignored)
 	}
 	if cfg.Registry != "memory" || cfg.LogFormat != "json" {
 		t.Errorf("choices in upper case: registry %q, log format %q; want them taken", cfg.Registry, cfg.LogFormat)
