@@ -7,13 +7,30 @@ package main
 // builds have none of this.
 
 import (
+	"fmt"
+	"net"
 	"net/http"
 	_ "net/http/pprof"
 	"os"
 )
 
 func init() {
-	if addr := os.Getenv("MICRO_PPROF_ADDRESS"); addr != "" {
-		go http.ListenAndServe(addr, http.DefaultServeMux)
+	addr := os.Getenv("MICRO_PPROF_ADDRESS")
+	if addr == "" {
+		return
 	}
+	// The profiler has no token check: loopback only.
+	host, _, err := net.SplitHostPort(addr)
+	if ip := net.ParseIP(host); err != nil || host != "localhost" && (ip == nil || !ip.IsLoopback()) {
+		fmt.Fprintf(os.Stderr, "MICRO_PPROF_ADDRESS %q: the profiler serves a loopback address only, such as 127.0.0.1:6060; not started\n", addr)
+		return
+	}
+	go http.ListenAndServe(addr, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/debug/pprof/cmdline" {
+			// The command line may hold --auth_token.
+			http.Error(w, "not served: the command line may hold secrets", http.StatusNotFound)
+			return
+		}
+		http.DefaultServeMux.ServeHTTP(w, r)
+	}))
 }
