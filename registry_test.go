@@ -408,6 +408,16 @@ func FuzzDecodeService(f *testing.F) {
 		f.Add([]byte(s))
 	}
 	f.Fuzz(func(t *testing.T, data []byte) {
+		if d, err := decodeDeregistration(data); err == nil {
+			if d.Name == "" || !validName(d.Name) || len(d.Nodes) == 0 || len(d.Nodes) > maxNodesPerReq {
+				t.Fatalf("accepted an invalid deregistration %+v", d)
+			}
+			for _, n := range d.Nodes {
+				if n.ID == "" || !validName(n.ID) {
+					t.Fatalf("accepted an invalid node id %q to deregister", n.ID)
+				}
+			}
+		}
 		s, err := decodeService(data)
 		if err != nil {
 			return
