@@ -93,6 +93,12 @@ func (a *appRegistration) apply() {
 		a.up()
 	case in:
 		a.down()
+	case a.reg.table.holds(a.app.Name, a.id):
+		// An entry under the app's node id that this sidecar did not
+		// write: an earlier run's (killed with a fixed --server_id), which
+		// would send callers to a failing app until its TTL ran out.
+		a.log.Info("the app is failing and an earlier run left its entry in the registry; removing it", "id", a.id)
+		a.down()
 	}
 }
 

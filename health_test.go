@@ -181,3 +181,23 @@ func TestVerdictsDoNotWaitOnTheRegistry(t *testing.T) {
 		return err != nil && !a.registered()
 	})
 }
+
+// TestFailingAppLosesAnEarlierRunsEntry: a sidecar restarted with a fixed
+// --server_id, whose app fails from the start, takes out the entry its
+// earlier run left under that id, rather than let callers reach the
+// failing app until the entry's TTL runs out.
+func TestFailingAppLosesAnEarlierRunsEntry(t *testing.T) {
+	tb := newTable(10)
+	r := &registry{table: tb, backend: &memoryBackend{t: tb, now: time.Now}, ttl: time.Minute, now: time.Now, owned: map[string]Service{}}
+	app := Service{Name: "app", Nodes: []Node{{ID: "app-1", Address: "127.0.0.1", Port: 1}}}
+	if err := r.backend.register(app, time.Minute); err != nil { // the earlier run's
+		t.Fatal(err)
+	}
+	a := newAppRegistration(r, app, "app-1", discardLog, time.Minute)
+	go a.run(t.Context())
+	a.follow(false)
+	waitFor(t, 5*time.Second, "the earlier run's entry to go", func() bool { return !tb.holds("app", "app-1") })
+	if a.registered() {
+		t.Errorf("a failing app counts as registered")
+	}
+}

@@ -668,6 +668,15 @@ func (t *table) has(name string) bool {
 	return len(t.services[name]) > 0
 }
 
+// holds reports whether the table has node id of service name, in any
+// version, expired or not.
+func (t *table) holds(name, id string) bool {
+	t.mu.RLock()
+	defer t.mu.RUnlock()
+	_, ok := t.services[name][record{Service: name, Node: Node{ID: id}}.key()]
+	return ok
+}
+
 // serviceCount and nodeCount size the table, for metrics.
 func (t *table) serviceCount() int {
 	t.mu.RLock()
