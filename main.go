@@ -57,11 +57,16 @@ func runMain(args []string, stdout, stderr io.Writer) int {
 			fmt.Fprintf(stderr, "micro sidecar: %v\n", err)
 			return 2
 		}
+		// Logs piped to tee or jq, whose reader a Ctrl-C or a closed
+		// terminal ends: a write to the closed pipe must fail, not kill
+		// the sidecar (SIGPIPE) before it deregisters the app.
+		signal.Ignore(syscall.SIGPIPE)
+		say := sayer(cfg, stderr)
 		deregistered := make(chan struct{})
-		ctx, stop := stopOnSignals(stderr, deregistered)
+		ctx, stop := stopOnSignals(say, deregistered)
 		defer stop()
 		if err := runSidecar(ctx, cfg, stderr, deregistered); err != nil {
-			fmt.Fprintf(stderr, "micro sidecar: %v\n", err)
+			say(slog.LevelError, err.Error())
 			return 1
 		}
 		return 0
@@ -848,7 +853,7 @@ func (s *sidecar) startApp(ctx context.Context, goBG func(func())) {
 // third signal, or deregisterWait, ends it even so. Signals are caught
 // rather than left to their default: one the process inherited as ignored
 // (SIGINT under a script's &, SIGHUP under nohup) would be ignored again.
-func stopOnSignals(stderr io.Writer, deregistered <-chan struct{}) (context.Context, func()) {
+func stopOnSignals(say func(slog.Level, string), deregistered <-chan struct{}) (context.Context, func()) {
 	sigs := make(chan os.Signal, 2)
 	signal.Notify(sigs, os.Interrupt, syscall.SIGTERM, syscall.SIGHUP)
 	ctx, cancel := context.WithCancel(context.Background())
@@ -859,17 +864,30 @@ func stopOnSignals(stderr io.Writer, deregistered <-chan struct{}) (context.Cont
 		select {
 		case <-deregistered:
 		default:
-			fmt.Fprintf(stderr, "micro sidecar: %v during the drain: stopping once deregistered (another signal stops at once)\n", sig)
+			say(slog.LevelWarn, fmt.Sprintf("%v during the drain: stopping once deregistered (another signal stops at once)", sig))
 			select {
 			case <-deregistered:
 			case <-sigs:
 			case <-time.After(deregisterWait):
 			}
 		}
-		fmt.Fprintf(stderr, "micro sidecar: %v during the drain: stopping at once\n", sig)
+		say(slog.LevelWarn, fmt.Sprintf("%v during the drain: stopping at once", sig))
 		os.Exit(128 + int(sig.(syscall.Signal)))
 	}()
 	return ctx, func() { signal.Stop(sigs); cancel() }
+}
+
+// sayer returns how the sidecar reports what it says outside its logger
+// (why it stopped): "micro sidecar: ..." lines, or, with
+// --log_format=json, log objects, so that a collector parsing the stream
+// keeps the lines that matter most.
+func sayer(cfg config, stderr io.Writer) func(slog.Level, string) {
+	if cfg.LogFormat != "json" {
+		return func(_ slog.Level, msg string) { fmt.Fprintf(stderr, "micro sidecar: %s\n", msg) }
+	}
+	cfg.LogLevel = slog.LevelDebug // said at any --log_level, as the plain lines are
+	log := newLogger(cfg, stderr)
+	return func(level slog.Level, msg string) { log.Log(context.Background(), level, msg) }
 }
 
 // deregisterWait bounds how long a second signal waits for the

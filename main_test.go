@@ -496,6 +496,50 @@ func TestPortInUse(t *testing.T) {
 	}
 }
 
+// TestFatalErrorInTheLogFormat: with --log_format=json, why the sidecar
+// stopped is a log object too, which a collector parsing the stream keeps.
+func TestFatalErrorInTheLogFormat(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	code, out := run(t, "sidecar", "--address="+ln.Addr().String(), "--registry=memory", "--log_format=json", "--log_level=error")
+	lines := strings.Split(strings.TrimSpace(out), "\n")
+	var last struct{ Level, Msg string }
+	if err := json.Unmarshal([]byte(lines[len(lines)-1]), &last); err != nil || code != 1 || last.Level != "ERROR" || !strings.Contains(last.Msg, "choose another --address") {
+		t.Errorf("port in use with JSON logs: exit %d, last line %q (%v); want exit 1 and an ERROR object naming the fix", code, lines[len(lines)-1], err)
+	}
+}
+
+// TestClosedLogPipe: logs piped to a reader that goes (tee or jq ended by
+// a Ctrl-C or a closed terminal) neither kill the sidecar nor keep it from
+// deregistering the app when it is told to stop.
+func TestClosedLogPipe(t *testing.T) {
+	file := filepath.Join(t.TempDir(), "registry.json")
+	other := startSidecar(t, "--registry=file", "--registry_address="+file)
+	pr, pw, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(binPath, "sidecar", "--address=127.0.0.1:0", "--registry=file", "--registry_address="+file, "--server_name=piped", "--server_address=127.0.0.1:9090")
+	cmd.Stdout, cmd.Stderr = pw, pw
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	pw.Close()
+	p := &proc{t: t, cmd: cmd, log: &syncBuffer{}, done: make(chan struct{})}
+	go func() { cmd.Wait(); close(p.done) }()
+	t.Cleanup(func() { cmd.Process.Kill(); <-p.done })
+	go io.Copy(p.log, pr)
+	waitFor(t, 10*time.Second, "piped on the other sidecar", func() bool { return lookup(t, other, "piped") != nil })
+	pr.Close()
+	if code := p.stop(syscall.SIGTERM); code != 0 {
+		t.Errorf("exit status after SIGTERM with the log pipe closed: %d; want 0", code)
+	}
+	waitFor(t, 5*time.Second, "piped to leave the other sidecar's view", func() bool { return lookup(t, other, "piped") == nil })
+}
+
 func TestEnvironmentVariablesAndFlagPrecedence(t *testing.T) {
 	p := startSidecarEnv(t, []string{"MICRO_SERVER_NAME=fromenv", "MICRO_SERVER_ADDRESS=127.0.0.1:9090", "MICRO_REGISTRY=memory"})
 	if s := lookup(t, p, "fromenv"); s == nil || s.Nodes[0].Port != 9090 {
