@@ -297,7 +297,16 @@ func redactURL(raw string) string {
 		}
 		u.RawQuery = strings.Join(pairs, "&")
 	}
-	return u.Redacted()
+	if u.User != nil {
+		// The user part may be the key itself (https://KEY@host, or
+		// KEY: with an empty password): all of it goes.
+		if _, ok := u.User.Password(); ok {
+			u.User = url.UserPassword("xxxxx", "xxxxx")
+		} else {
+			u.User = url.User("xxxxx")
+		}
+	}
+	return u.String()
 }
 
 // healthReport is the body of GET /health.

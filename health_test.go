@@ -99,7 +99,9 @@ func TestCheckStep(t *testing.T) {
 
 func TestRedactURL(t *testing.T) {
 	for in, want := range map[string]string{
-		"http://u:pw@h:1/p?apikey=k&flag&x=": "http://u:xxxxx@h:1/p?apikey=xxxxx&=xxxxx&x=xxxxx",
+		"http://u:pw@h:1/p?apikey=k&flag&x=": "http://xxxxx:xxxxx@h:1/p?apikey=xxxxx&=xxxxx&x=xxxxx",
+		"https://sk_live_KEY@h/health":       "https://xxxxx@h/health",
+		"https://sk_live_KEY:@h/health":      "https://xxxxx:xxxxx@h/health",
 		"http://h/health?S3CR3T":             "http://h/health?=xxxxx",
 		"http://127.0.0.1:9090/health":       "http://127.0.0.1:9090/health",
 		"tcp://127.0.0.1:9090":               "tcp://127.0.0.1:9090",

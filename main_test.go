@@ -940,7 +940,7 @@ func TestHealthCheckHidesThePassword(t *testing.T) {
 	assertHealth(t, p, 200, "passing")
 	app.state.Store(1)
 	assertHealth(t, p, 503, "failing")
-	if !strings.Contains(p.log.String(), "app is unhealthy") || !strings.Contains(p.log.String(), "user:xxxxx@") || !strings.Contains(p.log.String(), "apikey=xxxxx&v=xxxxx") {
+	if !strings.Contains(p.log.String(), "app is unhealthy") || !strings.Contains(p.log.String(), "xxxxx:xxxxx@") || !strings.Contains(p.log.String(), "apikey=xxxxx&v=xxxxx") {
 		t.Errorf("the health changes are not logged with the redacted URL:\n%s", p.log.String())
 	}
 	_, body := do(t, "GET", p.url("/health"), "", "")
