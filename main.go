@@ -637,6 +637,10 @@ type sidecar struct {
 	rpc     *caller
 	proxy   *proxy
 	started time.Time
+	// stopping is set when shutdown begins: /health then answers 503, so
+	// that load balancers stop sending while the deregistration (a file
+	// lock, an etcd timeout) and the drain take their time.
+	stopping atomic.Bool
 	// watchers counts open registry watches, against --registry_max_watchers:
 	// an open WebSocket no longer counts against --max_inflight.
 	watchers  atomic.Int64
@@ -802,6 +806,7 @@ func runSidecar(ctx context.Context, cfg config, logOut io.Writer, deregistered 
 	}
 
 	log.Info("Shutting down: deregistering and draining; a second signal stops at once", "timeout", cfg.ShutdownTimeout)
+	s.stopping.Store(true)
 	stopBG()
 	for _, d := range bgDone {
 		<-d
@@ -969,7 +974,10 @@ func (s *sidecar) handleHealth(w http.ResponseWriter, r *http.Request) {
 		Registry:      s.reg.name,
 		RegistryError: trimErr(s.reg.backend.status()),
 	}}
-	if rep.Sidecar.RegistryError != "" {
+	switch {
+	case s.stopping.Load():
+		rep.Sidecar.Status = "stopping"
+	case rep.Sidecar.RegistryError != "":
 		rep.Sidecar.Status = "degraded"
 	}
 	if s.cfg.ServerName != "" {
@@ -982,7 +990,7 @@ func (s *sidecar) handleHealth(w http.ResponseWriter, r *http.Request) {
 		a.Name, a.ID = s.cfg.ServerName, s.cfg.ServerID
 		rep.App = &a
 	}
-	ok := rep.healthy()
+	ok := rep.healthy() && !s.stopping.Load()
 	rep.Status = statusWord(ok)
 	code := http.StatusOK
 	if !ok {

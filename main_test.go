@@ -374,6 +374,28 @@ func TestSignals(t *testing.T) {
 	}
 }
 
+// TestHealthSaysStopping: from the signal on, /health answers 503, also
+// while the deregistration waits (here for the file registry's lock), so
+// that load balancers stop sending.
+func TestHealthSaysStopping(t *testing.T) {
+	file := filepath.Join(t.TempDir(), "registry.json")
+	p := startSidecar(t, "--registry=file", "--registry_address="+file, "--server_name=stopper", "--server_address=127.0.0.1:9090")
+	assertHealth(t, p, 200, "unchecked")
+	unlock, err := lockFile(file + ".lock")
+	if err != nil {
+		t.Fatal(err)
+	}
+	p.cmd.Process.Signal(syscall.SIGTERM)
+	waitFor(t, 5*time.Second, "/health to say stopping", func() bool {
+		code, body := do(t, "GET", p.url("/health"), "", "")
+		return code == 503 && strings.Contains(body, `"status":"stopping"`)
+	})
+	unlock()
+	if code := p.stop(syscall.Signal(0)); code != 0 {
+		t.Errorf("exit status: %d; want 0", code)
+	}
+}
+
 // TestPortZeroIsToldAtAnyLogLevel: with --address=...:0 the log line
 // naming the port shows even at --log_level=error (startSidecar finds the
 // address in it).
