@@ -383,7 +383,8 @@ func (c *config) validate() error {
 		}
 		s := c.appService()
 		if err := normalizeService(&s); err != nil {
-			return fmt.Errorf("--server_name/--server_address/--server_id: %s", strings.TrimPrefix(err.Error(), "nodes[0]: "))
+			msg := strings.TrimPrefix(err.Error(), "nodes[0]: ")
+			return fmt.Errorf("%s: %s", appFlagOf(msg), msg)
 		}
 	}
 	if c.Health.URL != "" {
@@ -570,6 +571,19 @@ func (c *config) appService() Service {
 	return s
 }
 
+// appFlagOf names the flag behind a refusal of the app's registration, by
+// the field the refusal starts with.
+func appFlagOf(msg string) string {
+	for prefix, flag := range map[string]string{"name ": "--server_name", "version ": "--server_version", "id ": "--server_id", "metadata": "--server_metadata"} {
+		if strings.HasPrefix(msg, prefix) {
+			return flag
+		}
+	}
+	return "--server_address"
+}
+
+// parseMetadata reads --server_metadata, key=value pairs separated by
+// commas, spaces around each key and value left out.
 func parseMetadata(s string) (map[string]string, error) {
 	if s == "" {
 		return nil, nil
@@ -577,8 +591,12 @@ func parseMetadata(s string) (map[string]string, error) {
 	md := map[string]string{}
 	for _, kv := range splitList(s) {
 		k, v, ok := strings.Cut(kv, "=")
+		k, v = strings.TrimSpace(k), strings.TrimSpace(v)
 		if !ok || k == "" {
 			return nil, fmt.Errorf("--server_metadata %q: want key=value pairs separated by commas", kv)
+		}
+		if _, dup := md[k]; dup {
+			return nil, fmt.Errorf("--server_metadata: key %q is given twice", k)
 		}
 		md[k] = v
 	}

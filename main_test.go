@@ -252,6 +252,9 @@ func TestCommandLine(t *testing.T) {
 		{[]string{"sidecar", "--healthcheck_interval=10"}, 2, `invalid value "10" for flag -healthcheck_interval: want a duration such as 10s`},
 		{[]string{"sidecar", "--rpc_retries=x"}, 2, "want a whole number"},
 		{[]string{"sidecar", "--log_level=error+4"}, 2, `--log_level "error+4": want debug, info, warn or error`},
+		{[]string{"sidecar", "--server_name=f", "--server_address=127.0.0.1:1", "--server_version=1 0"}, 2, `--server_version: version "1 0": use printable characters`},
+		{[]string{"sidecar", "--server_name=f", "--server_address=127.0.0.1:1", "--server_id=a/b"}, 2, `--server_id: id "a/b": use up to`},
+		{[]string{"sidecar", "--server_name=f", "--server_address=127.0.0.1:1", "--server_metadata=a=1,a=2"}, 2, `--server_metadata: key "a" is given twice`},
 		{[]string{"sidecar", "--max_inflight=0"}, 2, "--max_inflight must be more than 0"},
 		{[]string{"sidecar", "--shutdown_timeout=-1s"}, 2, "--shutdown_timeout must not be negative"},
 		{[]string{"sidecar", "--auth_token=s3cret\n"}, 2, "a trailing newline from a file is the usual cause"},
@@ -1264,5 +1267,14 @@ func TestAppRemovalIsRetried(t *testing.T) {
 	waitFor(t, 8*time.Second, "the app out of the other sidecar's view", func() bool { return !hasNode(lookup(t, other, "flaky"), id) })
 	if !strings.Contains(p.log.String(), "deregistered "+id+" after the registry refused it") {
 		t.Error("the late removal is not logged")
+	}
+}
+
+// TestServerMetadataSpaces: spaces around a key or value are left out, as
+// they are around each pair.
+func TestServerMetadataSpaces(t *testing.T) {
+	md, err := parseMetadata("a=1, b = 2 ,c=")
+	if err != nil || len(md) != 3 || md["a"] != "1" || md["b"] != "2" || md["c"] != "" {
+		t.Errorf("parseMetadata: %q, %v; want a=1, b=2, c empty", md, err)
 	}
 }
