@@ -38,9 +38,11 @@ const (
 	defaultEtcdPrefix = "/micro/registry/"
 	// etcdRangePage is how many keys one range request reads.
 	etcdRangePage = 500
-	// maxEtcdValue bounds a value the registry will parse; a service
-	// record with the largest metadata allowed is well below it.
-	maxEtcdValue = 256 << 10
+	// maxEtcdValue bounds a value the registry will parse. A service
+	// record with the largest metadata allowed (two sets of 64 keys of
+	// 1 KiB) is below it even when every byte is written escaped, six
+	// bytes for one.
+	maxEtcdValue = 1 << 20
 	// maxWatchMessage bounds one line of the watch stream. The watch asks
 	// etcd to split its messages at its --max-request-bytes (1.5 MiB by
 	// default), so only a single event larger than this fails.
@@ -166,9 +168,21 @@ func parseEtcdKey(prefix, key string) (service, id string, ok bool) {
 	return service, id, true
 }
 
-// etcdValue is the value stored for r: the service JSON with one node.
+// etcdValue is the value stored for r: the service JSON with one node,
+// with <, > and & as they are (json.Marshal would write six bytes for
+// each, for the benefit of HTML, which etcd is not).
 func etcdValue(r record) ([]byte, error) {
-	return json.Marshal(Service{Name: r.Service, Version: r.Version, Metadata: r.Metadata, Nodes: []Node{r.Node}})
+	var buf bytes.Buffer
+	enc := json.NewEncoder(&buf)
+	enc.SetEscapeHTML(false)
+	if err := enc.Encode(Service{Name: r.Service, Version: r.Version, Metadata: r.Metadata, Nodes: []Node{r.Node}}); err != nil {
+		return nil, err
+	}
+	value := bytes.TrimSuffix(buf.Bytes(), []byte("\n"))
+	if len(value) > maxEtcdValue { // the metadata limits keep it below; kept so that no entry is written that none would read
+		return nil, fmt.Errorf("node %q: the record is %d bytes as stored, over the %d an etcd entry of the registry may hold", truncate(r.Node.ID, 64), len(value), maxEtcdValue)
+	}
+	return value, nil
 }
 
 // parseEtcdEntry turns one key and value of the store into a record, or

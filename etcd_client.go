@@ -64,6 +64,7 @@ var errEtcdUnavailable = errors.New("no etcd endpoint answered")
 // gRPC status codes that etcd's errors carry
 // (https://grpc.github.io/grpc/core/md_doc_statuscodes.html).
 const (
+	grpcCanceled         = 1
 	grpcUnknown          = 2
 	grpcDeadlineExceeded = 4
 	grpcNotFound         = 5
@@ -106,7 +107,10 @@ func shouldFailOver(err error) bool {
 	var ee *etcdError
 	if errors.As(err, &ee) {
 		switch ee.Code {
-		case grpcUnavailable, grpcDeadlineExceeded, grpcUnknown:
+		// Canceled: a member shutting down answers "grpc: the client
+		// connection is closing"; a call this client gives up on gets
+		// no answer at all, so the code is never about our request.
+		case grpcUnavailable, grpcDeadlineExceeded, grpcUnknown, grpcCanceled:
 			return true
 		case 0:
 			return ee.HTTP >= 500 // a proxy or a broken gateway

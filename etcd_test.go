@@ -230,6 +230,7 @@ func TestShouldFailOver(t *testing.T) {
 		{&etcdError{Code: grpcUnavailable, HTTP: 503, Message: "etcdserver: no leader"}, true},
 		{&etcdError{Code: grpcDeadlineExceeded, Message: "etcdserver: request timed out"}, true},
 		{&etcdError{HTTP: 502, Message: "bad gateway"}, true},
+		{&etcdError{Code: grpcCanceled, HTTP: 408, Message: "grpc: the client connection is closing"}, true}, // a member shutting down
 		{&etcdError{Code: grpcNotFound, HTTP: 404, Message: "etcdserver: requested lease not found"}, false},
 		{&etcdError{Code: 3, HTTP: 400, Message: "etcdserver: authentication failed"}, false},
 		{&etcdError{Code: grpcOutOfRange, HTTP: 400, Message: "etcdserver: mvcc: required revision has been compacted"}, false},
@@ -680,6 +681,33 @@ func TestEtcdResyncPagesLargeValues(t *testing.T) {
 	for i := range 40 {
 		if !tableHas(tb, "big", fmt.Sprint("n", i)) {
 			t.Fatalf("n%d missing after the resync", i)
+		}
+	}
+}
+
+// TestEscapedMetadataIsReadBack: a registration at the metadata limits,
+// every byte of which JSON escapes, is stored so that sidecars read it
+// back: escaped for HTML, < and > took six bytes each, and such an entry
+// was refused by every reader, the writer included.
+func TestEscapedMetadataIsReadBack(t *testing.T) {
+	for _, fill := range []string{"<", "\x01"} {
+		md := map[string]string{}
+		for i := range maxMetadata {
+			key := fmt.Sprintf("k%02d", i)
+			md[key] = strings.Repeat(fill, maxMetadataLen-len(key))
+		}
+		s := Service{Name: "big", Metadata: md, Nodes: []Node{{ID: "big-1", Address: "127.0.0.1", Port: 9000, Metadata: md}}}
+		if err := normalizeService(&s); err != nil {
+			t.Fatalf("the API refuses it: %v", err)
+		}
+		rec := recordsOf(s, time.Time{})[0]
+		value, err := etcdValue(rec)
+		if err != nil {
+			t.Fatalf("%q: %v", fill, err)
+		}
+		got, err := parseEtcdEntry(defaultEtcdPrefix, []byte(etcdKey(defaultEtcdPrefix, rec)), value)
+		if err != nil || !got.same(rec) {
+			t.Errorf("metadata of %q: the stored %d bytes read back as %v; want the record", fill, len(value), err)
 		}
 	}
 }
