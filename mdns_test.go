@@ -1275,7 +1275,7 @@ func TestRefusedRegistrationIsNotKeptAlive(t *testing.T) {
 	if len(r.owned) != 0 {
 		t.Errorf("owned after a refused registration: %v; want nothing", r.owned)
 	}
-	if err := r.refresh(); err != nil {
+	if err := r.refresh(t.Context()); err != nil {
 		t.Errorf("refresh: %v; want nothing to refresh", err)
 	}
 }

@@ -982,8 +982,11 @@ func (r *registry) GetServiceAt(name string, now time.Time) ([]Service, error) {
 func (r *registry) ListServices() []Service { return r.table.list(r.now()) }
 
 // refresh re-registers every owned entry with a fresh TTL. It is the step of
-// refreshLoop; tests call it directly.
-func (r *registry) refresh() error {
+// refreshLoop; tests call it directly. A pass ends early when ctx ends (a
+// shutdown waits for it before it deregisters) and at a failure that the
+// backend reports as its own (etcd unreachable): each further entry would
+// wait out the request timeout too, holding writes and the shutdown.
+func (r *registry) refresh(ctx context.Context) error {
 	if bb, ok := r.backend.(batchBackend); ok {
 		err := r.refreshAll(bb)
 		r.table.sweep(r.now())
@@ -997,8 +1000,14 @@ func (r *registry) refresh() error {
 	r.mu.Unlock()
 	var errs []error
 	for _, k := range keys {
+		if ctx.Err() != nil {
+			break
+		}
 		if err := r.refreshOne(k); err != nil {
 			errs = append(errs, err)
+			if r.backend.status() != nil {
+				break
+			}
 		}
 	}
 	r.table.sweep(r.now())
@@ -1041,14 +1050,23 @@ func (r *registry) refreshLoop(ctx context.Context, interval time.Duration, log 
 	defer tick.Stop()
 	sweep := time.NewTicker(time.Second)
 	defer sweep.Stop()
+	failing := false // logged when it starts and when it ends, not at every interval
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case <-tick.C:
-			if err := r.refresh(); err != nil {
-				log.Warn("refreshing registrations failed; retrying next interval", "error", err)
+			if ctx.Err() != nil {
+				return // both were ready: a stop goes first
 			}
+			err := r.refresh(ctx)
+			switch {
+			case err != nil && !failing:
+				log.Warn("refreshing registrations failed; retrying every interval until it works", "error", err)
+			case err == nil && failing:
+				log.Info("refreshing registrations works again")
+			}
+			failing = err != nil
 		case <-sweep.C:
 			r.table.sweep(r.now())
 		}

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -495,6 +496,53 @@ func (b *pausingBackend) register(s Service, ttl time.Duration) error {
 	return b.memoryBackend.register(s, ttl)
 }
 
+// downBackend is an etcd that stopped answering once everything was
+// registered: every later registration fails, and its status says so.
+type downBackend struct {
+	memoryBackend
+	down          atomic.Bool
+	registrations atomic.Int32
+}
+
+func (b *downBackend) register(s Service, ttl time.Duration) error {
+	if !b.down.Load() {
+		return b.memoryBackend.register(s, ttl)
+	}
+	b.registrations.Add(1)
+	return errors.New("etcd not answering")
+}
+
+func (b *downBackend) status() error {
+	if b.down.Load() {
+		return errors.New("etcd registry unreachable")
+	}
+	return nil
+}
+
+// TestRefreshStopsAtABackendDown: with the backend down, a refresh pass
+// ends at its first failure, and a pass asked to stop does not start:
+// each entry would wait out the request timeout, holding the shutdown.
+func TestRefreshStopsAtABackendDown(t *testing.T) {
+	tb := newTable(0)
+	b := &downBackend{memoryBackend: memoryBackend{t: tb, now: time.Now}}
+	r := &registry{table: tb, backend: b, ttl: time.Minute, now: time.Now, owned: map[string]Service{}}
+	for i := range 10 {
+		if err := r.Register(Service{Name: fmt.Sprintf("s%d", i), Nodes: []Node{{ID: "n", Address: "127.0.0.1", Port: 1}}}, 0); err != nil {
+			t.Fatal(err)
+		}
+	}
+	b.down.Store(true)
+	if err := r.refresh(t.Context()); err == nil || b.registrations.Load() != 1 {
+		t.Errorf("a pass with the backend down: %v after %d attempts; want it to end at the first", err, b.registrations.Load())
+	}
+	ctx, cancel := context.WithCancel(t.Context())
+	cancel()
+	r.refresh(ctx)
+	if n := b.registrations.Load(); n != 1 {
+		t.Errorf("a pass asked to stop made %d more attempts; want none", n-1)
+	}
+}
+
 // failingBackend takes registrations and fails every deregistration, as
 // an etcd that stopped answering would, counting them.
 type failingBackend struct {
@@ -538,7 +586,7 @@ func TestRefreshDoesNotUndoADeregistration(t *testing.T) {
 	}
 	b.pause.Store(true)
 	refreshed := make(chan error, 1)
-	go func() { refreshed <- r.refresh() }()
+	go func() { refreshed <- r.refresh(t.Context()) }()
 	<-b.entered // the refresh is writing the entry
 	deregistered := make(chan error, 1)
 	go func() { deregistered <- r.Deregister(svc) }()
