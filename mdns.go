@@ -166,6 +166,16 @@ type mdnsBackend struct {
 	ifaces  []*mdnsIface // fixed once started
 	joinErr error        // the interfaces that could not be joined, with what to do
 
+	// sendMu is held from building packets that speak for local nodes
+	// (announcements, answers, goodbyes) to their last send, and taken
+	// before mu. A burst of a thousand is paced over tens of milliseconds,
+	// and a goodbye sent meanwhile would be overtaken by an announcement
+	// built before it: the node, deleted, would live on in every cache,
+	// its own included, for its TTL.
+	sendMu sync.Mutex
+	// write sends one packet; tests replace it.
+	write func(i *mdnsIface, p []byte, dst netip.AddrPort) error
+
 	mu           sync.Mutex // guards locals, labels, cache, startQueries, nextQuery, each iface's sendErr
 	locals       map[string]*mdnsLocal
 	labels       map[string]string // lower-cased instance label -> record key
@@ -242,6 +252,7 @@ func newMDNSState(t *table, log *slog.Logger, port int) *mdnsBackend {
 		locals: map[string]*mdnsLocal{}, labels: map[string]string{}, cache: newMDNSCache(t.maxNodes),
 		conflictLog: logLimiter{every: 10 * time.Minute},
 		stop:        func() {},
+		write:       func(i *mdnsIface, p []byte, dst netip.AddrPort) error { return i.conn.write(p, dst) },
 	}
 }
 
@@ -332,6 +343,8 @@ func (b *mdnsBackend) registerAll(ss []Service, ttl time.Duration) error {
 	now := b.now()
 	var pkts [][]byte
 	var errs []error
+	b.sendMu.Lock()
+	defer b.sendMu.Unlock()
 	b.mu.Lock()
 	for _, s := range ss {
 		p, err := b.registerLocked(s, ttl, now)
@@ -424,6 +437,8 @@ func (b *mdnsBackend) deregisterAll(ss []Service) error {
 		keys = append(keys, keysOf(s)...)
 		recs = append(recs, recordsOf(s, time.Time{})...)
 	}
+	b.sendMu.Lock()
+	defer b.sendMu.Unlock()
 	b.mu.Lock()
 	pkts := b.forgetLocalsLocked(keys)
 	b.t.remove(recs...)
@@ -476,6 +491,7 @@ func (b *mdnsBackend) status() error {
 // the sockets. It is idempotent and waits for the goroutines it owns.
 func (b *mdnsBackend) close() error {
 	b.once.Do(func() {
+		b.sendMu.Lock()
 		b.mu.Lock()
 		keys := make([]string, 0, len(b.locals))
 		for k := range b.locals {
@@ -484,6 +500,7 @@ func (b *mdnsBackend) close() error {
 		pkts := b.forgetLocalsLocked(keys)
 		b.mu.Unlock()
 		b.multicast(pkts)
+		b.sendMu.Unlock()
 		b.stop()
 		for _, i := range b.ifaces {
 			i.conn.close()
@@ -689,6 +706,8 @@ func (b *mdnsBackend) applyChanges(ch cacheChanges) {
 func (b *mdnsBackend) tick(now time.Time) {
 	var pkts [][]byte
 	var lapsed []string
+	b.sendMu.Lock()
+	defer b.sendMu.Unlock()
 	b.mu.Lock()
 	for k, l := range b.locals {
 		if l.rec.expired(now) {
@@ -777,10 +796,21 @@ func (b *mdnsBackend) readLoop(ctx context.Context, i *mdnsIface) {
 			b.stats.ignored.Add(1)
 			continue
 		}
-		for n, p := range b.handlePacket(buf[:n], src) {
-			pace(n) // the answers to a browse from a sidecar holding a thousand nodes
-			b.send(i, p.data, p.dst)
-		}
+		b.handleAndAnswer(i, buf[:n], src)
+	}
+}
+
+// handleAndAnswer handles one packet and sends its answers. A query's
+// answers speak for local nodes and hold sendMu; a response, which
+// answers nothing, does not wait on a burst.
+func (b *mdnsBackend) handleAndAnswer(i *mdnsIface, data []byte, src netip.AddrPort) {
+	if isQuery := len(data) > 2 && data[2]&0x80 == 0; isQuery {
+		b.sendMu.Lock()
+		defer b.sendMu.Unlock()
+	}
+	for n, p := range b.handlePacket(data, src) {
+		pace(n) // the answers to a browse from a sidecar holding a thousand nodes
+		b.send(i, p.data, p.dst)
 	}
 }
 
@@ -816,7 +846,7 @@ const (
 // send writes one packet, keeping the latest failure for status and
 // logging each change between failing and working once.
 func (b *mdnsBackend) send(i *mdnsIface, p []byte, dst netip.AddrPort) {
-	err := i.conn.write(p, dst)
+	err := b.write(i, p, dst)
 	if err == nil {
 		b.stats.packetsOut.Add(1)
 	} else {

@@ -13,6 +13,8 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -1525,5 +1527,58 @@ func TestLegacyQueriesOnlyFromTheLink(t *testing.T) {
 	lan := []netip.Prefix{netip.MustParsePrefix("192.168.1.0/24")}
 	if !onLink(lan, netip.MustParseAddr("192.168.1.77")) || onLink(lan, netip.MustParseAddr("192.168.2.1")) {
 		t.Error("a /24: want its hosts on the link and the next subnet's off it")
+	}
+}
+
+// TestGoodbyeIsNotOvertaken: a DELETE while an announcement of the node is
+// being sent (a paced burst of a thousand takes tens of milliseconds)
+// sends its goodbye after that announcement, never before: overtaken, the
+// goodbye would leave the deleted node in every cache for its TTL.
+func TestGoodbyeIsNotOvertaken(t *testing.T) {
+	b := newMDNSState(newTable(10), discardLog, 0)
+	now := time.Unix(1000, 0)
+	b.now = func() time.Time { return now }
+	b.ifaces = []*mdnsIface{{name: "test"}}
+	var mu sync.Mutex
+	var ttls []uint32 // of every PTR record written, in order
+	held, release := make(chan struct{}), make(chan struct{})
+	var holding atomic.Bool
+	b.write = func(_ *mdnsIface, p []byte, _ netip.AddrPort) error {
+		if holding.CompareAndSwap(true, false) {
+			close(held)
+			<-release
+		}
+		pkt, err := parsePacket(p)
+		if err != nil {
+			t.Errorf("wrote a packet that does not parse: %v", err)
+		}
+		mu.Lock()
+		defer mu.Unlock()
+		for _, rr := range pkt.records {
+			if rr.typ == dnsmessage.TypePTR {
+				ttls = append(ttls, rr.ttl)
+			}
+		}
+		return nil
+	}
+	svc := Service{Name: "svc", Nodes: []Node{{ID: "n1", Address: "127.0.0.1", Port: 80, Metadata: map[string]string{}}}}
+	b.register(svc, 30*time.Second) // the first announcement
+	holding.Store(true)
+	ticked := make(chan struct{})
+	go func() { b.tick(now.Add(time.Second)); close(ticked) }() // the second, held mid-send
+	<-held
+	deleted := make(chan struct{})
+	go func() { b.deregister(svc); close(deleted) }()
+	select {
+	case <-deleted: // without the order kept, the goodbye went out meanwhile
+	case <-time.After(100 * time.Millisecond): // else it waits for the held send
+	}
+	close(release)
+	<-deleted
+	<-ticked
+	mu.Lock()
+	defer mu.Unlock()
+	if len(ttls) != 3 || ttls[2] != 0 {
+		t.Errorf("PTR TTLs written, in order: %v; want two announcements, then the goodbye (0)", ttls)
 	}
 }
