@@ -563,22 +563,20 @@ func (b *broker) publish(topicName string, kind int, dataContentType string, pay
 	b.stats.Published.Add(1)
 	broadcast, groups := b.localView(topicName)
 	plan := b.fwd.plan(topicName, broadcast, groups)
-	b.deliver(m, plan.local.broadcast, plan.local.groups)
+	b.stats.NoSubscriber.Add(uint64(len(b.deliver(m, plan.local.broadcast, plan.local.groups))))
 	b.fwd.send(m, plan.forwards)
 	return id
 }
 
 // deliver queues m to the local broadcast subscribers when broadcast is
-// set, and to one member of each named group.
-func (b *broker) deliver(m *message, broadcast bool, groups []string) {
+// set, and to one member of each named group, and returns the groups that
+// had no member to take it (the caller counts or reroutes them).
+func (b *broker) deliver(m *message, broadcast bool, groups []string) (missing []string) {
 	b.mu.RLock()
 	defer b.mu.RUnlock()
 	t := b.topics[m.topic]
 	if t == nil {
-		if len(groups) > 0 {
-			b.stats.NoSubscriber.Add(uint64(len(groups)))
-		}
-		return
+		return groups
 	}
 	n := 0
 	if broadcast {
@@ -594,7 +592,7 @@ func (b *broker) deliver(m *message, broadcast bool, groups []string) {
 	for _, name := range groups {
 		g := t.groups[name]
 		if g == nil || len(g.members) == 0 {
-			b.stats.NoSubscriber.Add(1)
+			missing = append(missing, name)
 			continue
 		}
 		// Try each member once, starting with the next in turn, so that
@@ -615,10 +613,11 @@ func (b *broker) deliver(m *message, broadcast bool, groups []string) {
 		case overflowed:
 			b.stats.SlowDropped.Add(1)
 		default:
-			b.stats.NoSubscriber.Add(1)
+			missing = append(missing, name)
 		}
 	}
 	b.stats.Delivered.Add(uint64(n))
+	return missing
 }
 
 // run pings quiet connections and reaps dead ones every ping interval, and

@@ -685,7 +685,7 @@ func (f *forwarder) rerouteGroups(addr string, it forwardItem) bool {
 	plan := planDelivery(false, mine, others, rr.Add(1)-1)
 	planned := len(plan.local.groups)
 	m := newMessage(it.topic, "", it.event)
-	f.b.deliver(m, false, plan.local.groups)
+	f.b.stats.NoSubscriber.Add(uint64(len(f.b.deliver(m, false, plan.local.groups))))
 	for i := range plan.forwards {
 		planned += len(plan.forwards[i].groups)
 	}
@@ -809,13 +809,16 @@ func (f *forwarder) work(p *peerQueue) {
 		f.mu.Unlock()
 
 		body = encodeForward(body[:0], batch)
-		err := f.post(p.addr, batch[0].to, body)
+		noMember, err := f.post(p.addr, batch[0].to, body)
 		f.mu.Lock()
 		f.held -= batchBytes // held until posted: a batch in flight is memory too
 		f.mu.Unlock()
 		switch {
 		case err == nil:
 			f.markUp(p.addr)
+			if len(noMember) > 0 {
+				f.b.stats.ForwardDropped.Add(uint64(f.reroute(p.addr, itemsWithoutMembers(batch, noMember), false)))
+			}
 		case errors.Is(err, errStalePeer):
 			// The sidecar at that address has its own entry, which brings
 			// its broadcast subscribers each message already; the groups
@@ -836,6 +839,30 @@ func (f *forwarder) work(p *peerQueue) {
 	}
 }
 
+// itemsWithoutMembers is the part of batch that a peer found no member
+// for: each item it names, with only those of its groups, and none of
+// its broadcast, which was delivered.
+func itemsWithoutMembers(batch []forwardItem, noMember []groupsOfItem) []forwardItem {
+	var out []forwardItem
+	for _, nm := range noMember {
+		if nm.Item < 0 || nm.Item >= len(batch) {
+			continue // a peer's mistake: nothing to reroute
+		}
+		it := batch[nm.Item]
+		var groups []string
+		for _, g := range nm.Groups {
+			if slices.Contains(it.groups, g) {
+				groups = append(groups, g)
+			}
+		}
+		if len(groups) > 0 {
+			it.broadcast, it.groups = false, groups
+			out = append(out, it)
+		}
+	}
+	return out
+}
+
 // errStalePeer is a peer's 410: the batch went by a stale entry.
 var errStalePeer = errors.New("the sidecar there is another than the entry names")
 
@@ -854,14 +881,16 @@ func undelivered(err error) bool {
 	return errors.As(err, &refusal) || errors.As(err, &op) && op.Op == "dial"
 }
 
-func (f *forwarder) post(addr string, ids []string, body []byte) error {
+// post sends a batch to the peer at addr and returns the groups it found
+// no member for.
+func (f *forwarder) post(addr string, ids []string, body []byte) ([]groupsOfItem, error) {
 	base := addr
 	if !strings.Contains(addr, "://") { // a peer that does not say: as this sidecar serves
 		base = cmp.Or(f.b.cfg.PeerScheme, "http") + "://" + addr
 	}
 	req, err := http.NewRequest(http.MethodPost, base+"/broker", bytes.NewReader(body))
 	if err != nil {
-		return err
+		return nil, err
 	}
 	if f.b.cfg.AuthToken != "" {
 		req.Header.Set("Authorization", "Bearer "+f.b.cfg.AuthToken)
@@ -873,22 +902,29 @@ func (f *forwarder) post(addr string, ids []string, body []byte) error {
 	}
 	resp, err := f.client.Do(req)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	defer resp.Body.Close()
 	switch resp.StatusCode {
 	case http.StatusGone:
-		return errStalePeer
+		return nil, errStalePeer
 	case http.StatusUnauthorized:
-		return &peerRefusal{"peer refused this sidecar's token (401 Unauthorized): sidecars that share topics need the same --auth_token"}
+		return nil, &peerRefusal{"peer refused this sidecar's token (401 Unauthorized): sidecars that share topics need the same --auth_token"}
 	}
 	if resp.StatusCode/100 != 2 {
 		msg, _ := io.ReadAll(io.LimitReader(resp.Body, 512))
-		return &peerRefusal{fmt.Sprintf("peer answered %s: %s", resp.Status, bytes.TrimSpace(msg))}
+		return nil, &peerRefusal{fmt.Sprintf("peer answered %s: %s", resp.Status, bytes.TrimSpace(msg))}
 	}
+	// The answer was a success, whatever its body: one that does not
+	// decode (an older peer's, cut off) names no group to reroute.
+	var ans forwardAnswer
+	json.NewDecoder(io.LimitReader(resp.Body, maxForwardAnswer)).Decode(&ans)
 	io.Copy(io.Discard, io.LimitReader(resp.Body, 4096))
-	return nil
+	return ans.NoMember, nil
 }
+
+// maxForwardAnswer bounds what is read of a peer's answer to a batch.
+const maxForwardAnswer = 4 << 20
 
 // logFailure logs forward failures at most once every ten seconds for
 // each peer.
@@ -931,19 +967,43 @@ func (f *forwarder) maxForwardEvent() int64 {
 	return 6*int64(f.b.cfg.MaxPayloadBytes) + 64<<10
 }
 
-// receive delivers a batch forwarded by a peer to the local subscribers.
-func (f *forwarder) receive(body []byte) (int, error) {
+// forwardAnswer is a peer's answer to a batch it took. NoMember names, by
+// their index in the batch, the items whose queue groups had no member
+// here (a stale entry of an earlier process at this address, a last
+// member just gone): the sender gives them to other members.
+type forwardAnswer struct {
+	Delivered int            `json:"delivered"`
+	NoMember  []groupsOfItem `json:"no_member,omitempty"`
+}
+
+type groupsOfItem struct {
+	Item   int      `json:"item"`
+	Groups []string `json:"groups"`
+}
+
+// receive delivers a batch forwarded by a peer to the local subscribers,
+// and answers which groups had no member. Those of an item rerouted once
+// already are lost here, counted, as the sender will not reroute again.
+func (f *forwarder) receive(body []byte) (forwardAnswer, error) {
 	items, err := decodeForward(body, f.maxForwardEvent())
 	if err != nil {
-		return 0, err
+		return forwardAnswer{}, err
 	}
-	for _, it := range items {
+	var ans forwardAnswer
+	for i, it := range items {
 		m := newMessage(it.topic, "", it.event)
-		f.b.deliver(m, it.broadcast, it.groups)
+		missing := f.b.deliver(m, it.broadcast, it.groups)
+		switch {
+		case len(missing) == 0:
+		case it.rerouted:
+			f.b.stats.NoSubscriber.Add(uint64(len(missing)))
+		default:
+			ans.NoMember = append(ans.NoMember, groupsOfItem{i, missing})
+		}
 	}
-	n := messagesReceived(items)
-	f.b.stats.Received.Add(uint64(n))
-	return n, nil
+	ans.Delivered = messagesReceived(items)
+	f.b.stats.Received.Add(uint64(ans.Delivered))
+	return ans, nil
 }
 
 // messagesReceived counts the messages of a batch from a peer: the pieces

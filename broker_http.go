@@ -108,12 +108,12 @@ func (b *broker) handleForwarded(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusRequestEntityTooLarge, "forwarded batch: "+err.Error())
 		return
 	}
-	n, err := b.fwd.receive(body)
+	ans, err := b.fwd.receive(body)
 	if err != nil {
 		writeError(w, http.StatusBadRequest, "forwarded batch: "+err.Error())
 		return
 	}
-	writeJSON(w, http.StatusOK, map[string]int{"delivered": n})
+	writeJSON(w, http.StatusOK, ans)
 }
 
 func (b *broker) handleSubscribe(w http.ResponseWriter, r *http.Request) {
