@@ -305,8 +305,19 @@ func TestBrokerEntriesAreNotTheRegistryAPIs(t *testing.T) {
 	if !s.reg.owns(Service{Name: "topic:orders", Nodes: []Node{{ID: id}}}) {
 		t.Errorf("the broker's entry is no longer kept alive")
 	}
-	if code, body := do(t, "POST", base, "application/json", `{"name":"topic:orders","nodes":[{"id":"`+s.broker.id+`x","address":"127.0.0.1","port":1}]}`); code != http.StatusOK {
+	if code, body := do(t, "POST", base, "application/json", `{"name":"topic:orders","nodes":[{"id":"app-1","address":"127.0.0.1","port":1}]}`); code != http.StatusOK {
 		t.Errorf("POST of another node of the topic's service: %d %s; want 200", code, body)
+	}
+	// A peer's entry: not to be kept alive here (a sync script posting
+	// what it read), but a stale one may be planted with a ttl, or cleared.
+	peer := `{"name":"topic:orders","nodes":[{"id":"sidecar-peer:billing","address":"127.0.0.1","port":2,"metadata":{"broker":"1","sidecar":"sidecar-peer","queue":"billing"}}]}`
+	if code, body := do(t, "POST", base, "application/json", peer); code != http.StatusConflict || !strings.Contains(body, "its own sidecar keeps alive") {
+		t.Errorf("POST of a peer's broker entry to be kept alive: %d %s; want 409", code, body)
+	}
+	for _, c := range []struct{ method, url string }{{"POST", base + "?ttl=5s"}, {"DELETE", base}} {
+		if code, body := do(t, c.method, c.url, "application/json", peer); code != http.StatusOK {
+			t.Errorf("%s %s of a peer's broker entry: %d %s; want 200", c.method, c.url, code, body)
+		}
 	}
 }
 

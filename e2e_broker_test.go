@@ -650,7 +650,7 @@ func TestBrokerDoesNotForwardToItself(t *testing.T) {
 	a := startSidecar(t, "--registry=memory")
 	_, port, _ := net.SplitHostPort(a.addr)
 	body := fmt.Sprintf(`{"name":"topic:loop","nodes":[{"id":"stale","address":"localhost:%s","metadata":{"broker":"1","sidecar":"stale"}}]}`, port)
-	if code, out := do(t, "POST", a.url("/registry"), "application/json", body); code != 200 {
+	if code, out := do(t, "POST", a.url("/registry?ttl=60s"), "application/json", body); code != 200 {
 		t.Fatalf("register the stale entry: %d %s", code, out)
 	}
 	sub := subscribeWS(t, a, "A.loop", "topic=loop")
@@ -805,7 +805,7 @@ func TestGroupMessagesLeaveAStaleEntry(t *testing.T) {
 	memberA := subscribeWS(t, a, "A.g", "topic=orders&queue=g")
 	host, port, _ := net.SplitHostPort(b.addr)
 	ghost := fmt.Sprintf(`{"name":"topic:orders","nodes":[{"id":"ghost:g","address":%q,"port":%s,"metadata":{"broker":"1","sidecar":"ghost","scheme":"http","queue":"g"}}]}`, host, port)
-	if code, out := do(t, "POST", a.url("/registry"), "application/json", ghost); code != 200 {
+	if code, out := do(t, "POST", a.url("/registry?ttl=60s"), "application/json", ghost); code != 200 {
 		t.Fatalf("register the stale entry: %d %s", code, out)
 	}
 	waitFor(t, 10*time.Second, "the member and the stale entry on a", func() bool {

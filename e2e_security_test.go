@@ -519,7 +519,7 @@ func TestBrokerTokenGoesOnlyToProvenPeers(t *testing.T) {
 	subB := subscribeWS(t, b, "B", "topic=orders&access_token="+token)
 	subC := subscribeWS(t, c, "C", "topic=orders")
 	entry := fmt.Sprintf(`{"name":"topic:orders","nodes":[{"id":"evil","address":%q,"metadata":{"broker":"1","sidecar":"evil","scheme":"http"}}]}`, strings.TrimPrefix(fake.URL, "http://"))
-	if resp := request(t, "POST", a.url("/registry"), auth, entry); resp.StatusCode != 200 {
+	if resp := request(t, "POST", a.url("/registry?ttl=60s"), auth, entry); resp.StatusCode != 200 {
 		t.Fatalf("register the fake peer: %d", resp.StatusCode)
 	}
 	waitFor(t, 10*time.Second, "three topic entries on a", func() bool {

@@ -133,7 +133,7 @@ func (s *sidecar) postService(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusConflict, "node "+truncate(s.app.id, 128)+" is this sidecar's app, which the sidecar registers itself (--server_name, --server_id); register another node id")
 		return
 	}
-	if s.refuseBrokerEntry(w, svc) {
+	if s.refuseBrokerEntry(w, svc, ttl == 0) {
 		return
 	}
 	if err := s.reg.Register(svc, ttl); err != nil {
@@ -143,18 +143,30 @@ func (s *sidecar) postService(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusOK, svc)
 }
 
-// refuseBrokerEntry answers 409 when svc names one of this sidecar's own
-// topic entries, and says whether it did. The broker keeps them while it
-// has subscribers and registers each once: taken over with a ttl, or
-// deleted, one would be gone for good and peers would stop forwarding.
-func (s *sidecar) refuseBrokerEntry(w http.ResponseWriter, svc Service) bool {
+// refuseBrokerEntry answers 409 when svc names a broker's topic entry
+// that the request may not write, and says whether it did. A broker's
+// entry is a node of a topic:T service with a broker's id (sidecar-...)
+// or its metadata (broker=1). This sidecar's own are its broker's alone:
+// it registers each once, and one deleted or taken over would be lost
+// for good. A peer's may be deleted (a stale one, cleared by hand) or
+// posted with ?ttl (it lapses), but not posted to be kept alive: this
+// sidecar would keep it for ever, even past its broker's goodbye (a sync
+// script posting what it read), and peers would forward to a sidecar
+// with no subscribers left.
+func (s *sidecar) refuseBrokerEntry(w http.ResponseWriter, svc Service, keptAlive bool) bool {
 	topic, ok := strings.CutPrefix(svc.Name, topicService)
 	if !ok {
 		return false
 	}
 	for _, n := range svc.Nodes {
-		if n.ID == s.broker.id || strings.HasPrefix(n.ID, s.broker.id+":") {
-			writeError(w, http.StatusConflict, "node "+truncate(n.ID, 128)+" is this sidecar's broker entry for topic "+truncate(topic, 128)+", kept while it has subscribers; register another node id")
+		own := n.ID == s.broker.id || strings.HasPrefix(n.ID, s.broker.id+":")
+		broker := own || strings.HasPrefix(n.ID, "sidecar-") || n.Metadata["broker"] == "1"
+		switch {
+		case own:
+			writeError(w, http.StatusConflict, "node "+truncate(n.ID, 128)+" is this sidecar's broker entry for topic "+truncate(topic, 128)+", kept by its broker while it has subscribers; register another node id")
+			return true
+		case broker && keptAlive:
+			writeError(w, http.StatusConflict, "node "+truncate(n.ID, 128)+" is a broker entry for topic "+truncate(topic, 128)+", which its own sidecar keeps alive; this one would keep it past that sidecar's goodbye. Leave it to its sidecar (or post it with ?ttl= for a test)")
 			return true
 		}
 	}
@@ -174,7 +186,7 @@ func (s *sidecar) deleteService(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusBadRequest, err.Error())
 		return
 	}
-	if s.refuseBrokerEntry(w, svc) {
+	if s.refuseBrokerEntry(w, svc, false) {
 		return
 	}
 	// Before the filter: a refused registration is in no table.
