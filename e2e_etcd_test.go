@@ -1062,3 +1062,36 @@ func TestEtcdNodeKeptByTwoSidecarsIsSaid(t *testing.T) {
 		}
 	}
 }
+
+// TestEtcdRefusedRegistrationIsSeenByNobody: a registration refused for
+// --registry_max_nodes is refused before it is written: other sidecars'
+// watchers do not see its nodes come and go.
+func TestEtcdRefusedRegistrationIsSeenByNobody(t *testing.T) {
+	e := startEtcd(t)
+	a := startSidecar(t, etcdSidecarArgs(e.client, "--registry_max_nodes=3")...)
+	b := startSidecar(t, etcdSidecarArgs(e.client)...)
+	events := watchEvents(t, b)
+	var nodes []string
+	for i := range 5 {
+		nodes = append(nodes, fmt.Sprintf(`{"id":"n%d","address":"127.0.0.1","port":%d}`, i, 7000+i))
+	}
+	if code, body := do(t, "POST", a.url("/registry?ttl=30s"), "application/json", `{"name":"many","nodes":[`+strings.Join(nodes, ",")+`]}`); code != http.StatusServiceUnavailable {
+		t.Fatalf("5 nodes past a limit of 3: %d %s; want 503", code, body)
+	}
+	registerNode(t, a, "", "one", "o1", 7100)
+	deadline := time.After(10 * time.Second)
+	for {
+		select {
+		case ev, ok := <-events:
+			switch {
+			case !ok:
+				t.Fatal("the watch ended before the next registration arrived")
+			case ev.Service.Name == "one":
+				return // the next registration arrived, and nothing of the refused one before it
+			}
+			t.Errorf("a watcher on another sidecar saw %s of %s/%s, which was refused", ev.Action, ev.Service.Name, ev.Service.Nodes[0].ID)
+		case <-deadline:
+			t.Fatal("timed out waiting for the next registration on the other sidecar's watch")
+		}
+	}
+}

@@ -308,6 +308,9 @@ func (b *etcdBackend) register(s Service, ttl time.Duration) error {
 	b.opMu.Lock()
 	defer b.opMu.Unlock()
 	recs := recordsOf(s, time.Time{})
+	if err := b.t.room(recs); err != nil {
+		return err // before any write: others' watchers must not see it come and go
+	}
 	var added []string
 	for _, r := range recs {
 		key := etcdKey(b.prefix, r)
@@ -327,7 +330,7 @@ func (b *etcdBackend) register(s Service, ttl time.Duration) error {
 	}
 	b.noteReq(nil)
 	if err := b.t.upsert(recs...); err != nil {
-		// Over the node limit: take back what this call added.
+		// Over the node limit, filled meanwhile: take back what this call added.
 		for _, key := range added {
 			b.unregisterOne(key)
 		}

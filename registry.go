@@ -447,27 +447,10 @@ func newTable(maxNodes int) *table {
 func (t *table) upsert(recs ...record) error {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	added := 0
-	for _, r := range recs {
-		if _, ok := t.services[r.Service][r.key()]; !ok {
-			added++
-		}
-	}
-	var evs []Event
-	if t.maxNodes > 0 && added > 0 && t.count+added > t.maxNodes {
-		// Expired records are swept once a second; until then they must
-		// not fill the table that lookups already show without them.
-		evs = t.sweepLocked(time.Now())
-		added = 0
-		for _, r := range recs {
-			if _, ok := t.services[r.Service][r.key()]; !ok {
-				added++
-			}
-		}
-		if t.count+added > t.maxNodes {
-			t.notifyLocked(evs)
-			return fmt.Errorf("%w: %d nodes is the limit (--registry_max_nodes)", errTableFull, t.maxNodes)
-		}
+	evs, err := t.roomLocked(recs)
+	if err != nil {
+		t.notifyLocked(evs)
+		return err
 	}
 	for _, r := range recs {
 		old, ok := t.services[r.Service][r.key()]
@@ -481,6 +464,44 @@ func (t *table) upsert(recs ...record) error {
 	}
 	t.notifyLocked(evs)
 	return nil
+}
+
+// room says whether recs would fit under the table's limit, as upsert
+// would find it: a backend that writes elsewhere first (etcd) asks before,
+// so that a refused registration is seen by no other sidecar.
+func (t *table) room(recs []record) error {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	evs, err := t.roomLocked(recs)
+	t.notifyLocked(evs)
+	return err
+}
+
+// roomLocked is room; it returns the deletes of the expired records it
+// swept to make room, for the caller to notify.
+func (t *table) roomLocked(recs []record) ([]Event, error) {
+	added := t.newKeysLocked(recs)
+	if t.maxNodes == 0 || added == 0 || t.count+added <= t.maxNodes {
+		return nil, nil
+	}
+	// Expired records are swept once a second; until then they must
+	// not fill the table that lookups already show without them.
+	evs := t.sweepLocked(time.Now())
+	if t.count+t.newKeysLocked(recs) > t.maxNodes {
+		return evs, fmt.Errorf("%w: %d nodes is the limit (--registry_max_nodes)", errTableFull, t.maxNodes)
+	}
+	return evs, nil
+}
+
+// newKeysLocked counts the records of recs the table does not hold.
+func (t *table) newKeysLocked(recs []record) int {
+	n := 0
+	for _, r := range recs {
+		if _, ok := t.services[r.Service][r.key()]; !ok {
+			n++
+		}
+	}
+	return n
 }
 
 // remove deletes the records with the keys of recs.
