@@ -590,7 +590,11 @@ func (b *etcdBackend) watchDown(ctx context.Context, err error) {
 	logIt := !b.down
 	b.down = true
 	b.mu.Unlock()
-	if logIt {
+	switch {
+	case !logIt:
+	case errors.Is(err, errEtcdCredentials):
+		b.log.Error("etcd registry refuses this sidecar's credentials (--registry_username, MICRO_REGISTRY_PASSWORD); serving the last known registry and retrying", "error", err)
+	default:
 		b.log.Error("etcd registry unreachable; serving the last known registry and retrying", "error", err)
 	}
 }

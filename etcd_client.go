@@ -58,6 +58,10 @@ const (
 	maxEtcdResponse = 64 << 20
 )
 
+// errEtcdCredentials marks etcd's refusal of --registry_username and its
+// password: a mistake of configuration, not of the network.
+var errEtcdCredentials = errors.New("etcd refused the credentials")
+
 // errEtcdUnavailable is returned when no endpoint answered.
 var errEtcdUnavailable = errors.New("no etcd endpoint answered")
 
@@ -312,6 +316,9 @@ func (c *etcdClient) ensureToken(ctx context.Context, i int) error {
 		Token string `json:"token"`
 	}
 	if err := c.callOne(ctx, i, "/v3/auth/authenticate", body, &out); err != nil {
+		if !shouldFailOver(err) { // etcd answered: it refused them
+			err = fmt.Errorf("%w: %w", errEtcdCredentials, err)
+		}
 		return fmt.Errorf("authenticating as %q: %w", c.username, err)
 	}
 	c.mu.Lock()

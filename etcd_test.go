@@ -433,8 +433,8 @@ func TestEtcdClientAuth(t *testing.T) {
 	}
 	bad := newEtcdClient([]string{g.srv.URL}, nil, "u", "nope", time.Second)
 	err := bad.call(ctx, "/v3/kv/range", etcdRangeRequest{Key: []byte("k")}, nil)
-	if err == nil || !strings.Contains(err.Error(), `authenticating as "u"`) || strings.Contains(err.Error(), "nope") {
-		t.Errorf("wrong password: %v; want an authentication error without the password", err)
+	if err == nil || !strings.Contains(err.Error(), `authenticating as "u"`) || strings.Contains(err.Error(), "nope") || !errors.Is(err, errEtcdCredentials) {
+		t.Errorf("wrong password: %v; want an authentication error, told from an unreachable etcd, without the password", err)
 	}
 }
 
