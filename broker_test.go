@@ -927,8 +927,9 @@ func websocketDialStatus(addr, path string) (int, string, error) {
 // (counted from its handshake, as from any read).
 func TestSilentSubscriberReapedAfterThreeQuietChecks(t *testing.T) {
 	s, addr := brokerSidecar(t, brokerConfig{PingInterval: time.Hour})
-	dialRaw(t, addr, "/broker?topic=foo") // answers nothing, pings included
+	c := dialRaw(t, addr, "/broker?topic=foo") // answers nothing, pings included
 	waitFor(t, 5*time.Second, "the subscriber", func() bool { return subCount(s.broker) == 1 })
+	waitFor(t, 5*time.Second, "the handshake", subscriberAt(t, s.broker, c.conn.LocalAddr().String()).isReady) // keepalive skips it before
 	for check := 1; check <= 3; check++ {
 		s.broker.keepalive()
 		if subCount(s.broker) != 1 || s.broker.stats.Reaped.Load() != 0 {
@@ -1053,6 +1054,10 @@ func TestInProcessShutdownGoingAwayAndPings(t *testing.T) {
 	s, addr := brokerSidecar(t, brokerConfig{PingInterval: time.Hour})
 	c := dialRaw(t, addr, "/broker?topic=foo")
 	waitFor(t, 5*time.Second, "the subscriber", func() bool { return subCount(s.broker) == 1 })
+	sub := subscriberAt(t, s.broker, c.conn.LocalAddr().String())
+	// keepalive skips a subscriber still in its handshake: counted is not
+	// yet ready, and a round then would leave the next unpinged.
+	waitFor(t, 5*time.Second, "the handshake", sub.isReady)
 	s.broker.keepalive() // the handshake was read since the last check: not pinged
 	s.broker.keepalive() // quiet since: pinged
 	if op, _, err := c.next(5 * time.Second); err != nil || op != websocket.PingFrame {
