@@ -45,6 +45,10 @@ const (
 	// forwardedHeader marks a POST to /broker as a batch of messages
 	// forwarded by a peer; its value is the sending sidecar's id.
 	forwardedHeader = "Micro-Broker-Forwarded"
+	// reroutesHeader says the sender gives the queue groups a peer names
+	// in its answer's no_member to their other members. A sender without
+	// it (an older sidecar) does not: the peer counts those as lost.
+	reroutesHeader = "Micro-Broker-Reroutes"
 	// forwardContentType is the batch format of encodeForward.
 	forwardContentType = "application/vnd.micro.broker-batch.v1"
 
@@ -844,14 +848,16 @@ func (f *forwarder) work(p *peerQueue) {
 // its broadcast, which was delivered.
 func itemsWithoutMembers(batch []forwardItem, noMember []groupsOfItem) []forwardItem {
 	var out []forwardItem
+	seen := map[int]bool{}
 	for _, nm := range noMember {
-		if nm.Item < 0 || nm.Item >= len(batch) {
-			continue // a peer's mistake: nothing to reroute
+		if nm.Item < 0 || nm.Item >= len(batch) || seen[nm.Item] {
+			continue // a peer's mistake: nothing to reroute, or nothing again
 		}
+		seen[nm.Item] = true
 		it := batch[nm.Item]
 		var groups []string
 		for _, g := range nm.Groups {
-			if slices.Contains(it.groups, g) {
+			if slices.Contains(it.groups, g) && !slices.Contains(groups, g) {
 				groups = append(groups, g)
 			}
 		}
@@ -897,6 +903,7 @@ func (f *forwarder) post(addr string, ids []string, body []byte) ([]groupsOfItem
 	}
 	req.Header.Set("Content-Type", forwardContentType)
 	req.Header.Set(forwardedHeader, f.b.id)
+	req.Header.Set(reroutesHeader, "1")
 	if len(ids) > 0 {
 		req.Header.Set(forwardedToHeader, strings.Join(ids, ","))
 	}
@@ -981,10 +988,11 @@ type groupsOfItem struct {
 	Groups []string `json:"groups"`
 }
 
-// receive delivers a batch forwarded by a peer to the local subscribers,
-// and answers which groups had no member. Those of an item rerouted once
-// already are lost here, counted, as the sender will not reroute again.
-func (f *forwarder) receive(body []byte) (forwardAnswer, error) {
+// receive delivers a batch forwarded by a peer to the local subscribers.
+// When the sender reroutes, the answer names the groups that had no member
+// here (the sender counts what it cannot place); else they are counted
+// here as without members.
+func (f *forwarder) receive(body []byte, senderReroutes bool) (forwardAnswer, error) {
 	items, err := decodeForward(body, f.maxForwardEvent())
 	if err != nil {
 		return forwardAnswer{}, err
@@ -995,10 +1003,10 @@ func (f *forwarder) receive(body []byte) (forwardAnswer, error) {
 		missing := f.b.deliver(m, it.broadcast, it.groups)
 		switch {
 		case len(missing) == 0:
-		case it.rerouted:
-			f.b.stats.NoSubscriber.Add(uint64(len(missing)))
-		default:
+		case senderReroutes:
 			ans.NoMember = append(ans.NoMember, groupsOfItem{i, missing})
+		default:
+			f.b.stats.NoSubscriber.Add(uint64(len(missing)))
 		}
 	}
 	ans.Delivered = messagesReceived(items)

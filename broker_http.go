@@ -108,7 +108,7 @@ func (b *broker) handleForwarded(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusRequestEntityTooLarge, "forwarded batch: "+err.Error())
 		return
 	}
-	ans, err := b.fwd.receive(body)
+	ans, err := b.fwd.receive(body, r.Header.Get(reroutesHeader) == "1")
 	if err != nil {
 		writeError(w, http.StatusBadRequest, "forwarded batch: "+err.Error())
 		return

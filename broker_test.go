@@ -15,6 +15,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"reflect"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -1296,5 +1297,34 @@ func TestLostSplitMessageCountsOnce(t *testing.T) {
 	})
 	if n := s.broker.stats.ForwardDropped.Load(); n != 1 {
 		t.Errorf("one message lost, counted %d times", n)
+	}
+}
+
+// TestReceiveTellsOnlyARerouter: a batch's group with no member here is
+// named in the answer to a sender that says it reroutes, and counted as
+// lost here for one that does not (an older sidecar), which would drop the
+// answer and the message with it uncounted.
+func TestReceiveTellsOnlyARerouter(t *testing.T) {
+	s, _ := brokerSidecar(t, brokerConfig{})
+	ev := encodeEvent("i", "/s", "t", time.Unix(0, 0), payloadText, "text/plain", []byte("x"))
+	body := encodeForward(nil, []forwardItem{{topic: "t", groups: []string{"g"}, event: ev}})
+	ans, err := s.broker.fwd.receive(body, true)
+	if err != nil || len(ans.NoMember) != 1 || ans.NoMember[0].Item != 0 || !slices.Equal(ans.NoMember[0].Groups, []string{"g"}) || s.broker.stats.NoSubscriber.Load() != 0 {
+		t.Errorf("to a rerouter: %+v, %v, %d counted lost; want g named, none counted", ans, err, s.broker.stats.NoSubscriber.Load())
+	}
+	ans, err = s.broker.fwd.receive(body, false)
+	if err != nil || len(ans.NoMember) != 0 || s.broker.stats.NoSubscriber.Load() != 1 {
+		t.Errorf("to an older sender: %+v, %v, %d counted lost; want none named, one counted", ans, err, s.broker.stats.NoSubscriber.Load())
+	}
+}
+
+// TestItemsWithoutMembersTakesEachOnce: a peer's answer that names an item
+// or a group twice, or one out of range, reroutes each group of the batch
+// once at most, and only its own.
+func TestItemsWithoutMembersTakesEachOnce(t *testing.T) {
+	batch := []forwardItem{{topic: "t", broadcast: true, groups: []string{"g", "h"}}}
+	got := itemsWithoutMembers(batch, []groupsOfItem{{0, []string{"g", "g", "x"}}, {0, []string{"h"}}, {-1, []string{"g"}}, {5, []string{"g"}}})
+	if len(got) != 1 || got[0].broadcast || !slices.Equal(got[0].groups, []string{"g"}) {
+		t.Errorf("items to reroute: %+v; want item 0 for g alone, without its broadcast", got)
 	}
 }

@@ -593,7 +593,7 @@ func (b *etcdBackend) watchDown(ctx context.Context, err error) {
 	switch {
 	case !logIt:
 	case errors.Is(err, errEtcdCredentials):
-		b.log.Error("etcd registry refuses this sidecar's credentials (--registry_username, MICRO_REGISTRY_PASSWORD); serving the last known registry and retrying", "error", err)
+		b.log.Error("etcd registry refused to authenticate this sidecar (check --registry_username, MICRO_REGISTRY_PASSWORD, and that etcd has authentication on); serving the last known registry and retrying", "error", err)
 	default:
 		b.log.Error("etcd registry unreachable; serving the last known registry and retrying", "error", err)
 	}

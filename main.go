@@ -20,6 +20,7 @@ import (
 	"net/url"
 	"os"
 	"os/signal"
+	"runtime"
 	"runtime/debug"
 	"slices"
 	"strings"
@@ -294,7 +295,7 @@ func unknownVariables(fs *flag.FlagSet, environ []string) []string {
 		switch {
 		case fs.Lookup(strings.ToLower(rest)) == nil:
 			out = append(out, name+" names no flag (micro sidecar --help lists them)")
-		case name != upper:
+		case name != upper && runtime.GOOS != "windows": // where names are read in any case
 			out = append(out, name+" is not read: spell it "+upper)
 		}
 	}

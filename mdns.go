@@ -800,11 +800,13 @@ func (b *mdnsBackend) readLoop(ctx context.Context, i *mdnsIface) {
 	}
 }
 
-// handleAndAnswer handles one packet and sends its answers. A query's
-// answers speak for local nodes and hold sendMu; a response, which
-// answers nothing, does not wait on a burst.
+// handleAndAnswer handles one packet and sends its answers. A multicast
+// query's answers speak for local nodes to every cache on the link and
+// hold sendMu. A response answers nothing, and a legacy query (from a
+// port other than 5353) is answered to its sender alone, no cache: they
+// do not wait on a burst, nor make registrations wait on them.
 func (b *mdnsBackend) handleAndAnswer(i *mdnsIface, data []byte, src netip.AddrPort) {
-	if isQuery := len(data) > 2 && data[2]&0x80 == 0; isQuery {
+	if isQuery := len(data) > 2 && data[2]&0x80 == 0; isQuery && src.Port() == uint16(b.port) {
 		b.sendMu.Lock()
 		defer b.sendMu.Unlock()
 	}
