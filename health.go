@@ -148,17 +148,33 @@ func newHealthChecker(cfg healthConfig, log *slog.Logger, timings *histogramVec,
 
 // run checks at once and then every interval until ctx ends.
 func (h *healthChecker) run(ctx context.Context) {
-	h.check(ctx)
-	tick := time.NewTicker(h.cfg.Interval)
-	defer tick.Stop()
+	timer := time.NewTimer(0)
+	defer timer.Stop()
 	for {
 		select {
 		case <-ctx.Done():
 			return
-		case <-tick.C:
+		case <-timer.C:
 			h.check(ctx)
+			timer.Reset(h.nextWait())
 		}
 	}
+}
+
+// startCheckInterval is how often an app that has not passed yet is
+// checked: the app and its sidecar usually start together, the app a
+// moment later, and its registration should not wait a whole interval.
+const startCheckInterval = time.Second
+
+// nextWait is the time to the next check: the interval, or, until the
+// app first passes, at most startCheckInterval.
+func (h *healthChecker) nextWait() time.Duration {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if !h.state.Passed {
+		return min(h.cfg.Interval, startCheckInterval)
+	}
+	return h.cfg.Interval
 }
 
 // check probes the app once and applies the result.

@@ -1278,3 +1278,20 @@ func TestServerMetadataSpaces(t *testing.T) {
 		t.Errorf("parseMetadata: %q, %v; want a=1, b=2, c empty", md, err)
 	}
 }
+
+// TestLateAppRegisteredWithinASecond: an app that comes up after its
+// sidecar (they usually start together) is checked every second until it
+// first passes, not every --healthcheck_interval: here an hour.
+func TestLateAppRegisteredWithinASecond(t *testing.T) {
+	app := newHealthyApp(t)
+	app.state.Store(1) // not up yet
+	addr := strings.TrimPrefix(app.srv.URL, "http://")
+	p := startSidecar(t, "--registry=memory", "--server_name=late", "--server_address="+addr,
+		"--healthcheck_url="+app.srv.URL+"/h", "--healthcheck_interval=1h")
+	assertHealth(t, p, 503, "failing")
+	app.state.Store(0)
+	assertHealth(t, p, 200, "passing")
+	if lookup(t, p, "late") == nil {
+		t.Errorf("the late app is passing but not registered")
+	}
+}
