@@ -563,7 +563,9 @@ func (b *broker) publish(topicName string, kind int, dataContentType string, pay
 	b.stats.Published.Add(1)
 	broadcast, groups := b.localView(topicName)
 	plan := b.fwd.plan(topicName, broadcast, groups)
-	b.stats.NoSubscriber.Add(uint64(len(b.deliver(m, plan.local.broadcast, plan.local.groups))))
+	if missing := b.deliver(m, plan.local.broadcast, plan.local.groups); len(missing) > 0 {
+		b.stats.NoSubscriber.Add(uint64(len(missing))) // no shared counter touched on the common path
+	}
 	b.fwd.send(m, plan.forwards)
 	return id
 }
