@@ -247,37 +247,46 @@ func (f *fileBackend) update(change func([]record) []record) error {
 }
 
 // readLocked reads the file while holding the lock. A file that does not
-// parse is moved aside, never overwritten, and the registry starts empty.
+// parse, or is past the read limit (an older sidecar may have written it,
+// and failing every change for good would help nobody), is moved aside,
+// never overwritten, and the registry starts empty.
 func (f *fileBackend) readLocked() ([]record, error) {
+	recs, err := f.readFile()
+	switch {
+	case err == nil:
+		return recs, nil
+	case errors.As(err, new(*fs.PathError)), errors.Is(err, errNewerFormat):
+		return nil, fmt.Errorf("file registry: %w", err)
+	}
+	aside := fmt.Sprintf("%s.corrupt-%d", f.path, f.now().UnixNano())
+	if rerr := os.Rename(f.path, aside); rerr != nil {
+		return nil, fmt.Errorf("file registry: %v, and could not be moved aside: %w", err, rerr)
+	}
+	f.log.Error("registry file was corrupt; kept it aside and started empty", "path", f.path, "kept_as", aside, "error", err)
+	return nil, nil
+}
+
+// readFile reads and parses the file; one that does not exist is an empty
+// registry. Its error says what is at fault: a *fs.PathError the reading,
+// errNewerFormat a newer sidecar's file, anything else the content.
+func (f *fileBackend) readFile() ([]record, error) {
 	data, err := readLimited(f.path)
 	switch {
 	case errors.Is(err, fs.ErrNotExist):
 		return nil, nil
 	case errors.Is(err, errFileTooLarge):
-		// Moved aside too: an older sidecar may have written it, and
-		// failing every change for good would help nobody.
+		return nil, fmt.Errorf("%s is %w", f.path, err)
 	case err != nil:
-		var pathErr *fs.PathError
-		if errors.As(err, &pathErr) {
-			return nil, fmt.Errorf("file registry: %w", err) // it names the path
-		}
-		return nil, fmt.Errorf("file registry: read %s: %w", f.path, err)
-	default:
-		var recs []record
-		recs, err = f.parse(data)
-		if errors.Is(err, errNewerFormat) {
-			return nil, fmt.Errorf("file registry: %s was %w", f.path, err)
-		}
-		if err == nil {
-			return recs, nil
-		}
+		return nil, err // a *fs.PathError: it names the path
 	}
-	aside := fmt.Sprintf("%s.corrupt-%d", f.path, f.now().UnixNano())
-	if rerr := os.Rename(f.path, aside); rerr != nil {
-		return nil, fmt.Errorf("file registry: %s is corrupt (%v) and could not be moved aside: %w", f.path, err, rerr)
+	recs, err := f.parse(data)
+	switch {
+	case errors.Is(err, errNewerFormat):
+		return nil, fmt.Errorf("%s was %w", f.path, err)
+	case err != nil:
+		return nil, fmt.Errorf("%s is corrupt: %w", f.path, err)
 	}
-	f.log.Error("registry file was corrupt; kept it aside and started empty", "path", f.path, "kept_as", aside, "error", err)
-	return nil, nil
+	return recs, nil
 }
 
 func readLimited(path string) ([]byte, error) {
@@ -493,7 +502,7 @@ func (f *fileBackend) poll() {
 	}
 	var recs []record
 	if sig != (fileSig{}) {
-		recs, err = f.readForPoll()
+		recs, err = f.readFile()
 		if err != nil {
 			if !errors.As(err, new(*fs.PathError)) {
 				// The content is at fault, not the reading (which may
@@ -501,8 +510,11 @@ func (f *fileBackend) poll() {
 				f.mu.Lock()
 				f.badSig = sig
 				f.mu.Unlock()
+				if !errors.Is(err, errNewerFormat) {
+					err = fmt.Errorf("%w (it is moved aside at the next registration)", err)
+				}
 			}
-			f.fail(err)
+			f.fail(fmt.Errorf("file registry: %w", err))
 			return
 		}
 	}
@@ -511,28 +523,6 @@ func (f *fileBackend) poll() {
 	f.mu.Unlock()
 	f.t.replace(live(recs, f.now()))
 	f.fail(nil)
-}
-
-// readForPoll reads and parses the file; one gone since its stat is an
-// empty registry.
-func (f *fileBackend) readForPoll() ([]record, error) {
-	data, err := readLimited(f.path)
-	switch {
-	case errors.Is(err, fs.ErrNotExist):
-		return nil, nil
-	case errors.Is(err, errFileTooLarge):
-		return nil, fmt.Errorf("file registry: %s is %w (it is moved aside at the next registration)", f.path, err)
-	case err != nil:
-		return nil, fmt.Errorf("file registry: %w", err) // it names the path
-	}
-	recs, err := f.parse(data)
-	switch {
-	case errors.Is(err, errNewerFormat):
-		return nil, fmt.Errorf("file registry: %s was %w", f.path, err)
-	case err != nil:
-		return nil, fmt.Errorf("file registry: %s is corrupt: %w (it is moved aside at the next registration)", f.path, err)
-	}
-	return recs, nil
 }
 
 // recheck clears a failure that nothing else would: a lock held too long
@@ -548,11 +538,7 @@ func (f *fileBackend) recheck() {
 		return // still held, or still failing: the failure stands
 	}
 	defer unlock()
-	data, err := readLimited(f.path)
-	if err != nil && !errors.Is(err, fs.ErrNotExist) {
-		return
-	}
-	if _, err := f.parse(data); err == nil {
+	if _, err := f.readFile(); err == nil {
 		f.fail(nil)
 	}
 }
