@@ -705,9 +705,10 @@ func TestEtcdHealthRecoversAfterAFailedCall(t *testing.T) {
 	e.start("existing")
 	e.waitHealthy()
 	waitSidecarHealthy(t, p, 15*time.Second)
-	if !strings.Contains(p.log.String(), "reachable again") {
-		t.Errorf("the sidecar must log that etcd is reachable again; log:\n%s", p.log.String())
-	}
+	// The line follows the state /health reads, a moment after it.
+	waitFor(t, 5*time.Second, "the sidecar to log that etcd is reachable again", func() bool {
+		return strings.Contains(p.log.String(), "reachable again")
+	})
 }
 
 // TestEtcdAuth: with etcd's authentication on, a sidecar with the
