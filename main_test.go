@@ -137,7 +137,51 @@ func startSidecarIn(t *testing.T, prefix []string, env []string, args ...string)
 		}
 		return false
 	})
+	if prefix == nil && appUnchecked(args, env) {
+		p.waitFirstRegistration()
+	}
 	return p
+}
+
+// appUnchecked reports whether the sidecar's app is registered without a
+// health check, which the sidecar does a moment after it listens.
+func appUnchecked(args, env []string) bool {
+	named := false
+	for _, a := range append(append([]string{}, env...), args...) {
+		switch {
+		case strings.HasPrefix(a, "--healthcheck_url="), strings.HasPrefix(a, "MICRO_HEALTHCHECK_URL="),
+			strings.HasPrefix(a, "--tls_cert_file="), strings.HasPrefix(a, "MICRO_TLS_CERT_FILE="):
+			return false // checked later; or served over TLS, which url does not speak
+		case strings.HasPrefix(a, "--server_name="), strings.HasPrefix(a, "MICRO_SERVER_NAME="):
+			named = !strings.HasSuffix(a, "=")
+		}
+	}
+	return named
+}
+
+// waitFirstRegistration waits until the sidecar's first write of its app
+// settled, registered or refused, so that a test looking the app up right
+// after the start does not race that write. A sidecar that stops
+// answering ends the wait: the test that started it sees why.
+func (p *proc) waitFirstRegistration() {
+	p.t.Helper()
+	waitFor(p.t, 20*time.Second, "the app's first registration attempt", func() bool {
+		resp, err := http.Get(p.url("/health"))
+		if err != nil {
+			return true
+		}
+		defer resp.Body.Close()
+		var h struct {
+			App *struct {
+				Registered        bool   `json:"registered"`
+				RegistrationError string `json:"registration_error"`
+			} `json:"app"`
+		}
+		if json.NewDecoder(resp.Body).Decode(&h) != nil || h.App == nil {
+			return true
+		}
+		return h.App.Registered || h.App.RegistrationError != ""
+	})
 }
 
 func (p *proc) url(path string) string { return "http://" + p.addr + path }
@@ -1148,6 +1192,7 @@ func startChrooted(t *testing.T, root string, env []string) *proc {
 		}
 		return m != nil
 	})
+	p.waitFirstRegistration()
 	return p
 }
 
