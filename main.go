@@ -196,7 +196,7 @@ func parseSidecarFlags(args []string, out io.Writer, lookupEnv func(string) (str
 	fs.StringVar(&cfg.Etcd.Password, "registry_password", "", "Password of --registry_username. Prefer the MICRO_REGISTRY_PASSWORD variable: a flag shows in the process list.")
 	fs.DurationVar(&cfg.RegisterTTL, "register_ttl", 30*time.Second, "Time-to-live of this sidecar's registrations: if the sidecar dies, its entries vanish within this time.")
 	fs.DurationVar(&cfg.RegisterInterval, "register_interval", 0, "Time between refreshes of this sidecar's registrations. Default: a third of --register_ttl.")
-	fs.IntVar(&cfg.RegistryMaxNodes, "registry_max_nodes", 10000, "Most nodes the registry holds; registrations beyond it are refused with 503.")
+	fs.IntVar(&cfg.RegistryMaxNodes, "registry_max_nodes", 10000, "Most nodes the registry holds (with mDNS: of this sidecar's own, and apart, of its peers'); registrations beyond it are refused with 503.")
 	fs.IntVar(&cfg.MaxWatchers, "registry_max_watchers", 1000, "Most registry watch WebSockets open at once; more are refused with 503.")
 	fs.Int64Var(&cfg.MaxBodyBytes, "max_body_bytes", 1<<20, "Largest request body of the registry API and RPC, in bytes; larger ones are refused with 413. Proxied bodies stream through to the app.")
 	fs.DurationVar(&cfg.ShutdownTimeout, "shutdown_timeout", 10*time.Second, "Time allowed on SIGINT or SIGTERM for in-flight requests to finish.")

@@ -65,7 +65,7 @@ type mdnsStats struct {
 	oversize     atomic.Uint64 // larger than 9000 bytes: dropped
 	ignored      atomic.Uint64 // wrong interface, or a response not from port 5353
 	rejected     atomic.Uint64 // _micro._tcp instances that do not make a valid node
-	cacheFull    atomic.Uint64 // records dropped at the cache's or the table's bound
+	cacheFull    atomic.Uint64 // peers' records dropped at the cache's bound
 	sendErrors   atomic.Uint64
 	goodbyesSeen atomic.Uint64 // goodbyes for our own instances, answered by announcing again
 	conflicts    atomic.Uint64 // records for our own instances or hosts, with other data, from someone else
@@ -376,9 +376,10 @@ func (b *mdnsBackend) registerLocked(s Service, ttl time.Duration, now time.Time
 		}
 		anns[i] = a
 	}
-	if err := b.t.upsert(recs...); err != nil {
+	if err := b.roomLocked(recs, now); err != nil {
 		return nil, err
 	}
+	b.t.put(recs...)
 	var pkts [][]byte
 	for i, r := range recs {
 		a := anns[i]
@@ -694,10 +695,36 @@ func (b *mdnsBackend) applyChanges(ch cacheChanges) {
 		b.t.remove(ch.remove...)
 	}
 	if len(ch.upsert) > 0 {
-		if err := b.t.upsert(ch.upsert...); err != nil {
-			b.stats.cacheFull.Add(uint64(len(ch.upsert)))
+		b.t.put(ch.upsert...) // the cache holds at most the limit
+	}
+}
+
+// roomLocked says whether recs fit under --registry_max_nodes, which
+// bounds this sidecar's own nodes here. The nodes heard from peers are
+// bounded apart, by the cache: on a shared link anyone can announce, and
+// a flood of announcements must not get the app's or the broker's
+// registrations refused. The caller holds b.mu.
+func (b *mdnsBackend) roomLocked(recs []record, now time.Time) error {
+	limit := b.t.maxNodes
+	added := 0
+	for _, r := range recs {
+		if _, ok := b.locals[r.key()]; !ok {
+			added++
 		}
 	}
+	if limit == 0 || added == 0 || len(b.locals)+added <= limit {
+		return nil
+	}
+	live := 0 // lapsed nodes leave locals at the next tick; they make no room until then otherwise
+	for _, l := range b.locals {
+		if !l.rec.expired(now) {
+			live++
+		}
+	}
+	if live+added > limit {
+		return fmt.Errorf("%w: %d nodes registered through this sidecar is the limit (--registry_max_nodes; nodes heard from peers over mDNS are bounded apart)", errTableFull, limit)
+	}
+	return nil
 }
 
 // tick is the step of the backend's loop: repeat announcements that are

@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -1580,5 +1581,50 @@ func TestGoodbyeIsNotOvertaken(t *testing.T) {
 	defer mu.Unlock()
 	if len(ttls) != 3 || ttls[2] != 0 {
 		t.Errorf("PTR TTLs written, in order: %v; want two announcements, then the goodbye (0)", ttls)
+	}
+}
+
+// TestPeersCannotCrowdOutOwnNodes: nodes heard from other hosts and the
+// nodes this sidecar registers are bounded apart, each by
+// --registry_max_nodes, so that a flood of announcements on the link
+// cannot get the app's or the broker's own registrations refused.
+func TestPeersCannotCrowdOutOwnNodes(t *testing.T) {
+	tb := newTable(2)
+	b := newMDNSState(tb, discardLog, 5353)
+	peer := func(id string, ttl uint32) {
+		a, _ := announcementOf(testRecord("flood", id, "127.0.0.2", 80), id)
+		data, _ := announcePacket(a, ttl)
+		b.handlePacket(data, netip.MustParseAddrPort("127.0.0.2:5353"))
+	}
+	for i := range 3 {
+		peer(fmt.Sprint("f", i), 120)
+	}
+	if s, _ := tb.lookup("flood", time.Now()); len(s) != 1 || len(s[0].Nodes) != 2 || b.stats.cacheFull.Load() == 0 {
+		t.Fatalf("peers' nodes: %+v, %d dropped; want 2 kept and the third dropped", s, b.stats.cacheFull.Load())
+	}
+	own := func(id string) Service {
+		return Service{Name: "own", Nodes: []Node{{ID: id, Address: "127.0.0.1", Port: 9090}}}
+	}
+	for _, id := range []string{"o1", "o2"} {
+		if err := b.register(own(id), time.Minute); err != nil {
+			t.Fatalf("registering %s with the table full of peers' nodes: %v; want it taken", id, err)
+		}
+	}
+	if err := b.register(own("o1"), time.Minute); err != nil {
+		t.Errorf("refreshing o1 at the bound: %v", err)
+	}
+	if err := b.register(own("o3"), time.Minute); !errors.Is(err, errTableFull) || !strings.Contains(err.Error(), "--registry_max_nodes") {
+		t.Errorf("a third node of this sidecar's with a bound of 2: %v; want errTableFull naming the flag", err)
+	}
+	b.deregister(own("o2"))
+	if err := b.register(own("o3"), time.Minute); err != nil {
+		t.Errorf("o3 after o2 left: %v; want it taken", err)
+	}
+	// Nor do this sidecar's nodes crowd out its peers': one leaves, and
+	// another takes its place in the cache and the table.
+	peer("f0", 0)
+	peer("f5", 120)
+	if s, _ := tb.lookup("flood", time.Now()); len(s) != 1 || len(s[0].Nodes) != 2 || !hasNode(&s[0], "f5") {
+		t.Errorf("peers' nodes after f0's goodbye and f5's announcement: %+v; want f1 and f5", s)
 	}
 }

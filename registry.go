@@ -448,10 +448,24 @@ func (t *table) upsert(recs ...record) error {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	evs, err := t.roomLocked(recs)
-	if err != nil {
-		t.notifyLocked(evs)
-		return err
+	if err == nil {
+		evs = append(evs, t.putLocked(recs)...)
 	}
+	t.notifyLocked(evs)
+	return err
+}
+
+// put adds or refreshes records whatever the table's limit: for a backend
+// that bounds them itself (mDNS keeps its own nodes and its peers' apart).
+func (t *table) put(recs ...record) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.notifyLocked(t.putLocked(recs))
+}
+
+// putLocked sets recs and returns the events of what changed.
+func (t *table) putLocked(recs []record) []Event {
+	var evs []Event
 	for _, r := range recs {
 		old, ok := t.services[r.Service][r.key()]
 		t.setLocked(r)
@@ -462,8 +476,7 @@ func (t *table) upsert(recs ...record) error {
 			evs = append(evs, changeEvents(old, r)...)
 		}
 	}
-	t.notifyLocked(evs)
-	return nil
+	return evs
 }
 
 // room says whether recs would fit under the table's limit, as upsert
