@@ -72,6 +72,7 @@ type etcdConfig struct {
 
 // etcdReg is a key this sidecar put, with the lease that holds it.
 type etcdReg struct {
+	node  string // the record's key, for keeps
 	lease int64
 	ttl   time.Duration
 	value []byte
@@ -94,17 +95,18 @@ type etcdBackend struct {
 	// bookkeeping of a key is never raced by two registrations of it.
 	opMu sync.Mutex
 
-	mu          sync.Mutex         // guards the fields below
-	regs        map[string]etcdReg // by etcd key; bounded by the table's node limit
-	watchErr    error              // why the watch is not running; nil when it is
-	reqErr      error              // the last call's failure to reach etcd; nil after a success
-	down        bool               // logged as unreachable; cleared when synchronised again
-	clusterID   string             // of the cluster last synchronised with
-	watchEP     int                // endpoint the watch runs on, -1: none
-	watchCancel context.CancelFunc // stops the current watch stream
-	bad         map[string]string  // bad keys already logged, with the reason
-	badMore     bool               // more than maxBadKeys: logged once
-	contested   map[string]bool    // kept keys seen rewritten by another writer, logged once each; at most maxBadKeys
+	mu          sync.Mutex             // guards the fields below
+	regs        map[string]etcdReg     // by etcd key; bounded by the table's node limit
+	watchErr    error                  // why the watch is not running; nil when it is
+	reqErr      error                  // the last call's failure to reach etcd; nil after a success
+	down        bool                   // logged as unreachable; cleared when synchronised again
+	clusterID   string                 // of the cluster last synchronised with
+	watchEP     int                    // endpoint the watch runs on, -1: none
+	watchCancel context.CancelFunc     // stops the current watch stream
+	bad         map[string]string      // bad keys already logged, with the reason
+	badMore     bool                   // more than maxBadKeys: logged once
+	contested   logLimiter             // kept keys seen rewritten by another writer: each logged at most every 10 minutes
+	keeps       func(node string) bool // whether the registry keeps a node alive (refreshes it); nil: all
 
 	synced chan struct{} // closed after the first full read
 	stop   context.CancelFunc
@@ -132,7 +134,7 @@ func newEtcdBackend(ctx context.Context, cfg etcdConfig, t *table, log *slog.Log
 		regs:      map[string]etcdReg{},
 		watchEP:   -1,
 		bad:       map[string]string{},
-		contested: map[string]bool{},
+		contested: logLimiter{every: 10 * time.Minute},
 		synced:    make(chan struct{}),
 		watchErr:  errors.New("etcd registry: not synchronised yet"),
 	}
@@ -321,7 +323,7 @@ func (b *etcdBackend) register(s Service, ttl time.Duration) error {
 		b.mu.Lock()
 		_, had := b.regs[key]
 		b.mu.Unlock()
-		if err := b.registerOne(key, value, ttl); err != nil {
+		if err := b.registerOne(key, r.key(), value, ttl); err != nil {
 			return b.noteReq(err)
 		}
 		if !had {
@@ -342,7 +344,7 @@ func (b *etcdBackend) register(s Service, ttl time.Duration) error {
 // registerOne puts key with value on a lease of ttl: it keeps the key's
 // lease alive when it has one of that TTL, and grants a new one when the
 // lease is gone (it expired, or etcd lost it) or the TTL changed.
-func (b *etcdBackend) registerOne(key string, value []byte, ttl time.Duration) error {
+func (b *etcdBackend) registerOne(key, node string, value []byte, ttl time.Duration) error {
 	ctx := context.Background() // not the lifecycle context: shutdown deregisters after it ends
 	b.mu.Lock()
 	cur, ok := b.regs[key]
@@ -360,7 +362,7 @@ func (b *etcdBackend) registerOne(key string, value []byte, ttl time.Duration) e
 			if err != nil {
 				return err
 			}
-			b.remember(key, etcdReg{lease: cur.lease, ttl: ttl, value: value, rev: rev})
+			b.remember(key, etcdReg{node: node, lease: cur.lease, ttl: ttl, value: value, rev: rev})
 			return nil
 		}
 	}
@@ -377,7 +379,7 @@ func (b *etcdBackend) registerOne(key string, value []byte, ttl time.Duration) e
 		}
 		return err
 	}
-	b.remember(key, etcdReg{lease: int64(grant.ID), ttl: ttl, value: value, rev: rev})
+	b.remember(key, etcdReg{node: node, lease: int64(grant.ID), ttl: ttl, value: value, rev: rev})
 	if ok && cur.lease != int64(grant.ID) {
 		b.revoke(ctx, cur.lease) // the TTL changed; the old lease holds nothing now
 	}
@@ -896,23 +898,36 @@ func (b *etcdBackend) apply(ch etcdChange) {
 			delete(b.regs, key) // gone from etcd: put it again at the next refresh
 		}
 	}
-	var contested []string
+	contested := map[string]string{} // etcd key -> node
 	for key, kv := range ch.puts {
 		if r, ok := b.regs[key]; ok && int64(kv.ModRevision) > r.rev && !r.holds(kv) {
 			// Someone else wrote the key since this sidecar did: put ours
 			// again at the next refresh, on a lease of ours.
 			delete(b.regs, key)
-			if !b.contested[key] && len(b.contested) < maxBadKeys {
-				b.contested[key] = true
-				contested = append(contested, key)
-			}
+			contested[key] = r.node
 		}
 	}
+	keeps := b.keeps
 	b.mu.Unlock()
-	for _, key := range contested {
+	for key, node := range contested {
+		// An entry posted with ?ttl= through two sidecars (a client that
+		// heartbeats through either) is nobody's to put back: no fight.
+		if keeps != nil && !keeps(node) {
+			continue
+		}
+		if !b.contested.allow(key) {
+			continue
+		}
 		b.log.Warn("etcd registry: a node this sidecar keeps alive was rewritten by another writer; it is put back at the next refresh. If another sidecar keeps the same node id, the two overwrite each other at every refresh: give each its own id", "key", key)
 	}
 	b.noteBad(ch.bad)
+}
+
+// setKeeps tells the backend which nodes the registry keeps alive.
+func (b *etcdBackend) setKeeps(keeps func(node string) bool) {
+	b.mu.Lock()
+	b.keeps = keeps
+	b.mu.Unlock()
 }
 
 // validateEtcd checks the etcd flags up front and fills cfg.Etcd.

@@ -991,6 +991,14 @@ func (r *registry) Deregister(s Service) error {
 	return r.backend.deregister(s)
 }
 
+// keeps reports whether this sidecar keeps the node of a record key alive.
+func (r *registry) keeps(key string) bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	_, ok := r.owned[key]
+	return ok
+}
+
 // owns reports whether this sidecar keeps every node of s alive.
 func (r *registry) owns(s Service) bool {
 	r.mu.Lock()
