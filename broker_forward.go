@@ -241,17 +241,28 @@ type forwardItem struct {
 	broadcast bool
 	groups    []string
 	event     []byte
-	to        []string // the sidecars registered at the peer's address (sent as a header, not in the item)
-	more      bool     // a piece of a message split by splitGroups, not its last
-	rerouted  bool     // its groups were refused by another peer already: not rerouted again
+	to        []string      // the sidecars registered at the peer's address (sent as a header, not in the item)
+	split     *splitMessage // shared by the pieces of a message split by splitGroups; nil: whole
+	rerouted  bool          // its groups were refused by another peer already: not rerouted again
 }
 
-// messagesIn counts the messages of a batch, each split one with its last
-// piece: a batch that fails counts what was lost, not how it was cut.
+// splitMessage is what the pieces of a split message share: whether the
+// message was counted lost, by the first of them found undelivered, in
+// whichever batch each piece went.
+type splitMessage struct{ lost atomic.Bool }
+
+// countLoss reports whether it, found undelivered, is its message's first
+// loss, which the caller counts: a message counts once, not once a piece.
+func (it forwardItem) countLoss() bool {
+	return it.split == nil || it.split.lost.CompareAndSwap(false, true)
+}
+
+// messagesIn counts the messages of a failed batch not counted lost
+// already: what was lost, not how it was cut.
 func messagesIn(batch []forwardItem) int {
 	n := 0
 	for _, it := range batch {
-		if !it.more {
+		if it.countLoss() {
 			n++
 		}
 	}
@@ -641,22 +652,15 @@ func (f *forwarder) markUp(addr string) {
 // was rerouted once already. A message split into pieces (splitGroups)
 // counts once, as in messagesIn.
 func (f *forwarder) reroute(addr string, batch []forwardItem, broadcastLost bool) int {
-	lost, msgLost := 0, false
+	lost := 0
 	for _, it := range batch {
 		itemLost := broadcastLost && it.broadcast
 		if len(it.groups) > 0 {
 			itemLost = f.rerouteGroups(addr, it) || itemLost
 		}
-		msgLost = msgLost || itemLost
-		if !it.more {
-			if msgLost {
-				lost++
-			}
-			msgLost = false
+		if itemLost && it.countLoss() {
+			lost++
 		}
-	}
-	if msgLost {
-		lost++ // the first pieces of a message whose last went in another batch
 	}
 	return lost
 }
@@ -712,11 +716,14 @@ func (f *forwarder) sendItems(m *message, forwards []forwardPlan, rerouted bool)
 	for _, fp := range forwards {
 		item := forwardItem{topic: m.topic, broadcast: fp.broadcast, groups: fp.groups, event: m.event, to: fp.ids, rerouted: rerouted}
 		ok := true
-		for _, piece := range splitGroups(item) {
+		pieces := splitGroups(item)
+		for _, piece := range pieces {
 			ok = f.enqueue(fp.addr, piece) && ok
 		}
 		if !ok {
-			f.b.stats.ForwardDropped.Add(1)
+			if pieces[0].countLoss() { // queued pieces that fail later count no more
+				f.b.stats.ForwardDropped.Add(1)
+			}
 			continue
 		}
 		f.b.stats.Forwarded.Add(1)
@@ -733,15 +740,19 @@ const maxForwardLine = 4096
 func splitGroups(it forwardItem) []forwardItem {
 	base := len(it.topic) + len(" b ") + 20 // 20: the longest length
 	var out []forwardItem
+	var shared *splitMessage
 	start, size := 0, base
 	for i, g := range it.groups {
 		if size+1+len(g) > maxForwardLine && i > start {
-			out = append(out, forwardItem{topic: it.topic, broadcast: it.broadcast && len(out) == 0, groups: it.groups[start:i:i], event: it.event, to: it.to, more: true, rerouted: it.rerouted})
+			if shared == nil {
+				shared = &splitMessage{}
+			}
+			out = append(out, forwardItem{topic: it.topic, broadcast: it.broadcast && len(out) == 0, groups: it.groups[start:i:i], event: it.event, to: it.to, split: shared, rerouted: it.rerouted})
 			start, size = i, base
 		}
 		size += 1 + len(g)
 	}
-	return append(out, forwardItem{topic: it.topic, broadcast: it.broadcast && len(out) == 0, groups: it.groups[start:], event: it.event, to: it.to, rerouted: it.rerouted})
+	return append(out, forwardItem{topic: it.topic, broadcast: it.broadcast && len(out) == 0, groups: it.groups[start:], event: it.event, to: it.to, split: shared, rerouted: it.rerouted})
 }
 
 // encodedSize is what it takes in a batch, header line and all.

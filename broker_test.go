@@ -1300,6 +1300,32 @@ func TestLostSplitMessageCountsOnce(t *testing.T) {
 	}
 }
 
+// TestLostSplitAcrossBatchesCountsOnce: the pieces of one message may go
+// in two batches (the peer's worker took a batch while the publisher was
+// still queueing); when both fail, the message still counts lost once,
+// and a message lost whole in one failed batch once too.
+func TestLostSplitAcrossBatchesCountsOnce(t *testing.T) {
+	s, _ := brokerSidecar(t, brokerConfig{})
+	var groups []string
+	for i := range 70 {
+		groups = append(groups, fmt.Sprintf("g%d-%s", i, strings.Repeat("x", 56)))
+	}
+	ev := encodeEvent("i", "/s", "many", time.Unix(0, 0), payloadText, "text/plain", []byte("x"))
+	pieces := splitGroups(forwardItem{topic: "many", groups: groups, event: ev})
+	if len(pieces) < 2 {
+		t.Fatalf("%d pieces; want the message split", len(pieces))
+	}
+	const addr = "http://127.0.0.1:1"
+	lost := s.broker.fwd.reroute(addr, pieces[:1], true) + s.broker.fwd.reroute(addr, pieces[1:], true)
+	if lost != 1 {
+		t.Errorf("one message in two failed batches counted lost %d times; want once", lost)
+	}
+	again := splitGroups(forwardItem{topic: "many", groups: groups, event: ev})
+	if n := messagesIn(again[:1]) + messagesIn(again[1:]); n != 1 {
+		t.Errorf("one message in two batches that failed outright: %d lost; want 1", n)
+	}
+}
+
 // TestReceiveTellsOnlyARerouter: a batch's group with no member here is
 // named in the answer to a sender that says it reroutes, and counted as
 // lost here for one that does not (an older sidecar), which would drop the
