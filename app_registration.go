@@ -152,8 +152,11 @@ func (a *appRegistration) refused() error {
 
 // registered reports whether the app's entry is in the registry as this
 // sidecar keeps it: not while its write is under way, nor after a refusal,
-// nor after a DELETE through the API.
-func (a *appRegistration) registered() bool { return !a.writing.Load() && a.reg.owns(a.app) }
+// nor after a DELETE through the API, nor once the entry lapsed (its
+// refreshes refused) or another sidecar removed it.
+func (a *appRegistration) registered() bool {
+	return !a.writing.Load() && a.reg.owns(a.app) && a.reg.table.holds(a.app.Name, a.id)
+}
 
 // names reports whether s holds the app's own node.
 func (a *appRegistration) names(s Service) bool {

@@ -15,6 +15,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"reflect"
 	"regexp"
 	"slices"
 	"strings"
@@ -662,8 +663,8 @@ func TestSeedDiscovery(t *testing.T) {
 func TestRegistryVersionsStayApart(t *testing.T) {
 	p := startSidecar(t, "--registry=memory")
 	for _, body := range []string{
-		`{"name":"greeter","version":"1.0.0","nodes":[{"id":"g1","address":"10.0.0.1","port":80}]}`,
-		`{"name":"greeter","version":"2.0.0","nodes":[{"id":"g2","address":"10.0.0.2","port":80}]}`,
+		`{"name":"greeter","version":"1.0.0","metadata":{"protocol":"json"},"nodes":[{"id":"g2","address":"10.0.0.1","port":80}]}`,
+		`{"name":"greeter","version":"2.0.0","metadata":{"protocol":"json","since":"2"},"nodes":[{"id":"g1","address":"10.0.0.2","port":80}]}`,
 	} {
 		if code, out := do(t, "POST", p.url("/registry"), "", body); code != 200 {
 			t.Fatalf("register: %d %s", code, out)
@@ -673,14 +674,23 @@ func TestRegistryVersionsStayApart(t *testing.T) {
 	if merged == nil || len(merged.Nodes) != 2 || merged.Nodes[0].Version != "1.0.0" || merged.Nodes[1].Version != "2.0.0" {
 		t.Errorf("merged lookup: got %+v; want both nodes, each with its version", merged)
 	}
+	if merged != nil && !reflect.DeepEqual(merged.Metadata, map[string]string{"protocol": "json", "since": "2"}) {
+		t.Errorf("merged lookup's metadata: %v; want that of g1, the node whose id sorts first", merged.Metadata)
+	}
 	code, body := do(t, "GET", p.url("/registry?service=greeter&version=2.0.0"), "", "")
 	var v2 Service
 	json.Unmarshal([]byte(body), &v2)
-	if code != 200 || v2.Version != "2.0.0" || len(v2.Nodes) != 1 || v2.Nodes[0].ID != "g2" {
+	if code != 200 || v2.Version != "2.0.0" || len(v2.Nodes) != 1 || v2.Nodes[0].ID != "g1" {
 		t.Errorf("version 2.0.0: got %d %s", code, body)
 	}
-	if code, _ := do(t, "GET", p.url("/registry?service=greeter&version=3"), "", ""); code != 404 {
-		t.Errorf("unknown version: got %d; want 404", code)
+	for query, want := range map[string]string{
+		"&version=3": "service greeter has no nodes of version 3",
+		"&version=":  "service greeter has no nodes without a version",
+		"x&version=": "service greeterx not found",
+	} {
+		if code, body := do(t, "GET", p.url("/registry?service=greeter"+query), "", ""); code != 404 || !strings.Contains(body, want) {
+			t.Errorf("%s: got %d %s; want 404 saying %q", query, code, body, want)
+		}
 	}
 }
 
@@ -771,6 +781,36 @@ func TestRegistrationTTLAndDeregister(t *testing.T) {
 // TestFileRegistrySharedBySidecars runs three sidecars on one registry file:
 // each sees the others' apps; SIGKILL takes an app away within one TTL and
 // SIGTERM at once, with exit status 0.
+// TestAppEntryLapsedIsNotRegistered: when the registry refuses the
+// refreshes (a newer sidecar took the file over) and the app's entry
+// lapses, /health and /metrics stop saying the app is registered.
+func TestAppEntryLapsedIsNotRegistered(t *testing.T) {
+	file := filepath.Join(t.TempDir(), "registry.json")
+	p := startSidecar(t, "--registry=file", "--registry_address="+file, "--register_ttl=2s", "--register_interval=300ms",
+		"--server_name=lapsing", "--server_address=127.0.0.1:9090")
+	appRegistered := func() bool {
+		_, body := do(t, "GET", p.url("/health"), "", "")
+		var rep healthReport
+		if err := json.Unmarshal([]byte(body), &rep); err != nil || rep.App == nil {
+			t.Fatalf("/health: %v %s", err, body)
+		}
+		return rep.App.Registered
+	}
+	if !appRegistered() {
+		t.Fatal("the app is not registered at the start")
+	}
+	if err := os.WriteFile(file, []byte(`{"format":2,"records":[]}`), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 10*time.Second, "the app's entry to lapse", func() bool { return lookup(t, p, "lapsing") == nil })
+	if appRegistered() {
+		t.Error("/health says registered while the app's entry is gone from the registry")
+	}
+	if _, body := do(t, "GET", p.url("/metrics"), "", ""); !strings.Contains(body, `micro_app_healthy{service="lapsing"} 0`) {
+		t.Errorf("micro_app_healthy while the entry is gone: want 0 in\n%s", body)
+	}
+}
+
 func TestFileRegistrySharedBySidecars(t *testing.T) {
 	file := filepath.Join(t.TempDir(), "registry.json")
 	common := []string{"--registry=file", "--registry_address=" + file, "--register_ttl=2s", "--register_interval=300ms"}

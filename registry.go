@@ -327,12 +327,23 @@ func assemble(recs []record) []Service {
 
 // merge joins the versions of one service into a single record in the seed's
 // shape. With one version it is that version's record; with several, the
-// service's version is empty and every node carries its own.
+// service's version is empty, every node carries its own, and the
+// service's metadata is that of the node whose id sorts first, as within
+// one version (assemble).
 func merge(versions []Service) Service {
 	if len(versions) == 1 {
 		return versions[0]
 	}
-	out := Service{Name: versions[0].Name, Metadata: map[string]string{}, Nodes: []Node{}}
+	first := versions[0]
+	for _, v := range versions[1:] {
+		if len(v.Nodes) > 0 && (len(first.Nodes) == 0 || v.Nodes[0].ID < first.Nodes[0].ID) {
+			first = v
+		}
+	}
+	out := Service{Name: versions[0].Name, Metadata: first.Metadata, Nodes: []Node{}}
+	if out.Metadata == nil {
+		out.Metadata = map[string]string{}
+	}
 	for _, v := range versions {
 		for _, n := range v.Nodes {
 			n.Version = v.Version
@@ -703,12 +714,12 @@ func (t *table) has(name string) bool {
 }
 
 // holds reports whether the table has node id of service name, in any
-// version, expired or not.
+// version, that has not expired.
 func (t *table) holds(name, id string) bool {
 	t.mu.RLock()
 	defer t.mu.RUnlock()
-	_, ok := t.services[name][record{Service: name, Node: Node{ID: id}}.key()]
-	return ok
+	r, ok := t.services[name][record{Service: name, Node: Node{ID: id}}.key()]
+	return ok && !r.expired(time.Now()) // an expired record waits for the sweep, unseen
 }
 
 // serviceCount and nodeCount size the table, for metrics.
