@@ -78,7 +78,8 @@ func (s *sidecar) getService(w http.ResponseWriter, name, version string, hasVer
 		return
 	}
 	versions, err := s.reg.GetService(name)
-	if err == nil && hasVersion {
+	exists := err == nil
+	if exists && hasVersion {
 		versions = filterVersion(versions, version)
 		if len(versions) == 0 {
 			err = errNotFound
@@ -86,8 +87,12 @@ func (s *sidecar) getService(w http.ResponseWriter, name, version string, hasVer
 	}
 	if err != nil {
 		detail := "service " + truncate(name, 128) + " not found"
-		if hasVersion {
-			detail = "service " + truncate(name, 128) + " version " + truncate(version, 64) + " not found"
+		switch {
+		case !exists:
+		case hasVersion && version == "":
+			detail = "service " + truncate(name, 128) + " has no nodes without a version (version= asks for those)"
+		case hasVersion:
+			detail = "service " + truncate(name, 128) + " has no nodes of version " + truncate(version, 64)
 		}
 		writeError(w, http.StatusNotFound, detail)
 		return
