@@ -16,6 +16,7 @@ import (
 	"os"
 	"os/exec"
 	"regexp"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -396,6 +397,44 @@ func TestProxyThroughBinary(t *testing.T) {
 		if string(rest) != "\ndata: two\n\n" {
 			t.Errorf("GET %s: rest %q", path, rest)
 		}
+	}
+}
+
+// TestProxyPassesAKnownLengthAnswerAsItComes: an answer of stated length
+// over 4 KiB that the node sends slowly reaches the caller as it comes,
+// head first, on the direct path too: it held the head back until the
+// whole body or 64 KiB of it had come.
+func TestProxyPassesAKnownLengthAnswerAsItComes(t *testing.T) {
+	next := make(chan struct{})
+	first, rest := strings.Repeat("a", 6000), strings.Repeat("b", 14000)
+	app := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Length", strconv.Itoa(len(first)+len(rest)))
+		io.WriteString(w, first)
+		w.(http.Flusher).Flush()
+		select {
+		case <-next:
+		case <-r.Context().Done():
+			return
+		}
+		io.WriteString(w, rest)
+	}))
+	defer app.Close()
+	defer close(next)
+	p := startSidecar(t, "--registry=memory")
+	registerAddr(t, p, "go.micro.srv.report", "r-1", hostOf(app))
+	client := &http.Client{Timeout: 10 * time.Second} // a held-back head fails here, not by hanging
+	resp, err := client.Get(p.url("/proxy/go.micro.srv.report/slow"))
+	if err != nil {
+		t.Fatalf("the head while the node holds the rest of its body: %v", err)
+	}
+	defer resp.Body.Close()
+	got := make([]byte, len(first))
+	if _, err := io.ReadFull(resp.Body, got); err != nil || string(got) != first {
+		t.Fatalf("the body's first part: %v", err)
+	}
+	next <- struct{}{}
+	if all, err := io.ReadAll(resp.Body); err != nil || string(all) != rest {
+		t.Errorf("the rest: %d bytes, %v; want %d", len(all), err, len(rest))
 	}
 }
 

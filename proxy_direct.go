@@ -320,7 +320,7 @@ func (p *proxy) copyResponseBody(w http.ResponseWriter, c *nodeConn, method stri
 		return true
 	}
 	var body io.Reader
-	flush := false
+	flush := false // after every piece; else (a stated length) before a read that may wait on the node
 	switch {
 	case head.chunked:
 		body, flush = newChunkedBody(c.br, maxTrailerBytes), true
@@ -331,10 +331,7 @@ func (p *proxy) copyResponseBody(w http.ResponseWriter, c *nodeConn, method stri
 		body, flush = c.br, true
 		head.close = true
 	}
-	var fl http.Flusher
-	if flush {
-		fl, _ = w.(http.Flusher)
-	}
+	fl, _ := w.(http.Flusher)
 	bp := p.getBuf()
 	defer p.putBuf(bp)
 	chunk := (*bp)[:cap(*bp)]
@@ -342,12 +339,18 @@ func (p *proxy) copyResponseBody(w http.ResponseWriter, c *nodeConn, method stri
 		if p.cfg.BodyIdle > 0 {
 			c.setDeadline(time.Now().Add(p.cfg.BodyIdle)) // a node that stops mid-body must not hold the caller for ever
 		}
+		if !flush && fl != nil && c.br.Buffered() == 0 {
+			// What came so far goes out before a read that may wait: the
+			// server holds up to 64 KiB of an answer back, which would hold
+			// a slow node's head back from the caller with it.
+			fl.Flush()
+		}
 		n, err := body.Read(chunk)
 		if n > 0 {
 			if _, werr := w.Write(chunk[:n]); werr != nil {
 				panic(http.ErrAbortHandler) // the client is gone
 			}
-			if fl != nil {
+			if flush && fl != nil {
 				fl.Flush()
 			}
 		}
