@@ -811,6 +811,33 @@ func TestAppEntryLapsedIsNotRegistered(t *testing.T) {
 	}
 }
 
+// TestFileRegistryDeletedByHand: a registry file deleted or emptied by
+// hand under running sidecars is said in their logs, and each writes its
+// own entries again at once rather than at its next refresh (20 s here).
+func TestFileRegistryDeletedByHand(t *testing.T) {
+	file := filepath.Join(t.TempDir(), "registry.json")
+	common := []string{"--registry=file", "--registry_address=" + file, "--register_ttl=60s"}
+	a := startSidecar(t, append(common, "--server_name=kept", "--server_address=127.0.0.1:9090")...)
+	b := startSidecar(t, common...)
+	waitFor(t, 5*time.Second, "b to see kept", func() bool { return lookup(t, b, "kept") != nil })
+	for _, wipe := range []func() error{
+		func() error { return os.Remove(file) },
+		func() error { return os.WriteFile(file, nil, 0o644) },
+	} {
+		if err := wipe(); err != nil {
+			t.Fatal(err)
+		}
+		waitFor(t, 5*time.Second, "kept written again", func() bool {
+			data, _ := os.ReadFile(file)
+			return strings.Contains(string(data), `"kept"`)
+		})
+		waitFor(t, 5*time.Second, "b to see kept again", func() bool { return lookup(t, b, "kept") != nil })
+	}
+	if !strings.Contains(a.log.String(), "deleted or emptied") {
+		t.Errorf("the wipe is not said in the log:\n%s", a.log.String())
+	}
+}
+
 func TestFileRegistrySharedBySidecars(t *testing.T) {
 	file := filepath.Join(t.TempDir(), "registry.json")
 	common := []string{"--registry=file", "--registry_address=" + file, "--register_ttl=2s", "--register_interval=300ms"}

@@ -919,6 +919,18 @@ type registry struct {
 	// would otherwise be undone by a refresh that read owned just before.
 	// It is held for one entry's write at a time.
 	writeMu sync.Mutex
+
+	soon chan struct{} // refreshNow's request to refreshLoop; nil: none taken
+}
+
+// refreshNow asks refreshLoop to write this sidecar's entries again at
+// once rather than at the next interval: the backend lost them (a
+// registry file deleted by hand).
+func (r *registry) refreshNow() {
+	select {
+	case r.soon <- struct{}{}:
+	default: // one is due already, or nobody takes them
+	}
 }
 
 // errShuttingDown refuses a registration the sidecar would have to keep
@@ -1109,20 +1121,22 @@ func (r *registry) refreshLoop(ctx context.Context, interval time.Duration, log 
 		case <-ctx.Done():
 			return
 		case <-tick.C:
-			if ctx.Err() != nil {
-				return // both were ready: a stop goes first
-			}
-			err := r.refresh(ctx)
-			switch {
-			case err != nil && !failing:
-				log.Warn("refreshing registrations failed; retrying every interval until it works", "error", err)
-			case err == nil && failing:
-				log.Info("refreshing registrations works again")
-			}
-			failing = err != nil
+		case <-r.soon:
 		case <-sweep.C:
 			r.table.sweep(r.now())
+			continue
 		}
+		if ctx.Err() != nil {
+			return // both were ready: a stop goes first
+		}
+		err := r.refresh(ctx)
+		switch {
+		case err != nil && !failing:
+			log.Warn("refreshing registrations failed; retrying every interval until it works", "error", err)
+		case err == nil && failing:
+			log.Info("refreshing registrations works again")
+		}
+		failing = err != nil
 	}
 }
 

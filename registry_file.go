@@ -46,7 +46,7 @@ type fileBackend struct {
 	// after the update installed its own, hiding a node just registered.
 	ioMu sync.Mutex
 
-	mu      sync.Mutex // guards lastSig, badSig, lastErr, lastSkipped
+	mu      sync.Mutex // guards lastSig, badSig, lastErr, lastSkipped, wiped
 	lastSig fileSig
 	// badSig is the version of the file last found unreadable (corrupt, or
 	// a newer format): polls leave it alone until it changes, rather than
@@ -56,6 +56,10 @@ type fileBackend struct {
 	// lastSkipped is how many invalid records the last read skipped,
 	// logged when it changes.
 	lastSkipped int
+
+	// wiped is told when the file was deleted or emptied by hand, so
+	// that this sidecar's entries are written again at once; nil: nobody.
+	wiped func()
 
 	stop context.CancelFunc
 	wg   sync.WaitGroup
@@ -477,6 +481,13 @@ func (f *fileBackend) pollLoop(ctx context.Context) {
 	}
 }
 
+// setWiped says whom to tell when the file was deleted or emptied by hand.
+func (f *fileBackend) setWiped(wiped func()) {
+	f.mu.Lock()
+	f.wiped = wiped
+	f.mu.Unlock()
+}
+
 // poll rereads the file when another sidecar changed it. Reads need no lock:
 // the file is only ever replaced whole by rename.
 func (f *fileBackend) poll() {
@@ -520,9 +531,18 @@ func (f *fileBackend) poll() {
 	}
 	f.mu.Lock()
 	f.lastSig = sig
+	wiped := f.wiped
 	f.mu.Unlock()
+	held := f.t.nodeCount()
 	f.t.replace(live(recs, f.now()))
 	f.fail(nil)
+	if sig.size == 0 && held > 0 { // no sidecar writes an empty file, nor deletes it
+		f.log.Warn("file registry: the file was deleted or emptied by hand; every sidecar writes its own entries again now, and entries posted with ?ttl= are gone until posted again",
+			"path", f.path, "nodes_lost", held)
+		if wiped != nil {
+			wiped()
+		}
+	}
 }
 
 // recheck clears a failure that nothing else would: a lock held too long
