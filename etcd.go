@@ -107,6 +107,7 @@ type etcdBackend struct {
 	badMore     bool                   // more than maxBadKeys: logged once
 	contested   logLimiter             // kept keys seen rewritten by another writer: each logged at most every 10 minutes
 	keeps       func(node string) bool // whether the registry keeps a node alive (refreshes it); nil: all
+	removed     func()                 // told when others' changes removed nodes (registry.restoreLost); nil: nobody
 
 	synced chan struct{} // closed after the first full read
 	stop   context.CancelFunc
@@ -907,8 +908,11 @@ func (b *etcdBackend) apply(ch etcdChange) {
 			contested[key] = r.node
 		}
 	}
-	keeps := b.keeps
+	keeps, removed := b.keeps, b.removed
 	b.mu.Unlock()
+	if len(ch.removes) > 0 && removed != nil {
+		removed() // one this sidecar keeps goes back at once, not at the next refresh
+	}
 	for key, node := range contested {
 		// An entry posted with ?ttl= through two sidecars (a client that
 		// heartbeats through either) is nobody's to put back: no fight.
@@ -923,10 +927,11 @@ func (b *etcdBackend) apply(ch etcdChange) {
 	b.noteBad(ch.bad)
 }
 
-// setKeeps tells the backend which nodes the registry keeps alive.
-func (b *etcdBackend) setKeeps(keeps func(node string) bool) {
+// setKeeps tells the backend which nodes the registry keeps alive, and
+// whom to tell when nodes were removed.
+func (b *etcdBackend) setKeeps(keeps func(node string) bool, removed func()) {
 	b.mu.Lock()
-	b.keeps = keeps
+	b.keeps, b.removed = keeps, removed
 	b.mu.Unlock()
 }
 

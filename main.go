@@ -715,11 +715,12 @@ func newSidecar(ctx context.Context, cfg config, log *slog.Logger) (*sidecar, er
 		}
 	}
 	if eb, ok := b.(*etcdBackend); ok {
-		eb.setKeeps(s.reg.keeps)
+		s.reg.soon = make(chan struct{}, 1)
+		eb.setKeeps(s.reg.keeps, s.reg.restoreLost)
 	}
 	if fb, ok := b.(*fileBackend); ok {
 		s.reg.soon = make(chan struct{}, 1)
-		fb.setWiped(s.reg.refreshNow)
+		fb.setChanged(s.reg.restoreLost)
 	}
 	if mb, ok := b.(*mdnsBackend); ok {
 		s.metrics.set.counterFunc("micro_mdns_packets_total", mdnsPacketsHelp, []string{"event"}, mb.packetSamples)

@@ -838,6 +838,40 @@ func TestFileRegistryDeletedByHand(t *testing.T) {
 	}
 }
 
+// TestFileRegistryRollingRestartKeepsTheNode: a new sidecar started with
+// the app's fixed --server_id before the old one stops keeps the node in
+// discovery: the old one's goodbye removes the entry, and the new one
+// writes it again at once, not at its next refresh (20 s here).
+func TestFileRegistryRollingRestartKeepsTheNode(t *testing.T) {
+	file := filepath.Join(t.TempDir(), "registry.json")
+	args := []string{"--registry=file", "--registry_address=" + file, "--register_ttl=60s",
+		"--server_name=web", "--server_id=web-1", "--server_address=127.0.0.1:9090"}
+	old := startSidecar(t, args...)
+	fresh := startSidecar(t, args...)
+	events := watchEvents(t, fresh)
+	if ev := <-events; ev.Action != "create" || !hasNode(&ev.Service, "web-1") {
+		t.Fatalf("first event: %+v; want web-1 created", ev)
+	}
+	if code := old.stop(syscall.SIGTERM); code != 0 {
+		t.Fatalf("the old sidecar's exit status: %d", code)
+	}
+	// The fresh sidecar sees the goodbye (a delete), then puts the node back.
+	timeout := time.After(5 * time.Second)
+	for _, want := range []string{"delete", "create"} {
+		select {
+		case ev := <-events:
+			if ev.Action != want || !hasNode(&ev.Service, "web-1") {
+				t.Fatalf("event %+v; want web-1's %s", ev, want)
+			}
+		case <-timeout:
+			t.Fatalf("no %s of web-1 within 5 s", want)
+		}
+	}
+	if !hasNode(lookup(t, fresh, "web"), "web-1") {
+		t.Error("web-1 is not in discovery after the old sidecar stopped")
+	}
+}
+
 func TestFileRegistrySharedBySidecars(t *testing.T) {
 	file := filepath.Join(t.TempDir(), "registry.json")
 	common := []string{"--registry=file", "--registry_address=" + file, "--register_ttl=2s", "--register_interval=300ms"}

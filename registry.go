@@ -920,17 +920,35 @@ type registry struct {
 	// It is held for one entry's write at a time.
 	writeMu sync.Mutex
 
-	soon chan struct{} // refreshNow's request to refreshLoop; nil: none taken
+	soon chan struct{} // restoreLost's request to refreshLoop; nil: none taken
 }
 
-// refreshNow asks refreshLoop to write this sidecar's entries again at
-// once rather than at the next interval: the backend lost them (a
-// registry file deleted by hand).
-func (r *registry) refreshNow() {
+// restoreLost asks refreshLoop to write this sidecar's entries again at
+// once, rather than at the next interval, when one it keeps is missing
+// from the table: another sidecar removed it (one that kept the same node
+// id and stopped, as in a rolling restart with a fixed --server_id; a
+// DELETE through another sidecar; a registry file deleted by hand).
+func (r *registry) restoreLost() {
+	if !r.lostOwned() {
+		return
+	}
 	select {
 	case r.soon <- struct{}{}:
 	default: // one is due already, or nobody takes them
 	}
+}
+
+// lostOwned reports whether an entry this sidecar keeps is missing from
+// the table.
+func (r *registry) lostOwned() bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for _, s := range r.owned {
+		if !r.table.holds(s.Name, s.Nodes[0].ID) {
+			return true
+		}
+	}
+	return false
 }
 
 // errShuttingDown refuses a registration the sidecar would have to keep

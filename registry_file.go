@@ -46,7 +46,7 @@ type fileBackend struct {
 	// after the update installed its own, hiding a node just registered.
 	ioMu sync.Mutex
 
-	mu      sync.Mutex // guards lastSig, badSig, lastErr, lastSkipped, wiped
+	mu      sync.Mutex // guards lastSig, badSig, lastErr, lastSkipped, changed
 	lastSig fileSig
 	// badSig is the version of the file last found unreadable (corrupt, or
 	// a newer format): polls leave it alone until it changes, rather than
@@ -57,9 +57,10 @@ type fileBackend struct {
 	// logged when it changes.
 	lastSkipped int
 
-	// wiped is told when the file was deleted or emptied by hand, so
-	// that this sidecar's entries are written again at once; nil: nobody.
-	wiped func()
+	// changed is told when another sidecar's change to the file is
+	// installed, so that an entry this sidecar keeps and found removed is
+	// written again at once (registry.restoreLost); nil: nobody.
+	changed func()
 
 	stop context.CancelFunc
 	wg   sync.WaitGroup
@@ -481,10 +482,10 @@ func (f *fileBackend) pollLoop(ctx context.Context) {
 	}
 }
 
-// setWiped says whom to tell when the file was deleted or emptied by hand.
-func (f *fileBackend) setWiped(wiped func()) {
+// setChanged says whom to tell when another sidecar's change is installed.
+func (f *fileBackend) setChanged(changed func()) {
 	f.mu.Lock()
-	f.wiped = wiped
+	f.changed = changed
 	f.mu.Unlock()
 }
 
@@ -531,7 +532,7 @@ func (f *fileBackend) poll() {
 	}
 	f.mu.Lock()
 	f.lastSig = sig
-	wiped := f.wiped
+	changed := f.changed
 	f.mu.Unlock()
 	held := f.t.nodeCount()
 	f.t.replace(live(recs, f.now()))
@@ -539,9 +540,9 @@ func (f *fileBackend) poll() {
 	if sig.size == 0 && held > 0 { // no sidecar writes an empty file, nor deletes it
 		f.log.Warn("file registry: the file was deleted or emptied by hand; every sidecar writes its own entries again now, and entries posted with ?ttl= are gone until posted again",
 			"path", f.path, "nodes_lost", held)
-		if wiped != nil {
-			wiped()
-		}
+	}
+	if changed != nil {
+		changed()
 	}
 }
 
