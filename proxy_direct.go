@@ -246,7 +246,11 @@ func (p *proxy) forwardTo(ctx context.Context, now, deadline time.Time, w http.R
 		}
 	}
 	passHead(w, c, head, header, connection)
-	reuse = p.copyResponseBody(w, c, method, head) && !head.close && c.br.Buffered() == 0
+	whole, err := p.copyResponseBody(w, c, method, head)
+	if err != nil {
+		return answered, err
+	}
+	reuse = whole && !head.close && c.br.Buffered() == 0
 	return answered, nil
 }
 
@@ -304,11 +308,12 @@ func noSniffing(h http.Header) {
 
 // copyResponseBody copies the node's body to w, flushing as it comes when
 // its length is unknown (server-sent events, chunked streams). It reports
-// whether the body was read to its end; a failure mid-body aborts the
-// response.
-func (p *proxy) copyResponseBody(w http.ResponseWriter, c *nodeConn, method string, head responseHead) bool {
+// whether the body was read to its end. A failure mid-body aborts the
+// response, or, while none of it went out yet, takes it back and returns
+// the error, for the caller to answer 502 in the error shape.
+func (p *proxy) copyResponseBody(w http.ResponseWriter, c *nodeConn, method string, head responseHead) (bool, error) {
 	if method == http.MethodHead || head.code == http.StatusNoContent || head.code == http.StatusNotModified {
-		return true
+		return true, nil
 	}
 	if n := head.contentLength; n >= 0 && !head.chunked && int64(c.br.Buffered()) >= n {
 		// The usual small answer came with its head: one write, no copy.
@@ -317,7 +322,7 @@ func (p *proxy) copyResponseBody(w http.ResponseWriter, c *nodeConn, method stri
 			panic(http.ErrAbortHandler) // the client is gone
 		}
 		c.br.Discard(int(n))
-		return true
+		return true, nil
 	}
 	var body io.Reader
 	flush := false // after every piece; else (a stated length) before a read that may wait on the node
@@ -355,9 +360,12 @@ func (p *proxy) copyResponseBody(w http.ResponseWriter, c *nodeConn, method stri
 			}
 		}
 		if err == io.EOF {
-			return !head.close
+			return !head.close, nil
 		}
 		if err != nil {
+			if fw, ok := w.(*response); ok && fw.unsend() {
+				return false, fmt.Errorf("its answer broke off before any of it was passed on: %w", err)
+			}
 			panic(http.ErrAbortHandler) // the node failed mid-body: the client must not take a cut body for whole
 		}
 	}

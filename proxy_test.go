@@ -1145,3 +1145,30 @@ func TestBadAnswerIsNotSentAgain(t *testing.T) {
 		t.Errorf("a node that answered was ejected:\n%s", p.log.String())
 	}
 }
+
+// TestBrokenAnswerBeforeAnyOfItWentOut: a node whose chunked answer breaks
+// before any of it was passed on (a bad chunk-size line) costs the caller
+// a 502 in the error shape on the direct path, counted as such, where the
+// caller got an empty reply counted as a 200.
+func TestBrokenAnswerBeforeAnyOfItWentOut(t *testing.T) {
+	p := startSidecar(t, "--registry=memory")
+	registerAddr(t, p, "broken", "b1", rawNode(t, func(c net.Conn, _ *http.Request) {
+		io.WriteString(c, "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-Node: b1\r\n\r\nzz\r\n")
+	}))
+	code, body := do(t, "GET", p.url("/proxy/broken/x"), "", "")
+	if code != http.StatusBadGateway || !strings.Contains(body, `"code":502`) || !strings.Contains(body, "broke off before any of it was passed on") {
+		t.Errorf("a chunked answer broken before anything went out: %d %s; want a 502 in the error shape saying so", code, body)
+	}
+	resp := request(t, "GET", p.url("/proxy/broken/x"), nil, "")
+	resp.Body.Close()
+	if resp.Header.Get("X-Node") != "" {
+		t.Errorf("the 502 carries the broken answer's field X-Node")
+	}
+	if _, m := do(t, "GET", p.url("/metrics"), "", ""); !strings.Contains(m, `micro_http_requests_total{route="/proxy/",code="502"} 2`) {
+		t.Errorf("want both counted as 502:\n%s", m)
+	}
+	// The sidecar's connection to the caller stays usable.
+	if code, _ := do(t, "GET", p.url("/health"), "", ""); code != 200 {
+		t.Errorf("/health after: %d", code)
+	}
+}

@@ -153,6 +153,18 @@ func (w *response) FlushError() error {
 	return w.startStreaming()
 }
 
+// unsend takes back an answer none of which went out yet (its head and
+// what the body has so far are still held), so that the handler can
+// answer otherwise; it reports whether it could. Header()'s fields stay.
+func (w *response) unsend() bool {
+	if w.streaming || w.hijacked {
+		return false
+	}
+	w.status, w.declared, w.written = 0, -1, 0
+	w.body, w.lines = w.body[:0], w.lines[:0]
+	return true
+}
+
 // Hijack hands the connection to the handler, as for a WebSocket. Its
 // read deadline is cleared: the new owner keeps its own time.
 func (w *response) Hijack() (net.Conn, *bufio.ReadWriter, error) {
