@@ -384,6 +384,10 @@ type forwarder struct {
 	failLog  logLimiter // forward failures, per peer
 	entryLog logLimiter // topic entries ignored or reached in plain HTTP, per entry
 
+	unloggedMu sync.Mutex     // guards unlogged
+	unlogged   map[string]int // messages lost to a peer since its last logged failure; at most maxLogKeys peers
+	nUnlogged  atomic.Int32   // len(unlogged), read without the lock after every batch
+
 	downMu sync.Mutex          // guards down
 	down   map[string]peerDown // peers that refused a batch or could not be reached, by address
 	nDown  atomic.Int32        // len(down), read without the lock on every publish
@@ -436,6 +440,7 @@ func newForwarder(b *broker) *forwarder {
 		peers:    map[string]*peerQueue{},
 		failLog:  logLimiter{every: 10 * time.Second},
 		entryLog: logLimiter{every: 10 * time.Minute},
+		unlogged: map[string]int{},
 	}
 }
 
@@ -635,6 +640,14 @@ func (f *forwarder) forgetLapsedDown() {
 
 // markUp forgets a peer's failures once a batch went through.
 func (f *forwarder) markUp(addr string) {
+	if f.nUnlogged.Load() > 0 {
+		f.unloggedMu.Lock()
+		lost := f.takeUnlogged(addr)
+		f.unloggedMu.Unlock()
+		if lost > 0 {
+			f.b.log.Warn("forwarding to a peer sidecar works again; more messages were lost before it did (delivery is at most once)", "peer", addr, "messages", lost)
+		}
+	}
 	if f.nDown.Load() == 0 {
 		return
 	}
@@ -947,14 +960,33 @@ const maxForwardAnswer = 4 << 20
 // logFailure logs forward failures at most once every ten seconds for
 // each peer.
 func (f *forwarder) logFailure(addr string, lost int, err error) {
+	f.unloggedMu.Lock()
 	if !f.failLog.allow(addr) {
+		// Said with the next line for this peer: the log tells what was
+		// lost, not what was lost at the first failure of ten seconds.
+		if _, ok := f.unlogged[addr]; lost > 0 && (ok || len(f.unlogged) < maxLogKeys) {
+			f.unlogged[addr] += lost
+			f.nUnlogged.Store(int32(len(f.unlogged)))
+		}
+		f.unloggedMu.Unlock()
 		return
 	}
+	lost += f.takeUnlogged(addr)
+	f.unloggedMu.Unlock()
 	if lost == 0 {
 		f.b.log.Warn("forwarding to a peer sidecar failed; its queue groups' messages went to other members", "peer", addr, "error", err)
 		return
 	}
 	f.b.log.Warn("forwarding to a peer sidecar failed; messages lost (delivery is at most once)", "peer", addr, "messages", lost, "error", err)
+}
+
+// takeUnlogged returns the losses to addr not logged yet, and forgets
+// them; unloggedMu is held.
+func (f *forwarder) takeUnlogged(addr string) int {
+	lost := f.unlogged[addr]
+	delete(f.unlogged, addr)
+	f.nUnlogged.Store(int32(len(f.unlogged)))
+	return lost
 }
 
 // close refuses new forwards and waits for the queued ones, or for ctx.

@@ -11,6 +11,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -1352,5 +1353,32 @@ func TestItemsWithoutMembersTakesEachOnce(t *testing.T) {
 	got := itemsWithoutMembers(batch, []groupsOfItem{{0, []string{"g", "g", "x"}}, {0, []string{"h"}}, {-1, []string{"g"}}, {5, []string{"g"}}})
 	if len(got) != 1 || got[0].broadcast || !slices.Equal(got[0].groups, []string{"g"}) {
 		t.Errorf("items to reroute: %+v; want item 0 for g alone, without its broadcast", got)
+	}
+}
+
+// TestForwardLossesAreAllLogged: failures within the log's quiet time are
+// added to the next line for the peer, or said when it works again: the
+// log tells every message lost, not those of the first failure alone.
+func TestForwardLossesAreAllLogged(t *testing.T) {
+	var log syncBuffer
+	f := newForwarder(&broker{log: slog.New(slog.NewTextHandler(&log, nil))})
+	f.failLog = logLimiter{every: time.Hour}
+	const peer = "http://127.0.0.1:1"
+	failed := errors.New("connection refused")
+	for _, lost := range []int{1, 5, 7} {
+		f.logFailure(peer, lost, failed)
+	}
+	if got := log.String(); strings.Count(got, "messages lost") != 1 || !strings.Contains(got, "messages=1 ") {
+		t.Fatalf("after three failures in the quiet time: %s; want one line for the first", got)
+	}
+	f.failLog = logLimiter{every: time.Hour} // the quiet time is over
+	f.logFailure(peer, 2, failed)
+	if got := log.String(); !strings.Contains(got, "messages=14 ") {
+		t.Errorf("the next line: %s; want the 12 held back added to its 2", got)
+	}
+	f.logFailure(peer, 3, failed)
+	f.markUp(peer)
+	if got := log.String(); !strings.Contains(got, "works again") || !strings.Contains(got, "messages=3") {
+		t.Errorf("after the peer works again: %s; want the 3 held back said", got)
 	}
 }
