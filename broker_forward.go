@@ -244,6 +244,7 @@ type forwardItem struct {
 	to        []string      // the sidecars registered at the peer's address (sent as a header, not in the item)
 	split     *splitMessage // shared by the pieces of a message split by splitGroups; nil: whole
 	rerouted  bool          // its groups were refused by another peer already: not rerouted again
+	refused   string        // why a receiver does not deliver it (an event over its limit); empty: delivered
 }
 
 // splitMessage is what the pieces of a split message share: whether the
@@ -327,11 +328,16 @@ func decodeForward(body []byte, maxEvent int64) ([]forwardItem, error) {
 		if g, ok := repeatedName(it.groups); ok { // each group gets a message once
 			return nil, fmt.Errorf("batch item %d: queue %q named twice", len(items), truncate(g, 64))
 		}
-		if int64(n) > maxEvent {
-			return nil, fmt.Errorf("batch item %d: an event of %d bytes, over the %d a publish here can make", len(items), n, maxEvent)
-		}
 		it.event = body[:n:n]
 		body = body[n+1:]
+		if int64(n) > maxEvent {
+			// A peer with a higher limit (a rolling change of it): this
+			// item alone is refused, not the batch, whose other messages
+			// are fine here.
+			it.refused = fmt.Sprintf("an event of %d bytes, over the %d a publish here can make", n, maxEvent)
+			items = append(items, it)
+			continue
+		}
 		if !utf8.Valid(it.event) {
 			// Subscribers get events in text frames, which must be UTF-8,
 			// as a publish here must be.
@@ -837,15 +843,18 @@ func (f *forwarder) work(p *peerQueue) {
 		f.mu.Unlock()
 
 		body = encodeForward(body[:0], batch)
-		noMember, err := f.post(p.addr, batch[0].to, body)
+		ans, err := f.post(p.addr, batch[0].to, body)
 		f.mu.Lock()
 		f.held -= batchBytes // held until posted: a batch in flight is memory too
 		f.mu.Unlock()
 		switch {
 		case err == nil:
 			f.markUp(p.addr)
-			if len(noMember) > 0 {
-				f.b.stats.ForwardDropped.Add(uint64(f.reroute(p.addr, itemsWithoutMembers(batch, noMember), false)))
+			if len(ans.NoMember) > 0 {
+				f.b.stats.ForwardDropped.Add(uint64(f.reroute(p.addr, itemsWithoutMembers(batch, ans.NoMember), false)))
+			}
+			if len(ans.Refused) > 0 {
+				f.countRefused(p.addr, batch, ans.Refused)
 			}
 		case errors.Is(err, errStalePeer):
 			// The sidecar at that address has its own entry, which brings
@@ -865,6 +874,25 @@ func (f *forwarder) work(p *peerQueue) {
 			f.logFailure(p.addr, lost, err)
 		}
 	}
+}
+
+// countRefused counts lost the items of batch a peer took the batch but
+// not these for (an event over its limit), and logs why.
+func (f *forwarder) countRefused(addr string, batch []forwardItem, refused []refusedItem) {
+	lost, reason := 0, ""
+	seen := map[int]bool{}
+	for _, r := range refused {
+		if r.Item < 0 || r.Item >= len(batch) || seen[r.Item] {
+			continue // a peer's mistake: nothing to count, or nothing again
+		}
+		seen[r.Item] = true
+		if batch[r.Item].countLoss() {
+			lost++
+		}
+		reason = cmp.Or(reason, r.Reason)
+	}
+	f.b.stats.ForwardDropped.Add(uint64(lost))
+	f.logFailure(addr, lost, fmt.Errorf("the peer refused messages: %s", truncate(reason, 200)))
 }
 
 // itemsWithoutMembers is the part of batch that a peer found no member
@@ -913,14 +941,14 @@ func undelivered(err error) bool {
 
 // post sends a batch to the peer at addr and returns the groups it found
 // no member for.
-func (f *forwarder) post(addr string, ids []string, body []byte) ([]groupsOfItem, error) {
+func (f *forwarder) post(addr string, ids []string, body []byte) (forwardAnswer, error) {
 	base := addr
 	if !strings.Contains(addr, "://") { // a peer that does not say: as this sidecar serves
 		base = cmp.Or(f.b.cfg.PeerScheme, "http") + "://" + addr
 	}
 	req, err := http.NewRequest(http.MethodPost, base+"/broker", bytes.NewReader(body))
 	if err != nil {
-		return nil, err
+		return forwardAnswer{}, err
 	}
 	if f.b.cfg.AuthToken != "" {
 		req.Header.Set("Authorization", "Bearer "+f.b.cfg.AuthToken)
@@ -933,25 +961,25 @@ func (f *forwarder) post(addr string, ids []string, body []byte) ([]groupsOfItem
 	}
 	resp, err := f.client.Do(req)
 	if err != nil {
-		return nil, err
+		return forwardAnswer{}, err
 	}
 	defer resp.Body.Close()
 	switch resp.StatusCode {
 	case http.StatusGone:
-		return nil, errStalePeer
+		return forwardAnswer{}, errStalePeer
 	case http.StatusUnauthorized:
-		return nil, &peerRefusal{"peer refused this sidecar's token (401 Unauthorized): sidecars that share topics need the same --auth_token"}
+		return forwardAnswer{}, &peerRefusal{"peer refused this sidecar's token (401 Unauthorized): sidecars that share topics need the same --auth_token"}
 	}
 	if resp.StatusCode/100 != 2 {
 		msg, _ := io.ReadAll(io.LimitReader(resp.Body, 512))
-		return nil, &peerRefusal{fmt.Sprintf("peer answered %s: %s", resp.Status, bytes.TrimSpace(msg))}
+		return forwardAnswer{}, &peerRefusal{fmt.Sprintf("peer answered %s: %s", resp.Status, bytes.TrimSpace(msg))}
 	}
 	// The answer was a success, whatever its body: one that does not
 	// decode (an older peer's, cut off) names no group to reroute.
 	var ans forwardAnswer
 	json.NewDecoder(io.LimitReader(resp.Body, maxForwardAnswer)).Decode(&ans)
 	io.Copy(io.Discard, io.LimitReader(resp.Body, 4096))
-	return ans.NoMember, nil
+	return ans, nil
 }
 
 // maxForwardAnswer bounds what is read of a peer's answer to a batch.
@@ -1024,11 +1052,19 @@ func (f *forwarder) maxForwardEvent() int64 {
 type forwardAnswer struct {
 	Delivered int            `json:"delivered"`
 	NoMember  []groupsOfItem `json:"no_member,omitempty"`
+	Refused   []refusedItem  `json:"refused,omitempty"`
 }
 
 type groupsOfItem struct {
 	Item   int      `json:"item"`
 	Groups []string `json:"groups"`
+}
+
+// refusedItem names an item of a batch the peer did not deliver, and why;
+// the sender counts it lost. An older sender ignores it.
+type refusedItem struct {
+	Item   int    `json:"item"`
+	Reason string `json:"reason"`
 }
 
 // receive delivers a batch forwarded by a peer to the local subscribers.
@@ -1042,6 +1078,10 @@ func (f *forwarder) receive(body []byte, senderReroutes bool) (forwardAnswer, er
 	}
 	var ans forwardAnswer
 	for i, it := range items {
+		if it.refused != "" {
+			ans.Refused = append(ans.Refused, refusedItem{i, it.refused})
+			continue
+		}
 		m := newMessage(it.topic, "", it.event)
 		missing := f.b.deliver(m, it.broadcast, it.groups)
 		switch {
@@ -1051,6 +1091,9 @@ func (f *forwarder) receive(body []byte, senderReroutes bool) (forwardAnswer, er
 		default:
 			f.b.stats.NoSubscriber.Add(uint64(len(missing)))
 		}
+	}
+	if len(ans.Refused) > 0 {
+		items = slices.DeleteFunc(slices.Clone(items), func(it forwardItem) bool { return it.refused != "" })
 	}
 	ans.Delivered = messagesReceived(items)
 	f.b.stats.Received.Add(uint64(ans.Delivered))

@@ -380,8 +380,8 @@ func TestForwardEventOverTheLimit(t *testing.T) {
 	if _, err := decodeForward(body, int64(len(ev))); err != nil {
 		t.Errorf("an event at the limit: %v", err)
 	}
-	if _, err := decodeForward(body, int64(len(ev)-1)); err == nil {
-		t.Error("an event past the limit was taken")
+	if items, err := decodeForward(body, int64(len(ev)-1)); err != nil || len(items) != 1 || items[0].refused == "" {
+		t.Errorf("an event past the limit: %+v, %v; want the item refused, not the batch", items, err)
 	}
 }
 

@@ -9,10 +9,12 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"maps"
 	"net"
 	"net/http"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -852,5 +854,44 @@ func TestStaleGroupEntryAtARestartedSidecar(t *testing.T) {
 	})
 	if st := brokerStatsOf(t, b); st.NoSubscriber != 0 {
 		t.Errorf("B counted %d messages for a group it has no member of as lost; the sender gave them to C", st.NoSubscriber)
+	}
+}
+
+// TestForwardedEventOverAPeersLimitCostsItAlone: a peer with a lower
+// --broker_max_payload_bytes refuses a forwarded message too large for it,
+// and that message alone: the others of its batch are delivered, and the
+// publisher counts and logs the one lost. It refused the whole batch.
+func TestForwardedEventOverAPeersLimitCostsItAlone(t *testing.T) {
+	file := filepath.Join(t.TempDir(), "registry.json")
+	a := startSidecar(t, "--registry=file", "--registry_address="+file)
+	b := startSidecar(t, "--registry=file", "--registry_address="+file, "--broker_max_payload_bytes=1024")
+	sub := subscribeWS(t, b, "B", "topic=sizes")
+	waitFor(t, 10*time.Second, "a to see b's subscriber", func() bool { return lookup(t, a, "topic:sizes") != nil })
+	// b pauses, so that what a publishes meanwhile piles up into batches
+	// of several messages, as for a peer briefly slow.
+	b.cmd.Process.Signal(syscall.SIGSTOP)
+	resumed := false
+	defer func() {
+		if !resumed {
+			b.cmd.Process.Signal(syscall.SIGCONT)
+		}
+	}()
+	for _, m := range []string{"small-1", "small-2", strings.Repeat("x", 100_000), "small-3", "small-4"} {
+		publish(t, a, "sizes", "text/plain", m)
+	}
+	b.cmd.Process.Signal(syscall.SIGCONT)
+	resumed = true
+	waitFor(t, 15*time.Second, "the four small messages at b", func() bool { return sub.total() >= 4 })
+	waitFor(t, 15*time.Second, "the large one counted lost at a", func() bool { return brokerStatsOf(t, a).ForwardDropped == 1 })
+	sub.mu.Lock()
+	counts := maps.Clone(sub.counts)
+	sub.mu.Unlock()
+	for _, m := range []string{"small-1", "small-2", "small-3", "small-4"} {
+		if counts[m] != 1 {
+			t.Errorf("b's subscriber got %q %d times; want once (got %v)", m, counts[m], slices.Collect(maps.Keys(counts)))
+		}
+	}
+	if !strings.Contains(a.log.String(), "the peer refused messages") {
+		t.Errorf("a does not say why the message was lost:\n%s", a.log.String())
 	}
 }
