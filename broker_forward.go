@@ -397,7 +397,23 @@ type forwarder struct {
 	downMu sync.Mutex          // guards down
 	down   map[string]peerDown // peers that refused a batch or could not be reached, by address
 	nDown  atomic.Int32        // len(down), read without the lock on every publish
+
+	absentMu sync.Mutex              // guards absent
+	absent   map[string]groupAbsence // groups a peer said it has no member of, by absenceKey
+	nAbsent  atomic.Int32            // len(absent), read without the lock on every publish
 }
+
+// groupAbsence is a peer's word that a queue group has no member there,
+// while the registry still says it has (an earlier process's entry at a
+// restarted sidecar's address): the group's messages go to its other
+// members, in order, rather than there and back, until the topics'
+// entries change or maxDownBackoff passes.
+type groupAbsence struct {
+	gen   uint64 // forwarder.gen when said
+	until time.Time
+}
+
+func absenceKey(addr, topic, group string) string { return addr + "\x00" + topic + "\x00" + group }
 
 // peerDown is a peer that refused a batch, or could not be reached: queue
 // groups go to their other members until it is tried again, after a
@@ -567,8 +583,8 @@ func (f *forwarder) plan(topic string, localBroadcast bool, localGroups []string
 	if len(peers) == 0 && len(localGroups) == 0 {
 		return deliveryPlan{local: localDelivery{broadcast: localBroadcast}}
 	}
-	if f.nDown.Load() > 0 {
-		peers = withoutDown(peers, localGroups, f.isDown)
+	if f.nDown.Load() > 0 || f.nAbsent.Load() > 0 {
+		peers = withoutDown(peers, localGroups, f.leftOut(topic))
 	}
 	return planDelivery(localBroadcast, localGroups, peers, rr.Add(1)-1)
 }
@@ -578,24 +594,66 @@ func (f *forwarder) plan(topic string, localBroadcast bool, localGroups []string
 // down keeps them, as a message for it is lost anyway unless one is back.
 // Broadcast entries stay: every peer with broadcast subscribers gets each
 // message.
-func withoutDown(peers []peerNode, localGroups []string, down func(addr string) bool) []peerNode {
+func withoutDown(peers []peerNode, localGroups []string, down func(p peerNode) bool) []peerNode {
 	alive := map[string]bool{} // groups with a member that is not down
 	for _, g := range localGroups {
 		alive[g] = true
 	}
 	for _, p := range peers {
-		if p.queue != "" && !down(p.addr) {
+		if p.queue != "" && !down(p) {
 			alive[p.queue] = true
 		}
 	}
 	var out []peerNode
 	for _, p := range peers {
-		if p.queue != "" && alive[p.queue] && down(p.addr) {
+		if p.queue != "" && alive[p.queue] && down(p) {
 			continue
 		}
 		out = append(out, p)
 	}
 	return out
+}
+
+// leftOut says which queue-group entries of topic withoutDown leaves
+// out: those of peers that are down, and those a peer said have no member.
+func (f *forwarder) leftOut(topic string) func(p peerNode) bool {
+	return func(p peerNode) bool {
+		return f.nDown.Load() > 0 && f.isDown(p.addr) || p.queue != "" && f.nAbsent.Load() > 0 && f.isAbsent(p.addr, topic, p.queue)
+	}
+}
+
+// markAbsent notes a peer's word that groups of topic have no member there.
+func (f *forwarder) markAbsent(addr, topic string, groups []string) {
+	now := time.Now()
+	f.absentMu.Lock()
+	defer f.absentMu.Unlock()
+	if f.absent == nil {
+		f.absent = map[string]groupAbsence{}
+	}
+	for _, g := range groups {
+		k := absenceKey(addr, topic, g)
+		if _, ok := f.absent[k]; !ok && len(f.absent) >= maxLogKeys {
+			for k, a := range f.absent {
+				if !now.Before(a.until) || a.gen != f.gen.Load() {
+					delete(f.absent, k)
+				}
+			}
+			if len(f.absent) >= maxLogKeys {
+				break // a bound: the group's messages go there and back as before
+			}
+		}
+		f.absent[k] = groupAbsence{gen: f.gen.Load(), until: now.Add(maxDownBackoff)}
+	}
+	f.nAbsent.Store(int32(len(f.absent)))
+}
+
+// isAbsent reports whether the peer at addr said group of topic has no
+// member there, since the topics' entries last changed.
+func (f *forwarder) isAbsent(addr, topic, group string) bool {
+	f.absentMu.Lock()
+	defer f.absentMu.Unlock()
+	a, ok := f.absent[absenceKey(addr, topic, group)]
+	return ok && a.gen == f.gen.Load() && time.Now().Before(a.until)
 }
 
 func (f *forwarder) isDown(addr string) bool {
@@ -704,10 +762,10 @@ func (f *forwarder) rerouteGroups(addr string, it forwardItem) bool {
 			others = append(others, p)
 		}
 	}
-	if f.nDown.Load() > 0 {
+	if f.nDown.Load() > 0 || f.nAbsent.Load() > 0 {
 		// As plan: a member known down would refuse it again, and a
 		// rerouted message is not rerouted twice.
-		others = withoutDown(others, mine, f.isDown)
+		others = withoutDown(others, mine, f.leftOut(it.topic))
 	}
 	plan := planDelivery(false, mine, others, rr.Add(1)-1)
 	planned := len(plan.local.groups)
@@ -851,7 +909,11 @@ func (f *forwarder) work(p *peerQueue) {
 		case err == nil:
 			f.markUp(p.addr)
 			if len(ans.NoMember) > 0 {
-				f.b.stats.ForwardDropped.Add(uint64(f.reroute(p.addr, itemsWithoutMembers(batch, ans.NoMember), false)))
+				missing := itemsWithoutMembers(batch, ans.NoMember)
+				for _, it := range missing {
+					f.markAbsent(p.addr, it.topic, it.groups)
+				}
+				f.b.stats.ForwardDropped.Add(uint64(f.reroute(p.addr, missing, false)))
 			}
 			if len(ans.Refused) > 0 {
 				f.countRefused(p.addr, batch, ans.Refused)

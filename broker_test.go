@@ -276,7 +276,7 @@ func TestWithoutDownKeepsGroupsOffFailedPeers(t *testing.T) {
 		{addr: "a:1"}, {addr: "a:1", queue: "g"}, {addr: "a:1", queue: "solo"},
 		{addr: "b:1", queue: "g"},
 	}
-	down := func(addr string) bool { return addr == "a:1" }
+	down := func(p peerNode) bool { return p.addr == "a:1" }
 	got := withoutDown(peers, nil, down)
 	want := []peerNode{{addr: "a:1"}, {addr: "a:1", queue: "solo"}, {addr: "b:1", queue: "g"}}
 	if !reflect.DeepEqual(got, want) {

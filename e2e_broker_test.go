@@ -846,7 +846,11 @@ func TestStaleGroupEntryAtARestartedSidecar(t *testing.T) {
 		return s != nil && len(s.Nodes) == 3
 	})
 	const n = 40
-	for i := range n {
+	// Of the first two, one goes to B by the stale entry, and back.
+	publish(t, a, "t", "text/plain", "0")
+	publish(t, a, "t", "text/plain", "1")
+	waitFor(t, 10*time.Second, "the first two to g's member", func() bool { return member.total() == 2 })
+	for i := 2; i < n; i++ {
 		publish(t, a, "t", "text/plain", fmt.Sprint(i))
 	}
 	waitFor(t, 10*time.Second, "every message to B's subscriber and to g's member", func() bool {
@@ -854,6 +858,29 @@ func TestStaleGroupEntryAtARestartedSidecar(t *testing.T) {
 	})
 	if st := brokerStatsOf(t, b); st.NoSubscriber != 0 {
 		t.Errorf("B counted %d messages for a group it has no member of as lost; the sender gave them to C", st.NoSubscriber)
+	}
+	// B's answer keeps g off it: the later messages go to C alone, in
+	// order, not one in two there and back.
+	member.mu.Lock()
+	var got []int
+	for _, ev := range member.events {
+		var data string
+		json.Unmarshal(ev.Data, &data)
+		i, err := strconv.Atoi(data)
+		if err != nil {
+			t.Fatalf("a message of g: %s", ev.Data)
+		}
+		got = append(got, i)
+	}
+	member.mu.Unlock()
+	inversions := 0
+	for i := 3; i < len(got); i++ {
+		if got[i] < got[i-1] {
+			inversions++
+		}
+	}
+	if inversions > 0 {
+		t.Errorf("g's member got the messages in this order, %d out of place: %v", inversions, got)
 	}
 }
 
