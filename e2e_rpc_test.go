@@ -299,8 +299,14 @@ func TestRPCLoadBalancingAndFailures(t *testing.T) {
 	stop = make(chan struct{})
 	mu.Lock()
 	t.Logf("spread before the kill: %s; %d calls in all; %d errors, all before the ejection: %v", spread, calls.Load(), len(errs), errs)
-	if len(errs) > workers {
-		t.Errorf("%d calls failed around the kill; want at most the %d in flight", len(errs), workers)
+	// Each connection to the killed node fails at most one call, which may
+	// have reached the app and is not retried: one per worker in flight at
+	// the kill, and one per kept-alive connection picked from the pool
+	// before the node's close reached it (a close seen in time is dialed
+	// around, not failed). A node closing kept-alive connections is no
+	// cause to eject it, so those may outnumber the workers in flight.
+	if len(errs) > 2*workers {
+		t.Errorf("%d calls failed around the kill; want at most %d: one per connection the %d workers held to it", len(errs), 2*workers, workers)
 	}
 	mu.Unlock()
 	if n := errsAfterEjection.Load(); n > 0 {
