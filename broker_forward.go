@@ -45,9 +45,11 @@ const (
 	// forwardedHeader marks a POST to /broker as a batch of messages
 	// forwarded by a peer; its value is the sending sidecar's id.
 	forwardedHeader = "Micro-Broker-Forwarded"
-	// reroutesHeader says the sender gives the queue groups a peer names
-	// in its answer's no_member to their other members. A sender without
-	// it (an older sidecar) does not: the peer counts those as lost.
+	// reroutesHeader says the sender reads its answer's no_member (it gives
+	// those queue groups to their other members) and refused (it counts
+	// those items lost). A sender without it (an older sidecar) does not:
+	// the peer counts the former as lost, and refuses a batch with the
+	// latter whole, as before.
 	reroutesHeader = "Micro-Broker-Reroutes"
 	// forwardContentType is the batch format of encodeForward.
 	forwardContentType = "application/vnd.micro.broker-batch.v1"
@@ -954,7 +956,11 @@ func (f *forwarder) countRefused(addr string, batch []forwardItem, refused []ref
 		reason = cmp.Or(reason, r.Reason)
 	}
 	f.b.stats.ForwardDropped.Add(uint64(lost))
-	f.logFailure(addr, lost, fmt.Errorf("the peer refused messages: %s", truncate(reason, 200)))
+	// Logged apart from forward failures: the peer works, and its next
+	// batch must not read as its coming back (markUp).
+	if f.failLog.allow("refused " + addr) {
+		f.b.log.Warn("a peer sidecar refused messages too large for it; they are lost (give sidecars that share topics the same --broker_max_payload_bytes)", "peer", addr, "messages", lost, "reason", truncate(reason, 200))
+	}
 }
 
 // itemsWithoutMembers is the part of batch that a peer found no member
@@ -1137,6 +1143,15 @@ func (f *forwarder) receive(body []byte, senderReroutes bool) (forwardAnswer, er
 	items, err := decodeForward(body, f.maxForwardEvent())
 	if err != nil {
 		return forwardAnswer{}, err
+	}
+	if !senderReroutes {
+		// An older sender reads no refused items: it gets the whole
+		// batch refused, as before, and counts and logs the loss.
+		for i, it := range items {
+			if it.refused != "" {
+				return forwardAnswer{}, fmt.Errorf("batch item %d: %s", i, it.refused)
+			}
+		}
 	}
 	var ans forwardAnswer
 	for i, it := range items {

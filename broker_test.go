@@ -383,6 +383,17 @@ func TestForwardEventOverTheLimit(t *testing.T) {
 	if items, err := decodeForward(body, int64(len(ev)-1)); err != nil || len(items) != 1 || items[0].refused == "" {
 		t.Errorf("an event past the limit: %+v, %v; want the item refused, not the batch", items, err)
 	}
+	// A sender of an earlier release reads no refused items: it gets the
+	// batch refused whole, as before, and counts the loss itself.
+	s, _ := brokerSidecar(t, brokerConfig{MaxPayloadBytes: 16})
+	big := encodeEvent("i", "/s", "foo", time.Unix(0, 0), payloadText, "text/plain", []byte(strings.Repeat("x", 200_000)))
+	batch := encodeForward(nil, []forwardItem{{topic: "foo", broadcast: true, event: ev}, {topic: "foo", broadcast: true, event: big}})
+	if _, err := s.broker.fwd.receive(batch, false); err == nil {
+		t.Error("an older sender's batch with an event over the limit was taken; want it refused whole")
+	}
+	if ans, err := s.broker.fwd.receive(batch, true); err != nil || len(ans.Refused) != 1 || ans.Refused[0].Item != 1 || ans.Delivered != 1 {
+		t.Errorf("a rerouting sender's batch: %+v, %v; want item 1 refused and the other delivered", ans, err)
+	}
 }
 
 // TestSplitGroups: an item for more queue groups than a header line holds
