@@ -400,9 +400,11 @@ type forwarder struct {
 	down   map[string]peerDown // peers that refused a batch or could not be reached, by address
 	nDown  atomic.Int32        // len(down), read without the lock on every publish
 
-	absentMu sync.Mutex              // guards absent
-	absent   map[string]groupAbsence // groups a peer said it has no member of, by absenceKey
-	nAbsent  atomic.Int32            // len(absent), read without the lock on every publish
+	absentMu    sync.Mutex              // guards absent
+	absent      map[string]groupAbsence // groups a peer said it has no member of, by absenceKey
+	nAbsent     atomic.Int32            // len(absent), read without the lock on every publish
+	absentGen   atomic.Uint64           // gen when an absence was last noted: a change since ends them all
+	absentUntil atomic.Int64            // UnixNano when the last noted absence lapses
 }
 
 // groupAbsence is a peer's word that a queue group has no member there,
@@ -585,7 +587,7 @@ func (f *forwarder) plan(topic string, localBroadcast bool, localGroups []string
 	if len(peers) == 0 && len(localGroups) == 0 {
 		return deliveryPlan{local: localDelivery{broadcast: localBroadcast}}
 	}
-	if f.nDown.Load() > 0 || f.nAbsent.Load() > 0 {
+	if f.nDown.Load() > 0 || f.absences() {
 		peers = withoutDown(peers, localGroups, f.leftOut(topic))
 	}
 	return planDelivery(localBroadcast, localGroups, peers, rr.Add(1)-1)
@@ -620,7 +622,7 @@ func withoutDown(peers []peerNode, localGroups []string, down func(p peerNode) b
 // out: those of peers that are down, and those a peer said have no member.
 func (f *forwarder) leftOut(topic string) func(p peerNode) bool {
 	return func(p peerNode) bool {
-		return f.nDown.Load() > 0 && f.isDown(p.addr) || p.queue != "" && f.nAbsent.Load() > 0 && f.isAbsent(p.addr, topic, p.queue)
+		return f.nDown.Load() > 0 && f.isDown(p.addr) || p.queue != "" && f.absences() && f.isAbsent(p.addr, topic, p.queue)
 	}
 }
 
@@ -646,7 +648,29 @@ func (f *forwarder) markAbsent(addr, topic string, groups []string) {
 		}
 		f.absent[k] = groupAbsence{gen: f.gen.Load(), until: now.Add(maxDownBackoff)}
 	}
+	f.absentGen.Store(f.gen.Load())
+	f.absentUntil.Store(now.Add(maxDownBackoff).UnixNano())
 	f.nAbsent.Store(int32(len(f.absent)))
+}
+
+// absences reports whether an absence may hold, cheaply, for every
+// publish; once none can (the topics' entries changed, or the last one
+// lapsed), it forgets them all, so that publishes no longer ask.
+func (f *forwarder) absences() bool {
+	if f.nAbsent.Load() == 0 {
+		return false
+	}
+	if f.absentGen.Load() == f.gen.Load() && time.Now().UnixNano() < f.absentUntil.Load() {
+		return true
+	}
+	f.absentMu.Lock()
+	defer f.absentMu.Unlock()
+	if f.absentGen.Load() == f.gen.Load() && time.Now().UnixNano() < f.absentUntil.Load() {
+		return true // noted again meanwhile
+	}
+	clear(f.absent)
+	f.nAbsent.Store(0)
+	return false
 }
 
 // isAbsent reports whether the peer at addr said group of topic has no
@@ -764,7 +788,7 @@ func (f *forwarder) rerouteGroups(addr string, it forwardItem) bool {
 			others = append(others, p)
 		}
 	}
-	if f.nDown.Load() > 0 || f.nAbsent.Load() > 0 {
+	if f.nDown.Load() > 0 || f.absences() {
 		// As plan: a member known down would refuse it again, and a
 		// rerouted message is not rerouted twice.
 		others = withoutDown(others, mine, f.leftOut(it.topic))

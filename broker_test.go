@@ -1393,3 +1393,17 @@ func TestForwardLossesAreAllLogged(t *testing.T) {
 		t.Errorf("after the peer works again: %s; want the 3 held back said", got)
 	}
 }
+
+// TestAbsencesEnd: a peer's word that a group has no member there holds
+// until the topics' entries change, and then costs publishes nothing more.
+func TestAbsencesEnd(t *testing.T) {
+	f := newForwarder(&broker{log: discardLog})
+	f.markAbsent("http://127.0.0.1:1", "t", []string{"g"})
+	if !f.absences() || !f.isAbsent("http://127.0.0.1:1", "t", "g") || f.isAbsent("http://127.0.0.1:1", "t", "h") {
+		t.Fatal("want g absent at that peer, and h not")
+	}
+	f.gen.Add(1) // an entry of a topic changed: a member may have joined there
+	if f.absences() || f.nAbsent.Load() != 0 || f.isAbsent("http://127.0.0.1:1", "t", "g") {
+		t.Errorf("after a change: absences %v, %d kept; want none", f.absences(), f.nAbsent.Load())
+	}
+}
