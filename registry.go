@@ -923,6 +923,11 @@ type registry struct {
 	soon chan struct{} // restoreLost's request to refreshLoop; nil: none taken
 }
 
+// restoreEvery spaces the refreshes restoreLost asks for: an entry
+// missing for a reason a refresh cannot fix (a full table) would
+// otherwise cost a whole refresh at every change others make.
+const restoreEvery = time.Second
+
 // restoreLost asks refreshLoop to write this sidecar's entries again at
 // once, rather than at the next interval, when one it keeps is missing
 // from the table: another sidecar removed it (one that kept the same node
@@ -1133,17 +1138,28 @@ func (r *registry) refreshLoop(ctx context.Context, interval time.Duration, log 
 	defer tick.Stop()
 	sweep := time.NewTicker(time.Second)
 	defer sweep.Stop()
-	failing := false // logged when it starts and when it ends, not at every interval
+	failing := false           // logged when it starts and when it ends, not at every interval
+	var last time.Time         // of the last refresh
+	var later <-chan time.Time // a restore asked for within restoreEvery of the last refresh
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case <-tick.C:
 		case <-r.soon:
+			if wait := restoreEvery - time.Since(last); wait > 0 {
+				if later == nil {
+					later = time.After(wait)
+				}
+				continue
+			}
+		case <-later:
+			later = nil
 		case <-sweep.C:
 			r.table.sweep(r.now())
 			continue
 		}
+		last = time.Now()
 		if ctx.Err() != nil {
 			return // both were ready: a stop goes first
 		}
