@@ -340,17 +340,20 @@ func (p *proxy) copyResponseBody(w http.ResponseWriter, c *nodeConn, method stri
 	bp := p.getBuf()
 	defer p.putBuf(bp)
 	chunk := (*bp)[:cap(*bp)]
+	drained := true // the last read took all there was: the next may wait
 	for {
 		if p.cfg.BodyIdle > 0 {
 			c.setDeadline(time.Now().Add(p.cfg.BodyIdle)) // a node that stops mid-body must not hold the caller for ever
 		}
-		if !flush && fl != nil && c.br.Buffered() == 0 {
+		if !flush && fl != nil && drained && c.br.Buffered() == 0 && c.body.left > 0 {
 			// What came so far goes out before a read that may wait: the
 			// server holds up to 64 KiB of an answer back, which would hold
-			// a slow node's head back from the caller with it.
+			// a slow node's head back from the caller with it. A read that
+			// filled the chunk leaves more to come at once: no flush.
 			fl.Flush()
 		}
 		n, err := body.Read(chunk)
+		drained = n < len(chunk)
 		if n > 0 {
 			if _, werr := w.Write(chunk[:n]); werr != nil {
 				panic(http.ErrAbortHandler) // the client is gone
