@@ -1037,28 +1037,7 @@ func TestEtcdRecreatedWithTheSameFlags(t *testing.T) {
 // sidecar started with the app's fixed --server_id before the old one
 // stops writes the node again at once after the old one's goodbye.
 func TestEtcdRollingRestartKeepsTheNode(t *testing.T) {
-	e := startEtcd(t)
-	args := etcdSidecarArgs(e.client, "--register_ttl=60s", "--server_name=web", "--server_id=web-1", "--server_address=127.0.0.1:9090")
-	old := startSidecar(t, args...)
-	fresh := startSidecar(t, args...)
-	events := watchEvents(t, fresh)
-	if ev := <-events; ev.Action != "create" || !hasNode(&ev.Service, "web-1") {
-		t.Fatalf("first event: %+v; want web-1 created", ev)
-	}
-	if code := old.stop(syscall.SIGTERM); code != 0 {
-		t.Fatalf("the old sidecar's exit status: %d", code)
-	}
-	timeout := time.After(5 * time.Second)
-	for _, want := range []string{"delete", "create"} {
-		select {
-		case ev := <-events:
-			if ev.Action != want || !hasNode(&ev.Service, "web-1") {
-				t.Fatalf("event %+v; want web-1's %s", ev, want)
-			}
-		case <-timeout:
-			t.Fatalf("no %s of web-1 within 5 s", want)
-		}
-	}
+	rollingRestart(t, etcdSidecarArgs(startEtcd(t).client)...)
 }
 
 // TestEtcdNodeKeptByTwoSidecarsIsSaid: one node id kept alive through two

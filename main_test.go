@@ -844,8 +844,19 @@ func TestFileRegistryDeletedByHand(t *testing.T) {
 // writes it again at once, not at its next refresh (20 s here).
 func TestFileRegistryRollingRestartKeepsTheNode(t *testing.T) {
 	file := filepath.Join(t.TempDir(), "registry.json")
-	args := []string{"--registry=file", "--registry_address=" + file, "--register_ttl=60s",
-		"--server_name=web", "--server_id=web-1", "--server_address=127.0.0.1:9090"}
+	fresh := rollingRestart(t, "--registry=file", "--registry_address="+file)
+	if !hasNode(lookup(t, fresh, "web"), "web-1") {
+		t.Error("web-1 is not in discovery after the old sidecar stopped")
+	}
+}
+
+// rollingRestart starts two sidecars of app web with a fixed
+// --server_id, a long refresh interval and the registry flags given,
+// stops the first, and wants the second to see the goodbye (a delete)
+// and put the node back (a create) within 5 s. It returns the second.
+func rollingRestart(t *testing.T, registry ...string) *proc {
+	t.Helper()
+	args := append(registry, "--register_ttl=60s", "--server_name=web", "--server_id=web-1", "--server_address=127.0.0.1:9090")
 	old := startSidecar(t, args...)
 	fresh := startSidecar(t, args...)
 	events := watchEvents(t, fresh)
@@ -855,7 +866,6 @@ func TestFileRegistryRollingRestartKeepsTheNode(t *testing.T) {
 	if code := old.stop(syscall.SIGTERM); code != 0 {
 		t.Fatalf("the old sidecar's exit status: %d", code)
 	}
-	// The fresh sidecar sees the goodbye (a delete), then puts the node back.
 	timeout := time.After(5 * time.Second)
 	for _, want := range []string{"delete", "create"} {
 		select {
@@ -867,9 +877,7 @@ func TestFileRegistryRollingRestartKeepsTheNode(t *testing.T) {
 			t.Fatalf("no %s of web-1 within 5 s", want)
 		}
 	}
-	if !hasNode(lookup(t, fresh, "web"), "web-1") {
-		t.Error("web-1 is not in discovery after the old sidecar stopped")
-	}
+	return fresh
 }
 
 func TestFileRegistrySharedBySidecars(t *testing.T) {
