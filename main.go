@@ -695,7 +695,7 @@ func newSidecar(ctx context.Context, cfg config, log *slog.Logger) (*sidecar, er
 	s := &sidecar{
 		cfg:       cfg,
 		log:       log,
-		reg:       &registry{name: cfg.Registry, table: t, backend: b, ttl: cfg.RegisterTTL, now: time.Now, owned: map[string]Service{}},
+		reg:       &registry{name: cfg.Registry, table: t, backend: b, ttl: cfg.RegisterTTL, now: time.Now, owned: map[string]Service{}, soon: make(chan struct{}, 1)},
 		conns:     newConnSet(),
 		started:   time.Now(),
 		watchPing: cmp.Or(cfg.watchPing, watchPingInterval),
@@ -715,11 +715,9 @@ func newSidecar(ctx context.Context, cfg config, log *slog.Logger) (*sidecar, er
 		}
 	}
 	if eb, ok := b.(*etcdBackend); ok {
-		s.reg.soon = make(chan struct{}, 1)
 		eb.setKeeps(s.reg.keeps, s.reg.restoreLost)
 	}
 	if fb, ok := b.(*fileBackend); ok {
-		s.reg.soon = make(chan struct{}, 1)
 		fb.setChanged(s.reg.restoreLost)
 	}
 	if mb, ok := b.(*mdnsBackend); ok {
