@@ -285,7 +285,8 @@ var errIdleClosed = errors.New("idle connection closed by the node")
 type keptAliveLost struct{ err error }
 
 func (e *keptAliveLost) Error() string {
-	return "kept-alive connection closed by the node before any answer: " + e.err.Error()
+	// Not "idle closed": a node that crashed on the request ends the same way.
+	return "the node closed the connection before any answer (it may have read the request, so the call is not sent again): " + e.err.Error()
 }
 
 func (e *keptAliveLost) Unwrap() error { return e.err }

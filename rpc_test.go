@@ -873,7 +873,7 @@ func TestKeptAliveConnectionLostIsNoNodeFailure(t *testing.T) {
 			for i := 0; i < 10 && lost < 2; i++ {
 				code, body := call()
 				switch {
-				case code == 502 && strings.Contains(body, "kept-alive connection closed by the node before any answer"):
+				case code == 502 && strings.Contains(body, "the node closed the connection before any answer"):
 					lost++
 				case code != 200:
 					t.Fatalf("reset %v, %s, call %d: %d %s; want 200, or a 502 naming the lost connection", reset, path, i, code, body)
