@@ -714,11 +714,8 @@ func newSidecar(ctx context.Context, cfg config, log *slog.Logger) (*sidecar, er
 			s.health = newHealthChecker(cfg.Health, log, s.metrics.healthCheck, s.app.follow)
 		}
 	}
-	if eb, ok := b.(*etcdBackend); ok {
-		eb.setKeeps(s.reg.keeps, s.reg.restoreLost)
-	}
-	if fb, ok := b.(*fileBackend); ok {
-		fb.setChanged(s.reg.restoreLost)
+	if kb, ok := b.(keepingBackend); ok {
+		kb.setKeeps(s.reg.keeps, s.reg.restoreLost)
 	}
 	if mb, ok := b.(*mdnsBackend); ok {
 		s.metrics.set.counterFunc("micro_mdns_packets_total", mdnsPacketsHelp, []string{"event"}, mb.packetSamples)

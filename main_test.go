@@ -850,6 +850,47 @@ func TestFileRegistryRollingRestartKeepsTheNode(t *testing.T) {
 	}
 }
 
+// TestFileRegistryNodeKeptByTwoSidecarsIsSaid: as with etcd, one node id
+// kept alive through two sidecars sharing a file, with different values,
+// is overwritten by each at every refresh; each sidecar says so in its
+// log, once. A ?ttl= entry posted through both is no such fight.
+func TestFileRegistryNodeKeptByTwoSidecarsIsSaid(t *testing.T) {
+	file := filepath.Join(t.TempDir(), "registry.json")
+	common := []string{"--registry=file", "--registry_address=" + file, "--register_ttl=3s", "--register_interval=300ms"}
+	a, b := startSidecar(t, common...), startSidecar(t, common...)
+	registerNode(t, a, "?ttl=30s", "leased", "l1", 3333)
+	registerNode(t, b, "?ttl=30s", "leased", "l1", 4444)
+	registerNode(t, a, "?ttl=30s", "leased", "l1", 3333) // a client heartbeating through either
+	registerNode(t, a, "", "dup", "d1", 1111)
+	registerNode(t, b, "", "dup", "d1", 2222)
+	const warning = "rewritten by another writer"
+	waitFor(t, 10*time.Second, "both sidecars to say the node is contested", func() bool {
+		return strings.Contains(a.log.String(), warning) && strings.Contains(b.log.String(), warning)
+	})
+	events := watchEvents(t, a)        // the entries as they are (creates), then changes
+	for rewrites := 0; rewrites < 6; { // a few more refreshes, each a rewrite the other sees
+		select {
+		case ev := <-events:
+			switch {
+			case ev.Service.Name == "leased" && ev.Action != "create":
+				t.Errorf("the ?ttl= entry changed: %+v", ev)
+			case ev.Service.Name == "dup" && ev.Action == "update":
+				rewrites++
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatal("no rewrite of the contested node within 10 s")
+		}
+	}
+	for _, p := range []*proc{a, b} {
+		if n := strings.Count(p.log.String(), warning); n != 1 {
+			t.Errorf("%s said it %d times; want once:\n%s", p.addr, n, p.log.String())
+		}
+	}
+	if strings.Contains(a.log.String(), "leased") || strings.Contains(b.log.String(), "leased") {
+		t.Errorf("a ?ttl= entry posted through two sidecars was called contested:\n%s\n%s", a.log.String(), b.log.String())
+	}
+}
+
 // rollingRestart starts two sidecars of app web with a fixed
 // --server_id, a long refresh interval and the registry flags given,
 // stops the first, and wants the second to see the goodbye (a delete)

@@ -834,6 +834,14 @@ type batchBackend interface {
 	deregisterAll(ss []Service) error
 }
 
+// keepingBackend is a backend shared with other sidecars, which needs to
+// know which entries the registry keeps alive (record keys), to warn when
+// another writer changes one, and whom to tell when others' changes came
+// in, so that a kept entry they removed is written again at once.
+type keepingBackend interface {
+	setKeeps(keeps func(key string) bool, changed func())
+}
+
 // memoryBackend keeps the registry in this sidecar alone.
 type memoryBackend struct {
 	t   *table

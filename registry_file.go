@@ -61,6 +61,17 @@ type fileBackend struct {
 	// installed, so that an entry this sidecar keeps and found removed is
 	// written again at once (registry.restoreLost); nil: nobody.
 	changed func()
+	// keeps reports whether the registry keeps a record key alive; nil:
+	// none.
+	keeps func(key string) bool
+
+	// wrote is what this sidecar last wrote of each entry it keeps alive,
+	// by record key, and contested limits the warning that another writer
+	// changed one in between (two sidecars keeping one node id with
+	// different values overwrite each other at every refresh). Guarded by
+	// ioMu: only update's change functions touch wrote.
+	wrote     map[string]record
+	contested logLimiter
 
 	stop context.CancelFunc
 	wg   sync.WaitGroup
@@ -107,7 +118,8 @@ func newFileBackend(ctx context.Context, path string, t *table, log *slog.Logger
 		path = resolved
 	}
 	removeStaleTemps(filepath.Dir(path), time.Now())
-	f := &fileBackend{path: path, t: t, log: log, now: time.Now}
+	f := &fileBackend{path: path, t: t, log: log, now: time.Now,
+		wrote: map[string]record{}, contested: logLimiter{every: 10 * time.Minute}}
 	if err := f.update(func(recs []record) []record { return recs }); err != nil {
 		return nil, err
 	}
@@ -131,6 +143,7 @@ func (f *fileBackend) registerAll(ss []Service, ttl time.Duration) error {
 	for _, s := range ss {
 		add = append(add, recordsOf(s, expiry(f.now(), ttl))...)
 	}
+	keeps := f.keepsFunc()
 	return f.update(func(recs []record) []record {
 		keep := recs[:0]
 		skip := map[string]bool{}
@@ -140,10 +153,43 @@ func (f *fileBackend) registerAll(ss []Service, ttl time.Duration) error {
 		for _, r := range recs {
 			if !skip[r.key()] {
 				keep = append(keep, r)
+			} else {
+				f.noteRewrite(r)
+			}
+		}
+		for _, r := range add {
+			if keeps(r.key()) {
+				f.wrote[r.key()] = r
+			} else {
+				delete(f.wrote, r.key()) // posted with ?ttl= now: nobody's to defend
 			}
 		}
 		return append(keep, add...)
 	})
+}
+
+// noteRewrite warns when old, an entry this sidecar is about to write
+// again, is not what it wrote last: another sidecar wrote the entry since.
+// Two sidecars keeping one node id with different values (an app's address
+// posted through one, a copy of its --server_id on another) overwrite each
+// other at every refresh, and lookups answer whichever wrote last.
+func (f *fileBackend) noteRewrite(old record) {
+	mine, ok := f.wrote[old.key()]
+	if !ok || old.same(mine) || !f.contested.allow(old.key()) {
+		return
+	}
+	f.log.Warn("file registry: a node this sidecar keeps alive was rewritten by another writer; it is put back now. If another sidecar keeps the same node id, the two overwrite each other at every refresh: give each its own id",
+		"service", old.Service, "node", old.Node.ID, "address", mine.Node.hostPort(), "other_address", old.Node.hostPort())
+}
+
+// keepsFunc returns the registry's keeps, or one that keeps nothing.
+func (f *fileBackend) keepsFunc() func(string) bool {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.keeps == nil {
+		return func(string) bool { return false }
+	}
+	return f.keeps
 }
 
 // deregisterAll removes every service of ss in one rewrite of the file.
@@ -155,6 +201,9 @@ func (f *fileBackend) deregisterAll(ss []Service) error {
 		}
 	}
 	return f.update(func(recs []record) []record {
+		for k := range drop {
+			delete(f.wrote, k)
+		}
 		keep := recs[:0]
 		for _, r := range recs {
 			if !drop[r.key()] {
@@ -482,10 +531,11 @@ func (f *fileBackend) pollLoop(ctx context.Context) {
 	}
 }
 
-// setChanged says whom to tell when another sidecar's change is installed.
-func (f *fileBackend) setChanged(changed func()) {
+// setKeeps tells the backend which record keys the registry keeps alive,
+// and whom to tell when another sidecar's change is installed.
+func (f *fileBackend) setKeeps(keeps func(key string) bool, changed func()) {
 	f.mu.Lock()
-	f.changed = changed
+	f.keeps, f.changed = keeps, changed
 	f.mu.Unlock()
 }
 
