@@ -126,16 +126,18 @@ func dropCORSFields(h http.Header) {
 // proxyTarget is what the handler resolved for one request, handed to
 // Rewrite and the RoundTripper through the request's context.
 type proxyTarget struct {
-	service   string
-	nodes     []Node
-	path      string // escaped path to request from the node
-	timeout   time.Duration
-	timeoutIn string        // the Timeout header as it came, for the 504's hint
-	shortened bool          // the caller asked for less than the default deadline
-	body      stallReporter // the caller's body, when it can stall; ReverseProxy hides it behind its own reader
-	ownCORS   bool          // the sidecar answered CORS for the caller's origin: the node's CORS fields go
-	cors      http.Header   // that answer, on the ReverseProxy path (see takeCORS)
-	answer    http.Header   // the caller's answer's, on the ReverseProxy path, which clears it after a 1xx
+	service    string
+	nodes      []Node
+	path       string // escaped path to request from the node
+	timeout    time.Duration
+	timeoutIn  string        // the Timeout header as it came, for the 504's hint
+	shortened  bool          // the caller asked for less than the default deadline
+	body       stallReporter // the caller's body, when it can stall; ReverseProxy hides it behind its own reader
+	ownCORS    bool          // the sidecar answered CORS for the caller's origin: the node's CORS fields go
+	cors       http.Header   // that answer, on the ReverseProxy path (see takeCORS)
+	answer     http.Header   // the caller's answer's, on the ReverseProxy path, which clears it after a 1xx
+	answered   Node          // the node whose answer ReverseProxy passes on
+	answerBody *idleBody     // that answer's body, to tell why it broke off
 }
 
 type targetKey struct{}
@@ -224,7 +226,76 @@ func (p *proxy) serve(w http.ResponseWriter, r *http.Request, service, path stri
 		defer p.conns.remove(&cancel)
 		w = upgradeWriter{w}
 	}
-	p.rp.ServeHTTP(w, r.WithContext(ctx))
+	hw := &heldHead{ResponseWriter: w}
+	defer hw.answerBreak(ctx, &rt)
+	p.rp.ServeHTTP(hw, r.WithContext(ctx))
+	hw.release()
+}
+
+// heldHead holds the node's status back from the caller's writer until
+// the answer's first byte or flush, as net/http's writer holds the head
+// itself: an answer that breaks off before any of it went out can then be
+// a 502 in the error shape, not a closed connection that the sidecar's
+// metrics would count as a 200.
+type heldHead struct {
+	http.ResponseWriter
+	code     int  // the status held; 0: none
+	released bool // what comes now goes straight to the writer
+}
+
+func (h *heldHead) WriteHeader(code int) {
+	switch {
+	case code < 200 || h.released: // interim answers go at once, as they come
+		h.ResponseWriter.WriteHeader(code)
+	case h.code == 0:
+		h.code = code
+	}
+}
+
+// release writes the held status, if any; from then on h holds nothing.
+func (h *heldHead) release() {
+	if h.released {
+		return
+	}
+	h.released = true
+	if h.code != 0 {
+		h.ResponseWriter.WriteHeader(h.code)
+	}
+}
+
+func (h *heldHead) Write(b []byte) (int, error) {
+	h.release()
+	return h.ResponseWriter.Write(b)
+}
+
+func (h *heldHead) Flush() {
+	h.release()
+	http.NewResponseController(h.ResponseWriter).Flush()
+}
+
+func (h *heldHead) Unwrap() http.ResponseWriter { return h.ResponseWriter }
+
+// answerBreak, deferred, turns ReverseProxy's abort of an answer none of
+// which went out (its body's first read failed) into a 502 naming the
+// node; an abort after the head went out, or for a caller gone, goes on.
+func (h *heldHead) answerBreak(ctx context.Context, t *proxyTarget) {
+	v := recover()
+	if v == nil {
+		return
+	}
+	if v != http.ErrAbortHandler || h.released || h.code == 0 || ctx.Err() != nil {
+		panic(v)
+	}
+	clear(h.Header()) // the node's fields are not the 502's
+	if t.ownCORS {
+		addFields(h.Header(), t.cors)
+	}
+	why := error(errors.New("the body ended"))
+	if t.answerBody != nil && t.answerBody.err != nil {
+		why = t.answerBody.err
+	}
+	h.code, h.released = 0, true
+	writeError(h, http.StatusBadGateway, fmt.Sprintf("node %s (%s) of %s: its answer broke off before any of it was passed on: %v", t.answered.ID, t.answered.hostPort(), t.service, why))
 }
 
 // maxProxyHops bounds the proxies a request may have passed: a node
@@ -376,6 +447,7 @@ func (p *proxy) roundTrip(req *http.Request) (*http.Response, error) {
 		r, err := p.transport.RoundTrip(out)
 		if err == nil {
 			resp = r
+			t.answered = node
 			return answered, false, nil
 		}
 		if berr := body.failure(); berr != nil {
@@ -399,24 +471,37 @@ func (p *proxy) roundTrip(req *http.Request) (*http.Response, error) {
 	if err == errCallerGone && ctx.Err() != nil {
 		return nil, ctx.Err()
 	}
-	if resp != nil && resp.StatusCode != http.StatusSwitchingProtocols && p.cfg.BodyIdle > 0 {
-		resp.Body = &idleBody{ReadCloser: resp.Body, idle: p.cfg.BodyIdle}
+	if resp != nil && resp.StatusCode != http.StatusSwitchingProtocols {
+		t.answerBody = &idleBody{ReadCloser: resp.Body, idle: p.cfg.BodyIdle}
+		resp.Body = t.answerBody
 	}
 	return resp, err
 }
 
-// idleBody ends a node's answer body that stops coming for idle: closing
-// it fails the read in progress (a transport's body may be closed while
-// read), and ReverseProxy then aborts the caller's response, which must not
-// pass for whole.
+// idleBody ends a node's answer body that stops coming for idle (0:
+// never): closing it fails the read in progress (a transport's body may be
+// closed while read), and ReverseProxy then aborts the caller's response,
+// which must not pass for whole. It keeps the first failure, to say why.
 type idleBody struct {
 	io.ReadCloser
 	idle    time.Duration
 	timer   *time.Timer
 	stalled atomic.Bool
+	err     error // the first read's failure other than the end
 }
 
 func (b *idleBody) Read(p []byte) (int, error) {
+	n, err := b.read(p)
+	if err != nil && err != io.EOF && b.err == nil {
+		b.err = err
+	}
+	return n, err
+}
+
+func (b *idleBody) read(p []byte) (int, error) {
+	if b.idle <= 0 {
+		return b.ReadCloser.Read(p)
+	}
 	if b.timer == nil {
 		b.timer = time.AfterFunc(b.idle, func() {
 			b.stalled.Store(true)

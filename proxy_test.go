@@ -1146,26 +1146,44 @@ func TestBadAnswerIsNotSentAgain(t *testing.T) {
 	}
 }
 
-// TestBrokenAnswerBeforeAnyOfItWentOut: a node whose chunked answer breaks
-// before any of it was passed on (a bad chunk-size line) costs the caller
-// a 502 in the error shape on the direct path, counted as such, where the
-// caller got an empty reply counted as a 200.
+// TestBrokenAnswerBeforeAnyOfItWentOut: a node whose answer breaks before
+// any of it was passed on costs the caller a 502 in the error shape,
+// counted as such, where the caller got an empty reply counted as a 200:
+// on the direct path a bad first chunk or a body cut short, on the
+// ReverseProxy path (TE: trailers) a body of stated length cut short. (A
+// chunked answer's head goes out at once there, as the stream it may be.)
 func TestBrokenAnswerBeforeAnyOfItWentOut(t *testing.T) {
 	p := startSidecar(t, "--registry=memory")
 	registerAddr(t, p, "broken", "b1", rawNode(t, func(c net.Conn, _ *http.Request) {
 		io.WriteString(c, "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-Node: b1\r\n\r\nzz\r\n")
 	}))
-	code, body := do(t, "GET", p.url("/proxy/broken/x"), "", "")
-	if code != http.StatusBadGateway || !strings.Contains(body, `"code":502`) || !strings.Contains(body, "broke off before any of it was passed on") {
-		t.Errorf("a chunked answer broken before anything went out: %d %s; want a 502 in the error shape saying so", code, body)
+	registerAddr(t, p, "cut", "c1", rawNode(t, func(c net.Conn, _ *http.Request) {
+		io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 100\r\nX-Node: c1\r\n\r\n")
+	}))
+	for _, tc := range []struct{ service, node, te string }{
+		{"broken", "b1", ""}, {"cut", "c1", ""}, // the direct path
+		{"cut", "c1", "trailers"}, // ReverseProxy
+	} {
+		for range 2 {
+			req, _ := http.NewRequest("GET", p.url("/proxy/"+tc.service+"/x"), nil)
+			req.Header.Set("Te", tc.te)
+			resp, err := http.DefaultClient.Do(req)
+			if err != nil {
+				t.Fatalf("%s, TE %q: %v; want a 502", tc.service, tc.te, err)
+			}
+			body, err := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			if err != nil || resp.StatusCode != http.StatusBadGateway || !strings.Contains(string(body), `"code":502`) ||
+				!strings.Contains(string(body), "node "+tc.node+" (") || !strings.Contains(string(body), "broke off") {
+				t.Errorf("%s, TE %q: an answer broken before anything went out: %d %s %v; want a 502 in the error shape saying so", tc.service, tc.te, resp.StatusCode, body, err)
+			}
+			if resp.Header.Get("X-Node") != "" {
+				t.Errorf("%s, TE %q: the 502 carries the broken answer's field X-Node", tc.service, tc.te)
+			}
+		}
 	}
-	resp := request(t, "GET", p.url("/proxy/broken/x"), nil, "")
-	resp.Body.Close()
-	if resp.Header.Get("X-Node") != "" {
-		t.Errorf("the 502 carries the broken answer's field X-Node")
-	}
-	if _, m := do(t, "GET", p.url("/metrics"), "", ""); !strings.Contains(m, `micro_http_requests_total{route="/proxy/",code="502"} 2`) {
-		t.Errorf("want both counted as 502:\n%s", m)
+	if _, m := do(t, "GET", p.url("/metrics"), "", ""); !strings.Contains(m, `micro_http_requests_total{route="/proxy/",code="502"} 6`) {
+		t.Errorf("want all six counted as 502:\n%s", m)
 	}
 	// The sidecar's connection to the caller stays usable.
 	if code, _ := do(t, "GET", p.url("/health"), "", ""); code != 200 {
