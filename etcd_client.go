@@ -45,9 +45,30 @@ type etcdClient struct {
 	// notice.
 	onFail func(i int)
 
-	mu    sync.Mutex // guards token
+	mu    sync.Mutex // guards token and refusal
 	token string     // from /v3/auth/authenticate; empty: none yet
+	// refusal is etcd's last refusal of the credentials: until it lapses,
+	// calls fail with it and do not ask again. Each authentication costs
+	// etcd a bcrypt hash; a fleet with a wrong password, each sidecar
+	// asking at every retry of its watch, registrations and refreshes,
+	// would keep it busy.
+	refusal credentialRefusal
 }
+
+// credentialRefusal is a refusal of the credentials, held for a while.
+type credentialRefusal struct {
+	err   error
+	until time.Time     // when the credentials may be tried again
+	hold  time.Duration // how long the last one was held: doubled at each further refusal
+}
+
+// Holding refused credentials: the first refusal for credRetryMin, each
+// further one twice as long as the last, up to credRetryMax, so that a
+// password corrected in etcd is taken up within half a minute.
+const (
+	credRetryMin = 2 * time.Second
+	credRetryMax = 30 * time.Second
+)
 
 // Defaults of the etcd client, and bounds on what it reads.
 const (
@@ -304,9 +325,16 @@ func (c *etcdClient) ensureToken(ctx context.Context, i int) error {
 	}
 	c.mu.Lock()
 	have := c.token != ""
+	held := c.refusal.err
+	if time.Now().After(c.refusal.until) {
+		held = nil
+	}
 	c.mu.Unlock()
-	if have {
+	switch {
+	case have:
 		return nil
+	case held != nil:
+		return held
 	}
 	body, err := json.Marshal(map[string]string{"name": c.username, "password": c.password})
 	if err != nil {
@@ -316,15 +344,28 @@ func (c *etcdClient) ensureToken(ctx context.Context, i int) error {
 		Token string `json:"token"`
 	}
 	if err := c.callOne(ctx, i, "/v3/auth/authenticate", body, &out); err != nil {
-		if !shouldFailOver(err) { // etcd answered: it refused them
-			err = fmt.Errorf("%w: %w", errEtcdCredentials, err)
+		if shouldFailOver(err) {
+			return fmt.Errorf("authenticating as %q: %w", c.username, err)
 		}
-		return fmt.Errorf("authenticating as %q: %w", c.username, err)
+		// etcd answered: it refused them.
+		err = fmt.Errorf("authenticating as %q: %w: %w", c.username, errEtcdCredentials, err)
+		c.refuse(err)
+		return err
 	}
 	c.mu.Lock()
 	c.token = out.Token
+	c.refusal = credentialRefusal{}
 	c.mu.Unlock()
 	return nil
+}
+
+// refuse holds err, etcd's refusal of the credentials, for twice as long
+// as the last one, within credRetryMin and credRetryMax.
+func (c *etcdClient) refuse(err error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.refusal.hold = min(max(2*c.refusal.hold, credRetryMin), credRetryMax)
+	c.refusal.err, c.refusal.until = err, time.Now().Add(c.refusal.hold)
 }
 
 func (c *etcdClient) dropToken() {

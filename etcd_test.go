@@ -436,6 +436,35 @@ func TestEtcdClientAuth(t *testing.T) {
 	if err == nil || !strings.Contains(err.Error(), `authenticating as "u"`) || strings.Contains(err.Error(), "nope") || !errors.Is(err, errEtcdCredentials) {
 		t.Errorf("wrong password: %v; want an authentication error, told from an unreachable etcd, without the password", err)
 	}
+
+	// A refusal is held: further calls fail with it without asking etcd
+	// again, until it lapses; each further refusal is held twice as long.
+	hits := g.hits.Load()
+	for range 3 {
+		if err := bad.call(ctx, "/v3/kv/range", etcdRangeRequest{Key: []byte("k")}, nil); !errors.Is(err, errEtcdCredentials) {
+			t.Errorf("a call while the refusal is held: %v; want it", err)
+		}
+	}
+	if n := g.hits.Load() - hits; n != 0 {
+		t.Errorf("etcd was asked %d times while a refusal of the credentials was held; want none", n)
+	}
+	lapse := func() {
+		bad.mu.Lock()
+		bad.refusal.until = time.Now().Add(-time.Millisecond)
+		bad.mu.Unlock()
+	}
+	lapse()
+	if err := bad.call(ctx, "/v3/kv/range", etcdRangeRequest{Key: []byte("k")}, nil); !errors.Is(err, errEtcdCredentials) || g.hits.Load() != hits+1 {
+		t.Errorf("once the refusal lapsed: %v, %d requests; want the credentials tried once more, and refused", err, g.hits.Load()-hits)
+	}
+	if bad.refusal.hold != 2*credRetryMin {
+		t.Errorf("the second refusal is held %v; want %v", bad.refusal.hold, 2*credRetryMin)
+	}
+	bad.password = "pw" // corrected in etcd, as it were
+	lapse()
+	if err := bad.call(ctx, "/v3/kv/range", etcdRangeRequest{Key: []byte("k")}, nil); err != nil || bad.refusal.err != nil {
+		t.Errorf("the credentials accepted once the refusal lapsed: %v (refusal %v); want a call, and the refusal forgotten", err, bad.refusal.err)
+	}
 }
 
 // newTestEtcdBackend runs the backend in this process against endpoints.
