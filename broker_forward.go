@@ -1087,6 +1087,9 @@ func (f *forwarder) logFailure(addr string, lost int, err error) {
 		if _, ok := f.unlogged[addr]; lost > 0 && (ok || len(f.unlogged) < maxLogKeys) {
 			f.unlogged[addr] += lost
 			f.nUnlogged.Store(int32(len(f.unlogged)))
+			if !ok {
+				f.sayUnloggedLater(addr)
+			}
 		}
 		f.unloggedMu.Unlock()
 		return
@@ -1098,6 +1101,28 @@ func (f *forwarder) logFailure(addr string, lost int, err error) {
 		return
 	}
 	f.b.log.Warn("forwarding to a peer sidecar failed; messages lost (delivery is at most once)", "peer", addr, "messages", lost, "error", err)
+}
+
+// sayUnloggedLater logs the losses to addr held back by the log's quiet
+// time once it is over, unless a line for the peer (a failure, or its
+// working again) said them first: a peer that is gone fails no more, and
+// what was lost to it would otherwise never be said.
+func (f *forwarder) sayUnloggedLater(addr string) {
+	time.AfterFunc(f.failLog.wait(addr), func() {
+		f.unloggedMu.Lock()
+		if f.unlogged[addr] == 0 {
+			f.unloggedMu.Unlock()
+			return // said already
+		}
+		if !f.failLog.allow(addr) {
+			f.sayUnloggedLater(addr) // the timer ran early
+			f.unloggedMu.Unlock()
+			return
+		}
+		lost := f.takeUnlogged(addr)
+		f.unloggedMu.Unlock()
+		f.b.log.Warn("forwarding to a peer sidecar failed again; messages lost since the last line for it (delivery is at most once)", "peer", addr, "messages", lost)
+	})
 }
 
 // takeUnlogged returns the losses to addr not logged yet, and forgets

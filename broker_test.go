@@ -1394,6 +1394,24 @@ func TestForwardLossesAreAllLogged(t *testing.T) {
 	}
 }
 
+// TestForwardLossesToAGonePeerAreLogged: losses held back by the log's
+// quiet time, for a peer that fails no more (it is gone), are said once
+// that time is over.
+func TestForwardLossesToAGonePeerAreLogged(t *testing.T) {
+	var log syncBuffer
+	f := newForwarder(&broker{log: slog.New(slog.NewTextHandler(&log, nil))})
+	f.failLog = logLimiter{every: 100 * time.Millisecond}
+	const peer = "http://127.0.0.1:1"
+	failed := errors.New("connection refused")
+	for _, lost := range []int{1, 5, 7} {
+		f.logFailure(peer, lost, failed)
+	}
+	waitFor(t, 5*time.Second, "the 12 held back to be said", func() bool { return strings.Contains(log.String(), "messages=12") })
+	if n := strings.Count(log.String(), "level=WARN"); n != 2 {
+		t.Errorf("%d lines; want two, the first failure's and the rest's:\n%s", n, log.String())
+	}
+}
+
 // TestAbsencesEnd: a peer's word that a group has no member there holds
 // until the topics' entries change, and then costs publishes nothing more.
 func TestAbsencesEnd(t *testing.T) {

@@ -40,6 +40,18 @@ func (l *logLimiter) allow(key string) bool {
 	return true
 }
 
+// wait is how long until a warning about key may be logged again: 0 when
+// it may be now.
+func (l *logLimiter) wait(key string) time.Duration {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	t, ok := l.last[key]
+	if !ok {
+		return 0
+	}
+	return max(0, l.every-time.Since(t))
+}
+
 // makeRoom forgets the keys whose interval has passed, at most once until
 // the oldest of those kept lapses, and reports whether any went.
 func (l *logLimiter) makeRoom(now time.Time) bool {
