@@ -947,8 +947,16 @@ func (f *forwarder) work(p *peerQueue) {
 		case errors.Is(err, errStalePeer):
 			// The sidecar at that address has its own entry, which brings
 			// its broadcast subscribers each message already; the groups
-			// the stale entry named are not its.
-			f.markDown(p.addr)
+			// the stale entry named are not its. They are kept off it, for
+			// these topics alone, as a peer's word that it has no member:
+			// the sidecar there is alive, and may have members of other
+			// topics' groups (marked down, it lost them all, for as long
+			// as the stale entry lasted and 30 s more).
+			for _, it := range batch {
+				if len(it.groups) > 0 {
+					f.markAbsent(p.addr, it.topic, it.groups)
+				}
+			}
 			f.b.stats.ForwardDropped.Add(uint64(f.reroute(p.addr, batch, false)))
 			f.b.log.Debug("a stale topic entry names a sidecar at an address another answers", "peer", p.addr, "error", err)
 		case undelivered(err):
@@ -1056,6 +1064,12 @@ func (f *forwarder) post(addr string, ids []string, body []byte) (forwardAnswer,
 		return forwardAnswer{}, err
 	}
 	defer resp.Body.Close()
+	if resp.StatusCode/100 != 2 {
+		// Read to its end (an error in the error shape, small), so that
+		// the connection is kept for the next batch: a stale entry gets a
+		// 410 for every batch until it lapses.
+		defer io.Copy(io.Discard, io.LimitReader(resp.Body, 4096))
+	}
 	switch resp.StatusCode {
 	case http.StatusGone:
 		return forwardAnswer{}, errStalePeer

@@ -1412,6 +1412,35 @@ func TestForwardLossesToAGonePeerAreLogged(t *testing.T) {
 	}
 }
 
+// TestRefusedForwardsKeepTheConnection: a peer's refusal (a stale entry's
+// 410, a 401, any other) is read to its end, so that the next batch goes
+// on the same connection rather than a new one each time.
+func TestRefusedForwardsKeepTheConnection(t *testing.T) {
+	for _, code := range []int{http.StatusGone, http.StatusUnauthorized, http.StatusServiceUnavailable} {
+		var conns atomic.Int32
+		srv := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			io.Copy(io.Discard, r.Body)
+			writeError(w, code, strings.Repeat("a refusal, in the error shape. ", 20))
+		}))
+		srv.Config.ConnState = func(_ net.Conn, st http.ConnState) {
+			if st == http.StateNew {
+				conns.Add(1)
+			}
+		}
+		srv.Start()
+		f := newForwarder(&broker{log: discardLog})
+		for range 5 {
+			if _, err := f.post(srv.URL, []string{"peer"}, []byte("x")); err == nil {
+				t.Fatalf("%d: no error", code)
+			}
+		}
+		srv.Close()
+		if n := conns.Load(); n != 1 {
+			t.Errorf("five batches refused with %d took %d connections; want one", code, n)
+		}
+	}
+}
+
 // TestAbsencesEnd: a peer's word that a group has no member there holds
 // until the topics' entries change, and then costs publishes nothing more.
 func TestAbsencesEnd(t *testing.T) {

@@ -824,6 +824,39 @@ func TestGroupMessagesLeaveAStaleEntry(t *testing.T) {
 	}
 }
 
+// TestStaleEntryKeepsOtherTopicsGroups: a stale entry of group g on topic
+// T at a live sidecar's address (an earlier process's) costs that sidecar
+// nothing of other topics: its member of U's group w gets its turn, where
+// the 410 for T once kept it out of every group for up to 30 s.
+func TestStaleEntryKeepsOtherTopicsGroups(t *testing.T) {
+	file := filepath.Join(t.TempDir(), "registry.json")
+	a := startSidecar(t, "--registry=file", "--registry_address="+file)
+	b := startSidecar(t, "--registry=file", "--registry_address="+file)
+	host, port, _ := net.SplitHostPort(b.addr)
+	ghost := fmt.Sprintf(`{"name":"topic:T","nodes":[{"id":"ghost:g","address":%q,"port":%s,"metadata":{"broker":"1","sidecar":"ghost","scheme":"http","queue":"g"}}]}`, host, port)
+	if code, out := do(t, "POST", a.url("/registry?ttl=60s"), "application/json", ghost); code != 200 {
+		t.Fatalf("register the stale entry: %d %s", code, out)
+	}
+	memberT := subscribeWS(t, a, "A.T.g", "topic=T&queue=g")
+	memberUA := subscribeWS(t, a, "A.U.w", "topic=U&queue=w")
+	memberUB := subscribeWS(t, b, "B.U.w", "topic=U&queue=w")
+	waitFor(t, 10*time.Second, "the entries of T and U on a", func() bool {
+		st, su := lookup(t, a, "topic:T"), lookup(t, a, "topic:U")
+		return st != nil && len(st.Nodes) == 2 && su != nil && len(su.Nodes) == 2
+	})
+	const n = 40
+	for i := range n {
+		publish(t, a, "T", "text/plain", fmt.Sprint(i))
+		publish(t, a, "U", "text/plain", fmt.Sprint(i))
+	}
+	waitFor(t, 10*time.Second, "every message of T and U", func() bool {
+		return memberT.total() == n && memberUA.total()+memberUB.total() == n
+	})
+	if got := memberUB.total(); got < n/4 {
+		t.Errorf("b's member of U's group got %d of %d (a's %d); want its turn, about half", got, n, memberUA.total())
+	}
+}
+
 // TestStaleGroupEntryAtARestartedSidecar: a sidecar restarted at the same
 // address, with a broadcast subscriber but no member of group g, while the
 // entry of g its earlier process registered is still in the registry:
