@@ -406,7 +406,7 @@ func (b *broker) shedMemory() {
 			h.s.mu.Unlock()
 			continue
 		}
-		h.s.closeSlowLocked(fmt.Sprintf("slow subscriber: it held the most of the %d bytes the broker may hold (--broker_memory_bytes)", b.cfg.MemoryBytes))
+		h.s.closeSlowLocked(fmt.Sprintf("slow subscriber: it held the most of the %d bytes the broker may hold (--broker_memory_bytes)", b.cfg.MemoryBytes), false)
 		over -= int64(h.n)
 	}
 }
@@ -583,11 +583,8 @@ func (b *broker) deliver(m *message, broadcast bool, groups []string) (missing [
 	n := 0
 	if broadcast {
 		for _, s := range t.broadcast {
-			taken, overflowed := s.enqueue(m)
-			if taken {
+			if taken, _ := s.enqueue(m); taken { // an overflow counted m dropped
 				n++
-			} else if overflowed {
-				b.stats.SlowDropped.Add(1)
 			}
 		}
 	}
@@ -801,8 +798,9 @@ type subscriber struct {
 
 // enqueue adds m to the queue and reports whether it was taken, and
 // whether m overflowed the queue and closed the subscriber as slow; the
-// messages waiting in the queue are then counted as dropped, m is left to
-// the caller. It never blocks on the connection.
+// messages waiting in the queue are then counted as dropped, and so is m
+// for a broadcast subscriber; a group member's m is left to the caller.
+// It never blocks on the connection.
 func (s *subscriber) enqueue(m *message) (taken, overflowed bool) {
 	s.mu.Lock()
 	if s.closing {
@@ -813,7 +811,9 @@ func (s *subscriber) enqueue(m *message) (taken, overflowed bool) {
 	// --broker_queue_bytes (a payload near a raised
 	// --broker_max_payload_bytes, escaped) says nothing of the subscriber.
 	if len(s.q) >= s.b.cfg.QueueSize || len(s.q) > 0 && s.qBytes+len(m.frame) > s.b.cfg.QueueBytes {
-		s.closeSlowLocked(fmt.Sprintf("slow subscriber: more than %d messages or %d bytes waiting", s.b.cfg.QueueSize, s.b.cfg.QueueBytes))
+		// A broadcast subscriber's loss includes m; a group member's
+		// does not, as another member may take m.
+		s.closeSlowLocked(fmt.Sprintf("slow subscriber: more than %d messages or %d bytes waiting", s.b.cfg.QueueSize, s.b.cfg.QueueBytes), s.queue == "")
 		return false, true
 	}
 	s.b.hold(m)
@@ -829,9 +829,13 @@ func (s *subscriber) enqueue(m *message) (taken, overflowed bool) {
 
 // closeSlowLocked closes the subscriber as slow, with reason: what waits
 // in its queue is dropped, and a writer stuck on the client gives up
-// within closeGrace. It unlocks s.mu.
-func (s *subscriber) closeSlowLocked(reason string) {
+// within closeGrace. With overflowed, the message that overflowed the
+// queue is counted dropped too. It unlocks s.mu.
+func (s *subscriber) closeSlowLocked(reason string, overflowed bool) {
 	dropped := len(s.q)
+	if overflowed {
+		dropped++
+	}
 	s.b.release(s.q)
 	s.q, s.qBytes = nil, 0
 	s.closing = true

@@ -346,6 +346,11 @@ func TestBrokerSlowSubscriberDoesNotSlowOthers(t *testing.T) {
 	if !strings.Contains(p.log.String(), "closing a slow broker subscriber") {
 		t.Error("closing a slow subscriber is not logged")
 	}
+	// The log tells what the stats count: the queue and the message that
+	// overflowed it.
+	if want := fmt.Sprintf("dropped=%d ", st.SlowDropped); !strings.Contains(p.log.String(), want) {
+		t.Errorf("the log does not say %q, as /broker/stats counts:\n%s", want, p.log.String())
+	}
 }
 
 // blackhole forwards one connection to addr until vanish is called; then it
