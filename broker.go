@@ -302,6 +302,7 @@ type brokerStats struct {
 	NoSubscriber    atomic.Uint64 // group deliveries that found the group empty
 	SlowClosed      atomic.Uint64 // subscribers closed because their queue overflowed
 	SlowDropped     atomic.Uint64 // messages lost with them
+	Redelivered     atomic.Uint64 // messages a leaving group member had waiting, given to another member
 	Reaped          atomic.Uint64 // connections closed for silence
 	TooBig          atomic.Uint64 // connections closed for an oversized frame
 	RegistryFailure atomic.Uint64 // topic registrations that failed
@@ -794,6 +795,10 @@ type subscriber struct {
 	closeCode   int  // 0: close without a close frame
 	closeReason string
 	wg          sync.WaitGroup // the writer
+	// orphans are a group member's messages that never went out when it
+	// ended (its client closed or went): the group's other members get
+	// them (broker.redeliver), where they were once lost.
+	orphans []*message
 }
 
 // enqueue adds m to the queue and reports whether it was taken, and
@@ -922,8 +927,7 @@ func (s *subscriber) answerPeerClose(code int) {
 	s.mu.Lock()
 	if !s.closing {
 		s.closing, s.closeCode, s.closeReason = true, code, ""
-		s.b.release(s.q)
-		s.q, s.qBytes = nil, 0
+		s.shedLocked()
 		s.startLocked()
 	}
 	s.mu.Unlock()
@@ -943,8 +947,38 @@ func (s *subscriber) drop() {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.closing = true
-	s.b.release(s.q)
+	s.shedLocked()
+}
+
+// shedLocked empties the queue of a subscriber that ends without sending
+// it: a broadcast subscriber's messages are released, a group member's
+// kept as orphans for redeliver. s.mu is held.
+func (s *subscriber) shedLocked() {
+	if s.queue != "" {
+		s.orphans = append(s.orphans, s.q...)
+	} else {
+		s.b.release(s.q)
+	}
 	s.q, s.qBytes = nil, 0
+}
+
+// redeliver gives the messages s, a group member that ended, left waiting
+// to the group's other members, here or on other sidecars, once each; s
+// must be unsubscribed, and its writer done. None of them went out on s's
+// connection, so none reaches the group twice.
+func (b *broker) redeliver(s *subscriber) {
+	s.mu.Lock()
+	q := s.orphans
+	s.orphans = nil
+	s.mu.Unlock()
+	for _, m := range q {
+		if b.fwd.rerouteGroups("", forwardItem{topic: m.topic, groups: []string{s.queue}, event: m.event}) {
+			b.stats.NoSubscriber.Add(1) // the group has no other member
+		} else {
+			b.stats.Redelivered.Add(1)
+		}
+	}
+	b.release(q)
 }
 
 // writeLoop is the subscriber's only writer while it runs.
@@ -1022,7 +1056,9 @@ func (s *subscriber) releaseBatch(q []*message) {
 func (s *subscriber) writeFailed(err error, lost int) {
 	if errors.Is(err, os.ErrDeadlineExceeded) && !s.isClosing() {
 		s.mu.Lock()
-		lost += len(s.q)
+		lost += len(s.q) // lost with the slow subscriber, as closeSlowLocked has it: not orphans
+		s.b.release(s.q)
+		s.q, s.qBytes = nil, 0
 		s.mu.Unlock()
 		s.b.stats.SlowClosed.Add(1)
 		s.b.stats.SlowDropped.Add(uint64(lost))

@@ -156,6 +156,7 @@ func (b *broker) handleSubscribe(w http.ResponseWriter, r *http.Request) {
 	if !served { // the handshake failed
 		b.unsubscribe(s)
 		s.drop()
+		b.redeliver(s)
 	}
 }
 
@@ -168,6 +169,7 @@ func (b *broker) serveConn(s *subscriber, c *websocket.Conn) {
 	if !b.conns.add(c, func() { s.closeWith(closeGoingAway, "sidecar shutting down") }) {
 		b.unsubscribe(s)
 		s.drop()
+		b.redeliver(s)
 		writeClose(c, closeGoingAway, "sidecar shutting down")
 		return
 	}
@@ -186,6 +188,7 @@ func (b *broker) readLoop(s *subscriber, c *websocket.Conn) {
 		b.unsubscribe(s)
 		s.abort()
 		s.wg.Wait()
+		b.redeliver(s)
 	}()
 	r := &wsReader{br: s.br, max: b.cfg.MaxPayloadBytes, limit: "--broker_max_payload_bytes", onPing: s.pong}
 	for {
@@ -328,6 +331,7 @@ type brokerStatsReport struct {
 	NoSubscriber    uint64 `json:"group_without_members"`
 	SlowClosed      uint64 `json:"slow_subscribers_closed"`
 	SlowDropped     uint64 `json:"slow_subscriber_messages_dropped"`
+	Redelivered     uint64 `json:"group_messages_redelivered"`
 	Reaped          uint64 `json:"silent_connections_reaped"`
 	TooBig          uint64 `json:"oversized_frames"`
 	RegistryFailure uint64 `json:"registry_failures"`
@@ -353,6 +357,7 @@ func (b *broker) report() brokerStatsReport {
 	rep.Published, rep.Delivered, rep.Received = st.Published.Load(), st.Delivered.Load(), st.Received.Load()
 	rep.Forwarded, rep.ForwardDropped, rep.NoSubscriber = st.Forwarded.Load(), st.ForwardDropped.Load(), st.NoSubscriber.Load()
 	rep.SlowClosed, rep.SlowDropped, rep.Reaped = st.SlowClosed.Load(), st.SlowDropped.Load(), st.Reaped.Load()
+	rep.Redelivered = st.Redelivered.Load()
 	rep.TooBig, rep.RegistryFailure = st.TooBig.Load(), st.RegistryFailure.Load()
 	return rep
 }

@@ -829,6 +829,47 @@ func TestGroupMessagesLeaveAStaleEntry(t *testing.T) {
 	}
 }
 
+// TestLeavingGroupMemberHandsOnItsQueue: the messages waiting for a group
+// member whose client goes away (none of them sent: its socket is full)
+// go to the group's other member, on another sidecar, once each, where
+// they were lost.
+func TestLeavingGroupMemberHandsOnItsQueue(t *testing.T) {
+	file := filepath.Join(t.TempDir(), "registry.json")
+	common := []string{"--registry=file", "--registry_address=" + file, "--broker_queue_size=100000", "--broker_queue_bytes=1073741824"}
+	a, b := startSidecar(t, common...), startSidecar(t, common...)
+	stuck := dialRaw(t, a.addr, "/broker?topic=jobs&queue=w") // never reads
+	other := subscribeWS(t, b, "B.w", "topic=jobs&queue=w")
+	waitFor(t, 10*time.Second, "both members' entries on a", func() bool {
+		s := lookup(t, a, "topic:jobs")
+		return s != nil && len(s.Nodes) == 2
+	})
+	// 1,000 of 16 KB: the stuck member's half, 8 MB, more than the
+	// loopback socket buffers hold, so that some wait in its queue.
+	const n = 1000
+	pad := strings.Repeat("x", 16<<10)
+	for i := range n {
+		publish(t, a, "jobs", "text/plain", fmt.Sprintf("%d-%s", i, pad))
+	}
+	waitFor(t, 10*time.Second, "half of them on b's member", func() bool { return other.total() >= n/2 })
+	stuck.conn.Close()
+	var st brokerStatsReport
+	waitFor(t, 10*time.Second, "a's member to leave", func() bool { st = brokerStatsOf(t, a); return st.Subscribers == 0 })
+	if st.Redelivered == 0 {
+		t.Fatalf("nothing was handed on: %+v", st)
+	}
+	waitFor(t, 10*time.Second, "the handed-on messages on b's member", func() bool { return other.total() == n/2+int(st.Redelivered) })
+	other.mu.Lock()
+	defer other.mu.Unlock()
+	for data, c := range other.counts {
+		if c != 1 {
+			t.Errorf("message %.10s... came %d times", data, c)
+		}
+	}
+	if st.SlowClosed != 0 || st.NoSubscriber != 0 {
+		t.Errorf("stats %+v; want no slow subscriber and no message without a member", st)
+	}
+}
+
 // TestStaleEntryKeepsOtherTopicsGroups: a stale entry of group g on topic
 // T at a live sidecar's address (an earlier process's) costs that sidecar
 // nothing of other topics: its member of U's group w gets its turn, where

@@ -492,13 +492,13 @@ func newSidecarMetrics(s *sidecar) *sidecarMetrics {
 	set.counterFunc("micro_rpc_node_ejections_total", "Nodes taken out of selection after a failed connection, by RPC and the proxy.", nil, func() []sample {
 		return []sample{{v: float64(s.rpc.sel.ejections.Load())}}
 	})
-	set.counterFunc("micro_broker_messages_total", "Broker messages by what became of them: published here, delivered to local subscribers, received from peers, forwarded (queued for peers; those then lost count in forward_dropped too), forward_dropped on the way to a peer, no_subscriber (a group found empty), slow_dropped (lost with a slow subscriber).", []string{"event"}, func() []sample {
+	set.counterFunc("micro_broker_messages_total", "Broker messages by what became of them: published here, delivered to local subscribers, received from peers, forwarded (queued for peers; those then lost count in forward_dropped too), forward_dropped on the way to a peer, no_subscriber (a group found empty), slow_dropped (lost with a slow subscriber), redelivered (waiting for a group member that left, given to another).", []string{"event"}, func() []sample {
 		r := s.broker.report()
 		return []sample{
 			{[]string{"delivered"}, float64(r.Delivered)}, {[]string{"forward_dropped"}, float64(r.ForwardDropped)},
 			{[]string{"forwarded"}, float64(r.Forwarded)}, {[]string{"no_subscriber"}, float64(r.NoSubscriber)},
 			{[]string{"published"}, float64(r.Published)}, {[]string{"received"}, float64(r.Received)},
-			{[]string{"slow_dropped"}, float64(r.SlowDropped)},
+			{[]string{"redelivered"}, float64(r.Redelivered)}, {[]string{"slow_dropped"}, float64(r.SlowDropped)},
 		}
 	})
 	set.counterFunc("micro_broker_connections_closed_total", "Broker WebSockets the sidecar closed, by reason: slow (queue overflow), reaped (silent), too_big (oversized frame).", []string{"reason"}, func() []sample {
