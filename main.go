@@ -754,6 +754,10 @@ func runSidecar(ctx context.Context, cfg config, logOut io.Writer, deregistered 
 		}
 	}
 	s, err := newSidecar(ctx, cfg, log)
+	if err != nil && ctx.Err() != nil {
+		log.Info("Stopped before listening") // a signal ended the wait for the registry
+		return nil
+	}
 	if err != nil {
 		return err
 	}

@@ -991,6 +991,58 @@ func TestUnreadableRegistryFileStopsTheStart(t *testing.T) {
 	}
 }
 
+// TestRegistryPathThatIsNoFileStopsTheStart: a registry path naming a
+// named pipe (or a device, such as /dev/null) stops the start with the
+// reason, and is left as it was: a write renames a file onto the path,
+// and a pipe's read would hang the start.
+func TestRegistryPathThatIsNoFileStopsTheStart(t *testing.T) {
+	fifo := filepath.Join(t.TempDir(), "registry.json")
+	if err := syscall.Mkfifo(fifo, 0o644); err != nil {
+		t.Skipf("no named pipe: %v", err)
+	}
+	code, out := run(t, "sidecar", "--address=127.0.0.1:0", "--registry=file", "--registry_address="+fifo)
+	if code == 0 || !strings.Contains(out, "is a named pipe, not a regular file") {
+		t.Errorf("start with a named pipe as the registry file: exit %d, output %q; want a failure saying so", code, out)
+	}
+	if fi, err := os.Lstat(fifo); err != nil || fi.Mode()&os.ModeNamedPipe == 0 {
+		t.Errorf("the named pipe is no longer one: %v %v", fi.Mode(), err)
+	}
+}
+
+// TestStoppedWhileWaitingForTheRegistryLock: a sidecar stopped while it
+// waits at start for the file registry's lock, held by a stuck process,
+// exits at once, without listening.
+func TestStoppedWhileWaitingForTheRegistryLock(t *testing.T) {
+	file := filepath.Join(t.TempDir(), "registry.json")
+	unlock, err := lockFile(file + ".lock")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unlock()
+	cmd := exec.Command(binPath, "sidecar", "--address=127.0.0.1:0", "--registry=file", "--registry_address="+file)
+	log := &syncBuffer{}
+	cmd.Stdout, cmd.Stderr = log, log
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
+	waitFor(t, 4*time.Second, "the wait for the lock to be said", func() bool { return strings.Contains(log.String(), "waiting for the lock") })
+	cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Errorf("exit after SIGTERM at start: %v\n%s", err, log.String())
+		}
+	case <-time.After(2 * time.Second): // the lock's timeout is 5 s
+		cmd.Process.Kill()
+		t.Fatalf("still running 2 s after SIGTERM:\n%s", log.String())
+	}
+	if !strings.Contains(log.String(), "Stopped before listening") || strings.Contains(log.String(), "Listening on") {
+		t.Errorf("want a stop before listening:\n%s", log.String())
+	}
+}
+
 // healthyApp is an HTTP app whose health endpoint can fail or hang.
 type healthyApp struct {
 	srv   *httptest.Server

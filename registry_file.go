@@ -117,10 +117,21 @@ func newFileBackend(ctx context.Context, path string, t *table, log *slog.Logger
 	if resolved, err := filepath.EvalSymlinks(path); err == nil {
 		path = resolved
 	}
+	if err := checkRegular(path); err != nil {
+		return nil, fmt.Errorf("file registry: %w (choose a file's path for --registry_address)", err)
+	}
 	removeStaleTemps(filepath.Dir(path), time.Now())
 	f := &fileBackend{path: path, t: t, log: log, now: time.Now,
 		wrote: map[string]record{}, contested: logLimiter{every: 10 * time.Minute}}
-	if err := f.update(func(recs []record) []record { return recs }); err != nil {
+	// The first write waits for the lock within ctx: a signal stops a
+	// start held up by a stuck process's lock at once. A wait is said, as
+	// nothing else is until the sidecar listens.
+	waiting := time.AfterFunc(lockWaitNotice, func() {
+		log.Info("file registry: waiting for the lock, which another process holds", "lock", path+".lock", "timeout", lockTimeout)
+	})
+	err := f.updateWithin(ctx, func(recs []record) []record { return recs })
+	waiting.Stop()
+	if err != nil {
 		return nil, err
 	}
 	ctx, f.stop = context.WithCancel(ctx)
@@ -234,17 +245,49 @@ func (f *fileBackend) close() error {
 // stuck holding it must not hang registrations, refreshes or shutdown.
 const lockTimeout = 5 * time.Second
 
+// lockWaitNotice is how long a start waits for the lock before it says so.
+const lockWaitNotice = 500 * time.Millisecond
+
+// checkRegular refuses a path that names anything but a regular file (or
+// nothing yet): a write renames a new file onto the path, which would
+// replace a device such as /dev/null, and reading a named pipe would hang.
+func checkRegular(path string) error {
+	fi, err := os.Stat(path)
+	if err != nil || fi.Mode().IsRegular() {
+		return nil // nothing there yet, or the read that follows says what is wrong
+	}
+	what := "not a regular file"
+	switch {
+	case fi.IsDir():
+		what = "is a directory"
+	case fi.Mode()&fs.ModeDevice != 0:
+		what = "is a device, not a regular file"
+	case fi.Mode()&fs.ModeNamedPipe != 0:
+		what = "is a named pipe, not a regular file"
+	case fi.Mode()&fs.ModeSocket != 0:
+		what = "is a socket, not a regular file"
+	}
+	return &fs.PathError{Op: "read", Path: path, Err: errors.New(what)}
+}
+
 // lockFile takes the exclusive lock on path, creating it, and returns the
 // function that releases it. It polls, backing off from 100us to 10ms,
 // rather than block: a blocked lock cannot be given up on at the timeout.
-func lockFile(path string) (func(), error) { return lockFileWithin(path, lockTimeout) }
+func lockFile(path string) (func(), error) {
+	return lockFileWithin(context.Background(), path, lockTimeout)
+}
 
-// lockFileWithin is lockFile, giving up after timeout.
-func lockFileWithin(path string, timeout time.Duration) (func(), error) {
+// lockFileWithin is lockFile, giving up after timeout, or when ctx ends.
+func lockFileWithin(ctx context.Context, path string, timeout time.Duration) (func(), error) {
 	fh, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o644)
 	if errors.Is(err, fs.ErrPermission) {
 		// Another user's lock file: a lock needs no write access to it.
-		fh, err = os.Open(path)
+		// None there: the directory refuses this user, which the first
+		// error says.
+		var rerr error
+		if fh, rerr = os.Open(path); rerr == nil {
+			err = nil
+		}
 	}
 	if err != nil {
 		return nil, err
@@ -262,7 +305,12 @@ func lockFileWithin(path string, timeout time.Duration) (func(), error) {
 			fh.Close()
 			return nil, fmt.Errorf("held by another process for over %v: is one stuck?", timeout)
 		}
-		time.Sleep(wait)
+		select {
+		case <-ctx.Done():
+			fh.Close()
+			return nil, ctx.Err()
+		case <-time.After(wait):
+		}
 	}
 }
 
@@ -270,10 +318,21 @@ func lockFileWithin(path string, timeout time.Duration) (func(), error) {
 // installs the result in the table. The table's node limit is checked
 // before anything is written.
 func (f *fileBackend) update(change func([]record) []record) error {
+	return f.updateWithin(context.Background(), change)
+}
+
+// updateWithin is update, giving up the wait for the lock when ctx ends.
+func (f *fileBackend) updateWithin(ctx context.Context, change func([]record) []record) error {
 	f.ioMu.Lock()
 	defer f.ioMu.Unlock()
-	unlock, err := lockFile(f.path + ".lock")
+	unlock, err := lockFileWithin(ctx, f.path+".lock", lockTimeout)
 	if err != nil {
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		if errors.Is(err, fs.ErrPermission) {
+			err = fmt.Errorf("%w (choose a writable --registry_address)", err)
+		}
 		return f.fail(fmt.Errorf("file registry: lock %s: %w", f.path+".lock", err))
 	}
 	defer unlock()
@@ -344,6 +403,9 @@ func (f *fileBackend) readFile() ([]record, error) {
 }
 
 func readLimited(path string) ([]byte, error) {
+	if err := checkRegular(path); err != nil {
+		return nil, err
+	}
 	fh, err := os.Open(path)
 	if err != nil {
 		return nil, err
@@ -604,7 +666,7 @@ func (f *fileBackend) recheck() {
 	if f.status() == nil {
 		return
 	}
-	unlock, err := lockFileWithin(f.path+".lock", 10*time.Millisecond)
+	unlock, err := lockFileWithin(context.Background(), f.path+".lock", 10*time.Millisecond)
 	if err != nil {
 		return // still held, or still failing: the failure stands
 	}

@@ -626,14 +626,14 @@ func TestFileLockGivesUp(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if unlock, err := lockFileWithin(path, 50*time.Millisecond); err == nil {
+	if unlock, err := lockFileWithin(context.Background(), path, 50*time.Millisecond); err == nil {
 		unlock()
 		t.Fatal("took a lock another holder has")
 	} else if !strings.Contains(err.Error(), "held by another process for over 50ms") {
 		t.Errorf("error %v; want it to say the lock is held", err)
 	}
 	unlockHeld()
-	unlock, err := lockFileWithin(path, 50*time.Millisecond)
+	unlock, err := lockFileWithin(context.Background(), path, 50*time.Millisecond)
 	if err != nil {
 		t.Fatalf("a free lock: %v", err)
 	}
