@@ -387,6 +387,16 @@ func (c *config) validate() error {
 			msg := strings.TrimPrefix(err.Error(), "nodes[0]: ")
 			return fmt.Errorf("%s: %s", appFlagOf(msg), msg)
 		}
+		if c.Registry == "mdns" {
+			// As the backend would refuse it, at every retry, for good.
+			if _, err := announcementOf(recordsOf(s, time.Time{})[0], "check"); err != nil {
+				_, why, _ := strings.Cut(err.Error(), ": ") // past the node's id, which the flags do not give
+				if !strings.Contains(why, "--registry=") {
+					why += "; use --registry=file or etcd for such an app"
+				}
+				return fmt.Errorf("--server_address, --server_metadata: the app's %s", why)
+			}
+		}
 	}
 	if c.Health.URL != "" {
 		if err := validateHealthURL(c.Health.URL); err != nil {

@@ -331,6 +331,29 @@ func TestCommandLine(t *testing.T) {
 	}
 }
 
+// TestUnannounceableAppRefusedAtStart: an app mDNS cannot announce is
+// refused at start, not at every retry of its registration for good
+// (checked in process: a start that passed would announce).
+func TestUnannounceableAppRefusedAtStart(t *testing.T) {
+	env := func(string) (string, bool) { return "", false }
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"--server_address=[fe80::1%lo]:9"}, "the app's address fe80::1%lo has a zone, which an AAAA record cannot carry: cannot be announced over mDNS; use --registry=file or etcd"},
+		{[]string{"--server_address=127.0.0.1:9", "--server_metadata=k=" + strings.Repeat("v", 300)}, "a TXT string holds 255"},
+	} {
+		args := append([]string{"--registry=mdns", "--server_name=z"}, tc.args...)
+		if _, err := parseSidecarFlags(args, io.Discard, env); err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%q: %v; want %q", args, err, tc.want)
+		}
+		args[0] = "--registry=file"
+		if _, err := parseSidecarFlags(args, io.Discard, env); err != nil {
+			t.Errorf("%q: %v; want it taken", args, err)
+		}
+	}
+}
+
 func TestIneffectiveFlagFromEnvironment(t *testing.T) {
 	env := func(vars ...string) func(string) (string, bool) {
 		return func(name string) (string, bool) {
