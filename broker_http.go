@@ -367,18 +367,14 @@ func checkAdvertise(s string) error {
 	if s == "" {
 		return nil
 	}
-	host := s
-	if h, p, err := net.SplitHostPort(s); err == nil {
-		if n, err := strconv.Atoi(p); err != nil || n < 1 || n > 65535 {
-			return fmt.Errorf("--advertise_address %q: port must be 1-65535", s)
-		}
-		host = h
+	port := 0 // in s
+	if _, _, err := net.SplitHostPort(s); err != nil {
+		port = 1 // none: the bound one goes with the host
 	}
-	if host == "" || !validName(host) {
-		return fmt.Errorf("--advertise_address %q: want a host or host:port that other sidecars can reach, e.g. 10.0.0.5:8081", s)
-	}
-	if ip := net.ParseIP(host); ip != nil && ip.IsUnspecified() {
-		return fmt.Errorf("--advertise_address %q: %s is not an address peers can reach; give this host's own address", s, host)
+	// As a node's address is checked: an IP address or a host name,
+	// IPv6 in brackets or bare, one that others can reach.
+	if _, _, err := splitAddress(s, port); err != nil {
+		return fmt.Errorf("--advertise_address %q: %v; want a host or host:port that other sidecars can reach, e.g. 10.0.0.5:8081", s, err)
 	}
 	return nil
 }
@@ -394,7 +390,8 @@ func resolveAdvertise(flagValue string, bound *net.TCPAddr, serverAddress string
 		if host, p, err := net.SplitHostPort(flagValue); err == nil {
 			return net.JoinHostPort(canonicalHost(host), p)
 		}
-		return net.JoinHostPort(canonicalHost(flagValue), port)
+		host := strings.TrimSuffix(strings.TrimPrefix(flagValue, "["), "]") // "[::1]", a port not given
+		return net.JoinHostPort(canonicalHost(host), port)
 	}
 	if !bound.IP.IsUnspecified() {
 		return bound.String()

@@ -534,6 +534,7 @@ func TestResolveAdvertise(t *testing.T) {
 		{"flag host only", "node1.internal", any4, "", ifaces, "node1.internal:8081"},
 		{"flag IPv6 in capitals", "[2001:DB8::7]:9000", any4, "", ifaces, "[2001:db8::7]:9000"},
 		{"flag IPv4-mapped", "::ffff:192.0.2.7", any4, "", ifaces, "192.0.2.7:8081"},
+		{"flag IPv6 in brackets, no port", "[2001:db8::7]", any4, "", ifaces, "[2001:db8::7]:8081"},
 		{"all interfaces, app at an IPv6 in capitals", "", any4, "[2001:DB8::9]:9090", ifaces, "[2001:db8::9]:8081"},
 		{"specific bind", "", &net.TCPAddr{IP: net.ParseIP("127.0.0.1"), Port: 5555}, "10.0.0.9:80", ifaces, "127.0.0.1:5555"},
 		{"ipv6 bind", "", &net.TCPAddr{IP: net.ParseIP("::1"), Port: 5555}, "", ifaces, "[::1]:5555"},
@@ -547,9 +548,14 @@ func TestResolveAdvertise(t *testing.T) {
 			t.Errorf("%s: resolveAdvertise(%q, %v, %q) = %q; want %q", tc.name, tc.flag, tc.bound, tc.server, got, tc.want)
 		}
 	}
-	for _, bad := range []string{"0.0.0.0", "[::]:80", "host:99999", "a b"} {
+	for _, bad := range []string{"0.0.0.0", "[::]:80", "host:99999", "a b", "::::", "a:b:c", "1.2.3.4.5", "[host]", "-bad-", "224.0.0.251"} {
 		if checkAdvertise(bad) == nil {
 			t.Errorf("checkAdvertise(%q) = nil; want an error", bad)
+		}
+	}
+	for _, good := range []string{"10.0.0.5", "10.0.0.5:8081", "[::1]", "[::1]:8081", "::1", "node-1.internal", "node_1:9000"} {
+		if err := checkAdvertise(good); err != nil {
+			t.Errorf("checkAdvertise(%q) = %v; want none", good, err)
 		}
 	}
 }
