@@ -814,7 +814,7 @@ func runSidecar(ctx context.Context, cfg config, logOut io.Writer, deregistered 
 	// With port 0 the line is the only place the port is told: it shows
 	// at any --log_level.
 	level := slog.LevelInfo
-	if _, port, _ := net.SplitHostPort(cfg.Address); port == "0" {
+	if _, port, _ := net.SplitHostPort(cfg.Address); port == "0" || port == "" { // "host:" binds any port too
 		level = max(level, cfg.LogLevel)
 	}
 	log.Log(context.Background(), level, "Listening on "+ln.Addr().String(), "scheme", scheme, "auth_token", cfg.AuthToken != "", "address", ln.Addr().String(), "advertise_address", s.broker.advertise, "registry", cfg.Registry, "registry_address", cfg.RegistryAddress, "version", buildVersion())

@@ -471,9 +471,11 @@ func TestHealthSaysStopping(t *testing.T) {
 // naming the port shows even at --log_level=error (startSidecar finds the
 // address in it).
 func TestPortZeroIsToldAtAnyLogLevel(t *testing.T) {
-	p := startSidecar(t, "--registry=memory", "--log_level=error")
-	if code, _ := do(t, "GET", p.url("/health"), "", ""); code != 200 {
-		t.Errorf("/health at the logged address: %d", code)
+	for _, address := range []string{"127.0.0.1:0", "127.0.0.1:"} { // an empty port binds any too
+		p := startSidecar(t, "--address="+address, "--registry=memory", "--log_level=error")
+		if code, _ := do(t, "GET", p.url("/health"), "", ""); code != 200 {
+			t.Errorf("--address=%s: /health at the logged address: %d", address, code)
+		}
 	}
 }
 
