@@ -853,7 +853,10 @@ func TestLeavingGroupMemberHandsOnItsQueue(t *testing.T) {
 	waitFor(t, 10*time.Second, "half of them on b's member", func() bool { return other.total() >= n/2 })
 	stuck.conn.Close()
 	var st brokerStatsReport
-	waitFor(t, 10*time.Second, "a's member to leave", func() bool { st = brokerStatsOf(t, a); return st.Subscribers == 0 })
+	waitFor(t, 10*time.Second, "a's member to leave, and its queue to be handed on", func() bool {
+		st = brokerStatsOf(t, a)
+		return st.Subscribers == 0 && st.HeldBytes == 0
+	})
 	if st.Redelivered == 0 {
 		t.Fatalf("nothing was handed on: %+v", st)
 	}
