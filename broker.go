@@ -972,8 +972,8 @@ func (b *broker) redeliver(s *subscriber) {
 	s.orphans = nil
 	s.mu.Unlock()
 	for _, m := range q {
-		if b.fwd.rerouteGroups("", forwardItem{topic: m.topic, groups: []string{s.queue}, event: m.event}) {
-			b.stats.NoSubscriber.Add(1) // the group has no other member
+		if unplanned, missing := b.fwd.rerouteGroups("", forwardItem{topic: m.topic, groups: []string{s.queue}, event: m.event}); unplanned || missing > 0 {
+			b.stats.NoSubscriber.Add(1) // the group has no other member, or none here that took it
 		} else {
 			b.stats.Redelivered.Add(1)
 		}

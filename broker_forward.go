@@ -759,7 +759,9 @@ func (f *forwarder) reroute(addr string, batch []forwardItem, broadcastLost bool
 	for _, it := range batch {
 		itemLost := broadcastLost && it.broadcast
 		if len(it.groups) > 0 {
-			itemLost = f.rerouteGroups(addr, it) || itemLost
+			unplanned, missing := f.rerouteGroups(addr, it)
+			f.b.stats.NoSubscriber.Add(uint64(missing))
+			itemLost = unplanned || itemLost
 		}
 		if itemLost && it.countLoss() {
 			lost++
@@ -769,10 +771,11 @@ func (f *forwarder) reroute(addr string, batch []forwardItem, broadcastLost bool
 }
 
 // rerouteGroups plans the groups of it again without addr, and reports whether
-// any was left without a member.
-func (f *forwarder) rerouteGroups(addr string, it forwardItem) bool {
+// any was left without a member, and how many planned here found none to
+// take it (members closing meanwhile).
+func (f *forwarder) rerouteGroups(addr string, it forwardItem) (unplanned bool, missing int) {
 	if it.rerouted {
-		return true
+		return true, 0
 	}
 	_, localGroups := f.b.localView(it.topic)
 	peers, rr := f.peersFor(it.topic)
@@ -796,12 +799,12 @@ func (f *forwarder) rerouteGroups(addr string, it forwardItem) bool {
 	plan := planDelivery(false, mine, others, rr.Add(1)-1)
 	planned := len(plan.local.groups)
 	m := newMessage(it.topic, "", it.event)
-	f.b.stats.NoSubscriber.Add(uint64(len(f.b.deliver(m, false, plan.local.groups))))
+	missing = len(f.b.deliver(m, false, plan.local.groups))
 	for i := range plan.forwards {
 		planned += len(plan.forwards[i].groups)
 	}
 	f.sendRerouted(m, plan.forwards)
-	return planned < len(it.groups)
+	return planned < len(it.groups), missing
 }
 
 // send queues m for each forward. It never blocks on a peer: a full queue
@@ -1121,15 +1124,20 @@ func (f *forwarder) logFailure(addr string, lost int, err error) {
 // time once it is over, unless a line for the peer (a failure, or its
 // working again) said them first: a peer that is gone fails no more, and
 // what was lost to it would otherwise never be said.
-func (f *forwarder) sayUnloggedLater(addr string) {
-	time.AfterFunc(f.failLog.wait(addr), func() {
+func (f *forwarder) sayUnloggedLater(addr string) { f.sayUnloggedAfter(addr, f.failLog.wait(addr)) }
+
+// sayUnloggedAfter is sayUnloggedLater, after d.
+func (f *forwarder) sayUnloggedAfter(addr string, d time.Duration) {
+	time.AfterFunc(d, func() {
 		f.unloggedMu.Lock()
 		if f.unlogged[addr] == 0 {
 			f.unloggedMu.Unlock()
 			return // said already
 		}
 		if !f.failLog.allow(addr) {
-			f.sayUnloggedLater(addr) // the timer ran early
+			// The timer ran early, or the limiter is full of other peers
+			// (then it says no wait, and would be asked again at once).
+			f.sayUnloggedAfter(addr, max(f.failLog.wait(addr), time.Second))
 			f.unloggedMu.Unlock()
 			return
 		}

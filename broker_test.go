@@ -20,6 +20,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 	"unicode/utf8"
@@ -1447,7 +1448,58 @@ func TestRefusedForwardsKeepTheConnection(t *testing.T) {
 	}
 }
 
-// TestAbsencesEnd: a peer's word that a group has no member there holds
+// TestHeldBackLossesWaitForAFullLimiter: with the log's limiter full of
+// other peers, the losses held back for one more are said once it has
+// room, and the wait costs nothing meanwhile (it re-armed at once, and
+// spun a core, for up to ten seconds).
+func TestHeldBackLossesWaitForAFullLimiter(t *testing.T) {
+	var log syncBuffer
+	f := newForwarder(&broker{log: slog.New(slog.NewTextHandler(&log, nil))})
+	now := time.Now()
+	f.failLog.last = map[string]time.Time{}
+	for i := range maxLogKeys {
+		f.failLog.last[fmt.Sprintf("peer%d", i)] = now
+	}
+	cpu := func() time.Duration {
+		var ru syscall.Rusage
+		syscall.Getrusage(syscall.RUSAGE_SELF, &ru)
+		return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+	}
+	c0, t0 := cpu(), time.Now()
+	f.logFailure("http://127.0.0.1:1", 3, errors.New("refused"))
+	time.Sleep(500 * time.Millisecond) // not a wait for a condition: the idle time measured
+	if used, took := cpu()-c0, time.Since(t0); used > took/2 {
+		t.Errorf("the process used %v of CPU in %v of waiting to log; want next to none", used, took)
+	}
+}
+
+// TestRedeliveredCountsOnce: a leaving member's message that no other
+// member takes (the other is closing) counts once, as without a member,
+// not as redelivered too.
+func TestRedeliveredCountsOnce(t *testing.T) {
+	sc, _ := brokerSidecar(t, brokerConfig{PingInterval: time.Hour})
+	b := sc.broker
+	leaving := &subscriber{b: b, topic: "T", queue: "g"}
+	closing := &subscriber{b: b, topic: "T", queue: "g"}
+	for _, s := range []*subscriber{leaving, closing} {
+		if err := b.subscribe(s); err != nil {
+			t.Fatal(err)
+		}
+	}
+	closing.drop() // its client closed too: it takes nothing
+	if taken, _ := leaving.enqueue(newMessage("T", "id1", []byte("event"))); !taken {
+		t.Fatal("the message was not queued")
+	}
+	b.unsubscribe(leaving)
+	leaving.drop()
+	b.redeliver(leaving)
+	if rep := b.report(); rep.Redelivered != 0 || rep.NoSubscriber != 1 {
+		t.Errorf("redelivered %d, without a member %d; want 0 and 1", rep.Redelivered, rep.NoSubscriber)
+	}
+	b.unsubscribe(closing)
+}
+
+// TestAbsencesEnd: a peer's word// TestAbsencesEnd: a peer's word that a group has no member there holds
 // until the topics' entries change, and then costs publishes nothing more.
 func TestAbsencesEnd(t *testing.T) {
 	f := newForwarder(&broker{log: discardLog})

@@ -474,6 +474,10 @@ func (c *config) validate() error {
 	if err := checkAdvertise(c.AdvertiseAddress); err != nil {
 		return err
 	}
+	if c.Registry == "mdns" && strings.Contains(c.AdvertiseAddress, "%") {
+		// The broker's topic entries carry it, and mDNS refuses them all.
+		return fmt.Errorf("--advertise_address %q: an IPv6 zone, which the mdns registry cannot announce; advertise an address without one, or use --registry=file or etcd", c.AdvertiseAddress)
+	}
 	for _, o := range c.CORSAllowedOrigins {
 		if err := checkOrigin(o); err != nil {
 			return err

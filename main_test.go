@@ -342,6 +342,7 @@ func TestUnannounceableAppRefusedAtStart(t *testing.T) {
 	}{
 		{[]string{"--server_address=[fe80::1%lo]:9"}, "the app's address fe80::1%lo has a zone, which an AAAA record cannot carry: cannot be announced over mDNS; use --registry=file or etcd"},
 		{[]string{"--server_address=127.0.0.1:9", "--server_metadata=k=" + strings.Repeat("v", 300)}, "a TXT string holds 255"},
+		{[]string{"--server_address=127.0.0.1:9", "--advertise_address=fe80::1%lo"}, "an IPv6 zone, which the mdns registry cannot announce"},
 	} {
 		args := append([]string{"--registry=mdns", "--server_name=z"}, tc.args...)
 		if _, err := parseSidecarFlags(args, io.Discard, env); err == nil || !strings.Contains(err.Error(), tc.want) {

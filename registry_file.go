@@ -155,7 +155,7 @@ func (f *fileBackend) registerAll(ss []Service, ttl time.Duration) error {
 		add = append(add, recordsOf(s, expiry(f.now(), ttl))...)
 	}
 	keeps := f.keepsFunc()
-	return f.update(func(recs []record) []record {
+	err := f.update(func(recs []record) []record {
 		keep := recs[:0]
 		skip := map[string]bool{}
 		for _, r := range add {
@@ -168,15 +168,23 @@ func (f *fileBackend) registerAll(ss []Service, ttl time.Duration) error {
 				f.noteRewrite(r)
 			}
 		}
-		for _, r := range add {
-			if keeps(r.key()) {
-				f.wrote[r.key()] = r
-			} else {
-				delete(f.wrote, r.key()) // posted with ?ttl= now: nobody's to defend
-			}
-		}
 		return append(keep, add...)
 	})
+	if err != nil {
+		return err // nothing written: what wrote holds stands
+	}
+	// Writes of owned entries come one at a time (registry.writeMu): no
+	// other update of them runs between the write and this.
+	f.ioMu.Lock()
+	defer f.ioMu.Unlock()
+	for _, r := range add {
+		if keeps(r.key()) {
+			f.wrote[r.key()] = r
+		} else {
+			delete(f.wrote, r.key()) // posted with ?ttl= now: nobody's to defend
+		}
+	}
+	return nil
 }
 
 // noteRewrite warns when old, an entry this sidecar is about to write

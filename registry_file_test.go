@@ -279,3 +279,31 @@ func FuzzParseRegistryFile(f *testing.F) {
 		}
 	})
 }
+
+// TestFileBackendRefusedWriteIsNoRewrite: a change the backend refused (the
+// node limit) was never written, and is not what this sidecar last wrote:
+// the next refresh of the old value is no rewrite by another writer.
+func TestFileBackendRefusedWriteIsNoRewrite(t *testing.T) {
+	var log syncBuffer
+	fb, err := newFileBackend(t.Context(), filepath.Join(t.TempDir(), "reg.json"), newTable(1), slog.New(slog.NewTextHandler(&log, nil)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { fb.close() })
+	fb.setKeeps(func(string) bool { return true }, func() {})
+	n1 := Node{ID: "n1", Address: "10.0.0.1", Port: 80}
+	if err := fb.register(Service{Name: "s", Nodes: []Node{n1}}, time.Minute); err != nil {
+		t.Fatal(err)
+	}
+	moved := n1
+	moved.Port = 81
+	if err := fb.register(Service{Name: "s", Nodes: []Node{moved, {ID: "n2", Address: "10.0.0.2", Port: 80}}}, time.Minute); err == nil {
+		t.Fatal("two nodes past a limit of one were taken")
+	}
+	if err := fb.register(Service{Name: "s", Nodes: []Node{n1}}, time.Minute); err != nil { // the refresh of what stands
+		t.Fatal(err)
+	}
+	if strings.Contains(log.String(), "rewritten by another writer") {
+		t.Errorf("a warning with no other writer:\n%s", log.String())
+	}
+}
