@@ -16,7 +16,9 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"reflect"
+	"regexp"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -1413,10 +1415,17 @@ func TestForwardLossesToAGonePeerAreLogged(t *testing.T) {
 	for _, lost := range []int{1, 5, 7} {
 		f.logFailure(peer, lost, failed)
 	}
-	waitFor(t, 5*time.Second, "the 12 held back to be said", func() bool { return strings.Contains(log.String(), "messages=12") })
-	if n := strings.Count(log.String(), "level=WARN"); n != 2 {
-		t.Errorf("%d lines; want two, the first failure's and the rest's:\n%s", n, log.String())
+	// However the three fell in the quiet time (one line for the first
+	// and one for the rest, unless the machine stalled), all 13 are said.
+	said := func() int {
+		n := 0
+		for _, m := range regexp.MustCompile(`messages=(\d+)`).FindAllStringSubmatch(log.String(), -1) {
+			v, _ := strconv.Atoi(m[1])
+			n += v
+		}
+		return n
 	}
+	waitFor(t, 5*time.Second, "all 13 lost to be said", func() bool { return said() == 13 })
 }
 
 // TestRefusedForwardsKeepTheConnection: a peer's refusal (a stale entry's
