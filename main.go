@@ -23,6 +23,7 @@ import (
 	"runtime"
 	"runtime/debug"
 	"slices"
+	"strconv"
 	"strings"
 	"sync/atomic"
 	"syscall"
@@ -366,8 +367,12 @@ func (c *config) validate() error {
 	for _, v := range []*string{&c.Registry, &c.LogFormat, &c.Selector.Strategy, &c.Handler} {
 		*v = strings.ToLower(*v)
 	}
-	if _, _, err := net.SplitHostPort(c.Address); err != nil {
+	_, port, err := net.SplitHostPort(c.Address)
+	if err != nil {
 		return fmt.Errorf("--address %q: want host:port, e.g. 127.0.0.1:8081 or :8081", c.Address)
+	}
+	if n, err := strconv.Atoi(port); port != "" && (err != nil || n < 0 || n > 65535) {
+		return fmt.Errorf("--address %q: port must be 0-65535 (0, or none, picks a free one)", c.Address)
 	}
 	if c.ServerName == "" && (c.ServerAddress != "" || c.Health.URL != "") {
 		return errors.New("--server_address and --healthcheck_url need --server_name")

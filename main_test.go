@@ -301,6 +301,8 @@ func TestCommandLine(t *testing.T) {
 		{[]string{"sidecar", "--server_name=f", "--server_address=127.0.0.1:1", "--server_id=a/b"}, 2, `--server_id: id "a/b": use up to`},
 		{[]string{"sidecar", "--server_name=f", "--server_address=127.0.0.1:1", "--server_metadata=a=1,a=2"}, 2, `--server_metadata: key "a" is given twice`},
 		{[]string{"sidecar", "--max_inflight=0"}, 2, "--max_inflight must be more than 0"},
+		{[]string{"sidecar", "--address=127.0.0.1:99999"}, 2, `--address "127.0.0.1:99999": port must be 0-65535`},
+		{[]string{"sidecar", "--address=127.0.0.1:-1"}, 2, `--address "127.0.0.1:-1": port must be 0-65535`},
 		{[]string{"sidecar", "--shutdown_timeout=-1s"}, 2, "--shutdown_timeout must not be negative"},
 		{[]string{"sidecar", "--auth_token=s3cret\n"}, 2, "a trailing newline from a file is the usual cause"},
 		{[]string{"sidecar", "--server_name=f", "--server_address=127.0.0.1:1", "--healthcheck_url=http://127.0.0.1:99999/h"}, 2, "port must be 1-65535"},
