@@ -240,12 +240,12 @@ func parseSidecarFlags(args []string, out io.Writer, lookupEnv func(string) (str
 		return config{}, err
 	}
 	if cfg.ServerMetadata, err = parseMetadata(metadata); err != nil {
-		return config{}, err
+		return config{}, nameVariables(err, cfg.given)
 	}
 	// slog also takes offsets (error+4, info-2): levels no log line of
 	// ours is at, hence not offered.
 	if err := cfg.LogLevel.UnmarshalText([]byte(level)); err != nil || strings.ContainsAny(level, "+-") {
-		return config{}, fmt.Errorf("--log_level %q: want debug, info, warn or error", level)
+		return config{}, nameVariables(fmt.Errorf("--log_level %q: want debug, info, warn or error", level), cfg.given)
 	}
 	cfg.CORSAllowedOrigins = splitList(origins)
 	cfg.RegistryInterface = splitList(ifaces)

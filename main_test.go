@@ -384,6 +384,12 @@ func TestIneffectiveFlagFromEnvironment(t *testing.T) {
 	if err == nil || !strings.HasSuffix(err.Error(), "(set by MICRO_ADDRESS)") {
 		t.Errorf("a bad MICRO_ADDRESS: %v; want the error to name the variable", err)
 	}
+	for _, v := range []string{"MICRO_LOG_LEVEL=debug+4", "MICRO_SERVER_METADATA=a"} {
+		name, _, _ := strings.Cut(v, "=")
+		if _, err := parseSidecarFlags(nil, io.Discard, env("MICRO_REGISTRY=memory", v)); err == nil || !strings.HasSuffix(err.Error(), "(set by "+name+")") {
+			t.Errorf("a bad %s: %v; want the error to name the variable", name, err)
+		}
+	}
 	t.Setenv("MICRO_SERVR_NAME", "typo")
 	t.Setenv("micro_namespace", "lower")
 	cfg, err = parseSidecarFlags([]string{"--registry=MEMORY", "--log_format=JSON"}, io.Discard, env())
