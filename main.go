@@ -821,12 +821,15 @@ func runSidecar(ctx context.Context, cfg config, logOut io.Writer, deregistered 
 		go func() { serveErr <- fast.Serve(ln) }()
 	}
 	// With port 0 the line is the only place the port is told: it shows
-	// at any --log_level.
-	level := slog.LevelInfo
-	if _, port, _ := net.SplitHostPort(cfg.Address); port == "0" || port == "" { // "host:" binds any port too
-		level = max(level, cfg.LogLevel)
+	// at any --log_level, still as information (an error line at every
+	// start would set off alerts on errors).
+	listenLog := log
+	if _, port, _ := net.SplitHostPort(cfg.Address); (port == "0" || port == "") && cfg.LogLevel > slog.LevelInfo { // "host:" binds any port too
+		info := cfg
+		info.LogLevel = slog.LevelInfo
+		listenLog = newLogger(info, logOut)
 	}
-	log.Log(context.Background(), level, "Listening on "+ln.Addr().String(), "scheme", scheme, "auth_token", cfg.AuthToken != "", "address", ln.Addr().String(), "advertise_address", s.broker.advertise, "registry", cfg.Registry, "registry_address", cfg.RegistryAddress, "version", buildVersion())
+	listenLog.Info("Listening on "+ln.Addr().String(), "scheme", scheme, "auth_token", cfg.AuthToken != "", "address", ln.Addr().String(), "advertise_address", s.broker.advertise, "registry", cfg.Registry, "registry_address", cfg.RegistryAddress, "version", buildVersion())
 
 	bg, stopBG := context.WithCancel(ctx)
 	var bgDone []chan struct{}

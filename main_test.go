@@ -477,13 +477,18 @@ func TestHealthSaysStopping(t *testing.T) {
 }
 
 // TestPortZeroIsToldAtAnyLogLevel: with --address=...:0 the log line
-// naming the port shows even at --log_level=error (startSidecar finds the
-// address in it).
+// naming the port shows even at --log_level=error, as information
+// (startSidecar finds the address in it).
 func TestPortZeroIsToldAtAnyLogLevel(t *testing.T) {
 	for _, address := range []string{"127.0.0.1:0", "127.0.0.1:"} { // an empty port binds any too
 		p := startSidecar(t, "--address="+address, "--registry=memory", "--log_level=error")
 		if code, _ := do(t, "GET", p.url("/health"), "", ""); code != 200 {
 			t.Errorf("--address=%s: /health at the logged address: %d", address, code)
+		}
+		// As information: an error line at every start would set off
+		// alerts on errors.
+		if !strings.Contains(p.log.String(), `level=INFO msg="Listening on`) {
+			t.Errorf("--address=%s: the Listening line is not at level INFO:\n%s", address, p.log.String())
 		}
 	}
 }

@@ -383,11 +383,19 @@ func escapeHelp(s string) string {
 	return strings.NewReplacer(`\`, `\\`, "\n", `\n`).Replace(s)
 }
 
-// statusCodes holds the decimal text of the status codes, so that
-// counting a request does not format one.
+// statusCodes holds the code label of each status, so that counting a
+// request does not format one. A status HTTP does not define (a proxied
+// node may send any of 100-999) is counted by its class, "4xx": one node
+// sending hundreds of made-up codes must not fill the series' bound and
+// push the sidecar's own 503s and 502s into the overflow series.
 var statusCodes = func() (t [600]string) {
 	for i := range t {
-		t[i] = strconv.Itoa(i)
+		switch {
+		case http.StatusText(i) != "" || i == statusClientClosed:
+			t[i] = strconv.Itoa(i)
+		default:
+			t[i] = strconv.Itoa(i/100) + "xx"
+		}
 	}
 	return t
 }()
@@ -396,7 +404,7 @@ func statusCodeString(code int) string {
 	if code >= 0 && code < len(statusCodes) {
 		return statusCodes[code]
 	}
-	return strconv.Itoa(code)
+	return "other"
 }
 
 // statusWriter is a ResponseWriter that reports the status it sent: 0

@@ -120,3 +120,22 @@ func TestLabelledFamiliesAppearWithTheirFirstSeries(t *testing.T) {
 		t.Errorf("after the first series:\n%s", out)
 	}
 }
+
+// TestStatusCodeLabelIsBounded: a status HTTP does not define, which a
+// proxied node may send, is counted by its class, so that one node's
+// made-up codes cannot fill the requests' series and push the sidecar's
+// own into the overflow series.
+func TestStatusCodeLabelIsBounded(t *testing.T) {
+	for code, want := range map[int]string{200: "200", 418: "418", 499: "499", 503: "503", 299: "2xx", 599: "5xx", 600: "other", 999: "other"} {
+		if got := statusCodeString(code); got != want {
+			t.Errorf("status %d: label %q; want %q", code, got, want)
+		}
+	}
+	labels := map[string]bool{}
+	for code := 100; code < 1000; code++ {
+		labels[statusCodeString(code)] = true
+	}
+	if len(labels) > 80 {
+		t.Errorf("%d labels for the statuses 100-999; want the defined ones and a few classes", len(labels))
+	}
+}
