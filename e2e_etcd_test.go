@@ -977,29 +977,8 @@ func TestEtcdFrozenMemberIsNoticed(t *testing.T) {
 // unreachable etcd at start exits at once, without listening or
 // registering its app.
 func TestStoppedWhileReachingEtcd(t *testing.T) {
-	cmd := exec.Command(binPath, "sidecar", "--address=127.0.0.1:0", "--registry=etcd", "--registry_address=http://127.0.0.1:1",
+	stopWhileStarting(t, "etcd registry unreachable", "--address=127.0.0.1:0", "--registry=etcd", "--registry_address=http://127.0.0.1:1",
 		"--server_name=early", "--server_address=127.0.0.1:9")
-	log := &syncBuffer{}
-	cmd.Stdout, cmd.Stderr = log, log
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan error, 1)
-	go func() { done <- cmd.Wait() }()
-	waitFor(t, 5*time.Second, "the first failed etcd call", func() bool { return strings.Contains(log.String(), "etcd registry unreachable") })
-	cmd.Process.Signal(syscall.SIGTERM)
-	select {
-	case err := <-done:
-		if err != nil {
-			t.Errorf("exit after SIGTERM at start: %v\n%s", err, log.String())
-		}
-	case <-time.After(2 * time.Second): // the start-up wait for etcd is 3 s
-		cmd.Process.Kill()
-		t.Fatalf("still running 2 s after SIGTERM:\n%s", log.String())
-	}
-	if !strings.Contains(log.String(), "Stopped before listening") || strings.Contains(log.String(), "Listening on") || strings.Contains(log.String(), "Registering") {
-		t.Errorf("want a stop before listening or registering:\n%s", log.String())
-	}
 }
 
 // TestEtcdRecreatedWithTheSameFlags: etcd recreated empty with the same
