@@ -642,3 +642,34 @@ func TestTimeoutSentIsTheTimeLeft(t *testing.T) {
 		t.Errorf("status %d; the node was told %v (%v); want at most the caller's 1s", resp.StatusCode, ns, err)
 	}
 }
+
+// TestNodeRefusingALargeCallIsNoFailingNode: a node that answers a call
+// too large for it as soon as its head arrives, and closes with the rest
+// unread, resets the connection under the sidecar's write. Its answer is
+// the call's when it survived the reset; either way the node answered, and
+// is not ejected: one caller's large calls must not take a service out for
+// everyone.
+func TestNodeRefusingALargeCallIsNoFailingNode(t *testing.T) {
+	p := startSidecar(t, "--registry=memory", "--max_body_bytes=16777216")
+	refusing := rawHeadNode(t, "HTTP/1.1 413 Content Too Large\r\nContent-Type: text/plain\r\nContent-Length: 8\r\nConnection: close\r\n\r\ntoo big\n")
+	registerAddr(t, p, "small", "s1", refusing)
+	body := `{"service":"small","method":"A.B","request":{"d":"` + strings.Repeat("x", 8<<20) + `"}}`
+	answers := 0
+	for i := range 8 {
+		code, out := do(t, "POST", p.url("/rpc"), "application/json", body)
+		switch {
+		case code == http.StatusBadGateway && strings.Contains(out, "answered 413"):
+			answers++
+		case code == http.StatusBadGateway && strings.Contains(out, "while the request body was being sent"):
+		default:
+			t.Errorf("call %d: %d %s; want the node's 413 reported, or a 502 saying the node stopped reading", i, code, out)
+		}
+	}
+	if code, out := do(t, "POST", p.url("/rpc"), "application/json", `{"service":"small","method":"A.B"}`); code != http.StatusRequestEntityTooLarge && code != http.StatusBadGateway {
+		t.Errorf("a small call after them: %d %s; want the node reached", code, out)
+	}
+	if strings.Contains(p.log.String(), "node ejected") {
+		t.Errorf("a node that answered was ejected:\n%s", p.log.String())
+	}
+	t.Logf("%d of 8 calls got the node's answer", answers)
+}

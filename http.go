@@ -37,14 +37,23 @@ type errorBody struct {
 
 // writeError is the one place errors become HTTP answers.
 func writeError(w http.ResponseWriter, code int, detail string) {
-	writeJSON(w, code, errorBody{ID: "go.micro.sidecar", Code: code, Detail: detail, Status: http.StatusText(code)})
+	writeJSON(w, code, errorBody{ID: "go.micro.sidecar", Code: code, Detail: detail, Status: statusText(code)})
+}
+
+// statusText is http.StatusText, or for a code it does not name (an app's
+// 499, say) what net/http puts in such a status line: never empty.
+func statusText(code int) string {
+	if t := http.StatusText(code); t != "" {
+		return t
+	}
+	return "status code " + strconv.Itoa(code)
 }
 
 func writeJSON(w http.ResponseWriter, code int, v any) {
 	data, err := marshalJSON(v)
 	if err != nil {
 		code = http.StatusInternalServerError
-		data, _ = marshalJSON(errorBody{ID: "go.micro.sidecar", Code: code, Detail: "encoding the answer: " + err.Error(), Status: http.StatusText(code)})
+		data, _ = marshalJSON(errorBody{ID: "go.micro.sidecar", Code: code, Detail: "encoding the answer: " + err.Error(), Status: statusText(code)})
 	}
 	w.Header().Set("Content-Type", "application/json")
 	w.WriteHeader(code)

@@ -144,6 +144,7 @@ func TestResponseHeadFraming(t *testing.T) {
 		{"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nContent-Length: 5\r\nConnection: keep-alive\r\n\r\n", false, false, "Transfer-Encoding other than chunked"},
 		{"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", false, false, "Transfer-Encoding other than chunked"},
 		{"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n", false, false, "Transfer-Encoding other than chunked"},
+		{"HTTP/1.1 200 OK\r\nX-Long: " + strings.Repeat("t", 9000) + "\r\nConnection: close\r\n\r\n", false, true, ""}, // a line longer than bufio's buffer
 	} {
 		got, err := readResponseHeader(bufio.NewReader(strings.NewReader(tc.head)), nil)
 		if tc.err != "" {
@@ -171,6 +172,8 @@ func TestResponseHeadWholeOrInPieces(t *testing.T) {
 		"HTTP/2 200\r\n\r\n",
 		"HTTP/1.1 200 OK\r\nX-Cut: off",
 		"",
+		"HTTP/1.1 200 OK\r\nSet-Cookie: s=" + strings.Repeat("t", 9000) + "\r\nContent-Length: 0\r\n\r\n", // a line longer than bufio's buffer
+		"HTTP/1.1 200 OK\r\nX-Long: " + strings.Repeat("t", 9000),
 	} {
 		checkHeadWholeOrInPieces(t, []byte(head))
 	}

@@ -446,13 +446,14 @@ func (in *interner) load() map[string]string {
 // jsonBody says whether a body is JSON: by a JSON content type, or else
 // by its first byte. A form's content type does not settle it, because
 // curl -d sends one with whatever it sends, and no form body of /rpc
-// starts with '{'. Multipart forms are refused with the fix.
+// starts with '{' or '[' (an array is refused as JSON, not as a strange
+// form field). Multipart forms are refused with the fix.
 func jsonBody(contentType string, body []byte) (bool, error) {
 	switch contentType {
 	case "application/json":
 		return true, nil
 	case "application/x-www-form-urlencoded", "":
-		return startsJSON(body, '{'), nil
+		return startsJSON(body, '{', '['), nil
 	}
 	mt, _, err := mime.ParseMediaType(contentType)
 	switch {
@@ -462,7 +463,7 @@ func jsonBody(contentType string, body []byte) (bool, error) {
 	case strings.HasPrefix(mt, "multipart/"):
 		return false, &callError{http.StatusUnsupportedMediaType, "multipart bodies are not supported; send form fields with curl -d, or a JSON object", nil}
 	}
-	return startsJSON(body, '{'), nil
+	return startsJSON(body, '{', '['), nil
 }
 
 // startsJSON reports whether body's first byte after white space is one of

@@ -329,6 +329,26 @@ func (nc *nodeClient) start(ctx context.Context, now, deadline time.Time, addr s
 	}
 }
 
+// earlyAnswer is what a request's first read gives when the request could
+// not be written whole. A node that refuses a call as its head arrives (a
+// 413 over its body limit) answers and closes with the rest unread, and
+// the reset that sends fails the write; its answer is still in the
+// socket's buffer, and is the call's. With none, a node that took part of
+// the request (sent) was reached, and is not to be ejected for it
+// (uploadCut); one that took none of it failed as a connection does.
+func earlyAnswer(c net.Conn, p []byte, werr error, sent bool) (int, error) {
+	if !errors.Is(werr, syscall.ECONNRESET) && !errors.Is(werr, syscall.EPIPE) {
+		return 0, werr // the deadline, or the caller gone: nothing to read
+	}
+	if n, _ := c.Read(p); n > 0 {
+		return n, nil
+	}
+	if sent {
+		return 0, &uploadCut{werr}
+	}
+	return 0, werr
+}
+
 // guard ends c's I/O at the deadline (none when zero), and at once when
 // ctx ends. stop undoes the latter and reports whether ctx had not ended
 // by then, so that the connection may be reused.
@@ -445,6 +465,11 @@ func (nc *nodeClient) do(ctx context.Context, now, deadline time.Time, addr stri
 	var body io.Reader
 	switch {
 	case head.code == http.StatusNoContent || head.code == http.StatusNotModified:
+		body = http.NoBody
+	case head.code == http.StatusSwitchingProtocols:
+		// Nothing was asked to switch to: whatever follows is not this
+		// call's answer, and reading it to the connection's end would wait
+		// out the deadline. The call reports the 101; the connection closes.
 		body = http.NoBody
 	case head.chunked:
 		body = newChunkedBody(c.br, maxTrailerBytes)
@@ -681,11 +706,19 @@ func parseResponseHead(lines *headLines, header *[]string) (responseHead, error)
 }
 
 // readHeadLine reads one line of a head without its line ending; the bytes
-// are valid until the next read.
+// are valid until the next read. A line longer than br's buffer (a
+// Set-Cookie with a token, a Content-Security-Policy) is gathered in a
+// slice of its own: only the head as a whole is bounded, by the reader
+// under br (limitedConn).
 func readHeadLine(br *bufio.Reader) ([]byte, error) {
 	line, err := br.ReadSlice('\n')
 	if errors.Is(err, bufio.ErrBufferFull) {
-		return nil, fmt.Errorf("%w: a header line longer than %d bytes", errMalformedResponse, br.Size())
+		long := bytes.Clone(line)
+		for errors.Is(err, bufio.ErrBufferFull) {
+			line, err = br.ReadSlice('\n')
+			long = append(long, line...)
+		}
+		line = long
 	}
 	if err != nil {
 		if err == io.EOF && len(line) > 0 {

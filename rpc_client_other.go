@@ -26,8 +26,8 @@ func (s *nodeSocket) pending() bool { return s.out != nil }
 func (s *nodeSocket) exchange(p []byte) (int, error) {
 	b := s.out
 	s.out = nil
-	if _, err := s.conn.Write(b); err != nil {
-		return 0, err
+	if n, err := s.conn.Write(b); err != nil {
+		return earlyAnswer(s.conn, p, err, n > 0)
 	}
 	return s.conn.Read(p)
 }

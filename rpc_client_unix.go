@@ -68,8 +68,8 @@ func (s *nodeSocket) exchange(p []byte) (int, error) {
 	b := s.out
 	if s.raw == nil {
 		s.out = nil
-		if _, err := s.conn.Write(b); err != nil {
-			return 0, err
+		if n, err := s.conn.Write(b); err != nil {
+			return earlyAnswer(s.conn, p, err, n > 0)
 		}
 		return s.conn.Read(p)
 	}
@@ -83,7 +83,7 @@ func (s *nodeSocket) exchange(p []byte) (int, error) {
 		// The socket's buffer is full: the rest goes, and the answer is
 		// read, the usual way.
 		if _, err := s.conn.Write(b[s.written:]); err != nil {
-			return 0, err
+			return earlyAnswer(s.conn, p, err, true)
 		}
 		return s.conn.Read(p)
 	case s.werr != nil && s.written == 0 && s.reused:
@@ -91,7 +91,7 @@ func (s *nodeSocket) exchange(p []byte) (int, error) {
 		// the request left, so another connection may carry it.
 		return 0, errIdleClosed
 	case s.werr != nil:
-		return 0, socketError(s.conn, "write", s.werr)
+		return earlyAnswer(s.conn, p, socketError(s.conn, "write", s.werr), s.written > 0)
 	}
 	return readResult(s.conn, err, s.n, s.rerr) // err: the deadline, or the connection closed under the call
 }

@@ -580,12 +580,20 @@ func TestCallErrors(t *testing.T) {
 	register(t, s, "failing500", answering(500, "application/json", `{"jsonrpc":"2.0","id":ID,"error":{"code":-32601,"message":"method not found"}}`))
 	register(t, s, "othercall500", answering(500, "application/json", `{"jsonrpc":"2.0","id":999999,"error":{"code":-32000,"message":"not this call's"}}`))
 	register(t, s, "microerr", answering(200, "application/json", `{"id":ID,"result":null,"error":"{\"id\":\"x\",\"code\":403,\"detail\":\"not yours\",\"status\":\"Forbidden\"}"}`))
+	register(t, s, "microerr499", answering(200, "application/json", `{"id":ID,"result":null,"error":"{\"id\":\"x\",\"code\":499,\"detail\":\"gone\"}"}`))
+	register(t, s, "switching", rawNode(t, func(c net.Conn, _ *http.Request) {
+		// A 101 nobody asked for, on a connection the node then keeps open.
+		io.WriteString(c, "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: x\r\n\r\n")
+		io.Copy(io.Discard, c)
+	}))
 	register(t, s, "dead", deadPort(t))
 	for _, tc := range []struct {
 		name, path, ct, body string
 		code                 int
 		detail               string
 	}{
+		{"a code without a name", "/rpc", form, "service=microerr499&method=A.B", 499, "gone"},
+		{"101 to a call", "/rpc", form, "service=switching&method=A.B", 502, "answered 101 Switching Protocols"},
 		{"unknown service", "/rpc", form, "service=nope&method=A.B", 404, "service nope not found"},
 		{"unknown path service", "/nope/call", "application/json", "{}", 404, "service go.micro.srv.nope not found"},
 		{"garbage", "/rpc", form, "service=garbage&method=A.B", 502, `answered 200 OK with text/html "<html>hello</html>"`},
@@ -601,6 +609,7 @@ func TestCallErrors(t *testing.T) {
 		{"bad query", "/rpc?service=%zz", form, "method=A.B", 400, `invalid URL escape "%zz"`},
 		{"broken json labelled a form", "/some/call", form, "{not json", 400, "body is not JSON"},
 		{"json labelled a form", "/rpc", form, `{"service":"nope","method":"A.B"}`, 404, "service nope not found"},
+		{"a batch labelled a form", "/rpc", form, `[{"service":"nope","method":"A.B"}]`, 400, "body is not a JSON object"},
 		{"too big", "/rpc", form, strings.Repeat("x", 300), 413, "larger than 200 bytes"},
 		{"bad timeout", "/rpc", form, "service=failing&method=A.B", 400, "Timeout header"},
 		{"two timeouts", "/rpc", form, "service=failing&method=A.B", 400, "the Timeout header is given 2 times; give it once"},
@@ -627,8 +636,11 @@ func TestCallErrors(t *testing.T) {
 			data, _ := io.ReadAll(resp.Body)
 			resp.Body.Close()
 			var e errorBody
-			if err := json.Unmarshal(data, &e); err != nil || resp.StatusCode != tc.code || e.Code != tc.code || e.ID != "go.micro.sidecar" || !strings.Contains(e.Detail, tc.detail) {
-				t.Errorf("got %d %s; want %d with detail containing %q", resp.StatusCode, data, tc.code, tc.detail)
+			if err := json.Unmarshal(data, &e); err != nil || resp.StatusCode != tc.code || e.Code != tc.code || e.ID != "go.micro.sidecar" || !strings.Contains(e.Detail, tc.detail) || e.Status == "" {
+				t.Errorf("got %d %s; want %d with detail containing %q, and a status", resp.StatusCode, data, tc.code, tc.detail)
+			}
+			if want := fmt.Sprintf("%d %s", tc.code, e.Status); resp.Status != want {
+				t.Errorf("status line %q; want %q", resp.Status, want)
 			}
 		})
 	}

@@ -280,9 +280,9 @@ func (c *serverConn) linger() {
 // refuse answers a request the connection cannot go on from with an
 // error in the ecosystem's shape, then closes it.
 func (c *serverConn) refuse(code int, detail string) {
-	body, _ := json.Marshal(errorBody{ID: "go.micro.sidecar", Code: code, Detail: detail, Status: http.StatusText(code)})
+	body, _ := json.Marshal(errorBody{ID: "go.micro.sidecar", Code: code, Detail: detail, Status: statusText(code)})
 	c.rwc.SetWriteDeadline(time.Now().Add(lingerTimeout))
-	fmt.Fprintf(c.rwc, "HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s", code, http.StatusText(code), len(body), body)
+	fmt.Fprintf(c.rwc, "HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s", code, statusText(code), len(body), body)
 	c.linger()
 }
 
