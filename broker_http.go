@@ -8,7 +8,6 @@ import (
 	"io"
 	"net"
 	"net/http"
-	"net/netip"
 	"slices"
 	"strconv"
 	"strings"
@@ -418,18 +417,6 @@ func resolveAdvertise(flagValue string, bound *net.TCPAddr, serverAddress string
 		return net.JoinHostPort(v6.String(), port)
 	}
 	return net.JoinHostPort("127.0.0.1", port)
-}
-
-// canonicalHost spells an IP address as peers will hear it back (lower
-// case, IPv4 without its IPv6 mapping), and leaves names as they are: the
-// broker's entries are signed over their address as written (see
-// peerProof), and the multicast registry gives back addresses in this one
-// form.
-func canonicalHost(host string) string {
-	if ip, err := netip.ParseAddr(host); err == nil {
-		return ip.Unmap().String()
-	}
-	return host
 }
 
 // isLocalName reports whether host is a name under .local, which the

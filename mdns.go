@@ -247,13 +247,22 @@ func newMDNSState(t *table, log *slog.Logger, port int) *mdnsBackend {
 	if port == 0 {
 		port = mdnsPort
 	}
-	return &mdnsBackend{
+	b := &mdnsBackend{
 		t: t, log: log, now: time.Now, port: port,
 		locals: map[string]*mdnsLocal{}, labels: map[string]string{}, cache: newMDNSCache(t.maxNodes),
 		conflictLog: logLimiter{every: 10 * time.Minute},
 		stop:        func() {},
 		write:       func(i *mdnsIface, p []byte, dst netip.AddrPort) error { return i.conn.write(p, dst) },
 	}
+	b.cache.ownInstance = b.ownInstanceLocked
+	return b
+}
+
+// ownInstanceLocked reports whether an instance name (lower-cased, as
+// parsed) is one this sidecar announces. The caller holds b.mu.
+func (b *mdnsBackend) ownInstanceLocked(name string) bool {
+	label, ok := strings.CutSuffix(name, "."+mdnsServiceType)
+	return ok && b.localByLabelLocked(label) != nil
 }
 
 // joinAdvice says what to do about an interface that could not be used.
@@ -441,11 +450,49 @@ func (b *mdnsBackend) deregisterAll(ss []Service) error {
 	b.sendMu.Lock()
 	defer b.sendMu.Unlock()
 	b.mu.Lock()
-	pkts := b.forgetLocalsLocked(keys)
+	pkts := b.peerGoodbyesLocked(recs)
+	pkts = append(pkts, b.forgetLocalsLocked(keys)...)
 	b.t.remove(recs...)
 	b.mu.Unlock()
 	b.multicast(pkts)
 	return nil
+}
+
+// peerGoodbyesLocked returns goodbyes for the nodes among recs that others
+// announce (another sidecar, another tool): a DELETE through this sidecar
+// of a node it does not keep. Every cache on the link drops them, so that
+// a killed peer's node is gone everywhere at once rather than a TTL later;
+// an announcer still alive answers by announcing its node again
+// (defendLocked), as a shared registry's keeper puts back an entry deleted
+// through another sidecar. Only the PTR record goes: its goodbye drops
+// the whole instance.
+func (b *mdnsBackend) peerGoodbyesLocked(recs []record) [][]byte {
+	peers := map[string]bool{}
+	for _, r := range recs {
+		if !b.isLocalLocked(r.key()) {
+			peers[r.key()] = true
+		}
+	}
+	if len(peers) == 0 {
+		return nil
+	}
+	var groups [][2][]dnsmessage.Resource
+	for _, inst := range b.cache.instances {
+		if inst.installed == nil || !peers[inst.installed.key()] {
+			continue
+		}
+		name, err := dnsmessage.NewName(inst.name)
+		if err != nil {
+			continue // it came in a packet: it is a name
+		}
+		ptr := dnsmessage.Resource{
+			Header: dnsmessage.ResourceHeader{Name: dnsmessage.MustNewName(mdnsServiceType), Class: dnsmessage.ClassINET, TTL: 0},
+			Body:   &dnsmessage.PTRResource{PTR: name},
+		}
+		groups = append(groups, [2][]dnsmessage.Resource{{ptr}, nil})
+	}
+	pkts, _ := packResponses(dnsmessage.Header{Response: true, Authoritative: true}, nil, groups)
+	return pkts
 }
 
 // forgetLocalsLocked drops local nodes and returns their goodbye packets

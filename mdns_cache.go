@@ -19,15 +19,20 @@ const mdnsPendingLife = 10 * time.Second
 // TXT, per SRV target its addresses. It is pure: apply and expire return
 // the changes for the table and never touch the network.
 //
-// Bounds: at most max instances (what the table may hold) and as many host
-// names, each with at most mdnsMaxAddrs addresses; a record that would go
-// past them is dropped and counted.
+// Bounds: at most max instances of peers (what the table may hold of them)
+// and as many host names, each with at most mdnsMaxAddrs addresses; a
+// record that would go past them is dropped and counted. This sidecar hears
+// its own announcements too: those instances (ownInstance) are cached but
+// not counted, so that its own nodes leave peers' the whole bound, as the
+// table has it.
 type mdnsCache struct {
-	max       int
-	instances map[string]*cachedInstance // by lower-cased instance name
-	hosts     map[string]*cachedHost     // by lower-cased host name
-	targets   map[string]int             // host name -> instances whose SRV points at it
-	keyRefs   map[string]int             // record key -> instances that installed it
+	max         int
+	own         int                        // instances ownInstance said were ours when they were cached
+	ownInstance func(name string) bool     // nil: none are
+	instances   map[string]*cachedInstance // by lower-cased instance name
+	hosts       map[string]*cachedHost     // by lower-cased host name
+	targets     map[string]int             // host name -> instances whose SRV points at it
+	keyRefs     map[string]int             // record key -> instances that installed it
 }
 
 type cachedInstance struct {
@@ -41,6 +46,7 @@ type cachedInstance struct {
 	txt       []string
 	txtExp    time.Time // zero: no live TXT
 
+	own       bool      // counted in mdnsCache.own, not against max
 	installed *record   // what this instance put in the table; nil: nothing
 	heard     time.Time // when installed was last extended
 	queries   int       // queries sent for it since heard (RFC 6762 section 5.2)
@@ -101,12 +107,16 @@ func (c *mdnsCache) apply(pkt mdnsPacket, now time.Time, local func(string) bool
 			if rr.ttl == 0 {
 				continue
 			}
-			if len(c.instances) >= c.max {
+			own := c.ownInstance != nil && c.ownInstance(name)
+			if !own && len(c.instances)-c.own >= c.max {
 				st.full++
 				continue
 			}
-			inst = &cachedInstance{name: name, firstSeen: now}
+			inst = &cachedInstance{name: name, firstSeen: now, own: own}
 			c.instances[name] = inst
+			if own {
+				c.own++
+			}
 		}
 		touched[inst] = true
 		exp := ttlExpiry(now, rr.ttl)
@@ -313,6 +323,9 @@ func (c *mdnsCache) forget(inst *cachedInstance, local func(string) bool, ch *ca
 	}
 	c.setSRV(inst, "", 0, time.Time{})
 	delete(c.instances, inst.name)
+	if inst.own {
+		c.own--
+	}
 }
 
 // expire drops what ran out at now, and instances that never became whole

@@ -122,6 +122,17 @@ func txtOf(r record) ([]string, error) {
 			}
 		}
 	}
+	// RFC 6763 section 6.4: keys ignore case, and a reader keeps the first
+	// of two that differ in case alone; other DNS-SD tools would then show
+	// another node than the sidecars do.
+	keys := make(map[string]string, len(out))
+	for _, s := range out {
+		key, _, _ := strings.Cut(s, "=")
+		if other, ok := keys[strings.ToLower(key)]; ok {
+			return nil, fmt.Errorf("node %q: metadata keys %q and %q differ only in case, and DNS-SD keys ignore case: %w", truncate(r.Node.ID, 64), truncate(other, 32), truncate(key, 32), errNotAnnounceable)
+		}
+		keys[strings.ToLower(key)] = key
+	}
 	total := 0
 	for _, s := range out {
 		if len(s) > 255 {
@@ -450,7 +461,7 @@ func parsePacket(data []byte) (mdnsPacket, error) {
 			if count++; count > mdnsMaxRecords {
 				return mdnsPacket{}, fmt.Errorf("%w: more than %d records", errMalformed, mdnsMaxRecords)
 			}
-			rr := mdnsRR{name: lowerName(rh.Name).String(), typ: rh.Type, ttl: min(rh.TTL, mdnsMaxTTL), flush: rh.Class&classFlush != 0}
+			rr := mdnsRR{name: lowerName(rh.Name).String(), typ: rh.Type, ttl: heardTTL(rh.TTL), flush: rh.Class&classFlush != 0}
 			if rh.Class&^classFlush != dnsmessage.ClassINET && rh.Class&^classFlush != dnsmessage.ClassANY {
 				if err := sec.skip(); err != nil {
 					return mdnsPacket{}, fmt.Errorf("%w: record: %v", errMalformed, err)
@@ -498,6 +509,16 @@ func parsePacket(data []byte) (mdnsPacket, error) {
 		}
 	}
 	return pkt, nil
+}
+
+// heardTTL is the TTL of a record heard: capped at mdnsMaxTTL, and 0 (a
+// goodbye) when its top bit is set, as RFC 2181 section 8 has such values
+// read.
+func heardTTL(ttl uint32) uint32 {
+	if ttl&(1<<31) != 0 {
+		return 0
+	}
+	return min(ttl, mdnsMaxTTL)
 }
 
 // lowerName lower-cases the ASCII letters of a name.

@@ -101,6 +101,8 @@ func TestTXTLimits(t *testing.T) {
 		{"id over 252 bytes", func(r *record) { r.Node.ID = strings.Repeat("i", 253) }},
 		{"metadata string over 255 bytes", func(r *record) { r.Node.Metadata["big"] = strings.Repeat("v", 300) }},
 		{"key with =", func(r *record) { r.Node.Metadata["a=b"] = "c" }},
+		{"node keys differing in case alone", func(r *record) { r.Node.Metadata["zone"], r.Node.Metadata["Zone"] = "a", "b" }},
+		{"service keys differing in case alone", func(r *record) { r.Metadata = map[string]string{"K": "1", "k": "2"} }},
 		{"metadata over the TXT budget", func(r *record) {
 			for i := range 40 {
 				r.Node.Metadata[fmt.Sprint("k", i)] = strings.Repeat("v", 240)
@@ -277,6 +279,40 @@ func TestPartLostIsAskedFor(t *testing.T) {
 // removes reports whether ch removes r's node and nothing else.
 func removes(ch cacheChanges, r record) bool {
 	return len(ch.remove) == 1 && ch.remove[0].key() == r.key()
+}
+
+// TestOwnNodesLeavePeersTheWholeBound: a sidecar hears its own
+// announcements; the instances it caches of them must not take the room
+// the bound keeps for peers' nodes.
+func TestOwnNodesLeavePeersTheWholeBound(t *testing.T) {
+	tb := newTable(3)
+	b := newMDNSState(tb, discardLog, 0)
+	heard := func(r record) {
+		t.Helper()
+		a, err := announcementOf(r, instanceLabel(r.Service, r.Node.ID))
+		if err != nil {
+			t.Fatal(err)
+		}
+		p, _ := announcePacket(a, 120)
+		b.handlePacket(p, netip.MustParseAddrPort("127.0.0.1:5353"))
+	}
+	for i := range 3 {
+		own := Service{Name: "own", Nodes: []Node{{ID: fmt.Sprint("own-", i), Address: "127.0.0.1", Port: 9000 + i}}}
+		if err := b.register(own, time.Minute); err != nil {
+			t.Fatal(err)
+		}
+		heard(testRecord("own", fmt.Sprint("own-", i), "127.0.0.1", 9000+i)) // our own, back through the loopback
+	}
+	for i := range 3 {
+		heard(testRecord("peer", fmt.Sprint("peer-", i), "127.0.0.1", 8000+i))
+	}
+	if own, peers, full := lookupOK(tb, "own"), lookupOK(tb, "peer"), b.stats.cacheFull.Load(); own != 3 || peers != 3 || full != 0 {
+		t.Errorf("with a bound of 3: %d own nodes, %d peers' nodes, %d records dropped as over the bound; want 3, 3 and none", own, peers, full)
+	}
+	heard(testRecord("peer", "peer-3", "127.0.0.1", 8003))
+	if peers, full := lookupOK(tb, "peer"), b.stats.cacheFull.Load(); peers != 3 || full == 0 {
+		t.Errorf("a fourth peer's node: %d peers' nodes, %d dropped; want the bound kept", peers, full)
+	}
 }
 
 func TestCacheBoundsAndRefreshQueries(t *testing.T) {
@@ -757,8 +793,8 @@ func FuzzMDNSPacket(f *testing.F) {
 		b.handlePacket(data, netip.MustParseAddrPort("127.0.0.1:5353"))
 		b.handlePacket(data, netip.MustParseAddrPort("127.0.0.1:40000"))
 		b.tick(time.Now().Add(2 * time.Second))
-		if len(b.cache.instances) > 8 || len(b.cache.hosts) > 8 {
-			t.Fatalf("cache past its bound: %d instances, %d hosts", len(b.cache.instances), len(b.cache.hosts))
+		if len(b.cache.instances)-b.cache.own > 8 || len(b.cache.hosts) > 8+b.cache.own || b.cache.own > 1 {
+			t.Fatalf("cache past its bound: %d instances (%d our own), %d hosts", len(b.cache.instances), b.cache.own, len(b.cache.hosts))
 		}
 		for _, r := range tb.snapshot() {
 			s := Service{Name: r.Service, Version: r.Version, Metadata: r.Metadata, Nodes: []Node{r.Node}}
@@ -1375,10 +1411,10 @@ func TestConflictingKeeperIsSaid(t *testing.T) {
 
 // TestSignedEntrySurvivesMDNS: a broker entry signed over its advertised
 // address (--auth_token) still proves the token once heard back over
-// mDNS, which spells IP addresses one way: the advertised address is
-// spelled so first (canonicalHost).
+// mDNS, which spells IP addresses one way and names in lower case: the
+// advertised address is spelled so first (canonicalHost).
 func TestSignedEntrySurvivesMDNS(t *testing.T) {
-	for _, advertised := range []string{"2001:DB8::7", "::ffff:192.0.2.7", "192.0.2.8"} {
+	for _, advertised := range []string{"2001:DB8::7", "::ffff:192.0.2.7", "192.0.2.8", "LOCALHOST", "Node-1.Corp.Example"} {
 		host := canonicalHost(advertised)
 		n := Node{ID: "sc1", Address: host, Port: 8081, Metadata: map[string]string{"broker": "1", "sidecar": "sc1", "scheme": "http"}}
 		n.Metadata["auth"] = peerProof("secret", "sc1", "http", n.hostPort(), "orders", "")
@@ -1510,6 +1546,41 @@ func TestLapsedNodeLeavesEverySidecarAtOnce(t *testing.T) {
 	}
 }
 
+// TestDeletingAPeersNodeOverMDNS: a DELETE through one sidecar of a node
+// another announces says goodbye to it on the link. A live keeper
+// announces it again at once, as a shared registry's keeper puts back an
+// entry deleted elsewhere; a killed keeper's node leaves every sidecar at
+// once, not a TTL later.
+func TestDeletingAPeersNodeOverMDNS(t *testing.T) {
+	if !inNamespace(t) {
+		return
+	}
+	keeper := startSidecar(t, "--register_ttl=60s", "--register_interval=20s") // refreshes too rare to be what brings it back
+	b := startSidecar(t, mdnsArgs...)
+	c := startSidecar(t, mdnsArgs...)
+	node := `{"name":"kept","nodes":[{"id":"k1","address":"127.0.0.1","port":7000}]}`
+	if code, out := do(t, "POST", keeper.url("/registry"), "", node); code != 200 {
+		t.Fatalf("register: %d %s", code, out)
+	}
+	for _, p := range []*proc{b, c} {
+		waitFor(t, 5*time.Second, "the node on a peer", func() bool { return hasNode(lookup(t, p, "kept"), "k1") })
+	}
+	if code, out := do(t, "DELETE", b.url("/registry"), "", node); code != 200 {
+		t.Fatalf("delete through a peer: %d %s", code, out)
+	}
+	for _, p := range []*proc{b, c} {
+		waitFor(t, 5*time.Second, "the node put back by its live keeper", func() bool { return hasNode(lookup(t, p, "kept"), "k1") })
+	}
+
+	keeper.stop(syscall.SIGKILL) // its node would live on for 60 s
+	if code, out := do(t, "DELETE", b.url("/registry"), "", node); code != 200 {
+		t.Fatalf("delete of a dead keeper's node: %d %s", code, out)
+	}
+	for _, p := range []*proc{b, c} {
+		waitFor(t, 5*time.Second, "the dead keeper's node gone from every sidecar", func() bool { return !hasNode(lookup(t, p, "kept"), "k1") })
+	}
+}
+
 // TestLegacyQueriesOnlyFromTheLink: a query from a port other than 5353 is
 // answered to its source, so it is taken only from a source on the
 // interface's subnets (RFC 6762 section 11): the answer must not leave by
@@ -1626,5 +1697,15 @@ func TestPeersCannotCrowdOutOwnNodes(t *testing.T) {
 	peer("f5", 120)
 	if s, _ := tb.lookup("flood", time.Now()); len(s) != 1 || len(s[0].Nodes) != 2 || !hasNode(&s[0], "f5") {
 		t.Errorf("peers' nodes after f0's goodbye and f5's announcement: %+v; want f1 and f5", s)
+	}
+}
+
+// TestHeardTTL: a TTL heard is capped at a day, and one with its top bit
+// set is 0, as RFC 2181 section 8 has it read (not the cap).
+func TestHeardTTL(t *testing.T) {
+	for in, want := range map[uint32]uint32{0: 0, 120: 120, 100000: mdnsMaxTTL, 1 << 31: 0, 0xffffffff: 0} {
+		if got := heardTTL(in); got != want {
+			t.Errorf("heardTTL(%d) = %d; want %d", in, got, want)
+		}
 	}
 }

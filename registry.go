@@ -210,7 +210,20 @@ func splitAddress(address string, port int) (string, int, error) {
 	if port < 1 || port > 65535 {
 		return "", 0, fmt.Errorf("port %d out of range 1-65535 (or give address as host:port)", port)
 	}
-	return address, port, nil
+	return canonicalHost(address), port, nil
+}
+
+// canonicalHost spells an address as peers will hear it back: an IP
+// address in lower case, IPv4 without its IPv6 mapping, and a name in
+// lower case (names ignore case, RFC 4343). The broker's entries are
+// signed over their address as written (see peerProof), and the multicast
+// registry gives back addresses in this one form: an entry advertised as
+// LOCALHOST would fail its proof at every peer.
+func canonicalHost(host string) string {
+	if ip, err := netip.ParseAddr(host); err == nil {
+		return ip.Unmap().String()
+	}
+	return strings.ToLower(host)
 }
 
 // unreachableIP says why an IP address names no node another host can

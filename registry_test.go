@@ -46,7 +46,9 @@ func TestSplitAddress(t *testing.T) {
 		{"[::ffff:0.0.0.0]:9090", 0, "", 0, "where a server listens"}, // other spellings, dialed the same
 		{"::%lo", 80, "", 0, "where a server listens"},
 		{"::ffff:255.255.255.255", 80, "", 0, "broadcast"},
-		{"::ffff:192.0.2.1", 80, "::ffff:192.0.2.1", 80, ""},
+		{"::ffff:192.0.2.1", 80, "192.0.2.1", 80, ""}, // one spelling, as mDNS peers hear it
+		{"[2001:DB8::7]:80", 0, "2001:db8::7", 80, ""},
+		{"DB.Example.COM", 80, "db.example.com", 80, ""},
 		{"h/x", 80, "", 0, "not a host name"},
 		{"myapp_web_1", 80, "myapp_web_1", 80, ""}, // a Docker name
 		{"johns-mbp.local.", 80, "johns-mbp.local.", 80, ""},
