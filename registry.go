@@ -56,8 +56,12 @@ var errNotFound = errors.New("service not found")
 // is no JSON object at all (a form, from curl -d name=foo) is told what
 // one looks like rather than where the JSON parser stumbled.
 func serviceJSONError(data []byte, err error) error {
-	if b := bytes.TrimSpace(data); len(b) > 0 && b[0] != '{' {
-		return fmt.Errorf(`the body must be a service as a JSON object, such as {"name":"foo","nodes":[{"id":"foo-1","address":"127.0.0.1:9090"}]}; got %q`, truncate(string(b), 64))
+	const example = `{"name":"foo","nodes":[{"id":"foo-1","address":"127.0.0.1:9090"}]}`
+	switch b := bytes.TrimSpace(data); {
+	case len(b) == 0:
+		return errors.New("the body is empty: send a service as a JSON object, such as " + example)
+	case b[0] != '{':
+		return fmt.Errorf("the body must be a service as a JSON object, such as %s; got %q", example, truncate(string(b), 64))
 	}
 	return fmt.Errorf("invalid service JSON: %w", err)
 }
@@ -905,7 +909,9 @@ func parseTTL(q url.Values) (time.Duration, error) {
 	d, err := time.ParseDuration(s)
 	if err != nil {
 		n, nerr := strconv.Atoi(s)
-		if nerr != nil {
+		if errors.Is(nerr, strconv.ErrRange) {
+			n = -1 // a number of seconds, past any bound: out of range below
+		} else if nerr != nil {
 			return 0, fmt.Errorf("ttl %q: want a duration such as 30s or a number of seconds", truncate(s, 32))
 		}
 		if n < 1 || n > 24*60*60 { // before the multiplication, which could wrap

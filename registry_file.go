@@ -140,35 +140,75 @@ func newFileBackend(ctx context.Context, path string, t *table, log *slog.Logger
 	return f, nil
 }
 
+// register writes every node of s, or none: a registration that would
+// take the file past the node limit is refused whole.
 func (f *fileBackend) register(s Service, ttl time.Duration) error {
-	return f.registerAll([]Service{s}, ttl)
+	return f.put([]Service{s}, ttl, false)
 }
 
 func (f *fileBackend) deregister(s Service) error { return f.deregisterAll([]Service{s}) }
 
-// registerAll registers every service of ss in one rewrite of the file: a
-// refresh of thousands of entries one by one would hold the lock, and have
-// every other sidecar reread the file, thousands of times.
+// registerAll is the registry's refresh of every entry it keeps, in one
+// rewrite of the file: a refresh of thousands of entries one by one would
+// hold the lock, and have every other sidecar reread the file, thousands
+// of times. Entries still in the file are written whatever the node limit
+// (they add nothing); those another sidecar removed are put back while
+// the limit allows, and the rest are left out and reported. Refused whole,
+// one entry that no longer fits would keep every other from its refresh,
+// the app's included, until all of them lapsed.
 func (f *fileBackend) registerAll(ss []Service, ttl time.Duration) error {
+	return f.put(ss, ttl, true)
+}
+
+// put writes the nodes of ss; see register and registerAll, which fit
+// says it is.
+func (f *fileBackend) put(ss []Service, ttl time.Duration, fit bool) error {
 	var add []record
 	for _, s := range ss {
 		add = append(add, recordsOf(s, expiry(f.now(), ttl))...)
 	}
 	keeps := f.keepsFunc()
+	var written, left []record
 	err := f.update(func(recs []record) []record {
-		keep := recs[:0]
+		present := make(map[string]bool, len(recs))
+		for _, r := range recs {
+			present[r.key()] = true
+		}
 		skip := map[string]bool{}
 		for _, r := range add {
 			skip[r.key()] = true
 		}
+		out := recs[:0]
 		for _, r := range recs {
 			if !skip[r.key()] {
-				keep = append(keep, r)
+				out = append(out, r)
 			} else {
 				f.noteRewrite(r)
 			}
 		}
-		return append(keep, add...)
+		// Room for nodes the file does not hold: a change that adds none
+		// always passes.
+		room := len(add)
+		if fit && f.t.maxNodes > 0 {
+			room = max(f.t.maxNodes, len(recs)) - len(out)
+		}
+		written, left = written[:0], left[:0]
+		for _, r := range add {
+			if present[r.key()] {
+				room-- // rewritten in place
+			}
+		}
+		for _, r := range add {
+			if !present[r.key()] {
+				if room <= 0 {
+					left = append(left, r)
+					continue
+				}
+				room--
+			}
+			written = append(written, r)
+		}
+		return append(out, written...)
 	})
 	if err != nil {
 		return err // nothing written: what wrote holds stands
@@ -176,13 +216,17 @@ func (f *fileBackend) registerAll(ss []Service, ttl time.Duration) error {
 	// Writes of owned entries come one at a time (registry.writeMu): no
 	// other update of them runs between the write and this.
 	f.ioMu.Lock()
-	defer f.ioMu.Unlock()
-	for _, r := range add {
+	for _, r := range written {
 		if keeps(r.key()) {
 			f.wrote[r.key()] = r
 		} else {
 			delete(f.wrote, r.key()) // posted with ?ttl= now: nobody's to defend
 		}
+	}
+	f.ioMu.Unlock()
+	if len(left) > 0 {
+		return fmt.Errorf("%w: %d entries this sidecar keeps could not be put back (node %s of %s among them): %d nodes is the limit (--registry_max_nodes)",
+			errTableFull, len(left), left[0].Node.ID, left[0].Service, f.t.maxNodes)
 	}
 	return nil
 }
@@ -344,12 +388,20 @@ func (f *fileBackend) updateWithin(ctx context.Context, change func([]record) []
 		return f.fail(fmt.Errorf("file registry: lock %s: %w", f.path+".lock", err))
 	}
 	defer unlock()
+	sig, err := statSig(f.path) // under the lock: no sidecar replaces it now
+	if err != nil {
+		sig = fileSig{}
+	}
+	f.mu.Lock()
+	others := sig != f.lastSig // what this write starts from is news to poll too
+	f.mu.Unlock()
 	recs, err := f.readLocked()
 	if err != nil {
 		return f.fail(err)
 	}
 	recs = live(recs, f.now())
 	before := len(recs)
+	held := f.t.nodeCount()
 	recs = change(recs)
 	// Only a change that adds nodes is refused: a sidecar with a lower
 	// limit than the others sharing the file must still deregister.
@@ -364,6 +416,10 @@ func (f *fileBackend) updateWithin(ctx context.Context, change func([]record) []
 	}
 	f.t.replace(recs)
 	f.fail(nil)
+	if others {
+		// poll, finding this write, will not see the change before it.
+		f.othersInstalled(sig, held)
+	}
 	return nil
 }
 
@@ -652,15 +708,26 @@ func (f *fileBackend) poll() {
 	}
 	f.mu.Lock()
 	f.lastSig = sig
-	changed := f.changed
 	f.mu.Unlock()
 	held := f.t.nodeCount()
 	f.t.replace(live(recs, f.now()))
 	f.fail(nil)
+	f.othersInstalled(sig, held)
+}
+
+// othersInstalled follows the installing of a file others wrote (sig),
+// read by poll or by a write of this sidecar's own, which the table held
+// held nodes before: it says so when the file had been deleted or emptied
+// by hand, and tells the registry, which writes again at once what it
+// keeps and finds gone.
+func (f *fileBackend) othersInstalled(sig fileSig, held int) {
 	if sig.size == 0 && held > 0 { // no sidecar writes an empty file, nor deletes it
 		f.log.Warn("file registry: the file was deleted or emptied by hand; every sidecar writes its own entries again now, and entries posted with ?ttl= are gone until posted again",
 			"path", f.path, "nodes_lost", held)
 	}
+	f.mu.Lock()
+	changed := f.changed
+	f.mu.Unlock()
 	if changed != nil {
 		changed()
 	}

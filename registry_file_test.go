@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 )
@@ -305,5 +306,101 @@ func TestFileBackendRefusedWriteIsNoRewrite(t *testing.T) {
 	}
 	if strings.Contains(log.String(), "rewritten by another writer") {
 		t.Errorf("a warning with no other writer:\n%s", log.String())
+	}
+}
+
+// TestFileRefreshPutsBackWhatFits: a refresh whose entries include one
+// another sidecar removed, on a file at the node limit, still refreshes
+// the entries the file holds; refused whole, the app's entry would lapse
+// with the one that no longer fits, and stay out for good.
+func TestFileRefreshPutsBackWhatFits(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "registry.json")
+	keeper := newTestFileBackend(t, path, 3)
+	other := newTestFileBackend(t, path, 3)
+	kept := []Service{nodeService("app", "app-1"), nodeService("client", "c1")}
+	if err := keeper.registerAll(kept, 3*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	if err := other.deregister(nodeService("client", "c1")); err != nil {
+		t.Fatal(err)
+	}
+	if err := other.register(nodeService("other", "o1", "o2"), time.Hour); err != nil { // the file is full
+		t.Fatal(err)
+	}
+	expiryOf := func(service, id string) time.Time {
+		t.Helper()
+		recs, err := keeper.readFile()
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, r := range recs {
+			if r.Service == service && r.Node.ID == id {
+				return r.Expires
+			}
+		}
+		return time.Time{}
+	}
+	before := expiryOf("app", "app-1")
+	err := keeper.registerAll(kept, 3*time.Second)
+	if !errors.Is(err, errTableFull) || !strings.Contains(err.Error(), "c1") {
+		t.Errorf("refresh: %v; want the entry that did not fit named", err)
+	}
+	if after := expiryOf("app", "app-1"); !after.After(before) {
+		t.Errorf("the app's entry expires at %v after the refresh, %v before; want it refreshed", after, before)
+	}
+	if !expiryOf("client", "c1").IsZero() || expiryOf("other", "o2").IsZero() {
+		t.Error("want c1 left out and the other sidecar's entries kept")
+	}
+}
+
+// TestFileWriteTellsOfOthersChanges: a write that starts from a file
+// another sidecar changed installs that change, and poll, finding the
+// file as this write left it, will not see it: the write tells the
+// registry, which puts back at once an entry it keeps that the other
+// sidecar removed. It also says so when the file was deleted by hand.
+func TestFileWriteTellsOfOthersChanges(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "registry.json")
+	var log syncBuffer
+	keeper, err := newFileBackend(t.Context(), path, newTable(0), slog.New(slog.NewTextHandler(&log, nil)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { keeper.close() })
+	keeper.stop() // no poll: only writes may find the others' changes
+	keeper.wg.Wait()
+	var told atomic.Int32
+	keeper.setKeeps(func(string) bool { return true }, func() { told.Add(1) })
+	other := newTestFileBackend(t, path, 0)
+
+	if err := keeper.register(nodeService("kept", "k1"), time.Minute); err != nil {
+		t.Fatal(err)
+	}
+	told.Store(0) // the other's start wrote the file too
+	if err := keeper.register(nodeService("kept", "k1"), time.Minute); err != nil {
+		t.Fatal(err)
+	}
+	if n := told.Load(); n != 0 {
+		t.Fatalf("a write over its own told the registry %d times; want none", n)
+	}
+	if err := other.deregister(nodeService("kept", "k1")); err != nil {
+		t.Fatal(err)
+	}
+	if err := keeper.register(nodeService("heartbeat", "h1"), time.Minute); err != nil {
+		t.Fatal(err)
+	}
+	if n := told.Load(); n != 1 {
+		t.Errorf("a write over another sidecar's change told the registry %d times; want once", n)
+	}
+	if tableHasNode(keeper.t, "kept", "k1") {
+		t.Error("k1, which the other sidecar removed, is still in the table")
+	}
+	if err := os.Remove(path); err != nil {
+		t.Fatal(err)
+	}
+	if err := keeper.register(nodeService("heartbeat", "h2"), time.Minute); err != nil {
+		t.Fatal(err)
+	}
+	if n := told.Load(); n != 2 || !strings.Contains(log.String(), "deleted or emptied by hand") {
+		t.Errorf("a write after the file was deleted: told %d times, log:\n%s\nwant told twice and the deletion said", n, log.String())
 	}
 }

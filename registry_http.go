@@ -230,17 +230,21 @@ func decodeDeregistration(body []byte) (Service, error) {
 	if len(svc.Nodes) > maxNodesPerReq {
 		return Service{}, fmt.Errorf("nodes: at most %d per request", maxNodesPerReq)
 	}
+	seen := make(map[string]bool, len(svc.Nodes))
 	for i := range svc.Nodes {
 		if err := checkNodeID(&svc.Nodes[i]); err != nil {
 			return Service{}, fmt.Errorf("nodes[%d]: %w", i, err)
 		}
-		if svc.Nodes[i].Metadata == nil {
-			svc.Nodes[i].Metadata = map[string]string{} // echoed as {} like every other answer
+		id := svc.Nodes[i].ID
+		if seen[id] {
+			return Service{}, fmt.Errorf("nodes[%d]: id %q appears twice", i, id)
 		}
+		seen[id] = true
+		// Only the id names a node to remove: the answer echoes nothing
+		// else, not an address a registration would refuse.
+		svc.Nodes[i] = Node{ID: id, Metadata: map[string]string{}}
 	}
-	if svc.Metadata == nil {
-		svc.Metadata = map[string]string{}
-	}
+	svc.Metadata = map[string]string{}
 	return svc, nil
 }
 

@@ -101,6 +101,17 @@ func TestParseTTL(t *testing.T) {
 	if got, err := parseTTL(url.Values{}); got != 0 || err != nil {
 		t.Errorf("no ttl parameter: %v, %v; want 0 and no error", got, err)
 	}
+	if _, err := parseTTL(url.Values{"ttl": {"99999999999999999999"}}); err == nil || !strings.Contains(err.Error(), "between 1s and 24h") {
+		t.Errorf("a number of seconds past int64: %v; want it called out of range", err)
+	}
+	for _, body := range []string{"", "  \n"} {
+		if _, err := decodeService([]byte(body)); err == nil || !strings.Contains(err.Error(), "the body is empty") {
+			t.Errorf("body %q: %v; want it called empty", body, err)
+		}
+		if _, err := decodeDeregistration([]byte(body)); err == nil || !strings.Contains(err.Error(), "the body is empty") {
+			t.Errorf("DELETE body %q: %v; want it called empty", body, err)
+		}
+	}
 }
 
 func TestDecodeServiceAcceptsAnyKeyCase(t *testing.T) {
@@ -656,5 +667,21 @@ func TestDeregistrationLimits(t *testing.T) {
 	body = `{"name":"x","nodes":[` + strings.Join(ids[:maxNodesPerReq], ",") + `]}`
 	if _, err := decodeDeregistration([]byte(body)); err != nil {
 		t.Errorf("a DELETE of %d nodes: %v; want it taken", maxNodesPerReq, err)
+	}
+}
+
+// TestDeregistrationAnswersIDsAlone: a DELETE names nodes by id; the answer
+// echoes the ids with nothing else (not an address a registration would
+// refuse), and an id named twice is a 400, as in a registration.
+func TestDeregistrationAnswersIDsAlone(t *testing.T) {
+	svc, err := decodeDeregistration([]byte(`{"name":"a","metadata":{"s":"1"},"nodes":[{"id":"x","address":"999.9.9.9","port":5,"metadata":{"k":"v"}}]}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := json.Marshal(svc); string(got) != `{"name":"a","version":"","metadata":{},"nodes":[{"id":"x","address":"","port":0,"metadata":{}}]}` {
+		t.Errorf("answer %s; want the ids alone", got)
+	}
+	if _, err := decodeDeregistration([]byte(`{"name":"a","nodes":[{"id":"x"},{"id":"x"}]}`)); err == nil || !strings.Contains(err.Error(), `id "x" appears twice`) {
+		t.Errorf("an id named twice: %v; want it refused", err)
 	}
 }
