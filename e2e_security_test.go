@@ -711,21 +711,24 @@ func TestStalledBodiesAreCutOff(t *testing.T) {
 // CONNECT gets a 501 in the ecosystem's error shape, not a plain-text 404.
 func TestConnectIsRefusedInTheErrorShape(t *testing.T) {
 	p := startSidecar(t, "--registry=memory")
-	c, err := net.Dial("tcp", p.addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	c.SetDeadline(time.Now().Add(5 * time.Second))
-	io.WriteString(c, "CONNECT 127.0.0.1:9 HTTP/1.1\r\nHost: 127.0.0.1:9\r\n\r\n")
-	resp, err := http.ReadResponse(bufio.NewReader(c), &http.Request{Method: "CONNECT"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	body, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
-	var e errorBody
-	if resp.StatusCode != 501 || json.Unmarshal(body, &e) != nil || e.Code != 501 || e.ID != "go.micro.sidecar" || !strings.Contains(e.Detail, "not a forward proxy") {
-		t.Errorf("CONNECT: %d %s; want a 501 in the error shape", resp.StatusCode, body)
+	registerAddr(t, p, "web", "w1", hostOf(appServer(t, func(w http.ResponseWriter, r *http.Request) {})))
+	for _, target := range []string{"127.0.0.1:9", "/rpc", "/proxy/web/x"} { // on the sidecar's own routes too
+		c, err := net.Dial("tcp", p.addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.SetDeadline(time.Now().Add(5 * time.Second))
+		io.WriteString(c, "CONNECT "+target+" HTTP/1.1\r\nHost: 127.0.0.1:9\r\n\r\n")
+		resp, err := http.ReadResponse(bufio.NewReader(c), &http.Request{Method: "CONNECT"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		body, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
+		c.Close()
+		var e errorBody
+		if resp.StatusCode != 501 || json.Unmarshal(body, &e) != nil || e.Code != 501 || e.ID != "go.micro.sidecar" || !strings.Contains(e.Detail, "not a forward proxy") {
+			t.Errorf("CONNECT %s: %d %s; want a 501 in the error shape", target, resp.StatusCode, body)
+		}
 	}
 }
 

@@ -981,15 +981,16 @@ func (s *sidecar) routes() http.Handler {
 func hotRoutes(mux *http.ServeMux, rpc, proxy http.HandlerFunc) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		switch p := r.URL.Path; {
+		case r.Method == http.MethodConnect:
+			// On any path: the mux would answer with a plain-text 404, /rpc
+			// with a 405 as if another method would do.
+			writeError(w, http.StatusNotImplemented, "CONNECT is not supported: the sidecar is not a forward proxy")
 		case p == "/rpc":
 			r.Pattern = "/rpc"
 			rpc(w, r)
 		case strings.HasPrefix(p, "/proxy/") && noDotSegments(p):
 			r.Pattern = "/proxy/"
 			proxy(w, r)
-		case r.Method == http.MethodConnect:
-			// The mux would answer with a plain-text 404.
-			writeError(w, http.StatusNotImplemented, "CONNECT is not supported: the sidecar is not a forward proxy")
 		default:
 			mux.ServeHTTP(w, r)
 		}
