@@ -573,7 +573,7 @@ func (c *config) advertisesLoopback() bool {
 	if c.ServerName != "" {
 		host, _, _ = net.SplitHostPort(c.ServerAddress)
 	}
-	if host == "localhost" {
+	if strings.EqualFold(strings.TrimSuffix(host, "."), "localhost") { // names ignore case
 		return true
 	}
 	ip, err := netip.ParseAddr(host)

@@ -105,8 +105,10 @@ func txtOf(r record) ([]string, error) {
 	if r.Version != "" {
 		out = append(out, txtVersion+"="+r.Version)
 	}
+	named := make([]string, len(out), len(out)+len(r.Metadata)+len(r.Node.Metadata)) // each string's key as the client gave it
 	for _, k := range sortedKeys(r.Metadata) {
 		out = append(out, txtSvcPrefix+k+"="+r.Metadata[k])
+		named = append(named, fmt.Sprintf("service metadata key %q", truncate(k, 32)))
 	}
 	for _, k := range sortedKeys(r.Node.Metadata) {
 		key := k
@@ -114,6 +116,7 @@ func txtOf(r record) ([]string, error) {
 			key = txtNodePrefix + k
 		}
 		out = append(out, key+"="+r.Node.Metadata[k])
+		named = append(named, fmt.Sprintf("metadata key %q", truncate(k, 32)))
 	}
 	for _, md := range []map[string]string{r.Metadata, r.Node.Metadata} {
 		for k := range md {
@@ -125,13 +128,15 @@ func txtOf(r record) ([]string, error) {
 	// RFC 6763 section 6.4: keys ignore case, and a reader keeps the first
 	// of two that differ in case alone; other DNS-SD tools would then show
 	// another node than the sidecars do.
-	keys := make(map[string]string, len(out))
-	for _, s := range out {
+	// Only metadata keys can meet so: the first strings' keys are fixed,
+	// and keys that could be taken for them travel escaped.
+	keys := make(map[string]int, len(out))
+	for i, s := range out {
 		key, _, _ := strings.Cut(s, "=")
-		if other, ok := keys[strings.ToLower(key)]; ok {
-			return nil, fmt.Errorf("node %q: metadata keys %q and %q differ only in case, and DNS-SD keys ignore case: %w", truncate(r.Node.ID, 64), truncate(other, 32), truncate(key, 32), errNotAnnounceable)
+		if j, ok := keys[strings.ToLower(key)]; ok {
+			return nil, fmt.Errorf("node %q: %s and %s differ only in case, and DNS-SD keys ignore case: %w", truncate(r.Node.ID, 64), named[j], named[i], errNotAnnounceable)
 		}
-		keys[strings.ToLower(key)] = key
+		keys[strings.ToLower(key)] = i
 	}
 	total := 0
 	for _, s := range out {

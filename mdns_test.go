@@ -756,6 +756,8 @@ func TestAdvertisesLoopback(t *testing.T) {
 		{config{Address: "[::1]:8081"}, true},
 		{config{Address: "127.0.0.1:0", ServerName: "a", ServerAddress: "10.0.0.5:80"}, false},
 		{config{Address: ":8081", ServerName: "a", ServerAddress: "localhost:80"}, true},
+		{config{Address: "LOCALHOST:8081"}, true}, // names ignore case
+		{config{Address: ":8081", ServerName: "a", ServerAddress: "LocalHost.:80"}, true},
 	} {
 		if got := tc.c.advertisesLoopback(); got != tc.want {
 			t.Errorf("%+v: advertisesLoopback = %v; want %v", tc.c, got, tc.want)
@@ -1707,5 +1709,16 @@ func TestHeardTTL(t *testing.T) {
 		if got := heardTTL(in); got != want {
 			t.Errorf("heardTTL(%d) = %d; want %d", in, got, want)
 		}
+	}
+}
+
+// TestTXTCaseClashNamesTheClientsKeys: the refusal of keys differing in
+// case alone names them as the client sent them, not as TXT carries them.
+func TestTXTCaseClashNamesTheClientsKeys(t *testing.T) {
+	r := testRecord("s", "n", "127.0.0.1", 1)
+	r.Metadata = map[string]string{"Zone": "a", "zone": "b"}
+	_, err := txtOf(r)
+	if err == nil || !strings.Contains(err.Error(), `service metadata key "Zone" and service metadata key "zone" differ only in case`) {
+		t.Errorf("got %v; want the service metadata keys named", err)
 	}
 }

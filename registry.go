@@ -937,9 +937,12 @@ type registry struct {
 	ttl     time.Duration // TTL of owned registrations
 	now     func() time.Time
 
-	mu     sync.Mutex         // guards owned and closed
-	owned  map[string]Service // by record key, one node each
-	closed bool               // deregisterOwned ran: nothing more is owned
+	mu    sync.Mutex         // guards owned, sidecars and closed
+	owned map[string]Service // by record key, one node each
+	// sidecars marks the keys of owned that are the sidecar's own (the
+	// app, the broker's topics), refreshed first where room is short.
+	sidecars map[string]bool
+	closed   bool // deregisterOwned ran: nothing more is owned
 
 	// writeMu orders the backend writes of owned entries: a refresh's
 	// re-registration against a deregistration of the same entry, which
@@ -1037,6 +1040,12 @@ func (r *registry) register(s Service, ttl time.Duration, own bool) error {
 			return fmt.Errorf("%w: this sidecar already keeps %d registrations alive; pass ?ttl= to register without it", errTableFull, maxOwned)
 		}
 		r.owned[k] = one
+		if own {
+			if r.sidecars == nil {
+				r.sidecars = map[string]bool{}
+			}
+			r.sidecars[k] = true
+		}
 	}
 	r.mu.Unlock()
 	if ttl == 0 {
@@ -1059,6 +1068,7 @@ func (r *registry) Deregister(s Service) error {
 	r.mu.Lock()
 	for _, k := range keysOf(s) {
 		delete(r.owned, k)
+		delete(r.sidecars, k)
 	}
 	r.mu.Unlock()
 	return r.backend.deregister(s)
@@ -1150,7 +1160,17 @@ func (r *registry) refreshAll(bb batchBackend) error {
 	r.writeMu.Lock()
 	defer r.writeMu.Unlock()
 	r.mu.Lock()
-	owned := slices.Collect(maps.Values(r.owned))
+	owned := make([]Service, 0, len(r.owned))
+	for k, s := range r.owned { // the sidecar's own first: a full file takes them back first
+		if r.sidecars[k] {
+			owned = append(owned, s)
+		}
+	}
+	for k, s := range r.owned {
+		if !r.sidecars[k] {
+			owned = append(owned, s)
+		}
+	}
 	r.mu.Unlock()
 	if len(owned) == 0 {
 		return nil
@@ -1208,7 +1228,7 @@ func (r *registry) deregisterOwned() error {
 	defer r.writeMu.Unlock()
 	r.mu.Lock()
 	owned := slices.Collect(maps.Values(r.owned))
-	r.owned = map[string]Service{}
+	r.owned, r.sidecars = map[string]Service{}, nil
 	r.closed = true
 	r.mu.Unlock()
 	if bb, ok := r.backend.(batchBackend); ok && len(owned) > 0 {

@@ -129,7 +129,7 @@ func newFileBackend(ctx context.Context, path string, t *table, log *slog.Logger
 	waiting := time.AfterFunc(lockWaitNotice, func() {
 		log.Info("file registry: waiting for the lock, which another process holds", "lock", path+".lock", "timeout", lockTimeout)
 	})
-	err := f.updateWithin(ctx, func(recs []record) []record { return recs })
+	err := f.updateWithin(ctx, func(recs []record) ([]record, bool) { return recs, true })
 	waiting.Stop()
 	if err != nil {
 		return nil, err
@@ -169,7 +169,7 @@ func (f *fileBackend) put(ss []Service, ttl time.Duration, fit bool) error {
 	}
 	keeps := f.keepsFunc()
 	var written, left []record
-	err := f.update(func(recs []record) []record {
+	err := f.update(func(recs []record) ([]record, bool) {
 		present := make(map[string]bool, len(recs))
 		for _, r := range recs {
 			present[r.key()] = true
@@ -208,7 +208,10 @@ func (f *fileBackend) put(ss []Service, ttl time.Duration, fit bool) error {
 			}
 			written = append(written, r)
 		}
-		return append(out, written...)
+		// Nothing of ours fits: the file stays as it is. Written all the
+		// same, it would wake every other sidecar, whose refresh of an entry
+		// of its own that no longer fits would wake this one, and so on.
+		return append(out, written...), len(written) > 0
 	})
 	if err != nil {
 		return err // nothing written: what wrote holds stands
@@ -225,7 +228,7 @@ func (f *fileBackend) put(ss []Service, ttl time.Duration, fit bool) error {
 	}
 	f.ioMu.Unlock()
 	if len(left) > 0 {
-		return fmt.Errorf("%w: %d entries this sidecar keeps could not be put back (node %s of %s among them): %d nodes is the limit (--registry_max_nodes)",
+		return fmt.Errorf("%w: %d of the entries this sidecar keeps could not be put back (node %s of %s among them): %d nodes is the limit (--registry_max_nodes)",
 			errTableFull, len(left), left[0].Node.ID, left[0].Service, f.t.maxNodes)
 	}
 	return nil
@@ -263,7 +266,7 @@ func (f *fileBackend) deregisterAll(ss []Service) error {
 			drop[k] = true
 		}
 	}
-	return f.update(func(recs []record) []record {
+	return f.update(func(recs []record) ([]record, bool) {
 		for k := range drop {
 			delete(f.wrote, k)
 		}
@@ -273,7 +276,7 @@ func (f *fileBackend) deregisterAll(ss []Service) error {
 				keep = append(keep, r)
 			}
 		}
-		return keep
+		return keep, true
 	})
 }
 
@@ -367,14 +370,14 @@ func lockFileWithin(ctx context.Context, path string, timeout time.Duration) (fu
 }
 
 // update applies change to the file's live records under the lock and
-// installs the result in the table. The table's node limit is checked
-// before anything is written.
-func (f *fileBackend) update(change func([]record) []record) error {
+// installs the result in the table, unless change says there is nothing to
+// write. The table's node limit is checked before anything is written.
+func (f *fileBackend) update(change func([]record) ([]record, bool)) error {
 	return f.updateWithin(context.Background(), change)
 }
 
 // updateWithin is update, giving up the wait for the lock when ctx ends.
-func (f *fileBackend) updateWithin(ctx context.Context, change func([]record) []record) error {
+func (f *fileBackend) updateWithin(ctx context.Context, change func([]record) ([]record, bool)) error {
 	f.ioMu.Lock()
 	defer f.ioMu.Unlock()
 	unlock, err := lockFileWithin(ctx, f.path+".lock", lockTimeout)
@@ -402,7 +405,10 @@ func (f *fileBackend) updateWithin(ctx context.Context, change func([]record) []
 	recs = live(recs, f.now())
 	before := len(recs)
 	held := f.t.nodeCount()
-	recs = change(recs)
+	recs, write := change(recs)
+	if !write {
+		return nil // what others changed, poll installs
+	}
 	// Only a change that adds nodes is refused: a sidecar with a lower
 	// limit than the others sharing the file must still deregister.
 	if f.t.maxNodes > 0 && len(recs) > f.t.maxNodes && len(recs) > before {

@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -351,6 +352,22 @@ func TestFileRefreshPutsBackWhatFits(t *testing.T) {
 	if !expiryOf("client", "c1").IsZero() || expiryOf("other", "o2").IsZero() {
 		t.Error("want c1 left out and the other sidecar's entries kept")
 	}
+
+	// None of its entries fits: the file is not rewritten, which would
+	// wake every other sidecar for nothing, at every refresh of each.
+	if err := other.deregister(nodeService("app", "app-1")); err != nil {
+		t.Fatal(err)
+	}
+	if err := other.register(nodeService("other", "o3"), time.Hour); err != nil {
+		t.Fatal(err)
+	}
+	sig, _ := statSig(path)
+	if err := keeper.registerAll(kept, 3*time.Second); !errors.Is(err, errTableFull) {
+		t.Errorf("a refresh of which nothing fits: %v; want errTableFull", err)
+	}
+	if after, _ := statSig(path); after != sig {
+		t.Error("a refresh that changed nothing rewrote the file")
+	}
 }
 
 // TestFileWriteTellsOfOthersChanges: a write that starts from a file
@@ -402,5 +419,38 @@ func TestFileWriteTellsOfOthersChanges(t *testing.T) {
 	}
 	if n := told.Load(); n != 2 || !strings.Contains(log.String(), "deleted or emptied by hand") {
 		t.Errorf("a write after the file was deleted: told %d times, log:\n%s\nwant told twice and the deletion said", n, log.String())
+	}
+}
+
+// TestRefreshPutsTheSidecarsOwnBackFirst: where a full file has room for
+// one of the entries a sidecar keeps, the refresh puts back the sidecar's
+// own (its app's), not one of its clients'.
+func TestRefreshPutsTheSidecarsOwnBackFirst(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "registry.json")
+	keeper := newTestFileBackend(t, path, 11)
+	other := newTestFileBackend(t, path, 11)
+	r := &registry{table: keeper.t, backend: keeper, ttl: time.Minute, now: time.Now, owned: map[string]Service{}}
+	if err := r.registerOwn(nodeService("app", "app-1")); err != nil {
+		t.Fatal(err)
+	}
+	clients := nodeService("client", "c0", "c1", "c2", "c3", "c4", "c5", "c6", "c7", "c8", "c9")
+	if err := r.Register(clients, 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := other.deregisterAll([]Service{nodeService("app", "app-1"), clients}); err != nil {
+		t.Fatal(err)
+	}
+	if err := other.register(nodeService("other", "o0", "o1", "o2", "o3", "o4", "o5", "o6", "o7", "o8", "o9"), time.Hour); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.refreshAll(keeper); !errors.Is(err, errTableFull) {
+		t.Fatalf("refresh with room for one of eleven: %v; want errTableFull", err)
+	}
+	recs, err := keeper.readFile()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !slices.ContainsFunc(recs, func(r record) bool { return r.Node.ID == "app-1" }) {
+		t.Error("the app's entry was left out for a client's")
 	}
 }

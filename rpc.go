@@ -215,6 +215,9 @@ func parseRPCRequest(contentType string, query url.Values, body []byte) (rpcCall
 	if err != nil {
 		return rpcCall{}, err
 	}
+	if isJSON && startsJSON(body, '[') {
+		return rpcCall{}, errors.New(`the body is a JSON array: /rpc takes one call, a JSON object such as {"service":"foo","method":"Foo.Bar","request":{}} (batches are not supported)`)
+	}
 	if isJSON {
 		var in struct {
 			Service, Method, Address string

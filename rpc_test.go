@@ -609,7 +609,7 @@ func TestCallErrors(t *testing.T) {
 		{"bad query", "/rpc?service=%zz", form, "method=A.B", 400, `invalid URL escape "%zz"`},
 		{"broken json labelled a form", "/some/call", form, "{not json", 400, "body is not JSON"},
 		{"json labelled a form", "/rpc", form, `{"service":"nope","method":"A.B"}`, 404, "service nope not found"},
-		{"a batch labelled a form", "/rpc", form, `[{"service":"nope","method":"A.B"}]`, 400, "body is not a JSON object"},
+		{"a batch labelled a form", "/rpc", form, `[{"service":"nope","method":"A.B"}]`, 400, "the body is a JSON array: /rpc takes one call"},
 		{"too big", "/rpc", form, strings.Repeat("x", 300), 413, "larger than 200 bytes"},
 		{"bad timeout", "/rpc", form, "service=failing&method=A.B", 400, "Timeout header"},
 		{"two timeouts", "/rpc", form, "service=failing&method=A.B", 400, "the Timeout header is given 2 times; give it once"},
