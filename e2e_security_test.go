@@ -102,6 +102,11 @@ func TestAuthToken(t *testing.T) {
 			t.Errorf("%s with Upgrade: websocket and ?access_token: got %d; want 401", method, resp.StatusCode)
 		}
 	}
+	// Nor for one with both upgrade fields and no key: no handshake.
+	resp := request(t, "GET", p.url("/metrics?access_token="+token), map[string]string{"Upgrade": "websocket", "Connection": "Upgrade"}, "")
+	if resp.StatusCode != 401 {
+		t.Errorf("GET /metrics with the upgrade fields, no Sec-WebSocket-Key, and ?access_token: got %d; want 401", resp.StatusCode)
+	}
 	if strings.Contains(p.log.String(), token) {
 		t.Errorf("the token appears in the log:\n%s", p.log.String())
 	}
@@ -150,10 +155,15 @@ func TestProxyKeepsTheTokenFromApps(t *testing.T) {
 // TestProxiedCORSHasOneOrigin: for an allowed origin the sidecar's CORS
 // answer stands on proxied requests; an app's own CORS fields would make
 // two Access-Control-Allow-Origin fields, which fail the browser's check.
+// The app's fields that add to it (what the page may read, cookies) stay.
+// For an origin not allowed the app's CORS fields all go: the page must
+// not read through the sidecar what the app lets any origin read.
 func TestProxiedCORSHasOneOrigin(t *testing.T) {
 	app := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Access-Control-Allow-Origin", "*")
 		w.Header().Set("Access-Control-Expose-Headers", "X-App")
+		w.Header().Set("Access-Control-Allow-Credentials", "true")
+		w.Header().Set("Access-Control-Max-Age", "60")
 		io.WriteString(w, "ok")
 	}))
 	defer app.Close()
@@ -166,6 +176,16 @@ func TestProxiedCORSHasOneOrigin(t *testing.T) {
 		resp := request(t, "GET", p.url("/proxy/web/"), headers, "")
 		if got := resp.Header.Values("Access-Control-Allow-Origin"); resp.StatusCode != 200 || len(got) != 1 || got[0] != "http://app.example" {
 			t.Errorf("%v: %d, Access-Control-Allow-Origin %q; want 200 and the allowed origin once", headers, resp.StatusCode, got)
+		}
+		if resp.Header.Get("Access-Control-Expose-Headers") != "X-App" || resp.Header.Get("Access-Control-Allow-Credentials") != "true" || resp.Header.Get("Access-Control-Max-Age") != "" {
+			t.Errorf("%v: %v; want the app's Expose-Headers and Allow-Credentials, and no other field of its", headers, resp.Header)
+		}
+		headers["Origin"] = "http://evil.example"
+		resp = request(t, "GET", p.url("/proxy/web/"), headers, "")
+		for k := range resp.Header {
+			if isCORSField(k) {
+				t.Errorf("%v: a foreign origin's answer has %s: %q; want no CORS field", headers, k, resp.Header.Values(k))
+			}
 		}
 	}
 	// Without the sidecar's CORS answer the app's fields pass as they are.
@@ -443,6 +463,11 @@ func TestInFlightLimit(t *testing.T) {
 	})
 	if !strings.Contains(detail, "--max_inflight") {
 		t.Errorf("refusal detail: %s", detail)
+	}
+	// A page of an allowed origin (the sidecar's own) can read the refusal.
+	own := request(t, "GET", p.url("/registry"), map[string]string{"Origin": "http://" + p.addr}, "")
+	if own.StatusCode != 503 || own.Header.Get("Access-Control-Allow-Origin") != "http://"+p.addr {
+		t.Errorf("an allowed origin at the limit: %d %v; want the 503 with its CORS answer", own.StatusCode, own.Header)
 	}
 	for _, path := range []string{"/health", "/metrics"} {
 		if code, _ := do(t, "GET", p.url(path), "", ""); code != 200 {
@@ -835,6 +860,31 @@ func TestSilentConnectionClosedAfterReadHeaderTimeout(t *testing.T) {
 	<-idle.C
 	if err := ask(); err != nil {
 		t.Errorf("a kept-alive connection idle for 1s of its 30s: %v", err)
+	}
+}
+
+// TestIdleTimeoutShorterThanTheHeadTimeout: a connection idle after its
+// request closes after --idle_timeout, also when that is shorter than
+// --read_header_timeout, which gave its first head a later deadline.
+func TestIdleTimeoutShorterThanTheHeadTimeout(t *testing.T) {
+	p := startSidecar(t, "--registry=memory", "--read_header_timeout=20s", "--idle_timeout=1s")
+	c, err := net.Dial("tcp", p.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	io.WriteString(c, "GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+	c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	br := bufio.NewReader(c)
+	resp, err := http.ReadResponse(br, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	io.Copy(io.Discard, resp.Body)
+	resp.Body.Close()
+	start := time.Now()
+	if _, err := br.ReadByte(); err != io.EOF {
+		t.Errorf("an idle connection: %v after %v; want it closed after its 1s idle timeout, not the head's 20s", err, time.Since(start).Round(time.Millisecond))
 	}
 }
 

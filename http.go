@@ -354,11 +354,12 @@ func isUpgrade(r *http.Request) bool {
 }
 
 // isWebSocketHandshake reports whether r is a WebSocket opening handshake
-// (RFC 6455 section 4.1): a GET asking, in Connection too, to upgrade.
-// Only such a request may skip the in-flight limit or carry its token in
-// the URL; an Upgrade header alone on any request earns neither.
+// (RFC 6455 section 4.1): a GET asking, in Connection too, to upgrade,
+// with the key every handshake carries. Only such a request may skip the
+// in-flight limit or carry its token in the URL; Upgrade fields alone on
+// any request earn neither.
 func isWebSocketHandshake(r *http.Request) bool {
-	return r.Method == http.MethodGet && isUpgrade(r) && upgradeAsked(r)
+	return r.Method == http.MethodGet && isUpgrade(r) && upgradeAsked(r) && firstValue(r.Header["Sec-Websocket-Key"]) != ""
 }
 
 // wsServer builds a WebSocket server for handler. The origin policy has

@@ -28,6 +28,7 @@ import (
 	"sync/atomic"
 	"syscall"
 	"time"
+	"unicode/utf8"
 )
 
 // version is set at link time: go build -ldflags "-X main.version=v1.2.3".
@@ -527,6 +528,18 @@ func checkOrigin(o string) error {
 	if u.User != nil || u.RawQuery != "" || u.Fragment != "" || u.Path != "" {
 		return fmt.Errorf("--cors_allowed_origins %q: an origin is scheme://host[:port] alone; use %s://%s", o, u.Scheme, u.Host)
 	}
+	host, port := u.Hostname(), u.Port()
+	switch {
+	case strings.Contains(host, "*"):
+		return fmt.Errorf("--cors_allowed_origins %q: origins match whole, without wildcards; list each origin, or give * for any", o)
+	case strings.EqualFold(u.Scheme, "http") && port == "80", strings.EqualFold(u.Scheme, "https") && port == "443":
+		return fmt.Errorf("--cors_allowed_origins %q: browsers leave the scheme's default port out of an origin; use %s://%s", o, u.Scheme, host)
+	}
+	for _, c := range []byte(host) {
+		if c >= utf8.RuneSelf {
+			return fmt.Errorf("--cors_allowed_origins %q: browsers send an international host name in its ASCII form (xn--...); give that form", o)
+		}
+	}
 	return nil
 }
 
@@ -970,7 +983,9 @@ func (s *sidecar) routes() http.Handler {
 	if s.log.Enabled(context.Background(), slog.LevelDebug) {
 		s.metrics.requestLog = s.log
 	}
-	return s.metrics.instrument(limitInFlight(s.cfg.MaxInFlight, s.guard(s.authenticate(hotRoutes(mux, s.handleRPC, s.handleProxy)))), routeOf)
+	// The guard comes before the in-flight limit, so that an allowed
+	// origin's page can read the limit's 503 and its Retry-After.
+	return s.metrics.instrument(s.guard(limitInFlight(s.cfg.MaxInFlight, s.authenticate(hotRoutes(mux, s.handleRPC, s.handleProxy)))), routeOf)
 }
 
 // hotRoutes sends /rpc and /proxy/ paths without dot segments straight to

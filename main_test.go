@@ -1590,3 +1590,25 @@ func TestLateAppRegisteredWithinASecond(t *testing.T) {
 		t.Errorf("the late app is passing but not registered")
 	}
 }
+
+// TestCheckOriginRefusesWhatNoBrowserSends: an allowed origin no browser's
+// Origin can equal is refused with the form to use.
+func TestCheckOriginRefusesWhatNoBrowserSends(t *testing.T) {
+	for o, want := range map[string]string{
+		"http://app.example:80":     "use http://app.example",
+		"https://app.example:443":   "use https://app.example",
+		"http://*.good.example":     "without wildcards",
+		"http://ünïcode.example":    "ASCII form",
+		"http://localhost:3000/":    "use http://localhost:3000",
+		"http://app.example":        "",
+		"https://app.example:8443":  "",
+		"http://app.example:443":    "",
+		"*":                         "",
+		"http://xn--ncode-cta3g.ex": "",
+	} {
+		err := checkOrigin(o)
+		if want == "" && err != nil || want != "" && (err == nil || !strings.Contains(err.Error(), want)) {
+			t.Errorf("checkOrigin(%q) = %v; want %q", o, err, want)
+		}
+	}
+}

@@ -69,8 +69,8 @@ func newProxy(cfg proxyConfig, reg *registry, sel *selector, transport http.Roun
 			if t == nil {
 				return nil
 			}
+			dropNodeCORS(resp.Header, t.corsAnswer)
 			if t.ownCORS {
-				dropCORSFields(resp.Header)
 				addFields(resp.Header, t.cors)
 			}
 			noSniffing(t.answer) // again: a 1xx passed on took it off
@@ -85,6 +85,48 @@ func newProxy(cfg proxyConfig, reg *registry, sel *selector, transport http.Roun
 // own CORS fields are dropped, since two Access-Control-Allow-Origin
 // fields fail the browser's check.
 func sidecarAnsweredCORS(h http.Header) bool { return h["Access-Control-Allow-Origin"] != nil }
+
+// corsAnswer says what becomes of a node's CORS fields (Access-Control-*)
+// on a proxied answer.
+type corsAnswer uint8
+
+const (
+	// corsNode: the request carries no Origin (no browser's cross-origin
+	// request): the node's fields stay.
+	corsNode corsAnswer = iota
+	// corsSidecar: the sidecar answered for an allowed origin. The node's
+	// fields give way to its answer, but for those that add to it rather
+	// than contradict it: which fields the page may read, whether it may
+	// send cookies.
+	corsSidecar
+	// corsRefused: the origin is not allowed. The node's fields all go, so
+	// that a page cannot read through the sidecar what the node would let
+	// any origin read (an "Access-Control-Allow-Origin: *").
+	corsRefused
+)
+
+// corsAnswerOf tells the corsAnswer of a request whose answer the guard
+// has prepared.
+func corsAnswerOf(r *http.Request, answer http.Header) corsAnswer {
+	switch {
+	case sidecarAnsweredCORS(answer):
+		return corsSidecar
+	case firstValue(r.Header["Origin"]) != "":
+		return corsRefused
+	}
+	return corsNode
+}
+
+// drops reports whether the node's field k is left off the answer.
+func (a corsAnswer) drops(k string) bool {
+	switch {
+	case a == corsNode || !isCORSField(k):
+		return false
+	case a == corsRefused:
+		return true
+	}
+	return !strings.EqualFold(k, "Access-Control-Expose-Headers") && !strings.EqualFold(k, "Access-Control-Allow-Credentials")
+}
 
 // isCORSField reports whether a field name is a CORS answer's.
 func isCORSField(k string) bool {
@@ -115,9 +157,10 @@ func addFields(h, from http.Header) {
 	}
 }
 
-func dropCORSFields(h http.Header) {
+// dropNodeCORS takes off h, a node's answer, the CORS fields a drops.
+func dropNodeCORS(h http.Header, a corsAnswer) {
 	for k := range h {
-		if isCORSField(k) {
+		if a.drops(k) {
 			delete(h, k)
 		}
 	}
@@ -133,7 +176,8 @@ type proxyTarget struct {
 	timeoutIn  string        // the Timeout header as it came, for the 504's hint
 	shortened  bool          // the caller asked for less than the default deadline
 	body       stallReporter // the caller's body, when it can stall; ReverseProxy hides it behind its own reader
-	ownCORS    bool          // the sidecar answered CORS for the caller's origin: the node's CORS fields go
+	ownCORS    bool          // the sidecar answered CORS for the caller's origin
+	corsAnswer corsAnswer    // what becomes of the node's CORS fields
 	cors       http.Header   // that answer, on the ReverseProxy path (see takeCORS)
 	answer     http.Header   // the caller's answer's, on the ReverseProxy path, which clears it after a 1xx
 	answered   Node          // the node whose answer ReverseProxy passes on
@@ -200,7 +244,8 @@ func (p *proxy) serve(w http.ResponseWriter, r *http.Request, service, path stri
 	}
 	rt := t // a copy goes in the context, so that t stays off the heap
 	rt.body, _ = r.Body.(stallReporter)
-	if rt.ownCORS = sidecarAnsweredCORS(w.Header()); rt.ownCORS {
+	rt.corsAnswer = corsAnswerOf(r, w.Header())
+	if rt.ownCORS = rt.corsAnswer == corsSidecar; rt.ownCORS {
 		rt.cors = takeCORS(w.Header())
 	}
 	rt.answer = w.Header()

@@ -165,11 +165,12 @@ func (p *proxy) forward(w http.ResponseWriter, r *http.Request, t *proxyTarget) 
 	deadline := now.Add(t.timeout)
 	attempts := 0
 	mayRetry := func(o outcome) bool { return o == notSent || replayable && o == lost }
+	cors := corsAnswerOf(r, w.Header())
 	err := p.attemptNodes(t, mayRetry, func(node Node) (outcome, bool, error) {
 		if attempts++; attempts > 1 {
 			now = time.Now()
 		}
-		o, err := p.forwardTo(ctx, now, deadline, w, r.Method, node, req[:hostAt], req[hostAt:])
+		o, err := p.forwardTo(ctx, now, deadline, w, r.Method, cors, node, req[:hostAt], req[hostAt:])
 		return o, o == timedOut && ctx.Err() == nil, err
 	})
 	switch {
@@ -184,7 +185,7 @@ func (p *proxy) forward(w http.ResponseWriter, r *http.Request, t *proxyTarget) 
 // the node's address, then the rest. An error means nothing was written to
 // w; once the head is copied, a failure aborts the response, as in
 // ReverseProxy.
-func (p *proxy) forwardTo(ctx context.Context, now, deadline time.Time, w http.ResponseWriter, method string, node Node, line, rest []byte) (outcome, error) {
+func (p *proxy) forwardTo(ctx context.Context, now, deadline time.Time, w http.ResponseWriter, method string, cors corsAnswer, node Node, line, rest []byte) (outcome, error) {
 	addr := p.direct.addrOf(node)
 	c, stop, err := p.direct.start(ctx, now, deadline, addr, func(out []byte) []byte {
 		out = append(out, line...)
@@ -245,7 +246,7 @@ func (p *proxy) forwardTo(ctx context.Context, now, deadline time.Time, w http.R
 			connection = append(connection, header[i+1])
 		}
 	}
-	passHead(w, c, head, header, connection)
+	passHead(w, c, head, header, connection, cors)
 	whole, err := p.copyResponseBody(w, c, method, head)
 	if err != nil {
 		return answered, err
@@ -257,19 +258,18 @@ func (p *proxy) forwardTo(ctx context.Context, now, deadline time.Time, w http.R
 // passHead writes the status and the end-to-end fields of a node's head to
 // w: to the fast-path server as lines, with no header map in between (it
 // computes the framing from length), else through w.Header().
-func passHead(w http.ResponseWriter, c *nodeConn, head responseHead, header, connection []string) {
+func passHead(w http.ResponseWriter, c *nodeConn, head responseHead, header, connection []string, cors corsAnswer) {
 	length := head.contentLength
 	if head.chunked {
 		length = -1 // the coding frames the body; a Content-Length with it is void
 	}
-	ownCORS := sidecarAnsweredCORS(w.Header())
 	if head.contentType == "" {
 		noSniffing(w.Header())
 	}
 	if fw, ok := w.(*response); ok {
 		lines := c.lines[:0]
 		for i := 0; i < len(header); i += 2 {
-			if k := header[i]; !isHopHeader(k, connection) && !(ownCORS && isCORSField(k)) {
+			if k := header[i]; !isHopHeader(k, connection) && !cors.drops(k) {
 				lines = appendHeaderLine(lines, k, header[i+1])
 			}
 		}
@@ -282,7 +282,7 @@ func passHead(w http.ResponseWriter, c *nodeConn, head responseHead, header, con
 	for i := 0; i < len(header); i += 2 {
 		k, v := header[i], header[i+1]
 		switch {
-		case isHopHeader(k, connection), ownCORS && isCORSField(k):
+		case isHopHeader(k, connection), cors.drops(k):
 		case wh[k] == nil:
 			values = append(values, v)
 			wh[k] = values[len(values)-1 : len(values) : len(values)]

@@ -323,8 +323,9 @@ func (c *serverConn) readHead() (int, error) {
 
 // keepIdleDeadline makes sure an idle connection is closed after about
 // idleTimeout. Moving a deadline costs a timer update, so it is moved only
-// when less than three quarters of idleTimeout are left: a connection
-// idles for between 0.75 and 1 times idleTimeout.
+// when less than three quarters of idleTimeout are left, or more than all
+// of it (the first head's, --read_header_timeout, may be longer): a
+// connection idles for between 0.75 and 1 times idleTimeout.
 func (c *serverConn) keepIdleDeadline() {
 	// The last request's latest reading is microseconds old, unless its
 	// response streamed for a while.
@@ -332,7 +333,7 @@ func (c *serverConn) keepIdleDeadline() {
 	if now.IsZero() || c.resp.streaming {
 		now = time.Now()
 	}
-	if c.deadline.IsZero() || c.deadline.Sub(now) < c.srv.idleTimeout*3/4 {
+	if left := c.deadline.Sub(now); c.deadline.IsZero() || left < c.srv.idleTimeout*3/4 || left > c.srv.idleTimeout {
 		c.setDeadline(now.Add(c.srv.idleTimeout))
 	}
 }
