@@ -146,7 +146,9 @@ func newHealthChecker(cfg healthConfig, log *slog.Logger, timings *histogramVec,
 	}
 }
 
-// run checks at once and then every interval until ctx ends.
+// run checks at once and then every interval until ctx ends, counted
+// from the start of one check to the next, as Kubernetes' probes run: a
+// check that hangs until its timeout does not put the next one off.
 func (h *healthChecker) run(ctx context.Context) {
 	timer := time.NewTimer(0)
 	defer timer.Stop()
@@ -155,11 +157,17 @@ func (h *healthChecker) run(ctx context.Context) {
 		case <-ctx.Done():
 			return
 		case <-timer.C:
+			start := time.Now()
 			h.check(ctx)
-			timer.Reset(h.nextWait())
+			timer.Reset(waitLeft(h.nextWait(), time.Since(start)))
 		}
 	}
 }
+
+// waitLeft is what is left of wait once a check took took: nothing when
+// the check took longer (a timeout over the interval), which runs the
+// next at once.
+func waitLeft(wait, took time.Duration) time.Duration { return max(wait-took, 0) }
 
 // startCheckInterval is how often an app that has not passed yet is
 // checked: the app and its sidecar usually start together, the app a

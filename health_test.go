@@ -203,3 +203,18 @@ func TestFailingAppLosesAnEarlierRunsEntry(t *testing.T) {
 		t.Errorf("a failing app counts as registered")
 	}
 }
+
+// TestChecksRunEveryIntervalFromTheirStart: the wait after a check is what
+// is left of the interval, so that a check hanging to its timeout does not
+// put the next one off by as much (Kubernetes' probes run so).
+func TestChecksRunEveryIntervalFromTheirStart(t *testing.T) {
+	for _, tc := range []struct{ wait, took, want time.Duration }{
+		{10 * time.Second, time.Second, 9 * time.Second},
+		{10 * time.Second, 0, 10 * time.Second},
+		{time.Second, 3 * time.Second, 0}, // a timeout over the interval: the next at once
+	} {
+		if got := waitLeft(tc.wait, tc.took); got != tc.want {
+			t.Errorf("waitLeft(%v, %v) = %v; want %v", tc.wait, tc.took, got, tc.want)
+		}
+	}
+}

@@ -408,11 +408,15 @@ func (c *config) validate() error {
 		if err := validateHealthURL(c.Health.URL); err != nil {
 			return err
 		}
-		if c.Health.Interval < 100*time.Millisecond || c.Health.Timeout <= 0 {
-			return errors.New("--healthcheck_interval must be at least 100ms and --healthcheck_timeout positive")
-		}
-		if c.Health.Failures < 1 || c.Health.Successes < 1 {
-			return errors.New("--healthcheck_failures and --healthcheck_successes must be at least 1")
+		switch {
+		case c.Health.Interval < 100*time.Millisecond:
+			return fmt.Errorf("--healthcheck_interval %v: must be at least 100ms", c.Health.Interval)
+		case c.Health.Timeout <= 0:
+			return fmt.Errorf("--healthcheck_timeout %v: must be more than 0", c.Health.Timeout)
+		case c.Health.Failures < 1:
+			return fmt.Errorf("--healthcheck_failures %d: must be at least 1", c.Health.Failures)
+		case c.Health.Successes < 1:
+			return fmt.Errorf("--healthcheck_successes %d: must be at least 1", c.Health.Successes)
 		}
 	}
 	switch c.Registry {
@@ -866,7 +870,7 @@ func runSidecar(ctx context.Context, cfg config, logOut io.Writer, deregistered 
 		return fmt.Errorf("serve: %w", err)
 	}
 
-	log.Info("Shutting down: deregistering and draining; a second signal stops at once", "timeout", cfg.ShutdownTimeout)
+	log.Info("Shutting down: deregistering and draining; a second signal ends the drain once deregistered", "timeout", cfg.ShutdownTimeout)
 	s.stopping.Store(true)
 	stopBG()
 	for _, d := range bgDone {

@@ -1612,3 +1612,20 @@ func TestCheckOriginRefusesWhatNoBrowserSends(t *testing.T) {
 		}
 	}
 }
+
+// TestHealthFlagErrorsNameTheFlag: a bad health check setting is refused
+// naming the one flag at fault, with its value.
+func TestHealthFlagErrorsNameTheFlag(t *testing.T) {
+	base := []string{"--registry=memory", "--server_name=foo", "--server_address=127.0.0.1:9090", "--healthcheck_url=http://127.0.0.1:9090/health"}
+	for flag, want := range map[string]string{
+		"--healthcheck_timeout=-1s":   "--healthcheck_timeout -1s: must be more than 0",
+		"--healthcheck_interval=50ms": "--healthcheck_interval 50ms: must be at least 100ms",
+		"--healthcheck_failures=0":    "--healthcheck_failures 0: must be at least 1",
+		"--healthcheck_successes=-2":  "--healthcheck_successes -2: must be at least 1",
+	} {
+		_, err := parseSidecarFlags(append(slices.Clone(base), flag), io.Discard, func(string) (string, bool) { return "", false })
+		if err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("%s: %v; want %q", flag, err, want)
+		}
+	}
+}
