@@ -494,14 +494,14 @@ func post(t *testing.T, url, ct, body string, hdr ...string) (int, string) {
 
 // deadPort is a loopback address nothing listens on.
 func deadPort(t *testing.T) string {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := ln.Addr().String()
-	ln.Close()
-	return addr
+	// Port 1 of an address of its own in 127/8, where nothing listens: a
+	// port freed by a listener could be the next test server's, which the
+	// selector, keeping nodes by address, would then find ejected.
+	n := deadPorts.Add(1)
+	return fmt.Sprintf("127.0.%d.%d:1", n/250, 2+n%250)
 }
+
+var deadPorts atomic.Int64
 
 func TestCallHeadersAndResult(t *testing.T) {
 	s, srv := testSidecar(t, nil)
