@@ -127,9 +127,9 @@ func txtOf(r record) ([]string, error) {
 	}
 	// RFC 6763 section 6.4: keys ignore case, and a reader keeps the first
 	// of two that differ in case alone; other DNS-SD tools would then show
-	// another node than the sidecars do.
-	// Only metadata keys can meet so: the first strings' keys are fixed,
-	// and keys that could be taken for them travel escaped.
+	// another node than the sidecars do. Only metadata keys can meet so:
+	// the first strings' keys are fixed, and keys that could be taken for
+	// them travel escaped.
 	keys := make(map[string]int, len(out))
 	for i, s := range out {
 		key, _, _ := strings.Cut(s, "=")
