@@ -533,11 +533,14 @@ func checkOrigin(o string) error {
 		return fmt.Errorf("--cors_allowed_origins %q: an origin is scheme://host[:port] alone; use %s://%s", o, u.Scheme, u.Host)
 	}
 	host, port := u.Hostname(), u.Port()
+	bare := strings.TrimSuffix(strings.TrimSuffix(u.Host, port), ":") // the host as written, brackets and all
 	switch {
 	case strings.Contains(host, "*"):
 		return fmt.Errorf("--cors_allowed_origins %q: origins match whole, without wildcards; list each origin, or give * for any", o)
+	case strings.HasSuffix(u.Host, ":"), strings.HasPrefix(port, "0"):
+		return fmt.Errorf("--cors_allowed_origins %q: browsers write a port without leading zeros, and leave an empty one out; use %s://%s or %s://%s:PORT", o, u.Scheme, bare, u.Scheme, bare)
 	case strings.EqualFold(u.Scheme, "http") && port == "80", strings.EqualFold(u.Scheme, "https") && port == "443":
-		return fmt.Errorf("--cors_allowed_origins %q: browsers leave the scheme's default port out of an origin; use %s://%s", o, u.Scheme, host)
+		return fmt.Errorf("--cors_allowed_origins %q: browsers leave the scheme's default port out of an origin; use %s://%s", o, u.Scheme, bare)
 	}
 	for _, c := range []byte(host) {
 		if c >= utf8.RuneSelf {
@@ -988,7 +991,7 @@ func (s *sidecar) routes() http.Handler {
 		s.metrics.requestLog = s.log
 	}
 	// The guard comes before the in-flight limit, so that an allowed
-	// origin's page can read the limit's 503 and its Retry-After.
+	// origin's page can read the limit's 503.
 	return s.metrics.instrument(s.guard(limitInFlight(s.cfg.MaxInFlight, s.authenticate(hotRoutes(mux, s.handleRPC, s.handleProxy)))), routeOf)
 }
 

@@ -1596,6 +1596,9 @@ func TestLateAppRegisteredWithinASecond(t *testing.T) {
 func TestCheckOriginRefusesWhatNoBrowserSends(t *testing.T) {
 	for o, want := range map[string]string{
 		"http://app.example:80":     "use http://app.example",
+		"http://[::1]:80":           "use http://[::1]",
+		"http://app.example:":       "use http://app.example or",
+		"http://app.example:0080":   "without leading zeros",
 		"https://app.example:443":   "use https://app.example",
 		"http://*.good.example":     "without wildcards",
 		"http://ünïcode.example":    "ASCII form",

@@ -95,9 +95,11 @@ const (
 	// request): the node's fields stay.
 	corsNode corsAnswer = iota
 	// corsSidecar: the sidecar answered for an allowed origin. The node's
-	// fields give way to its answer, but for those that add to it rather
-	// than contradict it: which fields the page may read, whether it may
-	// send cookies.
+	// fields give way to its answer, but for the one that adds to it
+	// rather than contradicts it: which fields the page may read. Not
+	// Allow-Credentials: with --cors_allowed_origins=*, which the guard
+	// answers by echoing the origin, it would let any site read with the
+	// user's cookies, which a literal * never allows.
 	corsSidecar
 	// corsRefused: the origin is not allowed. The node's fields all go, so
 	// that a page cannot read through the sidecar what the node would let
@@ -125,8 +127,15 @@ func (a corsAnswer) drops(k string) bool {
 	case a == corsRefused:
 		return true
 	}
-	return !strings.EqualFold(k, "Access-Control-Expose-Headers") && !strings.EqualFold(k, "Access-Control-Allow-Credentials")
+	return !strings.EqualFold(k, "Access-Control-Expose-Headers")
 }
+
+// variesByOrigin reports whether an answer that carried the node's CORS
+// fields must say it varies by Origin: unless the sidecar answered for
+// the origin (its own fields carry Vary), the node's fields reach a caller
+// without an Origin and not one with a foreign Origin, and a cache must
+// not serve one the other's.
+func (a corsAnswer) variesByOrigin(nodeHadCORS bool) bool { return nodeHadCORS && a != corsSidecar }
 
 // isCORSField reports whether a field name is a CORS answer's.
 func isCORSField(k string) bool {
@@ -157,12 +166,18 @@ func addFields(h, from http.Header) {
 	}
 }
 
-// dropNodeCORS takes off h, a node's answer, the CORS fields a drops.
+// dropNodeCORS takes off h, a node's answer, the CORS fields a drops, and
+// says it varies by Origin where it must (see variesByOrigin).
 func dropNodeCORS(h http.Header, a corsAnswer) {
+	had := false
 	for k := range h {
+		had = had || isCORSField(k)
 		if a.drops(k) {
 			delete(h, k)
 		}
+	}
+	if a.variesByOrigin(had) {
+		h.Add("Vary", "Origin")
 	}
 }
 

@@ -266,12 +266,18 @@ func passHead(w http.ResponseWriter, c *nodeConn, head responseHead, header, con
 	if head.contentType == "" {
 		noSniffing(w.Header())
 	}
+	hadCORS := false
 	if fw, ok := w.(*response); ok {
 		lines := c.lines[:0]
 		for i := 0; i < len(header); i += 2 {
-			if k := header[i]; !isHopHeader(k, connection) && !cors.drops(k) {
+			k := header[i]
+			hadCORS = hadCORS || isCORSField(k)
+			if !isHopHeader(k, connection) && !cors.drops(k) {
 				lines = appendHeaderLine(lines, k, header[i+1])
 			}
+		}
+		if cors.variesByOrigin(hadCORS) {
+			lines = appendHeaderLine(lines, "Vary", "Origin")
 		}
 		c.lines = lines
 		fw.writeHeaderLines(head.code, lines, length)
@@ -281,6 +287,7 @@ func passHead(w http.ResponseWriter, c *nodeConn, head responseHead, header, con
 	values := make([]string, 0, len(header)/2) // backs the fields' one-value slices
 	for i := 0; i < len(header); i += 2 {
 		k, v := header[i], header[i+1]
+		hadCORS = hadCORS || isCORSField(k)
 		switch {
 		case isHopHeader(k, connection), cors.drops(k):
 		case wh[k] == nil:
@@ -289,6 +296,9 @@ func passHead(w http.ResponseWriter, c *nodeConn, head responseHead, header, con
 		default:
 			wh[k] = append(wh[k], v)
 		}
+	}
+	if cors.variesByOrigin(hadCORS) {
+		wh.Add("Vary", "Origin")
 	}
 	if length >= 0 {
 		wh["Content-Length"] = []string{strconv.FormatInt(length, 10)}

@@ -1017,6 +1017,7 @@ func (r *registry) register(s Service, ttl time.Duration, own bool) error {
 		for k, old := range prev {
 			if old == nil {
 				delete(r.owned, k)
+				delete(r.sidecars, k)
 			} else {
 				r.owned[k] = *old
 			}
@@ -1032,6 +1033,7 @@ func (r *registry) register(s Service, ttl time.Duration, own bool) error {
 		}
 		if ttl > 0 {
 			delete(r.owned, k)
+			delete(r.sidecars, k)
 			continue
 		}
 		if _, ok := r.owned[k]; !ok && !own && len(r.owned) >= maxOwned {

@@ -685,3 +685,27 @@ func TestDeregistrationAnswersIDsAlone(t *testing.T) {
 		t.Errorf("an id named twice: %v; want it refused", err)
 	}
 }
+
+// TestSidecarsOwnMarksFollowOwned: the marks of the sidecar's own entries
+// (refreshed first) go with them: a refused registration leaves none, and
+// an entry posted again with ?ttl= is no longer kept, nor marked.
+func TestSidecarsOwnMarksFollowOwned(t *testing.T) {
+	tb := newTable(0)
+	refusing := &registry{table: tb, backend: &refusingBackend{memoryBackend{t: tb, now: time.Now}}, ttl: time.Minute, now: time.Now, owned: map[string]Service{}}
+	if err := refusing.registerOwn(nodeService("topic:t", "s1")); err == nil {
+		t.Fatal("the refusing backend took a registration")
+	}
+	if len(refusing.owned) != 0 || len(refusing.sidecars) != 0 {
+		t.Errorf("after a refused registration: %d owned, %d marked; want none", len(refusing.owned), len(refusing.sidecars))
+	}
+	r := &registry{table: tb, backend: &memoryBackend{t: tb, now: time.Now}, ttl: time.Minute, now: time.Now, owned: map[string]Service{}}
+	if err := r.registerOwn(nodeService("app", "a1")); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.Register(nodeService("app", "a1"), time.Minute); err != nil {
+		t.Fatal(err)
+	}
+	if len(r.owned) != 0 || len(r.sidecars) != 0 {
+		t.Errorf("after a ?ttl= registration of it: %d owned, %d marked; want none", len(r.owned), len(r.sidecars))
+	}
+}
