@@ -988,7 +988,7 @@ func TestStoppedWhileReachingEtcd(t *testing.T) {
 // it reads the registry afresh instead.
 func TestEtcdRecreatedWithTheSameFlags(t *testing.T) {
 	e := startEtcd(t)
-	p := startSidecar(t, etcdSidecarArgs(e.client)...)
+	p := startSidecar(t, etcdSidecarArgs(e.client, "--register_ttl=60s", "--register_interval=30s")...) // refreshes too rare to be what puts "old" back
 	registerNode(t, p, "", "old", "old-1", 7001)
 	var before etcdRangeResponse
 	if err := e.gw("/v3/kv/range", etcdRangeRequest{Key: []byte("/")}, &before); err != nil {
@@ -1010,6 +1010,11 @@ func TestEtcdRecreatedWithTheSameFlags(t *testing.T) {
 	}
 	p.cmd.Process.Signal(syscall.SIGCONT)
 	waitFor(t, 20*time.Second, "the sidecar to see what the new cluster holds", func() bool { return lookup(t, p, "early") != nil })
+	// What it keeps, which the new cluster lost, it puts back at once.
+	waitFor(t, 5*time.Second, "the node the sidecar keeps in the new cluster", func() bool {
+		var got etcdRangeResponse
+		return e.gw("/v3/kv/range", etcdRangeRequest{Key: []byte("/micro/registry/old/old-1")}, &got) == nil && len(got.KVs) == 1
+	})
 }
 
 // TestEtcdRollingRestartKeepsTheNode: as with the file registry, a new

@@ -597,6 +597,8 @@ func (b *etcdBackend) watchDown(ctx context.Context, err error) {
 	case !logIt:
 	case errors.Is(err, errEtcdCredentials):
 		b.log.Error("etcd registry refused to authenticate this sidecar (check --registry_username, MICRO_REGISTRY_PASSWORD, and that etcd has authentication on); serving the last known registry and retrying", "error", err)
+	case isAccessRefusal(err):
+		b.log.Error("etcd registry refuses this sidecar access (give --registry_username and MICRO_REGISTRY_PASSWORD when etcd has authentication on, and the user a role on the prefix); serving the last known registry and retrying", "error", err)
 	default:
 		b.log.Error("etcd registry unreachable; serving the last known registry and retrying", "error", err)
 	}
@@ -679,14 +681,21 @@ func (b *etcdBackend) resync(ctx context.Context) (int64, error) {
 	}
 	// A key this sidecar put that the store does not hold as it was put
 	// (deleted or rewritten by hand, lost with a replaced cluster, older
-	// in a restored one) is put again at its next refresh. One put after
-	// this read is put again too, for nothing but a spare lease.
+	// in a restored one) is put again, at once when the registry keeps it
+	// (removed, as after a watched delete), else at the next refresh. One
+	// put after this read is put again too, for nothing but a spare lease.
+	lost := false
 	for key, r := range b.regs {
 		if kv, ok := present[key]; !ok || !r.holds(kv) {
 			delete(b.regs, key)
+			lost = true
 		}
 	}
+	removed := b.removed
 	b.mu.Unlock()
+	if lost && removed != nil {
+		removed()
+	}
 	b.noteBad(bad)
 	return rev, nil
 }

@@ -92,7 +92,9 @@ const (
 	grpcCanceled         = 1
 	grpcUnknown          = 2
 	grpcDeadlineExceeded = 4
+	grpcInvalidArgument  = 3 // etcd: "user name is empty", a request without credentials to an etcd with auth on
 	grpcNotFound         = 5
+	grpcPermissionDenied = 7
 	grpcOutOfRange       = 11 // etcd: "required revision has been compacted"
 	grpcUnavailable      = 14
 	grpcUnauthenticated  = 16
@@ -149,6 +151,15 @@ func shouldFailOver(err error) bool {
 func isAuthError(err error) bool {
 	var ee *etcdError
 	return errors.As(err, &ee) && (ee.Code == grpcUnauthenticated || ee.HTTP == http.StatusUnauthorized)
+}
+
+// isAccessRefusal reports whether etcd answered that this sidecar may not
+// do what it asked: no user given to an etcd with authentication on, or a
+// user without a role on the prefix. etcd is reachable; the settings are
+// wrong.
+func isAccessRefusal(err error) bool {
+	var ee *etcdError
+	return errors.As(err, &ee) && (ee.Code == grpcPermissionDenied || ee.Code == grpcInvalidArgument && strings.Contains(ee.Message, "user name"))
 }
 
 // endpointSet is the cluster's endpoints in the order given, with the one

@@ -740,3 +740,23 @@ func TestEscapedMetadataIsReadBack(t *testing.T) {
 		}
 	}
 }
+
+// TestAccessRefusalIsNoUnreachableEtcd: an etcd that answers that this
+// sidecar may not read the prefix (no user given, a user without a role)
+// is said to refuse access, not to be unreachable.
+func TestAccessRefusalIsNoUnreachableEtcd(t *testing.T) {
+	for _, err := range []error{
+		&etcdError{Code: grpcPermissionDenied, HTTP: 403, Message: "etcdserver: permission denied"},
+		&etcdError{Code: grpcInvalidArgument, HTTP: 400, Message: "etcdserver: user name is empty"},
+	} {
+		var logs syncBuffer
+		b := &etcdBackend{log: slog.New(slog.NewTextHandler(&logs, nil))}
+		b.watchDown(context.Background(), fmt.Errorf("etcd range /micro/registry/: %w", err))
+		if out := logs.String(); !strings.Contains(out, "refuses this sidecar access") || strings.Contains(out, "unreachable") {
+			t.Errorf("%v: logged\n%s\nwant an access refusal", err, out)
+		}
+	}
+	if isAccessRefusal(&etcdError{Code: grpcInvalidArgument, Message: "etcdserver: key is not provided"}) {
+		t.Error("a malformed request taken for an access refusal")
+	}
+}
