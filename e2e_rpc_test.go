@@ -409,11 +409,14 @@ func TestProxyThroughBinary(t *testing.T) {
 // TestProxyPassesAKnownLengthAnswerAsItComes: an answer of stated length
 // over 4 KiB that the node sends slowly reaches the caller as it comes,
 // head first, on the direct path too: it held the head back until the
-// whole body or 64 KiB of it had come.
+// whole body or 64 KiB of it had come. So does it through ReverseProxy (a
+// client taking trailers, a large upload), which held it back in net/http's
+// 4 KiB or the fast-path server's 64 KiB.
 func TestProxyPassesAKnownLengthAnswerAsItComes(t *testing.T) {
 	next := make(chan struct{})
 	first, rest := strings.Repeat("a", 6000), strings.Repeat("b", 14000)
 	app := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		io.Copy(io.Discard, r.Body)
 		w.Header().Set("Content-Length", strconv.Itoa(len(first)+len(rest)))
 		io.WriteString(w, first)
 		w.(http.Flusher).Flush()
@@ -428,19 +431,32 @@ func TestProxyPassesAKnownLengthAnswerAsItComes(t *testing.T) {
 	defer close(next)
 	p := startSidecar(t, "--registry=memory")
 	registerAddr(t, p, "go.micro.srv.report", "r-1", hostOf(app))
-	client := &http.Client{Timeout: 10 * time.Second} // a held-back head fails here, not by hanging
-	resp, err := client.Get(p.url("/proxy/go.micro.srv.report/slow"))
-	if err != nil {
-		t.Fatalf("the head while the node holds the rest of its body: %v", err)
-	}
-	defer resp.Body.Close()
-	got := make([]byte, len(first))
-	if _, err := io.ReadFull(resp.Body, got); err != nil || string(got) != first {
-		t.Fatalf("the body's first part: %v", err)
-	}
-	next <- struct{}{}
-	if all, err := io.ReadAll(resp.Body); err != nil || string(all) != rest {
-		t.Errorf("the rest: %d bytes, %v; want %d", len(all), err, len(rest))
+	client := &http.Client{Timeout: 10 * time.Second} // a held-back answer fails here, not by hanging
+	for _, tc := range []struct {
+		name, method, body string
+		header             map[string]string
+	}{
+		{"direct path", "GET", "", nil},
+		{"ReverseProxy, through net/http", "GET", "", map[string]string{"TE": "trailers"}},
+		{"ReverseProxy, a large upload", "POST", strings.Repeat("u", 70000), nil},
+	} {
+		req, _ := http.NewRequest(tc.method, p.url("/proxy/go.micro.srv.report/slow"), strings.NewReader(tc.body))
+		for k, v := range tc.header {
+			req.Header.Set(k, v)
+		}
+		resp, err := client.Do(req)
+		if err != nil {
+			t.Fatalf("%s: the head while the node holds the rest of its body: %v", tc.name, err)
+		}
+		got := make([]byte, len(first))
+		if _, err := io.ReadFull(resp.Body, got); err != nil || string(got) != first {
+			t.Fatalf("%s: the body's first part: %v", tc.name, err)
+		}
+		next <- struct{}{}
+		if all, err := io.ReadAll(resp.Body); err != nil || string(all) != rest {
+			t.Errorf("%s: the rest: %d bytes, %v; want %d", tc.name, len(all), err, len(rest))
+		}
+		resp.Body.Close()
 	}
 }
 
@@ -672,4 +688,27 @@ func TestNodeRefusingALargeCallIsNoFailingNode(t *testing.T) {
 		t.Errorf("a node that answered was ejected:\n%s", p.log.String())
 	}
 	t.Logf("%d of 8 calls got the node's answer", answers)
+}
+
+// TestProxySmallAnswerMayTrickle: a small answer of stated length, which
+// the direct path reads whole before passing its head on, may take longer
+// than --idle_timeout in all as long as it never pauses that long, as a
+// streamed one may.
+func TestProxySmallAnswerMayTrickle(t *testing.T) {
+	piece := strings.Repeat("t", 10)
+	app := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Length", strconv.Itoa(100*len(piece)))
+		for range 100 { // 10 bytes every 10 ms: a second in all, never a pause of 300 ms
+			io.WriteString(w, piece)
+			w.(http.Flusher).Flush()
+			time.Sleep(10 * time.Millisecond) // the app's pace, not a wait in the test
+		}
+	}))
+	defer app.Close()
+	p := startSidecar(t, "--registry=memory", "--idle_timeout=300ms")
+	registerAddr(t, p, "trickle", "t1", hostOf(app))
+	code, body := do(t, "GET", p.url("/proxy/trickle/x"), "", "")
+	if code != http.StatusOK || body != strings.Repeat(piece, 100) {
+		t.Errorf("%d, %d bytes %.80q; want 200 and the whole answer", code, len(body), body)
+	}
 }

@@ -411,6 +411,17 @@ func TestMetricsParse(t *testing.T) {
 func TestJSONLogs(t *testing.T) {
 	p := startSidecar(t, "--registry=memory", "--log_format=json", "--server_name=foo", "--server_address=127.0.0.1:9090")
 	appID(t, p)
+	// A node that sends a body after its answer to a HEAD: net/http's
+	// client logs it on its own, in the same format as the rest.
+	registerAddr(t, p, "chatty", "c1", tcpNode(t, func(c net.Conn) {
+		defer c.Close()
+		if _, err := http.ReadRequest(bufio.NewReader(c)); err == nil {
+			io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello")
+			io.Copy(io.Discard, c)
+		}
+	}))
+	request(t, "HEAD", p.url("/proxy/chatty/x"), map[string]string{"TE": "trailers"}, "") // through net/http's client
+	waitFor(t, 5*time.Second, "net/http's own log line", func() bool { return strings.Contains(p.log.String(), "Unsolicited response") })
 	p.stop(syscall.SIGTERM) // its log line has a duration: the shutdown timeout
 	sc := bufio.NewScanner(strings.NewReader(p.log.String()))
 	n, timeouts := 0, 0

@@ -784,6 +784,11 @@ func certWarning(certFile, keyFile string, now time.Time) string {
 // the registry at shutdown (see stopOnSignals).
 func runSidecar(ctx context.Context, cfg config, logOut io.Writer, deregistered chan<- struct{}) error {
 	log := newLogger(cfg, logOut)
+	// What the standard library logs on its own (net/http's client: "Unsolicited
+	// response received on idle HTTP channel") goes through the same logger,
+	// so that a JSON log stays one JSON object per line.
+	stdlog.SetFlags(0)
+	stdlog.SetOutput(&serverErrorLog{log: log})
 	for _, note := range cfg.ignored {
 		log.Warn("ignoring a variable: " + note)
 	}

@@ -64,6 +64,11 @@ func newProxy(cfg proxyConfig, reg *registry, sel *selector, transport http.Roun
 		BufferPool:   newBufferPool(),
 		ErrorLog:     slog.NewLogLogger(log.Handler(), slog.LevelWarn),
 		ErrorHandler: proxyError,
+		// Every piece of an answer goes on as it comes, of stated length
+		// too, as on the direct path: held back (net/http's 4 KiB, the
+		// fast-path server's 64 KiB), a slowly made answer would reach its
+		// caller only at its end.
+		FlushInterval: -1,
 		ModifyResponse: func(resp *http.Response) error {
 			t, _ := resp.Request.Context().Value(targetKey{}).(*proxyTarget)
 			if t == nil {

@@ -222,15 +222,18 @@ func (p *proxy) forwardTo(ctx context.Context, now, deadline time.Time, w http.R
 		method != http.MethodHead && bodyAllowedForStatus(head.code) {
 		// A small body is read before the head is passed on: a node that
 		// dies in the middle of it then costs the caller a 502 in the error
-		// shape, not a cut answer. It may pause as long as a body streamed
-		// may.
-		if p.cfg.BodyIdle > 0 {
-			c.setDeadline(time.Now().Add(p.cfg.BodyIdle))
-		} else {
-			c.setDeadline(time.Time{})
-		}
-		if _, err := c.br.Peek(int(n)); err != nil {
-			return answered, fmt.Errorf("its answer broke off after the head: %w", err)
+		// shape, not a cut answer. Each of its pieces may be as long in
+		// coming as a body streamed may pause: a body that trickles in
+		// without a pause is no stalled one, however long it takes.
+		for c.br.Buffered() < int(n) {
+			if p.cfg.BodyIdle > 0 {
+				c.setDeadline(time.Now().Add(p.cfg.BodyIdle))
+			} else {
+				c.setDeadline(time.Time{})
+			}
+			if _, err := c.br.Peek(c.br.Buffered() + 1); err != nil {
+				return answered, fmt.Errorf("its answer broke off after the head: %w", err)
+			}
 		}
 	}
 
