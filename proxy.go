@@ -234,13 +234,44 @@ func (s *sidecar) handleProxyPath(w http.ResponseWriter, r *http.Request) {
 	s.proxy.serve(w, r, service, escapedPath(r.URL))
 }
 
-// escapedPath is u.EscapedPath, without its byte-by-byte escaping pass
-// for the common path that escaping leaves as it is.
+// escapedPath is the path as the client escaped it: u.EscapedPath,
+// without its byte-by-byte escaping pass for the common path that escaping
+// leaves as it is. Where the client left raw a byte a path may not hold
+// (a '{' beside a %2F), EscapedPath escapes the decoded path afresh, which
+// turns %2F into a slash: another path, even another service. The
+// client's form is kept then, with those bytes escaped.
 func escapedPath(u *url.URL) string {
 	if u.RawPath == "" && plainPath(u.Path) {
 		return u.Path
 	}
+	if u.RawPath != "" {
+		if p := escapeLeftRaw(u.RawPath); p != u.RawPath {
+			if decoded, err := url.PathUnescape(p); err == nil && decoded == u.Path {
+				return p
+			}
+		}
+	}
 	return u.EscapedPath()
+}
+
+// escapeLeftRaw escapes the bytes of an escaped path that a path may not
+// hold as they are (those url.URL's EscapedPath finds invalid), keeping
+// its escapes (%XX) as they are.
+func escapeLeftRaw(p string) string {
+	var b strings.Builder
+	for i := 0; i < len(p); i++ {
+		c := p[i]
+		switch {
+		case c == '%' && i+2 < len(p) && isHex(p[i+1]) && isHex(p[i+2]):
+			b.WriteString(p[i : i+3])
+			i += 2
+		case c != '%' && byteClass[c]&classPath != 0, strings.IndexByte("!$&'()*+,;=:@[]", c) >= 0:
+			b.WriteByte(c)
+		default:
+			fmt.Fprintf(&b, "%%%02X", c)
+		}
+	}
+	return b.String()
 }
 
 func (p *proxy) serve(w http.ResponseWriter, r *http.Request, service, path string) {

@@ -707,6 +707,21 @@ func TestEscapedPathAsURL(t *testing.T) {
 			t.Errorf("%q: escapedPath %q, EscapedPath %q", target, got, want)
 		}
 	}
+	// Where the client left raw what a path may not hold, EscapedPath
+	// decodes its %2F; escapedPath keeps it, and escapes the rest.
+	for target, want := range map[string]string{
+		"/proxy/web/files/a%2Fb{1}": "/proxy/web/files/a%2Fb%7B1%7D",
+		"/proxy/web%2Fx/y{":         "/proxy/web%2Fx/y%7B",
+		"/proxy/svc/a%2fb|c%3B":     "/proxy/svc/a%2fb%7Cc%3B",
+	} {
+		u, err := url.ParseRequestURI(target)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := escapedPath(u); got != want {
+			t.Errorf("%q: escapedPath %q; want %q", target, got, want)
+		}
+	}
 }
 
 // TestHalfClosedCallerGetsItsAnswer: a client that half-closes once its
