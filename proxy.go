@@ -329,8 +329,8 @@ func (p *proxy) serve(w http.ResponseWriter, r *http.Request, service, path stri
 }
 
 // heldHead holds the node's status back from the caller's writer until
-// the answer's first byte or flush, as net/http's writer holds the head
-// itself: an answer that breaks off before any of it went out can then be
+// the answer's first byte, or a flush of a stream's (an answer of no
+// stated length), as net/http's writer holds the head itself: an answer that breaks off before any of it went out can then be
 // a 502 in the error shape, not a closed connection that the sidecar's
 // metrics would count as a 200.
 type heldHead struct {
@@ -365,6 +365,12 @@ func (h *heldHead) Write(b []byte) (int, error) {
 }
 
 func (h *heldHead) Flush() {
+	if !h.released && h.code != 0 && h.Header().Get("Content-Length") != "" {
+		// ReverseProxy flushes an answer's head at once, its body may be
+		// slow to start (FlushInterval); a stated-length answer's is held
+		// for its first byte all the same, as on the direct path.
+		return
+	}
 	h.release()
 	http.NewResponseController(h.ResponseWriter).Flush()
 }
