@@ -157,6 +157,11 @@ func checkNames(topic, queue string) error {
 	return nil
 }
 
+// maxContentTypeLen bounds a published payload's declared type. Media
+// types are short (RFC 6838: 127 bytes a name); the bound keeps the event
+// within what peers take (see decodeForward).
+const maxContentTypeLen = 1024
+
 // Kinds of payload, as the event carries them.
 const (
 	payloadText   = iota // data as a JSON string
@@ -168,6 +173,11 @@ const (
 // content type (RFC 2045 media type, may be empty) and its bytes, and
 // returns the event's datacontenttype. A body declared JSON must be JSON.
 func classify(contentType string, body []byte) (kind int, dataContentType string, err error) {
+	if len(contentType) > maxContentTypeLen {
+		// The event carries it: a peer bounds an event by the payload
+		// limit and some room for the rest, and would refuse it.
+		return 0, "", fmt.Errorf("content type of %d bytes: at most %d", len(contentType), maxContentTypeLen)
+	}
 	if contentType == "" {
 		if utf8.Valid(body) {
 			return payloadText, "text/plain", nil
@@ -193,6 +203,11 @@ func classify(contentType string, body []byte) (kind int, dataContentType string
 	case mt == "application/json" || strings.HasSuffix(mt, "+json"):
 		if !json.Valid(body) {
 			return 0, "", errors.New("body is declared " + mt + " but is not valid JSON; fix it or send it as text/plain")
+		}
+		if scanJSONValue(body, 0, 1) < 0 {
+			// Valid, at JSON's full depth: inside the event, one level
+			// deeper, it is past the limit peers read it with.
+			return 0, "", fmt.Errorf("body is declared %s but nests deeper than %d levels; send it as text/plain", mt, maxJSONDepth-1)
 		}
 		if !utf8.Valid(body) {
 			// json.Valid takes any bytes inside strings; passed on, they would

@@ -82,11 +82,29 @@ func TestClassify(t *testing.T) {
 		{"application/xml", "<a/>", payloadText, "application/xml", false},
 		{"not a type;;", "x", 0, "", true},
 		{"bogus", "x", 0, "", true},
+		{"text/plain; x=" + strings.Repeat("a", maxContentTypeLen), "x", 0, "", true}, // the event would pass what peers take
+		{"application/json", strings.Repeat("[", maxJSONDepth) + strings.Repeat("]", maxJSONDepth), 0, "", true},
+		{"application/json", strings.Repeat("[", maxJSONDepth-1) + strings.Repeat("]", maxJSONDepth-1), payloadJSON, "application/json", false},
 	} {
 		kind, dct, err := classify(tc.ct, []byte(tc.body))
 		if (err != nil) != tc.wantErr || err == nil && (kind != tc.kind || dct != tc.dct) {
 			t.Errorf("classify(%q, %q) = %d, %q, %v; want %d, %q, error %v", tc.ct, tc.body, kind, dct, err, tc.kind, tc.dct, tc.wantErr)
 		}
+	}
+}
+
+// TestDeepestPayloadReachesPeers: the most deeply nested JSON a publish
+// takes still reads as an event at a peer, one level deeper inside it.
+func TestDeepestPayloadReachesPeers(t *testing.T) {
+	body := []byte(strings.Repeat("[", maxJSONDepth-1) + strings.Repeat("]", maxJSONDepth-1))
+	kind, dct, err := classify("application/json", body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	event := encodeEvent("id-1", "sidecar-1", "deep", time.Now(), kind, dct, body)
+	var head struct{ Topic string }
+	if err := json.Unmarshal(event, &head); err != nil || head.Topic != "deep" {
+		t.Errorf("the event of the deepest payload taken: %v; want it read", err)
 	}
 }
 
