@@ -1213,3 +1213,14 @@ func TestBrokenAnswerBeforeAnyOfItWentOut(t *testing.T) {
 		t.Errorf("/health after: %d", code)
 	}
 }
+
+func TestIsCORSField(t *testing.T) {
+	for k, want := range map[string]bool{
+		"Access-Control-Allow-Origin": true, "access-control-max-age": true, "ACCESS-CONTROL-X": true,
+		"Access-Control-": false, "Accept": false, "Content-Type": false, "Xccess-Control-Allow-Origin": false,
+	} {
+		if got := isCORSField(k); got != want {
+			t.Errorf("isCORSField(%q) = %v; want %v", k, got, want)
+		}
+	}
+}
