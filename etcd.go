@@ -335,7 +335,7 @@ func (b *etcdBackend) register(s Service, ttl time.Duration) error {
 	if err := b.t.upsert(recs...); err != nil {
 		// Over the node limit, filled meanwhile: take back what this call added.
 		for _, key := range added {
-			b.unregisterOne(key)
+			b.unregisterOne(key) // best effort: its lease runs out
 		}
 		return err
 	}
@@ -438,20 +438,27 @@ func (b *etcdBackend) deregister(s Service) error {
 	b.opMu.Lock()
 	defer b.opMu.Unlock()
 	var errs []error
+	var gone []record
 	for _, r := range recordsOf(s, time.Time{}) {
-		if err := b.unregisterOne(etcdKey(b.prefix, r)); err != nil {
+		ours, err := b.unregisterOne(etcdKey(b.prefix, r))
+		if err != nil {
 			errs = append(errs, err)
 		}
+		// A node this sidecar put leaves the local table at once even
+		// when etcd is unreachable: it is going, and its lease will run
+		// out in etcd. Another's stays until etcd has removed it, as it
+		// stays on every other sidecar: the caller got a 503.
+		if err == nil || ours {
+			gone = append(gone, r)
+		}
 	}
-	// The local table follows at once even when etcd is unreachable: the
-	// node is going, and its lease will run out in etcd.
-	b.t.remove(recordsOf(s, time.Time{})...)
+	b.t.remove(gone...)
 	return b.noteReq(errors.Join(errs...))
 }
 
 // unregisterOne deletes key: by revoking its lease when this sidecar put
-// it (which deletes it too), else by deleting it.
-func (b *etcdBackend) unregisterOne(key string) error {
+// it (which deletes it too, and ours says so), else by deleting it.
+func (b *etcdBackend) unregisterOne(key string) (ours bool, err error) {
 	ctx := context.Background()
 	b.mu.Lock()
 	cur, ok := b.regs[key]
@@ -460,14 +467,14 @@ func (b *etcdBackend) unregisterOne(key string) error {
 	if ok {
 		// Revoking the lease deletes the key with it: one request.
 		if err := b.revoke(ctx, cur.lease); err != nil {
-			return fmt.Errorf("etcd lease revoke: %w", err)
+			return true, fmt.Errorf("etcd lease revoke: %w", err)
 		}
-		return nil
+		return true, nil
 	}
 	if err := b.c.call(ctx, "/v3/kv/deleterange", etcdDeleteRequest{Key: []byte(key)}, nil); err != nil {
-		return fmt.Errorf("etcd delete %s: %w", key, err)
+		return false, fmt.Errorf("etcd delete %s: %w", key, err)
 	}
-	return nil
+	return false, nil
 }
 
 // status is nil while the watch runs and etcd answers; otherwise it says

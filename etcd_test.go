@@ -760,3 +760,30 @@ func TestAccessRefusalIsNoUnreachableEtcd(t *testing.T) {
 		t.Error("a malformed request taken for an access refusal")
 	}
 }
+
+// TestFailedDeleteOfAnothersNodeKeepsIt: a DELETE of a node another sidecar
+// put, while etcd does not answer, fails (503) and leaves the node where it
+// is, here as on every other sidecar; a node this sidecar put leaves its
+// table at once, its lease running out in etcd.
+func TestFailedDeleteOfAnothersNodeKeepsIt(t *testing.T) {
+	e := startEtcd(t)
+	g := newGatewayProxy(t, e.client)
+	b, tb, _ := newTestEtcdBackend(t, g.srv.URL)
+	e.put(t, "/micro/registry/theirs/t1", `{"name":"theirs","nodes":[{"id":"t1","address":"127.0.0.1","port":1}]}`)
+	ours := Service{Name: "ours", Nodes: []Node{{ID: "o1", Address: "127.0.0.1", Port: 2}}}
+	if err := b.register(ours, time.Minute); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 5*time.Second, "theirs through the watch", func() bool { return tableHas(tb, "theirs", "t1") })
+	g.setDown(true)
+	if err := b.deregister(Service{Name: "theirs", Nodes: []Node{{ID: "t1"}}}); err == nil {
+		t.Fatal("a delete with etcd down succeeded")
+	}
+	if !tableHas(tb, "theirs", "t1") {
+		t.Error("another's node left this sidecar's table on a failed delete")
+	}
+	b.deregister(ours)
+	if tableHas(tb, "ours", "o1") {
+		t.Error("our own node stayed in the table while its lease runs out")
+	}
+}
