@@ -331,9 +331,10 @@ func (p *proxy) serve(w http.ResponseWriter, r *http.Request, service, path stri
 
 // heldHead holds the node's status back from the caller's writer until
 // the answer's first byte, or a flush of a stream's (an answer of no
-// stated length), as net/http's writer holds the head itself: an answer that breaks off before any of it went out can then be
-// a 502 in the error shape, not a closed connection that the sidecar's
-// metrics would count as a 200.
+// stated length), as net/http's writer holds the head itself: an answer
+// that breaks off before any of it went out can then be a 502 in the
+// error shape, not a closed connection that the sidecar's metrics would
+// count as a 200.
 type heldHead struct {
 	http.ResponseWriter
 	code     int  // the status held; 0: none
