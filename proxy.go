@@ -75,7 +75,7 @@ func newProxy(cfg proxyConfig, reg *registry, sel *selector, transport http.Roun
 				return nil
 			}
 			dropNodeCORS(resp.Header, t.corsAnswer)
-			if t.ownCORS {
+			if t.corsAnswer == corsSidecar {
 				addFields(resp.Header, t.cors)
 			}
 			noSniffing(t.answer) // again: a 1xx passed on took it off
@@ -197,7 +197,6 @@ type proxyTarget struct {
 	timeoutIn  string        // the Timeout header as it came, for the 504's hint
 	shortened  bool          // the caller asked for less than the default deadline
 	body       stallReporter // the caller's body, when it can stall; ReverseProxy hides it behind its own reader
-	ownCORS    bool          // the sidecar answered CORS for the caller's origin
 	corsAnswer corsAnswer    // what becomes of the node's CORS fields
 	cors       http.Header   // that answer, on the ReverseProxy path (see takeCORS)
 	answer     http.Header   // the caller's answer's, on the ReverseProxy path, which clears it after a 1xx
@@ -297,7 +296,7 @@ func (p *proxy) serve(w http.ResponseWriter, r *http.Request, service, path stri
 	rt := t // a copy goes in the context, so that t stays off the heap
 	rt.body, _ = r.Body.(stallReporter)
 	rt.corsAnswer = corsAnswerOf(r, w.Header())
-	if rt.ownCORS = rt.corsAnswer == corsSidecar; rt.ownCORS {
+	if rt.corsAnswer == corsSidecar {
 		rt.cors = takeCORS(w.Header())
 	}
 	rt.answer = w.Header()
@@ -391,7 +390,7 @@ func (h *heldHead) answerBreak(ctx context.Context, t *proxyTarget) {
 		panic(v)
 	}
 	clear(h.Header()) // the node's fields are not the 502's
-	if t.ownCORS {
+	if t.corsAnswer == corsSidecar {
 		addFields(h.Header(), t.cors)
 	}
 	why := error(errors.New("the body ended"))
@@ -705,7 +704,7 @@ func (p *proxy) attemptNodes(t *proxyTarget, mayRetry func(outcome) bool, send f
 // proxyError is the ReverseProxy's one error handler.
 func proxyError(w http.ResponseWriter, r *http.Request, err error) {
 	t, _ := r.Context().Value(targetKey{}).(*proxyTarget)
-	if t != nil && t.ownCORS {
+	if t != nil && t.corsAnswer == corsSidecar {
 		addFields(w.Header(), t.cors)
 	}
 	if t != nil && t.stalled() {

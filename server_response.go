@@ -273,12 +273,7 @@ func (w *response) appendHead(b []byte, code int, length int64) []byte {
 	b = append(b, "HTTP/1.1 "...)
 	b = strconv.AppendInt(b, int64(code), 10)
 	b = append(b, ' ')
-	if text := http.StatusText(code); text != "" {
-		b = append(b, text...)
-	} else {
-		b = append(b, "status code "...) // as net/http: a status line with a reason
-		b = strconv.AppendInt(b, int64(code), 10)
-	}
+	b = append(b, statusText(code)...)
 	b = append(b, "\r\n"...)
 	final := code >= 200 || code == http.StatusSwitchingProtocols
 	if _, ok := w.header["Content-Type"]; !ok && final && len(w.body) > 0 && firstValue(w.header["Content-Encoding"]) == "" &&
