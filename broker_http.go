@@ -46,17 +46,17 @@ type publishAnswer struct {
 }
 
 func (b *broker) handlePublish(w http.ResponseWriter, r *http.Request) {
-	q, ok := queryOf(w, r, "topic", "queue") // queue is refused below, with a reason
+	if r.URL.Query().Has("queue") { // refused with its reason, before queryOf's generic one
+		writeError(w, http.StatusBadRequest, "queue is for subscribers (GET with a WebSocket upgrade); a message published goes to every queue group")
+		return
+	}
+	q, ok := queryOf(w, r, "topic")
 	if !ok {
 		return
 	}
 	topic := strings.Clone(q.Get("topic")) // queued messages keep it: not a piece of a request's head (see stringArena)
 	if err := checkNames(topic, ""); err != nil {
 		writeError(w, http.StatusBadRequest, err.Error())
-		return
-	}
-	if q.Has("queue") {
-		writeError(w, http.StatusBadRequest, "queue is for subscribers (GET with a WebSocket upgrade); a message published goes to every queue group")
 		return
 	}
 	if ce := contentCoding(r.Header["Content-Encoding"]); ce != "" {

@@ -507,6 +507,7 @@ func TestBrokerBadInput(t *testing.T) {
 		{"POST", "/broker", "x", nil, 400, "topic is required"},
 		{"POST", "/broker?topic=foo&queue=g", "x", nil, 400, "queue is for subscribers"},
 		{"POST", "/broker?topic=a&topic=b", "x", nil, 400, "topic is given 2 times"},
+		{"POST", "/broker?topic=foo&qeue=g", "x", nil, 400, `query parameter "qeue" is not one POST /broker takes (it takes topic)`},
 		{"GET", "/broker?topic=%zz", "", upgrade, 400, `invalid URL escape "%zz"`},
 		{"POST", "/broker?topic=foo", strings.Repeat("x", 1001), nil, 413, "larger than 1000 bytes"},
 		{"POST", "/broker?topic=foo", `{"a":`, map[string]string{"Content-Type": "application/json"}, 400, "not valid JSON"},
