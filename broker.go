@@ -101,15 +101,22 @@ func (c *brokerConfig) fill() {
 
 // validate checks the flags that set c and names the fix.
 func (c brokerConfig) validate() error {
-	switch {
-	case c.MaxPayloadBytes < 1 || c.MaxPayloadBytes > 64<<20:
-		return fmt.Errorf("--broker_max_payload_bytes %d: want 1 to %d", c.MaxPayloadBytes, 64<<20)
-	case c.QueueSize < 1 || c.QueueBytes < 1 || c.MemoryBytes < 1:
-		return errors.New("--broker_queue_size, --broker_queue_bytes and --broker_memory_bytes must be positive")
-	case c.PingInterval < 10*time.Millisecond:
+	if c.MaxPayloadBytes < 1 || c.MaxPayloadBytes > 64<<20 {
+		return fmt.Errorf("--broker_max_payload_bytes %d: want 1 to %d (64 MiB)", c.MaxPayloadBytes, 64<<20)
+	}
+	if c.PingInterval < 10*time.Millisecond {
 		return fmt.Errorf("--broker_ping_interval %v: want at least 10ms", c.PingInterval)
-	case c.MaxTopics < 1 || c.MaxSubscribers < 1:
-		return errors.New("--broker_max_topics and --broker_max_subscribers must be positive")
+	}
+	for _, f := range []struct {
+		name string
+		n    int
+	}{
+		{"broker_queue_size", c.QueueSize}, {"broker_queue_bytes", c.QueueBytes}, {"broker_memory_bytes", c.MemoryBytes},
+		{"broker_max_topics", c.MaxTopics}, {"broker_max_subscribers", c.MaxSubscribers},
+	} {
+		if f.n < 1 {
+			return fmt.Errorf("--%s %d: must be more than 0", f.name, f.n)
+		}
 	}
 	return nil
 }

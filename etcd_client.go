@@ -208,8 +208,12 @@ func parseEtcdEndpoints(s string) ([]string, error) {
 		if u.Path != "" && u.Path != "/" || u.RawQuery != "" || u.User != nil {
 			return nil, fmt.Errorf("--registry_address %q: give scheme://host:port only; credentials go in --registry_username and --registry_password", redactURL(raw))
 		}
-		if _, _, err := net.SplitHostPort(u.Host); err != nil {
-			return nil, fmt.Errorf("--registry_address %q: name the port, e.g. %s://%s:2379", raw, u.Scheme, u.Host)
+		_, port, err := net.SplitHostPort(u.Host)
+		if err != nil || port == "" {
+			return nil, fmt.Errorf("--registry_address %q: name the port, e.g. %s://%s:2379", raw, u.Scheme, strings.TrimSuffix(u.Host, ":"))
+		}
+		if !validPort(port) {
+			return nil, fmt.Errorf("--registry_address %q: port must be 1-65535", raw)
 		}
 		out = append(out, u.Scheme+"://"+u.Host)
 	}

@@ -10,7 +10,6 @@ import (
 	"net"
 	"net/http"
 	"net/url"
-	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -100,7 +99,7 @@ func validateHealthURL(raw string) error {
 		return fmt.Errorf("--healthcheck_url %q: scheme must be http, https or tcp", shown)
 	}
 	if p := u.Port(); p != "" {
-		if n, err := strconv.Atoi(p); err != nil || n < 1 || n > 65535 {
+		if !validPort(p) {
 			return fmt.Errorf("--healthcheck_url %q: port must be 1-65535", shown)
 		}
 	}

@@ -20,6 +20,7 @@ import (
 	"net/url"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"runtime"
 	"runtime/debug"
 	"slices"
@@ -52,6 +53,9 @@ func runMain(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stdout, "micro %s\n", buildVersion())
 		return 0
 	case "sidecar":
+		if len(args) == 2 && (args[1] == "--version" || args[1] == "-version") { // where an operator tries it too
+			return runMain(args[1:], stdout, stderr)
+		}
 		cfg, err := parseSidecarFlags(args[1:], stdout, os.LookupEnv)
 		if errors.Is(err, flag.ErrHelp) {
 			return 0
@@ -69,7 +73,7 @@ func runMain(args []string, stdout, stderr io.Writer) int {
 		ctx, stop := stopOnSignals(say, deregistered)
 		defer stop()
 		if err := runSidecar(ctx, cfg, stderr, deregistered); err != nil {
-			say(slog.LevelError, err.Error())
+			say(slog.LevelError, nameVariables(err, cfg.given).Error())
 			return 1
 		}
 		return 0
@@ -161,6 +165,17 @@ type config struct {
 	watchPing time.Duration // between pings to an idle registry watcher; no flag: watchPingInterval, shorter in tests
 }
 
+const (
+	// minPeriod is the floor of the intervals and timeouts whose every
+	// tick costs a write or a request: less is a slip, not a setting.
+	minPeriod = 100 * time.Millisecond
+	// maxRegisterTTL bounds a registration's lifetime, --register_ttl's
+	// as a POST's ?ttl=: etcd refuses a lease past about 285 years at
+	// every retry, and an entry that outlives its sidecar by days helps
+	// no one.
+	maxRegisterTTL = 24 * time.Hour
+)
+
 // parseSidecarFlags builds the config from args and the MICRO_*
 // environment (a flag on the command line wins) and validates it.
 func parseSidecarFlags(args []string, out io.Writer, lookupEnv func(string) (string, bool)) (config, error) {
@@ -236,6 +251,9 @@ func parseSidecarFlags(args []string, out io.Writer, lookupEnv func(string) (str
 	if fs.NArg() > 0 {
 		return config{}, fmt.Errorf("unexpected argument %q; flags look like --server_name=foo", fs.Arg(0))
 	}
+	if err := checkFlagWords(fs, args); err != nil {
+		return config{}, err
+	}
 	var err error
 	if cfg.given, err = applyEnv(fs, lookupEnv); err != nil {
 		return config{}, err
@@ -261,14 +279,58 @@ func parseSidecarFlags(args []string, out io.Writer, lookupEnv func(string) (str
 	return cfg, nil
 }
 
-// nameVariables adds to a validation error, which names flags, the
-// variables that set them: whoever set only MICRO_ADDRESS would look in
-// vain for an --address they never passed.
+// checkFlagWords walks args as the flag package did (every flag here takes
+// a value, after = or as the next word) and refuses what it took silently:
+// a flag given twice, whose first value was lost (two
+// --cors_allowed_origins allowed the second origin alone), and a flag
+// whose value was left out, which took the next flag as its value
+// (--registry_address --handler=proxy made a file "--handler=proxy" and
+// left the handler as it was).
+func checkFlagWords(fs *flag.FlagSet, args []string) error {
+	seen := map[string]bool{}
+	for i := 0; i < len(args); i++ {
+		name, ok := flagWord(args[i])
+		if !ok {
+			return nil // "--" or the first argument: the flag package stopped there
+		}
+		name, value, inline := strings.Cut(name, "=")
+		if seen[name] {
+			return fmt.Errorf("--%s is given twice; give it once (a list takes its values comma separated)", name)
+		}
+		seen[name] = true
+		if inline || i+1 >= len(args) {
+			continue
+		}
+		i++
+		value = args[i]
+		if next, ok := flagWord(value); ok && fs.Lookup(strings.SplitN(next, "=", 2)[0]) != nil {
+			return fmt.Errorf("--%s has no value: the next word, %q, is a flag (write --%s=VALUE)", name, value, name)
+		}
+	}
+	return nil
+}
+
+// flagWord is a command-line word's flag, name and any =value, when the
+// word is a flag: one or two dashes and more.
+func flagWord(w string) (string, bool) {
+	if len(w) < 2 || w[0] != '-' || w == "--" {
+		return "", false
+	}
+	w = w[1:]
+	if w[0] == '-' {
+		w = w[1:]
+	}
+	return w, w != "" && w[0] != '-' && w[0] != '='
+}
+
+// nameVariables adds to an error that names flags the variables that set
+// them: whoever set only MICRO_ADDRESS would look in vain for an
+// --address they never passed.
 func nameVariables(err error, given map[string]string) error {
 	msg := err.Error()
 	var from []string
 	for name, src := range given {
-		if strings.HasPrefix(src, "MICRO_") && strings.Contains(msg, "--"+name) {
+		if strings.HasPrefix(src, "MICRO_") && mentionsFlag(msg, name) {
 			from = append(from, src)
 		}
 	}
@@ -277,6 +339,25 @@ func nameVariables(err error, given map[string]string) error {
 	}
 	slices.Sort(from)
 	return fmt.Errorf("%w (set by %s)", err, strings.Join(from, ", "))
+}
+
+// mentionsFlag says whether msg names --name itself, not a longer flag it
+// begins (--registry is no mention of --registry_max_nodes).
+func mentionsFlag(msg, name string) bool {
+	for rest := msg; ; {
+		i := strings.Index(rest, "--"+name)
+		if i < 0 {
+			return false
+		}
+		rest = rest[i+2+len(name):]
+		if rest == "" || !isFlagNameByte(rest[0]) {
+			return true
+		}
+	}
+}
+
+func isFlagNameByte(c byte) bool {
+	return c == '_' || '0' <= c && c <= '9' || 'a' <= c && c <= 'z'
 }
 
 // unknownVariables names the MICRO_* variables of environ that are no
@@ -382,7 +463,8 @@ func (c *config) validate() error {
 		if c.ServerAddress == "" {
 			return errors.New("--server_name needs --server_address, the app's host:port")
 		}
-		if c.ServerID == "" {
+		defaultID := c.ServerID == ""
+		if defaultID {
 			c.ServerID = c.ServerName + "-" + newUUID()
 		}
 		if host, port, err := net.SplitHostPort(c.ServerAddress); err != nil || host == "" || port == "" {
@@ -391,7 +473,10 @@ func (c *config) validate() error {
 		s := c.appService()
 		if err := normalizeService(&s); err != nil {
 			msg := strings.TrimPrefix(err.Error(), "nodes[0]: ")
-			return fmt.Errorf("%s: %s", appFlagOf(msg), msg)
+			if flag := appFlagOf(msg); flag != "--server_id" || !defaultID {
+				return fmt.Errorf("%s: %s", flag, msg)
+			}
+			return fmt.Errorf("--server_name %q is too long for the default node id, the name, a dash and a 36-character UUID (%s); shorten it or give --server_id", truncate(c.ServerName, 64), msg)
 		}
 		if c.Registry == "mdns" {
 			// As the backend would refuse it, at every retry, for good.
@@ -409,8 +494,8 @@ func (c *config) validate() error {
 			return err
 		}
 		switch {
-		case c.Health.Interval < 100*time.Millisecond:
-			return fmt.Errorf("--healthcheck_interval %v: must be at least 100ms", c.Health.Interval)
+		case c.Health.Interval < minPeriod:
+			return fmt.Errorf("--healthcheck_interval %v: must be at least %v", c.Health.Interval, minPeriod)
 		case c.Health.Timeout <= 0:
 			return fmt.Errorf("--healthcheck_timeout %v: must be more than 0", c.Health.Timeout)
 		case c.Health.Failures < 1:
@@ -424,7 +509,9 @@ func (c *config) validate() error {
 		c.RegistryAddress = "" // a MICRO_REGISTRY_ADDRESS for another registry, noted as ignored
 	case "file":
 		if c.RegistryAddress == "" {
-			c.RegistryAddress = defaultRegistryPath()
+			c.RegistryAddress = defaultRegistryPath() // its directory is made if missing
+		} else if err := checkRegistryPath(c.RegistryAddress); err != nil {
+			return err
 		}
 	case "etcd":
 		if err := c.validateEtcd(); err != nil {
@@ -436,14 +523,16 @@ func (c *config) validate() error {
 	if err := c.checkIneffective(); err != nil {
 		return err
 	}
-	if c.RegisterTTL < time.Second {
-		return errors.New("--register_ttl must be at least 1s")
+	if c.RegisterTTL < time.Second || c.RegisterTTL > maxRegisterTTL {
+		return fmt.Errorf("--register_ttl %v: must be between 1s and 24h, as a registration's ?ttl=", c.RegisterTTL)
 	}
 	if c.RegisterInterval == 0 {
 		c.RegisterInterval = c.RegisterTTL / 3
 	}
-	if c.RegisterInterval <= 0 || c.RegisterInterval >= c.RegisterTTL {
-		return fmt.Errorf("--register_interval %v must be positive and shorter than --register_ttl %v", c.RegisterInterval, c.RegisterTTL)
+	// The floor keeps a slip (1ns) from rewriting the file registry or
+	// refreshing etcd's lease in a busy loop.
+	if c.RegisterInterval < minPeriod || c.RegisterInterval >= c.RegisterTTL {
+		return fmt.Errorf("--register_interval %v: must be at least %v and shorter than --register_ttl %v", c.RegisterInterval, minPeriod, c.RegisterTTL)
 	}
 	if (c.TLSCertFile == "") != (c.TLSKeyFile == "") {
 		return errors.New("--tls_cert_file and --tls_key_file go together; give both or neither")
@@ -462,8 +551,6 @@ func (c *config) validate() error {
 		name string
 		ok   bool
 	}{
-		{"read_header_timeout", c.ReadHeaderTimeout > 0},
-		{"idle_timeout", c.IdleTimeout > 0},
 		{"registry_max_nodes", c.RegistryMaxNodes > 0},
 		{"registry_max_watchers", c.MaxWatchers > 0},
 		{"max_body_bytes", c.MaxBodyBytes > 0},
@@ -471,6 +558,16 @@ func (c *config) validate() error {
 	} {
 		if !f.ok {
 			return fmt.Errorf("--%s must be more than 0", f.name)
+		}
+	}
+	// Below these floors every request would fail (1ns answers nothing,
+	// and logs nothing): a slip, not a setting.
+	for _, f := range []struct {
+		name string
+		d    time.Duration
+	}{{"read_header_timeout", c.ReadHeaderTimeout}, {"idle_timeout", c.IdleTimeout}} {
+		if f.d < minPeriod {
+			return fmt.Errorf("--%s %v: must be at least %v", f.name, f.d, minPeriod)
 		}
 	}
 	for _, ch := range c.AuthToken {
@@ -505,17 +602,44 @@ func (c *config) validate() error {
 	if c.RPC.Retries < 0 {
 		return fmt.Errorf("--rpc_retries %d: must be 0 or more", c.RPC.Retries)
 	}
-	if c.RPC.Timeout <= 0 || c.RPC.Timeout > maxTimeout {
-		return fmt.Errorf("--rpc_timeout %v: want more than 0 and at most %v", c.RPC.Timeout, maxTimeout)
+	if c.RPC.Timeout < time.Millisecond || c.RPC.Timeout > maxTimeout {
+		return fmt.Errorf("--rpc_timeout %v: want 1ms to %v", c.RPC.Timeout, maxTimeout)
 	}
 	if c.RPC.Namespace != "" && !validName(c.RPC.Namespace) {
 		return fmt.Errorf("--namespace %q: use printable characters without spaces or '/'", c.RPC.Namespace)
+	}
+	if strings.HasPrefix(c.RPC.Namespace, ".") || strings.HasSuffix(c.RPC.Namespace, ".") {
+		// It is joined to the path's name with a dot of its own.
+		return fmt.Errorf("--namespace %q: give it without a leading or trailing dot, e.g. go.micro.srv", c.RPC.Namespace)
 	}
 	c.RPC.MaxBodyBytes = c.MaxBodyBytes
 	if c.LogFormat != "text" && c.LogFormat != "json" {
 		return fmt.Errorf("--log_format %q: want text or json", c.LogFormat)
 	}
 	return nil
+}
+
+// checkRegistryPath refuses a file registry path given by mistake, which
+// would otherwise be created: an etcd URL from the environment of a family
+// of processes (./http:/etcd:2379), a ~ no shell expanded after the =, or a
+// mistyped directory, which would make a registry of its own that no
+// other sidecar shares.
+func checkRegistryPath(path string) error {
+	switch {
+	case strings.Contains(path, "://"):
+		return fmt.Errorf("--registry_address %q: a URL, for --registry=etcd; the file registry takes a file's path", path)
+	case strings.HasPrefix(path, "~"):
+		return fmt.Errorf("--registry_address %q: ~ is expanded by a shell only at a word's start, not after --registry_address=; give the full path", path)
+	}
+	dir := filepath.Dir(path)
+	fi, err := os.Stat(dir)
+	switch {
+	case errors.Is(err, os.ErrNotExist):
+		return fmt.Errorf("--registry_address %q: directory %s does not exist; create it, or correct the path", path, dir)
+	case err == nil && !fi.IsDir():
+		return fmt.Errorf("--registry_address %q: %s is not a directory", path, dir)
+	}
+	return nil // any other failure is the file registry's to report, as it opens the file
 }
 
 // checkOrigin refuses an --cors_allowed_origins entry no browser's Origin
@@ -537,6 +661,8 @@ func checkOrigin(o string) error {
 	switch {
 	case strings.Contains(host, "*"):
 		return fmt.Errorf("--cors_allowed_origins %q: origins match whole, without wildcards; list each origin, or give * for any", o)
+	case port != "" && !validPort(port):
+		return fmt.Errorf("--cors_allowed_origins %q: port must be 1-65535", o)
 	case strings.HasSuffix(u.Host, ":"), strings.HasPrefix(port, "0"):
 		return fmt.Errorf("--cors_allowed_origins %q: browsers write a port without leading zeros, and leave an empty one out; use %s://%s or %s://%s:PORT", o, u.Scheme, bare, u.Scheme, bare)
 	case strings.EqualFold(u.Scheme, "http") && port == "80", strings.EqualFold(u.Scheme, "https") && port == "443":

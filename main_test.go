@@ -290,6 +290,7 @@ func TestCommandLine(t *testing.T) {
 	}{
 		{[]string{"--help"}, 0, "micro sidecar [flags]"},
 		{[]string{"--version"}, 0, "micro test"},
+		{[]string{"sidecar", "--version"}, 0, "micro test"},
 		{[]string{"sidecar", "--help"}, 0, "-healthcheck_url"},
 		{[]string{}, 2, "Usage"},
 		{[]string{"frobnicate"}, 2, `unknown command "frobnicate"`},
@@ -1608,11 +1609,83 @@ func TestCheckOriginRefusesWhatNoBrowserSends(t *testing.T) {
 		"http://app.example:443":    "",
 		"*":                         "",
 		"http://xn--ncode-cta3g.ex": "",
+		"http://app.example:99999":  "port must be 1-65535",
+		"http://app.example:0":      "port must be 1-65535",
 	} {
 		err := checkOrigin(o)
 		if want == "" && err != nil || want != "" && (err == nil || !strings.Contains(err.Error(), want)) {
 			t.Errorf("checkOrigin(%q) = %v; want %q", o, err, want)
 		}
+	}
+}
+
+// TestFlagSlips: what the flag package takes silently, a flag given twice
+// or one whose value was left out, and values that would make every tick
+// or request fail, are refused at start, naming the flag (in process: a
+// start that passed would listen).
+func TestFlagSlips(t *testing.T) {
+	dir := t.TempDir()
+	env := func(string) (string, bool) { return "", false }
+	long := strings.Repeat("n", 230)
+	for _, tc := range []struct {
+		args []string
+		want string // "": taken
+	}{
+		{[]string{"--registry=file", "--registry_address", "--handler=proxy"}, `--registry_address has no value: the next word, "--handler=proxy", is a flag (write --registry_address=VALUE)`},
+		{[]string{"--auth_token", "-namespace=foo"}, `--auth_token has no value: the next word, "-namespace=foo", is a flag`},
+		{[]string{"--auth_token", "-not-a-flag"}, ""},
+		{[]string{"--namespace", "foo", "--selector", "random"}, ""},
+		{[]string{"--cors_allowed_origins=http://a.example", "--cors_allowed_origins=http://b.example"}, "--cors_allowed_origins is given twice"},
+		{[]string{"-selector=random", "--selector", "random"}, "--selector is given twice"},
+		{[]string{"--register_interval=1ns"}, "--register_interval 1ns: must be at least 100ms"},
+		{[]string{"--register_interval=100ms"}, ""},
+		{[]string{"--register_ttl=25h"}, "--register_ttl 25h0m0s: must be between 1s and 24h"},
+		{[]string{"--read_header_timeout=1ns"}, "--read_header_timeout 1ns: must be at least 100ms"},
+		{[]string{"--idle_timeout=50ms"}, "--idle_timeout 50ms: must be at least 100ms"},
+		{[]string{"--rpc_timeout=1ns"}, "--rpc_timeout 1ns: want 1ms to"},
+		{[]string{"--broker_max_topics=0"}, "--broker_max_topics 0: must be more than 0"},
+		{[]string{"--broker_queue_bytes=-1"}, "--broker_queue_bytes -1: must be more than 0"},
+		{[]string{"--namespace=go.micro.srv."}, "without a leading or trailing dot"},
+		{[]string{"--namespace="}, ""},
+		{[]string{"--server_name=" + long, "--server_address=127.0.0.1:9"}, "--server_name \"" + long[:64]},
+		{[]string{"--server_name=" + long, "--server_address=127.0.0.1:9", "--server_id=x"}, ""},
+		{[]string{"--registry=file", "--registry_address=http://127.0.0.1:2379"}, "a URL, for --registry=etcd"},
+		{[]string{"--registry=file", "--registry_address=~/reg.json"}, "give the full path"},
+		{[]string{"--registry=file", "--registry_address=" + dir + "/typo/reg.json"}, "directory " + dir + "/typo does not exist"},
+		{[]string{"--registry=file", "--registry_address=" + dir + "/reg.json"}, ""},
+	} {
+		args := append([]string{"--registry=memory"}, tc.args...)
+		if strings.HasPrefix(tc.args[0], "--registry=") {
+			args = tc.args
+		}
+		_, err := parseSidecarFlags(args, io.Discard, env)
+		if tc.want == "" && err != nil || tc.want != "" && (err == nil || !strings.Contains(err.Error(), tc.want)) {
+			t.Errorf("%q: %v; want %q", tc.args, err, tc.want)
+		}
+	}
+}
+
+// TestVariableNamedForWholeFlagsOnly: an error names the variable that
+// set the flag it names, not one whose flag begins another's name, and an
+// error found at start, past validation, names it too.
+func TestVariableNamedForWholeFlagsOnly(t *testing.T) {
+	env := func(name string) (string, bool) {
+		return map[string]string{"MICRO_REGISTRY": "memory"}[name], name == "MICRO_REGISTRY"
+	}
+	_, err := parseSidecarFlags([]string{"--registry_max_nodes=0"}, io.Discard, env)
+	if err == nil || strings.Contains(err.Error(), "set by") {
+		t.Errorf("--registry_max_nodes=0 with MICRO_REGISTRY set: %v; want no variable named", err)
+	}
+	held, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer held.Close()
+	cmd := exec.Command(binPath, "sidecar", "--registry=memory")
+	cmd.Env = append(os.Environ(), "MICRO_ADDRESS="+held.Addr().String())
+	out, _ := cmd.CombinedOutput()
+	if code := cmd.ProcessState.ExitCode(); code != 1 || !strings.Contains(string(out), "(set by MICRO_ADDRESS)") {
+		t.Errorf("MICRO_ADDRESS at a port in use: exit %d, %q; want exit 1 naming the variable", code, out)
 	}
 }
 

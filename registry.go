@@ -184,6 +184,12 @@ func validNodeHost(h string) bool {
 	return strings.Trim(labels[len(labels)-1], "0123456789") != ""
 }
 
+// validPort says whether p, digits, is a port a connection can be made to.
+func validPort(p string) bool {
+	n, err := strconv.Atoi(p)
+	return err == nil && n >= 1 && n <= 65535
+}
+
 // splitAddress accepts "host" with a separate port, or "host:port" with port
 // 0, and returns the host and port. IPv6 literals may come bracketed.
 func splitAddress(address string, port int) (string, int, error) {
@@ -914,12 +920,12 @@ func parseTTL(q url.Values) (time.Duration, error) {
 		} else if nerr != nil {
 			return 0, fmt.Errorf("ttl %q: want a duration such as 30s or a number of seconds", truncate(s, 32))
 		}
-		if n < 1 || n > 24*60*60 { // before the multiplication, which could wrap
+		if n < 1 || n > int(maxRegisterTTL/time.Second) { // before the multiplication, which could wrap
 			return 0, fmt.Errorf("ttl %q: must be between 1s and 24h", truncate(s, 32))
 		}
 		d = time.Duration(n) * time.Second
 	}
-	if d < time.Second || d > 24*time.Hour {
+	if d < time.Second || d > maxRegisterTTL {
 		return 0, fmt.Errorf("ttl %q: must be between 1s and 24h", truncate(s, 32))
 	}
 	return d, nil

@@ -46,13 +46,16 @@ type fileBackend struct {
 	// after the update installed its own, hiding a node just registered.
 	ioMu sync.Mutex
 
-	mu      sync.Mutex // guards lastSig, badSig, lastErr, lastSkipped, changed
+	mu      sync.Mutex // guards lastSig, badSig, lastErr, started, lastSkipped, changed
 	lastSig fileSig
 	// badSig is the version of the file last found unreadable (corrupt, or
 	// a newer format): polls leave it alone until it changes, rather than
 	// parse up to 64 MiB ten times a second to fail the same way.
 	badSig  fileSig
 	lastErr error
+	// started is set once the first write went through: a failure before
+	// it stops the start and is the caller's to report, not fail's too.
+	started bool
 	// lastSkipped is how many invalid records the last read skipped,
 	// logged when it changes.
 	lastSkipped int
@@ -134,6 +137,9 @@ func newFileBackend(ctx context.Context, path string, t *table, log *slog.Logger
 	if err != nil {
 		return nil, err
 	}
+	f.mu.Lock()
+	f.started = true
+	f.mu.Unlock()
 	ctx, f.stop = context.WithCancel(ctx)
 	f.wg.Add(1)
 	go f.pollLoop(ctx)
@@ -633,6 +639,7 @@ func (f *fileBackend) fail(err error) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	switch {
+	case !f.started:
 	case err != nil && (f.lastErr == nil || f.lastErr.Error() != err.Error()):
 		f.log.Error("file registry failing", "path", f.path, "error", err)
 	case err == nil && f.lastErr != nil:
