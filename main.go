@@ -279,13 +279,17 @@ func parseSidecarFlags(args []string, out io.Writer, lookupEnv func(string) (str
 	return cfg, nil
 }
 
+// listFlags take comma-separated lists.
+var listFlags = []string{"cors_allowed_origins", "server_metadata", "registry_interface"}
+
 // checkFlagWords walks args as the flag package did (every flag here takes
 // a value, after = or as the next word) and refuses what it took silently:
-// a flag given twice, whose first value was lost (two
+// a list flag given twice, whose first list was lost (two
 // --cors_allowed_origins allowed the second origin alone), and a flag
 // whose value was left out, which took the next flag as its value
 // (--registry_address --handler=proxy made a file "--handler=proxy" and
-// left the handler as it was).
+// left the handler as it was). Another flag given twice is the last
+// value, as scripts that add "$@" to their defaults expect.
 func checkFlagWords(fs *flag.FlagSet, args []string) error {
 	seen := map[string]bool{}
 	for i := 0; i < len(args); i++ {
@@ -294,8 +298,8 @@ func checkFlagWords(fs *flag.FlagSet, args []string) error {
 			return nil // "--" or the first argument: the flag package stopped there
 		}
 		name, value, inline := strings.Cut(name, "=")
-		if seen[name] {
-			return fmt.Errorf("--%s is given twice; give it once (a list takes its values comma separated)", name)
+		if seen[name] && slices.Contains(listFlags, name) {
+			return fmt.Errorf("--%s is given twice, and would keep the second list alone; give one list, comma separated", name)
 		}
 		seen[name] = true
 		if inline || i+1 >= len(args) {

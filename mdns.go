@@ -120,6 +120,12 @@ type mdnsLocal struct {
 	repeatAt time.Time // zero: no announcement pending
 	again    bool      // after the pending one, one more a second later (RFC 6762 section 8.3)
 	lastSent time.Time // when its records were last multicast
+	// rescue marks the pending announcement as the answer to a goodbye
+	// for the node, which goes at the next tick however recently the
+	// records went out (see defendLocked); rescuedAt is when the last
+	// such answer went, to keep them to one a second.
+	rescue    bool
+	rescuedAt time.Time
 
 	// The announcement it replaced, and until when an echo of it is no
 	// conflict: this sidecar hears its own packets, some still on their
@@ -175,6 +181,10 @@ type mdnsBackend struct {
 	sendMu sync.Mutex
 	// write sends one packet; tests replace it.
 	write func(i *mdnsIface, p []byte, dst netip.AddrPort) error
+
+	// rescueNow wakes the loop for a tick now: a goodbye for one of our
+	// nodes was heard, and every other cache has just dropped it.
+	rescueNow chan struct{}
 
 	mu           sync.Mutex // guards locals, labels, cache, startQueries, nextQuery, each iface's sendErr
 	locals       map[string]*mdnsLocal
@@ -251,6 +261,7 @@ func newMDNSState(t *table, log *slog.Logger, port int) *mdnsBackend {
 		t: t, log: log, now: time.Now, port: port,
 		locals: map[string]*mdnsLocal{}, labels: map[string]string{}, cache: newMDNSCache(t.maxNodes),
 		conflictLog: logLimiter{every: 10 * time.Minute},
+		rescueNow:   make(chan struct{}, 1),
 		stop:        func() {},
 		write:       func(i *mdnsIface, p []byte, dst netip.AddrPort) error { return i.conn.write(p, dst) },
 	}
@@ -581,10 +592,16 @@ func (b *mdnsBackend) handlePacket(data []byte, src netip.AddrPort) []outPacket 
 		}
 		b.mu.Lock()
 		ch, st := b.cache.apply(pkt, now, b.isLocalLocked)
-		b.defendLocked(pkt, now)
+		rescue := b.defendLocked(pkt, now)
 		b.noticeConflictsLocked(pkt, src, now)
 		b.applyChanges(ch) // under mu: the table sees changes in the order the cache made them
 		b.mu.Unlock()
+		if rescue {
+			select {
+			case b.rescueNow <- struct{}{}:
+			default: // a tick is already due
+			}
+		}
 		b.stats.rejected.Add(uint64(st.rejected))
 		b.stats.cacheFull.Add(uint64(st.full))
 		return nil
@@ -650,9 +667,19 @@ type outPacket struct {
 
 // defendLocked answers a goodbye for one of our own instances or their
 // hosts' addresses, heard from someone else or left over from an earlier
-// run, by announcing it again at the next tick, so that the other caches
-// keep it.
-func (b *mdnsBackend) defendLocked(pkt mdnsPacket, now time.Time) {
+// run, by announcing it again, so that the other caches keep it. It
+// reports whether the loop should tick now for it.
+//
+// The first answer in a second goes at once, however recently the
+// records went out: the other caches dropped the node on the goodbye
+// (this registry removes at once, not after RFC 6762's one second), so
+// every moment until it is announced again is a moment its callers are
+// told it does not exist. A rolling restart with a fixed --server_id
+// meets this each time: the old sidecar's goodbye, the new one's node.
+// Later goodbyes in the same second (a flood) are answered once the
+// second is up, as before.
+func (b *mdnsBackend) defendLocked(pkt mdnsPacket, now time.Time) bool {
+	rescue := false
 	for _, rr := range pkt.records {
 		if rr.ttl != 0 {
 			continue
@@ -668,13 +695,19 @@ func (b *mdnsBackend) defendLocked(pkt mdnsPacket, now time.Time) {
 		default:
 			continue
 		}
-		if k, ok := b.labels[label]; ok {
-			if l := b.locals[k]; l != nil && l.repeatAt.IsZero() {
-				l.repeatAt = now // tick keeps it to once a second
-				b.stats.goodbyesSeen.Add(1)
-			}
+		k, ok := b.labels[label]
+		l := b.locals[k]
+		switch {
+		case !ok || l == nil || l.rescue:
+		case now.Sub(l.rescuedAt) >= mdnsRepeat:
+			l.repeatAt, l.rescue, rescue = now, true, true
+			b.stats.goodbyesSeen.Add(1)
+		case l.repeatAt.IsZero():
+			l.repeatAt = now // tick keeps it to once a second
+			b.stats.goodbyesSeen.Add(1)
 		}
 	}
+	return rescue
 }
 
 // noticeConflictsLocked says when someone else announces one of our
@@ -791,11 +824,14 @@ func (b *mdnsBackend) tick(now time.Time) {
 		if l.repeatAt.IsZero() || now.Before(l.repeatAt) {
 			continue
 		}
-		if next := l.lastSent.Add(mdnsRepeat); now.Before(next) {
+		if next := l.lastSent.Add(mdnsRepeat); now.Before(next) && !l.rescue {
 			// Sent under a second ago (an answer, a post): no sooner
 			// than the second is up (RFC 6762 section 6).
 			l.repeatAt = next
 			continue
+		}
+		if l.rescue {
+			l.rescue, l.rescuedAt = false, now
 		}
 		l.repeatAt, l.lastSent = time.Time{}, now
 		if l.again {
@@ -836,6 +872,8 @@ func (b *mdnsBackend) loop(ctx context.Context) {
 		case <-ctx.Done():
 			return
 		case <-tick.C:
+			b.tick(b.now())
+		case <-b.rescueNow:
 			b.tick(b.now())
 		}
 	}
