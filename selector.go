@@ -56,7 +56,8 @@ func keyOf(n Node) nodeKey { return nodeKey{n.Address, n.Port} }
 // nodeState is what the selector remembers of a node that failed.
 type nodeState struct {
 	failures int       // consecutive failures; reset by a success
-	until    time.Time // not chosen before this time
+	until    time.Time // not chosen before this time, but as a probe
+	probeAt  time.Time // when it may next be probed (see probeLocked)
 }
 
 // ejectFor is how long a node stays out after its n-th consecutive failure:
@@ -167,11 +168,45 @@ func (s *selector) next(service string, nodes []Node, tried []nodeKey) (Node, bo
 		s.sweepAt = now.Add(s.cfg.EjectMax)
 	}
 	i := choose(nodes, s.states, tried, now, start)
+	if i < 0 && len(tried) == 0 {
+		i = s.probeLocked(nodes, now)
+	}
 	s.mu.Unlock()
 	if i < 0 {
 		return Node{}, false
 	}
 	return nodes[i], true
+}
+
+// probeLocked picks, when every node of a service is ejected, the one
+// whose ejection ends first as a probe, if none of them was probed in the
+// last EjectBase: a node that came back would otherwise stay out for what
+// is left of a backoff grown while it was down (up to EjectMax, 30 s),
+// with nothing else to call. A probe that succeeds ends the ejection
+// (succeeded); one that fails leaves it as it was (failed does not count
+// a node out already). -1 when no node is to be probed now.
+func (s *selector) probeLocked(nodes []Node, now time.Time) int {
+	best := -1
+	var bestUntil time.Time
+	for i, n := range nodes {
+		st, ok := s.states[keyOf(n)]
+		if !ok || now.Before(st.probeAt) {
+			continue
+		}
+		if best < 0 || st.until.Before(bestUntil) {
+			best, bestUntil = i, st.until
+		}
+	}
+	if best < 0 {
+		return -1
+	}
+	for _, n := range nodes { // one probe a while for the service, not one per node
+		if st, ok := s.states[keyOf(n)]; ok {
+			st.probeAt = now.Add(s.cfg.EjectBase)
+			s.states[keyOf(n)] = st
+		}
+	}
+	return best
 }
 
 // succeeded ends any backoff of the node.
@@ -227,7 +262,7 @@ func (s *selector) failed(n Node) time.Duration {
 	st.failures++
 	s.ejections.Add(1)
 	d := ejectFor(st.failures, s.cfg.EjectBase, s.cfg.EjectMax)
-	st.until = now.Add(d)
+	st.until, st.probeAt = now.Add(d), now.Add(s.cfg.EjectBase)
 	s.states[k] = st
 	s.tracked.Store(int64(len(s.states)))
 	return d

@@ -120,6 +120,67 @@ func TestSelectorRoundRobinEjectionAndRecovery(t *testing.T) {
 	}
 }
 
+// TestSelectorProbesAnAllEjectedService: a service whose every node is
+// ejected has one call a second sent to the node whose ejection ends
+// first, so that a node back from a long failure is found within a
+// second, not after what is left of its backoff (up to 30 s); a failed
+// probe does not lengthen the backoff, and a node with usable others is
+// never probed.
+func TestSelectorProbesAnAllEjectedService(t *testing.T) {
+	now := time.Unix(1000, 0)
+	s := newSelector(selectorConfig{}, func() time.Time { return now })
+	one := nodesAt(1)
+	var d time.Duration
+	for range 5 { // down a while: ejected for 1, 2, 4, 8, then 16 s
+		d = s.failed(one[0])
+		now = now.Add(d)
+	}
+	now = now.Add(-d) // just ejected for 16 s
+	if d != 16*time.Second {
+		t.Fatalf("fifth ejection: %v; want 16s", d)
+	}
+	if n, ok := s.next("svc", one, nil); ok {
+		t.Errorf("at once after the ejection: got %v; want none", n)
+	}
+	now = now.Add(time.Second)
+	if n, ok := s.next("svc", one, nil); !ok || n.Port != 1 {
+		t.Fatalf("a second after the ejection: %v %v; want the node as a probe", n, ok)
+	}
+	if n, ok := s.next("svc", one, nil); ok {
+		t.Errorf("a second call in the same second: got %v; want none (one probe a second)", n)
+	}
+	if d := s.failed(one[0]); d != 0 {
+		t.Errorf("a failed probe ejected the node again for %v; want its backoff as it was", d)
+	}
+	if _, ok := s.next("svc", one, []nodeKey{keyOf(one[0])}); ok {
+		t.Error("a retry after a failed probe chose the node again")
+	}
+	now = now.Add(time.Second)
+	if n, ok := s.next("svc", one, nil); !ok {
+		t.Fatalf("two seconds after the ejection: %v %v; want the next probe", n, ok)
+	}
+	s.succeeded(one[0])
+	for range 3 {
+		if _, ok := s.next("svc", one, nil); !ok {
+			t.Fatal("after a probe succeeded: no node; want the node back")
+		}
+	}
+
+	two := nodesAt(1, 2)
+	for range 5 {
+		now = now.Add(s.failed(two[1]))
+	}
+	if d := s.failed(two[1]); d != 30*time.Second {
+		t.Fatalf("sixth ejection: %v; want 30s", d)
+	}
+	for range 20 { // within its 30 s
+		now = now.Add(time.Second)
+		if n, _ := s.next("svc", two, nil); n.Port == 2 {
+			t.Fatal("an ejected node with a usable other was chosen as a probe")
+		}
+	}
+}
+
 // TestSelectorSpreadsAnEjectedNodesShare: with a node out, its calls are
 // spread over the others, not handed to its neighbour; failures of calls
 // that were in flight when it went out do not lengthen its backoff.
