@@ -99,6 +99,10 @@ func (a *appRegistration) apply() {
 		// would send callers to a failing app until its TTL ran out.
 		a.log.Info("the app is failing and an earlier run left its entry in the registry; removing it", "id", a.id)
 		a.down()
+	default:
+		// With mdns, such an entry may be in every other cache unheard
+		// here: nobody answers for a killed sidecar's nodes.
+		a.reg.goodbyeUnheard(a.app)
 	}
 }
 

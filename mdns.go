@@ -496,14 +496,44 @@ func (b *mdnsBackend) peerGoodbyesLocked(recs []record) [][]byte {
 		if err != nil {
 			continue // it came in a packet: it is a name
 		}
-		ptr := dnsmessage.Resource{
-			Header: dnsmessage.ResourceHeader{Name: dnsmessage.MustNewName(mdnsServiceType), Class: dnsmessage.ClassINET, TTL: 0},
-			Body:   &dnsmessage.PTRResource{PTR: name},
-		}
-		groups = append(groups, [2][]dnsmessage.Resource{{ptr}, nil})
+		groups = append(groups, [2][]dnsmessage.Resource{{ptrGoodbye(name)}, nil})
 	}
 	pkts, _ := packResponses(dnsmessage.Header{Response: true, Authoritative: true}, nil, groups)
 	return pkts
+}
+
+// ptrGoodbye is the goodbye of an instance's PTR record, which drops the
+// whole instance from a cache.
+func ptrGoodbye(instance dnsmessage.Name) dnsmessage.Resource {
+	return dnsmessage.Resource{
+		Header: dnsmessage.ResourceHeader{Name: dnsmessage.MustNewName(mdnsServiceType), Class: dnsmessage.ClassINET, TTL: 0},
+		Body:   &dnsmessage.PTRResource{PTR: instance},
+	}
+}
+
+// goodbyeUnheard says goodbye for the nodes of s that this sidecar does
+// not announce, by the instance names they would have: an earlier run's
+// (killed, with the same fixed --server_id), which the other caches hold
+// until its TTL runs out while this sidecar never heard it (only an
+// instance's owner answers a query for it). A goodbye for an instance
+// nobody holds costs one packet; one that a live sidecar announces is
+// answered by it (defendLocked).
+func (b *mdnsBackend) goodbyeUnheard(s Service) {
+	var groups [][2][]dnsmessage.Resource
+	b.sendMu.Lock()
+	defer b.sendMu.Unlock()
+	b.mu.Lock()
+	for _, r := range recordsOf(s, time.Time{}) {
+		if b.isLocalLocked(r.key()) {
+			continue
+		}
+		if name, err := dnsmessage.NewName(instanceLabel(r.Service, r.Node.ID) + "." + mdnsServiceType); err == nil {
+			groups = append(groups, [2][]dnsmessage.Resource{{ptrGoodbye(name)}, nil})
+		}
+	}
+	b.mu.Unlock()
+	pkts, _ := packResponses(dnsmessage.Header{Response: true, Authoritative: true}, nil, groups)
+	b.multicast(pkts)
 }
 
 // forgetLocalsLocked drops local nodes and returns their goodbye packets

@@ -1679,6 +1679,25 @@ func TestRollingRestartWithAFixedIDOverMDNS(t *testing.T) {
 	t.Logf("missing for %v", missing)
 }
 
+// TestFailingRestartDropsAKilledRunsNodeOverMDNS: a sidecar killed with a
+// fixed --server_id leaves its app's node in every other cache for its
+// TTL, unheard by the sidecar that replaces it (nobody answers for a dead
+// sidecar's nodes); when the replacement's first checks fail, its goodbye
+// by the node's instance name takes the node out at once, so that callers
+// stop reaching the failing app.
+func TestFailingRestartDropsAKilledRunsNodeOverMDNS(t *testing.T) {
+	if !inNamespace(t) {
+		return
+	}
+	caller := startSidecar(t, mdnsArgs...)
+	app := []string{"--server_name=again", "--server_address=127.0.0.1:7002", "--server_id=again-1"}
+	first := startSidecar(t, append(app, "--register_ttl=60s")...)
+	waitFor(t, 5*time.Second, "the first run's node at the caller", func() bool { return hasNode(lookup(t, caller, "again"), "again-1") })
+	first.stop(syscall.SIGKILL)
+	startSidecar(t, append(app, "--healthcheck_url=tcp://"+deadPort(t), "--healthcheck_interval=200ms")...)
+	waitFor(t, 5*time.Second, "the killed run's node gone from the caller (its TTL is 60s)", func() bool { return !hasNode(lookup(t, caller, "again"), "again-1") })
+}
+
 // TestLegacyQueriesOnlyFromTheLink: a query from a port other than 5353 is
 // answered to its source, so it is taken only from a source on the
 // interface's subnets (RFC 6762 section 11): the answer must not leave by

@@ -849,6 +849,15 @@ type backend interface {
 	close() error
 }
 
+// goodbyeUnheard asks the backend to drop, from other sidecars' views,
+// entries of s it has not heard of (see mdnsBackend.goodbyeUnheard); a
+// shared store's backend has nothing unheard to drop.
+func (r *registry) goodbyeUnheard(s Service) {
+	if b, ok := r.backend.(interface{ goodbyeUnheard(Service) }); ok {
+		b.goodbyeUnheard(s)
+	}
+}
+
 // batchBackend is a backend for which a change of many entries costs
 // about what a change of one does (the file registry rewrites its whole
 // file for either): refresh and shutdown hand it every entry at once.
