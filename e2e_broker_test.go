@@ -581,6 +581,36 @@ func TestBrokerShutdown(t *testing.T) {
 	})
 }
 
+// TestShutdownStopsListeningWhileAWebSocketDrains: once deregistered, a
+// stopping sidecar stops listening, as README says, even while a
+// subscriber that stopped reading holds its drain for the write timeout;
+// it kept taking new connections (and registrations it then lost) until
+// every WebSocket had closed.
+func TestShutdownStopsListeningWhileAWebSocketDrains(t *testing.T) {
+	p := startSidecar(t, "--registry=memory", "--broker_queue_bytes=67108864")
+	dialRaw(t, p.addr, "/broker?topic=stall") // reads nothing
+	chunk := strings.Repeat("x", 256<<10)
+	for i := range 100 { // more than the socket buffers hold: the subscriber's writer blocks
+		if code, out := do(t, "POST", p.url("/broker?topic=stall"), "", chunk); code != 200 {
+			t.Fatalf("publish %d: %d %s", i, code, out)
+		}
+	}
+	p.cmd.Process.Signal(syscall.SIGTERM)
+	waitFor(t, 5*time.Second, "the listener to close", func() bool {
+		c, err := net.DialTimeout("tcp", p.addr, time.Second)
+		if err == nil {
+			c.Close()
+		}
+		return err != nil
+	})
+	select {
+	case <-p.done:
+		t.Fatal("the sidecar exited before the stalled subscriber's drain ended; the test shows nothing")
+	default:
+	}
+	p.stop(syscall.SIGTERM) // a second signal ends the drain
+}
+
 // TestWebSocketHandshakeErrors: a handshake the WebSocket library would
 // refuse in plain text is refused in the error shape, a version other than
 // 13 with 426 and the version to use; offered subprotocols are declined,

@@ -1020,10 +1020,16 @@ func runSidecar(ctx context.Context, cfg config, logOut io.Writer, deregistered 
 	close(deregistered)
 	sctx, cancel := context.WithTimeout(context.Background(), cfg.ShutdownTimeout)
 	defer cancel()
-	s.conns.closeAll(sctx)
+	// The WebSockets are told to close while the server stops listening:
+	// one whose subscriber stopped reading holds its close for the write
+	// timeout, and the listener must not take new connections meanwhile
+	// (registrations among them, which this sidecar would then lose).
+	wsClosed := make(chan struct{})
+	go func() { s.conns.closeAll(sctx); close(wsClosed) }()
 	if err := shutdown(sctx); err != nil {
 		log.Warn("in-flight requests did not finish in time", "error", err)
 	}
+	<-wsClosed
 	s.broker.close(sctx)
 	s.closeNodeConnections()
 	s.reg.backend.close()
