@@ -297,7 +297,7 @@ func checkFlagWords(fs *flag.FlagSet, args []string) error {
 		if !ok {
 			return nil // "--" or the first argument: the flag package stopped there
 		}
-		name, value, inline := strings.Cut(name, "=")
+		name, _, inline := strings.Cut(name, "=")
 		if seen[name] && slices.Contains(listFlags, name) {
 			return fmt.Errorf("--%s is given twice, and would keep the second list alone; give one list, comma separated", name)
 		}
@@ -306,7 +306,7 @@ func checkFlagWords(fs *flag.FlagSet, args []string) error {
 			continue
 		}
 		i++
-		value = args[i]
+		value := args[i]
 		if next, ok := flagWord(value); ok && fs.Lookup(strings.SplitN(next, "=", 2)[0]) != nil {
 			return fmt.Errorf("--%s has no value: the next word, %q, is a flag (write --%s=VALUE)", name, value, name)
 		}
