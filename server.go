@@ -301,9 +301,16 @@ func (c *serverConn) readHead() (int, error) {
 	} else {
 		c.keepIdleDeadline()
 	}
-	partial := false
+	partial, skipped := false, 0
 	for {
 		buf, _ := c.br.Peek(c.br.Buffered())
+		// RFC 9112 section 2.2: empty lines before a request line are
+		// ignored (an old client's CRLF after a POST body), up to four
+		// bytes of them, as net/http ignores.
+		for len(buf) > 0 && skipped < 4 && (buf[0] == '\r' || buf[0] == '\n') {
+			c.br.Discard(1)
+			buf, skipped = buf[1:], skipped+1
+		}
 		if i := bytes.Index(buf, []byte("\n\r\n")); i >= 0 {
 			return i + 3, nil
 		}

@@ -186,7 +186,11 @@ func TestServerKeepAliveAndPipelining(t *testing.T) {
 	// one connection.
 	rc.send("GET /1 HTTP/1.1\r\nHost: h\r\n\r\nPOST /2 HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\n\r\nabc")
 	rc.send("GET /3 HTTP/1.1\r\nHost: h\r\n\r\n")
-	for _, want := range []string{`"path":"/1"`, `"body":"abc"`, `"path":"/3"`} {
+	// An empty line after a POST's body, as old clients send (RFC 9112
+	// section 2.2: ignored), then a request: both answered.
+	rc.send("POST /4 HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\n\r\ndef\r\n")
+	rc.send("GET /5 HTTP/1.1\r\nHost: h\r\n\r\n")
+	for _, want := range []string{`"path":"/1"`, `"body":"abc"`, `"path":"/3"`, `"body":"def"`, `"path":"/5"`} {
 		resp, body, err := rc.read("GET")
 		if err != nil {
 			t.Fatalf("reading the answer with %s: %v", want, err)
