@@ -1180,9 +1180,10 @@ func (f *forwarder) maxForwardBody() int64 {
 
 // maxForwardEvent is the largest event a peer may forward: the largest
 // payload escaped at worst, and room for the envelope's other fields.
-func (f *forwarder) maxForwardEvent() int64 {
-	return 6*int64(f.b.cfg.MaxPayloadBytes) + 64<<10
-}
+func (f *forwarder) maxForwardEvent() int64 { return maxEventFor(f.b.cfg.MaxPayloadBytes) }
+
+// maxEventFor is the largest event of a payload of at most payloadBytes.
+func maxEventFor(payloadBytes int) int64 { return 6*int64(payloadBytes) + 64<<10 }
 
 // forwardAnswer is a peer's answer to a batch it took. NoMember names, by
 // their index in the batch, the items whose queue groups had no member

@@ -501,6 +501,12 @@ func FuzzEncodeEvent(f *testing.F) {
 			return
 		}
 		raw := encodeEvent("id", "/s", "t", time.Unix(1, 0), kind, dct, body)
+		// A peer takes it byte for byte, within the bound it sets for a
+		// payload the size of body.
+		items, err := decodeForward(encodeForward(nil, []forwardItem{{topic: "t", broadcast: true, groups: []string{"g"}, event: raw}}), maxEventFor(max(len(body), 1)))
+		if err != nil || len(items) != 1 || items[0].refused != "" || !bytes.Equal(items[0].event, raw) || !slices.Equal(items[0].groups, []string{"g"}) {
+			t.Fatalf("a peer refuses the event of %q %q: %v %+v", contentType, body, err, items)
+		}
 		var ev struct {
 			Data       json.RawMessage `json:"data"`
 			DataBase64 *string         `json:"data_base64"`
@@ -1124,6 +1130,85 @@ func (b *broker) subsSeen() bool {
 		}
 	}
 	return true
+}
+
+// FuzzWSRoundTrip: any sequence of messages, framed in any fragments
+// with pings between and any length encoding, masked as a client masks,
+// reads back as exactly those messages, then the close.
+func FuzzWSRoundTrip(f *testing.F) {
+	f.Add([]byte("hello"), []byte{3, 0, 1}, uint32(0x01020304))
+	f.Add([]byte("\xff\x00abc"), []byte{1, 2, 0x81}, uint32(7))
+	f.Fuzz(func(t *testing.T, payload []byte, plan []byte, maskSeed uint32) {
+		const limit = 4096
+		if len(payload) > limit {
+			return
+		}
+		mask := [4]byte{byte(maskSeed >> 24), byte(maskSeed >> 16), byte(maskSeed >> 8), byte(maskSeed)}
+		frame := func(b0 byte, p []byte, ext int) []byte {
+			var fr []byte
+			fr = append(fr, b0)
+			switch { // ext forces a longer length encoding than needed (RFC allows any)
+			case len(p) <= 125 && ext == 0:
+				fr = append(fr, 0x80|byte(len(p)))
+			case len(p) <= 0xffff && ext <= 1:
+				fr = append(fr, 0x80|126, byte(len(p)>>8), byte(len(p)))
+			default:
+				fr = append(fr, 0x80|127, 0, 0, 0, 0, byte(len(p)>>24), byte(len(p)>>16), byte(len(p)>>8), byte(len(p)))
+			}
+			fr = append(fr, mask[:]...)
+			for i, c := range p {
+				fr = append(fr, c^mask[i&3])
+			}
+			return fr
+		}
+		// Messages: payload cut at the plan's bytes; each plan byte's top bit
+		// says binary, bit 6 a ping before the next fragment, low bits the
+		// fragment count.
+		var stream []byte
+		var want []wsMessage
+		rest := payload
+		for _, p := range plan {
+			binaryMsg := p&0x80 != 0 || !utf8.Valid(rest)
+			frags := int(p&0x07) + 1
+			var msg []byte
+			n := min(len(rest), int(p&0x38)*3)
+			msg, rest = rest[:n], rest[n:]
+			if !binaryMsg && !utf8.Valid(msg) {
+				binaryMsg = true
+			}
+			op := byte(websocket.TextFrame)
+			if binaryMsg {
+				op = websocket.BinaryFrame
+			}
+			for i := 0; i < frags; i++ {
+				lo, hi := len(msg)*i/frags, len(msg)*(i+1)/frags
+				b0 := op
+				if i > 0 {
+					b0 = websocket.ContinuationFrame
+				}
+				if i == frags-1 {
+					b0 |= 0x80
+				}
+				stream = append(stream, frame(b0, msg[lo:hi], int(p>>6&1)*(i%3))...)
+				if p&0x40 != 0 && i < frags-1 {
+					stream = append(stream, frame(0x80|websocket.PingFrame, []byte("p"), 0)...)
+				}
+			}
+			want = append(want, wsMessage{data: append([]byte{}, msg...), binary: binaryMsg})
+		}
+		stream = append(stream, frame(0x80|websocket.CloseFrame, []byte{0x03, 0xe8}, 0)...)
+		pings := 0
+		r := &wsReader{br: bufio.NewReader(bytes.NewReader(stream)), max: limit, onPing: func([]byte) error { pings++; return nil }}
+		for i, w := range want {
+			m, err := r.next()
+			if err != nil || m.binary != w.binary || !bytes.Equal(m.data, w.data) {
+				t.Fatalf("message %d: %q binary %v, %v; want %q binary %v", i, m.data, m.binary, err, w.data, w.binary)
+			}
+		}
+		if _, err := r.next(); err != errPeerClosed || r.closeCode != 1000 {
+			t.Fatalf("after the messages: %v code %d; want the close 1000", err, r.closeCode)
+		}
+	})
 }
 
 // FuzzWSReader feeds any bytes to the broker's frame reader: it must not

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -277,6 +278,23 @@ func FuzzParseRegistryFile(f *testing.F) {
 			s := Service{Name: r.Service, Version: r.Version, Metadata: r.Metadata, Nodes: []Node{r.Node}}
 			if err := normalizeService(&s); err != nil {
 				t.Fatalf("kept an invalid record %+v: %v", r, err)
+			}
+		}
+		if len(recs) == 0 {
+			return
+		}
+		// What was read, written as a sidecar writes it, reads back whole.
+		out, err := json.Marshal(fileFormat{Format: fileFormatVersion, Records: recs})
+		if err != nil {
+			t.Fatalf("the records read cannot be written: %v", err)
+		}
+		back, skipped, err := parseRegistryFile(out)
+		if skipped != 0 || err != nil || len(back) != len(recs) {
+			t.Fatalf("written %s, read back %d of %d (skipped %d): %v", out, len(back), len(recs), skipped, err)
+		}
+		for i := range recs {
+			if !recs[i].same(back[i]) || recs[i].Node.ID != back[i].Node.ID || !recs[i].Expires.Equal(back[i].Expires) {
+				t.Fatalf("record %d: %+v read back as %+v", i, recs[i], back[i])
 			}
 		}
 	})

@@ -10,6 +10,7 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"reflect"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -444,8 +445,8 @@ func FuzzDecodeService(f *testing.F) {
 				t.Fatalf("accepted invalid node %+v", n)
 			}
 		}
-		if _, err := decodeService(mustJSON(t, s)); err != nil {
-			t.Fatalf("re-decoding an accepted service failed: %v", err)
+		if again, err := decodeService(mustJSON(t, s)); err != nil || !reflect.DeepEqual(s, again) {
+			t.Fatalf("an accepted service %+v re-decodes as %+v (%v)", s, again, err)
 		}
 	})
 }
