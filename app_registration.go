@@ -93,16 +93,17 @@ func (a *appRegistration) apply() {
 		a.up()
 	case in:
 		a.down()
+	case a.reg.goodbyeUnheard(a.app):
+		// mdns: an earlier run's entry is in every other cache unheard
+		// here (nobody answers for a killed sidecar's nodes), and one
+		// heard has a live owner (a rolling restart's old sidecar); see
+		// mdnsBackend.goodbyeUnheard.
 	case a.reg.table.holds(a.app.Name, a.id):
 		// An entry under the app's node id that this sidecar did not
 		// write: an earlier run's (killed with a fixed --server_id), which
 		// would send callers to a failing app until its TTL ran out.
 		a.log.Info("the app is failing and an earlier run left its entry in the registry; removing it", "id", a.id)
 		a.down()
-	default:
-		// With mdns, such an entry may be in every other cache unheard
-		// here: nobody answers for a killed sidecar's nodes.
-		a.reg.goodbyeUnheard(a.app)
 	}
 }
 

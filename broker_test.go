@@ -1611,7 +1611,7 @@ func TestRedeliveredCountsOnce(t *testing.T) {
 	b.unsubscribe(closing)
 }
 
-// TestAbsencesEnd: a peer's word// TestAbsencesEnd: a peer's word that a group has no member there holds
+// TestAbsencesEnd: a peer's word that a group has no member there holds
 // until the topics' entries change, and then costs publishes nothing more.
 func TestAbsencesEnd(t *testing.T) {
 	f := newForwarder(&broker{log: discardLog})

@@ -186,7 +186,10 @@ type mdnsBackend struct {
 	// nodes was heard, and every other cache has just dropped it.
 	rescueNow chan struct{}
 
-	mu           sync.Mutex // guards locals, labels, cache, startQueries, nextQuery, each iface's sendErr
+	startedAt time.Time // when the backend started; zero in tests of its state alone
+
+	mu           sync.Mutex // guards locals, labels, cache, startQueries, nextQuery, unheard, each iface's sendErr
+	unheard      []unheardNode
 	locals       map[string]*mdnsLocal
 	labels       map[string]string // lower-cased instance label -> record key
 	cache        *mdnsCache
@@ -240,6 +243,7 @@ func newMDNSBackend(ctx context.Context, cfg mdnsConfig, t *table, log *slog.Log
 		log.Info("Multicast registry on "+strings.Join(names, ","), "interfaces", names, "service_type", mdnsServiceType, "port", b.port)
 	}
 
+	b.startedAt = b.now()
 	ctx, b.stop = context.WithCancel(ctx)
 	for _, i := range b.ifaces {
 		b.wg.Add(1)
@@ -512,28 +516,64 @@ func ptrGoodbye(instance dnsmessage.Name) dnsmessage.Resource {
 }
 
 // goodbyeUnheard says goodbye for the nodes of s that this sidecar does
-// not announce, by the instance names they would have: an earlier run's
-// (killed, with the same fixed --server_id), which the other caches hold
-// until its TTL runs out while this sidecar never heard it (only an
-// instance's owner answers a query for it). A goodbye for an instance
-// nobody holds costs one packet; one that a live sidecar announces is
-// answered by it (defendLocked).
+// not announce and has not heard, by the instance names they would have:
+// an earlier run's (killed, with the same fixed --server_id), which the
+// other caches hold until its TTL runs out while this sidecar never heard
+// it (only an instance's owner answers a query for it). It goes once the
+// startup queries had their answers (unheardWait after the start): a node
+// heard by then has a live owner (a rolling restart's old sidecar), and
+// is left alone. A goodbye for an instance nobody holds costs one packet.
 func (b *mdnsBackend) goodbyeUnheard(s Service) {
-	var groups [][2][]dnsmessage.Resource
-	b.sendMu.Lock()
-	defer b.sendMu.Unlock()
+	now := b.now()
+	due := b.startedAt.Add(unheardWait)
+	if due.Before(now) {
+		due = now
+	}
 	b.mu.Lock()
+	defer b.mu.Unlock()
 	for _, r := range recordsOf(s, time.Time{}) {
-		if b.isLocalLocked(r.key()) {
-			continue
-		}
-		if name, err := dnsmessage.NewName(instanceLabel(r.Service, r.Node.ID) + "." + mdnsServiceType); err == nil {
-			groups = append(groups, [2][]dnsmessage.Resource{{ptrGoodbye(name)}, nil})
+		if len(b.unheard) < maxUnheard {
+			b.unheard = append(b.unheard, unheardNode{r, due})
 		}
 	}
-	b.mu.Unlock()
+}
+
+// unheardNode is a node to say goodbye for at due, if still unheard.
+type unheardNode struct {
+	rec record
+	due time.Time
+}
+
+const (
+	// unheardWait is from the start to when a live owner has answered
+	// the startup queries (mdnsStartQueries, a second apart, each answer
+	// within a second).
+	unheardWait = 3 * time.Second
+	maxUnheard  = 16 // the app's node, once per failing start: a few at most
+)
+
+// unheardGoodbyesLocked returns the goodbyes of goodbyeUnheard that are
+// due at now, for the nodes still neither heard nor ours.
+func (b *mdnsBackend) unheardGoodbyesLocked(now time.Time) [][]byte {
+	var groups [][2][]dnsmessage.Resource
+	keep := b.unheard[:0]
+	for _, u := range b.unheard {
+		switch {
+		case now.Before(u.due):
+			keep = append(keep, u)
+		case b.isLocalLocked(u.rec.key()) || b.t.holds(u.rec.Service, u.rec.Node.ID):
+		default:
+			if name, err := dnsmessage.NewName(instanceLabel(u.rec.Service, u.rec.Node.ID) + "." + mdnsServiceType); err == nil {
+				groups = append(groups, [2][]dnsmessage.Resource{{ptrGoodbye(name)}, nil})
+			}
+		}
+	}
+	b.unheard = keep
+	if len(groups) == 0 {
+		return nil
+	}
 	pkts, _ := packResponses(dnsmessage.Header{Response: true, Authoritative: true}, nil, groups)
-	b.multicast(pkts)
+	return pkts
 }
 
 // forgetLocalsLocked drops local nodes and returns their goodbye packets
@@ -875,6 +915,7 @@ func (b *mdnsBackend) tick(now time.Time) {
 	// other caches were told at least mdnsMinTTL, which may outlive it
 	// by up to two seconds.
 	pkts = append(pkts, b.forgetLocalsLocked(lapsed)...)
+	pkts = append(pkts, b.unheardGoodbyesLocked(now)...)
 	if b.startQueries < mdnsStartQueries && !now.Before(b.nextQuery) {
 		b.startQueries++
 		b.nextQuery = now.Add(mdnsRepeat)

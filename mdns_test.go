@@ -465,8 +465,8 @@ func TestLegacyUnicastAndDefence(t *testing.T) {
 	// A goodbye for our host's address alone is defended too: other
 	// caches would drop the node for want of an address.
 	b.mu.Lock()
-	for _, l := range b.locals {
-		l.repeatAt = time.Time{}
+	for _, l := range b.locals { // as if the answer had gone out long ago
+		l.repeatAt, l.rescue, l.rescuedAt = time.Time{}, false, time.Time{}
 	}
 	b.mu.Unlock()
 	addrBye := dnsmessage.NewBuilder(nil, dnsmessage.Header{Response: true, Authoritative: true})
@@ -1695,7 +1695,35 @@ func TestFailingRestartDropsAKilledRunsNodeOverMDNS(t *testing.T) {
 	waitFor(t, 5*time.Second, "the first run's node at the caller", func() bool { return hasNode(lookup(t, caller, "again"), "again-1") })
 	first.stop(syscall.SIGKILL)
 	startSidecar(t, append(app, "--healthcheck_url=tcp://"+deadPort(t), "--healthcheck_interval=200ms")...)
-	waitFor(t, 5*time.Second, "the killed run's node gone from the caller (its TTL is 60s)", func() bool { return !hasNode(lookup(t, caller, "again"), "again-1") })
+	waitFor(t, 10*time.Second, "the killed run's node gone from the caller (its TTL is 60s)", func() bool { return !hasNode(lookup(t, caller, "again"), "again-1") })
+}
+
+// TestFailingNewSidecarLeavesALiveNodeOverMDNS: README's rolling restart
+// with a health check, the new sidecar's app not up at its first check:
+// the old sidecar, alive, answered the new one's startup query, so the
+// new one sends no goodbye for the node, which every cache would have
+// dropped until the old one announced it again.
+func TestFailingNewSidecarLeavesALiveNodeOverMDNS(t *testing.T) {
+	if !inNamespace(t) {
+		return
+	}
+	app := []string{"--server_name=live", "--server_address=127.0.0.1:7003", "--server_id=live-1"}
+	old := startSidecar(t, app...)
+	waitFor(t, 5*time.Second, "the old sidecar's announcement", func() bool { return hasNode(lookup(t, old, "live"), "live-1") })
+	freshStart := time.Now()
+	fresh := startSidecar(t, append(app, "--healthcheck_url=tcp://"+deadPort(t), "--healthcheck_interval=200ms")...)
+	waitFor(t, 5*time.Second, "the new sidecar to hear the live node", func() bool { return hasNode(lookup(t, fresh, "live"), "live-1") })
+	waitFor(t, 10*time.Second, "the new sidecar's app to be found failing", func() bool {
+		_, body := do(t, "GET", fresh.url("/health"), "", "")
+		return strings.Contains(body, `"status":"failing"`)
+	})
+	// Past the moment an unheard node's goodbye would have gone (and a
+	// tick more), the old sidecar has heard none for its node: this waits
+	// out a bound, not for an event.
+	time.Sleep(time.Until(freshStart.Add(unheardWait + time.Second)))
+	if _, m := do(t, "GET", old.url("/metrics"), "", ""); !strings.Contains(m, `micro_mdns_packets_total{event="defended"} 0`) {
+		t.Errorf("the old sidecar answered goodbyes for its live node; want none:\n%s", m)
+	}
 }
 
 // TestLegacyQueriesOnlyFromTheLink: a query from a port other than 5353 is

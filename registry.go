@@ -850,12 +850,14 @@ type backend interface {
 }
 
 // goodbyeUnheard asks the backend to drop, from other sidecars' views,
-// entries of s it has not heard of (see mdnsBackend.goodbyeUnheard); a
-// shared store's backend has nothing unheard to drop.
-func (r *registry) goodbyeUnheard(s Service) {
-	if b, ok := r.backend.(interface{ goodbyeUnheard(Service) }); ok {
+// entries of s it has not heard of (see mdnsBackend.goodbyeUnheard), and
+// reports whether it does; a shared store's backend has nothing unheard.
+func (r *registry) goodbyeUnheard(s Service) bool {
+	b, ok := r.backend.(interface{ goodbyeUnheard(Service) })
+	if ok {
 		b.goodbyeUnheard(s)
 	}
+	return ok
 }
 
 // batchBackend is a backend for which a change of many entries costs

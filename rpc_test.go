@@ -752,8 +752,8 @@ func TestRPCFlags(t *testing.T) {
 	}{
 		{[]string{"--selector=leastconn"}, `--selector "leastconn": want roundrobin or random`},
 		{[]string{"--handler=grpc"}, `--handler "grpc": want rpc or proxy`},
-		{[]string{"--rpc_timeout=0s"}, "--rpc_timeout 0s: want more than 0 and at most 1h0m0s"},
-		{[]string{"--rpc_timeout=2h"}, "--rpc_timeout 2h0m0s: want more than 0"},
+		{[]string{"--rpc_timeout=0s"}, "--rpc_timeout 0s: want 1ms to 1h0m0s"},
+		{[]string{"--rpc_timeout=2h"}, "--rpc_timeout 2h0m0s: want 1ms to 1h0m0s"},
 		{[]string{"--rpc_retries=-1"}, "--rpc_retries -1: must be 0 or more"},
 		{[]string{"--namespace=a b"}, `--namespace "a b"`},
 	} {

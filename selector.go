@@ -58,6 +58,8 @@ type nodeState struct {
 	failures int       // consecutive failures; reset by a success
 	until    time.Time // not chosen before this time, but as a probe
 	probeAt  time.Time // when it may next be probed (see probeLocked)
+	probedAt time.Time // when it was last picked as a probe
+	probeFor string    // the service its probe is out for; "": none
 }
 
 // ejectFor is how long a node stays out after its n-th consecutive failure:
@@ -128,17 +130,20 @@ type selector struct {
 
 	ejections atomic.Uint64 // nodes ejected so far, for metrics
 
-	mu      sync.Mutex            // guards states, cursors, sweepAt
+	mu      sync.Mutex            // guards states, cursors, probes, sweepAt
 	states  map[nodeKey]nodeState // failing nodes; at most cfg.MaxTracked
 	cursors map[string]uint64     // round-robin position by service; at most cfg.MaxTracked
-	sweepAt time.Time             // when next to forget the nodes whose ejection ended long ago
+	// probes is, by service whose every node is ejected, when one of them
+	// may next be probed; at most cfg.MaxTracked.
+	probes  map[string]time.Time
+	sweepAt time.Time // when next to forget the nodes whose ejection ended long ago
 }
 
 func newSelector(cfg selectorConfig, now func() time.Time) *selector {
 	if now == nil {
 		now = time.Now
 	}
-	return &selector{cfg: cfg.withDefaults(), now: now, states: map[nodeKey]nodeState{}, cursors: map[string]uint64{}}
+	return &selector{cfg: cfg.withDefaults(), now: now, states: map[nodeKey]nodeState{}, cursors: map[string]uint64{}, probes: map[string]time.Time{}}
 }
 
 // next picks a node of service among nodes, skipping those tried in this
@@ -169,7 +174,7 @@ func (s *selector) next(service string, nodes []Node, tried []nodeKey) (Node, bo
 	}
 	i := choose(nodes, s.states, tried, now, start)
 	if i < 0 && len(tried) == 0 {
-		i = s.probeLocked(nodes, now)
+		i = s.probeLocked(service, nodes, now)
 	}
 	s.mu.Unlock()
 	if i < 0 {
@@ -178,34 +183,45 @@ func (s *selector) next(service string, nodes []Node, tried []nodeKey) (Node, bo
 	return nodes[i], true
 }
 
-// probeLocked picks, when every node of a service is ejected, the one
-// whose ejection ends first as a probe, if none of them was probed in the
-// last EjectBase: a node that came back would otherwise stay out for what
-// is left of a backoff grown while it was down (up to EjectMax, 30 s),
-// with nothing else to call. A probe that succeeds ends the ejection
-// (succeeded); one that fails leaves it as it was (failed does not count
-// a node out already). -1 when no node is to be probed now.
-func (s *selector) probeLocked(nodes []Node, now time.Time) int {
+// probeLocked picks, when every node of service is ejected, one of them
+// as a probe: a node that came back would otherwise stay out for what is
+// left of a backoff grown while it was down (up to EjectMax, 30 s), with
+// nothing else to call. One probe is out at a time for a service, the
+// next a while (EjectBase) after it failed, and the nodes take turns,
+// the least recently probed first (of those, the one whose ejection ends
+// first), so that whichever came back is found. A node is not probed
+// within EjectBase of its failure. A probe that succeeds ends the
+// ejection (succeeded); one that fails within the ejection leaves it as
+// it was (failed does not count a node out already). A probe whose
+// outcome is never told (its caller left) holds the next one off for
+// EjectMax. -1 when no node is to be probed now.
+func (s *selector) probeLocked(service string, nodes []Node, now time.Time) int {
+	if now.Before(s.probes[service]) {
+		return -1
+	}
 	best := -1
-	var bestUntil time.Time
+	var bestState nodeState
 	for i, n := range nodes {
 		st, ok := s.states[keyOf(n)]
 		if !ok || now.Before(st.probeAt) {
 			continue
 		}
-		if best < 0 || st.until.Before(bestUntil) {
-			best, bestUntil = i, st.until
+		if best < 0 || st.probedAt.Before(bestState.probedAt) || st.probedAt.Equal(bestState.probedAt) && st.until.Before(bestState.until) {
+			best, bestState = i, st
 		}
 	}
 	if best < 0 {
 		return -1
 	}
-	for _, n := range nodes { // one probe a while for the service, not one per node
-		if st, ok := s.states[keyOf(n)]; ok {
-			st.probeAt = now.Add(s.cfg.EjectBase)
-			s.states[keyOf(n)] = st
+	if _, ok := s.probes[service]; !ok {
+		if len(s.probes) >= s.cfg.MaxTracked {
+			clear(s.probes) // overflow: probes may come sooner; nothing else is lost
 		}
+		service = strings.Clone(service) // kept: not a piece of a request's head (see stringArena)
 	}
+	s.probes[service] = now.Add(s.cfg.EjectMax) // until the probe's outcome is told
+	bestState.probedAt, bestState.probeFor = now, service
+	s.states[keyOf(nodes[best])] = bestState
 	return best
 }
 
@@ -216,7 +232,10 @@ func (s *selector) succeeded(n Node) {
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if _, ok := s.states[keyOf(n)]; ok {
+	if st, ok := s.states[keyOf(n)]; ok {
+		if st.probeFor != "" {
+			delete(s.probes, st.probeFor)
+		}
 		delete(s.states, keyOf(n))
 		s.tracked.Store(int64(len(s.states)))
 	}
@@ -230,6 +249,11 @@ func (s *selector) forgetLocked(now time.Time) {
 	for k, st := range s.states {
 		if now.Sub(st.until) > s.cfg.EjectMax {
 			delete(s.states, k)
+		}
+	}
+	for service, at := range s.probes {
+		if now.Sub(at) > s.cfg.EjectMax {
+			delete(s.probes, service)
 		}
 	}
 	s.tracked.Store(int64(len(s.states)))
@@ -247,6 +271,11 @@ func (s *selector) failed(n Node) time.Duration {
 	defer s.mu.Unlock()
 	k := keyOf(n)
 	st, ok := s.states[k]
+	if ok && st.probeFor != "" { // a failed probe: the service's next one a while later
+		s.probes[st.probeFor] = now.Add(s.cfg.EjectBase)
+		st.probeFor, st.probeAt = "", now.Add(s.cfg.EjectBase)
+		s.states[k] = st
+	}
 	if ok && now.Before(st.until) {
 		// Out already: a call that was in flight when another ejected the
 		// node. Counted, a burst of such calls would stretch one incident's

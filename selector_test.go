@@ -2,6 +2,7 @@ package main
 
 import (
 	"fmt"
+	"slices"
 	"testing"
 	"time"
 )
@@ -166,7 +167,40 @@ func TestSelectorProbesAnAllEjectedService(t *testing.T) {
 		}
 	}
 
+	// Two nodes out for 16 s: the probes take turns, so that the one
+	// that comes back is found, whichever it is.
+	s = newSelector(selectorConfig{}, func() time.Time { return now })
+	pair := nodesAt(1, 2)
+	for range 5 {
+		s.failed(pair[0])
+		now = now.Add(s.failed(pair[1]))
+	}
+	now = now.Add(-16 * time.Second)
+	var probed []int
+	for range 4 {
+		now = now.Add(time.Second)
+		n, ok := s.next("pair", pair, nil)
+		if !ok {
+			t.Fatalf("two nodes out: no probe at %v", now)
+		}
+		probed = append(probed, n.Port)
+		s.failed(n)
+	}
+	if !slices.Equal(probed, []int{1, 2, 1, 2}) {
+		t.Errorf("two nodes out: probed %v; want them in turn", probed)
+	}
+	now = now.Add(time.Second)
+	if n, _ := s.next("pair", pair, nil); n.Port != 1 {
+		t.Fatalf("probe %v; want node 1's turn", n)
+	}
+	// Its caller left: nothing told; the next probe waits for EjectMax.
+	now = now.Add(time.Second)
+	if n, ok := s.next("pair", pair, nil); ok {
+		t.Errorf("a probe while another's outcome is untold: %v", n)
+	}
+
 	two := nodesAt(1, 2)
+	s = newSelector(selectorConfig{}, func() time.Time { return now })
 	for range 5 {
 		now = now.Add(s.failed(two[1]))
 	}
