@@ -307,11 +307,17 @@ func checkFlagWords(fs *flag.FlagSet, args []string) error {
 		}
 		i++
 		value := args[i]
-		if next, ok := flagWord(value); ok && fs.Lookup(strings.SplitN(next, "=", 2)[0]) != nil {
+		if next, ok := flagWord(value); ok && isFlagName(fs, strings.SplitN(next, "=", 2)[0]) {
 			return fmt.Errorf("--%s has no value: the next word, %q, is a flag (write --%s=VALUE)", name, value, name)
 		}
 	}
 	return nil
+}
+
+// isFlagName says whether name is a flag of fs, or one the command line
+// takes besides (help, version).
+func isFlagName(fs *flag.FlagSet, name string) bool {
+	return fs.Lookup(name) != nil || name == "h" || name == "help" || name == "version"
 }
 
 // flagWord is a command-line word's flag, name and any =value, when the

@@ -1634,6 +1634,7 @@ func TestFlagSlips(t *testing.T) {
 		{[]string{"--registry=file", "--registry_address", "--handler=proxy"}, `--registry_address has no value: the next word, "--handler=proxy", is a flag (write --registry_address=VALUE)`},
 		{[]string{"--auth_token", "-namespace=foo"}, `--auth_token has no value: the next word, "-namespace=foo", is a flag`},
 		{[]string{"--auth_token", "-not-a-flag"}, ""},
+		{[]string{"--namespace", "--help"}, `--namespace has no value: the next word, "--help", is a flag`},
 		{[]string{"--namespace", "foo", "--selector", "random"}, ""},
 		{[]string{"--cors_allowed_origins=http://a.example", "--cors_allowed_origins=http://b.example"}, "--cors_allowed_origins is given twice"},
 		{[]string{"--server_name=a", "--server_address=127.0.0.1:9", "-server_metadata=a=1", "--server_metadata", "b=2"}, "--server_metadata is given twice"},
