@@ -1093,3 +1093,22 @@ func TestEtcdRefusedRegistrationIsSeenByNobody(t *testing.T) {
 		}
 	}
 }
+
+// TestEtcdRefusesARegistrationTooLargeForIt: a registration larger than
+// etcd takes (its --max-request-bytes) is the client's to change, a 413
+// saying so, not a 503 to retry for ever.
+func TestEtcdRefusesARegistrationTooLargeForIt(t *testing.T) {
+	m := startEtcd(t, "--max-request-bytes=4096")
+	p := startSidecar(t, etcdSidecarArgs(m.client)...)
+	var meta []string
+	for i := range 8 {
+		meta = append(meta, fmt.Sprintf(`"k%d":"%s"`, i, strings.Repeat("v", 1000)))
+	}
+	code, out := do(t, "POST", p.url("/registry"), "", `{"name":"big","metadata":{`+strings.Join(meta, ",")+`},"nodes":[{"id":"b1","address":"127.0.0.1","port":1}]}`)
+	if code != http.StatusRequestEntityTooLarge || !strings.Contains(out, "--max-request-bytes") {
+		t.Errorf("a registration over etcd's limit: %d %s; want 413 naming etcd's --max-request-bytes", code, out)
+	}
+	if code, out := do(t, "POST", p.url("/registry"), "", `{"name":"small","nodes":[{"id":"s1","address":"127.0.0.1","port":1}]}`); code != 200 {
+		t.Errorf("a small registration after it: %d %s", code, out)
+	}
+}

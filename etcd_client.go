@@ -162,6 +162,13 @@ func isAccessRefusal(err error) bool {
 	return errors.As(err, &ee) && (ee.Code == grpcPermissionDenied || ee.Code == grpcInvalidArgument && strings.Contains(ee.Message, "user name"))
 }
 
+// isTooLargeForEtcd reports whether etcd refused a request as larger
+// than its --max-request-bytes: a refusal for good, of that request only.
+func isTooLargeForEtcd(err error) bool {
+	var ee *etcdError
+	return errors.As(err, &ee) && strings.Contains(ee.Message, "request is too large")
+}
+
 // endpointSet is the cluster's endpoints in the order given, with the one
 // that last answered first.
 type endpointSet struct {

@@ -251,10 +251,14 @@ func decodeDeregistration(body []byte) (Service, error) {
 // writeRegistryError maps a registry failure to its status: a full registry
 // and a failing backend are both 503, with what to do in the detail; a
 // registration the backend cannot carry (mdns: a TXT string over 255
-// bytes) is the client's to fix, 400.
+// bytes) is the client's to fix, 400, and one larger than etcd takes 413.
 func writeRegistryError(w http.ResponseWriter, err error) {
 	if errors.Is(err, errNotAnnounceable) {
 		writeError(w, http.StatusBadRequest, err.Error())
+		return
+	}
+	if isTooLargeForEtcd(err) {
+		writeError(w, http.StatusRequestEntityTooLarge, err.Error()+" (etcd's --max-request-bytes): register less metadata")
 		return
 	}
 	if !errors.Is(err, errTableFull) {
