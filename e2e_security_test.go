@@ -297,6 +297,48 @@ func selfSigned(t *testing.T) (certFile, keyFile string, pool *x509.CertPool) {
 	return certFile, keyFile, pool
 }
 
+// TestHTTP2UploadAnsweredEarlyThroughTheProxy: over TLS browsers speak
+// HTTP/2, and an upload through the proxy to an app that answers before
+// reading it goes on being read after the handler returned; the body's
+// deadline, set through the HTTP/2 response writer then, crashed the
+// sidecar within a few such requests (TLS review).
+func TestHTTP2UploadAnsweredEarlyThroughTheProxy(t *testing.T) {
+	certFile, keyFile, pool := selfSigned(t)
+	early := appServer(t, func(w http.ResponseWriter, r *http.Request) {
+		w.Write([]byte(`{"early":true}`)) // the upload unread
+	})
+	p := startSidecar(t, "--registry=memory", "--tls_cert_file="+certFile, "--tls_key_file="+keyFile)
+	client := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}, ForceAttemptHTTP2: true}}
+	resp, err := client.Post("https://"+p.addr+"/registry", "application/json", strings.NewReader(`{"name":"early","nodes":[{"id":"e1","address":"`+hostOf(early)+`"}]}`))
+	if err != nil || resp.StatusCode != 200 {
+		t.Fatalf("register: %v %v", resp, err)
+	}
+	resp.Body.Close()
+	body := bytes.Repeat([]byte("x"), 5<<20)
+	for i := range 10 {
+		resp, err := client.Post("https://"+p.addr+"/proxy/early/up", "application/octet-stream", bytes.NewReader(body))
+		if err == nil {
+			io.Copy(io.Discard, resp.Body)
+			resp.Body.Close()
+			if resp.ProtoMajor != 2 {
+				t.Fatalf("upload %d went over %s; want HTTP/2", i, resp.Proto)
+			}
+		}
+		select {
+		case <-p.done:
+			t.Fatalf("the sidecar died at upload %d:\n%s", i, p.log.String())
+		default:
+		}
+	}
+	// Each upload's body was still being read as its handler ended; the
+	// process must outlive the last of them.
+	resp, err = client.Get("https://" + p.addr + "/health")
+	if err != nil {
+		t.Fatalf("the sidecar after the uploads: %v\n%s", err, p.log.String())
+	}
+	resp.Body.Close()
+}
+
 func TestTLS(t *testing.T) {
 	certFile, keyFile, pool := selfSigned(t)
 	p := startSidecar(t, "--registry=memory", "--tls_cert_file="+certFile, "--tls_key_file="+keyFile, "--server_name=foo", "--server_address=127.0.0.1:9090")

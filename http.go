@@ -165,8 +165,10 @@ func boundStalledBodies(gap time.Duration, next http.Handler) http.Handler {
 			// A copy of the request carries the bounded body: net/http's
 			// own keeps its body, which it recognises after the handler
 			// (to discard what is left, or to close after a 100-continue).
+			body := &progressBody{ReadCloser: r.Body, rc: http.NewResponseController(w), gap: gap}
+			defer body.handlerDone()
 			bounded := *r
-			bounded.Body = &progressBody{ReadCloser: r.Body, rc: http.NewResponseController(w), gap: gap}
+			bounded.Body = body
 			r = &bounded
 		}
 		next.ServeHTTP(w, r)
@@ -237,17 +239,41 @@ func (w *closingWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
 type stallReporter interface{ stalled() bool }
 
 // progressBody is a request body whose every read has a deadline.
+//
+// The deadline is set through the response writer, which is not to be
+// used once the handler returned; the body may still be read then (the
+// proxy's transport sends an upload from a goroutine of its own, on after
+// an early answer), and an HTTP/2 writer dereferences nil. So the
+// deadline is only moved while the handler runs.
 type progressBody struct {
 	io.ReadCloser
 	rc    *http.ResponseController
 	gap   time.Duration
 	stall atomic.Bool
+
+	mu   sync.Mutex // held across each deadline change, and by handlerDone
+	done bool       // the handler returned: rc is not to be used
 }
 
 func (b *progressBody) stalled() bool { return b.stall.Load() }
 
+func (b *progressBody) handlerDone() {
+	b.mu.Lock()
+	b.done = true
+	b.mu.Unlock()
+}
+
+// setDeadline sets the connection's read deadline while the handler runs.
+func (b *progressBody) setDeadline(t time.Time) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if !b.done {
+		b.rc.SetReadDeadline(t)
+	}
+}
+
 func (b *progressBody) Read(p []byte) (int, error) {
-	b.rc.SetReadDeadline(time.Now().Add(b.gap))
+	b.setDeadline(time.Now().Add(b.gap))
 	n, err := b.ReadCloser.Read(p)
 	switch {
 	case errors.Is(err, os.ErrDeadlineExceeded):
@@ -258,7 +284,7 @@ func (b *progressBody) Read(p []byte) (int, error) {
 	case err != nil:
 		// The body is over. net/http now reads on to notice the client
 		// leaving, which must not time out while the handler works.
-		b.rc.SetReadDeadline(time.Time{})
+		b.setDeadline(time.Time{})
 	}
 	return n, err
 }
