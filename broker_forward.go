@@ -1034,12 +1034,18 @@ type peerRefusal struct{ msg string }
 func (e *peerRefusal) Error() string { return e.msg }
 
 // undelivered reports whether a failed forward certainly delivered
-// nothing: the peer could not be reached, or refused the batch. A batch
-// that timed out may yet be delivered.
+// nothing: the peer could not be reached, its TLS handshake failed (a
+// certificate this sidecar does not trust, a peer that speaks plain HTTP
+// or refuses ours: the request is written after the handshake), or it
+// refused the batch. A batch that timed out may yet be delivered.
 func undelivered(err error) bool {
 	var refusal *peerRefusal
 	var op *net.OpError
-	return errors.As(err, &refusal) || errors.As(err, &op) && op.Op == "dial"
+	var verify *tls.CertificateVerificationError
+	var record tls.RecordHeaderError
+	var alert tls.AlertError
+	return errors.As(err, &refusal) || errors.As(err, &op) && op.Op == "dial" ||
+		errors.As(err, &verify) || errors.As(err, &record) || errors.As(err, &alert)
 }
 
 // post sends a batch to the peer at addr and returns the groups it found

@@ -670,6 +670,30 @@ func TestBrokerForwardsOverTLS(t *testing.T) {
 	}
 }
 
+// TestGroupMessagesLeaveAnUntrustedPeer: a queue group's message for a
+// member at a peer whose certificate this sidecar does not trust was sent
+// nowhere (a failed handshake was taken for a batch that may have been
+// delivered) and lost; nothing of it left, so it goes to another member.
+func TestGroupMessagesLeaveAnUntrustedPeer(t *testing.T) {
+	certFile, keyFile, pool := selfSigned(t)
+	registry := []string{"--registry=file", "--registry_address=" + filepath.Join(t.TempDir(), "registry.json")}
+	a := startSidecar(t, registry...)
+	b := startSidecar(t, append(registry, "--tls_cert_file="+certFile, "--tls_key_file="+keyFile)...) // a does not trust it
+	c := startSidecar(t, registry...)
+	subscribeWSS(t, b, "orders&queue=g", pool)
+	subC := subscribeWS(t, c, "C", "topic=orders&queue=g")
+	waitFor(t, 10*time.Second, "both members' entries on a", func() bool {
+		s := lookup(t, a, "topic:orders")
+		return s != nil && len(s.Nodes) == 2
+	})
+	for i := range 10 {
+		if code, out := do(t, "POST", a.url("/broker?topic=orders"), "", fmt.Sprintf("m%d", i)); code != 200 {
+			t.Fatalf("publish %d: %d %s", i, code, out)
+		}
+	}
+	waitFor(t, 10*time.Second, "all 10 messages at c's member", func() bool { return subC.total() == 10 })
+}
+
 // subscribeWSS subscribes to topic on p over WSS, trusting pool; the
 // connection closes with the test.
 func subscribeWSS(t *testing.T, p *proc, topic string, pool *x509.CertPool) *websocket.Conn {
