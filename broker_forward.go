@@ -1041,11 +1041,7 @@ func (e *peerRefusal) Error() string { return e.msg }
 func undelivered(err error) bool {
 	var refusal *peerRefusal
 	var op *net.OpError
-	var verify *tls.CertificateVerificationError
-	var record tls.RecordHeaderError
-	var alert tls.AlertError
-	return errors.As(err, &refusal) || errors.As(err, &op) && op.Op == "dial" ||
-		errors.As(err, &verify) || errors.As(err, &record) || errors.As(err, &alert)
+	return errors.As(err, &refusal) || errors.As(err, &op) && op.Op == "dial" || tlsFailureOf(err) != tlsOK
 }
 
 // post sends a batch to the peer at addr and returns the groups it found

@@ -919,6 +919,14 @@ func TestEtcdTLS(t *testing.T) {
 	if c, msg := healthOf(t, nocert); c != 503 || !strings.Contains(msg, "etcd") {
 		t.Errorf("without a client certificate: /health %d %q; want 503 naming etcd", c, msg)
 	}
+	// TLS failures say which flags to check, not "unreachable".
+	waitFor(t, 5*time.Second, "the missing client certificate's log line", func() bool {
+		return strings.Contains(nocert.log.String(), "check --registry_tls_cert and --registry_tls_key")
+	})
+	untrusting := startSidecar(t, etcdSidecarArgs(m.client, "--registry_tls_cert="+cc, "--registry_tls_key="+ck)...)
+	waitFor(t, 5*time.Second, "the untrusted server certificate's log line", func() bool {
+		return strings.Contains(untrusting.log.String(), "check --registry_tls_ca")
+	})
 	if code, out := run(t, "sidecar", "--registry=etcd", "--registry_address=http://127.0.0.1:2379", "--registry_tls_ca="+ca); code != 2 || !strings.Contains(out, "use https:// etcd URLs") {
 		t.Errorf("TLS flags with http:// URLs: exit %d, %q; want 2 naming the fix", code, out)
 	}

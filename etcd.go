@@ -606,6 +606,8 @@ func (b *etcdBackend) watchDown(ctx context.Context, err error) {
 		b.log.Error("etcd registry refused to authenticate this sidecar (check --registry_username, MICRO_REGISTRY_PASSWORD, and that etcd has authentication on); serving the last known registry and retrying", "error", err)
 	case isAccessRefusal(err):
 		b.log.Error("etcd registry refuses this sidecar access (give --registry_username and MICRO_REGISTRY_PASSWORD when etcd has authentication on, and the user a role on the prefix); serving the last known registry and retrying", "error", err)
+	case tlsFixOf(err) != "":
+		b.log.Error("etcd registry's TLS handshake failed ("+tlsFixOf(err)+"); serving the last known registry and retrying", "error", err)
 	default:
 		b.log.Error("etcd registry unreachable; serving the last known registry and retrying", "error", err)
 	}

@@ -162,6 +162,21 @@ func isAccessRefusal(err error) bool {
 	return errors.As(err, &ee) && (ee.Code == grpcPermissionDenied || ee.Code == grpcInvalidArgument && strings.Contains(ee.Message, "user name"))
 }
 
+// tlsFixOf says which flags to check when err is a failed TLS handshake
+// with etcd; "" when it is not one. etcd answers a missing and an
+// untrusted client certificate alike ("bad certificate").
+func tlsFixOf(err error) string {
+	switch tlsFailureOf(err) {
+	case tlsUntrusted:
+		return "etcd's certificate is not trusted: check --registry_tls_ca, and that the URL's host is one the certificate names"
+	case tlsNotSpoken:
+		return "etcd does not speak TLS there: use an http:// URL in --registry_address"
+	case tlsRefused:
+		return "etcd refused this sidecar's certificate, or wants one: check --registry_tls_cert and --registry_tls_key, and that etcd's --trusted-ca-file signed them"
+	}
+	return ""
+}
+
 // isTooLargeForEtcd reports whether etcd refused a request as larger
 // than its --max-request-bytes: a refusal for good, of that request only.
 func isTooLargeForEtcd(err error) bool {

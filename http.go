@@ -6,6 +6,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"crypto/subtle"
+	"crypto/tls"
 	"encoding/base64"
 	"encoding/binary"
 	"encoding/json"
@@ -137,6 +138,35 @@ func readBodyInto(w http.ResponseWriter, r *http.Request, limit int64, buf *byte
 		return nil, false
 	}
 	return body, true
+}
+
+// tlsFailure is how a TLS handshake this sidecar made as a client failed.
+type tlsFailure int
+
+const (
+	tlsOK        tlsFailure = iota // no handshake failure
+	tlsUntrusted                   // the server's certificate is not trusted
+	tlsNotSpoken                   // the server answered in something else (plain HTTP)
+	tlsRefused                     // the server sent an alert: it refused our certificate, or wanted one
+)
+
+// tlsFailureOf classifies err. The server's alert comes as crypto/tls's
+// "remote error", in TLS 1.3 after the client finished its part, when the
+// request may be on its way: but the server refused the connection, and
+// reads nothing of it.
+func tlsFailureOf(err error) tlsFailure {
+	var verify *tls.CertificateVerificationError
+	var record tls.RecordHeaderError
+	var op *net.OpError
+	switch {
+	case errors.As(err, &verify):
+		return tlsUntrusted
+	case errors.As(err, &record):
+		return tlsNotSpoken
+	case errors.As(err, &op) && op.Op == "remote error":
+		return tlsRefused
+	}
+	return tlsOK
 }
 
 // writeBodyError answers a request whose body could not be read: 408 when
