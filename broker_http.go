@@ -130,7 +130,7 @@ func (b *broker) handleSubscribe(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	if !isUpgrade(r) {
-		writeError(w, http.StatusBadRequest, "GET /broker needs a WebSocket upgrade: connect a WebSocket client to ws://"+truncate(r.Host, 64)+"/broker?topic="+topic+", or POST to publish")
+		writeError(w, http.StatusBadRequest, "GET /broker needs a WebSocket upgrade: connect a WebSocket client to "+wsScheme(r)+"://"+truncate(r.Host, 64)+"/broker?topic="+topic+", or POST to publish")
 		return
 	}
 	if !handshakeOK(w, r) {

@@ -355,6 +355,17 @@ func TestTLS(t *testing.T) {
 	if resp, err := http.Get("http://" + p.addr + "/registry"); err == nil && resp.StatusCode < 400 {
 		t.Errorf("plain HTTP to a TLS sidecar succeeded: %d", resp.StatusCode)
 	}
+	for _, path := range []string{"/broker?topic=t", "/registry?watch=1"} { // the hint names the scheme in use
+		resp, err := client.Get("https://" + p.addr + path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != 400 || !strings.Contains(string(body), "wss://") {
+			t.Errorf("GET %s over TLS without an upgrade: %d %s; want 400 pointing at wss://", path, resp.StatusCode, body)
+		}
+	}
 	code, out := run(t, "sidecar", "--tls_cert_file="+certFile)
 	if code != 2 || !strings.Contains(out, "go together") {
 		t.Errorf("cert without key: exit %d %q", code, out)

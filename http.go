@@ -140,6 +140,14 @@ func readBodyInto(w http.ResponseWriter, r *http.Request, limit int64, buf *byte
 	return body, true
 }
 
+// wsScheme is the WebSocket scheme of the connection r came on.
+func wsScheme(r *http.Request) string {
+	if r.TLS != nil {
+		return "wss"
+	}
+	return "ws"
+}
+
 // tlsFailure is how a TLS handshake this sidecar made as a client failed.
 type tlsFailure int
 

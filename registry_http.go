@@ -276,7 +276,7 @@ const watchPingInterval = 30 * time.Second
 // slow to keep up is closed with 1013 (try again later) and should reconnect.
 func (s *sidecar) handleWatch(w http.ResponseWriter, r *http.Request) {
 	if !isUpgrade(r) {
-		writeError(w, http.StatusBadRequest, "watch needs a WebSocket upgrade; connect with a WebSocket client to ws://HOST/registry?watch=1")
+		writeError(w, http.StatusBadRequest, "watch needs a WebSocket upgrade; connect with a WebSocket client to "+wsScheme(r)+"://HOST/registry?watch=1")
 		return
 	}
 	if !handshakeOK(w, r) {
