@@ -374,6 +374,12 @@ func TestTLS(t *testing.T) {
 	if code != 2 || !strings.Contains(out, "--tls_cert_file") {
 		t.Errorf("a key given as certificate: exit %d %q", code, out)
 	}
+	encrypted := filepath.Join(t.TempDir(), "enc.key")
+	os.WriteFile(encrypted, []byte("-----BEGIN ENCRYPTED PRIVATE KEY-----\nMIIB\n-----END ENCRYPTED PRIVATE KEY-----\n"), 0o600)
+	code, out = run(t, "sidecar", "--tls_cert_file="+certFile, "--tls_key_file="+encrypted)
+	if code != 2 || !strings.Contains(out, "an encrypted key, which is not read") {
+		t.Errorf("an encrypted key: exit %d %q; want 2 saying it is encrypted", code, out)
+	}
 }
 
 // TestTLSStalledBodyGets408: over TLS (net/http serves every request), a

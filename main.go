@@ -3,6 +3,7 @@
 package main
 
 import (
+	"bytes"
 	"cmp"
 	"context"
 	"crypto/rand"
@@ -549,6 +550,9 @@ func (c *config) validate() error {
 	}
 	if c.TLSCertFile != "" {
 		if _, err := tls.LoadX509KeyPair(c.TLSCertFile, c.TLSKeyFile); err != nil {
+			if key, _ := os.ReadFile(c.TLSKeyFile); bytes.Contains(key, []byte("ENCRYPTED")) {
+				return fmt.Errorf("--tls_key_file %s: an encrypted key, which is not read; decrypt it (openssl pkey -in %s -out key.pem)", c.TLSKeyFile, c.TLSKeyFile)
+			}
 			return fmt.Errorf("--tls_cert_file/--tls_key_file: %v", err)
 		}
 		roots, err := peerRoots(c.TLSCertFile)
