@@ -54,12 +54,12 @@ func runMain(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stdout, "micro %s\n", buildVersion())
 		return 0
 	case "sidecar":
-		if len(args) == 2 && (args[1] == "--version" || args[1] == "-version") { // where an operator tries it too
-			return runMain(args[1:], stdout, stderr)
-		}
 		cfg, err := parseSidecarFlags(args[1:], stdout, os.LookupEnv)
 		if errors.Is(err, flag.ErrHelp) {
 			return 0
+		}
+		if errors.Is(err, errVersionAsked) { // where an operator tries it too
+			return runMain([]string{"--version"}, stdout, stderr)
 		}
 		if err != nil {
 			fmt.Fprintf(stderr, "micro sidecar: %v\n", err)
@@ -240,6 +240,7 @@ func parseSidecarFlags(args []string, out io.Writer, lookupEnv func(string) (str
 	fs.StringVar(&cfg.Handler, "handler", "rpc", "What /{service}/... does: rpc calls /{service}/{method} over JSON-RPC, proxy forwards the request over HTTP.")
 	fs.StringVar(&cfg.LogFormat, "log_format", "text", "Log format: text or json.")
 	fs.StringVar(&level, "log_level", "info", "Log level: debug, info, warn or error.")
+	versionAsked := fs.Bool("version", false, "Print the version and exit.")
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			fmt.Fprintf(out, "Usage: micro sidecar [flags]\n\nRuns the sidecar next to an app. Every flag can also be set with an environment\nvariable named MICRO_ and the flag's name in upper case (MICRO_SERVER_NAME);\na flag given on the command line wins.\n\nFlags:\n")
@@ -248,6 +249,9 @@ func parseSidecarFlags(args []string, out io.Writer, lookupEnv func(string) (str
 			return config{}, err
 		}
 		return config{}, fmt.Errorf("%v (micro sidecar --help lists the flags)", explainParseError(fs, err))
+	}
+	if *versionAsked {
+		return config{}, errVersionAsked
 	}
 	if fs.NArg() > 0 {
 		return config{}, fmt.Errorf("unexpected argument %q; flags look like --server_name=foo", fs.Arg(0))
@@ -280,11 +284,15 @@ func parseSidecarFlags(args []string, out io.Writer, lookupEnv func(string) (str
 	return cfg, nil
 }
 
+// errVersionAsked is parseSidecarFlags' answer to --version.
+var errVersionAsked = errors.New("version asked")
+
 // listFlags take comma-separated lists.
 var listFlags = []string{"cors_allowed_origins", "server_metadata", "registry_interface"}
 
-// checkFlagWords walks args as the flag package did (every flag here takes
-// a value, after = or as the next word) and refuses what it took silently:
+// checkFlagWords walks args as the flag package did (every flag here but
+// --version takes a value, after = or as the next word) and refuses what
+// it took silently:
 // a list flag given twice, whose first list was lost (two
 // --cors_allowed_origins allowed the second origin alone), and a flag
 // whose value was left out, which took the next flag as its value
@@ -303,7 +311,7 @@ func checkFlagWords(fs *flag.FlagSet, args []string) error {
 			return fmt.Errorf("--%s is given twice, and would keep the second list alone; give one list, comma separated", name)
 		}
 		seen[name] = true
-		if inline || i+1 >= len(args) {
+		if inline || i+1 >= len(args) || isBoolFlag(fs, name) {
 			continue
 		}
 		i++
@@ -315,10 +323,20 @@ func checkFlagWords(fs *flag.FlagSet, args []string) error {
 	return nil
 }
 
-// isFlagName says whether name is a flag of fs, or one the command line
-// takes besides (help, version).
+// isFlagName says whether name is a flag of fs, or help, which the flag
+// package takes besides.
 func isFlagName(fs *flag.FlagSet, name string) bool {
-	return fs.Lookup(name) != nil || name == "h" || name == "help" || name == "version"
+	return fs.Lookup(name) != nil || name == "h" || name == "help"
+}
+
+// isBoolFlag says whether the flag name of fs takes no value word.
+func isBoolFlag(fs *flag.FlagSet, name string) bool {
+	f := fs.Lookup(name)
+	if f == nil {
+		return false
+	}
+	b, ok := f.Value.(interface{ IsBoolFlag() bool })
+	return ok && b.IsBoolFlag()
 }
 
 // flagWord is a command-line word's flag, name and any =value, when the
@@ -404,7 +422,7 @@ func applyEnv(fs *flag.FlagSet, lookupEnv func(string) (string, bool)) (map[stri
 	fs.Visit(func(f *flag.Flag) { given[f.Name] = "--" + f.Name })
 	var err error
 	fs.VisitAll(func(f *flag.Flag) {
-		if given[f.Name] != "" || err != nil {
+		if given[f.Name] != "" || err != nil || f.Name == "version" { // a question, not a setting
 			return
 		}
 		name := "MICRO_" + strings.ToUpper(f.Name)

@@ -291,6 +291,8 @@ func TestCommandLine(t *testing.T) {
 		{[]string{"--help"}, 0, "micro sidecar [flags]"},
 		{[]string{"--version"}, 0, "micro test"},
 		{[]string{"sidecar", "--version"}, 0, "micro test"},
+		{[]string{"sidecar", "--registry=bogus", "--version"}, 0, "micro test"}, // a bad flag beside: never starts
+		{[]string{"sidecar", "--version", "--registry=bogus"}, 0, "micro test"},
 		{[]string{"sidecar", "--help"}, 0, "-healthcheck_url"},
 		{[]string{}, 2, "Usage"},
 		{[]string{"frobnicate"}, 2, `unknown command "frobnicate"`},
@@ -1635,6 +1637,7 @@ func TestFlagSlips(t *testing.T) {
 		{[]string{"--auth_token", "-namespace=foo"}, `--auth_token has no value: the next word, "-namespace=foo", is a flag`},
 		{[]string{"--auth_token", "-not-a-flag"}, ""},
 		{[]string{"--namespace", "--help"}, `--namespace has no value: the next word, "--help", is a flag`},
+		{[]string{"--namespace", "--version"}, `--namespace has no value: the next word, "--version", is a flag`},
 		{[]string{"--namespace", "foo", "--selector", "random"}, ""},
 		{[]string{"--cors_allowed_origins=http://a.example", "--cors_allowed_origins=http://b.example"}, "--cors_allowed_origins is given twice"},
 		{[]string{"--server_name=a", "--server_address=127.0.0.1:9", "-server_metadata=a=1", "--server_metadata", "b=2"}, "--server_metadata is given twice"},
