@@ -1119,4 +1119,12 @@ func TestEtcdRefusesARegistrationTooLargeForIt(t *testing.T) {
 	if code, out := do(t, "POST", p.url("/registry"), "", `{"name":"small","nodes":[{"id":"s1","address":"127.0.0.1","port":1}]}`); code != 200 {
 		t.Errorf("a small registration after it: %d %s", code, out)
 	}
+	// Refused with its second node: the first, written, is taken back.
+	code, out = do(t, "POST", p.url("/registry"), "", `{"name":"pair","nodes":[{"id":"p1","address":"127.0.0.1","port":1},{"id":"p2","address":"127.0.0.1","port":2,"metadata":{`+strings.Join(meta, ",")+`}}]}`)
+	if code != http.StatusRequestEntityTooLarge {
+		t.Fatalf("a registration whose second node is too large: %d %s; want 413", code, out)
+	}
+	if keys := m.keys(t, "/micro/registry/pair/"); len(keys) != 0 {
+		t.Errorf("after the 413, etcd holds %v; want nothing of it", keys)
+	}
 }

@@ -325,6 +325,13 @@ func (b *etcdBackend) register(s Service, ttl time.Duration) error {
 		_, had := b.regs[key]
 		b.mu.Unlock()
 		if err := b.registerOne(key, r.key(), value, ttl); err != nil {
+			if answeredRefusal(err) {
+				// Refused for good (a node too large): the nodes this
+				// call wrote must not outlive the refusal by a TTL.
+				for _, key := range added {
+					b.unregisterOne(key)
+				}
+			}
 			return b.noteReq(err)
 		}
 		if !had {

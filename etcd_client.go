@@ -177,6 +177,13 @@ func tlsFixOf(err error) string {
 	return ""
 }
 
+// answeredRefusal reports whether etcd itself answered err, refusing the
+// request, rather than being out of reach.
+func answeredRefusal(err error) bool {
+	var ee *etcdError
+	return !errors.Is(err, errEtcdUnavailable) && errors.As(err, &ee) && !shouldFailOver(err)
+}
+
 // isTooLargeForEtcd reports whether etcd refused a request as larger
 // than its --max-request-bytes: a refusal for good, of that request only.
 func isTooLargeForEtcd(err error) bool {

@@ -673,12 +673,15 @@ func (p *proxy) attemptNodes(t *proxyTarget, mayRetry func(outcome) bool, send f
 			return nil
 		}
 		if ce := (*callError)(nil); errors.As(err, &ce) && ce.code < 500 {
+			p.sel.settled(node)
 			return err // the caller's own fault: it is told so as it is
 		}
 		if o == notSent || o == lost && isConnFailure(err) || late && !t.shortened {
 			if d := p.sel.failed(node); d > 0 {
 				p.log.Warn("node ejected", "service", t.service, "node", node.ID, "address", node.hostPort(), "for", d, "error", err)
 			}
+		} else {
+			p.sel.settled(node)
 		}
 		if o == timedOut {
 			if late {

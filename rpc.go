@@ -953,10 +953,14 @@ func (c *caller) call(ctx context.Context, start, deadline time.Time, in http.He
 			return result, nil
 		}
 		eject := out == notSent || out == lost && isConnFailure(err) || out == timedOut && !shortened && ctx.Err() != context.Canceled
-		if eject && !direct {
+		switch {
+		case direct:
+		case eject:
 			if d := c.sel.failed(node); d > 0 {
 				c.log.Warn("node ejected", "service", call.Service, "node", node.ID, "address", node.hostPort(), "for", d, "error", err)
 			}
+		case out != answered: // the node answered: post told the selector
+			c.sel.settled(node)
 		}
 		if out != notSent {
 			return nil, err

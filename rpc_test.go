@@ -681,7 +681,7 @@ func TestCallRetriesRefusedNodesOnly(t *testing.T) {
 	}()
 	other := newJSONRPCApp(t, "other")
 	register(t, s, "cutter", ln.Addr().String(), other.addr())
-	s.rpc.sel.cursors["cutter"] = 0 // the cutting node first
+	s.rpc.sel.cursors["cutter"] = new(uint64) // the cutting node first
 	code, body := post(t, srv.URL+"/rpc", form, "service=cutter&method=A.B")
 	if code != 502 || cut.Load() != 1 || other.calls.Load() != 0 {
 		t.Errorf("cut after sending: got %d %s, %d cuts, %d calls elsewhere; want 502 and no retry", code, body, cut.Load(), other.calls.Load())

@@ -55,11 +55,19 @@ func keyOf(n Node) nodeKey { return nodeKey{n.Address, n.Port} }
 
 // nodeState is what the selector remembers of a node that failed.
 type nodeState struct {
-	failures int       // consecutive failures; reset by a success
-	until    time.Time // not chosen before this time, but as a probe
-	probeAt  time.Time // when it may next be probed (see probeLocked)
-	probedAt time.Time // when it was last picked as a probe
-	probeFor string    // the service its probe is out for; "": none
+	failures int        // consecutive failures; reset by a success
+	until    time.Time  // not chosen before this time, but as a probe
+	probeAt  time.Time  // when it may next be probed (see probeLocked)
+	probedAt time.Time  // when it was last picked as a probe
+	probe    *probeGate // the gate of the service its probe is out for; nil: none
+}
+
+// probeGate is when a service whose every node is ejected may next have
+// one probed (see probeLocked). service is the map's key, kept apart from
+// any request's head.
+type probeGate struct {
+	service string
+	at      time.Time
 }
 
 // ejectFor is how long a node stays out after its n-th consecutive failure:
@@ -130,12 +138,15 @@ type selector struct {
 
 	ejections atomic.Uint64 // nodes ejected so far, for metrics
 
-	mu      sync.Mutex            // guards states, cursors, probes, sweepAt
-	states  map[nodeKey]nodeState // failing nodes; at most cfg.MaxTracked
-	cursors map[string]uint64     // round-robin position by service; at most cfg.MaxTracked
-	// probes is, by service whose every node is ejected, when one of them
-	// may next be probed; at most cfg.MaxTracked.
-	probes  map[string]time.Time
+	mu     sync.Mutex            // guards states, cursors, probes, sweepAt
+	states map[nodeKey]nodeState // failing nodes; at most cfg.MaxTracked
+	// cursors is the round-robin position by service, and probes the
+	// probe gate of services whose every node is ejected; at most
+	// cfg.MaxTracked each. Their values are pointers so that an update
+	// stores nothing under the key: an assignment would replace the key,
+	// a clone, with the request's string, and keep its head's memory.
+	cursors map[string]*uint64
+	probes  map[string]*probeGate
 	sweepAt time.Time // when next to forget the nodes whose ejection ended long ago
 }
 
@@ -143,7 +154,7 @@ func newSelector(cfg selectorConfig, now func() time.Time) *selector {
 	if now == nil {
 		now = time.Now
 	}
-	return &selector{cfg: cfg.withDefaults(), now: now, states: map[nodeKey]nodeState{}, cursors: map[string]uint64{}, probes: map[string]time.Time{}}
+	return &selector{cfg: cfg.withDefaults(), now: now, states: map[nodeKey]nodeState{}, cursors: map[string]*uint64{}, probes: map[string]*probeGate{}}
 }
 
 // next picks a node of service among nodes, skipping those tried in this
@@ -158,15 +169,16 @@ func (s *selector) next(service string, nodes []Node, tried []nodeKey) (Node, bo
 	if s.cfg.Strategy == strategyRandom {
 		start = rand.Uint64()
 	} else {
-		c, ok := s.cursors[service]
-		if !ok {
+		c := s.cursors[service]
+		if c == nil {
 			if len(s.cursors) >= s.cfg.MaxTracked {
 				clear(s.cursors) // overflow: round robin restarts; nothing else is lost
 			}
-			service = strings.Clone(service) // kept: not a piece of a request's head (see stringArena)
+			c = new(uint64)
+			s.cursors[strings.Clone(service)] = c // kept: not a piece of a request's head (see stringArena)
 		}
-		start = c
-		s.cursors[service] = c + 1
+		start = *c
+		*c++
 	}
 	if !now.IsZero() && !now.Before(s.sweepAt) {
 		s.forgetLocked(now)
@@ -190,20 +202,22 @@ func (s *selector) next(service string, nodes []Node, tried []nodeKey) (Node, bo
 // next a while (EjectBase) after it failed, and the nodes take turns,
 // the least recently probed first (of those, the one whose ejection ends
 // first), so that whichever came back is found. A node is not probed
-// within EjectBase of its failure. A probe that succeeds ends the
+// within EjectBase of its failure, nor while its probe for another
+// service (at the same address) is out. A probe that succeeds ends the
 // ejection (succeeded); one that fails within the ejection leaves it as
-// it was (failed does not count a node out already). A probe whose
-// outcome is never told (its caller left) holds the next one off for
-// EjectMax. -1 when no node is to be probed now.
+// it was (failed does not count a node out already), as does one that
+// ends otherwise (settled: the caller's deadline, the caller leaving).
+// -1 when no node is to be probed now.
 func (s *selector) probeLocked(service string, nodes []Node, now time.Time) int {
-	if now.Before(s.probes[service]) {
+	g := s.probes[service]
+	if g != nil && now.Before(g.at) {
 		return -1
 	}
 	best := -1
 	var bestState nodeState
 	for i, n := range nodes {
 		st, ok := s.states[keyOf(n)]
-		if !ok || now.Before(st.probeAt) {
+		if !ok || now.Before(st.probeAt) || st.probe != nil {
 			continue
 		}
 		if best < 0 || st.probedAt.Before(bestState.probedAt) || st.probedAt.Equal(bestState.probedAt) && st.until.Before(bestState.until) {
@@ -213,16 +227,43 @@ func (s *selector) probeLocked(service string, nodes []Node, now time.Time) int 
 	if best < 0 {
 		return -1
 	}
-	if _, ok := s.probes[service]; !ok {
+	if g == nil {
 		if len(s.probes) >= s.cfg.MaxTracked {
 			clear(s.probes) // overflow: probes may come sooner; nothing else is lost
 		}
-		service = strings.Clone(service) // kept: not a piece of a request's head (see stringArena)
+		g = &probeGate{service: strings.Clone(service)} // kept: not a piece of a request's head (see stringArena)
+		s.probes[g.service] = g
 	}
-	s.probes[service] = now.Add(s.cfg.EjectMax) // until the probe's outcome is told
-	bestState.probedAt, bestState.probeFor = now, service
+	g.at = now.Add(s.cfg.EjectMax) // until the probe ends; an end never told costs this
+	bestState.probedAt, bestState.probe = now, g
 	s.states[keyOf(nodes[best])] = bestState
 	return best
+}
+
+// endProbeLocked ends the node's probe, if one is out, with the service's
+// next a while later.
+func (s *selector) endProbeLocked(k nodeKey, st nodeState, now time.Time) nodeState {
+	if st.probe != nil {
+		st.probe.at = now.Add(s.cfg.EjectBase)
+		st.probe, st.probeAt = nil, now.Add(s.cfg.EjectBase)
+		s.states[k] = st
+	}
+	return st
+}
+
+// settled says an attempt on the node ended neither in success nor in a
+// failure of the node (the caller's deadline, the caller leaving, an
+// answer the caller's request earned): a probe on it is over.
+func (s *selector) settled(n Node) {
+	if s.tracked.Load() == 0 {
+		return
+	}
+	now := s.now()
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if st, ok := s.states[keyOf(n)]; ok {
+		s.endProbeLocked(keyOf(n), st, now)
+	}
 }
 
 // succeeded ends any backoff of the node.
@@ -233,8 +274,8 @@ func (s *selector) succeeded(n Node) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if st, ok := s.states[keyOf(n)]; ok {
-		if st.probeFor != "" {
-			delete(s.probes, st.probeFor)
+		if st.probe != nil {
+			delete(s.probes, st.probe.service)
 		}
 		delete(s.states, keyOf(n))
 		s.tracked.Store(int64(len(s.states)))
@@ -251,8 +292,8 @@ func (s *selector) forgetLocked(now time.Time) {
 			delete(s.states, k)
 		}
 	}
-	for service, at := range s.probes {
-		if now.Sub(at) > s.cfg.EjectMax {
+	for service, g := range s.probes {
+		if now.Sub(g.at) > s.cfg.EjectMax {
 			delete(s.probes, service)
 		}
 	}
@@ -271,10 +312,8 @@ func (s *selector) failed(n Node) time.Duration {
 	defer s.mu.Unlock()
 	k := keyOf(n)
 	st, ok := s.states[k]
-	if ok && st.probeFor != "" { // a failed probe: the service's next one a while later
-		s.probes[st.probeFor] = now.Add(s.cfg.EjectBase)
-		st.probeFor, st.probeAt = "", now.Add(s.cfg.EjectBase)
-		s.states[k] = st
+	if ok {
+		st = s.endProbeLocked(k, st, now) // a failed probe
 	}
 	if ok && now.Before(st.until) {
 		// Out already: a call that was in flight when another ejected the

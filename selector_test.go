@@ -5,6 +5,7 @@ import (
 	"slices"
 	"testing"
 	"time"
+	"unsafe"
 )
 
 func TestEjectFor(t *testing.T) {
@@ -190,13 +191,40 @@ func TestSelectorProbesAnAllEjectedService(t *testing.T) {
 		t.Errorf("two nodes out: probed %v; want them in turn", probed)
 	}
 	now = now.Add(time.Second)
-	if n, _ := s.next("pair", pair, nil); n.Port != 1 {
+	n, _ := s.next("pair", pair, nil)
+	if n.Port != 1 {
 		t.Fatalf("probe %v; want node 1's turn", n)
 	}
-	// Its caller left: nothing told; the next probe waits for EjectMax.
 	now = now.Add(time.Second)
 	if n, ok := s.next("pair", pair, nil); ok {
-		t.Errorf("a probe while another's outcome is untold: %v", n)
+		t.Errorf("a second probe while the first is out: %v", n)
+	}
+	// It ended on the caller's own deadline (settled): the next probe a
+	// second later, not after EjectMax.
+	s.settled(n)
+	now = now.Add(time.Second)
+	if n, ok := s.next("pair", pair, nil); !ok || n.Port != 2 {
+		t.Errorf("a second after a probe settled: %v %v; want node 2 probed", n, ok)
+	}
+
+	// One address under two services: a probe out for one is not taken
+	// over by the other, which probes once it is over.
+	s = newSelector(selectorConfig{}, func() time.Time { return now })
+	shared := nodesAt(7)
+	for range 4 { // out for 8 s
+		now = now.Add(s.failed(shared[0]))
+	}
+	now = now.Add(-7 * time.Second)
+	if _, ok := s.next("x", shared, nil); !ok {
+		t.Fatal("service x: no probe")
+	}
+	if n, ok := s.next("y", shared, nil); ok {
+		t.Errorf("service y took x's probe out: %v", n)
+	}
+	s.failed(shared[0])
+	now = now.Add(time.Second)
+	if _, ok := s.next("y", shared, nil); !ok {
+		t.Error("service y: no probe once x's failed")
 	}
 
 	two := nodesAt(1, 2)
@@ -211,6 +239,41 @@ func TestSelectorProbesAnAllEjectedService(t *testing.T) {
 		now = now.Add(time.Second)
 		if n, _ := s.next("svc", two, nil); n.Port == 2 {
 			t.Fatal("an ejected node with a usable other was chosen as a probe")
+		}
+	}
+}
+
+// TestSelectorKeepsNoRequestString: the service names the selector keeps
+// are its own copies, not the strings of requests (pieces of a request
+// head's memory, which they would keep), also after later calls.
+func TestSelectorKeepsNoRequestString(t *testing.T) {
+	now := time.Unix(1000, 0)
+	s := newSelector(selectorConfig{}, func() time.Time { return now })
+	one := nodesAt(1)
+	var given []string
+	for range 3 {
+		name := string([]byte("svc")) // a fresh string each call, as a request's
+		given = append(given, name)
+		s.next(name, one, nil)
+		s.failed(one[0])
+		now = now.Add(time.Minute)
+	}
+	kept := func(key string) bool {
+		for _, g := range given {
+			if unsafe.StringData(g) == unsafe.StringData(key) {
+				return true
+			}
+		}
+		return false
+	}
+	for key := range s.cursors {
+		if kept(key) {
+			t.Error("a cursor's key is a request's string")
+		}
+	}
+	for key, g := range s.probes {
+		if kept(key) || kept(g.service) {
+			t.Error("a probe gate's key is a request's string")
 		}
 	}
 }
