@@ -501,14 +501,7 @@ func TestAnnounceTwice(t *testing.T) {
 	now := time.Unix(1000, 0)
 	b.now = func() time.Time { return now }
 	svc := Service{Name: "svc", Nodes: []Node{{ID: "n1", Address: "127.0.0.1", Port: 80, Metadata: map[string]string{}}}}
-	pending := func() time.Time {
-		b.mu.Lock()
-		defer b.mu.Unlock()
-		for _, l := range b.locals {
-			return l.repeatAt
-		}
-		return time.Time{}
-	}
+	pending := func() time.Time { return soleLocal(b).repeatAt }
 	b.register(svc, 30*time.Second)
 	if got := pending(); !got.Equal(now.Add(time.Second)) {
 		t.Fatalf("after register: repeat at %v; want one second later", got)
@@ -547,20 +540,8 @@ func TestGoodbyeForOurNodeIsAnsweredAtOnce(t *testing.T) {
 		t.Fatal(err)
 	}
 	b.tick(start.Add(time.Second)) // the second announcement (RFC 6762 section 8.3)
-	local := func() (time.Time, time.Time) {
-		b.mu.Lock()
-		defer b.mu.Unlock()
-		for _, l := range b.locals {
-			return l.lastSent, l.repeatAt
-		}
-		return time.Time{}, time.Time{}
-	}
-	b.mu.Lock()
-	var ann mdnsAnnouncement
-	for _, l := range b.locals {
-		ann = l.ann
-	}
-	b.mu.Unlock()
+	local := func() (time.Time, time.Time) { l := soleLocal(b); return l.lastSent, l.repeatAt }
+	ann := soleLocal(b).ann
 	bye, _ := announcePacket(ann, 0)
 	stranger := netip.MustParseAddrPort("127.0.0.2:5353")
 
@@ -599,14 +580,7 @@ func TestRepeatedRegisterAnnouncesOncePerSecond(t *testing.T) {
 	now := time.Unix(1000, 0)
 	b.now = func() time.Time { return now }
 	svc := Service{Name: "svc", Nodes: []Node{{ID: "n1", Address: "127.0.0.1", Port: 80, Metadata: map[string]string{}}}}
-	lastSent := func() time.Time {
-		b.mu.Lock()
-		defer b.mu.Unlock()
-		for _, l := range b.locals {
-			return l.lastSent
-		}
-		return time.Time{}
-	}
+	lastSent := func() time.Time { return soleLocal(b).lastSent }
 	b.register(svc, 30*time.Second)
 	start := now
 	for _, at := range []time.Duration{100 * time.Millisecond, 500 * time.Millisecond, 999 * time.Millisecond} {
@@ -1446,12 +1420,7 @@ func TestConflictingKeeperIsSaid(t *testing.T) {
 	b := newMDNSState(newTable(10), slog.New(slog.NewTextHandler(&log, nil)), 0)
 	svc := Service{Name: "foo", Nodes: []Node{{ID: "foo-1", Address: "127.0.0.1", Port: 9090, Metadata: map[string]string{}}}}
 	b.register(svc, 30*time.Second)
-	b.mu.Lock()
-	var own mdnsAnnouncement
-	for _, l := range b.locals {
-		own = l.ann
-	}
-	b.mu.Unlock()
+	own := soleLocal(b).ann
 	echo, _ := announcePacket(own, 30)
 	b.handlePacket(echo, netip.MustParseAddrPort("127.0.0.1:5353"))
 	if n := b.stats.conflicts.Load(); n != 0 {
@@ -1492,13 +1461,16 @@ func TestSignedEntrySurvivesMDNS(t *testing.T) {
 }
 
 // localLastSent is when the one node b announces last went out.
-func localLastSent(b *mdnsBackend) time.Time {
+func localLastSent(b *mdnsBackend) time.Time { return soleLocal(b).lastSent }
+
+// soleLocal is a copy of the one node b announces (zero when none).
+func soleLocal(b *mdnsBackend) mdnsLocal {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	for _, l := range b.locals {
-		return l.lastSent
+		return *l
 	}
-	return time.Time{}
+	return mdnsLocal{}
 }
 
 // TestSentRecordsAreNotRepeatedWithinASecond: a post that goes out while
@@ -1537,12 +1509,7 @@ func TestGoodbyesAreDefendedOnceASecond(t *testing.T) {
 	b.register(svc, 30*time.Second)
 	now = start.Add(time.Second)
 	b.tick(now)
-	b.mu.Lock()
-	var ann mdnsAnnouncement
-	for _, l := range b.locals {
-		ann = l.ann
-	}
-	b.mu.Unlock()
+	ann := soleLocal(b).ann
 	bye, _ := announcePacket(ann, 0)
 	sends := 0
 	for i := 1; i <= 8; i++ { // two seconds of a goodbye every 250 ms
@@ -1566,12 +1533,7 @@ func TestOwnEchoAfterAChangeIsNoConflict(t *testing.T) {
 	b := newMDNSState(newTable(10), discardLog, 0)
 	svc := Service{Name: "foo", Nodes: []Node{{ID: "foo-1", Address: "127.0.0.1", Port: 9090, Metadata: map[string]string{"v": "1"}}}}
 	b.register(svc, 30*time.Second)
-	b.mu.Lock()
-	var v1 mdnsAnnouncement
-	for _, l := range b.locals {
-		v1 = l.ann
-	}
-	b.mu.Unlock()
+	v1 := soleLocal(b).ann
 	echo, _ := announcePacket(v1, 30)
 	svc.Nodes[0].Metadata = map[string]string{"v": "2"}
 	b.register(svc, 30*time.Second)
