@@ -687,7 +687,7 @@ func (b *etcdBackend) resync(ctx context.Context) (int64, error) {
 		b.log.Error("etcd registry holds more nodes than --registry_max_nodes; serving the first ones by name", "nodes", len(recs), "limit", limit)
 		recs = recs[:limit]
 	}
-	b.t.replace(recs)
+	b.t.replace(recs, time.Now())
 	b.mu.Lock()
 	b.clusterID = cid
 	for key := range b.bad {

@@ -638,7 +638,7 @@ func (c *config) validate() error {
 		return fmt.Errorf("--rpc_timeout %v: want 1ms to %v", c.RPC.Timeout, maxTimeout)
 	}
 	if c.RPC.Namespace != "" && !validName(c.RPC.Namespace) {
-		return fmt.Errorf("--namespace %q: use printable characters without spaces or '/'", c.RPC.Namespace)
+		return fmt.Errorf("--namespace %q: use printable ASCII characters without spaces or '/'", c.RPC.Namespace)
 	}
 	if strings.HasPrefix(c.RPC.Namespace, ".") || strings.HasSuffix(c.RPC.Namespace, ".") {
 		// It is joined to the path's name with a dot of its own.

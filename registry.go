@@ -123,10 +123,10 @@ func normalizeService(s *Service) error {
 // checkNameAndVersion applies the rules of a service's name and version.
 func checkNameAndVersion(name, version string) error {
 	if len(name) > maxNameLen || !validName(name) {
-		return fmt.Errorf("name %q: use up to %d printable characters without spaces or '/'", truncate(name, 64), maxNameLen)
+		return fmt.Errorf("name %q: use up to %d printable ASCII characters without spaces or '/'", truncate(name, 64), maxNameLen)
 	}
 	if len(version) > maxNameLen || !validName(version) {
-		return fmt.Errorf("version %q: use printable characters without spaces or '/'", truncate(version, 64))
+		return fmt.Errorf("version %q: use printable ASCII characters without spaces or '/'", truncate(version, 64))
 	}
 	return nil
 }
@@ -138,7 +138,7 @@ func checkNodeID(n *Node) error {
 		return errors.New("id is required")
 	}
 	if len(n.ID) > maxIDLen || !validName(n.ID) {
-		return fmt.Errorf("id %q: use up to %d printable characters without spaces or '/'", truncate(n.ID, 64), maxIDLen)
+		return fmt.Errorf("id %q: use up to %d printable ASCII characters without spaces or '/'", truncate(n.ID, 64), maxIDLen)
 	}
 	return nil
 }
@@ -384,16 +384,11 @@ type Event struct {
 
 // diff compares two snapshots of the table and returns the events that turn
 // old into new, in key order.
-func diff(old, new map[string]record) []Event {
+func diff(old, new map[string]record, now time.Time) []Event {
 	var evs []Event
 	for k, n := range new {
 		o, ok := old[k]
-		switch {
-		case !ok:
-			evs = append(evs, eventOf("create", n))
-		case !o.same(n):
-			evs = append(evs, changeEvents(o, n)...)
-		}
+		evs = append(evs, putEvents(o, ok, n, now)...)
 	}
 	for k, o := range old {
 		if _, ok := new[k]; !ok {
@@ -500,17 +495,29 @@ func (t *table) put(recs ...record) {
 // putLocked sets recs and returns the events of what changed.
 func (t *table) putLocked(recs []record) []Event {
 	var evs []Event
+	now := time.Now()
 	for _, r := range recs {
 		old, ok := t.services[r.Service][r.key()]
 		t.setLocked(r)
-		switch {
-		case !ok:
-			evs = append(evs, eventOf("create", r))
-		case !old.same(r):
-			evs = append(evs, changeEvents(old, r)...)
-		}
+		evs = append(evs, putEvents(old, ok, r, now)...)
 	}
 	return evs
+}
+
+// putEvents tells watchers what setting r over old (held: ok) changed. A
+// record that expired before the sweep came to it had already left
+// lookups, so its return is a delete and a create: watchers following
+// lookups must not miss the gap.
+func putEvents(old record, ok bool, r record, now time.Time) []Event {
+	switch {
+	case !ok:
+		return []Event{eventOf("create", r)}
+	case old.expired(now) && !r.expired(now):
+		return []Event{eventOf("delete", old), eventOf("create", r)}
+	case !old.same(r):
+		return changeEvents(old, r)
+	}
+	return nil
 }
 
 // room says whether recs would fit under the table's limit, as upsert
@@ -567,7 +574,7 @@ func (t *table) remove(recs ...record) {
 
 // replace makes the table hold exactly recs, as read from a backend that
 // holds the whole registry (the file).
-func (t *table) replace(recs []record) {
+func (t *table) replace(recs []record, now time.Time) {
 	next := make(map[string]record, len(recs))
 	for _, r := range recs {
 		next[r.key()] = r
@@ -586,7 +593,7 @@ func (t *table) replace(recs []record) {
 	for _, r := range next {
 		t.setLocked(r)
 	}
-	t.notifyLocked(diff(old, next))
+	t.notifyLocked(diff(old, next, now))
 }
 
 // sweep drops the records expired at now.

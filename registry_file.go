@@ -426,7 +426,7 @@ func (f *fileBackend) updateWithin(ctx context.Context, change func([]record) ([
 		}
 		return f.fail(err)
 	}
-	f.t.replace(recs)
+	f.t.replace(recs, f.now())
 	f.fail(nil)
 	if others {
 		// poll, finding this write, will not see the change before it.
@@ -723,7 +723,8 @@ func (f *fileBackend) poll() {
 	f.lastSig = sig
 	f.mu.Unlock()
 	held := f.t.nodeCount()
-	f.t.replace(live(recs, f.now()))
+	now := f.now()
+	f.t.replace(live(recs, now), now)
 	f.fail(nil)
 	f.othersInstalled(sig, held)
 }

@@ -140,7 +140,7 @@ func TestDiffReportsCreateUpdateDelete(t *testing.T) {
 	for _, x := range []record{refreshed, r("a", "2", 3), r("c", "1", 1)} {
 		next[x.key()] = x
 	}
-	evs := diff(old, next)
+	evs := diff(old, next, time.Now())
 	sortEvents(evs)
 	var got []string
 	for _, ev := range evs {
@@ -223,9 +223,54 @@ func TestVersionMoveIsDeleteAndCreate(t *testing.T) {
 	if got := actions(<-w.ch); got != "delete 1,create 2" {
 		t.Errorf("upsert under another version: %s; want delete 1,create 2", got)
 	}
-	got := actions(diff(map[string]record{"k": node("2")}, map[string]record{"k": node("3")}))
+	got := actions(diff(map[string]record{"k": node("2")}, map[string]record{"k": node("3")}, time.Now()))
 	if got != "delete 2,create 3" {
 		t.Errorf("diff across versions: %s; want delete 2,create 3", got)
+	}
+}
+
+// TestExpiredNodeBackBeforeTheSweep: a node that expired (lookups lost
+// it) and came back before the sweep reached it is a delete and a create
+// to watchers, through a registration and a reread of the file alike, so
+// that watchers see the gap lookups saw.
+func TestExpiredNodeBackBeforeTheSweep(t *testing.T) {
+	now := time.Now()
+	node := func(expires time.Time) record {
+		return record{Service: "s", Node: Node{ID: "n", Address: "h", Port: 1}, Expires: expires}
+	}
+	actions := func(evs []Event) string {
+		var out []string
+		for _, ev := range evs {
+			out = append(out, ev.Action)
+		}
+		return strings.Join(out, ",")
+	}
+	tb := newTable(0)
+	tb.upsert(node(now.Add(-time.Millisecond)))
+	w := tb.watch("s")
+	defer tb.unwatch(w)
+	queued := func() string { // upsert queues its events before it returns
+		select {
+		case evs := <-w.ch:
+			return actions(evs)
+		default:
+			return ""
+		}
+	}
+	tb.upsert(node(now.Add(time.Minute)))
+	if got := queued(); got != "delete,create" {
+		t.Errorf("an expired node posted again: %q; want delete,create", got)
+	}
+	tb.upsert(node(now.Add(2 * time.Minute)))
+	if got := queued(); got != "" {
+		t.Errorf("a live node refreshed: %q; want no event", got)
+	}
+	old := map[string]record{"k": node(now.Add(-time.Millisecond))}
+	if got := actions(diff(old, map[string]record{"k": node(now.Add(time.Minute))}, now)); got != "delete,create" {
+		t.Errorf("diff of an expired node read back: %s; want delete,create", got)
+	}
+	if got := actions(diff(old, map[string]record{"k": node(now.Add(-time.Second))}, now)); got != "" {
+		t.Errorf("diff of an expired node read back expired: %s; want none", got)
 	}
 }
 

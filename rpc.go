@@ -484,9 +484,9 @@ func (c *rpcCall) validate() error {
 	case c.Method == "":
 		return errors.New("method is required, e.g. method=Example.Call")
 	case len(c.Service) > maxNameLen || !validName(c.Service):
-		return fmt.Errorf("service %q: use up to %d printable characters without spaces or '/'", truncate(c.Service, 64), maxNameLen)
+		return fmt.Errorf("service %q: use up to %d printable ASCII characters without spaces or '/'", truncate(c.Service, 64), maxNameLen)
 	case len(c.Method) > maxNameLen || !validName(c.Method):
-		return fmt.Errorf("method %q: use up to %d printable characters without spaces or '/'", truncate(c.Method, 64), maxNameLen)
+		return fmt.Errorf("method %q: use up to %d printable ASCII characters without spaces or '/'", truncate(c.Method, 64), maxNameLen)
 	}
 	if c.Address != "" {
 		if _, _, err := net.SplitHostPort(c.Address); err != nil {
