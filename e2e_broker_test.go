@@ -641,6 +641,17 @@ func TestWebSocketHandshakeErrors(t *testing.T) {
 			}
 		}
 		rc := dialHTTP(t, p.addr)
+		rc.send("GET " + path + " HTTP/1.1\r\nHost: %zz\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n" + key + "Sec-WebSocket-Version: 13\r\n\r\n")
+		if resp, body, err := rc.read("GET"); err != nil || resp.StatusCode != 400 || !strings.Contains(body, `"code":400`) || !strings.Contains(body, "does not make a WebSocket URL") {
+			t.Errorf("%s with Host %%zz: %v %q %v; want 400 in the error shape", path, resp, body, err)
+		}
+		// Connection's list over two lines is one list (RFC 9110 section 5.3).
+		rc = dialHTTP(t, p.addr)
+		rc.send("GET " + path + " HTTP/1.1\r\nHost: h\r\nConnection: keep-alive\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n" + key + "Sec-WebSocket-Version: 13\r\n\r\n")
+		if resp, err := http.ReadResponse(rc.br, nil); err != nil || resp.StatusCode != 101 {
+			t.Errorf("%s with Connection on two lines: %v %v; want 101", path, resp, err)
+		}
+		rc = dialHTTP(t, p.addr)
 		rc.send("GET " + path + " HTTP/1.1\r\nHost: h\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n" + key + "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: chat, superchat\r\n\r\n")
 		resp, err := http.ReadResponse(rc.br, nil)
 		if err != nil || resp.StatusCode != 101 || resp.Header.Get("Sec-WebSocket-Protocol") != "" {

@@ -456,11 +456,25 @@ func handshakeOK(w http.ResponseWriter, r *http.Request) bool {
 	case firstValue(r.Header["Sec-Websocket-Version"]) != "13":
 		w.Header().Set("Sec-WebSocket-Version", "13")
 		writeError(w, http.StatusUpgradeRequired, "WebSocket version "+strconv.Quote(truncate(firstValue(r.Header["Sec-Websocket-Version"]), 16))+" is not supported; use 13 (RFC 6455)")
+	case !validHandshakeHost(r):
+		writeError(w, http.StatusBadRequest, "Host "+strconv.Quote(truncate(r.Host, 64))+" does not make a WebSocket URL")
 	default:
-		r.Header["Upgrade"] = []string{"websocket"} // x/net/websocket wants the whole field to be it, not a list naming it
+		// x/net/websocket reads each field's first line only, and wants
+		// the whole of it to be the token: two lines (Connection:
+		// keep-alive, then Connection: Upgrade) are one list (RFC 9110
+		// section 5.3), checked above.
+		r.Header["Upgrade"] = []string{"websocket"}
+		r.Header["Connection"] = []string{"Upgrade"}
 		return true
 	}
 	return false
+}
+
+// validHandshakeHost reports whether x/net/websocket can make the
+// handshake's URL of the request's Host, as it does before answering.
+func validHandshakeHost(r *http.Request) bool {
+	_, err := url.ParseRequestURI("ws://" + r.Host + r.URL.RequestURI())
+	return err == nil
 }
 
 // validWebSocketKey reports whether a handshake's key fields are one
