@@ -606,7 +606,9 @@ func (b *broker) deliver(m *message, broadcast bool, groups []string) (missing [
 	n := 0
 	if broadcast {
 		for _, s := range t.broadcast {
-			if taken, _ := s.enqueue(m); taken { // an overflow counted m dropped
+			// Counted delivered when an overflow lost it, as it counted
+			// m dropped: delivered less slow_dropped is what subscribers got.
+			if taken, overflowed := s.enqueue(m); taken || overflowed {
 				n++
 			}
 		}
@@ -633,6 +635,7 @@ func (b *broker) deliver(m *message, broadcast bool, groups []string) (missing [
 		case taken:
 			n++
 		case overflowed:
+			n++
 			b.stats.SlowDropped.Add(1)
 		default:
 			missing = append(missing, name)

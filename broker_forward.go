@@ -55,14 +55,15 @@ const (
 	forwardContentType = "application/vnd.micro.broker-batch.v1"
 
 	// maxPeerQueue bounds the messages waiting for one peer; beyond it
-	// they are dropped and counted.
+	// they are dropped, counted and logged.
 	maxPeerQueue = 16384
-	// maxPeerQueueBytes bounds the bytes waiting for one peer.
+	// maxPeerQueueBytes bounds the bytes waiting for one peer; a queue
+	// with nothing waiting takes one message of any size.
 	maxPeerQueueBytes = 64 << 20
 	// maxPeers bounds the peers with a queue at one time.
 	maxPeers = 1024
-	// maxForwardItems and maxForwardBytes bound one forwarded batch (the
-	// last item may take it past maxForwardBytes).
+	// maxForwardItems and maxForwardBytes bound one forwarded batch; an
+	// item larger than maxForwardBytes goes in a batch of its own.
 	maxForwardItems = 4096
 	maxForwardBytes = 4 << 20
 	// peerCacheTTL bounds how long a topic's peer list is reused; the
@@ -393,7 +394,7 @@ type forwarder struct {
 	entryLog logLimiter // topic entries ignored or reached in plain HTTP, per entry
 
 	unloggedMu sync.Mutex     // guards unlogged
-	unlogged   map[string]int // messages lost to a peer since its last logged failure; at most maxLogKeys peers
+	unlogged   map[string]int // messages lost to a peer since its last logged failure (by address) or refusal (refusedKey); at most maxLogKeys keys
 	nUnlogged  atomic.Int32   // len(unlogged), read without the lock after every batch
 
 	downMu sync.Mutex          // guards down
@@ -821,20 +822,32 @@ func (f *forwarder) sendRerouted(m *message, forwards []forwardPlan) {
 func (f *forwarder) sendItems(m *message, forwards []forwardPlan, rerouted bool) {
 	for _, fp := range forwards {
 		item := forwardItem{topic: m.topic, broadcast: fp.broadcast, groups: fp.groups, event: m.event, to: fp.ids, rerouted: rerouted}
-		ok := true
+		if !rerouted { // counted when first sent
+			// Whatever becomes of it: a loss counts in ForwardDropped
+			// too, so that the difference is what reached peers.
+			f.b.stats.Forwarded.Add(1)
+		}
+		var err error
 		pieces := splitGroups(item)
 		for _, piece := range pieces {
-			ok = f.enqueue(fp.addr, piece) && ok
+			err = cmp.Or(f.enqueue(fp.addr, piece), err)
 		}
-		if !ok {
-			if pieces[0].countLoss() { // queued pieces that fail later count no more
-				f.b.stats.ForwardDropped.Add(1)
+		if err != nil && pieces[0].countLoss() { // queued pieces that fail later count no more
+			f.b.stats.ForwardDropped.Add(1)
+			if err != errForwarderClosed {
+				f.logFailure(fp.addr, 1, err)
 			}
-			continue
 		}
-		f.b.stats.Forwarded.Add(1)
 	}
 }
+
+// Why enqueue refused a message.
+var (
+	errForwarderClosed = errors.New("the sidecar is shutting down")
+	errTooManyPeers    = fmt.Errorf("messages wait for %d peers, the most at a time", maxPeers)
+	errPeerQueueFull   = fmt.Errorf("its queue is full (%d messages or %d MiB waiting): the peer takes batches slower than they come", maxPeerQueue, maxPeerQueueBytes>>20)
+	errForwardMemory   = errors.New("what waits for peers fills --broker_memory_bytes")
+)
 
 // maxForwardLine bounds an item's header line in a batch.
 const maxForwardLine = 4096
@@ -870,22 +883,28 @@ func (it forwardItem) encodedSize() int {
 	return n
 }
 
-func (f *forwarder) enqueue(addr string, it forwardItem) bool {
+// enqueue queues it for the peer at addr, or says why not. A message
+// alone may be of any size (up to 6 times --broker_max_payload_bytes, as
+// an event): it is refused only for what waits before it.
+func (f *forwarder) enqueue(addr string, it forwardItem) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	if f.closed {
-		return false
+		return errForwarderClosed
 	}
 	p := f.peers[addr]
 	if p == nil {
 		if len(f.peers) >= maxPeers {
-			return false
+			return errTooManyPeers
 		}
 		p = &peerQueue{addr: addr}
 		f.peers[addr] = p
 	}
-	if len(p.items) >= maxPeerQueue || p.bytes+len(it.event) > maxPeerQueueBytes || f.held+len(it.event) > f.b.cfg.MemoryBytes {
-		return false
+	switch {
+	case len(p.items) >= maxPeerQueue || p.bytes > 0 && p.bytes+len(it.event) > maxPeerQueueBytes:
+		return errPeerQueueFull
+	case f.held > 0 && f.held+len(it.event) > f.b.cfg.MemoryBytes:
+		return errForwardMemory
 	}
 	p.items = append(p.items, it)
 	p.bytes += len(it.event)
@@ -895,7 +914,23 @@ func (f *forwarder) enqueue(addr string, it forwardItem) bool {
 		f.wg.Add(1)
 		go f.work(p)
 	}
-	return true
+	return nil
+}
+
+// batchLen is how many of the items waiting for a peer go in its next
+// batch: those planned for the same sidecars (a batch names them,
+// forwardedToHeader), up to maxForwardItems and maxForwardBytes. An item
+// that would take the batch past maxForwardBytes waits for the next one,
+// unless it is the first: a peer refuses the whole of a batch larger
+// than its maxForwardBody, and must be able to refuse an event too large
+// for it alone.
+func batchLen(items []forwardItem) int {
+	n, size := 0, 0
+	for n < len(items) && n < maxForwardItems && (n == 0 || size+items[n].encodedSize() <= maxForwardBytes) && slices.Equal(items[n].to, items[0].to) {
+		size += items[n].encodedSize()
+		n++
+	}
+	return n
 }
 
 // work posts p's queue in batches until it is empty, then removes p.
@@ -904,13 +939,7 @@ func (f *forwarder) work(p *peerQueue) {
 	var body []byte
 	for {
 		f.mu.Lock()
-		// A batch names the sidecars it is for (forwardedToHeader): it
-		// takes items planned for the same ones.
-		n, size := 0, 0
-		for n < len(p.items) && n < maxForwardItems && size < maxForwardBytes && slices.Equal(p.items[n].to, p.items[0].to) {
-			size += p.items[n].encodedSize()
-			n++
-		}
+		n := batchLen(p.items)
 		if n == 0 {
 			p.running = false
 			delete(f.peers, p.addr)
@@ -962,6 +991,10 @@ func (f *forwarder) work(p *peerQueue) {
 			}
 			f.b.stats.ForwardDropped.Add(uint64(f.reroute(p.addr, batch, false)))
 			f.b.log.Debug("a stale topic entry names a sidecar at an address another answers", "peer", p.addr, "error", err)
+		case len(batch) == 1 && refusedAsTooLarge(err):
+			// One event over the peer's limit for a whole batch, refused
+			// as an event over its limit would be within one.
+			f.countRefused(p.addr, batch, []refusedItem{{Item: 0, Reason: err.Error()}})
 		case undelivered(err):
 			f.markDown(p.addr)
 			lost := f.reroute(p.addr, batch, true)
@@ -991,11 +1024,7 @@ func (f *forwarder) countRefused(addr string, batch []forwardItem, refused []ref
 		reason = cmp.Or(reason, r.Reason)
 	}
 	f.b.stats.ForwardDropped.Add(uint64(lost))
-	// Logged apart from forward failures: the peer works, and its next
-	// batch must not read as its coming back (markUp).
-	if f.failLog.allow("refused " + addr) {
-		f.b.log.Warn("a peer sidecar refused messages too large for it; they are lost (give sidecars that share topics the same --broker_max_payload_bytes)", "peer", addr, "messages", lost, "reason", truncate(reason, 200))
-	}
+	f.logRefused(addr, lost, reason)
 }
 
 // itemsWithoutMembers is the part of batch that a peer found no member
@@ -1029,7 +1058,16 @@ var errStalePeer = errors.New("the sidecar there is another than the entry names
 
 // peerRefusal is a peer's answer other than 2xx: it refuses a batch whole,
 // before delivering any of it.
-type peerRefusal struct{ msg string }
+type peerRefusal struct {
+	msg  string
+	code int // the answer's status
+}
+
+// refusedAsTooLarge reports whether err is a peer's 413.
+func refusedAsTooLarge(err error) bool {
+	var refusal *peerRefusal
+	return errors.As(err, &refusal) && refusal.code == http.StatusRequestEntityTooLarge
+}
 
 func (e *peerRefusal) Error() string { return e.msg }
 
@@ -1079,11 +1117,11 @@ func (f *forwarder) post(addr string, ids []string, body []byte) (forwardAnswer,
 	case http.StatusGone:
 		return forwardAnswer{}, errStalePeer
 	case http.StatusUnauthorized:
-		return forwardAnswer{}, &peerRefusal{"peer refused this sidecar's token (401 Unauthorized): sidecars that share topics need the same --auth_token"}
+		return forwardAnswer{}, &peerRefusal{"peer refused this sidecar's token (401 Unauthorized): sidecars that share topics need the same --auth_token", resp.StatusCode}
 	}
 	if resp.StatusCode/100 != 2 {
 		msg, _ := io.ReadAll(io.LimitReader(resp.Body, 512))
-		return forwardAnswer{}, &peerRefusal{fmt.Sprintf("peer answered %s: %s", resp.Status, bytes.TrimSpace(msg))}
+		return forwardAnswer{}, &peerRefusal{fmt.Sprintf("peer answered %s: %s", resp.Status, bytes.TrimSpace(msg)), resp.StatusCode}
 	}
 	// The answer was a success, whatever its body: one that does not
 	// decode (an older peer's, cut off) names no group to reroute.
@@ -1099,53 +1137,79 @@ const maxForwardAnswer = 4 << 20
 // logFailure logs forward failures at most once every ten seconds for
 // each peer.
 func (f *forwarder) logFailure(addr string, lost int, err error) {
-	f.unloggedMu.Lock()
-	if !f.failLog.allow(addr) {
-		// Said with the next line for this peer: the log tells what was
-		// lost, not what was lost at the first failure of ten seconds.
-		if _, ok := f.unlogged[addr]; lost > 0 && (ok || len(f.unlogged) < maxLogKeys) {
-			f.unlogged[addr] += lost
-			f.nUnlogged.Store(int32(len(f.unlogged)))
-			if !ok {
-				f.sayUnloggedLater(addr)
-			}
+	if lost, ok := f.loggable(addr, lost); ok {
+		if lost == 0 {
+			f.b.log.Warn("forwarding to a peer sidecar failed; its queue groups' messages went to other members", "peer", addr, "error", err)
+			return
 		}
-		f.unloggedMu.Unlock()
-		return
+		f.b.log.Warn("forwarding to a peer sidecar failed; messages lost (delivery is at most once)", "peer", addr, "messages", lost, "error", err)
 	}
-	lost += f.takeUnlogged(addr)
-	f.unloggedMu.Unlock()
-	if lost == 0 {
-		f.b.log.Warn("forwarding to a peer sidecar failed; its queue groups' messages went to other members", "peer", addr, "error", err)
-		return
-	}
-	f.b.log.Warn("forwarding to a peer sidecar failed; messages lost (delivery is at most once)", "peer", addr, "messages", lost, "error", err)
 }
 
-// sayUnloggedLater logs the losses to addr held back by the log's quiet
+// refusedKey is the key of a peer's refusals of messages too large for
+// it in the unlogged losses and the log's limiter: they are logged apart
+// from its failures, as the peer works (its next batch must not read as
+// its coming back, markUp).
+func refusedKey(addr string) string { return "refused " + addr }
+
+// logRefused logs a peer's refusals of messages too large for it at most
+// once every ten seconds for each peer.
+func (f *forwarder) logRefused(addr string, lost int, reason string) {
+	if lost, ok := f.loggable(refusedKey(addr), lost); ok {
+		f.b.log.Warn("a peer sidecar refused messages too large for it; they are lost (give sidecars that share topics the same --broker_max_payload_bytes)", "peer", addr, "messages", lost, "reason", truncate(reason, 200))
+	}
+}
+
+// loggable reports whether a line about key may be logged now, with the
+// losses to say: lost and those held back since the last line. When it may
+// not, lost is held back, to be said by the next line or, if none comes,
+// once the quiet time is over.
+func (f *forwarder) loggable(key string, lost int) (int, bool) {
+	f.unloggedMu.Lock()
+	defer f.unloggedMu.Unlock()
+	if !f.failLog.allow(key) {
+		// Said with the next line for this peer: the log tells what was
+		// lost, not what was lost at the first failure of ten seconds.
+		if _, ok := f.unlogged[key]; lost > 0 && (ok || len(f.unlogged) < maxLogKeys) {
+			f.unlogged[key] += lost
+			f.nUnlogged.Store(int32(len(f.unlogged)))
+			if !ok {
+				f.sayUnloggedLater(key)
+			}
+		}
+		return 0, false
+	}
+	return lost + f.takeUnlogged(key), true
+}
+
+// sayUnloggedLater logs the losses held back under key by the log's quiet
 // time once it is over, unless a line for the peer (a failure, or its
 // working again) said them first: a peer that is gone fails no more, and
 // what was lost to it would otherwise never be said.
-func (f *forwarder) sayUnloggedLater(addr string) { f.sayUnloggedAfter(addr, f.failLog.wait(addr)) }
+func (f *forwarder) sayUnloggedLater(key string) { f.sayUnloggedAfter(key, f.failLog.wait(key)) }
 
 // sayUnloggedAfter is sayUnloggedLater, after d.
-func (f *forwarder) sayUnloggedAfter(addr string, d time.Duration) {
+func (f *forwarder) sayUnloggedAfter(key string, d time.Duration) {
 	time.AfterFunc(d, func() {
 		f.unloggedMu.Lock()
-		if f.unlogged[addr] == 0 {
+		if f.unlogged[key] == 0 {
 			f.unloggedMu.Unlock()
 			return // said already
 		}
-		if !f.failLog.allow(addr) {
+		if !f.failLog.allow(key) {
 			// The timer ran early, or the limiter is full of other peers
 			// (then it says no wait, and would be asked again at once).
-			f.sayUnloggedAfter(addr, max(f.failLog.wait(addr), time.Second))
+			f.sayUnloggedAfter(key, max(f.failLog.wait(key), time.Second))
 			f.unloggedMu.Unlock()
 			return
 		}
-		lost := f.takeUnlogged(addr)
+		lost := f.takeUnlogged(key)
 		f.unloggedMu.Unlock()
-		f.b.log.Warn("forwarding to a peer sidecar failed again; messages lost since the last line for it (delivery is at most once)", "peer", addr, "messages", lost)
+		if addr, ok := strings.CutPrefix(key, refusedKey("")); ok {
+			f.b.log.Warn("a peer sidecar refused more messages too large for it since the last line for it; they are lost", "peer", addr, "messages", lost)
+			return
+		}
+		f.b.log.Warn("forwarding to a peer sidecar failed again; messages lost since the last line for it (delivery is at most once)", "peer", key, "messages", lost)
 	})
 }
 
@@ -1175,7 +1239,8 @@ func (f *forwarder) close(ctx context.Context) {
 // maxForwardBody is the largest batch a sidecar accepts from a peer: a full
 // batch (counted as encodedSize counts it) plus one item of the largest
 // event, the payload escaped at worst six times its size (a JSON string of
-// control characters).
+// control characters). This sidecar sends one or the other (see work);
+// earlier ones sent both.
 func (f *forwarder) maxForwardBody() int64 {
 	return maxForwardBytes + maxForwardLine + f.maxForwardEvent() + 2 // 2: the last item's newlines
 }

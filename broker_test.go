@@ -924,6 +924,12 @@ func TestInProcessOverflowAndLimits(t *testing.T) {
 			}
 		}
 	}
+	// Each message was for both: the one that overflowed the stuck
+	// queue counts delivered as it counts dropped, so that delivered less
+	// slow_dropped is what subscribers got.
+	if d := s.broker.stats.Delivered.Load(); d != uint64(2*got) {
+		t.Errorf("delivered %d of %d messages for 2 subscribers; want %d", d, got, 2*got)
+	}
 	waitFor(t, 10*time.Second, "the slow subscriber to go", func() bool { return subCount(s.broker) == 1 })
 	stuck.conn.SetReadDeadline(time.Now().Add(10 * time.Second))
 	io.Copy(io.Discard, stuck.br) // ends: with a close frame or a reset, depending on where its writer was
@@ -1304,11 +1310,11 @@ func TestForwardQueuesShareTheMemoryBound(t *testing.T) {
 	}()
 	f := s.broker.fwd
 	event := []byte(strings.Repeat("x", 600))
-	if !f.enqueue(ln.Addr().String(), forwardItem{topic: "t", broadcast: true, event: event}) {
-		t.Fatal("the first forward was refused")
+	if err := f.enqueue(ln.Addr().String(), forwardItem{topic: "t", broadcast: true, event: event}); err != nil {
+		t.Fatal("the first forward was refused:", err)
 	}
-	if f.enqueue("127.0.0.1:1", forwardItem{topic: "t", broadcast: true, event: event}) {
-		t.Error("a forward past --broker_memory_bytes, with the first in flight, was taken")
+	if err := f.enqueue("127.0.0.1:1", forwardItem{topic: "t", broadcast: true, event: event}); err != errForwardMemory {
+		t.Errorf("a forward past --broker_memory_bytes, with the first in flight: %v; want refused", err)
 	}
 }
 
@@ -1622,5 +1628,121 @@ func TestAbsencesEnd(t *testing.T) {
 	f.gen.Add(1) // an entry of a topic changed: a member may have joined there
 	if f.absences() || f.nAbsent.Load() != 0 || f.isAbsent("http://127.0.0.1:1", "t", "g") {
 		t.Errorf("after a change: absences %v, %d kept; want none", f.absences(), f.nAbsent.Load())
+	}
+}
+
+// TestBatchLenKeepsALargeEventApart: an event that would take a batch
+// past maxForwardBytes goes alone, so that a peer whose limit it is over
+// refuses it alone rather than the batch (413) with the messages queued
+// with it; a batch never mixes the sidecars it is for.
+func TestBatchLenKeepsALargeEventApart(t *testing.T) {
+	small := forwardItem{topic: "t", broadcast: true, event: []byte(`{"data":1}`)}
+	large := forwardItem{topic: "t", broadcast: true, event: make([]byte, maxForwardBytes)}
+	var items []forwardItem
+	for range 50 {
+		items = append(items, small)
+	}
+	items = append(items, large)
+	for range 50 {
+		items = append(items, small)
+	}
+	var got []int
+	for len(items) > 0 {
+		n := batchLen(items)
+		got = append(got, n)
+		items = items[n:]
+	}
+	if !slices.Equal(got, []int{50, 1, 50}) {
+		t.Errorf("batches of 50 small, a large and 50 small items: %v; want [50 1 50]", got)
+	}
+	other := small
+	other.to = []string{"sidecar-b"}
+	if n := batchLen([]forwardItem{small, small, other, small}); n != 2 {
+		t.Errorf("a batch took %d items, across the sidecars they are for; want 2", n)
+	}
+}
+
+// TestForwardTakesALoneLargeMessage: a peer queue with nothing waiting,
+// and a broker holding nothing, take a message of any size, as a
+// subscriber's empty queue does: a legal message larger than the bounds
+// of what waits is not lost for them.
+func TestForwardTakesALoneLargeMessage(t *testing.T) {
+	s, _ := brokerSidecar(t, brokerConfig{MemoryBytes: 1000})
+	f := s.broker.fwd
+	ln, err := net.Listen("tcp", "127.0.0.1:0") // a peer that never answers: the message stays held
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	if err := f.enqueue(ln.Addr().String(), forwardItem{topic: "t", broadcast: true, event: make([]byte, 1500)}); err != nil {
+		t.Errorf("a lone message over --broker_memory_bytes: %v; want it taken", err)
+	}
+	if err := f.enqueue(ln.Addr().String(), forwardItem{topic: "t", broadcast: true, event: make([]byte, 10)}); err != errPeerQueueFull && err != errForwardMemory {
+		t.Errorf("a message behind it: %v; want refused", err)
+	}
+}
+
+// TestPeerQueueOverflowIsCountedAndLogged: a message a peer's full queue
+// refuses counts as forwarded and as dropped (the difference is what
+// reached peers), and is logged, with why.
+func TestPeerQueueOverflowIsCountedAndLogged(t *testing.T) {
+	var log syncBuffer
+	f := newForwarder(&broker{log: slog.New(slog.NewTextHandler(&log, nil)), cfg: brokerConfig{MemoryBytes: defaultMemoryBytes}})
+	const peer = "127.0.0.1:1"
+	f.peers[peer] = &peerQueue{addr: peer, items: make([]forwardItem, maxPeerQueue), running: true} // a worker stuck on the peer
+	f.send(newMessage("t", "id1", []byte(`{}`)), []forwardPlan{{addr: peer, localDelivery: localDelivery{broadcast: true}}})
+	if fw, dropped := f.b.stats.Forwarded.Load(), f.b.stats.ForwardDropped.Load(); fw != 1 || dropped != 1 {
+		t.Errorf("forwarded %d, dropped %d; want 1 and 1", fw, dropped)
+	}
+	if got := log.String(); !strings.Contains(got, "messages lost") || !strings.Contains(got, "queue is full") {
+		t.Errorf("log: %q; want the loss and its cause", got)
+	}
+}
+
+// TestForwardRefusalsAreAllLogged: refusals of messages too large for a
+// peer within the log's quiet time are said by the next line for it, or
+// once that time is over: the log tells every message refused.
+func TestForwardRefusalsAreAllLogged(t *testing.T) {
+	var log syncBuffer
+	f := newForwarder(&broker{log: slog.New(slog.NewTextHandler(&log, nil))})
+	f.failLog = logLimiter{every: 100 * time.Millisecond}
+	const peer = "http://127.0.0.1:1"
+	for range 5 {
+		f.logRefused(peer, 1, "too large")
+	}
+	said := func() int {
+		n := 0
+		for _, m := range regexp.MustCompile(`messages=(\d+)`).FindAllStringSubmatch(log.String(), -1) {
+			v, _ := strconv.Atoi(m[1])
+			n += v
+		}
+		return n
+	}
+	waitFor(t, 5*time.Second, "all 5 refusals said", func() bool { return said() == 5 })
+	if got := log.String(); strings.Contains(got, "forwarding to a peer sidecar failed") {
+		t.Errorf("refusals logged as failures: %s", got)
+	}
+}
+
+// TestPeer413ForALoneEventIsARefusal: a peer that refuses a batch of one
+// event as too large (over its whole bound for a batch) refused that
+// event, as it would within a batch: counted and logged as such, and the
+// peer, which works, is not marked down.
+func TestPeer413ForALoneEventIsARefusal(t *testing.T) {
+	peer := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		io.Copy(io.Discard, r.Body)
+		writeError(w, http.StatusRequestEntityTooLarge, "forwarded batch: http: request body too large")
+	}))
+	defer peer.Close()
+	var log syncBuffer
+	f := newForwarder(&broker{log: slog.New(slog.NewTextHandler(&log, nil)), cfg: brokerConfig{MemoryBytes: defaultMemoryBytes}})
+	f.send(newMessage("t", "id1", []byte(`{}`)), []forwardPlan{{addr: strings.TrimPrefix(peer.URL, "http://"), localDelivery: localDelivery{broadcast: true}}})
+	waitFor(t, 5*time.Second, "the refusal counted", func() bool { return f.b.stats.ForwardDropped.Load() == 1 })
+	f.close(context.Background())
+	if got := log.String(); !strings.Contains(got, "refused messages too large") || strings.Contains(got, "failed") {
+		t.Errorf("log: %q; want a refusal, not a failure", got)
+	}
+	if f.nDown.Load() != 0 {
+		t.Error("the peer was marked down for refusing one event")
 	}
 }
