@@ -675,7 +675,8 @@ func TestEnvironmentVariablesAndFlagPrecedence(t *testing.T) {
 }
 
 // TestSeedDiscovery follows the seed README: a sidecar for app foo, and a
-// lookup of a service registered by hand in the older key spelling.
+// lookup of a service registered by hand in the older key spelling, with
+// go-micro's endpoints (taken and ignored).
 func TestSeedDiscovery(t *testing.T) {
 	p := startSidecar(t, "--registry=memory", "--server_name=foo", "--server_address=127.0.0.1:9090")
 	id := appID(t, p)
@@ -683,7 +684,7 @@ func TestSeedDiscovery(t *testing.T) {
 		t.Errorf("app id %q: want foo-<uuid>", id)
 	}
 	code, body := do(t, "POST", p.url("/registry"), "application/json",
-		`{"Name":"go.micro.srv.example","Nodes":[{"Id":"go.micro.srv.example-c5718d29","Address":"127.0.0.1:60728"}]}`)
+		`{"Name":"go.micro.srv.example","Endpoints":[{"Name":"Example.Call"}],"Nodes":[{"Id":"go.micro.srv.example-c5718d29","Address":"127.0.0.1:60728"}]}`)
 	if code != 200 {
 		t.Fatalf("register: %d %s", code, body)
 	}
@@ -767,6 +768,9 @@ func TestRegistryErrors(t *testing.T) {
 		{"DELETE", "/registry?ttl=1s", `{"name":"x","nodes":[{"id":"a"}]}`, 400, "(it takes none)"},
 		{"POST", "/registry", `{"name":"x","metadata":{"k":"` + strings.Repeat("v", 2000) + `"}}`, 413, "larger than 1000 bytes"},
 		{"DELETE", "/registry", `{"name":"x"}`, 400, "ids of the nodes"},
+		{"POST", "/registry", `{"name":"x","verison":"1","nodes":[{"id":"a","address":"h","port":1}]}`, 400, `unknown key "verison": a service has name, version`},
+		{"POST", "/registry", `{"name":"x","nodes":[{"id":"a","address":"h","port":1,"metdata":{}}]}`, 400, `unknown key "metdata"`},
+		{"DELETE", "/registry", `{"name":"x","verison":"1","nodes":[{"id":"a"}]}`, 400, `unknown key "verison"`},
 		{"DELETE", "/registry", `{"name":"a b","nodes":[{"id":"a"}]}`, 400, `name "a b": use up to`},
 		{"DELETE", "/registry", `{"name":"x","nodes":[{"id":"a/b"}]}`, 400, `nodes[0]: id "a/b": use up to`},
 		{"GET", "/registry?service=missing", "", 404, "service missing not found"},

@@ -123,7 +123,10 @@ func (s *sidecar) postService(w http.ResponseWriter, r *http.Request) {
 	if !ok {
 		return
 	}
-	svc, err := decodeService(body)
+	svc, err := decodeServiceBody(body)
+	if err == nil {
+		err = normalizeService(&svc)
+	}
 	if err != nil {
 		writeError(w, http.StatusBadRequest, err.Error())
 		return
@@ -212,9 +215,9 @@ func (s *sidecar) deleteService(w http.ResponseWriter, r *http.Request) {
 // decodeDeregistration reads the body of a DELETE: the same service JSON as
 // a registration, but only the name, version and node ids matter.
 func decodeDeregistration(body []byte) (Service, error) {
-	var svc Service
-	if err := json.Unmarshal(body, &svc); err != nil {
-		return Service{}, serviceJSONError(body, err)
+	svc, err := decodeServiceBody(body)
+	if err != nil {
+		return Service{}, err
 	}
 	// The limits of a registration: what they refuse is in no registry,
 	// and a DELETE of 50,000 ids would be as many backend removals.
@@ -433,4 +436,31 @@ func (s *sidecar) streamWatch(c *websocket.Conn, wt *watcher, initial []record, 
 			}
 		}
 	}
+}
+
+// serviceBody is a service as a request's body: a Service's keys, in any
+// case, and go-micro's endpoints, which are taken and ignored.
+type serviceBody struct {
+	Service
+	Endpoints json.RawMessage `json:"endpoints"`
+}
+
+// decodeServiceBody decodes a request's service, refusing any other key:
+// a misspelled "version" or "metadata" would register, or deregister,
+// the node without it. (Values read from a backend are not held to this:
+// other tools write them.)
+func decodeServiceBody(data []byte) (Service, error) {
+	var b serviceBody
+	dec := json.NewDecoder(bytes.NewReader(data))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&b); err != nil {
+		if key, ok := strings.CutPrefix(err.Error(), "json: unknown field "); ok {
+			return Service{}, fmt.Errorf("unknown key %s: a service has name, version, metadata and nodes, a node id, address, port and metadata", truncate(key, 64))
+		}
+		return Service{}, serviceJSONError(data, err)
+	}
+	if dec.More() {
+		return Service{}, errors.New("invalid service JSON: trailing data after the object")
+	}
+	return b.Service, nil
 }

@@ -456,14 +456,15 @@ func TestFileBackendPrunesExpired(t *testing.T) {
 	}
 }
 
-// FuzzDecodeService feeds arbitrary bodies to the registration decoder: it
-// must never panic, and what it accepts must be valid and encodable.
+// FuzzDecodeService feeds arbitrary bodies to the registration decoders: they
+// must never panic, and what they accept must be valid and encodable.
 func FuzzDecodeService(f *testing.F) {
 	for _, s := range []string{
 		`{"name":"a","nodes":[{"id":"n","address":"h","port":1}]}`,
 		`{"Name":"a","Nodes":[{"Id":"n","Address":"[::1]:80"}]}`,
 		`{"name":"a","metadata":{"k":"v"},"nodes":[{"id":"n","address":"h:1","port":1,"metadata":{}}]}`,
 		`{"name":1}`, `[]`, `null`, `{"name":"a","nodes":[{"id":"n","address":"h:99999"}]}`,
+		`{"name":"a","endpoints":[{"name":"E.C"}],"verison":"1","nodes":[{"id":"n","address":"h:1"}]}`,
 	} {
 		f.Add([]byte(s))
 	}
@@ -479,6 +480,12 @@ func FuzzDecodeService(f *testing.F) {
 			}
 		}
 		s, err := decodeService(data)
+		if b, berr := decodeServiceBody(data); berr == nil && normalizeService(&b) == nil {
+			// A request's body is held to more than a backend's value.
+			if err != nil || !reflect.DeepEqual(s, b) {
+				t.Fatalf("a request's service %+v is %+v (%v) read from a backend", b, s, err)
+			}
+		}
 		if err != nil {
 			return
 		}
