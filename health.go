@@ -120,7 +120,16 @@ type healthChecker struct {
 	lastErr      string
 	lastCheck    time.Time
 	lastDuration time.Duration
+
+	// The reason the last line about a failing app gave, and when: a
+	// failing app's changed reason is logged too (connection refused,
+	// then 404 once the app is up at the wrong path), at most once every
+	// reasonChangeEvery, as errors may name a changing local port.
+	loggedReason string
+	loggedAt     time.Time
 }
+
+const reasonChangeEvery = 10 * time.Second
 
 func newHealthChecker(cfg healthConfig, log *slog.Logger, timings *histogramVec, onChange func(bool)) *healthChecker {
 	return &healthChecker{
@@ -205,19 +214,37 @@ func (h *healthChecker) check(ctx context.Context) {
 	}
 	h.mu.Unlock()
 	if !changed {
+		if err != nil && next.Status != healthPassing && err.Error() != h.loggedReason && time.Since(h.loggedAt) >= reasonChangeEvery {
+			h.logFailing(next, err, "the reason changed")
+		}
 		return
 	}
-	switch {
-	case next.Status == healthPassing:
+	if next.Status == healthPassing {
 		h.log.Info("app is healthy", "url", redactURL(h.cfg.URL))
-	case !next.Passed:
-		// The app and the sidecar usually start together: not yet up is
-		// no alarm.
-		h.log.Info("app is not healthy yet; it is registered at its first passing check", "url", redactURL(h.cfg.URL), "error", err)
-	default:
-		h.log.Warn("app is unhealthy", "url", redactURL(h.cfg.URL), "error", err, "consecutive_failures", next.Failures)
+	} else {
+		h.logFailing(next, err, "")
 	}
 	h.onChange(next.Status == healthPassing)
+}
+
+// logFailing says that the app fails its checks, and why; news says what
+// is new when the app was failing already.
+func (h *healthChecker) logFailing(st healthState, err error, news string) {
+	h.loggedReason, h.loggedAt = "", time.Now()
+	if err != nil {
+		h.loggedReason = err.Error()
+	}
+	args := []any{"url", redactURL(h.cfg.URL), "error", err}
+	if news != "" {
+		args = append(args, "news", news)
+	}
+	if !st.Passed {
+		// The app and the sidecar usually start together: not yet up is
+		// no alarm.
+		h.log.Info("app is not healthy yet; it is registered at its first passing check", args...)
+		return
+	}
+	h.log.Warn("app is unhealthy", append(args, "consecutive_failures", st.Failures)...)
 }
 
 // probe runs one check with the configured timeout.

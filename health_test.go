@@ -97,6 +97,35 @@ func TestCheckStep(t *testing.T) {
 	}
 }
 
+// TestFailingReasonChangeIsLogged: an app failing its checks for a new
+// reason (refused, then up with the wrong path) gets a line saying so,
+// however long it fails; the same reason again, or a new one within
+// reasonChangeEvery of the last line, gets none.
+func TestFailingReasonChangeIsLogged(t *testing.T) {
+	status := http.StatusNotFound
+	app := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { w.WriteHeader(status) }))
+	defer app.Close()
+	var log syncBuffer
+	h := newHealthChecker(healthConfig{URL: app.URL, Interval: time.Hour, Timeout: time.Second, Failures: 1, Successes: 1},
+		slog.New(slog.NewTextHandler(&log, nil)), nil, func(bool) {})
+	ctx := context.Background()
+	h.check(ctx)
+	h.check(ctx)
+	if n := strings.Count(log.String(), "not healthy yet"); n != 1 {
+		t.Fatalf("two checks failing alike: %d lines; want 1:\n%s", n, log.String())
+	}
+	status = http.StatusInternalServerError
+	h.check(ctx)
+	if strings.Contains(log.String(), "500") {
+		t.Errorf("a new reason within %v of the last line was logged:\n%s", reasonChangeEvery, log.String())
+	}
+	h.loggedAt = time.Now().Add(-reasonChangeEvery) // that time has passed
+	h.check(ctx)
+	if got := log.String(); strings.Count(got, "not healthy yet") != 2 || !strings.Contains(got, "500 Internal Server Error") || !strings.Contains(got, "news=") {
+		t.Errorf("a new reason after %v: %s; want a second line with it", reasonChangeEvery, got)
+	}
+}
+
 func TestRedactURL(t *testing.T) {
 	for in, want := range map[string]string{
 		"http://u:pw@h:1/p?apikey=k&flag&x=": "http://xxxxx:xxxxx@h:1/p?apikey=xxxxx&=xxxxx&x=xxxxx",
