@@ -1050,7 +1050,7 @@ func (b *mdnsBackend) send(i *mdnsIface, p []byte, dst netip.AddrPort) {
 }
 
 // mdnsPacketsHelp describes micro_mdns_packets_total.
-const mdnsPacketsHelp = "Multicast registry packets and records by what became of them: received, sent, send_error, malformed and oversize (dropped packets), ignored (wrong interface or source port), rejected (instances that are not valid nodes), cache_full (records past the bound), defended (goodbyes for our own nodes, answered)."
+const mdnsPacketsHelp = "Multicast registry packets and records by what became of them: received, sent, send_error, malformed and oversize (dropped packets), ignored (wrong interface or source port), rejected (instances that are not valid nodes), cache_full (records past the bound), defended (goodbyes for our own nodes, answered), conflict (records for our own nodes or hosts with other data, from someone else)."
 
 // packetSamples reads the backend's counters for micro_mdns_packets_total.
 func (b *mdnsBackend) packetSamples() []sample {
