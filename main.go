@@ -21,6 +21,7 @@ import (
 	"net/url"
 	"os"
 	"os/signal"
+	"path"
 	"path/filepath"
 	"runtime"
 	"runtime/debug"
@@ -1183,9 +1184,38 @@ func hotRoutes(mux *http.ServeMux, rpc, proxy http.HandlerFunc) http.Handler {
 			r.Pattern = "/proxy/"
 			proxy(w, r)
 		default:
+			if clean := muxCleanPath(r.URL.EscapedPath()); clean != r.URL.EscapedPath() {
+				redirectToClean(w, r, clean)
+				return
+			}
 			mux.ServeHTTP(w, r)
 		}
 	})
+}
+
+// muxCleanPath is the path, as escaped, that the mux would redirect p to
+// (its cleanPath): without "." and ".." segments or empty ones, with a
+// trailing slash kept.
+func muxCleanPath(p string) string {
+	if p == "" || p[0] != '/' {
+		p = "/" + p
+	}
+	np := path.Clean(p)
+	if strings.HasSuffix(p, "/") && np != "/" {
+		np += "/"
+	}
+	return np
+}
+
+// redirectToClean sends a client to the clean form of its path, as the mux
+// would, but with the path's escapes kept as they came: the mux escapes
+// the escaped path again (b%2Fc becomes b%252Fc), and a client following
+// its redirect asks for another path.
+func redirectToClean(w http.ResponseWriter, r *http.Request, clean string) {
+	if r.URL.RawQuery != "" {
+		clean += "?" + r.URL.RawQuery
+	}
+	http.Redirect(w, r, clean, http.StatusTemporaryRedirect)
 }
 
 // noDotSegments reports whether p, which starts with a slash, has no "."

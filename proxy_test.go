@@ -1053,6 +1053,22 @@ func TestProxyPassesEmptySegments(t *testing.T) {
 	if resp.StatusCode != http.StatusTemporaryRedirect && resp.StatusCode != http.StatusMovedPermanently {
 		t.Errorf("a dot segment: %d; want the mux's redirect", resp.StatusCode)
 	}
+	// The clean form keeps the path's escapes as they came (the mux
+	// escaped them again: b%252Fc), and the query.
+	for path, want := range map[string]string{
+		"/proxy/web/a/../b%2Fc?q=1":   "/proxy/web/b%2Fc?q=1",
+		"/proxy/web/./100%25":         "/proxy/web/100%25",
+		"/proxy/web/./%E2%82%AC/x/./": "/proxy/web/%E2%82%AC/x/",
+	} {
+		resp, err := noRedirect.Get(p.url(path))
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusTemporaryRedirect || resp.Header.Get("Location") != want {
+			t.Errorf("%s: %d to %q; want 307 to %q", path, resp.StatusCode, resp.Header.Get("Location"), want)
+		}
+	}
 }
 
 // TestIdempotentRequestsMoveOn: a request without a body whose node reset
