@@ -922,6 +922,35 @@ func TestBothLengthsAreRefusedAndClosed(t *testing.T) {
 	}
 }
 
+// TestTransferEncodingOnHTTP10IsRefused: an HTTP/1.0 request with a
+// Transfer-Encoding gets a 400 and its connection closed (RFC 9112 section
+// 6.1): net/http would ignore the field, pass on an empty body, and read
+// the chunks as a request of their own.
+func TestTransferEncodingOnHTTP10IsRefused(t *testing.T) {
+	p := startSidecar(t, "--registry=memory")
+	c, err := net.Dial("tcp", p.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(5 * time.Second))
+	io.WriteString(c, "POST /registry HTTP/1.0\r\nHost: x\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n")
+	all, _ := io.ReadAll(c) // to the close
+	br := bufio.NewReader(bytes.NewReader(all))
+	resp, err := http.ReadResponse(br, nil)
+	if err != nil {
+		t.Fatalf("%q: %v", all, err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	var e errorBody
+	if resp.StatusCode != 400 || json.Unmarshal(body, &e) != nil || !strings.Contains(e.Detail, "HTTP/1.0 request has no Transfer-Encoding") {
+		t.Errorf("%d %s; want a 400 in the error shape naming the fault", resp.StatusCode, body)
+	}
+	if rest, _ := io.ReadAll(br); len(rest) != 0 {
+		t.Errorf("after the 400: %q; want the connection closed, the chunks not read as a request", rest)
+	}
+}
+
 // TestSilentConnectionClosedAfterReadHeaderTimeout: a new connection that
 // sends nothing is closed after --read_header_timeout, as net/http closes
 // one; between requests a connection may idle for --idle_timeout.

@@ -231,7 +231,7 @@ func (c *serverConn) serve() {
 		}
 		head, _ := c.br.Peek(n)
 		if err := parseRequestHead(head, &c.head); err != nil {
-			if err == errBothLengths {
+			if err == errBothLengths || err == errTransferEncodingOn10 {
 				c.refuse(http.StatusBadRequest, err.Error())
 				return
 			}

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"cmp"
 	"errors"
 	"net/http"
 	"net/url"
@@ -32,11 +33,14 @@ type requestHead struct {
 // (FuzzParseRequestHead compares the two). A head that states both a
 // Content-Length and a Transfer-Encoding is errBothLengths, wherever the
 // two stand: net/http, given it, would frame the body by the
-// Transfer-Encoding and serve what follows as a request of its own.
+// Transfer-Encoding and serve what follows as a request of its own. An
+// HTTP/1.0 request with a Transfer-Encoding is errTransferEncodingOn10:
+// net/http, given it, would ignore the field, pass on an empty body and
+// read the chunks as the next request.
 func parseRequestHead(head []byte, req *requestHead) error {
 	err := parseHeadFields(head, req)
-	if err == errHandOff && statesBothLengths(string(head)) {
-		return errBothLengths
+	if err == errHandOff {
+		return cmp.Or(faultyFraming(string(head)), err)
 	}
 	return err
 }
@@ -142,11 +146,26 @@ func parseHeadFields(head []byte, req *requestHead) error {
 // request of its own (request smuggling).
 var errBothLengths = errors.New("the request states both Content-Length and Transfer-Encoding: its length is ambiguous (RFC 9112 section 6.1)")
 
-// statesBothLengths reports whether head, a request line and its header
-// block, has a Content-Length field and a Transfer-Encoding field.
-func statesBothLengths(head string) bool {
-	_, block, _ := cutLine(head)
-	return hasFieldLine(block, "Transfer-Encoding") && hasFieldLine(block, "Content-Length")
+// errTransferEncodingOn10 is an HTTP/1.0 request with a Transfer-Encoding,
+// which RFC 9112 section 6.1 says to take as faulty framing, closing the
+// connection after it: HTTP/1.0 has no chunked bodies.
+var errTransferEncodingOn10 = errors.New("an HTTP/1.0 request has no Transfer-Encoding (RFC 9112 section 6.1): send HTTP/1.1, or the body with a Content-Length")
+
+// faultyFraming returns errBothLengths when head, a request line and its
+// header block, has a Content-Length field and a Transfer-Encoding field,
+// errTransferEncodingOn10 when it is an HTTP/1.0 request with a
+// Transfer-Encoding, and nil otherwise.
+func faultyFraming(head string) error {
+	line, block, _ := cutLine(head)
+	switch {
+	case !hasFieldLine(block, "Transfer-Encoding"):
+		return nil
+	case hasFieldLine(block, "Content-Length"):
+		return errBothLengths
+	case strings.HasSuffix(line, " HTTP/1.0"):
+		return errTransferEncodingOn10
+	}
+	return nil
 }
 
 // hasFieldLine reports whether a header block, after its first line
