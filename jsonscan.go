@@ -3,7 +3,11 @@ package main
 import (
 	"bytes"
 	"encoding/json"
+	"errors"
+	"fmt"
+	"reflect"
 	"slices"
+	"strings"
 )
 
 // A JSON scanner that finds where values end without decoding them, for the
@@ -267,3 +271,43 @@ func replyMembers(body []byte) (id, result, errVal []byte, ok bool) {
 }
 
 func isHex(c byte) bool { return '0' <= c && c <= '9' || 'a' <= c && c <= 'f' || 'A' <= c && c <= 'F' }
+
+// jsonErrorText is err, from encoding/json, as a caller reads it: a type
+// error names what came and what the field, or the body, should be,
+// rather than a Go type with its tags.
+func jsonErrorText(err error) string {
+	var te *json.UnmarshalTypeError
+	if !errors.As(err, &te) {
+		return err.Error()
+	}
+	value := te.Value
+	if value == "bool" {
+		value = "boolean"
+	}
+	if te.Field == "" {
+		return "the body is a JSON " + value + ", not an object"
+	}
+	want := jsonKind(te.Type)
+	article := "a"
+	if want == "array" || want == "object" {
+		article = "an"
+	}
+	return fmt.Sprintf("%s is a JSON %s, not %s %s", strings.ToLower(te.Field), value, article, want)
+}
+
+// jsonKind names, in JSON's words, what a value of Go type t is.
+func jsonKind(t reflect.Type) string {
+	switch t.Kind() {
+	case reflect.String:
+		return "string"
+	case reflect.Bool:
+		return "boolean"
+	case reflect.Slice, reflect.Array:
+		return "array"
+	case reflect.Map, reflect.Struct:
+		return "object"
+	case reflect.Pointer:
+		return jsonKind(t.Elem())
+	}
+	return "number"
+}

@@ -63,7 +63,7 @@ func serviceJSONError(data []byte, err error) error {
 	case b[0] != '{':
 		return fmt.Errorf("the body must be a service as a JSON object, such as %s; got %q", example, truncate(string(b), 64))
 	}
-	return fmt.Errorf("invalid service JSON: %w", err)
+	return fmt.Errorf("invalid service JSON: %s", jsonErrorText(err))
 }
 
 // decodeService parses and validates a service record from a request body.

@@ -454,6 +454,10 @@ func decodeServiceBody(data []byte) (Service, error) {
 	dec := json.NewDecoder(bytes.NewReader(data))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(&b); err != nil {
+		var te *json.UnmarshalTypeError
+		if errors.As(err, &te) { // the path of a field of the embedded Service starts with it
+			te.Field = strings.TrimPrefix(te.Field, "Service.")
+		}
 		if key, ok := strings.CutPrefix(err.Error(), "json: unknown field "); ok {
 			return Service{}, fmt.Errorf("unknown key %s: a service has name, version, metadata and nodes, a node id, address, port and metadata", truncate(key, 64))
 		}

@@ -211,6 +211,7 @@ func camel(s string) string {
 func parseRPCRequest(contentType string, query url.Values, body []byte) (rpcCall, error) {
 	var c rpcCall
 	var request []byte
+	var given [4]bool // by rpcFormFields' order: in the body, if empty
 	isJSON, err := jsonBody(contentType, body)
 	if err != nil {
 		return rpcCall{}, err
@@ -220,11 +221,11 @@ func parseRPCRequest(contentType string, query url.Values, body []byte) (rpcCall
 	}
 	if isJSON {
 		var in struct {
-			Service, Method, Address string
+			Service, Method, Address *string // nil: not given
 			Request                  json.RawMessage
 		}
 		if err := json.Unmarshal(body, &in); err != nil {
-			return rpcCall{}, fmt.Errorf("body is not a JSON object with service, method and request: %v", err)
+			return rpcCall{}, fmt.Errorf("body is not a JSON object with service, method and request: %v", jsonErrorText(err))
 		}
 		if key, ok := unknownMember(body, rpcFormFields[:]...); ok {
 			return rpcCall{}, unknownRPCField(key)
@@ -232,7 +233,8 @@ func parseRPCRequest(contentType string, query url.Values, body []byte) (rpcCall
 		if !utf8.Valid(body) { // Unmarshal reads such bytes as U+FFFD, and RawMessage keeps them
 			return rpcCall{}, errors.New("body is not UTF-8, as JSON must be (RFC 8259 section 8.1)")
 		}
-		c.Service, c.Method, c.Address, request = in.Service, in.Method, in.Address, in.Request
+		given = [4]bool{in.Service != nil, in.Method != nil, in.Address != nil, len(in.Request) > 0}
+		c.Service, c.Method, c.Address, request = deref(in.Service), deref(in.Method), deref(in.Address), in.Request
 		if len(request) > 0 && request[0] == '"' {
 			var s string
 			json.Unmarshal(request, &s) // valid: it came through Unmarshal above
@@ -247,8 +249,8 @@ func parseRPCRequest(contentType string, query url.Values, body []byte) (rpcCall
 		if err != nil {
 			return rpcCall{}, err
 		}
-		c.Service, c.Method, c.Address = form.service, form.method, form.address
-		if form.hasRequest && len(trimJSON(form.request)) > 0 { // request= alone: {}
+		c.Service, c.Method, c.Address, given = form.service, form.method, form.address, form.given
+		if len(trimJSON(form.request)) > 0 { // request= alone: {}
 			request = form.request
 			if !validRequestJSON(request) {
 				return rpcCall{}, fmt.Errorf("request %q is not JSON in UTF-8", truncate(string(form.request), 64))
@@ -256,7 +258,7 @@ func parseRPCRequest(contentType string, query url.Values, body []byte) (rpcCall
 		}
 	}
 	if len(query) > 0 {
-		if err := givenTwice(query, c, len(request) > 0); err != nil {
+		if err := givenTwice(query, given); err != nil {
 			return rpcCall{}, err
 		}
 	}
@@ -279,37 +281,41 @@ func parseRPCRequest(contentType string, query url.Values, body []byte) (rpcCall
 	return c, c.validate()
 }
 
-// givenTwice refuses a field the body gave that the query gives too:
-// which one counts would be a guess.
-func givenTwice(query url.Values, body rpcCall, hasRequest bool) error {
-	for _, f := range []struct {
-		name  string
-		given bool
-	}{{"service", body.Service != ""}, {"method", body.Method != ""}, {"address", body.Address != ""}, {"request", hasRequest}} {
-		if f.given && query.Has(f.name) {
-			return fmt.Errorf("%s is given in both the body and the query; give it once", f.name)
+// givenTwice refuses a field the body gave, if empty, that the query gives
+// too: which one counts would be a guess. given is by rpcFormFields' order.
+func givenTwice(query url.Values, given [4]bool) error {
+	for i, name := range rpcFormFields {
+		if given[i] && query.Has(name) {
+			return fmt.Errorf("%s is given in both the body and the query; give it once", name)
 		}
 	}
 	return nil
+}
+
+func deref(s *string) string {
+	if s == nil {
+		return ""
+	}
+	return *s
 }
 
 // rpcForm is the fields of a form body of POST /rpc.
 type rpcForm struct {
 	service, method, address string
 	request                  []byte
-	hasRequest               bool
+	given                    [4]bool // by rpcFormFields' order: in the body, if empty
 }
 
-// parseRPCForm reads the fields of a form body as url.ParseQuery does, the
-// first value of a field counting. A body with nothing escaped, the usual
-// case (curl -d sends JSON as it is), is split in place; request then
-// shares body's bytes.
 // unknownRPCField refuses a body field /rpc does not take: a misspelled
 // request (reqest=...) would call the app with {}.
 func unknownRPCField(name string) error {
 	return fmt.Errorf("body field %q is not one /rpc takes (service, method, request, address)", truncate(name, 64))
 }
 
+// parseRPCForm reads the fields of a form body as url.ParseQuery does, the
+// first value of a field counting. A body with nothing escaped, the usual
+// case (curl -d sends JSON as it is), is split in place; request then
+// shares body's bytes.
 func parseRPCForm(body []byte) (rpcForm, error) {
 	var f rpcForm
 	// Three vectorised scans cost less than ContainsAny's byte-by-byte one.
@@ -330,7 +336,10 @@ func parseRPCForm(body []byte) (rpcForm, error) {
 			}
 		}
 		f.service, f.method, f.address = firstValue(values[0]), firstValue(values[1]), firstValue(values[2])
-		f.request, f.hasRequest = []byte(firstValue(values[3])), len(values[3]) > 0
+		f.request = []byte(firstValue(values[3]))
+		for i := range values {
+			f.given[i] = len(values[i]) > 0
+		}
 		return f, nil
 	}
 	var seen [4]int // service, method, address, request
@@ -356,6 +365,7 @@ func parseRPCForm(body []byte) (rpcForm, error) {
 			}
 			return f, unknownRPCField(string(key))
 		}
+		f.given[i] = true
 		if seen[i]++; seen[i] > 1 {
 			repeated = true
 			continue // counted, and refused below
@@ -368,7 +378,7 @@ func parseRPCForm(body []byte) (rpcForm, error) {
 		case 2:
 			f.address = string(value)
 		case 3:
-			f.request, f.hasRequest = value, true
+			f.request = value
 		}
 	}
 	if repeated {
@@ -619,7 +629,7 @@ func decodeReply(body []byte) (id, result, errVal []byte, err error) {
 		Error  json.RawMessage `json:"error"`
 	}
 	if err := json.Unmarshal(body, &r); err != nil {
-		return nil, nil, nil, fmt.Errorf("not a JSON-RPC reply: %v", err)
+		return nil, nil, nil, fmt.Errorf("not a JSON-RPC reply: %v", jsonErrorText(err))
 	}
 	return r.ID, r.Result, r.Error, nil
 }

@@ -122,6 +122,13 @@ func TestParseRPCRequest(t *testing.T) {
 		{"body and query share the fields", form, "service=q", "method=M.N", rpcCall{Service: "q", Method: "M.N", Request: []byte(`{}`)}, ""},
 		{"a field in both body and query", form, "service=q", "service=s&method=M.N", rpcCall{}, "service is given in both the body and the query"},
 		{"request in both", "application/json", "request=1", `{"service":"s","method":"M.N","request":2}`, rpcCall{}, "request is given in both"},
+		{"an empty form field in both", form, "service=q", "service=&method=M.N", rpcCall{}, "service is given in both"},
+		{"an empty request field in both", form, "request=1", "service=s&method=M.N&request=", rpcCall{}, "request is given in both"},
+		{"an escaped empty field in both", form, "address=a", "service=s%2Ex&method=M.N&address=", rpcCall{}, "address is given in both"},
+		{"an empty JSON member in both", "application/json", "request=1", `{"service":"s","method":"M.N","request":""}`, rpcCall{}, "request is given in both"},
+		{"an empty JSON service in both", "application/json", "service=q", `{"service":"","method":"M.N"}`, rpcCall{}, "service is given in both"},
+		{"a body of another JSON type", "application/json", "", `"x"`, rpcCall{}, "the body is a JSON string, not an object"},
+		{"a member of another JSON type", "application/json", "", `{"service":1,"method":"M.N"}`, rpcCall{}, "service is a JSON number, not a string"},
 		{"missing service", form, "", "method=M.N", rpcCall{}, "service is required"},
 		{"missing method", form, "", "service=s", rpcCall{}, "method is required"},
 		{"request not json", form, "", "service=s&method=M.N&request={name:John}", rpcCall{}, "is not JSON"},
@@ -273,7 +280,8 @@ func TestParseReply(t *testing.T) {
 		{"result and error both", `{"id":7,"result":1,"error":"boom"}`, "", 0, "", "both a result and an error"},
 		{"neither", `{"id":7}`, "", 0, "", "neither result nor error"},
 		{"not json", `<html>oops</html>`, "", 0, "", "not a JSON-RPC reply"},
-		{"array", `[1]`, "", 0, "", "not a JSON-RPC reply"},
+		{"array", `[1]`, "", 0, "", "not a JSON-RPC reply: the body is a JSON array, not an object"},
+		{"string", `"just a string"`, "", 0, "", "not a JSON-RPC reply: the body is a JSON string, not an object"},
 		{"empty", ``, "", 0, "", "not a JSON-RPC reply"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
