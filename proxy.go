@@ -216,7 +216,7 @@ func (s *sidecar) handleProxy(w http.ResponseWriter, r *http.Request) {
 		service, err = url.PathUnescape(name)
 	}
 	if err != nil || service == "" || !validName(service) {
-		writeError(w, http.StatusNotFound, "no service named in "+truncate(r.URL.Path, 128)+"; use /proxy/{service}/{path}")
+		writeError(w, http.StatusNotFound, "no service named in "+truncate(r.URL.EscapedPath(), 128)+"; use /proxy/{service}/{path}")
 		return
 	}
 	s.proxy.serve(w, r, service, "/"+fwd)

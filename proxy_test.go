@@ -469,6 +469,7 @@ func TestProxyRetriesAndErrors(t *testing.T) {
 	}{
 		{"/proxy/nope/x", 404, "service nope not found (names are matched in full, as registered: GET /registry lists them)"},
 		{"/proxy/", 404, "no service named"},
+		{"/proxy/web%2Fx/y", 404, "no service named in /proxy/web%2Fx/y;"}, // the path as the client sent it
 		{"/proxy/hang/x", 504, "no response from node"},
 		{"/proxy/dead/x", 502, "connection refused"},
 		{"/proxy/dead/x", 503, "no nodes available for service dead"},
