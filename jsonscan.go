@@ -273,26 +273,29 @@ func replyMembers(body []byte) (id, result, errVal []byte, ok bool) {
 func isHex(c byte) bool { return '0' <= c && c <= '9' || 'a' <= c && c <= 'f' || 'A' <= c && c <= 'F' }
 
 // jsonErrorText is err, from encoding/json, as a caller reads it: a type
-// error names what came and what the field, or the body, should be,
-// rather than a Go type with its tags.
+// error names where it is, what came and what should have, rather than a
+// Go type with its tags.
 func jsonErrorText(err error) string {
 	var te *json.UnmarshalTypeError
 	if !errors.As(err, &te) {
 		return err.Error()
 	}
-	value := te.Value
-	if value == "bool" {
-		value = "boolean"
+	came := "a JSON " + te.Value
+	switch {
+	case te.Value == "bool":
+		came = "a JSON boolean"
+	case strings.HasPrefix(te.Value, "number "): // one that does not fit: its literal follows
+		came = "the JSON " + te.Value
 	}
 	if te.Field == "" {
-		return "the body is a JSON " + value + ", not an object"
+		return "the body is " + came + ", not an object"
 	}
 	want := jsonKind(te.Type)
 	article := "a"
-	if want == "array" || want == "object" {
+	if strings.IndexByte("aeiou", want[0]) >= 0 {
 		article = "an"
 	}
-	return fmt.Sprintf("%s is a JSON %s, not %s %s", strings.ToLower(te.Field), value, article, want)
+	return fmt.Sprintf("%s: %s where %s %s should be", strings.ToLower(te.Field), came, article, want)
 }
 
 // jsonKind names, in JSON's words, what a value of Go type t is.
@@ -308,6 +311,8 @@ func jsonKind(t reflect.Type) string {
 		return "object"
 	case reflect.Pointer:
 		return jsonKind(t.Elem())
+	case reflect.Float32, reflect.Float64:
+		return "number"
 	}
-	return "number"
+	return "integer"
 }

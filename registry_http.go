@@ -466,5 +466,12 @@ func decodeServiceBody(data []byte) (Service, error) {
 	if dec.More() {
 		return Service{}, errors.New("invalid service JSON: trailing data after the object")
 	}
+	for i, n := range b.Nodes {
+		// A lookup's answer gives each node its version when it merges
+		// several; posted back, a node would leave its own.
+		if n.Version != "" && n.Version != b.Version {
+			return Service{}, fmt.Errorf("nodes[%d]: version %q is not the service's %q: register each version's nodes with it as the service's version", i, truncate(n.Version, 64), truncate(b.Version, 64))
+		}
+	}
 	return b.Service, nil
 }

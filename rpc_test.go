@@ -128,7 +128,7 @@ func TestParseRPCRequest(t *testing.T) {
 		{"an empty JSON member in both", "application/json", "request=1", `{"service":"s","method":"M.N","request":""}`, rpcCall{}, "request is given in both"},
 		{"an empty JSON service in both", "application/json", "service=q", `{"service":"","method":"M.N"}`, rpcCall{}, "service is given in both"},
 		{"a body of another JSON type", "application/json", "", `"x"`, rpcCall{}, "the body is a JSON string, not an object"},
-		{"a member of another JSON type", "application/json", "", `{"service":1,"method":"M.N"}`, rpcCall{}, "service is a JSON number, not a string"},
+		{"a member of another JSON type", "application/json", "", `{"service":1,"method":"M.N"}`, rpcCall{}, "service: a JSON number where a string should be"},
 		{"missing service", form, "", "method=M.N", rpcCall{}, "service is required"},
 		{"missing method", form, "", "service=s", rpcCall{}, "method is required"},
 		{"request not json", form, "", "service=s&method=M.N&request={name:John}", rpcCall{}, "is not JSON"},
