@@ -466,7 +466,7 @@ func TestProxyPassesAKnownLengthAnswerAsItComes(t *testing.T) {
 // all are answered, in order, on the same connection. A chunked request
 // there is answered and the connection closed after it (net/http would
 // hide a Content-Length beside its Transfer-Encoding: see
-// closeAfterChunked).
+// closeAfterUnsureFraming).
 func TestBinaryServesFastAndHandedOffRequests(t *testing.T) {
 	p := startSidecar(t, "--registry=memory")
 	rc := dialHTTP(t, p.addr)

@@ -213,17 +213,22 @@ func boundStalledBodies(gap time.Duration, next http.Handler) http.Handler {
 	})
 }
 
-// closeAfterChunked closes, on net/http's connections, the connection after
-// every request whose body came chunked. net/http frames a request that
-// states both a Transfer-Encoding and a Content-Length by the first, drops
-// the second where a handler could see it, and keeps the connection; RFC
-// 9112 section 6.1 wants it closed, or what a front proxy framing the
-// request by its Content-Length took for the body's rest would be served
-// as a request of its own (request smuggling). The fast path refuses such
-// requests (errBothLengths); here the one sign left is the chunked body.
-func closeAfterChunked(next http.Handler) http.Handler {
+// closeAfterUnsureFraming closes, on net/http's connections, the
+// connection after every request whose body came chunked, and after every
+// HTTP/1.0 request with a body. net/http frames a request that states both
+// a Transfer-Encoding and a Content-Length by the first (in HTTP/1.0, by
+// the second, the first dropped unseen), hides the other from handlers,
+// and keeps the connection; RFC 9112 section 6.1 wants it closed, or what
+// a front proxy framing the request by the other field took for the
+// body's rest would be served as a request of its own (request
+// smuggling). The fast path refuses such requests (errBothLengths,
+// errTransferEncodingOn10); here the signs left are a chunked body and an
+// HTTP/1.0 body. (An HTTP/1.0 request with a Transfer-Encoding alone
+// leaves chunks behind, whose first line, a chunk size, is no request:
+// net/http answers it with a 400 and closes.)
+func closeAfterUnsureFraming(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if r.TransferEncoding == nil {
+		if r.TransferEncoding == nil && (r.ProtoAtLeast(1, 1) || r.ContentLength == 0) {
 			next.ServeHTTP(w, r)
 			return
 		}

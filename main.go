@@ -978,7 +978,7 @@ func runSidecar(ctx context.Context, cfg config, logOut io.Writer, deregistered 
 	}
 	routes := s.routes()
 	srv := &http.Server{
-		Handler: closeAfterChunked(boundStalledBodies(cfg.IdleTimeout, routes)),
+		Handler: closeAfterUnsureFraming(boundStalledBodies(cfg.IdleTimeout, routes)),
 		// Slow or stalled clients must not hold connections forever; bodies
 		// get their own limits, and long calls their own deadlines.
 		ReadHeaderTimeout: cfg.ReadHeaderTimeout,

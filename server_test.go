@@ -776,7 +776,7 @@ func TestServerErrorLogLimitsHandshakeFailures(t *testing.T) {
 // chunked body is never served. Other requests keep the connection.
 func TestCloseAfterChunked(t *testing.T) {
 	var served atomic.Int64
-	srv := httptest.NewServer(closeAfterChunked(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	srv := httptest.NewServer(closeAfterUnsureFraming(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		served.Add(1)
 		io.Copy(io.Discard, r.Body)
 		switch r.URL.Path {
