@@ -606,8 +606,8 @@ func (b *broker) deliver(m *message, broadcast bool, groups []string) (missing [
 	n := 0
 	if broadcast {
 		for _, s := range t.broadcast {
-			// Counted delivered when an overflow lost it, as it counted
-			// m dropped: delivered less slow_dropped is what subscribers got.
+			// Counted delivered when an overflow lost it, as the overflow
+			// counted it in slow_dropped, which counts delivered ones lost.
 			if taken, overflowed := s.enqueue(m); taken || overflowed {
 				n++
 			}

@@ -394,7 +394,7 @@ type forwarder struct {
 	entryLog logLimiter // topic entries ignored or reached in plain HTTP, per entry
 
 	unloggedMu sync.Mutex     // guards unlogged
-	unlogged   map[string]int // messages lost to a peer since its last logged failure (by address) or refusal (refusedKey); at most maxLogKeys keys
+	unlogged   map[string]int // messages lost to a peer since the last line: its failures by its address, other losses by a prefix and it (refusedPrefix, droppedPrefix); at most maxLogKeys keys
 	nUnlogged  atomic.Int32   // len(unlogged), read without the lock after every batch
 
 	downMu sync.Mutex          // guards down
@@ -822,11 +822,8 @@ func (f *forwarder) sendRerouted(m *message, forwards []forwardPlan) {
 func (f *forwarder) sendItems(m *message, forwards []forwardPlan, rerouted bool) {
 	for _, fp := range forwards {
 		item := forwardItem{topic: m.topic, broadcast: fp.broadcast, groups: fp.groups, event: m.event, to: fp.ids, rerouted: rerouted}
-		if !rerouted { // counted when first sent
-			// Whatever becomes of it: a loss counts in ForwardDropped
-			// too, so that the difference is what reached peers.
-			f.b.stats.Forwarded.Add(1)
-		}
+		// Whatever becomes of it: a loss counts in ForwardDropped too.
+		f.b.stats.Forwarded.Add(1)
 		var err error
 		pieces := splitGroups(item)
 		for _, piece := range pieces {
@@ -835,7 +832,7 @@ func (f *forwarder) sendItems(m *message, forwards []forwardPlan, rerouted bool)
 		if err != nil && pieces[0].countLoss() { // queued pieces that fail later count no more
 			f.b.stats.ForwardDropped.Add(1)
 			if err != errForwarderClosed {
-				f.logFailure(fp.addr, 1, err)
+				f.logDropped(fp.addr, 1, err)
 			}
 		}
 	}
@@ -1146,11 +1143,25 @@ func (f *forwarder) logFailure(addr string, lost int, err error) {
 	}
 }
 
-// refusedKey is the key of a peer's refusals of messages too large for
-// it in the unlogged losses and the log's limiter: they are logged apart
-// from its failures, as the peer works (its next batch must not read as
-// its coming back, markUp).
-func refusedKey(addr string) string { return "refused " + addr }
+// The keys of a peer's losses other than its failures, in the unlogged
+// losses and the log's limiter: messages it refused as too large for it,
+// and messages dropped as its queue was full. They are logged apart from
+// its failures (keyed by its address alone), as the peer works: its next
+// batch must not read as its coming back (markUp).
+const (
+	refusedPrefix = "refused "
+	droppedPrefix = "dropped "
+)
+
+func refusedKey(addr string) string { return refusedPrefix + addr }
+
+// logDropped logs messages for a peer its queue could not take (err says
+// why) at most once every ten seconds for each peer.
+func (f *forwarder) logDropped(addr string, lost int, err error) {
+	if lost, ok := f.loggable(droppedPrefix+addr, lost); ok {
+		f.b.log.Warn("messages for a peer sidecar were dropped before they were sent (delivery is at most once)", "peer", addr, "messages", lost, "error", err)
+	}
+}
 
 // logRefused logs a peer's refusals of messages too large for it at most
 // once every ten seconds for each peer.
@@ -1205,8 +1216,12 @@ func (f *forwarder) sayUnloggedAfter(key string, d time.Duration) {
 		}
 		lost := f.takeUnlogged(key)
 		f.unloggedMu.Unlock()
-		if addr, ok := strings.CutPrefix(key, refusedKey("")); ok {
+		if addr, ok := strings.CutPrefix(key, refusedPrefix); ok {
 			f.b.log.Warn("a peer sidecar refused more messages too large for it since the last line for it; they are lost", "peer", addr, "messages", lost)
+			return
+		}
+		if addr, ok := strings.CutPrefix(key, droppedPrefix); ok {
+			f.b.log.Warn("more messages for a peer sidecar were dropped before they were sent since the last line for it (its queue was full)", "peer", addr, "messages", lost)
 			return
 		}
 		f.b.log.Warn("forwarding to a peer sidecar failed again; messages lost since the last line for it (delivery is at most once)", "peer", key, "messages", lost)

@@ -1694,8 +1694,15 @@ func TestPeerQueueOverflowIsCountedAndLogged(t *testing.T) {
 	if fw, dropped := f.b.stats.Forwarded.Load(), f.b.stats.ForwardDropped.Load(); fw != 1 || dropped != 1 {
 		t.Errorf("forwarded %d, dropped %d; want 1 and 1", fw, dropped)
 	}
-	if got := log.String(); !strings.Contains(got, "messages lost") || !strings.Contains(got, "queue is full") {
+	if got := log.String(); !strings.Contains(got, "dropped before they were sent") || !strings.Contains(got, "queue is full") {
 		t.Errorf("log: %q; want the loss and its cause", got)
+	}
+	// More drops within the quiet time are held back, and the peer's
+	// next batch (it works, slowly) does not log them as its return.
+	f.send(newMessage("t", "id2", []byte(`{}`)), []forwardPlan{{addr: peer, localDelivery: localDelivery{broadcast: true}}})
+	f.markUp(peer)
+	if got := log.String(); strings.Count(got, "level=WARN") != 1 || strings.Contains(got, "works again") {
+		t.Errorf("log after a second drop and a batch: %q; want the first line alone", got)
 	}
 }
 

@@ -500,7 +500,7 @@ func newSidecarMetrics(s *sidecar) *sidecarMetrics {
 	set.counterFunc("micro_rpc_node_ejections_total", "Nodes taken out of selection after a failed connection, by RPC and the proxy.", nil, func() []sample {
 		return []sample{{v: float64(s.rpc.sel.ejections.Load())}}
 	})
-	set.counterFunc("micro_broker_messages_total", "Broker messages by what became of them: published here, delivered to local subscribers, received from peers, forwarded (sent on to peers; those lost on the way count in forward_dropped too), forward_dropped on the way to a peer, no_subscriber (a group found empty), slow_dropped (lost with a slow subscriber; counted delivered too), redelivered (waiting for a group member that left, given to another).", []string{"event"}, func() []sample {
+	set.counterFunc("micro_broker_messages_total", "Broker messages by what became of them: published here, delivered to local subscribers, received from peers, forwarded (sent on to peers, again when rerouted; those lost on the way count in forward_dropped too), forward_dropped on the way to a peer, no_subscriber (a group found empty), slow_dropped (lost with a slow subscriber; counted delivered too), redelivered (waiting for a group member that left, given to another).", []string{"event"}, func() []sample {
 		r := s.broker.report()
 		return []sample{
 			{[]string{"delivered"}, float64(r.Delivered)}, {[]string{"forward_dropped"}, float64(r.ForwardDropped)},
