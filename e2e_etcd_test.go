@@ -711,6 +711,34 @@ func TestEtcdHealthRecoversAfterAFailedCall(t *testing.T) {
 	})
 }
 
+// TestEtcdDeleteRefusedIsFinal: a node this sidecar put, deleted while
+// etcd was down (503, gone from its view at once), stays deleted once etcd
+// is back: its lease is revoked then, rather than the node coming back
+// into discovery everywhere, this sidecar included, for a whole TTL.
+func TestEtcdDeleteRefusedIsFinal(t *testing.T) {
+	e := startEtcd(t)
+	a := startSidecar(t, etcdSidecarArgs(e.client, "--register_ttl=60s")...)
+	b := startSidecar(t, etcdSidecarArgs(e.client)...)
+	registerNode(t, a, "", "doomed", "doomed-1", 7200)
+	waitFor(t, 10*time.Second, "b to see doomed", func() bool { return lookup(t, b, "doomed") != nil })
+	e.stop(syscall.SIGTERM)
+	code, body := do(t, "DELETE", a.url("/registry"), "application/json", `{"name":"doomed","nodes":[{"id":"doomed-1"}]}`)
+	if code != 503 || lookup(t, a, "doomed") != nil {
+		t.Fatalf("DELETE while etcd is down: %d %s, and a still sees it: %v; want 503 and the node gone from a's view", code, body, lookup(t, a, "doomed") != nil)
+	}
+	e.start("existing")
+	e.waitHealthy()
+	waitSidecarHealthy(t, a, 15*time.Second)
+	waitFor(t, 15*time.Second, "the deleted node to leave etcd", func() bool { return len(e.keys(t, "/micro/registry/doomed/")) == 0 })
+	waitSidecarHealthy(t, b, 15*time.Second)
+	for _, p := range []*proc{a, b} {
+		waitFor(t, 5*time.Second, p.addr+" to see no doomed node", func() bool { return lookup(t, p, "doomed") == nil })
+	}
+	if !strings.Contains(a.log.String(), "etcd registry reachable again") {
+		t.Error("a never read the registry afresh after etcd came back")
+	}
+}
+
 // TestEtcdAuth: with etcd's authentication on, a sidecar with the
 // password (from MICRO_REGISTRY_PASSWORD) registers and discovers; one
 // without says so in /health. The password never reaches the log.

@@ -8,7 +8,9 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"net/http"
+	"slices"
 	"sort"
 	"strings"
 	"sync"
@@ -108,6 +110,7 @@ type etcdBackend struct {
 	contested   logLimiter             // kept keys seen rewritten by another writer: each logged at most every 10 minutes
 	keeps       func(node string) bool // whether the registry keeps a node alive (refreshes it); nil: all
 	removed     func()                 // told when others' changes removed nodes (registry.restoreLost); nil: nobody
+	unrevoked   map[int64]bool         // leases of deleted nodes etcd did not revoke when asked; revoked when it answers again
 
 	synced chan struct{} // closed after the first full read
 	stop   context.CancelFunc
@@ -133,6 +136,7 @@ func newEtcdBackend(ctx context.Context, cfg etcdConfig, t *table, log *slog.Log
 		t:         t,
 		log:       log,
 		regs:      map[string]etcdReg{},
+		unrevoked: map[int64]bool{},
 		watchEP:   -1,
 		bad:       map[string]string{},
 		contested: logLimiter{every: 10 * time.Minute},
@@ -310,6 +314,9 @@ func parseWatchMessage(line []byte) (etcdWatchMessage, error) {
 func (b *etcdBackend) register(s Service, ttl time.Duration) error {
 	b.opMu.Lock()
 	defer b.opMu.Unlock()
+	if b.status() == nil { // else a call would only wait for etcd once more
+		b.revokeUnrevoked(context.Background())
+	}
 	recs := recordsOf(s, time.Time{})
 	if err := b.t.room(recs); err != nil {
 		return err // before any write: others' watchers must not see it come and go
@@ -474,6 +481,13 @@ func (b *etcdBackend) unregisterOne(key string) (ours bool, err error) {
 	if ok {
 		// Revoking the lease deletes the key with it: one request.
 		if err := b.revoke(ctx, cur.lease); err != nil {
+			// The node left this sidecar's view; it must not come back
+			// with etcd, for a whole TTL, when etcd answers again.
+			b.mu.Lock()
+			if len(b.unrevoked) < maxUnrevoked {
+				b.unrevoked[cur.lease] = true
+			}
+			b.mu.Unlock()
 			return true, fmt.Errorf("etcd lease revoke: %w", err)
 		}
 		return true, nil
@@ -482,6 +496,29 @@ func (b *etcdBackend) unregisterOne(key string) (ours bool, err error) {
 		return false, fmt.Errorf("etcd delete %s: %w", key, err)
 	}
 	return false, nil
+}
+
+// maxUnrevoked bounds the leases kept to revoke later: past it, a deleted
+// node's lease runs out in etcd.
+const maxUnrevoked = 4096
+
+// revokeUnrevoked revokes the leases of deleted nodes that etcd did not
+// revoke when asked, and forgets those it has revoked (or no longer
+// holds). It is called after each full read, and by each registration
+// (the refreshes too) while etcd answers, in case the watch outlived the
+// failure.
+func (b *etcdBackend) revokeUnrevoked(ctx context.Context) {
+	b.mu.Lock()
+	leases := slices.Collect(maps.Keys(b.unrevoked))
+	b.mu.Unlock()
+	for _, lease := range leases {
+		if b.revoke(ctx, lease) != nil {
+			return // etcd does not answer yet: the next time
+		}
+		b.mu.Lock()
+		delete(b.unrevoked, lease)
+		b.mu.Unlock()
+	}
 }
 
 // status is nil while the watch runs and etcd answers; otherwise it says
@@ -555,6 +592,7 @@ func (b *etcdBackend) run(ctx context.Context) {
 				continue
 			}
 			rev = r
+			b.revokeUnrevoked(ctx)
 		}
 		established, err := b.watch(ctx, &rev)
 		if ctx.Err() != nil {
@@ -673,8 +711,14 @@ func (b *etcdBackend) resync(ctx context.Context) (int64, error) {
 	recs := make([]record, 0, len(kvs))
 	bad := map[string]string{}
 	present := make(map[string]etcdKV, len(kvs))
+	b.mu.Lock()
+	unrevoked := maps.Clone(b.unrevoked)
+	b.mu.Unlock()
 	for _, kv := range kvs {
 		present[string(kv.Key)] = kv
+		if unrevoked[int64(kv.Lease)] {
+			continue // deleted here; its lease is revoked next (run)
+		}
 		r, err := parseEtcdEntry(b.prefix, kv.Key, kv.Value)
 		if err != nil {
 			bad[string(kv.Key)] = err.Error()
