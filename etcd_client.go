@@ -140,7 +140,10 @@ func shouldFailOver(err error) bool {
 		case grpcUnavailable, grpcDeadlineExceeded, grpcUnknown, grpcCanceled:
 			return true
 		case 0:
-			return ee.HTTP >= 500 // a proxy or a broken gateway
+			// A proxy or a broken gateway, or a plain 404: a member
+			// started without its gRPC gateway (--enable-grpc-gateway=false)
+			// serves none of the sidecar's calls, and another may.
+			return ee.HTTP >= 500 || ee.HTTP == http.StatusNotFound
 		}
 		return false
 	}

@@ -234,7 +234,7 @@ func TestShouldFailOver(t *testing.T) {
 		{&etcdError{Code: grpcNotFound, HTTP: 404, Message: "etcdserver: requested lease not found"}, false},
 		{&etcdError{Code: 3, HTTP: 400, Message: "etcdserver: authentication failed"}, false},
 		{&etcdError{Code: grpcOutOfRange, HTTP: 400, Message: "etcdserver: mvcc: required revision has been compacted"}, false},
-		{&etcdError{HTTP: 404, Message: "404 page not found"}, false},
+		{&etcdError{HTTP: 404, Message: "404 page not found"}, true}, // a member without its gateway
 		{fmt.Errorf("wrapped: %w", &etcdError{Code: grpcUnavailable}), true},
 	} {
 		if got := shouldFailOver(tc.err); got != tc.want {
