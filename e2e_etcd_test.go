@@ -514,6 +514,51 @@ func TestEtcdPubSub(t *testing.T) {
 	waitFor(t, 10*time.Second, "the topic registrations to leave etcd", func() bool { return lookup(t, a, "topic:news") == nil })
 }
 
+// TestEtcdAtTheNodeLimit: at --registry_max_nodes, a watched batch that
+// moves a node the sidecar holds and adds one more moves the node (it was
+// dropped whole, the old address served for good), and the nodes left out
+// are read again once others leave (they never came back).
+func TestEtcdAtTheNodeLimit(t *testing.T) {
+	e := startEtcd(t)
+	const prefix = "/micro/registry/"
+	node := func(id, address string) string {
+		return `{"name":"a","nodes":[{"id":"` + id + `","address":"` + address + `","port":80}]}`
+	}
+	for _, id := range []string{"n1", "n2", "n3"} {
+		e.put(t, prefix+"a/"+id, node(id, "10.0.0.1"))
+	}
+	p := startSidecar(t, etcdSidecarArgs(e.client, "--registry_max_nodes=3")...)
+	waitFor(t, 10*time.Second, "the 3 nodes", func() bool { s := lookup(t, p, "a"); return s != nil && len(s.Nodes) == 3 })
+	put := func(key, value string) map[string]any {
+		return map[string]any{"requestPut": map[string]string{"key": b64(key), "value": b64(value)}}
+	}
+	txn := map[string]any{"success": []any{put(prefix+"a/n1", node("n1", "10.9.9.9")), put(prefix+"a/n4", node("n4", "10.0.0.1")), put(prefix+"a/n5", node("n5", "10.0.0.1"))}}
+	if err := e.gw("/v3/kv/txn", txn, nil); err != nil {
+		t.Fatal(err)
+	}
+	addressOf := func(id string) string {
+		for _, n := range lookup(t, p, "a").Nodes {
+			if n.ID == id {
+				return n.Address
+			}
+		}
+		return ""
+	}
+	waitFor(t, 10*time.Second, "n1 to move in a full table", func() bool { return addressOf("n1") == "10.9.9.9" })
+	if err := e.gw("/v3/kv/deleterange", map[string]string{"key": b64(prefix + "a/n2")}, nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.gw("/v3/kv/deleterange", map[string]string{"key": b64(prefix + "a/n3")}, nil); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 10*time.Second, "n4 and n5, left out, to be served once n2 and n3 left", func() bool {
+		return addressOf("n4") != "" && addressOf("n5") != "" && addressOf("n2") == "" && addressOf("n3") == ""
+	})
+	if n := strings.Count(p.log.String(), "more nodes than --registry_max_nodes"); n != 1 {
+		t.Errorf("the limit logged %d times; want once:\n%s", n, p.log.String())
+	}
+}
+
 func TestEtcdBadDataSkipped(t *testing.T) {
 	e := startEtcd(t)
 	const prefix = "/micro/registry/"

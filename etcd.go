@@ -111,6 +111,7 @@ type etcdBackend struct {
 	keeps       func(node string) bool // whether the registry keeps a node alive (refreshes it); nil: all
 	removed     func()                 // told when others' changes removed nodes (registry.restoreLost); nil: nobody
 	unrevoked   map[int64]bool         // leases of deleted nodes etcd did not revoke when asked; revoked when it answers again
+	leftOut     bool                   // nodes were left out at the table's limit since the last full read
 
 	synced chan struct{} // closed after the first full read
 	stop   context.CancelFunc
@@ -726,14 +727,22 @@ func (b *etcdBackend) resync(ctx context.Context) (int64, error) {
 		}
 		recs = append(recs, r)
 	}
+	leftOut := false
 	if limit := b.t.maxNodes; limit > 0 && len(recs) > limit {
 		sort.Slice(recs, func(i, j int) bool { return recs[i].key() < recs[j].key() })
-		b.log.Error("etcd registry holds more nodes than --registry_max_nodes; serving the first ones by name", "nodes", len(recs), "limit", limit)
+		b.mu.Lock()
+		logIt := !b.leftOut
+		b.mu.Unlock()
+		if logIt {
+			b.log.Error("etcd registry holds more nodes than --registry_max_nodes; serving the first ones by name", "nodes", len(recs), "limit", limit)
+		}
 		recs = recs[:limit]
+		leftOut = true
 	}
 	b.t.replace(recs, time.Now())
 	b.mu.Lock()
 	b.clusterID = cid
+	b.leftOut = leftOut
 	for key := range b.bad {
 		if _, ok := present[key]; !ok {
 			delete(b.bad, key)
@@ -891,7 +900,9 @@ func (b *etcdBackend) watchOn(ctx context.Context, i int, body []byte, header ht
 			b.c.eps.use(i)
 			b.watchUp()
 		case len(res.Events) > 0:
-			b.apply(watchChanges(b.prefix, res.Events))
+			if b.apply(watchChanges(b.prefix, res.Events)) {
+				return established, errResync
+			}
 			*rev = max(*rev, watchDoneRev(res))
 		default: // progress notification: nothing of ours changed up to here
 			*rev = max(*rev, int64(res.Header.Revision))
@@ -950,13 +961,25 @@ func watchDoneRev(res *etcdWatchResult) int64 {
 }
 
 // apply installs a batch of watch changes in the table.
-func (b *etcdBackend) apply(ch etcdChange) {
+func (b *etcdBackend) apply(ch etcdChange) (readAfresh bool) {
 	if len(ch.removes) > 0 {
 		b.t.remove(ch.removes...)
 	}
+	b.mu.Lock()
+	// Nodes left out at the table's limit are read again, afresh, once a
+	// removal makes room: no later event brings them (a kept-alive key
+	// is never written again).
+	readAfresh = b.leftOut && len(ch.removes) > 0
+	b.mu.Unlock()
 	if len(ch.upserts) > 0 {
-		if err := b.t.upsert(ch.upserts...); err != nil {
-			b.log.Error("etcd registry: nodes skipped", "error", err)
+		if left := b.t.upsertFitting(ch.upserts); left > 0 {
+			b.mu.Lock()
+			logIt := !b.leftOut
+			b.leftOut = true
+			b.mu.Unlock()
+			if logIt {
+				b.log.Error("etcd registry holds more nodes than --registry_max_nodes; new ones are left out until others leave", "left_out", left, "limit", b.t.maxNodes)
+			}
 		}
 	}
 	b.mu.Lock()
@@ -994,6 +1017,7 @@ func (b *etcdBackend) apply(ch etcdChange) {
 		b.log.Warn("etcd registry: a node this sidecar keeps alive was rewritten by another writer; it is put back at the next refresh. If another sidecar keeps the same node id, the two overwrite each other at every refresh: give each its own id", "key", key)
 	}
 	b.noteBad(ch.bad)
+	return readAfresh
 }
 
 // setKeeps tells the backend which nodes the registry keeps alive, and

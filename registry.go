@@ -547,6 +547,36 @@ func (t *table) roomLocked(recs []record) ([]Event, error) {
 	return evs, nil
 }
 
+// upsertFitting adds or refreshes what of recs fits under the table's
+// limit, for a backend whose changes cannot be refused (a watch's): every
+// record the table holds already, and new ones while there is room. It
+// returns how many it left out.
+func (t *table) upsertFitting(recs []record) (left int) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	evs, err := t.roomLocked(recs) // sweeps what expired, if that makes room
+	if err == nil {
+		t.notifyLocked(append(evs, t.putLocked(recs)...))
+		return 0
+	}
+	room := t.maxNodes - t.count
+	fit := make([]record, 0, len(recs))
+	for _, r := range recs {
+		_, held := t.services[r.Service][r.key()]
+		switch {
+		case held:
+			fit = append(fit, r)
+		case room > 0:
+			room--
+			fit = append(fit, r)
+		default:
+			left++
+		}
+	}
+	t.notifyLocked(append(evs, t.putLocked(fit)...))
+	return left
+}
+
 // newKeysLocked counts the records of recs the table does not hold.
 func (t *table) newKeysLocked(recs []record) int {
 	n := 0
