@@ -831,6 +831,40 @@ func TestEtcdAuth(t *testing.T) {
 	}
 }
 
+// TestEtcdAuthTurnedOnUnderARunningSidecar: a sidecar without credentials
+// whose watch predates etcd's authentication notices it at its first
+// refused call: its /health turns 503 and its log says access is refused
+// (a watch etcd admitted before runs on, and keepalives need no user).
+func TestEtcdAuthTurnedOnUnderARunningSidecar(t *testing.T) {
+	e := startEtcd(t)
+	p := startSidecar(t, etcdSidecarArgs(e.client)...)
+	waitSidecarHealthy(t, p, 10*time.Second)
+	for _, step := range []struct {
+		path string
+		req  any
+	}{
+		{"/v3/auth/user/add", map[string]string{"name": "root", "password": "rootpw"}},
+		{"/v3/auth/role/add", map[string]string{"name": "root"}},
+		{"/v3/auth/user/grant", map[string]string{"user": "root", "role": "root"}},
+		{"/v3/auth/enable", map[string]string{}},
+	} {
+		if err := e.gw(step.path, step.req, nil); err != nil {
+			t.Fatalf("setting up auth: %v", err)
+		}
+	}
+	code, body := do(t, "POST", p.url("/registry"), "application/json", `{"name":"late","nodes":[{"id":"late-1","address":"127.0.0.1","port":7100}]}`)
+	if code != 503 {
+		t.Fatalf("registering with auth on and no user: %d %s; want 503", code, body)
+	}
+	waitFor(t, 10*time.Second, "/health to say etcd refuses access", func() bool {
+		c, msg := healthOf(t, p)
+		return c == 503 && strings.Contains(msg, "user name")
+	})
+	waitFor(t, 5*time.Second, "the log to say etcd refuses access", func() bool {
+		return strings.Contains(p.log.String(), "refuses this sidecar access")
+	})
+}
+
 // TestEtcdFigures measures what the README reports. It runs only with
 // MICRO_ETCD_FIGURES=1 (it takes MICRO_ETCD_IDLE, default 60s, to count an
 // idle sidecar's requests).

@@ -97,21 +97,23 @@ type etcdBackend struct {
 	// bookkeeping of a key is never raced by two registrations of it.
 	opMu sync.Mutex
 
-	mu          sync.Mutex             // guards the fields below
-	regs        map[string]etcdReg     // by etcd key; bounded by the table's node limit
-	watchErr    error                  // why the watch is not running; nil when it is
-	reqErr      error                  // the last call's failure to reach etcd; nil after a success
-	down        bool                   // logged as unreachable; cleared when synchronised again
-	clusterID   string                 // of the cluster last synchronised with
-	watchEP     int                    // endpoint the watch runs on, -1: none
-	watchCancel context.CancelFunc     // stops the current watch stream
-	bad         map[string]string      // bad keys already logged, with the reason
-	badMore     bool                   // more than maxBadKeys: logged once
-	contested   logLimiter             // kept keys seen rewritten by another writer: each logged at most every 10 minutes
-	keeps       func(node string) bool // whether the registry keeps a node alive (refreshes it); nil: all
-	removed     func()                 // told when others' changes removed nodes (registry.restoreLost); nil: nobody
-	unrevoked   map[int64]bool         // leases of deleted nodes etcd did not revoke when asked; revoked when it answers again
-	leftOut     bool                   // nodes were left out at the table's limit since the last full read
+	mu             sync.Mutex             // guards the fields below
+	regs           map[string]etcdReg     // by etcd key; bounded by the table's node limit
+	watchErr       error                  // why the watch is not running; nil when it is
+	reqErr         error                  // the last call's failure to reach etcd; nil after a success
+	down           bool                   // logged as not synchronised; cleared when synchronised again
+	downReason     string                 // the kind of failure logged last (watchDownReason), while down
+	refusalRestart time.Time              // when a refused call last made the watch start again
+	clusterID      string                 // of the cluster last synchronised with
+	watchEP        int                    // endpoint the watch runs on, -1: none
+	watchCancel    context.CancelFunc     // stops the current watch stream
+	bad            map[string]string      // bad keys already logged, with the reason
+	badMore        bool                   // more than maxBadKeys: logged once
+	contested      logLimiter             // kept keys seen rewritten by another writer: each logged at most every 10 minutes
+	keeps          func(node string) bool // whether the registry keeps a node alive (refreshes it); nil: all
+	removed        func()                 // told when others' changes removed nodes (registry.restoreLost); nil: nobody
+	unrevoked      map[int64]bool         // leases of deleted nodes etcd did not revoke when asked; revoked when it answers again
+	leftOut        bool                   // nodes were left out at the table's limit since the last full read
 
 	synced chan struct{} // closed after the first full read
 	stop   context.CancelFunc
@@ -545,6 +547,18 @@ func (b *etcdBackend) noteReq(err error) error {
 		b.reqErr = nil
 	case errors.Is(err, errEtcdUnavailable):
 		b.reqErr = err
+	case isAccessRefusal(err) || errors.Is(err, errEtcdCredentials):
+		// etcd turned authentication on, or this sidecar's user lost
+		// its role or password: a watch made before runs on (etcd checks
+		// it at its start), keepalives need no user, and nothing would
+		// say so. The watch is made again; the fresh read before it
+		// fails the same way, and says so in the log and /health. At
+		// most every 10 s: a user that may read but not write would have
+		// every refused registration read the whole registry.
+		if b.watchCancel != nil && time.Since(b.refusalRestart) >= 10*time.Second {
+			b.refusalRestart = time.Now()
+			b.watchCancel()
+		}
 	}
 	return err
 }
@@ -641,10 +655,13 @@ func (b *etcdBackend) watchDown(ctx context.Context, err error) {
 	if ctx.Err() != nil || err == nil {
 		return
 	}
+	reason := watchDownReason(err)
 	b.mu.Lock()
 	b.watchErr = err
-	logIt := !b.down
-	b.down = true
+	// Said again when the reason changes (unreachable while etcd
+	// restarted, then refused: the log must not keep saying the first).
+	logIt := !b.down || reason != b.downReason
+	b.down, b.downReason = true, reason
 	b.mu.Unlock()
 	switch {
 	case !logIt:
@@ -657,6 +674,19 @@ func (b *etcdBackend) watchDown(ctx context.Context, err error) {
 	default:
 		b.log.Error("etcd registry unreachable; serving the last known registry and retrying", "error", err)
 	}
+}
+
+// watchDownReason is the kind of failure watchDown logs err as.
+func watchDownReason(err error) string {
+	switch {
+	case errors.Is(err, errEtcdCredentials):
+		return "credentials"
+	case isAccessRefusal(err):
+		return "access"
+	case tlsFixOf(err) != "":
+		return "tls"
+	}
+	return "unreachable"
 }
 
 // watchUp records that the table is synchronised again. etcd has just

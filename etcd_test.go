@@ -790,3 +790,21 @@ func TestFailedDeleteOfAnothersNodeKeepsIt(t *testing.T) {
 		t.Error("our own node stayed in the table while its lease runs out")
 	}
 }
+
+// TestWatchDownLogsANewReason: a registry that stays out of sync logs
+// again when the reason changes (unreachable while etcd restarts, then
+// refused access), and not again for the same reason.
+func TestWatchDownLogsANewReason(t *testing.T) {
+	var log syncBuffer
+	b := &etcdBackend{log: slog.New(slog.NewTextHandler(&log, nil))}
+	ctx := context.Background()
+	unreachable := fmt.Errorf("etcd range: %w", errEtcdUnavailable)
+	refused := &etcdError{Code: grpcInvalidArgument, HTTP: 400, Message: "etcdserver: user name is empty"}
+	for _, err := range []error{unreachable, unreachable, refused, refused} {
+		b.watchDown(ctx, err)
+	}
+	got := log.String()
+	if strings.Count(got, "unreachable") != 1 || strings.Count(got, "refuses this sidecar access") != 1 {
+		t.Errorf("log: %s; want one line for each reason", got)
+	}
+}
