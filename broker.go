@@ -653,6 +653,25 @@ func (b *broker) run(ctx context.Context) {
 	defer tick.Stop()
 	registered := map[regKey]bool{}
 	failed := false
+	// A failed registration is tried again after a second, then after
+	// twice as long each time, up to the ping interval: a subscriber
+	// made while the registry was down is deaf to its peers until then.
+	var retry <-chan time.Time
+	backoff := time.Second
+	reconcile := func() {
+		ok := b.reconcile(registered, failed)
+		switch {
+		case ok && failed:
+			b.log.Info("topic entries registered after the registry refused them")
+		case !ok && retry == nil:
+			retry = time.After(backoff)
+			backoff = min(2*backoff, b.cfg.PingInterval)
+		}
+		if ok {
+			retry, backoff = nil, time.Second
+		}
+		failed = !ok
+	}
 	for {
 		select {
 		case <-ctx.Done():
@@ -660,10 +679,13 @@ func (b *broker) run(ctx context.Context) {
 		case <-tick.C:
 			b.keepalive()
 			if failed {
-				failed = !b.reconcile(registered)
+				reconcile()
 			}
+		case <-retry:
+			retry = nil
+			reconcile()
 		case <-b.changed:
-			failed = !b.reconcile(registered)
+			reconcile()
 		case <-b.shed:
 			b.shedMemory()
 		}
@@ -724,8 +746,9 @@ func (b *broker) registration(k regKey) (Service, error) {
 
 // reconcile registers the topics and groups that gained local subscribers
 // and deregisters those that lost their last, and reports whether all went
-// well. registered is owned by the caller (run's goroutine).
-func (b *broker) reconcile(registered map[regKey]bool) bool {
+// well. registered is owned by the caller (run's goroutine). A retry
+// (retrying) logs no failure: the first said it.
+func (b *broker) reconcile(registered map[regKey]bool, retrying bool) bool {
 	want := map[regKey]bool{}
 	b.mu.RLock()
 	for name, t := range b.topics {
@@ -749,7 +772,9 @@ func (b *broker) reconcile(registered map[regKey]bool) bool {
 		if err != nil {
 			ok = false
 			b.stats.RegistryFailure.Add(1)
-			b.log.Warn("registering a topic failed; peers will not forward it here until a retry succeeds", "topic", k.topic, "queue", k.queue, "error", err)
+			if !retrying {
+				b.log.Warn("registering a topic failed; peers will not forward it here until a retry succeeds", "topic", k.topic, "queue", k.queue, "error", err)
+			}
 			continue
 		}
 		registered[k] = true
@@ -765,7 +790,9 @@ func (b *broker) reconcile(registered map[regKey]bool) bool {
 		if err != nil {
 			ok = false
 			b.stats.RegistryFailure.Add(1)
-			b.log.Warn("deregistering a topic failed; retrying", "topic", k.topic, "queue", k.queue, "error", err)
+			if !retrying {
+				b.log.Warn("deregistering a topic failed; retrying", "topic", k.topic, "queue", k.queue, "error", err)
+			}
 			continue
 		}
 		delete(registered, k)

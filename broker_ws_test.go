@@ -334,6 +334,26 @@ func TestBrokerRegistryFailuresAreCounted(t *testing.T) {
 	}
 }
 
+// TestBrokerRetriesARefusedTopicSoon: a topic entry the registry refused
+// (down, or shutting down) is tried again within seconds, not at the next
+// ping round (20 s), so that a subscriber made during an outage is not deaf
+// to its peers that long after it.
+func TestBrokerRetriesARefusedTopicSoon(t *testing.T) {
+	s, addr := brokerSidecar(t, brokerConfig{PingInterval: time.Minute})
+	s.reg.mu.Lock()
+	s.reg.closed = true // refuses what the sidecar keeps, as a registry that is down does
+	s.reg.mu.Unlock()
+	dialRaw(t, addr, "/broker?topic=orders")
+	waitFor(t, 5*time.Second, "the refused registration to be counted", func() bool { return s.broker.report().RegistryFailure > 0 })
+	s.reg.mu.Lock()
+	s.reg.closed = false // the registry is back
+	s.reg.mu.Unlock()
+	waitFor(t, 10*time.Second, "the topic to be registered", func() bool {
+		svcs, err := s.reg.GetService("topic:orders")
+		return err == nil && len(svcs) > 0
+	})
+}
+
 // TestOwnRegistrationsPassTheClientsCap: clients that fill the 4,096
 // registrations a sidecar keeps alive for them do not cut a subscription
 // off from the other sidecars: its topic is registered still.
