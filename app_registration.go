@@ -22,14 +22,15 @@ type appRegistration struct {
 	retryMin time.Duration
 	retryMax time.Duration
 
-	writeMu sync.Mutex // held across a write, so that up, down and retries stay in order
-	mu      sync.Mutex // guards want, pending and verdict; never held across a write, which /health would wait on
-	want    bool       // the app belongs in the registry
-	pending error      // the last write's refusal, while a retry is due
-	verdict *bool      // the health checks' latest verdict, until run applies it
-	writing atomic.Bool
-	kick    chan struct{} // a refused write: start the retry backoff
-	checked chan struct{} // a verdict waits
+	writeMu   sync.Mutex // held across a write, so that up, down and retries stay in order
+	mu        sync.Mutex // guards want, pending and verdict; never held across a write, which /health would wait on
+	want      bool       // the app belongs in the registry
+	pending   error      // the last write's refusal, while a retry is due
+	refusedOp string     // what pending refused ("registering", "deregistering"), as logged
+	verdict   *bool      // the health checks' latest verdict, until run applies it
+	writing   atomic.Bool
+	kick      chan struct{} // a refused write: start the retry backoff
+	checked   chan struct{} // a verdict waits
 }
 
 func newAppRegistration(reg *registry, app Service, id string, log *slog.Logger, retryMax time.Duration) *appRegistration {
@@ -120,13 +121,15 @@ func (a *appRegistration) write() {
 // loop's backoff on a refusal.
 func (a *appRegistration) settle(err error, done, doing string) {
 	a.mu.Lock()
-	was := a.pending
-	a.pending = err
+	was, wasOp := a.pending, a.refusedOp
+	a.pending, a.refusedOp = err, doing
 	a.mu.Unlock()
 	switch {
 	case err == nil && was != nil:
 		a.log.Info(done+" "+a.id+" after the registry refused it", "service", a.app.Name)
-	case err != nil && was == nil:
+	case err != nil && (was == nil || wasOp != doing):
+		// Said again for the other write: the app came back while its
+		// removal was refused, and its registration is retried now.
 		a.log.Error(doing+" the app failed; retrying until it succeeds", "error", err)
 	}
 	if err != nil {

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"io"
 	"log/slog"
 	"net/http"
@@ -245,5 +246,26 @@ func TestChecksRunEveryIntervalFromTheirStart(t *testing.T) {
 		if got := waitLeft(tc.wait, tc.took); got != tc.want {
 			t.Errorf("waitLeft(%v, %v) = %v; want %v", tc.wait, tc.took, got, tc.want)
 		}
+	}
+}
+
+// TestAppRegistrationLogsTheOtherRefusedWrite: a refusal is logged once
+// for each write in turn: the app's removal refused, then, the app back,
+// its registration refused too, is two lines, and not more for retries.
+func TestAppRegistrationLogsTheOtherRefusedWrite(t *testing.T) {
+	var log syncBuffer
+	a := newAppRegistration(nil, Service{Name: "foo"}, "foo-1", slog.New(slog.NewTextHandler(&log, nil)), time.Second)
+	refused := errors.New("etcd lease grant: no etcd endpoint answered")
+	a.settle(refused, "deregistered", "deregistering")
+	a.settle(refused, "deregistered", "deregistering")
+	a.settle(refused, "registered", "registering")
+	a.settle(refused, "registered", "registering")
+	got := log.String()
+	if strings.Count(got, "deregistering the app failed") != 1 || strings.Count(got, "msg=\"registering the app failed") != 1 {
+		t.Errorf("log: %s; want one line for each refused write", got)
+	}
+	a.settle(nil, "registered", "registering")
+	if !strings.Contains(log.String(), "registered foo-1 after the registry refused it") {
+		t.Errorf("log: %s; want the late registration said", log.String())
 	}
 }
