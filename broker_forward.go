@@ -1221,7 +1221,7 @@ func (f *forwarder) sayUnloggedAfter(key string, d time.Duration) {
 			return
 		}
 		if addr, ok := strings.CutPrefix(key, droppedPrefix); ok {
-			f.b.log.Warn("more messages for a peer sidecar were dropped before they were sent since the last line for it (its queue was full)", "peer", addr, "messages", lost)
+			f.b.log.Warn("more messages for a peer sidecar were dropped before they were sent since the last line for it", "peer", addr, "messages", lost)
 			return
 		}
 		f.b.log.Warn("forwarding to a peer sidecar failed again; messages lost since the last line for it (delivery is at most once)", "peer", key, "messages", lost)

@@ -557,6 +557,31 @@ func TestEtcdAtTheNodeLimit(t *testing.T) {
 	if n := strings.Count(p.log.String(), "more nodes than --registry_max_nodes"); n != 1 {
 		t.Errorf("the limit logged %d times; want once:\n%s", n, p.log.String())
 	}
+	if strings.Contains(p.log.String(), "reading the registry afresh") {
+		t.Error("nodes left out were taken by reading the whole registry again; want them kept")
+	}
+}
+
+// TestEtcdAtTheNodeLimitKeepsItsOwn: a fresh read of a registry over
+// --registry_max_nodes serves this sidecar's own nodes first: left out,
+// the app's refresh would be refused as the registry full, and its entry
+// would lapse for every sidecar.
+func TestEtcdAtTheNodeLimitKeepsItsOwn(t *testing.T) {
+	e := startEtcd(t)
+	p := startSidecar(t, etcdSidecarArgs(e.client, "--registry_max_nodes=2", "--server_name=zz", "--server_address=127.0.0.1:9000")...)
+	id := appID(t, p)
+	waitFor(t, 10*time.Second, "the app registered", func() bool { return hasNode(lookup(t, p, "zz"), id) })
+	for _, n := range []string{"a1", "a2"} {
+		e.put(t, "/micro/registry/a/"+n, `{"name":"a","nodes":[{"id":"`+n+`","address":"10.0.0.1","port":80}]}`)
+	}
+	waitFor(t, 10*time.Second, "the table full", func() bool { return lookup(t, p, "a") != nil })
+	e.stop(syscall.SIGTERM) // the watch breaks; the registry is read afresh once etcd is back
+	e.start("existing")
+	e.waitHealthy()
+	waitFor(t, 15*time.Second, "the fresh read", func() bool { return strings.Contains(p.log.String(), "reachable again") })
+	if !hasNode(lookup(t, p, "zz"), id) {
+		t.Errorf("the app's node was left out of a fresh read at the limit; want it served first")
+	}
 }
 
 func TestEtcdBadDataSkipped(t *testing.T) {

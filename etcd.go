@@ -113,7 +113,7 @@ type etcdBackend struct {
 	keeps          func(node string) bool // whether the registry keeps a node alive (refreshes it); nil: all
 	removed        func()                 // told when others' changes removed nodes (registry.restoreLost); nil: nobody
 	unrevoked      map[int64]bool         // leases of deleted nodes etcd did not revoke when asked; revoked when it answers again
-	leftOut        bool                   // nodes were left out at the table's limit since the last full read
+	leftOut        map[string]record      // by record key: nodes left out at the table's limit, taken as room frees up; at most its limit
 
 	synced chan struct{} // closed after the first full read
 	stop   context.CancelFunc
@@ -140,6 +140,7 @@ func newEtcdBackend(ctx context.Context, cfg etcdConfig, t *table, log *slog.Log
 		log:       log,
 		regs:      map[string]etcdReg{},
 		unrevoked: map[int64]bool{},
+		leftOut:   map[string]record{},
 		watchEP:   -1,
 		bad:       map[string]string{},
 		contested: logLimiter{every: 10 * time.Minute},
@@ -547,14 +548,14 @@ func (b *etcdBackend) noteReq(err error) error {
 		b.reqErr = nil
 	case errors.Is(err, errEtcdUnavailable):
 		b.reqErr = err
-	case isAccessRefusal(err) || errors.Is(err, errEtcdCredentials):
-		// etcd turned authentication on, or this sidecar's user lost
-		// its role or password: a watch made before runs on (etcd checks
-		// it at its start), keepalives need no user, and nothing would
-		// say so. The watch is made again; the fresh read before it
-		// fails the same way, and says so in the log and /health. At
-		// most every 10 s: a user that may read but not write would have
-		// every refused registration read the whole registry.
+	case isUserMissing(err) || errors.Is(err, errEtcdCredentials):
+		// etcd turned authentication on, or refuses this sidecar's
+		// password now: a watch made before runs on (etcd checks it at
+		// its start), keepalives need no user, and nothing would say so.
+		// The watch is made again; the fresh read before it fails the
+		// same way, and says so in the log and /health. (A user that may
+		// read but not write is refused writes alone: its reads go on.)
+		// At most every 10 s.
 		if b.watchCancel != nil && time.Since(b.refusalRestart) >= 10*time.Second {
 			b.refusalRestart = time.Now()
 			b.watchCancel()
@@ -757,17 +758,28 @@ func (b *etcdBackend) resync(ctx context.Context) (int64, error) {
 		}
 		recs = append(recs, r)
 	}
-	leftOut := false
+	leftOut := map[string]record{}
 	if limit := b.t.maxNodes; limit > 0 && len(recs) > limit {
-		sort.Slice(recs, func(i, j int) bool { return recs[i].key() < recs[j].key() })
+		// This sidecar's own first (were one left out, its refresh would
+		// be refused as the registry full, and it would lapse for all),
+		// then the first by name.
 		b.mu.Lock()
-		logIt := !b.leftOut
+		own := func(r record) bool { _, ok := b.regs[etcdKey(b.prefix, r)]; return ok }
+		sort.Slice(recs, func(i, j int) bool {
+			if oi, oj := own(recs[i]), own(recs[j]); oi != oj {
+				return oi
+			}
+			return recs[i].key() < recs[j].key()
+		})
+		logIt := len(b.leftOut) == 0
 		b.mu.Unlock()
 		if logIt {
-			b.log.Error("etcd registry holds more nodes than --registry_max_nodes; serving the first ones by name", "nodes", len(recs), "limit", limit)
+			b.log.Error("etcd registry holds more nodes than --registry_max_nodes; serving this sidecar's own and the first others by name", "nodes", len(recs), "limit", limit)
+		}
+		for _, r := range recs[limit:min(len(recs), 2*limit)] {
+			leftOut[r.key()] = r
 		}
 		recs = recs[:limit]
-		leftOut = true
 	}
 	b.t.replace(recs, time.Now())
 	b.mu.Lock()
@@ -930,9 +942,7 @@ func (b *etcdBackend) watchOn(ctx context.Context, i int, body []byte, header ht
 			b.c.eps.use(i)
 			b.watchUp()
 		case len(res.Events) > 0:
-			if b.apply(watchChanges(b.prefix, res.Events)) {
-				return established, errResync
-			}
+			b.apply(watchChanges(b.prefix, res.Events))
 			*rev = max(*rev, watchDoneRev(res))
 		default: // progress notification: nothing of ours changed up to here
 			*rev = max(*rev, int64(res.Header.Revision))
@@ -991,26 +1001,12 @@ func watchDoneRev(res *etcdWatchResult) int64 {
 }
 
 // apply installs a batch of watch changes in the table.
-func (b *etcdBackend) apply(ch etcdChange) (readAfresh bool) {
+func (b *etcdBackend) apply(ch etcdChange) {
 	if len(ch.removes) > 0 {
 		b.t.remove(ch.removes...)
 	}
-	b.mu.Lock()
-	// Nodes left out at the table's limit are read again, afresh, once a
-	// removal makes room: no later event brings them (a kept-alive key
-	// is never written again).
-	readAfresh = b.leftOut && len(ch.removes) > 0
-	b.mu.Unlock()
-	if len(ch.upserts) > 0 {
-		if left := b.t.upsertFitting(ch.upserts); left > 0 {
-			b.mu.Lock()
-			logIt := !b.leftOut
-			b.leftOut = true
-			b.mu.Unlock()
-			if logIt {
-				b.log.Error("etcd registry holds more nodes than --registry_max_nodes; new ones are left out until others leave", "left_out", left, "limit", b.t.maxNodes)
-			}
-		}
+	if recs := b.withLeftOut(ch); len(recs) > 0 {
+		b.keepLeftOut(recs, b.t.upsertFitting(recs))
 	}
 	b.mu.Lock()
 	for _, k := range ch.good {
@@ -1047,7 +1043,51 @@ func (b *etcdBackend) apply(ch etcdChange) (readAfresh bool) {
 		b.log.Warn("etcd registry: a node this sidecar keeps alive was rewritten by another writer; it is put back at the next refresh. If another sidecar keeps the same node id, the two overwrite each other at every refresh: give each its own id", "key", key)
 	}
 	b.noteBad(ch.bad)
-	return readAfresh
+}
+
+// withLeftOut is what ch puts, and, when it removes nodes, the nodes left
+// out at the table's limit, by name, to take as far as there is room now:
+// no later event brings them (a kept-alive key is not written again).
+func (b *etcdBackend) withLeftOut(ch etcdChange) []record {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	for _, r := range ch.removes {
+		delete(b.leftOut, r.key())
+	}
+	if len(ch.removes) == 0 || len(b.leftOut) == 0 {
+		return ch.upserts
+	}
+	recs := slices.Clone(ch.upserts)
+	put := map[string]bool{}
+	for _, r := range ch.upserts {
+		put[r.key()] = true
+	}
+	for _, k := range slices.Sorted(maps.Keys(b.leftOut)) {
+		if !put[k] { // a newer write of it is in ch
+			recs = append(recs, b.leftOut[k])
+		}
+	}
+	return recs
+}
+
+// keepLeftOut records which of recs the table left out (left), and logs
+// when nodes first are.
+func (b *etcdBackend) keepLeftOut(recs, left []record) {
+	b.mu.Lock()
+	had := len(b.leftOut)
+	for _, r := range recs {
+		delete(b.leftOut, r.key())
+	}
+	for _, r := range left {
+		if len(b.leftOut) < b.t.maxNodes {
+			b.leftOut[r.key()] = r
+		}
+	}
+	logIt := had == 0 && len(b.leftOut) > 0
+	b.mu.Unlock()
+	if logIt {
+		b.log.Error("etcd registry holds more nodes than --registry_max_nodes; the others are left out until some leave", "left_out", len(left), "limit", b.t.maxNodes)
+	}
 }
 
 // setKeeps tells the backend which nodes the registry keeps alive, and

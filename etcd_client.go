@@ -162,7 +162,14 @@ func isAuthError(err error) bool {
 // wrong.
 func isAccessRefusal(err error) bool {
 	var ee *etcdError
-	return errors.As(err, &ee) && (ee.Code == grpcPermissionDenied || ee.Code == grpcInvalidArgument && strings.Contains(ee.Message, "user name"))
+	return errors.As(err, &ee) && ee.Code == grpcPermissionDenied || isUserMissing(err)
+}
+
+// isUserMissing reports whether etcd answered that it wants a user, which
+// this sidecar did not give: authentication is on.
+func isUserMissing(err error) bool {
+	var ee *etcdError
+	return errors.As(err, &ee) && ee.Code == grpcInvalidArgument && strings.Contains(ee.Message, "user name")
 }
 
 // tlsFixOf says which flags to check when err is a failed TLS handshake

@@ -549,15 +549,15 @@ func (t *table) roomLocked(recs []record) ([]Event, error) {
 
 // upsertFitting adds or refreshes what of recs fits under the table's
 // limit, for a backend whose changes cannot be refused (a watch's): every
-// record the table holds already, and new ones while there is room. It
-// returns how many it left out.
-func (t *table) upsertFitting(recs []record) (left int) {
+// record the table holds already, and new ones, in order, while there is
+// room. It returns those it left out.
+func (t *table) upsertFitting(recs []record) (left []record) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	evs, err := t.roomLocked(recs) // sweeps what expired, if that makes room
 	if err == nil {
 		t.notifyLocked(append(evs, t.putLocked(recs)...))
-		return 0
+		return nil
 	}
 	room := t.maxNodes - t.count
 	fit := make([]record, 0, len(recs))
@@ -570,7 +570,7 @@ func (t *table) upsertFitting(recs []record) (left int) {
 			room--
 			fit = append(fit, r)
 		default:
-			left++
+			left = append(left, r)
 		}
 	}
 	t.notifyLocked(append(evs, t.putLocked(fit)...))
