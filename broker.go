@@ -652,6 +652,7 @@ func (b *broker) run(ctx context.Context) {
 	tick := time.NewTicker(b.cfg.PingInterval)
 	defer tick.Stop()
 	registered := map[regKey]bool{}
+	refused := map[regKey]bool{} // whose refusal was logged, until it goes through
 	failed := false
 	// A failed registration is tried again after a second, then after
 	// twice as long each time, up to the ping interval: a subscriber
@@ -659,16 +660,13 @@ func (b *broker) run(ctx context.Context) {
 	var retry <-chan time.Time
 	backoff := time.Second
 	reconcile := func() {
-		ok := b.reconcile(registered, failed)
+		ok := b.reconcile(registered, refused)
 		switch {
-		case ok && failed:
-			b.log.Info("topic entries registered after the registry refused them")
-		case !ok && retry == nil:
+		case ok:
+			retry, backoff = nil, time.Second
+		case retry == nil:
 			retry = time.After(backoff)
 			backoff = min(2*backoff, b.cfg.PingInterval)
-		}
-		if ok {
-			retry, backoff = nil, time.Second
 		}
 		failed = !ok
 	}
@@ -746,9 +744,9 @@ func (b *broker) registration(k regKey) (Service, error) {
 
 // reconcile registers the topics and groups that gained local subscribers
 // and deregisters those that lost their last, and reports whether all went
-// well. registered is owned by the caller (run's goroutine). A retry
-// (retrying) logs no failure: the first said it.
-func (b *broker) reconcile(registered map[regKey]bool, retrying bool) bool {
+// well. registered and refused are owned by the caller (run's goroutine):
+// a refusal is logged once for each entry, and its late success too.
+func (b *broker) reconcile(registered, refused map[regKey]bool) bool {
 	want := map[regKey]bool{}
 	b.mu.RLock()
 	for name, t := range b.topics {
@@ -772,12 +770,17 @@ func (b *broker) reconcile(registered map[regKey]bool, retrying bool) bool {
 		if err != nil {
 			ok = false
 			b.stats.RegistryFailure.Add(1)
-			if !retrying {
+			if !refused[k] {
+				refused[k] = true
 				b.log.Warn("registering a topic failed; peers will not forward it here until a retry succeeds", "topic", k.topic, "queue", k.queue, "error", err)
 			}
 			continue
 		}
 		registered[k] = true
+		if refused[k] {
+			delete(refused, k)
+			b.log.Info("registered a topic after the registry refused it", "topic", k.topic, "queue", k.queue)
+		}
 	}
 	for k := range registered {
 		if want[k] {
@@ -790,12 +793,19 @@ func (b *broker) reconcile(registered map[regKey]bool, retrying bool) bool {
 		if err != nil {
 			ok = false
 			b.stats.RegistryFailure.Add(1)
-			if !retrying {
+			if !refused[k] {
+				refused[k] = true
 				b.log.Warn("deregistering a topic failed; retrying", "topic", k.topic, "queue", k.queue, "error", err)
 			}
 			continue
 		}
 		delete(registered, k)
+		delete(refused, k)
+	}
+	for k := range refused {
+		if !want[k] && !registered[k] { // its subscribers left before it went through
+			delete(refused, k)
+		}
 	}
 	return ok
 }
