@@ -1526,15 +1526,7 @@ func TestForwardLossesToAGonePeerAreLogged(t *testing.T) {
 	}
 	// However the three fell in the quiet time (one line for the first
 	// and one for the rest, unless the machine stalled), all 13 are said.
-	said := func() int {
-		n := 0
-		for _, m := range regexp.MustCompile(`messages=(\d+)`).FindAllStringSubmatch(log.String(), -1) {
-			v, _ := strconv.Atoi(m[1])
-			n += v
-		}
-		return n
-	}
-	waitFor(t, 5*time.Second, "all 13 lost to be said", func() bool { return said() == 13 })
+	waitFor(t, 5*time.Second, "all 13 lost to be said", func() bool { return messagesSaid(log.String()) == 13 })
 }
 
 // TestRefusedForwardsKeepTheConnection: a peer's refusal (a stale entry's
@@ -1717,15 +1709,7 @@ func TestForwardRefusalsAreAllLogged(t *testing.T) {
 	for range 5 {
 		f.logRefused(peer, 1, "too large")
 	}
-	said := func() int {
-		n := 0
-		for _, m := range regexp.MustCompile(`messages=(\d+)`).FindAllStringSubmatch(log.String(), -1) {
-			v, _ := strconv.Atoi(m[1])
-			n += v
-		}
-		return n
-	}
-	waitFor(t, 5*time.Second, "all 5 refusals said", func() bool { return said() == 5 })
+	waitFor(t, 5*time.Second, "all 5 refusals said", func() bool { return messagesSaid(log.String()) == 5 })
 	if got := log.String(); strings.Contains(got, "forwarding to a peer sidecar failed") {
 		t.Errorf("refusals logged as failures: %s", got)
 	}
@@ -1752,4 +1736,14 @@ func TestPeer413ForALoneEventIsARefusal(t *testing.T) {
 	if f.nDown.Load() != 0 {
 		t.Error("the peer was marked down for refusing one event")
 	}
+}
+
+// messagesSaid adds up the messages=N of the lines in log.
+func messagesSaid(log string) int {
+	n := 0
+	for _, m := range regexp.MustCompile(`messages=(\d+)`).FindAllStringSubmatch(log, -1) {
+		v, _ := strconv.Atoi(m[1])
+		n += v
+	}
+	return n
 }

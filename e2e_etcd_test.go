@@ -290,6 +290,26 @@ func (m *etcdMember) gw(path string, req, resp any) error {
 	return nil
 }
 
+type gatewayCall struct {
+	path string
+	req  any
+}
+
+// enableAuth turns etcd's authentication on, with a root user.
+func (m *etcdMember) enableAuth(t *testing.T) {
+	t.Helper()
+	for _, step := range []gatewayCall{
+		{"/v3/auth/user/add", map[string]string{"name": "root", "password": "rootpw"}},
+		{"/v3/auth/role/add", map[string]string{"name": "root"}},
+		{"/v3/auth/user/grant", map[string]string{"user": "root", "role": "root"}},
+		{"/v3/auth/enable", map[string]string{}},
+	} {
+		if err := m.gw(step.path, step.req, nil); err != nil {
+			t.Fatalf("turning authentication on: %v", err)
+		}
+	}
+}
+
 func (m *etcdMember) put(t *testing.T, key, value string) {
 	t.Helper()
 	if err := m.gw("/v3/kv/put", map[string]string{"key": b64(key), "value": b64(value)}, nil); err != nil {
@@ -815,24 +835,18 @@ func TestEtcdDeleteRefusedIsFinal(t *testing.T) {
 func TestEtcdAuth(t *testing.T) {
 	e := startEtcd(t)
 	const password = "s3cret-pa55"
-	for _, step := range []struct {
-		path string
-		req  any
-	}{
-		{"/v3/auth/user/add", map[string]string{"name": "root", "password": "rootpw"}},
-		{"/v3/auth/role/add", map[string]string{"name": "root"}},
-		{"/v3/auth/user/grant", map[string]string{"user": "root", "role": "root"}},
+	for _, step := range []gatewayCall{
 		{"/v3/auth/user/add", map[string]string{"name": "micro", "password": password}},
 		{"/v3/auth/role/add", map[string]string{"name": "registry"}},
 		{"/v3/auth/role/grant", map[string]any{"name": "registry", "perm": map[string]string{
 			"permType": "READWRITE", "key": b64("/micro/registry/"), "range_end": base64.StdEncoding.EncodeToString(prefixEnd("/micro/registry/"))}}},
 		{"/v3/auth/user/grant", map[string]string{"user": "micro", "role": "registry"}},
-		{"/v3/auth/enable", map[string]string{}},
 	} {
 		if err := e.gw(step.path, step.req, nil); err != nil {
 			t.Fatalf("setting up auth: %v", err)
 		}
 	}
+	e.enableAuth(t)
 	p := startSidecarEnv(t, []string{"MICRO_REGISTRY_PASSWORD=" + password},
 		etcdSidecarArgs(e.client, "--registry_username=micro", "--server_name=authed", "--server_address=127.0.0.1:9000")...)
 	q := startSidecarEnv(t, []string{"MICRO_REGISTRY_PASSWORD=" + password},
@@ -864,19 +878,7 @@ func TestEtcdAuthTurnedOnUnderARunningSidecar(t *testing.T) {
 	e := startEtcd(t)
 	p := startSidecar(t, etcdSidecarArgs(e.client)...)
 	waitSidecarHealthy(t, p, 10*time.Second)
-	for _, step := range []struct {
-		path string
-		req  any
-	}{
-		{"/v3/auth/user/add", map[string]string{"name": "root", "password": "rootpw"}},
-		{"/v3/auth/role/add", map[string]string{"name": "root"}},
-		{"/v3/auth/user/grant", map[string]string{"user": "root", "role": "root"}},
-		{"/v3/auth/enable", map[string]string{}},
-	} {
-		if err := e.gw(step.path, step.req, nil); err != nil {
-			t.Fatalf("setting up auth: %v", err)
-		}
-	}
+	e.enableAuth(t)
 	code, body := do(t, "POST", p.url("/registry"), "application/json", `{"name":"late","nodes":[{"id":"late-1","address":"127.0.0.1","port":7100}]}`)
 	if code != 503 {
 		t.Fatalf("registering with auth on and no user: %d %s; want 503", code, body)
