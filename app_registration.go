@@ -23,7 +23,7 @@ type appRegistration struct {
 	retryMax time.Duration
 
 	writeMu   sync.Mutex // held across a write, so that up, down and retries stay in order
-	mu        sync.Mutex // guards want, pending and verdict; never held across a write, which /health would wait on
+	mu        sync.Mutex // guards want, pending, refusedOp and verdict; never held across a write, which /health would wait on
 	want      bool       // the app belongs in the registry
 	pending   error      // the last write's refusal, while a retry is due
 	refusedOp string     // what pending refused ("registering", "deregistering"), as logged
