@@ -161,9 +161,11 @@ func (a *appRegistration) refused() error {
 // registered reports whether the app's entry is in the registry as this
 // sidecar keeps it: not while its write is under way, nor after a refusal,
 // nor after a DELETE through the API, nor once the entry lapsed (its
-// refreshes refused) or another sidecar removed it.
+// refreshes refused: in the table, until the registry answers again, it
+// may not be in the registry) or another sidecar removed it.
 func (a *appRegistration) registered() bool {
-	return !a.writing.Load() && a.reg.owns(a.app) && a.reg.table.holds(a.app.Name, a.id)
+	return !a.writing.Load() && a.reg.owns(a.app) && a.reg.table.holds(a.app.Name, a.id) &&
+		!a.reg.lapsed(record{Service: a.app.Name, Node: Node{ID: a.id}}.key())
 }
 
 // names reports whether s holds the app's own node.

@@ -829,6 +829,39 @@ func TestEtcdDeleteRefusedIsFinal(t *testing.T) {
 	}
 }
 
+// TestEtcdLapsedAppIsNotRegistered: an app whose entry was not renewed
+// for a TTL while etcd could not be reached is reported unregistered in
+// /health (its lease ran out in etcd, though the table the sidecar serves,
+// not synchronised, still holds it), and registered again once etcd
+// answers and the entry is put back.
+func TestEtcdLapsedAppIsNotRegistered(t *testing.T) {
+	e := startEtcd(t)
+	g := newGatewayProxy(t, e.client)
+	p := startSidecar(t, etcdSidecarArgs(g.srv.URL, "--server_name=lapse", "--server_address=127.0.0.1:9000", "--register_ttl=2s", "--register_interval=500ms")...)
+	appID(t, p)
+	waitSidecarHealthy(t, p, 10*time.Second)
+	registered := func() bool {
+		resp, err := http.Get(p.url("/health"))
+		if err != nil {
+			return false
+		}
+		defer resp.Body.Close()
+		var h struct {
+			App *struct {
+				Registered bool `json:"registered"`
+			} `json:"app"`
+		}
+		return json.NewDecoder(resp.Body).Decode(&h) == nil && h.App != nil && h.App.Registered
+	}
+	if !registered() {
+		t.Fatal("a healthy app with etcd up is not reported registered")
+	}
+	g.setDown(true)
+	waitFor(t, 10*time.Second, "registered false, the entry not renewed for a TTL", func() bool { return !registered() })
+	g.setDown(false)
+	waitFor(t, 15*time.Second, "registered again", registered)
+}
+
 // TestEtcdAuth: with etcd's authentication on, a sidecar with the
 // password (from MICRO_REGISTRY_PASSWORD) registers and discovers; one
 // without says so in /health. The password never reaches the log.

@@ -997,6 +997,10 @@ type registry struct {
 	// app, the broker's topics), refreshed first where room is short.
 	sidecars map[string]bool
 	closed   bool // deregisterOwned ran: nothing more is owned
+	// renewed is when each entry of owned was last written through the
+	// backend: one not renewed for a TTL while the backend fails may have
+	// run out there (lapsed), though the table, not synchronised, holds it.
+	renewed map[string]time.Time
 
 	// writeMu orders the backend writes of owned entries: a refresh's
 	// re-registration against a deregistration of the same entry, which
@@ -1088,6 +1092,7 @@ func (r *registry) register(s Service, ttl time.Duration, own bool) error {
 		if ttl > 0 {
 			delete(r.owned, k)
 			delete(r.sidecars, k)
+			delete(r.renewed, k)
 			continue
 		}
 		if _, ok := r.owned[k]; !ok && !own && len(r.owned) >= maxOwned {
@@ -1104,7 +1109,8 @@ func (r *registry) register(s Service, ttl time.Duration, own bool) error {
 		}
 	}
 	r.mu.Unlock()
-	if ttl == 0 {
+	kept := ttl == 0
+	if kept {
 		ttl = r.ttl
 	}
 	if err := r.backend.register(s, ttl); err != nil {
@@ -1114,7 +1120,38 @@ func (r *registry) register(s Service, ttl time.Duration, own bool) error {
 		r.mu.Unlock()
 		return err
 	}
+	if kept {
+		r.markRenewed(keysOf(s))
+	}
 	return nil
+}
+
+// markRenewed records that the owned entries under keys were written now.
+func (r *registry) markRenewed(keys []string) {
+	now := r.now()
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.renewed == nil {
+		r.renewed = map[string]time.Time{}
+	}
+	for _, k := range keys {
+		if _, ok := r.owned[k]; ok {
+			r.renewed[k] = now
+		}
+	}
+}
+
+// lapsed reports whether the entry owned under key k may have run out in
+// the registry: the backend fails, and the entry was not renewed for a
+// TTL.
+func (r *registry) lapsed(k string) bool {
+	if r.backend.status() == nil {
+		return false
+	}
+	r.mu.Lock()
+	at, ok := r.renewed[k]
+	r.mu.Unlock()
+	return ok && r.now().Sub(at) >= r.ttl
 }
 
 // Deregister removes s's nodes.
@@ -1125,6 +1162,7 @@ func (r *registry) Deregister(s Service) error {
 	for _, k := range keysOf(s) {
 		delete(r.owned, k)
 		delete(r.sidecars, k)
+		delete(r.renewed, k)
 	}
 	r.mu.Unlock()
 	return r.backend.deregister(s)
@@ -1207,7 +1245,11 @@ func (r *registry) refreshOne(k string) error {
 	if !ok {
 		return nil
 	}
-	return r.backend.register(s, r.ttl)
+	if err := r.backend.register(s, r.ttl); err != nil {
+		return err
+	}
+	r.markRenewed([]string{k})
+	return nil
 }
 
 // refreshAll re-registers every owned entry in one change, holding writeMu
@@ -1231,7 +1273,15 @@ func (r *registry) refreshAll(bb batchBackend) error {
 	if len(owned) == 0 {
 		return nil
 	}
-	return bb.registerAll(owned, r.ttl)
+	if err := bb.registerAll(owned, r.ttl); err != nil {
+		return err
+	}
+	var keys []string
+	for _, s := range owned {
+		keys = append(keys, keysOf(s)...)
+	}
+	r.markRenewed(keys)
+	return nil
 }
 
 // refreshLoop calls refresh every interval until ctx ends, and sweeps
@@ -1284,7 +1334,7 @@ func (r *registry) deregisterOwned() error {
 	defer r.writeMu.Unlock()
 	r.mu.Lock()
 	owned := slices.Collect(maps.Values(r.owned))
-	r.owned, r.sidecars = map[string]Service{}, nil
+	r.owned, r.sidecars, r.renewed = map[string]Service{}, nil, nil
 	r.closed = true
 	r.mu.Unlock()
 	if bb, ok := r.backend.(batchBackend); ok && len(owned) > 0 {
