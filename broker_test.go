@@ -1489,8 +1489,7 @@ func TestItemsWithoutMembersTakesEachOnce(t *testing.T) {
 // added to the next line for the peer, or said when it works again: the
 // log tells every message lost, not those of the first failure alone.
 func TestForwardLossesAreAllLogged(t *testing.T) {
-	var log syncBuffer
-	f := newForwarder(&broker{log: slog.New(slog.NewTextHandler(&log, nil))})
+	f, log := loggedForwarder()
 	f.failLog = logLimiter{every: time.Hour}
 	const peer = "http://127.0.0.1:1"
 	failed := errors.New("connection refused")
@@ -1516,8 +1515,7 @@ func TestForwardLossesAreAllLogged(t *testing.T) {
 // quiet time, for a peer that fails no more (it is gone), are said once
 // that time is over.
 func TestForwardLossesToAGonePeerAreLogged(t *testing.T) {
-	var log syncBuffer
-	f := newForwarder(&broker{log: slog.New(slog.NewTextHandler(&log, nil))})
+	f, log := loggedForwarder()
 	f.failLog = logLimiter{every: 100 * time.Millisecond}
 	const peer = "http://127.0.0.1:1"
 	failed := errors.New("connection refused")
@@ -1563,8 +1561,7 @@ func TestRefusedForwardsKeepTheConnection(t *testing.T) {
 // room, and the wait costs nothing meanwhile (it re-armed at once, and
 // spun a core, for up to ten seconds).
 func TestHeldBackLossesWaitForAFullLimiter(t *testing.T) {
-	var log syncBuffer
-	f := newForwarder(&broker{log: slog.New(slog.NewTextHandler(&log, nil))})
+	f, _ := loggedForwarder()
 	now := time.Now()
 	f.failLog.last = map[string]time.Time{}
 	for i := range maxLogKeys {
@@ -1678,8 +1675,7 @@ func TestForwardTakesALoneLargeMessage(t *testing.T) {
 // refuses counts as forwarded and as dropped (the difference is what
 // reached peers), and is logged, with why.
 func TestPeerQueueOverflowIsCountedAndLogged(t *testing.T) {
-	var log syncBuffer
-	f := newForwarder(&broker{log: slog.New(slog.NewTextHandler(&log, nil)), cfg: brokerConfig{MemoryBytes: defaultMemoryBytes}})
+	f, log := loggedForwarder()
 	const peer = "127.0.0.1:1"
 	f.peers[peer] = &peerQueue{addr: peer, items: make([]forwardItem, maxPeerQueue), running: true} // a worker stuck on the peer
 	f.send(newMessage("t", "id1", []byte(`{}`)), []forwardPlan{{addr: peer, localDelivery: localDelivery{broadcast: true}}})
@@ -1702,8 +1698,7 @@ func TestPeerQueueOverflowIsCountedAndLogged(t *testing.T) {
 // peer within the log's quiet time are said by the next line for it, or
 // once that time is over: the log tells every message refused.
 func TestForwardRefusalsAreAllLogged(t *testing.T) {
-	var log syncBuffer
-	f := newForwarder(&broker{log: slog.New(slog.NewTextHandler(&log, nil))})
+	f, log := loggedForwarder()
 	f.failLog = logLimiter{every: 100 * time.Millisecond}
 	const peer = "http://127.0.0.1:1"
 	for range 5 {
@@ -1725,8 +1720,7 @@ func TestPeer413ForALoneEventIsARefusal(t *testing.T) {
 		writeError(w, http.StatusRequestEntityTooLarge, "forwarded batch: http: request body too large")
 	}))
 	defer peer.Close()
-	var log syncBuffer
-	f := newForwarder(&broker{log: slog.New(slog.NewTextHandler(&log, nil)), cfg: brokerConfig{MemoryBytes: defaultMemoryBytes}})
+	f, log := loggedForwarder()
 	f.send(newMessage("t", "id1", []byte(`{}`)), []forwardPlan{{addr: strings.TrimPrefix(peer.URL, "http://"), localDelivery: localDelivery{broadcast: true}}})
 	waitFor(t, 5*time.Second, "the refusal counted", func() bool { return f.b.stats.ForwardDropped.Load() == 1 })
 	f.close(context.Background())
@@ -1746,4 +1740,11 @@ func messagesSaid(log string) int {
 		n += v
 	}
 	return n
+}
+
+// loggedForwarder is a forwarder of a broker with the default memory
+// bound, whose log is the returned buffer.
+func loggedForwarder() (*forwarder, *syncBuffer) {
+	log := &syncBuffer{}
+	return newForwarder(&broker{log: slog.New(slog.NewTextHandler(log, nil)), cfg: brokerConfig{MemoryBytes: defaultMemoryBytes}}), log
 }

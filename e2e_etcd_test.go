@@ -841,17 +841,8 @@ func TestEtcdLapsedAppIsNotRegistered(t *testing.T) {
 	appID(t, p)
 	waitSidecarHealthy(t, p, 10*time.Second)
 	registered := func() bool {
-		resp, err := http.Get(p.url("/health"))
-		if err != nil {
-			return false
-		}
-		defer resp.Body.Close()
-		var h struct {
-			App *struct {
-				Registered bool `json:"registered"`
-			} `json:"app"`
-		}
-		return json.NewDecoder(resp.Body).Decode(&h) == nil && h.App != nil && h.App.Registered
+		registered, _, _ := p.appRegistration()
+		return registered
 	}
 	if !registered() {
 		t.Fatal("a healthy app with etcd up is not reported registered")

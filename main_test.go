@@ -167,22 +167,30 @@ func appUnchecked(args, env []string) bool {
 func (p *proc) waitFirstRegistration() {
 	p.t.Helper()
 	waitFor(p.t, 20*time.Second, "the app's first registration attempt", func() bool {
-		resp, err := http.Get(p.url("/health"))
-		if err != nil {
-			return true
-		}
-		defer resp.Body.Close()
-		var h struct {
-			App *struct {
-				Registered        bool   `json:"registered"`
-				RegistrationError string `json:"registration_error"`
-			} `json:"app"`
-		}
-		if json.NewDecoder(resp.Body).Decode(&h) != nil || h.App == nil {
-			return true
-		}
-		return h.App.Registered || h.App.RegistrationError != ""
+		registered, refusal, ok := p.appRegistration()
+		return !ok || registered || refusal != ""
 	})
+}
+
+// appRegistration reads the app's registration from /health: whether it
+// is registered, and the registry's refusal; ok is false when the sidecar
+// does not answer, or reports no app.
+func (p *proc) appRegistration() (registered bool, refusal string, ok bool) {
+	resp, err := http.Get(p.url("/health"))
+	if err != nil {
+		return false, "", false
+	}
+	defer resp.Body.Close()
+	var h struct {
+		App *struct {
+			Registered        bool   `json:"registered"`
+			RegistrationError string `json:"registration_error"`
+		} `json:"app"`
+	}
+	if json.NewDecoder(resp.Body).Decode(&h) != nil || h.App == nil {
+		return false, "", false
+	}
+	return h.App.Registered, h.App.RegistrationError, true
 }
 
 func (p *proc) url(path string) string { return "http://" + p.addr + path }
