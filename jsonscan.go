@@ -195,28 +195,53 @@ func objectMember(body []byte, i int) (key, value []byte, next int) {
 
 // unknownMember returns a member key of the object body that matches none
 // of known in any case (as encoding/json matches keys to fields), if there
-// is one. body is a valid JSON object; a key with an escape in it is read
-// with encoding/json.
-func unknownMember(body []byte, known ...string) (string, bool) {
+// is one. body is a valid JSON object.
+func unknownMember(body []byte, known ...string) (unknown string, found bool) {
+	eachMemberKey(body, func(key []byte) bool {
+		if !slices.ContainsFunc(known, func(name string) bool { return bytes.EqualFold(key, []byte(name)) }) {
+			unknown, found = string(key), true
+		}
+		return !found
+	})
+	return unknown, found
+}
+
+// membersGiven reports, for each of names, whether the object body has a
+// member of that key in any case. body is a valid JSON object.
+func membersGiven(body []byte, names []string) []bool {
+	given := make([]bool, len(names))
+	eachMemberKey(body, func(key []byte) bool {
+		for i, name := range names {
+			given[i] = given[i] || bytes.EqualFold(key, []byte(name))
+		}
+		return true
+	})
+	return given
+}
+
+// eachMemberKey calls f with each member key of the object body, in
+// order, while f returns true. body is a valid JSON object; a key with an
+// escape in it is read with encoding/json.
+func eachMemberKey(body []byte, f func(key []byte) bool) {
 	i := skipJSONSpace(body, 0) + 1 // past the '{'
 	if j := skipJSONSpace(body, i); j < len(body) && body[j] == '}' {
-		return "", false
+		return
 	}
 	for {
 		key, _, next := objectMember(body, i)
 		if next < 0 {
-			return "", false
+			return
 		}
 		if bytes.IndexByte(key, '\\') >= 0 {
 			var k string
 			json.Unmarshal(append(append([]byte{'"'}, key...), '"'), &k)
 			key = []byte(k)
 		}
-		if !slices.ContainsFunc(known, func(name string) bool { return bytes.EqualFold(key, []byte(name)) }) {
-			return string(key), true
+		if !f(key) {
+			return
 		}
 		if i = skipJSONSpace(body, next); i >= len(body) || body[i] != ',' {
-			return "", false
+			return
 		}
 		i++
 	}

@@ -221,7 +221,7 @@ func parseRPCRequest(contentType string, query url.Values, body []byte) (rpcCall
 	}
 	if isJSON {
 		var in struct {
-			Service, Method, Address *string // nil: not given
+			Service, Method, Address string
 			Request                  json.RawMessage
 		}
 		if err := json.Unmarshal(body, &in); err != nil {
@@ -233,8 +233,10 @@ func parseRPCRequest(contentType string, query url.Values, body []byte) (rpcCall
 		if !utf8.Valid(body) { // Unmarshal reads such bytes as U+FFFD, and RawMessage keeps them
 			return rpcCall{}, errors.New("body is not UTF-8, as JSON must be (RFC 8259 section 8.1)")
 		}
-		given = [4]bool{in.Service != nil, in.Method != nil, in.Address != nil, len(in.Request) > 0}
-		c.Service, c.Method, c.Address, request = deref(in.Service), deref(in.Method), deref(in.Address), in.Request
+		if len(query) > 0 { // a member given empty is given, too
+			given = [4]bool(membersGiven(body, rpcFormFields[:]))
+		}
+		c.Service, c.Method, c.Address, request = in.Service, in.Method, in.Address, in.Request
 		if len(request) > 0 && request[0] == '"' {
 			var s string
 			json.Unmarshal(request, &s) // valid: it came through Unmarshal above
@@ -290,13 +292,6 @@ func givenTwice(query url.Values, given [4]bool) error {
 		}
 	}
 	return nil
-}
-
-func deref(s *string) string {
-	if s == nil {
-		return ""
-	}
-	return *s
 }
 
 // rpcForm is the fields of a form body of POST /rpc.
