@@ -452,7 +452,11 @@ func TestProxyPassesAKnownLengthAnswerAsItComes(t *testing.T) {
 		if _, err := io.ReadFull(resp.Body, got); err != nil || string(got) != first {
 			t.Fatalf("%s: the body's first part: %v", tc.name, err)
 		}
-		next <- struct{}{}
+		select {
+		case next <- struct{}{}:
+		case <-time.After(10 * time.Second): // fail, not hang, when the handler is gone
+			t.Fatalf("%s: the node's handler gave up before the rest of its body: its request was cancelled", tc.name)
+		}
 		if all, err := io.ReadAll(resp.Body); err != nil || string(all) != rest {
 			t.Errorf("%s: the rest: %d bytes, %v; want %d", tc.name, len(all), err, len(rest))
 		}
