@@ -749,6 +749,7 @@ func (e *uploadCut) Unwrap() error { return e.err }
 type onceBody struct {
 	rc    io.ReadCloser
 	read  bool
+	ended bool   // rc said io.EOF: it is not read again
 	onEnd func() // called when the body has been read to its end
 
 	mu  sync.Mutex // the transport's writer sets err as RoundTrip returns
@@ -756,10 +757,19 @@ type onceBody struct {
 }
 
 func (b *onceBody) Read(p []byte) (int, error) {
+	if b.ended {
+		// The transport reads once more past a stated length, to check
+		// that nothing more came. By then net/http may have closed the
+		// caller's body (it does as the answer's head goes out), and the
+		// error of reading it would make the transport close the node's
+		// connection, and cut off the answer coming on it.
+		return 0, io.EOF
+	}
 	b.read = true
 	n, err := b.rc.Read(p)
 	switch {
 	case err == io.EOF:
+		b.ended = true
 		if b.onEnd != nil {
 			b.onEnd()
 		}

@@ -5,11 +5,13 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"net/http/httptrace"
 	"net/url"
 	"slices"
 	"strconv"
@@ -1264,5 +1266,57 @@ func TestIsCORSField(t *testing.T) {
 		if got := isCORSField(k); got != want {
 			t.Errorf("isCORSField(%q) = %v; want %v", k, got, want)
 		}
+	}
+}
+
+// closedAtItsEnd is a caller's body that net/http closed once it was read
+// to its end, as it does when the answer's head goes out: a read past the
+// end fails. Its last bytes come with io.EOF, as net/http's do.
+type closedAtItsEnd struct{ r io.Reader }
+
+func (b *closedAtItsEnd) Read(p []byte) (int, error) {
+	if b.r == nil {
+		return 0, errors.New("http: invalid Read on closed Body")
+	}
+	n, err := b.r.Read(p)
+	if err == io.EOF {
+		b.r = nil
+	}
+	return n, err
+}
+
+func (b *closedAtItsEnd) Close() error { return nil }
+
+// TestOnceBodyIsNotReadPastItsEnd: the transport reads a request body of
+// stated length once more after its end, to check that nothing more came.
+// A caller's body closed by then failed that read, and the transport
+// closed the node's connection with the answer on its way: the caller got
+// the answer's first part and then a cut (seen as a flaky
+// TestProxyPassesAKnownLengthAnswerAsItComes).
+func TestOnceBodyIsNotReadPastItsEnd(t *testing.T) {
+	answer := strings.Repeat("a", 20000)
+	app := appServer(t, func(w http.ResponseWriter, r *http.Request) {
+		io.Copy(io.Discard, r.Body)
+		io.WriteString(w, answer)
+	})
+	upload := strings.Repeat("u", 70000)
+	var wrote atomic.Value
+	trace := &httptrace.ClientTrace{WroteRequest: func(i httptrace.WroteRequestInfo) { wrote.Store(fmt.Sprint(i.Err)) }}
+	req, _ := http.NewRequestWithContext(httptrace.WithClientTrace(context.Background(), trace), "POST", app.URL, &onceBody{rc: &closedAtItsEnd{r: iotest.DataErrReader(strings.NewReader(upload))}})
+	req.ContentLength = int64(len(upload))
+	tr := newNodeTransport()
+	defer tr.CloseIdleConnections()
+	resp, err := tr.RoundTrip(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if err != nil || string(got) != answer {
+		t.Errorf("the answer: %d bytes, %v; want %d", len(got), err, len(answer))
+	}
+	waitFor(t, 5*time.Second, "the request's write to end", func() bool { return wrote.Load() != nil })
+	if e := wrote.Load(); e != "<nil>" {
+		t.Errorf("writing the request failed: %v", e)
 	}
 }
