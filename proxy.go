@@ -322,6 +322,14 @@ func (p *proxy) serve(w http.ResponseWriter, r *http.Request, service, path stri
 		defer p.conns.remove(&cancel)
 		w = upgradeWriter{w}
 	}
+	if r.ContentLength != 0 {
+		// The node may answer while the upload still comes (an echo, a
+		// refusal), and its caller send the rest only once it has read
+		// that: net/http would otherwise discard the rest as the answer's
+		// head goes out, and the call hang. (The fast path's server never
+		// does; it says so with an error.)
+		http.NewResponseController(w).EnableFullDuplex()
+	}
 	hw := &heldHead{ResponseWriter: w}
 	defer hw.answerBreak(ctx, &rt)
 	p.rp.ServeHTTP(hw, r.WithContext(ctx))

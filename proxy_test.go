@@ -1320,3 +1320,60 @@ func TestOnceBodyIsNotReadPastItsEnd(t *testing.T) {
 		t.Errorf("writing the request failed: %v", e)
 	}
 }
+
+// TestProxyIsFullDuplex: a node may answer while the upload still comes
+// (an echo, a transcoder), and the caller may send the rest only once it
+// read the answer so far. On net/http's connections the sidecar discarded
+// the rest of the upload as the answer's head went out, and the call hung.
+func TestProxyIsFullDuplex(t *testing.T) {
+	echo := appServer(t, func(w http.ResponseWriter, r *http.Request) {
+		http.NewResponseController(w).EnableFullDuplex()
+		w.WriteHeader(http.StatusOK)
+		buf := make([]byte, 32<<10)
+		for {
+			n, err := r.Body.Read(buf)
+			w.Write(buf[:n])
+			w.(http.Flusher).Flush()
+			if err != nil {
+				return
+			}
+		}
+	})
+	p := startSidecar(t, "--registry=memory")
+	registerAddr(t, p, "echo", "e1", hostOf(echo))
+	for _, tc := range []struct {
+		length int64
+		te     string // "trailers": served by net/http
+	}{{-1, ""}, {1 << 20, ""}, {100 << 10, "trailers"}, {1 << 20, "trailers"}} {
+		length := tc.length
+		pr, pw := io.Pipe()
+		req, _ := http.NewRequest("POST", p.url("/proxy/echo/x"), pr)
+		req.ContentLength = length
+		if tc.te != "" {
+			req.Header.Set("TE", tc.te)
+		}
+		client := &http.Client{Timeout: 10 * time.Second}                                                 // a hang fails here,
+		stop := time.AfterFunc(10*time.Second, func() { pw.CloseWithError(errors.New("the call hung")) }) // and the client's body ends
+		defer stop.Stop()
+		first := strings.Repeat("p", 100)
+		go pw.Write([]byte(first)) // the rest is sent once the echo of this came
+		resp, err := client.Do(req)
+		if err != nil {
+			t.Fatalf("length %d, TE %q: %v", length, tc.te, err)
+		}
+		got := make([]byte, len(first))
+		if _, err := io.ReadFull(resp.Body, got); err != nil || string(got) != first {
+			t.Fatalf("length %d, TE %q: the echo of the first part: %q %v", length, tc.te, got, err)
+		}
+		rest := strings.Repeat("r", 100)
+		if length > 0 {
+			rest = strings.Repeat("r", int(length)-len(first))
+		}
+		go func() { io.WriteString(pw, rest); pw.Close() }()
+		all, err := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if err != nil || string(all) != rest {
+			t.Errorf("length %d, TE %q: the echo of the rest: %d bytes, %v; want %d", length, tc.te, len(all), err, len(rest))
+		}
+	}
+}
