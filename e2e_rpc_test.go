@@ -6,6 +6,7 @@ package main
 
 import (
 	"bufio"
+	"context"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -502,6 +503,13 @@ func TestBinaryServesFastAndHandedOffRequests(t *testing.T) {
 // full: a connection attempt to it hangs, its SYNs dropped, as one to a
 // dead host does.
 func blackholeAddr(t *testing.T) string {
+	_, addr := fullQueue(t)
+	return addr
+}
+
+// fullQueue returns a listening socket, never accepted from, whose accept
+// queue is full, and its address.
+func fullQueue(t *testing.T) (fd int, addr string) {
 	t.Helper()
 	fd, err := syscall.Socket(syscall.AF_INET, syscall.SOCK_STREAM, 0)
 	if err != nil {
@@ -524,7 +532,112 @@ func blackholeAddr(t *testing.T) string {
 		t.Cleanup(func() { syscall.Close(c) })
 		syscall.Connect(c, &syscall.SockaddrInet4{Addr: [4]byte{127, 0, 0, 1}, Port: port})
 	}
-	return fmt.Sprintf("127.0.0.1:%d", port)
+	return fd, fmt.Sprintf("127.0.0.1:%d", port)
+}
+
+// listenerOf returns a listener on a copy of the listening socket fd, which
+// stays the caller's.
+func listenerOf(t *testing.T, fd int) net.Listener {
+	t.Helper()
+	d, err := syscall.Dup(fd) // an os.File closes its descriptor, at the latest when collected
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := os.NewFile(uintptr(d), "listener")
+	defer f.Close()
+	ln, err := net.FileListener(f) // on a copy of its own
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	return ln
+}
+
+// synsWaiting counts the connections to addr's port, from this network
+// namespace, whose SYN is unanswered (state SYN_SENT in /proc/net/tcp):
+// dropped at a full accept queue, on loopback.
+func synsWaiting(t *testing.T, addr string) int {
+	t.Helper()
+	_, port, _ := net.SplitHostPort(addr)
+	p, _ := strconv.Atoi(port)
+	table, err := os.ReadFile("/proc/net/tcp")
+	if err != nil {
+		t.Skipf("no /proc/net/tcp to see SYNs in: %v", err)
+	}
+	n := 0
+	for _, line := range strings.Split(string(table), "\n")[1:] {
+		f := strings.Fields(line)
+		if len(f) > 3 && f[3] == "02" && strings.HasSuffix(f[2], fmt.Sprintf(":%04X", p)) {
+			n++
+		}
+	}
+	return n
+}
+
+// TestBusyNodeIsReachedByTheNextSYN: a node whose accept queue is full
+// when a call connects (a burst of calls to Python's servers, which listen
+// with a backlog of 5) drops the SYN, and the kernel sends it again 1 s
+// later; a node accepting by then answers the call. The connection
+// attempt gave up at 1 s, and the node, healthy, was ejected, failing
+// every call for the ejection's time.
+func TestBusyNodeIsReachedByTheNextSYN(t *testing.T) {
+	fd, addr := fullQueue(t)
+	before := synsWaiting(t, addr)
+	p := startSidecar(t, "--registry=memory")
+	registerAddr(t, p, "go.micro.srv.busy", "b1", addr)
+	answer := make(chan string, 1)
+	go func() {
+		code, body := post(t, p.url("/rpc"), "application/json", `{"service":"go.micro.srv.busy","method":"A.B","request":{}}`)
+		answer <- fmt.Sprint(code, " ", body)
+	}()
+	waitFor(t, 5*time.Second, "the call's SYN to be dropped", func() bool { return synsWaiting(t, addr) > before })
+	ln := listenerOf(t, fd)
+	go http.Serve(ln, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		io.WriteString(w, `{"jsonrpc":"2.0","id":1,"result":"took it"}`)
+	}))
+	select {
+	case got := <-answer:
+		if got != `200 "took it"` {
+			t.Errorf("the call: %s; want the node's answer", got)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("no answer")
+	}
+	if strings.Contains(p.log.String(), "node ejected") {
+		t.Errorf("the busy node was ejected:\n%s", p.log.String())
+	}
+}
+
+// TestConnectLogTellsABusyNodeFromADeadOne: a connection attempt that
+// times out while the node accepted another is a busy node's, which is not
+// ejected; one to a node that accepted none is a dead host's.
+func TestConnectLogTellsABusyNodeFromADeadOne(t *testing.T) {
+	fd, addr := fullQueue(t)
+	l := newConnectLog()
+	before := synsWaiting(t, addr)
+	failed := make(chan error, 1)
+	go func() {
+		_, err := l.dial(context.Background(), &net.Dialer{Timeout: 1500 * time.Millisecond}, addr)
+		failed <- err
+	}()
+	waitFor(t, 5*time.Second, "the attempt's SYN to be dropped", func() bool { return synsWaiting(t, addr) > before })
+	nfd, _, err := syscall.Accept(fd) // room for one more, which the next attempt takes
+	if err != nil {
+		t.Fatal(err)
+	}
+	syscall.Close(nfd)
+	c, err := l.dial(context.Background(), &net.Dialer{Timeout: time.Second}, addr)
+	if err != nil {
+		t.Fatalf("the attempt after room was made: %v", err)
+	}
+	defer c.Close()
+	if err := <-failed; err == nil || ejectsNotSent(err) || !strings.Contains(err.Error(), "accept queue is full") {
+		t.Errorf("the attempt while another was accepted: %v; want a busy node, not ejected", err)
+	}
+	_, dead := fullQueue(t)
+	if _, err := l.dial(context.Background(), &net.Dialer{Timeout: 300 * time.Millisecond}, dead); err == nil || !ejectsNotSent(err) {
+		t.Errorf("an attempt to a node that accepted none: %v; want a plain timeout, ejected", err)
+	}
 }
 
 // TestDeadHostIsSkipped: a node whose connection attempt hangs (a dead

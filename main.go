@@ -899,8 +899,8 @@ func newSidecar(ctx context.Context, cfg config, log *slog.Logger) (*sidecar, er
 		watchPing: cmp.Or(cfg.watchPing, watchPingInterval),
 	}
 	sel := newSelector(cfg.Selector, time.Now)
-	nodes := newNodeTransport()
 	s.rpc = newCaller(cfg.RPC, s.reg, sel, log)
+	nodes := newNodeTransport(s.rpc.nodes.connects)
 	s.proxy = newProxy(proxyConfig{Retries: cfg.RPC.Retries, Timeout: cfg.RPC.Timeout, BodyIdle: cfg.IdleTimeout}, s.reg, sel, nodes, s.conns, log)
 	s.proxy.direct = s.rpc.nodes
 	s.broker = newBroker(cfg.Broker, s.reg, s.conns, log)

@@ -684,7 +684,7 @@ func (p *proxy) attemptNodes(t *proxyTarget, mayRetry func(outcome) bool, send f
 			p.sel.settled(node)
 			return err // the caller's own fault: it is told so as it is
 		}
-		if o == notSent || o == lost && isConnFailure(err) || late && !t.shortened {
+		if o == notSent && ejectsNotSent(err) || o == lost && isConnFailure(err) || late && !t.shortened {
 			if d := p.sel.failed(node); d > 0 {
 				p.log.Warn("node ejected", "service", t.service, "node", node.ID, "address", node.hostPort(), "for", d, "error", err)
 			}

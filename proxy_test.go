@@ -1304,7 +1304,7 @@ func TestOnceBodyIsNotReadPastItsEnd(t *testing.T) {
 	trace := &httptrace.ClientTrace{WroteRequest: func(i httptrace.WroteRequestInfo) { wrote.Store(fmt.Sprint(i.Err)) }}
 	req, _ := http.NewRequestWithContext(httptrace.WithClientTrace(context.Background(), trace), "POST", app.URL, &onceBody{rc: &closedAtItsEnd{r: iotest.DataErrReader(strings.NewReader(upload))}})
 	req.ContentLength = int64(len(upload))
-	tr := newNodeTransport()
+	tr := newNodeTransport(newConnectLog())
 	defer tr.CloseIdleConnections()
 	resp, err := tr.RoundTrip(req)
 	if err != nil {

@@ -726,10 +726,11 @@ func newCaller(cfg rpcConfig, reg *registry, sel *selector, log *slog.Logger) *c
 // newNodeTransport is the proxy's connection pool to nodes. Loopback and LAN apps
 // answer many small calls: keeping connections alive matters more than
 // anything else here (Go's default keeps 2 idle per host).
-func newNodeTransport() *http.Transport {
+func newNodeTransport(connects *connectLog) *http.Transport {
+	d := &net.Dialer{Timeout: nodeConnectTimeout, KeepAlive: 30 * time.Second}
 	return &http.Transport{
 		Proxy:                  nil, // the sidecar talks to nodes directly, whatever HTTP_PROXY says
-		DialContext:            (&net.Dialer{Timeout: nodeConnectTimeout, KeepAlive: 30 * time.Second}).DialContext,
+		DialContext:            func(ctx context.Context, _, addr string) (net.Conn, error) { return connects.dial(ctx, d, addr) },
 		MaxIdleConns:           4096,
 		MaxIdleConnsPerHost:    512,
 		IdleConnTimeout:        90 * time.Second,
@@ -957,7 +958,7 @@ func (c *caller) call(ctx context.Context, start, deadline time.Time, in http.He
 		if err == nil {
 			return result, nil
 		}
-		eject := out == notSent || out == lost && isConnFailure(err) || out == timedOut && !shortened && ctx.Err() != context.Canceled
+		eject := out == notSent && ejectsNotSent(err) || out == lost && isConnFailure(err) || out == timedOut && !shortened && ctx.Err() != context.Canceled
 		switch {
 		case direct:
 		case eject:

@@ -27,6 +27,7 @@ import (
 // Transport for what the direct path does not take (proxy_direct.go).
 type nodeClient struct {
 	dialer      net.Dialer
+	connects    *connectLog   // shared with the proxy's Transport
 	maxIdle     int           // idle connections kept per address
 	maxIdleAll  int           // idle connections kept in all
 	idleTimeout time.Duration // an idle connection older than this is closed
@@ -67,6 +68,7 @@ func (nc *nodeClient) addrOf(n Node) string {
 func newNodeClient() *nodeClient {
 	return &nodeClient{
 		dialer:      net.Dialer{Timeout: nodeConnectTimeout, KeepAlive: 30 * time.Second},
+		connects:    newConnectLog(),
 		maxIdle:     512,
 		maxIdleAll:  4096,
 		idleTimeout: 90 * time.Second,
@@ -228,7 +230,7 @@ func (nc *nodeClient) open(ctx context.Context, now, deadline time.Time, addr st
 	}
 	d := nc.dialer
 	d.Deadline = connectDeadline(time.Now(), deadline) // now may be the request's start, long before a slow upload ended
-	conn, err := d.DialContext(ctx, "tcp", addr)
+	conn, err := nc.connects.dial(ctx, &d, addr)
 	if err != nil {
 		return nil, err
 	}
@@ -240,11 +242,15 @@ func (nc *nodeClient) open(ctx context.Context, now, deadline time.Time, addr st
 }
 
 // nodeConnectTimeout bounds a connection attempt to a node. A node that
-// does not accept within it (a dead host, a full accept queue) is taken
-// for one that failed before the request left: ejected, and the call tried
-// on another node. Given the whole call's deadline, the attempt would use
-// it up, and the call end as a timeout that no other node could answer.
-const nodeConnectTimeout = time.Second
+// does not accept within it (a dead host) is taken for one that failed
+// before the request left: ejected, and the call tried on another node.
+// Given the whole call's deadline, the attempt would use it up, and the
+// call end as a timeout that no other node could answer. It outlasts the
+// second SYN, sent 1 s after the first (RFC 6298's initial RTO): a node
+// whose accept queue overflowed for a moment (Python's servers listen with
+// a backlog of 5) drops a SYN of a burst of calls, and is reached by the
+// next.
+const nodeConnectTimeout = 3 * time.Second
 
 // minConnectTimeout is the shortest connection attempt whose failure
 // tells of the node. Below it, the attempt gets the call's whole time,
@@ -269,6 +275,56 @@ func connectDeadline(now, deadline time.Time) time.Time {
 		return now.Add(half)
 	}
 	return limit
+}
+
+// connectLog keeps when a connection to each node address was last made,
+// to tell a node whose accept queue is full from a dead host: both leave a
+// connection attempt hanging, but only the first accepts others meanwhile.
+type connectLog struct {
+	mu   sync.Mutex
+	last map[string]time.Time // emptied at maxAddrs
+}
+
+func newConnectLog() *connectLog { return &connectLog{last: map[string]time.Time{}} }
+
+// dial connects to addr with d, noting the connection made; a timeout
+// while another connection to addr was made is a busyNode.
+func (l *connectLog) dial(ctx context.Context, d *net.Dialer, addr string) (net.Conn, error) {
+	start := time.Now()
+	conn, err := d.DialContext(ctx, "tcp", addr)
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if err == nil {
+		if len(l.last) >= maxAddrs {
+			clear(l.last)
+		}
+		l.last[addr] = time.Now()
+		return conn, nil
+	}
+	var ne net.Error
+	if errors.As(err, &ne) && ne.Timeout() && l.last[addr].After(start) {
+		return nil, &busyNode{err}
+	}
+	return nil, err
+}
+
+// busyNode is a connection attempt that timed out while the node accepted
+// others: it is up, its accept queue full. It is not ejected for it (see
+// ejectsNotSent); the call may still move to another node.
+type busyNode struct{ err error }
+
+func (e *busyNode) Error() string {
+	return "the node accepted other connections meanwhile, so it is up, but its accept queue is full (a listen backlog too small for the load?): " + e.err.Error()
+}
+
+func (e *busyNode) Unwrap() error { return e.err }
+
+// ejectsNotSent reports whether a call that failed before its request
+// left, with err, tells of a failing node: all such failures but a busy
+// node's.
+func ejectsNotSent(err error) bool {
+	var b *busyNode
+	return !errors.As(err, &b)
 }
 
 // errIdleClosed is an idle connection that the node closed, or sent

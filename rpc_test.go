@@ -1313,9 +1313,10 @@ func TestConnectDeadline(t *testing.T) {
 	for _, tc := range []struct {
 		left, want time.Duration // the call's time left (0: no deadline); the attempt's
 	}{
-		{0, time.Second},
-		{5 * time.Second, time.Second},
-		{time.Second, 500 * time.Millisecond},            // half: another node may still be tried
+		{0, 3 * time.Second},
+		{10 * time.Second, 3 * time.Second},
+		{5 * time.Second, 2500 * time.Millisecond}, // half: another node may still be tried
+		{time.Second, 500 * time.Millisecond},
 		{150 * time.Millisecond, 150 * time.Millisecond}, // too short to tell of the node: the whole time
 		{5, 5},
 	} {

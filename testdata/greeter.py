@@ -55,9 +55,13 @@ class Handler(BaseHTTPRequestHandler):
         pass
 
 
+class Server(ThreadingHTTPServer):
+    request_queue_size = 128  # the listen backlog: Python's 5 drops SYNs of a burst of calls
+
+
 if __name__ == "__main__":
     host = sys.argv[1] if len(sys.argv) > 1 else "127.0.0.1"
     port = int(sys.argv[2]) if len(sys.argv) > 2 else 9090
-    server = ThreadingHTTPServer((host, port), Handler)
+    server = Server((host, port), Handler)
     print("listening on %s:%d" % server.server_address[:2], flush=True)
     server.serve_forever()
