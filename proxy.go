@@ -568,10 +568,9 @@ func (p *proxy) roundTrip(req *http.Request) (*http.Response, error) {
 		}
 		o := classifyFailure(ctx, time.Time{}, err) // the deadline cancels ctx
 		err = unwrapURLError(err)
-		if o == lost && answerBegan.Load() && !isConnFailure(err) {
-			o = answered // a malformed answer, as badAnswer on the direct path
-		}
 		switch {
+		case o == lost && answerBegan.Load():
+			o, err = answered, headCut(err) // a malformed answer, as badAnswer on the direct path
 		case reused.Load():
 			err = keptAliveLoss(err)
 		case o == lost && body != nil && body.read && wroteHead.Load():

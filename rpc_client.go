@@ -641,7 +641,18 @@ func readResponseHeader(br *bufio.Reader, header *[]string) (responseHead, error
 	if header != nil {
 		*header = (*header)[:mark]
 	}
-	return parseResponseHead(&headLines{br: br}, header)
+	h, err = parseResponseHead(&headLines{br: br}, header)
+	return h, headCut(err)
+}
+
+// headCut is the error of an answer's head that broke off after its first
+// byte: the node answered, if brokenly, and is not ejected as a failing
+// connection (badAnswer; isConnFailure no longer sees the end or reset).
+func headCut(err error) error {
+	if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, syscall.ECONNRESET) {
+		return fmt.Errorf("%w: the node closed the connection in the middle of its head (%v)", errMalformedResponse, err)
+	}
+	return err
 }
 
 // cutByte is bytes.Cut for a one-byte separator, without bytes.Index's

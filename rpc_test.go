@@ -1347,6 +1347,40 @@ func TestNodeCuttingItsReplyIsNotEjected(t *testing.T) {
 	}
 }
 
+// TestNodeCuttingItsHeadIsNotEjected: a node that sends part of its
+// answer's head and closes answered, if brokenly: a 502 naming the cut
+// head, on /rpc and both proxy paths, and no ejection. It was ejected as a
+// failing connection, with a bare "EOF", unless its garbage ended in a
+// line end.
+func TestNodeCuttingItsHeadIsNotEjected(t *testing.T) {
+	for _, partial := range []string{"hello", "HTTP/1.1 200 OK\r\n", "HTTP/1.1 200 OK\r\nContent-Type: app"} {
+		s, srv := testSidecar(t, nil)
+		register(t, s, "go.micro.srv.cut", brokenNode(t, partial))
+		for i := range 2 {
+			code, body := post(t, srv.URL+"/rpc", "application/json", `{"service":"go.micro.srv.cut","method":"Cut.Call","request":{}}`)
+			if code != http.StatusBadGateway || !strings.Contains(body, "in the middle of its head") {
+				t.Errorf("%q, call %d: %d %s; want 502 naming the cut head", partial, i, code, body)
+			}
+		}
+		for _, te := range []string{"", "trailers"} { // the direct path; ReverseProxy
+			req, _ := http.NewRequest("GET", srv.URL+"/proxy/go.micro.srv.cut/x", nil)
+			req.Header.Set("TE", te)
+			resp, err := http.DefaultClient.Do(req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			body, _ := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			if resp.StatusCode != http.StatusBadGateway || !strings.Contains(string(body), "malformed HTTP response") { // Go's transport names "hello" itself
+				t.Errorf("%q, proxied, TE %q: %d %s; want 502 naming the cut head", partial, te, resp.StatusCode, body)
+			}
+		}
+		if n := s.rpc.sel.ejections.Load(); n != 0 {
+			t.Errorf("%q: %d ejections; want none", partial, n)
+		}
+	}
+}
+
 // TestRPCSeriesAreBounded: calls to services the registry does not know
 // share one series, whatever names clients make up, and the series of a
 // service gone are dropped once idle for a round of tidying.
