@@ -612,6 +612,11 @@ func parseReply(body []byte, id uint64) (result []byte, appErr *appError, err er
 	if result == nil {
 		return nil, nil, errors.New("not a JSON-RPC reply: neither result nor error")
 	}
+	if !utf8.Valid(result) {
+		// It goes to the caller as it came, as application/json, which
+		// must be UTF-8 (RFC 8259 section 8.1): JSON parsers refuse it.
+		return nil, nil, errors.New("not a JSON-RPC reply: its result is not UTF-8, as JSON text must be")
+	}
 	return result, nil, nil
 }
 

@@ -283,6 +283,9 @@ func TestParseReply(t *testing.T) {
 		{"array", `[1]`, "", 0, "", "not a JSON-RPC reply: the body is a JSON array, not an object"},
 		{"string", `"just a string"`, "", 0, "", "not a JSON-RPC reply: the body is a JSON string, not an object"},
 		{"empty", ``, "", 0, "", "not a JSON-RPC reply"},
+		{"result not UTF-8", "{\"id\":7,\"result\":\"\xff\xfe\"}", "", 0, "", "its result is not UTF-8"},
+		{"result not UTF-8, deeper", "{\"id\":7,\"result\":{\"a\":[\"ok\",\"\xc3\"]}}", "", 0, "", "its result is not UTF-8"},
+		{"result in UTF-8", `{"id":7,"result":"hé ☺"}`, `"hé ☺"`, 0, "", ""},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			result, appErr, err := parseReply([]byte(tc.body), 7)
