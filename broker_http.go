@@ -62,7 +62,7 @@ func (b *broker) handlePublish(w http.ResponseWriter, r *http.Request) {
 	if ce := contentCoding(r.Header["Content-Encoding"]); ce != "" {
 		// The event would carry the coded bytes under the declared type,
 		// the coding lost: a gzip body published as text/plain.
-		writeError(w, http.StatusUnsupportedMediaType, "Content-Encoding "+truncate(ce, 64)+" is not accepted: publish the body as it is")
+		refuseCoding(w, ce, "not accepted: publish the body as it is")
 		return
 	}
 	tooBigError := "message larger than " + strconv.Itoa(b.cfg.MaxPayloadBytes) + " bytes (--broker_max_payload_bytes)"
@@ -430,18 +430,4 @@ func isLocalName(host string) bool {
 func interfaceAddrs() []net.Addr {
 	addrs, _ := net.InterfaceAddrs()
 	return addrs
-}
-
-// contentCoding returns the first coding other than identity that the
-// Content-Encoding field lines list (RFC 9110 section 8.4: one list, over
-// any number of lines), or "" when the body is as it is.
-func contentCoding(lines []string) string {
-	for _, line := range lines {
-		for c := range strings.SplitSeq(line, ",") {
-			if c = strings.TrimSpace(c); c != "" && !strings.EqualFold(c, "identity") {
-				return c
-			}
-		}
-	}
-	return ""
 }

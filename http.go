@@ -94,6 +94,10 @@ func readBody(w http.ResponseWriter, r *http.Request, limit int64) ([]byte, bool
 // than to memory of its own: a handler that keeps a pooled buffer for the
 // request saves an allocation. The body is valid until buf is next written.
 func readBodyInto(w http.ResponseWriter, r *http.Request, limit int64, buf *bytes.Buffer) ([]byte, bool) {
+	if ce := contentCoding(r.Header["Content-Encoding"]); ce != "" {
+		refuseCoding(w, ce, "the sidecar reads request bodies as they are; send the body without a content coding")
+		return nil, false
+	}
 	if r.ContentLength > limit {
 		writeError(w, http.StatusRequestEntityTooLarge, "request body larger than "+itoa(limit)+" bytes (--max_body_bytes)")
 		return nil, false
@@ -185,6 +189,27 @@ func writeBodyError(w http.ResponseWriter, err error) {
 		return
 	}
 	writeError(w, http.StatusBadRequest, "reading request body: "+err.Error())
+}
+
+// refuseCoding answers a body in content coding ce with a 415 saying why,
+// naming the coding that would do (RFC 9110 section 15.5.16).
+func refuseCoding(w http.ResponseWriter, ce, why string) {
+	w.Header().Set("Accept-Encoding", "identity")
+	writeError(w, http.StatusUnsupportedMediaType, "Content-Encoding "+truncate(ce, 64)+": "+why)
+}
+
+// contentCoding returns the first coding other than identity that the
+// Content-Encoding field lines list (RFC 9110 section 8.4: one list, over
+// any number of lines), or "" when the body is as it is.
+func contentCoding(lines []string) string {
+	for _, line := range lines {
+		for c := range strings.SplitSeq(line, ",") {
+			if c = strings.TrimSpace(c); c != "" && !strings.EqualFold(c, "identity") {
+				return c
+			}
+		}
+	}
+	return ""
 }
 
 func itoa(n int64) string { return strconv.FormatInt(n, 10) }

@@ -469,10 +469,14 @@ func jsonBody(contentType string, body []byte) (bool, error) {
 	case mt == "application/json" || strings.HasSuffix(mt, "+json"):
 		return true, nil
 	case strings.HasPrefix(mt, "multipart/"):
-		return false, &callError{http.StatusUnsupportedMediaType, "multipart bodies are not supported; send form fields with curl -d, or a JSON object", nil}
+		return false, errMultipart
 	}
 	return startsJSON(body, '{', '['), nil
 }
+
+// errMultipart refuses a multipart body (curl -F) where form fields or
+// JSON are read.
+var errMultipart = &callError{http.StatusUnsupportedMediaType, "multipart bodies are not supported; send form fields with curl -d, or a JSON object", nil}
 
 // startsJSON reports whether body's first byte after white space is one of
 // opening: the start of a JSON object or array, never of form fields.
@@ -519,8 +523,12 @@ func requestFromBody(contentType string, body []byte) ([]byte, error) {
 	if validRequestJSON(b) {
 		return b, nil
 	}
-	if mt, _, _ := mime.ParseMediaType(contentType); mt == "application/x-www-form-urlencoded" && !startsJSON(b, '{', '[') {
+	mt, _, _ := mime.ParseMediaType(contentType)
+	switch {
+	case mt == "application/x-www-form-urlencoded" && !startsJSON(b, '{', '['):
 		return formObject(string(b))
+	case strings.HasPrefix(mt, "multipart/"):
+		return nil, errMultipart
 	}
 	return nil, fmt.Errorf("body is not JSON in UTF-8: %q", truncate(string(b), 64))
 }
@@ -816,7 +824,11 @@ func (s *sidecar) handlePath(w http.ResponseWriter, r *http.Request) {
 	}
 	req, err := requestFromBody(firstValue(r.Header["Content-Type"]), body)
 	if err != nil {
-		writeError(w, http.StatusBadRequest, err.Error())
+		var ce *callError
+		if !errors.As(err, &ce) {
+			err = &callError{http.StatusBadRequest, err.Error(), nil}
+		}
+		writeCallError(w, err)
 		return
 	}
 	s.rpc.serve(w, r, rpcCall{Service: service, Method: method, Request: req}, buf)

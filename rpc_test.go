@@ -1384,6 +1384,44 @@ func TestNodeCuttingItsHeadIsNotEjected(t *testing.T) {
 	}
 }
 
+// TestCodedAndMultipartBodiesAre415: no route reads a body in a content
+// coding: a 415 naming the coding, with Accept-Encoding: identity, where a
+// gzip body was a 400 about a bad form escape or bad JSON; a multipart body
+// on POST /{service}/{method} is a 415, as on /rpc, not "not JSON".
+func TestCodedAndMultipartBodiesAre415(t *testing.T) {
+	s, srv := testSidecar(t, nil)
+	register(t, s, "go.micro.srv.example", newJSONRPCApp(t, "a").addr())
+	gz := "\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\x03\xabV\xcaK\xccMU\xb2R\xf0\xca\xcf\xcbS\xaa\x05\x00"
+	for _, tc := range []struct{ path, ct, ce, body, want string }{
+		{"/rpc", "", "gzip", gz, "Content-Encoding gzip"},
+		{"/rpc", "application/json", "gzip", gz, "Content-Encoding gzip"},
+		{"/example/call", "application/json", "gzip", gz, "Content-Encoding gzip"},
+		{"/registry", "application/json", "identity, br", gz, "Content-Encoding br"},
+		{"/example/call", "multipart/form-data; boundary=x", "", "--x\r\nContent-Disposition: form-data; name=\"name\"\r\n\r\nJohn\r\n--x--\r\n", "multipart bodies are not supported"},
+	} {
+		req, _ := http.NewRequest("POST", srv.URL+tc.path, strings.NewReader(tc.body))
+		req.Header.Set("Content-Type", tc.ct)
+		if tc.ce != "" {
+			req.Header.Set("Content-Encoding", tc.ce)
+		}
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusUnsupportedMediaType || !strings.Contains(string(body), tc.want) {
+			t.Errorf("%s, %q, coding %q: %d %s; want 415 saying %q", tc.path, tc.ct, tc.ce, resp.StatusCode, body, tc.want)
+		}
+		if got := resp.Header.Get("Accept-Encoding"); tc.ce != "" && got != "identity" {
+			t.Errorf("%s, coding %q: Accept-Encoding %q; want identity", tc.path, tc.ce, got)
+		}
+	}
+	if code, body := post(t, srv.URL+"/example/call", "application/json", `{"name":"John"}`, "Content-Encoding", "identity"); code != http.StatusOK {
+		t.Errorf("Content-Encoding identity: %d %s; want the call made", code, body)
+	}
+}
+
 // TestRPCSeriesAreBounded: calls to services the registry does not know
 // share one series, whatever names clients make up, and the series of a
 // service gone are dropped once idle for a round of tidying.
