@@ -1087,7 +1087,6 @@ func (s *subscriber) writeLoop() {
 		}
 		if closing {
 			if code != 0 {
-				s.conn.SetWriteDeadline(time.Now().Add(closeGrace))
 				writeClose(s.ws, code, reason)
 				// Half-close and give the peer a moment to answer the
 				// close, which ends the reader (RFC 6455 section 7.1.1).

@@ -9,6 +9,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/http/httptest"
 	"regexp"
 	"runtime"
 	"strings"
@@ -385,4 +386,21 @@ func TestFailedPingGivesTheBatchBack(t *testing.T) {
 	s.broker.publish("leak", payloadText, "text/plain", []byte(strings.Repeat("x", 1000)))
 	waitFor(t, 5*time.Second, "the subscriber to go", func() bool { return subCount(s.broker) == 0 })
 	waitFor(t, 5*time.Second, "held bytes back to 0", func() bool { return s.broker.held.Load() == 0 })
+}
+
+// TestCloseFrameGoesOutOnAQuietConnection: a close frame is sent however
+// long ago the last frame set a write deadline. A registry watch quiet for
+// over 10 s (its events' deadline) lost its 1001 at shutdown and its 1009
+// for a bad frame: the write failed at once, and the client saw the
+// connection drop.
+func TestCloseFrameGoesOutOnAQuietConnection(t *testing.T) {
+	srv := httptest.NewServer(wsServer(func(c *websocket.Conn) {
+		c.SetWriteDeadline(time.Now().Add(-time.Second)) // an event's deadline, passed
+		writeClose(c, closeGoingAway, "sidecar shutting down")
+	}))
+	defer srv.Close()
+	ws := dialRaw(t, strings.TrimPrefix(srv.URL, "http://"), "/")
+	if code, reason := ws.closeCode(t); code != closeGoingAway || reason != "sidecar shutting down" {
+		t.Errorf("close %d %q; want 1001", code, reason)
+	}
 }

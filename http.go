@@ -583,8 +583,11 @@ func writeControl(c *websocket.Conn, opcode byte, payload []byte) error {
 }
 
 // writeClose sends a close frame with a status code (RFC 6455 section
-// 7.4.1) and a reason, which must stay under 123 bytes.
+// 7.4.1) and a reason, which must stay under 123 bytes, within closeGrace:
+// a write deadline an earlier frame set may have passed on a quiet
+// connection, and the frame would fail at once, unsent.
 func writeClose(c *websocket.Conn, code int, reason string) error {
+	c.SetWriteDeadline(time.Now().Add(closeGrace))
 	payload := make([]byte, 2, 2+len(reason))
 	binary.BigEndian.PutUint16(payload, uint16(code))
 	payload = append(payload, truncate(reason, 120)...)
@@ -628,7 +631,6 @@ func queryOf(w http.ResponseWriter, r *http.Request, takes ...string) (url.Value
 // peer's close as io.EOF and sends nothing back. The caller closes the
 // connection, and must be its only writer of data frames: none may follow.
 func answerClose(c *websocket.Conn, code int) {
-	c.SetWriteDeadline(time.Now().Add(closeGrace))
 	writeClose(c, code, "")
 }
 
