@@ -402,10 +402,12 @@ func unknownVariables(fs *flag.FlagSet, environ []string) []string {
 		name, _, _ := strings.Cut(kv, "=")
 		upper := strings.ToUpper(name)
 		rest, ok := strings.CutPrefix(upper, "MICRO_")
-		if !ok || upper == "MICRO_PPROF_ADDRESS" || strings.HasPrefix(upper, "MICRO_TEST") {
-			continue
+		if !ok || upper == "MICRO_PPROF_ADDRESS" && profilerBuilt || strings.HasPrefix(upper, "MICRO_TEST") {
+			continue // the profiler's; the tests' own
 		}
 		switch {
+		case upper == "MICRO_PPROF_ADDRESS":
+			out = append(out, name+" is read only by a build with the profiler (go build -tags pprof); this one has none")
 		case fs.Lookup(strings.ToLower(rest)) == nil:
 			out = append(out, name+" names no flag (micro sidecar --help lists them)")
 		case name != upper && runtime.GOOS != "windows": // where names are read in any case

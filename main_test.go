@@ -410,6 +410,13 @@ func TestIneffectiveFlagFromEnvironment(t *testing.T) {
 	if !slices.Contains(cfg.ignored, "micro_namespace is not read: spell it MICRO_NAMESPACE") {
 		t.Errorf("a variable in lower case: noted %q; want it noted", cfg.ignored)
 	}
+	t.Setenv("MICRO_PPROF_ADDRESS", "127.0.0.1:6060")
+	profiled, _ := parseSidecarFlags([]string{"--registry=memory"}, io.Discard, env())
+	if noted := slices.ContainsFunc(profiled.ignored, func(s string) bool {
+		return strings.HasPrefix(s, "MICRO_PPROF_ADDRESS is read only by a build with the profiler")
+	}); noted == profilerBuilt {
+		t.Errorf("MICRO_PPROF_ADDRESS, profiler built %v: noted %q", profilerBuilt, profiled.ignored)
+	}
 	if cfg.Registry != "memory" || cfg.LogFormat != "json" {
 		t.Errorf("choices in upper case: registry %q, log format %q; want them taken", cfg.Registry, cfg.LogFormat)
 	}

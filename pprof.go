@@ -14,6 +14,9 @@ import (
 	"os"
 )
 
+// profilerBuilt says MICRO_PPROF_ADDRESS is read (see unknownVariables).
+const profilerBuilt = true
+
 func init() {
 	addr := os.Getenv("MICRO_PPROF_ADDRESS")
 	if addr == "" {

@@ -266,19 +266,25 @@ func (f *fileBackend) keepsFunc() func(string) bool {
 
 // deregisterAll removes every service of ss in one rewrite of the file.
 func (f *fileBackend) deregisterAll(ss []Service) error {
-	drop := map[string]bool{}
+	drop := map[string]string{} // key: the version named, "" for any
 	for _, s := range ss {
 		for _, k := range keysOf(s) {
-			drop[k] = true
+			drop[k] = s.Version
 		}
 	}
+	// The version is checked here too, under the lock: the table's filter
+	// (nodesToDeregister) may not yet have seen a node another sidecar
+	// registered under another version moments ago.
+	named := func(r record) bool { v, ok := drop[r.key()]; return ok && (v == "" || v == r.Version) }
 	return f.update(func(recs []record) ([]record, bool) {
-		for k := range drop {
-			delete(f.wrote, k)
+		for k, r := range f.wrote {
+			if named(r) {
+				delete(f.wrote, k)
+			}
 		}
 		keep := recs[:0]
 		for _, r := range recs {
-			if !drop[r.key()] {
+			if !named(r) {
 				keep = append(keep, r)
 			}
 		}

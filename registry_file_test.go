@@ -472,3 +472,31 @@ func TestRefreshPutsTheSidecarsOwnBackFirst(t *testing.T) {
 		t.Error("the app's entry was left out for a client's")
 	}
 }
+
+// TestFileDeleteKeepsAnotherVersion: a DELETE naming a version removes no
+// node of another version, though the sidecar that takes it has yet to
+// read the node from the file (its table's filter then lets it through):
+// the version in the file decides, under the lock.
+func TestFileDeleteKeepsAnotherVersion(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "registry.json")
+	a, b := newTestFileBackend(t, path, 0), newTestFileBackend(t, path, 0)
+	v1 := nodeService("ver", "n1")
+	v1.Version = "1.0"
+	if err := a.register(v1, time.Hour); err != nil {
+		t.Fatal(err)
+	}
+	v2 := nodeService("ver", "n1")
+	v2.Version = "2.0"
+	if err := b.deregister(v2); err != nil {
+		t.Fatal(err)
+	}
+	if !tableHasNode(b.t, "ver", "n1") {
+		t.Errorf("a DELETE of version 2.0 removed the node registered under 1.0")
+	}
+	if err := b.deregister(nodeService("ver", "n1")); err != nil {
+		t.Fatal(err)
+	}
+	if tableHasNode(b.t, "ver", "n1") {
+		t.Errorf("a DELETE naming no version left the node")
+	}
+}
