@@ -346,6 +346,33 @@ func lockFile(path string) (func(), error) {
 
 // lockFileWithin is lockFile, giving up after timeout, or when ctx ends.
 func lockFileWithin(ctx context.Context, path string, timeout time.Duration) (func(), error) {
+	deadline := time.Now().Add(timeout)
+	for {
+		fh, err := openLockFile(path)
+		if err != nil {
+			return nil, err
+		}
+		if err := waitLock(ctx, fh, deadline, timeout); err != nil {
+			fh.Close()
+			return nil, err
+		}
+		if lockedAtPath(fh, path) {
+			return func() { unlock(fh); fh.Close() }, nil
+		}
+		// The lock file was deleted or replaced while this waited (by
+		// hand, by a cleaner of old files): a sidecar that opened the one
+		// at path now may hold its lock, and two writers would lose each
+		// other's changes. That one is the lock.
+		unlock(fh)
+		fh.Close()
+		if time.Now().After(deadline) {
+			return nil, fmt.Errorf("the lock file was deleted or replaced again and again for %v", timeout)
+		}
+	}
+}
+
+// openLockFile opens the lock file at path, creating it.
+func openLockFile(path string) (*os.File, error) {
 	fh, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o644)
 	if errors.Is(err, fs.ErrPermission) {
 		// Another user's lock file: a lock needs no write access to it.
@@ -356,29 +383,37 @@ func lockFileWithin(ctx context.Context, path string, timeout time.Duration) (fu
 			err = nil
 		}
 	}
-	if err != nil {
-		return nil, err
-	}
-	deadline := time.Now().Add(timeout)
+	return fh, err
+}
+
+// waitLock takes the lock on fh, polling until deadline or ctx's end.
+func waitLock(ctx context.Context, fh *os.File, deadline time.Time, timeout time.Duration) error {
 	for wait := 100 * time.Microsecond; ; wait = min(2*wait, 10*time.Millisecond) {
 		locked, err := tryLock(fh)
 		switch {
 		case err != nil:
-			fh.Close()
-			return nil, err
+			return err
 		case locked:
-			return func() { unlock(fh); fh.Close() }, nil
+			return nil
 		case time.Now().After(deadline):
-			fh.Close()
-			return nil, fmt.Errorf("held by another process for over %v: is one stuck?", timeout)
+			return fmt.Errorf("held by another process for over %v: is one stuck?", timeout)
 		}
 		select {
 		case <-ctx.Done():
-			fh.Close()
-			return nil, ctx.Err()
+			return ctx.Err()
 		case <-time.After(wait):
 		}
 	}
+}
+
+// lockedAtPath reports whether fh, locked, is still the file at path.
+func lockedAtPath(fh *os.File, path string) bool {
+	held, err := fh.Stat()
+	if err != nil {
+		return false
+	}
+	now, err := os.Stat(path)
+	return err == nil && os.SameFile(held, now)
 }
 
 // update applies change to the file's live records under the lock and

@@ -500,3 +500,53 @@ func TestFileDeleteKeepsAnotherVersion(t *testing.T) {
 		t.Errorf("a DELETE naming no version left the node")
 	}
 }
+
+// openCount counts this process's descriptors open on path (Linux).
+func openCount(t *testing.T, path string) int {
+	t.Helper()
+	fds, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		t.Skipf("no /proc/self/fd: %v", err)
+	}
+	n := 0
+	for _, fd := range fds {
+		if target, _ := os.Readlink("/proc/self/fd/" + fd.Name()); target == path || target == path+" (deleted)" {
+			n++
+		}
+	}
+	return n
+}
+
+// TestLockFileDeletedIsNoSecondLock: a lock file deleted while a sidecar
+// held it and another waited on it (by hand, or by a cleaner of old files)
+// gave two writers the lock: the waiter, once the holder let go of the
+// deleted file, and a newcomer, on the new file at the path; each then
+// lost the other's changes. The waiter now takes the file at the path.
+func TestLockFileDeletedIsNoSecondLock(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "registry.json.lock")
+	releaseFirst, err := lockFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	waited := make(chan error, 1)
+	go func() {
+		release, err := lockFileWithin(t.Context(), path, 2*time.Second)
+		if err == nil {
+			release()
+		}
+		waited <- err
+	}()
+	waitFor(t, 5*time.Second, "the waiter to open the lock file", func() bool { return openCount(t, path) == 2 })
+	if err := os.Remove(path); err != nil {
+		t.Fatal(err)
+	}
+	releaseNew, err := lockFile(path) // a newcomer, on a new file
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer releaseNew()
+	releaseFirst()
+	if err := <-waited; err == nil {
+		t.Errorf("the waiter got a lock while the newcomer held the lock file at the path")
+	}
+}
