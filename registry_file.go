@@ -12,6 +12,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"syscall"
 	"time"
 )
 
@@ -46,13 +47,20 @@ type fileBackend struct {
 	// after the update installed its own, hiding a node just registered.
 	ioMu sync.Mutex
 
-	mu      sync.Mutex // guards lastSig, badSig, lastErr, started, lastSkipped, changed
+	mu      sync.Mutex // guards lastSig, badSig, lastErr, writeErr, probedAt, started, lastSkipped, changed
 	lastSig fileSig
 	// badSig is the version of the file last found unreadable (corrupt, or
 	// a newer format): polls leave it alone until it changes, rather than
 	// parse up to 64 MiB ten times a second to fail the same way.
 	badSig  fileSig
 	lastErr error
+	// writeErr is why the last write failed (a directory turned
+	// read-only, a full disk), nil once one succeeds. Reads and the lock
+	// may work all the while: a failure cleared by them would report a
+	// registry that no write reaches, the app's entry lapsing, as well.
+	writeErr   error
+	probedAt   time.Time                                   // the last probe of whether writes work again
+	createTemp func(dir, pattern string) (*os.File, error) // os.CreateTemp
 	// started is set once the first write went through: a failure before
 	// it stops the start and is the caller's to report, not fail's too.
 	started bool
@@ -124,7 +132,7 @@ func newFileBackend(ctx context.Context, path string, t *table, log *slog.Logger
 		return nil, fmt.Errorf("file registry: %w (choose a file's path for --registry_address)", err)
 	}
 	removeStaleTemps(filepath.Dir(path), time.Now())
-	f := &fileBackend{path: path, t: t, log: log, now: time.Now,
+	f := &fileBackend{path: path, t: t, log: log, now: time.Now, createTemp: os.CreateTemp,
 		wrote: map[string]record{}, contested: logLimiter{every: 10 * time.Minute}}
 	// The first write waits for the lock within ctx: a signal stops a
 	// start held up by a stuck process's lock at once. A wait is said, as
@@ -465,9 +473,11 @@ func (f *fileBackend) updateWithin(ctx context.Context, change func([]record) ([
 		if errors.Is(err, errTableFull) {
 			return err // this change is too large, the registry is well
 		}
+		f.setWriteErr(err)
 		return f.fail(err)
 	}
 	f.t.replace(recs, f.now())
+	f.setWriteErr(nil)
 	f.fail(nil)
 	if others {
 		// poll, finding this write, will not see the change before it.
@@ -648,37 +658,76 @@ func (f *fileBackend) write(recs []record) error {
 	if fi, err := os.Stat(f.path); err == nil {
 		mode = fi.Mode().Perm() // as its owner set it: metadata may be private
 	}
-	tmp, err := os.CreateTemp(filepath.Dir(f.path), tempPattern)
+	tmp, err := f.writeTemp(append(data, '\n'))
 	if err != nil {
+		return err
+	}
+	defer os.Remove(tmp)
+	if err := os.Chmod(tmp, mode); err != nil {
 		return fmt.Errorf("file registry: %w", err)
 	}
-	defer os.Remove(tmp.Name())
-	if _, err := tmp.Write(append(data, '\n')); err != nil {
-		tmp.Close()
-		return fmt.Errorf("file registry: write: %w", err)
-	}
-	if err := tmp.Sync(); err != nil {
-		tmp.Close()
-		return fmt.Errorf("file registry: sync: %w", err)
-	}
-	if err := tmp.Close(); err != nil {
-		return fmt.Errorf("file registry: %w", err)
-	}
-	if err := os.Chmod(tmp.Name(), mode); err != nil {
-		return fmt.Errorf("file registry: %w", err)
-	}
-	if err := os.Rename(tmp.Name(), f.path); err != nil {
+	if err := os.Rename(tmp, f.path); err != nil {
 		return fmt.Errorf("file registry: rename into place: %w", err)
 	}
 	f.remember()
 	return nil
 }
 
+// writeTemp writes data to a new temporary file beside the registry file
+// and returns its name. Its error names the registry file, not the
+// temporary one, whose name changes with every try (and the log says a
+// failure again only when its text changes).
+func (f *fileBackend) writeTemp(data []byte) (string, error) {
+	tmp, err := f.createTemp(filepath.Dir(f.path), tempPattern)
+	if err != nil {
+		return "", f.writeFailure(err)
+	}
+	_, err = tmp.Write(data)
+	if err == nil {
+		err = tmp.Sync()
+	}
+	if cerr := tmp.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		os.Remove(tmp.Name())
+		return "", f.writeFailure(err)
+	}
+	return tmp.Name(), nil
+}
+
+// writeFailure says that a file could not be written beside the registry
+// file, and what may help.
+func (f *fileBackend) writeFailure(err error) error {
+	var pe *fs.PathError
+	if errors.As(err, &pe) {
+		err = pe.Err // the temporary file's name is no help
+	}
+	hint := ""
+	switch {
+	case errors.Is(err, fs.ErrPermission):
+		hint = " (choose a writable --registry_address)"
+	case errors.Is(err, syscall.ENOSPC):
+		hint = " (its file system is full)"
+	}
+	return fmt.Errorf("file registry: cannot write a new %s beside it in %s: %w%s", filepath.Base(f.path), filepath.Dir(f.path), err, hint)
+}
+
+func (f *fileBackend) setWriteErr(err error) {
+	f.mu.Lock()
+	f.writeErr = err
+	f.mu.Unlock()
+}
+
 // fail records the backend's latest error for /health, logging a change of
-// state once rather than on every poll, and returns err.
+// state once rather than on every poll, and returns err. A nil err (reads
+// work) leaves a write failure standing.
 func (f *fileBackend) fail(err error) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	if err == nil {
+		err = f.writeErr
+	}
 	switch {
 	case !f.started:
 	case err != nil && (f.lastErr == nil || f.lastErr.Error() != err.Error()):
@@ -796,6 +845,7 @@ func (f *fileBackend) recheck() {
 	if f.status() == nil {
 		return
 	}
+	f.probeWrites()
 	unlock, err := lockFileWithin(context.Background(), f.path+".lock", 10*time.Millisecond)
 	if err != nil {
 		return // still held, or still failing: the failure stands
@@ -803,6 +853,30 @@ func (f *fileBackend) recheck() {
 	defer unlock()
 	if _, err := f.readFile(); err == nil {
 		f.fail(nil)
+	}
+}
+
+// probeWrites clears a write failure once a file as large as the
+// registry's can be written beside it again, trying at most once a second:
+// a sidecar with nothing more to write would report the failure for ever.
+func (f *fileBackend) probeWrites() {
+	now := f.now()
+	f.mu.Lock()
+	due := f.writeErr != nil && now.Sub(f.probedAt) >= time.Second
+	if due {
+		f.probedAt = now
+	}
+	f.mu.Unlock()
+	if !due {
+		return
+	}
+	size := int64(0)
+	if fi, err := os.Stat(f.path); err == nil {
+		size = fi.Size()
+	}
+	if tmp, err := f.writeTemp(make([]byte, size+1)); err == nil {
+		os.Remove(tmp)
+		f.setWriteErr(nil)
 	}
 }
 

@@ -5,12 +5,14 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"log/slog"
 	"os"
 	"path/filepath"
 	"slices"
 	"strings"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -548,5 +550,40 @@ func TestLockFileDeletedIsNoSecondLock(t *testing.T) {
 	releaseFirst()
 	if err := <-waited; err == nil {
 		t.Errorf("the waiter got a lock while the newcomer held the lock file at the path")
+	}
+}
+
+// TestFileWriteFailureStands: a write that fails (a directory turned
+// read-only, a full disk) is the registry's failure until a write works
+// again, though the lock can be had and the file read: polls cleared it
+// within 100 ms, /health said ok while the app's entry lapsed everywhere.
+// It names the registry file, not a temporary file's changing name, and
+// clears once writes work, also with nothing more to write.
+func TestFileWriteFailureStands(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "registry.json")
+	fb := newTestFileBackend(t, path, 0)
+	if err := fb.register(nodeService("before", "n1"), time.Hour); err != nil {
+		t.Fatal(err)
+	}
+	fb.close() // the polls are this test's from here
+	clock := time.Now()
+	fb.now = func() time.Time { return clock }
+	full := &fs.PathError{Op: "write", Path: "/x/.registry-123.tmp", Err: syscall.ENOSPC}
+	fb.createTemp = func(string, string) (*os.File, error) { return nil, full }
+	err := fb.register(nodeService("during", "n1"), time.Hour)
+	if err == nil || !strings.Contains(err.Error(), "cannot write a new registry.json") || !strings.Contains(err.Error(), "file system is full") || strings.Contains(err.Error(), ".registry-123.tmp") {
+		t.Fatalf("the failed write: %v; want it to name the registry file and the full disk", err)
+	}
+	for range 3 {
+		fb.poll()
+		clock = clock.Add(2 * time.Second) // past the probes' second
+	}
+	if fb.status() == nil {
+		t.Errorf("polls cleared the write failure while writes still fail")
+	}
+	fb.createTemp = os.CreateTemp
+	fb.poll() // nothing more to write: the probe finds writes work
+	if err := fb.status(); err != nil {
+		t.Errorf("writes work again, still failing: %v", err)
 	}
 }
