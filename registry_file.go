@@ -825,7 +825,9 @@ func (f *fileBackend) poll() {
 // by hand, and tells the registry, which writes again at once what it
 // keeps and finds gone.
 func (f *fileBackend) othersInstalled(sig fileSig, held int) {
-	if sig.size == 0 && held > 0 { // no sidecar writes an empty file, nor deletes it
+	if _, err := os.Stat(filepath.Dir(f.path)); sig.size == 0 && held > 0 && errors.Is(err, fs.ErrNotExist) {
+		f.log.Warn("file registry: the registry's directory is gone: writes fail until it is back", "path", f.path, "nodes_lost", held)
+	} else if sig.size == 0 && held > 0 { // no sidecar writes an empty file, nor deletes it
 		f.log.Warn("file registry: the file was deleted or emptied by hand; every sidecar writes its own entries again now, and entries posted with ?ttl= are gone until posted again",
 			"path", f.path, "nodes_lost", held)
 	}

@@ -587,3 +587,29 @@ func TestFileWriteFailureStands(t *testing.T) {
 		t.Errorf("writes work again, still failing: %v", err)
 	}
 }
+
+// TestFileDirectoryGoneIsSaid: a registry whose directory is removed is
+// not "deleted or emptied by hand" with "every sidecar writes its own
+// entries again": no write can be made until the directory is back.
+func TestFileDirectoryGoneIsSaid(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "reg")
+	if err := os.Mkdir(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	var log syncBuffer
+	fb, err := newFileBackend(t.Context(), filepath.Join(dir, "reg.json"), newTable(0), slog.New(slog.NewTextHandler(&log, nil)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { fb.close() })
+	if err := fb.register(nodeService("s", "n1"), time.Hour); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.RemoveAll(dir); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 5*time.Second, "the sidecar to notice", func() bool { return strings.Contains(log.String(), "directory is gone") })
+	if strings.Contains(log.String(), "deleted or emptied by hand") {
+		t.Errorf("the log says the file was emptied by hand:\n%s", log.String())
+	}
+}
