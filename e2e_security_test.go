@@ -355,6 +355,17 @@ func TestTLS(t *testing.T) {
 	if resp, err := http.Get("http://" + p.addr + "/registry"); err == nil && resp.StatusCode < 400 {
 		t.Errorf("plain HTTP to a TLS sidecar succeeded: %d", resp.StatusCode)
 	}
+	// An HTTP/1.0 client offering only http/1.0 (curl --http1.0).
+	if c, err := tls.Dial("tcp", p.addr, &tls.Config{RootCAs: pool, NextProtos: []string{"http/1.0"}}); err != nil {
+		t.Errorf("a TLS handshake offering http/1.0: %v", err)
+	} else {
+		c.SetDeadline(time.Now().Add(10 * time.Second))
+		io.WriteString(c, "GET /health HTTP/1.0\r\n\r\n")
+		if resp, err := http.ReadResponse(bufio.NewReader(c), nil); err != nil || resp.StatusCode != 200 {
+			t.Errorf("HTTP/1.0 over TLS: %v %v; want 200", resp, err)
+		}
+		c.Close()
+	}
 	for _, path := range []string{"/broker?topic=t", "/registry?watch=1"} { // the hint names the scheme in use
 		resp, err := client.Get("https://" + p.addr + path)
 		if err != nil {
@@ -1130,5 +1141,49 @@ func TestBrokerForwardsBetweenTLSAndPlain(t *testing.T) {
 	waitFor(t, 10*time.Second, "the plain sidecar's subscriber to get it", func() bool { return sub.total() == 1 })
 	if !strings.Contains(tlsSide.log.String(), "messages cross the network unencrypted") {
 		t.Errorf("the TLS sidecar forwards in plain HTTP without a warning:\n%s", tlsSide.log.String())
+	}
+}
+
+// TestTLSToAPlainServerIsNotSpoken: a TLS connection to a server that
+// answers in plain HTTP is a TLS failure (nothing was delivered: a broker
+// peer's queue groups go to other members; etcd's hint says use http://).
+// net/http's client reports it as ErrSchemeMismatch, which hides the
+// record error, and it passed for a failure that may have delivered.
+func TestTLSToAPlainServerIsNotSpoken(t *testing.T) {
+	plain := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {}))
+	defer plain.Close()
+	_, err := http.Get("https://" + strings.TrimPrefix(plain.URL, "http://") + "/")
+	if got := tlsFailureOf(err); got != tlsNotSpoken {
+		t.Errorf("https:// to a plain server (%v): %v; want tlsNotSpoken", err, got)
+	}
+}
+
+// TestTLSToThePlainPortIsAnsweredAtOnce: a client speaking TLS to the
+// sidecar's plain port (https:// for http://, a peer by a stale https://
+// entry) gets a 400 saying so at once. The fast path waited for a whole
+// head, which a TLS hello never makes, until --read_header_timeout, and
+// answered nothing; a peer's forward then timed out as "may have been
+// delivered" instead of going to another member.
+func TestTLSToThePlainPortIsAnsweredAtOnce(t *testing.T) {
+	p := startSidecar(t, "--registry=memory", "--read_header_timeout=60s")
+	client := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{TLSClientConfig: &tls.Config{InsecureSkipVerify: true}}}
+	_, err := client.Get("https://" + p.addr + "/health")
+	if got := tlsFailureOf(err); got != tlsNotSpoken {
+		t.Errorf("https:// to the plain port: %v (%v); want an answer in plain HTTP", err, got)
+	}
+	c, err := net.Dial("tcp", p.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	c.Write([]byte{0x16, 0x03, 0x01, 0x00, 0x05, 0x01, 0x00, 0x00, 0x01, 0x03}) // a TLS record's start: no line end
+	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+	if err != nil {
+		t.Fatalf("no answer: %v", err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	if resp.StatusCode != http.StatusBadRequest || !strings.Contains(string(body), "use http://, not https://") {
+		t.Errorf("a TLS hello: %d %s; want 400 saying to use http://", resp.StatusCode, body)
 	}
 }

@@ -173,7 +173,7 @@ func tlsFailureOf(err error) tlsFailure {
 	switch {
 	case errors.As(err, &verify):
 		return tlsUntrusted
-	case errors.As(err, &record):
+	case errors.As(err, &record), errors.Is(err, http.ErrSchemeMismatch): // a plain HTTP answer, which net/http's client turns into the second
 		return tlsNotSpoken
 	case errors.As(err, &op) && op.Op == "remote error":
 		return tlsRefused

@@ -223,9 +223,12 @@ func (c *serverConn) serve() {
 			return // closed by Shutdown
 		}
 		if err != nil {
-			if errors.Is(err, errHandOff) {
+			switch {
+			case errors.Is(err, errHandOff):
 				keep = true
 				c.handOff()
+			case err == errTLSOnPlainPort:
+				c.refuse(http.StatusBadRequest, err.Error())
 			}
 			return
 		}
@@ -289,6 +292,16 @@ func (c *serverConn) refuse(code int, detail string) {
 // errHandOff is a request the fast path leaves to net/http.
 var errHandOff = errors.New("request for net/http")
 
+// tlsHandshakeRecord is the first byte of a TLS connection (RFC 8446
+// section 5.1: a handshake record), which no request line starts with.
+const tlsHandshakeRecord = 0x16
+
+// errTLSOnPlainPort is a client that speaks TLS to this plain-HTTP
+// server. Its hello has no blank line: waiting for a whole head, the
+// server would keep it for --read_header_timeout, a peer sidecar
+// forwarding to a stale https:// entry too, and answer nothing.
+var errTLSOnPlainPort = errors.New("the client began a TLS handshake, and this port speaks plain HTTP: use http://, not https:// (or start the sidecar with --tls_cert_file and --tls_key_file)")
+
 // readHead waits until the buffer holds a whole request head and returns
 // its length, blank line included. Heads larger than the buffer are handed
 // off, and so are bare-LF heads: those that have ended here, and those
@@ -310,6 +323,9 @@ func (c *serverConn) readHead() (int, error) {
 		for len(buf) > 0 && skipped < 4 && (buf[0] == '\r' || buf[0] == '\n') {
 			c.br.Discard(1)
 			buf, skipped = buf[1:], skipped+1
+		}
+		if len(buf) > 0 && buf[0] == tlsHandshakeRecord {
+			return 0, errTLSOnPlainPort
 		}
 		if i := bytes.Index(buf, []byte("\n\r\n")); i >= 0 {
 			return i + 3, nil
