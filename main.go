@@ -1000,6 +1000,9 @@ func runSidecar(ctx context.Context, cfg config, logOut io.Writer, deregistered 
 	shutdown := srv.Shutdown
 	if cfg.TLSCertFile != "" {
 		scheme = "https"
+		// An HTTP/1.0 client may offer only http/1.0 (curl --http1.0), and
+		// crypto/tls refuses a client none of whose protocols it serves.
+		srv.TLSConfig = &tls.Config{NextProtos: []string{"h2", "http/1.1", "http/1.0"}}
 		go func() { serveErr <- srv.ServeTLS(ln, cfg.TLSCertFile, cfg.TLSKeyFile) }()
 	} else {
 		fast := newServer(routes, srv, log)
