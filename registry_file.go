@@ -61,6 +61,7 @@ type fileBackend struct {
 	writeErr   error
 	probedAt   time.Time                                   // the last probe of whether writes work again
 	createTemp func(dir, pattern string) (*os.File, error) // os.CreateTemp
+	rename     func(from, to string) error                 // os.Rename
 	// started is set once the first write went through: a failure before
 	// it stops the start and is the caller's to report, not fail's too.
 	started bool
@@ -132,7 +133,7 @@ func newFileBackend(ctx context.Context, path string, t *table, log *slog.Logger
 		return nil, fmt.Errorf("file registry: %w (choose a file's path for --registry_address)", err)
 	}
 	removeStaleTemps(filepath.Dir(path), time.Now())
-	f := &fileBackend{path: path, t: t, log: log, now: time.Now, createTemp: os.CreateTemp,
+	f := &fileBackend{path: path, t: t, log: log, now: time.Now, createTemp: os.CreateTemp, rename: os.Rename,
 		wrote: map[string]record{}, contested: logLimiter{every: 10 * time.Minute}}
 	// The first write waits for the lock within ctx: a signal stops a
 	// start held up by a stuck process's lock at once. A wait is said, as
@@ -435,6 +436,11 @@ func (f *fileBackend) update(change func([]record) ([]record, bool)) error {
 func (f *fileBackend) updateWithin(ctx context.Context, change func([]record) ([]record, bool)) error {
 	f.ioMu.Lock()
 	defer f.ioMu.Unlock()
+	return f.updateLocked(ctx, change)
+}
+
+// updateLocked is updateWithin, with ioMu held.
+func (f *fileBackend) updateLocked(ctx context.Context, change func([]record) ([]record, bool)) error {
 	unlock, err := lockFileWithin(ctx, f.path+".lock", lockTimeout)
 	if err != nil {
 		if ctx.Err() != nil {
@@ -664,10 +670,10 @@ func (f *fileBackend) write(recs []record) error {
 	}
 	defer os.Remove(tmp)
 	if err := os.Chmod(tmp, mode); err != nil {
-		return fmt.Errorf("file registry: %w", err)
+		return f.writeFailure(err)
 	}
-	if err := os.Rename(tmp, f.path); err != nil {
-		return fmt.Errorf("file registry: rename into place: %w", err)
+	if err := f.rename(tmp, f.path); err != nil {
+		return f.writeFailure(err)
 	}
 	f.remember()
 	return nil
@@ -700,8 +706,12 @@ func (f *fileBackend) writeTemp(data []byte) (string, error) {
 // file, and what may help.
 func (f *fileBackend) writeFailure(err error) error {
 	var pe *fs.PathError
-	if errors.As(err, &pe) {
+	var le *os.LinkError
+	switch {
+	case errors.As(err, &pe):
 		err = pe.Err // the temporary file's name is no help
+	case errors.As(err, &le):
+		err = le.Err
 	}
 	hint := ""
 	switch {
@@ -858,9 +868,9 @@ func (f *fileBackend) recheck() {
 	}
 }
 
-// probeWrites clears a write failure once a file as large as the
-// registry's can be written beside it again, trying at most once a second:
-// a sidecar with nothing more to write would report the failure for ever.
+// probeWrites clears a write failure once the file can be written again,
+// trying at most once a second: a sidecar with nothing more to write would
+// report the failure for ever. poll calls it, with ioMu held.
 func (f *fileBackend) probeWrites() {
 	now := f.now()
 	f.mu.Lock()
@@ -872,14 +882,10 @@ func (f *fileBackend) probeWrites() {
 	if !due {
 		return
 	}
-	size := int64(0)
-	if fi, err := os.Stat(f.path); err == nil {
-		size = fi.Size()
-	}
-	if tmp, err := f.writeTemp(make([]byte, size+1)); err == nil {
-		os.Remove(tmp)
-		f.setWriteErr(nil)
-	}
+	// The file written again as it is: a write works only when all of it
+	// does (a file written beside it may be, and the rename into place
+	// still refused, as in a sticky directory another user's file).
+	f.updateLocked(context.Background(), func(recs []record) ([]record, bool) { return recs, true })
 }
 
 // tempPattern names the temporary files writes rename into place.

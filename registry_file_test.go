@@ -582,6 +582,17 @@ func TestFileWriteFailureStands(t *testing.T) {
 		t.Errorf("polls cleared the write failure while writes still fail")
 	}
 	fb.createTemp = os.CreateTemp
+	// A file written beside it, and its rename into place refused (in a
+	// sticky directory, another user's file): writes still fail.
+	fb.rename = func(from, to string) error {
+		return &os.LinkError{Op: "rename", Old: from, New: to, Err: syscall.EPERM}
+	}
+	fb.poll()
+	clock = clock.Add(2 * time.Second)
+	if err := fb.status(); err == nil || strings.Contains(err.Error(), ".tmp") {
+		t.Errorf("the rename refused: %v; want the failure standing, naming no temporary file", err)
+	}
+	fb.rename = os.Rename
 	fb.poll() // nothing more to write: the probe finds writes work
 	if err := fb.status(); err != nil {
 		t.Errorf("writes work again, still failing: %v", err)
