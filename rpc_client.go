@@ -645,11 +645,12 @@ func readResponseHeader(br *bufio.Reader, header *[]string) (responseHead, error
 	return h, headCut(err)
 }
 
-// headCut is the error of an answer's head that broke off after its first
-// byte: the node answered, if brokenly, and is not ejected as a failing
-// connection (badAnswer; isConnFailure no longer sees the end or reset).
+// headCut is the error of an answer's head that the node ended after its
+// first byte: it answered, if brokenly, and is not ejected as a failing
+// connection (badAnswer; isConnFailure no longer sees the end). A reset
+// is a failing connection's, as ever.
 func headCut(err error) error {
-	if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, syscall.ECONNRESET) {
+	if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
 		return fmt.Errorf("%w: the node closed the connection in the middle of its head (%v)", errMalformedResponse, err)
 	}
 	return err
