@@ -62,9 +62,14 @@ func (a *appRegistration) down() {
 	a.erase()
 }
 
-// erase makes one attempt at taking the app out; writeMu is held.
+// erase makes one attempt at taking the app out; writeMu is held. The
+// node id is the app's, under any version: an earlier run's entry under
+// the version it had (an upgrade keeping --server_id) goes too, where a
+// version named would keep it (the file registry's DELETE rule).
 func (a *appRegistration) erase() {
-	a.settle(a.reg.Deregister(a.app), "deregistered", "deregistering")
+	anyVersion := a.app
+	anyVersion.Version = ""
+	a.settle(a.reg.Deregister(anyVersion), "deregistered", "deregistering")
 }
 
 // follow hands the health checks' verdict to run, which keeps the

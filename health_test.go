@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net/http"
 	"net/http/httptest"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -232,6 +233,26 @@ func TestFailingAppLosesAnEarlierRunsEntry(t *testing.T) {
 	if a.registered() {
 		t.Errorf("a failing app counts as registered")
 	}
+}
+
+// TestFailingAppLosesAnEarlierRunsEntryOfAnotherVersion: so it does when
+// the earlier run registered another version (an upgrade keeping
+// --server_id), in the file registry too, whose removals name a version
+// to remove only nodes of that version.
+func TestFailingAppLosesAnEarlierRunsEntryOfAnotherVersion(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "registry.json")
+	fb := newTestFileBackend(t, path, 10)
+	r := &registry{table: fb.t, backend: fb, ttl: time.Minute, now: time.Now, owned: map[string]Service{}}
+	old := Service{Name: "app", Version: "1.0", Nodes: []Node{{ID: "app-1", Address: "127.0.0.1", Port: 1}}}
+	if err := fb.register(old, time.Minute); err != nil { // the earlier run's
+		t.Fatal(err)
+	}
+	app := old
+	app.Version = "2.0"
+	a := newAppRegistration(r, app, "app-1", discardLog, time.Minute)
+	go a.run(t.Context())
+	a.follow(false)
+	waitFor(t, 5*time.Second, "the earlier run's entry to go", func() bool { return !fb.t.holds("app", "app-1") })
 }
 
 // TestChecksRunEveryIntervalFromTheirStart: the wait after a check is what
