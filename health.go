@@ -10,6 +10,7 @@ import (
 	"net"
 	"net/http"
 	"net/url"
+	"regexp"
 	"strings"
 	"sync"
 	"time"
@@ -214,7 +215,7 @@ func (h *healthChecker) check(ctx context.Context) {
 	}
 	h.mu.Unlock()
 	if !changed {
-		if err != nil && next.Status != healthPassing && err.Error() != h.loggedReason && time.Since(h.loggedAt) >= reasonChangeEvery {
+		if err != nil && next.Status != healthPassing && reasonOf(err) != h.loggedReason && time.Since(h.loggedAt) >= reasonChangeEvery {
 			h.logFailing(next, err, "the reason changed")
 		}
 		return
@@ -227,12 +228,21 @@ func (h *healthChecker) check(ctx context.Context) {
 	h.onChange(next.Status == healthPassing)
 }
 
+// localAddress is a connection's own end in an error's text
+// ("read tcp 127.0.0.1:41234->127.0.0.1:9090: ..."): a new port at every
+// check, which tells nothing of why it failed.
+var localAddress = regexp.MustCompile(`[^\s>]+->`)
+
+// reasonOf is err's text without connections' own ends, which differ from
+// one check to the next for the same reason.
+func reasonOf(err error) string { return localAddress.ReplaceAllString(err.Error(), "") }
+
 // logFailing says that the app fails its checks, and why; news says what
 // is new when the app was failing already.
 func (h *healthChecker) logFailing(st healthState, err error, news string) {
 	h.loggedReason, h.loggedAt = "", time.Now()
 	if err != nil {
-		h.loggedReason = err.Error()
+		h.loggedReason = reasonOf(err)
 	}
 	args := []any{"url", redactURL(h.cfg.URL), "error", err}
 	if news != "" {

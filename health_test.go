@@ -5,10 +5,12 @@ import (
 	"errors"
 	"io"
 	"log/slog"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -288,5 +290,23 @@ func TestAppRegistrationLogsTheOtherRefusedWrite(t *testing.T) {
 	a.settle(nil, "registered", "registering")
 	if !strings.Contains(log.String(), "registered foo-1 after the registry refused it") {
 		t.Errorf("log: %s; want the late registration said", log.String())
+	}
+}
+
+// TestSameReasonOverNewConnectionsIsOneReason: an app failing for one
+// reason, each check on a new connection, is not "a reason changed" every
+// 10 s for ever: the connection's own end, a new port each time, is no
+// part of the reason.
+func TestSameReasonOverNewConnectionsIsOneReason(t *testing.T) {
+	a := &net.OpError{Op: "read", Net: "tcp", Source: &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1), Port: 41234}, Addr: &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1), Port: 9090}, Err: syscall.ECONNRESET}
+	b := *a
+	b.Source = &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1), Port: 52001}
+	if reasonOf(a) != reasonOf(&b) {
+		t.Errorf("%q and %q: two reasons; want one", reasonOf(a), reasonOf(&b))
+	}
+	c := b
+	c.Addr = &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1), Port: 9091}
+	if reasonOf(a) == reasonOf(&c) {
+		t.Errorf("%q: the app's own address is part of the reason", reasonOf(&c))
 	}
 }
