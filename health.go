@@ -10,7 +10,6 @@ import (
 	"net"
 	"net/http"
 	"net/url"
-	"regexp"
 	"strings"
 	"sync"
 	"time"
@@ -228,14 +227,21 @@ func (h *healthChecker) check(ctx context.Context) {
 	h.onChange(next.Status == healthPassing)
 }
 
-// localAddress is a connection's own end in an error's text
-// ("read tcp 127.0.0.1:41234->127.0.0.1:9090: ..."): a new port at every
-// check, which tells nothing of why it failed.
-var localAddress = regexp.MustCompile(`[^\s>]+->`)
-
 // reasonOf is err's text without connections' own ends, which differ from
-// one check to the next for the same reason.
-func reasonOf(err error) string { return localAddress.ReplaceAllString(err.Error(), "") }
+// one check to the next for the same reason: a new port at every check
+// ("read tcp 127.0.0.1:41234->127.0.0.1:9090: ...") tells nothing of why
+// it failed.
+func reasonOf(err error) string {
+	s := err.Error()
+	for {
+		i := strings.Index(s, "->")
+		if i < 0 {
+			return s
+		}
+		start := strings.LastIndexAny(s[:i], " \t>") + 1 // the local end starts after a space
+		s = s[:start] + s[i+2:]
+	}
+}
 
 // logFailing says that the app fails its checks, and why; news says what
 // is new when the app was failing already.
