@@ -884,8 +884,11 @@ func (f *fileBackend) probeWrites() {
 	}
 	// The file written again as it is: a write works only when all of it
 	// does (a file written beside it may be, and the rename into place
-	// still refused, as in a sticky directory another user's file).
-	f.updateLocked(context.Background(), func(recs []record) ([]record, bool) { return recs, true })
+	// still refused, as in a sticky directory another user's file). A lock
+	// held elsewhere is waited for briefly: the poll waits meanwhile.
+	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
+	defer cancel()
+	f.updateLocked(ctx, func(recs []record) ([]record, bool) { return recs, true })
 }
 
 // tempPattern names the temporary files writes rename into place.
