@@ -786,14 +786,20 @@ func (s *sidecar) handleRPC(w http.ResponseWriter, r *http.Request) {
 	}
 	call, err := parseRPCRequest(firstValue(r.Header["Content-Type"]), query, body)
 	if err != nil {
-		var ce *callError
-		if !errors.As(err, &ce) {
-			err = &callError{http.StatusBadRequest, err.Error(), nil}
-		}
-		writeCallError(w, err)
+		writeInputError(w, err)
 		return
 	}
 	s.rpc.serve(w, r, call, buf)
+}
+
+// writeInputError answers a request the sidecar cannot take: with err's
+// own status when it has one (a 415), else a 400.
+func writeInputError(w http.ResponseWriter, err error) {
+	var ce *callError
+	if !errors.As(err, &ce) {
+		err = &callError{http.StatusBadRequest, err.Error(), nil}
+	}
+	writeCallError(w, err)
 }
 
 // serviceHint follows "service X not found": a name is asked for in full,
@@ -824,11 +830,7 @@ func (s *sidecar) handlePath(w http.ResponseWriter, r *http.Request) {
 	}
 	req, err := requestFromBody(firstValue(r.Header["Content-Type"]), body)
 	if err != nil {
-		var ce *callError
-		if !errors.As(err, &ce) {
-			err = &callError{http.StatusBadRequest, err.Error(), nil}
-		}
-		writeCallError(w, err)
+		writeInputError(w, err)
 		return
 	}
 	s.rpc.serve(w, r, rpcCall{Service: service, Method: method, Request: req}, buf)
