@@ -227,7 +227,7 @@ func (c *serverConn) serve() {
 			case errors.Is(err, errHandOff):
 				keep = true
 				c.handOff()
-			case err == errTLSOnPlainPort:
+			case errors.Is(err, errTLSOnPlainPort):
 				c.refuse(http.StatusBadRequest, err.Error())
 			}
 			return
