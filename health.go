@@ -233,13 +233,20 @@ func (h *healthChecker) check(ctx context.Context) {
 // it failed.
 func reasonOf(err error) string {
 	s := err.Error()
+	var out strings.Builder
 	for {
 		i := strings.Index(s, "->")
 		if i < 0 {
-			return s
+			out.WriteString(s)
+			return out.String()
 		}
 		start := strings.LastIndexAny(s[:i], " \t>") + 1 // the local end starts after a space
-		s = s[:start] + s[i+2:]
+		if _, port, err := net.SplitHostPort(s[start:i]); err == nil && port != "" && strings.Trim(port, "0123456789") == "" {
+			out.WriteString(s[:start]) // an address: dropped
+		} else {
+			out.WriteString(s[:i+2]) // words of the app's ("db->down"): kept
+		}
+		s = s[i+2:]
 	}
 }
 

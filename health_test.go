@@ -309,4 +309,7 @@ func TestSameReasonOverNewConnectionsIsOneReason(t *testing.T) {
 	if reasonOf(a) == reasonOf(&c) {
 		t.Errorf("%q: the app's own address is part of the reason", reasonOf(&c))
 	}
+	if db, cache := errors.New("503: db->down"), errors.New("503: cache->down"); reasonOf(db) == reasonOf(cache) {
+		t.Errorf("%q and %q: one reason; want two (an arrow between words is the app's)", reasonOf(db), reasonOf(cache))
+	}
 }
