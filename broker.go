@@ -742,6 +742,21 @@ func (b *broker) registration(k regKey) (Service, error) {
 	return Service{Name: topicService + k.topic, Metadata: map[string]string{}, Nodes: []Node{node}}, nil
 }
 
+// wants reports whether topic k.topic has local subscribers of k's kind
+// now: broadcast ones, or members of group k.queue.
+func (b *broker) wants(k regKey) bool {
+	b.mu.RLock()
+	defer b.mu.RUnlock()
+	t := b.topics[k.topic]
+	switch {
+	case t == nil:
+		return false
+	case k.queue == "":
+		return len(t.broadcast) > 0
+	}
+	return t.groups[k.queue] != nil
+}
+
 // reconcile registers the topics and groups that gained local subscribers
 // and deregisters those that lost their last, and reports whether all went
 // well. registered and refused are owned by the caller (run's goroutine):
@@ -783,7 +798,10 @@ func (b *broker) reconcile(registered, refused map[regKey]bool) bool {
 		}
 	}
 	for k := range registered {
-		if want[k] {
+		if want[k] || b.wants(k) {
+			// b.wants: a pass over many topics takes a while, and a
+			// subscriber may have come back since want was taken (a client
+			// reconnecting its subscriptions at once).
 			continue
 		}
 		svc, err := b.registration(k)

@@ -404,3 +404,43 @@ func TestCloseFrameGoesOutOnAQuietConnection(t *testing.T) {
 		t.Errorf("close %d %q; want 1001", code, reason)
 	}
 }
+
+// arrivingBackend is a registry during one of whose registrations a
+// subscriber comes back to a topic: arrive runs once, at the first.
+type arrivingBackend struct {
+	memoryBackend
+	arrive func()
+}
+
+func (b *arrivingBackend) register(s Service, ttl time.Duration) error {
+	if f := b.arrive; f != nil {
+		b.arrive = nil
+		f()
+	}
+	return b.memoryBackend.register(s, ttl)
+}
+
+// TestReconcileKeepsATopicWhoseSubscriberCameBack: a pass over the topics
+// decided what to deregister from the subscribers at its start; a client
+// that closed and reopened its subscriptions at once had the topics that
+// came back while the pass registered others deregistered, live, and
+// their messages lost for 10-15 s.
+func TestReconcileKeepsATopicWhoseSubscriberCameBack(t *testing.T) {
+	tb := newTable(100)
+	be := &arrivingBackend{memoryBackend: memoryBackend{t: tb, now: time.Now}}
+	reg := &registry{table: tb, backend: be, ttl: time.Minute, now: time.Now, owned: map[string]Service{}}
+	b := newBroker(brokerConfig{}, reg, newConnSet(), discardLog)
+	b.advertise = "127.0.0.1:1"
+	b.topics["new"] = &topic{broadcast: []*subscriber{{}}, groups: map[string]*group{}}
+	back := regKey{"back", ""}
+	be.arrive = func() { // while "new" is registered, "back" gets its subscriber again
+		b.mu.Lock()
+		b.topics["back"] = &topic{broadcast: []*subscriber{{}}, groups: map[string]*group{}}
+		b.mu.Unlock()
+	}
+	registered := map[regKey]bool{back: true} // registered by an earlier pass
+	b.reconcile(registered, map[regKey]bool{})
+	if !registered[back] {
+		t.Errorf("the topic whose subscriber came back during the pass was deregistered")
+	}
+}
