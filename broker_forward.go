@@ -568,7 +568,7 @@ func (f *forwarder) warnRefused(topic string, n Node) {
 	if isBrokerEntry(n) {
 		why = "it does not prove this sidecar's --auth_token: its sidecar has another token, or none, or is of an earlier release; sidecars that share topics need the same token"
 	}
-	f.b.log.Warn("ignoring a topic entry: no messages go to it", "topic", topic, "peer", n.hostPort(), "sidecar", n.Metadata["sidecar"], "reason", why)
+	f.b.log.Warn("ignoring a topic entry: no messages go to it", "topic", topic, "queue", n.Metadata["queue"], "peer", n.hostPort(), "sidecar", n.Metadata["sidecar"], "reason", why)
 }
 
 // warnPlain says, now and then, that a sidecar serving HTTPS forwards to
