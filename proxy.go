@@ -568,9 +568,9 @@ func (p *proxy) roundTrip(req *http.Request) (*http.Response, error) {
 		}
 		o := classifyFailure(ctx, time.Time{}, err) // the deadline cancels ctx
 		err = unwrapURLError(err)
-		switch {
-		case o == lost && answerBegan.Load() && !isConnFailure(headCut(err)):
-			o, err = answered, headCut(err) // a malformed answer, as badAnswer on the direct path
+		switch cut := headCut(err); {
+		case o == lost && answerBegan.Load() && !isConnFailure(cut):
+			o, err = answered, cut // a malformed answer, as badAnswer on the direct path
 		case reused.Load():
 			err = keptAliveLoss(err)
 		case o == lost && body != nil && body.read && wroteHead.Load():
