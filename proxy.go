@@ -16,6 +16,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 )
 
@@ -546,8 +547,14 @@ func (p *proxy) roundTrip(req *http.Request) (*http.Response, error) {
 		// idle one as the request goes out is no failing node (see
 		// keptAliveLost).
 		var reused, wroteHead, answerBegan atomic.Bool
+		var conn atomic.Pointer[resetSeen]
 		trace := &httptrace.ClientTrace{
-			GotConn:              func(info httptrace.GotConnInfo) { reused.Store(info.Reused) },
+			GotConn: func(info httptrace.GotConnInfo) {
+				reused.Store(info.Reused)
+				if c, ok := info.Conn.(*resetSeen); ok {
+					conn.Store(c)
+				}
+			},
 			WroteHeaders:         func() { wroteHead.Store(true) },
 			GotFirstResponseByte: func() { answerBegan.Store(true) },
 		}
@@ -569,6 +576,8 @@ func (p *proxy) roundTrip(req *http.Request) (*http.Response, error) {
 		o := classifyFailure(ctx, time.Time{}, err) // the deadline cancels ctx
 		err = unwrapURLError(err)
 		switch cut := headCut(err); {
+		case o == lost && answerBegan.Load() && conn.Load().wasReset():
+			err = errResetInHead // a failing connection, as on the direct path
 		case o == lost && answerBegan.Load() && !isConnFailure(cut):
 			o, err = answered, cut // a malformed answer, as badAnswer on the direct path
 		case reused.Load():
@@ -733,6 +742,30 @@ func proxyError(w http.ResponseWriter, r *http.Request, err error) {
 	}
 	writeCallError(w, err)
 }
+
+// resetSeen is a connection to a node that remembers whether a read found
+// it reset. Go's transport cannot tell a reset that cut a line of the
+// answer's head from the node closing there: its reader takes the reset
+// for the line's end, and reads the end of the connection next.
+type resetSeen struct {
+	net.Conn
+	reset atomic.Bool
+}
+
+func (c *resetSeen) Read(p []byte) (int, error) {
+	n, err := c.Conn.Read(p)
+	if err != nil && errors.Is(err, syscall.ECONNRESET) {
+		c.reset.Store(true)
+	}
+	return n, err
+}
+
+// wasReset reports whether a read of c found it reset; false for nil.
+func (c *resetSeen) wasReset() bool { return c != nil && c.reset.Load() }
+
+// errResetInHead is a node resetting its connection after part of its
+// answer's head, a failing connection (see isConnFailure).
+var errResetInHead = fmt.Errorf("the node reset the connection in the middle of its head (%w)", syscall.ECONNRESET)
 
 // uploadCut is the failure of a request whose head reached the node and
 // whose body the node stopped taking (it closed or reset the connection)

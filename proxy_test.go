@@ -1377,3 +1377,70 @@ func TestProxyIsFullDuplex(t *testing.T) {
 		}
 	}
 }
+
+// TestNodeResettingInItsHeadIsEjected: a node that resets its connection
+// after part of its answer's head is a failing connection, ejected, on
+// every proxy path and whether the connection was new or kept alive (the
+// README: "refused, reset or timed out"). Through ReverseProxy (a chunked
+// upload, one over directMaxBody, TE: trailers) it was taken for an upload
+// the node refused, or for a kept-alive connection closed as the request
+// went out, and kept.
+func TestNodeResettingInItsHeadIsEjected(t *testing.T) {
+	for _, kept := range []bool{false, true} {
+		for _, via := range []string{"direct", "chunked", "large", "trailers"} {
+			name := fmt.Sprintf("%s, kept alive %v", via, kept)
+			s, srv := testSidecar(t, nil)
+			register(t, s, "go.micro.srv.reset", tcpNode(t, func(c net.Conn) {
+				defer c.Close()
+				br := bufio.NewReader(c)
+				for first := true; ; first = false {
+					req, err := http.ReadRequest(br)
+					if err != nil {
+						return
+					}
+					io.Copy(io.Discard, req.Body) // the whole upload: no refusal
+					if first && kept {
+						io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+						continue
+					}
+					io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Type: te")
+					c.(*net.TCPConn).SetLinger(0) // closing sends a reset
+					return
+				}
+			}))
+			call := func() int {
+				var body io.Reader
+				switch via {
+				case "chunked":
+					body = io.NopCloser(strings.NewReader("data")) // no length: sent chunked
+				case "large":
+					body = strings.NewReader(strings.Repeat("x", directMaxBody+1))
+				default:
+					body = strings.NewReader("data")
+				}
+				req, _ := http.NewRequest("POST", srv.URL+"/proxy/go.micro.srv.reset/x", body)
+				if via == "trailers" {
+					req.Header.Set("TE", "trailers")
+				}
+				resp, err := http.DefaultClient.Do(req)
+				if err != nil {
+					t.Fatal(err)
+				}
+				io.Copy(io.Discard, resp.Body)
+				resp.Body.Close()
+				return resp.StatusCode
+			}
+			if kept {
+				if code := call(); code != 200 {
+					t.Fatalf("%s: first call %d; want the node's 200", name, code)
+				}
+			}
+			if code := call(); code != http.StatusBadGateway {
+				t.Errorf("%s: %d; want 502", name, code)
+			}
+			if n := s.rpc.sel.ejections.Load(); n != 1 {
+				t.Errorf("%s: %d ejections; want the node ejected", name, n)
+			}
+		}
+	}
+}

@@ -742,8 +742,14 @@ func newCaller(cfg rpcConfig, reg *registry, sel *selector, log *slog.Logger) *c
 func newNodeTransport(connects *connectLog) *http.Transport {
 	d := &net.Dialer{Timeout: nodeConnectTimeout, KeepAlive: 30 * time.Second}
 	return &http.Transport{
-		Proxy:                  nil, // the sidecar talks to nodes directly, whatever HTTP_PROXY says
-		DialContext:            func(ctx context.Context, _, addr string) (net.Conn, error) { return connects.dial(ctx, d, addr) },
+		Proxy: nil, // the sidecar talks to nodes directly, whatever HTTP_PROXY says
+		DialContext: func(ctx context.Context, _, addr string) (net.Conn, error) {
+			c, err := connects.dial(ctx, d, addr)
+			if err != nil {
+				return nil, err
+			}
+			return &resetSeen{Conn: c}, nil
+		},
 		MaxIdleConns:           4096,
 		MaxIdleConnsPerHost:    512,
 		IdleConnTimeout:        90 * time.Second,
