@@ -179,6 +179,20 @@ func parseEtcdKey(prefix, key string) (service, id string, ok bool) {
 	return service, id, true
 }
 
+// etcdKeyProblem says why parseEtcdKey refused key: outside the layout,
+// or a service name or node id no registration could have.
+func etcdKeyProblem(prefix, key string) error {
+	rest, _ := strings.CutPrefix(key, prefix)
+	service, id, _ := strings.Cut(rest, "/")
+	switch {
+	case !strings.HasPrefix(key, prefix) || service == "" || id == "" || strings.Contains(id, "/"):
+		return fmt.Errorf("key is outside the layout %s<service>/<node id>", prefix)
+	case len(service) > maxNameLen || !validName(service):
+		return fmt.Errorf("the key's service name %q: a name has up to %d printable ASCII characters without spaces or '/'", truncate(service, 64), maxNameLen)
+	}
+	return fmt.Errorf("the key's node id %q: an id has up to %d printable ASCII characters without spaces or '/'", truncate(id, 64), maxIDLen)
+}
+
 // etcdValue is the value stored for r: the service JSON with one node,
 // with <, > and & as they are (json.Marshal would write six bytes for
 // each, for the benefit of HTML, which etcd is not).
@@ -201,7 +215,7 @@ func etcdValue(r record) ([]byte, error) {
 func parseEtcdEntry(prefix string, key, value []byte) (record, error) {
 	svc, id, ok := parseEtcdKey(prefix, string(key))
 	if !ok {
-		return record{}, fmt.Errorf("key is outside the layout %s<service>/<node id>", prefix)
+		return record{}, etcdKeyProblem(prefix, string(key))
 	}
 	if len(value) > maxEtcdValue {
 		return record{}, fmt.Errorf("value larger than %d bytes", maxEtcdValue)

@@ -82,6 +82,9 @@ func TestParseEtcdEntry(t *testing.T) {
 		{prefix + "foo/f2", good, `key says "foo" node "f2"`},
 		{prefix + "foo", good, "outside the layout"},
 		{"/elsewhere/foo/f1", good, "outside the layout"},
+		{prefix + "foo/a/b", good, "outside the layout"},
+		{prefix + "foo/f 1", good, `the key's node id "f 1"`},
+		{prefix + strings.Repeat("s", maxNameLen+1) + "/f1", good, "the key's service name"},
 		{prefix + "foo/f1", `{"name":"foo","metadata":{"k":"` + strings.Repeat("v", maxEtcdValue) + `"}}`, "larger than"},
 	} {
 		r, err := parseEtcdEntry(prefix, []byte(tc.key), []byte(tc.value))
