@@ -348,6 +348,9 @@ type gatewayProxy struct {
 	srv  *httptest.Server
 	down atomic.Bool
 	hold sync.Map // path -> holdApplied or holdDropped: no answer until the client gives up
+	// before maps a path to a func(n int) run before its n-th request
+	// (from 1) is passed on: what others do in etcd meanwhile.
+	before sync.Map
 
 	mu      sync.Mutex // guards counts, streams
 	counts  map[string]int
@@ -387,6 +390,12 @@ func newGatewayProxy(t *testing.T, target string) *gatewayProxy {
 		r = r.WithContext(ctx)
 		g.mu.Lock()
 		g.counts[r.URL.Path]++
+		n := g.counts[r.URL.Path]
+		g.mu.Unlock()
+		if f, ok := g.before.Load(r.URL.Path); ok {
+			f.(func(int))(n)
+		}
+		g.mu.Lock()
 		g.streams[r] = cancel
 		g.mu.Unlock()
 		defer func() {

@@ -97,6 +97,15 @@ type etcdBackend struct {
 	// bookkeeping of a key is never raced by two registrations of it.
 	opMu sync.Mutex
 
+	// applyMu orders the table's changes from etcd (the watch, a full
+	// read) with those a write of this sidecar makes at once, for its
+	// callers to read their writes. applied is the revision of etcd the
+	// table holds: a write at that revision or before is in it already,
+	// with whatever others wrote after it (a keeper putting back a node a
+	// DELETE here removed), which the write's own change must not undo.
+	applyMu sync.Mutex
+	applied int64
+
 	mu             sync.Mutex             // guards the fields below
 	regs           map[string]etcdReg     // by etcd key; bounded by the table's node limit
 	watchErr       error                  // why the watch is not running; nil when it is
@@ -340,7 +349,8 @@ func (b *etcdBackend) register(s Service, ttl time.Duration) error {
 		return err // before any write: others' watchers must not see it come and go
 	}
 	var added []string
-	for _, r := range recs {
+	revs := make([]int64, len(recs))
+	for i, r := range recs {
 		key := etcdKey(b.prefix, r)
 		value, err := etcdValue(r)
 		if err != nil {
@@ -349,7 +359,8 @@ func (b *etcdBackend) register(s Service, ttl time.Duration) error {
 		b.mu.Lock()
 		_, had := b.regs[key]
 		b.mu.Unlock()
-		if err := b.registerOne(key, r.key(), value, ttl); err != nil {
+		rev, err := b.registerOne(key, r.key(), value, ttl)
+		if err != nil {
 			if answeredRefusal(err) {
 				// Refused for good (a node too large): the nodes this
 				// call wrote must not outlive the refusal by a TTL.
@@ -362,9 +373,10 @@ func (b *etcdBackend) register(s Service, ttl time.Duration) error {
 		if !had {
 			added = append(added, key)
 		}
+		revs[i] = rev
 	}
 	b.noteReq(nil)
-	if err := b.t.upsert(recs...); err != nil {
+	if err := b.upsertWritten(recs, revs); err != nil {
 		// Over the node limit, filled meanwhile: take back what this call added.
 		for _, key := range added {
 			b.unregisterOne(key) // best effort: its lease runs out
@@ -374,10 +386,27 @@ func (b *etcdBackend) register(s Service, ttl time.Duration) error {
 	return nil
 }
 
+// upsertWritten puts in the table the records a registration wrote to
+// etcd, each at its revision, that the table does not hold yet: those the
+// watch has passed are there already, or were changed since by others.
+func (b *etcdBackend) upsertWritten(recs []record, revs []int64) error {
+	b.applyMu.Lock()
+	defer b.applyMu.Unlock()
+	var fresh []record
+	for i, r := range recs {
+		if revs[i] > b.applied {
+			fresh = append(fresh, r)
+		}
+	}
+	return b.t.upsert(fresh...)
+}
+
 // registerOne puts key with value on a lease of ttl: it keeps the key's
 // lease alive when it has one of that TTL, and grants a new one when the
-// lease is gone (it expired, or etcd lost it) or the TTL changed.
-func (b *etcdBackend) registerOne(key, node string, value []byte, ttl time.Duration) error {
+// lease is gone (it expired, or etcd lost it) or the TTL changed. It
+// returns the revision at which etcd holds the key as asked: that of the
+// put, or of the earlier put a refresh found in place.
+func (b *etcdBackend) registerOne(key, node string, value []byte, ttl time.Duration) (int64, error) {
 	ctx := context.Background() // not the lifecycle context: shutdown deregisters after it ends
 	b.mu.Lock()
 	cur, ok := b.regs[key]
@@ -385,38 +414,38 @@ func (b *etcdBackend) registerOne(key, node string, value []byte, ttl time.Durat
 	if ok && cur.ttl == ttl {
 		alive, err := b.keepAlive(ctx, cur.lease)
 		if err != nil {
-			return err
+			return 0, err
 		}
 		if alive && bytes.Equal(cur.value, value) {
-			return nil
+			return cur.rev, nil
 		}
 		if alive {
 			rev, err := b.put(ctx, key, value, cur.lease)
 			if err != nil {
-				return err
+				return 0, err
 			}
 			b.remember(key, etcdReg{node: node, lease: cur.lease, ttl: ttl, value: value, rev: rev})
-			return nil
+			return rev, nil
 		}
 	}
 	var grant etcdLeaseGrant
 	if err := b.c.call(ctx, "/v3/lease/grant", etcdLeaseGrant{TTL: int64s(ttlSeconds(ttl))}, &grant); err != nil {
-		return fmt.Errorf("etcd lease grant: %w", err)
+		return 0, fmt.Errorf("etcd lease grant: %w", err)
 	}
 	rev, err := b.put(ctx, key, value, int64(grant.ID))
 	if err != nil {
-		if rerr := b.revoke(ctx, int64(grant.ID)); rerr != nil && errors.Is(err, context.DeadlineExceeded) {
+		if _, rerr := b.revoke(ctx, int64(grant.ID)); rerr != nil && errors.Is(err, context.DeadlineExceeded) {
 			// The put may be waiting in etcd, and the revoke that would undo
 			// it did not get through: the caller should know both.
-			return fmt.Errorf("%w; etcd may still apply it, and the entry would then lapse within %v unless registered again", err, ttl)
+			return 0, fmt.Errorf("%w; etcd may still apply it, and the entry would then lapse within %v unless registered again", err, ttl)
 		}
-		return err
+		return 0, err
 	}
 	b.remember(key, etcdReg{node: node, lease: int64(grant.ID), ttl: ttl, value: value, rev: rev})
 	if ok && cur.lease != int64(grant.ID) {
 		b.revoke(ctx, cur.lease) // the TTL changed; the old lease holds nothing now
 	}
-	return nil
+	return rev, nil
 }
 
 // ttlSeconds rounds a TTL up to whole seconds, etcd's unit. etcd raises a
@@ -455,15 +484,16 @@ func (b *etcdBackend) keepAlive(ctx context.Context, lease int64) (bool, error) 
 	return resp.Result != nil && resp.Result.TTL > 0, nil
 }
 
-// revoke drops a lease and the keys attached to it; a lease already gone
-// is not an error.
-func (b *etcdBackend) revoke(ctx context.Context, lease int64) error {
-	err := b.c.call(ctx, "/v3/lease/revoke", etcdLeaseID{ID: int64s(lease)}, nil)
+// revoke drops a lease and the keys attached to it, and returns the
+// revision of that; a lease already gone is not an error (revision 0).
+func (b *etcdBackend) revoke(ctx context.Context, lease int64) (int64, error) {
+	var resp etcdHeaderOnly
+	err := b.c.call(ctx, "/v3/lease/revoke", etcdLeaseID{ID: int64s(lease)}, &resp)
 	var ee *etcdError
 	if errors.As(err, &ee) && ee.Code == grpcNotFound {
-		return nil
+		return 0, nil
 	}
-	return err
+	return int64(resp.Header.Revision), err
 }
 
 func (b *etcdBackend) deregister(s Service) error {
@@ -471,8 +501,9 @@ func (b *etcdBackend) deregister(s Service) error {
 	defer b.opMu.Unlock()
 	var errs []error
 	var gone []record
+	var revs []int64
 	for _, r := range recordsOf(s, time.Time{}) {
-		ours, err := b.unregisterOne(etcdKey(b.prefix, r))
+		rev, ours, err := b.unregisterOne(etcdKey(b.prefix, r))
 		if err != nil {
 			errs = append(errs, err)
 		}
@@ -481,16 +512,33 @@ func (b *etcdBackend) deregister(s Service) error {
 		// out in etcd. Another's stays until etcd has removed it, as it
 		// stays on every other sidecar: the caller got a 503.
 		if err == nil || ours {
-			gone = append(gone, r)
+			gone, revs = append(gone, r), append(revs, rev)
 		}
 	}
-	b.t.remove(gone...)
+	b.removeDeleted(gone, revs)
 	return b.noteReq(errors.Join(errs...))
 }
 
+// removeDeleted takes out of the table the records a deregistration
+// deleted, each at its revision (0: unknown, or not deleted in etcd yet),
+// that the watch has not passed: past it, the table holds what came after
+// the delete (a keeper's put back), which must stay.
+func (b *etcdBackend) removeDeleted(recs []record, revs []int64) {
+	b.applyMu.Lock()
+	defer b.applyMu.Unlock()
+	var stale []record
+	for i, r := range recs {
+		if revs[i] == 0 || revs[i] > b.applied {
+			stale = append(stale, r)
+		}
+	}
+	b.t.remove(stale...)
+}
+
 // unregisterOne deletes key: by revoking its lease when this sidecar put
-// it (which deletes it too, and ours says so), else by deleting it.
-func (b *etcdBackend) unregisterOne(key string) (ours bool, err error) {
+// it (which deletes it too, and ours says so), else by deleting it. rev is
+// the revision of the delete, 0 when unknown.
+func (b *etcdBackend) unregisterOne(key string) (rev int64, ours bool, err error) {
 	ctx := context.Background()
 	b.mu.Lock()
 	cur, ok := b.regs[key]
@@ -498,7 +546,8 @@ func (b *etcdBackend) unregisterOne(key string) (ours bool, err error) {
 	b.mu.Unlock()
 	if ok {
 		// Revoking the lease deletes the key with it: one request.
-		if err := b.revoke(ctx, cur.lease); err != nil {
+		rev, err := b.revoke(ctx, cur.lease)
+		if err != nil {
 			// The node left this sidecar's view; it must not come back
 			// with etcd, for a whole TTL, when etcd answers again.
 			b.mu.Lock()
@@ -506,14 +555,15 @@ func (b *etcdBackend) unregisterOne(key string) (ours bool, err error) {
 				b.unrevoked[cur.lease] = true
 			}
 			b.mu.Unlock()
-			return true, fmt.Errorf("etcd lease revoke: %w", err)
+			return 0, true, fmt.Errorf("etcd lease revoke: %w", err)
 		}
-		return true, nil
+		return rev, true, nil
 	}
-	if err := b.c.call(ctx, "/v3/kv/deleterange", etcdDeleteRequest{Key: []byte(key)}, nil); err != nil {
-		return false, fmt.Errorf("etcd delete %s: %w", key, err)
+	var resp etcdHeaderOnly
+	if err := b.c.call(ctx, "/v3/kv/deleterange", etcdDeleteRequest{Key: []byte(key)}, &resp); err != nil {
+		return 0, false, fmt.Errorf("etcd delete %s: %w", key, err)
 	}
-	return false, nil
+	return int64(resp.Header.Revision), false, nil
 }
 
 // maxUnrevoked bounds the leases kept to revoke later: past it, a deleted
@@ -530,7 +580,7 @@ func (b *etcdBackend) revokeUnrevoked(ctx context.Context) {
 	leases := slices.Collect(maps.Keys(b.unrevoked))
 	b.mu.Unlock()
 	for _, lease := range leases {
-		if b.revoke(ctx, lease) != nil {
+		if _, err := b.revoke(ctx, lease); err != nil {
 			return // etcd does not answer yet: the next time
 		}
 		b.mu.Lock()
@@ -795,7 +845,10 @@ func (b *etcdBackend) resync(ctx context.Context) (int64, error) {
 		}
 		recs = recs[:limit]
 	}
+	b.applyMu.Lock()
 	b.t.replace(recs, time.Now())
+	b.applied = rev
+	b.applyMu.Unlock()
 	b.mu.Lock()
 	b.clusterID = cid
 	b.leftOut = leftOut
@@ -956,8 +1009,8 @@ func (b *etcdBackend) watchOn(ctx context.Context, i int, body []byte, header ht
 			b.c.eps.use(i)
 			b.watchUp()
 		case len(res.Events) > 0:
-			b.apply(watchChanges(b.prefix, res.Events))
 			*rev = max(*rev, watchDoneRev(res))
+			b.apply(watchChanges(b.prefix, res.Events), *rev)
 		default: // progress notification: nothing of ours changed up to here
 			*rev = max(*rev, int64(res.Header.Revision))
 		}
@@ -1014,14 +1067,18 @@ func watchDoneRev(res *etcdWatchResult) int64 {
 	return r
 }
 
-// apply installs a batch of watch changes in the table.
-func (b *etcdBackend) apply(ch etcdChange) {
+// apply installs a batch of watch changes in the table, which then holds
+// etcd as of revision rev.
+func (b *etcdBackend) apply(ch etcdChange, rev int64) {
+	b.applyMu.Lock()
 	if len(ch.removes) > 0 {
 		b.t.remove(ch.removes...)
 	}
 	if recs := b.withLeftOut(ch); len(recs) > 0 {
 		b.keepLeftOut(recs, b.t.upsertFitting(recs))
 	}
+	b.applied = max(b.applied, rev)
+	b.applyMu.Unlock()
 	b.mu.Lock()
 	for _, k := range ch.good {
 		delete(b.bad, k)

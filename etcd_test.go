@@ -811,3 +811,72 @@ func TestWatchDownLogsANewReason(t *testing.T) {
 		t.Errorf("log: %s; want one line for each reason", got)
 	}
 }
+
+// appliedRev is the revision of etcd b's table holds.
+func appliedRev(b *etcdBackend) int64 {
+	b.applyMu.Lock()
+	defer b.applyMu.Unlock()
+	return b.applied
+}
+
+// TestEtcdWriteRacingOthersKeepsTheirChanges: a registration or
+// deregistration of several nodes puts its result in this sidecar's table
+// as it returns, for its caller to read its writes; a node another writer
+// changed in between, already in the table through the watch, keeps that
+// change. A DELETE of nodes another sidecar keeps lost their put back
+// here (for good: a kept node is not written again), and a POST with
+// ?ttl= brought back a node deleted meanwhile (for its TTL).
+func TestEtcdWriteRacingOthersKeepsTheirChanges(t *testing.T) {
+	e := startEtcd(t)
+	g := newGatewayProxy(t, e.client)
+	b, tb, _ := newTestEtcdBackend(t, g.srv.URL)
+	value := func(id string) string {
+		return fmt.Sprintf(`{"name":"race","nodes":[{"id":%q,"address":"127.0.0.1","port":1}]}`, id)
+	}
+	nodes := []Node{{ID: "n1", Address: "127.0.0.1", Port: 1, Metadata: map[string]string{}}, {ID: "n2", Address: "127.0.0.1", Port: 1, Metadata: map[string]string{}}}
+	s := Service{Name: "race", Metadata: map[string]string{}, Nodes: nodes}
+	// others does what another writer does to n1 in etcd, and waits for
+	// the watch to bring it to the table.
+	others := func(path string, req any) func(int) {
+		return func(n int) {
+			if n != 2 { // between this sidecar's writes of n1 and n2
+				return
+			}
+			var resp etcdHeaderOnly
+			if err := e.gw(path, req, &resp); err != nil {
+				t.Error(err)
+				return
+			}
+			waitFor(t, 5*time.Second, "the watch to apply the other writer's change", func() bool { return appliedRev(b) >= int64(resp.Header.Revision) })
+		}
+	}
+
+	// Another sidecar, keeping n1, puts it back as soon as it sees it deleted.
+	for _, n := range nodes {
+		e.put(t, "/micro/registry/race/"+n.ID, value(n.ID))
+	}
+	waitFor(t, 5*time.Second, "both nodes in the table", func() bool { return tableHas(tb, "race", "n1") && tableHas(tb, "race", "n2") })
+	g.before.Store("/v3/kv/deleterange", others("/v3/kv/put", map[string]string{"key": b64("/micro/registry/race/n1"), "value": b64(value("n1"))}))
+	if err := b.deregister(s); err != nil {
+		t.Fatal(err)
+	}
+	g.before.Delete("/v3/kv/deleterange")
+	if !tableHas(tb, "race", "n1") || tableHas(tb, "race", "n2") {
+		t.Errorf("after a DELETE of n1 and n2, with n1 put back meanwhile: n1 %v, n2 %v; want n1 alone", tableHas(tb, "race", "n1"), tableHas(tb, "race", "n2"))
+	}
+
+	// Another sidecar deletes n1 as this one registers both with a TTL.
+	e.gw("/v3/kv/deleterange", map[string]string{"key": b64("/micro/registry/race/n1")}, nil)
+	waitFor(t, 5*time.Second, "n1 gone", func() bool { return !tableHas(tb, "race", "n1") })
+	g.before.Store("/v3/kv/put", others("/v3/kv/deleterange", map[string]string{"key": b64("/micro/registry/race/n1")}))
+	if err := b.register(s, 30*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	g.before.Delete("/v3/kv/put")
+	if tableHas(tb, "race", "n1") || !tableHas(tb, "race", "n2") {
+		t.Errorf("after a POST of n1 and n2, with n1 deleted meanwhile: n1 %v, n2 %v; want n2 alone, as etcd has it", tableHas(tb, "race", "n1"), tableHas(tb, "race", "n2"))
+	}
+	if got := e.keys(t, "/micro/registry/race/"); len(got) != 1 {
+		t.Errorf("etcd holds %q; want n2 alone", got)
+	}
+}
