@@ -1196,7 +1196,7 @@ func TestEtcdRecreatedWithTheSameFlags(t *testing.T) {
 // sidecar started with the app's fixed --server_id before the old one
 // stops writes the node again at once after the old one's goodbye.
 func TestEtcdRollingRestartKeepsTheNode(t *testing.T) {
-	rollingRestart(t, etcdSidecarArgs(startEtcd(t).client)...)
+	rollingRestart(t, false, etcdSidecarArgs(startEtcd(t).client)...)
 }
 
 // TestEtcdNodeKeptByTwoSidecarsIsSaid: one node id kept alive through two

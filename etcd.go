@@ -81,9 +81,14 @@ type etcdReg struct {
 	rev   int64 // revision of the put
 }
 
-// holds reports whether kv is the key as this sidecar put it.
+// holds reports whether kv is the key as this sidecar put it: with its
+// value, on its lease or on another's. Another sidecar keeping the same
+// node alike (the new one of a rolling restart) holds it as well, and
+// neither writes it again: revoking one lease at the old one's stop leaves
+// the key on the other. A key rewritten without a lease (by hand) would
+// outlive the node, and is not held.
 func (r etcdReg) holds(kv etcdKV) bool {
-	return int64(kv.Lease) == r.lease && bytes.Equal(kv.Value, r.value)
+	return (int64(kv.Lease) == r.lease || kv.Lease != 0) && bytes.Equal(kv.Value, r.value)
 }
 
 // etcdBackend is the registry over etcd.

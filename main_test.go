@@ -909,7 +909,7 @@ func TestFileRegistryDeletedByHand(t *testing.T) {
 // writes it again at once, not at its next refresh (20 s here).
 func TestFileRegistryRollingRestartKeepsTheNode(t *testing.T) {
 	file := filepath.Join(t.TempDir(), "registry.json")
-	fresh := rollingRestart(t, "--registry=file", "--registry_address="+file)
+	fresh := rollingRestart(t, true, "--registry=file", "--registry_address="+file)
 	if !hasNode(lookup(t, fresh, "web"), "web-1") {
 		t.Error("web-1 is not in discovery after the old sidecar stopped")
 	}
@@ -959,8 +959,9 @@ func TestFileRegistryNodeKeptByTwoSidecarsIsSaid(t *testing.T) {
 // rollingRestart starts two sidecars of app web with a fixed
 // --server_id, a long refresh interval and the registry flags given,
 // stops the first, and wants the second to see the goodbye (a delete)
-// and put the node back (a create) within 5 s. It returns the second.
-func rollingRestart(t *testing.T, registry ...string) *proc {
+// and put the node back (a create) within 5 s, or with blip false, to
+// see nothing of it. It returns the second.
+func rollingRestart(t *testing.T, blip bool, registry ...string) *proc {
 	t.Helper()
 	args := append(registry, "--register_ttl=60s", "--server_name=web", "--server_id=web-1", "--server_address=127.0.0.1:9090")
 	old := startSidecar(t, args...)
@@ -973,6 +974,27 @@ func rollingRestart(t *testing.T, registry ...string) *proc {
 		t.Fatalf("the old sidecar's exit status: %d", code)
 	}
 	timeout := time.After(5 * time.Second)
+	if !blip {
+		// No event of web-1 comes before a marker registered after the
+		// old sidecar ended: a watch's events come in order.
+		registerNode(t, fresh, "", "marker", "m1", 7001)
+		for {
+			select {
+			case ev := <-events:
+				if hasNode(&ev.Service, "m1") {
+					for _, p := range []*proc{old, fresh} {
+						if strings.Contains(p.log.String(), "another writer") {
+							t.Errorf("two sidecars keeping web-1 alike were said to fight:\n%s", p.log.String())
+						}
+					}
+					return fresh
+				}
+				t.Errorf("event %+v; want web-1 kept as it was through the restart", ev)
+			case <-timeout:
+				t.Fatal("no create of the marker within 5 s")
+			}
+		}
+	}
 	for _, want := range []string{"delete", "create"} {
 		select {
 		case ev := <-events:
