@@ -1187,3 +1187,87 @@ func TestTLSToThePlainPortIsAnsweredAtOnce(t *testing.T) {
 		t.Errorf("a TLS hello: %d %s; want 400 saying to use http://", resp.StatusCode, body)
 	}
 }
+
+// TestClientThatStopsReadingIsCutOff: a client that stops reading its
+// answer gets --idle_timeout to take more of it; then its request ends
+// and gives back its --max_inflight slot, and its connection closes. It
+// held both for as long as it liked: a proxied download left unread, and
+// pipelined requests whose answers pile up unread.
+func TestClientThatStopsReadingIsCutOff(t *testing.T) {
+	big := appServer(t, func(w http.ResponseWriter, r *http.Request) {
+		chunk := bytes.Repeat([]byte("x"), 1<<20)
+		for range 256 {
+			if _, err := w.Write(chunk); err != nil {
+				return
+			}
+		}
+	})
+	certFile, keyFile, pool := selfSigned(t)
+	flags := []string{"--registry=memory", "--idle_timeout=1s", "--max_inflight=1"}
+	plain := startSidecar(t, flags...)
+	tlsp := startSidecar(t, append(flags, "--tls_cert_file="+certFile, "--tls_key_file="+keyFile)...)
+	tlsClient := &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}}}
+	registerAddr(t, plain, "big", "b1", hostOf(big))
+	reg := fmt.Sprintf(`{"name":"big","nodes":[{"id":"b1","address":%q}]}`, hostOf(big))
+	if resp, err := tlsClient.Post("https://"+tlsp.addr+"/registry", "application/json", strings.NewReader(reg)); err != nil || resp.StatusCode != 200 {
+		t.Fatalf("register on the TLS sidecar: %v %v", resp, err)
+	}
+	slotFree := func(p *proc, client *http.Client, scheme string) bool {
+		resp, err := client.Get(scheme + "://" + p.addr + "/registry")
+		if err != nil {
+			return false
+		}
+		resp.Body.Close()
+		return resp.StatusCode == 200
+	}
+	stalled := func(name string, c net.Conn, p *proc, client *http.Client, scheme string) {
+		t.Helper()
+		defer c.Close()
+		io.WriteString(c, "GET /proxy/big/x HTTP/1.1\r\nHost: x\r\n\r\n")
+		waitFor(t, 20*time.Second, name+": the unread download to give back its slot", func() bool { return slotFree(p, client, scheme) })
+	}
+	dialSmall := func(addr string) net.Conn {
+		c, err := net.Dial("tcp", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.(*net.TCPConn).SetReadBuffer(4096)
+		return c
+	}
+	stalled("plain", dialSmall(plain.addr), plain, http.DefaultClient, "http")
+	tc := tls.Client(dialSmall(tlsp.addr), &tls.Config{RootCAs: pool, ServerName: "127.0.0.1", NextProtos: []string{"http/1.1"}})
+	stalled("TLS", tc, tlsp, tlsClient, "https")
+
+	// HTTP/2: a stream whose window the client never opens.
+	h2 := &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}, ForceAttemptHTTP2: true,
+		HTTP2: &http.HTTP2Config{MaxReceiveBufferPerStream: 1 << 16, MaxReceiveBufferPerConnection: 1 << 16}}}
+	resp, err := h2.Get("https://" + tlsp.addr + "/proxy/big/x")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	if resp.ProtoMajor != 2 {
+		t.Fatalf("HTTP/%d; want 2", resp.ProtoMajor)
+	}
+	waitFor(t, 20*time.Second, "HTTP/2: the unread download to give back its slot", func() bool { return slotFree(tlsp, tlsClient, "https") })
+
+	// Pipelined requests whose answers are never read: the connection
+	// closes, and the client's writes fail.
+	c := dialSmall(plain.addr)
+	defer c.Close()
+	failed := make(chan error, 1)
+	go func() {
+		req := []byte(strings.Repeat("GET /health HTTP/1.1\r\nHost: x\r\n\r\n", 100))
+		for {
+			if _, err := c.Write(req); err != nil {
+				failed <- err
+				return
+			}
+		}
+	}()
+	select {
+	case <-failed:
+	case <-time.After(20 * time.Second):
+		t.Error("pipelined requests whose answers are not read: the connection still takes requests after 20 s")
+	}
+}

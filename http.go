@@ -238,6 +238,71 @@ func boundStalledBodies(gap time.Duration, next http.Handler) http.Handler {
 	})
 }
 
+// boundStalledAnswers makes each write of an answer on net/http's
+// connections (TLS, HTTP/2, heads the fast path handed over) fail once the
+// client has taken nothing of it for gap, as on the fast path (see
+// newServerSocket): a client that stops reading, or an HTTP/2 client that
+// never opens a stream's window, must not hold its request and its
+// --max_inflight slot for as long as it likes.
+func boundStalledAnswers(gap time.Duration, next http.Handler) http.Handler {
+	if gap <= 0 {
+		return next
+	}
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		sw := &stallBoundWriter{ResponseWriter: w, rc: http.NewResponseController(w), gap: gap}
+		// The last request's deadline may linger on a kept-alive
+		// connection: none until this handler writes.
+		sw.rc.SetWriteDeadline(time.Time{})
+		// net/http sends what is buffered after the handler returns,
+		// which may be long after its last write; the writer is not to
+		// be used by then.
+		defer sw.arm()
+		next.ServeHTTP(sw, r)
+	})
+}
+
+// stallBoundWriter gives each write of an answer gap to go out.
+type stallBoundWriter struct {
+	http.ResponseWriter
+	rc       *http.ResponseController
+	gap      time.Duration
+	hijacked bool // the connection is the handler's: its deadlines too
+}
+
+func (w *stallBoundWriter) arm() {
+	if !w.hijacked {
+		w.rc.SetWriteDeadline(time.Now().Add(w.gap))
+	}
+}
+
+func (w *stallBoundWriter) WriteHeader(code int) {
+	w.arm()
+	w.ResponseWriter.WriteHeader(code)
+}
+
+func (w *stallBoundWriter) Write(p []byte) (int, error) {
+	w.arm()
+	return w.ResponseWriter.Write(p)
+}
+
+func (w *stallBoundWriter) FlushError() error {
+	w.arm()
+	return w.rc.Flush()
+}
+
+func (w *stallBoundWriter) Flush() { w.FlushError() }
+
+func (w *stallBoundWriter) Hijack() (net.Conn, *bufio.ReadWriter, error) {
+	c, rw, err := w.rc.Hijack()
+	if err == nil {
+		w.hijacked = true
+		c.SetWriteDeadline(time.Time{})
+	}
+	return c, rw, err
+}
+
+func (w *stallBoundWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
+
 // closeAfterUnsureFraming closes, on net/http's connections, the
 // connection after every request whose body came chunked, and after every
 // HTTP/1.0 request with a body. net/http frames a request that states both

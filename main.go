@@ -980,7 +980,7 @@ func runSidecar(ctx context.Context, cfg config, logOut io.Writer, deregistered 
 	}
 	routes := s.routes()
 	srv := &http.Server{
-		Handler: closeAfterUnsureFraming(boundStalledBodies(cfg.IdleTimeout, routes)),
+		Handler: boundStalledAnswers(cfg.IdleTimeout, closeAfterUnsureFraming(boundStalledBodies(cfg.IdleTimeout, routes))),
 		// Slow or stalled clients must not hold connections forever; bodies
 		// get their own limits, and long calls their own deadlines.
 		ReadHeaderTimeout: cfg.ReadHeaderTimeout,

@@ -5,10 +5,16 @@ package main
 import (
 	"io"
 	"net"
+	"time"
 )
 
 // newRawSocket: see socket_raw.go.
 func newRawSocket(c net.Conn) io.ReadWriter { return c }
+
+// newServerSocket: see socket_raw.go.
+func newServerSocket(c net.Conn, writeIdle time.Duration) io.ReadWriter {
+	return stallLimited(c, writeIdle)
+}
 
 // nodeSocket cannot peek at a connection here: an idle connection the node
 // closed shows up as a failed call. Requests are written the usual way.

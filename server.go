@@ -99,7 +99,7 @@ func (s *server) Serve(ln net.Listener) error {
 			continue
 		}
 		backoff = 0
-		sock := newRawSocket(rwc)
+		sock := newServerSocket(rwc, s.idleTimeout)
 		c := &serverConn{srv: s, rwc: rwc, sock: sock, br: bufio.NewReaderSize(sock, headBufferSize), remote: rwc.RemoteAddr().String()}
 		if !s.track(c) {
 			rwc.Close()
@@ -107,6 +107,25 @@ func (s *server) Serve(ln net.Listener) error {
 		}
 		go c.serve()
 	}
+}
+
+// stallLimited bounds each write on c to idle (0: none), where a write
+// cannot tell whether it waits for the client (see rawSocket).
+func stallLimited(c net.Conn, idle time.Duration) io.ReadWriter {
+	if idle <= 0 {
+		return c
+	}
+	return &stallLimitedConn{c, idle}
+}
+
+type stallLimitedConn struct {
+	net.Conn
+	idle time.Duration
+}
+
+func (c *stallLimitedConn) Write(p []byte) (int, error) {
+	c.Conn.SetWriteDeadline(time.Now().Add(c.idle))
+	return c.Conn.Write(p)
 }
 
 // track adds c to the open connections, unless the server is shutting down.

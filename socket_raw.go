@@ -6,6 +6,7 @@ import (
 	"io"
 	"net"
 	"syscall"
+	"time"
 	"unsafe"
 )
 
@@ -38,20 +39,34 @@ type rawSocket struct {
 	wn        int
 	werr      error
 	writeStep func(fd uintptr) bool
+
+	// writeIdle bounds a write's wait for room in the socket's buffer (0:
+	// none). The deadline is armed only when a write must wait, so that
+	// a write the buffer takes at once costs no timer update.
+	writeIdle time.Duration
+	armedAt   int  // wn when the deadline was last armed; -1: not armed
+	mustArm   bool // the write stopped to arm it before waiting
 }
 
 // newRawSocket returns c's reads and writes as a rawSocket, or c itself
 // when it has no descriptor (a pipe in tests).
-func newRawSocket(c net.Conn) io.ReadWriter {
+func newRawSocket(c net.Conn) io.ReadWriter { return newServerSocket(c, 0) }
+
+// newServerSocket is newRawSocket for a server's connection to a client:
+// a write that waits writeIdle (0: for ever) for the client to take
+// anything fails with os.ErrDeadlineExceeded. A client that stops reading
+// must not hold its request, its in-flight slot and the socket's buffers
+// for as long as it likes.
+func newServerSocket(c net.Conn, writeIdle time.Duration) io.ReadWriter {
 	sc, ok := c.(syscall.Conn)
 	if !ok {
-		return c
+		return stallLimited(c, writeIdle)
 	}
 	raw, err := sc.SyscallConn()
 	if err != nil {
-		return c
+		return stallLimited(c, writeIdle)
 	}
-	s := &rawSocket{conn: c, raw: raw}
+	s := &rawSocket{conn: c, raw: raw, writeIdle: writeIdle}
 	s.readStep, s.writeStep = s.readOnce, s.writeAll
 	return s
 }
@@ -74,8 +89,22 @@ func (s *rawSocket) readOnce(fd uintptr) bool {
 }
 
 func (s *rawSocket) Write(p []byte) (int, error) {
-	s.wp, s.wn, s.werr = p, 0, nil
-	err := s.raw.Write(s.writeStep)
+	s.wp, s.wn, s.werr, s.armedAt = p, 0, nil, -1
+	var err error
+	for {
+		s.mustArm = false
+		err = s.raw.Write(s.writeStep)
+		if err != nil || !s.mustArm {
+			break
+		}
+		// The client has taken nothing since the last arming: it gets
+		// writeIdle from now to take more.
+		s.conn.SetWriteDeadline(time.Now().Add(s.writeIdle))
+		s.armedAt = s.wn
+	}
+	if s.armedAt >= 0 {
+		s.conn.SetWriteDeadline(time.Time{})
+	}
 	s.wp = nil
 	switch {
 	case err != nil:
@@ -87,10 +116,16 @@ func (s *rawSocket) Write(p []byte) (int, error) {
 }
 
 // writeAll writes what the socket's buffer takes, and asks the poller to
-// wait for room while some is left.
+// wait for room while some is left; or stops, for Write to arm the
+// deadline first, when the wait is the first since the client last took
+// something.
 func (s *rawSocket) writeAll(fd uintptr) bool {
 	wait, err := writeFully(fd, s.wp, &s.wn)
 	s.werr = err
+	if wait && s.writeIdle > 0 && s.wn != s.armedAt {
+		s.mustArm = true
+		return true
+	}
 	return !wait
 }
 

@@ -6,12 +6,17 @@ import (
 	"io"
 	"net"
 	"syscall"
+	"time"
 )
 
 // Without raw system calls (see socket_raw.go) sockets are read and
 // written the usual way.
 
 func newRawSocket(c net.Conn) io.ReadWriter { return c }
+
+func newServerSocket(c net.Conn, writeIdle time.Duration) io.ReadWriter {
+	return stallLimited(c, writeIdle)
+}
 
 func sysRead(fd uintptr, p []byte) (int, error) { return syscall.Read(int(fd), p) }
 
