@@ -701,7 +701,7 @@ func (b *broker) keepalive() {
 		if !s.isReady() {
 			continue // still in its handshake
 		}
-		if s.readSeen.Swap(false) || s.writing.Load() {
+		if s.readSeen.Swap(false) || s.writing.Load() || s.taking.took(s.conn) {
 			s.quiet = 0
 			continue
 		}
@@ -860,9 +860,10 @@ type subscriber struct {
 
 	wmu sync.Mutex // guards writes to conn: the writer's batches, the library's pongs
 
-	readSeen atomic.Bool // set by every read; cleared by keepalive
-	writing  atomic.Bool // a write of messages is waiting on the client
-	quiet    int         // keepalive rounds without a read; keepalive's goroutine only
+	readSeen atomic.Bool  // set by every read; cleared by keepalive
+	writing  atomic.Bool  // a write of messages is waiting on the client
+	quiet    int          // keepalive rounds without a read; keepalive's goroutine only
+	taking   sendProgress // whether the client takes what was written; keepalive's goroutine only
 
 	mu          sync.Mutex // guards the fields below
 	q           []*message

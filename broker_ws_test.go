@@ -444,3 +444,117 @@ func TestReconcileKeepsATopicWhoseSubscriberCameBack(t *testing.T) {
 		t.Errorf("the topic whose subscriber came back during the pass was deregistered")
 	}
 }
+
+// TestClientReadingItsBacklogIsNotTakenForSilent: messages the writer
+// handed to the socket wait in its buffers, with the pings behind them;
+// a client taking them is alive though it sends no pong for a while, and
+// was reaped as silent (its unread messages lost). One that stops taking
+// them is silent, and reaped.
+func TestClientReadingItsBacklogIsNotTakenForSilent(t *testing.T) {
+	if runtime.GOOS != "linux" {
+		t.Skip("the socket's send queue is read on Linux only")
+	}
+	s, addr := brokerSidecar(t, brokerConfig{PingInterval: time.Hour}) // keepalive runs here, not on a timer
+	ws := dialRaw(t, addr, "/broker?topic=backlog")
+	ws.conn.(*net.TCPConn).SetReadBuffer(128 << 10)
+	waitFor(t, 5*time.Second, "the subscriber", func() bool { return subCount(s.broker) == 1 })
+	sub := subscriberAt(t, s.broker, ws.conn.LocalAddr().String())
+	// Room for the whole backlog in the sidecar's socket: the writer
+	// hands it all over, and the client's buffer holds a part.
+	sub.conn.(*net.TCPConn).SetWriteBuffer(8 << 20)
+	payload := []byte(strings.Repeat("x", 16<<10))
+	for range 192 {
+		s.broker.publish("backlog", payloadText, "text/plain", payload)
+	}
+	idle := func() bool {
+		sub.mu.Lock()
+		defer sub.mu.Unlock()
+		return len(sub.q) == 0 && !sub.writing.Load()
+	}
+	waitFor(t, 5*time.Second, "the writer to hand the backlog to the socket", idle)
+	if n := unsentBytes(sub.conn); n < 256<<10 {
+		t.Fatalf("%d bytes wait in the socket; the test needs a backlog there", n)
+	}
+	buf := make([]byte, 16<<10)
+	for round := range 2 * reapAfter {
+		before := unsentBytes(sub.conn)
+		// The client reads until its window opens (a window update waits
+		// for room enough) and the sidecar's queue shrinks.
+		waitFor(t, 5*time.Second, "the sidecar to see the client take some", func() bool {
+			ws.conn.SetReadDeadline(time.Now().Add(5 * time.Second))
+			if _, err := io.ReadFull(ws.conn, buf); err != nil {
+				t.Fatalf("round %d: %v", round, err)
+			}
+			return unsentBytes(sub.conn) < before
+		})
+		s.broker.keepalive()
+	}
+	if st := &s.broker.stats; st.Reaped.Load() != 0 || subCount(s.broker) != 1 {
+		t.Fatalf("reaped %d; want the client reading its backlog kept", st.Reaped.Load())
+	}
+	for range reapAfter { // it stops reading
+		s.broker.keepalive()
+	}
+	if st := &s.broker.stats; st.Reaped.Load() != 1 {
+		t.Errorf("reaped %d; want the client that stopped taking anything reaped", st.Reaped.Load())
+	}
+}
+
+// TestWatcherReadingItsBacklogIsNotTakenForSilent: a watcher working
+// through a large initial state, handed to its socket ahead of the pings,
+// is alive though it sends no pong for a while; it was closed as silent,
+// its events cut off.
+func TestWatcherReadingItsBacklogIsNotTakenForSilent(t *testing.T) {
+	if runtime.GOOS != "linux" {
+		t.Skip("the socket's send queue is read on Linux only")
+	}
+	// Pings far apart next to the client's window updates, which come as
+	// it frees room enough (some 64 KiB, every 0.3 s here).
+	s, srv := testSidecar(t, func(c *config) { c.watchPing = 500 * time.Millisecond })
+	const nodes = 1000
+	md := map[string]string{"pad": strings.Repeat("x", 1000)}
+	var recs []record
+	for i := range nodes {
+		recs = append(recs, record{Service: "big", Metadata: map[string]string{}, Node: Node{ID: fmt.Sprint("n", i), Address: "127.0.0.1", Port: 1, Metadata: md}})
+	}
+	if err := s.reg.table.upsert(recs...); err != nil {
+		t.Fatal(err)
+	}
+	ws := dialRaw(t, hostOf(srv), "/registry?watch=1&service=big")
+	ws.conn.(*net.TCPConn).SetReadBuffer(128 << 10)
+	pace := time.NewTicker(10 * time.Millisecond) // about 200 KB/s: seconds for the backlog
+	defer pace.Stop()
+	creates := 0
+	for creates < nodes {
+		<-pace.C
+		for range 2 {
+			op, data, err := ws.next(5 * time.Second)
+			if err != nil {
+				t.Fatalf("after %d of %d events: %v", creates, nodes, err)
+			}
+			switch {
+			case op == websocket.PingFrame:
+				ws.send(t, websocket.PongFrame, data) // late, behind the backlog
+			case op == websocket.TextFrame && strings.Contains(string(data), `"create"`):
+				creates++
+			}
+		}
+	}
+	// The watch goes on: what was handed over before a close would come
+	// through it, all of it.
+	if err := s.reg.table.upsert(record{Service: "big", Metadata: map[string]string{}, Node: Node{ID: "late", Address: "127.0.0.1", Port: 1, Metadata: map[string]string{}}}); err != nil {
+		t.Fatal(err)
+	}
+	for {
+		op, data, err := ws.next(5 * time.Second)
+		if err != nil {
+			t.Fatalf("the event after the backlog: %v; want the watch still open", err)
+		}
+		switch {
+		case op == websocket.PingFrame:
+			ws.send(t, websocket.PongFrame, data)
+		case op == websocket.TextFrame && strings.Contains(string(data), `"late"`):
+			return
+		}
+	}
+}

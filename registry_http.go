@@ -294,6 +294,7 @@ func (s *sidecar) handleWatch(w http.ResponseWriter, r *http.Request) {
 	defer s.watchers.Add(-1)
 	service := r.URL.Query().Get("service")
 	var br *bufio.Reader // the connection's, taken at the hijack
+	var raw net.Conn     // the connection, taken at the hijack
 	srv := wsServer(func(c *websocket.Conn) {
 		stop, gone := make(chan struct{}), make(chan struct{})
 		var once sync.Once
@@ -304,25 +305,28 @@ func (s *sidecar) handleWatch(w http.ResponseWriter, r *http.Request) {
 		defer s.conns.remove(c)
 		wt, initial := s.reg.table.watchFrom(service, time.Now())
 		defer s.reg.table.unwatch(wt)
-		in := watcherInput{pings: make(chan []byte, 1), failed: make(chan *wsFailure, 1), gone: gone, closeCode: new(int), heard: new(atomic.Bool)}
+		in := watcherInput{pings: make(chan []byte, 1), failed: make(chan *wsFailure, 1), gone: gone, closeCode: new(int), heard: new(atomic.Bool), conn: raw}
 		go in.read(br)
 		s.streamWatch(c, wt, initial, stop, in)
 	})
-	srv.ServeHTTP(readerTaker{ResponseWriter: w, br: &br}, r)
+	srv.ServeHTTP(readerTaker{ResponseWriter: w, br: &br, conn: &raw}, r)
 }
 
 // readerTaker keeps the connection's reader at the hijack, for the watch's
 // own frame reader: x/net/websocket lets through frames RFC 6455 says
-// must fail the connection, and echoes pings of any size.
+// must fail the connection, and echoes pings of any size. It keeps the
+// connection too, whose send queue tells a watcher reading its backlog
+// from a silent one.
 type readerTaker struct {
 	http.ResponseWriter
-	br **bufio.Reader
+	br   **bufio.Reader
+	conn *net.Conn
 }
 
 func (t readerTaker) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 	conn, brw, err := http.NewResponseController(t.ResponseWriter).Hijack()
 	if err == nil {
-		*t.br = brw.Reader
+		*t.br, *t.conn = brw.Reader, conn
 	}
 	return conn, brw, err
 }
@@ -335,6 +339,7 @@ type watcherInput struct {
 	gone      chan struct{}
 	closeCode *int         // the code to answer the watcher's close with, set before gone closes
 	heard     *atomic.Bool // set by every read; cleared by the writer's pings
+	conn      net.Conn     // the connection under the WebSocket
 }
 
 // read reads the watcher's frames with the broker's frame reader until the
@@ -393,6 +398,7 @@ func (s *sidecar) streamWatch(c *websocket.Conn, wt *watcher, initial []record, 
 	defer ping.Stop()
 	in.heard.Store(true) // the handshake: silence counts from it
 	quiet := 0           // pings without a read since
+	var taking sendProgress
 	for {
 		select {
 		case <-in.gone:
@@ -424,7 +430,7 @@ func (s *sidecar) streamWatch(c *websocket.Conn, wt *watcher, initial []record, 
 		case <-ping.C:
 			// A watcher silent, not even a pong, for reapAfter pings is
 			// gone (its peer vanished, or froze) and gives back its slot.
-			if in.heard.Swap(false) {
+			if in.heard.Swap(false) || taking.took(in.conn) {
 				quiet = 0
 			} else if quiet++; quiet >= reapAfter {
 				s.log.Debug("closing a silent registry watch", "remote", c.Request().RemoteAddr)
