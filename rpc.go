@@ -307,7 +307,7 @@ func unknownRPCField(name string) error {
 	return fmt.Errorf("body field %q is not one /rpc takes (service, method, request, address)", truncate(name, 64))
 }
 
-// parseRPCForm reads the fields of a form body as url.ParseQuery does, the
+// parseRPCForm reads the fields of a form body as parseForm does, the
 // first value of a field counting. A body with nothing escaped, the usual
 // case (curl -d sends JSON as it is), is split in place; request then
 // shares body's bytes.
@@ -315,7 +315,7 @@ func parseRPCForm(body []byte) (rpcForm, error) {
 	var f rpcForm
 	// Three vectorised scans cost less than ContainsAny's byte-by-byte one.
 	if bytes.IndexByte(body, '%') >= 0 || bytes.IndexByte(body, '+') >= 0 || bytes.IndexByte(body, ';') >= 0 {
-		form, err := url.ParseQuery(string(body))
+		form, err := parseForm(string(body), "form body")
 		if err != nil {
 			return f, errNotForm(err)
 		}
@@ -386,9 +386,10 @@ func parseRPCForm(body []byte) (rpcForm, error) {
 	return f, nil
 }
 
-// errNotForm is the error for a body that url.ParseQuery refused.
+// errNotForm is the error for a body that parseForm refused, with the
+// two ways around what curl -d sends as written.
 func errNotForm(err error) error {
-	return fmt.Errorf("body is neither JSON nor form fields: %v", err)
+	return fmt.Errorf("body is neither JSON nor form fields: %v; let curl escape form values (--data-urlencode), or send JSON", err)
 }
 
 // rpcFormFields are the fields of POST /rpc, in parseRPCForm's order.
@@ -542,7 +543,7 @@ func formObject(body string) ([]byte, error) {
 			return nil, fmt.Errorf("body is neither JSON nor form fields: %q is not name=value", truncate(pair, 64))
 		}
 	}
-	form, err := url.ParseQuery(body)
+	form, err := parseForm(body, "form body")
 	if err != nil {
 		return nil, errNotForm(err)
 	}
