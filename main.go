@@ -488,8 +488,10 @@ func (c *config) validate() error {
 	if n, err := strconv.Atoi(port); port != "" && (err != nil || n < 0 || n > 65535) {
 		return fmt.Errorf("--address %q: port must be 0-65535 (0, or none, picks a free one)", c.Address)
 	}
-	if c.ServerName == "" && (c.ServerAddress != "" || c.Health.URL != "") {
-		return errors.New("--server_address and --healthcheck_url need --server_name")
+	if c.ServerName == "" {
+		if err := appFlagsWithoutName(c.ServerAddress != "", c.Health.URL != ""); err != nil {
+			return err
+		}
 	}
 	if c.ServerName != "" {
 		if c.ServerAddress == "" {
@@ -744,6 +746,28 @@ func (c *config) checkIneffective() error {
 		}
 	}
 	return nil
+}
+
+// appFlagsWithoutName refuses the app's address or health check given
+// without the app's name, naming only what was given. Unlike the flags
+// checkIneffective lets a variable off for, these stop the start from a
+// MICRO_* variable too: they say an app is there, and a sidecar that ran
+// would register nothing and check nothing while it was meant to.
+func appFlagsWithoutName(address, healthURL bool) error {
+	var given []string
+	if address {
+		given = append(given, "--server_address")
+	}
+	if healthURL {
+		given = append(given, "--healthcheck_url")
+	}
+	switch len(given) {
+	case 0:
+		return nil
+	case 1:
+		return fmt.Errorf("%s needs --server_name, the app's service name", given[0])
+	}
+	return fmt.Errorf("%s need --server_name, the app's service name", strings.Join(given, " and "))
 }
 
 // advertisesLoopback reports whether what this sidecar advertises, the

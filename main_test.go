@@ -320,7 +320,7 @@ func TestCommandLine(t *testing.T) {
 		{[]string{"sidecar", "--server_name=foo", "--server_address=9090"}, 2, `--server_address "9090": want the app's host:port`},
 		{[]string{"sidecar", "--server_name=foo", "--server_address=:9090"}, 2, `--server_address ":9090": want the app's host:port`},
 		{[]string{"sidecar", "--server_name=f", "--server_address=127.0.0.1:1", "--healthcheck_url=127.0.0.1:1/h"}, 2, "want a URL with its scheme"},
-		{[]string{"sidecar", "--healthcheck_url=http://127.0.0.1:1/"}, 2, "need --server_name"},
+		{[]string{"sidecar", "--healthcheck_url=http://127.0.0.1:1/"}, 2, "--healthcheck_url needs --server_name"},
 		{[]string{"sidecar", "--server_name=foo"}, 2, "--server_name needs --server_address"},
 		{[]string{"sidecar", "--server_name=foo", "--server_address=127.0.0.1:99999"}, 2, "port must be 1-65535"},
 		{[]string{"sidecar", "--server_name=foo", "--server_address=0.0.0.0:9090"}, 2, "give the host's address"},
@@ -364,6 +364,35 @@ func TestUnannounceableAppRefusedAtStart(t *testing.T) {
 		args[0] = "--registry=file"
 		if _, err := parseSidecarFlags(args, io.Discard, env); err != nil {
 			t.Errorf("%q: %v; want it taken", args, err)
+		}
+	}
+}
+
+// TestAppFlagsWithoutName: the app's address or health check without its
+// name stops the start, whether a flag or a variable gave it, and the
+// error names what was given alone.
+func TestAppFlagsWithoutName(t *testing.T) {
+	for _, tc := range []struct {
+		args, env []string
+		want      string
+	}{
+		{[]string{"--server_address=127.0.0.1:1"}, nil, "--server_address needs --server_name, the app's service name"},
+		{[]string{"--healthcheck_url=ftp://x"}, nil, "--healthcheck_url needs --server_name, the app's service name"},
+		{[]string{"--server_address=127.0.0.1:1", "--healthcheck_url=tcp://127.0.0.1:1"}, nil, "--server_address and --healthcheck_url need --server_name, the app's service name"},
+		{nil, []string{"MICRO_SERVER_ADDRESS=127.0.0.1:1"}, "--server_address needs --server_name, the app's service name (set by MICRO_SERVER_ADDRESS)"},
+		{nil, []string{"MICRO_HEALTHCHECK_URL=http://127.0.0.1:1/"}, "--healthcheck_url needs --server_name, the app's service name (set by MICRO_HEALTHCHECK_URL)"},
+	} {
+		env := func(name string) (string, bool) {
+			for _, v := range tc.env {
+				if n, val, _ := strings.Cut(v, "="); n == name {
+					return val, true
+				}
+			}
+			return "", false
+		}
+		args := append([]string{"--registry=memory"}, tc.args...)
+		if _, err := parseSidecarFlags(args, io.Discard, env); err == nil || err.Error() != tc.want {
+			t.Errorf("%q with %q: %v; want %q", args, tc.env, err, tc.want)
 		}
 	}
 }
