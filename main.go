@@ -519,7 +519,7 @@ func (c *config) validate() error {
 				if !strings.Contains(why, "--registry=") {
 					why += "; use --registry=file or etcd for such an app"
 				}
-				return fmt.Errorf("--server_address, --server_metadata: the app's %s", why)
+				return fmt.Errorf("%s: the app's %s", mdnsAppFlagOf(why), why)
 			}
 		}
 	}
@@ -805,6 +805,32 @@ func appFlagOf(msg string) string {
 		}
 	}
 	return "--server_address"
+}
+
+// mdnsAppFlagOf names the flag behind the mdns registry's refusal of the
+// app's node, why (past the node's id), by its shape (txtOf's and
+// announcementOf's messages): a TXT string too long, "KEY=... is N bytes",
+// is the name's, the id's, the version's or else a metadata pair's (a
+// metadata key spelt like those travels as node:KEY); the address is at
+// fault for a zone, or for a DNS name that cannot be the SRV target (the
+// instance name, from the id, is cut to fit). The rest is about metadata,
+// which alone can make a TXT record too large.
+func mdnsAppFlagOf(why string) string {
+	if key, _, ok := strings.Cut(why, "=... is "); ok { // keys hold no '='
+		switch key {
+		case txtName:
+			return "--server_name"
+		case txtID:
+			return "--server_id"
+		case txtVersion:
+			return "--server_version"
+		}
+		return "--server_metadata"
+	}
+	if strings.HasPrefix(why, "address ") || strings.HasPrefix(why, "name ") {
+		return "--server_address"
+	}
+	return "--server_metadata"
 }
 
 // parseMetadata reads --server_metadata, key=value pairs separated by

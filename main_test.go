@@ -346,24 +346,40 @@ func TestCommandLine(t *testing.T) {
 
 // TestUnannounceableAppRefusedAtStart: an app mDNS cannot announce is
 // refused at start, not at every retry of its registration for good
-// (checked in process: a start that passed would announce).
+// (checked in process: a start that passed would announce), naming the
+// flag at fault, or the variable that set it.
 func TestUnannounceableAppRefusedAtStart(t *testing.T) {
-	env := func(string) (string, bool) { return "", false }
 	for _, tc := range []struct {
-		args []string
-		want string
+		args, env  []string
+		flag, want string
 	}{
-		{[]string{"--server_address=[fe80::1%lo]:9"}, "the app's address fe80::1%lo has a zone, which an AAAA record cannot carry: cannot be announced over mDNS; use --registry=file or etcd"},
-		{[]string{"--server_address=127.0.0.1:9", "--server_metadata=k=" + strings.Repeat("v", 300)}, "a TXT string holds 255"},
-		{[]string{"--server_address=127.0.0.1:9", "--advertise_address=fe80::1%lo"}, "an IPv6 zone, which the mdns registry cannot announce"},
+		{[]string{"--server_address=[fe80::1%lo]:9"}, nil, "--server_address", "the app's address fe80::1%lo has a zone, which an AAAA record cannot carry: cannot be announced over mDNS; use --registry=file or etcd"},
+		{[]string{"--server_address=127.0.0.1:9", "--server_metadata=k=" + strings.Repeat("v", 300)}, nil, "--server_metadata", "a TXT string holds 255"},
+		{[]string{"--server_address=127.0.0.1:9", "--server_metadata=address x=" + strings.Repeat("v", 300)}, nil, "--server_metadata", "a TXT string holds 255"},
+		{[]string{"--server_address=127.0.0.1:9", "--server_name=" + strings.Repeat("s", 251), "--server_id=x1"}, nil, "--server_name", "the app's name=... is 256 bytes and a TXT string holds 255"},
+		{[]string{"--server_address=127.0.0.1:9", "--server_id=" + strings.Repeat("i", 253)}, nil, "--server_id", "the app's id=... is 256 bytes"},
+		{[]string{"--server_address=127.0.0.1:9", "--server_version=" + strings.Repeat("v", 250)}, nil, "--server_version", "the app's version=... is 258 bytes"},
+		{[]string{"--server_address=127.0.0.1:9", "--server_id=x1"}, []string{"MICRO_SERVER_NAME=" + strings.Repeat("s", 251)}, "--server_name", "(set by MICRO_SERVER_NAME)"},
+		{[]string{"--server_address=127.0.0.1:9", "--advertise_address=fe80::1%lo"}, nil, "--advertise_address", "an IPv6 zone, which the mdns registry cannot announce"},
 	} {
-		args := append([]string{"--registry=mdns", "--server_name=z"}, tc.args...)
-		if _, err := parseSidecarFlags(args, io.Discard, env); err == nil || !strings.Contains(err.Error(), tc.want) {
-			t.Errorf("%q: %v; want %q", args, err, tc.want)
+		env := func(name string) (string, bool) {
+			for _, v := range tc.env {
+				if n, val, _ := strings.Cut(v, "="); n == name {
+					return val, true
+				}
+			}
+			return "", false
+		}
+		args := append([]string{"--registry=mdns"}, tc.args...)
+		if len(tc.env) == 0 {
+			args = append([]string{"--registry=mdns", "--server_name=z"}, tc.args...)
+		}
+		if _, err := parseSidecarFlags(args, io.Discard, env); err == nil || !strings.HasPrefix(err.Error(), tc.flag+" ") && !strings.HasPrefix(err.Error(), tc.flag+":") || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%.80q with %.40q: %.300v; want it to start with %s and say %q", args, tc.env, err, tc.flag, tc.want)
 		}
 		args[0] = "--registry=file"
 		if _, err := parseSidecarFlags(args, io.Discard, env); err != nil {
-			t.Errorf("%q: %v; want it taken", args, err)
+			t.Errorf("%.80q: %v; want it taken", args, err)
 		}
 	}
 }
