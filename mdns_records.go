@@ -147,7 +147,7 @@ func txtOf(r record) ([]string, error) {
 		total += 1 + len(s)
 	}
 	if total > mdnsMaxTXT {
-		return nil, fmt.Errorf("node %q: metadata of %d bytes exceeds the %d a TXT record may carry: %w; use --registry=file", truncate(r.Node.ID, 64), total, mdnsMaxTXT, errNotAnnounceable)
+		return nil, fmt.Errorf("node %q: TXT record of %d bytes (txtvers, name, id, version and metadata, each key=value after a length byte) exceeds the %d it may carry: %w; use --registry=file", truncate(r.Node.ID, 64), total, mdnsMaxTXT, errNotAnnounceable)
 	}
 	return out, nil
 }

@@ -97,24 +97,25 @@ func TestTXTLimits(t *testing.T) {
 	for _, tc := range []struct {
 		name string
 		mod  func(*record)
+		want string
 	}{
-		{"id over 252 bytes", func(r *record) { r.Node.ID = strings.Repeat("i", 253) }},
-		{"metadata string over 255 bytes", func(r *record) { r.Node.Metadata["big"] = strings.Repeat("v", 300) }},
-		{"key with =", func(r *record) { r.Node.Metadata["a=b"] = "c" }},
-		{"node keys differing in case alone", func(r *record) { r.Node.Metadata["zone"], r.Node.Metadata["Zone"] = "a", "b" }},
-		{"service keys differing in case alone", func(r *record) { r.Metadata = map[string]string{"K": "1", "k": "2"} }},
+		{"id over 252 bytes", func(r *record) { r.Node.ID = strings.Repeat("i", 253) }, "id=... is 256 bytes and a TXT string holds 255"},
+		{"metadata string over 255 bytes", func(r *record) { r.Node.Metadata["big"] = strings.Repeat("v", 300) }, "big=... is 304 bytes"},
+		{"key with =", func(r *record) { r.Node.Metadata["a=b"] = "c" }, "without '='"},
+		{"node keys differing in case alone", func(r *record) { r.Node.Metadata["zone"], r.Node.Metadata["Zone"] = "a", "b" }, "differ only in case"},
+		{"service keys differing in case alone", func(r *record) { r.Metadata = map[string]string{"K": "1", "k": "2"} }, "differ only in case"},
 		{"metadata over the TXT budget", func(r *record) {
 			for i := range 40 {
 				r.Node.Metadata[fmt.Sprint("k", i)] = strings.Repeat("v", 240)
 			}
-		}},
+		}, "TXT record of 9881 bytes (txtvers, name, id, version and metadata, each key=value after a length byte) exceeds the 8000 it may carry"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			r := testRecord("s", "n", "127.0.0.1", 1)
 			tc.mod(&r)
 			_, err := announcementOf(r, instanceLabel(r.Service, r.Node.ID))
-			if err == nil || !strings.Contains(err.Error(), errNotAnnounceable.Error()) {
-				t.Errorf("got %v; want an error wrapping %q", err, errNotAnnounceable)
+			if err == nil || !strings.Contains(err.Error(), errNotAnnounceable.Error()) || !strings.Contains(err.Error(), tc.want) {
+				t.Errorf("got %v; want an error wrapping %q and saying %q", err, errNotAnnounceable, tc.want)
 			}
 		})
 	}
