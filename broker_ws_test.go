@@ -294,13 +294,13 @@ func TestBrokerEntriesAreNotTheRegistryAPIs(t *testing.T) {
 	waitFor(t, 5*time.Second, "the group's registration", func() bool { return s.reg.table.has("topic:orders") })
 	id := s.broker.id + ":billing"
 	base := "http://" + addr + "/registry"
-	for _, c := range []struct{ method, url, body string }{
-		{"POST", base + "?ttl=1s", `{"name":"topic:orders","nodes":[{"id":"` + id + `","address":"127.0.0.1","port":1}]}`},
-		{"DELETE", base, `{"name":"topic:orders","nodes":[{"id":"other"},{"id":"` + id + `"}]}`},
+	for _, c := range []struct{ method, url, body, fix string }{
+		{"POST", base + "?ttl=1s", `{"name":"topic:orders","nodes":[{"id":"` + id + `","address":"127.0.0.1","port":1}]}`, "register another node id"},
+		{"DELETE", base, `{"name":"topic:orders","nodes":[{"id":"other"},{"id":"` + id + `"}]}`, "it goes when the last of them closes, or the sidecar stops"},
 	} {
 		code, body := do(t, c.method, c.url, "application/json", c.body)
-		if code != http.StatusConflict || !strings.Contains(body, "broker entry for topic orders") {
-			t.Errorf("%s of the broker's entry: %d %s; want 409 saying whose it is", c.method, code, body)
+		if code != http.StatusConflict || !strings.Contains(body, "broker entry for topic orders, kept by its broker while it has subscribers; "+c.fix) {
+			t.Errorf("%s of the broker's entry: %d %s; want 409 saying whose it is and %q", c.method, code, body, c.fix)
 		}
 	}
 	if !s.reg.owns(Service{Name: "topic:orders", Nodes: []Node{{ID: id}}}) {

@@ -141,7 +141,7 @@ func (s *sidecar) postService(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusConflict, "node "+truncate(s.app.id, 128)+" is this sidecar's app, which the sidecar registers itself (--server_name, --server_id); register another node id")
 		return
 	}
-	if s.refuseBrokerEntry(w, svc, ttl == 0) {
+	if s.refuseBrokerEntry(w, r.Method, svc, ttl) {
 		return
 	}
 	if err := s.reg.Register(svc, ttl); err != nil {
@@ -160,8 +160,11 @@ func (s *sidecar) postService(w http.ResponseWriter, r *http.Request) {
 // posted with ?ttl (it lapses), but not posted to be kept alive: this
 // sidecar would keep it for ever, even past its broker's goodbye (a sync
 // script posting what it read), and peers would forward to a sidecar
-// with no subscribers left.
-func (s *sidecar) refuseBrokerEntry(w http.ResponseWriter, svc Service, keptAlive bool) bool {
+// with no subscribers left. method is the request's, DELETE or a POST
+// (PUT) with ttl, 0 for one to keep alive.
+func (s *sidecar) refuseBrokerEntry(w http.ResponseWriter, method string, svc Service, ttl time.Duration) bool {
+	deleting := method == http.MethodDelete
+	keptAlive := !deleting && ttl == 0
 	topic, ok := strings.CutPrefix(svc.Name, topicService)
 	if !ok {
 		return false
@@ -171,7 +174,11 @@ func (s *sidecar) refuseBrokerEntry(w http.ResponseWriter, svc Service, keptAliv
 		broker := own || strings.HasPrefix(n.ID, "sidecar-") || n.Metadata["broker"] == "1"
 		switch {
 		case own:
-			writeError(w, http.StatusConflict, "node "+truncate(n.ID, 128)+" is this sidecar's broker entry for topic "+truncate(topic, 128)+", kept by its broker while it has subscribers; register another node id")
+			fix := "register another node id"
+			if deleting {
+				fix = "it goes when the last of them closes, or the sidecar stops"
+			}
+			writeError(w, http.StatusConflict, "node "+truncate(n.ID, 128)+" is this sidecar's broker entry for topic "+truncate(topic, 128)+", kept by its broker while it has subscribers; "+fix)
 			return true
 		case broker && keptAlive:
 			writeError(w, http.StatusConflict, "node "+truncate(n.ID, 128)+" is a broker entry for topic "+truncate(topic, 128)+", which its own sidecar keeps alive; this one would keep it past that sidecar's goodbye. Leave it to its sidecar (or post it with ?ttl= for a test)")
@@ -194,7 +201,7 @@ func (s *sidecar) deleteService(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusBadRequest, err.Error())
 		return
 	}
-	if s.refuseBrokerEntry(w, svc, false) {
+	if s.refuseBrokerEntry(w, r.Method, svc, 0) {
 		return
 	}
 	// Before the filter: a refused registration is in no table.
