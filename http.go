@@ -660,15 +660,25 @@ func writeClose(c *websocket.Conn, code int, reason string) error {
 }
 
 // queryOf parses the request's query strictly, answering 400 itself when
-// it fails: a bad escape is an error, not a pair silently dropped as
-// URL.Query drops it; each name in takes may appear at most once; and a
-// name the endpoint does not take (a typo: TTL for ttl) is an error, not
-// ignored. access_token, which the token check reads, is always taken.
+// it fails, as checkQuery says.
 func queryOf(w http.ResponseWriter, r *http.Request, takes ...string) (url.Values, bool) {
+	q, err := checkQuery(r, takes...)
+	if err != nil {
+		writeError(w, http.StatusBadRequest, err.Error())
+		return nil, false
+	}
+	return q, true
+}
+
+// checkQuery parses the request's query strictly: a bad escape is an
+// error, not a pair silently dropped as URL.Query drops it; each name in
+// takes may appear at most once; and a name the endpoint does not take (a
+// typo: TTL for ttl) is an error, not ignored. access_token, which the
+// token check reads, is always taken.
+func checkQuery(r *http.Request, takes ...string) (url.Values, error) {
 	q, err := parseForm(r.URL.RawQuery, "query")
 	if err != nil {
-		writeError(w, http.StatusBadRequest, "query "+strconv.Quote(truncate(r.URL.RawQuery, 64))+": "+err.Error())
-		return nil, false
+		return nil, errors.New("query " + strconv.Quote(truncate(r.URL.RawQuery, 64)) + ": " + err.Error())
 	}
 	for name, values := range q {
 		if name == "access_token" {
@@ -679,15 +689,13 @@ func queryOf(w http.ResponseWriter, r *http.Request, takes ...string) (url.Value
 			if len(takes) > 0 {
 				list = strings.Join(takes, ", ")
 			}
-			writeError(w, http.StatusBadRequest, fmt.Sprintf("query parameter %q is not one %s %s takes (it takes %s)", truncate(name, 64), r.Method, r.URL.Path, list))
-			return nil, false
+			return nil, fmt.Errorf("query parameter %q is not one %s %s takes (it takes %s)", truncate(name, 64), r.Method, r.URL.Path, list)
 		}
 		if err := onceOnly(name, len(values)); err != nil {
-			writeError(w, http.StatusBadRequest, err.Error())
-			return nil, false
+			return nil, err
 		}
 	}
-	return q, true
+	return q, nil
 }
 
 // parseForm is url.ParseQuery for a query or a form body (where says

@@ -829,6 +829,14 @@ func (s *sidecar) handlePath(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusNotFound, detail)
 		return
 	}
+	if r.URL.RawQuery != "" {
+		// The request is the body alone; a query left unread would call
+		// the app without what the client put there (?name=John).
+		if _, err := checkQuery(r); err != nil {
+			writeError(w, http.StatusBadRequest, err.Error()+"; the request goes in the body, as JSON or form fields")
+			return
+		}
+	}
 	buf := s.rpc.getBuf()
 	defer s.rpc.putBuf(buf)
 	body, ok := readBodyInto(w, r, s.rpc.cfg.MaxBodyBytes, buf)
