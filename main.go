@@ -395,7 +395,9 @@ func isFlagNameByte(c byte) bool {
 // it would leave the sidecar running without what it was meant to set.
 // A variable spelt in another case (micro_namespace, MICRO_Namespace) is
 // named too: the environment's names are case-sensitive, and only the
-// upper-case one is read.
+// upper-case one is read. MICRO_VERSION is named too: --version is a
+// question asked on the command line, and whoever set the variable
+// likely meant the app's version, MICRO_SERVER_VERSION.
 func unknownVariables(fs *flag.FlagSet, environ []string) []string {
 	var out []string
 	for _, kv := range environ {
@@ -408,6 +410,8 @@ func unknownVariables(fs *flag.FlagSet, environ []string) []string {
 		switch {
 		case upper == "MICRO_PPROF_ADDRESS":
 			out = append(out, name+" is read only by a build with the profiler (go build -tags pprof); this one has none")
+		case upper == "MICRO_VERSION":
+			out = append(out, name+" is not read: --version is asked on the command line (the app's version is MICRO_SERVER_VERSION)")
 		case fs.Lookup(strings.ToLower(rest)) == nil:
 			out = append(out, name+" names no flag (micro sidecar --help lists them)")
 		case name != upper && runtime.GOOS != "windows": // where names are read in any case

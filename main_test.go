@@ -455,6 +455,11 @@ func TestIneffectiveFlagFromEnvironment(t *testing.T) {
 	if !slices.Contains(cfg.ignored, "micro_namespace is not read: spell it MICRO_NAMESPACE") {
 		t.Errorf("a variable in lower case: noted %q; want it noted", cfg.ignored)
 	}
+	t.Setenv("MICRO_VERSION", "1.0.0")
+	versioned, _ := parseSidecarFlags([]string{"--registry=memory"}, io.Discard, env())
+	if !slices.Contains(versioned.ignored, "MICRO_VERSION is not read: --version is asked on the command line (the app's version is MICRO_SERVER_VERSION)") {
+		t.Errorf("MICRO_VERSION: noted %q; want it noted, with the variable meant", versioned.ignored)
+	}
 	t.Setenv("MICRO_PPROF_ADDRESS", "127.0.0.1:6060")
 	profiled, _ := parseSidecarFlags([]string{"--registry=memory"}, io.Discard, env())
 	if noted := slices.ContainsFunc(profiled.ignored, func(s string) bool {
