@@ -208,13 +208,15 @@ func classify(contentType string, body []byte) (kind int, dataContentType string
 		// "\xc3\xa9" would arrive as "é", and UTF-16 as garbage.
 		return payloadBinary, contentType, nil
 	case mt == "application/json" || strings.HasSuffix(mt, "+json"):
+		// Checked first: json.Valid stops at encoding/json's depth, and
+		// says only no. One level short of that depth is the limit too:
+		// inside the event, one level deeper, it would be past the depth
+		// peers read it with.
+		if jsonNestsDeeper(body, maxJSONDepth-1) {
+			return 0, "", fmt.Errorf("body is declared %s but nests deeper than %d levels; send it as text/plain", mt, maxJSONDepth-1)
+		}
 		if !json.Valid(body) {
 			return 0, "", errors.New("body is declared " + mt + " but is not valid JSON; fix it or send it as text/plain")
-		}
-		if scanJSONValue(body, 0, 1) < 0 {
-			// Valid, at JSON's full depth: inside the event, one level
-			// deeper, it is past the limit peers read it with.
-			return 0, "", fmt.Errorf("body is declared %s but nests deeper than %d levels; send it as text/plain", mt, maxJSONDepth-1)
 		}
 		if !utf8.Valid(body) {
 			// json.Valid takes any bytes inside strings; passed on, they would

@@ -93,6 +93,22 @@ func TestClassify(t *testing.T) {
 	}
 }
 
+// TestDeepPayloadToldTooDeep: JSON nested deeper than a publish takes is
+// told so, also past encoding/json's own depth, where json.Valid says
+// only that it is not valid.
+func TestDeepPayloadToldTooDeep(t *testing.T) {
+	for _, depth := range []int{maxJSONDepth, maxJSONDepth + 1, 20000} {
+		body := strings.Repeat(`{"a":`, depth) + "1" + strings.Repeat("}", depth)
+		_, _, err := classify("application/json", []byte(body))
+		if want := fmt.Sprintf("nests deeper than %d levels", maxJSONDepth-1); err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("JSON %d levels deep: %v; want %q", depth, err, want)
+		}
+	}
+	if _, _, err := classify("application/json", []byte(`{"a":`)); err == nil || !strings.Contains(err.Error(), "is not valid JSON") {
+		t.Errorf("broken JSON: %v; want it called not valid", err)
+	}
+}
+
 // TestDeepestPayloadReachesPeers: the most deeply nested JSON a publish
 // takes still reads as an event at a peer, one level deeper inside it.
 func TestDeepestPayloadReachesPeers(t *testing.T) {

@@ -25,6 +25,30 @@ func validJSON(b []byte) bool {
 	return end >= 0 && skipJSONSpace(b, end) == len(b)
 }
 
+// jsonNestsDeeper reports whether b, read as JSON text, opens more than
+// limit arrays and objects inside one another anywhere. It checks nothing
+// else, and goes on where scanJSONValue and json.Valid stop at
+// maxJSONDepth, so that text nested too deep is told so, valid or not.
+func jsonNestsDeeper(b []byte, limit int) bool {
+	depth, inString := 0, false
+	for i := 0; i < len(b); i++ {
+		switch c := b[i]; {
+		case inString && c == '\\':
+			i++ // the escaped byte, a quote perhaps
+		case c == '"':
+			inString = !inString
+		case inString:
+		case c == '[' || c == '{':
+			if depth++; depth > limit {
+				return true
+			}
+		case c == ']' || c == '}':
+			depth--
+		}
+	}
+	return false
+}
+
 func skipJSONSpace(b []byte, i int) int {
 	for i < len(b) && (b[i] == ' ' || b[i] == '\t' || b[i] == '\n' || b[i] == '\r') {
 		i++

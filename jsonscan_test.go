@@ -63,6 +63,28 @@ func TestReplyMembers(t *testing.T) {
 
 // FuzzJSONScan: the scanner accepts what encoding/json accepts, and finds
 // the members encoding/json decodes.
+func TestJSONNestsDeeper(t *testing.T) {
+	deep := strings.Repeat(`{"a":`, 20000) + "1" + strings.Repeat("}", 20000)
+	for _, tc := range []struct {
+		json string
+		want bool
+	}{
+		{`[[1]]`, false},
+		{`[[[1]]]`, true},
+		{`[[1],[2],{"a":1}]`, false},
+		{`{"a":{"b":{}}}`, true},
+		{`["[[[[", "\"[[[["]`, false},    // brackets in strings, an escaped quote
+		{`["\\", [[1]]]`, true},          // an escaped backslash ends no string
+		{`[[[`, true},                    // not JSON, and too deep all the same
+		{deep, true},                     // past encoding/json's own depth
+		{deep[:len(deep)-1] + "]", true}, // and broken besides
+	} {
+		if got := jsonNestsDeeper([]byte(tc.json), 2); got != tc.want {
+			t.Errorf("jsonNestsDeeper(%.40q, 2) = %v; want %v", tc.json, got, tc.want)
+		}
+	}
+}
+
 func FuzzJSONScan(f *testing.F) {
 	for _, s := range []string{`{"jsonrpc":"2.0","id":1,"result":{"a":[1,2,{"b":null}]}}`, `{"id":"1","error":"boom"}`, `[1,"\u00e9",-0.5e-3]`, `{"a":{"b":{"c":{}}}}`} {
 		f.Add([]byte(s))
@@ -70,6 +92,13 @@ func FuzzJSONScan(f *testing.F) {
 	f.Fuzz(func(t *testing.T, b []byte) {
 		if got, want := validJSON(b), json.Valid(b); got != want {
 			t.Fatalf("validJSON(%q) = %v; json.Valid says %v", b, got, want)
+		}
+		for _, limit := range []int{1, 2, 5} {
+			// scanJSONValue fails past limit when it starts limit levels
+			// short of maxJSONDepth.
+			if got, want := jsonNestsDeeper(b, limit), scanJSONValue(b, 0, maxJSONDepth-limit) < 0; json.Valid(b) && got != want {
+				t.Fatalf("jsonNestsDeeper(%q, %d) = %v; the scanner says %v", b, limit, got, want)
+			}
 		}
 		id, result, errVal, ok := replyMembers(b)
 		if !ok {
