@@ -824,6 +824,7 @@ func TestRegistryErrors(t *testing.T) {
 		{"POST", "/registry", `{"name":"x","nodes":[{"id":"a","address":"h:+80"}]}`, 400, "port must be 1-65535"},
 		{"POST", "/registry", `{"name":"x","nodes":[{"id":"a","address":"h:080"}]}`, 400, "port must be 1-65535"},
 		{"POST", "/registry", `{"name":"x"} {}`, 400, "trailing data"},
+		{"POST", "/registry", "{\"name\":\"x\",\"nodes\":[{\"id\":\"a\",\"address\":\"h\",\"port\":1,\"metadata\":{\"k\":\"caf\xe9\"}}]}", 400, "not UTF-8"},
 		{"POST", "/registry?ttl=soon", `{"name":"x","nodes":[{"id":"a","address":"h","port":1}]}`, 400, `ttl "soon"`},
 		{"POST", "/registry?ttl=0s", `{"name":"x","nodes":[{"id":"a","address":"h","port":1}]}`, 400, "between 1s and 24h"},
 		{"POST", "/registry?ttl=%zz", `{"name":"x","nodes":[{"id":"a","address":"h","port":1}]}`, 400, `invalid URL escape "%zz"`},

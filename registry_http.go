@@ -14,6 +14,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+	"unicode/utf8"
 
 	"golang.org/x/net/websocket"
 )
@@ -463,6 +464,11 @@ type serviceBody struct {
 // the node without it. (Values read from a backend are not held to this:
 // other tools write them.)
 func decodeServiceBody(data []byte) (Service, error) {
+	if !utf8.Valid(data) {
+		// encoding/json would store U+FFFD for each bad byte: two
+		// metadata keys in Latin-1 could become one, a value lost.
+		return Service{}, errors.New("body is not UTF-8, as JSON must be (RFC 8259 section 8.1)")
+	}
 	var b serviceBody
 	dec := json.NewDecoder(bytes.NewReader(data))
 	dec.DisallowUnknownFields()
