@@ -196,6 +196,10 @@ type mdnsBackend struct {
 	startQueries int
 	nextQuery    time.Time
 	conflictLog  logLimiter
+	// keeps reports whether the registry keeps a record key alive (nil:
+	// all): a goodbye for one it does not, posted with ?ttl=, is a DELETE
+	// through another sidecar, taken as final rather than defended.
+	keeps func(key string) bool
 
 	stop context.CancelFunc
 	wg   sync.WaitGroup
@@ -750,6 +754,7 @@ type outPacket struct {
 // second is up, as before.
 func (b *mdnsBackend) defendLocked(pkt mdnsPacket, now time.Time) bool {
 	rescue := false
+	var deleted []string
 	for _, rr := range pkt.records {
 		if rr.ttl != 0 {
 			continue
@@ -769,6 +774,8 @@ func (b *mdnsBackend) defendLocked(pkt mdnsPacket, now time.Time) bool {
 		l := b.locals[k]
 		switch {
 		case !ok || l == nil || l.rescue:
+		case b.keeps != nil && !b.keeps(k):
+			deleted = append(deleted, k)
 		case now.Sub(l.rescuedAt) >= mdnsRepeat:
 			l.repeatAt, l.rescue, rescue = now, true, true
 			b.stats.goodbyesSeen.Add(1)
@@ -777,7 +784,29 @@ func (b *mdnsBackend) defendLocked(pkt mdnsPacket, now time.Time) bool {
 			b.stats.goodbyesSeen.Add(1)
 		}
 	}
+	b.dropDeletedLocked(deleted)
 	return rescue
+}
+
+// dropDeletedLocked forgets local nodes a goodbye from elsewhere deleted:
+// the other caches dropped them on it, and so does this one.
+func (b *mdnsBackend) dropDeletedLocked(keys []string) {
+	var recs []record
+	for _, k := range keys {
+		if l := b.locals[k]; l != nil {
+			recs = append(recs, l.rec)
+		}
+	}
+	b.forgetLocalsLocked(keys) // no goodbyes of our own: they were said
+	b.t.remove(recs...)
+}
+
+// setKeeps tells the backend which record keys the registry keeps alive;
+// changed is not needed here: a goodbye for a kept node is answered at once.
+func (b *mdnsBackend) setKeeps(keeps func(key string) bool, _ func()) {
+	b.mu.Lock()
+	b.keeps = keeps
+	b.mu.Unlock()
 }
 
 // noticeConflictsLocked says when someone else announces one of our

@@ -226,22 +226,20 @@ func parseTXT(txt []string) (txtRecord, bool) {
 				r.version = v
 			}
 		case strings.HasPrefix(l, txtSvcPrefix):
-			if key := k[len(txtSvcPrefix):]; key != "" {
-				if _, dup := r.svcMeta[key]; !dup {
-					r.svcMeta[key] = v
-				}
+			if key := k[len(txtSvcPrefix):]; key != "" && !seen["svc "+strings.ToLower(key)] {
+				seen["svc "+strings.ToLower(key)] = true
+				r.svcMeta[key] = v
 			}
 		default:
 			key := k
 			if strings.HasPrefix(l, txtNodePrefix) {
 				key = k[len(txtNodePrefix):]
 			}
-			if key == "" {
-				continue
+			if key == "" || seen["node "+strings.ToLower(key)] {
+				continue // Zone=a then zone=b: one key, read as first given
 			}
-			if _, dup := r.nodeMeta[key]; !dup {
-				r.nodeMeta[key] = v
-			}
+			seen["node "+strings.ToLower(key)] = true
+			r.nodeMeta[key] = v
 		}
 	}
 	return r, haveName && haveID

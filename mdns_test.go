@@ -85,6 +85,8 @@ func TestTXTRoundTrip(t *testing.T) {
 		{[]string{"txtvers=2", "name=a", "id=b"}, false, txtRecord{}},
 		{[]string{"name=a"}, false, txtRecord{}},
 		{[]string{"ID=b", "Name=a", "id=c", "flag", "=x", "", "k=1", "k=2"}, true, txtRecord{name: "a", id: "b", svcMeta: map[string]string{}, nodeMeta: map[string]string{"flag": "", "k": "1"}}},
+		// Keys ignore case (RFC 6763 section 6.4), metadata's too: the first wins.
+		{[]string{"name=a", "id=b", "Zone=a", "zone=b", "node:ZONE=c", "svc:R=1", "svc:r=2"}, true, txtRecord{name: "a", id: "b", svcMeta: map[string]string{"R": "1"}, nodeMeta: map[string]string{"Zone": "a"}}},
 	} {
 		got, ok := parseTXT(tc.txt)
 		if ok != tc.ok || (ok && !reflect.DeepEqual(got, tc.want)) {
@@ -1826,5 +1828,46 @@ func TestTXTCaseClashNamesTheClientsKeys(t *testing.T) {
 	_, err := txtOf(r)
 	if err == nil || !strings.Contains(err.Error(), `service metadata key "Zone" and service metadata key "zone" differ only in case`) {
 		t.Errorf("got %v; want the service metadata keys named", err)
+	}
+}
+
+// TestGoodbyeDeletesAnEntryPostedWithTTL: a goodbye from elsewhere for a
+// node this sidecar announces but does not keep alive (posted with ?ttl=)
+// is a DELETE through another sidecar: it is final here too, as with the
+// file registry, where it was announced again for the rest of its TTL. A
+// kept node is defended.
+func TestGoodbyeDeletesAnEntryPostedWithTTL(t *testing.T) {
+	tb := newTable(100)
+	b := newMDNSState(tb, discardLog, 0)
+	kept := recordsOf(Service{Name: "app", Nodes: []Node{{ID: "a1"}}}, time.Time{})[0].key()
+	b.setKeeps(func(key string) bool { return key == kept }, nil)
+	for _, s := range []Service{
+		{Name: "app", Nodes: []Node{{ID: "a1", Address: "127.0.0.1", Port: 80}}},
+		{Name: "posted", Nodes: []Node{{ID: "p1", Address: "127.0.0.1", Port: 81}}},
+	} {
+		if err := b.register(s, 30*time.Second); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, name := range []string{"app", "posted"} {
+		b.mu.Lock()
+		var ann mdnsAnnouncement
+		for _, l := range b.locals {
+			if l.rec.Service == name {
+				ann = l.ann
+			}
+		}
+		b.mu.Unlock()
+		bye, _ := announcePacket(ann, 0)
+		b.handlePacket(bye, netip.MustParseAddrPort("127.0.0.2:5353"))
+	}
+	if lookupOK(tb, "app") != 1 || b.stats.goodbyesSeen.Load() != 1 {
+		t.Errorf("the kept node: %d nodes, %d defended; want it kept and defended", lookupOK(tb, "app"), b.stats.goodbyesSeen.Load())
+	}
+	b.mu.Lock()
+	n := len(b.locals)
+	b.mu.Unlock()
+	if lookupOK(tb, "posted") != 0 || n != 1 {
+		t.Errorf("the node posted with ?ttl=: %d nodes, %d announced; want it gone", lookupOK(tb, "posted"), n)
 	}
 }
