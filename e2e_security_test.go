@@ -1271,3 +1271,48 @@ func TestClientThatStopsReadingIsCutOff(t *testing.T) {
 		t.Error("pipelined requests whose answers are not read: the connection still takes requests after 20 s")
 	}
 }
+
+// TestFirstHeadDeadlineCountsFromTheConnection: a new connection owes its
+// first head within --read_header_timeout of its accept, however late its
+// first byte, and a head that grows past the fast path's buffer (handed
+// to net/http) gets no fresh timeout either: a client trickling its head
+// held the connection for up to three times the timeout.
+func TestFirstHeadDeadlineCountsFromTheConnection(t *testing.T) {
+	const rht = 2 * time.Second
+	p := startSidecar(t, "--registry=memory", "--read_header_timeout="+rht.String())
+	for _, big := range []bool{false, true} {
+		c, err := net.Dial("tcp", p.addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		start := time.Now()
+		<-time.After(rht * 9 / 10) // a client that waits before its first byte
+		closed := make(chan time.Duration, 1)
+		go func() {
+			c.SetReadDeadline(time.Now().Add(20 * time.Second))
+			io.Copy(io.Discard, c)
+			closed <- time.Since(start)
+		}()
+		head := "GET /health HTTP/1.1\r\nHost: x\r\n"
+		if big {
+			head += "X-Pad: " + strings.Repeat("p", 9<<10) + "\r\n" // past the fast path's buffer
+		}
+		io.WriteString(c, head)
+		trickle := time.NewTicker(100 * time.Millisecond) // and never ends its head
+		var took time.Duration
+	loop:
+		for {
+			select {
+			case took = <-closed:
+				break loop
+			case <-trickle.C:
+				c.Write([]byte("X-A: b\r\n"))
+			}
+		}
+		trickle.Stop()
+		c.Close()
+		if took > rht*3/2 {
+			t.Errorf("head past the buffer %v: closed %v after the connection; want about %v", big, took.Round(time.Millisecond), rht)
+		}
+	}
+}

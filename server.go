@@ -353,9 +353,13 @@ func (c *serverConn) readHead() (int, error) {
 			return 0, errHandOff
 		}
 		if len(buf) > 0 && !partial {
-			// The head came in pieces: the rest must follow promptly.
+			// The head came in pieces: the rest must follow promptly. A
+			// new connection's deadline, from its accept, stays: its
+			// first byte does not buy it another readHeaderTimeout.
 			partial = true
-			c.setDeadline(time.Now().Add(c.srv.readHeaderTimeout))
+			if d := time.Now().Add(c.srv.readHeaderTimeout); d.Before(c.deadline) {
+				c.setDeadline(d)
+			}
 		}
 		if _, err := c.br.Peek(len(buf) + 1); err != nil {
 			return 0, err
@@ -390,7 +394,7 @@ func (c *serverConn) setDeadline(t time.Time) {
 func (c *serverConn) handOff() {
 	c.srv.forget(c)
 	pending, _ := c.br.Peek(c.br.Buffered())
-	conn := &replayConn{Conn: c.rwc, pending: bytes.Clone(pending)}
+	conn := &replayConn{Conn: c.rwc, pending: bytes.Clone(pending), headBy: c.deadline}
 	c.rwc.SetReadDeadline(time.Time{})
 	if !c.srv.handoff.deliver(conn) {
 		c.rwc.Close()
@@ -582,6 +586,25 @@ func (b *fixedBody) Close() error { return nil }
 type replayConn struct {
 	net.Conn
 	pending []byte
+
+	// headBy is the deadline of the head begun on the fast path: the
+	// first deadline net/http sets, a fresh --read_header_timeout for
+	// the head, is kept to it, so that a head growing past the fast
+	// path's buffer gets no more time than one that fits.
+	mu     sync.Mutex
+	headBy time.Time
+}
+
+func (c *replayConn) SetReadDeadline(t time.Time) error {
+	c.mu.Lock()
+	if by := c.headBy; !by.IsZero() {
+		c.headBy = time.Time{}
+		if t.IsZero() || t.After(by) {
+			t = by
+		}
+	}
+	c.mu.Unlock()
+	return c.Conn.SetReadDeadline(t)
 }
 
 func (c *replayConn) Read(p []byte) (int, error) {
