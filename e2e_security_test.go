@@ -6,6 +6,7 @@ package main
 import (
 	"bufio"
 	"bytes"
+	"context"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
@@ -20,6 +21,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"net/http/httptrace"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -1314,5 +1316,52 @@ func TestFirstHeadDeadlineCountsFromTheConnection(t *testing.T) {
 		if took > rht*3/2 {
 			t.Errorf("head past the buffer %v: closed %v after the connection; want about %v", big, took.Round(time.Millisecond), rht)
 		}
+	}
+}
+
+// TestHTTP2ConnectionOwesARequestWithinTheHeadTimeout: an HTTP/2
+// connection that never finishes a request's headers is closed after
+// --read_header_timeout, as an HTTP/1.1 one is; it lasted --idle_timeout.
+// One that made a request idles as long as --idle_timeout allows.
+func TestHTTP2ConnectionOwesARequestWithinTheHeadTimeout(t *testing.T) {
+	certFile, keyFile, pool := selfSigned(t)
+	p := startSidecar(t, "--registry=memory", "--read_header_timeout=1s", "--idle_timeout=30s", "--tls_cert_file="+certFile, "--tls_key_file="+keyFile)
+	c, err := tls.Dial("tcp", p.addr, &tls.Config{RootCAs: pool, NextProtos: []string{"h2"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if proto := c.ConnectionState().NegotiatedProtocol; proto != "h2" {
+		t.Fatalf("negotiated %q; want h2", proto)
+	}
+	start := time.Now()
+	io.WriteString(c, "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+	c.Write([]byte{0, 0, 0, 4, 0, 0, 0, 0, 0}) // an empty SETTINGS frame, and no request
+	c.SetReadDeadline(time.Now().Add(20 * time.Second))
+	io.Copy(io.Discard, c)
+	if took := time.Since(start); took > 5*time.Second {
+		t.Errorf("an HTTP/2 connection with no request closed after %v; want about 1s (--read_header_timeout)", took.Round(time.Millisecond))
+	}
+
+	var conns []string
+	client := &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}, ForceAttemptHTTP2: true}}
+	for i := range 2 {
+		trace := &httptrace.ClientTrace{GotConn: func(info httptrace.GotConnInfo) { conns = append(conns, info.Conn.LocalAddr().String()) }}
+		req, _ := http.NewRequestWithContext(httptrace.WithClientTrace(context.Background(), trace), "GET", "https://"+p.addr+"/health", nil)
+		resp, err := client.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		if resp.ProtoMajor != 2 {
+			t.Fatalf("HTTP/%d; want 2", resp.ProtoMajor)
+		}
+		if i == 0 {
+			<-time.After(1500 * time.Millisecond) // idle past the head timeout
+		}
+	}
+	if len(conns) != 2 || conns[0] != conns[1] {
+		t.Errorf("connections %q; want the second request on the first's, idle 1.5s of its 30s", conns)
 	}
 }

@@ -303,6 +303,74 @@ func (w *stallBoundWriter) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 
 func (w *stallBoundWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
 
+// headDueListener gives each TLS connection it accepts a deadline for its
+// first request head, counted from the accept (see headDueConn).
+type headDueListener struct {
+	net.Listener
+	timeout time.Duration // --read_header_timeout; 0: none
+}
+
+func (l *headDueListener) Accept() (net.Conn, error) {
+	c, err := l.Listener.Accept()
+	if err != nil || l.timeout <= 0 {
+		return c, err
+	}
+	hc := &headDueConn{Conn: c, due: time.Now().Add(l.timeout)}
+	c.SetReadDeadline(hc.due)
+	return hc, nil
+}
+
+// headDueConn holds a connection's reads to the deadline of its first
+// request head until a request has come (headIn). net/http clears the
+// deadline after the TLS handshake, and its HTTP/2 server sets none for
+// requests: an HTTP/2 connection that never finished a request's headers
+// lived --idle_timeout, not --read_header_timeout.
+type headDueConn struct {
+	net.Conn
+	mu  sync.Mutex
+	due time.Time // zero once a request came
+}
+
+func (c *headDueConn) SetReadDeadline(t time.Time) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if !c.due.IsZero() && (t.IsZero() || t.After(c.due)) {
+		t = c.due
+	}
+	return c.Conn.SetReadDeadline(t)
+}
+
+// headIn lifts the first head's deadline: a request came. What net/http
+// wants then is no read deadline (a body's reads get their own).
+func (c *headDueConn) headIn() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if !c.due.IsZero() {
+		c.due = time.Time{}
+		c.Conn.SetReadDeadline(time.Time{})
+	}
+}
+
+type connKey struct{}
+
+// withConn keeps a connection in its requests' context (http.Server's
+// ConnContext), for markHeadIn.
+func withConn(ctx context.Context, c net.Conn) context.Context {
+	return context.WithValue(ctx, connKey{}, c)
+}
+
+// markHeadIn tells a TLS connection's headDueConn that a request came.
+func markHeadIn(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if tc, ok := r.Context().Value(connKey{}).(*tls.Conn); ok {
+			if hc, ok := tc.NetConn().(*headDueConn); ok {
+				hc.headIn()
+			}
+		}
+		next.ServeHTTP(w, r)
+	})
+}
+
 // closeAfterUnsureFraming closes, on net/http's connections, the
 // connection after every request whose body came chunked, and after every
 // HTTP/1.0 request with a body. net/http frames a request that states both

@@ -1057,7 +1057,10 @@ func runSidecar(ctx context.Context, cfg config, logOut io.Writer, deregistered 
 		// An HTTP/1.0 client may offer only http/1.0 (curl --http1.0), and
 		// crypto/tls refuses a client none of whose protocols it serves.
 		srv.TLSConfig = &tls.Config{NextProtos: []string{"h2", "http/1.1", "http/1.0"}}
-		go func() { serveErr <- srv.ServeTLS(ln, cfg.TLSCertFile, cfg.TLSKeyFile) }()
+		srv.ConnContext = withConn
+		srv.Handler = markHeadIn(srv.Handler)
+		tln := &headDueListener{Listener: ln, timeout: cfg.ReadHeaderTimeout}
+		go func() { serveErr <- srv.ServeTLS(tln, cfg.TLSCertFile, cfg.TLSKeyFile) }()
 	} else {
 		fast := newServer(routes, srv, log)
 		shutdown = fast.Shutdown
