@@ -285,11 +285,12 @@ func (b *mdnsBackend) ownInstanceLocked(name string) bool {
 }
 
 // joinAdvice says what to do about an interface that could not be used.
+// Interfaces are joined once, at start: the advice says to restart.
 func joinAdvice(name string, err error) string {
 	if strings.Contains(err.Error(), "bind") {
-		return "another program holds UDP 5353 without sharing it (stop its mDNS responder), or use --registry=file"
+		return "another program holds UDP 5353 without sharing it (stop its mDNS responder, then restart the sidecar), or use --registry=file"
 	}
-	return fmt.Sprintf("check that %s is up and multicast-capable (ip link set %s multicast on); in containers and VPNs multicast is often off: choose another interface with --registry_interface, run the containers on a network that carries multicast, or use --registry=file", name, name)
+	return fmt.Sprintf("check that %s is up and multicast-capable (ip link set %s multicast on), then restart the sidecar; in containers and VPNs multicast is often off: choose another interface with --registry_interface, run the containers on a network that carries multicast, or use --registry=file", name, name)
 }
 
 // chooseInterfaces picks the interfaces to join: the named ones (an
