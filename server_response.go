@@ -176,6 +176,7 @@ func (w *response) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 	}
 	w.hijacked = true
 	w.c.setDeadline(time.Time{})
+	w.c.rwc.SetWriteDeadline(time.Time{}) // an answer's stall limit (stallLimited) is not the new owner's
 	return w.c.rwc, bufio.NewReadWriter(w.c.br, bufio.NewWriter(w.c.rwc)), nil
 }
 

@@ -97,7 +97,8 @@ func (s *rawSocket) Write(p []byte) (int, error) {
 		if err != nil || !s.mustArm {
 			break
 		}
-		// The client has taken nothing since the last arming: it gets
+		// The socket's buffer is full, and the client took some of it
+		// since the last arming (or this is the first): it gets
 		// writeIdle from now to take more.
 		s.conn.SetWriteDeadline(time.Now().Add(s.writeIdle))
 		s.armedAt = s.wn
