@@ -1254,12 +1254,21 @@ func TestClientThatStopsReadingIsCutOff(t *testing.T) {
 	waitFor(t, 20*time.Second, "HTTP/2: the unread download to give back its slot", func() bool { return slotFree(tlsp, tlsClient, "https") })
 
 	// Pipelined requests whose answers are never read: the connection
-	// closes, and the client's writes fail.
+	// closes, and the client's writes fail. Large answers fill the
+	// socket's buffers (4 MiB here) in some hundred requests, not in as
+	// many thousand as a busy machine serves in seconds.
+	var nodes []string
+	for i := range 40 {
+		nodes = append(nodes, fmt.Sprintf(`{"id":"p%d","address":"127.0.0.1","port":1,"metadata":{"pad":%q}}`, i, strings.Repeat("x", 900)))
+	}
+	if code, out := do(t, "POST", plain.url("/registry"), "application/json", `{"name":"pad","nodes":[`+strings.Join(nodes, ",")+`]}`); code != 200 {
+		t.Fatalf("register pad: %d %s", code, out)
+	}
 	c := dialSmall(plain.addr)
 	defer c.Close()
 	failed := make(chan error, 1)
 	go func() {
-		req := []byte(strings.Repeat("GET /health HTTP/1.1\r\nHost: x\r\n\r\n", 100))
+		req := []byte(strings.Repeat("GET /registry?service=pad HTTP/1.1\r\nHost: x\r\n\r\n", 100))
 		for {
 			if _, err := c.Write(req); err != nil {
 				failed <- err
