@@ -591,6 +591,28 @@ func TestEtcdAtTheNodeLimit(t *testing.T) {
 	}
 }
 
+// TestEtcdAppRegistersIntoATableFullOfOthers: a sidecar started on an
+// etcd holding more nodes than --registry_max_nodes fills its table with
+// others' before its app registers; the app's node takes the place of the
+// last other by name, where it was refused as the registry full (/health
+// 503 for good). A client's registration is refused still.
+func TestEtcdAppRegistersIntoATableFullOfOthers(t *testing.T) {
+	e := startEtcd(t)
+	for _, n := range []string{"a1", "a2", "a3"} {
+		e.put(t, "/micro/registry/a/"+n, `{"name":"a","nodes":[{"id":"`+n+`","address":"10.0.0.1","port":80}]}`)
+	}
+	p := startSidecar(t, etcdSidecarArgs(e.client, "--registry_max_nodes=2", "--server_name=zz", "--server_address=127.0.0.1:9000")...)
+	id := appID(t, p)
+	waitFor(t, 10*time.Second, "the app registered", func() bool { return hasNode(lookup(t, p, "zz"), id) })
+	waitSidecarHealthy(t, p, 10*time.Second)
+	if got := lookup(t, p, "a"); got == nil || len(got.Nodes) != 1 || got.Nodes[0].ID != "a1" {
+		t.Errorf("others served beside the app: %+v; want a1, the first by name", got)
+	}
+	if code, body := do(t, "POST", p.url("/registry"), "application/json", `{"name":"c","nodes":[{"id":"c1","address":"10.0.0.2","port":80}]}`); code != http.StatusServiceUnavailable {
+		t.Errorf("a client's registration into the full table: %d %s; want 503", code, body)
+	}
+}
+
 // TestEtcdAtTheNodeLimitKeepsItsOwn: a fresh read of a registry over
 // --registry_max_nodes serves this sidecar's own nodes first: left out,
 // the app's refresh would be refused as the registry full, and its entry

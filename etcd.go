@@ -125,6 +125,7 @@ type etcdBackend struct {
 	badMore        bool                   // more than maxBadKeys: logged once
 	contested      logLimiter             // kept keys seen rewritten by another writer: each logged at most every 10 minutes
 	keeps          func(node string) bool // whether the registry keeps a node alive (refreshes it); nil: all
+	own            func(node string) bool // whether a node is the sidecar's own (the app, the broker's topics); nil: none
 	removed        func()                 // told when others' changes removed nodes (registry.restoreLost); nil: nobody
 	unrevoked      map[int64]bool         // leases of deleted nodes etcd did not revoke when asked; revoked when it answers again
 	leftOut        map[string]record      // by record key: nodes left out at the table's limit, taken as room frees up; at most its limit
@@ -350,7 +351,7 @@ func (b *etcdBackend) register(s Service, ttl time.Duration) error {
 		b.revokeUnrevoked(context.Background())
 	}
 	recs := recordsOf(s, time.Time{})
-	if err := b.t.room(recs); err != nil {
+	if err := b.t.room(recs); err != nil && !b.makeRoomForOwn(recs) {
 		return err // before any write: others' watchers must not see it come and go
 	}
 	var added []string
@@ -1164,6 +1165,47 @@ func (b *etcdBackend) keepLeftOut(recs, left []record) {
 	if logIt {
 		b.log.Error("etcd registry holds more nodes than --registry_max_nodes; the others are left out until some leave", "left_out", len(left), "limit", b.t.maxNodes)
 	}
+}
+
+// makeRoomForOwn makes room in a full table for recs when they are the
+// sidecar's own, by leaving out as many of others' nodes, the last by
+// name, as a fresh read at the limit would have (see resync): the app's
+// registration must not be refused because others filled the table
+// before it registered. It reports whether it did.
+func (b *etcdBackend) makeRoomForOwn(recs []record) bool {
+	b.mu.Lock()
+	own := b.own
+	b.mu.Unlock()
+	need := 0
+	for _, r := range recs {
+		if own == nil || !own(r.key()) {
+			return false
+		}
+		if !b.t.holds(r.Service, r.Node.ID) {
+			need++
+		}
+	}
+	var others []record
+	for _, r := range b.t.snapshot() {
+		if !own(r.key()) {
+			others = append(others, r)
+		}
+	}
+	if len(others) < need {
+		return false
+	}
+	slices.SortFunc(others, func(x, y record) int { return strings.Compare(y.key(), x.key()) })
+	out := others[:need]
+	b.t.remove(out...)
+	b.keepLeftOut(nil, out)
+	return true
+}
+
+// setOwn tells the backend which nodes are the sidecar's own.
+func (b *etcdBackend) setOwn(own func(node string) bool) {
+	b.mu.Lock()
+	b.own = own
+	b.mu.Unlock()
 }
 
 // setKeeps tells the backend which nodes the registry keeps alive, and

@@ -971,6 +971,9 @@ func newSidecar(ctx context.Context, cfg config, log *slog.Logger) (*sidecar, er
 	if kb, ok := b.(keepingBackend); ok {
 		kb.setKeeps(s.reg.keeps, s.reg.restoreLost)
 	}
+	if eb, ok := b.(*etcdBackend); ok {
+		eb.setOwn(s.reg.ownsAsSidecar)
+	}
 	if mb, ok := b.(*mdnsBackend); ok {
 		s.metrics.set.counterFunc("micro_mdns_packets_total", mdnsPacketsHelp, []string{"event"}, mb.packetSamples)
 	}

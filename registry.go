@@ -1168,6 +1168,14 @@ func (r *registry) Deregister(s Service) error {
 	return r.backend.deregister(s)
 }
 
+// ownsAsSidecar reports whether the node of a record key is the sidecar's
+// own (the app's, a broker topic's), not a client's.
+func (r *registry) ownsAsSidecar(key string) bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.sidecars[key]
+}
+
 // keeps reports whether this sidecar keeps the node of a record key alive.
 func (r *registry) keeps(key string) bool {
 	r.mu.Lock()
