@@ -591,6 +591,39 @@ func TestEtcdAtTheNodeLimit(t *testing.T) {
 	}
 }
 
+// TestEtcdDeleteOfANodeAnotherHoldsKeepsItInView: a node two sidecars
+// keep alike sits on the lease of the one that wrote it last; a DELETE
+// through the other revokes its own lease, which deletes nothing, and the
+// node, still in etcd, stays in its view. It was dropped from that
+// sidecar's table for good when etcd's revision had moved on (any write
+// elsewhere in etcd), etcd's answer to a revoke carrying the store's
+// revision, not the key's.
+func TestEtcdDeleteOfANodeAnotherHoldsKeepsItInView(t *testing.T) {
+	e := startEtcd(t)
+	a := startSidecar(t, etcdSidecarArgs(e.client)...)
+	b := startSidecar(t, etcdSidecarArgs(e.client)...)
+	const node = `{"name":"svc","nodes":[{"id":"n1","address":"127.0.0.1","port":9999}]}`
+	for _, p := range []*proc{a, b} {
+		if code, out := do(t, "POST", p.url("/registry"), "application/json", node); code != 200 {
+			t.Fatalf("register through %s: %d %s", p.addr, code, out)
+		}
+	}
+	waitFor(t, 5*time.Second, "both to see n1", func() bool { return hasNode(lookup(t, a, "svc"), "n1") && hasNode(lookup(t, b, "svc"), "n1") })
+	e.put(t, "/elsewhere/x", "v") // the store's revision moves on
+	if code, out := do(t, "DELETE", a.url("/registry"), "application/json", node); code != 200 {
+		t.Fatalf("delete through a: %d %s", code, out)
+	}
+	if got := e.keys(t, "/micro/registry/svc/"); len(got) != 1 {
+		t.Fatalf("etcd holds %q; want n1, on b's lease", got)
+	}
+	// A change seen by both after the DELETE: a's watch has passed it.
+	registerNode(t, b, "", "marker", "m1", 7001)
+	waitFor(t, 5*time.Second, "a to see the marker", func() bool { return lookup(t, a, "marker") != nil })
+	if !hasNode(lookup(t, a, "svc"), "n1") {
+		t.Error("n1, in etcd on b's lease, is gone from a's view")
+	}
+}
+
 // TestEtcdAppRegistersIntoATableFullOfOthers: a sidecar started on an
 // etcd holding more nodes than --registry_max_nodes fills its table with
 // others' before its app registers; the app's node takes the place of the

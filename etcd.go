@@ -526,15 +526,16 @@ func (b *etcdBackend) deregister(s Service) error {
 }
 
 // removeDeleted takes out of the table the records a deregistration
-// deleted, each at its revision (0: unknown, or not deleted in etcd yet),
-// that the watch has not passed: past it, the table holds what came after
-// the delete (a keeper's put back), which must stay.
+// deleted, each at its revision (0: unknown, or not deleted in etcd yet;
+// below 0: still in etcd, on another sidecar's lease), that the watch has
+// not passed: past it, the table holds what came after the delete (a
+// keeper's put back), which must stay.
 func (b *etcdBackend) removeDeleted(recs []record, revs []int64) {
 	b.applyMu.Lock()
 	defer b.applyMu.Unlock()
 	var stale []record
 	for i, r := range recs {
-		if revs[i] == 0 || revs[i] > b.applied {
+		if revs[i] == 0 || revs[i] > 0 && revs[i] > b.applied {
 			stale = append(stale, r)
 		}
 	}
@@ -542,8 +543,9 @@ func (b *etcdBackend) removeDeleted(recs []record, revs []int64) {
 }
 
 // unregisterOne deletes key: by revoking its lease when this sidecar put
-// it (which deletes it too, and ours says so), else by deleting it. rev is
-// the revision of the delete, 0 when unknown.
+// it (which deletes it too, and ours says so, unless another sidecar holds
+// it now), else by deleting it. rev is a revision at which etcd no longer
+// holds the key, 0 when unknown, -1 when etcd still holds it.
 func (b *etcdBackend) unregisterOne(key string) (rev int64, ours bool, err error) {
 	ctx := context.Background()
 	b.mu.Lock()
@@ -563,7 +565,18 @@ func (b *etcdBackend) unregisterOne(key string) (rev int64, ours bool, err error
 			b.mu.Unlock()
 			return 0, true, fmt.Errorf("etcd lease revoke: %w", err)
 		}
-		return rev, true, nil
+		// The revoke deletes the key only if it was still on this
+		// lease; another sidecar keeping the node alike may hold it on
+		// its own (see holds). etcd's answer does not say which, and
+		// carries the store's revision, not the key's.
+		var now etcdRangeResponse
+		if err := b.c.call(ctx, "/v3/kv/range", etcdRangeRequest{Key: []byte(key)}, &now); err != nil {
+			return rev, true, nil // gone from here as asked; the watch tells if it is not
+		}
+		if len(now.KVs) > 0 {
+			return -1, true, nil
+		}
+		return int64(now.Header.Revision), true, nil
 	}
 	var resp etcdHeaderOnly
 	if err := b.c.call(ctx, "/v3/kv/deleterange", etcdDeleteRequest{Key: []byte(key)}, &resp); err != nil {
