@@ -1374,3 +1374,16 @@ func TestHTTP2ConnectionOwesARequestWithinTheHeadTimeout(t *testing.T) {
 		t.Errorf("connections %q; want the second request on the first's, idle 1.5s of its 30s", conns)
 	}
 }
+
+// pacedReader reads at most step bytes at each tick: a client that reads
+// slowly, but steadily.
+type pacedReader struct {
+	r    io.Reader
+	tick <-chan time.Time
+	step int
+}
+
+func (p *pacedReader) Read(b []byte) (int, error) {
+	<-p.tick
+	return p.r.Read(b[:min(len(b), p.step)])
+}

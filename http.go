@@ -249,44 +249,104 @@ func boundStalledAnswers(gap time.Duration, next http.Handler) http.Handler {
 		return next
 	}
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		sw := &stallBoundWriter{ResponseWriter: w, rc: http.NewResponseController(w), gap: gap}
+		conn, _ := r.Context().Value(connKey{}).(net.Conn)
+		sw := &stallBoundWriter{ResponseWriter: w, rc: http.NewResponseController(w), gap: gap, conn: conn}
 		// The last request's deadline may linger on a kept-alive
 		// connection: none until this handler writes.
 		sw.rc.SetWriteDeadline(time.Time{})
-		// net/http sends what is buffered after the handler returns,
-		// which may be long after its last write; the writer is not to
-		// be used by then.
-		defer sw.arm()
+		defer sw.finish()
 		next.ServeHTTP(sw, r)
 	})
 }
 
-// stallBoundWriter gives each write of an answer gap to go out.
+// stallBoundWriter gives each write of an answer gap to go out, for as
+// long as the client keeps taking some of it: the deadline moves on while
+// the socket's send queue shrinks (on Linux; see unsentBytes). Between
+// writes there is none: an HTTP/2 stream would be reset by one passing
+// while the handler waits on a node (after a 103, say).
 type stallBoundWriter struct {
 	http.ResponseWriter
-	rc       *http.ResponseController
-	gap      time.Duration
+	rc   *http.ResponseController
+	gap  time.Duration
+	conn net.Conn // the client's connection, for its send queue; nil: unknown
+
+	mu       sync.Mutex // guards the fields below, taken by the timer too
+	timer    *time.Timer
+	writing  bool
+	unsent   int
 	hijacked bool // the connection is the handler's: its deadlines too
 }
 
+// arm gives the write about to start gap, and watches it.
 func (w *stallBoundWriter) arm() {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.hijacked {
+		return
+	}
+	w.writing, w.unsent = true, unsentBytes(w.conn)
+	w.rc.SetWriteDeadline(time.Now().Add(w.gap))
+	if w.unsent < 0 {
+		return // nothing to watch
+	}
+	if w.timer == nil {
+		w.timer = time.AfterFunc(w.gap*3/4, w.extend)
+	} else {
+		w.timer.Reset(w.gap * 3 / 4)
+	}
+}
+
+// extend moves a write's deadline on when the send queue changed since
+// the last look: the client took some of it, or, the write going on,
+// more went in.
+func (w *stallBoundWriter) extend() {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if !w.writing {
+		return
+	}
+	if n := unsentBytes(w.conn); n >= 0 && n != w.unsent {
+		w.unsent = n
+		w.rc.SetWriteDeadline(time.Now().Add(w.gap))
+		w.timer.Reset(w.gap * 3 / 4)
+	}
+}
+
+// disarm ends a write's deadline once it is done.
+func (w *stallBoundWriter) disarm() {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if !w.writing {
+		return
+	}
+	w.writing = false
+	if w.timer != nil {
+		w.timer.Stop()
+	}
+	w.rc.SetWriteDeadline(time.Time{})
+}
+
+// finish gives what net/http sends after the handler returns (the rest
+// of an HTTP/1 buffer, an HTTP/2 stream's end) gap; the writer is not to
+// be used once the handler returned, so nothing watches it then.
+func (w *stallBoundWriter) finish() {
+	w.disarm()
+	w.mu.Lock()
+	defer w.mu.Unlock()
 	if !w.hijacked {
 		w.rc.SetWriteDeadline(time.Now().Add(w.gap))
 	}
 }
 
-func (w *stallBoundWriter) WriteHeader(code int) {
-	w.arm()
-	w.ResponseWriter.WriteHeader(code)
-}
-
 func (w *stallBoundWriter) Write(p []byte) (int, error) {
 	w.arm()
+	defer w.disarm()
 	return w.ResponseWriter.Write(p)
 }
 
 func (w *stallBoundWriter) FlushError() error {
 	w.arm()
+	defer w.disarm()
 	return w.rc.Flush()
 }
 
@@ -295,7 +355,9 @@ func (w *stallBoundWriter) Flush() { w.FlushError() }
 func (w *stallBoundWriter) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 	c, rw, err := w.rc.Hijack()
 	if err == nil {
+		w.mu.Lock()
 		w.hijacked = true
+		w.mu.Unlock()
 		c.SetWriteDeadline(time.Time{})
 	}
 	return c, rw, err
@@ -330,6 +392,9 @@ type headDueConn struct {
 	mu  sync.Mutex
 	due time.Time // zero once a request came
 }
+
+// NetConn is the connection under c (see unsentBytes).
+func (c *headDueConn) NetConn() net.Conn { return c.Conn }
 
 func (c *headDueConn) SetReadDeadline(t time.Time) error {
 	c.mu.Lock()

@@ -1044,6 +1044,7 @@ func runSidecar(ctx context.Context, cfg config, logOut io.Writer, deregistered 
 		IdleTimeout:       cfg.IdleTimeout,
 		MaxHeaderBytes:    64 << 10,
 		ErrorLog:          stdlog.New(&serverErrorLog{log: log}, "", 0),
+		ConnContext:       withConn,
 	}
 	s.broker.advertise = resolveAdvertise(cfg.AdvertiseAddress, ln.Addr().(*net.TCPAddr), cfg.ServerAddress, interfaceAddrs())
 	if host, _, _ := net.SplitHostPort(s.broker.advertise); cfg.AuthToken != "" && cfg.Registry == "mdns" && isLocalName(host) {
@@ -1060,7 +1061,6 @@ func runSidecar(ctx context.Context, cfg config, logOut io.Writer, deregistered 
 		// An HTTP/1.0 client may offer only http/1.0 (curl --http1.0), and
 		// crypto/tls refuses a client none of whose protocols it serves.
 		srv.TLSConfig = &tls.Config{NextProtos: []string{"h2", "http/1.1", "http/1.0"}}
-		srv.ConnContext = withConn
 		srv.Handler = markHeadIn(srv.Handler)
 		tln := &headDueListener{Listener: ln, timeout: cfg.ReadHeaderTimeout}
 		go func() { serveErr <- srv.ServeTLS(tln, cfg.TLSCertFile, cfg.TLSKeyFile) }()

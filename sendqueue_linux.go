@@ -11,12 +11,16 @@ import (
 // unsentBytes is how many bytes written to c its peer has not yet
 // acknowledged (the socket's send queue, SIOCOUTQ), or -1 when unknown.
 func unsentBytes(c net.Conn) int {
-	if nc, ok := c.(interface{ NetConn() net.Conn }); ok {
-		c = nc.NetConn() // a TLS connection: its TCP socket's queue
-	}
 	sc, ok := c.(syscall.Conn)
-	if !ok {
-		return -1
+	for !ok {
+		// A TLS connection, or one of the server's wrappers: the TCP
+		// socket's queue under it.
+		nc, wraps := c.(interface{ NetConn() net.Conn })
+		if !wraps {
+			return -1
+		}
+		c = nc.NetConn()
+		sc, ok = c.(syscall.Conn)
 	}
 	raw, err := sc.SyscallConn()
 	if err != nil {

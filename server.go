@@ -595,6 +595,9 @@ type replayConn struct {
 	headBy time.Time
 }
 
+// NetConn is the connection under c (see unsentBytes).
+func (c *replayConn) NetConn() net.Conn { return c.Conn }
+
 func (c *replayConn) SetReadDeadline(t time.Time) error {
 	c.mu.Lock()
 	if by := c.headBy; !by.IsZero() {

@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"crypto/tls"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -13,6 +14,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"path"
+	"runtime"
 	"sort"
 	"strconv"
 	"strings"
@@ -860,5 +862,101 @@ func TestCloseAfterChunked(t *testing.T) {
 		if err != nil || !resp.Close || errAfter == nil || served.Load() != 2 {
 			t.Errorf("%s: %v, close %v, %d requests served; want the answer, the connection closed after it, and 2 served", path, err, resp != nil && resp.Close, served.Load())
 		}
+	}
+}
+
+// slowDownload reads the answer to req on c at rate bytes a second, in
+// steps, as a client that reads slowly but all the while.
+func slowDownload(t *testing.T, c net.Conn, req string, rate int) (int64, error) {
+	t.Helper()
+	defer c.Close()
+	io.WriteString(c, req)
+	const every = 20 * time.Millisecond
+	tick := time.NewTicker(every)
+	defer tick.Stop()
+	step := rate / int(time.Second/every)
+	resp, err := http.ReadResponse(bufio.NewReaderSize(&pacedReader{r: c, tick: tick.C, step: step}, step), nil)
+	if err != nil {
+		return 0, err
+	}
+	return io.Copy(io.Discard, resp.Body)
+}
+
+// TestSlowReaderIsNotCutOff: a client that reads a large answer slowly,
+// but all the while, gets all of it: the stall limit moves on while the
+// socket's send queue shrinks. The poller says there is room only once a
+// third of the send buffer is free, which at this pace takes longer than
+// the limit (the buffer grows to megabytes), and such a client was cut
+// off: on the fast path, and on net/http's connections (TLS here), where a
+// large answer written at once had the limit for the whole write.
+func TestSlowReaderIsNotCutOff(t *testing.T) {
+	if runtime.GOOS != "linux" {
+		t.Skip("the socket's send queue is read on Linux only")
+	}
+	const size, rate = 2500 << 10, 512 << 10 // seconds to read; a third of the 2 MiB buffer takes 1.3 s
+	const idle = 500 * time.Millisecond
+	payload := []byte(strings.Repeat("x", size))
+	bigBuffer := func(c net.Conn) {
+		for {
+			if tc, ok := c.(*net.TCPConn); ok {
+				tc.SetWriteBuffer(1 << 20) // the kernel doubles it
+				return
+			}
+			c = c.(interface{ NetConn() net.Conn }).NetConn()
+		}
+	}
+	fast := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		bigBuffer(w.(*response).c.rwc)
+		w.Write(payload)
+	})
+	_, addr := startFastServer(t, fast, func(hs *http.Server) { hs.IdleTimeout = idle })
+	dial := func(addr string) net.Conn {
+		c, err := net.Dial("tcp", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.(*net.TCPConn).SetReadBuffer(64 << 10)
+		return c
+	}
+	if n, err := slowDownload(t, dial(addr), "GET / HTTP/1.1\r\nHost: x\r\n\r\n", rate); n != size {
+		t.Errorf("fast path: %d of %d bytes, %v; want all of it", n, size, err)
+	}
+
+	viaTLS := httptest.NewUnstartedServer(boundStalledAnswers(idle, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		bigBuffer(r.Context().Value(connKey{}).(net.Conn))
+		w.Write(payload)
+	})))
+	viaTLS.Config.ConnContext = withConn
+	viaTLS.StartTLS()
+	defer viaTLS.Close()
+	tc := tls.Client(dial(viaTLS.Listener.Addr().String()), &tls.Config{InsecureSkipVerify: true})
+	if n, err := slowDownload(t, tc, "GET / HTTP/1.1\r\nHost: x\r\n\r\n", rate); n != size {
+		t.Errorf("TLS: %d of %d bytes, %v; want all of it", n, size, err)
+	}
+}
+
+// TestEarlyHintsThenALateAnswerOverHTTP2: between writes an answer has no
+// write deadline: an HTTP/2 stream is reset when one passes, even with
+// nothing to write, and a 103 followed by the answer more than the stall
+// limit later (the node working, within its own deadline) was reset.
+func TestEarlyHintsThenALateAnswerOverHTTP2(t *testing.T) {
+	const idle = 200 * time.Millisecond
+	ts := httptest.NewUnstartedServer(boundStalledAnswers(idle, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Link", "</style.css>; rel=preload")
+		w.WriteHeader(http.StatusEarlyHints)
+		<-time.After(5 * idle) // the node at work
+		io.WriteString(w, "late")
+	})))
+	ts.EnableHTTP2 = true
+	ts.StartTLS()
+	defer ts.Close()
+	resp, err := ts.Client().Get(ts.URL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	if resp.ProtoMajor != 2 || resp.StatusCode != 200 || string(body) != "late" || err != nil {
+		t.Errorf("HTTP/%d %d %q %v; want HTTP/2 200 \"late\"", resp.ProtoMajor, resp.StatusCode, body, err)
 	}
 }

@@ -3,8 +3,10 @@
 package main
 
 import (
+	"errors"
 	"io"
 	"net"
+	"os"
 	"syscall"
 	"time"
 	"unsafe"
@@ -46,6 +48,7 @@ type rawSocket struct {
 	writeIdle time.Duration
 	armedAt   int  // wn when the deadline was last armed; -1: not armed
 	mustArm   bool // the write stopped to arm it before waiting
+	unsent    int  // the socket's send queue when the deadline was armed
 }
 
 // newRawSocket returns c's reads and writes as a rawSocket, or c itself
@@ -94,14 +97,14 @@ func (s *rawSocket) Write(p []byte) (int, error) {
 	for {
 		s.mustArm = false
 		err = s.raw.Write(s.writeStep)
-		if err != nil || !s.mustArm {
+		if err != nil && !s.tookSinceArmed(err) || err == nil && !s.mustArm {
 			break
 		}
 		// The socket's buffer is full, and the client took some of it
 		// since the last arming (or this is the first): it gets
 		// writeIdle from now to take more.
 		s.conn.SetWriteDeadline(time.Now().Add(s.writeIdle))
-		s.armedAt = s.wn
+		s.armedAt, s.unsent = s.wn, unsentBytes(s.conn)
 	}
 	if s.armedAt >= 0 {
 		s.conn.SetWriteDeadline(time.Time{})
@@ -114,6 +117,19 @@ func (s *rawSocket) Write(p []byte) (int, error) {
 		return s.wn, socketError(s.conn, "write", s.werr)
 	}
 	return s.wn, nil
+}
+
+// tookSinceArmed reports whether err is the write deadline passing while
+// the client took some of what waits in the socket's buffer: the poller
+// says there is room only once a third of the buffer (up to megabytes) is
+// free, which a client reading slowly, but reading, may take longer than
+// writeIdle to make.
+func (s *rawSocket) tookSinceArmed(err error) bool {
+	if s.armedAt < 0 || !errors.Is(err, os.ErrDeadlineExceeded) {
+		return false
+	}
+	n := unsentBytes(s.conn)
+	return n >= 0 && n < s.unsent
 }
 
 // writeAll writes what the socket's buffer takes, and asks the poller to

@@ -6,6 +6,7 @@ import (
 	"io"
 	"net"
 	"os"
+	"runtime"
 	"syscall"
 	"testing"
 	"time"
@@ -105,5 +106,40 @@ func TestRawSocketErrorsAsNetConn(t *testing.T) {
 	s.Close()
 	if _, err := rs.Read(buf); !errors.Is(err, net.ErrClosed) {
 		t.Fatalf("after closing: %v; want net.ErrClosed", err)
+	}
+}
+
+// TestUnsentBytesSeesThroughWrappers: the send queue of a connection the
+// server wrapped (a head handed to net/http, a TLS connection's first
+// head deadline) is its TCP socket's: the broker's and the watch's
+// keepalive, and the answers' stall limit, read it through them. They
+// read nothing through them, and took a client reading its backlog for
+// silent.
+func TestUnsentBytesSeesThroughWrappers(t *testing.T) {
+	if runtime.GOOS != "linux" {
+		t.Skip("the socket's send queue is read on Linux only")
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	c, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	peer, err := ln.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer peer.Close()
+	peer.(*net.TCPConn).SetReadBuffer(4096)
+	c.SetWriteDeadline(time.Now().Add(2 * time.Second))
+	c.Write(make([]byte, 1<<20)) // more than the peer takes unread: some stays queued
+	for _, w := range []net.Conn{c, &replayConn{Conn: c}, &headDueConn{Conn: &replayConn{Conn: c}}} {
+		if n := unsentBytes(w); n <= 0 {
+			t.Errorf("%T: %d bytes queued; want the socket's queue", w, n)
+		}
 	}
 }
