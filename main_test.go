@@ -362,14 +362,7 @@ func TestUnannounceableAppRefusedAtStart(t *testing.T) {
 		{[]string{"--server_address=127.0.0.1:9", "--server_id=x1"}, []string{"MICRO_SERVER_NAME=" + strings.Repeat("s", 251)}, "--server_name", "(set by MICRO_SERVER_NAME)"},
 		{[]string{"--server_address=127.0.0.1:9", "--advertise_address=fe80::1%lo"}, nil, "--advertise_address", "an IPv6 zone, which the mdns registry cannot announce"},
 	} {
-		env := func(name string) (string, bool) {
-			for _, v := range tc.env {
-				if n, val, _ := strings.Cut(v, "="); n == name {
-					return val, true
-				}
-			}
-			return "", false
-		}
+		env := envOf(tc.env...)
 		args := append([]string{"--registry=mdns"}, tc.args...)
 		if len(tc.env) == 0 {
 			args = append([]string{"--registry=mdns", "--server_name=z"}, tc.args...)
@@ -398,14 +391,7 @@ func TestAppFlagsWithoutName(t *testing.T) {
 		{nil, []string{"MICRO_SERVER_ADDRESS=127.0.0.1:1"}, "--server_address needs --server_name, the app's service name (set by MICRO_SERVER_ADDRESS)"},
 		{nil, []string{"MICRO_HEALTHCHECK_URL=http://127.0.0.1:1/"}, "--healthcheck_url needs --server_name, the app's service name (set by MICRO_HEALTHCHECK_URL)"},
 	} {
-		env := func(name string) (string, bool) {
-			for _, v := range tc.env {
-				if n, val, _ := strings.Cut(v, "="); n == name {
-					return val, true
-				}
-			}
-			return "", false
-		}
+		env := envOf(tc.env...)
 		args := append([]string{"--registry=memory"}, tc.args...)
 		if _, err := parseSidecarFlags(args, io.Discard, env); err == nil || err.Error() != tc.want {
 			t.Errorf("%q with %q: %v; want %q", args, tc.env, err, tc.want)
@@ -413,17 +399,20 @@ func TestAppFlagsWithoutName(t *testing.T) {
 	}
 }
 
-func TestIneffectiveFlagFromEnvironment(t *testing.T) {
-	env := func(vars ...string) func(string) (string, bool) {
-		return func(name string) (string, bool) {
-			for _, v := range vars {
-				if n, val, _ := strings.Cut(v, "="); n == name {
-					return val, true
-				}
+// envOf is an environment of NAME=value pairs, as parseSidecarFlags reads one.
+func envOf(vars ...string) func(string) (string, bool) {
+	return func(name string) (string, bool) {
+		for _, v := range vars {
+			if n, val, _ := strings.Cut(v, "="); n == name {
+				return val, true
 			}
-			return "", false
 		}
+		return "", false
 	}
+}
+
+func TestIneffectiveFlagFromEnvironment(t *testing.T) {
+	env := envOf
 	// A variable set for a family of processes must not stop one that
 	// chooses another registry on its command line: it is noted, for the log.
 	cfg, err := parseSidecarFlags([]string{"--registry=memory"}, io.Discard, env("MICRO_REGISTRY_PASSWORD=pw"))

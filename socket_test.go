@@ -119,22 +119,8 @@ func TestUnsentBytesSeesThroughWrappers(t *testing.T) {
 	if runtime.GOOS != "linux" {
 		t.Skip("the socket's send queue is read on Linux only")
 	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	c, err := net.Dial("tcp", ln.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	peer, err := ln.Accept()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer peer.Close()
-	peer.(*net.TCPConn).SetReadBuffer(4096)
+	c, peer := socketPair(t)
+	peer.SetReadBuffer(4096)
 	c.SetWriteDeadline(time.Now().Add(2 * time.Second))
 	c.Write(make([]byte, 1<<20)) // more than the peer takes unread: some stays queued
 	for _, w := range []net.Conn{c, &replayConn{Conn: c}, &headDueConn{Conn: &replayConn{Conn: c}}} {
