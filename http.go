@@ -419,7 +419,8 @@ func (c *headDueConn) headIn() {
 type connKey struct{}
 
 // withConn keeps a connection in its requests' context (http.Server's
-// ConnContext), for markHeadIn.
+// ConnContext), for markHeadIn and the answers' stall limit
+// (boundStalledAnswers).
 func withConn(ctx context.Context, c net.Conn) context.Context {
 	return context.WithValue(ctx, connKey{}, c)
 }
